@@ -1,0 +1,58 @@
+//! The `fleetgw` command line: argv -> one subcommand -> exit code.
+//!
+//! Each subcommand lives in its own file with its `Args` struct and a `run` function that
+//! returns the process exit code. Logging is set up here, once, before any command runs.
+
+mod logging;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+
+pub use logging::LogFormat;
+
+/// Exit code for a configuration error (sysexits.h EX_CONFIG).
+pub const EX_CONFIG: u8 = 78;
+/// Exit code for bad command-line usage or input (sysexits.h EX_USAGE / EX_DATAERR).
+pub const EX_USAGE: u8 = 64;
+/// Exit code when a required file cannot be read or written (sysexits.h EX_IOERR).
+pub const EX_IOERR: u8 = 74;
+/// Exit code for an internal failure (sysexits.h EX_SOFTWARE).
+pub const EX_SOFTWARE: u8 = 70;
+
+/// fleetgw — fleet provisioning gateway.
+#[derive(Debug, Parser)]
+#[command(name = "fleetgw", version, about, long_about = None)]
+pub struct Cli {
+    /// Log output format: text or json (overrides `log.format` in the config).
+    #[arg(long, global = true, value_name = "FORMAT")]
+    pub log_format: Option<LogFormat>,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The config file and `--set` overrides, shared by every command that reads a config.
+#[derive(Debug, Clone, Args)]
+pub struct ConfigArgs {
+    /// Main config file; `config.d/*.toml` next to it is merged in name order.
+    #[arg(long, short = 'c', value_name = "PATH", default_value = "/etc/fleetgw/gateway.toml")]
+    pub config: PathBuf,
+
+    /// Override one key, e.g. `--set cloud.aws.sessions=8` (repeatable; value parsed as TOML,
+    /// falling back to a plain string).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub overrides: Vec<String>,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {}
+
+/// Parses argv, sets up logging and runs the chosen command.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    logging::init(cli.log_format, None);
+    match cli.command {}
+}

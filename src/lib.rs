@@ -1,0 +1,9 @@
+//! fleetgw: a fleet provisioning gateway daemon.
+//!
+//! Downstream devices talk to the gateway over local MQTT; the gateway provisions each of them
+//! with the cloud (AWS IoT fleet provisioning, Azure DPS), keeps every step in a crash-safe
+//! store and then forwards their telemetry upstream. See `docs/architecture.md` for the map.
+
+pub mod cli;
+pub mod device_id;
+pub mod identity;
