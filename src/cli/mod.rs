@@ -3,6 +3,7 @@
 //! Each subcommand lives in its own file with its `Args` struct and a `run` function that
 //! returns the process exit code. Logging is set up here, once, before any command runs.
 
+mod csr;
 mod logging;
 
 use std::path::PathBuf;
@@ -37,7 +38,12 @@ pub struct Cli {
 #[derive(Debug, Clone, Args)]
 pub struct ConfigArgs {
     /// Main config file; `config.d/*.toml` next to it is merged in name order.
-    #[arg(long, short = 'c', value_name = "PATH", default_value = "/etc/fleetgw/gateway.toml")]
+    #[arg(
+        long,
+        short = 'c',
+        value_name = "PATH",
+        default_value = "/etc/fleetgw/gateway.toml"
+    )]
     pub config: PathBuf,
 
     /// Override one key, e.g. `--set cloud.aws.sessions=8` (repeatable; value parsed as TOML,
@@ -48,11 +54,16 @@ pub struct ConfigArgs {
 
 /// The subcommands.
 #[derive(Debug, Subcommand)]
-pub enum Command {}
+pub enum Command {
+    /// Generate a device key and CSR: writes DIR/ID.key (0600) and DIR/ID.csr.
+    Csr(csr::Args),
+}
 
 /// Parses argv, sets up logging and runs the chosen command.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     logging::init(cli.log_format, None);
-    match cli.command {}
+    match cli.command {
+        Command::Csr(args) => csr::run(args),
+    }
 }

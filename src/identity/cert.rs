@@ -1,0 +1,261 @@
+//! Reading certificates (x509-parser): their facts ([`CertInfo`]), whether they belong to a key
+//! or CSR, and whether a chain leads to a trusted CA.
+//!
+//! Chain verification is deliberately small: signature of every link, validity at the given
+//! time and the CA flag on every issuer. It is what admission (X.509 enrollment groups) and the
+//! emulators need; TLS connections use rustls' full webpki verification instead.
+
+use x509_parser::certificate::X509Certificate;
+use x509_parser::prelude::FromDer;
+use x509_parser::x509::{SubjectPublicKeyInfo, X509Name};
+
+use super::{csr, IdentityError, PrivateKey};
+
+/// Longest chain (leaf + intermediates) accepted; deeper chains are refused, not walked.
+const MAX_CHAIN_LEN: usize = 8;
+
+/// The facts about one certificate that the rest of fleetgw uses.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CertInfo {
+    /// Subject common name, if any.
+    pub subject_cn: Option<String>,
+    /// Issuer common name, if any.
+    pub issuer_cn: Option<String>,
+    /// Serial number as lower-case hex of its DER bytes.
+    pub serial_hex: String,
+    /// Start of validity, unix seconds.
+    pub not_before: i64,
+    /// End of validity, unix seconds.
+    pub not_after: i64,
+    /// SubjectPublicKeyInfo DER.
+    pub public_key_der: Vec<u8>,
+    /// basicConstraints CA=true.
+    pub is_ca: bool,
+    /// SHA-256 of the DER, lower-case hex (what AWS uses as certificate id).
+    pub fingerprint_sha256_hex: String,
+    /// The certificate DER.
+    pub der: Vec<u8>,
+}
+
+/// Every `CERTIFICATE` block of `pem`, in order, parsed; no certificate at all is an error.
+pub fn parse_certificates(pem: &str) -> Result<Vec<CertInfo>, IdentityError> {
+    let ders = certificate_ders(pem, "certificates")?;
+    ders.into_iter()
+        .enumerate()
+        .map(|(i, der)| {
+            let input = format!("certificate {}", i + 1);
+            let cert = parse_der(&der, &input)?;
+            Ok(cert_info(&cert, &der))
+        })
+        .collect()
+}
+
+/// True when the first certificate in `cert_pem` carries `key`'s public key.
+pub fn cert_matches_key(cert_pem: &str, key: &PrivateKey) -> Result<bool, IdentityError> {
+    let der = first_certificate_der(cert_pem, "certificate")?;
+    let cert = parse_der(&der, "certificate")?;
+    Ok(spki_equal(cert.public_key(), &key.public_key_der()))
+}
+
+/// True when the first certificate in `cert_pem` carries the public key the CSR asks for.
+/// The CSR's signature is verified first.
+pub fn cert_matches_csr(cert_pem: &str, csr_pem: &str) -> Result<bool, IdentityError> {
+    let csr = csr::parse_csr(csr_pem)?;
+    let der = first_certificate_der(cert_pem, "certificate")?;
+    let cert = parse_der(&der, "certificate")?;
+    Ok(spki_equal(cert.public_key(), &csr.public_key_der))
+}
+
+/// Verifies that the leaf (first certificate of `chain_pem`), through the intermediates that
+/// follow it, chains to one of the CA certificates in `trusted_ca_pem`: every signature
+/// verifies, every certificate is valid at `now_unix`, and every issuer is a CA.
+///
+/// The chain may end with the trusted root itself. Errors name the failing link.
+pub fn verify_chain(
+    chain_pem: &str,
+    trusted_ca_pem: &str,
+    now_unix: i64,
+) -> Result<(), IdentityError> {
+    let chain_ders = certificate_ders(chain_pem, "chain")?;
+    if chain_ders.len() > MAX_CHAIN_LEN {
+        return Err(IdentityError::malformed(
+            "chain",
+            format!(
+                "{} certificates; at most {MAX_CHAIN_LEN} are accepted",
+                chain_ders.len()
+            ),
+        ));
+    }
+    let trusted_ders = certificate_ders(trusted_ca_pem, "trusted CAs")?;
+    let chain = chain_ders
+        .iter()
+        .enumerate()
+        .map(|(i, der)| parse_der(der, &format!("certificate {} in chain", i + 1)))
+        .collect::<Result<Vec<_>, _>>()?;
+    let trusted = trusted_ders
+        .iter()
+        .enumerate()
+        .map(|(i, der)| parse_der(der, &format!("trusted CA {}", i + 1)))
+        .collect::<Result<Vec<_>, _>>()?;
+
+    for (i, cert) in chain.iter().enumerate() {
+        let link = format!("certificate {} in chain ({})", i + 1, cert.subject());
+        check_validity(cert, now_unix, &link)?;
+        if i > 0 && !cert.is_ca() {
+            return Err(IdentityError::Chain {
+                link,
+                reason: "issues certificate(s) below it but is not a CA (basicConstraints CA=true missing)".into(),
+            });
+        }
+
+        // A trusted CA that issued this certificate ends the walk successfully.
+        let issuing_ca = trusted.iter().enumerate().find(|(_, ca)| {
+            ca.subject().as_raw() == cert.issuer().as_raw()
+                && cert.verify_signature(Some(ca.public_key())).is_ok()
+        });
+        if let Some((j, ca)) = issuing_ca {
+            let ca_link = format!("trusted CA {} ({})", j + 1, ca.subject());
+            check_validity(ca, now_unix, &ca_link)?;
+            if !ca.is_ca() {
+                return Err(IdentityError::Chain {
+                    link: ca_link,
+                    reason: "is not a CA (basicConstraints CA=true missing)".into(),
+                });
+            }
+            return Ok(());
+        }
+
+        let Some(next) = chain.get(i + 1) else {
+            return Err(IdentityError::Chain {
+                link,
+                reason: format!(
+                    "not signed by any trusted CA (issuer {}; trusted: {})",
+                    cert.issuer(),
+                    names(&trusted)
+                ),
+            });
+        };
+        if cert.verify_signature(Some(next.public_key())).is_err() {
+            return Err(IdentityError::Chain {
+                link,
+                reason: format!(
+                    "not signed by certificate {} in chain ({}) nor by any trusted CA ({})",
+                    i + 2,
+                    next.subject(),
+                    names(&trusted)
+                ),
+            });
+        }
+    }
+    // The loop either returns Ok at a trusted CA or an error at the last certificate.
+    Err(IdentityError::malformed("chain", "empty"))
+}
+
+fn names(certs: &[X509Certificate<'_>]) -> String {
+    certs
+        .iter()
+        .map(|c| c.subject().to_string())
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+fn check_validity(cert: &X509Certificate<'_>, now: i64, link: &str) -> Result<(), IdentityError> {
+    let validity = cert.validity();
+    let (from, to) = (
+        validity.not_before.timestamp(),
+        validity.not_after.timestamp(),
+    );
+    if now < from {
+        return Err(IdentityError::Chain {
+            link: link.to_string(),
+            reason: format!("not valid yet (valid from {})", validity.not_before),
+        });
+    }
+    if now > to {
+        return Err(IdentityError::Chain {
+            link: link.to_string(),
+            reason: format!("expired (valid until {})", validity.not_after),
+        });
+    }
+    Ok(())
+}
+
+/// Builds a [`CertInfo`] from a parsed certificate and its DER.
+pub(crate) fn cert_info(cert: &X509Certificate<'_>, der: &[u8]) -> CertInfo {
+    CertInfo {
+        subject_cn: common_name(cert.subject()),
+        issuer_cn: common_name(cert.issuer()),
+        serial_hex: hex(cert.raw_serial()),
+        not_before: cert.validity().not_before.timestamp(),
+        not_after: cert.validity().not_after.timestamp(),
+        public_key_der: cert.public_key().raw.to_vec(),
+        is_ca: cert.is_ca(),
+        fingerprint_sha256_hex: hex(
+            aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, der).as_ref()
+        ),
+        der: der.to_vec(),
+    }
+}
+
+pub(crate) fn common_name(name: &X509Name<'_>) -> Option<String> {
+    name.iter_common_name()
+        .next()
+        .and_then(|cn| cn.as_str().ok())
+        .map(str::to_string)
+}
+
+/// Lower-case hex.
+pub(crate) fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Same key: same algorithm (with curve) and same key bits, regardless of DER details.
+pub(crate) fn spki_equal(cert_spki: &SubjectPublicKeyInfo<'_>, other_der: &[u8]) -> bool {
+    match SubjectPublicKeyInfo::from_der(other_der) {
+        Ok((_, other)) => {
+            cert_spki.algorithm.algorithm == other.algorithm.algorithm
+                && cert_spki.algorithm.parameters == other.algorithm.parameters
+                && cert_spki.subject_public_key.data == other.subject_public_key.data
+        }
+        Err(_) => false,
+    }
+}
+
+pub(crate) fn parse_der<'a>(
+    der: &'a [u8],
+    input: &str,
+) -> Result<X509Certificate<'a>, IdentityError> {
+    let (rest, cert) = X509Certificate::from_der(der).map_err(|e| {
+        IdentityError::malformed(input, format!("not a valid X.509 certificate: {e}"))
+    })?;
+    if !rest.is_empty() {
+        return Err(IdentityError::malformed(
+            input,
+            "trailing bytes after the certificate",
+        ));
+    }
+    Ok(cert)
+}
+
+/// DER of every `CERTIFICATE` block in `pem`, in order; none is an error naming `input`.
+pub(crate) fn certificate_ders(pem: &str, input: &str) -> Result<Vec<Vec<u8>>, IdentityError> {
+    let blocks = pem::parse_many(pem)
+        .map_err(|e| IdentityError::malformed(input, format!("bad PEM: {e}")))?;
+    let ders: Vec<Vec<u8>> = blocks
+        .into_iter()
+        .filter(|b| b.tag() == "CERTIFICATE")
+        .map(pem::Pem::into_contents)
+        .collect();
+    if ders.is_empty() {
+        return Err(IdentityError::malformed(
+            input,
+            "no certificate found (no -----BEGIN CERTIFICATE----- block)",
+        ));
+    }
+    Ok(ders)
+}
+
+pub(crate) fn first_certificate_der(pem: &str, input: &str) -> Result<Vec<u8>, IdentityError> {
+    let mut ders = certificate_ders(pem, input)?;
+    Ok(ders.swap_remove(0))
+}

@@ -1,0 +1,369 @@
+//! [`PrivateKey`]: generating device keys and loading keys that users bring.
+//!
+//! Keys live in memory as an rcgen [`KeyPair`] over aws-lc-rs, always built from PKCS#8 DER,
+//! so the same bytes serve rcgen (CSRs, certificates), rustls (TLS) and the store. Generation
+//! and the common unencrypted PEM forms go through aws-lc-rs only; openssl is used solely by
+//! [`PrivateKey::import_file`] for the legacy and passphrase-protected formats users have on disk
+//! (`openssl genrsa -aes256`, encrypted PKCS#8, PKCS#12).
+
+use std::cell::Cell;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use aws_lc_rs::encoding::AsDer;
+use aws_lc_rs::signature::{
+    EcdsaKeyPair, RsaKeyPair, ECDSA_P256_SHA256_ASN1_SIGNING, ECDSA_P384_SHA384_ASN1_SIGNING,
+};
+use rcgen::{KeyPair, PublicKeyData, RsaKeySize};
+use rustls_pki_types::PrivatePkcs8KeyDer;
+use x509_parser::oid_registry::{
+    OID_EC_P256, OID_KEY_TYPE_EC_PUBLIC_KEY, OID_NIST_EC_P384, OID_PKCS1_RSAENCRYPTION,
+};
+use x509_parser::prelude::FromDer;
+use x509_parser::public_key::PublicKey;
+use x509_parser::x509::SubjectPublicKeyInfo;
+
+use super::{IdentityError, KeyType, Secret};
+
+/// A private key of one of the [`KeyType`]s; cheap to clone (shared, immutable).
+///
+/// `Debug` prints the key type only, never key material.
+#[derive(Clone)]
+pub struct PrivateKey {
+    key_type: KeyType,
+    pair: Arc<KeyPair>,
+}
+
+impl fmt::Debug for PrivateKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PrivateKey")
+            .field("key_type", &self.key_type)
+            .finish_non_exhaustive()
+    }
+}
+
+impl PrivateKey {
+    /// Generates a fresh key of type `kt` with the aws-lc-rs backend.
+    pub fn generate(kt: KeyType) -> Result<Self, IdentityError> {
+        let generated = match kt {
+            KeyType::EcdsaP256 => KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256),
+            KeyType::EcdsaP384 => KeyPair::generate_for(&rcgen::PKCS_ECDSA_P384_SHA384),
+            KeyType::Rsa2048 => {
+                KeyPair::generate_rsa_for(&rcgen::PKCS_RSA_SHA256, RsaKeySize::_2048)
+            }
+            KeyType::Rsa3072 => {
+                KeyPair::generate_rsa_for(&rcgen::PKCS_RSA_SHA256, RsaKeySize::_3072)
+            }
+        };
+        let pair = generated.map_err(|e| IdentityError::KeyGeneration {
+            key_type: kt,
+            reason: e.to_string(),
+        })?;
+        Self::from_pkcs8_der(pair.serialized_der(), "generated key")
+    }
+
+    /// Parses an unencrypted PEM private key: PKCS#8 (`PRIVATE KEY`), SEC1 (`EC PRIVATE KEY`)
+    /// or PKCS#1 (`RSA PRIVATE KEY`). Other PEM blocks in the text (certificates) are skipped.
+    pub fn from_pem(pem: &str) -> Result<Self, IdentityError> {
+        Self::from_pem_named(pem, "private key")
+    }
+
+    /// [`PrivateKey::from_pem`] with the input named in errors (a file path, "claim key").
+    pub fn from_pem_named(pem: &str, input: &str) -> Result<Self, IdentityError> {
+        let blocks = pem::parse_many(pem).map_err(|e| IdentityError::malformed(input, e))?;
+        let mut seen = Vec::new();
+        for block in &blocks {
+            let encrypted = block
+                .headers()
+                .get("Proc-Type")
+                .is_some_and(|v| v.contains("ENCRYPTED"));
+            match block.tag() {
+                "ENCRYPTED PRIVATE KEY" => return Err(encrypted_pem_error(input)),
+                "PRIVATE KEY" | "EC PRIVATE KEY" | "RSA PRIVATE KEY" if encrypted => {
+                    return Err(encrypted_pem_error(input))
+                }
+                "PRIVATE KEY" => return Self::from_pkcs8_der(block.contents(), input),
+                "EC PRIVATE KEY" => {
+                    let pkcs8 = sec1_to_pkcs8(block.contents()).ok_or_else(|| {
+                        IdentityError::malformed(
+                            input,
+                            "EC PRIVATE KEY is not a valid P-256 or P-384 SEC1 key",
+                        )
+                    })?;
+                    return Self::from_pkcs8_der(&pkcs8, input);
+                }
+                "RSA PRIVATE KEY" => {
+                    let rsa = RsaKeyPair::from_der(block.contents()).map_err(|e| {
+                        IdentityError::malformed(input, format!("RSA PRIVATE KEY: {e}"))
+                    })?;
+                    let pkcs8 =
+                        AsDer::<aws_lc_rs::encoding::Pkcs8V1Der>::as_der(&rsa).map_err(|e| {
+                            IdentityError::malformed(input, format!("RSA PRIVATE KEY: {e}"))
+                        })?;
+                    return Self::from_pkcs8_der(pkcs8.as_ref(), input);
+                }
+                other => seen.push(other.to_string()),
+            }
+        }
+        let reason = if blocks.is_empty() {
+            "not a PEM private key (no -----BEGIN ... PRIVATE KEY----- block)".to_string()
+        } else {
+            format!(
+                "no private key block found (found only: {})",
+                seen.join(", ")
+            )
+        };
+        Err(IdentityError::malformed(input, reason))
+    }
+
+    /// Builds a key from PKCS#8 `PrivateKeyInfo` DER; `input` names the source in errors.
+    pub fn from_pkcs8_der(der: &[u8], input: &str) -> Result<Self, IdentityError> {
+        let pkcs8 = PrivatePkcs8KeyDer::from(der);
+        let pair = KeyPair::try_from(&pkcs8).map_err(|e| {
+            IdentityError::malformed(input, format!("not a usable PKCS#8 private key: {e}"))
+        })?;
+        let spki = pair.subject_public_key_info();
+        let key_type =
+            key_type_of_spki_der(&spki).map_err(|detail| IdentityError::UnsupportedKey {
+                input: input.to_string(),
+                detail,
+            })?;
+        Ok(Self {
+            key_type,
+            pair: Arc::new(pair),
+        })
+    }
+
+    /// Loads a private key file in any format users commonly have:
+    /// PKCS#8, SEC1 or PKCS#1 PEM, encrypted PEM (`openssl genrsa -aes256`, `openssl pkcs8 -v2`,
+    /// `openssl genpkey -aes256`), unencrypted DER, or a PKCS#12 bundle (`.p12`/`.pfx`, key part).
+    pub fn import_file(path: &Path, passphrase: Option<&Secret>) -> Result<Self, IdentityError> {
+        let bytes = std::fs::read(path).map_err(|e| IdentityError::io(path, e))?;
+        let input = path.display().to_string();
+        let pkey = if looks_like_pem(&bytes) {
+            openssl_pem_key(path, &bytes, passphrase)?
+        } else {
+            openssl_binary_key(path, &bytes, passphrase)?
+        };
+        let pkcs8 = zeroize::Zeroizing::new(pkey.private_key_to_pkcs8().map_err(|e| {
+            IdentityError::KeyFile {
+                path: path.to_path_buf(),
+                reason: format!("cannot convert the key to PKCS#8: {e}"),
+            }
+        })?);
+        Self::from_pkcs8_der(&pkcs8, &input)
+    }
+
+    /// The key's algorithm and size.
+    pub fn key_type(&self) -> KeyType {
+        self.key_type
+    }
+
+    /// The key as PKCS#8 PEM (`-----BEGIN PRIVATE KEY-----`).
+    pub fn to_pkcs8_pem(&self) -> Secret {
+        Secret::from(self.pair.serialize_pem())
+    }
+
+    /// The key as PKCS#8 DER.
+    pub fn to_pkcs8_der(&self) -> Secret {
+        Secret::new(self.pair.serialize_der())
+    }
+
+    /// The public half as SubjectPublicKeyInfo DER (what certificates and CSRs carry).
+    pub fn public_key_der(&self) -> Vec<u8> {
+        self.pair.subject_public_key_info()
+    }
+
+    /// The rcgen key pair, for signing CSRs and certificates inside this module.
+    pub(crate) fn key_pair(&self) -> &KeyPair {
+        &self.pair
+    }
+}
+
+fn encrypted_pem_error(input: &str) -> IdentityError {
+    IdentityError::malformed(
+        input,
+        "the private key is encrypted; import it from a file with a passphrase",
+    )
+}
+
+/// SEC1 `ECPrivateKey` -> PKCS#8, trying the two curves fleetgw supports.
+fn sec1_to_pkcs8(der: &[u8]) -> Option<Vec<u8>> {
+    [
+        &ECDSA_P256_SHA256_ASN1_SIGNING,
+        &ECDSA_P384_SHA384_ASN1_SIGNING,
+    ]
+    .into_iter()
+    .find_map(|alg| EcdsaKeyPair::from_private_key_der(alg, der).ok())
+    .and_then(|pair| pair.to_pkcs8v1().ok())
+    .map(|doc| doc.as_ref().to_vec())
+}
+
+fn looks_like_pem(bytes: &[u8]) -> bool {
+    bytes.windows(11).any(|w| w == b"-----BEGIN ")
+}
+
+/// Reads a PEM key with openssl. The passphrase callback records whether openssl asked for a
+/// passphrase: that is how an encrypted key without a configured passphrase, and a wrong
+/// passphrase, are told apart from a file that holds no key at all. Passing a callback also
+/// keeps openssl from prompting on the terminal.
+fn openssl_pem_key(
+    path: &Path,
+    bytes: &[u8],
+    passphrase: Option<&Secret>,
+) -> Result<openssl::pkey::PKey<openssl::pkey::Private>, IdentityError> {
+    let asked = Cell::new(false);
+    let result = openssl::pkey::PKey::private_key_from_pem_callback(bytes, |buf| {
+        asked.set(true);
+        let pass = passphrase
+            .map(Secret::expose)
+            .ok_or_else(openssl::error::ErrorStack::get)?;
+        if pass.len() > buf.len() {
+            return Err(openssl::error::ErrorStack::get());
+        }
+        buf[..pass.len()].copy_from_slice(pass);
+        Ok(pass.len())
+    });
+    match result {
+        Ok(pkey) => Ok(pkey),
+        Err(_) if asked.get() && passphrase.is_none() => Err(IdentityError::PassphraseRequired {
+            path: path.to_path_buf(),
+        }),
+        Err(_) if asked.get() => Err(IdentityError::WrongPassphrase {
+            path: path.to_path_buf(),
+        }),
+        Err(e) => Err(IdentityError::KeyFile {
+            path: path.to_path_buf(),
+            reason: format!(
+                "no readable private key in this PEM file ({})",
+                first_openssl_reason(&e)
+            ),
+        }),
+    }
+}
+
+/// Reads a PKCS#12 bundle or an unencrypted DER key with openssl.
+fn openssl_binary_key(
+    path: &Path,
+    bytes: &[u8],
+    passphrase: Option<&Secret>,
+) -> Result<openssl::pkey::PKey<openssl::pkey::Private>, IdentityError> {
+    if let Ok(p12) = openssl::pkcs12::Pkcs12::from_der(bytes) {
+        let pass = match passphrase {
+            None => "",
+            Some(secret) => secret
+                .expose_str()
+                .filter(|s| !s.contains('\0'))
+                .ok_or_else(|| IdentityError::KeyFile {
+                    path: path.to_path_buf(),
+                    reason: "a PKCS#12 passphrase must be UTF-8 text without NUL bytes".into(),
+                })?,
+        };
+        let parsed = p12.parse2(pass).map_err(|_| match passphrase {
+            None => IdentityError::PassphraseRequired {
+                path: path.to_path_buf(),
+            },
+            Some(_) => IdentityError::WrongPassphrase {
+                path: path.to_path_buf(),
+            },
+        })?;
+        return parsed.pkey.ok_or_else(|| IdentityError::KeyFile {
+            path: path.to_path_buf(),
+            reason: "the PKCS#12 bundle holds no private key".into(),
+        });
+    }
+    openssl::pkey::PKey::private_key_from_der(bytes).map_err(|_| IdentityError::KeyFile {
+        path: path.to_path_buf(),
+        reason: "not a PEM private key, a DER private key or a PKCS#12 bundle".into(),
+    })
+}
+
+fn first_openssl_reason(e: &openssl::error::ErrorStack) -> String {
+    e.errors()
+        .first()
+        .and_then(|err| err.reason().map(str::to_string))
+        .unwrap_or_else(|| "no key found".to_string())
+}
+
+/// The [`KeyType`] of a SubjectPublicKeyInfo (DER), or a description of what it is instead.
+pub(crate) fn key_type_of_spki_der(spki_der: &[u8]) -> Result<KeyType, String> {
+    let (_, spki) = SubjectPublicKeyInfo::from_der(spki_der)
+        .map_err(|e| format!("(unparsable public key: {e})"))?;
+    key_type_of_spki(&spki)
+}
+
+/// The [`KeyType`] of a parsed SubjectPublicKeyInfo, from its algorithm, curve and modulus size.
+pub(crate) fn key_type_of_spki(spki: &SubjectPublicKeyInfo<'_>) -> Result<KeyType, String> {
+    let alg = &spki.algorithm.algorithm;
+    if *alg == OID_KEY_TYPE_EC_PUBLIC_KEY {
+        let curve = spki
+            .algorithm
+            .parameters
+            .as_ref()
+            .and_then(|p| p.as_oid().ok());
+        return match curve {
+            Some(c) if c == OID_EC_P256 => Ok(KeyType::EcdsaP256),
+            Some(c) if c == OID_NIST_EC_P384 => Ok(KeyType::EcdsaP384),
+            Some(c) => Err(format!("ECDSA on curve {c}")),
+            None => Err("ECDSA with explicit or missing curve parameters".into()),
+        };
+    }
+    if *alg == OID_PKCS1_RSAENCRYPTION {
+        let bits = match spki.parsed() {
+            Ok(PublicKey::RSA(rsa)) => modulus_bits(rsa.modulus),
+            _ => return Err("RSA (unparsable modulus)".into()),
+        };
+        return match bits {
+            2048 => Ok(KeyType::Rsa2048),
+            3072 => Ok(KeyType::Rsa3072),
+            other => Err(format!("RSA-{other}")),
+        };
+    }
+    Err(format!("algorithm {alg}"))
+}
+
+fn modulus_bits(modulus: &[u8]) -> usize {
+    let trimmed: &[u8] = match modulus.iter().position(|b| *b != 0) {
+        Some(i) => &modulus[i..],
+        None => return 0,
+    };
+    trimmed.len() * 8 - trimmed[0].leading_zeros() as usize
+}
+
+/// Reads a passphrase from `file` (one trailing newline removed) or, when no file is given,
+/// from the systemd credential `credential` (`$CREDENTIALS_DIRECTORY/<credential>`).
+/// `Ok(None)` when neither is configured.
+pub fn read_passphrase(
+    file: Option<&Path>,
+    credential: Option<&str>,
+) -> Result<Option<Secret>, IdentityError> {
+    let path = match (file, credential) {
+        (Some(f), _) => f.to_path_buf(),
+        (None, Some(name)) => credential_path(name)?,
+        (None, None) => return Ok(None),
+    };
+    let mut bytes = std::fs::read(&path).map_err(|e| IdentityError::io(&path, e))?;
+    if bytes.last() == Some(&b'\n') {
+        bytes.pop();
+        if bytes.last() == Some(&b'\r') {
+            bytes.pop();
+        }
+    }
+    Ok(Some(Secret::new(bytes)))
+}
+
+/// `$CREDENTIALS_DIRECTORY/<name>`, as systemd's `LoadCredential=`/`SetCredential=` provide.
+pub(crate) fn credential_path(name: &str) -> Result<PathBuf, IdentityError> {
+    if name.is_empty() || name == "." || name == ".." || name.contains('/') {
+        return Err(IdentityError::Credential {
+            name: name.to_string(),
+            reason: "not a valid credential name (a file name, no '/')".into(),
+        });
+    }
+    let dir = std::env::var_os("CREDENTIALS_DIRECTORY").ok_or_else(|| IdentityError::Credential {
+        name: name.to_string(),
+        reason: "$CREDENTIALS_DIRECTORY is not set (is the service started by systemd with LoadCredential=?)".into(),
+    })?;
+    Ok(PathBuf::from(dir).join(name))
+}
