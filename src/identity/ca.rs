@@ -364,4 +364,228 @@ pub(crate) mod test_support {
         let pem = ca.sign(&params, key.key_pair(), "test").unwrap();
         (pem, key)
     }
+
+    /// A "CA" whose certificate is an end-entity (CA=false) certificate issued by `ca`:
+    /// what an attacker holding a device certificate would try to issue with.
+    pub(crate) fn non_ca_issuer(
+        ca: &CertificateAuthority,
+        common_name: &str,
+    ) -> CertificateAuthority {
+        let (pem, key) = ca
+            .issue_client(common_name, KeyType::EcdsaP256, 30)
+            .unwrap();
+        let der = first_certificate_der(&pem, "test").unwrap();
+        CertificateAuthority::assemble(der, key).unwrap()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::identity::{cert_matches_csr, create_csr, parse_certificates, verify_chain};
+    use x509_parser::certificate::X509Certificate;
+
+    fn parsed(pem: &str) -> (Vec<u8>, i64) {
+        let der = first_certificate_der(pem, "t").unwrap();
+        (der, now_unix())
+    }
+
+    #[test]
+    fn generated_ca_is_a_ten_year_p256_root() {
+        let ca = CertificateAuthority::generate("Fleet Root").unwrap();
+        let (der, now) = parsed(ca.cert_pem());
+        let (_, cert) = X509Certificate::from_der(&der).unwrap();
+        assert!(cert.is_ca());
+        assert_eq!(cert.subject().to_string(), "CN=Fleet Root");
+        assert_eq!(cert.issuer().to_string(), "CN=Fleet Root");
+        cert.verify_signature(None).unwrap();
+        let ku = cert.key_usage().unwrap().unwrap().value;
+        assert!(ku.key_cert_sign() && ku.crl_sign());
+        let days = (cert.validity().not_after.timestamp() - now) / DAY;
+        assert!((3649..=3650).contains(&days), "{days} days");
+        assert_eq!(ca.key().key_type(), KeyType::EcdsaP256);
+    }
+
+    #[test]
+    fn issuing_from_a_csr_ignores_what_the_csr_asks_for() {
+        let ca = CertificateAuthority::generate("Fleet Root").unwrap();
+        let key = PrivateKey::generate(KeyType::EcdsaP384).unwrap();
+        // A greedy CSR: wants to be a CA, sign certificates and act as a TLS server.
+        let mut wants = CertificateParams::default();
+        wants.distinguished_name = cn_only("sensor-1");
+        wants.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        wants.key_usages = vec![KeyUsagePurpose::KeyCertSign];
+        wants.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        let csr = wants
+            .serialize_request(key.key_pair())
+            .unwrap()
+            .pem()
+            .unwrap();
+
+        let cert_pem = ca.issue_from_csr(&csr, 30).unwrap();
+        let (der, now) = parsed(&cert_pem);
+        let (_, cert) = X509Certificate::from_der(&der).unwrap();
+        assert_eq!(cert.subject().to_string(), "CN=sensor-1");
+        assert_eq!(cert.issuer().to_string(), "CN=Fleet Root");
+        let bc = cert.basic_constraints().unwrap().unwrap().value;
+        assert!(!bc.ca);
+        let ku = cert.key_usage().unwrap().unwrap().value;
+        assert!(ku.digital_signature() && !ku.key_cert_sign());
+        let eku = cert.extended_key_usage().unwrap().unwrap().value;
+        assert!(eku.client_auth && !eku.server_auth);
+        assert!((cert.validity().not_before.timestamp() - now).abs() <= BACKDATE_SECS + 5);
+        assert!((cert.validity().not_after.timestamp() - (now + 30 * DAY)).abs() <= 5);
+        cert.verify_signature(Some(
+            X509Certificate::from_der(ca.cert_der())
+                .unwrap()
+                .1
+                .public_key(),
+        ))
+        .unwrap();
+
+        assert!(cert_matches_csr(&cert_pem, &csr).unwrap());
+        verify_chain(&cert_pem, ca.cert_pem(), now).unwrap();
+
+        // Each issuance has its own random serial.
+        let again = ca.issue_from_csr(&csr, 30).unwrap();
+        let serials: Vec<String> = [&cert_pem, &again]
+            .iter()
+            .map(|p| parse_certificates(p).unwrap()[0].serial_hex.clone())
+            .collect();
+        assert_ne!(serials[0], serials[1]);
+    }
+
+    #[test]
+    fn validity_never_exceeds_the_issuer() {
+        let root = CertificateAuthority::generate("Root").unwrap();
+        let (cert, _) = root
+            .issue_client("long", KeyType::EcdsaP256, 100_000)
+            .unwrap();
+        let info = &parse_certificates(&cert).unwrap()[0];
+        assert_eq!(info.not_after, root.not_after);
+        assert!(root.issue_client("zero", KeyType::EcdsaP256, 0).is_err());
+    }
+
+    #[test]
+    fn tampered_csrs_are_not_issued() {
+        let ca = CertificateAuthority::generate("Root").unwrap();
+        let key = PrivateKey::generate(KeyType::EcdsaP256).unwrap();
+        let csr = create_csr("sensor-1", &key).unwrap();
+        let mut der = csr_der(&csr).unwrap();
+        *der.last_mut().unwrap() ^= 0x01;
+        let bad = pem::encode(&pem::Pem::new("CERTIFICATE REQUEST", der));
+        assert!(matches!(
+            ca.issue_from_csr(&bad, 30),
+            Err(IdentityError::CsrSignature)
+        ));
+    }
+
+    #[test]
+    fn issues_openssl_csrs_and_openssl_verifies_the_result() {
+        let ca = CertificateAuthority::generate("Fleet Root").unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let made = crate::identity::test_util::openssl(
+            d,
+            &[
+                "req",
+                "-new",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-keyout",
+                "k.pem",
+                "-subj",
+                "/O=Acme/CN=plc-7",
+                "-out",
+                "r.csr",
+            ],
+        );
+        if made.is_none() {
+            return;
+        }
+        let csr = std::fs::read_to_string(d.join("r.csr")).unwrap();
+        let cert = ca.issue_from_csr(&csr, 7).unwrap();
+        std::fs::write(d.join("cert.pem"), &cert).unwrap();
+        std::fs::write(d.join("ca.pem"), ca.cert_pem()).unwrap();
+        let out = crate::identity::test_util::openssl(
+            d,
+            &[
+                "verify",
+                "-CAfile",
+                "ca.pem",
+                "-purpose",
+                "sslclient",
+                "cert.pem",
+            ],
+        )
+        .unwrap();
+        assert_eq!(String::from_utf8(out).unwrap().trim(), "cert.pem: OK");
+        let (der, _) = parsed(&cert);
+        let (_, parsed) = X509Certificate::from_der(&der).unwrap();
+        assert_eq!(parsed.subject().to_string(), "O=Acme, CN=plc-7");
+    }
+
+    #[test]
+    fn from_pem_round_trips_and_refuses_mismatches() {
+        let ca = CertificateAuthority::generate("Root").unwrap();
+        let key_pem = ca.key_pem();
+        let loaded =
+            CertificateAuthority::from_pem(ca.cert_pem(), key_pem.expose_str().unwrap()).unwrap();
+        assert_eq!(loaded.cert_der(), ca.cert_der());
+        let (leaf, _) = loaded.issue_client("dev", KeyType::Rsa2048, 1).unwrap();
+        verify_chain(&leaf, ca.cert_pem(), now_unix()).unwrap();
+
+        let other = CertificateAuthority::generate("Root").unwrap();
+        let err =
+            CertificateAuthority::from_pem(ca.cert_pem(), other.key_pem().expose_str().unwrap())
+                .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "CA certificate and CA key: the private key does not match the certificate's public key"
+        );
+
+        let (client_pem, client_key) = ca.issue_client("dev", KeyType::EcdsaP256, 1).unwrap();
+        let err = CertificateAuthority::from_pem(
+            &client_pem,
+            client_key.to_pkcs8_pem().expose_str().unwrap(),
+        )
+        .unwrap_err();
+        assert!(
+            err.to_string()
+                .starts_with("CA certificate: is not a CA certificate"),
+            "{err}"
+        );
+        let err = CertificateAuthority::from_pem(ca.cert_pem(), "nope").unwrap_err();
+        assert!(err.to_string().starts_with("CA key: "), "{err}");
+    }
+
+    #[test]
+    fn server_certificates_carry_sans_and_server_auth() {
+        let ca = CertificateAuthority::generate("Root").unwrap();
+        let ip: IpAddr = "127.0.0.1".parse().unwrap();
+        let (pem, key) = ca
+            .issue_server("emulator", &["localhost", "iot.example"], &[ip], 30)
+            .unwrap();
+        let (der, _) = parsed(&pem);
+        let (_, cert) = X509Certificate::from_der(&der).unwrap();
+        let san = cert.subject_alternative_name().unwrap().unwrap().value;
+        let names: Vec<String> = san.general_names.iter().map(|n| n.to_string()).collect();
+        assert_eq!(
+            names,
+            [
+                "DNSName(localhost)",
+                "DNSName(iot.example)",
+                "IPAddress(7f:00:00:01)"
+            ]
+        );
+        let eku = cert.extended_key_usage().unwrap().unwrap().value;
+        assert!(eku.server_auth && !eku.client_auth);
+        assert!(crate::identity::cert_matches_key(&pem, &key).unwrap());
+        let err = ca
+            .issue_server("x", &["bad name ü"], &[], 1)
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("DNS name \"bad name ü\""), "{err}");
+    }
 }

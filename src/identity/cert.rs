@@ -259,3 +259,233 @@ pub(crate) fn first_certificate_der(pem: &str, input: &str) -> Result<Vec<u8>, I
     let mut ders = certificate_ders(pem, input)?;
     Ok(ders.swap_remove(0))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::identity::ca::now_unix;
+    use crate::identity::ca::test_support::{issue_client_with_validity, non_ca_issuer};
+    use crate::identity::{create_csr, CertificateAuthority, KeyType};
+
+    const DAY: i64 = 86_400;
+
+    #[test]
+    fn parses_every_certificate_in_order() {
+        let ca = CertificateAuthority::generate("Fleet Root").unwrap();
+        let (leaf, key) = ca.issue_client("sensor-1", KeyType::EcdsaP256, 30).unwrap();
+        let both = format!("{leaf}{}", ca.cert_pem());
+        let infos = parse_certificates(&both).unwrap();
+        assert_eq!(infos.len(), 2);
+
+        let (l, r) = (&infos[0], &infos[1]);
+        assert_eq!(l.subject_cn.as_deref(), Some("sensor-1"));
+        assert_eq!(l.issuer_cn.as_deref(), Some("Fleet Root"));
+        assert!(!l.is_ca);
+        assert_eq!(l.public_key_der, key.public_key_der());
+        let now = now_unix();
+        assert!(
+            (l.not_before - now).abs() < 120,
+            "not_before {}",
+            l.not_before
+        );
+        assert!(
+            (l.not_after - (now + 30 * DAY)).abs() < 120,
+            "not_after {}",
+            l.not_after
+        );
+        assert_eq!(l.serial_hex.len(), 32);
+        assert_eq!(l.fingerprint_sha256_hex.len(), 64);
+        assert_eq!(l.der, first_certificate_der(&leaf, "t").unwrap());
+
+        assert_eq!(r.subject_cn.as_deref(), Some("Fleet Root"));
+        assert!(r.is_ca);
+        assert_ne!(l.fingerprint_sha256_hex, r.fingerprint_sha256_hex);
+        assert_ne!(l.serial_hex, r.serial_hex);
+    }
+
+    #[test]
+    fn fingerprint_matches_openssl() {
+        let ca = CertificateAuthority::generate("Fleet Root").unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("ca.pem"), ca.cert_pem()).unwrap();
+        let Some(out) = crate::identity::test_util::openssl(
+            dir.path(),
+            &["x509", "-in", "ca.pem", "-noout", "-fingerprint", "-sha256"],
+        ) else {
+            return;
+        };
+        let out = String::from_utf8(out).unwrap();
+        let theirs = out
+            .trim()
+            .rsplit('=')
+            .next()
+            .unwrap()
+            .replace(':', "")
+            .to_lowercase();
+        let ours = &parse_certificates(ca.cert_pem()).unwrap()[0];
+        assert_eq!(ours.fingerprint_sha256_hex, theirs);
+    }
+
+    #[test]
+    fn no_certificate_is_an_error() {
+        let err = parse_certificates("nothing here").unwrap_err().to_string();
+        assert_eq!(
+            err,
+            "certificates: no certificate found (no -----BEGIN CERTIFICATE----- block)"
+        );
+        let bad = "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n";
+        let err = parse_certificates(bad).unwrap_err().to_string();
+        assert!(
+            err.starts_with("certificate 1: not a valid X.509 certificate"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn detects_key_and_csr_mismatches() {
+        let ca = CertificateAuthority::generate("Fleet Root").unwrap();
+        for kt in KeyType::ALL {
+            let (cert, key) = ca.issue_client("dev", kt, 1).unwrap();
+            let other = PrivateKey::generate(kt).unwrap();
+            assert!(cert_matches_key(&cert, &key).unwrap(), "{kt}");
+            assert!(!cert_matches_key(&cert, &other).unwrap(), "{kt}");
+            assert!(
+                cert_matches_csr(&cert, &create_csr("dev", &key).unwrap()).unwrap(),
+                "{kt}"
+            );
+            assert!(
+                !cert_matches_csr(&cert, &create_csr("dev", &other).unwrap()).unwrap(),
+                "{kt}"
+            );
+        }
+        let key = PrivateKey::generate(KeyType::EcdsaP256).unwrap();
+        assert!(cert_matches_key("junk", &key).is_err());
+    }
+
+    #[test]
+    fn chain_leaf_intermediate_root_verifies() {
+        let root = CertificateAuthority::generate("Root").unwrap();
+        let inter = root.issue_intermediate("Intermediate").unwrap();
+        let (leaf, _) = inter
+            .issue_client("sensor-1", KeyType::EcdsaP256, 30)
+            .unwrap();
+        let now = now_unix();
+
+        let chain = format!("{leaf}{}", inter.cert_pem());
+        verify_chain(&chain, root.cert_pem(), now).unwrap();
+        // Also when the chain carries the root itself, and among several trusted CAs.
+        verify_chain(&format!("{chain}{}", root.cert_pem()), root.cert_pem(), now).unwrap();
+        let other = CertificateAuthority::generate("Other").unwrap();
+        verify_chain(
+            &chain,
+            &format!("{}{}", other.cert_pem(), root.cert_pem()),
+            now,
+        )
+        .unwrap();
+        // A leaf issued by a trusted intermediate needs no more.
+        verify_chain(&leaf, inter.cert_pem(), now).unwrap();
+    }
+
+    #[test]
+    fn chain_failures_name_the_failing_link() {
+        let root = CertificateAuthority::generate("Root").unwrap();
+        let inter = root.issue_intermediate("Intermediate").unwrap();
+        let (leaf, _) = inter
+            .issue_client("sensor-1", KeyType::EcdsaP256, 30)
+            .unwrap();
+        let now = now_unix();
+
+        // Intermediate missing.
+        let err = verify_chain(&leaf, root.cert_pem(), now)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("certificate 1 in chain (CN=sensor-1): not signed by any trusted CA (issuer CN=Intermediate; trusted: CN=Root)"),
+            "{err}"
+        );
+
+        // Wrong CA.
+        let stranger = CertificateAuthority::generate("Root").unwrap();
+        let chain = format!("{leaf}{}", inter.cert_pem());
+        let err = verify_chain(&chain, stranger.cert_pem(), now)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with(
+                "certificate 2 in chain (CN=Intermediate): not signed by any trusted CA"
+            ),
+            "{err}"
+        );
+
+        // Wrong intermediate in the middle (same name, other key).
+        let impostor = stranger.issue_intermediate("Intermediate").unwrap();
+        let chain = format!("{leaf}{}", impostor.cert_pem());
+        let err = verify_chain(&chain, root.cert_pem(), now)
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("certificate 1 in chain (CN=sensor-1): not signed by certificate 2 in chain (CN=Intermediate)"), "{err}");
+
+        // Expired at the given time: the leaf lives 30 days.
+        let chain = format!("{leaf}{}", inter.cert_pem());
+        let err = verify_chain(&chain, root.cert_pem(), now + 31 * DAY)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("certificate 1 in chain (CN=sensor-1): expired (valid until"),
+            "{err}"
+        );
+        let err = verify_chain(&chain, root.cert_pem(), now - DAY)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("certificate 1 in chain (CN=sensor-1): not valid yet"),
+            "{err}"
+        );
+
+        // Trusted CA itself expired: intermediates are capped at their issuer's expiry, so
+        // one day past the root's 10 years fails at the intermediate first or the root.
+        let err = verify_chain(&chain, root.cert_pem(), now + 3651 * DAY)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("expired"), "{err}");
+    }
+
+    #[test]
+    fn an_expired_certificate_is_refused_at_the_current_time() {
+        let root = CertificateAuthority::generate("Root").unwrap();
+        let now = now_unix();
+        let (old, _) =
+            issue_client_with_validity(&root, "old-device", now - 20 * DAY, now - 10 * DAY);
+        let info = &parse_certificates(&old).unwrap()[0];
+        assert_eq!(info.not_after, now - 10 * DAY);
+        let err = verify_chain(&old, root.cert_pem(), now)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("certificate 1 in chain (CN=old-device): expired"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn an_end_entity_cannot_act_as_an_intermediate() {
+        let root = CertificateAuthority::generate("Root").unwrap();
+        let device = non_ca_issuer(&root, "device-1");
+        let (forged, _) = device
+            .issue_client("victim", KeyType::EcdsaP256, 30)
+            .unwrap();
+        let chain = format!("{forged}{}", device.cert_pem());
+        let err = verify_chain(&chain, root.cert_pem(), now_unix())
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("certificate 2 in chain (CN=device-1): issues certificate(s) below it but is not a CA"), "{err}");
+        // And a device certificate given as "trusted CA" does not make it one.
+        let err = verify_chain(&forged, device.cert_pem(), now_unix())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("trusted CA 1 (CN=device-1): is not a CA"),
+            "{err}"
+        );
+    }
+}

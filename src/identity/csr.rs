@@ -107,3 +107,127 @@ pub(crate) fn csr_der(pem: &str) -> Result<Vec<u8>, IdentityError> {
             )
         })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn csr_round_trips_for_every_key_type() {
+        for kt in KeyType::ALL {
+            let key = PrivateKey::generate(kt).unwrap();
+            let pem = create_csr("sensor-1", &key).unwrap();
+            assert!(
+                pem.starts_with("-----BEGIN CERTIFICATE REQUEST-----"),
+                "{kt}"
+            );
+            let info = parse_csr(&pem).unwrap();
+            assert_eq!(info.common_name.as_deref(), Some("sensor-1"), "{kt}");
+            assert_eq!(info.key_type, Some(kt));
+            assert_eq!(info.public_key_der, key.public_key_der(), "{kt}");
+            assert_eq!(csr_der(&info.pem).unwrap(), csr_der(&pem).unwrap());
+        }
+    }
+
+    #[test]
+    fn common_name_is_bounded_by_x509() {
+        let key = PrivateKey::generate(KeyType::EcdsaP256).unwrap();
+        let at_limit = "a".repeat(64);
+        let info = parse_csr(&create_csr(&at_limit, &key).unwrap()).unwrap();
+        assert_eq!(info.common_name.as_deref(), Some(at_limit.as_str()));
+
+        let too_long = "a".repeat(65);
+        let err = create_csr(&too_long, &key).unwrap_err();
+        assert!(
+            matches!(err, IdentityError::CommonNameTooLong { len: 65, .. }),
+            "{err:?}"
+        );
+        assert!(err
+            .to_string()
+            .ends_with("is 65 characters long; X.509 allows at most 64"));
+        assert!(matches!(
+            create_csr("", &key),
+            Err(IdentityError::CommonNameEmpty)
+        ));
+    }
+
+    fn tampered(pem: &str, change: impl FnOnce(&mut Vec<u8>)) -> String {
+        let mut der = csr_der(pem).unwrap();
+        change(&mut der);
+        pem::encode(&pem::Pem::new("CERTIFICATE REQUEST", der))
+    }
+
+    #[test]
+    fn altered_csrs_are_refused() {
+        for kt in [KeyType::EcdsaP256, KeyType::Rsa2048] {
+            let key = PrivateKey::generate(kt).unwrap();
+            let pem = create_csr("sensor-1", &key).unwrap();
+
+            // A flipped bit in the signature itself.
+            let bad_sig = tampered(&pem, |der| *der.last_mut().unwrap() ^= 0x01);
+            let err = parse_csr(&bad_sig).unwrap_err();
+            assert!(matches!(err, IdentityError::CsrSignature), "{kt}: {err:?}");
+            assert_eq!(
+                err.to_string(),
+                "CSR: signature does not verify (the request was altered or not signed by its key)"
+            );
+
+            // The subject changed after signing: someone asking for another device's name.
+            let other_subject = tampered(&pem, |der| {
+                let at = der.windows(8).position(|w| w == b"sensor-1").unwrap();
+                der[at + 7] = b'2';
+            });
+            assert!(matches!(
+                parse_csr(&other_subject),
+                Err(IdentityError::CsrSignature)
+            ));
+        }
+    }
+
+    #[test]
+    fn garbage_is_refused_with_a_message_naming_the_csr() {
+        let err = parse_csr("garbage").unwrap_err().to_string();
+        assert_eq!(
+            err,
+            "CSR: not a PEM certificate request (no -----BEGIN CERTIFICATE REQUEST----- block)"
+        );
+        let err = parse_csr(
+            "-----BEGIN CERTIFICATE REQUEST-----\nAAAA\n-----END CERTIFICATE REQUEST-----\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.starts_with("CSR: not a valid PKCS#10 request"), "{err}");
+    }
+
+    #[test]
+    fn openssl_made_csrs_parse() {
+        let dir = tempfile::tempdir().unwrap();
+        let made = crate::identity::test_util::openssl(
+            dir.path(),
+            &[
+                "req",
+                "-new",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:P-384",
+                "-nodes",
+                "-keyout",
+                "k.pem",
+                "-subj",
+                "/O=Acme/CN=plc-7",
+                "-out",
+                "r.csr",
+            ],
+        );
+        if made.is_none() {
+            return;
+        }
+        let pem = std::fs::read_to_string(dir.path().join("r.csr")).unwrap();
+        let info = parse_csr(&pem).unwrap();
+        assert_eq!(info.common_name.as_deref(), Some("plc-7"));
+        assert_eq!(info.key_type, Some(KeyType::EcdsaP384));
+        let key = PrivateKey::import_file(&dir.path().join("k.pem"), None).unwrap();
+        assert_eq!(info.public_key_der, key.public_key_der());
+    }
+}

@@ -146,6 +146,11 @@ impl PrivateKey {
         } else {
             openssl_binary_key(path, &bytes, passphrase)?
         };
+        // Checked here because aws-lc-rs refuses e.g. RSA-1024 with a generic parse error.
+        openssl_key_type(&pkey).map_err(|detail| IdentityError::UnsupportedKey {
+            input: input.clone(),
+            detail,
+        })?;
         let pkcs8 = zeroize::Zeroizing::new(pkey.private_key_to_pkcs8().map_err(|e| {
             IdentityError::KeyFile {
                 path: path.to_path_buf(),
@@ -279,6 +284,36 @@ fn openssl_binary_key(
     })
 }
 
+/// The [`KeyType`] of a key openssl loaded, or a description of what it is instead.
+fn openssl_key_type(pkey: &openssl::pkey::PKey<openssl::pkey::Private>) -> Result<KeyType, String> {
+    use openssl::nid::Nid;
+    use openssl::pkey::Id;
+    match pkey.id() {
+        Id::RSA => match pkey.bits() {
+            2048 => Ok(KeyType::Rsa2048),
+            3072 => Ok(KeyType::Rsa3072),
+            bits => Err(format!("RSA-{bits}")),
+        },
+        Id::EC => {
+            let curve = pkey.ec_key().ok().and_then(|ec| ec.group().curve_name());
+            match curve {
+                Some(Nid::X9_62_PRIME256V1) => Ok(KeyType::EcdsaP256),
+                Some(Nid::SECP384R1) => Ok(KeyType::EcdsaP384),
+                Some(nid) => Err(format!(
+                    "ECDSA on curve {}",
+                    nid.short_name().unwrap_or("unknown")
+                )),
+                None => Err("ECDSA with explicit curve parameters".into()),
+            }
+        }
+        Id::ED25519 => Err("Ed25519".into()),
+        Id::ED448 => Err("Ed448".into()),
+        Id::DSA => Err("DSA".into()),
+        Id::RSA_PSS => Err("RSA-PSS".into()),
+        _ => Err("of an algorithm fleetgw does not know".into()),
+    }
+}
+
 fn first_openssl_reason(e: &openssl::error::ErrorStack) -> String {
     e.errors()
         .first()
@@ -366,4 +401,374 @@ pub(crate) fn credential_path(name: &str) -> Result<PathBuf, IdentityError> {
         reason: "$CREDENTIALS_DIRECTORY is not set (is the service started by systemd with LoadCredential=?)".into(),
     })?;
     Ok(PathBuf::from(dir).join(name))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::identity::test_util::openssl;
+
+    #[test]
+    fn generates_every_key_type_and_round_trips_through_pkcs8_pem() {
+        for kt in KeyType::ALL {
+            let key = PrivateKey::generate(kt).unwrap();
+            assert_eq!(key.key_type(), kt);
+            assert_eq!(key_type_of_spki_der(&key.public_key_der()), Ok(kt));
+            assert_eq!(
+                format!("{key:?}"),
+                format!("PrivateKey {{ key_type: {kt:?}, .. }}")
+            );
+
+            let pem = key.to_pkcs8_pem();
+            let pem = pem.expose_str().unwrap();
+            assert!(pem.starts_with("-----BEGIN PRIVATE KEY-----"), "{kt}");
+            let again = PrivateKey::from_pem(pem).unwrap();
+            assert_eq!(again.key_type(), kt);
+            assert_eq!(again.public_key_der(), key.public_key_der());
+        }
+    }
+
+    #[test]
+    fn two_generated_keys_differ() {
+        let a = PrivateKey::generate(KeyType::EcdsaP256).unwrap();
+        let b = PrivateKey::generate(KeyType::EcdsaP256).unwrap();
+        assert_ne!(a.public_key_der(), b.public_key_der());
+    }
+
+    #[test]
+    fn from_pem_refuses_garbage_encrypted_and_keyless_pem() {
+        let err = PrivateKey::from_pem("hello").unwrap_err().to_string();
+        assert_eq!(
+            err,
+            "private key: not a PEM private key (no -----BEGIN ... PRIVATE KEY----- block)"
+        );
+
+        let cert = "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n";
+        let err = PrivateKey::from_pem_named(cert, "claim.key")
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            err,
+            "claim.key: no private key block found (found only: CERTIFICATE)"
+        );
+
+        let enc =
+            "-----BEGIN ENCRYPTED PRIVATE KEY-----\nAAAA\n-----END ENCRYPTED PRIVATE KEY-----\n";
+        let err = PrivateKey::from_pem(enc).unwrap_err().to_string();
+        assert!(err.contains("encrypted"), "{err}");
+
+        let junk = "-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n";
+        let err = PrivateKey::from_pem(junk).unwrap_err().to_string();
+        assert!(
+            err.starts_with("private key: not a usable PKCS#8 private key"),
+            "{err}"
+        );
+    }
+
+    /// The public key openssl derives from `key_file`, as SubjectPublicKeyInfo DER.
+    fn openssl_public_der(dir: &Path, key_file: &str, pass: Option<&str>) -> Vec<u8> {
+        let passin = pass.map(|p| format!("pass:{p}"));
+        let mut args = vec!["pkey", "-in", key_file, "-pubout", "-outform", "DER"];
+        if let Some(p) = &passin {
+            args.extend(["-passin", p.as_str()]);
+        }
+        openssl(dir, &args).unwrap()
+    }
+
+    fn import(dir: &Path, file: &str, pass: Option<&str>) -> Result<PrivateKey, IdentityError> {
+        let secret = pass.map(Secret::from);
+        PrivateKey::import_file(&dir.join(file), secret.as_ref())
+    }
+
+    #[test]
+    fn imports_unencrypted_pkcs8_sec1_and_pkcs1_files_made_by_openssl() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let cases: [(&str, &[&str], KeyType, &str); 3] = [
+            (
+                "pkcs8.pem",
+                &[
+                    "genpkey",
+                    "-algorithm",
+                    "EC",
+                    "-pkeyopt",
+                    "ec_paramgen_curve:P-256",
+                    "-out",
+                    "pkcs8.pem",
+                ],
+                KeyType::EcdsaP256,
+                "-----BEGIN PRIVATE KEY-----",
+            ),
+            (
+                "sec1.pem",
+                &[
+                    "ecparam",
+                    "-name",
+                    "secp384r1",
+                    "-genkey",
+                    "-noout",
+                    "-out",
+                    "sec1.pem",
+                ],
+                KeyType::EcdsaP384,
+                "-----BEGIN EC PRIVATE KEY-----",
+            ),
+            (
+                "pkcs1.pem",
+                &["genrsa", "-traditional", "-out", "pkcs1.pem", "2048"],
+                KeyType::Rsa2048,
+                "-----BEGIN RSA PRIVATE KEY-----",
+            ),
+        ];
+        for (file, args, kt, header) in cases {
+            if openssl(d, args).is_none() {
+                return;
+            }
+            let text = std::fs::read_to_string(d.join(file)).unwrap();
+            assert!(text.starts_with(header), "{file}: {text}");
+            let key = import(d, file, None).unwrap();
+            assert_eq!(key.key_type(), kt, "{file}");
+            assert_eq!(
+                key.public_key_der(),
+                openssl_public_der(d, file, None),
+                "{file}"
+            );
+            // The same text parses without openssl too.
+            let direct = PrivateKey::from_pem(&text).unwrap();
+            assert_eq!(direct.public_key_der(), key.public_key_der(), "{file}");
+        }
+    }
+
+    #[test]
+    fn imports_passphrase_protected_files_and_names_a_missing_or_wrong_passphrase() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let cases: [(&str, &[&str], &str, KeyType); 3] = [
+            (
+                "rsa-enc.pem",
+                &[
+                    "genrsa",
+                    "-aes256",
+                    "-passout",
+                    "pass:secret",
+                    "-out",
+                    "rsa-enc.pem",
+                    "2048",
+                ],
+                "secret",
+                KeyType::Rsa2048,
+            ),
+            (
+                "rsa-legacy-enc.pem",
+                &[
+                    "genrsa",
+                    "-traditional",
+                    "-aes256",
+                    "-passout",
+                    "pass:secret",
+                    "-out",
+                    "rsa-legacy-enc.pem",
+                    "2048",
+                ],
+                "secret",
+                KeyType::Rsa2048,
+            ),
+            (
+                "ec-enc.pem",
+                &[
+                    "genpkey",
+                    "-algorithm",
+                    "EC",
+                    "-pkeyopt",
+                    "ec_paramgen_curve:P-256",
+                    "-aes256",
+                    "-pass",
+                    "pass:x",
+                    "-out",
+                    "ec-enc.pem",
+                ],
+                "x",
+                KeyType::EcdsaP256,
+            ),
+        ];
+        for (file, args, pass, kt) in cases {
+            if openssl(d, args).is_none() {
+                return;
+            }
+            let text = std::fs::read_to_string(d.join(file)).unwrap();
+            assert!(
+                text.contains("ENCRYPTED"),
+                "{file} is not encrypted: {text}"
+            );
+
+            let key = import(d, file, Some(pass)).unwrap();
+            assert_eq!(key.key_type(), kt, "{file}");
+            assert_eq!(
+                key.public_key_der(),
+                openssl_public_der(d, file, Some(pass)),
+                "{file}"
+            );
+
+            let path = d.join(file);
+            match import(d, file, None) {
+                Err(IdentityError::PassphraseRequired { path: p }) => assert_eq!(p, path),
+                other => panic!("{file} without passphrase: {other:?}"),
+            }
+            let err = import(d, file, Some("wrong")).unwrap_err();
+            assert!(
+                matches!(err, IdentityError::WrongPassphrase { .. }),
+                "{file}: {err:?}"
+            );
+            assert_eq!(
+                err.to_string(),
+                format!(
+                    "{}: wrong passphrase (or the encrypted key is corrupt)",
+                    path.display()
+                )
+            );
+        }
+    }
+
+    #[test]
+    fn imports_the_key_of_a_pkcs12_bundle() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let made = openssl(
+            d,
+            &[
+                "req",
+                "-x509",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-keyout",
+                "claim.key",
+                "-subj",
+                "/CN=claim",
+                "-days",
+                "1",
+                "-out",
+                "claim.pem",
+            ],
+        );
+        if made.is_none() {
+            return;
+        }
+        openssl(
+            d,
+            &[
+                "pkcs12",
+                "-export",
+                "-inkey",
+                "claim.key",
+                "-in",
+                "claim.pem",
+                "-passout",
+                "pass:p12pass",
+                "-out",
+                "claim.p12",
+            ],
+        )
+        .unwrap();
+
+        let key = import(d, "claim.p12", Some("p12pass")).unwrap();
+        assert_eq!(key.key_type(), KeyType::Rsa2048);
+        let cert_pem = std::fs::read_to_string(d.join("claim.pem")).unwrap();
+        assert!(crate::identity::cert_matches_key(&cert_pem, &key).unwrap());
+
+        let err = import(d, "claim.p12", Some("nope")).unwrap_err();
+        assert!(
+            matches!(err, IdentityError::WrongPassphrase { .. }),
+            "{err:?}"
+        );
+        let err = import(d, "claim.p12", None).unwrap_err();
+        assert!(
+            matches!(err, IdentityError::PassphraseRequired { .. }),
+            "{err:?}"
+        );
+    }
+
+    #[test]
+    fn refuses_unsupported_keys_and_files_without_a_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        if openssl(d, &["genrsa", "-out", "small.pem", "1024"]).is_none() {
+            return;
+        }
+        let err = import(d, "small.pem", None).unwrap_err().to_string();
+        assert!(err.contains("unsupported key RSA-1024"), "{err}");
+
+        std::fs::write(d.join("garbage.bin"), [0xde, 0xad, 0xbe, 0xef]).unwrap();
+        let err = import(d, "garbage.bin", None).unwrap_err().to_string();
+        assert_eq!(
+            err,
+            format!(
+                "{}: not a PEM private key, a DER private key or a PKCS#12 bundle",
+                d.join("garbage.bin").display()
+            )
+        );
+
+        std::fs::write(
+            d.join("cert-only.pem"),
+            "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n",
+        )
+        .unwrap();
+        let err = import(d, "cert-only.pem", None).unwrap_err().to_string();
+        assert!(err.contains("no readable private key"), "{err}");
+
+        let err = import(d, "missing.pem", None).unwrap_err().to_string();
+        assert!(
+            err.starts_with(&format!("{}: ", d.join("missing.pem").display())),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn reads_passphrases_from_a_file_or_a_systemd_credential() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("pass");
+        std::fs::write(&file, "s3cret \n").unwrap();
+        let pass = read_passphrase(Some(&file), None).unwrap().unwrap();
+        assert_eq!(pass.expose(), b"s3cret ");
+        std::fs::write(&file, "crlf\r\n").unwrap();
+        assert_eq!(
+            read_passphrase(Some(&file), None)
+                .unwrap()
+                .unwrap()
+                .expose(),
+            b"crlf"
+        );
+        assert!(read_passphrase(None, None).unwrap().is_none());
+
+        // The only test in this crate that touches CREDENTIALS_DIRECTORY.
+        std::fs::write(dir.path().join("claim-pass"), "from-systemd\n").unwrap();
+        std::env::set_var("CREDENTIALS_DIRECTORY", dir.path());
+        let pass = read_passphrase(None, Some("claim-pass")).unwrap().unwrap();
+        assert_eq!(pass.expose(), b"from-systemd");
+        let err = read_passphrase(None, Some("../etc"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("systemd credential \"../etc\": not a valid"),
+            "{err}"
+        );
+
+        std::fs::write(dir.path().join("seal"), [7u8; 32]).unwrap();
+        let sealer = crate::identity::Sealer::from_credential("seal").unwrap();
+        let direct = crate::identity::Sealer::from_key_bytes(&[7u8; 32]).unwrap();
+        assert_eq!(direct.open(&sealer.seal(b"x")).unwrap().expose(), b"x");
+
+        std::env::remove_var("CREDENTIALS_DIRECTORY");
+        let err = read_passphrase(None, Some("claim-pass"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("$CREDENTIALS_DIRECTORY is not set"), "{err}");
+    }
+
+    #[test]
+    fn counts_modulus_bits() {
+        assert_eq!(modulus_bits(&[0x00, 0x80, 0x00]), 16);
+        assert_eq!(modulus_bits(&[0x01, 0xff]), 9);
+        assert_eq!(modulus_bits(&[0, 0]), 0);
+    }
 }

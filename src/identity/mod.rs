@@ -27,3 +27,30 @@ pub use key::{read_passphrase, PrivateKey};
 pub use key_type::{KeyType, UnknownKeyType};
 pub use seal::Sealer;
 pub use secret::Secret;
+
+#[cfg(test)]
+pub(crate) mod test_util {
+    //! Helpers for tests that check interoperability with the `openssl` command.
+
+    use std::path::Path;
+    use std::process::Command;
+
+    /// Runs `openssl ARGS` in `dir`. `None` (after printing a notice) when the binary is
+    /// absent, so the calling test can skip; panics with openssl's stderr if it fails.
+    pub(crate) fn openssl(dir: &Path, args: &[&str]) -> Option<Vec<u8>> {
+        let out = match Command::new("openssl").args(args).current_dir(dir).output() {
+            Ok(out) => out,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                eprintln!("NOTICE: openssl binary not found; skipping an openssl interop check");
+                return None;
+            }
+            Err(e) => panic!("running openssl {args:?}: {e}"),
+        };
+        assert!(
+            out.status.success(),
+            "openssl {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Some(out.stdout)
+    }
+}

@@ -152,3 +152,104 @@ fn decode_key(bytes: &[u8]) -> Option<Zeroizing<Vec<u8>>> {
     );
     (decoded.len() == KEY_LEN).then_some(decoded)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sealer(byte: u8) -> Sealer {
+        Sealer::from_key_bytes(&[byte; KEY_LEN]).unwrap()
+    }
+
+    #[test]
+    fn seals_and_opens() {
+        let s = sealer(1);
+        let plain = b"-----BEGIN PRIVATE KEY-----\nsecret\n";
+        let blob = s.seal(plain);
+        assert_eq!(blob[0], VERSION);
+        assert_eq!(blob.len(), 1 + NONCE_LEN + plain.len() + TAG_LEN);
+        assert!(
+            !blob.windows(6).any(|w| w == b"secret"),
+            "plaintext visible in the blob"
+        );
+        assert_eq!(s.open(&blob).unwrap().expose(), plain);
+        // A fresh nonce every time: the same plaintext never seals to the same blob.
+        assert_ne!(s.seal(plain), blob);
+        assert_eq!(s.open(&s.seal(b"")).unwrap().expose(), b"");
+    }
+
+    #[test]
+    fn a_wrong_key_or_any_altered_byte_is_refused() {
+        let s = sealer(1);
+        let blob = s.seal(b"device key");
+        let err = sealer(2).open(&blob).unwrap_err().to_string();
+        assert_eq!(
+            err,
+            "sealed secret: authentication failed: wrong sealing key or tampered data"
+        );
+        for i in 1..blob.len() {
+            let mut bad = blob.clone();
+            bad[i] ^= 0x80;
+            assert!(s.open(&bad).is_err(), "byte {i} altered but opened");
+        }
+        let mut bad = blob.clone();
+        bad[0] = 9;
+        assert!(s
+            .open(&bad)
+            .unwrap_err()
+            .to_string()
+            .contains("unknown format version 9"));
+        assert!(s
+            .open(&blob[..10])
+            .unwrap_err()
+            .to_string()
+            .contains("truncated"));
+        assert!(s.open(&[]).is_err());
+    }
+
+    #[test]
+    fn reads_raw_hex_and_base64_key_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let key: Vec<u8> = (0u8..32).collect();
+        let reference = Sealer::from_key_bytes(&key).unwrap();
+        let hex: String = key.iter().map(|b| format!("{b:02x}")).collect();
+        let b64 = base64::engine::general_purpose::STANDARD.encode(&key);
+        let forms: [(&str, Vec<u8>); 5] = [
+            ("raw", key.clone()),
+            ("hex", hex.clone().into_bytes()),
+            ("hex-nl", format!("{hex}\n").into_bytes()),
+            (
+                "hex-upper",
+                format!("{}\r\n", hex.to_uppercase()).into_bytes(),
+            ),
+            ("b64-nl", format!("{b64}\n").into_bytes()),
+        ];
+        for (name, content) in forms {
+            let path = dir.path().join(name);
+            std::fs::write(&path, content).unwrap();
+            let s = Sealer::from_key_file(&path).unwrap();
+            assert_eq!(
+                reference.open(&s.seal(b"x")).unwrap().expose(),
+                b"x",
+                "{name}"
+            );
+        }
+
+        let short = dir.path().join("short");
+        std::fs::write(&short, "abcd\n").unwrap();
+        let err = Sealer::from_key_file(&short).unwrap_err().to_string();
+        assert_eq!(
+            err,
+            format!(
+                "sealing key {}: must be 32 raw bytes, 64 hex characters or base64 of 32 bytes (5 bytes found)",
+                short.display()
+            )
+        );
+        let missing = dir.path().join("missing");
+        assert!(Sealer::from_key_file(&missing)
+            .unwrap_err()
+            .to_string()
+            .starts_with(&missing.display().to_string()));
+        assert_eq!(format!("{reference:?}"), "Sealer([redacted])");
+    }
+}
