@@ -126,3 +126,25 @@ fn an_invalid_id_exits_64_and_names_the_id() {
     assert!(stderr.contains("at most 64"), "{stderr}");
     assert!(!dir.exists());
 }
+
+#[test]
+fn an_existing_key_is_not_overwritten_without_force() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().to_str().unwrap();
+    assert!(fleetgw(&["csr", "--id", "dev-1", "--out", dir])
+        .status
+        .success());
+    let key = tmp.path().join("dev-1.key");
+    let first = std::fs::read(&key).unwrap();
+
+    let out = fleetgw(&["csr", "--id", "dev-1", "--out", dir]);
+    assert_eq!(out.status.code(), Some(73));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("already exists; pass --force"));
+    assert_eq!(std::fs::read(&key).unwrap(), first);
+
+    assert!(fleetgw(&["csr", "--id", "dev-1", "--out", dir, "--force"])
+        .status
+        .success());
+    assert_ne!(std::fs::read(&key).unwrap(), first);
+    assert_eq!(mode(&key), 0o600);
+}

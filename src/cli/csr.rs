@@ -25,7 +25,15 @@ pub struct Args {
     /// Output directory (created if missing).
     #[arg(long, value_name = "DIR")]
     pub out: PathBuf,
+
+    /// Replace an existing ID.key / ID.csr (by default an existing key is never overwritten:
+    /// a certificate may already have been issued for it).
+    #[arg(long)]
+    pub force: bool,
 }
+
+/// Exit code when an output file already exists (sysexits.h EX_CANTCREAT).
+const EX_CANTCREAT: u8 = 73;
 
 /// Runs `fleetgw csr`.
 pub fn run(args: Args) -> ExitCode {
@@ -36,6 +44,14 @@ pub fn run(args: Args) -> ExitCode {
             return ExitCode::from(EX_USAGE);
         }
     };
+    let key_path = args.out.join(format!("{id}.key"));
+    if !args.force && key_path.exists() {
+        eprintln!(
+            "fleetgw csr: {} already exists; pass --force to replace it",
+            key_path.display()
+        );
+        return ExitCode::from(EX_CANTCREAT);
+    }
     match write_key_and_csr(&id, args.key_type, &args.out) {
         Ok((key_path, csr_path)) => {
             println!("{}", key_path.display());

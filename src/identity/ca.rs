@@ -527,6 +527,43 @@ mod tests {
     }
 
     #[test]
+    fn weak_rsa_csrs_are_refused_and_large_ones_issued() {
+        let ca = CertificateAuthority::generate("Root").unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        for (bits, file) in [("1024", "weak.csr"), ("4096", "big.csr")] {
+            let made = crate::identity::test_util::openssl(
+                d,
+                &[
+                    "req",
+                    "-new",
+                    "-newkey",
+                    &format!("rsa:{bits}"),
+                    "-nodes",
+                    "-keyout",
+                    "k.pem",
+                    "-subj",
+                    "/CN=dev",
+                    "-out",
+                    file,
+                ],
+            );
+            if made.is_none() {
+                return;
+            }
+        }
+        let weak = std::fs::read_to_string(d.join("weak.csr")).unwrap();
+        let err = ca.issue_from_csr(&weak, 1).unwrap_err().to_string();
+        assert!(
+            err.starts_with("CSR: unsupported key RSA-1024 (too weak"),
+            "{err}"
+        );
+        let big = std::fs::read_to_string(d.join("big.csr")).unwrap();
+        let cert = ca.issue_from_csr(&big, 1).unwrap();
+        assert!(cert_matches_csr(&cert, &big).unwrap());
+    }
+
+    #[test]
     fn from_pem_round_trips_and_refuses_mismatches() {
         let ca = CertificateAuthority::generate("Root").unwrap();
         let key_pem = ca.key_pem();

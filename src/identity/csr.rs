@@ -6,8 +6,11 @@ use x509_parser::certification_request::X509CertificationRequest;
 use x509_parser::error::X509Error;
 use x509_parser::prelude::FromDer;
 
-use super::key::key_type_of_spki;
+use super::key::{key_type_of_spki, rsa_bits_of_spki};
 use super::{IdentityError, KeyType, PrivateKey};
+
+/// Smallest RSA key accepted in a CSR.
+pub const MIN_RSA_BITS: usize = 2048;
 
 /// X.509 `ub-common-name` (RFC 5280, appendix A.1).
 pub const MAX_COMMON_NAME_LEN: usize = 64;
@@ -63,6 +66,14 @@ pub fn parse_csr(pem: &str) -> Result<CsrInfo, IdentityError> {
     let (_, csr) = X509CertificationRequest::from_der(&der).map_err(|e| {
         IdentityError::malformed("CSR", format!("not a valid PKCS#10 request: {e}"))
     })?;
+    let spki = &csr.certification_request_info.subject_pki;
+    if let Some(bits) = rsa_bits_of_spki(spki).filter(|b| *b < MIN_RSA_BITS) {
+        // aws-lc-rs cannot even verify these, and clouds refuse them (AWS IoT: RSA-2048+).
+        return Err(IdentityError::UnsupportedKey {
+            input: "CSR".into(),
+            detail: format!("RSA-{bits} (too weak: at least {MIN_RSA_BITS} bits)"),
+        });
+    }
     match csr.verify_signature() {
         Ok(()) => {}
         Err(X509Error::SignatureUnsupportedAlgorithm) => {
@@ -83,7 +94,6 @@ pub fn parse_csr(pem: &str) -> Result<CsrInfo, IdentityError> {
         .next()
         .and_then(|cn| cn.as_str().ok())
         .map(str::to_string);
-    let spki = &info.subject_pki;
     Ok(CsrInfo {
         common_name,
         key_type: key_type_of_spki(spki).ok(),

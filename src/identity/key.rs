@@ -278,9 +278,24 @@ fn openssl_binary_key(
             reason: "the PKCS#12 bundle holds no private key".into(),
         });
     }
-    openssl::pkey::PKey::private_key_from_der(bytes).map_err(|_| IdentityError::KeyFile {
+    if let Ok(pkey) = openssl::pkey::PKey::private_key_from_der(bytes) {
+        return Ok(pkey);
+    }
+    // Encrypted PKCS#8 in DER (`openssl pkcs8 -topk8 -outform DER`).
+    if let Some(pass) = passphrase {
+        if let Ok(pkey) =
+            openssl::pkey::PKey::private_key_from_pkcs8_passphrase(bytes, pass.expose())
+        {
+            return Ok(pkey);
+        }
+    }
+    let reason = match passphrase {
+        None => "not a PEM private key, a DER private key or a PKCS#12 bundle",
+        Some(_) => "not a PEM private key, a DER private key (plain or encrypted PKCS#8) or a PKCS#12 bundle, or the passphrase is wrong",
+    };
+    Err(IdentityError::KeyFile {
         path: path.to_path_buf(),
-        reason: "not a PEM private key, a DER private key or a PKCS#12 bundle".into(),
+        reason: reason.into(),
     })
 }
 
@@ -345,9 +360,8 @@ pub(crate) fn key_type_of_spki(spki: &SubjectPublicKeyInfo<'_>) -> Result<KeyTyp
         };
     }
     if *alg == OID_PKCS1_RSAENCRYPTION {
-        let bits = match spki.parsed() {
-            Ok(PublicKey::RSA(rsa)) => modulus_bits(rsa.modulus),
-            _ => return Err("RSA (unparsable modulus)".into()),
+        let Some(bits) = rsa_bits_of_spki(spki) else {
+            return Err("RSA (unparsable modulus)".into());
         };
         return match bits {
             2048 => Ok(KeyType::Rsa2048),
@@ -356,6 +370,16 @@ pub(crate) fn key_type_of_spki(spki: &SubjectPublicKeyInfo<'_>) -> Result<KeyTyp
         };
     }
     Err(format!("algorithm {alg}"))
+}
+
+/// The modulus size of an RSA SubjectPublicKeyInfo; `None` for other algorithms.
+pub(crate) fn rsa_bits_of_spki(spki: &SubjectPublicKeyInfo<'_>) -> Option<usize> {
+    match spki.parsed() {
+        Ok(PublicKey::RSA(rsa)) if spki.algorithm.algorithm == OID_PKCS1_RSAENCRYPTION => {
+            Some(modulus_bits(rsa.modulus))
+        }
+        _ => None,
+    }
 }
 
 fn modulus_bits(modulus: &[u8]) -> usize {
@@ -627,6 +651,52 @@ mod tests {
                 )
             );
         }
+    }
+
+    #[test]
+    fn imports_der_keys_plain_and_encrypted() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let steps: [&[&str]; 3] = [
+            &[
+                "genpkey",
+                "-algorithm",
+                "EC",
+                "-pkeyopt",
+                "ec_paramgen_curve:P-384",
+                "-out",
+                "k.pem",
+            ],
+            &[
+                "pkcs8", "-topk8", "-nocrypt", "-in", "k.pem", "-outform", "DER", "-out", "k.der",
+            ],
+            &[
+                "pkcs8",
+                "-topk8",
+                "-v2",
+                "aes-256-cbc",
+                "-passout",
+                "pass:pw",
+                "-in",
+                "k.pem",
+                "-outform",
+                "DER",
+                "-out",
+                "k-enc.der",
+            ],
+        ];
+        for args in steps {
+            if openssl(d, args).is_none() {
+                return;
+            }
+        }
+        let reference = import(d, "k.pem", None).unwrap();
+        for (file, pass) in [("k.der", None), ("k-enc.der", Some("pw"))] {
+            let key = import(d, file, pass).unwrap();
+            assert_eq!(key.key_type(), KeyType::EcdsaP384, "{file}");
+            assert_eq!(key.public_key_der(), reference.public_key_der(), "{file}");
+        }
+        assert!(import(d, "k-enc.der", Some("wrong")).is_err());
     }
 
     #[test]
