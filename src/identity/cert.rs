@@ -101,11 +101,8 @@ pub fn verify_chain(
     for (i, cert) in chain.iter().enumerate() {
         let link = format!("certificate {} in chain ({})", i + 1, cert.subject());
         check_validity(cert, now_unix, &link)?;
-        if i > 0 && !cert.is_ca() {
-            return Err(IdentityError::Chain {
-                link,
-                reason: "issues certificate(s) below it but is not a CA (basicConstraints CA=true missing)".into(),
-            });
+        if i > 0 {
+            check_issuer(cert, &link, i - 1)?;
         }
 
         // A trusted CA that issued this certificate ends the walk successfully.
@@ -116,12 +113,8 @@ pub fn verify_chain(
         if let Some((j, ca)) = issuing_ca {
             let ca_link = format!("trusted CA {} ({})", j + 1, ca.subject());
             check_validity(ca, now_unix, &ca_link)?;
-            if !ca.is_ca() {
-                return Err(IdentityError::Chain {
-                    link: ca_link,
-                    reason: "is not a CA (basicConstraints CA=true missing)".into(),
-                });
-            }
+            // The CA certificates under the trusted one: chain[1..=i].
+            check_issuer(ca, &ca_link, i)?;
             return Ok(());
         }
 
@@ -157,6 +150,47 @@ fn names(certs: &[X509Certificate<'_>]) -> String {
         .map(|c| c.subject().to_string())
         .collect::<Vec<_>>()
         .join("; ")
+}
+
+/// Checks that `cert` may issue certificates with `cas_below` CA certificates under it:
+/// basicConstraints CA=true, keyCertSign if it has a key usage, and its path length constraint.
+fn check_issuer(
+    cert: &X509Certificate<'_>,
+    link: &str,
+    cas_below: usize,
+) -> Result<(), IdentityError> {
+    let refuse = |reason: String| {
+        Err(IdentityError::Chain {
+            link: link.to_string(),
+            reason,
+        })
+    };
+    let constraints =
+        match cert.basic_constraints() {
+            Ok(Some(bc)) if bc.value.ca => bc.value,
+            Ok(_) => return refuse(
+                "is not a CA (basicConstraints CA=true missing), so it cannot issue certificates"
+                    .into(),
+            ),
+            Err(e) => return refuse(format!("unreadable basicConstraints: {e}")),
+        };
+    match cert.key_usage() {
+        Ok(Some(ku)) if !ku.value.key_cert_sign() => {
+            return refuse(
+                "its keyUsage does not allow signing certificates (keyCertSign missing)".into(),
+            )
+        }
+        Ok(_) => {}
+        Err(e) => return refuse(format!("unreadable keyUsage: {e}")),
+    }
+    if let Some(max) = constraints.path_len_constraint {
+        if cas_below > max as usize {
+            return refuse(format!(
+                "its path length constraint allows {max} intermediate CA(s) below it, the chain has {cas_below}"
+            ));
+        }
+    }
+    Ok(())
 }
 
 fn check_validity(cert: &X509Certificate<'_>, now: i64, link: &str) -> Result<(), IdentityError> {
@@ -468,6 +502,39 @@ mod tests {
     }
 
     #[test]
+    fn path_length_constraints_are_enforced() {
+        let root = CertificateAuthority::generate("Root").unwrap();
+        // issue_intermediate gives pathLen 0: this second-level CA should not exist.
+        let inter = root.issue_intermediate("Intermediate").unwrap();
+        let sub = inter.issue_intermediate("Sub").unwrap();
+        let (leaf, _) = sub.issue_client("dev", KeyType::EcdsaP256, 1).unwrap();
+        let chain = format!("{leaf}{}{}", sub.cert_pem(), inter.cert_pem());
+        let err = verify_chain(&chain, root.cert_pem(), now_unix())
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            err,
+            "certificate 3 in chain (CN=Intermediate): its path length constraint allows 0 intermediate CA(s) below it, the chain has 1"
+        );
+        // The same constraint on a trusted intermediate.
+        let chain = format!("{leaf}{}", sub.cert_pem());
+        let err = verify_chain(&chain, inter.cert_pem(), now_unix())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("trusted CA 1 (CN=Intermediate): its path length constraint"),
+            "{err}"
+        );
+        // The unconstrained root may have any depth below it.
+        verify_chain(
+            &format!("{leaf}{}", sub.cert_pem()),
+            sub.cert_pem(),
+            now_unix(),
+        )
+        .unwrap();
+    }
+
+    #[test]
     fn an_end_entity_cannot_act_as_an_intermediate() {
         let root = CertificateAuthority::generate("Root").unwrap();
         let device = non_ca_issuer(&root, "device-1");
@@ -478,7 +545,10 @@ mod tests {
         let err = verify_chain(&chain, root.cert_pem(), now_unix())
             .unwrap_err()
             .to_string();
-        assert!(err.starts_with("certificate 2 in chain (CN=device-1): issues certificate(s) below it but is not a CA"), "{err}");
+        assert!(
+            err.starts_with("certificate 2 in chain (CN=device-1): is not a CA (basicConstraints CA=true missing)"),
+            "{err}"
+        );
         // And a device certificate given as "trusted CA" does not make it one.
         let err = verify_chain(&forged, device.cert_pem(), now_unix())
             .unwrap_err()
