@@ -18,7 +18,7 @@ use x509_parser::certification_request::X509CertificationRequest;
 use x509_parser::prelude::FromDer;
 use x509_parser::time::ASN1Time;
 
-use super::cert::{first_certificate_der, parse_der, spki_equal};
+use super::cert::{first_certificate_der, parse_der, spki_equal, to_pem};
 use super::csr::{check_common_name, csr_der, parse_csr};
 use super::{IdentityError, KeyType, PrivateKey, Secret};
 
@@ -90,7 +90,7 @@ impl CertificateAuthority {
             .not_after
             .timestamp();
         Ok(Self {
-            cert_pem: pem::encode(&pem::Pem::new("CERTIFICATE", cert_der.clone())),
+            cert_pem: to_pem("CERTIFICATE", cert_der.clone()),
             cert_der,
             not_after,
             key,
@@ -200,12 +200,12 @@ impl CertificateAuthority {
         common_name: &str,
     ) -> Result<CertificateAuthority, IdentityError> {
         check_common_name(common_name)?;
-        let key = PrivateKey::generate(KeyType::EcdsaP256)?;
         let now = now_unix();
+        self.check_not_expired(now)?;
+        let key = PrivateKey::generate(KeyType::EcdsaP256)?;
         let not_after = (now + CA_VALIDITY_DAYS * DAY).min(self.not_after);
         let mut params = ca_params(common_name, now - BACKDATE_SECS, not_after)?;
         params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-        params.serial_number = Some(random_serial()?);
         params.use_authority_key_identifier_extension = true;
         let pem = self.sign(
             &params,
@@ -230,6 +230,7 @@ impl CertificateAuthority {
             ));
         }
         let now = now_unix();
+        self.check_not_expired(now)?;
         let not_after = (now + i64::from(validity_days) * DAY).min(self.not_after);
         let mut params = CertificateParams::default();
         params.distinguished_name = subject;
@@ -239,6 +240,20 @@ impl CertificateAuthority {
         params.use_authority_key_identifier_extension = true;
         set_validity(&mut params, now - BACKDATE_SECS, not_after)?;
         Ok(params)
+    }
+
+    /// An expired CA would only issue certificates that are born expired.
+    fn check_not_expired(&self, now: i64) -> Result<(), IdentityError> {
+        if self.not_after <= now {
+            return Err(IdentityError::malformed(
+                "CA certificate",
+                format!(
+                    "expired {} s ago; it cannot issue certificates",
+                    now - self.not_after
+                ),
+            ));
+        }
+        Ok(())
     }
 
     fn sign(
@@ -396,6 +411,7 @@ mod tests {
         let (der, now) = parsed(ca.cert_pem());
         let (_, cert) = X509Certificate::from_der(&der).unwrap();
         assert!(cert.is_ca());
+        assert!(!ca.cert_pem().contains('\r'));
         assert_eq!(cert.subject().to_string(), "CN=Fleet Root");
         assert_eq!(cert.issuer().to_string(), "CN=Fleet Root");
         cert.verify_signature(None).unwrap();
@@ -464,6 +480,25 @@ mod tests {
         let info = &parse_certificates(&cert).unwrap()[0];
         assert_eq!(info.not_after, root.not_after);
         assert!(root.issue_client("zero", KeyType::EcdsaP256, 0).is_err());
+    }
+
+    #[test]
+    fn an_expired_ca_issues_nothing() {
+        let key = PrivateKey::generate(KeyType::EcdsaP256).unwrap();
+        let now = now_unix();
+        let params = ca_params("Old Root", now - 20 * DAY, now - DAY).unwrap();
+        let cert = params.self_signed(key.key_pair()).unwrap();
+        let old = CertificateAuthority::assemble(cert.der().to_vec(), key).unwrap();
+        let err = old
+            .issue_client("dev", KeyType::EcdsaP256, 1)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("CA certificate: expired")
+                && err.ends_with("it cannot issue certificates"),
+            "{err}"
+        );
+        assert!(old.issue_intermediate("I").is_err());
     }
 
     #[test]

@@ -289,6 +289,12 @@ pub(crate) fn certificate_ders(pem: &str, input: &str) -> Result<Vec<Vec<u8>>, I
     Ok(ders)
 }
 
+/// PEM text of one block with `\n` line endings (the `pem` crate defaults to `\r\n`).
+pub(crate) fn to_pem(tag: &str, der: Vec<u8>) -> String {
+    let config = pem::EncodeConfig::new().set_line_ending(pem::LineEnding::LF);
+    pem::encode_config(&pem::Pem::new(tag, der), config)
+}
+
 pub(crate) fn first_certificate_der(pem: &str, input: &str) -> Result<Vec<u8>, IdentityError> {
     let mut ders = certificate_ders(pem, input)?;
     Ok(ders.swap_remove(0))

@@ -6,6 +6,7 @@ use x509_parser::certification_request::X509CertificationRequest;
 use x509_parser::error::X509Error;
 use x509_parser::prelude::FromDer;
 
+use super::cert::to_pem;
 use super::key::{key_type_of_spki, rsa_bits_of_spki};
 use super::{IdentityError, KeyType, PrivateKey};
 
@@ -98,7 +99,7 @@ pub fn parse_csr(pem: &str) -> Result<CsrInfo, IdentityError> {
         common_name,
         key_type: key_type_of_spki(spki).ok(),
         public_key_der: spki.raw.to_vec(),
-        pem: pem::encode(&pem::Pem::new("CERTIFICATE REQUEST", der.clone())),
+        pem: to_pem("CERTIFICATE REQUEST", der.clone()),
     })
 }
 
@@ -136,6 +137,7 @@ mod tests {
             assert_eq!(info.key_type, Some(kt));
             assert_eq!(info.public_key_der, key.public_key_der(), "{kt}");
             assert_eq!(csr_der(&info.pem).unwrap(), csr_der(&pem).unwrap());
+            assert!(!info.pem.contains('\r') && !pem.contains('\r'));
         }
     }
 
