@@ -58,6 +58,10 @@ pub fn run(args: Args) -> ExitCode {
             println!("{}", csr_path.display());
             ExitCode::SUCCESS
         }
+        Err(e @ (IdentityError::CommonNameTooLong { .. } | IdentityError::CommonNameEmpty)) => {
+            eprintln!("fleetgw csr: --id: the id is the certificate's common name: {e}");
+            ExitCode::from(EX_USAGE)
+        }
         Err(e) => {
             eprintln!("fleetgw csr: {e}");
             ExitCode::from(exit_code(&e))
@@ -87,7 +91,6 @@ fn write_key_and_csr(
 
 fn exit_code(e: &IdentityError) -> u8 {
     match e {
-        IdentityError::CommonNameTooLong { .. } | IdentityError::CommonNameEmpty => EX_USAGE,
         IdentityError::Io { .. } => EX_IOERR,
         _ => EX_SOFTWARE,
     }

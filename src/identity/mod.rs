@@ -29,6 +29,20 @@ pub use seal::Sealer;
 pub use secret::Secret;
 
 #[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shared_types_can_cross_threads() {
+        fn send_sync<T: Send + Sync + 'static>() {}
+        send_sync::<PrivateKey>();
+        send_sync::<CertificateAuthority>();
+        send_sync::<Sealer>();
+        send_sync::<IdentityError>();
+    }
+}
+
+#[cfg(test)]
 pub(crate) mod test_util {
     //! Helpers for tests that check interoperability with the `openssl` command.
 
