@@ -9,7 +9,8 @@ use x509_parser::certificate::X509Certificate;
 use x509_parser::prelude::FromDer;
 use x509_parser::x509::{SubjectPublicKeyInfo, X509Name};
 
-use super::{csr, IdentityError, PrivateKey};
+use super::key::key_type_of_spki;
+use super::{csr, IdentityError, KeyType, PrivateKey};
 
 /// Longest chain (leaf + intermediates) accepted; deeper chains are refused, not walked.
 const MAX_CHAIN_LEN: usize = 8;
@@ -29,6 +30,8 @@ pub struct CertInfo {
     pub not_after: i64,
     /// SubjectPublicKeyInfo DER.
     pub public_key_der: Vec<u8>,
+    /// The key type, `None` when the key is not one fleetgw generates (e.g. RSA-4096).
+    pub key_type: Option<KeyType>,
     /// basicConstraints CA=true.
     pub is_ca: bool,
     /// SHA-256 of the DER, lower-case hex (what AWS uses as certificate id).
@@ -223,6 +226,7 @@ pub(crate) fn cert_info(cert: &X509Certificate<'_>, der: &[u8]) -> CertInfo {
         not_before: cert.validity().not_before.timestamp(),
         not_after: cert.validity().not_after.timestamp(),
         public_key_der: cert.public_key().raw.to_vec(),
+        key_type: key_type_of_spki(cert.public_key()).ok(),
         is_ca: cert.is_ca(),
         fingerprint_sha256_hex: hex(
             aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, der).as_ref()
@@ -305,7 +309,7 @@ mod tests {
     use super::*;
     use crate::identity::ca::now_unix;
     use crate::identity::ca::test_support::{issue_client_with_validity, non_ca_issuer};
-    use crate::identity::{create_csr, CertificateAuthority, KeyType};
+    use crate::identity::{create_csr, CertificateAuthority};
 
     const DAY: i64 = 86_400;
 
@@ -386,6 +390,7 @@ mod tests {
         let ca = CertificateAuthority::generate("Fleet Root").unwrap();
         for kt in KeyType::ALL {
             let (cert, key) = ca.issue_client("dev", kt, 1).unwrap();
+            assert_eq!(parse_certificates(&cert).unwrap()[0].key_type, Some(kt));
             let other = PrivateKey::generate(kt).unwrap();
             assert!(cert_matches_key(&cert, &key).unwrap(), "{kt}");
             assert!(!cert_matches_key(&cert, &other).unwrap(), "{kt}");
