@@ -400,6 +400,30 @@ mod tests {
     }
 
     #[test]
+    fn verifies_a_token_made_like_the_azure_iot_device_sdk() {
+        // Python, as azure-iot-device's SasToken does it: uri = quote(URI, safe=""),
+        // sig = quote(b64encode(hmac(b64decode(deviceKey), uri + "\n" + se, sha256))).
+        // The id uses every special character registration ids allow; ':' must be %3A in the
+        // signed string and '~' must stay as is.
+        let token = "SharedAccessSignature sr=scope~1%2Fregistrations%2Fplc%3Aline-1.cell_2&sig=ceNzePeI0tqIJqNZpBUdXBvwzoAIAi92SXlmHAQnrHk%3D&se=1893456000&skn=registration";
+        let group = BASE64.decode(GROUP_KEY_B64).unwrap();
+        let key = derive_device_key(&group, "plc:line-1.cell_2");
+        assert_eq!(
+            BASE64.encode(&key),
+            "fPxI/qFOhJGi1RkugPG4LJ+68k/akr5RK1lUua5bfrY="
+        );
+        let claims = verify(token, "PLC:line-1.cell_2", &key).unwrap();
+        assert_eq!(
+            claims.resource_uri,
+            "scope~1/registrations/plc:line-1.cell_2"
+        );
+        assert_eq!(
+            generate_sas(&claims.resource_uri, &key, EXPIRY, Some("registration")),
+            token
+        );
+    }
+
+    #[test]
     fn accepts_plain_id_uris_mixed_case_ids_no_skn_and_unencoded_signatures() {
         let key = device_key();
         let plain = generate_sas("sensor-01", &key, EXPIRY, None);
