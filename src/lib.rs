@@ -7,4 +7,5 @@
 pub mod admission;
 pub mod cli;
 pub mod device_id;
+pub mod emulator;
 pub mod identity;

@@ -5,6 +5,7 @@
 
 mod csr;
 mod logging;
+mod simulate;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -57,6 +58,8 @@ pub struct ConfigArgs {
 pub enum Command {
     /// Generate a device key and CSR: writes DIR/ID.key (0600) and DIR/ID.csr.
     Csr(csr::Args),
+    /// Simulate a fleet of downstream devices provisioning through a gateway's broker.
+    Simulate(Box<simulate::Args>),
 }
 
 /// Parses argv, sets up logging and runs the chosen command.
@@ -65,5 +68,6 @@ pub fn main() -> ExitCode {
     logging::init(cli.log_format, None);
     match cli.command {
         Command::Csr(args) => csr::run(args),
+        Command::Simulate(args) => simulate::run(*args),
     }
 }
