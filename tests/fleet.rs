@@ -590,3 +590,26 @@ async fn unreachable_broker_times_out_while_connecting() {
     }
     assert!(report.reconnects >= 2);
 }
+
+/// Throughput of the simulator itself (not a timed test): `cargo test --test fleet -- --ignored
+/// --nocapture`. Prints the report for FLEET_DEVICES devices (default 2000).
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "measurement, run by hand"]
+async fn simulator_throughput() {
+    let Some(broker) = TestBroker::start() else {
+        return;
+    };
+    let devices = std::env::var("FLEET_DEVICES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(2000);
+    let ca = Arc::new(CertificateAuthority::generate("test cloud CA").unwrap());
+    start_responder(broker.addr(), ca.clone(), Script::default()).await;
+    let mut opts = options(broker.addr(), devices, "scale");
+    opts.cbor_share = 0.5;
+    opts.own_csr_share = 0.5;
+    opts.cloud_ca_pem = Some(ca.cert_pem().to_string());
+    let report = run_fleet(opts, |_| {}).await.unwrap();
+    println!("{}", serde_json::to_string_pretty(&report.to_json()).unwrap());
+    assert_eq!(report.failed, 0, "{:#?}", &report.failures[..report.failures.len().min(5)]);
+}
