@@ -7,3 +7,4 @@
 pub mod cli;
 pub mod device_id;
 pub mod identity;
+pub mod store;
