@@ -512,10 +512,25 @@ impl Store {
 
     /// Writes `rec` (under `rec.id`), its etag becoming the stored etag + 1; durable on return.
     pub async fn put_device(&self, rec: &DeviceRecord) -> Result<(), StoreError> {
-        let id = rec.id.clone();
-        let rec = rec.clone();
-        self.update_device(&id, None, move |_| Some(rec)).await?;
-        Ok(())
+        self.put_device_now(rec)?;
+        self.durable().await
+    }
+
+    fn put_device_now(&self, rec: &DeviceRecord) -> Result<(), StoreError> {
+        let key = rec.id.as_str();
+        let _guard = self.device_lock();
+        // Only the stored etag matters here: skip decoding the whole previous record.
+        let found = get(&self.inner.devices, DEVICES, key)?
+            .map(|v| stored_etag(key, &v))
+            .transpose()?;
+        let mut next = rec.clone();
+        next.etag = found.unwrap_or(0) + 1;
+        insert(
+            &self.inner.devices,
+            DEVICES,
+            key,
+            encode(DEVICES, key, &next)?,
+        )
     }
 
     /// Compare-and-swap update: when `expected_etag` is given the stored etag must equal it
@@ -1061,11 +1076,7 @@ fn tx_put_device(
 ) -> Result<(), ConflictableTransactionError<StoreError>> {
     let key = rec.id.as_str();
     let found = match devices.get(key)? {
-        Some(v) => Some(
-            decode_device(key, &v)
-                .map_err(ConflictableTransactionError::Abort)?
-                .etag,
-        ),
+        Some(v) => Some(stored_etag(key, &v).map_err(ConflictableTransactionError::Abort)?),
         None => None,
     };
     if let Some(expected) = expected_etag {
@@ -1168,6 +1179,25 @@ fn decode_versioned<T: DeserializeOwned>(
 
 fn decode_device(key: &str, bytes: &[u8]) -> Result<DeviceRecord, StoreError> {
     decode_versioned(DEVICES, key, bytes, DEVICE_RECORD_VERSION, |r| r.v)
+}
+
+/// The etag of a stored device record, decoding only the record's head (version and etag).
+fn stored_etag(key: &str, bytes: &[u8]) -> Result<u64, StoreError> {
+    #[derive(serde::Deserialize)]
+    struct Head {
+        v: u32,
+        etag: u64,
+    }
+    let head: Head = decode(DEVICES, key, bytes)?;
+    if head.v > DEVICE_RECORD_VERSION {
+        return Err(StoreError::NewerRecord {
+            tree: DEVICES,
+            key: key.to_owned(),
+            found: head.v,
+            supported: DEVICE_RECORD_VERSION,
+        });
+    }
+    Ok(head.etag)
 }
 
 fn decode_token(key: &str, bytes: &[u8]) -> Result<OwnershipTokenRecord, StoreError> {

@@ -388,3 +388,21 @@ fn flush_blocking_works_outside_a_runtime() {
     store.flush_blocking().unwrap();
     assert!(store.flush_count() >= 1);
 }
+
+/// The group-commit figure for the issue: `cargo test --lib store::tests::group_commit_figure
+/// -- --ignored --nocapture`.
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "benchmark; prints durable writes/s with 1 and 64 writers"]
+async fn group_commit_figure() {
+    // Shows the benchmark's own log line (writes, flushes, seconds).
+    let _ = tracing_subscriber::fmt().with_test_writer().try_init();
+    for (writers, total) in [(1usize, 1_000usize), (64, 20_000)] {
+        let tmp = tempfile::tempdir().unwrap();
+        let rate = bench_group_commit(tmp.path(), writers, total)
+            .await
+            .unwrap();
+        let store = Store::open(tmp.path(), &opts()).unwrap();
+        assert_eq!(store.device_count(), total.div_ceil(writers) * writers);
+        eprintln!("group commit: {writers:>2} writers, {total} durable writes: {rate:.0} writes/s");
+    }
+}
