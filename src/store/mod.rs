@@ -482,8 +482,8 @@ impl Store {
 }
 
 /// Measures durable device writes per second with `writers` concurrent tasks writing `total`
-/// records in all to a store in `dir` (for `fleetgw bench` and the group-commit figure). Must
-/// run inside a tokio runtime.
+/// records in all (rounded up to a multiple of `writers`) to a store in `dir`, for
+/// `fleetgw bench` and the group-commit figure. Must run inside a tokio runtime.
 pub async fn bench_group_commit(
     dir: &Path,
     writers: usize,
@@ -513,12 +513,8 @@ pub async fn bench_group_commit(
     while let Some(joined) = tasks.join_next().await {
         match joined {
             Ok(result) => result?,
-            Err(e) => {
-                return Err(StoreError::Flush {
-                    dir: dir.to_owned(),
-                    message: format!("benchmark writer task failed: {e}"),
-                })
-            }
+            // Writers are never cancelled, so a join error is a panic: pass it on unchanged.
+            Err(e) => std::panic::resume_unwind(e.into_panic()),
         }
     }
     let elapsed = started.elapsed().as_secs_f64();

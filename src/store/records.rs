@@ -145,7 +145,8 @@ pub struct DeviceRecord {
     pub v: u32,
     /// The device id (also the key).
     pub id: DeviceId,
-    /// Provisioning state.
+    /// Provisioning state. Flattened, so the JSON reads `{"state":"keyReady","csr":..,"etag":..}`;
+    /// variant fields must therefore not reuse a record field name.
     #[serde(flatten)]
     pub state: DeviceState,
     /// Entity tag, bumped by the store on every write (admin `ETag`, compare-and-swap).
