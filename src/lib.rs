@@ -8,3 +8,4 @@ pub mod admission;
 pub mod cli;
 pub mod device_id;
 pub mod identity;
+pub mod store;
