@@ -6,6 +6,7 @@
 
 pub mod admission;
 pub mod cli;
+pub mod cloud;
 pub mod device_id;
 pub mod identity;
 pub mod store;
