@@ -5,5 +5,6 @@
 //! store and then forwards their telemetry upstream. See `docs/architecture.md` for the map.
 
 pub mod cli;
+pub mod config;
 pub mod device_id;
 pub mod identity;
