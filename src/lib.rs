@@ -6,6 +6,9 @@
 
 pub mod admission;
 pub mod cli;
+pub mod cloud;
+pub mod config;
 pub mod device_id;
 pub mod emulator;
 pub mod identity;
+pub mod store;
