@@ -32,12 +32,17 @@ struct TestBroker {
 impl TestBroker {
     /// `None` (with a notice) when mosquitto is not installed.
     fn start() -> Option<Self> {
-        let dir = tempfile::tempdir().unwrap();
         let port = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
             .unwrap()
             .local_addr()
             .unwrap()
             .port();
+        Self::start_on(port)
+    }
+
+    /// On a given port (a restart of a stopped broker).
+    fn start_on(port: u16) -> Option<Self> {
+        let dir = tempfile::tempdir().unwrap();
         let conf = dir.path().join("mosquitto.conf");
         std::fs::write(
             &conf,
@@ -97,6 +102,10 @@ struct Script {
     foreign_ca: BTreeSet<u32>,
     /// First request answered with 503 ServiceUnavailable.
     transient_first: bool,
+    /// First request not answered at all (as if the gateway had not subscribed yet).
+    ignore_first: bool,
+    /// Requests recorded, never answered.
+    silent: bool,
     /// Admission mode checked with the real admission code.
     admission: Option<Arc<Admission>>,
 }
@@ -119,7 +128,12 @@ async fn start_responder(
     script: Script,
 ) -> Arc<Mutex<Seen>> {
     let seen = Arc::new(Mutex::new(Seen::default()));
-    let mut opts = MqttOptions::new("responder", broker.ip().to_string(), broker.port());
+    static RESPONDERS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let client_id = format!(
+        "responder-{}",
+        RESPONDERS.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    );
+    let mut opts = MqttOptions::new(client_id, broker.ip().to_string(), broker.port());
     opts.set_max_packet_size(1 << 20, 1 << 20)
         .set_keep_alive(Duration::from_secs(30))
         .set_inflight(100);
@@ -161,6 +175,9 @@ async fn start_responder(
                         list.push((fmt.clone(), csr.is_some()));
                         list.len()
                     };
+                    if script.silent || (script.ignore_first && attempt == 1) {
+                        continue;
+                    }
                     let (suffix, answer) =
                         answer(&script, &ca, &foreign, &id, &request, csr, attempt);
                     let topic = format!("{}/{suffix}", p.topic);
@@ -437,6 +454,73 @@ async fn transient_rejections_are_retried() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unanswered_requests_are_sent_again() {
+    let Some(broker) = TestBroker::start() else {
+        return;
+    };
+    let ca = Arc::new(CertificateAuthority::generate("test cloud CA").unwrap());
+    let script = Script {
+        ignore_first: true,
+        ..Script::default()
+    };
+    let seen = start_responder(broker.addr(), ca.clone(), script).await;
+    let mut opts = options(broker.addr(), 3, "resend");
+    opts.resend_after = Some(Duration::from_secs(1));
+    let report = run_fleet(opts, |_| {}).await.unwrap();
+    assert_eq!(
+        (report.provisioned, report.failed),
+        (3, 0),
+        "{:#?}",
+        report.failures
+    );
+    assert_eq!(report.resent_requests, 3);
+    assert!(report.latency.p50_ms >= 1000.0, "{:?}", report.latency);
+    assert!(seen.lock().unwrap().requests.values().all(|r| r.len() == 2));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn devices_reconnect_resubscribe_and_resend_after_a_broker_restart() {
+    let Some(broker) = TestBroker::start() else {
+        return;
+    };
+    let ca = Arc::new(CertificateAuthority::generate("test cloud CA").unwrap());
+    let spy = start_responder(
+        broker.addr(),
+        ca.clone(),
+        Script {
+            silent: true,
+            ..Script::default()
+        },
+    )
+    .await;
+    let mut opts = options(broker.addr(), 6, "restart");
+    opts.resend_after = None;
+    let fleet = tokio::spawn(run_fleet(opts, |_| {}));
+
+    // Every device has subscribed and sent its request, unanswered.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while spy.lock().unwrap().requests.len() < 6 {
+        assert!(Instant::now() < deadline, "requests did not arrive");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let port = broker.port;
+    drop(broker);
+    let broker = TestBroker::start_on(port).unwrap();
+    let seen = start_responder(broker.addr(), ca.clone(), Script::default()).await;
+
+    let report = fleet.await.unwrap().unwrap();
+    assert_eq!(
+        (report.provisioned, report.failed),
+        (6, 0),
+        "{:#?}",
+        report.failures
+    );
+    assert!(report.reconnects >= 6, "{}", report.reconnects);
+    assert_eq!(report.resent_requests, 6);
+    assert_eq!(seen.lock().unwrap().requests.len(), 6);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn symmetric_key_and_x509_attestations_pass_real_admission() {
     let Some(broker) = TestBroker::start() else {
         return;
@@ -610,6 +694,14 @@ async fn simulator_throughput() {
     opts.own_csr_share = 0.5;
     opts.cloud_ca_pem = Some(ca.cert_pem().to_string());
     let report = run_fleet(opts, |_| {}).await.unwrap();
-    println!("{}", serde_json::to_string_pretty(&report.to_json()).unwrap());
-    assert_eq!(report.failed, 0, "{:#?}", &report.failures[..report.failures.len().min(5)]);
+    println!(
+        "{}",
+        serde_json::to_string_pretty(&report.to_json()).unwrap()
+    );
+    assert_eq!(
+        report.failed,
+        0,
+        "{:#?}",
+        &report.failures[..report.failures.len().min(5)]
+    );
 }

@@ -127,6 +127,10 @@ pub struct Args {
     #[arg(long, value_name = "FILE")]
     pub json: Option<PathBuf>,
 
+    /// Seconds without an answer after which a device sends its request again (0 = never).
+    #[arg(long, value_name = "SECS", default_value_t = 15)]
+    pub resend_secs: u64,
+
     /// Seconds each device may take from its first connect to the verified answer.
     #[arg(long, value_name = "SECS", default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..))]
     pub timeout: u64,
@@ -250,6 +254,7 @@ fn fleet_options(args: &Args) -> Result<FleetOptions, ArgsError> {
     opts.csr_key_type = args.csr_key_type;
     opts.cloud_ca_pem = args.ca.as_deref().map(read_text).transpose()?;
     opts.timeout = Duration::from_secs(args.timeout);
+    opts.resend_after = (args.resend_secs > 0).then(|| Duration::from_secs(args.resend_secs));
     opts.parameters = parse_parameters(&args.parameters).map_err(ArgsError::Usage)?;
     opts.attestation = attestation(args)?;
     Ok(opts)

@@ -237,6 +237,10 @@ pub struct FleetOptions {
     pub cloud_ca_pem: Option<String>,
     /// Per device, from its first connect attempt to the verified answer.
     pub timeout: Duration,
+    /// Send the request again when no answer came this long after the last send (`None`:
+    /// never). A request published before the gateway subscribed is otherwise lost; the
+    /// gateway answers repeats idempotently.
+    pub resend_after: Option<Duration>,
 }
 
 impl FleetOptions {
@@ -262,6 +266,7 @@ impl FleetOptions {
             parameters: BTreeMap::new(),
             cloud_ca_pem: None,
             timeout: Duration::from_secs(60),
+            resend_after: Some(Duration::from_secs(15)),
         }
     }
 
@@ -330,6 +335,9 @@ impl FleetOptions {
         }
         if self.timeout.is_zero() {
             return invalid("timeout", "must be at least 1 second".into());
+        }
+        if self.resend_after.is_some_and(|d| d.is_zero()) {
+            return invalid("resend-secs", "must be at least 1 second (or never)".into());
         }
         if self.topic_prefix.is_empty()
             || self.topic_prefix.starts_with('$')
@@ -969,9 +977,11 @@ async fn run_device(fleet: &Fleet, plan: DevicePlan) -> Outcome {
         started,
         deadline,
         timeout: fleet.opts.timeout,
+        resend_after: fleet.opts.resend_after,
         stage: Stage::Connecting,
         connect: None,
         first_request: None,
+        last_request: None,
         last_status: None,
         last_error: None,
         reconnects: 0,
@@ -1008,9 +1018,11 @@ struct DeviceRun {
     started: Instant,
     deadline: Instant,
     timeout: Duration,
+    resend_after: Option<Duration>,
     stage: Stage,
     connect: Option<Duration>,
     first_request: Option<Instant>,
+    last_request: Option<Instant>,
     last_status: Option<String>,
     last_error: Option<String>,
     reconnects: u32,
@@ -1029,7 +1041,20 @@ impl DeviceRun {
         eventloop: &mut EventLoop,
     ) -> Result<Provisioned, FailureReason> {
         loop {
-            let event = match tokio::time::timeout_at(self.deadline, eventloop.poll()).await {
+            let wake = match (self.stage, self.resend_after, self.last_request) {
+                (Stage::WaitingForAnswer, Some(every), Some(sent)) => {
+                    (sent + every).min(self.deadline)
+                }
+                _ => self.deadline,
+            };
+            // Cancelling `poll` is safe here: it only ever waits (Pending) for incoming bytes,
+            // which it reads into its buffer; the small writes to a local socket complete
+            // without waiting.
+            let event = match tokio::time::timeout_at(wake, eventloop.poll()).await {
+                Err(_) if wake < self.deadline => {
+                    self.send_request(client, topics, request)?;
+                    continue;
+                }
                 Err(_) => return Err(self.timed_out()),
                 Ok(Err(ConnectionError::ConnectionRefused(code))) => {
                     return Err(FailureReason::ConnectionRefused(format!("{code:?}")))
@@ -1141,11 +1166,13 @@ impl DeviceRun {
                 request.payload.clone(),
             )
             .map_err(|e| FailureReason::Prepare(format!("publish: {e}")))?;
+        let now = Instant::now();
         if self.first_request.is_some() {
             self.resent += 1;
         } else {
-            self.first_request = Some(Instant::now());
+            self.first_request = Some(now);
         }
+        self.last_request = Some(now);
         self.stage = Stage::WaitingForAnswer;
         Ok(())
     }
