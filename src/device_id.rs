@@ -110,23 +110,51 @@ mod tests {
     fn accepts_the_allowed_alphabet_and_lowercases() {
         let id = DeviceId::parse("Sensor-01.line_2:A").unwrap();
         assert_eq!(id.as_str(), "sensor-01.line_2:a");
-        assert_eq!(DeviceId::parse("ends-with-dash-").unwrap().as_str(), "ends-with-dash-");
-        assert_eq!(DeviceId::parse(&"a".repeat(128)).unwrap().as_str().len(), 128);
+        assert_eq!(
+            DeviceId::parse("ends-with-dash-").unwrap().as_str(),
+            "ends-with-dash-"
+        );
+        assert_eq!(
+            DeviceId::parse(&"a".repeat(128)).unwrap().as_str().len(),
+            128
+        );
     }
 
     #[test]
     fn rejects_each_rule_with_a_specific_error() {
         assert_eq!(DeviceId::parse(""), Err(DeviceIdError::Empty));
-        assert_eq!(DeviceId::parse(&"a".repeat(129)), Err(DeviceIdError::TooLong(129)));
+        assert_eq!(
+            DeviceId::parse(&"a".repeat(129)),
+            Err(DeviceIdError::TooLong(129))
+        );
         assert!(matches!(
             DeviceId::parse("dev/1"),
-            Err(DeviceIdError::InvalidChar { ch: '/', pos: 3, .. })
+            Err(DeviceIdError::InvalidChar {
+                ch: '/',
+                pos: 3,
+                ..
+            })
         ));
-        assert!(matches!(DeviceId::parse("dev+"), Err(DeviceIdError::InvalidChar { .. })));
-        assert!(matches!(DeviceId::parse("dé"), Err(DeviceIdError::InvalidChar { .. })));
-        assert!(matches!(DeviceId::parse("dev."), Err(DeviceIdError::BadLastChar(_))));
-        assert!(matches!(DeviceId::parse("dev:"), Err(DeviceIdError::BadLastChar(_))));
-        assert!(matches!(DeviceId::parse("dev_"), Err(DeviceIdError::BadLastChar(_))));
+        assert!(matches!(
+            DeviceId::parse("dev+"),
+            Err(DeviceIdError::InvalidChar { .. })
+        ));
+        assert!(matches!(
+            DeviceId::parse("dé"),
+            Err(DeviceIdError::InvalidChar { .. })
+        ));
+        assert!(matches!(
+            DeviceId::parse("dev."),
+            Err(DeviceIdError::BadLastChar(_))
+        ));
+        assert!(matches!(
+            DeviceId::parse("dev:"),
+            Err(DeviceIdError::BadLastChar(_))
+        ));
+        assert!(matches!(
+            DeviceId::parse("dev_"),
+            Err(DeviceIdError::BadLastChar(_))
+        ));
     }
 
     #[test]

@@ -6,4 +6,5 @@
 
 pub mod cli;
 pub mod device_id;
+pub mod downstream;
 pub mod identity;

@@ -37,7 +37,12 @@ pub struct Cli {
 #[derive(Debug, Clone, Args)]
 pub struct ConfigArgs {
     /// Main config file; `config.d/*.toml` next to it is merged in name order.
-    #[arg(long, short = 'c', value_name = "PATH", default_value = "/etc/fleetgw/gateway.toml")]
+    #[arg(
+        long,
+        short = 'c',
+        value_name = "PATH",
+        default_value = "/etc/fleetgw/gateway.toml"
+    )]
     pub config: PathBuf,
 
     /// Override one key, e.g. `--set cloud.aws.sessions=8` (repeatable; value parsed as TOML,

@@ -72,6 +72,10 @@ mod tests {
             let json = serde_json::to_string(&kt).unwrap();
             assert_eq!(json, format!("\"{}\"", kt.as_str()));
         }
-        assert!("dsa-1024".parse::<KeyType>().unwrap_err().to_string().contains("ecdsa-p256"));
+        assert!("dsa-1024"
+            .parse::<KeyType>()
+            .unwrap_err()
+            .to_string()
+            .contains("ecdsa-p256"));
     }
 }

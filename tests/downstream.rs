@@ -1,0 +1,625 @@
+//! Downstream against real brokers on 127.0.0.1: the embedded rumqttd and mosquitto (external),
+//! with rumqttc clients playing the devices. Covers the provisioning round trip, telemetry
+//! routing, the invalid-id rejection, reconnect with backoff and resubscription, manual-ack
+//! redelivery, and the mosquitto ACL recipe of docs/mosquitto.md.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::mosquitto::{Mosquitto, MosquittoConfig};
+use common::mqtt_client::{options, ClientEvent, TestClient};
+use common::relay::Relay;
+use common::WAIT;
+use fleetgw::device_id::DeviceId;
+use fleetgw::downstream::{
+    AckOutcome, BrokerError, BrokerOptions, DeviceTopic, Downstream, DownstreamMessage,
+    DownstreamOptions, EmbeddedBroker, EmbeddedBrokerOptions, EmbeddedTls, ExternalBrokerOptions,
+    PayloadFormat, SessionStatus,
+};
+use fleetgw::identity::Secret;
+use rumqttc::{QoS, SubscribeReasonCode, TlsConfiguration, Transport};
+use tokio::sync::mpsc;
+
+fn id(s: &str) -> DeviceId {
+    DeviceId::parse(s).unwrap()
+}
+
+fn loopback0() -> SocketAddr {
+    "127.0.0.1:0".parse().unwrap()
+}
+
+fn embedded_options() -> DownstreamOptions {
+    let broker = EmbeddedBrokerOptions {
+        listen: loopback0(),
+        ..EmbeddedBrokerOptions::default()
+    };
+    DownstreamOptions::new("fleetgw-gw-test".into(), BrokerOptions::Embedded(broker))
+}
+
+fn external_options(url: String, user: Option<(&str, &str)>) -> DownstreamOptions {
+    let mut x = ExternalBrokerOptions::new(url);
+    if let Some((u, p)) = user {
+        x.username = Some(u.to_string());
+        x.password = Some(Secret::from(p));
+    }
+    DownstreamOptions::new("fleetgw-gw-test".into(), BrokerOptions::External(x))
+}
+
+/// Starts an external-broker gateway with quick reconnects and waits until it is subscribed.
+async fn external_gateway(
+    opts: &DownstreamOptions,
+) -> (Downstream, mpsc::Receiver<DownstreamMessage>) {
+    let (gw, rx) = Downstream::start_with(opts, |s| {
+        s.reconnect_min = Duration::from_millis(100);
+        s.reconnect_max = Duration::from_millis(800);
+    })
+    .await
+    .expect("start downstream");
+    gw.session()
+        .wait_subscribed(WAIT)
+        .await
+        .expect("gateway subscribed");
+    (gw, rx)
+}
+
+async fn next_message(rx: &mut mpsc::Receiver<DownstreamMessage>) -> DownstreamMessage {
+    tokio::time::timeout(WAIT, rx.recv())
+        .await
+        .expect("gateway received nothing in time")
+        .expect("gateway channel closed")
+}
+
+async fn wait_status(gw: &Downstream, what: &str, pred: impl Fn(&SessionStatus) -> bool) {
+    let mut rx = gw.session().watch_status();
+    let ok = tokio::time::timeout(WAIT, rx.wait_for(|s| pred(s)))
+        .await
+        .map(|r| r.is_ok())
+        .unwrap_or(false);
+    assert!(
+        ok,
+        "gateway session never {what}: {:?}",
+        gw.session().status()
+    );
+}
+
+/// The provisioning exchange of the device contract, between a device and the gateway.
+async fn provision_round_trip(
+    gw: &Downstream,
+    rx: &mut mpsc::Receiver<DownstreamMessage>,
+    device: mqtt_opts::Maker,
+) {
+    let sensor = id("sensor-1");
+    let mut dev = TestClient::connect_ok(device("sensor-1")).await;
+    for filter in [
+        "fleetgw/sensor-1/provision/json/accepted",
+        "fleetgw/sensor-1/status",
+    ] {
+        assert_eq!(
+            dev.subscribe(filter, QoS::AtLeastOnce).await,
+            vec![SubscribeReasonCode::Success(QoS::AtLeastOnce)],
+            "{filter}"
+        );
+    }
+    let request = br#"{"attestation":{"type":"none"}}"#;
+    dev.publish(
+        "fleetgw/sensor-1/provision/json",
+        QoS::AtLeastOnce,
+        false,
+        request,
+    )
+    .await;
+
+    let msg = next_message(rx).await;
+    assert_eq!(
+        msg.topic,
+        DeviceTopic::ProvisionRequest {
+            device: sensor.clone(),
+            format: PayloadFormat::Json
+        }
+    );
+    assert_eq!(msg.payload, Bytes::from_static(request));
+    assert_eq!(msg.qos, QoS::AtLeastOnce);
+    assert_eq!(msg.ack.ack(), AckOutcome::Accepted);
+
+    let accepted = br#"{"deviceId":"sensor-1","certificatePem":"-----BEGIN CERTIFICATE-----"}"#;
+    let session = gw.session();
+    session
+        .publish_accepted(&sensor, PayloadFormat::Json, &accepted[..])
+        .await
+        .expect("publish accepted (PUBACK)");
+    session
+        .publish_status(&sensor, "provisioned")
+        .await
+        .expect("publish status (PUBACK)");
+
+    let got = dev.next_publish().await.expect("device got /accepted");
+    assert_eq!(got.topic, "fleetgw/sensor-1/provision/json/accepted");
+    assert_eq!(&got.payload[..], &accepted[..]);
+    let got = dev.next_publish().await.expect("device got /status");
+    assert_eq!(got.topic, "fleetgw/sensor-1/status");
+    assert_eq!(&got.payload[..], b"provisioned");
+
+    let mut late = TestClient::connect_ok(device("sensor-1-late")).await;
+    late.subscribe("fleetgw/sensor-1/status", QoS::AtLeastOnce)
+        .await;
+    let retained = late
+        .next_publish()
+        .await
+        .expect("late subscriber got the status");
+    assert_eq!(retained.topic, "fleetgw/sensor-1/status");
+    assert!(retained.retain, "status must be retained");
+    assert_eq!(&retained.payload[..], b"provisioned");
+}
+
+mod mqtt_opts {
+    /// Builds the MQTT options of a device from its client id.
+    pub type Maker = Box<dyn Fn(&str) -> rumqttc::MqttOptions>;
+}
+
+#[tokio::test]
+async fn embedded_broker_provisioning_round_trip() {
+    let (gw, mut rx) = Downstream::start(&embedded_options())
+        .await
+        .expect("embedded downstream starts");
+    let broker = gw.broker().expect("embedded broker");
+    let port = broker.listen_addr().port();
+    assert_ne!(port, 0, "port 0 resolved to the bound port");
+    assert_eq!(broker.gateway_addr(), broker.listen_addr());
+    let status = gw.session().status();
+    assert!(status.connected && status.subscribed, "{status:?}");
+
+    provision_round_trip(&gw, &mut rx, Box::new(move |cid| options(cid, port))).await;
+    gw.shutdown(WAIT).await;
+}
+
+#[tokio::test]
+async fn embedded_broker_routes_telemetry_once_and_rejects_bad_ids() {
+    let (gw, mut rx) = Downstream::start(&embedded_options()).await.unwrap();
+    let port = gw.broker().unwrap().listen_addr().port();
+    let mut dev = TestClient::connect_ok(options("sensor-2", port)).await;
+
+    dev.publish("fleetgw/sensor-2/telemetry", QoS::AtLeastOnce, false, b"t1")
+        .await;
+    dev.publish(
+        "fleetgw/sensor-2/telemetry/line/3",
+        QoS::AtMostOnce,
+        false,
+        b"t2",
+    )
+    .await;
+    // A device with an invalid id listens where it asked, and is answered there.
+    let mut bad = TestClient::connect_ok(options("bad-client", port)).await;
+    bad.subscribe("fleetgw/Bad./provision/json/rejected", QoS::AtLeastOnce)
+        .await;
+    bad.publish(
+        "fleetgw/Bad./provision/json",
+        QoS::AtLeastOnce,
+        false,
+        b"{}",
+    )
+    .await;
+    // Marker: everything before it has been routed.
+    dev.publish(
+        "fleetgw/sensor-2/provision/cbor",
+        QoS::AtLeastOnce,
+        false,
+        b"\xa0",
+    )
+    .await;
+
+    let m = next_message(&mut rx).await;
+    assert_eq!(
+        (m.topic.clone(), &m.payload[..]),
+        (
+            DeviceTopic::Telemetry {
+                device: id("sensor-2"),
+                subtopic: None
+            },
+            &b"t1"[..]
+        )
+    );
+    m.ack.ack();
+    let m = next_message(&mut rx).await;
+    assert_eq!(
+        m.topic,
+        DeviceTopic::Telemetry {
+            device: id("sensor-2"),
+            subtopic: Some("line/3".into())
+        }
+    );
+    // rumqttd delivers at the subscription's QoS (1), not min(publish, subscription).
+    let expected = match m.qos {
+        QoS::AtMostOnce => AckOutcome::NotRequired,
+        _ => AckOutcome::Accepted,
+    };
+    assert_eq!(m.ack.ack(), expected);
+    // Each telemetry message exactly once, the invalid request never: next is the marker.
+    let m = next_message(&mut rx).await;
+    assert_eq!(
+        m.topic,
+        DeviceTopic::ProvisionRequest {
+            device: id("sensor-2"),
+            format: PayloadFormat::Cbor
+        }
+    );
+    m.ack.ack();
+
+    let rejection = bad.next_publish().await.expect("bad device got /rejected");
+    assert_eq!(rejection.topic, "fleetgw/Bad./provision/json/rejected");
+    let body: serde_json::Value = serde_json::from_slice(&rejection.payload).unwrap();
+    assert_eq!(body["statusCode"], 400);
+    assert_eq!(body["errorCode"], "InvalidDeviceId");
+    let text = body["errorMessage"].as_str().unwrap();
+    assert!(
+        text.contains("\"Bad.\"") && text.contains("must end with"),
+        "{text}"
+    );
+    assert_eq!(gw.session().rejected_topics(), 1);
+    gw.shutdown(WAIT).await;
+}
+
+#[tokio::test]
+async fn embedded_broker_reports_a_port_in_use() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap();
+    let opts = EmbeddedBrokerOptions {
+        listen: addr,
+        ..EmbeddedBrokerOptions::default()
+    };
+    let err = EmbeddedBroker::start(&opts).await.unwrap_err();
+    assert!(
+        matches!(err, BrokerError::ListenerFailed { addr: a } if a == addr),
+        "{err:?}"
+    );
+    assert!(err.to_string().contains(&addr.to_string()), "{err}");
+}
+
+/// A CA and a server certificate for 127.0.0.1, made with rcgen.
+fn test_pki() -> (String, String, String) {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca_cert = ca_params.self_signed(&ca_key).unwrap();
+    let issuer = Issuer::new(ca_params, ca_key);
+    let key = KeyPair::generate().unwrap();
+    let cert = CertificateParams::new(vec!["127.0.0.1".to_string()])
+        .unwrap()
+        .signed_by(&key, &issuer)
+        .unwrap();
+    (ca_cert.pem(), cert.pem(), key.serialize_pem())
+}
+
+#[tokio::test]
+async fn embedded_broker_serves_tls() {
+    let (ca, cert, key) = test_pki();
+    let broker = EmbeddedBrokerOptions {
+        listen: loopback0(),
+        tls: Some(EmbeddedTls {
+            cert_chain_pem: cert,
+            key_pem: Secret::from(key),
+        }),
+        ..EmbeddedBrokerOptions::default()
+    };
+    let opts = DownstreamOptions::new("fleetgw-gw-tls".into(), BrokerOptions::Embedded(broker));
+    let (gw, mut rx) = Downstream::start(&opts).await.expect("TLS embedded starts");
+    let b = gw.broker().unwrap();
+    assert!(b.is_tls());
+    assert_ne!(b.listen_addr(), b.gateway_addr());
+
+    let client_tls = fleetgw::downstream::tls::client_config(&ca).unwrap();
+    let mut o = options("sensor-tls", b.listen_addr().port());
+    o.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(
+        client_tls,
+    )));
+    let mut dev = TestClient::connect_ok(o).await;
+    dev.publish(
+        "fleetgw/sensor-tls/provision/json",
+        QoS::AtLeastOnce,
+        false,
+        b"{}",
+    )
+    .await;
+    let m = next_message(&mut rx).await;
+    assert_eq!(m.topic.device(), &id("sensor-tls"));
+    m.ack.ack();
+
+    // A client that does not trust the CA is refused at the handshake.
+    let (other_ca, _, _) = test_pki();
+    let mut o = options("sensor-mitm", b.listen_addr().port());
+    o.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(
+        fleetgw::downstream::tls::client_config(&other_ca).unwrap(),
+    )));
+    let refused = TestClient::try_connect(o)
+        .await
+        .err()
+        .expect("untrusted server accepted");
+    assert!(refused.contains("no CONNACK"), "{refused}");
+    gw.shutdown(WAIT).await;
+}
+
+#[tokio::test]
+async fn mosquitto_external_provisioning_round_trip() {
+    let broker = Mosquitto::start(&MosquittoConfig::recipe(
+        "fleetgw",
+        &[("sensor-1", "pw-1")],
+        "gw-secret",
+    ));
+    let opts = external_options(broker.url(), Some(("fleetgw-gateway", "gw-secret")));
+    let (gw, mut rx) = external_gateway(&opts).await;
+    let port = broker.port();
+    // The ACL lets only sensor-1 itself read its status, so the late subscriber is a second
+    // connection of the same device.
+    let maker: mqtt_opts::Maker = Box::new(move |cid| {
+        let mut o = options(cid, port);
+        o.set_credentials("sensor-1", "pw-1");
+        o
+    });
+    provision_round_trip(&gw, &mut rx, maker).await;
+
+    // Wrong gateway password: the session reports why it is not connected.
+    let bad = external_options(broker.url(), Some(("fleetgw-gateway", "wrong")));
+    let (gw2, _rx2) = Downstream::start(&bad).await.unwrap();
+    wait_status(&gw2, "reported the refusal", |s| {
+        s.last_error
+            .as_deref()
+            .is_some_and(|e| e.contains("NotAuthorized") || e.contains("BadUserNamePassword"))
+    })
+    .await;
+    assert!(!gw2.session().status().connected);
+    gw2.shutdown(WAIT).await;
+    gw.shutdown(WAIT).await;
+}
+
+#[tokio::test]
+async fn gateway_session_survives_a_broker_restart() {
+    let mut broker = Mosquitto::start(&MosquittoConfig::anonymous());
+    // The relay forwards to the fixed mosquitto port and timestamps every connection attempt.
+    let relay = Relay::start(broker.addr()).await;
+    let opts = external_options(format!("mqtt://{}", relay.addr()), None);
+    let (gw, mut rx) = external_gateway(&opts).await;
+    assert_eq!(gw.session().status().connections, 1);
+
+    broker.kill();
+    wait_status(&gw, "noticed the broker is gone", |s| !s.connected).await;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while relay.accept_times().len() < 5 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "too few reconnect attempts"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let t = relay.accept_times();
+    // t[0] is the first connection, t[k] the k-th reconnect attempt, which follows the
+    // previous one after a jittered delay in [d/2, d], d = 100 ms * 2^(k-1), capped at 800 ms.
+    let gaps: Vec<Duration> = t[1..].windows(2).map(|w| w[1] - w[0]).collect();
+    assert!(gaps[0] >= Duration::from_millis(100), "{gaps:?}");
+    assert!(gaps[1] >= Duration::from_millis(200), "{gaps:?}");
+    assert!(gaps[2] >= Duration::from_millis(400), "{gaps:?}");
+
+    broker.restart();
+    // Fresh broker, no persistence: session_present = 0, so only a resubscription makes the
+    // next message arrive.
+    wait_status(&gw, "reconnected and resubscribed", |s| {
+        s.connections >= 2 && s.connected && s.subscribed
+    })
+    .await;
+    assert!(gw.session().status().last_error.is_some());
+    let mut dev = TestClient::connect_ok(options("sensor-3", broker.port())).await;
+    dev.publish(
+        "fleetgw/sensor-3/telemetry",
+        QoS::AtLeastOnce,
+        false,
+        b"after restart",
+    )
+    .await;
+    let m = next_message(&mut rx).await;
+    assert_eq!(m.topic.device(), &id("sensor-3"));
+    assert_eq!(&m.payload[..], b"after restart");
+    m.ack.ack();
+    gw.shutdown(WAIT).await;
+}
+
+#[tokio::test]
+async fn unacked_message_is_redelivered_after_reconnect() {
+    let broker = Mosquitto::start(&MosquittoConfig::anonymous());
+    let relay = Relay::start(broker.addr()).await;
+    let opts = external_options(format!("mqtt://{}", relay.addr()), None);
+    let (gw, mut rx) = external_gateway(&opts).await;
+    let mut dev = TestClient::connect_ok(options("sensor-4", broker.port())).await;
+
+    dev.publish("fleetgw/sensor-4/telemetry", QoS::AtLeastOnce, false, b"m1")
+        .await;
+    let first = next_message(&mut rx).await;
+    assert_eq!(&first.payload[..], b"m1");
+
+    // Network failure before the gateway acked m1: the broker keeps it for the session.
+    relay.sever();
+    let again = next_message(&mut rx).await;
+    assert_eq!(&again.payload[..], b"m1", "m1 redelivered");
+    assert!(gw.session().status().connections >= 2);
+    assert_eq!(
+        first.ack.ack(),
+        AckOutcome::Stale,
+        "old connection's ack discarded"
+    );
+    assert_eq!(again.ack.ack(), AckOutcome::Accepted);
+    // PUBACKs leave in order on one stream: once this publish is confirmed, m1's ack is in.
+    gw.session()
+        .publish_status(&id("sensor-4"), "provisioned")
+        .await
+        .unwrap();
+
+    relay.sever();
+    wait_status(&gw, "reconnected", |s| s.connections >= 3 && s.subscribed).await;
+    dev.publish("fleetgw/sensor-4/telemetry", QoS::AtLeastOnce, false, b"m2")
+        .await;
+    let next = next_message(&mut rx).await;
+    assert_eq!(&next.payload[..], b"m2", "acked m1 must not come back");
+    next.ack.ack();
+    gw.shutdown(WAIT).await;
+}
+
+#[tokio::test]
+async fn dropping_an_ack_handle_gets_the_message_redelivered() {
+    let (gw, mut rx) = Downstream::start(&embedded_options()).await.unwrap();
+    let port = gw.broker().unwrap().listen_addr().port();
+    let mut dev = TestClient::connect_ok(options("sensor-5", port)).await;
+    dev.publish(
+        "fleetgw/sensor-5/telemetry",
+        QoS::AtLeastOnce,
+        false,
+        b"keep me",
+    )
+    .await;
+    let m = next_message(&mut rx).await;
+    assert_eq!(&m.payload[..], b"keep me");
+    drop(m); // "not handled"
+
+    let again = next_message(&mut rx).await;
+    assert_eq!(&again.payload[..], b"keep me");
+    assert!(gw.session().status().connections >= 2);
+    assert_eq!(again.ack.ack(), AckOutcome::Accepted);
+    gw.shutdown(WAIT).await;
+}
+
+#[tokio::test]
+async fn mosquitto_acl_isolates_devices() {
+    let broker = Mosquitto::start(&MosquittoConfig::recipe(
+        "fleetgw",
+        &[("a", "pw-a"), ("b", "pw-b")],
+        "gw-secret",
+    ));
+    let port = broker.port();
+    let login = |cid: &str, user: &str, pw: &str| {
+        let mut o = options(cid, port);
+        o.set_credentials(user, pw);
+        o
+    };
+    let opts = external_options(broker.url(), Some(("fleetgw-gateway", "gw-secret")));
+    let (gw, mut rx) = external_gateway(&opts).await;
+
+    let mut a = TestClient::connect_ok(login("a", "a", "pw-a")).await;
+    a.subscribe("fleetgw/a/provision/json/accepted", QoS::AtLeastOnce)
+        .await;
+    let mut b = TestClient::connect_ok(login("b", "b", "pw-b")).await;
+    b.subscribe("fleetgw/a/provision/json/accepted", QoS::AtLeastOnce)
+        .await;
+    b.subscribe("fleetgw/#", QoS::AtLeastOnce).await;
+
+    // 1. B cannot make the gateway see a request from A.
+    b.publish(
+        "fleetgw/a/provision/json",
+        QoS::AtLeastOnce,
+        false,
+        b"forged",
+    )
+    .await;
+    b.publish("fleetgw/b/provision/json", QoS::AtLeastOnce, false, b"own")
+        .await;
+    let m = next_message(&mut rx).await;
+    assert_eq!(
+        (m.topic.device(), &m.payload[..]),
+        (&id("b"), &b"own"[..]),
+        "the forged request must never reach the gateway"
+    );
+    m.ack.ack();
+
+    // 2. B cannot read A's answer, even subscribed to it and to fleetgw/#.
+    let session = gw.session();
+    session
+        .publish_accepted(&id("a"), PayloadFormat::Json, &b"key-of-a"[..])
+        .await
+        .unwrap();
+    session
+        .publish_accepted(&id("b"), PayloadFormat::Json, &b"for-b"[..])
+        .await
+        .unwrap();
+    let got = a.next_publish().await.expect("A got its answer");
+    assert_eq!(&got.payload[..], b"key-of-a");
+    loop {
+        let p = b.next_publish().await.expect("B got its own answer");
+        assert!(!p.topic.starts_with("fleetgw/a/"), "B read {}", p.topic);
+        if p.topic == "fleetgw/b/provision/json/accepted" {
+            assert_eq!(&p.payload[..], b"for-b");
+            break;
+        }
+    }
+
+    // 3. B's credentials with client id "a" do not take over A: the client id becomes "b".
+    let mut thief = TestClient::connect_ok(login("a", "b", "pw-b")).await;
+    let kicked = b
+        .next_matching(|e| matches!(e, ClientEvent::Closed(_)))
+        .await;
+    assert!(
+        kicked.is_some(),
+        "the session with client id b was taken over, not a"
+    );
+    thief
+        .publish(
+            "fleetgw/a/provision/json",
+            QoS::AtLeastOnce,
+            false,
+            b"forged-2",
+        )
+        .await;
+    thief
+        .publish(
+            "fleetgw/b/provision/json",
+            QoS::AtLeastOnce,
+            false,
+            b"own-2",
+        )
+        .await;
+    let m = next_message(&mut rx).await;
+    assert_eq!(
+        (m.topic.device(), &m.payload[..]),
+        (&id("b"), &b"own-2"[..])
+    );
+    m.ack.ack();
+    session
+        .publish_accepted(&id("a"), PayloadFormat::Json, &b"still-a"[..])
+        .await
+        .unwrap();
+    let got = a.next_publish().await.expect("A is still connected");
+    assert_eq!(&got.payload[..], b"still-a");
+    assert!(!a.saw_close(), "A must not have been disconnected");
+    gw.shutdown(WAIT).await;
+}
+
+#[tokio::test]
+async fn client_id_pattern_alone_lets_a_device_impersonate_another() {
+    // The negative control for docs/mosquitto.md: `%c` without use_username_as_clientid.
+    let mut cfg = MosquittoConfig::recipe("fleetgw", &[("a", "pw-a"), ("b", "pw-b")], "gw");
+    cfg.acl = Some(
+        "pattern readwrite fleetgw/%c/#\n\nuser fleetgw-gateway\ntopic readwrite fleetgw/#\n"
+            .into(),
+    );
+    cfg.use_username_as_clientid = false;
+    let broker = Mosquitto::start(&cfg);
+    let opts = external_options(broker.url(), Some(("fleetgw-gateway", "gw")));
+    let (gw, mut rx) = external_gateway(&opts).await;
+
+    let mut o = options("a", broker.port());
+    o.set_credentials("b", "pw-b");
+    let mut impostor = TestClient::connect_ok(o).await;
+    impostor
+        .publish(
+            "fleetgw/a/provision/json",
+            QoS::AtLeastOnce,
+            false,
+            b"forged",
+        )
+        .await;
+    let m = next_message(&mut rx).await;
+    assert_eq!(
+        (m.topic.device(), &m.payload[..]),
+        (&id("a"), &b"forged"[..])
+    );
+    m.ack.ack();
+    gw.shutdown(WAIT).await;
+}
