@@ -3,6 +3,7 @@
 //! Each subcommand lives in its own file with its `Args` struct and a `run` function that
 //! returns the process exit code. Logging is set up here, once, before any command runs.
 
+mod csr;
 mod logging;
 
 use std::path::PathBuf;
@@ -53,11 +54,16 @@ pub struct ConfigArgs {
 
 /// The subcommands.
 #[derive(Debug, Subcommand)]
-pub enum Command {}
+pub enum Command {
+    /// Generate a device key and CSR: writes DIR/ID.key (0600) and DIR/ID.csr.
+    Csr(csr::Args),
+}
 
 /// Parses argv, sets up logging and runs the chosen command.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     logging::init(cli.log_format, None);
-    match cli.command {}
+    match cli.command {
+        Command::Csr(args) => csr::run(args),
+    }
 }

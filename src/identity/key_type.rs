@@ -15,8 +15,11 @@ pub enum KeyType {
     /// ECDSA on NIST P-384 with SHA-384.
     EcdsaP384,
     /// RSA 2048-bit, PKCS#1 v1.5 signatures with SHA-256.
+    // kebab-case alone would give "rsa2048"; the name must match `as_str`.
+    #[serde(rename = "rsa-2048")]
     Rsa2048,
     /// RSA 3072-bit, PKCS#1 v1.5 signatures with SHA-256.
+    #[serde(rename = "rsa-3072")]
     Rsa3072,
 }
 

@@ -1,0 +1,255 @@
+//! [`Sealer`]: optional encryption of secrets at rest (private keys in the store).
+//!
+//! AES-256-GCM via aws-lc-rs with a random 96-bit nonce per message. The sealed blob is
+//! `version (1 byte) || nonce (12 bytes) || ciphertext || tag (16 bytes)`; the version byte is
+//! also the associated data, so it cannot be changed without the tag failing. The key comes
+//! from a file or a systemd credential (`LoadCredentialEncrypted=` keeps it off the disk in
+//! clear).
+
+use std::fmt;
+use std::path::Path;
+
+use aws_lc_rs::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM, NONCE_LEN};
+use base64::Engine as _;
+use rand::RngCore as _;
+use zeroize::Zeroizing;
+
+use super::key::credential_path;
+use super::{IdentityError, Secret};
+
+/// Blob format version written by [`Sealer::seal`].
+const VERSION: u8 = 1;
+const KEY_LEN: usize = 32;
+const TAG_LEN: usize = 16;
+
+/// Seals and opens secrets with one AES-256-GCM key.
+pub struct Sealer {
+    key: LessSafeKey,
+}
+
+impl fmt::Debug for Sealer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Sealer([redacted])")
+    }
+}
+
+impl Sealer {
+    /// Reads the key from `path`: 32 raw bytes, or 64 hex characters, or base64 of 32 bytes
+    /// (a trailing newline is fine).
+    pub fn from_key_file(path: &Path) -> Result<Self, IdentityError> {
+        let bytes = Zeroizing::new(std::fs::read(path).map_err(|e| IdentityError::io(path, e))?);
+        Self::from_encoded_key(&bytes, &path.display().to_string())
+    }
+
+    /// Reads the key from the systemd credential `name` (`$CREDENTIALS_DIRECTORY/name`).
+    pub fn from_credential(name: &str) -> Result<Self, IdentityError> {
+        let path = credential_path(name)?;
+        let bytes =
+            Zeroizing::new(std::fs::read(&path).map_err(|e| IdentityError::Credential {
+                name: name.to_string(),
+                reason: format!("{}: {e}", path.display()),
+            })?);
+        Self::from_encoded_key(&bytes, &format!("credential {name:?}"))
+    }
+
+    /// A sealer for 32 key bytes.
+    pub fn from_key_bytes(key: &[u8]) -> Result<Self, IdentityError> {
+        let unbound =
+            UnboundKey::new(&AES_256_GCM, key).map_err(|_| IdentityError::SealingKey {
+                source_name: "key".into(),
+                reason: format!("must be {KEY_LEN} bytes, got {}", key.len()),
+            })?;
+        Ok(Self {
+            key: LessSafeKey::new(unbound),
+        })
+    }
+
+    fn from_encoded_key(bytes: &[u8], source_name: &str) -> Result<Self, IdentityError> {
+        let key = decode_key(bytes).ok_or_else(|| IdentityError::SealingKey {
+            source_name: source_name.to_string(),
+            reason: format!(
+                "must be {KEY_LEN} raw bytes, {} hex characters or base64 of {KEY_LEN} bytes ({} bytes found)",
+                KEY_LEN * 2,
+                bytes.len()
+            ),
+        })?;
+        Self::from_key_bytes(&key)
+    }
+
+    /// Encrypts `plain` into a versioned blob with a fresh random nonce.
+    pub fn seal(&self, plain: &[u8]) -> Vec<u8> {
+        let mut nonce = [0u8; NONCE_LEN];
+        rand::rng().fill_bytes(&mut nonce);
+        let mut out = Vec::with_capacity(1 + NONCE_LEN + plain.len() + TAG_LEN);
+        out.push(VERSION);
+        out.extend_from_slice(&nonce);
+        let mut body = plain.to_vec();
+        // AES-GCM sealing fails only for messages beyond ~64 GiB; secrets are a few KiB.
+        self.key
+            .seal_in_place_append_tag(
+                Nonce::assume_unique_for_key(nonce),
+                Aad::from([VERSION]),
+                &mut body,
+            )
+            .expect("AES-256-GCM seal of a secret-sized message");
+        out.extend_from_slice(&body);
+        out
+    }
+
+    /// Decrypts a blob made by [`Sealer::seal`]; a wrong key or any altered byte is an error.
+    pub fn open(&self, sealed: &[u8]) -> Result<Secret, IdentityError> {
+        let Some((&version, rest)) = sealed.split_first() else {
+            return Err(unseal_error("empty"));
+        };
+        if version != VERSION {
+            return Err(unseal_error(format!(
+                "unknown format version {version} (this build reads version {VERSION})"
+            )));
+        }
+        if rest.len() < NONCE_LEN + TAG_LEN {
+            return Err(unseal_error(format!("truncated ({} bytes)", sealed.len())));
+        }
+        let (nonce, body) = rest.split_at(NONCE_LEN);
+        let nonce =
+            Nonce::try_assume_unique_for_key(nonce).map_err(|_| unseal_error("bad nonce"))?;
+        let mut body = Zeroizing::new(body.to_vec());
+        let plain = self
+            .key
+            .open_in_place(nonce, Aad::from([version]), &mut body)
+            .map_err(|_| {
+                unseal_error("authentication failed: wrong sealing key or tampered data")
+            })?;
+        Ok(Secret::new(plain.to_vec()))
+    }
+}
+
+fn unseal_error(reason: impl Into<String>) -> IdentityError {
+    IdentityError::Unseal {
+        reason: reason.into(),
+    }
+}
+
+/// Raw, hex or base64 key -> 32 bytes.
+fn decode_key(bytes: &[u8]) -> Option<Zeroizing<Vec<u8>>> {
+    if bytes.len() == KEY_LEN {
+        return Some(Zeroizing::new(bytes.to_vec()));
+    }
+    let text = std::str::from_utf8(bytes)
+        .ok()?
+        .trim_end_matches(['\n', '\r'])
+        .trim();
+    if text.len() == KEY_LEN * 2 && text.bytes().all(|b| b.is_ascii_hexdigit()) {
+        let decoded: Vec<u8> = (0..KEY_LEN)
+            .map(|i| u8::from_str_radix(&text[2 * i..2 * i + 2], 16))
+            .collect::<Result<_, _>>()
+            .ok()?;
+        return Some(Zeroizing::new(decoded));
+    }
+    let decoded = Zeroizing::new(
+        base64::engine::general_purpose::STANDARD
+            .decode(text)
+            .ok()?,
+    );
+    (decoded.len() == KEY_LEN).then_some(decoded)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sealer(byte: u8) -> Sealer {
+        Sealer::from_key_bytes(&[byte; KEY_LEN]).unwrap()
+    }
+
+    #[test]
+    fn seals_and_opens() {
+        let s = sealer(1);
+        let plain = b"-----BEGIN PRIVATE KEY-----\nsecret\n";
+        let blob = s.seal(plain);
+        assert_eq!(blob[0], VERSION);
+        assert_eq!(blob.len(), 1 + NONCE_LEN + plain.len() + TAG_LEN);
+        assert!(
+            !blob.windows(6).any(|w| w == b"secret"),
+            "plaintext visible in the blob"
+        );
+        assert_eq!(s.open(&blob).unwrap().expose(), plain);
+        // A fresh nonce every time: the same plaintext never seals to the same blob.
+        assert_ne!(s.seal(plain), blob);
+        assert_eq!(s.open(&s.seal(b"")).unwrap().expose(), b"");
+    }
+
+    #[test]
+    fn a_wrong_key_or_any_altered_byte_is_refused() {
+        let s = sealer(1);
+        let blob = s.seal(b"device key");
+        let err = sealer(2).open(&blob).unwrap_err().to_string();
+        assert_eq!(
+            err,
+            "sealed secret: authentication failed: wrong sealing key or tampered data"
+        );
+        for i in 1..blob.len() {
+            let mut bad = blob.clone();
+            bad[i] ^= 0x80;
+            assert!(s.open(&bad).is_err(), "byte {i} altered but opened");
+        }
+        let mut bad = blob.clone();
+        bad[0] = 9;
+        assert!(s
+            .open(&bad)
+            .unwrap_err()
+            .to_string()
+            .contains("unknown format version 9"));
+        assert!(s
+            .open(&blob[..10])
+            .unwrap_err()
+            .to_string()
+            .contains("truncated"));
+        assert!(s.open(&[]).is_err());
+    }
+
+    #[test]
+    fn reads_raw_hex_and_base64_key_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let key: Vec<u8> = (0u8..32).collect();
+        let reference = Sealer::from_key_bytes(&key).unwrap();
+        let hex: String = key.iter().map(|b| format!("{b:02x}")).collect();
+        let b64 = base64::engine::general_purpose::STANDARD.encode(&key);
+        let forms: [(&str, Vec<u8>); 5] = [
+            ("raw", key.clone()),
+            ("hex", hex.clone().into_bytes()),
+            ("hex-nl", format!("{hex}\n").into_bytes()),
+            (
+                "hex-upper",
+                format!("{}\r\n", hex.to_uppercase()).into_bytes(),
+            ),
+            ("b64-nl", format!("{b64}\n").into_bytes()),
+        ];
+        for (name, content) in forms {
+            let path = dir.path().join(name);
+            std::fs::write(&path, content).unwrap();
+            let s = Sealer::from_key_file(&path).unwrap();
+            assert_eq!(
+                reference.open(&s.seal(b"x")).unwrap().expose(),
+                b"x",
+                "{name}"
+            );
+        }
+
+        let short = dir.path().join("short");
+        std::fs::write(&short, "abcd\n").unwrap();
+        let err = Sealer::from_key_file(&short).unwrap_err().to_string();
+        assert_eq!(
+            err,
+            format!(
+                "sealing key {}: must be 32 raw bytes, 64 hex characters or base64 of 32 bytes (5 bytes found)",
+                short.display()
+            )
+        );
+        let missing = dir.path().join("missing");
+        assert!(Sealer::from_key_file(&missing)
+            .unwrap_err()
+            .to_string()
+            .starts_with(&missing.display().to_string()));
+        assert_eq!(format!("{reference:?}"), "Sealer([redacted])");
+    }
+}
