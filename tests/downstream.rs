@@ -15,9 +15,10 @@ use common::relay::Relay;
 use common::WAIT;
 use fleetgw::device_id::DeviceId;
 use fleetgw::downstream::{
-    AckOutcome, BrokerError, BrokerOptions, DeviceTopic, Downstream, DownstreamMessage,
-    DownstreamOptions, EmbeddedBroker, EmbeddedBrokerOptions, EmbeddedTls, ExternalBrokerOptions,
-    PayloadFormat, SessionStatus,
+    contract, AcceptedResponse, AckOutcome, Attestation, BrokerError, BrokerOptions, DeviceStatus,
+    DeviceTopic, Downstream, DownstreamMessage, DownstreamOptions, EmbeddedBroker,
+    EmbeddedBrokerOptions, EmbeddedTls, ExternalBrokerOptions, PayloadFormat, ProvisionRequest,
+    RejectedResponse, SessionStatus, StatusReport,
 };
 use fleetgw::identity::Secret;
 use rumqttc::{QoS, SubscribeReasonCode, TlsConfiguration, Transport};
@@ -103,7 +104,7 @@ async fn provision_round_trip(
             "{filter}"
         );
     }
-    let request = br#"{"attestation":{"type":"none"}}"#;
+    let request = br#"{"attestation":{"type":"none"},"parameters":{"SerialNumber":"sn-1"}}"#;
     dev.publish(
         "fleetgw/sensor-1/provision/json",
         QoS::AtLeastOnce,
@@ -122,26 +123,44 @@ async fn provision_round_trip(
     );
     assert_eq!(msg.payload, Bytes::from_static(request));
     assert_eq!(msg.qos, QoS::AtLeastOnce);
+    let decoded = ProvisionRequest::decode(PayloadFormat::Json, &msg.payload).unwrap();
+    assert_eq!(decoded.attestation, Attestation::None);
+    assert_eq!(decoded.parameters["SerialNumber"], "sn-1");
     assert_eq!(msg.ack.ack(), AckOutcome::Accepted);
 
-    let accepted = br#"{"deviceId":"sensor-1","certificatePem":"-----BEGIN CERTIFICATE-----"}"#;
+    let accepted = AcceptedResponse {
+        device_id: sensor.clone(),
+        certificate_id: "cert-1".into(),
+        certificate_pem: "-----BEGIN CERTIFICATE-----".into(),
+        private_key: Some("-----BEGIN PRIVATE KEY-----".into()),
+        thing_name: "sensor-1".into(),
+        device_configuration: Default::default(),
+    };
+    let status = StatusReport::new(DeviceStatus::Provisioned, 1_763_887_000_000);
     let session = gw.session();
     session
-        .publish_accepted(&sensor, PayloadFormat::Json, &accepted[..])
+        .publish_accepted(
+            &sensor,
+            PayloadFormat::Json,
+            contract::encode(PayloadFormat::Json, &accepted),
+        )
         .await
         .expect("publish accepted (PUBACK)");
     session
-        .publish_status(&sensor, "provisioned")
+        .publish_status(&sensor, &status)
         .await
         .expect("publish status (PUBACK)");
 
     let got = dev.next_publish().await.expect("device got /accepted");
     assert_eq!(got.topic, "fleetgw/sensor-1/provision/json/accepted");
-    assert_eq!(&got.payload[..], &accepted[..]);
+    let got: AcceptedResponse = contract::decode(PayloadFormat::Json, &got.payload).unwrap();
+    assert_eq!(got, accepted);
     let got = dev.next_publish().await.expect("device got /status");
     assert_eq!(got.topic, "fleetgw/sensor-1/status");
-    assert_eq!(&got.payload[..], b"provisioned");
+    let got: StatusReport = contract::decode(PayloadFormat::Json, &got.payload).unwrap();
+    assert_eq!(got, status);
 
+    // A device that subscribes only now still learns its state: the status is retained.
     let mut late = TestClient::connect_ok(device("sensor-1-late")).await;
     late.subscribe("fleetgw/sensor-1/status", QoS::AtLeastOnce)
         .await;
@@ -151,7 +170,8 @@ async fn provision_round_trip(
         .expect("late subscriber got the status");
     assert_eq!(retained.topic, "fleetgw/sensor-1/status");
     assert!(retained.retain, "status must be retained");
-    assert_eq!(&retained.payload[..], b"provisioned");
+    let got: StatusReport = contract::decode(PayloadFormat::Json, &retained.payload).unwrap();
+    assert_eq!(got, status);
 }
 
 mod mqtt_opts {
@@ -450,7 +470,10 @@ async fn unacked_message_is_redelivered_after_reconnect() {
     assert_eq!(again.ack.ack(), AckOutcome::Accepted);
     // PUBACKs leave in order on one stream: once this publish is confirmed, m1's ack is in.
     gw.session()
-        .publish_status(&id("sensor-4"), "provisioned")
+        .publish_status(
+            &id("sensor-4"),
+            &StatusReport::new(DeviceStatus::Provisioned, 1),
+        )
         .await
         .unwrap();
 
@@ -487,6 +510,23 @@ async fn dropping_an_ack_handle_gets_the_message_redelivered() {
     gw.shutdown(WAIT).await;
 }
 
+/// Collects what `client` receives up to and including the first publish on `marker`; the
+/// marker is published after everything the client must not see, so this waits for an event
+/// instead of sleeping.
+async fn received_before(client: &mut TestClient, marker: &str) -> Vec<(String, Vec<u8>)> {
+    let mut seen = Vec::new();
+    loop {
+        let p = client
+            .next_publish()
+            .await
+            .unwrap_or_else(|| panic!("no {marker} within {WAIT:?}; received {seen:?}"));
+        if p.topic == marker {
+            return seen;
+        }
+        seen.push((p.topic, p.payload.to_vec()));
+    }
+}
+
 #[tokio::test]
 async fn mosquitto_acl_isolates_devices() {
     let broker = Mosquitto::start(&MosquittoConfig::recipe(
@@ -502,21 +542,26 @@ async fn mosquitto_acl_isolates_devices() {
     };
     let opts = external_options(broker.url(), Some(("fleetgw-gateway", "gw-secret")));
     let (gw, mut rx) = external_gateway(&opts).await;
+    let session = gw.session();
+    let (a_id, b_id) = (id("a"), id("b"));
 
     let mut a = TestClient::connect_ok(login("a", "a", "pw-a")).await;
-    a.subscribe("fleetgw/a/provision/json/accepted", QoS::AtLeastOnce)
-        .await;
+    for filter in ["fleetgw/a/provision/json/accepted", "fleetgw/a/status"] {
+        assert_eq!(
+            a.subscribe(filter, QoS::AtLeastOnce).await,
+            vec![SubscribeReasonCode::Success(QoS::AtLeastOnce)],
+            "A may subscribe to its own {filter}"
+        );
+    }
     let mut b = TestClient::connect_ok(login("b", "b", "pw-b")).await;
-    b.subscribe("fleetgw/a/provision/json/accepted", QoS::AtLeastOnce)
-        .await;
-    b.subscribe("fleetgw/#", QoS::AtLeastOnce).await;
 
-    // 1. B cannot make the gateway see a request from A.
+    // 1. B cannot make the gateway see a request from A: mosquitto acks the forged publish
+    //    (MQTT 3.1.1 has no way to refuse it) and drops it.
     b.publish(
         "fleetgw/a/provision/json",
         QoS::AtLeastOnce,
         false,
-        b"forged",
+        br#"{"attestation":{"type":"none"}}"#,
     )
     .await;
     b.publish("fleetgw/b/provision/json", QoS::AtLeastOnce, false, b"own")
@@ -524,33 +569,73 @@ async fn mosquitto_acl_isolates_devices() {
     let m = next_message(&mut rx).await;
     assert_eq!(
         (m.topic.device(), &m.payload[..]),
-        (&id("b"), &b"own"[..]),
+        (&b_id, &b"own"[..]),
         "the forged request must never reach the gateway"
     );
     m.ack.ack();
+    assert!(rx.try_recv().is_err(), "nothing else reached the gateway");
 
-    // 2. B cannot read A's answer, even subscribed to it and to fleetgw/#.
-    let session = gw.session();
-    session
-        .publish_accepted(&id("a"), PayloadFormat::Json, &b"key-of-a"[..])
-        .await
-        .unwrap();
-    session
-        .publish_accepted(&id("b"), PayloadFormat::Json, &b"for-b"[..])
-        .await
-        .unwrap();
-    let got = a.next_publish().await.expect("A got its answer");
-    assert_eq!(&got.payload[..], b"key-of-a");
-    loop {
-        let p = b.next_publish().await.expect("B got its own answer");
-        assert!(!p.topic.starts_with("fleetgw/a/"), "B read {}", p.topic);
-        if p.topic == "fleetgw/b/provision/json/accepted" {
-            assert_eq!(&p.payload[..], b"for-b");
-            break;
-        }
+    // B, with its own valid credentials, tries every way to listen to A's answers (after its
+    // own request, so the `fleetgw/#` filter has nothing of B's to echo).
+    for filter in [
+        "fleetgw/a/provision/json/accepted",
+        "fleetgw/a/provision/json/rejected",
+        "fleetgw/a/status",
+        "fleetgw/+/provision/json/accepted",
+        "fleetgw/#",
+    ] {
+        // mosquitto 2 grants these (its ACL is checked per message at delivery), so the
+        // SUBACK proves nothing; what B receives below is the test.
+        let codes = b.subscribe(filter, QoS::AtLeastOnce).await;
+        assert_eq!(codes.len(), 1, "{filter}: {codes:?}");
     }
+    assert_eq!(
+        b.subscribe("fleetgw/b/status", QoS::AtLeastOnce).await,
+        vec![SubscribeReasonCode::Success(QoS::AtLeastOnce)]
+    );
 
-    // 3. B's credentials with client id "a" do not take over A: the client id becomes "b".
+    // 2. B reads nothing of A's: accepted (with A's private key), rejected, retained status.
+    let for_a = AcceptedResponse {
+        device_id: a_id.clone(),
+        certificate_id: "cert-a".into(),
+        certificate_pem: "CERT-A".into(),
+        private_key: Some("PRIVATE-KEY-OF-A".into()),
+        thing_name: "a".into(),
+        device_configuration: Default::default(),
+    };
+    let encoded_for_a = contract::encode(PayloadFormat::Json, &for_a);
+    session
+        .publish_accepted(&a_id, PayloadFormat::Json, encoded_for_a.clone())
+        .await
+        .unwrap();
+    session
+        .reject(
+            &a_id,
+            PayloadFormat::Json,
+            &RejectedResponse::new(400, "Example", "for a only"),
+        )
+        .await
+        .unwrap();
+    session
+        .publish_status(&a_id, &StatusReport::new(DeviceStatus::Provisioned, 1))
+        .await
+        .unwrap();
+    // The end marker: B's own status, published after all of A's messages.
+    session
+        .publish_status(&b_id, &StatusReport::new(DeviceStatus::Provisioning, 2))
+        .await
+        .unwrap();
+
+    let got = a.next_publish().await.expect("A got its answer");
+    assert_eq!(got.topic, "fleetgw/a/provision/json/accepted");
+    assert_eq!(got.payload.to_vec(), encoded_for_a);
+    let got = a.next_publish().await.expect("A got its status");
+    assert_eq!(got.topic, "fleetgw/a/status");
+    let seen_by_b = received_before(&mut b, "fleetgw/b/status").await;
+    assert_eq!(seen_by_b, vec![], "B must receive nothing of A's");
+
+    // 3. B's credentials with client id "a" do not take over A: the client id becomes "b",
+    //    so the connection kicked off is B's own.
     let mut thief = TestClient::connect_ok(login("a", "b", "pw-b")).await;
     let kicked = b
         .next_matching(|e| matches!(e, ClientEvent::Closed(_)))
@@ -559,6 +644,12 @@ async fn mosquitto_acl_isolates_devices() {
         kicked.is_some(),
         "the session with client id b was taken over, not a"
     );
+    // A retained status is no more readable than a live one.
+    thief.subscribe("fleetgw/a/status", QoS::AtLeastOnce).await;
+    thief.subscribe("fleetgw/b/status", QoS::AtLeastOnce).await;
+    let seen_by_thief = received_before(&mut thief, "fleetgw/b/status").await;
+    assert_eq!(seen_by_thief, vec![], "B read A's retained status");
+
     thief
         .publish(
             "fleetgw/a/provision/json",
@@ -576,13 +667,10 @@ async fn mosquitto_acl_isolates_devices() {
         )
         .await;
     let m = next_message(&mut rx).await;
-    assert_eq!(
-        (m.topic.device(), &m.payload[..]),
-        (&id("b"), &b"own-2"[..])
-    );
+    assert_eq!((m.topic.device(), &m.payload[..]), (&b_id, &b"own-2"[..]));
     m.ack.ack();
     session
-        .publish_accepted(&id("a"), PayloadFormat::Json, &b"still-a"[..])
+        .publish_accepted(&a_id, PayloadFormat::Json, &b"still-a"[..])
         .await
         .unwrap();
     let got = a.next_publish().await.expect("A is still connected");

@@ -11,6 +11,7 @@
 //! subscribed, so the daemon may report READY.
 
 pub mod broker;
+pub mod contract;
 pub mod session;
 pub mod tls;
 pub mod topics;
@@ -20,6 +21,10 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 
 pub use broker::{BrokerError, EmbeddedBroker, EmbeddedBrokerOptions, EmbeddedTls};
+pub use contract::{
+    AcceptedResponse, Attestation, ContractError, DeviceStatus, ProvisionRequest, RejectedResponse,
+    StatusReport,
+};
 pub use session::{
     gateway_client_id, AckHandle, AckOutcome, BrokerEndpoint, DownstreamMessage, DownstreamSession,
     Inbound, QoS, SessionError, SessionOptions, SessionStatus,
@@ -77,6 +82,9 @@ pub struct DownstreamOptions {
     pub broker: BrokerOptions,
     /// Which device messages to receive.
     pub inbound: Inbound,
+    /// Largest provisioning request accepted (`[downstream] max_request_bytes`); larger ones are
+    /// answered on `/rejected` with `PayloadTooLarge` and never reach the consumer.
+    pub max_request_bytes: usize,
     /// How long `start` waits for the embedded broker's session to be subscribed.
     pub startup_timeout: Duration,
 }
@@ -89,6 +97,7 @@ impl DownstreamOptions {
             client_id,
             broker,
             inbound: Inbound::default(),
+            max_request_bytes: session::DEFAULT_MAX_REQUEST_BYTES,
             startup_timeout: Duration::from_secs(10),
         }
     }
@@ -122,6 +131,7 @@ impl DownstreamOptions {
             SessionOptions::new(self.client_id.clone(), endpoint, self.topic_prefix.clone());
         opts.inbound = self.inbound;
         opts.max_packet_bytes = max_packet_bytes;
+        opts.max_request_bytes = self.max_request_bytes;
         Ok(opts)
     }
 }

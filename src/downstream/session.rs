@@ -38,11 +38,15 @@ use tokio::time::{timeout, timeout_at, Instant};
 
 pub use rumqttc::QoS;
 
+use super::contract::{self, error_code, RejectedResponse, StatusReport};
 use super::topics::{
     rejected_for_request_topic, DeviceTopic, PayloadFormat, TopicError, TopicPrefix,
 };
 use crate::device_id::DeviceId;
 use crate::identity::Secret;
+
+/// Default of [`SessionOptions::max_request_bytes`] (`[downstream] max_request_bytes`).
+pub const DEFAULT_MAX_REQUEST_BYTES: usize = 64 * 1024;
 
 /// Where and how the session connects.
 #[derive(Clone)]
@@ -103,6 +107,9 @@ pub struct SessionOptions {
     /// Largest MQTT packet sent or accepted; keep it >= the broker's own limit, or an oversize
     /// device message makes rumqttc drop the connection and the broker redeliver it forever.
     pub max_packet_bytes: usize,
+    /// Largest provisioning request payload handed to the consumer; a larger one is answered on
+    /// `/rejected` (413 `PayloadTooLarge`), acknowledged and counted.
+    pub max_request_bytes: usize,
     /// MQTT keep-alive interval.
     pub keep_alive: Duration,
     /// Capacity of the channel of inbound messages; keep it above the broker's in-flight
@@ -129,6 +136,7 @@ impl SessionOptions {
             topic_prefix,
             inbound: Inbound::default(),
             max_packet_bytes: 256 * 1024,
+            max_request_bytes: DEFAULT_MAX_REQUEST_BYTES,
             keep_alive: Duration::from_secs(30),
             inbound_capacity: 1024,
             outgoing_inflight: 100,
@@ -363,6 +371,7 @@ struct Shared {
     shutdown: Notify,
     status: watch::Sender<SessionStatus>,
     rejected_topics: AtomicU64,
+    oversize_requests: AtomicU64,
     dropped_qos0: AtomicU64,
 }
 
@@ -407,6 +416,12 @@ impl DownstreamSession {
         }
         if opts.max_packet_bytes < 1024 {
             return Err(bad("max_packet_bytes", "must be at least 1024"));
+        }
+        if opts.max_request_bytes == 0 || opts.max_request_bytes > opts.max_packet_bytes {
+            return Err(bad(
+                "max_request_bytes",
+                "must be between 1 and max_packet_bytes",
+            ));
         }
         if opts.inbound_capacity == 0 || opts.outgoing_inflight == 0 {
             return Err(bad(
@@ -468,6 +483,7 @@ impl DownstreamSession {
             shutdown: Notify::new(),
             status,
             rejected_topics: AtomicU64::new(0),
+            oversize_requests: AtomicU64::new(0),
             dropped_qos0: AtomicU64::new(0),
         });
         let (tx, rx) = mpsc::channel(opts.inbound_capacity);
@@ -486,6 +502,7 @@ impl DownstreamSession {
             filters,
             backoff: Backoff::new(opts.reconnect_min, opts.reconnect_max),
             max_packet_bytes: opts.max_packet_bytes,
+            max_request_bytes: opts.max_request_bytes,
         };
         let task = tokio::spawn(driver.run());
         Ok((
@@ -536,6 +553,12 @@ impl DownstreamSession {
         self.shared.rejected_topics.load(Ordering::Relaxed)
     }
 
+    /// Provisioning requests refused for exceeding `max_request_bytes` (acknowledged, answered
+    /// on `/rejected` and not delivered).
+    pub fn oversize_requests(&self) -> u64 {
+        self.shared.oversize_requests.load(Ordering::Relaxed)
+    }
+
     /// QoS 0 messages dropped because the consumer channel was full.
     pub fn dropped_qos0(&self) -> u64 {
         self.shared.dropped_qos0.load(Ordering::Relaxed)
@@ -563,14 +586,25 @@ impl DownstreamSession {
             .await
     }
 
-    /// Publishes the device's state (e.g. `provisioned`) retained to `{p}/{id}/status`.
-    pub async fn publish_status(&self, id: &DeviceId, status: &str) -> Result<(), SessionError> {
-        self.publish(
-            self.prefix.status(id),
-            Bytes::copy_from_slice(status.as_bytes()),
-            true,
-        )
-        .await
+    /// Publishes a refusal built from `rejected`, encoded in `fmt`.
+    pub async fn reject(
+        &self,
+        id: &DeviceId,
+        fmt: PayloadFormat,
+        rejected: &RejectedResponse,
+    ) -> Result<(), SessionError> {
+        self.publish_rejected(id, fmt, contract::encode(fmt, rejected))
+            .await
+    }
+
+    /// Publishes the device's state retained to `{p}/{id}/status` (JSON, see [`StatusReport`]).
+    pub async fn publish_status(
+        &self,
+        id: &DeviceId,
+        report: &StatusReport,
+    ) -> Result<(), SessionError> {
+        self.publish(self.prefix.status(id), Bytes::from(report.to_json()), true)
+            .await
     }
 
     /// Removes the retained status of a device (an empty retained publish).
@@ -721,6 +755,7 @@ struct Driver {
     filters: Vec<String>,
     backoff: Backoff,
     max_packet_bytes: usize,
+    max_request_bytes: usize,
 }
 
 impl Driver {
@@ -837,22 +872,20 @@ impl Driver {
             let mut inner = self.shared.lock();
             let c = &mut inner.confirms;
             match outgoing {
-                Outgoing::Publish(pkid) if pkid != 0 => {
-                    // A known id is a retransmission after reconnect.
-                    if !c.by_pkid.contains_key(&pkid) {
-                        let waiter = match c.collided.take() {
-                            Some((id, w)) if id == pkid => Some(w),
-                            other => {
-                                c.collided = other;
-                                c.next_unassigned()
-                            }
-                        };
-                        match waiter {
-                            Some(w) => {
-                                c.by_pkid.insert(pkid, w);
-                            }
-                            None => tracing::debug!(pkid, "publish without a waiting caller"),
+                // A known id is a retransmission after reconnect: its waiter is registered.
+                Outgoing::Publish(pkid) if pkid != 0 && !c.by_pkid.contains_key(&pkid) => {
+                    let waiter = match c.collided.take() {
+                        Some((id, w)) if id == pkid => Some(w),
+                        other => {
+                            c.collided = other;
+                            c.next_unassigned()
                         }
+                    };
+                    match waiter {
+                        Some(w) => {
+                            c.by_pkid.insert(pkid, w);
+                        }
+                        None => tracing::debug!(pkid, "publish without a waiting caller"),
                     }
                 }
                 Outgoing::AwaitAck(pkid) => {
@@ -920,11 +953,18 @@ impl Driver {
         let topic = match DeviceTopic::parse(&self.prefix, &publish.topic) {
             Ok(topic) => topic,
             Err(error) => {
-                self.reject(&publish.topic, &error);
+                self.reject_topic(&publish.topic, &error);
                 ack.ack();
                 return true;
             }
         };
+        if let DeviceTopic::ProvisionRequest { device, format } = &topic {
+            if publish.payload.len() > self.max_request_bytes {
+                self.reject_oversize(device, *format, publish.payload.len());
+                ack.ack();
+                return true;
+            }
+        }
         let message = DownstreamMessage {
             topic,
             payload: publish.payload,
@@ -961,33 +1001,46 @@ impl Driver {
     }
 
     /// Answers a provisioning request whose id broke the rules, on the topic the device used.
-    fn reject(&self, topic: &str, error: &TopicError) {
+    fn reject_topic(&self, topic: &str, error: &TopicError) {
         self.shared.rejected_topics.fetch_add(1, Ordering::Relaxed);
         tracing::warn!(%error, "downstream message refused");
         let Some((reply_topic, fmt)) = rejected_for_request_topic(&self.prefix, topic) else {
             return;
         };
         let code = match error {
-            TopicError::NonCanonicalId { .. } => "NonCanonicalDeviceId",
-            _ => "InvalidDeviceId",
+            TopicError::NonCanonicalId { .. } => error_code::NON_CANONICAL_DEVICE_ID,
+            _ => error_code::INVALID_DEVICE_ID,
         };
-        let body = RejectedBody {
-            status_code: 400,
-            error_code: code,
-            error_message: error.to_string(),
-        };
-        let payload = match fmt {
-            PayloadFormat::Json => serde_json::to_vec(&body).ok(),
-            PayloadFormat::Cbor => {
-                let mut out = Vec::new();
-                ciborium::into_writer(&body, &mut out).ok().map(|()| out)
-            }
-        };
-        let Some(payload) =
-            payload.filter(|p| p.len() + reply_topic.len() + 8 <= self.max_packet_bytes)
-        else {
+        let body = RejectedResponse::new(400, code, error.to_string());
+        self.send_rejection(reply_topic, contract::encode(fmt, &body));
+    }
+
+    /// Answers a provisioning request larger than `max_request_bytes`.
+    fn reject_oversize(&self, device: &DeviceId, fmt: PayloadFormat, size: usize) {
+        self.shared
+            .oversize_requests
+            .fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(%device, size, max = self.max_request_bytes, "provisioning request too large");
+        let body = RejectedResponse::new(
+            413,
+            error_code::PAYLOAD_TOO_LARGE,
+            format!(
+                "provisioning request of {size} bytes exceeds the gateway's limit of {} bytes (downstream.max_request_bytes)",
+                self.max_request_bytes
+            ),
+        );
+        self.send_rejection(
+            self.prefix.rejected(device, fmt),
+            contract::encode(fmt, &body),
+        );
+    }
+
+    /// Queues a `/rejected` answer from inside the event loop, without waiting for its PUBACK
+    /// (waiting here would stall the loop that receives that PUBACK).
+    fn send_rejection(&self, reply_topic: String, payload: Vec<u8>) {
+        if payload.is_empty() || payload.len() + reply_topic.len() + 8 > self.max_packet_bytes {
             return;
-        };
+        }
         let mut inner = self.shared.lock();
         // Registered like any publish so packet ids keep matching callers; nobody waits on it.
         if self
@@ -1008,15 +1061,6 @@ impl AckHandle {
     fn into_slot(mut self) -> Option<AckSlot> {
         self.slot.take()
     }
-}
-
-/// The AWS-style error body of `/rejected` (`statusCode`, `errorCode`, `errorMessage`).
-#[derive(serde::Serialize)]
-#[serde(rename_all = "camelCase")]
-struct RejectedBody {
-    status_code: u16,
-    error_code: &'static str,
-    error_message: String,
 }
 
 #[cfg(test)]
@@ -1042,18 +1086,5 @@ mod tests {
     #[test]
     fn client_id_names_the_gateway() {
         assert_eq!(gateway_client_id("gw-01"), "fleetgw-gw-01");
-    }
-
-    #[test]
-    fn rejected_body_is_aws_shaped() {
-        let body = RejectedBody {
-            status_code: 400,
-            error_code: "InvalidDeviceId",
-            error_message: "x".into(),
-        };
-        assert_eq!(
-            serde_json::to_string(&body).unwrap(),
-            r#"{"statusCode":400,"errorCode":"InvalidDeviceId","errorMessage":"x"}"#
-        );
     }
 }

@@ -55,8 +55,12 @@ pub enum TopicError {
 
 /// Payload encoding named by the last level of a provisioning topic, as in AWS fleet provisioning.
 ///
-/// Mirrors `cloud::codec::PayloadFormat`; kept here so this module does not depend on `cloud`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+/// Same shape as `cloud::codec::PayloadFormat` of the contracts (serde `json`/`cbor`, `FromStr`,
+/// `Display`, `as_str`); it moves there once the codec lands, and this becomes a re-export.
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, Hash, Default, serde::Serialize, serde::Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
 pub enum PayloadFormat {
     /// `json`
     #[default]

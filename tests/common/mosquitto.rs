@@ -40,7 +40,8 @@ impl MosquittoConfig {
                 "pattern readwrite {prefix}/%u/#\n\nuser fleetgw-gateway\ntopic readwrite {prefix}/#\n"
             )),
             use_username_as_clientid: true,
-            extra: Vec::new(),
+            // As in the recipe: at or below the gateway's max_packet_bytes (default 256 KiB).
+            extra: vec!["max_packet_size 262144".to_string()],
         }
     }
 }
@@ -58,7 +59,13 @@ fn binary(name: &str) -> PathBuf {
         .chain(["/usr/sbin", "/usr/local/sbin", "/usr/bin"].map(PathBuf::from))
         .map(|d| d.join(name))
         .find(|p| p.is_file())
-        .unwrap_or_else(|| panic!("{name} not found: install the mosquitto package"))
+        .unwrap_or_else(|| {
+            panic!(
+                "this test needs a real mosquitto, but `{name}` is not in PATH, /usr/sbin, \
+                 /usr/local/sbin or /usr/bin: install the Debian package `mosquitto` \
+                 (scripts/test does) and run the test again"
+            )
+        })
 }
 
 impl Mosquitto {
