@@ -18,9 +18,9 @@ use fleetgw::downstream::{
     contract, AcceptedResponse, AckOutcome, Attestation, BrokerError, BrokerOptions, DeviceStatus,
     DeviceTopic, Downstream, DownstreamMessage, DownstreamOptions, EmbeddedBroker,
     EmbeddedBrokerOptions, EmbeddedTls, ExternalBrokerOptions, PayloadFormat, ProvisionRequest,
-    RejectedResponse, SessionStatus, StatusReport,
+    RejectedResponse, SessionError, SessionStatus, StatusReport,
 };
-use fleetgw::identity::Secret;
+use fleetgw::identity::{CertificateAuthority, Secret};
 use rumqttc::{QoS, SubscribeReasonCode, TlsConfiguration, Transport};
 use tokio::sync::mpsc;
 
@@ -269,10 +269,11 @@ async fn embedded_broker_routes_telemetry_once_and_rejects_bad_ids() {
 
     let rejection = bad.next_publish().await.expect("bad device got /rejected");
     assert_eq!(rejection.topic, "fleetgw/Bad./provision/json/rejected");
-    let body: serde_json::Value = serde_json::from_slice(&rejection.payload).unwrap();
-    assert_eq!(body["statusCode"], 400);
-    assert_eq!(body["errorCode"], "InvalidDeviceId");
-    let text = body["errorMessage"].as_str().unwrap();
+    let body: RejectedResponse = contract::decode(PayloadFormat::Json, &rejection.payload)
+        .expect("rejection decodes as the contract says");
+    assert_eq!(body.status_code, 400);
+    assert_eq!(body.error_code, "InvalidDeviceId");
+    let text = &body.error_message;
     assert!(
         text.contains("\"Bad.\"") && text.contains("must end with"),
         "{text}"
@@ -297,20 +298,13 @@ async fn embedded_broker_reports_a_port_in_use() {
     assert!(err.to_string().contains(&addr.to_string()), "{err}");
 }
 
-/// A CA and a server certificate for 127.0.0.1, made with rcgen.
-fn test_pki() -> (String, String, String) {
-    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
-    let ca_key = KeyPair::generate().unwrap();
-    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    let ca_cert = ca_params.self_signed(&ca_key).unwrap();
-    let issuer = Issuer::new(ca_params, ca_key);
-    let key = KeyPair::generate().unwrap();
-    let cert = CertificateParams::new(vec!["127.0.0.1".to_string()])
-        .unwrap()
-        .signed_by(&key, &issuer)
+/// A CA and a server certificate for 127.0.0.1: (CA PEM, server chain PEM, server key PEM).
+fn test_pki() -> (String, String, Secret) {
+    let ca = CertificateAuthority::generate("fleetgw test CA").unwrap();
+    let (cert, key) = ca
+        .issue_server("127.0.0.1", &[], &["127.0.0.1".parse().unwrap()], 1)
         .unwrap();
-    (ca_cert.pem(), cert.pem(), key.serialize_pem())
+    (ca.cert_pem().to_string(), cert, key.to_pkcs8_pem())
 }
 
 #[tokio::test]
@@ -320,7 +314,7 @@ async fn embedded_broker_serves_tls() {
         listen: loopback0(),
         tls: Some(EmbeddedTls {
             cert_chain_pem: cert,
-            key_pem: Secret::from(key),
+            key_pem: key,
         }),
         ..EmbeddedBrokerOptions::default()
     };
@@ -330,7 +324,7 @@ async fn embedded_broker_serves_tls() {
     assert!(b.is_tls());
     assert_ne!(b.listen_addr(), b.gateway_addr());
 
-    let client_tls = fleetgw::downstream::tls::client_config(&ca).unwrap();
+    let client_tls = fleetgw::identity::tls::client_config(&ca, None).unwrap();
     let mut o = options("sensor-tls", b.listen_addr().port());
     o.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(
         client_tls,
@@ -351,7 +345,7 @@ async fn embedded_broker_serves_tls() {
     let (other_ca, _, _) = test_pki();
     let mut o = options("sensor-mitm", b.listen_addr().port());
     o.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(
-        fleetgw::downstream::tls::client_config(&other_ca).unwrap(),
+        fleetgw::identity::tls::client_config(&other_ca, None).unwrap(),
     )));
     let refused = TestClient::try_connect(o)
         .await
@@ -709,5 +703,162 @@ async fn client_id_pattern_alone_lets_a_device_impersonate_another() {
         (&id("a"), &b"forged"[..])
     );
     m.ack.ack();
+    gw.shutdown(WAIT).await;
+}
+
+/// A JSON provisioning request padded to exactly `len` bytes.
+fn request_of_len(len: usize) -> Vec<u8> {
+    let head = br#"{"attestation":{"type":"none"},"pad":""#;
+    let tail = br#""}"#;
+    let mut out = head.to_vec();
+    out.resize(len - tail.len(), b'x');
+    out.extend_from_slice(tail);
+    out
+}
+
+/// Oversize input against a running gateway: a request over `max_request_bytes` is answered on
+/// `/rejected` and never delivered, one of exactly that size is delivered, a packet over the
+/// broker's limit costs only the sender its connection, and the gateway refuses to publish
+/// more than its packet limit.
+async fn oversize_is_handled(
+    gw: &Downstream,
+    rx: &mut mpsc::Receiver<DownstreamMessage>,
+    device: mqtt_opts::Maker,
+    max_request_bytes: usize,
+    max_packet_bytes: usize,
+) {
+    let sensor = id("sensor-1");
+    let mut dev = TestClient::connect_ok(device("sensor-1")).await;
+    dev.subscribe("fleetgw/sensor-1/provision/json/rejected", QoS::AtLeastOnce)
+        .await;
+
+    let too_big = request_of_len(max_request_bytes + 1);
+    dev.publish(
+        "fleetgw/sensor-1/provision/json",
+        QoS::AtLeastOnce,
+        false,
+        &too_big,
+    )
+    .await;
+    let answer = dev.next_publish().await.expect("device got /rejected");
+    assert_eq!(answer.topic, "fleetgw/sensor-1/provision/json/rejected");
+    let rejected: RejectedResponse = contract::decode(PayloadFormat::Json, &answer.payload)
+        .expect("rejection decodes as the contract says");
+    assert_eq!(rejected.status_code, 413);
+    assert_eq!(rejected.error_code, "PayloadTooLarge");
+    assert!(
+        rejected
+            .error_message
+            .contains(&format!("{} bytes", max_request_bytes + 1))
+            && rejected.error_message.contains("max_request_bytes"),
+        "{}",
+        rejected.error_message
+    );
+
+    // Exactly at the limit is fine, and it is the first message the consumer sees.
+    let at_limit = request_of_len(max_request_bytes);
+    dev.publish(
+        "fleetgw/sensor-1/provision/json",
+        QoS::AtLeastOnce,
+        false,
+        &at_limit,
+    )
+    .await;
+    let m = next_message(rx).await;
+    assert_eq!(m.topic.device(), &sensor);
+    assert_eq!(
+        m.payload.len(),
+        max_request_bytes,
+        "the oversize one leaked"
+    );
+    let decoded = ProvisionRequest::decode(PayloadFormat::Json, &m.payload).unwrap();
+    assert_eq!(decoded.attestation, Attestation::None);
+    m.ack.ack();
+    assert_eq!(gw.session().oversize_requests(), 1);
+
+    // Over the broker's packet limit: the broker drops the sender, nobody else notices.
+    let connections = gw.session().status().connections;
+    dev.client
+        .publish(
+            "fleetgw/sensor-1/telemetry",
+            QoS::AtLeastOnce,
+            false,
+            vec![b'x'; max_packet_bytes + 1],
+        )
+        .await
+        .unwrap();
+    let closed = dev
+        .next_matching(|e| matches!(e, ClientEvent::Closed(_) | ClientEvent::PubAck(_)))
+        .await;
+    assert!(
+        matches!(closed, Some(ClientEvent::Closed(_))),
+        "the broker must drop a client sending an oversize packet: {closed:?}"
+    );
+    let mut again = TestClient::connect_ok(device("sensor-1")).await;
+    again
+        .publish("fleetgw/sensor-1/telemetry", QoS::AtLeastOnce, false, b"ok")
+        .await;
+    let m = next_message(rx).await;
+    assert_eq!(&m.payload[..], b"ok", "the oversize packet never arrives");
+    m.ack.ack();
+    let status = gw.session().status();
+    assert!(
+        status.connected && status.connections == connections,
+        "the gateway session was disturbed: {status:?}"
+    );
+
+    // The gateway itself never sends what the broker would refuse.
+    let err = gw
+        .session()
+        .publish_accepted(&sensor, PayloadFormat::Json, vec![b'x'; max_packet_bytes])
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, SessionError::PayloadTooLarge { size, max, .. } if size == max_packet_bytes && max == max_packet_bytes),
+        "{err:?}"
+    );
+}
+
+#[tokio::test]
+async fn embedded_broker_handles_oversize_payloads() {
+    let broker = EmbeddedBrokerOptions {
+        listen: loopback0(),
+        max_packet_bytes: 16 * 1024,
+        ..EmbeddedBrokerOptions::default()
+    };
+    let mut opts =
+        DownstreamOptions::new("fleetgw-gw-test".into(), BrokerOptions::Embedded(broker));
+    opts.max_request_bytes = 1024;
+    let (gw, mut rx) = Downstream::start(&opts).await.unwrap();
+    let port = gw.broker().unwrap().listen_addr().port();
+    oversize_is_handled(
+        &gw,
+        &mut rx,
+        Box::new(move |cid| options(cid, port)),
+        1024,
+        16 * 1024,
+    )
+    .await;
+    gw.shutdown(WAIT).await;
+}
+
+#[tokio::test]
+async fn mosquitto_handles_oversize_payloads() {
+    // The recipe's max_packet_size (256 KiB) equals the gateway's default max_packet_bytes.
+    let broker = Mosquitto::start(&MosquittoConfig::recipe(
+        "fleetgw",
+        &[("sensor-1", "pw-1")],
+        "gw-secret",
+    ));
+    let opts = external_options(broker.url(), Some(("fleetgw-gateway", "gw-secret")));
+    assert_eq!(opts.max_request_bytes, 64 * 1024);
+    let (gw, mut rx) = external_gateway(&opts).await;
+    let port = broker.port();
+    let maker: mqtt_opts::Maker = Box::new(move |cid| {
+        let mut o = options(cid, port);
+        o.set_credentials("sensor-1", "pw-1");
+        o
+    });
+    oversize_is_handled(&gw, &mut rx, maker, 64 * 1024, 256 * 1024).await;
     gw.shutdown(WAIT).await;
 }

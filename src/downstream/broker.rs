@@ -39,8 +39,7 @@ use tokio::task::JoinHandle;
 use tokio::time::{timeout, Instant};
 use tokio_rustls::TlsAcceptor;
 
-use super::tls::{self, TlsError};
-use crate::identity::Secret;
+use crate::identity::{self, IdentityError, PrivateKey, Secret};
 
 /// How often a free port is picked again when another process takes it first.
 const PORT_ATTEMPTS: usize = 8;
@@ -119,8 +118,8 @@ pub enum BrokerError {
     NotReady { addr: SocketAddr, waited: Duration },
     #[error("embedded broker: cannot start its thread: {0}")]
     Thread(#[source] std::io::Error),
-    #[error(transparent)]
-    Tls(#[from] TlsError),
+    #[error("embedded broker TLS listener: {0}")]
+    Tls(#[from] IdentityError),
 }
 
 /// A running embedded broker. Dropping it stops the TLS listener; rumqttd itself runs until the
@@ -166,7 +165,15 @@ impl EmbeddedBroker {
                 _thread: thread,
             });
         };
-        let server_config = tls::server_config(&tls_opts.cert_chain_pem, &tls_opts.key_pem)?;
+        let key_pem = tls_opts
+            .key_pem
+            .expose_str()
+            .ok_or_else(|| BrokerError::InvalidOption {
+                option: "tls key",
+                reason: "the private key is not PEM text".to_string(),
+            })?;
+        let key = PrivateKey::from_pem(key_pem)?;
+        let server_config = identity::tls::server_config(&tls_opts.cert_chain_pem, &key, None)?;
         let listener =
             TcpListener::bind(opts.listen)
                 .await

@@ -13,7 +13,6 @@
 pub mod broker;
 pub mod contract;
 pub mod session;
-pub mod tls;
 pub mod topics;
 
 use std::time::Duration;
@@ -143,8 +142,8 @@ pub enum DownstreamError {
     Broker(#[from] BrokerError),
     #[error(transparent)]
     Session(#[from] SessionError),
-    #[error(transparent)]
-    Tls(#[from] tls::TlsError),
+    #[error("downstream broker CA: {0}")]
+    Tls(#[from] crate::identity::IdentityError),
     #[error("downstream url {url:?}: {reason}")]
     Url { url: String, reason: &'static str },
 }
@@ -285,7 +284,7 @@ pub fn parse_broker_url(url: &str) -> Result<BrokerUrl, DownstreamError> {
 fn external_endpoint(x: &ExternalBrokerOptions) -> Result<BrokerEndpoint, DownstreamError> {
     let url = parse_broker_url(&x.url)?;
     let tls = match (url.tls, &x.ca_pem) {
-        (true, Some(ca)) => Some(tls::client_config(ca)?),
+        (true, Some(ca)) => Some(crate::identity::tls::client_config(ca, None)?),
         (true, None) => {
             return Err(DownstreamError::Url {
                 url: x.url.clone(),

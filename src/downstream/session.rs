@@ -7,7 +7,9 @@
 //! - parses each inbound PUBLISH with [`DeviceTopic::parse`] and hands it to the consumer on a
 //!   bounded channel as a [`DownstreamMessage`]; topics that break the contract never reach the
 //!   consumer: they are acknowledged, logged, and a provisioning request with a bad id gets a
-//!   `/rejected` answer on the topic the device used.
+//!   `/rejected` answer on the topic the device used; so does a provisioning request larger than
+//!   `max_request_bytes` (413 `PayloadTooLarge`), which keeps the consumer's input bounded well
+//!   below the packet limit that telemetry needs.
 //!
 //! Acknowledgements. The consumer acks a message through its [`AckHandle`] once it has durably
 //! handled it. PUBACKs go out in the order the messages arrived, whatever order the consumer
