@@ -6,6 +6,8 @@
 
 pub mod admission;
 pub mod cli;
+pub mod cloud;
 pub mod device_id;
 pub mod downstream;
 pub mod identity;
+pub mod store;
