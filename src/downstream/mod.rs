@@ -21,8 +21,7 @@ use tokio::sync::mpsc;
 
 pub use broker::{BrokerError, EmbeddedBroker, EmbeddedBrokerOptions, EmbeddedTls};
 pub use contract::{
-    AcceptedResponse, Attestation, ContractError, DeviceStatus, ProvisionRequest, RejectedResponse,
-    StatusReport,
+    AcceptedResponse, Attestation, DeviceStatus, ProvisionRequest, RejectedResponse, StatusReport,
 };
 pub use session::{
     gateway_client_id, AckHandle, AckOutcome, BrokerEndpoint, DownstreamMessage, DownstreamSession,
