@@ -9,5 +9,6 @@ pub mod cli;
 pub mod cloud;
 pub mod config;
 pub mod device_id;
+pub mod downstream;
 pub mod identity;
 pub mod store;
