@@ -1,6 +1,7 @@
-//! The simulated device fleet (`emulator::devices::run_fleet`) against a real broker and a small
-//! in-test gateway stand-in (the responder): what devices send, what they accept, and why they
-//! fail when the answer is wrong.
+//! The simulated device fleet (`emulator::devices::run_fleet`) against a real broker (the
+//! gateway's embedded rumqttd; mosquitto where the broker must be restarted) and a small in-test
+//! gateway stand-in (the responder): what devices send, what they accept, and why they fail
+//! when the answer is wrong.
 //!
 //! The responder issues certificates with a test CA exactly as the gateway's contract says
 //! (own CSR -> certificate only; no CSR -> certificate and private key), and runs the real
@@ -13,14 +14,27 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use fleetgw::admission::{Admission, AdmissionMode, AdmissionOptions, Attestation, Decision};
+use fleetgw::admission::{Admission, AdmissionMode, AdmissionOptions, Decision};
 use fleetgw::device_id::DeviceId;
+use fleetgw::downstream::contract::{
+    self, AcceptedResponse, PayloadFormat, ProvisionRequest, RejectedResponse,
+};
+use fleetgw::downstream::{EmbeddedBroker, EmbeddedBrokerOptions};
 use fleetgw::emulator::devices::{
     run_fleet, FailureReason, FleetEvent, FleetOptions, SimAttestation, Stage,
 };
 use fleetgw::identity::{CertificateAuthority, KeyType, Secret};
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
-use serde_json::{json, Value};
+
+/// The gateway's embedded broker on a free loopback port (it lives until the test process ends).
+async fn embedded_broker() -> EmbeddedBroker {
+    EmbeddedBroker::start(&EmbeddedBrokerOptions {
+        listen: SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
+        ..EmbeddedBrokerOptions::default()
+    })
+    .await
+    .unwrap()
+}
 
 /// A mosquitto broker on a free loopback port, killed on drop.
 struct TestBroker {
@@ -163,26 +177,31 @@ async fn start_responder(
                 }
                 Event::Incoming(Packet::Publish(p)) => {
                     let levels: Vec<&str> = p.topic.split('/').collect();
-                    let (id, fmt) = (levels[1].to_string(), levels[3].to_string());
-                    let request: Value = decode(&fmt, &p.payload);
-                    let csr = request
-                        .get("csr")
-                        .and_then(Value::as_str)
-                        .map(str::to_string);
+                    let id = DeviceId::parse(levels[1]).unwrap();
+                    let fmt: PayloadFormat = levels[3].parse().unwrap();
+                    let request = ProvisionRequest::decode(fmt, &p.payload).unwrap();
                     let attempt = {
                         let mut seen = seen2.lock().unwrap();
-                        let list = seen.requests.entry(id.clone()).or_default();
-                        list.push((fmt.clone(), csr.is_some()));
+                        let list = seen.requests.entry(id.to_string()).or_default();
+                        list.push((fmt.to_string(), request.csr.is_some()));
                         list.len()
                     };
                     if script.silent || (script.ignore_first && attempt == 1) {
                         continue;
                     }
-                    let (suffix, answer) =
-                        answer(&script, &ca, &foreign, &id, &request, csr, attempt);
-                    let topic = format!("{}/{suffix}", p.topic);
+                    let (topic, payload) =
+                        match answer(&script, &ca, &foreign, &id, request, attempt) {
+                            Ok(accepted) => (
+                                format!("{}/accepted", p.topic),
+                                contract::encode(fmt, &accepted),
+                            ),
+                            Err(rejected) => (
+                                format!("{}/rejected", p.topic),
+                                contract::encode(fmt, &rejected),
+                            ),
+                        };
                     client
-                        .publish(topic, QoS::AtLeastOnce, false, encode(&fmt, &answer))
+                        .publish(topic, QoS::AtLeastOnce, false, payload)
                         .await
                         .unwrap();
                 }
@@ -201,37 +220,39 @@ fn answer(
     script: &Script,
     ca: &CertificateAuthority,
     foreign: &CertificateAuthority,
-    id: &str,
-    request: &Value,
-    csr: Option<String>,
+    id: &DeviceId,
+    request: ProvisionRequest,
     attempt: usize,
-) -> (&'static str, Value) {
-    let n = device_number(id);
-    let rejected = |status: u16, code: &str, message: &str| {
-        (
-            "rejected",
-            json!({"statusCode": status, "errorCode": code, "errorMessage": message}),
-        )
-    };
+) -> Result<AcceptedResponse, RejectedResponse> {
+    let n = device_number(id.as_str());
     if script.transient_first && attempt == 1 {
-        return rejected(503, "ServiceUnavailable", "try again");
+        return Err(RejectedResponse::new(
+            503,
+            "ServiceUnavailable",
+            "try again",
+        ));
     }
     if script.reject.contains(&n) {
-        return rejected(400, "InvalidCsr", "CSR signature does not verify");
+        return Err(RejectedResponse::new(
+            400,
+            "InvalidCsr",
+            "CSR signature does not verify",
+        ));
     }
     if let Some(admission) = &script.admission {
-        let att: Attestation = serde_json::from_value(request["attestation"].clone()).unwrap();
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap()
             .as_secs() as i64;
-        match admission.decide(&DeviceId::parse(id).unwrap(), &att, now) {
+        match admission.decide(id, &request.attestation, now) {
             Decision::Admit => {}
             Decision::Reject {
                 error_code,
                 error_message,
-            } => return rejected(403, &error_code, &error_message),
-            Decision::NeedsApproval => return rejected(403, "NeedsApproval", "approval"),
+            } => return Err(RejectedResponse::new(403, error_code, error_message)),
+            Decision::NeedsApproval => {
+                return Err(RejectedResponse::new(403, "NeedsApproval", "approval"))
+            }
         }
     }
     let issuer = if script.foreign_ca.contains(&n) {
@@ -239,52 +260,29 @@ fn answer(
     } else {
         ca
     };
-    let (certificate_pem, private_key) = match csr {
-        Some(csr) if !script.wrong_key.contains(&n) => {
-            (issuer.issue_from_csr(&csr, 30).unwrap(), None)
-        }
-        Some(_) => (
-            issuer.issue_client(id, KeyType::EcdsaP256, 30).unwrap().0,
-            None,
-        ),
+    let wrong_key = script.wrong_key.contains(&n);
+    let new_key = || {
+        issuer
+            .issue_client(id.as_str(), KeyType::EcdsaP256, 30)
+            .unwrap()
+    };
+    let (certificate_pem, private_key) = match request.csr {
+        Some(csr) if !wrong_key => (issuer.issue_from_csr(&csr, 30).unwrap(), None),
+        Some(_) => (new_key().0, None),
         None => {
-            let (cert, key) = issuer.issue_client(id, KeyType::EcdsaP256, 30).unwrap();
-            let key_pem = if script.wrong_key.contains(&n) {
-                let (_, other) = issuer.issue_client(id, KeyType::EcdsaP256, 30).unwrap();
-                other.to_pkcs8_pem()
-            } else {
-                key.to_pkcs8_pem()
-            };
-            (cert, Some(key_pem.expose_str().unwrap().to_string()))
+            let (cert, key) = new_key();
+            let key = if wrong_key { new_key().1 } else { key };
+            (cert, key.to_pkcs8_pem().expose_str().map(str::to_string))
         }
     };
-    let mut accepted = json!({
-        "deviceId": id, "certificateId": format!("cert-{n}"), "certificatePem": certificate_pem,
-        "thingName": format!("thing-{id}"), "deviceConfiguration": {}
-    });
-    if let Some(key) = private_key {
-        accepted["privateKey"] = json!(key);
-    }
-    ("accepted", accepted)
-}
-
-fn decode(fmt: &str, bytes: &[u8]) -> Value {
-    match fmt {
-        "json" => serde_json::from_slice(bytes).unwrap(),
-        "cbor" => ciborium::from_reader(bytes).unwrap(),
-        other => panic!("format {other}"),
-    }
-}
-
-fn encode(fmt: &str, value: &Value) -> Vec<u8> {
-    match fmt {
-        "json" => serde_json::to_vec(value).unwrap(),
-        _ => {
-            let mut out = Vec::new();
-            ciborium::into_writer(value, &mut out).unwrap();
-            out
-        }
-    }
+    Ok(AcceptedResponse {
+        device_id: id.clone(),
+        certificate_id: format!("cert-{n}"),
+        certificate_pem,
+        private_key,
+        thing_name: format!("thing-{id}"),
+        device_configuration: BTreeMap::new(),
+    })
 }
 
 fn options(broker: SocketAddr, devices: u32, run: &str) -> FleetOptions {
@@ -296,13 +294,11 @@ fn options(broker: SocketAddr, devices: u32, run: &str) -> FleetOptions {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_device_is_provisioned_with_a_verified_certificate() {
-    let Some(broker) = TestBroker::start() else {
-        return;
-    };
+    let broker = embedded_broker().await;
     let ca = Arc::new(CertificateAuthority::generate("test cloud CA").unwrap());
-    let seen = start_responder(broker.addr(), ca.clone(), Script::default()).await;
+    let seen = start_responder(broker.listen_addr(), ca.clone(), Script::default()).await;
 
-    let mut opts = options(broker.addr(), 40, "ok");
+    let mut opts = options(broker.listen_addr(), 40, "ok");
     opts.cbor_share = 0.5;
     opts.own_csr_share = 0.5;
     opts.cloud_ca_pem = Some(ca.cert_pem().to_string());
@@ -365,9 +361,7 @@ async fn every_device_is_provisioned_with_a_verified_certificate() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wrong_answers_fail_their_device_with_the_reason() {
-    let Some(broker) = TestBroker::start() else {
-        return;
-    };
+    let broker = embedded_broker().await;
     let ca = Arc::new(CertificateAuthority::generate("test cloud CA").unwrap());
     let script = Script {
         reject: BTreeSet::from([2]),
@@ -375,8 +369,8 @@ async fn wrong_answers_fail_their_device_with_the_reason() {
         foreign_ca: BTreeSet::from([5]),
         ..Script::default()
     };
-    start_responder(broker.addr(), ca.clone(), script).await;
-    let mut opts = options(broker.addr(), 8, "bad");
+    start_responder(broker.listen_addr(), ca.clone(), script).await;
+    let mut opts = options(broker.listen_addr(), 8, "bad");
     opts.own_csr_share = 0.5;
     opts.cloud_ca_pem = Some(ca.cert_pem().to_string());
     let report = run_fleet(opts, |_| {}).await.unwrap();
@@ -404,7 +398,7 @@ async fn wrong_answers_fail_their_device_with_the_reason() {
         let plan = FleetOptions {
             devices: 8,
             own_csr_share: 0.5,
-            ..options(broker.addr(), 8, "bad")
+            ..options(broker.listen_addr(), 8, "bad")
         }
         .plan(n)
         .unwrap();
@@ -431,16 +425,14 @@ async fn wrong_answers_fail_their_device_with_the_reason() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn transient_rejections_are_retried() {
-    let Some(broker) = TestBroker::start() else {
-        return;
-    };
+    let broker = embedded_broker().await;
     let ca = Arc::new(CertificateAuthority::generate("test cloud CA").unwrap());
     let script = Script {
         transient_first: true,
         ..Script::default()
     };
-    let seen = start_responder(broker.addr(), ca.clone(), script).await;
-    let report = run_fleet(options(broker.addr(), 5, "retry"), |_| {})
+    let seen = start_responder(broker.listen_addr(), ca.clone(), script).await;
+    let report = run_fleet(options(broker.listen_addr(), 5, "retry"), |_| {})
         .await
         .unwrap();
     assert_eq!(
@@ -455,16 +447,14 @@ async fn transient_rejections_are_retried() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unanswered_requests_are_sent_again() {
-    let Some(broker) = TestBroker::start() else {
-        return;
-    };
+    let broker = embedded_broker().await;
     let ca = Arc::new(CertificateAuthority::generate("test cloud CA").unwrap());
     let script = Script {
         ignore_first: true,
         ..Script::default()
     };
-    let seen = start_responder(broker.addr(), ca.clone(), script).await;
-    let mut opts = options(broker.addr(), 3, "resend");
+    let seen = start_responder(broker.listen_addr(), ca.clone(), script).await;
+    let mut opts = options(broker.listen_addr(), 3, "resend");
     opts.resend_after = Some(Duration::from_secs(1));
     let report = run_fleet(opts, |_| {}).await.unwrap();
     assert_eq!(
@@ -522,9 +512,7 @@ async fn devices_reconnect_resubscribe_and_resend_after_a_broker_restart() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn symmetric_key_and_x509_attestations_pass_real_admission() {
-    let Some(broker) = TestBroker::start() else {
-        return;
-    };
+    let broker = embedded_broker().await;
     let ca = Arc::new(CertificateAuthority::generate("test cloud CA").unwrap());
     let group_key = Secret::new(b"0123456789abcdef0123456789abcdef".to_vec());
     let device_ca = Arc::new(CertificateAuthority::generate("device attestation CA").unwrap());
@@ -536,7 +524,7 @@ async fn symmetric_key_and_x509_attestations_pass_real_admission() {
     })
     .unwrap();
     let seen = start_responder(
-        broker.addr(),
+        broker.listen_addr(),
         ca.clone(),
         Script {
             admission: Some(Arc::new(sas_admission)),
@@ -544,7 +532,7 @@ async fn symmetric_key_and_x509_attestations_pass_real_admission() {
         },
     )
     .await;
-    let mut opts = options(broker.addr(), 4, "sas");
+    let mut opts = options(broker.listen_addr(), 4, "sas");
     opts.attestation = SimAttestation::SymmetricKey {
         group_key: group_key.clone(),
         id_scope: "0ne0001".into(),
@@ -559,7 +547,7 @@ async fn symmetric_key_and_x509_attestations_pass_real_admission() {
     assert_eq!(seen.lock().unwrap().requests.len(), 4);
 
     // A wrong group key is refused by admission, and the device reports the refusal.
-    let mut opts = options(broker.addr(), 1, "sas-bad");
+    let mut opts = options(broker.listen_addr(), 1, "sas-bad");
     opts.attestation = SimAttestation::SymmetricKey {
         group_key: Secret::new(b"another-key-another-key-00000000".to_vec()),
         id_scope: "0ne0001".into(),
@@ -576,11 +564,9 @@ async fn symmetric_key_and_x509_attestations_pass_real_admission() {
         "{:?}",
         report.failures
     );
-    drop(broker);
 
-    let Some(broker) = TestBroker::start() else {
-        return;
-    };
+    // A second broker, so the symmetric-key responder does not answer the x509 devices.
+    let broker = embedded_broker().await;
     let x509_admission = Admission::new(AdmissionOptions {
         mode: AdmissionMode::X509,
         trusted_ca_pem: Some(device_ca.cert_pem().to_string()),
@@ -588,7 +574,7 @@ async fn symmetric_key_and_x509_attestations_pass_real_admission() {
     })
     .unwrap();
     start_responder(
-        broker.addr(),
+        broker.listen_addr(),
         ca.clone(),
         Script {
             admission: Some(Arc::new(x509_admission)),
@@ -596,7 +582,7 @@ async fn symmetric_key_and_x509_attestations_pass_real_admission() {
         },
     )
     .await;
-    let mut opts = options(broker.addr(), 4, "x509");
+    let mut opts = options(broker.listen_addr(), 4, "x509");
     opts.own_csr_share = 0.5;
     opts.attestation = SimAttestation::X509 { ca: device_ca };
     let report = run_fleet(opts, |_| {}).await.unwrap();
@@ -610,11 +596,9 @@ async fn symmetric_key_and_x509_attestations_pass_real_admission() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn silence_times_out_with_the_stage_and_last_status() {
-    let Some(broker) = TestBroker::start() else {
-        return;
-    };
+    let broker = embedded_broker().await;
     // No responder; a retained status says the device waits for approval.
-    let mut opts = MqttOptions::new("status-writer", "127.0.0.1", broker.port);
+    let mut opts = MqttOptions::new("status-writer", "127.0.0.1", broker.listen_addr().port());
     opts.set_keep_alive(Duration::from_secs(5));
     let (client, mut eventloop) = AsyncClient::new(opts, 10);
     client
@@ -631,8 +615,9 @@ async fn silence_times_out_with_the_stage_and_last_status() {
             break;
         }
     }
-    let mut opts = options(broker.addr(), 1, "quiet");
+    let mut opts = options(broker.listen_addr(), 1, "quiet");
     opts.timeout = Duration::from_secs(2);
+    opts.watch_status = true;
     let started = Instant::now();
     let report = run_fleet(opts, |_| {}).await.unwrap();
     assert!(started.elapsed() < Duration::from_secs(10));
@@ -680,16 +665,14 @@ async fn unreachable_broker_times_out_while_connecting() {
 #[tokio::test(flavor = "multi_thread")]
 #[ignore = "measurement, run by hand"]
 async fn simulator_throughput() {
-    let Some(broker) = TestBroker::start() else {
-        return;
-    };
+    let broker = embedded_broker().await;
     let devices = std::env::var("FLEET_DEVICES")
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(2000);
     let ca = Arc::new(CertificateAuthority::generate("test cloud CA").unwrap());
-    start_responder(broker.addr(), ca.clone(), Script::default()).await;
-    let mut opts = options(broker.addr(), devices, "scale");
+    start_responder(broker.listen_addr(), ca.clone(), Script::default()).await;
+    let mut opts = options(broker.listen_addr(), devices, "scale");
     opts.cbor_share = 0.5;
     opts.own_csr_share = 0.5;
     opts.cloud_ca_pem = Some(ca.cert_pem().to_string());

@@ -17,6 +17,7 @@ use comfy_table::{CellAlignment, Table};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 use crate::admission;
+use crate::downstream::{parse_broker_url, BrokerUrl};
 use crate::emulator::devices::{self, FleetEvent, FleetOptions, FleetReport, SimAttestation};
 use crate::identity::{CertificateAuthority, KeyType, Secret};
 
@@ -126,6 +127,11 @@ pub struct Args {
     /// Write the summary as JSON to FILE.
     #[arg(long, value_name = "FILE")]
     pub json: Option<PathBuf>,
+
+    /// Also subscribe to each device's retained status topic, so timeouts report the
+    /// gateway's last status (e.g. waitingApproval); adds broker work with many devices.
+    #[arg(long)]
+    pub watch_status: bool,
 
     /// Seconds without an answer after which a device sends its request again (0 = never).
     #[arg(long, value_name = "SECS", default_value_t = 15)]
@@ -255,6 +261,7 @@ fn fleet_options(args: &Args) -> Result<FleetOptions, ArgsError> {
     opts.cloud_ca_pem = args.ca.as_deref().map(read_text).transpose()?;
     opts.timeout = Duration::from_secs(args.timeout);
     opts.resend_after = (args.resend_secs > 0).then(|| Duration::from_secs(args.resend_secs));
+    opts.watch_status = args.watch_status;
     opts.parameters = parse_parameters(&args.parameters).map_err(ArgsError::Usage)?;
     opts.attestation = attestation(args)?;
     Ok(opts)
@@ -304,53 +311,28 @@ fn parse_parameters(raw: &[String]) -> Result<BTreeMap<String, String>, String> 
         .collect()
 }
 
-/// Host, port and TLS of `--broker`.
-struct BrokerAddr {
-    host: String,
-    port: u16,
-    tls: bool,
-}
-
-/// `HOST:PORT`, `mqtt://HOST[:PORT]` (1883) or `mqtts://HOST[:PORT]` (8883); IPv6 in brackets.
-fn parse_broker(raw: &str) -> Result<BrokerAddr, String> {
-    let bad = |why: &str| format!("--broker {raw:?}: {why}");
-    let (tls, default_port, rest) = match raw.split_once("://") {
-        None => (false, None, raw),
-        Some((scheme, rest)) => match scheme.to_ascii_lowercase().as_str() {
-            "mqtt" | "tcp" => (false, Some(1883), rest),
-            "mqtts" | "ssl" | "tls" => (true, Some(8883), rest),
-            _ => return Err(bad("unknown scheme; use mqtt:// or mqtts://")),
-        },
-    };
-    let rest = rest.strip_suffix('/').unwrap_or(rest);
-    let (host, port) = if let Some(v6) = rest.strip_prefix('[') {
-        let (host, after) = v6
-            .split_once(']')
-            .ok_or_else(|| bad("unclosed '[' in an IPv6 address"))?;
-        (host, after.strip_prefix(':'))
+/// `HOST:PORT` or a broker URL (`mqtt://HOST[:PORT]`, `mqtts://HOST[:PORT]`, IPv6 in
+/// brackets), parsed the way the gateway parses `[downstream] url`.
+fn parse_broker(raw: &str) -> Result<BrokerUrl, String> {
+    let url = if raw.contains("://") {
+        raw.to_string()
     } else {
-        match rest.rsplit_once(':') {
-            Some((host, port)) => (host, Some(port)),
-            None => (rest, None),
+        // Without a scheme the port is required: 1883 vs 8883 would be a guess.
+        let has_port = raw.rsplit_once(':').is_some_and(|(host, port)| {
+            !port.is_empty() && (!host.contains(':') || host.ends_with(']'))
+        });
+        if !has_port {
+            return Err(format!(
+                "--broker {raw:?}: expected HOST:PORT or mqtt[s]://HOST[:PORT]"
+            ));
         }
+        format!("mqtt://{raw}")
     };
-    if host.is_empty() || host.contains(['/', '?', '#']) {
-        return Err(bad("expected HOST:PORT or mqtt[s]://HOST[:PORT]"));
+    let parsed = parse_broker_url(&url).map_err(|e| format!("--broker {raw:?}: {e}"))?;
+    if parsed.port == 0 {
+        return Err(format!("--broker {raw:?}: port 0 is not a broker port"));
     }
-    let port = match (port, default_port) {
-        (Some(p), _) => p
-            .parse::<u16>()
-            .ok()
-            .filter(|p| *p != 0)
-            .ok_or_else(|| bad("the port is not a number from 1 to 65535"))?,
-        (None, Some(p)) => p,
-        (None, None) => return Err(bad("no port; use HOST:PORT")),
-    };
-    Ok(BrokerAddr {
-        host: host.to_string(),
-        port,
-        tls,
-    })
+    Ok(parsed)
 }
 
 /// A progress bar over the devices on stderr (hidden when stderr is not a terminal), with

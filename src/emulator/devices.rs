@@ -7,8 +7,9 @@
 //! 1. connects to the gateway's local broker (client id = device id, optional TLS and
 //!    username/password, `{id}` in either is replaced by the device id so per-device broker
 //!    credentials work),
-//! 2. subscribes to `{p}/{id}/provision/{fmt}/accepted`, `/rejected` and `{p}/{id}/status` and
-//!    waits for the SUBACK (the gateway answers only once, so subscribing late loses the answer),
+//! 2. subscribes to `{p}/{id}/provision/{fmt}/+` (`/accepted` and `/rejected`; with
+//!    `watch_status` also `{p}/{id}/status`) and waits for the SUBACK (the gateway answers only
+//!    once, so subscribing late loses the answer),
 //! 3. publishes its request (JSON or CBOR; the gateway generates the key, or the device sends
 //!    its own CSR; attestation none, symmetric key or X.509),
 //! 4. verifies the answer: the certificate parses, carries the device's own key or the returned
@@ -24,6 +25,10 @@
 //! task, no OS thread per device); `max_in_flight` bounds how many devices are between connect
 //! and answer at once, and `rate` paces how many start per second. Everything about a device
 //! (id, payload format, own CSR or not) follows from its index, so runs are reproducible.
+//! Each device subscribes to one filter: rumqttd (the embedded broker) matches every new filter
+//! against every known topic and retained message, and every new topic against every filter,
+//! so broker work grows with (filters x topics); one filter instead of three per device cuts
+//! it threefold. The status topic is opt-in for the same reason.
 //!
 //! The per-device loop is a small stage machine (connecting, subscribing, waiting for the
 //! answer) on one connection, so the telemetry phase of the simulator (sequence-numbered
@@ -47,9 +52,11 @@ use tokio::time::Instant;
 
 use crate::admission::{sas, x509 as x509_attestation, Attestation};
 use crate::device_id::{DeviceId, DeviceIdError};
+use crate::downstream::contract::{
+    self as wire, AcceptedResponse, PayloadFormat, ProvisionRequest, RejectedResponse, StatusReport,
+};
+use crate::downstream::TopicPrefix;
 use crate::identity::{self, CertificateAuthority, IdentityError, KeyType, PrivateKey, Secret};
-
-use wire::{AcceptedResponse, PayloadFormat, ProvisionRequest, RejectedResponse};
 
 /// Largest packet a simulated device accepts (certificate + private key answers are ~3 KiB;
 /// RSA chains more).
@@ -71,95 +78,6 @@ const SAS_TTL_SECS: i64 = 3600;
 const ATTESTATION_CERT_DAYS: u32 = 30;
 /// Histogram range in microseconds: 1 µs to 1 hour, 3 significant digits.
 const HISTOGRAM_MAX_US: u64 = 3_600_000_000;
-
-/// Device payload types of the device contract (DESIGN.md "The device contract").
-// Kept local until `downstream::contract` is on main; then these become re-exports of it.
-mod wire {
-    use std::collections::BTreeMap;
-    use std::fmt;
-
-    use serde::{Deserialize, Serialize};
-
-    use crate::admission::Attestation;
-
-    /// `json` or `cbor`, the last level of the request topic.
-    #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
-    #[serde(rename_all = "lowercase")]
-    pub enum PayloadFormat {
-        #[default]
-        Json,
-        Cbor,
-    }
-
-    impl PayloadFormat {
-        pub fn as_str(self) -> &'static str {
-            match self {
-                PayloadFormat::Json => "json",
-                PayloadFormat::Cbor => "cbor",
-            }
-        }
-    }
-
-    impl fmt::Display for PayloadFormat {
-        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-            f.write_str(self.as_str())
-        }
-    }
-
-    #[derive(Clone, Debug, Serialize, Deserialize)]
-    #[serde(rename_all = "camelCase")]
-    pub struct ProvisionRequest {
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        pub csr: Option<String>,
-        pub attestation: Attestation,
-        #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-        pub parameters: BTreeMap<String, String>,
-    }
-
-    #[derive(Clone, Deserialize)]
-    #[serde(rename_all = "camelCase")]
-    pub struct AcceptedResponse {
-        pub device_id: String,
-        pub certificate_pem: String,
-        #[serde(default)]
-        pub private_key: Option<String>,
-        pub thing_name: String,
-    }
-
-    #[derive(Clone, Debug, Deserialize)]
-    #[serde(rename_all = "camelCase")]
-    pub struct RejectedResponse {
-        pub status_code: u16,
-        pub error_code: String,
-        pub error_message: String,
-    }
-
-    #[derive(Clone, Debug, Deserialize)]
-    pub struct StatusReport {
-        pub status: String,
-    }
-
-    pub fn encode<T: Serialize>(format: PayloadFormat, value: &T) -> Result<Vec<u8>, String> {
-        match format {
-            PayloadFormat::Json => serde_json::to_vec(value).map_err(|e| e.to_string()),
-            PayloadFormat::Cbor => {
-                let mut out = Vec::new();
-                ciborium::into_writer(value, &mut out).map_err(|e| e.to_string())?;
-                Ok(out)
-            }
-        }
-    }
-
-    pub fn decode<T: serde::de::DeserializeOwned>(
-        format: PayloadFormat,
-        bytes: &[u8],
-    ) -> Result<T, String> {
-        match format {
-            PayloadFormat::Json => serde_json::from_slice(bytes).map_err(|e| e.to_string()),
-            PayloadFormat::Cbor => ciborium::from_reader(bytes).map_err(|e| e.to_string()),
-        }
-    }
-}
 
 /// How simulated devices prove who they are; the gateway's `[admission] mode` decides which
 /// one it accepts.
@@ -237,6 +155,9 @@ pub struct FleetOptions {
     pub cloud_ca_pem: Option<String>,
     /// Per device, from its first connect attempt to the verified answer.
     pub timeout: Duration,
+    /// Also subscribe to the retained `{p}/{id}/status`, so a device that times out reports
+    /// the gateway's last word about it (e.g. `waitingApproval`). Costs broker work at scale.
+    pub watch_status: bool,
     /// Send the request again when no answer came this long after the last send (`None`:
     /// never). A request published before the gateway subscribed is otherwise lost; the
     /// gateway answers repeats idempotently.
@@ -267,6 +188,7 @@ impl FleetOptions {
             cloud_ca_pem: None,
             timeout: Duration::from_secs(60),
             resend_after: Some(Duration::from_secs(15)),
+            watch_status: false,
         }
     }
 
@@ -339,18 +261,8 @@ impl FleetOptions {
         if self.resend_after.is_some_and(|d| d.is_zero()) {
             return invalid("resend-secs", "must be at least 1 second (or never)".into());
         }
-        if self.topic_prefix.is_empty()
-            || self.topic_prefix.starts_with('$')
-            || self.topic_prefix.contains(['+', '#', '\0'])
-            || self.topic_prefix.split('/').any(str::is_empty)
-        {
-            return invalid(
-                "prefix",
-                format!(
-                    "{:?} is not a topic prefix (non-empty levels, no wildcards, no leading '$')",
-                    self.topic_prefix
-                ),
-            );
+        if let Err(e) = TopicPrefix::new(&self.topic_prefix) {
+            return invalid("prefix", e.to_string());
         }
         if let Some(password) = &self.password {
             if password.expose_str().is_none() {
@@ -672,7 +584,11 @@ pub async fn run_fleet(
         .transpose()
         .map_err(SimError::BrokerTls)?;
     let mut tally = Tally::new(&plans);
-    let shared = Arc::new(Fleet { opts, tls });
+    let prefix = TopicPrefix::new(&opts.topic_prefix).map_err(|e| SimError::InvalidOption {
+        option: "prefix",
+        reason: e.to_string(),
+    })?;
+    let shared = Arc::new(Fleet { opts, prefix, tls });
 
     let started = Instant::now();
     let (tx, mut rx) = mpsc::unbounded_channel();
@@ -702,6 +618,7 @@ impl Drop for AbortOnDrop {
 /// What device tasks share.
 struct Fleet {
     opts: FleetOptions,
+    prefix: TopicPrefix,
     tls: Option<Arc<rustls::ClientConfig>>,
 }
 
@@ -911,10 +828,12 @@ fn prepare_request(
         csr,
         attestation,
         parameters: opts.parameters.clone(),
+        payload: None,
     };
-    let payload = wire::encode(plan.format, &request)
-        .map_err(|e| FailureReason::Prepare(format!("{} encoding: {e}", plan.format)))?;
-    Ok(PreparedRequest { payload, own_key })
+    Ok(PreparedRequest {
+        payload: wire::encode(plan.format, &request),
+        own_key,
+    })
 }
 
 /// The topics of one device.
@@ -923,24 +842,30 @@ struct DeviceTopics {
     accepted: String,
     rejected: String,
     status: String,
+    watch_status: bool,
 }
 
 impl DeviceTopics {
-    fn new(prefix: &str, plan: &DevicePlan) -> Self {
-        let request = format!("{prefix}/{}/provision/{}", plan.id, plan.format);
+    fn new(prefix: &TopicPrefix, plan: &DevicePlan, watch_status: bool) -> Self {
         Self {
-            accepted: format!("{request}/accepted"),
-            rejected: format!("{request}/rejected"),
-            status: format!("{prefix}/{}/status", plan.id),
-            request,
+            request: prefix.provision_request(&plan.id, plan.format),
+            accepted: prefix.accepted(&plan.id, plan.format),
+            rejected: prefix.rejected(&plan.id, plan.format),
+            status: prefix.status(&plan.id),
+            watch_status,
         }
     }
 
+    /// `{request}/+` covers `/accepted` and `/rejected` in one filter.
     fn filters(&self) -> Vec<SubscribeFilter> {
-        [&self.accepted, &self.rejected, &self.status]
-            .into_iter()
-            .map(|t| SubscribeFilter::new(t.clone(), QoS::AtLeastOnce))
-            .collect()
+        let mut filters = vec![SubscribeFilter::new(
+            format!("{}/+", self.request),
+            QoS::AtLeastOnce,
+        )];
+        if self.watch_status {
+            filters.push(SubscribeFilter::new(self.status.clone(), QoS::AtLeastOnce));
+        }
+        filters
     }
 }
 
@@ -995,7 +920,7 @@ async fn run_device(fleet: &Fleet, plan: DevicePlan) -> Outcome {
             eventloop
                 .network_options
                 .set_connection_timeout(CONNECT_TIMEOUT_SECS);
-            let topics = DeviceTopics::new(&fleet.opts.topic_prefix, &plan);
+            let topics = DeviceTopics::new(&fleet.prefix, &plan, fleet.opts.watch_status);
             let result = device
                 .provision(fleet, &plan, &topics, &request, &client, &mut eventloop)
                 .await;
@@ -1114,10 +1039,10 @@ impl DeviceRun {
                         });
                     } else if publish.topic == topics.rejected {
                         let rejected: RejectedResponse =
-                            wire::decode(plan.format, &publish.payload).map_err(|reason| {
+                            wire::decode(plan.format, &publish.payload).map_err(|e| {
                                 FailureReason::InvalidAnswer {
                                     topic: publish.topic.clone(),
-                                    reason,
+                                    reason: e.to_string(),
                                 }
                             })?;
                         if rejected.status_code == 429 || rejected.status_code >= 500 {
@@ -1136,14 +1061,11 @@ impl DeviceRun {
                         }
                     } else if publish.topic == topics.status {
                         self.last_status = Some(
-                            wire::decode::<wire::StatusReport>(
-                                PayloadFormat::Json,
-                                &publish.payload,
-                            )
-                            .map(|s| s.status)
-                            .unwrap_or_else(|_| {
-                                String::from_utf8_lossy(&publish.payload).into_owned()
-                            }),
+                            wire::decode::<StatusReport>(PayloadFormat::Json, &publish.payload)
+                                .map(|s| s.status.as_str().to_string())
+                                .unwrap_or_else(|_| {
+                                    String::from_utf8_lossy(&publish.payload).into_owned()
+                                }),
                         );
                     }
                 }
@@ -1208,13 +1130,13 @@ fn verify_answer(
     payload: &[u8],
 ) -> Result<String, FailureReason> {
     let answer: AcceptedResponse =
-        wire::decode(plan.format, payload).map_err(|reason| FailureReason::InvalidAnswer {
+        wire::decode(plan.format, payload).map_err(|e| FailureReason::InvalidAnswer {
             topic: String::new(),
-            reason,
+            reason: e.to_string(),
         })?;
-    if !answer.device_id.eq_ignore_ascii_case(plan.id.as_str()) {
+    if answer.device_id != plan.id {
         return Err(FailureReason::WrongDevice {
-            got: answer.device_id,
+            got: answer.device_id.to_string(),
         });
     }
     if answer.thing_name.is_empty() {
