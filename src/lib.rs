@@ -5,5 +5,7 @@
 //! store and then forwards their telemetry upstream. See `docs/architecture.md` for the map.
 
 pub mod cli;
+pub mod cloud;
 pub mod device_id;
+pub mod emulator;
 pub mod identity;
