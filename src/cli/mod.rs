@@ -3,6 +3,7 @@
 //! Each subcommand lives in its own file with its `Args` struct and a `run` function that
 //! returns the process exit code. Logging is set up here, once, before any command runs.
 
+mod check_config;
 mod csr;
 mod emulate;
 mod logging;
@@ -58,6 +59,8 @@ pub struct ConfigArgs {
 pub enum Command {
     /// Generate a device key and CSR: writes DIR/ID.key (0600) and DIR/ID.csr.
     Csr(csr::Args),
+    /// Check the config: print the effective config (secrets redacted), or the error (exit 78).
+    CheckConfig(check_config::Args),
     /// Run a cloud emulator (AWS IoT) for tests, demos and benchmarks.
     Emulate(emulate::Args),
 }
@@ -68,6 +71,7 @@ pub fn main() -> ExitCode {
     logging::init(cli.log_format, None);
     match cli.command {
         Command::Csr(args) => csr::run(args),
+        Command::CheckConfig(args) => check_config::run(args),
         Command::Emulate(args) => emulate::run(args),
     }
 }
