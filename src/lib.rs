@@ -10,5 +10,6 @@ pub mod cloud;
 pub mod config;
 pub mod device_id;
 pub mod downstream;
+pub mod emulator;
 pub mod identity;
 pub mod store;

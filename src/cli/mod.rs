@@ -5,6 +5,7 @@
 
 mod check_config;
 mod csr;
+mod emulate;
 mod logging;
 
 use std::path::PathBuf;
@@ -60,6 +61,8 @@ pub enum Command {
     Csr(csr::Args),
     /// Check the config: print the effective config (secrets redacted), or the error (exit 78).
     CheckConfig(check_config::Args),
+    /// Run a cloud emulator (AWS IoT) for tests, demos and benchmarks.
+    Emulate(emulate::Args),
 }
 
 /// Parses argv, sets up logging and runs the chosen command.
@@ -69,5 +72,6 @@ pub fn main() -> ExitCode {
     match cli.command {
         Command::Csr(args) => csr::run(args),
         Command::CheckConfig(args) => check_config::run(args),
+        Command::Emulate(args) => emulate::run(args),
     }
 }
