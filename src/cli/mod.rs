@@ -5,6 +5,7 @@
 
 mod check_config;
 mod csr;
+mod emulate;
 mod logging;
 mod simulate;
 
@@ -61,6 +62,8 @@ pub enum Command {
     Csr(csr::Args),
     /// Check the config: print the effective config (secrets redacted), or the error (exit 78).
     CheckConfig(check_config::Args),
+    /// Run a cloud emulator (AWS IoT) for tests, demos and benchmarks.
+    Emulate(emulate::Args),
     /// Simulate a fleet of downstream devices provisioning through a gateway's broker.
     Simulate(Box<simulate::Args>),
 }
@@ -72,6 +75,7 @@ pub fn main() -> ExitCode {
     match cli.command {
         Command::Csr(args) => csr::run(args),
         Command::CheckConfig(args) => check_config::run(args),
+        Command::Emulate(args) => emulate::run(args),
         Command::Simulate(args) => simulate::run(*args),
     }
 }
