@@ -6,5 +6,6 @@
 
 pub mod admission;
 pub mod cli;
+pub mod cloud;
 pub mod device_id;
 pub mod identity;
