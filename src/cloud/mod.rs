@@ -1,5 +1,6 @@
 //! The cloud side of provisioning: the [`Provider`] seam the engine talks to, and its
-//! implementations (AWS IoT fleet provisioning in [`aws`]; Azure DPS comes later).
+//! implementations (AWS IoT fleet provisioning in [`aws`]; Azure DPS comes later), plus the
+//! payload codecs ([`codec`]) shared by the cloud clients and the emulators.
 //!
 //! The engine never sees MQTT topics or payload formats: it hands a CSR to
 //! [`Provider::create_certificate`], persists the [`IssuedCertificate`] (with its ownership
@@ -7,6 +8,8 @@
 //! engine whether to retry (transient), slow down (throttling), start again with a new
 //! certificate (invalid ownership token) or give up (permanent rejection).
 
+pub mod aws;
+pub mod codec;
 pub mod rate;
 
 use std::collections::BTreeMap;
