@@ -9,3 +9,4 @@ pub mod cli;
 pub mod cloud;
 pub mod device_id;
 pub mod identity;
+pub mod store;
