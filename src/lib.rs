@@ -9,4 +9,5 @@ pub mod cli;
 pub mod cloud;
 pub mod device_id;
 pub mod identity;
+pub mod provision;
 pub mod store;

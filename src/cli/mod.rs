@@ -5,6 +5,7 @@
 
 mod csr;
 mod logging;
+mod run;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -57,13 +58,19 @@ pub struct ConfigArgs {
 pub enum Command {
     /// Generate a device key and CSR: writes DIR/ID.key (0600) and DIR/ID.csr.
     Csr(csr::Args),
+    /// Run the gateway daemon until SIGTERM/SIGINT.
+    Run(run::Args),
 }
 
 /// Parses argv, sets up logging and runs the chosen command.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    logging::init(cli.log_format, None);
     match cli.command {
-        Command::Csr(args) => csr::run(args),
+        Command::Csr(args) => {
+            logging::init(cli.log_format, None);
+            csr::run(args)
+        }
+        // `run` sets up logging itself, with the level and format of its config.
+        Command::Run(args) => run::run(args, cli.log_format),
     }
 }

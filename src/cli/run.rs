@@ -402,6 +402,7 @@ fn engine_options(cfg: &Config) -> EngineOptions {
     opts.retry_max = Duration::from_millis(p.retry_max_ms.max(p.retry_base_ms).max(1));
     opts.device_rate_per_minute = cfg.downstream.device_rate_per_minute;
     opts.shutdown_grace = Duration::from_millis(p.request_timeout_ms) + Duration::from_secs(5);
+    opts.certificates_in_flight = cfg.cloud.aws.sessions.max(1) as usize;
     opts
 }
 

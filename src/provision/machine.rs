@@ -210,6 +210,10 @@ async fn prepare_key(inner: &Inner, rec: DeviceRecord) -> Step {
 }
 
 async fn create_certificate(inner: &Inner, rec: DeviceRecord, csr: &str) -> Step {
+    // Bounds the certificates a crash can orphan: a permit is held until the result is durable.
+    let Ok(_permit) = inner.certificate_permits.acquire().await else {
+        return Step::Done;
+    };
     match inner.provider.create_certificate(&rec.id, csr).await {
         Ok(issued) => {
             let token = match issued.ownership_token.expose_str() {

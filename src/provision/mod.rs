@@ -61,6 +61,9 @@ pub struct EngineOptions {
     pub intake_concurrency: usize,
     /// How long [`Engine::shutdown`] waits for steps in flight.
     pub shutdown_grace: Duration,
+    /// Certificates requested but not yet persisted, at most (set it to the number of claim
+    /// sessions): a crash can orphan only these, so at most this many per crash.
+    pub certificates_in_flight: usize,
 }
 
 impl EngineOptions {
@@ -76,6 +79,7 @@ impl EngineOptions {
             workers: 256,
             intake_concurrency: 1024,
             shutdown_grace: Duration::from_secs(15),
+            certificates_in_flight: 4,
         }
     }
 }
@@ -142,6 +146,8 @@ pub(crate) struct Inner {
     stopping: watch::Sender<bool>,
     counters: Counters,
     crash_after: Option<String>,
+    /// Held from CreateCertificateFromCsr until its result is durable.
+    certificate_permits: Semaphore,
 }
 
 /// The running engine.
@@ -184,6 +190,7 @@ impl Engine {
             admission: parts.admission,
             sealer: parts.sealer,
             limit: std::sync::Mutex::new(DeviceRateLimit::new(opts.device_rate_per_minute)),
+            certificate_permits: Semaphore::new(opts.certificates_in_flight.max(1)),
             opts,
             active: std::sync::Mutex::new(HashMap::new()),
             jobs,
