@@ -7,7 +7,9 @@
 pub mod admission;
 pub mod cli;
 pub mod cloud;
+pub mod config;
 pub mod device_id;
+pub mod downstream;
 pub mod identity;
 pub mod provision;
 pub mod store;

@@ -226,7 +226,10 @@ fn http(addr: &str, method: &str, path: &str, body: Option<&str>) -> (u16, Strin
         .nth(1)
         .and_then(|c| c.parse().ok())
         .unwrap_or(0);
-    let body = if head.to_ascii_lowercase().contains("transfer-encoding: chunked") {
+    let body = if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
         dechunk(rest)
     } else {
         rest.to_string()
@@ -256,7 +259,14 @@ struct Gateway {
 
 impl Gateway {
     /// Starts `fleetgw run` with the emulator's gateway.toml and waits for readiness.
-    fn start(dir: &Path, emu: &Emulator, port: u16, sets: &[&str], envs: &[(&str, &str)], n: usize) -> Gateway {
+    fn start(
+        dir: &Path,
+        emu: &Emulator,
+        port: u16,
+        sets: &[&str],
+        envs: &[(&str, &str)],
+        n: usize,
+    ) -> Gateway {
         let state_dir = dir.join("gateway-state");
         let mut args = vec![
             "run".to_string(),
@@ -365,7 +375,13 @@ enum Outcome {
 /// Connects, subscribes to its responses, requests provisioning (again after every reconnect
 /// and every `retry` without an answer) and returns the first final answer. 429 answers are
 /// retried, as a device would.
-async fn provision(port: u16, dev: Device, payload: Vec<u8>, within: Duration, retry: Duration) -> Outcome {
+async fn provision(
+    port: u16,
+    dev: Device,
+    payload: Vec<u8>,
+    within: Duration,
+    retry: Duration,
+) -> Outcome {
     let mut opts = MqttOptions::new(format!("dev-{}", dev.id), "127.0.0.1", port);
     opts.set_keep_alive(Duration::from_secs(5));
     opts.set_max_packet_size(512 * 1024, 512 * 1024);
@@ -387,8 +403,14 @@ async fn provision(port: u16, dev: Device, payload: Vec<u8>, within: Duration, r
         };
         match event {
             Ok(Event::Incoming(Packet::ConnAck(_))) => {
-                client.subscribe(accepted.clone(), QoS::AtLeastOnce).await.unwrap();
-                client.subscribe(rejected.clone(), QoS::AtLeastOnce).await.unwrap();
+                client
+                    .subscribe(accepted.clone(), QoS::AtLeastOnce)
+                    .await
+                    .unwrap();
+                client
+                    .subscribe(rejected.clone(), QoS::AtLeastOnce)
+                    .await
+                    .unwrap();
             }
             Ok(Event::Incoming(Packet::SubAck(_))) => {
                 // Both subscriptions granted after the second SUBACK; requesting after the first
@@ -410,7 +432,11 @@ async fn provision(port: u16, dev: Device, payload: Vec<u8>, within: Duration, r
             }
             Ok(_) => {}
             Err(_) => {
-                assert!(tokio::time::Instant::now() < deadline, "device {}: no answer within {within:?}", dev.id);
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "device {}: no answer within {within:?}",
+                    dev.id
+                );
                 next_request = None;
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
@@ -448,9 +474,16 @@ fn unix_now() -> i64 {
 /// The answer is the device's: its id, a certificate chaining to the cloud CA for its key.
 fn check_accepted(dev: &Device, a: &AcceptedResponse, ca_pem: &str) {
     assert_eq!(a.device_id.as_str(), dev.id);
-    assert_eq!(a.thing_name, dev.id, "the template names things by serial number = id");
-    identity::verify_chain(&a.certificate_pem, ca_pem, unix_now())
-        .unwrap_or_else(|e| panic!("device {}: certificate does not chain to the emulator CA: {e}", dev.id));
+    assert_eq!(
+        a.thing_name, dev.id,
+        "the template names things by serial number = id"
+    );
+    identity::verify_chain(&a.certificate_pem, ca_pem, unix_now()).unwrap_or_else(|e| {
+        panic!(
+            "device {}: certificate does not chain to the emulator CA: {e}",
+            dev.id
+        )
+    });
     let key = match (&dev.own_key, &a.private_key) {
         (Some(own), None) => (**own).clone_for_test(),
         (None, Some(pem)) => PrivateKey::from_pem(pem).unwrap(),
@@ -532,13 +565,25 @@ async fn devices_provision_end_to_end_and_repeats_get_the_stored_result() {
     // A repeated request (gateway key and own CSR, JSON and CBOR) returns the stored result.
     for i in [0usize, 1, 2] {
         let d = &devices[i];
-        let again = match provision(port, d.clone(), d.request(), Duration::from_secs(30), Duration::from_secs(5)).await {
+        let again = match provision(
+            port,
+            d.clone(),
+            d.request(),
+            Duration::from_secs(30),
+            Duration::from_secs(5),
+        )
+        .await
+        {
             Outcome::Accepted(a) => a,
             Outcome::Rejected(r) => panic!("repeat of {} rejected: {r:?}", d.id),
         };
         assert_eq!(again, results[i], "device {}", d.id);
     }
-    assert_eq!(emu.certificates().len(), devices.len(), "no second certificate");
+    assert_eq!(
+        emu.certificates().len(),
+        devices.len(),
+        "no second certificate"
+    );
     assert_eq!(emu.things().len(), devices.len());
 
     let state_dir = gw.stop();
@@ -550,20 +595,35 @@ async fn devices_provision_end_to_end_and_repeats_get_the_stored_result() {
             .unwrap();
         assert_eq!(rec.state, DeviceState::Delivered, "{}", d.id);
         assert_eq!(rec.provision.thing_name.as_deref(), Some(d.id.as_str()));
-        assert_eq!(store.secret(&rec.id).unwrap().is_some(), d.own_key.is_none());
+        assert_eq!(
+            store.secret(&rec.id).unwrap().is_some(),
+            d.own_key.is_none()
+        );
     }
     assert_eq!(store.device_count(), devices.len());
 }
 
 /// Publishes `payload` on `topic` and returns the answer on `topic/rejected`.
-async fn rejected_for(port: u16, client_id: &str, topic: &str, payload: Vec<u8>, fmt: PayloadFormat) -> RejectedResponse {
+async fn rejected_for(
+    port: u16,
+    client_id: &str,
+    topic: &str,
+    payload: Vec<u8>,
+    fmt: PayloadFormat,
+) -> RejectedResponse {
     let mut opts = MqttOptions::new(client_id, "127.0.0.1", port);
     opts.set_max_packet_size(512 * 1024, 512 * 1024);
     let (client, mut ev) = AsyncClient::new(opts, 16);
     let rejected = format!("{topic}/rejected");
     let accepted = format!("{topic}/accepted");
-    client.subscribe(rejected.clone(), QoS::AtLeastOnce).await.unwrap();
-    client.subscribe(accepted.clone(), QoS::AtLeastOnce).await.unwrap();
+    client
+        .subscribe(rejected.clone(), QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    client
+        .subscribe(accepted.clone(), QoS::AtLeastOnce)
+        .await
+        .unwrap();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     let mut subacks = 0;
     loop {
@@ -575,7 +635,10 @@ async fn rejected_for(port: u16, client_id: &str, topic: &str, payload: Vec<u8>,
             Event::Incoming(Packet::SubAck(_)) => {
                 subacks += 1;
                 if subacks == 2 {
-                    client.publish(topic, QoS::AtLeastOnce, false, payload.clone()).await.unwrap();
+                    client
+                        .publish(topic, QoS::AtLeastOnce, false, payload.clone())
+                        .await
+                        .unwrap();
                 }
             }
             Event::Incoming(Packet::Publish(p)) if p.topic == rejected => {
@@ -599,7 +662,10 @@ async fn bad_requests_are_rejected_stored_nowhere_and_others_still_provision() {
         dir.path(),
         &emu,
         port,
-        &["provision.allowed_csr_key_types=[\"ecdsa-p256\"]", "downstream.device_rate_per_minute=6"],
+        &[
+            "provision.allowed_csr_key_types=[\"ecdsa-p256\"]",
+            "downstream.device_rate_per_minute=6",
+        ],
         &[],
         1,
     );
@@ -620,10 +686,34 @@ async fn bad_requests_are_rejected_stored_nowhere_and_others_still_provision() {
     };
 
     let mut cases: Vec<(&str, String, Vec<u8>, PayloadFormat, &str)> = vec![
-        ("malformed-json", "fleetgw/bad-json/provision/json".into(), b"{\"attestation\":".to_vec(), json, "InvalidPayload"),
-        ("malformed-cbor", "fleetgw/bad-cbor/provision/cbor".into(), vec![0xa1, 0x6b, b'a'], PayloadFormat::Cbor, "InvalidPayload"),
-        ("invalid-id", "fleetgw/bad!id/provision/json".into(), none.as_bytes().to_vec(), json, "InvalidDeviceId"),
-        ("oversize", "fleetgw/bad-big/provision/json".into(), vec![b' '; 70 * 1024], json, "PayloadTooLarge"),
+        (
+            "malformed-json",
+            "fleetgw/bad-json/provision/json".into(),
+            b"{\"attestation\":".to_vec(),
+            json,
+            "InvalidPayload",
+        ),
+        (
+            "malformed-cbor",
+            "fleetgw/bad-cbor/provision/cbor".into(),
+            vec![0xa1, 0x6b, b'a'],
+            PayloadFormat::Cbor,
+            "InvalidPayload",
+        ),
+        (
+            "invalid-id",
+            "fleetgw/bad!id/provision/json".into(),
+            none.as_bytes().to_vec(),
+            json,
+            "InvalidDeviceId",
+        ),
+        (
+            "oversize",
+            "fleetgw/bad-big/provision/json".into(),
+            vec![b' '; 70 * 1024],
+            json,
+            "PayloadTooLarge",
+        ),
         (
             "cn-mismatch",
             "fleetgw/bad-cn/provision/json".into(),
@@ -646,12 +736,21 @@ async fn bad_requests_are_rejected_stored_nowhere_and_others_still_provision() {
     let n = der.len();
     der[n - 3] ^= 0x01;
     let tampered = pem::encode(&pem::Pem::new("CERTIFICATE REQUEST", der));
-    cases.push(("bad-signature", "fleetgw/bad-sig/provision/json".into(), with_csr(&tampered), json, "InvalidCsr"));
+    cases.push((
+        "bad-signature",
+        "fleetgw/bad-sig/provision/json".into(),
+        with_csr(&tampered),
+        json,
+        "InvalidCsr",
+    ));
 
     for (name, topic, payload, fmt, code) in cases {
         let r = rejected_for(port, &format!("probe-{name}"), &topic, payload, fmt).await;
         assert_eq!(r.error_code, code, "{name}: {r:?}");
-        assert!(r.status_code >= 400 && !r.error_message.is_empty(), "{name}: {r:?}");
+        assert!(
+            r.status_code >= 400 && !r.error_message.is_empty(),
+            "{name}: {r:?}"
+        );
     }
 
     // A flood from one device: some requests are refused with 429, the daemon keeps serving.
@@ -661,11 +760,17 @@ async fn bad_requests_are_rejected_stored_nowhere_and_others_still_provision() {
         let mut opts = MqttOptions::new("flooder", "127.0.0.1", port);
         opts.set_max_packet_size(512 * 1024, 512 * 1024);
         let (client, mut ev) = AsyncClient::new(opts, 64);
-        client.subscribe(format!("{flood_topic}/rejected"), QoS::AtLeastOnce).await.unwrap();
+        client
+            .subscribe(format!("{flood_topic}/rejected"), QoS::AtLeastOnce)
+            .await
+            .unwrap();
         let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
         let mut sent = false;
         while codes.len() < 20 {
-            let e = tokio::time::timeout_at(deadline, ev.poll()).await.expect("flood answers").unwrap();
+            let e = tokio::time::timeout_at(deadline, ev.poll())
+                .await
+                .expect("flood answers")
+                .unwrap();
             match e {
                 Event::Incoming(Packet::SubAck(_)) if !sent => {
                     sent = true;
@@ -673,7 +778,12 @@ async fn bad_requests_are_rejected_stored_nowhere_and_others_still_provision() {
                         // An invalid attestation type: each admitted request is refused as well,
                         // so every request gets an answer and nothing is stored.
                         client
-                            .publish(flood_topic, QoS::AtLeastOnce, false, br#"{"attestation":{"type":"bogus"}}"#.to_vec())
+                            .publish(
+                                flood_topic,
+                                QoS::AtLeastOnce,
+                                false,
+                                br#"{"attestation":{"type":"bogus"}}"#.to_vec(),
+                            )
                             .await
                             .unwrap();
                     }
@@ -694,13 +804,29 @@ async fn bad_requests_are_rejected_stored_nowhere_and_others_still_provision() {
         check_accepted(d, a, &emu.ca_pem);
     }
     assert_one_thing_per_device(&emu, &good);
-    assert_eq!(emu.certificates().len(), good.len(), "no certificate for a bad request");
+    assert_eq!(
+        emu.certificates().len(),
+        good.len(),
+        "no certificate for a bad request"
+    );
 
     let state_dir = gw.stop();
     let store = open_store(&state_dir);
-    assert_eq!(store.device_count(), good.len(), "only the good devices are stored");
-    for id in ["bad-json", "bad-cbor", "bad-big", "bad-cn", "bad-kt", "bad-sig", "flooder"] {
-        assert!(store.device(&DeviceId::parse(id).unwrap()).unwrap().is_none(), "{id} stored");
+    assert_eq!(
+        store.device_count(),
+        good.len(),
+        "only the good devices are stored"
+    );
+    for id in [
+        "bad-json", "bad-cbor", "bad-big", "bad-cn", "bad-kt", "bad-sig", "flooder",
+    ] {
+        assert!(
+            store
+                .device(&DeviceId::parse(id).unwrap())
+                .unwrap()
+                .is_none(),
+            "{id} stored"
+        );
     }
 }
 
@@ -720,7 +846,10 @@ async fn crash_safety_under_repeated_sigkill() {
     let emu = Emulator::start(dir.path(), &[]);
     emu.post("/faults", r#"{"responseDelayMs":20}"#);
     let port = free_port();
-    let sets = ["downstream.device_rate_per_minute=600", "cloud.aws.sessions=4"];
+    let sets = [
+        "downstream.device_rate_per_minute=600",
+        "cloud.aws.sessions=4",
+    ];
 
     let devices = fleet("crash", n);
     let fleet_task = {
@@ -731,7 +860,13 @@ async fn crash_safety_under_repeated_sigkill() {
                 .map(|d| {
                     let d = d.clone();
                     let payload = d.request();
-                    tokio::spawn(provision(port, d, payload, Duration::from_secs(300), Duration::from_secs(3)))
+                    tokio::spawn(provision(
+                        port,
+                        d,
+                        payload,
+                        Duration::from_secs(300),
+                        Duration::from_secs(3),
+                    ))
                 })
                 .collect();
             let mut out = Vec::new();
@@ -791,7 +926,10 @@ async fn crash_safety_under_repeated_sigkill() {
     let state_dir = gw.stop();
     let store = open_store(&state_dir);
     for d in &devices {
-        let rec = store.device(&DeviceId::parse(&d.id).unwrap()).unwrap().unwrap();
+        let rec = store
+            .device(&DeviceId::parse(&d.id).unwrap())
+            .unwrap()
+            .unwrap();
         assert_eq!(rec.state, DeviceState::Delivered, "{}", d.id);
     }
 }
@@ -832,7 +970,13 @@ async fn expired_ownership_token_gets_a_new_certificate() {
     let device_task = {
         let dev = dev.clone();
         let payload = dev.request();
-        tokio::spawn(provision(port, dev, payload, Duration::from_secs(90), Duration::from_secs(3)))
+        tokio::spawn(provision(
+            port,
+            dev,
+            payload,
+            Duration::from_secs(90),
+            Duration::from_secs(3),
+        ))
     };
 
     // The daemon stops right after persisting CertificateIssued, before RegisterThing.
@@ -849,9 +993,11 @@ async fn expired_ownership_token_gets_a_new_certificate() {
     let first: Vec<String> = emu.certificates().into_keys().collect();
     assert_eq!(first.len(), 1, "one certificate issued before the stop");
     // The token expires while the daemon is down: the emulator deletes the unactivated certificate.
-    poll_until("the first certificate to expire", Duration::from_secs(30), || {
-        emu.certificates().is_empty().then_some(())
-    });
+    poll_until(
+        "the first certificate to expire",
+        Duration::from_secs(30),
+        || emu.certificates().is_empty().then_some(()),
+    );
 
     let gw = Gateway::start(dir.path(), &emu, port, &[], &[], 2);
     let a = match device_task.await.unwrap() {

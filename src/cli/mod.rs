@@ -3,6 +3,7 @@
 //! Each subcommand lives in its own file with its `Args` struct and a `run` function that
 //! returns the process exit code. Logging is set up here, once, before any command runs.
 
+mod check_config;
 mod csr;
 mod logging;
 mod run;
@@ -58,6 +59,8 @@ pub struct ConfigArgs {
 pub enum Command {
     /// Generate a device key and CSR: writes DIR/ID.key (0600) and DIR/ID.csr.
     Csr(csr::Args),
+    /// Check the config: print the effective config (secrets redacted), or the error (exit 78).
+    CheckConfig(check_config::Args),
     /// Run the gateway daemon until SIGTERM/SIGINT.
     Run(run::Args),
 }
@@ -65,12 +68,13 @@ pub enum Command {
 /// Parses argv, sets up logging and runs the chosen command.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
+    // `run` sets up logging itself, with the level and format of its config.
+    if !matches!(cli.command, Command::Run(_)) {
+        logging::init(cli.log_format, None);
+    }
     match cli.command {
-        Command::Csr(args) => {
-            logging::init(cli.log_format, None);
-            csr::run(args)
-        }
-        // `run` sets up logging itself, with the level and format of its config.
+        Command::Csr(args) => csr::run(args),
+        Command::CheckConfig(args) => check_config::run(args),
         Command::Run(args) => run::run(args, cli.log_format),
     }
 }

@@ -206,11 +206,23 @@ fn take_cbor_error_path() -> String {
 }
 
 fn decode_cbor<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, CodecError> {
+    // Fast path: ciborium's streaming deserializer decodes straight into `T`, which covers what
+    // ciborium, cbor2 and the AWS SDKs write by default.
+    let mut rest = bytes;
+    if let Ok(value) = ciborium::de::from_reader::<T, _>(&mut rest) {
+        if rest.is_empty() {
+            return Ok(value);
+        }
+    }
+    decode_cbor_via_value(bytes)
+}
+
+/// Slow path, taken for indefinite-length map keys (which ciborium's streaming deserializer
+/// refuses) and for every error, whose field path and message it works out.
+fn decode_cbor_via_value<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, CodecError> {
     let fmt = PayloadFormat::Cbor;
-    // Two steps: ciborium's streaming deserializer only accepts definite-length text as map
-    // keys, while its `Value` decoder accepts every indefinite-length form (maps, arrays,
-    // chunked strings, as keys too) that other CBOR encoders may produce. Provisioning payloads
-    // are a few KiB, so the intermediate tree is cheap next to the MQTT/TLS round trip.
+    // ciborium's `Value` decoder accepts every indefinite-length form (maps, arrays, chunked
+    // strings, as keys too); the typed value is then read from the tree.
     let mut rest = bytes;
     let value: ciborium::Value = ciborium::de::from_reader(&mut rest).map_err(|e| match e {
         ciborium::de::Error::Io(_) => CodecError::invalid(
@@ -428,6 +440,9 @@ mod tests {
             let back: T = decode(fmt, &bytes).unwrap_or_else(|e| panic!("{fmt}: {e}"));
             assert_eq!(&back, value, "{fmt}");
         }
+        // The CBOR slow path (taken for indefinite-length keys and errors) agrees with the fast one.
+        let cbor = encode(PayloadFormat::Cbor, value);
+        assert_eq!(&decode_cbor_via_value::<T>(&cbor).unwrap(), value);
     }
 
     fn params(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {

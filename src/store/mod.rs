@@ -14,24 +14,27 @@
 //! Keeping sled behind this boundary lets us swap the engine (e.g. redb) without touching the
 //! rest of the gateway if the kill -9 tests ever show corruption.
 
+mod batch;
+mod error;
 mod flusher;
+mod outbox;
 mod records;
 
 use std::fs;
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
 use serde::de::DeserializeOwned;
 use serde::Serialize;
-use sled::transaction::{ConflictableTransactionError, TransactionError, TransactionalTree};
-use sled::Transactional;
 
 use crate::device_id::DeviceId;
 use flusher::GroupCommit;
 
+pub use batch::Batch;
+pub use error::StoreError;
 pub use records::{
     DeviceRecord, DeviceState, ErrorInfo, OutboxDecodeError, OutboxMessage, OwnershipToken,
     OwnershipTokenRecord, ProvisionData, DEVICE_RECORD_VERSION, OUTBOX_MESSAGE_VERSION,
@@ -59,160 +62,6 @@ impl Default for StoreOptions {
             flush_interval_ms: None,
         }
     }
-}
-
-/// Everything that can go wrong in the store; each variant names the directory, tree or key.
-#[derive(Debug, thiserror::Error)]
-pub enum StoreError {
-    /// The state directory could not be created.
-    #[error("state directory {dir}: cannot create it: {source}")]
-    CreateDir {
-        /// The state directory.
-        dir: PathBuf,
-        /// Cause.
-        source: std::io::Error,
-    },
-    /// The state directory could not be inspected.
-    #[error("state directory {dir}: cannot read its metadata: {source}")]
-    DirMetadata {
-        /// The state directory.
-        dir: PathBuf,
-        /// Cause.
-        source: std::io::Error,
-    },
-    /// sled refused to open the database.
-    #[error("state directory {dir}: cannot open the database: {source}")]
-    Open {
-        /// The state directory.
-        dir: PathBuf,
-        /// Cause.
-        source: sled::Error,
-    },
-    /// The database was written by a newer fleetgw.
-    #[error(
-        "state directory {dir}: schema version {found} was written by a newer fleetgw (this \
-         build supports up to {supported}); upgrade fleetgw or use another gateway.state_dir"
-    )]
-    NewerSchema {
-        /// The state directory.
-        dir: PathBuf,
-        /// Version found in `meta`.
-        found: u32,
-        /// [`SCHEMA_VERSION`].
-        supported: u32,
-    },
-    /// `meta/schema_version` is not a 4-byte big-endian number.
-    #[error("state directory {dir}: meta key schema_version holds {len} bytes, expected 4")]
-    BadSchemaVersion {
-        /// The state directory.
-        dir: PathBuf,
-        /// Length of the stored value.
-        len: usize,
-    },
-    /// The flusher thread could not be started.
-    #[error("state directory {dir}: cannot start the flush thread: {source}")]
-    FlusherThread {
-        /// The state directory.
-        dir: PathBuf,
-        /// Cause.
-        source: std::io::Error,
-    },
-    /// A sled read or write failed.
-    #[error("store tree {tree}: {op} failed: {source}")]
-    Sled {
-        /// Tree name.
-        tree: &'static str,
-        /// What was attempted (`get`, `insert`, ...).
-        op: &'static str,
-        /// Cause.
-        source: sled::Error,
-    },
-    /// A multi-tree transaction failed in sled itself.
-    #[error("store transaction failed: {source}")]
-    Transaction {
-        /// Cause.
-        source: sled::Error,
-    },
-    /// Flushing to disk failed: the change may not survive a power cut.
-    #[error("state directory {dir}: flush to disk failed: {message}")]
-    Flush {
-        /// The state directory.
-        dir: PathBuf,
-        /// sled's message.
-        message: String,
-    },
-    /// A stored record does not decode.
-    #[error("store tree {tree}, key {key}: cannot decode the record: {source}")]
-    Decode {
-        /// Tree name.
-        tree: &'static str,
-        /// Key (lossy UTF-8).
-        key: String,
-        /// Cause.
-        source: serde_json::Error,
-    },
-    /// A record could not be encoded.
-    #[error("store tree {tree}, key {key}: cannot encode the record: {source}")]
-    Encode {
-        /// Tree name.
-        tree: &'static str,
-        /// Key.
-        key: String,
-        /// Cause.
-        source: serde_json::Error,
-    },
-    /// A stored record was written by a newer fleetgw.
-    #[error("store tree {tree}, key {key}: record version {found} is newer than this build supports ({supported})")]
-    NewerRecord {
-        /// Tree name.
-        tree: &'static str,
-        /// Key.
-        key: String,
-        /// Stored version.
-        found: u32,
-        /// Version this build writes.
-        supported: u32,
-    },
-    /// A stored outbox message does not decode.
-    #[error("store tree outbox, sequence {seq}: {source}")]
-    OutboxDecode {
-        /// Sequence number.
-        seq: u64,
-        /// Cause.
-        source: OutboxDecodeError,
-    },
-    /// A stored key is not what its tree expects (device id, 8-byte sequence).
-    #[error("store tree {tree}, key {key}: {reason}")]
-    BadKey {
-        /// Tree name.
-        tree: &'static str,
-        /// Key (lossy UTF-8).
-        key: String,
-        /// What is wrong with it.
-        reason: String,
-    },
-    /// Compare-and-swap lost: the device changed since the caller read it.
-    #[error("device {id}: etag {expected} does not match the stored etag {}", found.map_or("(no record)".to_string(), |f| f.to_string()))]
-    Conflict {
-        /// The device.
-        id: DeviceId,
-        /// The etag the caller expected.
-        expected: u64,
-        /// The stored etag, `None` when the device does not exist.
-        found: Option<u64>,
-    },
-    /// The device does not exist.
-    #[error("device {id}: not found")]
-    DeviceNotFound {
-        /// The device.
-        id: DeviceId,
-    },
-    /// The `meta` key is reserved for the store itself.
-    #[error("meta key {key} is reserved for the store")]
-    ReservedMetaKey {
-        /// The key.
-        key: String,
-    },
 }
 
 /// The trees whose record types belong to the layers above (admin operations, enrollment
@@ -243,119 +92,6 @@ const SECRETS: &str = "secrets";
 const TOKENS: &str = "tokens";
 const OUTBOX: &str = "outbox";
 const META: &str = "meta";
-
-/// A set of changes over several trees, applied atomically by [`Store::apply`].
-#[derive(Debug, Default)]
-pub struct Batch {
-    ops: Vec<Op>,
-}
-
-#[derive(Debug)]
-enum Op {
-    PutDevice {
-        rec: Box<DeviceRecord>,
-        expected_etag: Option<u64>,
-    },
-    RemoveDevice(DeviceId),
-    PutSecret(DeviceId, Vec<u8>),
-    RemoveSecret(DeviceId),
-    PutToken(OwnershipTokenRecord),
-    RemoveToken(DeviceId),
-    PutRecord(RecordTree, String, Vec<u8>),
-    RemoveRecord(RecordTree, String),
-    PutMeta(String, Vec<u8>),
-}
-
-impl Batch {
-    /// An empty batch.
-    pub fn new() -> Self {
-        Batch::default()
-    }
-
-    /// Number of changes.
-    pub fn len(&self) -> usize {
-        self.ops.len()
-    }
-
-    /// True when the batch changes nothing.
-    pub fn is_empty(&self) -> bool {
-        self.ops.is_empty()
-    }
-
-    /// Writes a device record; its etag becomes the stored etag + 1.
-    pub fn put_device(&mut self, rec: DeviceRecord) -> &mut Self {
-        self.ops.push(Op::PutDevice {
-            rec: Box::new(rec),
-            expected_etag: None,
-        });
-        self
-    }
-
-    /// Writes a device record only if the stored etag is `expected_etag` (else the whole batch
-    /// fails with [`StoreError::Conflict`]).
-    pub fn put_device_if(&mut self, rec: DeviceRecord, expected_etag: u64) -> &mut Self {
-        self.ops.push(Op::PutDevice {
-            rec: Box::new(rec),
-            expected_etag: Some(expected_etag),
-        });
-        self
-    }
-
-    /// Deletes a device record.
-    pub fn remove_device(&mut self, id: &DeviceId) -> &mut Self {
-        self.ops.push(Op::RemoveDevice(id.clone()));
-        self
-    }
-
-    /// Stores a device's secret (opaque bytes, sealed by the caller when configured).
-    pub fn put_secret(&mut self, id: &DeviceId, sealed: &[u8]) -> &mut Self {
-        self.ops.push(Op::PutSecret(id.clone(), sealed.to_vec()));
-        self
-    }
-
-    /// Deletes a device's secret.
-    pub fn remove_secret(&mut self, id: &DeviceId) -> &mut Self {
-        self.ops.push(Op::RemoveSecret(id.clone()));
-        self
-    }
-
-    /// Stores an ownership token record (key = its device).
-    pub fn put_token(&mut self, rec: OwnershipTokenRecord) -> &mut Self {
-        self.ops.push(Op::PutToken(rec));
-        self
-    }
-
-    /// Deletes a device's ownership token.
-    pub fn remove_token(&mut self, id: &DeviceId) -> &mut Self {
-        self.ops.push(Op::RemoveToken(id.clone()));
-        self
-    }
-
-    /// Stores a record in one of the [`RecordTree`]s.
-    pub fn put_record<T: Serialize>(
-        &mut self,
-        tree: RecordTree,
-        key: &str,
-        value: &T,
-    ) -> Result<&mut Self, StoreError> {
-        let bytes = encode(tree.name(), key, value)?;
-        self.ops.push(Op::PutRecord(tree, key.to_owned(), bytes));
-        Ok(self)
-    }
-
-    /// Deletes a record from one of the [`RecordTree`]s.
-    pub fn remove_record(&mut self, tree: RecordTree, key: &str) -> &mut Self {
-        self.ops.push(Op::RemoveRecord(tree, key.to_owned()));
-        self
-    }
-
-    /// Stores a `meta` value (not the reserved schema key).
-    pub fn put_meta(&mut self, key: &str, value: &[u8]) -> Result<&mut Self, StoreError> {
-        check_meta_key(key)?;
-        self.ops.push(Op::PutMeta(key.to_owned(), value.to_vec()));
-        Ok(self)
-    }
-}
 
 /// Handle to the open store; cheap to clone, shareable between threads and tasks.
 #[derive(Clone)]
@@ -744,205 +480,11 @@ impl Store {
             }
         })
     }
-
-    // ---- batches ----
-
-    /// Applies every change in `batch` atomically (one sled transaction over all trees), then
-    /// waits until it is durable. A failed etag check aborts the whole batch.
-    pub async fn apply(&self, batch: Batch) -> Result<(), StoreError> {
-        if batch.is_empty() {
-            return Ok(());
-        }
-        self.apply_now(&batch)?;
-        self.durable().await
-    }
-
-    fn apply_now(&self, batch: &Batch) -> Result<(), StoreError> {
-        let i = &self.inner;
-        let _guard = self.device_lock();
-        let result = (
-            &i.devices,
-            &i.secrets,
-            &i.tokens,
-            &i.operations,
-            &i.enrollment_groups,
-            &i.device_groups,
-            &i.meta,
-        )
-            .transaction(|(devices, secrets, tokens, ops, enroll, groups, meta)| {
-                for op in &batch.ops {
-                    match op {
-                        Op::PutDevice { rec, expected_etag } => {
-                            tx_put_device(devices, rec, *expected_etag)?;
-                        }
-                        Op::RemoveDevice(id) => {
-                            devices.remove(id.as_str())?;
-                        }
-                        Op::PutSecret(id, bytes) => {
-                            secrets.insert(id.as_str(), bytes.as_slice())?;
-                        }
-                        Op::RemoveSecret(id) => {
-                            secrets.remove(id.as_str())?;
-                        }
-                        Op::PutToken(rec) => {
-                            let key = rec.device.as_str();
-                            let bytes = encode(TOKENS, key, rec)
-                                .map_err(ConflictableTransactionError::Abort)?;
-                            tokens.insert(key, bytes)?;
-                        }
-                        Op::RemoveToken(id) => {
-                            tokens.remove(id.as_str())?;
-                        }
-                        Op::PutRecord(tree, key, bytes) => {
-                            let t = match tree {
-                                RecordTree::Operations => ops,
-                                RecordTree::EnrollmentGroups => enroll,
-                                RecordTree::DeviceGroups => groups,
-                            };
-                            t.insert(key.as_str(), bytes.as_slice())?;
-                        }
-                        Op::RemoveRecord(tree, key) => {
-                            let t = match tree {
-                                RecordTree::Operations => ops,
-                                RecordTree::EnrollmentGroups => enroll,
-                                RecordTree::DeviceGroups => groups,
-                            };
-                            t.remove(key.as_str())?;
-                        }
-                        Op::PutMeta(key, value) => {
-                            meta.insert(key.as_str(), value.as_slice())?;
-                        }
-                    }
-                }
-                Ok(())
-            });
-        result.map_err(|e| match e {
-            TransactionError::Abort(e) => e,
-            TransactionError::Storage(source) => StoreError::Transaction { source },
-        })
-    }
-
-    // ---- outbox ----
-
-    /// Appends messages in order and returns their sequence numbers (increasing); durable on
-    /// return.
-    pub async fn outbox_append(&self, msgs: &[OutboxMessage]) -> Result<Vec<u64>, StoreError> {
-        if msgs.is_empty() {
-            return Ok(Vec::new());
-        }
-        let mut batch = sled::Batch::default();
-        let mut seqs = Vec::with_capacity(msgs.len());
-        let mut bytes = 0u64;
-        for m in msgs {
-            let seq = self
-                .inner
-                .db
-                .generate_id()
-                .map_err(|source| StoreError::Sled {
-                    tree: OUTBOX,
-                    op: "generate_id",
-                    source,
-                })?;
-            let value = m.encode();
-            bytes += value.len() as u64;
-            batch.insert(&seq.to_be_bytes(), value);
-            seqs.push(seq);
-        }
-        // Count first, so a concurrent remove of these entries can never drive the counters
-        // below the true size.
-        self.inner
-            .outbox_len
-            .fetch_add(msgs.len() as u64, Ordering::Relaxed);
-        self.inner.outbox_bytes.fetch_add(bytes, Ordering::Relaxed);
-        if let Err(source) = self.inner.outbox.apply_batch(batch) {
-            self.inner
-                .outbox_len
-                .fetch_sub(msgs.len() as u64, Ordering::Relaxed);
-            self.inner.outbox_bytes.fetch_sub(bytes, Ordering::Relaxed);
-            return Err(StoreError::Sled {
-                tree: OUTBOX,
-                op: "apply_batch",
-                source,
-            });
-        }
-        self.durable().await?;
-        Ok(seqs)
-    }
-
-    /// Up to `limit` messages with sequence >= `from_seq`, in sequence order.
-    pub fn outbox_scan(
-        &self,
-        from_seq: u64,
-        limit: usize,
-    ) -> Result<Vec<(u64, OutboxMessage)>, StoreError> {
-        let mut out = Vec::new();
-        for entry in self
-            .inner
-            .outbox
-            .range(from_seq.to_be_bytes()..)
-            .take(limit)
-        {
-            let (k, v) = entry.map_err(|source| StoreError::Sled {
-                tree: OUTBOX,
-                op: "scan",
-                source,
-            })?;
-            let seq = <[u8; 8]>::try_from(k.as_ref())
-                .map(u64::from_be_bytes)
-                .map_err(|_| StoreError::BadKey {
-                    tree: OUTBOX,
-                    key: String::from_utf8_lossy(&k).into_owned(),
-                    reason: format!("sequence keys are 8 bytes, this one has {}", k.len()),
-                })?;
-            let msg = OutboxMessage::decode(&v)
-                .map_err(|source| StoreError::OutboxDecode { seq, source })?;
-            out.push((seq, msg));
-        }
-        Ok(out)
-    }
-
-    /// Removes the given sequence numbers (absent ones are ignored); returns how many were
-    /// removed. Durable on return.
-    pub async fn outbox_remove(&self, seqs: &[u64]) -> Result<usize, StoreError> {
-        let mut removed = 0usize;
-        for seq in seqs {
-            let old = self
-                .inner
-                .outbox
-                .remove(seq.to_be_bytes())
-                .map_err(|source| StoreError::Sled {
-                    tree: OUTBOX,
-                    op: "remove",
-                    source,
-                })?;
-            if let Some(old) = old {
-                removed += 1;
-                self.inner.outbox_len.fetch_sub(1, Ordering::Relaxed);
-                self.inner
-                    .outbox_bytes
-                    .fetch_sub(old.len() as u64, Ordering::Relaxed);
-            }
-        }
-        if removed > 0 {
-            self.durable().await?;
-        }
-        Ok(removed)
-    }
-
-    /// Messages in the outbox.
-    pub fn outbox_len(&self) -> u64 {
-        self.inner.outbox_len.load(Ordering::Relaxed)
-    }
-
-    /// Stored bytes of the outbox messages (encoded values), for `telemetry.max_bytes`.
-    pub fn outbox_bytes(&self) -> u64 {
-        self.inner.outbox_bytes.load(Ordering::Relaxed)
-    }
 }
 
 /// Measures durable device writes per second with `writers` concurrent tasks writing `total`
-/// records in all to a store in `dir` (for `fleetgw bench` and the group-commit figure). Must
-/// run inside a tokio runtime.
+/// records in all (rounded up to a multiple of `writers`) to a store in `dir`, for
+/// `fleetgw bench` and the group-commit figure. Must run inside a tokio runtime.
 pub async fn bench_group_commit(
     dir: &Path,
     writers: usize,
@@ -972,12 +514,8 @@ pub async fn bench_group_commit(
     while let Some(joined) = tasks.join_next().await {
         match joined {
             Ok(result) => result?,
-            Err(e) => {
-                return Err(StoreError::Flush {
-                    dir: dir.to_owned(),
-                    message: format!("benchmark writer task failed: {e}"),
-                })
-            }
+            // Writers are never cancelled, so a join error is a panic: pass it on unchanged.
+            Err(e) => std::panic::resume_unwind(e.into_panic()),
         }
     }
     let elapsed = started.elapsed().as_secs_f64();
@@ -1067,32 +605,6 @@ fn check_meta_key(key: &str) -> Result<(), StoreError> {
             key: key.to_owned(),
         });
     }
-    Ok(())
-}
-
-fn tx_put_device(
-    devices: &TransactionalTree,
-    rec: &DeviceRecord,
-    expected_etag: Option<u64>,
-) -> Result<(), ConflictableTransactionError<StoreError>> {
-    let key = rec.id.as_str();
-    let found = match devices.get(key)? {
-        Some(v) => Some(stored_etag(key, &v).map_err(ConflictableTransactionError::Abort)?),
-        None => None,
-    };
-    if let Some(expected) = expected_etag {
-        if found != Some(expected) {
-            return Err(ConflictableTransactionError::Abort(StoreError::Conflict {
-                id: rec.id.clone(),
-                expected,
-                found,
-            }));
-        }
-    }
-    let mut next = rec.clone();
-    next.etag = found.unwrap_or(0) + 1;
-    let bytes = encode(DEVICES, key, &next).map_err(ConflictableTransactionError::Abort)?;
-    devices.insert(key, bytes)?;
     Ok(())
 }
 

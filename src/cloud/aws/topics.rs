@@ -6,7 +6,6 @@
 
 use crate::cloud::codec::PayloadFormat;
 
-const CERTIFICATES: &str = "$aws/certificates/";
 const TEMPLATES: &str = "$aws/provisioning-templates/";
 const CREATE_FROM_CSR: &str = "$aws/certificates/create-from-csr/";
 const CREATE_KEYS: &str = "$aws/certificates/create/";
