@@ -10,6 +10,7 @@ pub mod cloud;
 pub mod config;
 pub mod device_id;
 pub mod downstream;
+pub mod emulator;
 pub mod identity;
 pub mod provision;
 pub mod store;

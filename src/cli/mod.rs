@@ -5,6 +5,7 @@
 
 mod check_config;
 mod csr;
+mod emulate;
 mod logging;
 mod run;
 
@@ -63,6 +64,8 @@ pub enum Command {
     CheckConfig(check_config::Args),
     /// Run the gateway daemon until SIGTERM/SIGINT.
     Run(run::Args),
+    /// Run a cloud emulator (AWS IoT) for tests, demos and benchmarks.
+    Emulate(emulate::Args),
 }
 
 /// Parses argv, sets up logging and runs the chosen command.
@@ -76,5 +79,6 @@ pub fn main() -> ExitCode {
         Command::Csr(args) => csr::run(args),
         Command::CheckConfig(args) => check_config::run(args),
         Command::Run(args) => run::run(args, cli.log_format),
+        Command::Emulate(args) => emulate::run(args),
     }
 }
