@@ -627,10 +627,10 @@ async fn rejected_for(
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     let mut subacks = 0;
     loop {
-        let e = tokio::time::timeout_at(deadline, ev.poll())
-            .await
-            .unwrap_or_else(|_| panic!("{topic}: no answer"))
-            .unwrap();
+        let Ok(polled) = tokio::time::timeout_at(deadline, ev.poll()).await else {
+            panic!("{topic}: no answer");
+        };
+        let e = polled.unwrap();
         match e {
             Event::Incoming(Packet::SubAck(_)) => {
                 subacks += 1;
