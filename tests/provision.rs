@@ -1011,3 +1011,53 @@ async fn expired_ownership_token_gets_a_new_certificate() {
     assert!(gw.proc.log_text().contains("requesting a new certificate"));
     gw.stop();
 }
+
+/// Not a timed test: prints the end-to-end rate for `FLEETGW_BENCH_DEVICES` devices (default
+/// 1000). Run with `cargo test --test provision throughput_figure -- --ignored --nocapture`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore]
+async fn throughput_figure() {
+    let n: usize = std::env::var("FLEETGW_BENCH_DEVICES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1000);
+    let sessions = std::env::var("FLEETGW_BENCH_SESSIONS").unwrap_or_else(|_| "16".into());
+    let dir = tempfile::tempdir().unwrap();
+    let emu = Emulator::start(dir.path(), &[]);
+    let port = free_port();
+    let sessions_set = format!("cloud.aws.sessions={sessions}");
+    let gw = Gateway::start(
+        dir.path(),
+        &emu,
+        port,
+        &[sessions_set.as_str(), "cloud.aws.tps=100000"],
+        &[],
+        1,
+    );
+    let devices = fleet("bench", n);
+    let payloads: Vec<Vec<u8>> = devices.iter().map(Device::request).collect();
+    let start = Instant::now();
+    let tasks: Vec<_> = devices
+        .iter()
+        .zip(payloads)
+        .map(|(d, p)| {
+            tokio::spawn(provision(
+                port,
+                d.clone(),
+                p,
+                Duration::from_secs(600),
+                Duration::from_secs(30),
+            ))
+        })
+        .collect();
+    for t in tasks {
+        assert!(matches!(t.await.unwrap(), Outcome::Accepted(_)));
+    }
+    let secs = start.elapsed().as_secs_f64();
+    eprintln!(
+        "throughput: {n} devices in {secs:.2} s = {:.0} devices/s ({sessions} claim sessions, debug build)",
+        n as f64 / secs
+    );
+    assert_one_thing_per_device(&emu, &devices);
+    gw.stop();
+}

@@ -86,7 +86,7 @@ pub fn run(args: Args, log_format: Option<LogFormat>) -> ExitCode {
         config::LogFormat::Text => None,
         config::LogFormat::Json => Some(LogFormat::Json),
     });
-    logging::init(format, Some(&cfg.log.level));
+    logging::init(format, Some(&log_filter(&cfg.log.level)));
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("fleetgw")
@@ -99,6 +99,18 @@ pub fn run(args: Args, log_format: Option<LogFormat>) -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => fail(&e),
     }
+}
+
+/// The configured filter, with the MQTT libraries' per-connection chatter (one line per device
+/// connection at info) kept to warnings unless the filter names them itself.
+fn log_filter(level: &str) -> String {
+    let mut filter = level.to_string();
+    for noisy in ["rumqttd", "rumqttc"] {
+        if !level.contains(noisy) {
+            filter.push_str(&format!(",{noisy}=warn"));
+        }
+    }
+    filter
 }
 
 fn fail(e: &RunError) -> ExitCode {
@@ -409,6 +421,15 @@ fn engine_options(cfg: &Config) -> EngineOptions {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn log_filter_quiets_mqtt_libraries_unless_named() {
+        assert_eq!(log_filter("info"), "info,rumqttd=warn,rumqttc=warn");
+        assert_eq!(
+            log_filter("debug,rumqttd=info"),
+            "debug,rumqttd=info,rumqttc=warn"
+        );
+    }
 
     #[test]
     fn endpoints_split_into_host_and_port() {

@@ -214,6 +214,9 @@ async fn create_certificate(inner: &Inner, rec: DeviceRecord, csr: &str) -> Step
     let Ok(_permit) = inner.certificate_permits.acquire().await else {
         return Step::Done;
     };
+    if inner.is_stopping() {
+        return Step::Done;
+    }
     match inner.provider.create_certificate(&rec.id, csr).await {
         Ok(issued) => {
             let token = match issued.ownership_token.expose_str() {

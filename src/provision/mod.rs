@@ -13,7 +13,7 @@ mod limit;
 mod machine;
 pub mod request;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -24,7 +24,7 @@ use tokio::task::JoinHandle;
 use crate::admission::Admission;
 use crate::cloud::Provider;
 use crate::device_id::DeviceId;
-use crate::downstream::contract::{self as wire, DeviceStatus, RejectedResponse, StatusReport};
+use crate::downstream::contract::{DeviceStatus, RejectedResponse, StatusReport};
 use crate::downstream::{DeviceTopic, DownstreamMessage, DownstreamSession, PayloadFormat};
 use crate::identity::{KeyType, Sealer};
 use crate::store::{DeviceRecord, DeviceState, Store, StoreError};
@@ -368,7 +368,12 @@ impl Inner {
         let result = match follow_up {
             FollowUp::Nothing => Ok(()),
             FollowUp::Reject(fmt, rejected) => {
-                tracing::info!(%device, code = %rejected.error_code, "request refused: {}", rejected.error_message);
+                // A flooding device must not flood the log as well.
+                if rejected.status_code == 429 {
+                    tracing::debug!(%device, "request refused: {}", rejected.error_message);
+                } else {
+                    tracing::info!(%device, code = %rejected.error_code, "request refused: {}", rejected.error_message);
+                }
                 self.counters
                     .rejected_requests
                     .fetch_add(1, Ordering::Relaxed);
@@ -535,11 +540,3 @@ fn store_unavailable(format: PayloadFormat, device: &DeviceId, e: &StoreError) -
         ),
     )
 }
-
-/// The RegisterThing parameters configured by default, `{id}` not yet replaced.
-pub fn default_parameters() -> BTreeMap<String, String> {
-    BTreeMap::from([("SerialNumber".to_string(), "{id}".to_string())])
-}
-
-/// Wire helpers re-exported for the simulator and tests.
-pub use wire::{AcceptedResponse, ProvisionRequest};

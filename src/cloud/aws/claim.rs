@@ -345,6 +345,7 @@ impl ClaimSession {
         }
 
         self.counters.connected.fetch_add(1, Ordering::Relaxed);
+        tracing::info!(session = %self.client_id, endpoint = %format!("{}:{}", self.opts.host, self.opts.port), "claim session connected");
         let ended = self.serve_requests(&client, &mut events).await;
         self.counters.connected.fetch_sub(1, Ordering::Relaxed);
         drop(poller);
