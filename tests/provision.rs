@@ -1061,3 +1061,52 @@ async fn throughput_figure() {
     assert_one_thing_per_device(&emu, &devices);
     gw.stop();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cloud_outage_and_dropped_responses_recover() {
+    let dir = tempfile::tempdir().unwrap();
+    let emu = Emulator::start(dir.path(), &[]);
+    // Half the responses are lost at first; those requests time out quickly and are retried.
+    emu.post("/faults", r#"{"dropResponses":0.5}"#);
+    let port = free_port();
+    let gw = Gateway::start(
+        dir.path(),
+        &emu,
+        port,
+        &[
+            "provision.request_timeout_ms=700",
+            "provision.retry_base_ms=100",
+            "provision.retry_max_ms=1000",
+            "provision.max_attempts=50",
+        ],
+        &[],
+        1,
+    );
+    let devices = fleet("fault", 30);
+    let fleet_task = {
+        let devices = devices.clone();
+        tokio::spawn(async move { provision_all(port, &devices, Duration::from_secs(120)).await })
+    };
+    poll_until(
+        "some requests to be dropped",
+        Duration::from_secs(30),
+        || {
+            let dropped = emu.get("/stats")["requests"]["droppedResponses"].as_u64()?;
+            (dropped >= 3).then_some(())
+        },
+    );
+    // Then the cloud goes away for two seconds, dropping every claim connection.
+    emu.post("/faults", r#"{"dropResponses":0.0,"outageSeconds":2}"#);
+    let results = fleet_task.await.unwrap();
+    for (d, a) in devices.iter().zip(&results) {
+        check_accepted(d, a, &emu.ca_pem);
+    }
+    assert_one_thing_per_device(&emu, &devices);
+    let stats = emu.get("/stats");
+    eprintln!("faults run: emulator stats {stats}");
+    assert!(
+        stats["connections"]["total"].as_u64().unwrap() > 4,
+        "claim sessions reconnected: {stats}"
+    );
+    gw.stop();
+}
