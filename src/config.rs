@@ -8,8 +8,9 @@
 //! an interface (users and tests address them with `--set`); the commented sample
 //! `gateway.toml` at the top of the repository lists every one of them with its default.
 //!
-//! This module sits at the bottom of the layering: it uses only `identity::{Secret, KeyType}`
-//! and `device_id`. Modules above it receive a validated `Config` whose relative paths have
+//! This module sits at the bottom of the layering: it uses only `identity::{Secret, KeyType}`,
+//! `device_id` and two plain data enums (`cloud::codec::PayloadFormat`,
+//! `admission::AdmissionMode`). Modules above it receive a validated `Config` whose relative paths have
 //! already been resolved against the main config file's directory.
 
 use std::collections::BTreeMap;
@@ -23,6 +24,11 @@ use serde::{Deserialize, Deserializer, Serialize};
 
 use crate::device_id::DeviceId;
 use crate::identity::{KeyType, Secret};
+
+// The plain data enums of the layers the config feeds are used as they are, so a mode or a
+// format has one spelling and one type everywhere (neither module depends on `config`).
+pub use crate::admission::AdmissionMode;
+pub use crate::cloud::codec::PayloadFormat;
 
 /// Where the packaged daemon looks for its config when no `--config` is given.
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/fleetgw/gateway.toml";
@@ -271,21 +277,6 @@ impl Default for DownstreamSection {
     }
 }
 
-/// How the gateway decides whether a device may provision.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum AdmissionMode {
-    /// Every new device waits for an operator's approval.
-    #[default]
-    Approve,
-    /// Every device is admitted (labs and demos).
-    Open,
-    /// Devices prove a key derived from the group key (DPS-style SAS).
-    SymmetricKey,
-    /// Devices present a certificate chaining to `trusted_ca` and sign their id.
-    X509,
-}
-
 /// `[admission]`
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -380,17 +371,6 @@ pub struct CloudSection {
     pub aws: AwsSection,
     /// `[cloud.azure]`
     pub azure: AzureSection,
-}
-
-/// Payload encoding of the AWS fleet provisioning API.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum PayloadFormat {
-    /// JSON.
-    #[default]
-    Json,
-    /// CBOR.
-    Cbor,
 }
 
 /// `[cloud.aws]`
@@ -570,8 +550,18 @@ impl Default for StoreSection {
     }
 }
 
-/// Log line format.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+/// How log lines are written (`[log] format`, `--log-format`).
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Default,
+    clap::ValueEnum,
+    serde::Deserialize,
+    serde::Serialize,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum LogFormat {
     /// Human-readable lines.

@@ -1156,6 +1156,13 @@ async fn discovery_files_describe_the_bound_listeners() {
         .as_str()
         .unwrap()
         .starts_with(root.to_str().unwrap()));
+    // And the gateway's own loader accepts it as a complete config.
+    let loaded = fleetgw::config::load(&root.join("gateway.toml"), &[]).unwrap();
+    assert_eq!(
+        loaded.cloud.aws.endpoint,
+        format!("localhost:{}", emu.mqtt_addr().port())
+    );
+    assert_eq!(loaded.cloud.aws.claim_key, root.join("claim.key"));
     emu.shutdown().await;
 }
 

@@ -12,7 +12,6 @@ use std::time::Duration;
 use crate::admission::{self, Admission, AdmissionOptions};
 use crate::cloud::aws::claim::ClaimOptions;
 use crate::cloud::aws::{AwsProvider, AwsProviderOptions, OWNERSHIP_TOKEN_TTL};
-use crate::cloud::codec::PayloadFormat;
 use crate::config::{self, BrokerMode, CloudProvider, Config};
 use crate::downstream::{
     gateway_client_id, BrokerOptions, Downstream, DownstreamOptions, EmbeddedBrokerOptions,
@@ -165,7 +164,7 @@ async fn daemon(cfg: Config) -> Result<(), RunError> {
 
     tracing::info!(
         gateway = %cfg.gateway.id,
-        admission = ?cfg.admission.mode,
+        admission = %cfg.admission.mode,
         sessions = cfg.cloud.aws.sessions,
         "fleetgw ready"
     );
@@ -216,12 +215,6 @@ fn read_text(path: &Path) -> Result<String, RunError> {
 
 fn admission_options(cfg: &Config) -> Result<AdmissionOptions, RunError> {
     let a = &cfg.admission;
-    let mode = match a.mode {
-        config::AdmissionMode::Approve => admission::AdmissionMode::Approve,
-        config::AdmissionMode::Open => admission::AdmissionMode::Open,
-        config::AdmissionMode::SymmetricKey => admission::AdmissionMode::SymmetricKey,
-        config::AdmissionMode::X509 => admission::AdmissionMode::X509,
-    };
     let group_key = match (&a.group_key, &a.group_key_file) {
         (Some(text), _) => Some(admission::decode_group_key(text, "admission.group_key")?),
         (None, Some(path)) => {
@@ -235,7 +228,7 @@ fn admission_options(cfg: &Config) -> Result<AdmissionOptions, RunError> {
     };
     let trusted_ca_pem = a.trusted_ca.as_deref().map(read_text).transpose()?;
     Ok(AdmissionOptions {
-        mode,
+        mode: a.mode,
         group_key,
         trusted_ca_pem,
         x509_window_secs: a.x509_window_secs,
@@ -325,10 +318,7 @@ fn aws_options(cfg: &Config) -> Result<AwsProviderOptions, RunError> {
             client_id_prefix: format!("fleetgw-{}-claim", cfg.gateway.id),
             sessions: aws.sessions.max(1) as usize,
             template: aws.template.clone(),
-            format: match aws.format {
-                config::PayloadFormat::Json => PayloadFormat::Json,
-                config::PayloadFormat::Cbor => PayloadFormat::Cbor,
-            },
+            format: aws.format,
             keep_alive: Duration::from_secs(aws.keep_alive_secs),
             request_timeout,
             connect_timeout: Duration::from_secs(10),
