@@ -14,6 +14,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use fleetgw::admission::{sas, Attestation};
 use fleetgw::device_id::DeviceId;
 use fleetgw::downstream::contract::{self, AcceptedResponse, ProvisionRequest, RejectedResponse};
 use fleetgw::downstream::PayloadFormat;
@@ -334,6 +335,8 @@ struct Device {
     format: PayloadFormat,
     /// The device's own key (it sends a CSR); `None`: the gateway generates the key.
     own_key: Option<std::sync::Arc<PrivateKey>>,
+    /// What the device proves itself with.
+    attestation: Attestation,
 }
 
 impl Device {
@@ -343,6 +346,7 @@ impl Device {
             format,
             own_key: own_key
                 .then(|| std::sync::Arc::new(PrivateKey::generate(KeyType::EcdsaP256).unwrap())),
+            attestation: Attestation::None,
         }
     }
 
@@ -353,7 +357,7 @@ impl Device {
             .map(|k| identity::create_csr(&self.id, k).unwrap());
         let req = ProvisionRequest {
             csr,
-            attestation: Default::default(),
+            attestation: self.attestation.clone(),
             parameters: BTreeMap::new(),
             payload: None,
         };
@@ -1109,4 +1113,118 @@ async fn cloud_outage_and_dropped_responses_recover() {
         "claim sessions reconnected: {stats}"
     );
     gw.stop();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn symmetric_key_admission_admits_valid_sas_and_refuses_others() {
+    use base64::Engine as _;
+    let dir = tempfile::tempdir().unwrap();
+    let emu = Emulator::start(dir.path(), &[]);
+    let group_key = [7u8; 32];
+    let group_b64 = base64::engine::general_purpose::STANDARD.encode(group_key);
+    let port = free_port();
+    let mode = "admission.mode=\"symmetric-key\"".to_string();
+    let key = format!("admission.group_key=\"{group_b64}\"");
+    let gw = Gateway::start(dir.path(), &emu, port, &[&mode, &key], &[], 1);
+
+    let sas_for = |id: &str, group: &[u8], expiry: i64| {
+        let device_id = DeviceId::parse(id).unwrap();
+        let device_key = sas::derive_device_key(group, device_id.as_str());
+        let uri = sas::registration_resource_uri("0ne00000000", &device_id);
+        Attestation::SymmetricKey {
+            sas: sas::generate_sas(&uri, &device_key, expiry, Some("registration")),
+        }
+    };
+    let mut good = Device::new("sk-good", PayloadFormat::Json, false);
+    good.attestation = sas_for("sk-good", &group_key, unix_now() + 600);
+    let mut wrong_key = Device::new("sk-wrong", PayloadFormat::Json, false);
+    wrong_key.attestation = sas_for("sk-wrong", &[9u8; 32], unix_now() + 600);
+    let mut expired = Device::new("sk-expired", PayloadFormat::Cbor, true);
+    expired.attestation = sas_for("sk-expired", &group_key, unix_now() - 10);
+    let mut none = Device::new("sk-none", PayloadFormat::Json, false);
+    none.attestation = Attestation::None;
+
+    let within = Duration::from_secs(30);
+    match provision(
+        port,
+        good.clone(),
+        good.request(),
+        within,
+        Duration::from_secs(5),
+    )
+    .await
+    {
+        Outcome::Accepted(a) => check_accepted(&good, &a, &emu.ca_pem),
+        Outcome::Rejected(r) => panic!("valid SAS rejected: {r:?}"),
+    }
+    for d in [&wrong_key, &expired, &none] {
+        match provision(port, d.clone(), d.request(), within, Duration::from_secs(5)).await {
+            Outcome::Rejected(r) => {
+                assert_eq!(r.status_code, 403, "{}: {r:?}", d.id);
+                assert!(!r.error_code.is_empty() && !r.error_message.is_empty());
+            }
+            Outcome::Accepted(_) => panic!("{} admitted", d.id),
+        }
+    }
+    assert_one_thing_per_device(&emu, std::slice::from_ref(&good));
+    let state_dir = gw.stop();
+    let store = open_store(&state_dir);
+    assert_eq!(store.device_count(), 1, "refused devices are not stored");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn approve_mode_keeps_new_devices_waiting() {
+    let dir = tempfile::tempdir().unwrap();
+    let emu = Emulator::start(dir.path(), &[]);
+    let port = free_port();
+    let gw = Gateway::start(
+        dir.path(),
+        &emu,
+        port,
+        &["admission.mode=\"approve\""],
+        &[],
+        1,
+    );
+    let dev = Device::new("waiting-1", PayloadFormat::Json, false);
+
+    let mut opts = MqttOptions::new("dev-waiting-1", "127.0.0.1", port);
+    opts.set_max_packet_size(512 * 1024, 512 * 1024);
+    let (client, mut ev) = AsyncClient::new(opts, 16);
+    let status_topic = "fleetgw/waiting-1/status";
+    client
+        .subscribe(status_topic, QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    let mut requested = false;
+    let status: Value = loop {
+        let Ok(polled) = tokio::time::timeout_at(deadline, ev.poll()).await else {
+            panic!("no status for a device waiting for approval");
+        };
+        match polled.unwrap() {
+            Event::Incoming(Packet::SubAck(_)) if !requested => {
+                requested = true;
+                client
+                    .publish(dev.topic(), QoS::AtLeastOnce, false, dev.request())
+                    .await
+                    .unwrap();
+            }
+            Event::Incoming(Packet::Publish(p)) if p.topic == status_topic => {
+                break serde_json::from_slice(&p.payload).unwrap();
+            }
+            _ => {}
+        }
+    };
+    assert_eq!(status["status"], "waitingApproval", "{status}");
+    assert!(
+        emu.certificates().is_empty(),
+        "nothing asked of the cloud before approval"
+    );
+    let state_dir = gw.stop();
+    let store = open_store(&state_dir);
+    let rec = store
+        .device(&DeviceId::parse("waiting-1").unwrap())
+        .unwrap()
+        .unwrap();
+    assert_eq!(rec.state, DeviceState::WaitingApproval);
 }
