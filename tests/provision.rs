@@ -551,7 +551,11 @@ async fn devices_provision_end_to_end_and_repeats_get_the_stored_result() {
     let dir = tempfile::tempdir().unwrap();
     let emu = Emulator::start(dir.path(), &[]);
     let port = free_port();
-    let gw = Gateway::start(dir.path(), &emu, port, &[], &[], 1);
+    // Generated keys are sealed at rest.
+    let sealing_key = dir.path().join("sealing.key");
+    std::fs::write(&sealing_key, "ab".repeat(32)).unwrap();
+    let sealing = format!("provision.sealing_key_file=\"{}\"", sealing_key.display());
+    let gw = Gateway::start(dir.path(), &emu, port, &[&sealing], &[], 1);
 
     let devices = fleet("e2e", 24);
     let results = provision_all(port, &devices, Duration::from_secs(60)).await;
@@ -592,6 +596,7 @@ async fn devices_provision_end_to_end_and_repeats_get_the_stored_result() {
 
     let state_dir = gw.stop();
     let store = open_store(&state_dir);
+    let sealer = fleetgw::identity::Sealer::from_key_file(&sealing_key).unwrap();
     for d in &devices {
         let rec = store
             .device(&DeviceId::parse(&d.id).unwrap())
@@ -599,10 +604,18 @@ async fn devices_provision_end_to_end_and_repeats_get_the_stored_result() {
             .unwrap();
         assert_eq!(rec.state, DeviceState::Delivered, "{}", d.id);
         assert_eq!(rec.provision.thing_name.as_deref(), Some(d.id.as_str()));
-        assert_eq!(
-            store.secret(&rec.id).unwrap().is_some(),
-            d.own_key.is_none()
-        );
+        let secret = store.secret(&rec.id).unwrap();
+        assert_eq!(secret.is_some(), d.own_key.is_none(), "{}", d.id);
+        if let Some(sealed) = secret {
+            assert!(
+                !String::from_utf8_lossy(&sealed).contains("PRIVATE KEY"),
+                "{}: key stored in the clear",
+                d.id
+            );
+            let plain = sealer.open(&sealed).unwrap();
+            let returned = &results[devices.iter().position(|x| x.id == d.id).unwrap()];
+            assert_eq!(plain.expose_str(), returned.private_key.as_deref());
+        }
     }
     assert_eq!(store.device_count(), devices.len());
 }
