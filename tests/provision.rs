@@ -901,14 +901,27 @@ async fn crash_safety_under_repeated_sigkill() {
         rng_state ^= rng_state << 17;
         rng_state % bound
     };
+    let mut kills_mid_provisioning = 0;
     for k in 0..kills {
         let gw = Gateway::start(dir.path(), &emu, port, &sets, &[], k);
         let delay = Duration::from_millis(200 + next_rand(1300));
         tokio::time::sleep(delay).await;
         gw.kill();
         // The store must open cleanly after every kill.
-        drop(open_store(&dir.path().join("gateway-state")));
+        let store = open_store(&dir.path().join("gateway-state"));
+        let delivered = store
+            .devices()
+            .filter(|r| matches!(r.as_ref().unwrap().state, DeviceState::Delivered))
+            .count();
+        if delivered < n {
+            kills_mid_provisioning += 1;
+        }
+        eprintln!("kill {}: {delivered}/{n} devices delivered", k + 1);
     }
+    assert!(
+        kills_mid_provisioning >= kills / 2,
+        "most kills must land while devices are still provisioning"
+    );
     let gw = Gateway::start(dir.path(), &emu, port, &sets, &[], kills);
     let outcomes = fleet_task.await.unwrap();
     for (d, o) in devices.iter().zip(&outcomes) {
