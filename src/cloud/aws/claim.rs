@@ -299,6 +299,8 @@ impl ClaimSession {
         let (client, mut eventloop) = AsyncClient::new(self.mqtt_options(), 16);
         let mut net = NetworkOptions::new();
         net.set_connection_timeout(self.opts.connect_timeout.as_secs().max(1));
+        // One small request, one answer: Nagle plus delayed ACKs would add ~40 ms to each.
+        net.set_tcp_nodelay(true);
         eventloop.set_network_options(net);
         let (tx, mut events) = mpsc::channel(32);
         let poller = PollerGuard(tokio::spawn(poll_events(eventloop, tx)));
