@@ -964,6 +964,15 @@ async fn crash_safety_under_repeated_sigkill() {
     }
 }
 
+/// utime + stime of a process, in clock ticks (USER_HZ = 100 on Linux).
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // Fields after the parenthesised command name; utime and stime are fields 14 and 15.
+    let rest = &stat[stat.rfind(')').unwrap() + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
+}
+
 fn certs_status(emu: &Emulator, id: &str) -> String {
     emu.certificates().get(id).cloned().unwrap_or_default()
 }
@@ -1052,41 +1061,68 @@ async fn throughput_figure() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(1000);
     let sessions = std::env::var("FLEETGW_BENCH_SESSIONS").unwrap_or_else(|_| "16".into());
+    // With FLEETGW_BENCH_CLOUD_TPS the emulator throttles each API to that rate, and the
+    // gateway is configured with the same quota: the figure then shows how much of it is used.
+    let cloud_tps = std::env::var("FLEETGW_BENCH_CLOUD_TPS").ok();
     let dir = tempfile::tempdir().unwrap();
-    let emu = Emulator::start(dir.path(), &[]);
+    let emu_args: Vec<&str> = match &cloud_tps {
+        Some(tps) => vec!["--tps", tps.as_str()],
+        None => vec![],
+    };
+    let emu = Emulator::start(dir.path(), &emu_args);
     let port = free_port();
     let sessions_set = format!("cloud.aws.sessions={sessions}");
+    let tps_set = format!("cloud.aws.tps={}", cloud_tps.as_deref().unwrap_or("100000"));
     let gw = Gateway::start(
         dir.path(),
         &emu,
         port,
-        &[sessions_set.as_str(), "cloud.aws.tps=100000"],
+        &[sessions_set.as_str(), tps_set.as_str()],
         &[],
         1,
     );
     let devices = fleet("bench", n);
     let payloads: Vec<Vec<u8>> = devices.iter().map(Device::request).collect();
     let start = Instant::now();
+    let cpu_before = cpu_ticks(gw.proc.child.id());
+    // At most 500 devices connected at once, as a fleet coming online would be: rumqttd matches
+    // every publish against every subscription, so all devices at once measures the broker.
+    let in_flight = std::sync::Arc::new(tokio::sync::Semaphore::new(500));
     let tasks: Vec<_> = devices
         .iter()
         .zip(payloads)
         .map(|(d, p)| {
-            tokio::spawn(provision(
-                port,
-                d.clone(),
-                p,
-                Duration::from_secs(600),
-                Duration::from_secs(30),
-            ))
+            let d = d.clone();
+            let in_flight = in_flight.clone();
+            tokio::spawn(async move {
+                let _slot = in_flight.acquire_owned().await.unwrap();
+                provision(
+                    port,
+                    d,
+                    p,
+                    Duration::from_secs(600),
+                    Duration::from_secs(30),
+                )
+                .await
+            })
         })
         .collect();
     for t in tasks {
         assert!(matches!(t.await.unwrap(), Outcome::Accepted(_)));
     }
     let secs = start.elapsed().as_secs_f64();
+    let cpu_secs = (cpu_ticks(gw.proc.child.id()) - cpu_before) as f64 / 100.0;
+    let status = std::fs::read_to_string(format!("/proc/{}/status", gw.proc.child.id())).unwrap();
+    let rss = status
+        .lines()
+        .find(|l| l.starts_with("VmRSS"))
+        .unwrap_or("VmRSS: ?");
     eprintln!(
-        "throughput: {n} devices in {secs:.2} s = {:.0} devices/s ({sessions} claim sessions, debug build)",
-        n as f64 / secs
+        "throughput: {n} devices in {secs:.2} s = {:.0} devices/s ({sessions} claim sessions, cloud quota {} per API, debug build); daemon CPU {:.2} ms/device, {rss}; emulator {}",
+        n as f64 / secs,
+        cloud_tps.as_deref().unwrap_or("unlimited"),
+        cpu_secs * 1000.0 / n as f64,
+        emu.get("/stats")["requests"]
     );
     assert_one_thing_per_device(&emu, &devices);
     gw.stop();
