@@ -859,9 +859,9 @@ async fn crash_safety_under_repeated_sigkill() {
         .unwrap_or(10);
     let sessions = 4;
     let dir = tempfile::tempdir().unwrap();
-    // Slow the cloud a little so that kills land while requests are in flight.
+    // Slow the cloud a little so that kills often land while requests are in flight.
     let emu = Emulator::start(dir.path(), &[]);
-    emu.post("/faults", r#"{"responseDelayMs":20}"#);
+    emu.post("/faults", r#"{"responseDelayMs":5}"#);
     let port = free_port();
     let sets = [
         "downstream.device_rate_per_minute=600",
@@ -904,8 +904,16 @@ async fn crash_safety_under_repeated_sigkill() {
     let mut kills_mid_provisioning = 0;
     for k in 0..kills {
         let gw = Gateway::start(dir.path(), &emu, port, &sets, &[], k);
-        let delay = Duration::from_millis(200 + next_rand(1300));
-        tokio::time::sleep(delay).await;
+        // Kill k lands at a random point of the k-th slice of the fleet's progress (things the
+        // cloud has registered), then a random few milliseconds later, so that every kill hits
+        // devices in all states whatever the speed of the machine.
+        let slice = (n / (kills + 1)) as u64;
+        let target = (k as u64 + 1) * slice - next_rand(slice / 2 + 1);
+        poll_until("provisioning progress", Duration::from_secs(120), || {
+            let things = emu.get("/stats")["things"].as_u64()?;
+            (things >= target).then_some(())
+        });
+        tokio::time::sleep(Duration::from_millis(next_rand(50))).await;
         gw.kill();
         // The store must open cleanly after every kill.
         let store = open_store(&dir.path().join("gateway-state"));
@@ -918,9 +926,9 @@ async fn crash_safety_under_repeated_sigkill() {
         }
         eprintln!("kill {}: {delivered}/{n} devices delivered", k + 1);
     }
-    assert!(
-        kills_mid_provisioning >= kills / 2,
-        "most kills must land while devices are still provisioning"
+    assert_eq!(
+        kills_mid_provisioning, kills,
+        "every kill must land while devices are still provisioning"
     );
     let gw = Gateway::start(dir.path(), &emu, port, &sets, &[], kills);
     let outcomes = fleet_task.await.unwrap();
