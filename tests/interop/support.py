@@ -195,15 +195,10 @@ class Emulator:
         return next((t for t in self.things() if t.get("thingName") == thing_name), None)
 
 
-def _listing(body: Any, key: str) -> list[dict]:
-    """The items of a listing: a bare JSON array, or an object holding it under `key`/`value`."""
-    if isinstance(body, list):
-        return body
-    if isinstance(body, dict):
-        for k in (key, "value", "items"):
-            if isinstance(body.get(k), list):
-                return body[k]
-    raise AssertionError(f"unexpected listing for {key}: {body!r}")
+def _listing(body: Any, what: str) -> list[dict]:
+    """The inspection API answers lists as bare JSON arrays."""
+    assert isinstance(body, list), f"GET /{what}: expected a JSON array, got {body!r}"
+    return body
 
 
 # --------------------------------------------------------------------------------------------
@@ -330,6 +325,16 @@ def identity_v2(protocol_client) -> iotidentity.IotIdentityClientV2:
     return iotidentity.IotIdentityClientV2(protocol_client, options)
 
 
+def v2_result(future: Future, what: str):
+    """The result of an IotIdentityClientV2 operation. The client's own operation timeout
+    (STEP_TIMEOUT) fires first; the extra margin only guards against a hung client."""
+    try:
+        return future.result(STEP_TIMEOUT + 10)
+    except TimeoutError:
+        raise AssertionError(f"IotIdentityClientV2 {what}: no result within "
+                             f"{STEP_TIMEOUT + 10:.0f}s") from None
+
+
 @dataclass
 class Outcome:
     """A response to one fleet-provisioning request: accepted (response) or rejected (error)."""
@@ -370,7 +375,7 @@ class IdentityV1:
         for subscribe, cb in ((accepted, on_ok), (rejected, on_err)):
             fut, _topic = subscribe(request=request, qos=mqtt.QoS.AT_LEAST_ONCE, callback=cb)
             granted = fut.result(STEP_TIMEOUT)
-            assert granted["qos"] in (mqtt.QoS.AT_LEAST_ONCE, mqtt.QoS.AT_MOST_ONCE), granted
+            assert granted in (mqtt.QoS.AT_LEAST_ONCE, mqtt.QoS.AT_MOST_ONCE), granted
         self.subscribed.add(api)
 
     def _next(self, what: str, timeout: float) -> Outcome:

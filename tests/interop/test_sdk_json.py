@@ -9,11 +9,10 @@ from __future__ import annotations
 import uuid
 
 import pytest
-from awsiot import iotidentity
+from awsiot import V2ServiceException, iotidentity
 
-from support import (DEFAULT_TEMPLATE, STEP_TIMEOUT, IdentityV1, assert_cert_has_key,
-                     assert_issued_by_ca, identity_v2, new_device_key,
-                     public_key_of_private_pem)
+from support import (DEFAULT_TEMPLATE, IdentityV1, assert_cert_has_key, assert_issued_by_ca,
+                     identity_v2, new_device_key, public_key_of_private_pem, v2_result)
 
 
 def serial() -> str:
@@ -94,23 +93,23 @@ def _v2_flow(emulator, protocol_client) -> None:
     identity = identity_v2(protocol_client)
     device = new_device_key("device-v2")
 
-    issued = identity.create_certificate_from_csr(
-        iotidentity.CreateCertificateFromCsrRequest(certificate_signing_request=device.csr_pem)
-    ).result(STEP_TIMEOUT)
+    issued = v2_result(identity.create_certificate_from_csr(
+        iotidentity.CreateCertificateFromCsrRequest(certificate_signing_request=device.csr_pem)),
+        "CreateCertificateFromCsr")
     assert_issued_by_ca(issued.certificate_pem, emulator.ca)
     assert_cert_has_key(issued.certificate_pem, device.key.public_key())
 
-    keys = identity.create_keys_and_certificate(
-        iotidentity.CreateKeysAndCertificateRequest()).result(STEP_TIMEOUT)
+    keys = v2_result(identity.create_keys_and_certificate(
+        iotidentity.CreateKeysAndCertificateRequest()), "CreateKeysAndCertificate")
     assert_issued_by_ca(keys.certificate_pem, emulator.ca)
     assert_cert_has_key(keys.certificate_pem, public_key_of_private_pem(keys.private_key))
 
     for cert in (issued, keys):
         sn = serial()
-        registered = identity.register_thing(iotidentity.RegisterThingRequest(
+        registered = v2_result(identity.register_thing(iotidentity.RegisterThingRequest(
             template_name=DEFAULT_TEMPLATE,
             certificate_ownership_token=cert.certificate_ownership_token,
-            parameters={"SerialNumber": sn})).result(STEP_TIMEOUT)
+            parameters={"SerialNumber": sn})), "RegisterThing")
         assert_registered(emulator, registered, sn, cert.certificate_id)
 
 
@@ -128,16 +127,15 @@ def test_v2_over_mqtt311(emulator, clients):
 
 def test_v2_rejection_is_a_modeled_error(emulator, clients):
     """A rejected request surfaces as V2ServiceException carrying the /rejected document."""
-    from awsiot import V2ServiceException
-
     client = clients.sdk5(emulator, "claim-v2-err-" + uuid.uuid4().hex[:6])
     client.wait_connected()
     identity = identity_v2(client.client)
     with pytest.raises(V2ServiceException) as err:
-        identity.register_thing(iotidentity.RegisterThingRequest(
+        v2_result(identity.register_thing(iotidentity.RegisterThingRequest(
             template_name=DEFAULT_TEMPLATE, certificate_ownership_token="not-a-token",
-            parameters={"SerialNumber": serial()})).result(STEP_TIMEOUT)
+            parameters={"SerialNumber": serial()})), "RegisterThing")
     modeled = err.value.modeled_error
     assert modeled is not None, err.value
-    assert modeled.status_code == 400, vars(modeled) if hasattr(modeled, "__dict__") else modeled
-    assert modeled.error_code == "InvalidCertificateOwnershipToken"
+    assert (modeled.status_code, modeled.error_code) == (400, "InvalidCertificateOwnershipToken"), \
+        (modeled.status_code, modeled.error_code, modeled.error_message)
+    assert modeled.error_message
