@@ -431,6 +431,10 @@ class Probe:
 
     It connects by IP address (no SNI, the server certificate's IP SAN is checked), records every
     message, SUBACK, PUBACK and the disconnect, so tests can assert exactly what the server did.
+
+    Only the loop thread touches the client once connected: paho writes to the socket from the
+    calling thread when it does not run its own loop, and an SSL socket written by two threads
+    at once sends corrupt records. Test-thread calls are therefore handed to the loop thread.
     """
 
     def __init__(self, emu: Emulator, client_id: str, cert_path: str | None = None,
@@ -453,6 +457,7 @@ class Probe:
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
+        self._commands: queue.Queue = queue.Queue()
 
         def on_connect(_c, _u, _flags, reason_code, _props):
             if not self.connack.done():
@@ -501,8 +506,9 @@ class Probe:
 
     def _loop(self) -> None:
         while not self._stop.is_set():
+            self._run_commands()
             try:
-                rc = self.client.loop(timeout=0.05)
+                rc = self.client.loop(timeout=0.01)
             except (OSError, ssl.SSLError):
                 rc = paho.MQTT_ERR_CONN_LOST
             if rc != paho.MQTT_ERR_SUCCESS:
@@ -510,11 +516,34 @@ class Probe:
                 if not self.connack.done():
                     self.connack.set_exception(ConnectRefused(f"connection lost before CONNACK "
                                                               f"({paho.error_string(rc)})"))
+                break
+        self._run_commands()
+
+    def _run_commands(self) -> None:
+        while True:
+            try:
+                done, fn = self._commands.get_nowait()
+            except queue.Empty:
                 return
+            try:
+                done.set_result(fn())
+            except Exception as e:  # noqa: BLE001 - handed back to the calling thread
+                done.set_exception(e)
+
+    def _call(self, fn: Callable[[], Any]) -> Any:
+        """Runs `fn` on the loop thread (directly once the loop has ended: no socket left)."""
+        thread = self._thread
+        if thread is None or not thread.is_alive() or threading.current_thread() is thread:
+            return fn()
+        done: Future = Future()
+        self._commands.put((done, fn))
+        if not thread.is_alive():  # ended between the check and the put
+            self._run_commands()
+        return done.result(STEP_TIMEOUT)
 
     def subscribe(self, topic: str, qos: int = 1) -> list:
         """Subscribes and waits for the SUBACK; returns its reason codes."""
-        rc, mid = self.client.subscribe(topic, qos)
+        rc, mid = self._call(lambda: self.client.subscribe(topic, qos))
         assert rc == paho.MQTT_ERR_SUCCESS, f"subscribe {topic}: {paho.error_string(rc)}"
         return wait_for(f"SUBACK for {topic}", lambda: self._suback(mid))
 
@@ -522,12 +551,12 @@ class Probe:
         with self._lock:
             return self.subacks.get(mid)
 
-    def unsubscribe(self, topic: str) -> None:
-        self.client.unsubscribe(topic)
+    def unsubscribe(self, *topics: str) -> None:
+        self._call(lambda: self.client.unsubscribe(list(topics)))
 
     def publish(self, topic: str, payload: bytes, qos: int = 1) -> int:
         """Publishes; returns the message id (see wait_puback)."""
-        info = self.client.publish(topic, payload, qos=qos)
+        info = self._call(lambda: self.client.publish(topic, payload, qos=qos))
         return info.mid
 
     def wait_puback(self, mid: int, timeout: float = STEP_TIMEOUT) -> None:
@@ -564,7 +593,7 @@ class Probe:
     def close(self) -> None:
         if not self.closed.is_set():
             try:
-                self.client.disconnect()
+                self._call(self.client.disconnect)
             except Exception:  # noqa: BLE001 - best effort at teardown
                 pass
         self._stop.set()

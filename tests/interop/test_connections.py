@@ -67,7 +67,7 @@ def test_unsubscribe_stops_responses(emulator, clients):
     probe.subscribe_responses(CSR_JSON)
     kind, _ = probe.request(CSR_JSON, csr_request(new_device_key("u1").csr_pem))
     assert kind == "accepted"
-    probe.client.unsubscribe([f"{CSR_JSON}/accepted", f"{CSR_JSON}/rejected"])
+    probe.unsubscribe(f"{CSR_JSON}/accepted", f"{CSR_JSON}/rejected")
     mid = probe.publish(CSR_JSON, csr_request(new_device_key("u2").csr_pem), qos=1)
     probe.wait_puback(mid)
     last = new_device_key("u3")
@@ -155,7 +155,7 @@ def test_claim_connection_cannot_publish_telemetry(emulator, clients):
 
 def test_claim_connection_cannot_subscribe_elsewhere(emulator, clients):
     probe = clients.probe(emulator, "claim-sub-" + uuid.uuid4().hex[:6])
-    probe.client.subscribe("dt/#", 1)
+    probe._call(lambda: probe.client.subscribe("dt/#", 1))
     probe.wait_closed()
 
 
@@ -188,3 +188,21 @@ def test_same_client_id_takes_over(emulator, clients, tmp_path):
     first.wait_closed()
     mid = second.publish(f"dt/{thing}/telemetry", b"after-takeover", qos=1)
     second.wait_puback(mid)
+
+
+def test_device_telemetry_over_mqtt5(emulator, clients, tmp_path):
+    """The SDK's MQTT 5 client as a device: QoS 1 publish PUBACKed with success, then listed."""
+    from awscrt import mqtt5
+
+    thing, cert, key = provision(emulator, clients, tmp_path)
+    device = clients.sdk5(emulator, thing, cert_path=cert, key_path=key)
+    device.wait_connected()
+    topic = f"dt/{thing}/telemetry"
+    done = device.client.publish(mqtt5.PublishPacket(topic=topic, payload=b'{"v":5}',
+                                                     qos=mqtt5.QoS.AT_LEAST_ONCE))
+    puback = done.result(STEP_TIMEOUT).puback
+    assert puback is not None and puback.reason_code == mqtt5.PubackReasonCode.SUCCESS, puback
+    mine = wait_for(f"GET /messages to list {thing}'s MQTT 5 publish",
+                    lambda: [m for m in emulator.messages() if m.get("clientId") == thing])
+    assert [(m["topic"], b64(m["payloadBase64"]), m["qos"]) for m in mine] == \
+        [(topic, b'{"v":5}', 1)]

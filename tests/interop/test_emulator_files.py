@@ -29,8 +29,9 @@ def test_emulator_json_and_files(emulator):
         assert Path(info[key]).is_file()
     assert stat.S_IMODE((emulator.dir / "claim.key").stat().st_mode) == 0o600
     assert_issued_by_ca((emulator.dir / "claim.pem").read_text(), info["ca"])
+    # emulator.json is the readiness signal: gateway.toml must already be there, complete.
     gateway = (emulator.dir / "gateway.toml").read_text()
-    assert str(emulator.mqtt_port) in gateway and "FleetTemplate" in gateway, gateway
+    assert f"127.0.0.1:{emulator.mqtt_port}" in gateway and "FleetTemplate" in gateway, gateway
 
 
 def test_server_certificate_sans(emulator):
@@ -80,6 +81,9 @@ def test_restart_keeps_ca_claim_and_things(start_emulator, clients, tmp_path):
     first.stop()
 
     second = start_emulator(dir=tmp_path / "aws")
+    # new ports, and gateway.toml (written before emulator.json) points at them
+    gateway = (second.dir / "gateway.toml").read_text()
+    assert f"127.0.0.1:{second.mqtt_port}" in gateway, gateway
     assert Path(second.ca).read_bytes() == ca
     assert Path(second.claim_cert).read_bytes() == claim
     assert second.thing(thing) is not None, second.things()

@@ -94,19 +94,36 @@ def test_malformed_payloads(emulator, clients):
         (CSR_JSON, b"{not json"),
         (CSR_JSON, b""),
         (CSR_JSON, json.dumps({"certificateSigningRequest": 42}).encode()),
-        (CSR_JSON, json.dumps(["certificateSigningRequest"]).encode()),
         (CSR_CBOR, b"\xff\x00garbage"),
         (CSR_CBOR, cbor2.dumps({"certificateSigningRequest": 42})),
         (CSR_CBOR, b"\xbf\x78"),  # indefinite map cut short
     ]:
         kind, body = probe.request(topic, payload)
         assert kind == "rejected", (topic, payload, body)
+        assert (body.get("statusCode"), body.get("errorCode")) == (400, "InvalidPayload"), \
+            (topic, payload, body)
         assert_error(body, 400, "InvalidPayload")
     # JSON rejections are JSON and CBOR rejections CBOR (probe.request decodes per topic); the
     # connection survived all of that:
     kind, body = probe.request(CSR_JSON, json.dumps(
         {"certificateSigningRequest": new_device_key("after-garbage").csr_pem}).encode())
     assert kind == "accepted", body
+
+
+@pytest.mark.parametrize("topic,payload", [
+    pytest.param(CSR_JSON, json.dumps(["certificateSigningRequest"]).encode(), id="json-array",
+                 marks=pytest.mark.xfail(strict=True, reason=(
+                     "emulator bug: a JSON array is decoded as the request object (serde builds "
+                     "a struct from a sequence), so it is rejected as 400 InvalidCsr instead of "
+                     "400 InvalidPayload"))),
+    pytest.param(CSR_CBOR, cbor2.dumps(["certificateSigningRequest"]), id="cbor-array"),
+])
+def test_payload_that_is_not_a_map(emulator, clients, topic, payload):
+    probe = clients.probe(emulator, "claim-array-" + uuid.uuid4().hex[:6])
+    probe.subscribe_responses(topic)
+    kind, body = probe.request(topic, payload)
+    assert kind == "rejected", body
+    assert_error(body, 400, "InvalidPayload")
 
 
 def test_unknown_template(emulator, identity):
