@@ -25,7 +25,7 @@ from typing import Any, Callable
 
 import cbor2
 import paho.mqtt.client as paho
-from awscrt import mqtt, mqtt5, mqtt_request_response
+from awscrt import mqtt, mqtt_request_response
 from awsiot import iotidentity, mqtt5_client_builder, mqtt_connection_builder
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization

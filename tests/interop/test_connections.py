@@ -49,6 +49,40 @@ def test_responses_go_only_to_the_requester(emulator, clients):
     assert a.pending_messages() == [] and b.pending_messages() == []
 
 
+def test_concurrent_claim_connections_get_only_their_own_responses(emulator, clients):
+    """Four connections with the same claim certificate pipeline five requests each at the same
+    time; every connection gets exactly five responses, each for one of its own CSRs."""
+    n_conn, n_req = 4, 5
+    probes = [clients.probe(emulator, f"claim-par-{i}-{uuid.uuid4().hex[:6]}")
+              for i in range(n_conn)]
+    for p in probes:
+        p.subscribe_responses(CSR_JSON)
+    keys = [[new_device_key(f"par-{i}-{j}") for j in range(n_req)] for i in range(n_conn)]
+    for p, own in zip(probes, keys):
+        for k in own:
+            p.publish(CSR_JSON, csr_request(k.csr_pem), qos=1)
+    for p, own in zip(probes, keys):
+        own_spki = {_spki(k.key.public_key()) for k in own}
+        got = set()
+        for _ in range(n_req):
+            topic, body, qos = p.next_message()
+            assert topic == CSR_JSON + "/accepted", (topic, body[:200])
+            assert qos == 1, "responses to a QoS 1 subscription come at QoS 1"
+            spki = _spki(key_of(json.loads(body)["certificatePem"]))
+            assert spki in own_spki, f"{p.client_id} received a certificate for another connection"
+            got.add(spki)
+        assert got == own_spki
+    for p in probes:  # nothing extra arrived: one more round trip each, then an empty queue
+        p.ping()
+        assert p.pending_messages() == []
+
+
+def _spki(public_key) -> bytes:
+    from cryptography.hazmat.primitives import serialization
+    return public_key.public_bytes(serialization.Encoding.DER,
+                                   serialization.PublicFormat.SubjectPublicKeyInfo)
+
+
 def test_no_response_without_subscription(emulator, clients):
     """A request published before subscribing gets no response (AWS does not queue it)."""
     probe = clients.probe(emulator, "claim-nosub-" + uuid.uuid4().hex[:6])
@@ -126,6 +160,9 @@ def test_device_telemetry_recorded(emulator, clients, tmp_path):
     assert mine[0]["topic"] == topic
     assert b64(mine[0]["payloadBase64"]) == payload
     assert mine[0]["qos"] == 1
+    stats = emulator.get("/stats")
+    assert stats["clients"][thing]["messages"] == 1, stats
+    assert stats["clients"][thing]["bytes"] == len(payload), stats
 
 
 def test_device_messages_in_arrival_order(emulator, clients, tmp_path):
