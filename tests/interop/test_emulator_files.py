@@ -9,6 +9,7 @@ import json
 import socket
 import ssl
 import stat
+import tomllib
 import uuid
 from pathlib import Path
 
@@ -30,8 +31,20 @@ def test_emulator_json_and_files(emulator):
     assert stat.S_IMODE((emulator.dir / "claim.key").stat().st_mode) == 0o600
     assert_issued_by_ca((emulator.dir / "claim.pem").read_text(), info["ca"])
     # emulator.json is the readiness signal: gateway.toml must already be there, complete.
-    gateway = (emulator.dir / "gateway.toml").read_text()
-    assert f"127.0.0.1:{emulator.mqtt_port}" in gateway and "FleetTemplate" in gateway, gateway
+    assert_gateway_toml(emulator)
+
+
+def assert_gateway_toml(emulator) -> None:
+    """DIR/gateway.toml points a gateway at this run of the emulator (config keys of DESIGN.md)."""
+    config = tomllib.loads((emulator.dir / "gateway.toml").read_text())
+    aws = config["cloud"]["aws"]
+    assert config["cloud"]["provider"] == "aws"
+    host, port = aws["endpoint"].rsplit(":", 1)
+    assert host in ("localhost", "127.0.0.1") and int(port) == emulator.mqtt_port, aws
+    assert (aws["ca"], aws["claim_cert"], aws["claim_key"]) == \
+        (emulator.ca, emulator.claim_cert, emulator.claim_key), aws
+    assert aws["template"] == "FleetTemplate"
+    assert Path(config["gateway"]["state_dir"]).is_relative_to(emulator.dir), config["gateway"]
 
 
 def test_server_certificate_sans(emulator):
@@ -82,8 +95,7 @@ def test_restart_keeps_ca_claim_and_things(start_emulator, clients, tmp_path):
 
     second = start_emulator(dir=tmp_path / "aws")
     # new ports, and gateway.toml (written before emulator.json) points at them
-    gateway = (second.dir / "gateway.toml").read_text()
-    assert f"127.0.0.1:{second.mqtt_port}" in gateway, gateway
+    assert_gateway_toml(second)
     assert Path(second.ca).read_bytes() == ca
     assert Path(second.claim_cert).read_bytes() == claim
     assert second.thing(thing) is not None, second.things()
