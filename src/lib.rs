@@ -4,6 +4,12 @@
 //! with the cloud (AWS IoT fleet provisioning, Azure DPS), keeps every step in a crash-safe
 //! store and then forwards their telemetry upstream. See `docs/architecture.md` for the map.
 
+pub mod admission;
 pub mod cli;
+pub mod cloud;
+pub mod config;
 pub mod device_id;
+pub mod downstream;
+pub mod emulator;
 pub mod identity;
+pub mod store;

@@ -180,6 +180,16 @@ impl PrivateKey {
         self.pair.subject_public_key_info()
     }
 
+    /// Signs `msg` with this key, the way the certificate's algorithm expects: ECDSA P-256 with
+    /// SHA-256 and P-384 with SHA-384 (ASN.1 DER signatures), RSA PKCS#1 v1.5 with SHA-256.
+    /// Used for proofs of possession such as X.509 admission attestations.
+    pub fn sign(&self, msg: &[u8]) -> Result<Vec<u8>, IdentityError> {
+        use rcgen::SigningKey;
+        self.pair.sign(msg).map_err(|e| {
+            IdentityError::signing(format!("signature with a {} key", self.key_type), e)
+        })
+    }
+
     /// The rcgen key pair, for signing CSRs and certificates inside this module.
     pub(crate) fn key_pair(&self) -> &KeyPair {
         &self.pair
@@ -450,6 +460,41 @@ mod tests {
             assert_eq!(again.key_type(), kt);
             assert_eq!(again.public_key_der(), key.public_key_der());
         }
+    }
+
+    #[test]
+    fn signatures_verify_with_the_public_key_and_the_expected_algorithm() {
+        use aws_lc_rs::signature::{
+            UnparsedPublicKey, VerificationAlgorithm, ECDSA_P256_SHA256_ASN1,
+            ECDSA_P384_SHA384_ASN1, RSA_PKCS1_2048_8192_SHA256,
+        };
+        let cases: [(KeyType, &'static dyn VerificationAlgorithm); 3] = [
+            (KeyType::EcdsaP256, &ECDSA_P256_SHA256_ASN1),
+            (KeyType::EcdsaP384, &ECDSA_P384_SHA384_ASN1),
+            (KeyType::Rsa2048, &RSA_PKCS1_2048_8192_SHA256),
+        ];
+        for (kt, alg) in cases {
+            let key = PrivateKey::generate(kt).unwrap();
+            let signature = key.sign(b"sensor-1\n1700000000").unwrap();
+            let public = UnparsedPublicKey::new(alg, key.public_key_der());
+            assert!(
+                public.verify(b"sensor-1\n1700000000", &signature).is_ok(),
+                "{kt}: signature does not verify"
+            );
+            assert!(
+                public.verify(b"sensor-2\n1700000000", &signature).is_err(),
+                "{kt}: signature verifies for another message"
+            );
+        }
+        // A key loaded from PEM signs the same way as a generated one.
+        let key = PrivateKey::generate(KeyType::EcdsaP384).unwrap();
+        let loaded = PrivateKey::from_pem(key.to_pkcs8_pem().expose_str().unwrap()).unwrap();
+        let signature = loaded.sign(b"m").unwrap();
+        assert!(
+            UnparsedPublicKey::new(&ECDSA_P384_SHA384_ASN1, key.public_key_der())
+                .verify(b"m", &signature)
+                .is_ok()
+        );
     }
 
     #[test]

@@ -1,0 +1,230 @@
+//! Group commit: one thread flushes sled, every writer waits for "a flush that began after my
+//! write".
+//!
+//! sled's `flush_async()` hangs when many tasks await it at once (sled #1308), and a flush per
+//! write costs one fsync per write. Instead a single dedicated OS thread (so fsync never blocks
+//! the tokio runtime) performs every `Db::flush()`. A writer takes a ticket (a generation number)
+//! after its write; the flusher starts a flush covering all tickets taken so far and, when it
+//! ends, publishes the highest ticket it covered. N writers that arrive while a flush is running
+//! are all covered by the next one: about one fsync for N writes.
+
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+
+use tokio::sync::watch;
+
+/// What the flusher has finished, published to async waiters.
+#[derive(Clone, Debug, Default)]
+struct Progress {
+    /// Highest ticket covered by a finished flush (successful or not).
+    done: u64,
+    /// Highest ticket covered by a successful flush. sled flushes everything written so far,
+    /// so a later success also makes the writes of an earlier failed flush durable.
+    ok_through: u64,
+    /// Message of the last failed flush.
+    last_error: Option<String>,
+}
+
+impl Progress {
+    fn outcome(&self, ticket: u64) -> Option<Result<(), String>> {
+        if self.ok_through >= ticket {
+            Some(Ok(()))
+        } else if self.done >= ticket {
+            Some(Err(self
+                .last_error
+                .clone()
+                .unwrap_or_else(|| "flush failed".into())))
+        } else {
+            None
+        }
+    }
+}
+
+#[derive(Default)]
+struct State {
+    /// Last ticket handed out.
+    issued: u64,
+    /// Highest ticket a started flush covers.
+    started: u64,
+    progress: Progress,
+    /// Flushes finished, for metrics and the group-commit benchmark.
+    flushes: u64,
+    shutdown: bool,
+}
+
+struct Shared {
+    state: Mutex<State>,
+    /// Wakes the flusher (new ticket, shutdown) and blocking waiters (flush finished).
+    changed: Condvar,
+    progress_tx: watch::Sender<Progress>,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A poisoned lock only means a panic elsewhere while holding it; the counters stay
+        // consistent because every update is a single assignment.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn take_ticket(&self) -> u64 {
+        let mut st = self.lock();
+        st.issued += 1;
+        let t = st.issued;
+        drop(st);
+        self.changed.notify_all();
+        t
+    }
+}
+
+/// Handle to the flusher thread; dropping it flushes what is pending and joins the thread.
+pub(crate) struct GroupCommit {
+    shared: Arc<Shared>,
+    thread: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl GroupCommit {
+    /// Starts the flusher thread for `db`.
+    pub(crate) fn start(db: sled::Db) -> std::io::Result<Self> {
+        let (progress_tx, _) = watch::channel(Progress::default());
+        let shared = Arc::new(Shared {
+            state: Mutex::new(State::default()),
+            changed: Condvar::new(),
+            progress_tx,
+        });
+        let worker = Arc::clone(&shared);
+        let thread = std::thread::Builder::new()
+            .name("fleetgw-store-flush".into())
+            .spawn(move || run(worker, db))?;
+        Ok(GroupCommit {
+            shared,
+            thread: Mutex::new(Some(thread)),
+        })
+    }
+
+    /// Resolves when a flush that began after this call has finished; the error is sled's
+    /// message when that flush (and none after it) failed.
+    pub(crate) async fn durable(&self) -> Result<(), String> {
+        // Subscribe before taking the ticket: `wait_for` checks the current value first, so a
+        // flush that finishes in between is not missed either way.
+        let mut rx = self.shared.progress_tx.subscribe();
+        let ticket = self.shared.take_ticket();
+        let progress = rx
+            .wait_for(|p| p.outcome(ticket).is_some())
+            .await
+            .map_err(|_| "the store flusher thread has stopped".to_string())?;
+        progress.outcome(ticket).unwrap_or(Ok(()))
+    }
+
+    /// Blocking form of [`GroupCommit::durable`], for threads outside the async runtime.
+    pub(crate) fn durable_blocking(&self) -> Result<(), String> {
+        let ticket = self.shared.take_ticket();
+        let mut st = self.shared.lock();
+        loop {
+            if let Some(outcome) = st.progress.outcome(ticket) {
+                return outcome;
+            }
+            if st.shutdown && st.started < ticket {
+                return Err("the store flusher thread has stopped".into());
+            }
+            st = self
+                .shared
+                .changed
+                .wait(st)
+                .unwrap_or_else(|p| p.into_inner());
+        }
+    }
+
+    /// Flushes (fsyncs) performed so far.
+    pub(crate) fn flushes(&self) -> u64 {
+        self.shared.lock().flushes
+    }
+
+    /// Tickets issued and the highest ticket covered by a finished flush.
+    #[cfg(test)]
+    pub(crate) fn counters(&self) -> (u64, u64) {
+        let st = self.shared.lock();
+        (st.issued, st.progress.done)
+    }
+}
+
+impl Drop for GroupCommit {
+    fn drop(&mut self) {
+        self.shared.lock().shutdown = true;
+        self.shared.changed.notify_all();
+        let handle = self.thread.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(handle) = handle {
+            // The thread owns a `Db` handle; joining it releases sled's file lock so that the
+            // same directory can be reopened right after the store is dropped.
+            if handle.join().is_err() {
+                tracing::error!("the store flusher thread panicked");
+            }
+        }
+    }
+}
+
+fn run(shared: Arc<Shared>, db: sled::Db) {
+    loop {
+        let target = {
+            let mut st = shared.lock();
+            while st.started == st.issued && !st.shutdown {
+                st = shared.changed.wait(st).unwrap_or_else(|p| p.into_inner());
+            }
+            if st.started == st.issued {
+                // Shut down with nothing pending; sled flushes once more when the last `Db`
+                // handle drops.
+                return;
+            }
+            st.started = st.issued;
+            st.issued
+        };
+        let result = db.flush();
+        let progress = {
+            let mut st = shared.lock();
+            st.progress.done = target;
+            st.flushes += 1;
+            match result {
+                Ok(_) => st.progress.ok_through = target,
+                Err(e) => {
+                    tracing::error!(error = %e, "store flush failed");
+                    st.progress.last_error = Some(e.to_string());
+                }
+            }
+            st.progress.clone()
+        };
+        shared.changed.notify_all();
+        shared.progress_tx.send_replace(progress);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_waiters_share_flushes() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = sled::Config::new().path(dir.path()).open().unwrap();
+        let gc = Arc::new(GroupCommit::start(db.clone()).unwrap());
+        let mut tasks = Vec::new();
+        for i in 0..64u32 {
+            let gc = Arc::clone(&gc);
+            let db = db.clone();
+            tasks.push(tokio::spawn(async move {
+                db.insert(i.to_be_bytes(), &b"x"[..]).unwrap();
+                gc.durable().await
+            }));
+        }
+        for t in tasks {
+            assert_eq!(t.await.unwrap(), Ok(()));
+        }
+        let (issued, done) = gc.counters();
+        assert_eq!(issued, 64);
+        assert_eq!(done, 64, "every ticket is covered by a finished flush");
+        assert!(
+            gc.flushes() <= 64,
+            "flushes are shared, never more than writers"
+        );
+        assert_eq!(gc.durable_blocking(), Ok(()));
+        assert_eq!(gc.counters(), (65, 65));
+    }
+}

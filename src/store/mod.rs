@@ -1,0 +1,720 @@
+//! The gateway's durable state: the only module that touches sled.
+//!
+//! Trees (DESIGN.md "Store"): `devices` (id -> [`DeviceRecord`]), `secrets` (id -> opaque, possibly
+//! sealed key bytes), `tokens` (id -> [`OwnershipTokenRecord`]), `operations`,
+//! `enrollment_groups`, `device_groups` (string key -> a record type owned by the admin layer,
+//! see [`RecordTree`]), `outbox` (big-endian u64 sequence -> [`OutboxMessage`]) and `meta`
+//! (schema version and small settings).
+//!
+//! Every mutating call returns only once the change is on disk. Durability uses group commit
+//! ([`flusher`]): one thread flushes, and every writer waits for a flush that began after its
+//! write, so N concurrent writers cost about one fsync. Changes spanning several trees go through
+//! a [`Batch`], applied with one sled transaction and then made durable.
+//!
+//! Keeping sled behind this boundary lets us swap the engine (e.g. redb) without touching the
+//! rest of the gateway if the kill -9 tests ever show corruption.
+
+mod batch;
+mod error;
+mod flusher;
+mod outbox;
+mod records;
+
+use std::fs;
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Instant;
+
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+use crate::device_id::DeviceId;
+use flusher::GroupCommit;
+
+pub use batch::Batch;
+pub use error::StoreError;
+pub use records::{
+    DeviceRecord, DeviceState, ErrorInfo, OutboxDecodeError, OutboxMessage, OwnershipToken,
+    OwnershipTokenRecord, DEVICE_RECORD_VERSION, OUTBOX_MESSAGE_VERSION, TOKEN_RECORD_VERSION,
+};
+
+/// Schema version this build writes and the newest it can open.
+pub const SCHEMA_VERSION: u32 = 1;
+/// `meta` key holding the schema version (u32 big-endian); reserved.
+pub const SCHEMA_VERSION_KEY: &str = "schema_version";
+
+/// Tuning for [`Store::open`] (config section `[store]`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StoreOptions {
+    /// sled page cache size in bytes (sled's own default is 1 GiB, too much for a gateway).
+    pub cache_capacity: u64,
+    /// sled's own periodic background flush; `None` = off (group commit flushes anyway).
+    pub flush_interval_ms: Option<u64>,
+}
+
+impl Default for StoreOptions {
+    fn default() -> Self {
+        StoreOptions {
+            cache_capacity: 64 * 1024 * 1024,
+            flush_interval_ms: None,
+        }
+    }
+}
+
+/// The trees whose record types belong to the layers above (admin operations, enrollment
+/// groups, device groups); the store keeps them as versioned JSON under a string key.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum RecordTree {
+    /// Long-running admin operations (`/operations/{id}`).
+    Operations,
+    /// Enrollment groups (`/enrollmentGroups/{id}`).
+    EnrollmentGroups,
+    /// Saved device filters (`/deviceGroups/{id}`).
+    DeviceGroups,
+}
+
+impl RecordTree {
+    /// The sled tree name.
+    pub fn name(self) -> &'static str {
+        match self {
+            RecordTree::Operations => "operations",
+            RecordTree::EnrollmentGroups => "enrollment_groups",
+            RecordTree::DeviceGroups => "device_groups",
+        }
+    }
+}
+
+const DEVICES: &str = "devices";
+const SECRETS: &str = "secrets";
+const TOKENS: &str = "tokens";
+const OUTBOX: &str = "outbox";
+const META: &str = "meta";
+
+/// Handle to the open store; cheap to clone, shareable between threads and tasks.
+#[derive(Clone)]
+pub struct Store {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    dir: PathBuf,
+    // Declared first so that it drops (joining the flusher thread) before the trees and `db`.
+    commit: GroupCommit,
+    db: sled::Db,
+    devices: sled::Tree,
+    secrets: sled::Tree,
+    tokens: sled::Tree,
+    operations: sled::Tree,
+    enrollment_groups: sled::Tree,
+    device_groups: sled::Tree,
+    outbox: sled::Tree,
+    meta: sled::Tree,
+    /// Serialises read-modify-write of device records (etag bumps, CAS, batches): the update
+    /// closures are `FnOnce`, so a lost optimistic race could not be retried.
+    device_writes: Mutex<()>,
+    outbox_len: AtomicU64,
+    outbox_bytes: AtomicU64,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store")
+            .field("dir", &self.inner.dir)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Store {
+    /// Opens (creating if needed, mode 0700) the store in `dir`. Refuses a database whose schema
+    /// version is newer than [`SCHEMA_VERSION`].
+    pub fn open(dir: &Path, opts: &StoreOptions) -> Result<Self, StoreError> {
+        prepare_dir(dir)?;
+        let db = sled::Config::new()
+            .path(dir)
+            .cache_capacity(opts.cache_capacity)
+            .flush_every_ms(opts.flush_interval_ms)
+            .open()
+            .map_err(|source| StoreError::Open {
+                dir: dir.to_owned(),
+                source,
+            })?;
+        let tree = |name: &'static str| {
+            db.open_tree(name).map_err(|source| StoreError::Sled {
+                tree: name,
+                op: "open_tree",
+                source,
+            })
+        };
+        let meta = tree(META)?;
+        check_schema(dir, &meta)?;
+        let outbox = tree(OUTBOX)?;
+        let (mut len, mut bytes) = (0u64, 0u64);
+        for entry in outbox.iter() {
+            let (_, v) = entry.map_err(|source| StoreError::Sled {
+                tree: OUTBOX,
+                op: "scan",
+                source,
+            })?;
+            len += 1;
+            bytes += v.len() as u64;
+        }
+        let commit =
+            GroupCommit::start(db.clone()).map_err(|source| StoreError::FlusherThread {
+                dir: dir.to_owned(),
+                source,
+            })?;
+        let inner = Inner {
+            dir: dir.to_owned(),
+            commit,
+            devices: tree(DEVICES)?,
+            secrets: tree(SECRETS)?,
+            tokens: tree(TOKENS)?,
+            operations: tree(RecordTree::Operations.name())?,
+            enrollment_groups: tree(RecordTree::EnrollmentGroups.name())?,
+            device_groups: tree(RecordTree::DeviceGroups.name())?,
+            outbox,
+            meta,
+            db,
+            device_writes: Mutex::new(()),
+            outbox_len: AtomicU64::new(len),
+            outbox_bytes: AtomicU64::new(bytes),
+        };
+        Ok(Store {
+            inner: Arc::new(inner),
+        })
+    }
+
+    /// The state directory.
+    pub fn dir(&self) -> &Path {
+        &self.inner.dir
+    }
+
+    /// Resolves after a flush that began after this call has finished (group commit): every
+    /// write made before the call is then on disk.
+    pub async fn durable(&self) -> Result<(), StoreError> {
+        self.inner
+            .commit
+            .durable()
+            .await
+            .map_err(|message| StoreError::Flush {
+                dir: self.inner.dir.clone(),
+                message,
+            })
+    }
+
+    /// Blocking [`Store::durable`] for non-async contexts (shutdown, CLI tools). Do not call it
+    /// on an async runtime thread.
+    pub fn flush_blocking(&self) -> Result<(), StoreError> {
+        self.inner
+            .commit
+            .durable_blocking()
+            .map_err(|message| StoreError::Flush {
+                dir: self.inner.dir.clone(),
+                message,
+            })
+    }
+
+    /// Flushes (fsyncs) done by the group-commit thread since open, for metrics.
+    pub fn flush_count(&self) -> u64 {
+        self.inner.commit.flushes()
+    }
+
+    // ---- devices ----
+
+    /// The device's record, if any.
+    pub fn device(&self, id: &DeviceId) -> Result<Option<DeviceRecord>, StoreError> {
+        let raw = get(&self.inner.devices, DEVICES, id.as_str())?;
+        raw.map(|v| decode_device(id.as_str(), &v)).transpose()
+    }
+
+    /// All device records in id order.
+    pub fn devices(&self) -> impl Iterator<Item = Result<DeviceRecord, StoreError>> {
+        self.inner.devices.iter().map(|entry| {
+            let (k, v) = entry.map_err(|source| StoreError::Sled {
+                tree: DEVICES,
+                op: "scan",
+                source,
+            })?;
+            decode_device(&String::from_utf8_lossy(&k), &v)
+        })
+    }
+
+    /// Number of device records.
+    pub fn device_count(&self) -> usize {
+        self.inner.devices.len()
+    }
+
+    /// Writes `rec` (under `rec.id`), its etag becoming the stored etag + 1; durable on return.
+    pub async fn put_device(&self, rec: &DeviceRecord) -> Result<(), StoreError> {
+        self.put_device_now(rec)?;
+        self.durable().await
+    }
+
+    fn put_device_now(&self, rec: &DeviceRecord) -> Result<(), StoreError> {
+        let key = rec.id.as_str();
+        let _guard = self.device_lock();
+        // Only the stored etag matters here: skip decoding the whole previous record.
+        let found = get(&self.inner.devices, DEVICES, key)?
+            .map(|v| stored_etag(key, &v))
+            .transpose()?;
+        let mut next = rec.clone();
+        next.etag = found.unwrap_or(0) + 1;
+        insert(
+            &self.inner.devices,
+            DEVICES,
+            key,
+            encode(DEVICES, key, &next)?,
+        )
+    }
+
+    /// Compare-and-swap update: when `expected_etag` is given the stored etag must equal it
+    /// (else [`StoreError::Conflict`]). `f` gets the current record and returns the new one
+    /// (stored under `id`, etag bumped) or `None` to leave it unchanged. Returns the record as
+    /// stored; [`StoreError::DeviceNotFound`] when `f` returns `None` and there is no record.
+    pub async fn update_device(
+        &self,
+        id: &DeviceId,
+        expected_etag: Option<u64>,
+        f: impl FnOnce(Option<DeviceRecord>) -> Option<DeviceRecord>,
+    ) -> Result<DeviceRecord, StoreError> {
+        let (rec, changed) = self.update_device_now(id, expected_etag, f)?;
+        if changed {
+            self.durable().await?;
+        }
+        Ok(rec)
+    }
+
+    fn update_device_now(
+        &self,
+        id: &DeviceId,
+        expected_etag: Option<u64>,
+        f: impl FnOnce(Option<DeviceRecord>) -> Option<DeviceRecord>,
+    ) -> Result<(DeviceRecord, bool), StoreError> {
+        let _guard = self.device_lock();
+        let current = self.device(id)?;
+        let found = current.as_ref().map(|r| r.etag);
+        if let Some(expected) = expected_etag {
+            if found != Some(expected) {
+                return Err(StoreError::Conflict {
+                    id: id.clone(),
+                    expected,
+                    found,
+                });
+            }
+        }
+        match f(current.clone()) {
+            None => current
+                .map(|r| (r, false))
+                .ok_or_else(|| StoreError::DeviceNotFound { id: id.clone() }),
+            Some(mut next) => {
+                next.id = id.clone();
+                next.etag = found.unwrap_or(0) + 1;
+                let bytes = encode(DEVICES, id.as_str(), &next)?;
+                self.inner
+                    .devices
+                    .insert(id.as_str(), bytes)
+                    .map_err(|source| StoreError::Sled {
+                        tree: DEVICES,
+                        op: "insert",
+                        source,
+                    })?;
+                Ok((next, true))
+            }
+        }
+    }
+
+    /// Deletes a device with its secret and ownership token (one transaction); true if a
+    /// record existed.
+    pub async fn remove_device(&self, id: &DeviceId) -> Result<bool, StoreError> {
+        let existed = self.device(id)?.is_some();
+        let mut batch = Batch::new();
+        batch.remove_device(id).remove_secret(id).remove_token(id);
+        self.apply(batch).await?;
+        Ok(existed)
+    }
+
+    fn device_lock(&self) -> MutexGuard<'_, ()> {
+        // The guarded data is `()`: a panic while holding it cannot leave anything inconsistent.
+        self.inner
+            .device_writes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+    }
+
+    // ---- secrets ----
+
+    /// Stores a device's secret (opaque, sealed by the caller when configured); durable on return.
+    pub async fn put_secret(&self, id: &DeviceId, sealed: &[u8]) -> Result<(), StoreError> {
+        insert(&self.inner.secrets, SECRETS, id.as_str(), sealed.to_vec())?;
+        self.durable().await
+    }
+
+    /// A device's secret bytes, if stored.
+    pub fn secret(&self, id: &DeviceId) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(get(&self.inner.secrets, SECRETS, id.as_str())?.map(|v| v.to_vec()))
+    }
+
+    /// Deletes a device's secret; true if one existed. Durable on return.
+    pub async fn remove_secret(&self, id: &DeviceId) -> Result<bool, StoreError> {
+        let existed = remove(&self.inner.secrets, SECRETS, id.as_str())?;
+        self.durable().await?;
+        Ok(existed)
+    }
+
+    // ---- ownership tokens ----
+
+    /// Stores an ownership token (key = `rec.device`); durable on return.
+    pub async fn put_token(&self, rec: &OwnershipTokenRecord) -> Result<(), StoreError> {
+        let key = rec.device.as_str();
+        insert(&self.inner.tokens, TOKENS, key, encode(TOKENS, key, rec)?)?;
+        self.durable().await
+    }
+
+    /// A device's ownership token, if stored.
+    pub fn token(&self, id: &DeviceId) -> Result<Option<OwnershipTokenRecord>, StoreError> {
+        get(&self.inner.tokens, TOKENS, id.as_str())?
+            .map(|v| decode_token(id.as_str(), &v))
+            .transpose()
+    }
+
+    /// All stored ownership tokens in device id order.
+    pub fn tokens(&self) -> impl Iterator<Item = Result<OwnershipTokenRecord, StoreError>> {
+        self.inner.tokens.iter().map(|entry| {
+            let (k, v) = entry.map_err(|source| StoreError::Sled {
+                tree: TOKENS,
+                op: "scan",
+                source,
+            })?;
+            decode_token(&String::from_utf8_lossy(&k), &v)
+        })
+    }
+
+    /// Deletes a device's ownership token; true if one existed. Durable on return.
+    pub async fn remove_token(&self, id: &DeviceId) -> Result<bool, StoreError> {
+        let existed = remove(&self.inner.tokens, TOKENS, id.as_str())?;
+        self.durable().await?;
+        Ok(existed)
+    }
+
+    // ---- operations, enrollment groups, device groups ----
+
+    fn record_tree(&self, tree: RecordTree) -> &sled::Tree {
+        match tree {
+            RecordTree::Operations => &self.inner.operations,
+            RecordTree::EnrollmentGroups => &self.inner.enrollment_groups,
+            RecordTree::DeviceGroups => &self.inner.device_groups,
+        }
+    }
+
+    /// Stores a record under `key`; durable on return.
+    pub async fn put_record<T: Serialize>(
+        &self,
+        tree: RecordTree,
+        key: &str,
+        value: &T,
+    ) -> Result<(), StoreError> {
+        let bytes = encode(tree.name(), key, value)?;
+        insert(self.record_tree(tree), tree.name(), key, bytes)?;
+        self.durable().await
+    }
+
+    /// The record under `key`, if any.
+    pub fn record<T: DeserializeOwned>(
+        &self,
+        tree: RecordTree,
+        key: &str,
+    ) -> Result<Option<T>, StoreError> {
+        get(self.record_tree(tree), tree.name(), key)?
+            .map(|v| decode(tree.name(), key, &v))
+            .transpose()
+    }
+
+    /// All records of `tree` as (key, record), in key order.
+    pub fn records<T: DeserializeOwned>(
+        &self,
+        tree: RecordTree,
+    ) -> impl Iterator<Item = Result<(String, T), StoreError>> {
+        let name = tree.name();
+        self.record_tree(tree).iter().map(move |entry| {
+            let (k, v) = entry.map_err(|source| StoreError::Sled {
+                tree: name,
+                op: "scan",
+                source,
+            })?;
+            let key = String::from_utf8_lossy(&k).into_owned();
+            let value = decode(name, &key, &v)?;
+            Ok((key, value))
+        })
+    }
+
+    /// Deletes the record under `key`; true if one existed. Durable on return.
+    pub async fn remove_record(&self, tree: RecordTree, key: &str) -> Result<bool, StoreError> {
+        let existed = remove(self.record_tree(tree), tree.name(), key)?;
+        self.durable().await?;
+        Ok(existed)
+    }
+
+    // ---- meta ----
+
+    /// A `meta` value.
+    pub fn meta(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(get(&self.inner.meta, META, key)?.map(|v| v.to_vec()))
+    }
+
+    /// Stores a `meta` value (the schema key is reserved); durable on return.
+    pub async fn put_meta(&self, key: &str, value: &[u8]) -> Result<(), StoreError> {
+        check_meta_key(key)?;
+        insert(&self.inner.meta, META, key, value.to_vec())?;
+        self.durable().await
+    }
+
+    /// The schema version stored in `meta`.
+    pub fn schema_version(&self) -> Result<u32, StoreError> {
+        read_schema(&self.inner.dir, &self.inner.meta)?.ok_or_else(|| {
+            StoreError::BadSchemaVersion {
+                dir: self.inner.dir.clone(),
+                len: 0,
+            }
+        })
+    }
+}
+
+/// Measures durable device writes per second with `writers` concurrent tasks writing `total`
+/// records in all (rounded up to a multiple of `writers`) to a store in `dir`, for
+/// `fleetgw bench` and the group-commit figure. Must run inside a tokio runtime.
+pub async fn bench_group_commit(
+    dir: &Path,
+    writers: usize,
+    total: usize,
+) -> Result<f64, StoreError> {
+    let store = Store::open(dir, &StoreOptions::default())?;
+    let writers = writers.max(1);
+    let per_writer = total.div_ceil(writers);
+    let flushes_before = store.flush_count();
+    let started = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for w in 0..writers {
+        let store = store.clone();
+        tasks.spawn(async move {
+            for i in 0..per_writer {
+                let id =
+                    DeviceId::parse(&format!("bench-{w}-{i}")).map_err(|e| StoreError::BadKey {
+                        tree: DEVICES,
+                        key: format!("bench-{w}-{i}"),
+                        reason: e.to_string(),
+                    })?;
+                store.put_device(&DeviceRecord::new(id, "json", 0)).await?;
+            }
+            Ok::<_, StoreError>(())
+        });
+    }
+    while let Some(joined) = tasks.join_next().await {
+        match joined {
+            Ok(result) => result?,
+            // Writers are never cancelled, so a join error is a panic: pass it on unchanged.
+            Err(e) => std::panic::resume_unwind(e.into_panic()),
+        }
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let written = (per_writer * writers) as f64;
+    tracing::info!(
+        writers,
+        written,
+        flushes = store.flush_count() - flushes_before,
+        elapsed_s = elapsed,
+        "group commit benchmark"
+    );
+    Ok(written / elapsed.max(f64::EPSILON))
+}
+
+fn prepare_dir(dir: &Path) -> Result<(), StoreError> {
+    if !dir.exists() {
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(|source| StoreError::CreateDir {
+                dir: dir.to_owned(),
+                source,
+            })?;
+    }
+    let meta = fs::metadata(dir).map_err(|source| StoreError::DirMetadata {
+        dir: dir.to_owned(),
+        source,
+    })?;
+    let mode = meta.permissions().mode() & 0o777;
+    if mode != 0o700 {
+        // Secrets live here: group/other access is never intended. Tightening is best effort
+        // (we may not own a directory an operator prepared), so failure is only a warning.
+        match fs::set_permissions(dir, fs::Permissions::from_mode(0o700)) {
+            Ok(()) => {
+                tracing::warn!(dir = %dir.display(), from = format!("{mode:o}"), "state directory mode tightened to 0700")
+            }
+            Err(e) => {
+                tracing::warn!(dir = %dir.display(), mode = format!("{mode:o}"), error = %e, "state directory is not 0700 and could not be changed; secrets may be readable by others")
+            }
+        }
+    }
+    Ok(())
+}
+
+fn read_schema(dir: &Path, meta: &sled::Tree) -> Result<Option<u32>, StoreError> {
+    let raw = get(meta, META, SCHEMA_VERSION_KEY)?;
+    raw.map(|v| {
+        <[u8; 4]>::try_from(v.as_ref())
+            .map(u32::from_be_bytes)
+            .map_err(|_| StoreError::BadSchemaVersion {
+                dir: dir.to_owned(),
+                len: v.len(),
+            })
+    })
+    .transpose()
+}
+
+fn check_schema(dir: &Path, meta: &sled::Tree) -> Result<(), StoreError> {
+    match read_schema(dir, meta)? {
+        Some(found) if found > SCHEMA_VERSION => Err(StoreError::NewerSchema {
+            dir: dir.to_owned(),
+            found,
+            supported: SCHEMA_VERSION,
+        }),
+        // Older versions would be migrated here; version 1 is the first.
+        Some(_) => Ok(()),
+        None => {
+            insert(
+                meta,
+                META,
+                SCHEMA_VERSION_KEY,
+                SCHEMA_VERSION.to_be_bytes().to_vec(),
+            )?;
+            meta.flush().map_err(|e| StoreError::Flush {
+                dir: dir.to_owned(),
+                message: e.to_string(),
+            })?;
+            Ok(())
+        }
+    }
+}
+
+fn check_meta_key(key: &str) -> Result<(), StoreError> {
+    if key == SCHEMA_VERSION_KEY {
+        return Err(StoreError::ReservedMetaKey {
+            key: key.to_owned(),
+        });
+    }
+    Ok(())
+}
+
+fn get(tree: &sled::Tree, name: &'static str, key: &str) -> Result<Option<sled::IVec>, StoreError> {
+    tree.get(key).map_err(|source| StoreError::Sled {
+        tree: name,
+        op: "get",
+        source,
+    })
+}
+
+fn insert(
+    tree: &sled::Tree,
+    name: &'static str,
+    key: &str,
+    value: Vec<u8>,
+) -> Result<(), StoreError> {
+    tree.insert(key, value).map_err(|source| StoreError::Sled {
+        tree: name,
+        op: "insert",
+        source,
+    })?;
+    Ok(())
+}
+
+fn remove(tree: &sled::Tree, name: &'static str, key: &str) -> Result<bool, StoreError> {
+    tree.remove(key)
+        .map(|old| old.is_some())
+        .map_err(|source| StoreError::Sled {
+            tree: name,
+            op: "remove",
+            source,
+        })
+}
+
+fn encode<T: Serialize>(tree: &'static str, key: &str, value: &T) -> Result<Vec<u8>, StoreError> {
+    serde_json::to_vec(value).map_err(|source| StoreError::Encode {
+        tree,
+        key: key.to_owned(),
+        source,
+    })
+}
+
+fn decode<T: DeserializeOwned>(
+    tree: &'static str,
+    key: &str,
+    bytes: &[u8],
+) -> Result<T, StoreError> {
+    serde_json::from_slice(bytes).map_err(|source| StoreError::Decode {
+        tree,
+        key: key.to_owned(),
+        source,
+    })
+}
+
+/// Decodes a record whose version (`version_of`) must not exceed what this build writes. The
+/// version is only probed separately when decoding fails, so the common path decodes once.
+fn decode_versioned<T: DeserializeOwned>(
+    tree: &'static str,
+    key: &str,
+    bytes: &[u8],
+    supported: u32,
+    version_of: fn(&T) -> u32,
+) -> Result<T, StoreError> {
+    #[derive(serde::Deserialize)]
+    struct Version {
+        #[serde(default)]
+        v: u32,
+    }
+    let newer = |found: u32| StoreError::NewerRecord {
+        tree,
+        key: key.to_owned(),
+        found,
+        supported,
+    };
+    match decode::<T>(tree, key, bytes) {
+        Ok(rec) if version_of(&rec) > supported => Err(newer(version_of(&rec))),
+        Ok(rec) => Ok(rec),
+        Err(e) => match serde_json::from_slice::<Version>(bytes) {
+            Ok(probe) if probe.v > supported => Err(newer(probe.v)),
+            _ => Err(e),
+        },
+    }
+}
+
+fn decode_device(key: &str, bytes: &[u8]) -> Result<DeviceRecord, StoreError> {
+    decode_versioned(DEVICES, key, bytes, DEVICE_RECORD_VERSION, |r| r.v)
+}
+
+/// The etag of a stored device record, decoding only the record's head (version and etag).
+fn stored_etag(key: &str, bytes: &[u8]) -> Result<u64, StoreError> {
+    #[derive(serde::Deserialize)]
+    struct Head {
+        v: u32,
+        etag: u64,
+    }
+    let head: Head = decode(DEVICES, key, bytes)?;
+    if head.v > DEVICE_RECORD_VERSION {
+        return Err(StoreError::NewerRecord {
+            tree: DEVICES,
+            key: key.to_owned(),
+            found: head.v,
+            supported: DEVICE_RECORD_VERSION,
+        });
+    }
+    Ok(head.etag)
+}
+
+fn decode_token(key: &str, bytes: &[u8]) -> Result<OwnershipTokenRecord, StoreError> {
+    decode_versioned(TOKENS, key, bytes, TOKEN_RECORD_VERSION, |r| r.v)
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,124 @@
+//! The telemetry outbox: messages keyed by a big-endian u64 sequence (so sled's key order is
+//! arrival order), with the message count and stored bytes kept in memory for the
+//! `telemetry.max_bytes` policy (rebuilt from disk when the store opens).
+
+use std::sync::atomic::Ordering;
+
+use super::{OutboxMessage, Store, StoreError, OUTBOX};
+
+impl Store {
+    /// Appends messages in order and returns their sequence numbers (increasing); durable on
+    /// return.
+    pub async fn outbox_append(&self, msgs: &[OutboxMessage]) -> Result<Vec<u64>, StoreError> {
+        if msgs.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut batch = sled::Batch::default();
+        let mut seqs = Vec::with_capacity(msgs.len());
+        let mut bytes = 0u64;
+        for m in msgs {
+            let seq = self
+                .inner
+                .db
+                .generate_id()
+                .map_err(|source| StoreError::Sled {
+                    tree: OUTBOX,
+                    op: "generate_id",
+                    source,
+                })?;
+            let value = m.encode();
+            bytes += value.len() as u64;
+            batch.insert(&seq.to_be_bytes(), value);
+            seqs.push(seq);
+        }
+        // Count first, so a concurrent remove of these entries can never drive the counters
+        // below the true size.
+        self.inner
+            .outbox_len
+            .fetch_add(msgs.len() as u64, Ordering::Relaxed);
+        self.inner.outbox_bytes.fetch_add(bytes, Ordering::Relaxed);
+        if let Err(source) = self.inner.outbox.apply_batch(batch) {
+            self.inner
+                .outbox_len
+                .fetch_sub(msgs.len() as u64, Ordering::Relaxed);
+            self.inner.outbox_bytes.fetch_sub(bytes, Ordering::Relaxed);
+            return Err(StoreError::Sled {
+                tree: OUTBOX,
+                op: "apply_batch",
+                source,
+            });
+        }
+        self.durable().await?;
+        Ok(seqs)
+    }
+
+    /// Up to `limit` messages with sequence >= `from_seq`, in sequence order.
+    pub fn outbox_scan(
+        &self,
+        from_seq: u64,
+        limit: usize,
+    ) -> Result<Vec<(u64, OutboxMessage)>, StoreError> {
+        let mut out = Vec::new();
+        for entry in self
+            .inner
+            .outbox
+            .range(from_seq.to_be_bytes()..)
+            .take(limit)
+        {
+            let (k, v) = entry.map_err(|source| StoreError::Sled {
+                tree: OUTBOX,
+                op: "scan",
+                source,
+            })?;
+            let seq = <[u8; 8]>::try_from(k.as_ref())
+                .map(u64::from_be_bytes)
+                .map_err(|_| StoreError::BadKey {
+                    tree: OUTBOX,
+                    key: String::from_utf8_lossy(&k).into_owned(),
+                    reason: format!("sequence keys are 8 bytes, this one has {}", k.len()),
+                })?;
+            let msg = OutboxMessage::decode(&v)
+                .map_err(|source| StoreError::OutboxDecode { seq, source })?;
+            out.push((seq, msg));
+        }
+        Ok(out)
+    }
+
+    /// Removes the given sequence numbers (absent ones are ignored); returns how many were
+    /// removed. Durable on return.
+    pub async fn outbox_remove(&self, seqs: &[u64]) -> Result<usize, StoreError> {
+        let mut removed = 0usize;
+        for seq in seqs {
+            let old = self
+                .inner
+                .outbox
+                .remove(seq.to_be_bytes())
+                .map_err(|source| StoreError::Sled {
+                    tree: OUTBOX,
+                    op: "remove",
+                    source,
+                })?;
+            if let Some(old) = old {
+                removed += 1;
+                self.inner.outbox_len.fetch_sub(1, Ordering::Relaxed);
+                self.inner
+                    .outbox_bytes
+                    .fetch_sub(old.len() as u64, Ordering::Relaxed);
+            }
+        }
+        if removed > 0 {
+            self.durable().await?;
+        }
+        Ok(removed)
+    }
+
+    /// Messages in the outbox.
+    pub fn outbox_len(&self) -> u64 {
+        self.inner.outbox_len.load(Ordering::Relaxed)
+    }
+
+    /// Stored bytes of the outbox messages (encoded values), for `telemetry.max_bytes`.
+    pub fn outbox_bytes(&self) -> u64 {
+        self.inner.outbox_bytes.load(Ordering::Relaxed)
+    }
+}

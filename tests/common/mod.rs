@@ -1,0 +1,19 @@
+//! Helpers shared by the integration tests: a real mosquitto on a free loopback port, a TCP
+//! relay that can cut connections, and a small MQTT test client. Each test binary uses a subset,
+//! hence `dead_code` is allowed here.
+#![allow(dead_code)]
+
+pub mod mosquitto;
+pub mod mqtt_client;
+pub mod relay;
+
+use std::time::Duration;
+
+/// Upper bound for anything a test waits for on loopback.
+pub const WAIT: Duration = Duration::from_secs(15);
+
+/// A free TCP port on 127.0.0.1 (bound, read, released; callers retry if it gets taken).
+pub fn free_port() -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
+    listener.local_addr().expect("local_addr").port()
+}
