@@ -502,12 +502,14 @@ fn write_discovery_files(handle: &AwsEmulatorHandle) -> Result<(), EmulatorError
             reason: format!("cannot encode: {e}"),
         })?;
     json_bytes.push(b'\n');
-    write(&handle.dir.join("emulator.json"), &json_bytes, 0o644)?;
     let config = gateway_toml(handle).map_err(|e| EmulatorError::Corrupt {
         path: handle.gateway_config_path(),
         reason: format!("cannot encode: {e}"),
     })?;
+    // emulator.json is what scripts wait for, so it is written last: once it exists,
+    // gateway.toml already carries this run's addresses (not a previous run's).
     write(&handle.gateway_config_path(), config.as_bytes(), 0o644)?;
+    write(&handle.dir.join("emulator.json"), &json_bytes, 0o644)?;
     Ok(())
 }
 
