@@ -90,11 +90,12 @@ class _Clients:
         self._closers.append(client.close)
         return client
 
-    def probe(self, emu: Emulator, client_id: str, connect: bool = True, **kw) -> Probe:
+    def probe(self, emu: Emulator, client_id: str, connect: bool = True, keepalive: int = 60,
+              **kw) -> Probe:
         """A paho-mqtt client (connected unless connect=False)."""
         p = Probe(emu, client_id, **kw)
         self._closers.append(p.close)
-        return p.connect() if connect else p
+        return p.connect(keepalive=keepalive) if connect else p
 
     def close_all(self):
         closers, self._closers = self._closers, []

@@ -11,6 +11,7 @@ import base64
 import json
 import os
 import queue
+import select
 import signal
 import ssl
 import subprocess
@@ -458,6 +459,7 @@ class Probe:
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self._commands: queue.Queue = queue.Queue()
+        self._silent = threading.Event()
 
         def on_connect(_c, _u, _flags, reason_code, _props):
             if not self.connack.done():
@@ -507,6 +509,10 @@ class Probe:
     def _loop(self) -> None:
         while not self._stop.is_set():
             self._run_commands()
+            if self._silent.is_set():
+                # neither read nor write (no PINGREQ): the server must see an idle client
+                self._stop.wait(0.01)
+                continue
             try:
                 rc = self.client.loop(timeout=0.01)
             except (OSError, ssl.SSLError):
@@ -540,6 +546,19 @@ class Probe:
         if not thread.is_alive():  # ended between the check and the put
             self._run_commands()
         return done.result(STEP_TIMEOUT)
+
+    def go_silent(self) -> None:
+        """Stops all traffic, PINGREQs included, until resume()."""
+        self._silent.set()
+
+    def resume(self) -> None:
+        self._silent.clear()
+
+    def server_hung_up(self) -> bool:
+        """While silent: whether the server has closed its side (the socket reads EOF or a
+        TLS close_notify, so it turns readable although the client sent nothing)."""
+        sock = self.client.socket()
+        return sock is None or bool(select.select([sock], [], [], 0)[0])
 
     def subscribe(self, topic: str, qos: int = 1) -> list:
         """Subscribes and waits for the SUBACK; returns its reason codes."""

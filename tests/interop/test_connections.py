@@ -243,3 +243,20 @@ def test_device_telemetry_over_mqtt5(emulator, clients, tmp_path):
                     lambda: [m for m in emulator.messages() if m.get("clientId") == thing])
     assert [(m["topic"], b64(m["payloadBase64"]), m["qos"]) for m in mine] == \
         [(topic, b'{"v":5}', 1)]
+
+
+def test_keep_alive_enforced(emulator, clients):
+    """A client that asked for keep-alive 1 s and then says nothing is disconnected (IoT Core
+    allows 1.5 x the keep-alive), not before the keep-alive has passed."""
+    import time
+
+    probe = clients.probe(emulator, "claim-ka-" + uuid.uuid4().hex[:6], keepalive=1)
+    probe.ping()
+    probe.go_silent()
+    silent_since = time.monotonic()
+    wait_for("the server to close a connection silent past its keep-alive",
+             probe.server_hung_up, timeout=10)
+    elapsed = time.monotonic() - silent_since
+    assert elapsed >= 1.0, f"closed after {elapsed:.2f}s, before the 1 s keep-alive elapsed"
+    probe.resume()
+    probe.wait_closed()

@@ -9,10 +9,12 @@ from __future__ import annotations
 import uuid
 
 import pytest
+from awscrt import mqtt
 from awsiot import V2ServiceException, iotidentity
 
-from support import (DEFAULT_TEMPLATE, IdentityV1, assert_cert_has_key, assert_issued_by_ca,
-                     identity_v2, new_device_key, public_key_of_private_pem, v2_result)
+from support import (DEFAULT_TEMPLATE, STEP_TIMEOUT, IdentityV1, assert_cert_has_key,
+                     assert_issued_by_ca, identity_v2, new_device_key, public_key_of_private_pem,
+                     v2_result)
 
 
 def serial() -> str:
@@ -73,6 +75,15 @@ def test_v1_create_keys_and_certificate_then_register_thing(emulator, clients):
     registered = identity.register_thing(issued.certificate_ownership_token,
                                          {"SerialNumber": sn}).ok()
     assert_registered(emulator, registered, sn, issued.certificate_id)
+
+    # The device uses the returned key and certificate as they came (from memory, not files).
+    device = clients.sdk(emulator, registered.thing_name, cert_pem=issued.certificate_pem,
+                         key_pem=issued.private_key)
+    topic = f"dt/{registered.thing_name}/telemetry"
+    done, _packet_id = device.publish(topic, b'{"boot":1}', mqtt.QoS.AT_LEAST_ONCE)
+    done.result(STEP_TIMEOUT)
+    assert [(m["topic"], m["qos"]) for m in emulator.messages()
+            if m["clientId"] == registered.thing_name] == [(topic, 1)]
 
 
 def test_v1_token_redeemed_on_another_connection(emulator, clients):
