@@ -6,11 +6,13 @@ device telemetry recorded behind GET /messages, QoS 2 and oversized payloads, cl
 from __future__ import annotations
 
 import json
+import time
 import uuid
 
 import pytest
-from awscrt import mqtt
+from awscrt import mqtt, mqtt5
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
 from support import (STEP_TIMEOUT, ConnectRefused, IdentityV1, assert_cert_has_key, b64,
                      new_device_key, wait_for, write_pem)
@@ -78,7 +80,6 @@ def test_concurrent_claim_connections_get_only_their_own_responses(emulator, cli
 
 
 def _spki(public_key) -> bytes:
-    from cryptography.hazmat.primitives import serialization
     return public_key.public_bytes(serialization.Encoding.DER,
                                    serialization.PublicFormat.SubjectPublicKeyInfo)
 
@@ -229,8 +230,6 @@ def test_same_client_id_takes_over(emulator, clients, tmp_path):
 
 def test_device_telemetry_over_mqtt5(emulator, clients, tmp_path):
     """The SDK's MQTT 5 client as a device: QoS 1 publish PUBACKed with success, then listed."""
-    from awscrt import mqtt5
-
     thing, cert, key = provision(emulator, clients, tmp_path)
     device = clients.sdk5(emulator, thing, cert_path=cert, key_path=key)
     device.wait_connected()
@@ -248,8 +247,6 @@ def test_device_telemetry_over_mqtt5(emulator, clients, tmp_path):
 def test_keep_alive_enforced(emulator, clients):
     """A client that asked for keep-alive 1 s and then says nothing is disconnected (IoT Core
     allows 1.5 x the keep-alive), not before the keep-alive has passed."""
-    import time
-
     probe = clients.probe(emulator, "claim-ka-" + uuid.uuid4().hex[:6], keepalive=1)
     probe.ping()
     probe.go_silent()

@@ -5,13 +5,16 @@ denials and throttling. Every rejection must leave the connection open and servi
 
 from __future__ import annotations
 
+import base64
 import json
 import uuid
 
 import cbor2
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
-from support import IdentityV1, new_device_key, wait_for
+from support import ConnectRefused, IdentityV1, new_device_key, wait_for, write_pem
 
 CSR_JSON = "$aws/certificates/create-from-csr/json"
 CSR_CBOR = "$aws/certificates/create-from-csr/cbor"
@@ -73,9 +76,6 @@ def test_expired_token_and_unactivated_certificate_deleted(emulator, identity):
 def test_bad_csr(emulator, identity, clients):
     assert_error(identity.create_from_csr("not a CSR").error(), 400, "InvalidCsr")
     # A well-formed CSR whose signature does not verify (one byte of the signature flipped).
-    from cryptography import x509
-    from cryptography.hazmat.primitives import serialization
-    import base64
     good = new_device_key("bad-signature").csr_pem
     der = bytearray(x509.load_pem_x509_csr(good.encode()).public_bytes(serialization.Encoding.DER))
     der[-3] ^= 0x01
@@ -188,6 +188,20 @@ PLANT_TEMPLATES = {
             },
         },
         "preProvisioningHook": {"deny": {"SerialNumber": ["SN-STOLEN-0001", "blocked-*"]}},
+    }, {
+        # templateBody as the AWS CLI passes it: a string holding the JSON
+        "templateName": "QuarantineTemplate",
+        "templateBody": json.dumps({
+            "Parameters": {"SerialNumber": {"Type": "String"}},
+            "Resources": {
+                "thing": {"Type": "AWS::IoT::Thing",
+                          "Properties": {"ThingName": {"Ref": "SerialNumber"}}},
+                "certificate": {"Type": "AWS::IoT::Certificate",
+                                "Properties": {"CertificateId":
+                                               {"Ref": "AWS::IoT::Certificate::Id"},
+                                               "Status": "Inactive"}},
+            },
+        }),
     }],
 }
 
@@ -252,3 +266,24 @@ def test_throttled(emulator, clients):
         kind, _ = probe.request(KEYS_JSON, b"{}")
         return kind == "accepted"
     wait_for("a request to be accepted after the burst", served, timeout=20, interval=0.5)
+
+
+def test_template_with_inactive_certificate(plant_emulator, clients, tmp_path):
+    """Status Inactive: RegisterThing succeeds and creates the thing, but the certificate stays
+    unusable (INACTIVE) and the device is refused."""
+    emu = plant_emulator
+    identity = IdentityV1(clients.sdk(emu, "claim-quarantine-" + uuid.uuid4().hex[:6]))
+    device = new_device_key("quarantine")
+    issued = identity.create_from_csr(device.csr_pem).ok()
+    sn = serial()
+    registered = identity.register_thing(issued.certificate_ownership_token,
+                                         {"SerialNumber": sn},
+                                         template="QuarantineTemplate").ok()
+    assert registered.thing_name == sn
+    assert emu.thing(sn) is not None
+    cert = emu.certificate(issued.certificate_id)
+    assert cert is not None and cert["status"] == "INACTIVE", cert
+    cert_path = write_pem(tmp_path, "q.crt", issued.certificate_pem)
+    key_path = write_pem(tmp_path, "q.key", device.key_pem)
+    with pytest.raises(ConnectRefused):
+        clients.probe(emu, sn, cert_path=cert_path, key_path=key_path)
