@@ -9,6 +9,7 @@ from __future__ import annotations
 import uuid
 
 import cbor2
+import paho.mqtt.client as paho
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
 from support import (DEFAULT_TEMPLATE, assert_cert_has_key, assert_issued_by_ca,
@@ -109,3 +110,22 @@ def test_json_create_keys_empty_payload(emulator, clients):
         kind, issued = probe.request(topic, payload)
         assert kind == "accepted", (payload, issued)
         assert issued["privateKey"].startswith("-----BEGIN")
+
+
+def test_cbor_over_mqtt5(emulator, clients):
+    """The same CBOR exchange from a non-SDK MQTT 5 client (paho, protocol 5)."""
+    probe = clients.probe(emulator, "claim-cbor5-" + uuid.uuid4().hex[:8],
+                          protocol=paho.MQTTv5)
+    probe.subscribe_responses(CSR_TOPIC)
+    probe.subscribe_responses(REGISTER_TOPIC)
+    device = new_device_key("cbor-mqtt5")
+    kind, issued = probe.request(CSR_TOPIC, indefinite_map(
+        [("certificateSigningRequest", device.csr_pem)]))
+    assert kind == "accepted", issued
+    assert_cert_has_key(issued["certificatePem"], device.key.public_key())
+    sn = "SN-CBOR5-" + uuid.uuid4().hex[:8].upper()
+    kind, registered = probe.request(REGISTER_TOPIC, cbor2.dumps({
+        "certificateOwnershipToken": issued["certificateOwnershipToken"],
+        "parameters": {"SerialNumber": sn}}))
+    assert kind == "accepted", registered
+    assert registered["thingName"] == sn
