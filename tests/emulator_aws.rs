@@ -1281,3 +1281,64 @@ async fn templates_file_adds_templates_and_inactive_certificates_cannot_connect(
     assert!(err.contains("NotAuthorized"), "{err}");
     emu.shutdown().await;
 }
+
+#[tokio::test]
+async fn response_delay_and_dropped_response_faults() {
+    let dir = tempfile::tempdir().unwrap();
+    let emu = emulator(dir.path(), |_| {}).await;
+    let mut claim = Client::connect(emu.mqtt_addr(), "claim-faults", claim_tls(&emu))
+        .await
+        .unwrap();
+    let (status, _) = http(
+        emu.api_addr(),
+        "POST",
+        "/faults",
+        Some(r#"{"responseDelayMs": 300}"#),
+    )
+    .await;
+    assert_eq!(status, 200);
+    let started = Instant::now();
+    create_from_csr(&mut claim, JSON, &new_csr("slow").1).await;
+    assert!(started.elapsed() >= Duration::from_millis(300));
+
+    let (status, view) = http(
+        emu.api_addr(),
+        "POST",
+        "/faults",
+        Some(r#"{"dropResponses": 1.0, "responseDelayMs": 0}"#),
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert_eq!(view["dropResponses"], 1.0);
+    claim
+        .subscribe(&topics::accepted(&topics::create_from_csr(JSON)))
+        .await;
+    claim
+        .publish(
+            &topics::create_from_csr(JSON),
+            QoS::AtLeastOnce,
+            codec::encode(
+                JSON,
+                &CreateCertificateFromCsrRequest {
+                    certificate_signing_request: new_csr("dropped").1,
+                },
+            ),
+        )
+        .await;
+    eventually("the response to be dropped", || async {
+        (get(&emu, "/stats").await["requests"]["droppedResponses"] == 1).then_some(())
+    })
+    .await;
+    // The request was still served: the certificate exists, only its answer was lost.
+    assert_eq!(
+        get(&emu, "/certificates").await.as_array().unwrap().len(),
+        2
+    );
+
+    let (status, view) = http(emu.api_addr(), "DELETE", "/faults", None).await;
+    assert_eq!(status, 200);
+    assert_eq!(view["dropResponses"], 0.0);
+    let resp = create_from_csr(&mut claim, JSON, &new_csr("answered").1).await;
+    assert!(!resp.certificate_id.is_empty());
+    emu.shutdown().await;
+}

@@ -198,6 +198,19 @@ pub async fn start(opts: AwsEmulatorOptions) -> Result<AwsEmulatorHandle, Emulat
         path: opts.dir.clone(),
         source,
     })?;
+    // A previous run's emulator.json names dead ports: remove it so that its appearance
+    // always means "this run is listening".
+    let discovery = dir.join("emulator.json");
+    match std::fs::remove_file(&discovery) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(source) => {
+            return Err(EmulatorError::Io {
+                path: discovery,
+                source,
+            })
+        }
+    }
     let pki = {
         let pki_dir = dir.clone();
         tokio::task::spawn_blocking(move || Pki::load_or_create(&pki_dir))
@@ -506,9 +519,8 @@ fn write_discovery_files(handle: &AwsEmulatorHandle) -> Result<(), EmulatorError
         path: handle.gateway_config_path(),
         reason: format!("cannot encode: {e}"),
     })?;
-    // emulator.json is what scripts wait for, so it is written last: once it exists,
-    // gateway.toml already carries this run's addresses (not a previous run's).
     write(&handle.gateway_config_path(), config.as_bytes(), 0o644)?;
+    // emulator.json last: scripts treat its appearance as "ready, everything written".
     write(&handle.dir.join("emulator.json"), &json_bytes, 0o644)?;
     Ok(())
 }
