@@ -111,11 +111,7 @@ def test_malformed_payloads(emulator, clients):
 
 
 @pytest.mark.parametrize("topic,payload", [
-    pytest.param(CSR_JSON, json.dumps(["certificateSigningRequest"]).encode(), id="json-array",
-                 marks=pytest.mark.xfail(strict=True, reason=(
-                     "emulator bug: a JSON array is decoded as the request object (serde builds "
-                     "a struct from a sequence), so it is rejected as 400 InvalidCsr instead of "
-                     "400 InvalidPayload"))),
+    pytest.param(CSR_JSON, json.dumps(["certificateSigningRequest"]).encode(), id="json-array"),
     pytest.param(CSR_CBOR, cbor2.dumps(["certificateSigningRequest"]), id="cbor-array"),
 ])
 def test_payload_that_is_not_a_map(emulator, clients, topic, payload):
