@@ -337,6 +337,8 @@ struct Device {
     own_key: Option<std::sync::Arc<PrivateKey>>,
     /// What the device proves itself with.
     attestation: Attestation,
+    /// RegisterThing parameters the device asks for.
+    parameters: BTreeMap<String, String>,
 }
 
 impl Device {
@@ -347,6 +349,7 @@ impl Device {
             own_key: own_key
                 .then(|| std::sync::Arc::new(PrivateKey::generate(KeyType::EcdsaP256).unwrap())),
             attestation: Attestation::None,
+            parameters: BTreeMap::new(),
         }
     }
 
@@ -358,7 +361,7 @@ impl Device {
         let req = ProvisionRequest {
             csr,
             attestation: self.attestation.clone(),
-            parameters: BTreeMap::new(),
+            parameters: self.parameters.clone(),
             payload: None,
         };
         contract::encode(self.format, &req)
@@ -1297,4 +1300,119 @@ async fn approve_mode_keeps_new_devices_waiting() {
         .unwrap()
         .unwrap();
     assert_eq!(rec.state, DeviceState::WaitingApproval);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cloud_refusal_fails_the_device_with_the_clouds_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let emu = Emulator::start(dir.path(), &[]);
+    let port = free_port();
+    let gw = Gateway::start(dir.path(), &emu, port, &[], &[], 1);
+    // The built-in template's pre-provisioning hook denies serial numbers "denied-*".
+    let mut denied = Device::new("denied-dev", PayloadFormat::Json, false);
+    denied
+        .parameters
+        .insert("SerialNumber".into(), "denied-7".into());
+    let r = match provision(
+        port,
+        denied.clone(),
+        denied.request(),
+        Duration::from_secs(30),
+        Duration::from_secs(10),
+    )
+    .await
+    {
+        Outcome::Rejected(r) => r,
+        Outcome::Accepted(a) => panic!("denied device provisioned: {a:?}"),
+    };
+    assert_eq!(r.status_code, 403, "{r:?}");
+    assert!(!r.error_code.is_empty() && !r.error_message.is_empty());
+    assert!(emu.things().is_empty());
+
+    let state_dir = gw.stop();
+    let store = open_store(&state_dir);
+    let rec = store
+        .device(&DeviceId::parse("denied-dev").unwrap())
+        .unwrap()
+        .unwrap();
+    let DeviceState::Failed {
+        error,
+        next_attempt_at_ms,
+    } = &rec.state
+    else {
+        panic!("state {:?}", rec.state);
+    };
+    assert_eq!(
+        next_attempt_at_ms, &None,
+        "a permanent error is not retried"
+    );
+    assert_eq!(
+        (
+            error.status_code,
+            error.error_code.as_str(),
+            error.error_message.as_str()
+        ),
+        (
+            r.status_code,
+            r.error_code.as_str(),
+            r.error_message.as_str()
+        ),
+        "the cloud's error is kept with the device"
+    );
+    assert_eq!(rec.last_error.as_ref(), Some(error));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unanswered_requests_fail_the_device_after_max_attempts() {
+    let dir = tempfile::tempdir().unwrap();
+    let emu = Emulator::start(dir.path(), &[]);
+    emu.post("/faults", r#"{"dropResponses":1.0}"#);
+    let port = free_port();
+    let gw = Gateway::start(
+        dir.path(),
+        &emu,
+        port,
+        &[
+            "provision.request_timeout_ms=300",
+            "provision.max_attempts=3",
+            "provision.retry_base_ms=50",
+            "provision.retry_max_ms=200",
+        ],
+        &[],
+        1,
+    );
+    let dev = Device::new("silent-cloud", PayloadFormat::Cbor, true);
+    let r = match provision(
+        port,
+        dev.clone(),
+        dev.request(),
+        Duration::from_secs(60),
+        Duration::from_secs(30),
+    )
+    .await
+    {
+        Outcome::Rejected(r) => r,
+        Outcome::Accepted(a) => panic!("provisioned without answers: {a:?}"),
+    };
+    assert_eq!(
+        (r.status_code, r.error_code.as_str()),
+        (504, "CloudTimeout"),
+        "{r:?}"
+    );
+    let dropped = emu.get("/stats")["requests"]["droppedResponses"]
+        .as_u64()
+        .unwrap();
+    assert_eq!(dropped, 3, "one request per attempt");
+    let state_dir = gw.stop();
+    let store = open_store(&state_dir);
+    let rec = store
+        .device(&DeviceId::parse("silent-cloud").unwrap())
+        .unwrap()
+        .unwrap();
+    assert!(
+        matches!(rec.state, DeviceState::Failed { .. }),
+        "{:?}",
+        rec.state
+    );
+    assert_eq!(rec.attempts, 3, "every attempt is counted");
 }
