@@ -993,7 +993,15 @@ async fn throttled_cloud_still_provisions_everyone() {
     let dir = tempfile::tempdir().unwrap();
     let emu = Emulator::start(dir.path(), &["--tps", "20"]);
     let port = free_port();
-    let gw = Gateway::start(dir.path(), &emu, port, &["cloud.aws.tps=50"], &[], 1);
+    // The fleet provisioning API in CBOR this time.
+    let gw = Gateway::start(
+        dir.path(),
+        &emu,
+        port,
+        &["cloud.aws.tps=50", "cloud.aws.format=\"cbor\""],
+        &[],
+        1,
+    );
     let devices = fleet("tps", 80);
     let results = provision_all(port, &devices, Duration::from_secs(120)).await;
     for (d, a) in devices.iter().zip(&results) {
