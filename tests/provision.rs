@@ -23,6 +23,8 @@ use fleetgw::store::{DeviceState, Store, StoreOptions};
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use serde_json::Value;
 
+mod common;
+
 const BIN: &str = env!("CARGO_BIN_EXE_fleetgw");
 
 // ---------- processes ----------
@@ -1423,4 +1425,40 @@ async fn unanswered_requests_fail_the_device_after_max_attempts() {
         rec.state
     );
     assert_eq!(rec.attempts, 3, "every attempt is counted");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn devices_provision_through_an_external_mosquitto() {
+    use common::mosquitto::{Mosquitto, MosquittoConfig};
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Mosquitto::start(&MosquittoConfig::anonymous());
+    let emu = Emulator::start(dir.path(), &[]);
+    let external = "downstream.broker=\"external\"".to_string();
+    let url = format!("downstream.url=\"{}\"", broker.url());
+    let gw = Gateway::start(dir.path(), &emu, free_port(), &[&external, &url], &[], 1);
+
+    // The gateway's session connects in the background; devices retry until it listens.
+    let devices = fleet("mosq", 12);
+    let tasks: Vec<_> = devices
+        .iter()
+        .map(|d| {
+            let (d, p) = (d.clone(), d.request());
+            tokio::spawn(provision(
+                broker.port(),
+                d,
+                p,
+                Duration::from_secs(60),
+                Duration::from_secs(2),
+            ))
+        })
+        .collect();
+    for (t, d) in tasks.into_iter().zip(&devices) {
+        match t.await.unwrap() {
+            Outcome::Accepted(a) => check_accepted(d, &a, &emu.ca_pem),
+            Outcome::Rejected(r) => panic!("device {} rejected: {r:?}", d.id),
+        }
+    }
+    assert_one_thing_per_device(&emu, &devices);
+    let state_dir = gw.stop();
+    assert_eq!(open_store(&state_dir).device_count(), devices.len());
 }
