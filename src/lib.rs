@@ -12,4 +12,5 @@ pub mod device_id;
 pub mod downstream;
 pub mod emulator;
 pub mod identity;
+pub mod provision;
 pub mod store;
