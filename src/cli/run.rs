@@ -18,7 +18,7 @@ use crate::downstream::{
     EmbeddedTls, ExternalBrokerOptions, Inbound, TopicPrefix,
 };
 use crate::identity::{self, PrivateKey, Sealer, Secret};
-use crate::provision::{Engine, EngineOptions, EngineParts, RequestPolicy};
+use crate::provision::{Engine, EngineOptions, EngineParts, EngineStats, RequestPolicy};
 use crate::store::{Store, StoreOptions};
 
 use super::{logging, ConfigArgs, LogFormat, EX_CONFIG, EX_IOERR, EX_SOFTWARE};
@@ -32,7 +32,7 @@ pub struct Args {
 
 /// Why the daemon could not start.
 #[derive(Debug, thiserror::Error)]
-enum RunError {
+pub enum RunError {
     #[error("{key}: {reason}")]
     Config { key: &'static str, reason: String },
     #[error("{path}: {source}")]
@@ -119,49 +119,7 @@ fn fail(e: &RunError) -> ExitCode {
 }
 
 async fn daemon(cfg: Config) -> Result<(), RunError> {
-    if cfg.cloud.provider != CloudProvider::Aws {
-        return Err(RunError::Config {
-            key: "cloud.provider",
-            reason: "only \"aws\" is supported by this build".into(),
-        });
-    }
-    let admission = Admission::new(admission_options(&cfg)?)?;
-    let sealer = sealer(&cfg)?;
-    let aws = aws_options(&cfg)?;
-
-    let store = Store::open(
-        &cfg.gateway.state_dir,
-        &StoreOptions {
-            cache_capacity: cfg.store.cache_capacity_bytes,
-            flush_interval_ms: (cfg.store.flush_interval_ms > 0)
-                .then_some(cfg.store.flush_interval_ms),
-        },
-    )?;
-    tracing::info!(dir = %cfg.gateway.state_dir.display(), devices = store.device_count(), "store open");
-
-    let downstream_opts = downstream_options(&cfg)?;
-    let max_request_bytes = cfg.downstream.max_request_bytes as usize;
-    let (downstream, requests) = Downstream::start_with(&downstream_opts, |s| {
-        s.max_request_bytes = max_request_bytes;
-    })
-    .await?;
-    if let Some(broker) = downstream.broker() {
-        tracing::info!(listen = %broker.listen_addr(), tls = broker.is_tls(), "embedded broker listening");
-    }
-
-    let provider = Arc::new(AwsProvider::start(aws));
-    let engine = Engine::start(
-        EngineParts {
-            store: store.clone(),
-            provider: provider.clone(),
-            downstream: downstream.session().clone(),
-            admission,
-            sealer,
-        },
-        engine_options(&cfg),
-        requests,
-    )?;
-
+    let gateway = Gateway::start(&cfg).await?;
     tracing::info!(
         gateway = %cfg.gateway.id,
         admission = %cfg.admission.mode,
@@ -176,12 +134,7 @@ async fn daemon(cfg: Config) -> Result<(), RunError> {
         "shutting down: no new requests; finishing steps in flight"
     );
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
-
-    engine.shutdown().await;
-    provider.shutdown().await;
-    downstream.shutdown(Duration::from_secs(2)).await;
-    store.flush_blocking()?;
-    let stats = engine.stats();
+    let stats = gateway.shutdown().await?;
     tracing::info!(
         provisioned = stats.provisioned,
         failed = stats.failed,
@@ -189,6 +142,87 @@ async fn daemon(cfg: Config) -> Result<(), RunError> {
         "stopped; store flushed"
     );
     Ok(())
+}
+
+/// The running gateway: store, downstream (broker and session), cloud provider and
+/// provisioning engine. `fleetgw run` wraps it with signals and systemd readiness; `fleetgw
+/// demo` runs it in-process next to the emulator and the simulated devices.
+pub struct Gateway {
+    store: Store,
+    downstream: Downstream,
+    provider: Arc<AwsProvider>,
+    engine: Engine,
+}
+
+impl Gateway {
+    /// Opens the store, starts downstream (the embedded broker listens and the session is
+    /// subscribed when this returns), the cloud provider and the engine.
+    pub async fn start(cfg: &Config) -> Result<Self, RunError> {
+        if cfg.cloud.provider != CloudProvider::Aws {
+            return Err(RunError::Config {
+                key: "cloud.provider",
+                reason: "only \"aws\" is supported by this build".into(),
+            });
+        }
+        let admission = Admission::new(admission_options(cfg)?)?;
+        let sealer = sealer(cfg)?;
+        let aws = aws_options(cfg)?;
+
+        let store = Store::open(
+            &cfg.gateway.state_dir,
+            &StoreOptions {
+                cache_capacity: cfg.store.cache_capacity_bytes,
+                flush_interval_ms: (cfg.store.flush_interval_ms > 0)
+                    .then_some(cfg.store.flush_interval_ms),
+            },
+        )?;
+        tracing::info!(dir = %cfg.gateway.state_dir.display(), devices = store.device_count(), "store open");
+
+        let downstream_opts = downstream_options(cfg)?;
+        let max_request_bytes = cfg.downstream.max_request_bytes as usize;
+        let (downstream, requests) = Downstream::start_with(&downstream_opts, |s| {
+            s.max_request_bytes = max_request_bytes;
+        })
+        .await?;
+        if let Some(broker) = downstream.broker() {
+            tracing::info!(listen = %broker.listen_addr(), tls = broker.is_tls(), "embedded broker listening");
+        }
+
+        let provider = Arc::new(AwsProvider::start(aws));
+        let engine = Engine::start(
+            EngineParts {
+                store: store.clone(),
+                provider: provider.clone(),
+                downstream: downstream.session().clone(),
+                admission,
+                sealer,
+            },
+            engine_options(cfg),
+            requests,
+        )?;
+        Ok(Self {
+            store,
+            downstream,
+            provider,
+            engine,
+        })
+    }
+
+    /// Where devices connect to the embedded broker (port 0 in the config resolved); `None`
+    /// with an external broker.
+    pub fn broker_addr(&self) -> Option<SocketAddr> {
+        self.downstream.broker().map(|b| b.listen_addr())
+    }
+
+    /// Stops intake, lets steps in flight persist their result, closes the cloud and
+    /// downstream sessions and flushes the store.
+    pub async fn shutdown(self) -> Result<EngineStats, RunError> {
+        self.engine.shutdown().await;
+        self.provider.shutdown().await;
+        self.downstream.shutdown(Duration::from_secs(2)).await;
+        self.store.flush_blocking()?;
+        Ok(self.engine.stats())
+    }
 }
 
 async fn wait_for_signal() -> &'static str {
