@@ -78,7 +78,8 @@ pub struct Args {
     pub id_prefix: String,
 
     /// Run label in the device ids (default: the current time in hex, so every run provisions
-    /// new devices; repeat a label to re-request the same devices).
+    /// new devices). Repeating a label re-requests the same devices (stored results come back;
+    /// own-CSR devices have new keys then and fail the key check).
     #[arg(long, value_name = "LABEL")]
     pub run: Option<String>,
 

@@ -134,6 +134,9 @@ pub struct FleetOptions {
     /// First part of every device id: `{id_prefix}-{run}-{n}`.
     pub id_prefix: String,
     /// Run label, the middle of every device id; a new label gives a new set of devices.
+    /// Repeating a label re-requests the same devices and the gateway answers with the stored
+    /// results; own-CSR devices make a fresh key every run, so on a repeat they fail the key
+    /// check, as a real device that lost its key would.
     pub run: String,
     /// Devices started per second; 0 starts them as fast as `max_in_flight` allows.
     pub rate: f64,
