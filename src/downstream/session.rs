@@ -469,6 +469,9 @@ impl DownstreamSession {
         let (client, mut eventloop) = AsyncClient::new(mqtt, 16);
         let mut network = eventloop.network_options();
         network.set_connection_timeout(opts.connect_timeout.as_secs().max(1));
+        // Requests and answers are small and latency-bound: Nagle plus delayed ACKs would hold
+        // each of them up to ~40 ms.
+        network.set_tcp_nodelay(true);
         eventloop.set_network_options(network);
 
         let (status, _) = watch::channel(SessionStatus::default());

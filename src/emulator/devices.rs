@@ -923,6 +923,8 @@ async fn run_device(fleet: &Fleet, plan: DevicePlan) -> Outcome {
             eventloop
                 .network_options
                 .set_connection_timeout(CONNECT_TIMEOUT_SECS);
+            // One small request, one answer: no Nagle delay on either.
+            eventloop.network_options.set_tcp_nodelay(true);
             let topics = DeviceTopics::new(&fleet.prefix, &plan, fleet.opts.watch_status);
             let result = device
                 .provision(fleet, &plan, &topics, &request, &client, &mut eventloop)
