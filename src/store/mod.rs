@@ -37,7 +37,8 @@ pub use batch::Batch;
 pub use error::StoreError;
 pub use records::{
     DeviceRecord, DeviceState, ErrorInfo, OutboxDecodeError, OutboxMessage, OwnershipToken,
-    OwnershipTokenRecord, DEVICE_RECORD_VERSION, OUTBOX_MESSAGE_VERSION, TOKEN_RECORD_VERSION,
+    OwnershipTokenRecord, ProvisionData, DEVICE_RECORD_VERSION, OUTBOX_MESSAGE_VERSION,
+    TOKEN_RECORD_VERSION,
 };
 
 /// Schema version this build writes and the newest it can open.

@@ -169,6 +169,41 @@ pub struct DeviceRecord {
     /// Disabled devices may not send telemetry.
     #[serde(default = "default_true")]
     pub enabled: bool,
+    /// What the provisioning engine keeps besides the state: the request and the cloud's result.
+    #[serde(default)]
+    pub provision: ProvisionData,
+}
+
+/// The provisioning request and result of a device, kept across states: the request's
+/// parameters and CSR are needed again after a restart or an expired ownership token, the
+/// result answers repeated requests and identifies the device upstream.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ProvisionData {
+    /// The gateway generated the device's key (kept in the `secrets` tree).
+    #[serde(default)]
+    pub gateway_key: bool,
+    /// The CSR the device sent, when it brought its own key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub own_csr: Option<String>,
+    /// The CSR sent to the cloud (reused when a new certificate is needed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub csr: Option<String>,
+    /// RegisterThing parameters: the request's over the configured defaults.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub parameters: BTreeMap<String, String>,
+    /// Cloud certificate id, once issued.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub certificate_id: Option<String>,
+    /// The issued certificate (PEM).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub certificate_pem: Option<String>,
+    /// Thing name, once registered.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub thing_name: Option<String>,
+    /// `deviceConfiguration` returned by the registration.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub device_configuration: BTreeMap<String, String>,
 }
 
 fn default_true() -> bool {
@@ -189,6 +224,7 @@ impl DeviceRecord {
             attempts: 0,
             last_error: None,
             enabled: true,
+            provision: ProvisionData::default(),
         }
     }
 }

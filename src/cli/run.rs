@@ -1,0 +1,433 @@
+//! `fleetgw run`: the daemon. Loads the config, opens the store, starts downstream (the
+//! embedded broker by default), the cloud provider and the provisioning engine, reports
+//! readiness, and on SIGTERM/SIGINT shuts down cleanly: intake stops, steps in flight persist
+//! their result, the store is flushed, exit 0.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::admission::{self, Admission, AdmissionOptions};
+use crate::cloud::aws::claim::ClaimOptions;
+use crate::cloud::aws::{AwsProvider, AwsProviderOptions, OWNERSHIP_TOKEN_TTL};
+use crate::cloud::codec::PayloadFormat;
+use crate::config::{self, BrokerMode, CloudProvider, Config};
+use crate::downstream::{
+    gateway_client_id, BrokerOptions, Downstream, DownstreamOptions, EmbeddedBrokerOptions,
+    EmbeddedTls, ExternalBrokerOptions, Inbound, TopicPrefix,
+};
+use crate::identity::{self, PrivateKey, Sealer, Secret};
+use crate::provision::{Engine, EngineOptions, EngineParts, RequestPolicy};
+use crate::store::{Store, StoreOptions};
+
+use super::{logging, ConfigArgs, LogFormat, EX_CONFIG, EX_IOERR, EX_SOFTWARE};
+
+/// Arguments of `fleetgw run`.
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    #[command(flatten)]
+    pub config: ConfigArgs,
+}
+
+/// Why the daemon could not start.
+#[derive(Debug, thiserror::Error)]
+enum RunError {
+    #[error("{key}: {reason}")]
+    Config { key: &'static str, reason: String },
+    #[error("{path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{key}: {source}")]
+    Identity {
+        key: &'static str,
+        #[source]
+        source: identity::IdentityError,
+    },
+    #[error("admission: {0}")]
+    Admission(#[from] admission::AdmissionError),
+    #[error("store: {0}")]
+    Store(#[from] crate::store::StoreError),
+    #[error("downstream: {0}")]
+    Downstream(#[from] crate::downstream::DownstreamError),
+    #[error("provisioning engine: {0}")]
+    Engine(#[from] crate::provision::ProvisionError),
+    #[error("starting the async runtime: {0}")]
+    Runtime(#[source] std::io::Error),
+}
+
+impl RunError {
+    fn exit_code(&self) -> ExitCode {
+        ExitCode::from(match self {
+            RunError::Config { .. } | RunError::Identity { .. } | RunError::Admission(_) => {
+                EX_CONFIG
+            }
+            RunError::Read { .. } | RunError::Store(_) => EX_IOERR,
+            RunError::Downstream(_) | RunError::Engine(_) | RunError::Runtime(_) => EX_SOFTWARE,
+        })
+    }
+}
+
+/// Runs the daemon until SIGTERM/SIGINT.
+pub fn run(args: Args, log_format: Option<LogFormat>) -> ExitCode {
+    let cfg = match config::load(&args.config.config, &args.config.overrides) {
+        Ok(cfg) => cfg,
+        Err(e) => {
+            logging::init(log_format, None);
+            eprintln!("fleetgw: {e}");
+            return ExitCode::from(EX_CONFIG);
+        }
+    };
+    let format = log_format.or(match cfg.log.format {
+        config::LogFormat::Text => None,
+        config::LogFormat::Json => Some(LogFormat::Json),
+    });
+    logging::init(format, Some(&cfg.log.level));
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("fleetgw")
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => return fail(&RunError::Runtime(e)),
+    };
+    match runtime.block_on(daemon(cfg)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => fail(&e),
+    }
+}
+
+fn fail(e: &RunError) -> ExitCode {
+    tracing::error!("{e}");
+    eprintln!("fleetgw: {e}");
+    e.exit_code()
+}
+
+async fn daemon(cfg: Config) -> Result<(), RunError> {
+    if cfg.cloud.provider != CloudProvider::Aws {
+        return Err(RunError::Config {
+            key: "cloud.provider",
+            reason: "only \"aws\" is supported by this build".into(),
+        });
+    }
+    let admission = Admission::new(admission_options(&cfg)?)?;
+    let sealer = sealer(&cfg)?;
+    let aws = aws_options(&cfg)?;
+
+    let store = Store::open(
+        &cfg.gateway.state_dir,
+        &StoreOptions {
+            cache_capacity: cfg.store.cache_capacity_bytes,
+            flush_interval_ms: (cfg.store.flush_interval_ms > 0)
+                .then_some(cfg.store.flush_interval_ms),
+        },
+    )?;
+    tracing::info!(dir = %cfg.gateway.state_dir.display(), devices = store.device_count(), "store open");
+
+    let downstream_opts = downstream_options(&cfg)?;
+    let max_request_bytes = cfg.downstream.max_request_bytes as usize;
+    let (downstream, requests) = Downstream::start_with(&downstream_opts, |s| {
+        s.max_request_bytes = max_request_bytes;
+    })
+    .await?;
+    if let Some(broker) = downstream.broker() {
+        tracing::info!(listen = %broker.listen_addr(), tls = broker.is_tls(), "embedded broker listening");
+    }
+
+    let provider = Arc::new(AwsProvider::start(aws));
+    let engine = Engine::start(
+        EngineParts {
+            store: store.clone(),
+            provider: provider.clone(),
+            downstream: downstream.session().clone(),
+            admission,
+            sealer,
+        },
+        engine_options(&cfg),
+        requests,
+    )?;
+
+    tracing::info!(
+        gateway = %cfg.gateway.id,
+        admission = ?cfg.admission.mode,
+        sessions = cfg.cloud.aws.sessions,
+        "fleetgw ready"
+    );
+    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
+
+    let signal = wait_for_signal().await;
+    tracing::info!(
+        signal,
+        "shutting down: no new requests; finishing steps in flight"
+    );
+    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
+
+    engine.shutdown().await;
+    provider.shutdown().await;
+    downstream.shutdown(Duration::from_secs(2)).await;
+    store.flush_blocking()?;
+    let stats = engine.stats();
+    tracing::info!(
+        provisioned = stats.provisioned,
+        failed = stats.failed,
+        unfinished = stats.active,
+        "stopped; store flushed"
+    );
+    Ok(())
+}
+
+async fn wait_for_signal() -> &'static str {
+    use tokio::signal::unix::{signal, SignalKind};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => tokio::select! {
+            _ = term.recv() => "SIGTERM",
+            _ = tokio::signal::ctrl_c() => "SIGINT",
+        },
+        Err(e) => {
+            tracing::warn!("cannot watch SIGTERM ({e}); stopping on SIGINT only");
+            let _ = tokio::signal::ctrl_c().await;
+            "SIGINT"
+        }
+    }
+}
+
+fn read_text(path: &Path) -> Result<String, RunError> {
+    std::fs::read_to_string(path).map_err(|source| RunError::Read {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+fn admission_options(cfg: &Config) -> Result<AdmissionOptions, RunError> {
+    let a = &cfg.admission;
+    let mode = match a.mode {
+        config::AdmissionMode::Approve => admission::AdmissionMode::Approve,
+        config::AdmissionMode::Open => admission::AdmissionMode::Open,
+        config::AdmissionMode::SymmetricKey => admission::AdmissionMode::SymmetricKey,
+        config::AdmissionMode::X509 => admission::AdmissionMode::X509,
+    };
+    let group_key = match (&a.group_key, &a.group_key_file) {
+        (Some(text), _) => Some(admission::decode_group_key(text, "admission.group_key")?),
+        (None, Some(path)) => {
+            let text = Secret::from(read_text(path)?);
+            Some(admission::decode_group_key(
+                &text,
+                &format!("admission.group_key_file {}", path.display()),
+            )?)
+        }
+        (None, None) => None,
+    };
+    let trusted_ca_pem = a.trusted_ca.as_deref().map(read_text).transpose()?;
+    Ok(AdmissionOptions {
+        mode,
+        group_key,
+        trusted_ca_pem,
+        x509_window_secs: a.x509_window_secs,
+        ..AdmissionOptions::default()
+    })
+}
+
+fn sealer(cfg: &Config) -> Result<Option<Sealer>, RunError> {
+    let p = &cfg.provision;
+    let sealer = match (&p.sealing_key_file, &p.sealing_credential) {
+        (Some(path), _) => {
+            Some(
+                Sealer::from_key_file(path).map_err(|source| RunError::Identity {
+                    key: "provision.sealing_key_file",
+                    source,
+                })?,
+            )
+        }
+        (None, Some(name)) => {
+            Some(
+                Sealer::from_credential(name).map_err(|source| RunError::Identity {
+                    key: "provision.sealing_credential",
+                    source,
+                })?,
+            )
+        }
+        (None, None) => None,
+    };
+    Ok(sealer)
+}
+
+/// `host:port` (port 8883 when absent; IPv6 in brackets).
+fn split_endpoint(endpoint: &str) -> Result<(String, u16), RunError> {
+    let bad = |reason: &str| RunError::Config {
+        key: "cloud.aws.endpoint",
+        reason: format!("{endpoint:?}: {reason}"),
+    };
+    if let Ok(addr) = endpoint.parse::<SocketAddr>() {
+        return Ok((addr.ip().to_string(), addr.port()));
+    }
+    let (host, port) = match endpoint.rsplit_once(':') {
+        Some((h, p)) if !h.contains(':') => (
+            h,
+            p.parse::<u16>()
+                .map_err(|_| bad("the port is not a number from 1 to 65535"))?,
+        ),
+        _ => (endpoint, 8883),
+    };
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    if host.is_empty() || port == 0 {
+        return Err(bad("expected host:port"));
+    }
+    Ok((host.to_string(), port))
+}
+
+fn aws_options(cfg: &Config) -> Result<AwsProviderOptions, RunError> {
+    let aws = &cfg.cloud.aws;
+    let (host, port) = split_endpoint(&aws.endpoint)?;
+    let ca_pem = read_text(&aws.ca)?;
+    let cert_pem = read_text(&aws.claim_cert)?;
+    let passphrase = identity::read_passphrase(
+        aws.claim_key_passphrase_file.as_deref(),
+        aws.claim_key_passphrase_credential.as_deref(),
+    )
+    .map_err(|source| RunError::Identity {
+        key: "cloud.aws.claim_key_passphrase_file",
+        source,
+    })?;
+    let key = PrivateKey::import_file(&aws.claim_key, passphrase.as_ref()).map_err(|source| {
+        RunError::Identity {
+            key: "cloud.aws.claim_key",
+            source,
+        }
+    })?;
+    let tls = identity::tls::client_config(&ca_pem, Some((&cert_pem, &key))).map_err(|source| {
+        RunError::Identity {
+            key: "cloud.aws.claim_cert",
+            source,
+        }
+    })?;
+    let request_timeout = Duration::from_millis(cfg.provision.request_timeout_ms.max(100));
+    Ok(AwsProviderOptions {
+        claim: ClaimOptions {
+            host,
+            port,
+            tls,
+            client_id_prefix: format!("fleetgw-{}-claim", cfg.gateway.id),
+            sessions: aws.sessions.max(1) as usize,
+            template: aws.template.clone(),
+            format: match aws.format {
+                config::PayloadFormat::Json => PayloadFormat::Json,
+                config::PayloadFormat::Cbor => PayloadFormat::Cbor,
+            },
+            keep_alive: Duration::from_secs(aws.keep_alive_secs),
+            request_timeout,
+            connect_timeout: Duration::from_secs(10),
+            reconnect_min: Duration::from_millis(250),
+            reconnect_max: Duration::from_secs(30),
+            queue_timeout: request_timeout.max(Duration::from_secs(10)),
+            // AWS IoT allows 128 KiB; certificates are a few KiB.
+            max_packet_bytes: 256 * 1024,
+        },
+        tps: f64::from(aws.tps.max(1)),
+        token_ttl: OWNERSHIP_TOKEN_TTL,
+    })
+}
+
+fn downstream_options(cfg: &Config) -> Result<DownstreamOptions, RunError> {
+    let d = &cfg.downstream;
+    let broker = match d.broker {
+        BrokerMode::Embedded => {
+            let mut e = EmbeddedBrokerOptions {
+                listen: d.listen,
+                max_packet_bytes: d.max_packet_bytes as usize,
+                ..EmbeddedBrokerOptions::default()
+            };
+            if let Some(tls_listen) = d.tls_listen {
+                let (Some(cert), Some(key)) = (&d.tls_cert, &d.tls_key) else {
+                    return Err(RunError::Config {
+                        key: "downstream.tls_listen",
+                        reason: "needs downstream.tls_cert and downstream.tls_key".into(),
+                    });
+                };
+                e.listen = tls_listen;
+                e.tls = Some(EmbeddedTls {
+                    cert_chain_pem: read_text(cert)?,
+                    key_pem: Secret::from(read_text(key)?),
+                });
+            }
+            BrokerOptions::Embedded(e)
+        }
+        BrokerMode::External => {
+            let url = d.url.clone().ok_or_else(|| RunError::Config {
+                key: "downstream.url",
+                reason: "broker = \"external\" needs the broker URL".into(),
+            })?;
+            let password = match (&d.password, &d.password_file) {
+                (Some(p), _) => Some(p.clone()),
+                (None, Some(path)) => Some(Secret::from(
+                    read_text(path)?.trim_end_matches(['\r', '\n']).to_string(),
+                )),
+                (None, None) => None,
+            };
+            BrokerOptions::External(ExternalBrokerOptions {
+                url,
+                ca_pem: d.ca.as_deref().map(read_text).transpose()?,
+                username: d.username.clone(),
+                password,
+                max_packet_bytes: d.max_packet_bytes as usize,
+            })
+        }
+    };
+    let mut opts = DownstreamOptions::new(gateway_client_id(&cfg.gateway.id), broker);
+    opts.topic_prefix = TopicPrefix::new(&d.topic_prefix).map_err(|e| RunError::Config {
+        key: "downstream.topic_prefix",
+        reason: e.to_string(),
+    })?;
+    // Telemetry forwarding is not part of this daemon yet; only provisioning requests.
+    opts.inbound = Inbound {
+        provision: true,
+        telemetry: false,
+    };
+    Ok(opts)
+}
+
+fn engine_options(cfg: &Config) -> EngineOptions {
+    let p = &cfg.provision;
+    let mut opts = EngineOptions::new(RequestPolicy {
+        max_request_bytes: cfg.downstream.max_request_bytes as usize,
+        allowed_csr_key_types: p.allowed_csr_key_types.clone(),
+        default_parameters: p.parameters.clone(),
+    });
+    opts.key_type = p.key_type;
+    opts.max_attempts = p.max_attempts.max(1);
+    opts.retry_base = Duration::from_millis(p.retry_base_ms.max(1));
+    opts.retry_max = Duration::from_millis(p.retry_max_ms.max(p.retry_base_ms).max(1));
+    opts.device_rate_per_minute = cfg.downstream.device_rate_per_minute;
+    opts.shutdown_grace = Duration::from_millis(p.request_timeout_ms) + Duration::from_secs(5);
+    opts
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn endpoints_split_into_host_and_port() {
+        assert_eq!(
+            split_endpoint("localhost:8883").unwrap(),
+            ("localhost".into(), 8883)
+        );
+        assert_eq!(
+            split_endpoint("iot.example.com").unwrap(),
+            ("iot.example.com".into(), 8883)
+        );
+        assert_eq!(
+            split_endpoint("127.0.0.1:18883").unwrap(),
+            ("127.0.0.1".into(), 18883)
+        );
+        assert_eq!(split_endpoint("[::1]:9").unwrap(), ("::1".into(), 9));
+        let e = split_endpoint("host:http").unwrap_err().to_string();
+        assert!(
+            e.contains("cloud.aws.endpoint") && e.contains("host:http"),
+            "{e}"
+        );
+    }
+}

@@ -1,0 +1,258 @@
+//! Pacing of cloud calls: a token bucket per cloud API whose rate adapts to throttling (AIMD),
+//! and the jittered exponential back-off used for reconnects and retries.
+//!
+//! The cloud enforces a per-API transactions-per-second quota; going over it earns 429s that
+//! cost a round trip each. [`AdaptiveRateLimiter`] starts at the configured rate, halves it on
+//! every throttling answer and grows it back by about one call per second per second while
+//! calls succeed, so a gateway configured above its real quota settles just under it.
+
+use std::time::Duration;
+
+use tokio::sync::Mutex;
+use tokio::time::Instant;
+
+/// A classic token bucket: `rate` tokens per second, holding at most `capacity`.
+#[derive(Debug, Clone)]
+pub struct TokenBucket {
+    rate: f64,
+    capacity: f64,
+    tokens: f64,
+    last: Instant,
+}
+
+impl TokenBucket {
+    /// A full bucket refilled at `rate` per second, holding at most `capacity` (>= 1).
+    pub fn new(rate: f64, capacity: f64, now: Instant) -> Self {
+        let capacity = capacity.max(1.0);
+        TokenBucket {
+            rate: rate.max(f64::MIN_POSITIVE),
+            capacity,
+            tokens: capacity,
+            last: now,
+        }
+    }
+
+    fn refill(&mut self, now: Instant) {
+        let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
+        self.tokens = (self.tokens + elapsed * self.rate).min(self.capacity);
+        self.last = now;
+    }
+
+    /// Takes one token if available; otherwise says how long until one is.
+    pub fn try_take(&mut self, now: Instant) -> Result<(), Duration> {
+        self.refill(now);
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            Ok(())
+        } else {
+            Err(Duration::from_secs_f64((1.0 - self.tokens) / self.rate))
+        }
+    }
+
+    /// True when the bucket is full at `now` (an idle client; its entry can be dropped).
+    pub fn is_full(&mut self, now: Instant) -> bool {
+        self.refill(now);
+        self.tokens >= self.capacity
+    }
+
+    /// The current refill rate (tokens per second).
+    pub fn rate(&self) -> f64 {
+        self.rate
+    }
+
+    /// Changes the refill rate and capacity, keeping the tokens already earned.
+    pub fn set_rate(&mut self, rate: f64, capacity: f64, now: Instant) {
+        self.refill(now);
+        self.rate = rate.max(f64::MIN_POSITIVE);
+        self.capacity = capacity.max(1.0);
+        self.tokens = self.tokens.min(self.capacity);
+    }
+}
+
+/// The lowest rate AIMD backs off to, in calls per second.
+const MIN_RATE: f64 = 0.5;
+
+/// A token bucket for one cloud API whose rate follows AIMD: halved on throttling, grown
+/// additively on success, never above the configured maximum.
+#[derive(Debug)]
+pub struct AdaptiveRateLimiter {
+    max_rate: f64,
+    bucket: Mutex<TokenBucket>,
+}
+
+impl AdaptiveRateLimiter {
+    /// A limiter allowing `max_rate` calls per second (burst: one second's worth).
+    pub fn new(max_rate: f64) -> Self {
+        let max_rate = max_rate.max(MIN_RATE);
+        AdaptiveRateLimiter {
+            max_rate,
+            bucket: Mutex::new(TokenBucket::new(max_rate, max_rate, Instant::now())),
+        }
+    }
+
+    /// Waits until a call may be made and takes its token.
+    pub async fn acquire(&self) {
+        loop {
+            let wait = {
+                let mut bucket = self.bucket.lock().await;
+                match bucket.try_take(Instant::now()) {
+                    Ok(()) => return,
+                    Err(wait) => wait,
+                }
+            };
+            tokio::time::sleep(wait).await;
+        }
+    }
+
+    /// The cloud throttled a call: halve the rate and empty the burst.
+    pub async fn on_throttled(&self) {
+        let mut bucket = self.bucket.lock().await;
+        let rate = (bucket.rate() / 2.0).max(MIN_RATE);
+        // A burst right after a 429 would only earn more 429s.
+        bucket.set_rate(rate, 1.0, Instant::now());
+    }
+
+    /// A call succeeded: grow the rate by 1/rate, i.e. about +1 call/s for every second of
+    /// calls at the current rate.
+    pub async fn on_success(&self) {
+        let mut bucket = self.bucket.lock().await;
+        let current = bucket.rate();
+        if current < self.max_rate {
+            let rate = (current + 1.0 / current).min(self.max_rate);
+            bucket.set_rate(rate, rate, Instant::now());
+        }
+    }
+
+    /// The current rate in calls per second.
+    pub async fn rate(&self) -> f64 {
+        self.bucket.lock().await.rate()
+    }
+}
+
+/// Jittered exponential back-off: attempt n waits a random time in [d/2, d] with
+/// d = min(base * 2^n, max) ("equal jitter", so retries never come back all at once and never
+/// come back instantly either).
+#[derive(Debug, Clone)]
+pub struct Backoff {
+    base: Duration,
+    max: Duration,
+    attempt: u32,
+}
+
+impl Backoff {
+    /// A back-off starting at `base`, capped at `max`.
+    pub fn new(base: Duration, max: Duration) -> Self {
+        Backoff {
+            base,
+            max: max.max(base),
+            attempt: 0,
+        }
+    }
+
+    /// The delay before retry number `attempt` (0-based), jittered.
+    pub fn delay_for(&self, attempt: u32) -> Duration {
+        let ceiling = self
+            .base
+            .saturating_mul(2u32.saturating_pow(attempt.min(31)))
+            .min(self.max);
+        let half = ceiling / 2;
+        let jitter = half.mul_f64(rand::random::<f64>());
+        half + jitter
+    }
+
+    /// The next delay; each call doubles the ceiling up to the cap.
+    pub fn next_delay(&mut self) -> Duration {
+        let d = self.delay_for(self.attempt);
+        self.attempt = self.attempt.saturating_add(1);
+        d
+    }
+
+    /// Back to the first delay (after a success).
+    pub fn reset(&mut self) {
+        self.attempt = 0;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bucket_allows_burst_then_paces() {
+        let t0 = Instant::now();
+        let mut b = TokenBucket::new(10.0, 3.0, t0);
+        assert!(b.try_take(t0).is_ok());
+        assert!(b.try_take(t0).is_ok());
+        assert!(b.try_take(t0).is_ok());
+        let wait = b.try_take(t0).unwrap_err();
+        assert!(
+            wait > Duration::from_millis(90) && wait <= Duration::from_millis(100),
+            "{wait:?}"
+        );
+        assert!(b.try_take(t0 + Duration::from_millis(100)).is_ok());
+        assert!(b.try_take(t0 + Duration::from_millis(100)).is_err());
+        assert!(b.is_full(t0 + Duration::from_secs(10)));
+    }
+
+    #[test]
+    fn bucket_rate_change_keeps_earned_tokens_within_capacity() {
+        let t0 = Instant::now();
+        let mut b = TokenBucket::new(100.0, 100.0, t0);
+        b.set_rate(5.0, 1.0, t0);
+        assert!(b.try_take(t0).is_ok());
+        assert!(b.try_take(t0).is_err());
+        assert_eq!(b.rate(), 5.0);
+    }
+
+    #[tokio::test]
+    async fn limiter_paces_calls_at_the_rate() {
+        let limiter = AdaptiveRateLimiter::new(100.0);
+        let start = Instant::now();
+        for _ in 0..140 {
+            limiter.acquire().await;
+        }
+        // 100 from the burst, 40 more at 100/s: 400 ms (upper bound generous for a busy box).
+        let elapsed = start.elapsed();
+        assert!(
+            elapsed >= Duration::from_millis(380) && elapsed <= Duration::from_millis(1500),
+            "{elapsed:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn aimd_halves_on_throttling_and_recovers_additively() {
+        let limiter = AdaptiveRateLimiter::new(40.0);
+        limiter.on_throttled().await;
+        assert_eq!(limiter.rate().await, 20.0);
+        limiter.on_throttled().await;
+        assert_eq!(limiter.rate().await, 10.0);
+        for _ in 0..10 {
+            limiter.on_success().await;
+        }
+        let r = limiter.rate().await;
+        assert!(r > 10.9 && r < 11.0, "{r}");
+        for _ in 0..10_000 {
+            limiter.on_success().await;
+        }
+        assert_eq!(limiter.rate().await, 40.0);
+        for _ in 0..20 {
+            limiter.on_throttled().await;
+        }
+        assert_eq!(limiter.rate().await, MIN_RATE);
+    }
+
+    #[test]
+    fn backoff_is_jittered_exponential_and_capped() {
+        let mut b = Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
+        for attempt in 0..12u32 {
+            let ceiling =
+                (Duration::from_millis(100) * 2u32.pow(attempt)).min(Duration::from_secs(2));
+            let d = b.next_delay();
+            assert!(d >= ceiling / 2 && d <= ceiling, "attempt {attempt}: {d:?}");
+        }
+        b.reset();
+        assert!(b.next_delay() <= Duration::from_millis(100));
+        let huge = b.delay_for(u32::MAX);
+        assert!(huge <= Duration::from_secs(2));
+    }
+}

@@ -1,0 +1,470 @@
+//! Drives one device through the state machine, one persisted step at a time:
+//!
+//! ```text
+//! Requested/Approved -> KeyReady(csr) -> CertificateIssued(cert, token) -> ThingRegistered
+//!   -> Delivered;  any -> Failed (permanent error or max_attempts)
+//! ```
+//!
+//! Each step reads the device's durable record, does at most one network call, and writes the
+//! next state (compare-and-swap on the etag) before the next step starts. A conflict (an
+//! operator changed the device meanwhile) re-reads the record. Transient cloud errors keep the
+//! state and retry later with jittered exponential back-off; throttling and an unreachable cloud
+//! do not count as attempts. An expired or refused ownership token sends the device back to
+//! `KeyReady` for a new certificate.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{mpsc, Mutex};
+
+use crate::cloud::rate::Backoff;
+use crate::cloud::{CloudError, IssuedCertificate};
+use crate::device_id::DeviceId;
+use crate::downstream::contract::{
+    self as wire, AcceptedResponse, DeviceStatus, RejectedResponse, StatusReport,
+};
+use crate::downstream::PayloadFormat;
+use crate::identity::{self, PrivateKey, Secret};
+use crate::store::{
+    Batch, DeviceRecord, DeviceState, ErrorInfo, OwnershipToken, OwnershipTokenRecord, StoreError,
+    TOKEN_RECORD_VERSION,
+};
+
+use super::{now_ms, Inner, CRASH_EXIT_CODE};
+
+/// What a step leaves to do.
+enum Step {
+    /// The record changed; take the next step.
+    Next,
+    /// Nothing more to do now (final state, waiting for an operator, or shutting down).
+    Done,
+    /// Try again after this delay.
+    RetryAfter(Duration),
+}
+
+/// States the engine moves on by itself.
+pub(super) fn is_drivable(state: &DeviceState) -> bool {
+    matches!(
+        state,
+        DeviceState::Requested
+            | DeviceState::Approved
+            | DeviceState::KeyReady { .. }
+            | DeviceState::CertificateIssued { .. }
+            | DeviceState::ThingRegistered { .. }
+    )
+}
+
+/// One worker: takes queued devices and drives each until it is done or must wait.
+pub(super) async fn worker(inner: Arc<Inner>, jobs: Arc<Mutex<mpsc::UnboundedReceiver<DeviceId>>>) {
+    let mut stopping = inner.stopping.subscribe();
+    loop {
+        let device = tokio::select! {
+            d = async { jobs.lock().await.recv().await } => match d {
+                Some(d) => d,
+                None => return,
+            },
+            _ = stopping.wait_for(|s| *s) => return,
+        };
+        loop {
+            match drive(&inner, &device).await {
+                Some(delay) => {
+                    // The device stays active while it waits, so requests do not start it twice.
+                    let inner = inner.clone();
+                    let device = device.clone();
+                    tokio::spawn(async move {
+                        tokio::time::sleep(delay).await;
+                        if !inner.is_stopping() {
+                            let _ = inner.jobs.send(device);
+                        }
+                    });
+                    break;
+                }
+                None => {
+                    if !inner.finish_pass(&device) {
+                        break;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Takes steps until the device is done (`None`) or must retry after a delay.
+async fn drive(inner: &Inner, device: &DeviceId) -> Option<Duration> {
+    loop {
+        if inner.is_stopping() {
+            return None;
+        }
+        let rec = match inner.store.device(device) {
+            Ok(Some(rec)) => rec,
+            Ok(None) => return None,
+            Err(e) => {
+                tracing::error!(%device, "store: {e}");
+                return Some(inner.opts.retry_max);
+            }
+        };
+        let step = match rec.state.clone() {
+            DeviceState::Requested | DeviceState::Approved => prepare_key(inner, rec).await,
+            DeviceState::KeyReady { csr, .. } => create_certificate(inner, rec, &csr).await,
+            DeviceState::CertificateIssued {
+                certificate_id,
+                certificate_pem,
+                ownership_token,
+                token_expires_at_ms,
+            } => {
+                let issued = IssuedCertificate {
+                    certificate_id,
+                    certificate_pem,
+                    ownership_token: Secret::from(ownership_token.expose()),
+                    expires_at_ms: token_expires_at_ms,
+                };
+                register(inner, rec, issued).await
+            }
+            DeviceState::ThingRegistered { .. } => deliver(inner, rec).await,
+            _ => Step::Done,
+        };
+        match step {
+            Step::Next => continue,
+            Step::Done => return None,
+            Step::RetryAfter(d) => return Some(d),
+        }
+    }
+}
+
+/// Writes `next` (and the batch's other changes) if the record is still `prev`'s version.
+async fn commit(
+    inner: &Inner,
+    prev: &DeviceRecord,
+    mut next: DeviceRecord,
+    mut batch: Batch,
+) -> Step {
+    next.updated_at_ms = now_ms();
+    let state = next.state.name();
+    batch.put_device_if(next, prev.etag);
+    match inner.store.apply(batch).await {
+        Ok(()) => {
+            if inner.crash_after.as_deref() == Some(state) {
+                tracing::warn!(device = %prev.id, state, "{}: exiting as asked", super::CRASH_AFTER_ENV);
+                std::process::exit(CRASH_EXIT_CODE);
+            }
+            Step::Next
+        }
+        // Changed meanwhile (e.g. blocked by an operator): look again.
+        Err(StoreError::Conflict { .. }) => Step::Next,
+        Err(e) => {
+            tracing::error!(device = %prev.id, "store: {e}");
+            Step::RetryAfter(inner.opts.retry_max)
+        }
+    }
+}
+
+async fn prepare_key(inner: &Inner, rec: DeviceRecord) -> Step {
+    let mut next = rec.clone();
+    let mut batch = Batch::new();
+    let csr = match rec.provision.own_csr.clone() {
+        Some(own) => {
+            next.provision.gateway_key = false;
+            own
+        }
+        None => {
+            let kt = inner.opts.key_type;
+            let cn = rec.id.as_str().to_string();
+            // RSA key generation takes long enough to stall a runtime thread.
+            let made = tokio::task::spawn_blocking(move || {
+                let key = PrivateKey::generate(kt)?;
+                let csr = identity::create_csr(&cn, &key)?;
+                Ok::<_, identity::IdentityError>((key.to_pkcs8_pem(), csr))
+            })
+            .await;
+            let (key_pem, csr) = match made {
+                Ok(Ok(made)) => made,
+                Ok(Err(e)) => {
+                    let error = ErrorInfo {
+                        status_code: 500,
+                        error_code: "KeyGenerationFailed".into(),
+                        error_message: format!("generating a {kt} key for device {}: {e}", rec.id),
+                    };
+                    return fail(inner, rec, error).await;
+                }
+                Err(e) => {
+                    tracing::error!(device = %rec.id, "key generation task: {e}");
+                    return Step::RetryAfter(inner.opts.retry_base);
+                }
+            };
+            let stored = match &inner.sealer {
+                Some(sealer) => sealer.seal(key_pem.expose()),
+                None => key_pem.expose().to_vec(),
+            };
+            batch.put_secret(&rec.id, &stored);
+            next.provision.gateway_key = true;
+            csr
+        }
+    };
+    next.provision.csr = Some(csr.clone());
+    next.state = DeviceState::KeyReady {
+        own_csr: rec.provision.own_csr.clone(),
+        csr,
+    };
+    commit(inner, &rec, next, batch).await
+}
+
+async fn create_certificate(inner: &Inner, rec: DeviceRecord, csr: &str) -> Step {
+    match inner.provider.create_certificate(&rec.id, csr).await {
+        Ok(issued) => {
+            let token = match issued.ownership_token.expose_str() {
+                Some(t) => OwnershipToken::new(t),
+                None => {
+                    let e = CloudError::Protocol {
+                        api: "CreateCertificateFromCsr",
+                        reason: "the ownership token is not text".into(),
+                    };
+                    return cloud_error(inner, rec, e).await;
+                }
+            };
+            let mut next = rec.clone();
+            next.provision.certificate_id = Some(issued.certificate_id.clone());
+            next.provision.certificate_pem = Some(issued.certificate_pem.clone());
+            next.state = DeviceState::CertificateIssued {
+                certificate_id: issued.certificate_id.clone(),
+                certificate_pem: issued.certificate_pem,
+                ownership_token: token.clone(),
+                token_expires_at_ms: issued.expires_at_ms,
+            };
+            let mut batch = Batch::new();
+            batch.put_token(OwnershipTokenRecord {
+                v: TOKEN_RECORD_VERSION,
+                device: rec.id.clone(),
+                certificate_id: issued.certificate_id,
+                token,
+                expires_at_ms: issued.expires_at_ms,
+            });
+            tracing::debug!(device = %rec.id, "certificate issued");
+            commit(inner, &rec, next, batch).await
+        }
+        Err(e) => cloud_error(inner, rec, e).await,
+    }
+}
+
+async fn register(inner: &Inner, rec: DeviceRecord, issued: IssuedCertificate) -> Step {
+    if now_ms() >= issued.expires_at_ms {
+        return new_certificate(
+            inner,
+            rec,
+            "the ownership token expired before RegisterThing",
+        )
+        .await;
+    }
+    let result = inner
+        .provider
+        .register(&rec.id, &issued, &rec.provision.parameters)
+        .await;
+    match result {
+        Ok(reg) => {
+            let mut next = rec.clone();
+            next.provision.thing_name = Some(reg.thing_name.clone());
+            next.provision.device_configuration = reg.device_configuration.clone();
+            next.state = DeviceState::ThingRegistered {
+                thing_name: reg.thing_name,
+                device_configuration: reg.device_configuration,
+            };
+            let mut batch = Batch::new();
+            batch.remove_token(&rec.id);
+            tracing::debug!(device = %rec.id, "thing registered");
+            commit(inner, &rec, next, batch).await
+        }
+        Err(e) if e.is_token_invalid() => {
+            let reason = e.to_string();
+            new_certificate(inner, rec, &reason).await
+        }
+        Err(e) => cloud_error(inner, rec, e).await,
+    }
+}
+
+/// Back to `KeyReady` with the same CSR: the certificate of a refused token is useless.
+async fn new_certificate(inner: &Inner, rec: DeviceRecord, reason: &str) -> Step {
+    tracing::info!(device = %rec.id, "requesting a new certificate: {reason}");
+    let mut next = rec.clone();
+    next.attempts = next.attempts.saturating_add(1);
+    next.last_error = Some(ErrorInfo {
+        status_code: 400,
+        error_code: crate::cloud::INVALID_OWNERSHIP_TOKEN.into(),
+        error_message: reason.to_string(),
+    });
+    if next.attempts >= inner.opts.max_attempts {
+        let error = next.last_error.clone().unwrap_or_else(|| ErrorInfo {
+            status_code: 400,
+            error_code: crate::cloud::INVALID_OWNERSHIP_TOKEN.into(),
+            error_message: reason.to_string(),
+        });
+        return fail(inner, rec, error).await;
+    }
+    next.provision.certificate_id = None;
+    next.provision.certificate_pem = None;
+    next.state = match rec.provision.csr.clone() {
+        Some(csr) => DeviceState::KeyReady {
+            own_csr: rec.provision.own_csr.clone(),
+            csr,
+        },
+        None => DeviceState::Requested,
+    };
+    let mut batch = Batch::new();
+    batch.remove_token(&rec.id);
+    commit(inner, &rec, next, batch).await
+}
+
+async fn deliver(inner: &Inner, rec: DeviceRecord) -> Step {
+    let format = device_format(&rec);
+    let body = match accepted_payload(inner, &rec, format) {
+        Ok(body) => body,
+        Err(rejected) => {
+            let error = ErrorInfo {
+                status_code: rejected.status_code,
+                error_code: rejected.error_code,
+                error_message: rejected.error_message,
+            };
+            return fail(inner, rec, error).await;
+        }
+    };
+    if let Err(e) = inner
+        .downstream
+        .publish_accepted(&rec.id, format, body)
+        .await
+    {
+        tracing::warn!(device = %rec.id, "publishing the result failed, will retry: {e}");
+        return Step::RetryAfter(inner.opts.retry_base);
+    }
+    let mut next = rec.clone();
+    next.state = DeviceState::Delivered;
+    let step = commit(inner, &rec, next, Batch::new()).await;
+    if matches!(step, Step::Next) {
+        inner.counters.provisioned.fetch_add(1, Ordering::Relaxed);
+        tracing::info!(device = %rec.id, thing = rec.provision.thing_name.as_deref().unwrap_or(""), "device provisioned");
+        let report = StatusReport::new(DeviceStatus::Provisioned, now_ms());
+        if let Err(e) = inner.downstream.publish_status(&rec.id, &report).await {
+            tracing::warn!(device = %rec.id, "publishing the status failed: {e}");
+        }
+    }
+    step
+}
+
+/// Handles a failed cloud call: retry later, or fail the device for good.
+async fn cloud_error(inner: &Inner, rec: DeviceRecord, e: CloudError) -> Step {
+    if matches!(e, CloudError::ShuttingDown { .. }) {
+        return Step::Done;
+    }
+    let (status_code, error_code, error_message) = e.to_parts();
+    let error = ErrorInfo {
+        status_code,
+        error_code,
+        error_message,
+    };
+    if !e.is_transient() {
+        return fail(inner, rec, error).await;
+    }
+    let backoff = Backoff::new(inner.opts.retry_base, inner.opts.retry_max);
+    // Throttling and an unreachable cloud say nothing about this device: not counted.
+    if e.is_throttling() || matches!(e, CloudError::Disconnected { .. }) {
+        tracing::debug!(device = %rec.id, "cloud busy or unreachable, retrying: {e}");
+        return Step::RetryAfter(backoff.delay_for(1));
+    }
+    let attempts = rec.attempts.saturating_add(1);
+    if attempts >= inner.opts.max_attempts {
+        return fail(inner, rec, error).await;
+    }
+    tracing::info!(device = %rec.id, attempts, "transient cloud error, retrying: {e}");
+    let mut next = rec.clone();
+    next.attempts = attempts;
+    next.last_error = Some(error);
+    match commit(inner, &rec, next, Batch::new()).await {
+        Step::Next => Step::RetryAfter(backoff.delay_for(attempts - 1)),
+        other => other,
+    }
+}
+
+/// Marks the device failed for good and tells it why.
+async fn fail(inner: &Inner, rec: DeviceRecord, error: ErrorInfo) -> Step {
+    tracing::warn!(device = %rec.id, code = %error.error_code, "provisioning failed: {}", error.error_message);
+    let mut next = rec.clone();
+    next.last_error = Some(error.clone());
+    next.state = DeviceState::Failed {
+        error: error.clone(),
+        next_attempt_at_ms: None,
+    };
+    let mut batch = Batch::new();
+    batch.remove_token(&rec.id);
+    let step = commit(inner, &rec, next, batch).await;
+    if matches!(step, Step::Next) {
+        inner.counters.failed.fetch_add(1, Ordering::Relaxed);
+        let rejected =
+            RejectedResponse::new(error.status_code, error.error_code, error.error_message);
+        let format = device_format(&rec);
+        if let Err(e) = inner.downstream.reject(&rec.id, format, &rejected).await {
+            tracing::warn!(device = %rec.id, "publishing the failure failed: {e}");
+        }
+        let report = StatusReport {
+            error: Some(rejected),
+            ..StatusReport::new(DeviceStatus::Failed, now_ms())
+        };
+        if let Err(e) = inner.downstream.publish_status(&rec.id, &report).await {
+            tracing::warn!(device = %rec.id, "publishing the status failed: {e}");
+        }
+    }
+    step
+}
+
+fn device_format(rec: &DeviceRecord) -> PayloadFormat {
+    rec.format.parse().unwrap_or_default()
+}
+
+/// The `/accepted` payload for a registered device, in `format`; the private key is included
+/// when the gateway generated it.
+pub(super) fn accepted_payload(
+    inner: &Inner,
+    rec: &DeviceRecord,
+    format: PayloadFormat,
+) -> Result<Vec<u8>, RejectedResponse> {
+    let internal = |what: &str| {
+        tracing::error!(device = %rec.id, "cannot build the result: {what}");
+        RejectedResponse::new(
+            500,
+            "GatewayError",
+            format!("the gateway cannot build the result: {what}"),
+        )
+    };
+    let p = &rec.provision;
+    let (Some(certificate_id), Some(certificate_pem), Some(thing_name)) =
+        (&p.certificate_id, &p.certificate_pem, &p.thing_name)
+    else {
+        return Err(internal("the stored record has no certificate or thing"));
+    };
+    let private_key = if p.gateway_key {
+        let stored = match inner.store.secret(&rec.id) {
+            Ok(Some(bytes)) => bytes,
+            Ok(None) => return Err(internal("the generated key is missing from the store")),
+            Err(e) => return Err(internal(&format!("reading the key: {e}"))),
+        };
+        let plain = match &inner.sealer {
+            Some(sealer) => sealer
+                .open(&stored)
+                .map_err(|e| internal(&format!("unsealing the key: {e}")))?,
+            None => Secret::new(stored),
+        };
+        let pem = plain
+            .expose_str()
+            .ok_or_else(|| internal("the stored key is not PEM text"))?
+            .to_string();
+        Some(pem)
+    } else {
+        None
+    };
+    let response = AcceptedResponse {
+        device_id: rec.id.clone(),
+        certificate_id: certificate_id.clone(),
+        certificate_pem: certificate_pem.clone(),
+        private_key,
+        thing_name: thing_name.clone(),
+        device_configuration: p.device_configuration.clone(),
+    };
+    Ok(wire::encode(format, &response))
+}

@@ -1,0 +1,538 @@
+//! The provisioning engine: takes device requests from downstream, keeps each device's state
+//! machine (DESIGN.md) in the store and drives it through the cloud [`Provider`].
+//!
+//! Data flow: the gateway's downstream session hands over a request -> [`request`] checks it
+//! (payload, CSR, admission, per-device rate) -> the `Requested` (or `WaitingApproval`) record
+//! is made durable -> only then the request is acknowledged to the broker -> the device id is
+//! queued -> one of a bounded set of workers drives it ([`machine`]): key and CSR, certificate,
+//! registration, delivery on `/accepted`. Every transition is written (group commit) before
+//! the next network step, so a crash at any point resumes from the last durable state and
+//! never provisions a device twice. On start every unfinished device is queued again.
+
+mod limit;
+mod machine;
+pub mod request;
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use tokio::sync::{mpsc, watch, Mutex, Semaphore};
+use tokio::task::JoinHandle;
+
+use crate::admission::Admission;
+use crate::cloud::Provider;
+use crate::device_id::DeviceId;
+use crate::downstream::contract::{self as wire, DeviceStatus, RejectedResponse, StatusReport};
+use crate::downstream::{DeviceTopic, DownstreamMessage, DownstreamSession, PayloadFormat};
+use crate::identity::{KeyType, Sealer};
+use crate::store::{DeviceRecord, DeviceState, Store, StoreError};
+
+pub use limit::DeviceRateLimit;
+pub use request::{AdmittedRequest, RequestPolicy};
+
+/// Environment variable naming a device state (`certificateIssued`, `thingRegistered`, ...):
+/// the process exits right after persisting a device in that state. Crash-safety tests use it
+/// to stop the daemon at an exact point between two cloud calls.
+pub const CRASH_AFTER_ENV: &str = "FLEETGW_TEST_CRASH_AFTER";
+
+/// Exit status of the process when [`CRASH_AFTER_ENV`] fires.
+pub const CRASH_EXIT_CODE: i32 = 86;
+
+/// How the engine behaves (from `[provision]` and `[downstream]` of the config).
+#[derive(Clone, Debug)]
+pub struct EngineOptions {
+    /// Payload, CSR and parameter rules for device requests.
+    pub policy: RequestPolicy,
+    /// Key type generated for devices that send no CSR.
+    pub key_type: KeyType,
+    /// Counted failures (timeouts, 5xx, bad responses) before a device is marked failed.
+    pub max_attempts: u32,
+    /// First retry delay (jittered, doubled per attempt).
+    pub retry_base: Duration,
+    /// Upper bound of the retry delay.
+    pub retry_max: Duration,
+    /// Requests per minute one device may send.
+    pub device_rate_per_minute: u32,
+    /// Devices driven at once.
+    pub workers: usize,
+    /// Requests checked and recorded at once.
+    pub intake_concurrency: usize,
+    /// How long [`Engine::shutdown`] waits for steps in flight.
+    pub shutdown_grace: Duration,
+}
+
+impl EngineOptions {
+    /// Defaults matching the config defaults.
+    pub fn new(policy: RequestPolicy) -> Self {
+        EngineOptions {
+            policy,
+            key_type: KeyType::EcdsaP256,
+            max_attempts: 10,
+            retry_base: Duration::from_millis(500),
+            retry_max: Duration::from_secs(60),
+            device_rate_per_minute: 30,
+            workers: 256,
+            intake_concurrency: 1024,
+            shutdown_grace: Duration::from_secs(15),
+        }
+    }
+}
+
+/// Why the engine could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ProvisionError {
+    /// Reading the devices to resume failed.
+    #[error("resuming unfinished devices: {0}")]
+    Resume(#[source] StoreError),
+}
+
+/// Counters of the engine, for logs, the admin API and the demo.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EngineStats {
+    /// Devices that reached `Delivered` since start.
+    pub provisioned: u64,
+    /// Devices that reached `Failed` since start.
+    pub failed: u64,
+    /// Requests refused on `/rejected` without being stored.
+    pub rejected_requests: u64,
+    /// Repeated requests answered from the store.
+    pub answered_from_store: u64,
+    /// Devices resumed from the store at start.
+    pub resumed: u64,
+    /// Devices currently queued, in progress or waiting for a retry.
+    pub active: u64,
+}
+
+#[derive(Debug, Default)]
+struct Counters {
+    provisioned: AtomicU64,
+    failed: AtomicU64,
+    rejected_requests: AtomicU64,
+    answered_from_store: AtomicU64,
+    resumed: AtomicU64,
+}
+
+/// The parts the engine works with.
+pub struct EngineParts {
+    /// The state store.
+    pub store: Store,
+    /// The cloud.
+    pub provider: Arc<dyn Provider>,
+    /// Where responses to devices go.
+    pub downstream: Arc<DownstreamSession>,
+    /// Who may provision.
+    pub admission: Admission,
+    /// Seals generated private keys at rest, when configured.
+    pub sealer: Option<Sealer>,
+}
+
+pub(crate) struct Inner {
+    store: Store,
+    provider: Arc<dyn Provider>,
+    downstream: Arc<DownstreamSession>,
+    admission: Admission,
+    sealer: Option<Sealer>,
+    opts: EngineOptions,
+    /// Devices queued or being driven; the flag asks for another pass when the current one ends.
+    active: std::sync::Mutex<HashMap<DeviceId, bool>>,
+    jobs: mpsc::UnboundedSender<DeviceId>,
+    limit: std::sync::Mutex<DeviceRateLimit>,
+    stopping: watch::Sender<bool>,
+    counters: Counters,
+    crash_after: Option<String>,
+}
+
+/// The running engine.
+pub struct Engine {
+    inner: Arc<Inner>,
+    intake: std::sync::Mutex<Option<JoinHandle<()>>>,
+    workers: std::sync::Mutex<Vec<JoinHandle<()>>>,
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine")
+            .field("stats", &self.stats())
+            .finish()
+    }
+}
+
+/// What to tell a device after its request was acknowledged.
+enum FollowUp {
+    Nothing,
+    Reject(PayloadFormat, RejectedResponse),
+    Accepted(PayloadFormat, Vec<u8>),
+    Status(StatusReport),
+}
+
+impl Engine {
+    /// Starts the workers, queues every unfinished device from the store, and starts taking
+    /// requests from `requests`.
+    pub fn start(
+        parts: EngineParts,
+        opts: EngineOptions,
+        requests: mpsc::Receiver<DownstreamMessage>,
+    ) -> Result<Self, ProvisionError> {
+        let (jobs, jobs_rx) = mpsc::unbounded_channel();
+        let (stopping, _) = watch::channel(false);
+        let inner = Arc::new(Inner {
+            store: parts.store,
+            provider: parts.provider,
+            downstream: parts.downstream,
+            admission: parts.admission,
+            sealer: parts.sealer,
+            limit: std::sync::Mutex::new(DeviceRateLimit::new(opts.device_rate_per_minute)),
+            opts,
+            active: std::sync::Mutex::new(HashMap::new()),
+            jobs,
+            stopping,
+            counters: Counters::default(),
+            crash_after: std::env::var(CRASH_AFTER_ENV)
+                .ok()
+                .filter(|s| !s.is_empty()),
+        });
+
+        let mut resumed = 0u64;
+        for rec in inner.store.devices() {
+            let rec = rec.map_err(ProvisionError::Resume)?;
+            if machine::is_drivable(&rec.state) {
+                inner.schedule(&rec.id);
+                resumed += 1;
+            }
+        }
+        inner.counters.resumed.store(resumed, Ordering::Relaxed);
+        if resumed > 0 {
+            tracing::info!(
+                devices = resumed,
+                "resuming unfinished devices from the store"
+            );
+        }
+
+        let jobs_rx = Arc::new(Mutex::new(jobs_rx));
+        let workers = (0..inner.opts.workers.max(1))
+            .map(|_| tokio::spawn(machine::worker(inner.clone(), jobs_rx.clone())))
+            .collect();
+        let intake = tokio::spawn(intake(inner.clone(), requests));
+        Ok(Engine {
+            inner,
+            intake: std::sync::Mutex::new(Some(intake)),
+            workers: std::sync::Mutex::new(workers),
+        })
+    }
+
+    /// Queues `device` to be driven (e.g. after an operator approved it).
+    pub fn schedule(&self, device: &DeviceId) {
+        self.inner.schedule(device);
+    }
+
+    /// Current counters.
+    pub fn stats(&self) -> EngineStats {
+        let c = &self.inner.counters;
+        EngineStats {
+            provisioned: c.provisioned.load(Ordering::Relaxed),
+            failed: c.failed.load(Ordering::Relaxed),
+            rejected_requests: c.rejected_requests.load(Ordering::Relaxed),
+            answered_from_store: c.answered_from_store.load(Ordering::Relaxed),
+            resumed: c.resumed.load(Ordering::Relaxed),
+            active: lock(&self.inner.active).len() as u64,
+        }
+    }
+
+    /// Stops taking requests, lets every step in flight persist its result (bounded by the
+    /// shutdown grace), then returns. The caller flushes the store afterwards.
+    pub async fn shutdown(&self) {
+        let _ = self.inner.stopping.send(true);
+        let intake = lock(&self.intake).take();
+        let workers = std::mem::take(&mut *lock(&self.workers));
+        let grace = self.inner.opts.shutdown_grace;
+        let all = async {
+            if let Some(intake) = intake {
+                let _ = intake.await;
+            }
+            for w in workers {
+                let _ = w.await;
+            }
+        };
+        if tokio::time::timeout(grace, all).await.is_err() {
+            tracing::warn!(
+                grace_ms = grace.as_millis() as u64,
+                "provisioning steps still running at shutdown; they resume on the next start"
+            );
+        }
+    }
+}
+
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // A panic while holding these maps leaves them consistent (single inserts/removes).
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+pub(crate) fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// Reads device requests until shutdown; each is handled in its own task (bounded), so many
+/// `Requested` writes share one flush.
+async fn intake(inner: Arc<Inner>, mut requests: mpsc::Receiver<DownstreamMessage>) {
+    let limit = Arc::new(Semaphore::new(inner.opts.intake_concurrency.max(1)));
+    let mut stopping = inner.stopping.subscribe();
+    loop {
+        let msg = tokio::select! {
+            m = requests.recv() => match m {
+                Some(m) => m,
+                None => break,
+            },
+            _ = stopping.wait_for(|s| *s) => break,
+        };
+        let Ok(permit) = limit.clone().acquire_owned().await else {
+            break;
+        };
+        let inner = inner.clone();
+        tokio::spawn(async move {
+            inner.handle_message(msg).await;
+            drop(permit);
+        });
+    }
+    // Requests already taken finish recording (and are acknowledged) before shutdown goes on.
+    let total = inner.opts.intake_concurrency.max(1) as u32;
+    let _ = limit.acquire_many(total).await;
+}
+
+impl Inner {
+    /// Queues `device` unless it is already queued or being driven (then it gets another pass).
+    pub(crate) fn schedule(&self, device: &DeviceId) {
+        let mut active = lock(&self.active);
+        match active.get_mut(device) {
+            Some(again) => *again = true,
+            None => {
+                active.insert(device.clone(), false);
+                // The receiver lives as long as the workers; after shutdown nothing is driven.
+                let _ = self.jobs.send(device.clone());
+            }
+        }
+    }
+
+    /// Called when a pass over `device` ended; true if another pass was asked for meanwhile.
+    pub(crate) fn finish_pass(&self, device: &DeviceId) -> bool {
+        let mut active = lock(&self.active);
+        match active.get_mut(device) {
+            Some(again) if *again => {
+                *again = false;
+                true
+            }
+            _ => {
+                active.remove(device);
+                false
+            }
+        }
+    }
+
+    pub(crate) fn is_stopping(&self) -> bool {
+        *self.stopping.borrow()
+    }
+
+    async fn handle_message(self: &Arc<Self>, msg: DownstreamMessage) {
+        let DownstreamMessage {
+            topic,
+            payload,
+            ack,
+            ..
+        } = msg;
+        let (device, format) = match topic {
+            DeviceTopic::ProvisionRequest { device, format } => (device, format),
+            other => {
+                tracing::debug!(device = %other.device(), "not a provisioning request; ignored by the engine");
+                ack.ack();
+                return;
+            }
+        };
+        let follow_up = self.handle_request(&device, format, &payload).await;
+        // Acknowledged only now: whatever the request changed is durable.
+        ack.ack();
+        self.send_follow_up(&device, follow_up).await;
+    }
+
+    async fn send_follow_up(&self, device: &DeviceId, follow_up: FollowUp) {
+        let result = match follow_up {
+            FollowUp::Nothing => Ok(()),
+            FollowUp::Reject(fmt, rejected) => {
+                tracing::info!(%device, code = %rejected.error_code, "request refused: {}", rejected.error_message);
+                self.counters
+                    .rejected_requests
+                    .fetch_add(1, Ordering::Relaxed);
+                self.downstream.reject(device, fmt, &rejected).await
+            }
+            FollowUp::Accepted(fmt, body) => {
+                self.counters
+                    .answered_from_store
+                    .fetch_add(1, Ordering::Relaxed);
+                self.downstream.publish_accepted(device, fmt, body).await
+            }
+            FollowUp::Status(report) => self.downstream.publish_status(device, &report).await,
+        };
+        if let Err(e) = result {
+            tracing::warn!(%device, "answering the device failed: {e}");
+        }
+    }
+
+    async fn handle_request(
+        &self,
+        device: &DeviceId,
+        format: PayloadFormat,
+        payload: &[u8],
+    ) -> FollowUp {
+        if !lock(&self.limit).allow(device, tokio::time::Instant::now()) {
+            return FollowUp::Reject(
+                format,
+                RejectedResponse::new(
+                    429,
+                    request::error_code::TOO_MANY_REQUESTS,
+                    format!(
+                        "device {device} sent more than {} requests per minute; wait and retry",
+                        self.opts.device_rate_per_minute
+                    ),
+                ),
+            );
+        }
+        let now_unix = (now_ms() / 1000) as i64;
+        let admitted = match request::check_request(
+            &self.opts.policy,
+            &self.admission,
+            device,
+            format,
+            payload,
+            now_unix,
+        ) {
+            Ok(a) => a,
+            Err(rejected) => return FollowUp::Reject(format, rejected),
+        };
+        let existing = match self.store.device(device) {
+            Ok(r) => r,
+            Err(e) => return store_unavailable(format, device, &e),
+        };
+        if let Some(rec) = &existing {
+            if let Some(answer) = self.answer_existing(rec, format) {
+                return answer;
+            }
+        }
+        self.record_request(device, format, admitted).await
+    }
+
+    /// The answer for a device the store already knows, or `None` to start it (again).
+    fn answer_existing(&self, rec: &DeviceRecord, format: PayloadFormat) -> Option<FollowUp> {
+        match &rec.state {
+            DeviceState::Delivered => Some(match machine::accepted_payload(self, rec, format) {
+                Ok(body) => FollowUp::Accepted(format, body),
+                Err(rejected) => FollowUp::Reject(format, rejected),
+            }),
+            DeviceState::Blocked => Some(FollowUp::Reject(
+                format,
+                RejectedResponse::new(
+                    403,
+                    request::error_code::DEVICE_BLOCKED,
+                    format!("device {} is blocked by the gateway operator", rec.id),
+                ),
+            )),
+            DeviceState::WaitingApproval => Some(FollowUp::Status(StatusReport::new(
+                DeviceStatus::WaitingApproval,
+                rec.updated_at_ms,
+            ))),
+            DeviceState::Failed { .. } => None,
+            _ => {
+                // In progress: its worker answers when done; make sure one is on it.
+                self.schedule(&rec.id);
+                Some(FollowUp::Status(StatusReport::new(
+                    DeviceStatus::Provisioning,
+                    rec.updated_at_ms,
+                )))
+            }
+        }
+    }
+
+    /// Makes the request durable as a new `Requested`/`WaitingApproval` record (also over a
+    /// failed one, starting again), unless another request of the device got there first.
+    async fn record_request(
+        &self,
+        device: &DeviceId,
+        format: PayloadFormat,
+        admitted: AdmittedRequest,
+    ) -> FollowUp {
+        let now = now_ms();
+        let mut created = None;
+        let result = self
+            .store
+            .update_device(device, None, |current| {
+                let mut rec = match current {
+                    None => DeviceRecord::new(device.clone(), format.as_str(), now),
+                    Some(cur) if matches!(cur.state, DeviceState::Failed { .. }) => {
+                        let mut rec = DeviceRecord::new(device.clone(), format.as_str(), now);
+                        rec.created_at_ms = cur.created_at_ms;
+                        rec.last_error = cur.last_error;
+                        rec.enabled = cur.enabled;
+                        rec
+                    }
+                    Some(_) => return None,
+                };
+                rec.state = if admitted.needs_approval {
+                    DeviceState::WaitingApproval
+                } else {
+                    DeviceState::Requested
+                };
+                rec.provision.own_csr = admitted.own_csr.clone();
+                rec.provision.parameters = admitted.parameters.clone();
+                created = Some(rec.state.clone());
+                Some(rec)
+            })
+            .await;
+        let rec = match result {
+            Ok(rec) => rec,
+            Err(e) => return store_unavailable(format, device, &e),
+        };
+        match created {
+            Some(DeviceState::WaitingApproval) => {
+                tracing::info!(%device, "device waits for an operator's approval");
+                FollowUp::Status(StatusReport::new(
+                    DeviceStatus::WaitingApproval,
+                    rec.updated_at_ms,
+                ))
+            }
+            Some(_) => {
+                tracing::debug!(%device, own_csr = admitted.own_csr.is_some(), "provisioning request recorded");
+                self.schedule(device);
+                FollowUp::Status(StatusReport::new(
+                    DeviceStatus::Provisioning,
+                    rec.updated_at_ms,
+                ))
+            }
+            // A concurrent request of the same device recorded it first.
+            None => self
+                .answer_existing(&rec, format)
+                .unwrap_or(FollowUp::Nothing),
+        }
+    }
+}
+
+fn store_unavailable(format: PayloadFormat, device: &DeviceId, e: &StoreError) -> FollowUp {
+    tracing::error!(%device, "store: {e}");
+    FollowUp::Reject(
+        format,
+        RejectedResponse::new(
+            503,
+            request::error_code::GATEWAY_UNAVAILABLE,
+            "the gateway cannot record requests right now; retry later",
+        ),
+    )
+}
+
+/// The RegisterThing parameters configured by default, `{id}` not yet replaced.
+pub fn default_parameters() -> BTreeMap<String, String> {
+    BTreeMap::from([("SerialNumber".to_string(), "{id}".to_string())])
+}
+
+/// Wire helpers re-exported for the simulator and tests.
+pub use wire::{AcceptedResponse, ProvisionRequest};
