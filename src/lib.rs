@@ -11,3 +11,4 @@ pub mod device_id;
 pub mod downstream;
 pub mod identity;
 pub mod store;
+pub mod telemetry;
