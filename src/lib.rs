@@ -9,6 +9,7 @@ pub mod cli;
 pub mod cloud;
 pub mod device_id;
 pub mod downstream;
+pub mod emulator;
 pub mod identity;
 pub mod store;
 pub mod telemetry;

@@ -4,6 +4,7 @@
 //! returns the process exit code. Logging is set up here, once, before any command runs.
 
 mod csr;
+mod emulate;
 mod logging;
 
 use std::path::PathBuf;
@@ -57,6 +58,8 @@ pub struct ConfigArgs {
 pub enum Command {
     /// Generate a device key and CSR: writes DIR/ID.key (0600) and DIR/ID.csr.
     Csr(csr::Args),
+    /// Run a cloud emulator (AWS IoT) for tests, demos and benchmarks.
+    Emulate(emulate::Args),
 }
 
 /// Parses argv, sets up logging and runs the chosen command.
@@ -65,5 +68,6 @@ pub fn main() -> ExitCode {
     logging::init(cli.log_format, None);
     match cli.command {
         Command::Csr(args) => csr::run(args),
+        Command::Emulate(args) => emulate::run(args),
     }
 }

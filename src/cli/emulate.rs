@@ -1,0 +1,146 @@
+//! `fleetgw emulate aws`: runs the AWS IoT emulator in the foreground until SIGINT/SIGTERM.
+//!
+//! Everything a client needs is written to `DIR` once the listeners are bound
+//! (`emulator.json`, `ca.pem`, `claim.pem`, `claim.key`, `gateway.toml`), so scripts can start
+//! it with `--mqtt 127.0.0.1:0` and read the chosen port from `DIR/emulator.json`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use crate::emulator::aws::{self, AwsEmulatorOptions};
+use crate::emulator::EmulatorError;
+
+use super::{EX_IOERR, EX_SOFTWARE, EX_USAGE};
+
+/// Arguments of `fleetgw emulate`.
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    #[command(subcommand)]
+    cloud: Cloud,
+}
+
+/// Which cloud to emulate.
+#[derive(Debug, clap::Subcommand)]
+enum Cloud {
+    /// AWS IoT: fleet provisioning (CreateCertificateFromCsr, CreateKeysAndCertificate,
+    /// RegisterThing) and IoT Core telemetry over MQTT with mutual TLS.
+    Aws(AwsArgs),
+}
+
+/// Arguments of `fleetgw emulate aws`.
+#[derive(Debug, clap::Args)]
+struct AwsArgs {
+    /// State directory: CA, server and claim credentials, things and certificates,
+    /// emulator.json and gateway.toml (created if missing; reused on restart).
+    #[arg(long, value_name = "DIR")]
+    dir: PathBuf,
+
+    /// MQTT over TLS listen address (port 0 picks a free port).
+    #[arg(long, value_name = "ADDR", default_value_t = aws::DEFAULT_MQTT_ADDR)]
+    mqtt: SocketAddr,
+
+    /// HTTP inspection and fault API listen address (port 0 picks a free port).
+    #[arg(long, value_name = "ADDR", default_value_t = aws::DEFAULT_API_ADDR)]
+    api: SocketAddr,
+
+    /// Provisioning templates to serve in addition to the built-in FleetTemplate (JSON:
+    /// {"templates":[{"templateName","templateBody","preProvisioningHook"?}]}).
+    #[arg(long, value_name = "FILE")]
+    templates: Option<PathBuf>,
+
+    /// Ownership-token lifetime in seconds; unactivated certificates are deleted after it.
+    #[arg(long, value_name = "SECONDS", default_value_t = 3600, value_parser = clap::value_parser!(u64).range(1..))]
+    token_ttl: u64,
+
+    /// Requests per second allowed per provisioning API; more are rejected with 429
+    /// (default: unlimited).
+    #[arg(long, value_name = "N")]
+    tps: Option<f64>,
+
+    /// Device messages kept for GET /messages (the newest; /stats counts all).
+    #[arg(long, value_name = "N", default_value_t = aws::DEFAULT_MAX_MESSAGES)]
+    max_messages: usize,
+}
+
+/// Runs `fleetgw emulate`.
+pub fn run(args: Args) -> ExitCode {
+    match args.cloud {
+        Cloud::Aws(a) => run_aws(a),
+    }
+}
+
+fn run_aws(args: AwsArgs) -> ExitCode {
+    if let Some(tps) = args.tps {
+        if !(tps.is_finite() && tps >= 0.0) {
+            eprintln!("fleetgw emulate aws: --tps {tps}: must be a number >= 0 (0 = unlimited)");
+            return ExitCode::from(EX_USAGE);
+        }
+    }
+    let opts = AwsEmulatorOptions {
+        dir: args.dir,
+        mqtt: args.mqtt,
+        api: args.api,
+        templates: args.templates,
+        token_ttl: Duration::from_secs(args.token_ttl),
+        tps: args.tps,
+        max_messages: args.max_messages,
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("fleetgw emulate aws: cannot start the async runtime: {e}");
+            return ExitCode::from(EX_SOFTWARE);
+        }
+    };
+    runtime.block_on(async move {
+        let handle = match aws::start(opts).await {
+            Ok(h) => h,
+            Err(e) => {
+                eprintln!("fleetgw emulate aws: {e}");
+                return ExitCode::from(exit_code(&e));
+            }
+        };
+        println!(
+            "AWS IoT emulator: mqtt {} (mutual TLS), api {}, templates {}",
+            handle.mqtt_addr(),
+            handle.api_url(),
+            handle.templates().join(", ")
+        );
+        println!(
+            "wrote {} and {}",
+            handle.dir().join("emulator.json").display(),
+            handle.gateway_config_path().display()
+        );
+        if let Err(e) = wait_for_signal().await {
+            eprintln!("fleetgw emulate aws: cannot wait for signals: {e}");
+            handle.shutdown().await;
+            return ExitCode::from(EX_SOFTWARE);
+        }
+        handle.shutdown().await;
+        ExitCode::SUCCESS
+    })
+}
+
+async fn wait_for_signal() -> std::io::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    Ok(())
+}
+
+fn exit_code(e: &EmulatorError) -> u8 {
+    match e {
+        EmulatorError::Io { .. } | EmulatorError::Bind { .. } => EX_IOERR,
+        EmulatorError::Templates { .. } => EX_USAGE,
+        EmulatorError::Corrupt { .. } | EmulatorError::Identity { .. } => EX_SOFTWARE,
+    }
+}

@@ -1,0 +1,193 @@
+//! The emulator's inspection and fault-injection API: plain HTTP/JSON on `--api` (axum).
+//!
+//! | route | answer |
+//! |---|---|
+//! | `GET /things` | `[{"thingName","attributes","certificateIds","templateName","createdAtMs"}]` |
+//! | `GET /certificates` | `[{"certificateId","status","createdAtMs","tokenExpiresAtMs","thingName"?}]` |
+//! | `GET /messages[?clientId=&after=SEQ&limit=N]` | `[{"seq","clientId","topic","payloadBase64","qos","receivedAtMs"}]`, arrival order |
+//! | `GET /stats` | connection, request and per-client counters |
+//! | `GET /faults` | the faults in force |
+//! | `POST /faults` | `{"outageSeconds"?,"tps"?,"responseDelayMs"?,"dropResponses"?}` -> faults in force |
+//! | `DELETE /faults` | clears every fault (tps back to `--tps`) |
+//!
+//! Errors are `{"error": "..."}` with status 400.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use axum::extract::{Query, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use base64::Engine;
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+use super::faults::{FaultRequest, FaultView, Faults};
+use super::messages::Counters;
+use super::server::ServerContext;
+use super::state::CertificateStatus;
+
+/// What the API handlers share.
+#[derive(Clone)]
+pub struct ApiState {
+    /// The server's shared context.
+    pub ctx: Arc<ServerContext>,
+    /// The `--tps` the emulator started with (restored by `DELETE /faults`).
+    pub default_tps: Option<f64>,
+}
+
+/// The API routes.
+pub fn router(state: ApiState) -> Router {
+    Router::new()
+        .route("/things", get(things))
+        .route("/certificates", get(certificates))
+        .route("/messages", get(messages))
+        .route("/stats", get(stats))
+        .route(
+            "/faults",
+            get(get_faults).post(post_faults).delete(delete_faults),
+        )
+        .with_state(state)
+}
+
+async fn things(State(s): State<ApiState>) -> Response {
+    Json(s.ctx.registry.things()).into_response()
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct CertificateView {
+    certificate_id: String,
+    status: CertificateStatus,
+    created_at_ms: u64,
+    token_expires_at_ms: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    thing_name: Option<String>,
+}
+
+async fn certificates(State(s): State<ApiState>) -> Response {
+    let list: Vec<CertificateView> = s
+        .ctx
+        .registry
+        .certificates()
+        .into_iter()
+        .map(|c| CertificateView {
+            thing_name: c.registration.map(|r| r.thing_name),
+            certificate_id: c.certificate_id,
+            status: c.status,
+            created_at_ms: c.created_at_ms,
+            token_expires_at_ms: c.token_expires_at_ms,
+        })
+        .collect();
+    Json(list).into_response()
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct MessagesQuery {
+    client_id: Option<String>,
+    #[serde(default)]
+    after: u64,
+    limit: Option<usize>,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct MessageView {
+    seq: u64,
+    client_id: String,
+    topic: String,
+    payload_base64: String,
+    qos: u8,
+    received_at_ms: u64,
+}
+
+async fn messages(State(s): State<ApiState>, Query(q): Query<MessagesQuery>) -> Response {
+    let list: Vec<MessageView> = s
+        .ctx
+        .messages
+        .messages(
+            q.client_id.as_deref(),
+            q.after,
+            q.limit.unwrap_or(usize::MAX),
+        )
+        .into_iter()
+        .map(|m| MessageView {
+            seq: m.seq,
+            payload_base64: base64::engine::general_purpose::STANDARD.encode(&m.payload),
+            client_id: m.client_id,
+            topic: m.topic,
+            qos: m.qos,
+            received_at_ms: m.received_at_ms,
+        })
+        .collect();
+    Json(list).into_response()
+}
+
+async fn stats(State(s): State<ApiState>) -> Response {
+    let c = &s.ctx.counters;
+    let (certificates, things) = s.ctx.registry.counts();
+    let (messages_total, per_client) = s.ctx.messages.stats();
+    let clients: BTreeMap<_, _> = per_client.into_iter().collect();
+    Json(json!({
+        "connections": {
+            "open": Counters::get(&c.connections_open),
+            "total": Counters::get(&c.connections_total),
+            "refused": Counters::get(&c.connections_refused),
+            "closedByPolicy": Counters::get(&c.connections_closed_by_policy),
+            "sessions": s.ctx.open_sessions(),
+        },
+        "requests": {
+            "createCertificateFromCsr": Counters::get(&c.create_from_csr),
+            "createKeysAndCertificate": Counters::get(&c.create_keys),
+            "registerThing": Counters::get(&c.register_thing),
+            "accepted": Counters::get(&c.accepted),
+            "rejected": Counters::get(&c.rejected),
+            "throttled": Counters::get(&c.throttled),
+            "droppedResponses": Counters::get(&c.dropped_responses),
+        },
+        "certificates": certificates,
+        "things": things,
+        "messages": messages_total,
+        "clients": clients,
+    }))
+    .into_response()
+}
+
+fn fault_view(s: &ApiState) -> FaultView {
+    let mut view = s.ctx.faults.view();
+    view.tps = s.ctx.provisioning.tps();
+    view
+}
+
+async fn get_faults(State(s): State<ApiState>) -> Response {
+    Json(fault_view(&s)).into_response()
+}
+
+fn bad_request(message: String) -> Response {
+    (StatusCode::BAD_REQUEST, Json(json!({ "error": message }))).into_response()
+}
+
+async fn post_faults(State(s): State<ApiState>, body: axum::body::Bytes) -> Response {
+    let req: FaultRequest = match serde_json::from_slice(&body) {
+        Ok(r) => r,
+        Err(e) => return bad_request(format!("fault request: {e}")),
+    };
+    if let Err(e) = Faults::validate(&req) {
+        return bad_request(format!("fault request: {e}"));
+    }
+    if let Some(tps) = req.tps {
+        s.ctx.provisioning.set_tps(Some(tps));
+    }
+    s.ctx.faults.apply(&req);
+    tracing::info!(?req, "emulator fault injected");
+    Json(fault_view(&s)).into_response()
+}
+
+async fn delete_faults(State(s): State<ApiState>) -> Response {
+    s.ctx.faults.clear();
+    s.ctx.provisioning.set_tps(s.default_tps);
+    Json(fault_view(&s)).into_response()
+}

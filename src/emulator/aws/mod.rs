@@ -1,0 +1,585 @@
+//! The AWS IoT emulator: fleet provisioning (CreateCertificateFromCsr,
+//! CreateKeysAndCertificate, RegisterThing; seed 002) and IoT Core device telemetry over
+//! MQTT 3.1.1 / 5 with mutual TLS, plus an HTTP inspection and fault API.
+//!
+//! [`start`] is the entry point for tests, `fleetgw demo` and `fleetgw emulate aws`. Its DIR
+//! holds everything that must survive a restart:
+//!
+//! | file | what |
+//! |---|---|
+//! | `ca.pem`, `ca.key` (0600) | the root CA every certificate chains to |
+//! | `server.pem`, `server.key` (0600) | the MQTT server certificate, SANs `DNS:localhost`, `IP:127.0.0.1` |
+//! | `claim.pem`, `claim.key` (0600) | the fleet provisioning claim certificate |
+//! | `state.json` | things and certificates |
+//! | `emulator.json` | addresses and paths, written once the listeners are bound |
+//! | `gateway.toml` | a fleetgw config pointing a gateway at this emulator |
+//!
+//! Modules: `server` (TLS + MQTT connections), `wire` (MQTT 3.1.1/5 codec adapter),
+//! `provisioning` (the three APIs, tokens, rate limits), `templates`, `state` (registry),
+//! `messages` (device message log and counters), `faults`, `api` (HTTP).
+
+mod api;
+mod faults;
+mod messages;
+mod provisioning;
+mod server;
+mod state;
+mod templates;
+mod wire;
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::json;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio_rustls::TlsAcceptor;
+
+pub use faults::{FaultRequest, FaultView};
+pub use templates::DEFAULT_TEMPLATE;
+
+use crate::emulator::EmulatorError;
+use crate::identity::{self, CertificateAuthority, KeyType, PrivateKey};
+
+/// Default MQTT listen address (IoT Core's MQTT-over-TLS port).
+pub const DEFAULT_MQTT_ADDR: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 8883);
+/// Default inspection API listen address.
+pub const DEFAULT_API_ADDR: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 8480);
+/// Default ownership-token lifetime (AWS: 1 hour).
+pub const DEFAULT_TOKEN_TTL: Duration = Duration::from_secs(3600);
+/// Default size of the `GET /messages` log.
+pub const DEFAULT_MAX_MESSAGES: usize = 1_000_000;
+
+const CA_CN: &str = "fleetgw AWS IoT emulator root CA";
+const SERVER_CN: &str = "localhost";
+const CLAIM_CN: &str = "fleetgw emulator claim";
+const CREDENTIAL_VALIDITY_DAYS: u32 = 3650;
+/// How long `shutdown` waits for the listener and API tasks.
+const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How to run the emulator (the `fleetgw emulate aws` flags).
+#[derive(Clone, Debug)]
+pub struct AwsEmulatorOptions {
+    /// State and credentials directory (created if missing).
+    pub dir: PathBuf,
+    /// MQTT over TLS listen address; port 0 picks a free port.
+    pub mqtt: SocketAddr,
+    /// HTTP API listen address; port 0 picks a free port.
+    pub api: SocketAddr,
+    /// Extra provisioning templates (see `templates.rs` for the format).
+    pub templates: Option<PathBuf>,
+    /// Ownership-token lifetime; unactivated certificates are deleted when it ends.
+    pub token_ttl: Duration,
+    /// Requests per second per provisioning API (None = unlimited).
+    pub tps: Option<f64>,
+    /// How many device messages `GET /messages` keeps (the newest).
+    pub max_messages: usize,
+}
+
+impl AwsEmulatorOptions {
+    /// The defaults of `fleetgw emulate aws --dir DIR`.
+    pub fn new(dir: impl Into<PathBuf>) -> Self {
+        Self {
+            dir: dir.into(),
+            mqtt: DEFAULT_MQTT_ADDR,
+            api: DEFAULT_API_ADDR,
+            templates: None,
+            token_ttl: DEFAULT_TOKEN_TTL,
+            tps: None,
+            max_messages: DEFAULT_MAX_MESSAGES,
+        }
+    }
+
+    /// Both listeners on 127.0.0.1 with free ports (tests, demo).
+    pub fn ephemeral(dir: impl Into<PathBuf>) -> Self {
+        let any = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 0);
+        Self {
+            mqtt: any,
+            api: any,
+            ..Self::new(dir)
+        }
+    }
+}
+
+/// A running emulator. Dropping it stops the listeners; [`AwsEmulatorHandle::shutdown`]
+/// also waits for them and writes the final state.
+pub struct AwsEmulatorHandle {
+    mqtt_addr: SocketAddr,
+    api_addr: SocketAddr,
+    dir: PathBuf,
+    ca_pem: String,
+    templates: Vec<String>,
+    shutdown: watch::Sender<bool>,
+    tasks: Vec<JoinHandle<()>>,
+    persister: Option<JoinHandle<()>>,
+}
+
+impl AwsEmulatorHandle {
+    /// The bound MQTT address.
+    pub fn mqtt_addr(&self) -> SocketAddr {
+        self.mqtt_addr
+    }
+
+    /// The bound API address.
+    pub fn api_addr(&self) -> SocketAddr {
+        self.api_addr
+    }
+
+    /// `http://ADDR` of the API.
+    pub fn api_url(&self) -> String {
+        format!("http://{}", self.api_addr)
+    }
+
+    /// The emulator's root CA (PEM): trust it for the server, and every issued certificate
+    /// chains to it.
+    pub fn ca_pem(&self) -> &str {
+        &self.ca_pem
+    }
+
+    /// The state directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// `DIR/ca.pem`.
+    pub fn ca_path(&self) -> PathBuf {
+        self.dir.join("ca.pem")
+    }
+
+    /// `DIR/claim.pem`.
+    pub fn claim_cert_path(&self) -> PathBuf {
+        self.dir.join("claim.pem")
+    }
+
+    /// `DIR/claim.key`.
+    pub fn claim_key_path(&self) -> PathBuf {
+        self.dir.join("claim.key")
+    }
+
+    /// `DIR/gateway.toml`.
+    pub fn gateway_config_path(&self) -> PathBuf {
+        self.dir.join("gateway.toml")
+    }
+
+    /// Names of the provisioning templates served.
+    pub fn templates(&self) -> &[String] {
+        &self.templates
+    }
+
+    /// Stops accepting, closes every connection, waits for the tasks and writes the state.
+    pub async fn shutdown(mut self) {
+        let _ = self.shutdown.send(true);
+        for task in std::mem::take(&mut self.tasks) {
+            let abort = task.abort_handle();
+            if tokio::time::timeout(SHUTDOWN_TIMEOUT, task).await.is_err() {
+                abort.abort();
+            }
+        }
+        if let Some(persister) = self.persister.take() {
+            let _ = tokio::time::timeout(SHUTDOWN_TIMEOUT, persister).await;
+        }
+    }
+}
+
+impl Drop for AwsEmulatorHandle {
+    fn drop(&mut self) {
+        let _ = self.shutdown.send(true);
+    }
+}
+
+/// Starts the emulator: loads or creates its credentials and state in `opts.dir`, binds both
+/// listeners, then writes `emulator.json` and `gateway.toml`.
+pub async fn start(opts: AwsEmulatorOptions) -> Result<AwsEmulatorHandle, EmulatorError> {
+    create_dir(&opts.dir)?;
+    let dir = std::fs::canonicalize(&opts.dir).map_err(|source| EmulatorError::Io {
+        path: opts.dir.clone(),
+        source,
+    })?;
+    let pki = {
+        let pki_dir = dir.clone();
+        tokio::task::spawn_blocking(move || Pki::load_or_create(&pki_dir))
+            .await
+            .map_err(|e| EmulatorError::Corrupt {
+                path: dir.clone(),
+                reason: format!("credential setup task failed: {e}"),
+            })??
+    };
+    let template_set = templates::TemplateSet::load(opts.templates.as_deref())?;
+    let template_names = template_set.names();
+    let registry = state::Registry::open(&dir.join("state.json"))?;
+    let counters = Arc::new(messages::Counters::default());
+    let provisioning = provisioning::Provisioning::new(
+        pki.ca.clone(),
+        template_set,
+        registry.clone(),
+        opts.token_ttl,
+        opts.tps.filter(|t| *t > 0.0),
+        counters.clone(),
+    );
+    let claim_id = claim_certificate_id(&pki.claim_pem, &dir)?;
+    let ctx = Arc::new(server::ServerContext::new(
+        provisioning,
+        registry.clone(),
+        messages::MessageLog::new(opts.max_messages),
+        counters,
+        claim_id,
+    ));
+
+    let tls =
+        identity::tls::server_config(&pki.server_pem, &pki.server_key, Some(pki.ca.cert_pem()))
+            .map_err(|source| EmulatorError::Identity {
+                what: "MQTT server TLS configuration".into(),
+                source,
+            })?;
+    let mqtt_listener =
+        TcpListener::bind(opts.mqtt)
+            .await
+            .map_err(|source| EmulatorError::Bind {
+                what: "MQTT",
+                addr: opts.mqtt,
+                source,
+            })?;
+    let api_listener = TcpListener::bind(opts.api)
+        .await
+        .map_err(|source| EmulatorError::Bind {
+            what: "API",
+            addr: opts.api,
+            source,
+        })?;
+    let mqtt_addr = reachable(
+        mqtt_listener
+            .local_addr()
+            .map_err(|source| EmulatorError::Io {
+                path: dir.clone(),
+                source,
+            })?,
+    );
+    let api_addr = reachable(
+        api_listener
+            .local_addr()
+            .map_err(|source| EmulatorError::Io {
+                path: dir.clone(),
+                source,
+            })?,
+    );
+
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let mut tasks = Vec::new();
+    tasks.push(tokio::spawn(server::run_listener(
+        mqtt_listener,
+        TlsAcceptor::from(tls),
+        ctx.clone(),
+        shutdown_rx.clone(),
+    )));
+    let router = api::router(api::ApiState {
+        ctx: ctx.clone(),
+        default_tps: opts.tps.filter(|t| *t > 0.0),
+    });
+    let mut api_stop = shutdown_rx.clone();
+    tasks.push(tokio::spawn(async move {
+        let served = axum::serve(api_listener, router)
+            .with_graceful_shutdown(async move {
+                let _ = api_stop.changed().await;
+            })
+            .await;
+        if let Err(e) = served {
+            tracing::error!(error = %e, "emulator API stopped");
+        }
+    }));
+    tasks.push(tokio::spawn(run_sweeper(
+        registry.clone(),
+        opts.token_ttl,
+        shutdown_rx.clone(),
+    )));
+    let persister = tokio::spawn(registry.run_persister(shutdown_rx));
+
+    let handle = AwsEmulatorHandle {
+        mqtt_addr,
+        api_addr,
+        dir: dir.clone(),
+        ca_pem: pki.ca.cert_pem().to_string(),
+        templates: template_names,
+        shutdown: shutdown_tx,
+        tasks,
+        persister: Some(persister),
+    };
+    write_discovery_files(&handle)?;
+    tracing::info!(mqtt = %mqtt_addr, api = %api_addr, dir = %dir.display(), "AWS IoT emulator listening");
+    Ok(handle)
+}
+
+/// Deletes unactivated certificates whose ownership token expired.
+async fn run_sweeper(
+    registry: Arc<state::Registry>,
+    token_ttl: Duration,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let period = (token_ttl / 4).clamp(Duration::from_millis(100), Duration::from_secs(1));
+    let mut tick = tokio::time::interval(period);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {
+                let deleted = registry.sweep_expired(provisioning::now_ms());
+                if deleted > 0 {
+                    tracing::debug!(deleted, "emulator deleted unactivated certificates");
+                }
+            }
+            _ = shutdown.changed() => break,
+        }
+    }
+}
+
+/// A wildcard bind address is reported as 127.0.0.1 so clients can use it as is.
+fn reachable(addr: SocketAddr) -> SocketAddr {
+    if addr.ip().is_unspecified() {
+        SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), addr.port())
+    } else {
+        addr
+    }
+}
+
+fn create_dir(dir: &Path) -> Result<(), EmulatorError> {
+    if dir.is_dir() {
+        return Ok(());
+    }
+    let mut builder = std::fs::DirBuilder::new();
+    builder.recursive(true);
+    #[cfg(unix)]
+    std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
+    builder.create(dir).map_err(|source| EmulatorError::Io {
+        path: dir.to_path_buf(),
+        source,
+    })
+}
+
+/// The emulator's credentials.
+struct Pki {
+    ca: CertificateAuthority,
+    server_pem: String,
+    server_key: PrivateKey,
+    claim_pem: String,
+}
+
+impl Pki {
+    /// Loads `ca.*`, `server.*`, `claim.*` from `dir`, creating what is missing.
+    fn load_or_create(dir: &Path) -> Result<Self, EmulatorError> {
+        let ca = match (
+            read_opt(&dir.join("ca.pem"))?,
+            read_opt(&dir.join("ca.key"))?,
+        ) {
+            (Some(cert), Some(key)) => {
+                CertificateAuthority::from_pem(&cert, &key).map_err(|source| {
+                    EmulatorError::Identity {
+                        what: dir.join("ca.pem").display().to_string(),
+                        source,
+                    }
+                })?
+            }
+            (None, None) => {
+                let ca = CertificateAuthority::generate(CA_CN).map_err(|source| {
+                    EmulatorError::Identity {
+                        what: "emulator root CA".into(),
+                        source,
+                    }
+                })?;
+                write_secret(&dir.join("ca.key"), &ca.key_pem())?;
+                write(&dir.join("ca.pem"), ca.cert_pem().as_bytes(), 0o644)?;
+                ca
+            }
+            _ => {
+                return Err(EmulatorError::Corrupt {
+                    path: dir.to_path_buf(),
+                    reason: "ca.pem and ca.key must both exist or both be absent".into(),
+                })
+            }
+        };
+        let (server_pem, server_key) = Self::leaf(dir, "server", &ca, |ca| {
+            ca.issue_server(
+                SERVER_CN,
+                &["localhost"],
+                &[IpAddr::V4(Ipv4Addr::LOCALHOST)],
+                CREDENTIAL_VALIDITY_DAYS,
+            )
+        })?;
+        let (claim_pem, _) = Self::leaf(dir, "claim", &ca, |ca| {
+            ca.issue_client(CLAIM_CN, KeyType::EcdsaP256, CREDENTIAL_VALIDITY_DAYS)
+        })?;
+        Ok(Self {
+            ca,
+            server_pem,
+            server_key,
+            claim_pem,
+        })
+    }
+
+    /// Loads `NAME.pem` + `NAME.key` if both exist and the certificate chains to `ca`, or
+    /// issues and writes new ones.
+    fn leaf(
+        dir: &Path,
+        name: &str,
+        ca: &CertificateAuthority,
+        issue: impl FnOnce(
+            &CertificateAuthority,
+        ) -> Result<(String, PrivateKey), identity::IdentityError>,
+    ) -> Result<(String, PrivateKey), EmulatorError> {
+        let cert_path = dir.join(format!("{name}.pem"));
+        let key_path = dir.join(format!("{name}.key"));
+        if let (Some(pem), Some(key_pem)) = (read_opt(&cert_path)?, read_opt(&key_path)?) {
+            let key = PrivateKey::from_pem(&key_pem).map_err(|source| EmulatorError::Identity {
+                what: key_path.display().to_string(),
+                source,
+            })?;
+            let chains = identity::verify_chain(&pem, ca.cert_pem(), unix_now()).is_ok();
+            let matches = identity::cert_matches_key(&pem, &key).unwrap_or(false);
+            if chains && matches {
+                return Ok((pem, key));
+            }
+            tracing::warn!(cert = %cert_path.display(), "emulator certificate does not match its CA or key; issuing a new one");
+        }
+        let (pem, key) = issue(ca).map_err(|source| EmulatorError::Identity {
+            what: format!("emulator {name} certificate"),
+            source,
+        })?;
+        write_secret(&key_path, &key.to_pkcs8_pem())?;
+        write(&cert_path, pem.as_bytes(), 0o644)?;
+        Ok((pem, key))
+    }
+}
+
+fn claim_certificate_id(claim_pem: &str, dir: &Path) -> Result<String, EmulatorError> {
+    let parsed = pem::parse(claim_pem).map_err(|e| EmulatorError::Corrupt {
+        path: dir.join("claim.pem"),
+        reason: format!("not a PEM certificate: {e}"),
+    })?;
+    Ok(provisioning::fingerprint_hex(parsed.contents()))
+}
+
+fn unix_now() -> i64 {
+    i64::try_from(provisioning::now_ms() / 1000).unwrap_or(i64::MAX)
+}
+
+fn read_opt(path: &Path) -> Result<Option<String>, EmulatorError> {
+    match std::fs::read_to_string(path) {
+        Ok(s) => Ok(Some(s)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(source) => Err(EmulatorError::Io {
+            path: path.to_path_buf(),
+            source,
+        }),
+    }
+}
+
+fn write(path: &Path, bytes: &[u8], mode: u32) -> Result<(), EmulatorError> {
+    identity::write_file_atomic(path, bytes, mode).map_err(|source| EmulatorError::Identity {
+        what: format!("writing {}", path.display()),
+        source,
+    })
+}
+
+fn write_secret(path: &Path, secret: &identity::Secret) -> Result<(), EmulatorError> {
+    write(path, secret.expose(), 0o600)
+}
+
+/// `emulator.json` and `gateway.toml`, written after the listeners are bound so that their
+/// addresses are the real ones.
+fn write_discovery_files(handle: &AwsEmulatorHandle) -> Result<(), EmulatorError> {
+    let path_str = |p: PathBuf| p.display().to_string();
+    let discovery = json!({
+        "mqtt": handle.mqtt_addr.to_string(),
+        "api": handle.api_url(),
+        "ca": path_str(handle.ca_path()),
+        "claimCert": path_str(handle.claim_cert_path()),
+        "claimKey": path_str(handle.claim_key_path()),
+        "templates": handle.templates,
+    });
+    let mut json_bytes =
+        serde_json::to_vec_pretty(&discovery).map_err(|e| EmulatorError::Corrupt {
+            path: handle.dir.join("emulator.json"),
+            reason: format!("cannot encode: {e}"),
+        })?;
+    json_bytes.push(b'\n');
+    write(&handle.dir.join("emulator.json"), &json_bytes, 0o644)?;
+    let config = gateway_toml(handle).map_err(|e| EmulatorError::Corrupt {
+        path: handle.gateway_config_path(),
+        reason: format!("cannot encode: {e}"),
+    })?;
+    write(&handle.gateway_config_path(), config.as_bytes(), 0o644)?;
+    Ok(())
+}
+
+/// A complete fleetgw config for a gateway provisioning against this emulator.
+fn gateway_toml(handle: &AwsEmulatorHandle) -> Result<String, toml::ser::Error> {
+    use toml::{Table, Value};
+    let s = |v: String| Value::String(v);
+    let section = |pairs: Vec<(&str, Value)>| {
+        Value::Table(
+            pairs
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), v))
+                .collect::<Table>(),
+        )
+    };
+    let template = handle
+        .templates
+        .iter()
+        .find(|t| t.as_str() == DEFAULT_TEMPLATE)
+        .or(handle.templates.first())
+        .cloned()
+        .unwrap_or_else(|| DEFAULT_TEMPLATE.to_string());
+    let mut cloud = Table::new();
+    cloud.insert("provider".into(), s("aws".into()));
+    cloud.insert(
+        "aws".into(),
+        section(vec![
+            (
+                "endpoint",
+                s(format!("localhost:{}", handle.mqtt_addr.port())),
+            ),
+            ("ca", s(handle.ca_path().display().to_string())),
+            (
+                "claim_cert",
+                s(handle.claim_cert_path().display().to_string()),
+            ),
+            (
+                "claim_key",
+                s(handle.claim_key_path().display().to_string()),
+            ),
+            ("template", s(template)),
+        ]),
+    );
+    let mut root = Table::new();
+    root.insert(
+        "gateway".into(),
+        section(vec![(
+            "state_dir",
+            s(handle.dir.join("gateway").display().to_string()),
+        )]),
+    );
+    root.insert(
+        "admin".into(),
+        section(vec![(
+            "socket",
+            s(handle.dir.join("admin.sock").display().to_string()),
+        )]),
+    );
+    root.insert(
+        "downstream".into(),
+        section(vec![("listen", s("127.0.0.1:1883".into()))]),
+    );
+    root.insert(
+        "admission".into(),
+        section(vec![("mode", s("open".into()))]),
+    );
+    root.insert("cloud".into(), Value::Table(cloud));
+    Ok(format!(
+        "# Written by `fleetgw emulate aws`: a gateway provisioning against the emulator in\n\
+         # {}.\n# Run it with: fleetgw run --config {}\n\n{}",
+        handle.dir.display(),
+        handle.gateway_config_path().display(),
+        toml::to_string(&root)?
+    ))
+}

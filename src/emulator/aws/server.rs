@@ -1,0 +1,567 @@
+//! The emulated AWS IoT Core MQTT endpoint: mutual TLS (tokio-rustls), MQTT 3.1.1 and 5
+//! (rumqttc's codecs, see `wire.rs`), one tokio task per connection.
+//!
+//! What it enforces, as IoT Core does:
+//! - the claim certificate may only use `$aws/certificates/...` and
+//!   `$aws/provisioning-templates/...`; anything else closes the connection;
+//! - provisioning responses go only to the requesting connection, and only if it subscribed
+//!   to the response topic (no correlation ids, no broker fan-out);
+//! - other certificates must be ACTIVE and the client id must be a thing they are attached
+//!   to; QoS 2 publishes, payloads over 128 KB and `$` topics close the connection; a second
+//!   connection with the same client id takes over; keep-alive is enforced (1.5 x).
+//!
+//! Each connection reads what the socket has, handles every complete packet in it, records
+//! device messages in one batch and writes all answers with one flush: that is what keeps
+//! QoS 1 ingestion and certificate issuing cheap per message.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{watch, Notify};
+use tokio::time::{timeout, Instant};
+use tokio_rustls::server::TlsStream;
+use tokio_rustls::TlsAcceptor;
+
+use super::faults::Faults;
+use super::messages::{Counters, Incoming, MessageLog};
+use super::provisioning::{fingerprint_hex, now_ms, Provisioning};
+use super::state::{DeviceAccess, Registry};
+use super::wire::{
+    self, ClientPacket, ConnectInfo, ConnectOutcome, Protocol, ServerPacket, WireError,
+};
+use crate::cloud::aws::topics;
+use crate::identity::tls::peer_leaf_der;
+
+/// TLS handshake and CONNECT must complete within this time.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Writing one batch of answers must complete within this time.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
+/// IoT Core's maximum keep-alive (also used when a client asks for 0).
+const MAX_KEEP_ALIVE_SECS: u16 = 1200;
+/// IoT Core's message payload limit.
+pub const MAX_PAYLOAD_BYTES: usize = 128 * 1024;
+/// Read buffer growth step.
+const READ_CHUNK: usize = 8 * 1024;
+
+/// Everything connection tasks share.
+pub struct ServerContext {
+    /// The provisioning service.
+    pub provisioning: Provisioning,
+    /// Things and certificates.
+    pub registry: Arc<Registry>,
+    /// Device messages.
+    pub messages: MessageLog,
+    /// Counters for `/stats`.
+    pub counters: Arc<Counters>,
+    /// Injected faults.
+    pub faults: Faults,
+    /// Certificate id (SHA-256 hex) of the claim certificate.
+    pub claim_certificate_id: String,
+    /// Client id -> (connection number, close signal) of the connection holding it.
+    sessions: Mutex<HashMap<String, (u64, Arc<Notify>)>>,
+    next_connection: AtomicU64,
+}
+
+impl ServerContext {
+    /// A context around the given services.
+    pub fn new(
+        provisioning: Provisioning,
+        registry: Arc<Registry>,
+        messages: MessageLog,
+        counters: Arc<Counters>,
+        claim_certificate_id: String,
+    ) -> Self {
+        Self {
+            provisioning,
+            registry,
+            messages,
+            counters,
+            faults: Faults::new(),
+            claim_certificate_id,
+            sessions: Mutex::new(HashMap::new()),
+            next_connection: AtomicU64::new(1),
+        }
+    }
+
+    /// Connected clients right now.
+    pub fn open_sessions(&self) -> usize {
+        self.sessions.lock().map(|s| s.len()).unwrap_or(0)
+    }
+
+    /// Registers `client_id` for connection `number`, closing the connection that held it.
+    fn take_over(&self, client_id: &str, number: u64, close: Arc<Notify>) {
+        let mut sessions = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((_, previous)) = sessions.insert(client_id.to_string(), (number, close)) {
+            previous.notify_one();
+        }
+    }
+
+    fn release(&self, client_id: &str, number: u64) {
+        let mut sessions = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
+        if sessions.get(client_id).is_some_and(|(n, _)| *n == number) {
+            sessions.remove(client_id);
+        }
+    }
+}
+
+/// Accepts connections until `shutdown` turns true.
+pub async fn run_listener(
+    listener: TcpListener,
+    acceptor: TlsAcceptor,
+    ctx: Arc<ServerContext>,
+    shutdown: watch::Receiver<bool>,
+) {
+    let mut stop = shutdown.clone();
+    loop {
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            _ = stop.changed() => break,
+        };
+        let (tcp, peer) = match accepted {
+            Ok(a) => a,
+            Err(e) => {
+                // EMFILE and friends: back off briefly instead of spinning.
+                tracing::warn!(error = %e, "emulator MQTT accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        if ctx.faults.in_outage() {
+            Counters::bump(&ctx.counters.connections_refused);
+            drop(tcp);
+            continue;
+        }
+        let _ = tcp.set_nodelay(true);
+        let ctx = ctx.clone();
+        let acceptor = acceptor.clone();
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            serve_connection(tcp, peer, acceptor, ctx, shutdown).await;
+        });
+    }
+}
+
+/// Who is on the other end, from the TLS client certificate.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Role {
+    /// The claim certificate: provisioning topics only.
+    Claim,
+    /// Any other certificate issued by the emulator's CA (id = SHA-256 hex).
+    Device(String),
+}
+
+/// Why a connection ended (for logs and counters).
+#[derive(Debug)]
+enum Close {
+    /// The client sent DISCONNECT or closed the socket.
+    ByClient,
+    /// Policy or protocol violation: AWS closes without an answer.
+    Violation(String),
+    /// Keep-alive expired.
+    KeepAlive,
+    /// Another connection took the client id.
+    TakenOver,
+    /// Outage fault or emulator shutdown.
+    Dropped,
+    /// Socket error.
+    Io(std::io::Error),
+}
+
+impl Close {
+    fn describe(&self) -> String {
+        match self {
+            Close::ByClient => "closed by the client".into(),
+            Close::Violation(reason) => format!("closed by the emulator: {reason}"),
+            Close::KeepAlive => "keep-alive expired".into(),
+            Close::TakenOver => "taken over by a newer connection with the same client id".into(),
+            Close::Dropped => "dropped (outage fault or shutdown)".into(),
+            Close::Io(e) => format!("socket error: {e}"),
+        }
+    }
+}
+
+async fn serve_connection(
+    tcp: TcpStream,
+    peer: SocketAddr,
+    acceptor: TlsAcceptor,
+    ctx: Arc<ServerContext>,
+    shutdown: watch::Receiver<bool>,
+) {
+    Counters::bump(&ctx.counters.connections_total);
+    let stream = match timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            tracing::debug!(%peer, error = %e, "emulator TLS handshake failed");
+            Counters::bump(&ctx.counters.connections_refused);
+            return;
+        }
+        Err(_) => {
+            tracing::debug!(%peer, "emulator TLS handshake timed out");
+            Counters::bump(&ctx.counters.connections_refused);
+            return;
+        }
+    };
+    let Some(leaf) = peer_leaf_der(stream.get_ref().1) else {
+        // The server config requires a client certificate; this is defence in depth.
+        Counters::bump(&ctx.counters.connections_refused);
+        return;
+    };
+    let certificate_id = fingerprint_hex(&leaf);
+    let role = if certificate_id == ctx.claim_certificate_id {
+        Role::Claim
+    } else {
+        Role::Device(certificate_id)
+    };
+    let number = ctx.next_connection.fetch_add(1, Ordering::Relaxed);
+    let mut conn = Connection {
+        stream,
+        rbuf: BytesMut::with_capacity(READ_CHUNK),
+        wbuf: BytesMut::with_capacity(1024),
+        protocol: Protocol::V4,
+        client_id: String::new(),
+        role,
+        subscriptions: Vec::new(),
+        next_pkid: 0,
+        ctx: ctx.clone(),
+        batch: Vec::new(),
+    };
+    let connect = match timeout(HANDSHAKE_TIMEOUT, conn.read_connect()).await {
+        Ok(Ok(c)) => c,
+        Ok(Err(close)) => {
+            tracing::debug!(%peer, close = %close.describe(), "emulator connection closed before CONNECT");
+            Counters::bump(&ctx.counters.connections_refused);
+            return;
+        }
+        Err(_) => {
+            tracing::debug!(%peer, "emulator: no CONNECT in time");
+            Counters::bump(&ctx.counters.connections_refused);
+            return;
+        }
+    };
+    conn.protocol = connect.protocol;
+    conn.client_id = connect.client_id.clone();
+    if let Role::Device(id) = &conn.role {
+        let access = ctx.registry.device_access(id, &connect.client_id);
+        if access != DeviceAccess::Allowed {
+            tracing::debug!(%peer, client_id = %connect.client_id, ?access, "emulator refused device connection");
+            Counters::bump(&ctx.counters.connections_refused);
+            let _ = conn.refuse().await;
+            return;
+        }
+    }
+    if conn.client_id.is_empty() {
+        // IoT Core requires a client id; assign one so takeover bookkeeping stays simple.
+        conn.client_id = format!("emulator-assigned-{number}");
+    }
+
+    let close = Arc::new(Notify::new());
+    ctx.take_over(&conn.client_id, number, close.clone());
+    Counters::bump(&ctx.counters.connections_open);
+    tracing::debug!(%peer, client_id = %conn.client_id, protocol = ?conn.protocol, role = ?conn.role, "emulator connection accepted");
+    let keep_alive = match connect.keep_alive {
+        0 => MAX_KEEP_ALIVE_SECS,
+        k => k.min(MAX_KEEP_ALIVE_SECS),
+    };
+    let idle_limit = Duration::from_millis(u64::from(keep_alive) * 1500);
+    let result = conn.run(idle_limit, close, shutdown).await;
+    ctx.release(&conn.client_id, number);
+    ctx.counters
+        .connections_open
+        .fetch_sub(1, Ordering::Relaxed);
+    if let Close::Violation(reason) = &result {
+        Counters::bump(&ctx.counters.connections_closed_by_policy);
+        tracing::info!(%peer, client_id = %conn.client_id, %reason, "emulator closed connection");
+    } else {
+        tracing::debug!(%peer, client_id = %conn.client_id, close = %result.describe(), "emulator connection ended");
+    }
+    let _ = timeout(Duration::from_secs(1), conn.stream.shutdown()).await;
+}
+
+struct Connection {
+    stream: TlsStream<TcpStream>,
+    rbuf: BytesMut,
+    wbuf: BytesMut,
+    protocol: Protocol,
+    client_id: String,
+    role: Role,
+    /// (filter, granted QoS); a handful per connection, so a Vec beats a map.
+    subscriptions: Vec<(String, u8)>,
+    next_pkid: u16,
+    ctx: Arc<ServerContext>,
+    /// Device messages of the current read, recorded together.
+    batch: Vec<Incoming>,
+}
+
+impl Connection {
+    /// Reads more bytes into `rbuf`; `Ok(false)` at end of stream.
+    async fn fill(&mut self) -> Result<bool, Close> {
+        if self.rbuf.capacity() - self.rbuf.len() < READ_CHUNK / 2 {
+            self.rbuf.reserve(READ_CHUNK);
+        }
+        match self.stream.read_buf(&mut self.rbuf).await {
+            Ok(0) => Ok(false),
+            Ok(_) => Ok(true),
+            Err(e) => Err(Close::Io(e)),
+        }
+    }
+
+    async fn read_connect(&mut self) -> Result<ConnectInfo, Close> {
+        loop {
+            match wire::read_connect(&mut self.rbuf) {
+                Ok(Some(c)) => return Ok(c),
+                Ok(None) => {}
+                Err(e) => return Err(Close::Violation(e.to_string())),
+            }
+            if !self.fill().await? {
+                return Err(Close::ByClient);
+            }
+        }
+    }
+
+    async fn refuse(&mut self) -> Result<(), Close> {
+        self.queue(ServerPacket::ConnAck(ConnectOutcome::NotAuthorized))?;
+        self.flush().await
+    }
+
+    fn queue(&mut self, packet: ServerPacket<'_>) -> Result<(), Close> {
+        wire::write_packet(self.protocol, packet, &mut self.wbuf)
+            .map_err(|e| Close::Violation(e.to_string()))
+    }
+
+    async fn flush(&mut self) -> Result<(), Close> {
+        if self.wbuf.is_empty() {
+            return Ok(());
+        }
+        let written = timeout(WRITE_TIMEOUT, async {
+            self.stream.write_all(&self.wbuf).await?;
+            self.stream.flush().await
+        })
+        .await;
+        self.wbuf.clear();
+        match written {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(Close::Io(e)),
+            Err(_) => Err(Close::Violation(
+                "client does not read (write timed out)".into(),
+            )),
+        }
+    }
+
+    async fn run(
+        &mut self,
+        idle_limit: Duration,
+        close: Arc<Notify>,
+        mut shutdown: watch::Receiver<bool>,
+    ) -> Close {
+        let mut outage = self.ctx.faults.outage_watch();
+        outage.mark_unchanged();
+        if let Err(c) = self.queue(ServerPacket::ConnAck(ConnectOutcome::Accepted)) {
+            return c;
+        }
+        // Bytes that arrived with the CONNECT are handled before waiting for more.
+        let mut deadline = Instant::now() + idle_limit;
+        loop {
+            if let Err(c) = self.process_buffer().await {
+                return c;
+            }
+            if let Err(c) = self.flush().await {
+                return c;
+            }
+            tokio::select! {
+                filled = self.stream_fill_until(deadline) => match filled {
+                    Ok(true) => deadline = Instant::now() + idle_limit,
+                    Ok(false) => return Close::ByClient,
+                    Err(c) => return c,
+                },
+                _ = close.notified() => return Close::TakenOver,
+                _ = outage.changed() => return Close::Dropped,
+                _ = shutdown.changed() => return Close::Dropped,
+            }
+        }
+    }
+
+    async fn stream_fill_until(&mut self, deadline: Instant) -> Result<bool, Close> {
+        match tokio::time::timeout_at(deadline, self.fill()).await {
+            Ok(r) => r,
+            Err(_) => Err(Close::KeepAlive),
+        }
+    }
+
+    /// Handles every complete packet in the read buffer.
+    async fn process_buffer(&mut self) -> Result<(), Close> {
+        loop {
+            let packet = match wire::read_packet(self.protocol, &mut self.rbuf) {
+                Ok(Some(p)) => p,
+                Ok(None) => break,
+                Err(e @ WireError::TooLarge(_)) => {
+                    return Err(Close::Violation(format!(
+                        "{e} (IoT Core allows {MAX_PAYLOAD_BYTES}-byte payloads)"
+                    )))
+                }
+                Err(e) => return Err(Close::Violation(e.to_string())),
+            };
+            match packet {
+                ClientPacket::Publish {
+                    topic,
+                    qos,
+                    pkid,
+                    payload,
+                } => self.on_publish(topic, qos, pkid, payload).await?,
+                ClientPacket::Subscribe { pkid, filters } => self.on_subscribe(pkid, filters)?,
+                ClientPacket::Unsubscribe { pkid, filters } => {
+                    self.subscriptions
+                        .retain(|(f, _)| !filters.iter().any(|u| u == f));
+                    self.queue(ServerPacket::UnsubAck {
+                        pkid,
+                        count: filters.len(),
+                    })?;
+                }
+                ClientPacket::PubAck => {}
+                ClientPacket::PingReq => self.queue(ServerPacket::PingResp)?,
+                ClientPacket::Disconnect => {
+                    self.record_batch();
+                    self.flush().await?;
+                    return Err(Close::ByClient);
+                }
+                ClientPacket::Unexpected(what) => return Err(Close::Violation(what.into())),
+            }
+        }
+        // Messages are visible in /messages before their PUBACKs leave.
+        self.record_batch();
+        Ok(())
+    }
+
+    fn record_batch(&mut self) {
+        if !self.batch.is_empty() {
+            let batch = std::mem::take(&mut self.batch);
+            self.ctx.messages.record(&self.client_id, batch, now_ms());
+        }
+    }
+
+    async fn on_publish(
+        &mut self,
+        topic: String,
+        qos: u8,
+        pkid: u16,
+        payload: Bytes,
+    ) -> Result<(), Close> {
+        if qos > 1 {
+            return Err(Close::Violation(format!(
+                "QoS {qos} publish to {topic} (IoT Core supports QoS 0 and 1)"
+            )));
+        }
+        if payload.len() > MAX_PAYLOAD_BYTES {
+            return Err(Close::Violation(format!(
+                "payload of {} bytes to {topic} exceeds {MAX_PAYLOAD_BYTES} bytes",
+                payload.len()
+            )));
+        }
+        match &self.role {
+            Role::Claim => {
+                let Some(request) = topics::parse_request_topic(&topic) else {
+                    if topics::is_provisioning_topic(&topic) {
+                        // Allowed by the claim policy but not an API: accepted and dropped.
+                        if qos == 1 {
+                            self.queue(ServerPacket::PubAck(pkid))?;
+                        }
+                        return Ok(());
+                    }
+                    return Err(Close::Violation(format!(
+                        "claim certificate may not publish to {topic}"
+                    )));
+                };
+                if qos == 1 {
+                    self.queue(ServerPacket::PubAck(pkid))?;
+                }
+                let reply = self.ctx.provisioning.handle(&request, &topic, &payload);
+                self.respond(&reply.topic, reply.payload).await
+            }
+            Role::Device(_) => {
+                if topic.starts_with('$') {
+                    return Err(Close::Violation(format!(
+                        "device may not publish to reserved topic {topic}"
+                    )));
+                }
+                self.batch.push(Incoming {
+                    topic,
+                    payload,
+                    qos,
+                });
+                if qos == 1 {
+                    self.queue(ServerPacket::PubAck(pkid))?;
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// Publishes a provisioning response to this connection if it subscribed to it.
+    async fn respond(&mut self, topic: &str, payload: Vec<u8>) -> Result<(), Close> {
+        let (delay, drop) = self.ctx.faults.response_plan();
+        if drop {
+            Counters::bump(&self.ctx.counters.dropped_responses);
+            return Ok(());
+        }
+        let granted = self
+            .subscriptions
+            .iter()
+            .filter(|(f, _)| wire::topic_matches(topic, f))
+            .map(|(_, q)| *q)
+            .max();
+        let Some(qos) = granted else {
+            // Not subscribed: AWS computes the answer and nobody receives it.
+            return Ok(());
+        };
+        if !delay.is_zero() {
+            self.flush().await?;
+            tokio::time::sleep(delay).await;
+        }
+        let pkid = self.pkid();
+        self.queue(ServerPacket::Publish {
+            topic,
+            qos,
+            pkid,
+            payload: Bytes::from(payload),
+        })
+    }
+
+    fn pkid(&mut self) -> u16 {
+        self.next_pkid = self.next_pkid.wrapping_add(1);
+        if self.next_pkid == 0 {
+            self.next_pkid = 1;
+        }
+        self.next_pkid
+    }
+
+    fn on_subscribe(&mut self, pkid: u16, filters: Vec<(String, u8)>) -> Result<(), Close> {
+        let mut granted = Vec::with_capacity(filters.len());
+        for (filter, qos) in filters {
+            if self.role == Role::Claim && !topics::is_provisioning_topic(&filter) {
+                return Err(Close::Violation(format!(
+                    "claim certificate may not subscribe to {filter}"
+                )));
+            }
+            if !wire::valid_filter(&filter) {
+                granted.push(None);
+                continue;
+            }
+            // QoS 2 is granted as QoS 1, as IoT Core does.
+            let qos = qos.min(1);
+            match self.subscriptions.iter_mut().find(|(f, _)| *f == filter) {
+                Some(existing) => existing.1 = qos,
+                None => self.subscriptions.push((filter, qos)),
+            }
+            granted.push(Some(qos));
+        }
+        self.queue(ServerPacket::SubAck {
+            pkid,
+            granted: &granted,
+        })
+    }
+}
