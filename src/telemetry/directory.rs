@@ -40,7 +40,9 @@ pub(crate) enum RefusalKind {
 /// The cached verdict for one device.
 #[derive(Clone, Debug)]
 pub(crate) enum Gate {
-    Forward { thing_name: Arc<str> },
+    Forward {
+        thing_name: Arc<str>,
+    },
     Refuse(Arc<Refusal>),
     /// The record could not be read: not the device's fault, so the message is left
     /// unacknowledged (the broker redelivers it) and the verdict is not cached.
@@ -95,7 +97,9 @@ impl Directory {
                 None,
                 404,
                 "DeviceNotProvisioned",
-                format!("device {id} is unknown to the gateway; provision it before sending telemetry"),
+                format!(
+                    "device {id} is unknown to the gateway; provision it before sending telemetry"
+                ),
             ),
             Err(e) => Gate::Unavailable(e.to_string()),
         }
@@ -214,9 +218,9 @@ pub(crate) fn device_tls(
             .map_err(|e| cred(format!("unsealing its key: {e}")))?,
         None => crate::identity::Secret::new(stored),
     };
-    let pem = plain
-        .expose_str()
-        .ok_or_else(|| cred("the stored key is not PEM text (sealed, but no sealing key configured?)".into()))?;
+    let pem = plain.expose_str().ok_or_else(|| {
+        cred("the stored key is not PEM text (sealed, but no sealing key configured?)".into())
+    })?;
     let key = PrivateKey::from_pem(pem).map_err(|e| cred(format!("its key: {e}")))?;
     let config = tls::client_config(&endpoint.ca_pem, Some((cert, &key)))
         .map_err(|e| cred(format!("TLS configuration: {e}")))?;

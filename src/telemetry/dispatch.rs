@@ -349,7 +349,9 @@ impl Dispatcher {
                         }
                     }
                 } else if let Some(p) = self.parked.get_mut(device) {
-                    tracing::error!("{e}; retrying in {CREDENTIALS_RETRY:?}, its messages stay in the outbox");
+                    tracing::error!(
+                        "{e}; retrying in {CREDENTIALS_RETRY:?}, its messages stay in the outbox"
+                    );
                     p.retry_at = Some(now + CREDENTIALS_RETRY);
                     return false;
                 }

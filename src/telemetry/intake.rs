@@ -57,7 +57,8 @@ impl Intake {
         let directory = Directory::new(shared.store.clone(), opts.identity, opts.device_cache_ttl);
         // A batch never needs more than a quarter of the outbox, so drop-oldest always finds
         // room for it and backpressure always ends once the cloud takes messages again.
-        let batch_bytes_max = ((opts.max_bytes / 4) as usize).clamp(opts.max_payload_bytes + 4096, 8 << 20);
+        let batch_bytes_max =
+            ((opts.max_bytes / 4) as usize).clamp(opts.max_payload_bytes + 4096, 8 << 20);
         Self {
             directory,
             shared,

@@ -24,8 +24,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use rumqttc::{
-    AsyncClient, ConnectionError, Event, EventLoop, Incoming, MqttOptions, Outgoing, Publish,
-    QoS, Request, Subscribe, SubscribeFilter, SubscribeReasonCode, TlsConfiguration, Transport,
+    AsyncClient, ConnectionError, Event, EventLoop, Incoming, MqttOptions, Outgoing, Publish, QoS,
+    Request, Subscribe, SubscribeFilter, SubscribeReasonCode, TlsConfiguration, Transport,
 };
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
@@ -406,7 +406,9 @@ impl Driver {
                     let filters: Vec<SubscribeFilter> = st
                         .command_things
                         .iter()
-                        .map(|(thing, _)| SubscribeFilter::new(filter.filter(thing), QoS::AtLeastOnce))
+                        .map(|(thing, _)| {
+                            SubscribeFilter::new(filter.filter(thing), QoS::AtLeastOnce)
+                        })
                         .collect();
                     if !filters.is_empty() {
                         // Ahead of the publishes that follow: commands sent during an outage
@@ -434,14 +436,13 @@ impl Driver {
                     });
                 }
             }
-            Incoming::SubAck(ack) => {
+            Incoming::SubAck(ack)
                 if ack
                     .return_codes
                     .iter()
-                    .any(|c| matches!(c, SubscribeReasonCode::Failure))
-                {
-                    tracing::warn!(client_id = %self.shared.client_id, "the cloud refused a command subscription; check the thing's policy for the commands topic");
-                }
+                    .any(|c| matches!(c, SubscribeReasonCode::Failure)) =>
+            {
+                tracing::warn!(client_id = %self.shared.client_id, "the cloud refused a command subscription; check the thing's policy for the commands topic");
             }
             Incoming::Publish(publish) => self.on_command(publish),
             _ => {}
@@ -488,9 +489,12 @@ impl Driver {
         // `pending`; anything submitted after that is moved too, under the lock. The link
         // republishes them itself, in order, after the next CONNACK.
         self.eventloop.clean();
-        self.eventloop
-            .pending
-            .retain(|r| !matches!(r, Request::Publish(_) | Request::PubAck(_) | Request::Subscribe(_)));
+        self.eventloop.pending.retain(|r| {
+            !matches!(
+                r,
+                Request::Publish(_) | Request::PubAck(_) | Request::Subscribe(_)
+            )
+        });
         st.requeue_unacknowledged()
     }
 
@@ -528,11 +532,17 @@ impl Driver {
                         .fetch_add(1, Ordering::Relaxed);
                 }
                 Ok(Err(e)) => {
-                    shared.counters.commands_failed.fetch_add(1, Ordering::Relaxed);
+                    shared
+                        .counters
+                        .commands_failed
+                        .fetch_add(1, Ordering::Relaxed);
                     tracing::warn!(%device, "cloud-to-device message not delivered downstream: {e}");
                 }
                 Err(_) => {
-                    shared.counters.commands_failed.fetch_add(1, Ordering::Relaxed);
+                    shared
+                        .counters
+                        .commands_failed
+                        .fetch_add(1, Ordering::Relaxed);
                     tracing::warn!(%device, "cloud-to-device message not delivered downstream within {within:?}");
                 }
             }
@@ -549,7 +559,9 @@ fn log_connection_error(client_id: &str, e: &ConnectionError, resent: usize, del
             client_id, ?code, retry_in = ?delay,
             "the cloud refused the upstream connection (check the certificate is active and the policy allows this client id)"
         ),
-        _ => tracing::info!(client_id, error = %e, unacknowledged = resent, retry_in = ?delay, "upstream connection lost; unacknowledged messages will be sent again"),
+        _ => {
+            tracing::info!(client_id, error = %e, unacknowledged = resent, retry_in = ?delay, "upstream connection lost; unacknowledged messages will be sent again")
+        }
     }
 }
 
@@ -593,6 +605,10 @@ mod tests {
         assert_eq!(st.requeue_unacknowledged(), 4);
         let seqs: Vec<u64> = st.queued.iter().map(|i| i.seq).collect();
         assert_eq!(seqs, [4, 5, 6, 7, 9]);
-        assert_eq!(st.used(), 1, "settling slots stay until the removal is durable");
+        assert_eq!(
+            st.used(),
+            1,
+            "settling slots stay until the removal is durable"
+        );
     }
 }

@@ -143,7 +143,9 @@ impl CommandFilter {
             return Err(bad("{thingName} may appear only once"));
         }
         if template.contains('+') {
-            return Err(bad("'+' is not supported; {thingName} is the variable level"));
+            return Err(bad(
+                "'+' is not supported; {thingName} is the variable level",
+            ));
         }
         if before.contains(['{', '}', '#']) || after.contains(['{', '}']) {
             return Err(bad("only {thingName} and a trailing '#' are allowed"));
@@ -244,7 +246,10 @@ mod tests {
     fn command_filter_renders_and_matches() {
         let f = CommandFilter::parse("cmd/{thingName}/#").unwrap();
         assert_eq!(f.filter("t1"), "cmd/t1/#");
-        assert_eq!(f.match_topic("cmd/t1/reboot/now"), Some(("t1", Some("reboot/now"))));
+        assert_eq!(
+            f.match_topic("cmd/t1/reboot/now"),
+            Some(("t1", Some("reboot/now")))
+        );
         assert_eq!(f.match_topic("cmd/t1"), Some(("t1", None)));
         assert_eq!(f.match_topic("cmd/t1/"), Some(("t1", None)));
         assert_eq!(f.match_topic("dt/t1/x"), None);
