@@ -7,6 +7,7 @@
 pub mod admission;
 pub mod cli;
 pub mod cloud;
+pub mod config;
 pub mod device_id;
 pub mod downstream;
 pub mod emulator;

@@ -3,6 +3,7 @@
 //! Each subcommand lives in its own file with its `Args` struct and a `run` function that
 //! returns the process exit code. Logging is set up here, once, before any command runs.
 
+mod check_config;
 mod csr;
 mod emulate;
 mod logging;
@@ -60,6 +61,8 @@ pub enum Command {
     Csr(csr::Args),
     /// Run a cloud emulator (AWS IoT) for tests, demos and benchmarks.
     Emulate(emulate::Args),
+    /// Check the config: print the effective config (secrets redacted), or the error (exit 78).
+    CheckConfig(check_config::Args),
 }
 
 /// Parses argv, sets up logging and runs the chosen command.
@@ -69,5 +72,6 @@ pub fn main() -> ExitCode {
     match cli.command {
         Command::Csr(args) => csr::run(args),
         Command::Emulate(args) => emulate::run(args),
+        Command::CheckConfig(args) => check_config::run(args),
     }
 }

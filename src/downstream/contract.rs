@@ -4,11 +4,12 @@
 //! ([`StatusReport`]).
 //!
 //! Field names are camelCase on the wire, unknown fields are ignored (devices may send more than
-//! we read), and every type is decoded from JSON or CBOR alike with [`decode`]: the format is the
-//! last level of the request topic. Decoding errors name the field path
+//! we read), and every type is encoded and decoded with the cloud payload codec
+//! ([`crate::cloud::codec`], re-exported here as [`encode`] / [`decode`]): JSON or CBOR, named by
+//! the last level of the request topic. Decoding errors name the field path
 //! (`parameters.SerialNumber: invalid type: integer, expected a string`) so the device's operator
-//! learns from `/rejected` what to fix. The status topic has no format level, so status reports
-//! are always JSON.
+//! learns from `/rejected` what to fix ([`rejected_for`]). The status topic has no format level,
+//! so status reports are always JSON.
 //!
 //! The attestation is the admission module's wire type ([`Attestation`], re-exported here): one
 //! type for the request and for the decision, so the two cannot drift apart.
@@ -16,11 +17,10 @@
 use std::collections::BTreeMap;
 use std::fmt;
 
-use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
-pub use super::topics::PayloadFormat;
 pub use crate::admission::Attestation;
+pub use crate::cloud::codec::{decode, encode, CodecError, PayloadFormat};
 use crate::device_id::DeviceId;
 
 /// The `errorCode`s the downstream side answers with on `/rejected`.
@@ -35,33 +35,15 @@ pub mod error_code {
     pub const PAYLOAD_TOO_LARGE: &str = "PayloadTooLarge";
 }
 
-/// Why a payload could not be decoded.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum ContractError {
-    #[error("{format} payload: {path}: {message}")]
-    Field {
-        format: PayloadFormat,
-        /// Dotted path of the offending field (`attestation`, `parameters.SerialNumber`).
-        path: String,
-        message: String,
-    },
-    #[error("{format} payload: {message}")]
-    Malformed {
-        format: PayloadFormat,
-        message: String,
-    },
-    #[error("{format} payload: {trailing} unexpected bytes after the end of the value")]
-    TrailingBytes {
-        format: PayloadFormat,
-        trailing: usize,
-    },
-}
-
-impl ContractError {
-    /// The `/rejected` answer for a request that failed to decode (400 `InvalidPayload`).
-    pub fn to_rejected(&self) -> RejectedResponse {
-        RejectedResponse::new(400, error_code::INVALID_PAYLOAD, self.to_string())
-    }
+/// The `/rejected` answer for a payload that failed to decode: 413 `PayloadTooLarge` over the
+/// codec's size limit, 400 `InvalidPayload` otherwise, with the codec's message (format, field
+/// path and what is wrong).
+pub fn rejected_for(error: &CodecError) -> RejectedResponse {
+    let (status, code) = match error {
+        CodecError::TooLarge { .. } => (413, error_code::PAYLOAD_TOO_LARGE),
+        _ => (400, error_code::INVALID_PAYLOAD),
+    };
+    RejectedResponse::new(status, code, error.to_string())
 }
 
 /// A provisioning request: `{"csr"?, "attestation", "parameters"?, "payload"?}`.
@@ -83,7 +65,7 @@ pub struct ProvisionRequest {
 
 impl ProvisionRequest {
     /// Decodes a request in the format named by its topic.
-    pub fn decode(format: PayloadFormat, bytes: &[u8]) -> Result<Self, ContractError> {
+    pub fn decode(format: PayloadFormat, bytes: &[u8]) -> Result<Self, CodecError> {
         decode(format, bytes)
     }
 }
@@ -217,109 +199,6 @@ impl StatusReport {
     }
 }
 
-/// Encodes `value` as JSON or CBOR.
-///
-/// The contract types contain only strings, integers and string maps, which both encoders always
-/// accept, so an encoder failure is a programming error in a foreign `Serialize` impl; it yields
-/// an empty payload and is logged rather than panicking the daemon.
-pub fn encode<T: Serialize>(format: PayloadFormat, value: &T) -> Vec<u8> {
-    let result = match format {
-        PayloadFormat::Json => serde_json::to_vec(value).map_err(|e| e.to_string()),
-        PayloadFormat::Cbor => {
-            let mut out = Vec::new();
-            ciborium::into_writer(value, &mut out)
-                .map(|()| out)
-                .map_err(|e| e.to_string())
-        }
-    };
-    result.unwrap_or_else(|error| {
-        tracing::error!(%format, %error, "cannot encode a device contract payload");
-        Vec::new()
-    })
-}
-
-/// Decodes a whole payload (nothing may follow the value) as JSON or CBOR.
-pub fn decode<T: DeserializeOwned>(
-    format: PayloadFormat,
-    bytes: &[u8],
-) -> Result<T, ContractError> {
-    match format {
-        PayloadFormat::Json => decode_json(bytes),
-        PayloadFormat::Cbor => decode_cbor(bytes),
-    }
-}
-
-fn decode_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ContractError> {
-    let format = PayloadFormat::Json;
-    let mut de = serde_json::Deserializer::from_slice(bytes);
-    let value = serde_path_to_error::deserialize(&mut de).map_err(|e| {
-        let path = e.path().to_string();
-        let inner = e.into_inner();
-        if inner.is_syntax() || inner.is_eof() {
-            ContractError::Malformed {
-                format,
-                message: inner.to_string(),
-            }
-        } else {
-            field_error(format, path, inner.to_string())
-        }
-    })?;
-    de.end().map_err(|e| ContractError::Malformed {
-        format,
-        message: e.to_string(),
-    })?;
-    Ok(value)
-}
-
-/// CBOR is read into a JSON value first, then typed from it with the same path tracking as
-/// JSON: ciborium's deserializer type is private, so serde_path_to_error cannot wrap it. Every
-/// contract type is JSON-shaped; CBOR that JSON cannot represent (byte strings, non-text map
-/// keys) is refused as malformed.
-fn decode_cbor<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ContractError> {
-    use ciborium::de::Error;
-    let format = PayloadFormat::Cbor;
-    let malformed = |message: String| ContractError::Malformed { format, message };
-    let mut rest = bytes;
-    let value: serde_json::Value = match ciborium::from_reader(&mut rest) {
-        Ok(value) if rest.is_empty() => value,
-        Ok(_) => {
-            return Err(ContractError::TrailingBytes {
-                format,
-                trailing: rest.len(),
-            })
-        }
-        Err(Error::Semantic(_, message)) => return Err(malformed(message)),
-        Err(Error::Syntax(offset)) => {
-            return Err(malformed(format!("invalid CBOR at byte {offset}")))
-        }
-        Err(Error::Io(_)) => {
-            return Err(malformed(format!(
-                "truncated CBOR: the value does not end within its {} bytes",
-                bytes.len()
-            )))
-        }
-        Err(Error::RecursionLimitExceeded) => {
-            return Err(malformed("CBOR nested too deeply".to_string()))
-        }
-    };
-    serde_path_to_error::deserialize(value).map_err(|e| {
-        let path = e.path().to_string();
-        field_error(format, path, e.into_inner().to_string())
-    })
-}
-
-fn field_error(format: PayloadFormat, path: String, message: String) -> ContractError {
-    if path == "." {
-        ContractError::Malformed { format, message }
-    } else {
-        ContractError::Field {
-            format,
-            path,
-            message,
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -421,14 +300,19 @@ mod tests {
             (PayloadFormat::Cbor, cbor(&json)),
         ] {
             let err = ProvisionRequest::decode(format, &bytes).unwrap_err();
-            let ContractError::Field { path, message, .. } = &err else {
+            let CodecError::Invalid { path, message, .. } = &err else {
                 panic!("{format}: {err:?}");
             };
             assert_eq!(path, "parameters.SerialNumber", "{format}");
-            assert!(message.contains("expected a string"), "{format}: {message}");
+            assert!(
+                message.contains("invalid type: integer `7`, expected"),
+                "{format}: {message}"
+            );
             let text = err.to_string();
             assert!(
-                text.starts_with(&format!("{format} payload: parameters.SerialNumber: ")),
+                text.starts_with(&format!(
+                    "invalid {format} payload: parameters.SerialNumber: "
+                )),
                 "{text}"
             );
         }
@@ -463,37 +347,34 @@ mod tests {
     }
 
     #[test]
-    fn malformed_payloads_are_refused_with_a_reason() {
-        let cases: [(PayloadFormat, &[u8], &str); 6] = [
-            (PayloadFormat::Json, b"", "EOF"),
-            (PayloadFormat::Json, b"{\"attestation\":", "EOF"),
-            (PayloadFormat::Json, b"not json", "expected"),
-            (
-                PayloadFormat::Json,
-                br#"{"attestation":{"type":"none"}} x"#,
-                "trailing",
-            ),
-            (PayloadFormat::Cbor, b"", "truncated CBOR"),
-            (PayloadFormat::Cbor, &[0xa1, 0x6b, b'a'], "truncated CBOR"),
+    fn malformed_payloads_are_refused_with_the_codec_reason() {
+        let cases: [(PayloadFormat, &[u8]); 6] = [
+            (PayloadFormat::Json, b""),
+            (PayloadFormat::Json, b"{\"attestation\":"),
+            (PayloadFormat::Json, b"not json"),
+            (PayloadFormat::Json, br#"{"attestation":{"type":"none"}} x"#),
+            (PayloadFormat::Cbor, b""),
+            // A JSON text is not CBOR: '{' (0x7b) starts a 27-byte text string.
+            (PayloadFormat::Cbor, b"{\"attestation\":{}}"),
         ];
-        for (format, bytes, needle) in cases {
+        for (format, bytes) in cases {
             let err = ProvisionRequest::decode(format, bytes).unwrap_err();
             assert!(
-                matches!(err, ContractError::Malformed { .. }),
+                matches!(&err, CodecError::Invalid { .. }),
                 "{format} {bytes:?}: {err:?}"
             );
-            assert!(err.to_string().contains(needle), "{format}: {err}");
+            let rejected = rejected_for(&err);
+            assert_eq!(
+                (rejected.status_code, rejected.error_code.as_str()),
+                (400, "InvalidPayload")
+            );
+            assert_eq!(rejected.error_message, err.to_string());
         }
-        // A JSON text is not CBOR: its first byte '{' (0x7b) is a 27-byte text string header.
-        let err =
-            ProvisionRequest::decode(PayloadFormat::Cbor, b"{\"attestation\":{}}").unwrap_err();
-        assert!(matches!(err, ContractError::Malformed { .. }), "{err:?}");
-
         let mut two = cbor(&serde_json::json!({"attestation": {"type": "none"}}));
         two.extend_from_slice(&[0x01, 0x02]);
         assert_eq!(
             ProvisionRequest::decode(PayloadFormat::Cbor, &two).unwrap_err(),
-            ContractError::TrailingBytes {
+            CodecError::TrailingBytes {
                 format: PayloadFormat::Cbor,
                 trailing: 2
             }
@@ -501,12 +382,26 @@ mod tests {
     }
 
     #[test]
-    fn decode_errors_become_invalid_payload_rejections() {
+    fn decode_errors_become_rejections_naming_the_problem() {
         let err = ProvisionRequest::decode(PayloadFormat::Json, b"{}").unwrap_err();
-        let rejected = err.to_rejected();
+        let rejected = rejected_for(&err);
         assert_eq!(rejected.status_code, 400);
         assert_eq!(rejected.error_code, "InvalidPayload");
-        assert_eq!(rejected.error_message, err.to_string());
+        assert!(
+            rejected
+                .error_message
+                .contains("missing field `attestation`"),
+            "{}",
+            rejected.error_message
+        );
+
+        let huge = vec![b' '; crate::cloud::codec::MAX_PAYLOAD_BYTES + 1];
+        let err = ProvisionRequest::decode(PayloadFormat::Json, &huge).unwrap_err();
+        let rejected = rejected_for(&err);
+        assert_eq!(
+            (rejected.status_code, rejected.error_code.as_str()),
+            (413, "PayloadTooLarge")
+        );
     }
 
     #[test]

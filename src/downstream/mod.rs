@@ -6,6 +6,10 @@
 //! the consumer persists it and acks it -> later the engine answers with `publish_accepted`,
 //! `publish_rejected`, `publish_status` or `publish_command`.
 //!
+//! What the payloads look like is [`contract`]: the consumer decodes a request with
+//! [`ProvisionRequest::decode`] and answers with [`AcceptedResponse`], [`RejectedResponse`] and
+//! [`StatusReport`], encoded with the cloud codec in the format the device used.
+//!
 //! The CLI maps `[downstream]` of the config onto [`DownstreamOptions`] and calls
 //! [`Downstream::start`]; when that returns, the broker (if embedded) listens and the session is
 //! subscribed, so the daemon may report READY.
@@ -21,8 +25,7 @@ use tokio::sync::mpsc;
 
 pub use broker::{BrokerError, EmbeddedBroker, EmbeddedBrokerOptions, EmbeddedTls};
 pub use contract::{
-    AcceptedResponse, Attestation, ContractError, DeviceStatus, ProvisionRequest, RejectedResponse,
-    StatusReport,
+    AcceptedResponse, Attestation, DeviceStatus, ProvisionRequest, RejectedResponse, StatusReport,
 };
 pub use session::{
     gateway_client_id, AckHandle, AckOutcome, BrokerEndpoint, DownstreamMessage, DownstreamSession,
@@ -82,7 +85,8 @@ pub struct DownstreamOptions {
     /// Which device messages to receive.
     pub inbound: Inbound,
     /// Largest provisioning request accepted (`[downstream] max_request_bytes`); larger ones are
-    /// answered on `/rejected` with `PayloadTooLarge` and never reach the consumer.
+    /// answered on `/rejected` with `PayloadTooLarge` and never reach the consumer. Above the
+    /// codec's own limit (`cloud::codec::MAX_PAYLOAD_BYTES`, 128 KiB) decoding refuses anyway.
     pub max_request_bytes: usize,
     /// How long `start` waits for the embedded broker's session to be subscribed.
     pub startup_timeout: Duration,

@@ -1040,7 +1040,7 @@ impl Driver {
     /// Queues a `/rejected` answer from inside the event loop, without waiting for its PUBACK
     /// (waiting here would stall the loop that receives that PUBACK).
     fn send_rejection(&self, reply_topic: String, payload: Vec<u8>) {
-        if payload.is_empty() || payload.len() + reply_topic.len() + 8 > self.max_packet_bytes {
+        if payload.len() + reply_topic.len() + 8 > self.max_packet_bytes {
             return;
         }
         let mut inner = self.shared.lock();

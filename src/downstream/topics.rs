@@ -53,53 +53,7 @@ pub enum TopicError {
     },
 }
 
-/// Payload encoding named by the last level of a provisioning topic, as in AWS fleet provisioning.
-///
-/// Same shape as `cloud::codec::PayloadFormat` of the contracts (serde `json`/`cbor`, `FromStr`,
-/// `Display`, `as_str`); it moves there once the codec lands, and this becomes a re-export.
-#[derive(
-    Clone, Copy, Debug, PartialEq, Eq, Hash, Default, serde::Serialize, serde::Deserialize,
-)]
-#[serde(rename_all = "lowercase")]
-pub enum PayloadFormat {
-    /// `json`
-    #[default]
-    Json,
-    /// `cbor`
-    Cbor,
-}
-
-impl PayloadFormat {
-    /// The topic spelling: `json` or `cbor`.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            PayloadFormat::Json => "json",
-            PayloadFormat::Cbor => "cbor",
-        }
-    }
-}
-
-impl fmt::Display for PayloadFormat {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-/// The unknown format string.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("unknown payload format {0:?}; expected \"json\" or \"cbor\"")]
-pub struct UnknownFormat(pub String);
-
-impl FromStr for PayloadFormat {
-    type Err = UnknownFormat;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s {
-            "json" => Ok(PayloadFormat::Json),
-            "cbor" => Ok(PayloadFormat::Cbor),
-            other => Err(UnknownFormat(other.to_string())),
-        }
-    }
-}
+pub use crate::cloud::codec::PayloadFormat;
 
 /// A validated topic prefix: one or more non-empty levels, no wildcards, not a `$` system topic.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -610,17 +564,5 @@ mod tests {
             None
         );
         assert_eq!(rejected_for_request_topic(&p(), "x/a/provision/json"), None);
-    }
-
-    #[test]
-    fn payload_format_round_trips() {
-        for f in [PayloadFormat::Json, PayloadFormat::Cbor] {
-            assert_eq!(f.as_str().parse::<PayloadFormat>().unwrap(), f);
-            assert_eq!(f.to_string(), f.as_str());
-        }
-        assert_eq!(
-            "xml".parse::<PayloadFormat>(),
-            Err(UnknownFormat("xml".into()))
-        );
     }
 }

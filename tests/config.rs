@@ -1,0 +1,375 @@
+//! Config loading as operators meet it: the real `fleetgw check-config` binary on real files,
+//! plus checks that the sample `gateway.toml` documents every key with its default.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use fleetgw::config::{self, Config};
+
+/// Exit code for configuration errors (sysexits EX_CONFIG).
+const EX_CONFIG: i32 = 78;
+
+fn sample_path() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("gateway.toml")
+}
+
+fn check_config(config: &Path, sets: &[&str]) -> Output {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_fleetgw"));
+    cmd.arg("check-config").arg("--config").arg(config);
+    for s in sets {
+        cmd.arg("--set").arg(s);
+    }
+    cmd.env_remove("RUST_LOG").output().expect("run fleetgw")
+}
+
+fn stdout(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// Writes `text` to `dir/name` (creating parents) and returns the path.
+fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
+    let path = dir.join(name);
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+/// The effective config printed by a successful check-config, parsed back.
+fn effective(out: &Output) -> toml::Table {
+    assert_eq!(out.status.code(), Some(0), "stderr: {}", stderr(out));
+    stdout(out).parse().expect("check-config output is TOML")
+}
+
+fn get<'a>(table: &'a toml::Table, key: &str) -> &'a toml::Value {
+    let mut parts = key.split('.');
+    let mut value = table.get(parts.next().unwrap()).unwrap();
+    for part in parts {
+        value = value.get(part).unwrap_or_else(|| panic!("{key} missing"));
+    }
+    value
+}
+
+/// Every leaf key path of a TOML table; maps such as `provision.parameters` count as one key.
+fn leaf_keys(
+    table: &toml::Table,
+    prefix: &str,
+    known: &BTreeSet<String>,
+    out: &mut BTreeSet<String>,
+) {
+    for (k, v) in table {
+        let path = if prefix.is_empty() {
+            k.clone()
+        } else {
+            format!("{prefix}.{k}")
+        };
+        match v {
+            toml::Value::Table(t) if !known.contains(&path) => leaf_keys(t, &path, known, out),
+            _ => {
+                out.insert(path);
+            }
+        }
+    }
+}
+
+/// The sample with its `#key = value` lines (unset optional keys) uncommented.
+fn sample_with_optional_keys() -> String {
+    let text = std::fs::read_to_string(sample_path()).unwrap();
+    text.lines()
+        .map(|line| match line.strip_prefix('#') {
+            Some(rest) if rest.starts_with(|c: char| c.is_ascii_lowercase()) => rest,
+            _ => line,
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+#[test]
+fn sample_parses_and_check_config_exits_0() {
+    let out = check_config(&sample_path(), &[]);
+    let eff = effective(&out);
+    assert_eq!(get(&eff, "admission.mode").as_str(), Some("open"));
+    assert_eq!(get(&eff, "cloud.aws.sessions").as_integer(), Some(4));
+    // Relative paths are shown resolved against the directory of the config file.
+    let ca = PathBuf::from(get(&eff, "cloud.aws.ca").as_str().unwrap());
+    assert_eq!(ca, Path::new(env!("CARGO_MANIFEST_DIR")).join("ca.pem"));
+    assert!(stderr(&out).is_empty(), "{}", stderr(&out));
+}
+
+#[test]
+fn sample_documents_every_key_with_its_default() {
+    let known: BTreeSet<String> = config::known_keys().into_iter().collect();
+
+    // Every key of the Config structs appears in the sample (optional ones commented out).
+    let full: toml::Table = sample_with_optional_keys().parse().unwrap();
+    let mut in_sample = BTreeSet::new();
+    leaf_keys(&full, "", &known, &mut in_sample);
+    let missing: Vec<_> = known.difference(&in_sample).collect();
+    assert!(
+        missing.is_empty(),
+        "keys missing from gateway.toml: {missing:?}"
+    );
+    let unknown: Vec<_> = in_sample.difference(&known).collect();
+    assert!(
+        unknown.is_empty(),
+        "gateway.toml has keys Config lacks: {unknown:?}"
+    );
+    // The commented-out examples have the right types too.
+    let _: Config = toml::from_str(&sample_with_optional_keys()).expect("examples deserialize");
+
+    // The serialized default config has the same keys and values as the sample, except the
+    // lab setting admission.mode = "open" (the built-in default is "approve").
+    let mut defaults: toml::Table = toml::to_string(&Config::default())
+        .unwrap()
+        .parse()
+        .unwrap();
+    let mut sample: toml::Table = std::fs::read_to_string(sample_path())
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert_eq!(get(&defaults, "admission.mode").as_str(), Some("approve"));
+    assert_eq!(get(&sample, "admission.mode").as_str(), Some("open"));
+    for table in [&mut sample, &mut defaults] {
+        table["admission"].as_table_mut().unwrap().remove("mode");
+    }
+    assert_eq!(
+        sample, defaults,
+        "gateway.toml values differ from Config::default()"
+    );
+}
+
+#[test]
+fn wrong_type_exits_78_naming_the_file_and_key() {
+    let tmp = tempfile::tempdir().unwrap();
+    let path = write(
+        tmp.path(),
+        "gateway.toml",
+        "[cloud.aws]\nsessions = \"four\"\n",
+    );
+    let out = check_config(&path, &[]);
+    assert_eq!(out.status.code(), Some(EX_CONFIG));
+    assert_eq!(
+        stderr(&out),
+        format!(
+            "{}: cloud.aws.sessions: invalid type: string \"four\", expected u32\n",
+            path.display()
+        )
+    );
+    assert!(stdout(&out).is_empty());
+}
+
+#[test]
+fn unknown_key_gets_a_did_you_mean_hint() {
+    let tmp = tempfile::tempdir().unwrap();
+    let path = write(tmp.path(), "gateway.toml", "[telemetry]\nmax_byte = 1024\n");
+    let out = check_config(&path, &[]);
+    assert_eq!(out.status.code(), Some(EX_CONFIG));
+    assert_eq!(
+        stderr(&out),
+        format!(
+            "{}: telemetry.max_byte: unknown key; did you mean `max_bytes`?\n",
+            path.display()
+        )
+    );
+}
+
+#[test]
+fn broken_toml_names_line_and_column() {
+    let tmp = tempfile::tempdir().unwrap();
+    let path = write(
+        tmp.path(),
+        "gateway.toml",
+        "[gateway]\nid = \"gw-01\"\n\n[cloud.aws\nsessions = 4\n",
+    );
+    let out = check_config(&path, &[]);
+    assert_eq!(out.status.code(), Some(EX_CONFIG));
+    let err = stderr(&out);
+    assert!(
+        err.starts_with(&format!("{}: line 4, column ", path.display())),
+        "{err}"
+    );
+}
+
+#[test]
+fn unreadable_files_are_named() {
+    let tmp = tempfile::tempdir().unwrap();
+    let missing = tmp.path().join("nope.toml");
+    let out = check_config(&missing, &[]);
+    assert_eq!(out.status.code(), Some(EX_CONFIG));
+    assert!(
+        stderr(&out).starts_with(&format!("{}: cannot read config file: ", missing.display())),
+        "{}",
+        stderr(&out)
+    );
+
+    let binary = tmp.path().join("binary.toml");
+    std::fs::write(&binary, [0xff, 0xfe, 0x00, 0x41]).unwrap();
+    let out = check_config(&binary, &[]);
+    assert_eq!(out.status.code(), Some(EX_CONFIG));
+    assert!(
+        stderr(&out).starts_with(&format!("{}: cannot read config file: ", binary.display())),
+        "{}",
+        stderr(&out)
+    );
+
+    // A drop-in that cannot be read stops the load too (a directory named like a drop-in).
+    let main = write(tmp.path(), "gateway.toml", "");
+    std::fs::create_dir_all(tmp.path().join("config.d/50-dir.toml")).unwrap();
+    let out = check_config(&main, &[]);
+    assert_eq!(out.status.code(), Some(EX_CONFIG));
+    let drop_in = tmp.path().join("config.d/50-dir.toml");
+    assert!(
+        stderr(&out).starts_with(&format!("{}: cannot read config file: ", drop_in.display())),
+        "{}",
+        stderr(&out)
+    );
+}
+
+#[test]
+fn missing_default_config_is_named() {
+    if Path::new(config::DEFAULT_CONFIG_PATH).exists() {
+        eprintln!(
+            "NOTICE: {} exists here; skipping",
+            config::DEFAULT_CONFIG_PATH
+        );
+        return;
+    }
+    let out = Command::new(env!("CARGO_BIN_EXE_fleetgw"))
+        .arg("check-config")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(EX_CONFIG));
+    assert!(
+        stderr(&out).starts_with("/etc/fleetgw/gateway.toml: cannot read config file: "),
+        "{}",
+        stderr(&out)
+    );
+}
+
+#[test]
+fn drop_ins_merge_in_name_order_over_the_main_file() {
+    let tmp = tempfile::tempdir().unwrap();
+    let main = write(
+        tmp.path(),
+        "gateway.toml",
+        "[cloud.aws]\nsessions = 2\ntps = 7\n[gateway]\nid = \"main\"\n",
+    );
+    let a = write(
+        tmp.path(),
+        "config.d/10-a.toml",
+        "[cloud.aws]\nsessions = 5\n",
+    );
+    let b = write(
+        tmp.path(),
+        "config.d/20-b.toml",
+        "[cloud.aws]\nsessions = 6\n",
+    );
+    write(tmp.path(), "config.d/README", "not toml at all [");
+    let out = check_config(&main, &[]);
+    let eff = effective(&out);
+    assert_eq!(get(&eff, "cloud.aws.sessions").as_integer(), Some(6));
+    assert_eq!(get(&eff, "cloud.aws.tps").as_integer(), Some(7));
+    assert_eq!(get(&eff, "gateway.id").as_str(), Some("main"));
+    let text = stdout(&out);
+    let sources: Vec<&str> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("# from "))
+        .collect();
+    assert_eq!(
+        sources,
+        [
+            main.display().to_string(),
+            a.display().to_string(),
+            b.display().to_string()
+        ]
+    );
+
+    // An error in a drop-in names the drop-in, not the main file.
+    let c = write(
+        tmp.path(),
+        "config.d/30-c.toml",
+        "[downstream]\nlisten = \"localhost\"\n",
+    );
+    let out = check_config(&main, &[]);
+    assert_eq!(out.status.code(), Some(EX_CONFIG));
+    assert!(
+        stderr(&out).starts_with(&format!("{}: downstream.listen: ", c.display())),
+        "{}",
+        stderr(&out)
+    );
+}
+
+#[test]
+fn set_overrides_win_and_are_typed() {
+    let tmp = tempfile::tempdir().unwrap();
+    let main = write(tmp.path(), "gateway.toml", "[cloud.aws]\nsessions = 2\n");
+    write(
+        tmp.path(),
+        "config.d/10-a.toml",
+        "[cloud.aws]\nsessions = 5\n",
+    );
+    let out = check_config(
+        &main,
+        &[
+            "cloud.aws.sessions=8",
+            "gateway.id=gw-7",
+            "cloud.aws.format=cbor",
+        ],
+    );
+    let eff = effective(&out);
+    assert_eq!(get(&eff, "cloud.aws.sessions").as_integer(), Some(8));
+    assert_eq!(get(&eff, "gateway.id").as_str(), Some("gw-7"));
+    assert_eq!(get(&eff, "cloud.aws.format").as_str(), Some("cbor"));
+
+    let out = check_config(&main, &["cloud.aws.sessions=four"]);
+    assert_eq!(out.status.code(), Some(EX_CONFIG));
+    assert_eq!(
+        stderr(&out),
+        "--set cloud.aws.sessions: invalid type: string \"four\", expected u32\n"
+    );
+    let out = check_config(&main, &["cloud.aws.sessions=0"]);
+    assert_eq!(out.status.code(), Some(EX_CONFIG));
+    assert_eq!(
+        stderr(&out),
+        "--set cloud.aws.sessions: must be at least 1, got 0\n"
+    );
+}
+
+#[test]
+fn secrets_are_redacted_in_the_output() {
+    let tmp = tempfile::tempdir().unwrap();
+    let main = write(
+        tmp.path(),
+        "gateway.toml",
+        "[downstream]\nusername = \"gw\"\npassword = \"hunter2-broker\"\n\
+         [admission]\nmode = \"symmetric-key\"\ngroup_key = \"Z3JvdXAta2V5LXNlY3JldA==\"\n",
+    );
+    let out = check_config(&main, &[]);
+    let text = stdout(&out);
+    let eff = effective(&out);
+    assert!(!text.contains("hunter2-broker"), "{text}");
+    assert!(!text.contains("Z3JvdXAta2V5LXNlY3JldA=="), "{text}");
+    assert_eq!(
+        get(&eff, "downstream.password").as_str(),
+        Some("[redacted]")
+    );
+    assert_eq!(
+        get(&eff, "admission.group_key").as_str(),
+        Some("[redacted]")
+    );
+    assert_eq!(get(&eff, "downstream.username").as_str(), Some("gw"));
+
+    // A secret given with --set is not echoed back in an error either.
+    let out = check_config(&main, &["admission.group_key=not*base64"]);
+    assert_eq!(out.status.code(), Some(EX_CONFIG));
+    assert!(!stderr(&out).contains("not*base64"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).starts_with("--set admission.group_key: "),
+        "{}",
+        stderr(&out)
+    );
+}
