@@ -832,3 +832,89 @@ async fn device_mode_refuses_devices_whose_key_the_gateway_does_not_hold() {
     assert_eq!(store.outbox_len(), 0);
     gw.stop().await;
 }
+
+/// With `max_upstream_connections = 2`, five devices share two connection slots: devices
+/// without a slot wait (parked) and get one when a link goes idle; all messages arrive in
+/// order, never more than two links are open, and idle links are closed after `idle`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connection_cap_parks_devices_and_idle_links_close() {
+    let dir = tempfile::tempdir().unwrap();
+    let emu = emulator(&dir.path().join("emu")).await;
+    let store = open_store(dir.path());
+    let devices = provision_many(&store, &emu, 5).await;
+    let mut opts = options(&emu);
+    opts.max_upstream_connections = 2;
+    opts.idle = Duration::from_secs(1);
+    let gw = Gateway::start(&store, opts).await;
+    let mut tasks = Vec::new();
+    for (id, _) in &devices {
+        let id = id.clone();
+        let port = gw.broker_port;
+        tasks.push(tokio::spawn(async move {
+            publish_range(port, &id, 0..30, 10).await
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let mut max_open = 0;
+    let deadline = Instant::now() + LIMIT;
+    while gw.stats().forwarded < 150 {
+        max_open = max_open.max(gw.stats().open_connections);
+        assert!(Instant::now() < deadline, "not forwarded: {:?}", gw.stats());
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(max_open <= 2, "{max_open} connections open at once");
+    for (id, thing) in &devices {
+        let seqs: Vec<u64> = received(&emu, thing)
+            .await
+            .into_iter()
+            .map(|(_, s)| s)
+            .collect();
+        check_sequence(id, &seqs, &(0..30).collect::<Vec<_>>());
+    }
+    eventually("idle links to close", || {
+        (gw.stats().open_connections == 0).then_some(())
+    })
+    .await;
+    gw.stop().await;
+    emu.shutdown().await;
+}
+
+/// Messages older than `max_age` when the cloud comes back are dropped unsent (counted) and
+/// leave the outbox; newer ones still go.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_older_than_max_age_are_not_sent() {
+    let dir = tempfile::tempdir().unwrap();
+    let emu = emulator(&dir.path().join("emu")).await;
+    let store = open_store(dir.path());
+    let devices = provision_many(&store, &emu, 1).await;
+    let (id, thing) = devices[0].clone();
+    let mut opts = options(&emu);
+    opts.max_age = Duration::from_secs(1);
+    let gw = Gateway::start(&store, opts).await;
+    outage(&emu, 3.0).await;
+    publish_range(gw.broker_port, &id, 0..5, 10).await;
+    eventually("the old messages to expire", || {
+        (gw.stats().expired == 5 && store.outbox_len() == 0).then_some(())
+    })
+    .await;
+    // After the outage a fresh message goes through, alone.
+    eventually("the outage to end", || {
+        (gw.stats().upstream_connects > 0).then_some(())
+    })
+    .await;
+    publish_range(gw.broker_port, &id, 5..6, 10).await;
+    eventually("the fresh message to be forwarded", || {
+        (gw.stats().forwarded == 1).then_some(())
+    })
+    .await;
+    let seqs: Vec<u64> = received(&emu, &thing)
+        .await
+        .into_iter()
+        .map(|(_, s)| s)
+        .collect();
+    assert_eq!(seqs, vec![5]);
+    gw.stop().await;
+    emu.shutdown().await;
+}

@@ -149,6 +149,13 @@ impl Dispatcher {
                     None => self.handoff = None,
                 },
                 _ = self.shared.freed.notified() => {
+                    // A link may have become idle: give the longest-waiting parked device a
+                    // chance now rather than at the next tick (the full pass runs there).
+                    if let Some(d) = self.parked_order.front().cloned() {
+                        if self.try_unpark(&d) {
+                            self.parked_order.pop_front();
+                        }
+                    }
                     if !self.live {
                         self.load_backlog();
                     }

@@ -82,6 +82,46 @@ pub struct UpstreamEndpoint {
     pub ca_pem: String,
 }
 
+impl UpstreamEndpoint {
+    /// Parses `[cloud.aws] endpoint` (`host[:port]`, port 8883 when absent; IPv6 in brackets).
+    pub fn parse(endpoint: &str, ca_pem: String) -> Result<Self, TelemetryError> {
+        let bad = |reason: &str| TelemetryError::Option {
+            key: "cloud.aws.endpoint",
+            reason: format!("{endpoint:?}: {reason}"),
+        };
+        let (host, port) = match endpoint.strip_prefix('[') {
+            Some(v6) => {
+                let (host, rest) = v6
+                    .split_once(']')
+                    .ok_or_else(|| bad("unterminated '[' in an IPv6 address"))?;
+                (host, rest.strip_prefix(':'))
+            }
+            None => match endpoint.rsplit_once(':') {
+                Some((h, p)) => (h, Some(p)),
+                None => (endpoint, None),
+            },
+        };
+        if host.is_empty() || host.contains(['/', ' ']) {
+            return Err(bad(
+                "expected host[:port], e.g. abc123-ats.iot.eu-west-1.amazonaws.com:8883",
+            ));
+        }
+        let port = match port {
+            None => 8883,
+            Some(p) => p
+                .parse::<u16>()
+                .ok()
+                .filter(|p| *p != 0)
+                .ok_or_else(|| bad("the port must be a number from 1 to 65535"))?,
+        };
+        Ok(Self {
+            host: host.to_string(),
+            port,
+            ca_pem,
+        })
+    }
+}
+
 /// The gateway's own upstream identity, for `identity = "gateway"`.
 #[derive(Clone, Debug)]
 pub struct GatewayCredentials {
@@ -172,7 +212,52 @@ impl TelemetryOptions {
         }
     }
 
+    /// Options from the config's `[telemetry]` section for `endpoint`; the rest keep their
+    /// defaults. `identity = "gateway"` also needs [`TelemetryOptions::gateway`] set.
+    pub fn from_config(
+        section: &crate::config::TelemetrySection,
+        endpoint: UpstreamEndpoint,
+    ) -> Result<Self, TelemetryError> {
+        use crate::config::{TelemetryIdentity, WhenFull as ConfigWhenFull};
+        let mut o = Self::new(endpoint);
+        o.identity = match section.identity {
+            TelemetryIdentity::Device => IdentityMode::Device,
+            TelemetryIdentity::Gateway => IdentityMode::Gateway,
+        };
+        o.topic = TopicTemplate::parse(&section.topic)?;
+        o.commands = if section.commands_topic.is_empty() {
+            None
+        } else {
+            Some(CommandFilter::parse(&section.commands_topic)?)
+        };
+        o.max_bytes = section.max_bytes;
+        o.max_age = Duration::from_secs(section.max_age_secs);
+        o.when_full = match section.when_full {
+            ConfigWhenFull::Backpressure => WhenFull::Backpressure,
+            ConfigWhenFull::DropOldest => WhenFull::DropOldest,
+        };
+        o.max_upstream_connections = section.max_upstream_connections as usize;
+        o.idle = Duration::from_secs(section.idle_secs);
+        o.inflight = u16::try_from(section.inflight).map_err(|_| TelemetryError::Option {
+            key: "telemetry.inflight",
+            reason: format!("must be between 1 and 65535, got {}", section.inflight),
+        })?;
+        o.validate_settings()?;
+        Ok(o)
+    }
+
     fn validate(&self) -> Result<(), TelemetryError> {
+        self.validate_settings()?;
+        if self.identity == IdentityMode::Gateway && self.gateway.is_none() {
+            return Err(TelemetryError::Option {
+                key: "telemetry.identity",
+                reason: "\"gateway\" needs the gateway's upstream certificate and key".into(),
+            });
+        }
+        Ok(())
+    }
+
+    fn validate_settings(&self) -> Result<(), TelemetryError> {
         let bad = |key: &'static str, reason: String| Err(TelemetryError::Option { key, reason });
         if self.inflight == 0 {
             return bad("telemetry.inflight", "must be at least 1".into());
@@ -197,12 +282,6 @@ impl TelemetryOptions {
         }
         if self.reconnect_min.is_zero() {
             return bad("telemetry.reconnect_min", "must be above zero".into());
-        }
-        if self.identity == IdentityMode::Gateway && self.gateway.is_none() {
-            return bad(
-                "telemetry.identity",
-                "\"gateway\" needs the gateway's upstream certificate and key".into(),
-            );
         }
         Ok(())
     }
@@ -480,4 +559,52 @@ pub(crate) fn now_ms() -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn endpoint_parses_host_and_port_with_the_aws_default() {
+        let e =
+            UpstreamEndpoint::parse("abc-ats.iot.eu-west-1.amazonaws.com", String::new()).unwrap();
+        assert_eq!(
+            (e.host.as_str(), e.port),
+            ("abc-ats.iot.eu-west-1.amazonaws.com", 8883)
+        );
+        let e = UpstreamEndpoint::parse("localhost:18883", String::new()).unwrap();
+        assert_eq!((e.host.as_str(), e.port), ("localhost", 18883));
+        let e = UpstreamEndpoint::parse("[::1]:9000", String::new()).unwrap();
+        assert_eq!((e.host.as_str(), e.port), ("::1", 9000));
+        for bad in ["", ":8883", "host:0", "host:x", "mqtts://host"] {
+            let msg = UpstreamEndpoint::parse(bad, String::new())
+                .unwrap_err()
+                .to_string();
+            assert!(msg.contains("cloud.aws.endpoint"), "{bad}: {msg}");
+        }
+    }
+
+    #[test]
+    fn config_section_maps_onto_options() {
+        let mut section = crate::config::TelemetrySection {
+            topic: "site/{deviceId}{/subtopic}".into(),
+            when_full: crate::config::WhenFull::DropOldest,
+            inflight: 25,
+            idle_secs: 7,
+            ..Default::default()
+        };
+        let endpoint = UpstreamEndpoint::parse("localhost", String::new()).unwrap();
+        let o = TelemetryOptions::from_config(&section, endpoint.clone()).unwrap();
+        assert_eq!(o.topic.render("t", "d", "x"), "site/d/x");
+        assert_eq!(o.when_full, WhenFull::DropOldest);
+        assert_eq!(o.inflight, 25);
+        assert_eq!(o.idle, Duration::from_secs(7));
+        assert_eq!(o.identity, IdentityMode::Device);
+        section.max_bytes = 1000;
+        let msg = TelemetryOptions::from_config(&section, endpoint)
+            .unwrap_err()
+            .to_string();
+        assert!(msg.contains("telemetry.max_bytes"), "{msg}");
+    }
 }
