@@ -124,6 +124,7 @@ impl Gateway {
     async fn start(store: &Store, opts: TelemetryOptions) -> Self {
         let broker = EmbeddedBrokerOptions {
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            max_inflight: env_or("FLEETGW_BENCH_BROKER_INFLIGHT", 100) as usize,
             ..EmbeddedBrokerOptions::default()
         };
         let mut dopts =
@@ -917,4 +918,141 @@ async fn messages_older_than_max_age_are_not_sent() {
     assert_eq!(seqs, vec![5]);
     gw.stop().await;
     emu.shutdown().await;
+}
+
+fn env_or(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// The issue's loss benchmark, in-process: `FLEETGW_BENCH_DEVICES` (50) devices each publish
+/// `FLEETGW_BENCH_PER_DEVICE` (400) QoS 1 messages of 200 bytes, 10 in flight per device; with
+/// `FLEETGW_BENCH_OUTAGE_SECS` > 0 the emulator is in outage from a third of the run on.
+/// Prints throughput (first publish to last cloud PUBACK), device-to-cloud latency p50/p99
+/// and duplicates; asserts nothing lost and per-device order. `benches/telemetry.sh` runs it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "benchmark: run with --ignored (see benches/telemetry.sh)"]
+async fn bench_devices_through_an_outage() {
+    let n_devices = env_or("FLEETGW_BENCH_DEVICES", 50) as usize;
+    let per_device = env_or("FLEETGW_BENCH_PER_DEVICE", 400);
+    let outage_secs = env_or("FLEETGW_BENCH_OUTAGE_SECS", 0);
+    let total = n_devices as u64 * per_device;
+    let dir = tempfile::tempdir().unwrap();
+    let mut emu_opts = AwsEmulatorOptions::ephemeral(dir.path().join("emu"));
+    emu_opts.max_messages = (total as usize) * 2 + 1000;
+    let emu = aws::start(emu_opts).await.unwrap();
+    let store = open_store(dir.path());
+    let devices = provision_many(&store, &emu, n_devices).await;
+    let opts = options(&emu);
+    let window = u64::from(opts.inflight);
+    let gw = Gateway::start(&store, opts).await;
+    let port = gw.broker_port;
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for (id, _) in &devices {
+        let id = id.clone();
+        tasks.push(tokio::spawn(async move {
+            publish_timed(port, &id, per_device).await
+        }));
+    }
+    if outage_secs > 0 {
+        eventually("a third of the messages to be forwarded", || {
+            (gw.stats().forwarded >= total / 3).then_some(())
+        })
+        .await;
+        outage(&emu, outage_secs as f64).await;
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let published = started.elapsed();
+    let deadline = Instant::now() + Duration::from_secs(outage_secs + 600);
+    while gw.stats().forwarded < total || store.outbox_len() > 0 {
+        assert!(Instant::now() < deadline, "not drained: {:?}", gw.stats());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let elapsed = started.elapsed();
+    let mut latencies = Vec::with_capacity(total as usize);
+    let mut duplicates = 0;
+    let expected: Vec<u64> = (0..per_device).collect();
+    for (id, thing) in &devices {
+        let (status, list) = http(
+            emu.api_addr(),
+            "GET",
+            &format!("/messages?clientId={thing}"),
+            None,
+        )
+        .await;
+        assert_eq!(status, 200);
+        let mut seqs = Vec::new();
+        for m in list.as_array().unwrap() {
+            let raw = base64::engine::general_purpose::STANDARD
+                .decode(m["payloadBase64"].as_str().unwrap())
+                .unwrap();
+            let v: Value = serde_json::from_slice(&raw).unwrap();
+            seqs.push(v["seq"].as_u64().unwrap());
+            let sent = v["t"].as_u64().unwrap();
+            latencies.push(m["receivedAtMs"].as_u64().unwrap().saturating_sub(sent));
+        }
+        duplicates += check_sequence(id, &seqs, &expected);
+    }
+    latencies.sort_unstable();
+    let pct = |p: f64| latencies[((latencies.len() as f64 - 1.0) * p) as usize];
+    let stats = gw.stats();
+    eprintln!(
+        "BENCH devices={n_devices} messages={total} outage_s={outage_secs} elapsed_s={:.2} \
+         published_s={:.2} msgs_per_s={:.0} p50_ms={} p99_ms={} max_ms={} duplicates={duplicates} \
+         (window {window} x {n_devices} devices) upstream_disconnects={} flushes={} append_batches={} remove_batches={}",
+        elapsed.as_secs_f64(),
+        published.as_secs_f64(),
+        total as f64 / elapsed.as_secs_f64(),
+        pct(0.5),
+        pct(0.99),
+        latencies.last().copied().unwrap_or(0),
+        stats.upstream_disconnects,
+        store.flush_count(),
+        stats.append_batches,
+        stats.remove_batches,
+    );
+    assert_eq!(stats.dropped_full + stats.expired + stats.undeliverable, 0);
+    gw.stop().await;
+    emu.shutdown().await;
+}
+
+/// Like [`publish_range`] for 0..count, each payload ~200 bytes carrying its send time `t`.
+async fn publish_timed(broker_port: u16, id: &str, count: u64) {
+    let mut o = MqttOptions::new(format!("dev-{id}"), "127.0.0.1", broker_port);
+    o.set_keep_alive(Duration::from_secs(30))
+        .set_max_packet_size(1 << 20, 1 << 20)
+        .set_inflight(10);
+    let (client, mut eventloop) = AsyncClient::new(o, 16);
+    let topic = format!("fleetgw/{id}/telemetry");
+    let publisher = tokio::spawn(async move {
+        for n in 0..count {
+            let head = format!(r#"{{"seq":{n},"t":{},"pad":""#, now_ms());
+            let payload = format!(
+                "{head}{}\"}}",
+                "x".repeat(200usize.saturating_sub(head.len() + 2))
+            );
+            client
+                .publish(&topic, QoS::AtLeastOnce, false, payload)
+                .await
+                .unwrap();
+        }
+        client
+    });
+    let mut acked = 0;
+    while acked < count {
+        match timeout(Duration::from_secs(600), eventloop.poll()).await {
+            Ok(Ok(Event::Incoming(Packet::PubAck(_)))) => acked += 1,
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => panic!("device {id}: {e}"),
+            Err(_) => panic!("device {id}: only {acked} of {count} PUBACKs"),
+        }
+    }
+    let client = publisher.await.unwrap();
+    let _ = client.disconnect().await;
+    let _ = timeout(Duration::from_secs(1), eventloop.poll()).await;
 }

@@ -573,6 +573,7 @@ pub(crate) async fn remover(shared: Arc<Shared>, mut settled: mpsc::UnboundedRec
         }
         let c = &shared.counters;
         c.forwarded.fetch_add(forwarded, Ordering::Relaxed);
+        c.remove_batches.fetch_add(1, Ordering::Relaxed);
         c.memory_bytes.fetch_sub(mem, Ordering::Relaxed);
         shared.freed.notify_one();
         shared.room.notify_waiters();

@@ -208,6 +208,7 @@ impl Intake {
         counters
             .accepted
             .fetch_add(msgs.len() as u64, Ordering::Relaxed);
+        counters.append_batches.fetch_add(1, Ordering::Relaxed);
         let items = seqs
             .into_iter()
             .zip(msgs)

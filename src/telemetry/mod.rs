@@ -340,6 +340,8 @@ pub(crate) struct Counters {
     pub commands_failed: AtomicU64,
     pub upstream_connects: AtomicU64,
     pub upstream_disconnects: AtomicU64,
+    pub append_batches: AtomicU64,
+    pub remove_batches: AtomicU64,
     pub open_links: AtomicUsize,
     pub parked_devices: AtomicUsize,
     pub memory_bytes: AtomicUsize,
@@ -381,6 +383,11 @@ pub struct TelemetryStats {
     pub upstream_connects: u64,
     /// Upstream connections lost or refused.
     pub upstream_disconnects: u64,
+    /// Outbox appends (group commits) made by the intake; `accepted / append_batches` is
+    /// the mean batch size.
+    pub append_batches: u64,
+    /// Outbox removal batches made by the remover.
+    pub remove_batches: u64,
     /// Upstream connections open now.
     pub open_connections: u64,
     /// Devices waiting for a connection slot or for credentials.
@@ -492,6 +499,8 @@ impl Telemetry {
             commands_failed: get(&c.commands_failed),
             upstream_connects: get(&c.upstream_connects),
             upstream_disconnects: get(&c.upstream_disconnects),
+            append_batches: get(&c.append_batches),
+            remove_batches: get(&c.remove_batches),
             open_connections: c.open_links.load(Ordering::Relaxed) as u64,
             parked_devices: c.parked_devices.load(Ordering::Relaxed) as u64,
             memory_bytes: c.memory_bytes.load(Ordering::Relaxed) as u64,
