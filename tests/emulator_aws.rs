@@ -1156,6 +1156,13 @@ async fn discovery_files_describe_the_bound_listeners() {
         .as_str()
         .unwrap()
         .starts_with(root.to_str().unwrap()));
+    // And the gateway's own loader accepts it as a complete config.
+    let loaded = fleetgw::config::load(&root.join("gateway.toml"), &[]).unwrap();
+    assert_eq!(
+        loaded.cloud.aws.endpoint,
+        format!("localhost:{}", emu.mqtt_addr().port())
+    );
+    assert_eq!(loaded.cloud.aws.claim_key, root.join("claim.key"));
     emu.shutdown().await;
 }
 
@@ -1202,5 +1209,136 @@ async fn an_outage_drops_connections_and_refuses_new_ones_until_it_ends() {
         body["error"].as_str().unwrap().contains("dropResponses"),
         "{body}"
     );
+    emu.shutdown().await;
+}
+
+#[tokio::test]
+async fn templates_file_adds_templates_and_inactive_certificates_cannot_connect() {
+    let dir = tempfile::tempdir().unwrap();
+    let templates = dir.path().join("templates.json");
+    let file = serde_json::json!({"templates": [{
+        "templateName": "Quarantine",
+        "templateBody": serde_json::json!({
+            "Parameters": {"SerialNumber": {"Type": "String"}, "Site": {"Type": "String", "Default": "lab"}},
+            "Resources": {
+                "thing": {"Type": "AWS::IoT::Thing", "Properties": {
+                    "ThingName": {"Fn::Join": ["-", ["q", {"Ref": "Site"}, {"Ref": "SerialNumber"}]]},
+                    "AttributePayload": {"site": {"Ref": "Site"}}}},
+                "certificate": {"Type": "AWS::IoT::Certificate", "Properties": {
+                    "CertificateId": {"Ref": "AWS::IoT::Certificate::Id"}, "Status": "Inactive"}}
+            },
+            "DeviceConfiguration": {"site": {"Ref": "Site"}}
+        }).to_string(),
+        "preProvisioningHook": {"deny": {"SerialNumber": ["SN-STOLEN"]}}
+    }]});
+    std::fs::write(&templates, file.to_string()).unwrap();
+    let emu = emulator(&dir.path().join("emu"), |o| {
+        o.templates = Some(templates.clone())
+    })
+    .await;
+    assert_eq!(emu.templates(), ["FleetTemplate", "Quarantine"]);
+    let mut claim = Client::connect(emu.mqtt_addr(), "claim-q", claim_tls(&emu))
+        .await
+        .unwrap();
+    let (key, csr) = new_csr("q-1");
+    let cert = create_from_csr(&mut claim, JSON, &csr).await;
+    let token = cert.certificate_ownership_token.as_str();
+    let err = register(
+        &mut claim,
+        "Quarantine",
+        JSON,
+        token,
+        &[("SerialNumber", "SN-STOLEN")],
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(err.status_code, 403);
+    let reg = register(
+        &mut claim,
+        "Quarantine",
+        JSON,
+        token,
+        &[("SerialNumber", "7")],
+    )
+    .await
+    .unwrap();
+    assert_eq!(reg.thing_name, "q-lab-7");
+    assert_eq!(reg.device_configuration["site"], "lab");
+    assert_eq!(
+        certificate_status(&emu, &cert.certificate_id)
+            .await
+            .as_deref(),
+        Some("INACTIVE")
+    );
+    let err = Client::connect(
+        emu.mqtt_addr(),
+        "q-lab-7",
+        device_tls(&emu, &cert.certificate_pem, &key),
+    )
+    .await
+    .err()
+    .unwrap();
+    assert!(err.contains("NotAuthorized"), "{err}");
+    emu.shutdown().await;
+}
+
+#[tokio::test]
+async fn response_delay_and_dropped_response_faults() {
+    let dir = tempfile::tempdir().unwrap();
+    let emu = emulator(dir.path(), |_| {}).await;
+    let mut claim = Client::connect(emu.mqtt_addr(), "claim-faults", claim_tls(&emu))
+        .await
+        .unwrap();
+    let (status, _) = http(
+        emu.api_addr(),
+        "POST",
+        "/faults",
+        Some(r#"{"responseDelayMs": 300}"#),
+    )
+    .await;
+    assert_eq!(status, 200);
+    let started = Instant::now();
+    create_from_csr(&mut claim, JSON, &new_csr("slow").1).await;
+    assert!(started.elapsed() >= Duration::from_millis(300));
+
+    let (status, view) = http(
+        emu.api_addr(),
+        "POST",
+        "/faults",
+        Some(r#"{"dropResponses": 1.0, "responseDelayMs": 0}"#),
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert_eq!(view["dropResponses"], 1.0);
+    claim
+        .subscribe(&topics::accepted(&topics::create_from_csr(JSON)))
+        .await;
+    claim
+        .publish(
+            &topics::create_from_csr(JSON),
+            QoS::AtLeastOnce,
+            codec::encode(
+                JSON,
+                &CreateCertificateFromCsrRequest {
+                    certificate_signing_request: new_csr("dropped").1,
+                },
+            ),
+        )
+        .await;
+    eventually("the response to be dropped", || async {
+        (get(&emu, "/stats").await["requests"]["droppedResponses"] == 1).then_some(())
+    })
+    .await;
+    // The request was still served: the certificate exists, only its answer was lost.
+    assert_eq!(
+        get(&emu, "/certificates").await.as_array().unwrap().len(),
+        2
+    );
+
+    let (status, view) = http(emu.api_addr(), "DELETE", "/faults", None).await;
+    assert_eq!(status, 200);
+    assert_eq!(view["dropResponses"], 0.0);
+    let resp = create_from_csr(&mut claim, JSON, &new_csr("answered").1).await;
+    assert!(!resp.certificate_id.is_empty());
     emu.shutdown().await;
 }

@@ -59,10 +59,10 @@ pub struct ConfigArgs {
 pub enum Command {
     /// Generate a device key and CSR: writes DIR/ID.key (0600) and DIR/ID.csr.
     Csr(csr::Args),
-    /// Run a cloud emulator (AWS IoT) for tests, demos and benchmarks.
-    Emulate(emulate::Args),
     /// Check the config: print the effective config (secrets redacted), or the error (exit 78).
     CheckConfig(check_config::Args),
+    /// Run a cloud emulator (AWS IoT) for tests, demos and benchmarks.
+    Emulate(emulate::Args),
 }
 
 /// Parses argv, sets up logging and runs the chosen command.
@@ -71,7 +71,7 @@ pub fn main() -> ExitCode {
     logging::init(cli.log_format, None);
     match cli.command {
         Command::Csr(args) => csr::run(args),
-        Command::Emulate(args) => emulate::run(args),
         Command::CheckConfig(args) => check_config::run(args),
+        Command::Emulate(args) => emulate::run(args),
     }
 }

@@ -198,6 +198,19 @@ pub async fn start(opts: AwsEmulatorOptions) -> Result<AwsEmulatorHandle, Emulat
         path: opts.dir.clone(),
         source,
     })?;
+    // A previous run's emulator.json names dead ports: remove it so that its appearance
+    // always means "this run is listening".
+    let discovery = dir.join("emulator.json");
+    match std::fs::remove_file(&discovery) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(source) => {
+            return Err(EmulatorError::Io {
+                path: discovery,
+                source,
+            })
+        }
+    }
     let pki = {
         let pki_dir = dir.clone();
         tokio::task::spawn_blocking(move || Pki::load_or_create(&pki_dir))
@@ -502,12 +515,13 @@ fn write_discovery_files(handle: &AwsEmulatorHandle) -> Result<(), EmulatorError
             reason: format!("cannot encode: {e}"),
         })?;
     json_bytes.push(b'\n');
-    write(&handle.dir.join("emulator.json"), &json_bytes, 0o644)?;
     let config = gateway_toml(handle).map_err(|e| EmulatorError::Corrupt {
         path: handle.gateway_config_path(),
         reason: format!("cannot encode: {e}"),
     })?;
     write(&handle.gateway_config_path(), config.as_bytes(), 0o644)?;
+    // emulator.json last: scripts treat its appearance as "ready, everything written".
+    write(&handle.dir.join("emulator.json"), &json_bytes, 0o644)?;
     Ok(())
 }
 

@@ -361,6 +361,10 @@ impl Connection {
     ) -> Close {
         let mut outage = self.ctx.faults.outage_watch();
         outage.mark_unchanged();
+        // An outage that began during this connection's handshake drops it too.
+        if self.ctx.faults.in_outage() {
+            return Close::Dropped;
+        }
         if let Err(c) = self.queue(ServerPacket::ConnAck(ConnectOutcome::Accepted)) {
             return c;
         }

@@ -1,5 +1,5 @@
 //! The emulated AWS IoT registry: certificates (PENDING_ACTIVATION until RegisterThing, then
-//! ACTIVE) and things, kept in memory behind one mutex and persisted to `DIR/state.json`.
+//! ACTIVE or INACTIVE as the template says) and things, kept in memory behind one mutex and persisted to `DIR/state.json`.
 //!
 //! Persistence is a whole-registry JSON snapshot written atomically (temp file, fsync, rename)
 //! by one background task, at most once per [`SNAPSHOT_INTERVAL`], whenever something changed:
@@ -34,6 +34,9 @@ pub enum CertificateStatus {
     PendingActivation,
     /// Activated by RegisterThing; devices may connect with it.
     Active,
+    /// Registered by a template whose certificate resource says `Status: Inactive` (or has
+    /// no certificate resource): kept, but devices may not connect with it.
+    Inactive,
 }
 
 /// What a successful RegisterThing produced, kept on the certificate so that a repeated
@@ -121,7 +124,7 @@ pub struct NewRegistration {
     pub attributes: BTreeMap<String, String>,
     /// Device configuration to return.
     pub device_configuration: BTreeMap<String, String>,
-    /// Whether the template activates the certificate (Status Active).
+    /// Whether the template activates the certificate (Status Active) or leaves it INACTIVE.
     pub activate: bool,
 }
 
@@ -266,9 +269,11 @@ impl Registry {
             // AWS updates an existing thing's attributes from the template (merge).
             thing.attributes.extend(new.attributes);
             thing.certificate_ids.insert(certificate_id.to_string());
-            if new.activate {
-                cert.status = CertificateStatus::Active;
-            }
+            cert.status = if new.activate {
+                CertificateStatus::Active
+            } else {
+                CertificateStatus::Inactive
+            };
             let registration = Registration {
                 template_name: new.template_name,
                 thing_name: new.thing_name,
@@ -456,15 +461,29 @@ mod tests {
         reg.add_pending("a", 0, 100);
         reg.add_pending("b", 0, 200);
         reg.add_pending("c", 0, 300);
+        reg.add_pending("d", 0, 150);
         reg.register("b", new_registration("t"), 1);
+        let inactive = NewRegistration {
+            activate: false,
+            ..new_registration("t")
+        };
+        reg.register("d", inactive, 1);
+        assert_eq!(reg.device_access("d", "t"), DeviceAccess::NotActive);
         assert_eq!(reg.sweep_expired(99), 0);
         assert_eq!(reg.sweep_expired(250), 1);
-        let ids: Vec<_> = reg
+        let kept: Vec<_> = reg
             .certificates()
             .into_iter()
-            .map(|c| c.certificate_id)
+            .map(|c| (c.certificate_id, c.status))
             .collect();
-        assert_eq!(ids, ["b", "c"]);
+        assert_eq!(
+            kept,
+            [
+                ("b".to_string(), CertificateStatus::Active),
+                ("c".to_string(), CertificateStatus::PendingActivation),
+                ("d".to_string(), CertificateStatus::Inactive)
+            ]
+        );
         assert_eq!(
             reg.register("a", new_registration("t"), 2),
             RegisterOutcome::UnknownCertificate
