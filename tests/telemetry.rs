@@ -1056,3 +1056,136 @@ async fn publish_timed(broker_port: u16, id: &str, count: u64) {
     let _ = client.disconnect().await;
     let _ = timeout(Duration::from_secs(1), eventloop.poll()).await;
 }
+
+/// The baseline users run today, for `benches/telemetry.sh`: mosquitto as the local broker,
+/// bridged (MQTT 3.1.1, in-memory queue, default limits) to the emulator with a gateway
+/// certificate. Same load as [`bench_devices_through_an_outage`]; counts what the emulator got
+/// by sequence numbers. Nothing is asserted about loss: measuring it is the point.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "benchmark: run with --ignored (see benches/telemetry.sh)"]
+async fn bench_mosquitto_bridge_baseline() {
+    let n_devices = env_or("FLEETGW_BENCH_DEVICES", 50) as usize;
+    let per_device = env_or("FLEETGW_BENCH_PER_DEVICE", 400);
+    let total = n_devices as u64 * per_device;
+    let dir = tempfile::tempdir().unwrap();
+    let mut emu_opts = AwsEmulatorOptions::ephemeral(dir.path().join("emu"));
+    emu_opts.max_messages = (total as usize) * 2 + 1000;
+    let emu = aws::start(emu_opts).await.unwrap();
+    // The bridge's identity: a thing provisioned like any device.
+    let store = open_store(dir.path());
+    let gw_thing = provision_many(&store, &emu, 1).await[0].1.clone();
+    let gw_id = DeviceId::parse("sensor-00").unwrap();
+    let rec = store.device(&gw_id).unwrap().unwrap();
+    let files = dir.path();
+    std::fs::write(files.join("ca.pem"), emu.ca_pem()).unwrap();
+    std::fs::write(
+        files.join("gw.pem"),
+        rec.provision.certificate_pem.as_deref().unwrap(),
+    )
+    .unwrap();
+    std::fs::write(files.join("gw.key"), store.secret(&gw_id).unwrap().unwrap()).unwrap();
+    let mosquitto = Mosquitto::start(&MosquittoConfig {
+        extra: vec![
+            "connection cloud".into(),
+            format!("address 127.0.0.1:{}", emu.mqtt_addr().port()),
+            format!("remote_clientid {gw_thing}"),
+            "bridge_protocol_version mqttv311".into(),
+            "try_private false".into(),
+            "notifications false".into(),
+            "cleansession true".into(),
+            format!("bridge_cafile {}", files.join("ca.pem").display()),
+            format!("bridge_certfile {}", files.join("gw.pem").display()),
+            format!("bridge_keyfile {}", files.join("gw.key").display()),
+            "topic fleetgw/+/telemetry out 1".into(),
+        ],
+        ..MosquittoConfig::anonymous()
+    });
+    // The bridge connects on its own schedule; wait until it is up.
+    let deadline = Instant::now() + LIMIT;
+    loop {
+        let (_, stats) = http(emu.api_addr(), "GET", "/stats", None).await;
+        if stats["connections"]["open"].as_u64().unwrap_or(0) > 0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "bridge not connected: {}",
+            mosquitto.log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for i in 0..n_devices {
+        let id = format!("sensor-{i:02}");
+        let port = mosquitto.port();
+        tasks.push(tokio::spawn(async move {
+            publish_timed(port, &id, per_device).await
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let acked_in = started.elapsed();
+    // Let the bridge drain: stop when the count has not moved for 2 s.
+    let mut last = (0u64, Instant::now());
+    loop {
+        let (_, stats) = http(emu.api_addr(), "GET", "/stats", None).await;
+        let n = stats["messages"].as_u64().unwrap_or(0);
+        if n != last.0 {
+            last = (n, Instant::now());
+        } else if last.1.elapsed() > Duration::from_secs(2) || n >= total {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let delivered_in = last.1.duration_since(started);
+    let (_, list) = http(
+        emu.api_addr(),
+        "GET",
+        &format!("/messages?clientId={gw_thing}"),
+        None,
+    )
+    .await;
+    let mut distinct = std::collections::HashSet::new();
+    let mut latencies = Vec::new();
+    for m in list.as_array().unwrap() {
+        let raw = base64::engine::general_purpose::STANDARD
+            .decode(m["payloadBase64"].as_str().unwrap())
+            .unwrap();
+        let v: Value = serde_json::from_slice(&raw).unwrap();
+        let key = (
+            m["topic"].as_str().unwrap().to_string(),
+            v["seq"].as_u64().unwrap(),
+        );
+        if distinct.insert(key) {
+            latencies.push(
+                m["receivedAtMs"]
+                    .as_u64()
+                    .unwrap()
+                    .saturating_sub(v["t"].as_u64().unwrap()),
+            );
+        }
+    }
+    latencies.sort_unstable();
+    let pct = |p: f64| {
+        latencies
+            .get(((latencies.len().max(1) - 1) as f64 * p) as usize)
+            .copied()
+            .unwrap_or(0)
+    };
+    let delivered = distinct.len() as u64;
+    eprintln!(
+        "BASELINE mosquitto-bridge devices={n_devices} acked_to_devices={total} in {:.2}s ({:.0}/s) \
+         delivered={delivered} in {:.2}s ({:.0}/s) lost={} ({:.1}%) p50_ms={} p99_ms={}",
+        acked_in.as_secs_f64(),
+        total as f64 / acked_in.as_secs_f64(),
+        delivered_in.as_secs_f64(),
+        delivered as f64 / delivered_in.as_secs_f64().max(0.001),
+        total - delivered,
+        (total - delivered) as f64 * 100.0 / total as f64,
+        pct(0.5),
+        pct(0.99),
+    );
+    emu.shutdown().await;
+}
