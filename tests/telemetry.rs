@@ -968,7 +968,8 @@ async fn bench_devices_through_an_outage() {
         t.await.unwrap();
     }
     let published = started.elapsed();
-    let deadline = Instant::now() + Duration::from_secs(outage_secs + 600);
+    let deadline =
+        Instant::now() + Duration::from_secs(outage_secs + env_or("FLEETGW_BENCH_DRAIN_SECS", 600));
     while gw.stats().forwarded < total || store.outbox_len() > 0 {
         assert!(Instant::now() < deadline, "not drained: {:?}", gw.stats());
         tokio::time::sleep(Duration::from_millis(20)).await;

@@ -483,6 +483,25 @@ impl Driver {
 
     /// Puts unacknowledged messages back in order; returns how many will be sent again.
     fn on_connection_lost(&mut self) -> usize {
+        // rumqttc may return the error with events of the lost connection still buffered (a
+        // read that ended in an error, a publish whose write failed), and would hand them out
+        // after the next CONNACK, where a stale `Outgoing::Publish` would pair a new message
+        // with an old packet id. Settle them now: PUBACKs that did arrive count, packet ids
+        // are paired as before; everything unacknowledged is requeued below anyway.
+        let stale: Vec<Event> = self.eventloop.state.events.drain(..).collect();
+        for event in stale {
+            match event {
+                Event::Outgoing(outgoing) => {
+                    self.on_outgoing(outgoing);
+                }
+                Event::Incoming(Incoming::PubAck(ack)) => self.on_incoming(Incoming::PubAck(ack)),
+                // A command's ack would carry an old packet id on the new connection.
+                Event::Incoming(_) => {}
+            }
+        }
+        // A publish held back by a packet id collision is ours (in `collided`, requeued
+        // below); left in place, it would keep rumqttc from taking new requests for good.
+        self.eventloop.state.collision = None;
         let mut st = self.shared.lock();
         st.connected = false;
         // poll() moved rumqttc's unacknowledged publishes and its request channel into
