@@ -12,5 +12,6 @@ pub mod device_id;
 pub mod downstream;
 pub mod emulator;
 pub mod identity;
+pub mod provision;
 pub mod store;
 pub mod telemetry;

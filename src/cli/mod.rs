@@ -7,6 +7,7 @@ mod check_config;
 mod csr;
 mod emulate;
 mod logging;
+mod run;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -61,6 +62,8 @@ pub enum Command {
     Csr(csr::Args),
     /// Check the config: print the effective config (secrets redacted), or the error (exit 78).
     CheckConfig(check_config::Args),
+    /// Run the gateway daemon until SIGTERM/SIGINT.
+    Run(run::Args),
     /// Run a cloud emulator (AWS IoT) for tests, demos and benchmarks.
     Emulate(emulate::Args),
 }
@@ -68,10 +71,14 @@ pub enum Command {
 /// Parses argv, sets up logging and runs the chosen command.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    logging::init(cli.log_format, None);
+    // `run` sets up logging itself, with the level and format of its config.
+    if !matches!(cli.command, Command::Run(_)) {
+        logging::init(cli.log_format, None);
+    }
     match cli.command {
         Command::Csr(args) => csr::run(args),
         Command::CheckConfig(args) => check_config::run(args),
+        Command::Run(args) => run::run(args, cli.log_format),
         Command::Emulate(args) => emulate::run(args),
     }
 }

@@ -12,7 +12,6 @@ use std::time::Duration;
 use crate::admission::{self, Admission, AdmissionOptions};
 use crate::cloud::aws::claim::ClaimOptions;
 use crate::cloud::aws::{AwsProvider, AwsProviderOptions, OWNERSHIP_TOKEN_TTL};
-use crate::cloud::codec::PayloadFormat;
 use crate::config::{self, BrokerMode, CloudProvider, Config};
 use crate::downstream::{
     gateway_client_id, BrokerOptions, Downstream, DownstreamOptions, EmbeddedBrokerOptions,
@@ -86,7 +85,7 @@ pub fn run(args: Args, log_format: Option<LogFormat>) -> ExitCode {
         config::LogFormat::Text => None,
         config::LogFormat::Json => Some(LogFormat::Json),
     });
-    logging::init(format, Some(&cfg.log.level));
+    logging::init(format, Some(&log_filter(&cfg.log.level)));
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("fleetgw")
@@ -99,6 +98,18 @@ pub fn run(args: Args, log_format: Option<LogFormat>) -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => fail(&e),
     }
+}
+
+/// The configured filter, with the MQTT libraries' per-connection chatter (one line per device
+/// connection at info) kept to warnings unless the filter names them itself.
+fn log_filter(level: &str) -> String {
+    let mut filter = level.to_string();
+    for noisy in ["rumqttd", "rumqttc"] {
+        if !level.contains(noisy) {
+            filter.push_str(&format!(",{noisy}=warn"));
+        }
+    }
+    filter
 }
 
 fn fail(e: &RunError) -> ExitCode {
@@ -153,7 +164,7 @@ async fn daemon(cfg: Config) -> Result<(), RunError> {
 
     tracing::info!(
         gateway = %cfg.gateway.id,
-        admission = ?cfg.admission.mode,
+        admission = %cfg.admission.mode,
         sessions = cfg.cloud.aws.sessions,
         "fleetgw ready"
     );
@@ -204,12 +215,6 @@ fn read_text(path: &Path) -> Result<String, RunError> {
 
 fn admission_options(cfg: &Config) -> Result<AdmissionOptions, RunError> {
     let a = &cfg.admission;
-    let mode = match a.mode {
-        config::AdmissionMode::Approve => admission::AdmissionMode::Approve,
-        config::AdmissionMode::Open => admission::AdmissionMode::Open,
-        config::AdmissionMode::SymmetricKey => admission::AdmissionMode::SymmetricKey,
-        config::AdmissionMode::X509 => admission::AdmissionMode::X509,
-    };
     let group_key = match (&a.group_key, &a.group_key_file) {
         (Some(text), _) => Some(admission::decode_group_key(text, "admission.group_key")?),
         (None, Some(path)) => {
@@ -223,7 +228,7 @@ fn admission_options(cfg: &Config) -> Result<AdmissionOptions, RunError> {
     };
     let trusted_ca_pem = a.trusted_ca.as_deref().map(read_text).transpose()?;
     Ok(AdmissionOptions {
-        mode,
+        mode: a.mode,
         group_key,
         trusted_ca_pem,
         x509_window_secs: a.x509_window_secs,
@@ -313,10 +318,7 @@ fn aws_options(cfg: &Config) -> Result<AwsProviderOptions, RunError> {
             client_id_prefix: format!("fleetgw-{}-claim", cfg.gateway.id),
             sessions: aws.sessions.max(1) as usize,
             template: aws.template.clone(),
-            format: match aws.format {
-                config::PayloadFormat::Json => PayloadFormat::Json,
-                config::PayloadFormat::Cbor => PayloadFormat::Cbor,
-            },
+            format: aws.format,
             keep_alive: Duration::from_secs(aws.keep_alive_secs),
             request_timeout,
             connect_timeout: Duration::from_secs(10),
@@ -402,12 +404,22 @@ fn engine_options(cfg: &Config) -> EngineOptions {
     opts.retry_max = Duration::from_millis(p.retry_max_ms.max(p.retry_base_ms).max(1));
     opts.device_rate_per_minute = cfg.downstream.device_rate_per_minute;
     opts.shutdown_grace = Duration::from_millis(p.request_timeout_ms) + Duration::from_secs(5);
+    opts.certificates_in_flight = cfg.cloud.aws.sessions.max(1) as usize;
     opts
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn log_filter_quiets_mqtt_libraries_unless_named() {
+        assert_eq!(log_filter("info"), "info,rumqttd=warn,rumqttc=warn");
+        assert_eq!(
+            log_filter("debug,rumqttd=info"),
+            "debug,rumqttd=info,rumqttc=warn"
+        );
+    }
 
     #[test]
     fn endpoints_split_into_host_and_port() {

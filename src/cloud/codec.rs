@@ -154,9 +154,30 @@ pub fn decode<T: DeserializeOwned>(fmt: PayloadFormat, bytes: &[u8]) -> Result<T
             limit: MAX_PAYLOAD_BYTES,
         });
     }
+    refuse_sequences(fmt, bytes)?;
     match fmt {
         PayloadFormat::Json => decode_json(bytes),
         PayloadFormat::Cbor => decode_cbor(bytes),
+    }
+}
+
+/// Every payload of the API is a map. serde's derived structs also accept a sequence of the
+/// fields in order, which would let `["..."]` through as a request; refuse it up front.
+fn refuse_sequences(fmt: PayloadFormat, bytes: &[u8]) -> Result<(), CodecError> {
+    // Anything else that is not a map fails in serde with a type error of its own.
+    let is_sequence = match fmt {
+        PayloadFormat::Json => bytes.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'['),
+        // Major type 4 (array), definite or indefinite length.
+        PayloadFormat::Cbor => bytes.first().is_some_and(|b| b >> 5 == 4),
+    };
+    if is_sequence {
+        Err(CodecError::invalid(
+            fmt,
+            ".",
+            "expected a map (object) payload, found an array",
+        ))
+    } else {
+        Ok(())
     }
 }
 
@@ -780,5 +801,26 @@ mod tests {
             ),
             "{err}"
         );
+    }
+
+    #[test]
+    fn a_sequence_is_not_a_request() {
+        let json = decode::<CreateCertificateFromCsrRequest>(
+            PayloadFormat::Json,
+            br#"["-----BEGIN CERTIFICATE REQUEST-----"]"#,
+        )
+        .unwrap_err();
+        assert_eq!(
+            json.to_string(),
+            "invalid json payload: .: expected a map (object) payload, found an array"
+        );
+        let cbor_array = encode(PayloadFormat::Cbor, &vec!["csr"]);
+        let cbor = decode::<CreateCertificateFromCsrRequest>(PayloadFormat::Cbor, &cbor_array)
+            .unwrap_err();
+        assert!(
+            matches!(cbor, CodecError::Invalid { ref path, .. } if path == "."),
+            "{cbor}"
+        );
+        assert!(decode::<RegisterThingRequest>(PayloadFormat::Json, b"").is_err());
     }
 }

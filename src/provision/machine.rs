@@ -210,6 +210,13 @@ async fn prepare_key(inner: &Inner, rec: DeviceRecord) -> Step {
 }
 
 async fn create_certificate(inner: &Inner, rec: DeviceRecord, csr: &str) -> Step {
+    // Bounds the certificates a crash can orphan: a permit is held until the result is durable.
+    let Ok(_permit) = inner.certificate_permits.acquire().await else {
+        return Step::Done;
+    };
+    if inner.is_stopping() {
+        return Step::Done;
+    }
     match inner.provider.create_certificate(&rec.id, csr).await {
         Ok(issued) => {
             let token = match issued.ownership_token.expose_str() {
@@ -284,20 +291,16 @@ async fn register(inner: &Inner, rec: DeviceRecord, issued: IssuedCertificate) -
 /// Back to `KeyReady` with the same CSR: the certificate of a refused token is useless.
 async fn new_certificate(inner: &Inner, rec: DeviceRecord, reason: &str) -> Step {
     tracing::info!(device = %rec.id, "requesting a new certificate: {reason}");
-    let mut next = rec.clone();
-    next.attempts = next.attempts.saturating_add(1);
-    next.last_error = Some(ErrorInfo {
+    let error = ErrorInfo {
         status_code: 400,
         error_code: crate::cloud::INVALID_OWNERSHIP_TOKEN.into(),
         error_message: reason.to_string(),
-    });
+    };
+    let mut next = rec.clone();
+    next.attempts = next.attempts.saturating_add(1);
+    next.last_error = Some(error.clone());
     if next.attempts >= inner.opts.max_attempts {
-        let error = next.last_error.clone().unwrap_or_else(|| ErrorInfo {
-            status_code: 400,
-            error_code: crate::cloud::INVALID_OWNERSHIP_TOKEN.into(),
-            error_message: reason.to_string(),
-        });
-        return fail(inner, rec, error).await;
+        return fail(inner, next, error).await;
     }
     next.provision.certificate_id = None;
     next.provision.certificate_pem = None;
@@ -370,6 +373,8 @@ async fn cloud_error(inner: &Inner, rec: DeviceRecord, e: CloudError) -> Step {
     }
     let attempts = rec.attempts.saturating_add(1);
     if attempts >= inner.opts.max_attempts {
+        let mut rec = rec;
+        rec.attempts = attempts;
         return fail(inner, rec, error).await;
     }
     tracing::info!(device = %rec.id, attempts, "transient cloud error, retrying: {e}");

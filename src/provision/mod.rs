@@ -13,7 +13,7 @@ mod limit;
 mod machine;
 pub mod request;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -24,7 +24,7 @@ use tokio::task::JoinHandle;
 use crate::admission::Admission;
 use crate::cloud::Provider;
 use crate::device_id::DeviceId;
-use crate::downstream::contract::{self as wire, DeviceStatus, RejectedResponse, StatusReport};
+use crate::downstream::contract::{DeviceStatus, RejectedResponse, StatusReport};
 use crate::downstream::{DeviceTopic, DownstreamMessage, DownstreamSession, PayloadFormat};
 use crate::identity::{KeyType, Sealer};
 use crate::store::{DeviceRecord, DeviceState, Store, StoreError};
@@ -61,6 +61,9 @@ pub struct EngineOptions {
     pub intake_concurrency: usize,
     /// How long [`Engine::shutdown`] waits for steps in flight.
     pub shutdown_grace: Duration,
+    /// Certificates requested but not yet persisted, at most (set it to the number of claim
+    /// sessions): a crash can orphan only these, so at most this many per crash.
+    pub certificates_in_flight: usize,
 }
 
 impl EngineOptions {
@@ -76,6 +79,7 @@ impl EngineOptions {
             workers: 256,
             intake_concurrency: 1024,
             shutdown_grace: Duration::from_secs(15),
+            certificates_in_flight: 4,
         }
     }
 }
@@ -142,6 +146,8 @@ pub(crate) struct Inner {
     stopping: watch::Sender<bool>,
     counters: Counters,
     crash_after: Option<String>,
+    /// Held from CreateCertificateFromCsr until its result is durable.
+    certificate_permits: Semaphore,
 }
 
 /// The running engine.
@@ -184,6 +190,7 @@ impl Engine {
             admission: parts.admission,
             sealer: parts.sealer,
             limit: std::sync::Mutex::new(DeviceRateLimit::new(opts.device_rate_per_minute)),
+            certificate_permits: Semaphore::new(opts.certificates_in_flight.max(1)),
             opts,
             active: std::sync::Mutex::new(HashMap::new()),
             jobs,
@@ -361,7 +368,12 @@ impl Inner {
         let result = match follow_up {
             FollowUp::Nothing => Ok(()),
             FollowUp::Reject(fmt, rejected) => {
-                tracing::info!(%device, code = %rejected.error_code, "request refused: {}", rejected.error_message);
+                // A flooding device must not flood the log as well.
+                if rejected.status_code == 429 {
+                    tracing::debug!(%device, "request refused: {}", rejected.error_message);
+                } else {
+                    tracing::info!(%device, code = %rejected.error_code, "request refused: {}", rejected.error_message);
+                }
                 self.counters
                     .rejected_requests
                     .fetch_add(1, Ordering::Relaxed);
@@ -528,11 +540,3 @@ fn store_unavailable(format: PayloadFormat, device: &DeviceId, e: &StoreError) -
         ),
     )
 }
-
-/// The RegisterThing parameters configured by default, `{id}` not yet replaced.
-pub fn default_parameters() -> BTreeMap<String, String> {
-    BTreeMap::from([("SerialNumber".to_string(), "{id}".to_string())])
-}
-
-/// Wire helpers re-exported for the simulator and tests.
-pub use wire::{AcceptedResponse, ProvisionRequest};

@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 
 use crate::admission::{Admission, Decision};
 use crate::device_id::DeviceId;
-use crate::downstream::contract::{ProvisionRequest, RejectedResponse};
+use crate::downstream::contract::{self, ProvisionRequest, RejectedResponse};
 use crate::downstream::PayloadFormat;
 use crate::identity::{self, IdentityError, KeyType};
 
@@ -27,8 +27,7 @@ pub mod error_code {
     pub const DEVICE_BLOCKED: &str = "DeviceBlocked";
     /// The gateway could not record the request (store failure); the device may retry.
     pub const GATEWAY_UNAVAILABLE: &str = "GatewayUnavailable";
-    /// The request is larger than `downstream.max_request_bytes`.
-    pub const PAYLOAD_TOO_LARGE: &str = "PayloadTooLarge";
+    pub use crate::downstream::contract::error_code::{INVALID_PAYLOAD, PAYLOAD_TOO_LARGE};
 }
 
 /// A request that passed every check: what the engine stores with the device.
@@ -73,7 +72,8 @@ pub fn check_request(
             ),
         ));
     }
-    let request = ProvisionRequest::decode(format, payload).map_err(|e| e.to_rejected())?;
+    let request =
+        ProvisionRequest::decode(format, payload).map_err(|e| contract::rejected_for(&e))?;
     let own_csr = match &request.csr {
         Some(csr) => Some(check_csr(policy, device, csr)?),
         None => None,

@@ -91,9 +91,14 @@ pub enum ClaimResponse {
     Rejected(Bytes),
 }
 
+/// Checks that an `/accepted` payload answers the request it is taken for (e.g. that a
+/// certificate carries the CSR's public key); `Err` says why not.
+pub type ResponseCheck = Box<dyn FnOnce(&[u8]) -> Result<(), String> + Send>;
+
 struct ClaimRequest {
     api: ClaimApi,
     payload: Vec<u8>,
+    check: Option<ResponseCheck>,
     started: oneshot::Sender<()>,
     reply: oneshot::Sender<Result<ClaimResponse, CloudError>>,
 }
@@ -160,13 +165,20 @@ impl ClaimPool {
     ///
     /// Fails with [`CloudError::Disconnected`] when no session takes the request within the
     /// queue timeout (the cloud is unreachable), [`CloudError::Timeout`] when the request was
-    /// sent but not answered in time.
-    pub async fn call(&self, api: ClaimApi, payload: Vec<u8>) -> Result<ClaimResponse, CloudError> {
+    /// sent but not answered in time, [`CloudError::Protocol`] when `check` refuses the
+    /// accepted answer (the session then reconnects: its answers cannot be trusted to line up).
+    pub async fn call(
+        &self,
+        api: ClaimApi,
+        payload: Vec<u8>,
+        check: Option<ResponseCheck>,
+    ) -> Result<ClaimResponse, CloudError> {
         let (started_tx, started_rx) = oneshot::channel();
         let (reply_tx, reply_rx) = oneshot::channel();
         let request = ClaimRequest {
             api,
             payload,
+            check,
             started: started_tx,
             reply: reply_tx,
         };
@@ -299,6 +311,8 @@ impl ClaimSession {
         let (client, mut eventloop) = AsyncClient::new(self.mqtt_options(), 16);
         let mut net = NetworkOptions::new();
         net.set_connection_timeout(self.opts.connect_timeout.as_secs().max(1));
+        // One small request, one answer: Nagle plus delayed ACKs would add ~40 ms to each.
+        net.set_tcp_nodelay(true);
         eventloop.set_network_options(net);
         let (tx, mut events) = mpsc::channel(32);
         let poller = PollerGuard(tokio::spawn(poll_events(eventloop, tx)));
@@ -345,6 +359,7 @@ impl ClaimSession {
         }
 
         self.counters.connected.fetch_add(1, Ordering::Relaxed);
+        tracing::info!(session = %self.client_id, endpoint = %format!("{}:{}", self.opts.host, self.opts.port), "claim session connected");
         let ended = self.serve_requests(&client, &mut events).await;
         self.counters.connected.fetch_sub(1, Ordering::Relaxed);
         drop(poller);
@@ -408,6 +423,7 @@ impl ClaimSession {
             let (accepted, rejected) = (topics::accepted(topic), topics::rejected(topic));
             let api = request.api.name();
             let reply = request.reply;
+            let check = request.check;
             let deadline = Instant::now() + self.opts.request_timeout;
             let sent = timeout_at(
                 deadline,
@@ -448,6 +464,15 @@ impl ClaimSession {
                     }
                     Ok(Some(LinkEvent::Publish { topic, payload })) => {
                         if topic == accepted {
+                            if let Some(check) = check {
+                                if let Err(reason) = check(&payload) {
+                                    let _ = reply.send(Err(CloudError::Protocol { api, reason }));
+                                    return failed(
+                                        format!("{api}: an answer did not fit its request; reconnecting"),
+                                        true,
+                                    );
+                                }
+                            }
                             let _ = reply.send(Ok(ClaimResponse::Accepted(payload)));
                             break;
                         }

@@ -18,7 +18,7 @@ use crate::cloud::{BoxFuture, CloudError, IssuedCertificate, Provider, Registrat
 use crate::device_id::DeviceId;
 use crate::identity::{self, Secret};
 
-use super::claim::{ClaimApi, ClaimOptions, ClaimPool, ClaimResponse};
+use super::claim::{ClaimApi, ClaimOptions, ClaimPool, ClaimResponse, ResponseCheck};
 
 /// How long AWS accepts an ownership token (1 hour), less a margin for clocks and the
 /// RegisterThing round trip.
@@ -73,9 +73,10 @@ impl AwsProvider {
         api: ClaimApi,
         limiter: &AdaptiveRateLimiter,
         payload: Vec<u8>,
+        check: Option<ResponseCheck>,
     ) -> Result<bytes::Bytes, CloudError> {
         limiter.acquire().await;
-        match self.pool.call(api, payload).await? {
+        match self.pool.call(api, payload, check).await? {
             ClaimResponse::Accepted(body) => {
                 limiter.on_success().await;
                 Ok(body)
@@ -113,30 +114,15 @@ impl AwsProvider {
                 certificate_signing_request: csr_pem.to_string(),
             },
         );
-        let body = self.call(api, &self.create_rate, payload).await?;
+        let check = certificate_fits_csr(self.format, device.clone(), csr_pem.to_string());
+        let body = self
+            .call(api, &self.create_rate, payload, Some(check))
+            .await?;
         let resp: CreateCertificateFromCsrResponse =
             codec::decode(self.format, &body).map_err(|e| CloudError::Protocol {
                 api: api.name(),
                 reason: format!("accepted response: {e}"),
             })?;
-        match identity::cert_matches_csr(&resp.certificate_pem, csr_pem) {
-            Ok(true) => {}
-            Ok(false) => {
-                return Err(CloudError::Protocol {
-                    api: api.name(),
-                    reason: format!(
-                        "certificate {} does not carry the public key of device {device}'s CSR",
-                        resp.certificate_id
-                    ),
-                })
-            }
-            Err(e) => {
-                return Err(CloudError::Protocol {
-                    api: api.name(),
-                    reason: format!("certificate {}: {e}", resp.certificate_id),
-                })
-            }
-        }
         Ok(IssuedCertificate {
             certificate_id: resp.certificate_id,
             certificate_pem: resp.certificate_pem,
@@ -165,7 +151,7 @@ impl AwsProvider {
                 parameters: parameters.clone(),
             },
         );
-        let body = self.call(api, &self.register_rate, payload).await?;
+        let body = self.call(api, &self.register_rate, payload, None).await?;
         let resp: RegisterThingResponse =
             codec::decode(self.format, &body).map_err(|e| CloudError::Protocol {
                 api: api.name(),
@@ -199,6 +185,23 @@ impl Provider for AwsProvider {
     ) -> BoxFuture<'a, Result<Registration, CloudError>> {
         Box::pin(self.register_thing(issued, parameters))
     }
+}
+
+/// The check that an accepted CreateCertificateFromCsr answer is for this CSR: a response that
+/// does not fit its request is never a certificate for the wrong device.
+fn certificate_fits_csr(format: PayloadFormat, device: DeviceId, csr_pem: String) -> ResponseCheck {
+    Box::new(move |body: &[u8]| {
+        let resp: CreateCertificateFromCsrResponse =
+            codec::decode(format, body).map_err(|e| format!("accepted response: {e}"))?;
+        match identity::cert_matches_csr(&resp.certificate_pem, &csr_pem) {
+            Ok(true) => Ok(()),
+            Ok(false) => Err(format!(
+                "certificate {} does not carry the public key of device {device}'s CSR",
+                resp.certificate_id
+            )),
+            Err(e) => Err(format!("certificate {}: {e}", resp.certificate_id)),
+        }
+    })
 }
 
 fn now_ms() -> u64 {

@@ -1,0 +1,1464 @@
+//! End-to-end tests of provisioning: `fleetgw emulate aws` and `fleetgw run` as real processes,
+//! devices as rumqttc clients on the daemon's embedded broker.
+//!
+//! Each test starts its own emulator (MQTT and API on free ports) and daemon (downstream on a
+//! free port, state in a temp dir), drives devices through the device contract and checks the
+//! outcome three ways: what each device received (a certificate that chains to the emulator CA
+//! and matches the device's key), what the cloud holds (exactly one thing per device, no stray
+//! certificates) and what the store holds after a clean stop.
+
+use std::collections::{BTreeMap, HashMap};
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use fleetgw::admission::{sas, Attestation};
+use fleetgw::device_id::DeviceId;
+use fleetgw::downstream::contract::{self, AcceptedResponse, ProvisionRequest, RejectedResponse};
+use fleetgw::downstream::PayloadFormat;
+use fleetgw::identity::{self, KeyType, PrivateKey};
+use fleetgw::store::{DeviceState, Store, StoreOptions};
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use serde_json::Value;
+
+mod common;
+
+const BIN: &str = env!("CARGO_BIN_EXE_fleetgw");
+
+// ---------- processes ----------
+
+/// A child process killed (SIGKILL) when dropped; its output goes to a log file.
+struct Proc {
+    child: Child,
+    log: PathBuf,
+}
+
+impl Proc {
+    fn spawn(args: &[String], log: &Path, envs: &[(&str, &str)]) -> Proc {
+        let out = std::fs::File::create(log).unwrap();
+        let err = out.try_clone().unwrap();
+        let mut cmd = Command::new(BIN);
+        cmd.args(args)
+            .env("RUST_LOG", "info,rumqttd=warn,rumqttc=warn")
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err);
+        for (k, v) in envs {
+            cmd.env(k, v);
+        }
+        Proc {
+            child: cmd.spawn().unwrap(),
+            log: log.to_path_buf(),
+        }
+    }
+
+    fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn signal(&self, sig: i32) {
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe {
+            libc::kill(self.child.id() as i32, sig);
+        }
+    }
+
+    fn wait_exit(&mut self, within: Duration) -> ExitStatus {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "process did not exit within {within:?}; log:\n{}",
+                tail(&self.log_text())
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn tail(s: &str) -> String {
+    let lines: Vec<&str> = s.lines().collect();
+    lines[lines.len().saturating_sub(40)..].join("\n")
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn poll_until<T>(what: &str, within: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(25));
+    }
+}
+
+// ---------- emulator ----------
+
+struct Emulator {
+    _proc: Proc,
+    dir: PathBuf,
+    api: String,
+    ca_pem: String,
+}
+
+impl Emulator {
+    fn start(dir: &Path, extra: &[&str]) -> Emulator {
+        let emu_dir = dir.join("emu");
+        let _ = std::fs::remove_file(emu_dir.join("emulator.json"));
+        let mut args: Vec<String> = [
+            "emulate",
+            "aws",
+            "--dir",
+            emu_dir.to_str().unwrap(),
+            "--mqtt",
+            "127.0.0.1:0",
+            "--api",
+            "127.0.0.1:0",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let proc = Proc::spawn(&args, &dir.join("emulator.log"), &[]);
+        let info: Value = poll_until("emulator.json", Duration::from_secs(30), || {
+            let text = std::fs::read_to_string(emu_dir.join("emulator.json")).ok()?;
+            serde_json::from_str(&text).ok()
+        });
+        let api = info["api"]
+            .as_str()
+            .unwrap()
+            .trim_start_matches("http://")
+            .to_string();
+        let ca_pem = std::fs::read_to_string(emu_dir.join("ca.pem")).unwrap();
+        Emulator {
+            _proc: proc,
+            dir: emu_dir,
+            api,
+            ca_pem,
+        }
+    }
+
+    fn gateway_config(&self) -> PathBuf {
+        self.dir.join("gateway.toml")
+    }
+
+    fn get(&self, path: &str) -> Value {
+        let (status, body) = http(&self.api, "GET", path, None);
+        assert_eq!(status, 200, "GET {path}: {body}");
+        serde_json::from_str(&body).unwrap()
+    }
+
+    fn post(&self, path: &str, body: &str) {
+        let (status, text) = http(&self.api, "POST", path, Some(body));
+        assert!((200..300).contains(&status), "POST {path}: {status} {text}");
+    }
+
+    /// thing name -> certificate ids
+    fn things(&self) -> HashMap<String, Vec<String>> {
+        let mut out = HashMap::new();
+        for t in self.get("/things").as_array().unwrap() {
+            let name = t["thingName"].as_str().unwrap().to_string();
+            let certs = t["certificateIds"]
+                .as_array()
+                .map(|a| {
+                    a.iter()
+                        .filter_map(|c| c.as_str().map(str::to_string))
+                        .collect()
+                })
+                .unwrap_or_default();
+            assert!(
+                out.insert(name.clone(), certs).is_none(),
+                "thing {name} listed twice"
+            );
+        }
+        out
+    }
+
+    /// certificate id -> status
+    fn certificates(&self) -> HashMap<String, String> {
+        self.get("/certificates")
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| {
+                (
+                    c["certificateId"].as_str().unwrap().to_string(),
+                    c["status"].as_str().unwrap().to_string(),
+                )
+            })
+            .collect()
+    }
+}
+
+/// A minimal HTTP/1.1 client for the emulator's inspection API (`Connection: close`).
+fn http(addr: &str, method: &str, path: &str, body: Option<&str>) -> (u16, String) {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let body = body.unwrap_or("");
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut raw = String::new();
+    s.read_to_string(&mut raw).unwrap();
+    let (head, rest) = raw.split_once("\r\n\r\n").unwrap_or((&raw, ""));
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        dechunk(rest)
+    } else {
+        rest.to_string()
+    };
+    (status, body)
+}
+
+fn dechunk(mut s: &str) -> String {
+    let mut out = String::new();
+    while let Some((size, rest)) = s.split_once("\r\n") {
+        let n = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
+        if n == 0 {
+            break;
+        }
+        out.push_str(&rest[..n]);
+        s = &rest[n + 2..];
+    }
+    out
+}
+
+// ---------- daemon ----------
+
+struct Gateway {
+    proc: Proc,
+    state_dir: PathBuf,
+}
+
+impl Gateway {
+    /// Starts `fleetgw run` with the emulator's gateway.toml and waits for readiness.
+    fn start(
+        dir: &Path,
+        emu: &Emulator,
+        port: u16,
+        sets: &[&str],
+        envs: &[(&str, &str)],
+        n: usize,
+    ) -> Gateway {
+        let state_dir = dir.join("gateway-state");
+        let mut args = vec![
+            "run".to_string(),
+            "--config".to_string(),
+            emu.gateway_config().to_str().unwrap().to_string(),
+            "--set".to_string(),
+            format!("downstream.listen=\"127.0.0.1:{port}\""),
+            "--set".to_string(),
+            format!("gateway.state_dir=\"{}\"", state_dir.display()),
+        ];
+        for s in sets {
+            args.push("--set".to_string());
+            args.push(s.to_string());
+        }
+        let proc = Proc::spawn(&args, &dir.join(format!("gateway-{n}.log")), envs);
+        let gw = Gateway { proc, state_dir };
+        poll_until("fleetgw ready", Duration::from_secs(30), || {
+            let log = gw.proc.log_text();
+            assert!(
+                !log.contains("fleetgw: "),
+                "daemon failed to start:\n{}",
+                tail(&log)
+            );
+            log.contains("fleetgw ready").then_some(())
+        });
+        gw
+    }
+
+    /// SIGTERM, expect a clean exit 0.
+    fn stop(mut self) -> PathBuf {
+        self.proc.signal(libc::SIGTERM);
+        let status = self.proc.wait_exit(Duration::from_secs(30));
+        assert!(
+            status.success(),
+            "daemon exit {status:?} after SIGTERM; log:\n{}",
+            tail(&self.proc.log_text())
+        );
+        assert!(self.proc.log_text().contains("store flushed"));
+        self.state_dir.clone()
+    }
+
+    fn kill(mut self) {
+        self.proc.signal(libc::SIGKILL);
+        self.proc.wait_exit(Duration::from_secs(10));
+    }
+}
+
+fn open_store(dir: &Path) -> Store {
+    Store::open(
+        dir,
+        &StoreOptions {
+            cache_capacity: 8 << 20,
+            flush_interval_ms: None,
+        },
+    )
+    .unwrap_or_else(|e| panic!("store in {} does not open cleanly: {e}", dir.display()))
+}
+
+// ---------- devices ----------
+
+/// One simulated device.
+#[derive(Clone)]
+struct Device {
+    id: String,
+    format: PayloadFormat,
+    /// The device's own key (it sends a CSR); `None`: the gateway generates the key.
+    own_key: Option<std::sync::Arc<PrivateKey>>,
+    /// What the device proves itself with.
+    attestation: Attestation,
+    /// RegisterThing parameters the device asks for.
+    parameters: BTreeMap<String, String>,
+}
+
+impl Device {
+    fn new(id: &str, format: PayloadFormat, own_key: bool) -> Device {
+        Device {
+            id: id.to_string(),
+            format,
+            own_key: own_key
+                .then(|| std::sync::Arc::new(PrivateKey::generate(KeyType::EcdsaP256).unwrap())),
+            attestation: Attestation::None,
+            parameters: BTreeMap::new(),
+        }
+    }
+
+    fn request(&self) -> Vec<u8> {
+        let csr = self
+            .own_key
+            .as_ref()
+            .map(|k| identity::create_csr(&self.id, k).unwrap());
+        let req = ProvisionRequest {
+            csr,
+            attestation: self.attestation.clone(),
+            parameters: self.parameters.clone(),
+            payload: None,
+        };
+        contract::encode(self.format, &req)
+    }
+
+    fn topic(&self) -> String {
+        format!("fleetgw/{}/provision/{}", self.id, self.format.as_str())
+    }
+}
+
+/// What a device ended with.
+#[derive(Debug)]
+enum Outcome {
+    Accepted(AcceptedResponse),
+    Rejected(RejectedResponse),
+}
+
+/// Connects, subscribes to its responses, requests provisioning (again after every reconnect
+/// and every `retry` without an answer) and returns the first final answer. 429 answers are
+/// retried, as a device would.
+async fn provision(
+    port: u16,
+    dev: Device,
+    payload: Vec<u8>,
+    within: Duration,
+    retry: Duration,
+) -> Outcome {
+    let mut opts = MqttOptions::new(format!("dev-{}", dev.id), "127.0.0.1", port);
+    opts.set_keep_alive(Duration::from_secs(5));
+    opts.set_max_packet_size(512 * 1024, 512 * 1024);
+    let (client, mut ev) = AsyncClient::new(opts, 16);
+    let topic = dev.topic();
+    let (accepted, rejected) = (format!("{topic}/accepted"), format!("{topic}/rejected"));
+    let deadline = tokio::time::Instant::now() + within;
+    let mut next_request: Option<tokio::time::Instant> = None;
+    loop {
+        let wake = next_request.unwrap_or(deadline).min(deadline);
+        let event = tokio::select! {
+            e = ev.poll() => e,
+            _ = tokio::time::sleep_until(wake) => {
+                assert!(tokio::time::Instant::now() < deadline, "device {}: no answer within {within:?}", dev.id);
+                client.publish(topic.clone(), QoS::AtLeastOnce, false, payload.clone()).await.unwrap();
+                next_request = Some(tokio::time::Instant::now() + retry);
+                continue;
+            }
+        };
+        match event {
+            Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                client
+                    .subscribe(accepted.clone(), QoS::AtLeastOnce)
+                    .await
+                    .unwrap();
+                client
+                    .subscribe(rejected.clone(), QoS::AtLeastOnce)
+                    .await
+                    .unwrap();
+            }
+            Ok(Event::Incoming(Packet::SubAck(_))) => {
+                // Both subscriptions granted after the second SUBACK; requesting after the first
+                // is harmless (the answer comes after the second).
+                next_request = Some(tokio::time::Instant::now());
+            }
+            Ok(Event::Incoming(Packet::Publish(p))) if p.topic == accepted => {
+                let _ = client.disconnect().await;
+                return Outcome::Accepted(contract::decode(dev.format, &p.payload).unwrap());
+            }
+            Ok(Event::Incoming(Packet::Publish(p))) if p.topic == rejected => {
+                let r: RejectedResponse = contract::decode(dev.format, &p.payload).unwrap();
+                if r.status_code == 429 {
+                    next_request = Some(tokio::time::Instant::now() + retry);
+                    continue;
+                }
+                let _ = client.disconnect().await;
+                return Outcome::Rejected(r);
+            }
+            Ok(_) => {}
+            Err(_) => {
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "device {}: no answer within {within:?}",
+                    dev.id
+                );
+                next_request = None;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+/// Provisions every device concurrently; panics on a rejection.
+async fn provision_all(port: u16, devices: &[Device], within: Duration) -> Vec<AcceptedResponse> {
+    let tasks: Vec<_> = devices
+        .iter()
+        .map(|d| {
+            let d = d.clone();
+            let payload = d.request();
+            tokio::spawn(provision(port, d, payload, within, Duration::from_secs(5)))
+        })
+        .collect();
+    let mut out = Vec::new();
+    for (t, d) in tasks.into_iter().zip(devices) {
+        match t.await.unwrap() {
+            Outcome::Accepted(a) => out.push(a),
+            Outcome::Rejected(r) => panic!("device {} rejected: {r:?}", d.id),
+        }
+    }
+    out
+}
+
+fn unix_now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
+}
+
+/// The answer is the device's: its id, a certificate chaining to the cloud CA for its key.
+fn check_accepted(dev: &Device, a: &AcceptedResponse, ca_pem: &str) {
+    assert_eq!(a.device_id.as_str(), dev.id);
+    assert_eq!(
+        a.thing_name, dev.id,
+        "the template names things by serial number = id"
+    );
+    identity::verify_chain(&a.certificate_pem, ca_pem, unix_now()).unwrap_or_else(|e| {
+        panic!(
+            "device {}: certificate does not chain to the emulator CA: {e}",
+            dev.id
+        )
+    });
+    let key = match (&dev.own_key, &a.private_key) {
+        (Some(own), None) => (**own).clone_for_test(),
+        (None, Some(pem)) => PrivateKey::from_pem(pem).unwrap(),
+        (own, returned) => panic!(
+            "device {}: own key {} but private key returned {}",
+            dev.id,
+            own.is_some(),
+            returned.is_some()
+        ),
+    };
+    assert!(
+        identity::cert_matches_key(&a.certificate_pem, &key).unwrap(),
+        "device {}: certificate does not match its key",
+        dev.id
+    );
+    let cert = &identity::parse_certificates(&a.certificate_pem).unwrap()[0];
+    assert_eq!(cert.subject_cn.as_deref(), Some(dev.id.as_str()));
+}
+
+/// Re-reads a key through PEM (PrivateKey is not Clone).
+trait CloneForTest {
+    fn clone_for_test(&self) -> PrivateKey;
+}
+
+impl CloneForTest for PrivateKey {
+    fn clone_for_test(&self) -> PrivateKey {
+        PrivateKey::from_pem(self.to_pkcs8_pem().expose_str().unwrap()).unwrap()
+    }
+}
+
+fn fleet(prefix: &str, n: usize) -> Vec<Device> {
+    (0..n)
+        .map(|i| {
+            let format = if i % 3 == 2 {
+                PayloadFormat::Cbor
+            } else {
+                PayloadFormat::Json
+            };
+            Device::new(&format!("{prefix}-{i:04}"), format, i % 2 == 1)
+        })
+        .collect()
+}
+
+/// Exactly one thing per device, and nothing else.
+fn assert_one_thing_per_device(emu: &Emulator, devices: &[Device]) -> HashMap<String, Vec<String>> {
+    let things = emu.things();
+    for d in devices {
+        let certs = things
+            .get(&d.id)
+            .unwrap_or_else(|| panic!("no thing for device {}", d.id));
+        assert_eq!(certs.len(), 1, "thing {} has certificates {certs:?}", d.id);
+    }
+    assert_eq!(things.len(), devices.len(), "things: {:?}", things.keys());
+    things
+}
+
+// ---------- tests ----------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn devices_provision_end_to_end_and_repeats_get_the_stored_result() {
+    let dir = tempfile::tempdir().unwrap();
+    let emu = Emulator::start(dir.path(), &[]);
+    let port = free_port();
+    // Generated keys are sealed at rest.
+    let sealing_key = dir.path().join("sealing.key");
+    std::fs::write(&sealing_key, "ab".repeat(32)).unwrap();
+    let sealing = format!("provision.sealing_key_file=\"{}\"", sealing_key.display());
+    let gw = Gateway::start(dir.path(), &emu, port, &[&sealing], &[], 1);
+
+    let devices = fleet("e2e", 24);
+    let results = provision_all(port, &devices, Duration::from_secs(60)).await;
+    for (d, a) in devices.iter().zip(&results) {
+        check_accepted(d, a, &emu.ca_pem);
+    }
+    let things = assert_one_thing_per_device(&emu, &devices);
+    for (d, a) in devices.iter().zip(&results) {
+        assert_eq!(things[&d.id], vec![a.certificate_id.clone()]);
+    }
+    let certs = emu.certificates();
+    assert_eq!(certs.len(), devices.len(), "one certificate per device");
+    assert!(certs.values().all(|s| s == "ACTIVE"), "{certs:?}");
+
+    // A repeated request (gateway key and own CSR, JSON and CBOR) returns the stored result.
+    for i in [0usize, 1, 2] {
+        let d = &devices[i];
+        let again = match provision(
+            port,
+            d.clone(),
+            d.request(),
+            Duration::from_secs(30),
+            Duration::from_secs(5),
+        )
+        .await
+        {
+            Outcome::Accepted(a) => a,
+            Outcome::Rejected(r) => panic!("repeat of {} rejected: {r:?}", d.id),
+        };
+        assert_eq!(again, results[i], "device {}", d.id);
+    }
+    assert_eq!(
+        emu.certificates().len(),
+        devices.len(),
+        "no second certificate"
+    );
+    assert_eq!(emu.things().len(), devices.len());
+
+    let state_dir = gw.stop();
+    let store = open_store(&state_dir);
+    let sealer = fleetgw::identity::Sealer::from_key_file(&sealing_key).unwrap();
+    for d in &devices {
+        let rec = store
+            .device(&DeviceId::parse(&d.id).unwrap())
+            .unwrap()
+            .unwrap();
+        assert_eq!(rec.state, DeviceState::Delivered, "{}", d.id);
+        assert_eq!(rec.provision.thing_name.as_deref(), Some(d.id.as_str()));
+        let secret = store.secret(&rec.id).unwrap();
+        assert_eq!(secret.is_some(), d.own_key.is_none(), "{}", d.id);
+        if let Some(sealed) = secret {
+            assert!(
+                !String::from_utf8_lossy(&sealed).contains("PRIVATE KEY"),
+                "{}: key stored in the clear",
+                d.id
+            );
+            let plain = sealer.open(&sealed).unwrap();
+            let returned = &results[devices.iter().position(|x| x.id == d.id).unwrap()];
+            assert_eq!(plain.expose_str(), returned.private_key.as_deref());
+        }
+    }
+    assert_eq!(store.device_count(), devices.len());
+}
+
+/// Publishes `payload` on `topic` and returns the answer on `topic/rejected`.
+async fn rejected_for(
+    port: u16,
+    client_id: &str,
+    topic: &str,
+    payload: Vec<u8>,
+    fmt: PayloadFormat,
+) -> RejectedResponse {
+    let mut opts = MqttOptions::new(client_id, "127.0.0.1", port);
+    opts.set_max_packet_size(512 * 1024, 512 * 1024);
+    let (client, mut ev) = AsyncClient::new(opts, 16);
+    let rejected = format!("{topic}/rejected");
+    let accepted = format!("{topic}/accepted");
+    client
+        .subscribe(rejected.clone(), QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    client
+        .subscribe(accepted.clone(), QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    let mut subacks = 0;
+    loop {
+        let Ok(polled) = tokio::time::timeout_at(deadline, ev.poll()).await else {
+            panic!("{topic}: no answer");
+        };
+        let e = polled.unwrap();
+        match e {
+            Event::Incoming(Packet::SubAck(_)) => {
+                subacks += 1;
+                if subacks == 2 {
+                    client
+                        .publish(topic, QoS::AtLeastOnce, false, payload.clone())
+                        .await
+                        .unwrap();
+                }
+            }
+            Event::Incoming(Packet::Publish(p)) if p.topic == rejected => {
+                let _ = client.disconnect().await;
+                return contract::decode(fmt, &p.payload).unwrap();
+            }
+            Event::Incoming(Packet::Publish(p)) if p.topic == accepted => {
+                panic!("{topic}: accepted, expected a rejection")
+            }
+            _ => {}
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_requests_are_rejected_stored_nowhere_and_others_still_provision() {
+    let dir = tempfile::tempdir().unwrap();
+    let emu = Emulator::start(dir.path(), &[]);
+    let port = free_port();
+    let gw = Gateway::start(
+        dir.path(),
+        &emu,
+        port,
+        &[
+            "provision.allowed_csr_key_types=[\"ecdsa-p256\"]",
+            "downstream.device_rate_per_minute=6",
+        ],
+        &[],
+        1,
+    );
+    let json = PayloadFormat::Json;
+    let none = r#"{"attestation":{"type":"none"}}"#;
+    let with_csr = |csr: &str| {
+        serde_json::json!({"attestation": {"type": "none"}, "csr": csr})
+            .to_string()
+            .into_bytes()
+    };
+    let key = PrivateKey::generate(KeyType::EcdsaP256).unwrap();
+
+    // Well-behaved devices run alongside the bad ones.
+    let good = fleet("good", 6);
+    let good_task = {
+        let good = good.clone();
+        tokio::spawn(async move { provision_all(port, &good, Duration::from_secs(60)).await })
+    };
+
+    let mut cases: Vec<(&str, String, Vec<u8>, PayloadFormat, &str)> = vec![
+        (
+            "malformed-json",
+            "fleetgw/bad-json/provision/json".into(),
+            b"{\"attestation\":".to_vec(),
+            json,
+            "InvalidPayload",
+        ),
+        (
+            "malformed-cbor",
+            "fleetgw/bad-cbor/provision/cbor".into(),
+            vec![0xa1, 0x6b, b'a'],
+            PayloadFormat::Cbor,
+            "InvalidPayload",
+        ),
+        (
+            "invalid-id",
+            "fleetgw/bad!id/provision/json".into(),
+            none.as_bytes().to_vec(),
+            json,
+            "InvalidDeviceId",
+        ),
+        (
+            "oversize",
+            "fleetgw/bad-big/provision/json".into(),
+            vec![b' '; 70 * 1024],
+            json,
+            "PayloadTooLarge",
+        ),
+        (
+            "cn-mismatch",
+            "fleetgw/bad-cn/provision/json".into(),
+            with_csr(&identity::create_csr("somebody-else", &key).unwrap()),
+            json,
+            "CsrSubjectMismatch",
+        ),
+    ];
+    let p384 = PrivateKey::generate(KeyType::EcdsaP384).unwrap();
+    cases.push((
+        "key-type",
+        "fleetgw/bad-kt/provision/json".into(),
+        with_csr(&identity::create_csr("bad-kt", &p384).unwrap()),
+        json,
+        "KeyTypeNotAllowed",
+    ));
+    let good_csr = identity::create_csr("bad-sig", &key).unwrap();
+    let block = pem::parse(&good_csr).unwrap();
+    let mut der = block.contents().to_vec();
+    let n = der.len();
+    der[n - 3] ^= 0x01;
+    let tampered = pem::encode(&pem::Pem::new("CERTIFICATE REQUEST", der));
+    cases.push((
+        "bad-signature",
+        "fleetgw/bad-sig/provision/json".into(),
+        with_csr(&tampered),
+        json,
+        "InvalidCsr",
+    ));
+
+    for (name, topic, payload, fmt, code) in cases {
+        let r = rejected_for(port, &format!("probe-{name}"), &topic, payload, fmt).await;
+        assert_eq!(r.error_code, code, "{name}: {r:?}");
+        assert!(
+            r.status_code >= 400 && !r.error_message.is_empty(),
+            "{name}: {r:?}"
+        );
+    }
+
+    // A flood from one device: some requests are refused with 429, the daemon keeps serving.
+    let flood_topic = "fleetgw/flooder/provision/json";
+    let mut codes = Vec::new();
+    {
+        let mut opts = MqttOptions::new("flooder", "127.0.0.1", port);
+        opts.set_max_packet_size(512 * 1024, 512 * 1024);
+        let (client, mut ev) = AsyncClient::new(opts, 64);
+        client
+            .subscribe(format!("{flood_topic}/rejected"), QoS::AtLeastOnce)
+            .await
+            .unwrap();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        let mut sent = false;
+        while codes.len() < 20 {
+            let e = tokio::time::timeout_at(deadline, ev.poll())
+                .await
+                .expect("flood answers")
+                .unwrap();
+            match e {
+                Event::Incoming(Packet::SubAck(_)) if !sent => {
+                    sent = true;
+                    for _ in 0..20 {
+                        // An invalid attestation type: each admitted request is refused as well,
+                        // so every request gets an answer and nothing is stored.
+                        client
+                            .publish(
+                                flood_topic,
+                                QoS::AtLeastOnce,
+                                false,
+                                br#"{"attestation":{"type":"bogus"}}"#.to_vec(),
+                            )
+                            .await
+                            .unwrap();
+                    }
+                }
+                Event::Incoming(Packet::Publish(p)) => {
+                    let r: RejectedResponse = contract::decode(json, &p.payload).unwrap();
+                    codes.push(r.error_code);
+                }
+                _ => {}
+            }
+        }
+    }
+    let throttled = codes.iter().filter(|c| *c == "TooManyRequests").count();
+    assert!(throttled >= 15, "flood answers: {codes:?}");
+
+    let good_results = good_task.await.unwrap();
+    for (d, a) in good.iter().zip(&good_results) {
+        check_accepted(d, a, &emu.ca_pem);
+    }
+    assert_one_thing_per_device(&emu, &good);
+    assert_eq!(
+        emu.certificates().len(),
+        good.len(),
+        "no certificate for a bad request"
+    );
+
+    let state_dir = gw.stop();
+    let store = open_store(&state_dir);
+    assert_eq!(
+        store.device_count(),
+        good.len(),
+        "only the good devices are stored"
+    );
+    for id in [
+        "bad-json", "bad-cbor", "bad-big", "bad-cn", "bad-kt", "bad-sig", "flooder",
+    ] {
+        assert!(
+            store
+                .device(&DeviceId::parse(id).unwrap())
+                .unwrap()
+                .is_none(),
+            "{id} stored"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crash_safety_under_repeated_sigkill() {
+    let n: usize = std::env::var("FLEETGW_CRASH_DEVICES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(300);
+    let kills: usize = std::env::var("FLEETGW_CRASH_KILLS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(10);
+    let sessions = 4;
+    let dir = tempfile::tempdir().unwrap();
+    // Slow the cloud a little so that kills often land while requests are in flight.
+    let emu = Emulator::start(dir.path(), &[]);
+    emu.post("/faults", r#"{"responseDelayMs":5}"#);
+    let port = free_port();
+    let sets = [
+        "downstream.device_rate_per_minute=600",
+        "cloud.aws.sessions=4",
+    ];
+
+    let devices = fleet("crash", n);
+    let fleet_task = {
+        let devices = devices.clone();
+        tokio::spawn(async move {
+            let tasks: Vec<_> = devices
+                .iter()
+                .map(|d| {
+                    let d = d.clone();
+                    let payload = d.request();
+                    tokio::spawn(provision(
+                        port,
+                        d,
+                        payload,
+                        Duration::from_secs(300),
+                        Duration::from_secs(3),
+                    ))
+                })
+                .collect();
+            let mut out = Vec::new();
+            for t in tasks {
+                out.push(t.await.unwrap());
+            }
+            out
+        })
+    };
+
+    let mut rng_state = unix_now() as u64 | 1;
+    let mut next_rand = move |bound: u64| {
+        rng_state ^= rng_state << 13;
+        rng_state ^= rng_state >> 7;
+        rng_state ^= rng_state << 17;
+        rng_state % bound
+    };
+    let mut kills_mid_provisioning = 0;
+    for k in 0..kills {
+        let gw = Gateway::start(dir.path(), &emu, port, &sets, &[], k);
+        // Kill k lands at a random point of the k-th slice of the fleet's progress (things the
+        // cloud has registered), then a random few milliseconds later, so that every kill hits
+        // devices in all states whatever the speed of the machine.
+        let slice = (n / (kills + 1)) as u64;
+        let target = (k as u64 + 1) * slice - next_rand(slice / 2 + 1);
+        poll_until("provisioning progress", Duration::from_secs(120), || {
+            let things = emu.get("/stats")["things"].as_u64()?;
+            (things >= target).then_some(())
+        });
+        tokio::time::sleep(Duration::from_millis(next_rand(50))).await;
+        gw.kill();
+        // The store must open cleanly after every kill.
+        let store = open_store(&dir.path().join("gateway-state"));
+        let delivered = store
+            .devices()
+            .filter(|r| matches!(r.as_ref().unwrap().state, DeviceState::Delivered))
+            .count();
+        if delivered < n {
+            kills_mid_provisioning += 1;
+        }
+        eprintln!("kill {}: {delivered}/{n} devices delivered", k + 1);
+    }
+    assert_eq!(
+        kills_mid_provisioning, kills,
+        "every kill must land while devices are still provisioning"
+    );
+    let gw = Gateway::start(dir.path(), &emu, port, &sets, &[], kills);
+    let outcomes = fleet_task.await.unwrap();
+    for (d, o) in devices.iter().zip(&outcomes) {
+        match o {
+            Outcome::Accepted(a) => check_accepted(d, a, &emu.ca_pem),
+            Outcome::Rejected(r) => panic!("device {} rejected: {r:?}", d.id),
+        }
+    }
+    let things = assert_one_thing_per_device(&emu, &devices);
+    let certs = emu.certificates();
+    let pending: Vec<_> = certs
+        .iter()
+        .filter(|(_, s)| s.as_str() == "PENDING_ACTIVATION")
+        .collect();
+    assert!(
+        pending.len() <= sessions * kills,
+        "{} certificates left PENDING_ACTIVATION after {kills} kills with {sessions} sessions",
+        pending.len()
+    );
+    for (id, certs) in &things {
+        assert!(
+            certs.iter().all(|c| certs_status(&emu, c) == "ACTIVE"),
+            "thing {id}"
+        );
+    }
+    eprintln!(
+        "crash test: {n} devices, {kills} kills, {} certificates, {} pending",
+        certs.len(),
+        pending.len()
+    );
+
+    let state_dir = gw.stop();
+    let store = open_store(&state_dir);
+    for d in &devices {
+        let rec = store
+            .device(&DeviceId::parse(&d.id).unwrap())
+            .unwrap()
+            .unwrap();
+        assert_eq!(rec.state, DeviceState::Delivered, "{}", d.id);
+    }
+}
+
+/// utime + stime of a process, in clock ticks (USER_HZ = 100 on Linux).
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // Fields after the parenthesised command name; utime and stime are fields 14 and 15.
+    let rest = &stat[stat.rfind(')').unwrap() + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
+}
+
+fn certs_status(emu: &Emulator, id: &str) -> String {
+    emu.certificates().get(id).cloned().unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn throttled_cloud_still_provisions_everyone() {
+    let dir = tempfile::tempdir().unwrap();
+    let emu = Emulator::start(dir.path(), &["--tps", "20"]);
+    let port = free_port();
+    // The fleet provisioning API in CBOR this time.
+    let gw = Gateway::start(
+        dir.path(),
+        &emu,
+        port,
+        &["cloud.aws.tps=50", "cloud.aws.format=\"cbor\""],
+        &[],
+        1,
+    );
+    let devices = fleet("tps", 80);
+    let results = provision_all(port, &devices, Duration::from_secs(120)).await;
+    for (d, a) in devices.iter().zip(&results) {
+        check_accepted(d, a, &emu.ca_pem);
+    }
+    assert_one_thing_per_device(&emu, &devices);
+    let stats = emu.get("/stats");
+    eprintln!("throttled run: emulator stats {stats}");
+    let state_dir = gw.stop();
+    let store = open_store(&state_dir);
+    let failed = store
+        .devices()
+        .filter(|r| matches!(r.as_ref().unwrap().state, DeviceState::Failed { .. }))
+        .count();
+    assert_eq!(failed, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expired_ownership_token_gets_a_new_certificate() {
+    let dir = tempfile::tempdir().unwrap();
+    let emu = Emulator::start(dir.path(), &["--token-ttl", "2"]);
+    let port = free_port();
+    let dev = Device::new("token-1", PayloadFormat::Json, false);
+    let device_task = {
+        let dev = dev.clone();
+        let payload = dev.request();
+        tokio::spawn(provision(
+            port,
+            dev,
+            payload,
+            Duration::from_secs(90),
+            Duration::from_secs(3),
+        ))
+    };
+
+    // The daemon stops right after persisting CertificateIssued, before RegisterThing.
+    let mut gw = Gateway::start(
+        dir.path(),
+        &emu,
+        port,
+        &[],
+        &[("FLEETGW_TEST_CRASH_AFTER", "certificateIssued")],
+        1,
+    );
+    let status = gw.proc.wait_exit(Duration::from_secs(60));
+    assert_eq!(status.code(), Some(86), "{}", tail(&gw.proc.log_text()));
+    let first: Vec<String> = emu.certificates().into_keys().collect();
+    assert_eq!(first.len(), 1, "one certificate issued before the stop");
+    // The token expires while the daemon is down: the emulator deletes the unactivated certificate.
+    poll_until(
+        "the first certificate to expire",
+        Duration::from_secs(30),
+        || emu.certificates().is_empty().then_some(()),
+    );
+
+    let gw = Gateway::start(dir.path(), &emu, port, &[], &[], 2);
+    let a = match device_task.await.unwrap() {
+        Outcome::Accepted(a) => a,
+        Outcome::Rejected(r) => panic!("rejected: {r:?}"),
+    };
+    check_accepted(&dev, &a, &emu.ca_pem);
+    assert_ne!(a.certificate_id, first[0], "a new certificate was issued");
+    let things = assert_one_thing_per_device(&emu, std::slice::from_ref(&dev));
+    assert_eq!(things[&dev.id], vec![a.certificate_id.clone()]);
+    assert!(gw.proc.log_text().contains("requesting a new certificate"));
+    gw.stop();
+}
+
+/// Not a timed test: prints the end-to-end rate for `FLEETGW_BENCH_DEVICES` devices (default
+/// 1000). Run with `cargo test --test provision throughput_figure -- --ignored --nocapture`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore]
+async fn throughput_figure() {
+    let n: usize = std::env::var("FLEETGW_BENCH_DEVICES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1000);
+    let sessions = std::env::var("FLEETGW_BENCH_SESSIONS").unwrap_or_else(|_| "16".into());
+    // With FLEETGW_BENCH_CLOUD_TPS the emulator throttles each API to that rate, and the
+    // gateway is configured with the same quota: the figure then shows how much of it is used.
+    let cloud_tps = std::env::var("FLEETGW_BENCH_CLOUD_TPS").ok();
+    let dir = tempfile::tempdir().unwrap();
+    let emu_args: Vec<&str> = match &cloud_tps {
+        Some(tps) => vec!["--tps", tps.as_str()],
+        None => vec![],
+    };
+    let emu = Emulator::start(dir.path(), &emu_args);
+    let port = free_port();
+    let sessions_set = format!("cloud.aws.sessions={sessions}");
+    let tps_set = format!("cloud.aws.tps={}", cloud_tps.as_deref().unwrap_or("100000"));
+    let gw = Gateway::start(
+        dir.path(),
+        &emu,
+        port,
+        &[sessions_set.as_str(), tps_set.as_str()],
+        &[],
+        1,
+    );
+    let devices = fleet("bench", n);
+    let payloads: Vec<Vec<u8>> = devices.iter().map(Device::request).collect();
+    let start = Instant::now();
+    let cpu_before = cpu_ticks(gw.proc.child.id());
+    // At most 500 devices connected at once, as a fleet coming online would be: rumqttd matches
+    // every publish against every subscription, so all devices at once measures the broker.
+    let in_flight = std::sync::Arc::new(tokio::sync::Semaphore::new(500));
+    let tasks: Vec<_> = devices
+        .iter()
+        .zip(payloads)
+        .map(|(d, p)| {
+            let d = d.clone();
+            let in_flight = in_flight.clone();
+            tokio::spawn(async move {
+                let _slot = in_flight.acquire_owned().await.unwrap();
+                provision(
+                    port,
+                    d,
+                    p,
+                    Duration::from_secs(600),
+                    Duration::from_secs(30),
+                )
+                .await
+            })
+        })
+        .collect();
+    for t in tasks {
+        assert!(matches!(t.await.unwrap(), Outcome::Accepted(_)));
+    }
+    let secs = start.elapsed().as_secs_f64();
+    let cpu_secs = (cpu_ticks(gw.proc.child.id()) - cpu_before) as f64 / 100.0;
+    let status = std::fs::read_to_string(format!("/proc/{}/status", gw.proc.child.id())).unwrap();
+    let rss = status
+        .lines()
+        .find(|l| l.starts_with("VmRSS"))
+        .unwrap_or("VmRSS: ?");
+    eprintln!(
+        "throughput: {n} devices in {secs:.2} s = {:.0} devices/s ({sessions} claim sessions, cloud quota {} per API, debug build); daemon CPU {:.2} ms/device, {rss}; emulator {}",
+        n as f64 / secs,
+        cloud_tps.as_deref().unwrap_or("unlimited"),
+        cpu_secs * 1000.0 / n as f64,
+        emu.get("/stats")["requests"]
+    );
+    assert_one_thing_per_device(&emu, &devices);
+    gw.stop();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cloud_outage_and_dropped_responses_recover() {
+    let dir = tempfile::tempdir().unwrap();
+    let emu = Emulator::start(dir.path(), &[]);
+    // Half the responses are lost at first; those requests time out quickly and are retried.
+    emu.post("/faults", r#"{"dropResponses":0.5}"#);
+    let port = free_port();
+    let gw = Gateway::start(
+        dir.path(),
+        &emu,
+        port,
+        &[
+            "provision.request_timeout_ms=700",
+            "provision.retry_base_ms=100",
+            "provision.retry_max_ms=1000",
+            "provision.max_attempts=50",
+        ],
+        &[],
+        1,
+    );
+    let devices = fleet("fault", 30);
+    let fleet_task = {
+        let devices = devices.clone();
+        tokio::spawn(async move { provision_all(port, &devices, Duration::from_secs(120)).await })
+    };
+    poll_until(
+        "some requests to be dropped",
+        Duration::from_secs(30),
+        || {
+            let dropped = emu.get("/stats")["requests"]["droppedResponses"].as_u64()?;
+            (dropped >= 3).then_some(())
+        },
+    );
+    // Then the cloud goes away for two seconds, dropping every claim connection.
+    emu.post("/faults", r#"{"dropResponses":0.0,"outageSeconds":2}"#);
+    let results = fleet_task.await.unwrap();
+    for (d, a) in devices.iter().zip(&results) {
+        check_accepted(d, a, &emu.ca_pem);
+    }
+    assert_one_thing_per_device(&emu, &devices);
+    let stats = emu.get("/stats");
+    eprintln!("faults run: emulator stats {stats}");
+    assert!(
+        stats["connections"]["total"].as_u64().unwrap() > 4,
+        "claim sessions reconnected: {stats}"
+    );
+    gw.stop();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn symmetric_key_admission_admits_valid_sas_and_refuses_others() {
+    use base64::Engine as _;
+    let dir = tempfile::tempdir().unwrap();
+    let emu = Emulator::start(dir.path(), &[]);
+    let group_key = [7u8; 32];
+    let group_b64 = base64::engine::general_purpose::STANDARD.encode(group_key);
+    let port = free_port();
+    let mode = "admission.mode=\"symmetric-key\"".to_string();
+    let key = format!("admission.group_key=\"{group_b64}\"");
+    let gw = Gateway::start(dir.path(), &emu, port, &[&mode, &key], &[], 1);
+
+    let sas_for = |id: &str, group: &[u8], expiry: i64| {
+        let device_id = DeviceId::parse(id).unwrap();
+        let device_key = sas::derive_device_key(group, device_id.as_str());
+        let uri = sas::registration_resource_uri("0ne00000000", &device_id);
+        Attestation::SymmetricKey {
+            sas: sas::generate_sas(&uri, &device_key, expiry, Some("registration")),
+        }
+    };
+    let mut good = Device::new("sk-good", PayloadFormat::Json, false);
+    good.attestation = sas_for("sk-good", &group_key, unix_now() + 600);
+    let mut wrong_key = Device::new("sk-wrong", PayloadFormat::Json, false);
+    wrong_key.attestation = sas_for("sk-wrong", &[9u8; 32], unix_now() + 600);
+    let mut expired = Device::new("sk-expired", PayloadFormat::Cbor, true);
+    expired.attestation = sas_for("sk-expired", &group_key, unix_now() - 10);
+    let mut none = Device::new("sk-none", PayloadFormat::Json, false);
+    none.attestation = Attestation::None;
+
+    let within = Duration::from_secs(30);
+    match provision(
+        port,
+        good.clone(),
+        good.request(),
+        within,
+        Duration::from_secs(5),
+    )
+    .await
+    {
+        Outcome::Accepted(a) => check_accepted(&good, &a, &emu.ca_pem),
+        Outcome::Rejected(r) => panic!("valid SAS rejected: {r:?}"),
+    }
+    for d in [&wrong_key, &expired, &none] {
+        match provision(port, d.clone(), d.request(), within, Duration::from_secs(5)).await {
+            Outcome::Rejected(r) => {
+                assert_eq!(r.status_code, 403, "{}: {r:?}", d.id);
+                assert!(!r.error_code.is_empty() && !r.error_message.is_empty());
+            }
+            Outcome::Accepted(_) => panic!("{} admitted", d.id),
+        }
+    }
+    assert_one_thing_per_device(&emu, std::slice::from_ref(&good));
+    let state_dir = gw.stop();
+    let store = open_store(&state_dir);
+    assert_eq!(store.device_count(), 1, "refused devices are not stored");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn approve_mode_keeps_new_devices_waiting() {
+    let dir = tempfile::tempdir().unwrap();
+    let emu = Emulator::start(dir.path(), &[]);
+    let port = free_port();
+    let gw = Gateway::start(
+        dir.path(),
+        &emu,
+        port,
+        &["admission.mode=\"approve\""],
+        &[],
+        1,
+    );
+    let dev = Device::new("waiting-1", PayloadFormat::Json, false);
+
+    let mut opts = MqttOptions::new("dev-waiting-1", "127.0.0.1", port);
+    opts.set_max_packet_size(512 * 1024, 512 * 1024);
+    let (client, mut ev) = AsyncClient::new(opts, 16);
+    let status_topic = "fleetgw/waiting-1/status";
+    client
+        .subscribe(status_topic, QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    let mut requested = false;
+    let status: Value = loop {
+        let Ok(polled) = tokio::time::timeout_at(deadline, ev.poll()).await else {
+            panic!("no status for a device waiting for approval");
+        };
+        match polled.unwrap() {
+            Event::Incoming(Packet::SubAck(_)) if !requested => {
+                requested = true;
+                client
+                    .publish(dev.topic(), QoS::AtLeastOnce, false, dev.request())
+                    .await
+                    .unwrap();
+            }
+            Event::Incoming(Packet::Publish(p)) if p.topic == status_topic => {
+                break serde_json::from_slice(&p.payload).unwrap();
+            }
+            _ => {}
+        }
+    };
+    assert_eq!(status["status"], "waitingApproval", "{status}");
+    assert!(
+        emu.certificates().is_empty(),
+        "nothing asked of the cloud before approval"
+    );
+    let state_dir = gw.stop();
+    let store = open_store(&state_dir);
+    let rec = store
+        .device(&DeviceId::parse("waiting-1").unwrap())
+        .unwrap()
+        .unwrap();
+    assert_eq!(rec.state, DeviceState::WaitingApproval);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cloud_refusal_fails_the_device_with_the_clouds_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let emu = Emulator::start(dir.path(), &[]);
+    let port = free_port();
+    let gw = Gateway::start(dir.path(), &emu, port, &[], &[], 1);
+    // The built-in template's pre-provisioning hook denies serial numbers "denied-*".
+    let mut denied = Device::new("denied-dev", PayloadFormat::Json, false);
+    denied
+        .parameters
+        .insert("SerialNumber".into(), "denied-7".into());
+    let r = match provision(
+        port,
+        denied.clone(),
+        denied.request(),
+        Duration::from_secs(30),
+        Duration::from_secs(10),
+    )
+    .await
+    {
+        Outcome::Rejected(r) => r,
+        Outcome::Accepted(a) => panic!("denied device provisioned: {a:?}"),
+    };
+    assert_eq!(r.status_code, 403, "{r:?}");
+    assert!(!r.error_code.is_empty() && !r.error_message.is_empty());
+    assert!(emu.things().is_empty());
+
+    let state_dir = gw.stop();
+    let store = open_store(&state_dir);
+    let rec = store
+        .device(&DeviceId::parse("denied-dev").unwrap())
+        .unwrap()
+        .unwrap();
+    let DeviceState::Failed {
+        error,
+        next_attempt_at_ms,
+    } = &rec.state
+    else {
+        panic!("state {:?}", rec.state);
+    };
+    assert_eq!(
+        next_attempt_at_ms, &None,
+        "a permanent error is not retried"
+    );
+    assert_eq!(
+        (
+            error.status_code,
+            error.error_code.as_str(),
+            error.error_message.as_str()
+        ),
+        (
+            r.status_code,
+            r.error_code.as_str(),
+            r.error_message.as_str()
+        ),
+        "the cloud's error is kept with the device"
+    );
+    assert_eq!(rec.last_error.as_ref(), Some(error));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unanswered_requests_fail_the_device_after_max_attempts() {
+    let dir = tempfile::tempdir().unwrap();
+    let emu = Emulator::start(dir.path(), &[]);
+    emu.post("/faults", r#"{"dropResponses":1.0}"#);
+    let port = free_port();
+    let gw = Gateway::start(
+        dir.path(),
+        &emu,
+        port,
+        &[
+            "provision.request_timeout_ms=300",
+            "provision.max_attempts=3",
+            "provision.retry_base_ms=50",
+            "provision.retry_max_ms=200",
+        ],
+        &[],
+        1,
+    );
+    let dev = Device::new("silent-cloud", PayloadFormat::Cbor, true);
+    let r = match provision(
+        port,
+        dev.clone(),
+        dev.request(),
+        Duration::from_secs(60),
+        Duration::from_secs(30),
+    )
+    .await
+    {
+        Outcome::Rejected(r) => r,
+        Outcome::Accepted(a) => panic!("provisioned without answers: {a:?}"),
+    };
+    assert_eq!(
+        (r.status_code, r.error_code.as_str()),
+        (504, "CloudTimeout"),
+        "{r:?}"
+    );
+    let dropped = emu.get("/stats")["requests"]["droppedResponses"]
+        .as_u64()
+        .unwrap();
+    assert_eq!(dropped, 3, "one request per attempt");
+    let state_dir = gw.stop();
+    let store = open_store(&state_dir);
+    let rec = store
+        .device(&DeviceId::parse("silent-cloud").unwrap())
+        .unwrap()
+        .unwrap();
+    assert!(
+        matches!(rec.state, DeviceState::Failed { .. }),
+        "{:?}",
+        rec.state
+    );
+    assert_eq!(rec.attempts, 3, "every attempt is counted");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn devices_provision_through_an_external_mosquitto() {
+    use common::mosquitto::{Mosquitto, MosquittoConfig};
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Mosquitto::start(&MosquittoConfig::anonymous());
+    let emu = Emulator::start(dir.path(), &[]);
+    let external = "downstream.broker=\"external\"".to_string();
+    let url = format!("downstream.url=\"{}\"", broker.url());
+    let gw = Gateway::start(dir.path(), &emu, free_port(), &[&external, &url], &[], 1);
+
+    // The gateway's session connects in the background; devices retry until it listens.
+    let devices = fleet("mosq", 12);
+    let tasks: Vec<_> = devices
+        .iter()
+        .map(|d| {
+            let (d, p) = (d.clone(), d.request());
+            tokio::spawn(provision(
+                broker.port(),
+                d,
+                p,
+                Duration::from_secs(60),
+                Duration::from_secs(2),
+            ))
+        })
+        .collect();
+    for (t, d) in tasks.into_iter().zip(&devices) {
+        match t.await.unwrap() {
+            Outcome::Accepted(a) => check_accepted(d, &a, &emu.ca_pem),
+            Outcome::Rejected(r) => panic!("device {} rejected: {r:?}", d.id),
+        }
+    }
+    assert_one_thing_per_device(&emu, &devices);
+    let state_dir = gw.stop();
+    assert_eq!(open_store(&state_dir).device_count(), devices.len());
+}
