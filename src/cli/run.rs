@@ -1,7 +1,9 @@
 //! `fleetgw run`: the daemon. Loads the config, opens the store, starts downstream (the
-//! embedded broker by default), the cloud provider and the provisioning engine, reports
-//! readiness, and on SIGTERM/SIGINT shuts down cleanly: intake stops, steps in flight persist
-//! their result, the store is flushed, exit 0.
+//! embedded broker by default), the cloud provider, the provisioning engine and the telemetry
+//! pipeline (the downstream messages are split between the two), reports readiness, and on
+//! SIGTERM/SIGINT shuts down cleanly: intake stops, steps in flight persist their result,
+//! upstream connections close (unsent telemetry stays in the outbox), the store is flushed,
+//! exit 0.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -20,6 +22,7 @@ use crate::downstream::{
 use crate::identity::{self, PrivateKey, Sealer, Secret};
 use crate::provision::{Engine, EngineOptions, EngineParts, RequestPolicy};
 use crate::store::{Store, StoreOptions};
+use crate::telemetry::{self, IdentityMode, Telemetry, TelemetryOptions, UpstreamEndpoint};
 
 use super::{logging, ConfigArgs, LogFormat, EX_CONFIG, EX_IOERR, EX_SOFTWARE};
 
@@ -55,6 +58,8 @@ enum RunError {
     Downstream(#[from] crate::downstream::DownstreamError),
     #[error("provisioning engine: {0}")]
     Engine(#[from] crate::provision::ProvisionError),
+    #[error("telemetry: {0}")]
+    Telemetry(#[from] telemetry::TelemetryError),
     #[error("starting the async runtime: {0}")]
     Runtime(#[source] std::io::Error),
 }
@@ -62,9 +67,10 @@ enum RunError {
 impl RunError {
     fn exit_code(&self) -> ExitCode {
         ExitCode::from(match self {
-            RunError::Config { .. } | RunError::Identity { .. } | RunError::Admission(_) => {
-                EX_CONFIG
-            }
+            RunError::Config { .. }
+            | RunError::Identity { .. }
+            | RunError::Admission(_)
+            | RunError::Telemetry(_) => EX_CONFIG,
             RunError::Read { .. } | RunError::Store(_) => EX_IOERR,
             RunError::Downstream(_) | RunError::Engine(_) | RunError::Runtime(_) => EX_SOFTWARE,
         })
@@ -126,8 +132,11 @@ async fn daemon(cfg: Config) -> Result<(), RunError> {
         });
     }
     let admission = Admission::new(admission_options(&cfg)?)?;
+    // The engine owns its sealer; telemetry opens device keys with its own copy.
+    let telemetry_sealer = sealer(&cfg)?.map(Arc::new);
     let sealer = sealer(&cfg)?;
     let aws = aws_options(&cfg)?;
+    let telemetry_opts = telemetry_options(&cfg)?;
 
     let store = Store::open(
         &cfg.gateway.state_dir,
@@ -141,13 +150,17 @@ async fn daemon(cfg: Config) -> Result<(), RunError> {
 
     let downstream_opts = downstream_options(&cfg)?;
     let max_request_bytes = cfg.downstream.max_request_bytes as usize;
-    let (downstream, requests) = Downstream::start_with(&downstream_opts, |s| {
+    let (downstream, inbound) = Downstream::start_with(&downstream_opts, |s| {
         s.max_request_bytes = max_request_bytes;
     })
     .await?;
     if let Some(broker) = downstream.broker() {
         tracing::info!(listen = %broker.listen_addr(), tls = broker.is_tls(), "embedded broker listening");
     }
+
+    // Provisioning requests to the engine, telemetry to the pipeline. Acks still leave in
+    // arrival order (downstream session), so each consumer acks as soon as it has persisted.
+    let (requests, telemetry_rx) = telemetry::split_inbound(inbound, 1024);
 
     let provider = Arc::new(AwsProvider::start(aws));
     let engine = Engine::start(
@@ -160,6 +173,13 @@ async fn daemon(cfg: Config) -> Result<(), RunError> {
         },
         engine_options(&cfg),
         requests,
+    )?;
+    let telemetry = Telemetry::start(
+        telemetry_opts,
+        store.clone(),
+        downstream.session().clone(),
+        telemetry_sealer,
+        telemetry_rx,
     )?;
 
     tracing::info!(
@@ -179,6 +199,8 @@ async fn daemon(cfg: Config) -> Result<(), RunError> {
 
     engine.shutdown().await;
     provider.shutdown().await;
+    let telemetry_stats = telemetry.stats();
+    telemetry.shutdown(Duration::from_secs(5)).await;
     downstream.shutdown(Duration::from_secs(2)).await;
     store.flush_blocking()?;
     let stats = engine.stats();
@@ -186,6 +208,8 @@ async fn daemon(cfg: Config) -> Result<(), RunError> {
         provisioned = stats.provisioned,
         failed = stats.failed,
         unfinished = stats.active,
+        telemetry_forwarded = telemetry_stats.forwarded,
+        telemetry_in_outbox = store.outbox_len(),
         "stopped; store flushed"
     );
     Ok(())
@@ -282,6 +306,26 @@ fn split_endpoint(endpoint: &str) -> Result<(String, u16), RunError> {
         return Err(bad("expected host:port"));
     }
     Ok((host.to_string(), port))
+}
+
+fn telemetry_options(cfg: &Config) -> Result<TelemetryOptions, RunError> {
+    let aws = &cfg.cloud.aws;
+    let (host, port) = split_endpoint(&aws.endpoint)?;
+    let endpoint = UpstreamEndpoint {
+        host,
+        port,
+        ca_pem: read_text(&aws.ca)?,
+    };
+    let mut opts = TelemetryOptions::from_config(&cfg.telemetry, endpoint)?;
+    if opts.identity == IdentityMode::Gateway {
+        // The config has no keys for the gateway's own upstream certificate yet.
+        return Err(RunError::Config {
+            key: "telemetry.identity",
+            reason: "\"gateway\" needs the gateway's upstream certificate and key, which this build cannot configure yet; use \"device\"".into(),
+        });
+    }
+    opts.keep_alive = Duration::from_secs(aws.keep_alive_secs.max(1));
+    Ok(opts)
 }
 
 fn aws_options(cfg: &Config) -> Result<AwsProviderOptions, RunError> {
@@ -383,10 +427,9 @@ fn downstream_options(cfg: &Config) -> Result<DownstreamOptions, RunError> {
         key: "downstream.topic_prefix",
         reason: e.to_string(),
     })?;
-    // Telemetry forwarding is not part of this daemon yet; only provisioning requests.
     opts.inbound = Inbound {
         provision: true,
-        telemetry: false,
+        telemetry: true,
     };
     Ok(opts)
 }
