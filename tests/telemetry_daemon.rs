@@ -252,7 +252,9 @@ async fn daemon_sigkill_during_an_outage_loses_nothing() {
         &emu.gateway_config_path(),
         &dir.path().join("state"),
         &mosquitto.url(),
-        dir.path().join("fleetgw.log"),
+        std::env::var_os("FLEETGW_BENCH_DAEMON_LOG")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| dir.path().join("fleetgw.log")),
     );
 
     let mut things = Vec::new();
@@ -348,8 +350,6 @@ async fn daemon_sigkill_during_an_outage_loses_nothing() {
         let expected: Vec<u64> = (0..per_device).collect();
         assert_eq!(firsts, expected, "{id}: lost or reordered");
         let dups = n - firsts.len();
-        // One outage disconnect and one kill per device.
-        assert!(dups <= 2 * WINDOW, "{id}: {dups} duplicates");
         duplicates += dups;
         worst = worst.max(dups);
     }
@@ -364,6 +364,11 @@ async fn daemon_sigkill_during_an_outage_loses_nothing() {
         total as f64 / elapsed.as_secs_f64(),
         pct(0.5),
         pct(0.99),
+    );
+    // One outage disconnect and one kill per device.
+    assert!(
+        worst <= 2 * WINDOW,
+        "a device got {worst} duplicates (> 2 x window {WINDOW})"
     );
     drop(daemon);
     emu.shutdown().await;
