@@ -371,13 +371,14 @@ impl Driver {
                     if self.shared.lock().closing {
                         break;
                     }
+                    let was_connected = self.shared.lock().connected;
                     let resent = self.on_connection_lost();
                     let delay = self.backoff.next_delay();
                     self.shared
                         .counters
                         .upstream_disconnects
                         .fetch_add(1, Ordering::Relaxed);
-                    log_connection_error(&self.shared.client_id, &e, resent, delay);
+                    log_connection_error(&self.shared.client_id, &e, was_connected, resent, delay);
                     tokio::select! {
                         _ = tokio::time::sleep(delay) => {}
                         _ = super::stopped(&mut self.shutdown) => break,
@@ -572,14 +573,25 @@ impl Driver {
     }
 }
 
-fn log_connection_error(client_id: &str, e: &ConnectionError, resent: usize, delay: Duration) {
+fn log_connection_error(
+    client_id: &str,
+    e: &ConnectionError,
+    was_connected: bool,
+    resent: usize,
+    delay: Duration,
+) {
     match e {
         ConnectionError::ConnectionRefused(code) => tracing::warn!(
             client_id, ?code, retry_in = ?delay,
             "the cloud refused the upstream connection (check the certificate is active and the policy allows this client id)"
         ),
-        _ => {
+        _ if was_connected => {
             tracing::info!(client_id, error = %e, unacknowledged = resent, retry_in = ?delay, "upstream connection lost; unacknowledged messages will be sent again")
+        }
+        // Failed reconnect attempts during an outage: one line per link and attempt would
+        // flood the journal with thousands of devices.
+        _ => {
+            tracing::debug!(client_id, error = %e, retry_in = ?delay, "upstream connection attempt failed")
         }
     }
 }
