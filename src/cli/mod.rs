@@ -5,9 +5,11 @@
 
 mod check_config;
 mod csr;
+mod demo;
 mod emulate;
 mod logging;
 mod run;
+mod simulate;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -66,19 +68,30 @@ pub enum Command {
     Run(run::Args),
     /// Run a cloud emulator (AWS IoT) for tests, demos and benchmarks.
     Emulate(emulate::Args),
+    /// Simulate a fleet of downstream devices provisioning through a gateway's broker.
+    Simulate(Box<simulate::Args>),
+    /// Run the AWS emulator, the gateway and a simulated fleet in one process and show the
+    /// provisioning figures (nothing to install, no cloud account).
+    Demo(demo::Args),
 }
 
 /// Parses argv, sets up logging and runs the chosen command.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     // `run` sets up logging itself, with the level and format of its config.
-    if !matches!(cli.command, Command::Run(_)) {
-        logging::init(cli.log_format, None);
+    // The demo draws a progress bar: only warnings (and no rumqttd chatter, which logs an
+    // error for every client that sends DISCONNECT) unless RUST_LOG says otherwise.
+    match cli.command {
+        Command::Run(_) => {}
+        Command::Demo(_) => logging::init(cli.log_format, Some("warn,rumqttd=off")),
+        _ => logging::init(cli.log_format, None),
     }
     match cli.command {
         Command::Csr(args) => csr::run(args),
         Command::CheckConfig(args) => check_config::run(args),
         Command::Run(args) => run::run(args, cli.log_format),
         Command::Emulate(args) => emulate::run(args),
+        Command::Simulate(args) => simulate::run(*args),
+        Command::Demo(args) => demo::run(args),
     }
 }

@@ -20,9 +20,11 @@ use crate::downstream::{
     EmbeddedTls, ExternalBrokerOptions, Inbound, TopicPrefix,
 };
 use crate::identity::{self, PrivateKey, Sealer, Secret};
-use crate::provision::{Engine, EngineOptions, EngineParts, RequestPolicy};
+use crate::provision::{Engine, EngineOptions, EngineParts, EngineStats, RequestPolicy};
 use crate::store::{Store, StoreOptions};
-use crate::telemetry::{self, IdentityMode, Telemetry, TelemetryOptions, UpstreamEndpoint};
+use crate::telemetry::{
+    self, IdentityMode, Telemetry, TelemetryOptions, TelemetryStats, UpstreamEndpoint,
+};
 
 use super::{logging, ConfigArgs, LogFormat, EX_CONFIG, EX_IOERR, EX_SOFTWARE};
 
@@ -35,7 +37,7 @@ pub struct Args {
 
 /// Why the daemon could not start.
 #[derive(Debug, thiserror::Error)]
-enum RunError {
+pub enum RunError {
     #[error("{key}: {reason}")]
     Config { key: &'static str, reason: String },
     #[error("{path}: {source}")]
@@ -125,63 +127,7 @@ fn fail(e: &RunError) -> ExitCode {
 }
 
 async fn daemon(cfg: Config) -> Result<(), RunError> {
-    if cfg.cloud.provider != CloudProvider::Aws {
-        return Err(RunError::Config {
-            key: "cloud.provider",
-            reason: "only \"aws\" is supported by this build".into(),
-        });
-    }
-    let admission = Admission::new(admission_options(&cfg)?)?;
-    // The engine owns its sealer; telemetry opens device keys with its own copy.
-    let telemetry_sealer = sealer(&cfg)?.map(Arc::new);
-    let sealer = sealer(&cfg)?;
-    let aws = aws_options(&cfg)?;
-    let telemetry_opts = telemetry_options(&cfg)?;
-
-    let store = Store::open(
-        &cfg.gateway.state_dir,
-        &StoreOptions {
-            cache_capacity: cfg.store.cache_capacity_bytes,
-            flush_interval_ms: (cfg.store.flush_interval_ms > 0)
-                .then_some(cfg.store.flush_interval_ms),
-        },
-    )?;
-    tracing::info!(dir = %cfg.gateway.state_dir.display(), devices = store.device_count(), "store open");
-
-    let downstream_opts = downstream_options(&cfg)?;
-    let max_request_bytes = cfg.downstream.max_request_bytes as usize;
-    let (downstream, inbound) = Downstream::start_with(&downstream_opts, |s| {
-        s.max_request_bytes = max_request_bytes;
-    })
-    .await?;
-    if let Some(broker) = downstream.broker() {
-        tracing::info!(listen = %broker.listen_addr(), tls = broker.is_tls(), "embedded broker listening");
-    }
-
-    // Provisioning requests to the engine, telemetry to the pipeline. Acks still leave in
-    // arrival order (downstream session), so each consumer acks as soon as it has persisted.
-    let (requests, telemetry_rx) = telemetry::split_inbound(inbound, 1024);
-
-    let provider = Arc::new(AwsProvider::start(aws));
-    let engine = Engine::start(
-        EngineParts {
-            store: store.clone(),
-            provider: provider.clone(),
-            downstream: downstream.session().clone(),
-            admission,
-            sealer,
-        },
-        engine_options(&cfg),
-        requests,
-    )?;
-    let telemetry = Telemetry::start(
-        telemetry_opts,
-        store.clone(),
-        downstream.session().clone(),
-        telemetry_sealer,
-        telemetry_rx,
-    )?;
-
+    let gateway = Gateway::start(&cfg).await?;
     tracing::info!(
         gateway = %cfg.gateway.id,
         admission = %cfg.admission.mode,
@@ -196,23 +142,120 @@ async fn daemon(cfg: Config) -> Result<(), RunError> {
         "shutting down: no new requests; finishing steps in flight"
     );
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
-
-    engine.shutdown().await;
-    provider.shutdown().await;
-    let telemetry_stats = telemetry.stats();
-    telemetry.shutdown(Duration::from_secs(5)).await;
-    downstream.shutdown(Duration::from_secs(2)).await;
-    store.flush_blocking()?;
-    let stats = engine.stats();
+    let telemetry = gateway.telemetry_stats();
+    let stats = gateway.shutdown().await?;
     tracing::info!(
         provisioned = stats.provisioned,
         failed = stats.failed,
         unfinished = stats.active,
-        telemetry_forwarded = telemetry_stats.forwarded,
-        telemetry_in_outbox = store.outbox_len(),
+        telemetry_forwarded = telemetry.forwarded,
+        telemetry_in_outbox = telemetry.outbox_messages,
         "stopped; store flushed"
     );
     Ok(())
+}
+
+/// The running gateway: store, downstream (broker and session), cloud provider,
+/// provisioning engine and telemetry pipeline. `fleetgw run` wraps it with signals and systemd readiness; `fleetgw
+/// demo` runs it in-process next to the emulator and the simulated devices.
+pub struct Gateway {
+    store: Store,
+    downstream: Downstream,
+    provider: Arc<AwsProvider>,
+    engine: Engine,
+    telemetry: Telemetry,
+}
+
+impl Gateway {
+    /// Opens the store, starts downstream (the embedded broker listens and the session is
+    /// subscribed when this returns), the cloud provider, the engine and telemetry.
+    pub async fn start(cfg: &Config) -> Result<Self, RunError> {
+        if cfg.cloud.provider != CloudProvider::Aws {
+            return Err(RunError::Config {
+                key: "cloud.provider",
+                reason: "only \"aws\" is supported by this build".into(),
+            });
+        }
+        let admission = Admission::new(admission_options(cfg)?)?;
+        // The engine owns its sealer; telemetry opens device keys with its own copy.
+        let telemetry_sealer = sealer(cfg)?.map(Arc::new);
+        let sealer = sealer(cfg)?;
+        let aws = aws_options(cfg)?;
+        let telemetry_opts = telemetry_options(cfg)?;
+
+        let store = Store::open(
+            &cfg.gateway.state_dir,
+            &StoreOptions {
+                cache_capacity: cfg.store.cache_capacity_bytes,
+                flush_interval_ms: (cfg.store.flush_interval_ms > 0)
+                    .then_some(cfg.store.flush_interval_ms),
+            },
+        )?;
+        tracing::info!(dir = %cfg.gateway.state_dir.display(), devices = store.device_count(), "store open");
+
+        let downstream_opts = downstream_options(cfg)?;
+        let max_request_bytes = cfg.downstream.max_request_bytes as usize;
+        let (downstream, inbound) = Downstream::start_with(&downstream_opts, |s| {
+            s.max_request_bytes = max_request_bytes;
+        })
+        .await?;
+        if let Some(broker) = downstream.broker() {
+            tracing::info!(listen = %broker.listen_addr(), tls = broker.is_tls(), "embedded broker listening");
+        }
+
+        // Provisioning requests to the engine, telemetry to the pipeline. Acks still leave in
+        // arrival order (downstream session), so each consumer acks once it has persisted.
+        let (requests, telemetry_rx) = telemetry::split_inbound(inbound, 1024);
+
+        let provider = Arc::new(AwsProvider::start(aws));
+        let engine = Engine::start(
+            EngineParts {
+                store: store.clone(),
+                provider: provider.clone(),
+                downstream: downstream.session().clone(),
+                admission,
+                sealer,
+            },
+            engine_options(cfg),
+            requests,
+        )?;
+        let telemetry = Telemetry::start(
+            telemetry_opts,
+            store.clone(),
+            downstream.session().clone(),
+            telemetry_sealer,
+            telemetry_rx,
+        )?;
+        Ok(Self {
+            store,
+            downstream,
+            provider,
+            engine,
+            telemetry,
+        })
+    }
+
+    /// Where devices connect to the embedded broker (port 0 in the config resolved); `None`
+    /// with an external broker.
+    pub fn broker_addr(&self) -> Option<SocketAddr> {
+        self.downstream.broker().map(|b| b.listen_addr())
+    }
+
+    /// Telemetry counters (messages accepted, forwarded, refused, in the outbox, ...).
+    pub fn telemetry_stats(&self) -> TelemetryStats {
+        self.telemetry.stats()
+    }
+
+    /// Stops intake, lets steps in flight persist their result, closes the cloud, upstream
+    /// telemetry and downstream sessions and flushes the store.
+    pub async fn shutdown(self) -> Result<EngineStats, RunError> {
+        self.engine.shutdown().await;
+        self.provider.shutdown().await;
+        self.telemetry.shutdown(Duration::from_secs(5)).await;
+        self.downstream.shutdown(Duration::from_secs(2)).await;
+        self.store.flush_blocking()?;
+        Ok(self.engine.stats())
+    }
 }
 
 async fn wait_for_signal() -> &'static str {

@@ -1,0 +1,341 @@
+//! `fleetgw demo`: the whole product in one command, with nothing installed and no cloud
+//! account. In one process and a fresh temporary directory it starts the AWS IoT emulator
+//! (`emulator::aws`), the gateway daemon configured against it (embedded broker, provisioning
+//! engine, store), and the simulated device fleet (`emulator::devices`); shows a progress bar
+//! while the devices provision, then a summary table: devices, provisioned, failed, wall time,
+//! devices/s, p50/p99 per-device latency and the things the emulator registered.
+//!
+//! `--json FILE` writes the summary for scripts and benchmarks; `--keep` leaves everything
+//! running and prints how to query it until Ctrl-C. Logging defaults to `warn` (set in
+//! `cli::main`) so the progress bar stays readable; `RUST_LOG` overrides it.
+
+use std::os::unix::fs::DirBuilderExt as _;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::process::ExitCode;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use comfy_table::Table;
+use hyper::body::Body as _;
+use tokio::net::TcpStream;
+
+use crate::config;
+use crate::emulator::aws::{self as aws_emulator, AwsEmulatorHandle, AwsEmulatorOptions};
+use crate::emulator::devices::{self, FleetOptions, FleetReport, SimError};
+
+use super::run::Gateway;
+use super::simulate::{print_failures, summary_table, write_json, FleetProgress};
+use super::{EX_CONFIG, EX_IOERR, EX_SOFTWARE};
+
+/// Share of demo devices that send CBOR (the rest JSON).
+const CBOR_SHARE: f64 = 0.25;
+/// Share of demo devices that send their own CSR (the rest get a gateway-generated key).
+const OWN_CSR_SHARE: f64 = 0.5;
+/// Per-device time budget in the demo.
+const DEVICE_TIMEOUT: Duration = Duration::from_secs(120);
+/// How long one request to the emulator's API may take.
+const API_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long stopping the gateway and the emulator may take.
+const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// Arguments of `fleetgw demo`.
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Number of simulated devices.
+    #[arg(long, value_name = "N", default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..))]
+    pub devices: u32,
+
+    /// Write the summary as JSON to FILE.
+    #[arg(long, value_name = "FILE")]
+    pub json: Option<PathBuf>,
+
+    /// Leave the emulator and the gateway running (and their directory in place) after the
+    /// run, and print how to query them; stop with Ctrl-C.
+    #[arg(long)]
+    pub keep: bool,
+}
+
+/// Why the demo could not run.
+#[derive(Debug, thiserror::Error)]
+enum DemoError {
+    #[error("cannot create the demo directory {path}: {source}")]
+    WorkDir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: {source}")]
+    Write {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("AWS IoT emulator: {0}")]
+    Emulator(#[from] crate::emulator::EmulatorError),
+    #[error("gateway config: {0}")]
+    Config(#[from] config::ConfigError),
+    #[error("gateway: {0}")]
+    Gateway(#[from] super::run::RunError),
+    #[error("gateway: the device broker is not the embedded one")]
+    NoEmbeddedBroker,
+    #[error("simulator: {0}")]
+    Simulator(#[from] SimError),
+    #[error("emulator API {url}: {reason}")]
+    Api { url: String, reason: String },
+    #[error("{0}")]
+    Output(String),
+    #[error("interrupted")]
+    Interrupted,
+}
+
+impl DemoError {
+    fn exit_code(&self) -> u8 {
+        match self {
+            DemoError::Config(_) => EX_CONFIG,
+            DemoError::WorkDir { .. } | DemoError::Write { .. } | DemoError::Output(_) => EX_IOERR,
+            DemoError::Interrupted => 130,
+            _ => EX_SOFTWARE,
+        }
+    }
+}
+
+/// Runs `fleetgw demo`.
+pub fn run(args: Args) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("fleetgw demo: cannot start the async runtime: {e}");
+            return ExitCode::from(EX_SOFTWARE);
+        }
+    };
+    match runtime.block_on(demo(&args)) {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::from(1),
+        Err(e) => {
+            eprintln!("fleetgw demo: {e}");
+            ExitCode::from(e.exit_code())
+        }
+    }
+}
+
+/// The whole demo; `Ok(true)` when every device was provisioned and the emulator has one thing
+/// per device.
+async fn demo(args: &Args) -> Result<bool, DemoError> {
+    let workdir = WorkDir::create(args.keep)?;
+    let emulator =
+        aws_emulator::start(AwsEmulatorOptions::ephemeral(workdir.path().join("cloud"))).await?;
+    let config_path = emulator.gateway_config_path();
+    write_demo_dropin(&config_path)?;
+    let config = config::load(&config_path, &[])?;
+    let gateway = Gateway::start(&config).await?;
+    let broker = gateway.broker_addr().ok_or(DemoError::NoEmbeddedBroker)?;
+
+    let mut opts = FleetOptions::new(broker.ip().to_string(), broker.port(), args.devices);
+    opts.run = "demo".to_string();
+    opts.cbor_share = CBOR_SHARE;
+    opts.own_csr_share = OWN_CSR_SHARE;
+    opts.cloud_ca_pem = Some(emulator.ca_pem().to_string());
+    opts.timeout = DEVICE_TIMEOUT;
+    let progress = FleetProgress::new(u64::from(args.devices));
+    let report = tokio::select! {
+        report = devices::run_fleet(opts, |event| progress.on_event(&event)) => report?,
+        _ = tokio::signal::ctrl_c() => {
+            progress.abandon();
+            return Err(DemoError::Interrupted);
+        }
+    };
+    progress.finish();
+
+    let things = thing_count(&emulator.api_url()).await?;
+    println!("{}", demo_table(&report, things));
+    print_failures(&report);
+    if let Some(path) = &args.json {
+        write_json(path, &demo_json(&report, things)).map_err(DemoError::Output)?;
+    }
+    let ok = report.all_provisioned() && things == u64::from(report.devices);
+    if !ok && report.all_provisioned() {
+        eprintln!(
+            "fleetgw demo: the emulator has {things} things for {} devices",
+            report.devices
+        );
+    }
+
+    if args.keep {
+        print_keep_instructions(&workdir, &emulator, &config_path, broker);
+        // Ctrl-C ends the wait; an error installing the handler ends it too.
+        let _ = tokio::signal::ctrl_c().await;
+    }
+    match tokio::time::timeout(SHUTDOWN_TIMEOUT, gateway.shutdown()).await {
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => eprintln!("fleetgw demo: stopping the gateway: {e}"),
+        Err(_) => eprintln!("fleetgw demo: the gateway did not stop within {SHUTDOWN_TIMEOUT:?}"),
+    }
+    let _ = tokio::time::timeout(SHUTDOWN_TIMEOUT, emulator.shutdown()).await;
+    drop(workdir);
+    Ok(ok)
+}
+
+/// The config drop-in that turns the emulator-written `gateway.toml` into the demo's gateway:
+/// a free port for the device broker and cloud limits that do not cap a local run.
+fn write_demo_dropin(config_path: &Path) -> Result<(), DemoError> {
+    let dir = config_path
+        .parent()
+        .unwrap_or_else(|| Path::new("."))
+        .join("config.d");
+    std::fs::create_dir_all(&dir).map_err(|source| DemoError::Write {
+        path: dir.clone(),
+        source,
+    })?;
+    let path = dir.join("50-demo.toml");
+    let text = "# Written by `fleetgw demo`: the device broker on a free port, and cloud limits\n\
+                # that let a local run go as fast as the machine allows.\n\n\
+                [downstream]\nlisten = \"127.0.0.1:0\"\n\n\
+                [cloud.aws]\ntps = 100000\n";
+    std::fs::write(&path, text).map_err(|source| DemoError::Write { path, source })
+}
+
+fn demo_table(report: &FleetReport, things: u64) -> Table {
+    summary_table(report, &[("things in the emulator", things.to_string())])
+}
+
+/// `{"devices","provisioned","failed","seconds","devicesPerSecond","p50Ms","p99Ms","things"}`.
+fn demo_json(report: &FleetReport, things: u64) -> serde_json::Value {
+    serde_json::json!({
+        "devices": report.devices,
+        "provisioned": report.provisioned,
+        "failed": report.failed,
+        "seconds": report.elapsed.as_secs_f64(),
+        "devicesPerSecond": report.devices_per_second(),
+        "p50Ms": report.latency.p50_ms,
+        "p99Ms": report.latency.p99_ms,
+        "things": things,
+    })
+}
+
+fn print_keep_instructions(
+    workdir: &WorkDir,
+    emulator: &AwsEmulatorHandle,
+    config_path: &Path,
+    broker: std::net::SocketAddr,
+) {
+    let api = emulator.api_url();
+    println!();
+    println!("Everything keeps running until Ctrl-C. Try:");
+    println!("  curl {api}/things            # things the emulator registered");
+    println!("  curl {api}/certificates      # certificates and their status");
+    println!("  curl {api}/stats             # request and connection counters");
+    println!(
+        "  fleetgw simulate --broker {broker} --devices 10 --ca {}",
+        emulator.ca_path().display()
+    );
+    println!("gateway config: {} (+ config.d/)", config_path.display());
+    println!("device broker:  mqtt://{broker}");
+    println!("emulator API:   {api}");
+    println!("files:          {} (kept)", workdir.path().display());
+}
+
+/// Number of things in the emulator: the length of `GET /things`.
+async fn thing_count(api_url: &str) -> Result<u64, DemoError> {
+    let url = format!("{api_url}/things");
+    let body = tokio::time::timeout(API_TIMEOUT, http_get(&url))
+        .await
+        .map_err(|_| DemoError::Api {
+            url: url.clone(),
+            reason: format!("no answer within {API_TIMEOUT:?}"),
+        })?
+        .map_err(|reason| DemoError::Api {
+            url: url.clone(),
+            reason,
+        })?;
+    let things: Vec<serde_json::Value> =
+        serde_json::from_slice(&body).map_err(|e| DemoError::Api {
+            url,
+            reason: format!("not a JSON array: {e}"),
+        })?;
+    Ok(things.len() as u64)
+}
+
+/// A plain HTTP/1.1 GET of `http://host:port/path`; the body when the status is 200.
+async fn http_get(url: &str) -> Result<Vec<u8>, String> {
+    let rest = url
+        .strip_prefix("http://")
+        .ok_or("only http:// URLs are supported")?;
+    let (authority, path) = match rest.find('/') {
+        Some(i) => (&rest[..i], &rest[i..]),
+        None => (rest, "/"),
+    };
+    let stream = TcpStream::connect(authority)
+        .await
+        .map_err(|e| format!("connect: {e}"))?;
+    let (mut sender, connection) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .map_err(|e| format!("HTTP handshake: {e}"))?;
+    let driver = tokio::spawn(connection);
+    let request = hyper::Request::get(path)
+        .header(hyper::header::HOST, authority)
+        .body(String::new())
+        .map_err(|e| format!("request: {e}"))?;
+    let response = sender
+        .send_request(request)
+        .await
+        .map_err(|e| format!("request: {e}"))?;
+    let status = response.status();
+    let mut body = response.into_body();
+    let mut bytes = Vec::new();
+    while let Some(frame) = std::future::poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await {
+        let frame = frame.map_err(|e| format!("reading the body: {e}"))?;
+        if let Ok(data) = frame.into_data() {
+            bytes.extend_from_slice(&data);
+        }
+    }
+    driver.abort();
+    if status != hyper::StatusCode::OK {
+        return Err(format!(
+            "HTTP {status}: {}",
+            String::from_utf8_lossy(&bytes[..bytes.len().min(200)])
+        ));
+    }
+    Ok(bytes)
+}
+
+/// The demo's private directory under the system temp dir (mode 0700), removed when dropped
+/// unless it is to be kept.
+struct WorkDir {
+    path: PathBuf,
+    keep: bool,
+}
+
+impl WorkDir {
+    fn create(keep: bool) -> Result<Self, DemoError> {
+        let nanos = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or(0);
+        let path =
+            std::env::temp_dir().join(format!("fleetgw-demo-{}-{nanos:08x}", std::process::id()));
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&path)
+            .map_err(|source| DemoError::WorkDir {
+                path: path.clone(),
+                source,
+            })?;
+        Ok(Self { path, keep })
+    }
+
+    fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for WorkDir {
+    fn drop(&mut self) {
+        if !self.keep {
+            let _ = std::fs::remove_dir_all(&self.path);
+        }
+    }
+}

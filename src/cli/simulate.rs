@@ -1,0 +1,500 @@
+//! `fleetgw simulate`: a fleet of simulated downstream devices provisioning themselves through
+//! a running gateway, in its own process (see `emulator::devices` for what each device does).
+//!
+//! Prints a summary table (and with `--json FILE` a machine-readable summary); exits 0 when
+//! every device holds a verified certificate, 1 when any failed, listing the first failures
+//! with their reasons. `fleetgw demo` reuses the table and the progress bar from here.
+
+use std::cell::Cell;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use comfy_table::presets::UTF8_FULL_CONDENSED;
+use comfy_table::{CellAlignment, Table};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+
+use crate::admission;
+use crate::downstream::{parse_broker_url, BrokerUrl};
+use crate::emulator::devices::{self, FleetEvent, FleetOptions, FleetReport, SimAttestation};
+use crate::identity::{CertificateAuthority, KeyType, Secret};
+
+use super::{EX_IOERR, EX_SOFTWARE, EX_USAGE};
+
+/// How many failures the summary lists (all of them are in `--json`).
+const FAILURES_SHOWN: usize = 10;
+
+/// How simulated devices attest (must match the gateway's `[admission] mode`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum AttestationKind {
+    /// `{"type":"none"}`: for `open` mode (or approval).
+    None,
+    /// SAS tokens from keys derived from `--group-key-file`.
+    SymmetricKey,
+    /// Certificates issued by `--x509-ca-cert`/`--x509-ca-key` plus a fresh signature.
+    X509,
+}
+
+/// Arguments of `fleetgw simulate`.
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// The gateway's device broker: HOST:PORT, mqtt://HOST[:PORT] or mqtts://HOST[:PORT].
+    #[arg(long, value_name = "ADDR")]
+    pub broker: String,
+
+    /// Number of devices.
+    #[arg(long, value_name = "N")]
+    pub devices: u32,
+
+    /// Devices started per second (0 = as fast as --max-in-flight allows).
+    #[arg(long, value_name = "R", default_value_t = 0.0)]
+    pub rate: f64,
+
+    /// Most devices between connect and verified answer at once.
+    #[arg(long, value_name = "N", default_value_t = 500)]
+    pub max_in_flight: usize,
+
+    /// Share of devices (0..1) that send CBOR instead of JSON.
+    #[arg(long, value_name = "F", default_value_t = 0.0)]
+    pub cbor_share: f64,
+
+    /// Share of devices (0..1) that send their own CSR instead of letting the gateway make
+    /// the key.
+    #[arg(long, value_name = "F", default_value_t = 0.0)]
+    pub own_csr_share: f64,
+
+    /// Key type of the devices' own CSRs: ecdsa-p256, ecdsa-p384, rsa-2048 or rsa-3072.
+    #[arg(long, value_name = "TYPE", default_value = "ecdsa-p256")]
+    pub csr_key_type: KeyType,
+
+    /// Topic prefix of the gateway (`[downstream] topic_prefix`).
+    #[arg(long, value_name = "PREFIX", default_value = "fleetgw")]
+    pub prefix: String,
+
+    /// Device ids are ID_PREFIX-RUN-N.
+    #[arg(long, value_name = "ID_PREFIX", default_value = "sim")]
+    pub id_prefix: String,
+
+    /// Run label in the device ids (default: the current time in hex, so every run provisions
+    /// new devices). Repeating a label re-requests the same devices (stored results come back;
+    /// own-CSR devices have new keys then and fail the key check).
+    #[arg(long, value_name = "LABEL")]
+    pub run: Option<String>,
+
+    /// The cloud's CA certificate (PEM): every issued certificate must chain to it.
+    #[arg(long, value_name = "FILE")]
+    pub ca: Option<PathBuf>,
+
+    /// CA certificate of the broker's TLS certificate (implies TLS).
+    #[arg(long, value_name = "FILE")]
+    pub broker_ca: Option<PathBuf>,
+
+    /// MQTT username; `{id}` is replaced by the device id.
+    #[arg(long, value_name = "USER")]
+    pub username: Option<String>,
+
+    /// File holding the MQTT password (trailing newline ignored); `{id}` in it is replaced by
+    /// the device id.
+    #[arg(long, value_name = "FILE")]
+    pub password_file: Option<PathBuf>,
+
+    /// How devices attest: none, symmetric-key or x509.
+    #[arg(long, value_enum, value_name = "KIND", default_value = "none")]
+    pub attestation: AttestationKind,
+
+    /// symmetric-key: file with the base64 group key (the gateway's `admission.group_key`).
+    #[arg(long, value_name = "FILE")]
+    pub group_key_file: Option<PathBuf>,
+
+    /// symmetric-key: the ID scope in the tokens' resource URI.
+    #[arg(long, value_name = "SCOPE", default_value = "fleetgw")]
+    pub id_scope: String,
+
+    /// x509: CA certificate that issues the devices' attestation certificates (the gateway's
+    /// `admission.trusted_ca` must contain it).
+    #[arg(long, value_name = "FILE")]
+    pub x509_ca_cert: Option<PathBuf>,
+
+    /// x509: that CA's private key (PEM).
+    #[arg(long, value_name = "FILE")]
+    pub x509_ca_key: Option<PathBuf>,
+
+    /// RegisterThing parameter sent by every device (repeatable), e.g. `--param Site=north`.
+    #[arg(long = "param", value_name = "KEY=VALUE")]
+    pub parameters: Vec<String>,
+
+    /// Write the summary as JSON to FILE.
+    #[arg(long, value_name = "FILE")]
+    pub json: Option<PathBuf>,
+
+    /// Also subscribe to each device's retained status topic, so timeouts report the
+    /// gateway's last status (e.g. waitingApproval); adds broker work with many devices.
+    #[arg(long)]
+    pub watch_status: bool,
+
+    /// Seconds without an answer after which a device sends its request again (0 = never).
+    #[arg(long, value_name = "SECS", default_value_t = 15)]
+    pub resend_secs: u64,
+
+    /// Seconds each device may take from its first connect to the verified answer.
+    #[arg(long, value_name = "SECS", default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..))]
+    pub timeout: u64,
+}
+
+/// Runs `fleetgw simulate`.
+pub fn run(args: Args) -> ExitCode {
+    let opts = match fleet_options(&args) {
+        Ok(opts) => opts,
+        Err(e) => {
+            eprintln!("fleetgw simulate: {e}");
+            return ExitCode::from(e.exit_code());
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("fleetgw simulate: cannot start the async runtime: {e}");
+            return ExitCode::from(EX_SOFTWARE);
+        }
+    };
+    let devices = opts.devices;
+    let report = runtime.block_on(async {
+        let progress = FleetProgress::new(u64::from(devices));
+        let run = devices::run_fleet(opts, |event| progress.on_event(&event));
+        tokio::select! {
+            report = run => { progress.finish(); Some(report) }
+            _ = tokio::signal::ctrl_c() => { progress.abandon(); None }
+        }
+    });
+    let report = match report {
+        None => {
+            eprintln!("fleetgw simulate: interrupted");
+            return ExitCode::from(130);
+        }
+        Some(Err(e)) => {
+            eprintln!("fleetgw simulate: {e}");
+            return ExitCode::from(EX_USAGE);
+        }
+        Some(Ok(report)) => report,
+    };
+    println!("{}", summary_table(&report, &[]));
+    print_failures(&report);
+    if let Some(path) = &args.json {
+        if let Err(e) = write_json(path, &report.to_json()) {
+            eprintln!("fleetgw simulate: {e}");
+            return ExitCode::from(EX_IOERR);
+        }
+    }
+    if report.all_provisioned() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    }
+}
+
+/// A command-line problem, with the exit code it maps to.
+#[derive(Debug, thiserror::Error)]
+enum ArgsError {
+    #[error("{0}")]
+    Usage(String),
+    #[error("{path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl ArgsError {
+    fn exit_code(&self) -> u8 {
+        match self {
+            ArgsError::Usage(_) => EX_USAGE,
+            ArgsError::Read { .. } => EX_IOERR,
+        }
+    }
+}
+
+fn read_text(path: &Path) -> Result<String, ArgsError> {
+    std::fs::read_to_string(path).map_err(|source| ArgsError::Read {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+fn fleet_options(args: &Args) -> Result<FleetOptions, ArgsError> {
+    let broker = parse_broker(&args.broker).map_err(ArgsError::Usage)?;
+    let mut opts = FleetOptions::new(broker.host, broker.port, args.devices);
+    opts.broker_ca_pem = args.broker_ca.as_deref().map(read_text).transpose()?;
+    if broker.tls && opts.broker_ca_pem.is_none() {
+        return Err(ArgsError::Usage(format!(
+            "--broker {}: TLS needs --broker-ca FILE (the CA of the broker's certificate)",
+            args.broker
+        )));
+    }
+    opts.username = args.username.clone();
+    if let Some(path) = &args.password_file {
+        if opts.username.is_none() {
+            return Err(ArgsError::Usage(
+                "--password-file needs --username (MQTT sends no password without a username)"
+                    .into(),
+            ));
+        }
+        let text = read_text(path)?;
+        opts.password = Some(Secret::from(
+            text.trim_end_matches(['\r', '\n']).to_string(),
+        ));
+    }
+    opts.topic_prefix = args.prefix.clone();
+    opts.id_prefix = args.id_prefix.clone();
+    if let Some(run) = &args.run {
+        opts.run = run.clone();
+    }
+    opts.rate = args.rate;
+    opts.max_in_flight = args.max_in_flight;
+    opts.cbor_share = args.cbor_share;
+    opts.own_csr_share = args.own_csr_share;
+    opts.csr_key_type = args.csr_key_type;
+    opts.cloud_ca_pem = args.ca.as_deref().map(read_text).transpose()?;
+    opts.timeout = Duration::from_secs(args.timeout);
+    opts.resend_after = (args.resend_secs > 0).then(|| Duration::from_secs(args.resend_secs));
+    opts.watch_status = args.watch_status;
+    opts.parameters = parse_parameters(&args.parameters).map_err(ArgsError::Usage)?;
+    opts.attestation = attestation(args)?;
+    Ok(opts)
+}
+
+fn attestation(args: &Args) -> Result<SimAttestation, ArgsError> {
+    match args.attestation {
+        AttestationKind::None => Ok(SimAttestation::None),
+        AttestationKind::SymmetricKey => {
+            let path = args.group_key_file.as_deref().ok_or_else(|| {
+                ArgsError::Usage("--attestation symmetric-key needs --group-key-file FILE".into())
+            })?;
+            let text = Secret::from(read_text(path)?);
+            let group_key = admission::decode_group_key(&text, &path.display().to_string())
+                .map_err(|e| ArgsError::Usage(e.to_string()))?;
+            Ok(SimAttestation::SymmetricKey {
+                group_key,
+                id_scope: args.id_scope.clone(),
+            })
+        }
+        AttestationKind::X509 => {
+            let (Some(cert), Some(key)) = (&args.x509_ca_cert, &args.x509_ca_key) else {
+                return Err(ArgsError::Usage(
+                    "--attestation x509 needs --x509-ca-cert FILE and --x509-ca-key FILE".into(),
+                ));
+            };
+            let ca = CertificateAuthority::from_pem(&read_text(cert)?, &read_text(key)?).map_err(
+                |e| {
+                    ArgsError::Usage(format!(
+                        "--x509-ca-cert {} / --x509-ca-key {}: {e}",
+                        cert.display(),
+                        key.display()
+                    ))
+                },
+            )?;
+            Ok(SimAttestation::X509 { ca: Arc::new(ca) })
+        }
+    }
+}
+
+fn parse_parameters(raw: &[String]) -> Result<BTreeMap<String, String>, String> {
+    raw.iter()
+        .map(|kv| match kv.split_once('=') {
+            Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
+            _ => Err(format!("--param {kv:?}: expected KEY=VALUE")),
+        })
+        .collect()
+}
+
+/// `HOST:PORT` or a broker URL (`mqtt://HOST[:PORT]`, `mqtts://HOST[:PORT]`, IPv6 in
+/// brackets), parsed the way the gateway parses `[downstream] url`.
+fn parse_broker(raw: &str) -> Result<BrokerUrl, String> {
+    let url = if raw.contains("://") {
+        raw.to_string()
+    } else {
+        // Without a scheme the port is required: 1883 vs 8883 would be a guess.
+        let has_port = raw.rsplit_once(':').is_some_and(|(host, port)| {
+            !port.is_empty() && (!host.contains(':') || host.ends_with(']'))
+        });
+        if !has_port {
+            return Err(format!(
+                "--broker {raw:?}: expected HOST:PORT or mqtt[s]://HOST[:PORT]"
+            ));
+        }
+        format!("mqtt://{raw}")
+    };
+    let parsed = parse_broker_url(&url).map_err(|e| format!("--broker {raw:?}: {e}"))?;
+    if parsed.port == 0 {
+        return Err(format!("--broker {raw:?}: port 0 is not a broker port"));
+    }
+    Ok(parsed)
+}
+
+/// A progress bar over the devices on stderr (hidden when stderr is not a terminal), with
+/// the failures counted in its message.
+pub(crate) struct FleetProgress {
+    bar: ProgressBar,
+    failed: Cell<u64>,
+}
+
+impl FleetProgress {
+    /// A bar for `devices` devices, ticking while nothing finishes.
+    pub(crate) fn new(devices: u64) -> Self {
+        let bar = ProgressBar::with_draw_target(Some(devices), ProgressDrawTarget::stderr());
+        if let Ok(style) = ProgressStyle::with_template(
+            "{spinner} provisioning [{bar:40}] {pos}/{len} devices  {per_sec}  {elapsed}  {msg}",
+        ) {
+            bar.set_style(style.progress_chars("=> "));
+        }
+        bar.enable_steady_tick(Duration::from_millis(200));
+        Self {
+            bar,
+            failed: Cell::new(0),
+        }
+    }
+
+    /// Advances the bar by one finished device.
+    pub(crate) fn on_event(&self, event: &FleetEvent) {
+        if let FleetEvent::Failed(failure) = event {
+            self.failed.set(self.failed.get() + 1);
+            self.bar
+                .set_message(format!("{} failed", self.failed.get()));
+            tracing::debug!(device = %failure.id, reason = %failure.reason, "simulated device failed");
+        }
+        self.bar.inc(1);
+    }
+
+    /// Removes the bar (the summary follows).
+    pub(crate) fn finish(&self) {
+        self.bar.finish_and_clear();
+    }
+
+    /// Leaves the bar as it is (interrupted).
+    pub(crate) fn abandon(&self) {
+        self.bar.abandon();
+    }
+}
+
+/// The summary table; `extra` rows are appended (the demo adds the emulator's thing count).
+pub(crate) fn summary_table(report: &FleetReport, extra: &[(&str, String)]) -> Table {
+    let mut table = Table::new();
+    table.load_preset(UTF8_FULL_CONDENSED);
+    table.set_header(vec!["metric", "value"]);
+    let ms = |v: f64| format!("{v:.1} ms");
+    let rows: Vec<(&str, String)> = vec![
+        ("devices", report.devices.to_string()),
+        ("provisioned", report.provisioned.to_string()),
+        ("failed", report.failed.to_string()),
+        (
+            "wall time",
+            format!("{:.2} s", report.elapsed.as_secs_f64()),
+        ),
+        ("devices/s", format!("{:.0}", report.devices_per_second())),
+        ("latency p50", ms(report.latency.p50_ms)),
+        ("latency p90", ms(report.latency.p90_ms)),
+        ("latency p99", ms(report.latency.p99_ms)),
+        ("latency max", ms(report.latency.max_ms)),
+        (
+            "connect p50 / p99",
+            format!(
+                "{} / {}",
+                ms(report.connect.p50_ms),
+                ms(report.connect.p99_ms)
+            ),
+        ),
+        (
+            "json / cbor / own CSR",
+            format!(
+                "{} / {} / {}",
+                report.json_devices, report.cbor_devices, report.own_csr_devices
+            ),
+        ),
+        (
+            "reconnects / resent requests",
+            format!("{} / {}", report.reconnects, report.resent_requests),
+        ),
+    ];
+    for (name, value) in rows.into_iter().chain(extra.iter().cloned()) {
+        table.add_row(vec![name.to_string(), value]);
+    }
+    if let Some(column) = table.column_mut(1) {
+        column.set_cell_alignment(CellAlignment::Right);
+    }
+    table
+}
+
+/// Lists the first failures on stderr.
+pub(crate) fn print_failures(report: &FleetReport) {
+    if report.failures.is_empty() {
+        return;
+    }
+    eprintln!("first failures:");
+    for failure in report.failures.iter().take(FAILURES_SHOWN) {
+        eprintln!("  {failure}");
+    }
+    if report.failures.len() > FAILURES_SHOWN {
+        eprintln!(
+            "  ... and {} more (all of them with --json FILE)",
+            report.failures.len() - FAILURES_SHOWN
+        );
+    }
+}
+
+/// Writes `value` as pretty JSON to `path`.
+pub(crate) fn write_json(path: &Path, value: &serde_json::Value) -> Result<(), String> {
+    let mut bytes =
+        serde_json::to_vec_pretty(value).map_err(|e| format!("{}: {e}", path.display()))?;
+    bytes.push(b'\n');
+    std::fs::write(path, bytes).map_err(|e| format!("{}: {e}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn broker_addresses_in_every_accepted_form() {
+        let cases = [
+            ("127.0.0.1:1883", "127.0.0.1", 1883, false),
+            ("mqtt://localhost", "localhost", 1883, false),
+            ("mqtts://gw.local:8884/", "gw.local", 8884, true),
+            ("ssl://gw.local", "gw.local", 8883, true),
+            ("[::1]:1884", "::1", 1884, false),
+            ("mqtt://[::1]", "::1", 1883, false),
+        ];
+        for (raw, host, port, tls) in cases {
+            let b = parse_broker(raw).unwrap();
+            assert_eq!((b.host.as_str(), b.port, b.tls), (host, port, tls), "{raw}");
+        }
+        for raw in [
+            "localhost",
+            "http://x:1",
+            "x:0",
+            "x:99999",
+            ":1883",
+            "mqtt://a/b",
+        ] {
+            let err = parse_broker(raw)
+                .err()
+                .unwrap_or_else(|| panic!("{raw} accepted"));
+            assert!(err.contains(raw), "{err}");
+        }
+    }
+
+    #[test]
+    fn parameters_are_key_value_pairs() {
+        let p = parse_parameters(&["Site=north".into(), "Empty=".into()]).unwrap();
+        assert_eq!(p.get("Site").map(String::as_str), Some("north"));
+        assert_eq!(p.get("Empty").map(String::as_str), Some(""));
+        assert!(parse_parameters(&["=x".into()])
+            .unwrap_err()
+            .contains("KEY=VALUE"));
+        assert!(parse_parameters(&["nokey".into()]).is_err());
+    }
+}

@@ -1,0 +1,359 @@
+//! `fleetgw simulate` and `fleetgw demo` as users run them: real processes (`fleetgw emulate
+//! aws`, `fleetgw run`, `fleetgw simulate`), real sockets on 127.0.0.1, and the emulator's
+//! inspection API as the judge of what the cloud ended up with.
+
+use std::collections::BTreeSet;
+use std::io::{Read as _, Write as _};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+fn fleetgw() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_fleetgw"))
+}
+
+/// A child process killed (and reaped) on drop, its stderr kept in a file for diagnostics.
+struct Daemon {
+    child: Child,
+    name: &'static str,
+    log: PathBuf,
+}
+
+impl Daemon {
+    fn spawn(name: &'static str, dir: &Path, args: &[&str]) -> Self {
+        let log = dir.join(format!("{name}.log"));
+        let child = fleetgw()
+            .args(args)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap_or_else(|e| panic!("start {name}: {e}"));
+        Self { child, name, log }
+    }
+
+    /// Panics with the process's log if it has exited.
+    fn assert_running(&mut self) {
+        if let Some(status) = self.child.try_wait().unwrap() {
+            panic!(
+                "{} exited with {status}:\n{}",
+                self.name,
+                std::fs::read_to_string(&self.log).unwrap_or_default()
+            );
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Polls `probe` every 20 ms until it yields a value or `within` passes.
+fn wait_for<T>(what: &str, within: Duration, mut probe: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(v) = probe() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// `GET http://ADDR/PATH` with a plain HTTP/1.0 request; the JSON body of a 200 answer.
+fn http_get_json(api: &str, path: &str) -> Value {
+    let addr = api.strip_prefix("http://").unwrap_or(api);
+    let mut stream = TcpStream::connect(addr).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").unwrap();
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response).unwrap();
+    let text = String::from_utf8(response).unwrap();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap();
+    assert!(
+        head.starts_with("HTTP/1.1 200") || head.starts_with("HTTP/1.0 200"),
+        "{head}"
+    );
+    serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {body}"))
+}
+
+/// The AWS emulator in its own process with free ports; returns it and its API URL.
+fn start_emulator(dir: &Path) -> (Daemon, String) {
+    let cloud = dir.join("cloud");
+    let mut emulator = Daemon::spawn(
+        "emulator",
+        dir,
+        &[
+            "emulate",
+            "aws",
+            "--dir",
+            cloud.to_str().unwrap(),
+            "--mqtt",
+            "127.0.0.1:0",
+            "--api",
+            "127.0.0.1:0",
+        ],
+    );
+    let discovery = cloud.join("emulator.json");
+    let info: Value = wait_for("emulator.json", Duration::from_secs(30), || {
+        emulator.assert_running();
+        let text = std::fs::read_to_string(&discovery).ok()?;
+        serde_json::from_str(&text).ok()
+    });
+    let api = info["api"].as_str().unwrap().to_string();
+    (emulator, api)
+}
+
+/// `fleetgw run` against the emulator's gateway.toml with the device broker on a free port;
+/// returns once the broker accepts connections.
+fn start_gateway(dir: &Path) -> (Daemon, SocketAddr) {
+    let port = free_port();
+    let config = dir.join("cloud").join("gateway.toml");
+    let listen = format!("downstream.listen=127.0.0.1:{port}");
+    let mut gateway = Daemon::spawn(
+        "gateway",
+        dir,
+        &[
+            "run",
+            "--config",
+            config.to_str().unwrap(),
+            "--set",
+            &listen,
+            "--set",
+            "cloud.aws.tps=1000",
+        ],
+    );
+    let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+    wait_for(
+        "the gateway's device broker",
+        Duration::from_secs(30),
+        || {
+            gateway.assert_running();
+            TcpStream::connect(addr).ok()
+        },
+    );
+    (gateway, addr)
+}
+
+fn assert_success(out: &Output, what: &str) {
+    assert!(
+        out.status.success(),
+        "{what} exited with {}\nstdout:\n{}\nstderr:\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn read_json(path: &Path) -> Value {
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+#[test]
+fn simulate_provisions_every_device_through_a_running_gateway() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let (_emulator, api) = start_emulator(dir);
+    let (_gateway, broker) = start_gateway(dir);
+    let summary = dir.join("simulate.json");
+    let ca = dir.join("cloud").join("ca.pem");
+
+    let out = fleetgw()
+        .args([
+            "simulate",
+            "--broker",
+            &broker.to_string(),
+            "--devices",
+            "30",
+            "--cbor-share",
+            "0.5",
+            "--own-csr-share",
+            "0.5",
+            "--ca",
+            ca.to_str().unwrap(),
+            "--run",
+            "e2e",
+            "--resend-secs",
+            "2",
+            "--timeout",
+            "60",
+            "--json",
+            summary.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert_success(&out, "fleetgw simulate");
+    let table = String::from_utf8(out.stdout).unwrap();
+    assert!(table.contains("provisioned"), "{table}");
+
+    let json = read_json(&summary);
+    assert_eq!(json["devices"], 30);
+    assert_eq!(json["provisioned"], 30, "{json}");
+    assert_eq!(json["failed"], 0, "{json}");
+    assert_eq!(json["cborDevices"], 15);
+    assert_eq!(json["ownCsrDevices"], 15);
+    assert!(json["p50Ms"].as_f64().unwrap() > 0.0);
+
+    // The cloud has exactly one thing per device, each with one certificate.
+    let things = http_get_json(&api, "/things");
+    let things = things.as_array().unwrap();
+    assert_eq!(things.len(), 30, "{things:?}");
+    let names: BTreeSet<&str> = things
+        .iter()
+        .map(|t| t["thingName"].as_str().unwrap())
+        .collect();
+    let expected: BTreeSet<String> = (1..=30).map(|n| format!("sim-e2e-{n}")).collect();
+    assert_eq!(
+        names,
+        expected.iter().map(String::as_str).collect::<BTreeSet<_>>()
+    );
+    for thing in things {
+        assert_eq!(
+            thing["certificateIds"].as_array().unwrap().len(),
+            1,
+            "{thing}"
+        );
+    }
+}
+
+#[test]
+fn demo_provisions_every_device_and_writes_the_summary() {
+    let tmp = tempfile::tempdir().unwrap();
+    let summary = tmp.path().join("demo.json");
+    let out = fleetgw()
+        .args([
+            "demo",
+            "--devices",
+            "50",
+            "--json",
+            summary.to_str().unwrap(),
+        ])
+        .env("TMPDIR", tmp.path())
+        .output()
+        .unwrap();
+    assert_success(&out, "fleetgw demo");
+    let json = read_json(&summary);
+    assert_eq!(json["devices"], 50, "{json}");
+    assert_eq!(json["provisioned"], 50, "{json}");
+    assert_eq!(json["failed"], 0, "{json}");
+    assert_eq!(json["things"], 50, "{json}");
+    let p50 = json["p50Ms"].as_f64().unwrap();
+    let p99 = json["p99Ms"].as_f64().unwrap();
+    assert!(p50 > 0.0 && p99 >= p50, "{json}");
+    assert!(json["seconds"].as_f64().unwrap() > 0.0);
+    assert!(json["devicesPerSecond"].as_f64().unwrap() > 0.0);
+    let table = String::from_utf8(out.stdout).unwrap();
+    assert!(table.contains("things in the emulator"), "{table}");
+
+    // Without --keep nothing is left behind in the temp dir but our own summary.
+    let left: Vec<_> = std::fs::read_dir(tmp.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(left, vec![std::ffi::OsString::from("demo.json")]);
+}
+
+#[test]
+fn simulate_exits_1_and_lists_failures_when_devices_fail() {
+    // Nothing listens on the port: every device times out while connecting.
+    let port = free_port();
+    let tmp = tempfile::tempdir().unwrap();
+    let summary = tmp.path().join("s.json");
+    let out = fleetgw()
+        .args([
+            "simulate",
+            "--broker",
+            &format!("127.0.0.1:{port}"),
+            "--devices",
+            "3",
+            "--timeout",
+            "1",
+            "--run",
+            "down",
+            "--json",
+            summary.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    assert!(stderr.contains("first failures:"), "{stderr}");
+    for n in 1..=3 {
+        assert!(
+            stderr.contains(&format!(
+                "sim-down-{n}: no answer within 1s while connecting"
+            )),
+            "{stderr}"
+        );
+    }
+    let json = read_json(&summary);
+    assert_eq!(
+        (json["provisioned"].as_u64(), json["failed"].as_u64()),
+        (Some(0), Some(3))
+    );
+    assert_eq!(json["failures"].as_array().unwrap().len(), 3);
+}
+
+#[test]
+fn simulate_refuses_bad_arguments_with_usage_errors() {
+    for (args, needle) in [
+        (vec!["--broker", "nohost", "--devices", "1"], "--broker"),
+        (
+            vec![
+                "--broker",
+                "127.0.0.1:1",
+                "--devices",
+                "1",
+                "--cbor-share",
+                "2",
+            ],
+            "--cbor-share",
+        ),
+        (
+            vec![
+                "--broker",
+                "127.0.0.1:1",
+                "--devices",
+                "1",
+                "--attestation",
+                "x509",
+            ],
+            "--x509-ca-cert",
+        ),
+        (
+            vec![
+                "--broker",
+                "127.0.0.1:1",
+                "--devices",
+                "1",
+                "--ca",
+                "/nonexistent/ca.pem",
+            ],
+            "/nonexistent/ca.pem",
+        ),
+    ] {
+        let out = fleetgw().arg("simulate").args(&args).output().unwrap();
+        assert!(
+            matches!(out.status.code(), Some(64) | Some(74)),
+            "{args:?}: {out:?}"
+        );
+        let stderr = String::from_utf8(out.stderr).unwrap();
+        assert!(stderr.contains(needle), "{args:?}: {stderr}");
+    }
+}
