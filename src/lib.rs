@@ -14,3 +14,4 @@ pub mod emulator;
 pub mod identity;
 pub mod provision;
 pub mod store;
+pub mod telemetry;

@@ -1,7 +1,9 @@
 //! `fleetgw run`: the daemon. Loads the config, opens the store, starts downstream (the
-//! embedded broker by default), the cloud provider and the provisioning engine, reports
-//! readiness, and on SIGTERM/SIGINT shuts down cleanly: intake stops, steps in flight persist
-//! their result, the store is flushed, exit 0.
+//! embedded broker by default), the cloud provider, the provisioning engine and the telemetry
+//! pipeline (the downstream messages are split between the two), reports readiness, and on
+//! SIGTERM/SIGINT shuts down cleanly: intake stops, steps in flight persist their result,
+//! upstream connections close (unsent telemetry stays in the outbox), the store is flushed,
+//! exit 0.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -20,6 +22,9 @@ use crate::downstream::{
 use crate::identity::{self, PrivateKey, Sealer, Secret};
 use crate::provision::{Engine, EngineOptions, EngineParts, EngineStats, RequestPolicy};
 use crate::store::{Store, StoreOptions};
+use crate::telemetry::{
+    self, IdentityMode, Telemetry, TelemetryOptions, TelemetryStats, UpstreamEndpoint,
+};
 
 use super::{logging, ConfigArgs, LogFormat, EX_CONFIG, EX_IOERR, EX_SOFTWARE};
 
@@ -55,6 +60,8 @@ pub enum RunError {
     Downstream(#[from] crate::downstream::DownstreamError),
     #[error("provisioning engine: {0}")]
     Engine(#[from] crate::provision::ProvisionError),
+    #[error("telemetry: {0}")]
+    Telemetry(#[from] telemetry::TelemetryError),
     #[error("starting the async runtime: {0}")]
     Runtime(#[source] std::io::Error),
 }
@@ -62,9 +69,10 @@ pub enum RunError {
 impl RunError {
     fn exit_code(&self) -> ExitCode {
         ExitCode::from(match self {
-            RunError::Config { .. } | RunError::Identity { .. } | RunError::Admission(_) => {
-                EX_CONFIG
-            }
+            RunError::Config { .. }
+            | RunError::Identity { .. }
+            | RunError::Admission(_)
+            | RunError::Telemetry(_) => EX_CONFIG,
             RunError::Read { .. } | RunError::Store(_) => EX_IOERR,
             RunError::Downstream(_) | RunError::Engine(_) | RunError::Runtime(_) => EX_SOFTWARE,
         })
@@ -134,29 +142,33 @@ async fn daemon(cfg: Config) -> Result<(), RunError> {
         "shutting down: no new requests; finishing steps in flight"
     );
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
+    let telemetry = gateway.telemetry_stats();
     let stats = gateway.shutdown().await?;
     tracing::info!(
         provisioned = stats.provisioned,
         failed = stats.failed,
         unfinished = stats.active,
+        telemetry_forwarded = telemetry.forwarded,
+        telemetry_in_outbox = telemetry.outbox_messages,
         "stopped; store flushed"
     );
     Ok(())
 }
 
-/// The running gateway: store, downstream (broker and session), cloud provider and
-/// provisioning engine. `fleetgw run` wraps it with signals and systemd readiness; `fleetgw
+/// The running gateway: store, downstream (broker and session), cloud provider,
+/// provisioning engine and telemetry pipeline. `fleetgw run` wraps it with signals and systemd readiness; `fleetgw
 /// demo` runs it in-process next to the emulator and the simulated devices.
 pub struct Gateway {
     store: Store,
     downstream: Downstream,
     provider: Arc<AwsProvider>,
     engine: Engine,
+    telemetry: Telemetry,
 }
 
 impl Gateway {
     /// Opens the store, starts downstream (the embedded broker listens and the session is
-    /// subscribed when this returns), the cloud provider and the engine.
+    /// subscribed when this returns), the cloud provider, the engine and telemetry.
     pub async fn start(cfg: &Config) -> Result<Self, RunError> {
         if cfg.cloud.provider != CloudProvider::Aws {
             return Err(RunError::Config {
@@ -165,8 +177,11 @@ impl Gateway {
             });
         }
         let admission = Admission::new(admission_options(cfg)?)?;
+        // The engine owns its sealer; telemetry opens device keys with its own copy.
+        let telemetry_sealer = sealer(cfg)?.map(Arc::new);
         let sealer = sealer(cfg)?;
         let aws = aws_options(cfg)?;
+        let telemetry_opts = telemetry_options(cfg)?;
 
         let store = Store::open(
             &cfg.gateway.state_dir,
@@ -180,13 +195,17 @@ impl Gateway {
 
         let downstream_opts = downstream_options(cfg)?;
         let max_request_bytes = cfg.downstream.max_request_bytes as usize;
-        let (downstream, requests) = Downstream::start_with(&downstream_opts, |s| {
+        let (downstream, inbound) = Downstream::start_with(&downstream_opts, |s| {
             s.max_request_bytes = max_request_bytes;
         })
         .await?;
         if let Some(broker) = downstream.broker() {
             tracing::info!(listen = %broker.listen_addr(), tls = broker.is_tls(), "embedded broker listening");
         }
+
+        // Provisioning requests to the engine, telemetry to the pipeline. Acks still leave in
+        // arrival order (downstream session), so each consumer acks once it has persisted.
+        let (requests, telemetry_rx) = telemetry::split_inbound(inbound, 1024);
 
         let provider = Arc::new(AwsProvider::start(aws));
         let engine = Engine::start(
@@ -200,11 +219,19 @@ impl Gateway {
             engine_options(cfg),
             requests,
         )?;
+        let telemetry = Telemetry::start(
+            telemetry_opts,
+            store.clone(),
+            downstream.session().clone(),
+            telemetry_sealer,
+            telemetry_rx,
+        )?;
         Ok(Self {
             store,
             downstream,
             provider,
             engine,
+            telemetry,
         })
     }
 
@@ -214,11 +241,17 @@ impl Gateway {
         self.downstream.broker().map(|b| b.listen_addr())
     }
 
-    /// Stops intake, lets steps in flight persist their result, closes the cloud and
-    /// downstream sessions and flushes the store.
+    /// Telemetry counters (messages accepted, forwarded, refused, in the outbox, ...).
+    pub fn telemetry_stats(&self) -> TelemetryStats {
+        self.telemetry.stats()
+    }
+
+    /// Stops intake, lets steps in flight persist their result, closes the cloud, upstream
+    /// telemetry and downstream sessions and flushes the store.
     pub async fn shutdown(self) -> Result<EngineStats, RunError> {
         self.engine.shutdown().await;
         self.provider.shutdown().await;
+        self.telemetry.shutdown(Duration::from_secs(5)).await;
         self.downstream.shutdown(Duration::from_secs(2)).await;
         self.store.flush_blocking()?;
         Ok(self.engine.stats())
@@ -316,6 +349,26 @@ fn split_endpoint(endpoint: &str) -> Result<(String, u16), RunError> {
         return Err(bad("expected host:port"));
     }
     Ok((host.to_string(), port))
+}
+
+fn telemetry_options(cfg: &Config) -> Result<TelemetryOptions, RunError> {
+    let aws = &cfg.cloud.aws;
+    let (host, port) = split_endpoint(&aws.endpoint)?;
+    let endpoint = UpstreamEndpoint {
+        host,
+        port,
+        ca_pem: read_text(&aws.ca)?,
+    };
+    let mut opts = TelemetryOptions::from_config(&cfg.telemetry, endpoint)?;
+    if opts.identity == IdentityMode::Gateway {
+        // The config has no keys for the gateway's own upstream certificate yet.
+        return Err(RunError::Config {
+            key: "telemetry.identity",
+            reason: "\"gateway\" needs the gateway's upstream certificate and key, which this build cannot configure yet; use \"device\"".into(),
+        });
+    }
+    opts.keep_alive = Duration::from_secs(aws.keep_alive_secs.max(1));
+    Ok(opts)
 }
 
 fn aws_options(cfg: &Config) -> Result<AwsProviderOptions, RunError> {
@@ -417,10 +470,9 @@ fn downstream_options(cfg: &Config) -> Result<DownstreamOptions, RunError> {
         key: "downstream.topic_prefix",
         reason: e.to_string(),
     })?;
-    // Telemetry forwarding is not part of this daemon yet; only provisioning requests.
     opts.inbound = Inbound {
         provision: true,
-        telemetry: false,
+        telemetry: true,
     };
     Ok(opts)
 }

@@ -1,0 +1,278 @@
+//! What telemetry needs to know about a device, read from the store and cached briefly: may
+//! it send telemetry (provisioned, enabled, and in `device` mode the gateway holds its key), its
+//! thing name, and the TLS identity it connects upstream with.
+//!
+//! The verdict is cached for `ttl` so the hot path does not decode a device record per
+//! message; an operator disabling a device takes effect within that time.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use super::{IdentityMode, TelemetryError, UpstreamEndpoint};
+use crate::device_id::DeviceId;
+use crate::downstream::{DeviceStatus, RejectedResponse};
+use crate::identity::{tls, PrivateKey, Sealer};
+use crate::store::{DeviceRecord, DeviceState, Store};
+
+/// Why a device's telemetry is not forwarded.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct Refusal {
+    /// Counter bucket.
+    pub kind: RefusalKind,
+    /// The device's current status for the notice (`None`: unknown device, no notice).
+    pub status: Option<DeviceStatus>,
+    /// The notice's error.
+    pub error: RejectedResponse,
+}
+
+/// Counter buckets of refused telemetry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum RefusalKind {
+    Unknown,
+    NotProvisioned,
+    Disabled,
+    NoKey,
+}
+
+/// The cached verdict for one device.
+#[derive(Clone, Debug)]
+pub(crate) enum Gate {
+    Forward {
+        thing_name: Arc<str>,
+    },
+    Refuse(Arc<Refusal>),
+    /// The record could not be read: not the device's fault, so the message is left
+    /// unacknowledged (the broker redelivers it) and the verdict is not cached.
+    Unavailable(String),
+}
+
+/// Device lookups with a short-lived cache.
+pub(crate) struct Directory {
+    store: Store,
+    mode: IdentityMode,
+    ttl: Duration,
+    cache: HashMap<DeviceId, (Instant, Gate)>,
+}
+
+/// Bound on cached verdicts; devices publishing under random ids must not grow memory forever.
+const MAX_CACHED: usize = 100_000;
+
+impl Directory {
+    pub fn new(store: Store, mode: IdentityMode, ttl: Duration) -> Self {
+        Self {
+            store,
+            mode,
+            ttl,
+            cache: HashMap::new(),
+        }
+    }
+
+    /// The verdict for `id`, from the cache when fresh.
+    pub fn gate(&mut self, id: &DeviceId) -> Gate {
+        let now = Instant::now();
+        if let Some((at, gate)) = self.cache.get(id) {
+            if now.duration_since(*at) < self.ttl {
+                return gate.clone();
+            }
+        }
+        let gate = self.lookup(id);
+        if matches!(gate, Gate::Unavailable(_)) {
+            return gate;
+        }
+        if self.cache.len() >= MAX_CACHED {
+            self.cache.clear();
+        }
+        self.cache.insert(id.clone(), (now, gate.clone()));
+        gate
+    }
+
+    fn lookup(&self, id: &DeviceId) -> Gate {
+        match self.store.device(id) {
+            Ok(Some(rec)) => verdict(&rec, self.mode),
+            Ok(None) => refuse(
+                RefusalKind::Unknown,
+                None,
+                404,
+                "DeviceNotProvisioned",
+                format!(
+                    "device {id} is unknown to the gateway; provision it before sending telemetry"
+                ),
+            ),
+            Err(e) => Gate::Unavailable(e.to_string()),
+        }
+    }
+}
+
+fn refuse(
+    kind: RefusalKind,
+    status: Option<DeviceStatus>,
+    code: u16,
+    error_code: &str,
+    message: String,
+) -> Gate {
+    Gate::Refuse(Arc::new(Refusal {
+        kind,
+        status,
+        error: RejectedResponse::new(code, error_code, message),
+    }))
+}
+
+/// The retained status a device in `state` shows.
+pub(crate) fn status_of(state: &DeviceState) -> DeviceStatus {
+    match state {
+        DeviceState::WaitingApproval => DeviceStatus::WaitingApproval,
+        DeviceState::Delivered => DeviceStatus::Provisioned,
+        DeviceState::Failed { .. } => DeviceStatus::Failed,
+        DeviceState::Blocked => DeviceStatus::Blocked,
+        _ => DeviceStatus::Provisioning,
+    }
+}
+
+fn verdict(rec: &DeviceRecord, mode: IdentityMode) -> Gate {
+    let id = &rec.id;
+    let status = status_of(&rec.state);
+    if !matches!(rec.state, DeviceState::Delivered) {
+        return refuse(
+            RefusalKind::NotProvisioned,
+            Some(status),
+            403,
+            "DeviceNotProvisioned",
+            format!(
+                "device {id} is {} and not provisioned; its telemetry is not forwarded",
+                status.as_str()
+            ),
+        );
+    }
+    if !rec.enabled {
+        return refuse(
+            RefusalKind::Disabled,
+            Some(status),
+            403,
+            "DeviceDisabled",
+            format!("device {id} is disabled; its telemetry is not forwarded"),
+        );
+    }
+    let Some(thing) = rec.provision.thing_name.as_deref() else {
+        return refuse(
+            RefusalKind::NotProvisioned,
+            Some(status),
+            500,
+            "NoThingName",
+            format!("device {id} has no thing name recorded; reprovision it"),
+        );
+    };
+    if mode == IdentityMode::Device
+        && (!rec.provision.gateway_key || rec.provision.certificate_pem.is_none())
+    {
+        return refuse(
+            RefusalKind::NoKey,
+            Some(status),
+            403,
+            "NoDeviceKeyAtGateway",
+            format!(
+                "device {id} brought its own key, so the gateway cannot connect as it (telemetry.identity = \"device\"); use identity = \"gateway\" or let the gateway generate the key"
+            ),
+        );
+    }
+    Gate::Forward {
+        thing_name: Arc::from(thing),
+    }
+}
+
+/// Builds the TLS client config a device connects upstream with: its certificate from the
+/// device record and its key from the `secrets` tree (unsealed when a sealing key is set).
+pub(crate) fn device_tls(
+    store: &Store,
+    sealer: Option<&Sealer>,
+    endpoint: &UpstreamEndpoint,
+    id: &DeviceId,
+) -> Result<(String, Arc<rustls::ClientConfig>), TelemetryError> {
+    let cred = |reason: String| TelemetryError::DeviceCredentials {
+        device: id.clone(),
+        reason,
+    };
+    let rec = store
+        .device(id)
+        .map_err(|e| cred(format!("reading its record: {e}")))?
+        .ok_or_else(|| cred("it has no record (deleted?)".into()))?;
+    let thing = rec
+        .provision
+        .thing_name
+        .clone()
+        .ok_or_else(|| cred("no thing name recorded".into()))?;
+    let cert = rec
+        .provision
+        .certificate_pem
+        .as_deref()
+        .ok_or_else(|| cred("no certificate recorded".into()))?;
+    let stored = store
+        .secret(id)
+        .map_err(|e| cred(format!("reading its key: {e}")))?
+        .ok_or_else(|| cred("its private key is not in the store".into()))?;
+    let plain = match sealer {
+        Some(s) => s
+            .open(&stored)
+            .map_err(|e| cred(format!("unsealing its key: {e}")))?,
+        None => crate::identity::Secret::new(stored),
+    };
+    let pem = plain.expose_str().ok_or_else(|| {
+        cred("the stored key is not PEM text (sealed, but no sealing key configured?)".into())
+    })?;
+    let key = PrivateKey::from_pem(pem).map_err(|e| cred(format!("its key: {e}")))?;
+    let config = tls::client_config(&endpoint.ca_pem, Some((cert, &key)))
+        .map_err(|e| cred(format!("TLS configuration: {e}")))?;
+    Ok((thing, config))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rec(state: DeviceState) -> DeviceRecord {
+        let mut r = DeviceRecord::new(DeviceId::parse("dev-1").unwrap(), "json", 0);
+        r.state = state;
+        r.provision.thing_name = Some("thing-1".into());
+        r.provision.certificate_pem = Some("PEM".into());
+        r.provision.gateway_key = true;
+        r
+    }
+
+    #[test]
+    fn only_delivered_enabled_devices_are_forwarded() {
+        match verdict(&rec(DeviceState::Delivered), IdentityMode::Device) {
+            Gate::Forward { thing_name } => assert_eq!(&*thing_name, "thing-1"),
+            other => panic!("{other:?}"),
+        }
+        let Gate::Refuse(r) = verdict(&rec(DeviceState::WaitingApproval), IdentityMode::Device)
+        else {
+            panic!("waiting device forwarded")
+        };
+        assert_eq!(r.kind, RefusalKind::NotProvisioned);
+        assert_eq!(r.status, Some(DeviceStatus::WaitingApproval));
+        assert!(r.error.error_message.contains("dev-1"));
+        let mut disabled = rec(DeviceState::Delivered);
+        disabled.enabled = false;
+        let Gate::Refuse(r) = verdict(&disabled, IdentityMode::Gateway) else {
+            panic!("disabled device forwarded")
+        };
+        assert_eq!(r.kind, RefusalKind::Disabled);
+        assert_eq!(r.status, Some(DeviceStatus::Provisioned));
+    }
+
+    #[test]
+    fn own_key_devices_need_gateway_identity() {
+        let mut own = rec(DeviceState::Delivered);
+        own.provision.gateway_key = false;
+        let Gate::Refuse(r) = verdict(&own, IdentityMode::Device) else {
+            panic!("forwarded without a key")
+        };
+        assert_eq!(r.kind, RefusalKind::NoKey);
+        assert!(matches!(
+            verdict(&own, IdentityMode::Gateway),
+            Gate::Forward { .. }
+        ));
+    }
+}

@@ -1,0 +1,582 @@
+//! Dispatcher and remover: route outbox messages to upstream links, delete them once sent.
+//!
+//! The dispatcher loads messages in outbox order. While it is "live" it takes the batches the
+//! intake hands over in memory; when more is waiting than `max_memory_bytes` (an outage, a
+//! restart with a full outbox) it discards hand-overs and reads the outbox from its cursor
+//! instead, switching back to live once a scan reaches the end. Every hand-over is appended to
+//! the outbox before it is sent, and sequence numbers only grow, so a scan sees everything a
+//! discarded hand-over held, and a hand-over below the cursor was already loaded by a scan.
+//!
+//! In device mode each device gets its own link, opened on its first message; a device with no
+//! link when `max_upstream_connections` are open (and none is idle to evict) is parked, its
+//! messages kept in order until a slot frees. Links idle for `idle` are closed.
+//!
+//! The remover deletes acknowledged messages from the outbox in batches (one group commit for
+//! all that arrived meanwhile) and only then frees their links' window slots.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
+
+use super::directory::device_tls;
+use super::link::{Item, Link, LinkConfig, Settled};
+use super::{now_ms, Shared};
+use crate::device_id::DeviceId;
+use crate::identity::Sealer;
+use crate::store::OutboxMessage;
+
+/// What the intake hands over, in outbox order.
+pub(crate) enum Handoff {
+    /// Durable messages with their sequence numbers and thing names.
+    Appended(Vec<(u64, OutboxMessage, Arc<str>)>),
+    /// Sequence numbers deleted by `drop-oldest`.
+    Dropped(Vec<u64>),
+}
+
+/// Messages read from the outbox per scan.
+const SCAN_PAGE: usize = 512;
+/// Housekeeping period (idle links, expiry, parked devices, missed wake-ups).
+const TICK: Duration = Duration::from_secs(1);
+/// A device whose credentials could not be loaded is tried again after this.
+const CREDENTIALS_RETRY: Duration = Duration::from_secs(30);
+/// How long closing one link may take.
+const LINK_STOP: Duration = Duration::from_secs(2);
+
+struct Parked {
+    items: VecDeque<Item>,
+    retry_at: Option<Instant>,
+}
+
+pub(crate) struct Dispatcher {
+    shared: Arc<Shared>,
+    sealer: Option<Arc<Sealer>>,
+    handoff: Option<mpsc::Receiver<Handoff>>,
+    settled: mpsc::UnboundedSender<Settled>,
+    shutdown: watch::Receiver<bool>,
+    link_cfg: LinkConfig,
+    /// Device mode: one link per device.
+    links: HashMap<DeviceId, Link>,
+    /// Gateway mode: the one link, and the devices whose commands it subscribes to.
+    gateway: Option<Link>,
+    gateway_things: HashSet<DeviceId>,
+    parked: HashMap<DeviceId, Parked>,
+    parked_order: VecDeque<DeviceId>,
+    things: HashMap<DeviceId, Arc<str>>,
+    live: bool,
+    cursor: u64,
+    last_scan_error: Option<Instant>,
+}
+
+impl Dispatcher {
+    pub fn new(
+        shared: Arc<Shared>,
+        sealer: Option<Arc<Sealer>>,
+        gateway_tls: Option<(String, Arc<rustls::ClientConfig>)>,
+        handoff: mpsc::Receiver<Handoff>,
+        settled: mpsc::UnboundedSender<Settled>,
+        shutdown: watch::Receiver<bool>,
+    ) -> Self {
+        let o = &shared.opts;
+        let link_cfg = LinkConfig {
+            endpoint: o.endpoint.clone(),
+            window: o.inflight,
+            keep_alive: o.keep_alive,
+            connect_timeout: o.connect_timeout,
+            reconnect_min: o.reconnect_min,
+            reconnect_max: o.reconnect_max,
+            // Topic, header and length bytes on top of the payload.
+            max_packet_bytes: o.max_payload_bytes + 64 * 1024,
+            commands: o.commands.clone(),
+            command_timeout: o.command_timeout,
+        };
+        let gateway = gateway_tls.map(|(client_id, tls)| {
+            Link::start(
+                client_id,
+                tls,
+                &link_cfg,
+                shared.counters.clone(),
+                settled.clone(),
+                shared.downstream.clone(),
+                shutdown.clone(),
+            )
+        });
+        Self {
+            shared,
+            sealer,
+            handoff: Some(handoff),
+            settled,
+            shutdown,
+            link_cfg,
+            links: HashMap::new(),
+            gateway,
+            gateway_things: HashSet::new(),
+            parked: HashMap::new(),
+            parked_order: VecDeque::new(),
+            things: HashMap::new(),
+            live: false,
+            cursor: 0,
+            last_scan_error: None,
+        }
+    }
+
+    pub async fn run(mut self) {
+        if self.gateway.is_some() {
+            self.shared.counters.open_links.store(1, Ordering::Relaxed);
+        }
+        let backlog = self.shared.store.outbox_len();
+        if backlog > 0 {
+            tracing::info!(
+                messages = backlog,
+                bytes = self.shared.store.outbox_bytes(),
+                "telemetry outbox holds messages from before; sending them first"
+            );
+        }
+        self.load_backlog();
+        let mut tick = tokio::time::interval(TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut shutdown = self.shutdown.clone();
+        loop {
+            tokio::select! {
+                biased;
+                _ = super::stopped(&mut shutdown) => break,
+                h = recv(&mut self.handoff) => match h {
+                    Some(h) => self.on_handoff(h),
+                    None => self.handoff = None,
+                },
+                _ = self.shared.freed.notified() => {
+                    // A link may have become idle: give the longest-waiting parked device a
+                    // chance now rather than at the next tick (the full pass runs there).
+                    if let Some(d) = self.parked_order.front().cloned() {
+                        if self.try_unpark(&d) {
+                            self.parked_order.pop_front();
+                        }
+                    }
+                    if !self.live {
+                        self.load_backlog();
+                    }
+                }
+                _ = tick.tick() => self.housekeeping().await,
+            }
+        }
+        self.stop_all().await;
+        tracing::debug!("telemetry dispatcher stopped");
+    }
+
+    fn on_handoff(&mut self, h: Handoff) {
+        match h {
+            Handoff::Appended(items) => {
+                if !self.live {
+                    // On disk already; the scan from the cursor will load them.
+                    return;
+                }
+                for (seq, msg, thing) in items {
+                    if seq < self.cursor {
+                        continue;
+                    }
+                    if self.memory() >= self.shared.opts.max_memory_bytes {
+                        self.live = false;
+                        tracing::debug!(
+                            cursor = self.cursor,
+                            "telemetry backlog exceeds memory; reading the outbox instead"
+                        );
+                        return;
+                    }
+                    self.cursor = seq + 1;
+                    self.things.insert(msg.device.clone(), thing.clone());
+                    self.route(seq, msg, &thing);
+                }
+            }
+            Handoff::Dropped(seqs) => self.forget(&seqs.into_iter().collect()),
+        }
+    }
+
+    fn memory(&self) -> usize {
+        self.shared.counters.memory_bytes.load(Ordering::Relaxed)
+    }
+
+    fn release(&self, mem: usize) {
+        self.shared
+            .counters
+            .memory_bytes
+            .fetch_sub(mem, Ordering::Relaxed);
+    }
+
+    /// Reads the outbox from the cursor while memory allows; live again at its end.
+    fn load_backlog(&mut self) {
+        while self.memory() < self.shared.opts.max_memory_bytes {
+            let page = match self.shared.store.outbox_scan(self.cursor, SCAN_PAGE) {
+                Ok(page) => page,
+                Err(e) => {
+                    // Retried on the next tick; logged at most every 10 s.
+                    let now = Instant::now();
+                    if self
+                        .last_scan_error
+                        .is_none_or(|t| now.duration_since(t) > Duration::from_secs(10))
+                    {
+                        self.last_scan_error = Some(now);
+                        tracing::error!(cursor = self.cursor, "reading the telemetry outbox: {e}");
+                    }
+                    return;
+                }
+            };
+            let complete = page.len() < SCAN_PAGE;
+            for (seq, msg) in page {
+                self.cursor = seq + 1;
+                match self.thing_name(&msg.device) {
+                    Some(thing) => self.route(seq, msg, &thing),
+                    None => self.undeliverable(seq, &msg.device),
+                }
+            }
+            if complete {
+                self.live = true;
+                return;
+            }
+        }
+    }
+
+    /// The device's thing name (cached); `None` when its record or thing name is gone.
+    fn thing_name(&mut self, device: &DeviceId) -> Option<Arc<str>> {
+        if let Some(t) = self.things.get(device) {
+            return Some(t.clone());
+        }
+        let rec = self.shared.store.device(device).ok().flatten()?;
+        let thing: Arc<str> = Arc::from(rec.provision.thing_name?.as_str());
+        self.things.insert(device.clone(), thing.clone());
+        Some(thing)
+    }
+
+    fn undeliverable(&self, seq: u64, device: &DeviceId) {
+        self.shared
+            .counters
+            .undeliverable
+            .fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(%device, seq, "telemetry message dropped: the device's record or thing name is gone");
+        let _ = self.settled.send(Settled {
+            seq,
+            mem: 0,
+            link: None,
+        });
+    }
+
+    fn is_expired(&self, enqueued_at_ms: u64, now: u64) -> bool {
+        now.saturating_sub(enqueued_at_ms) > self.shared.opts.max_age.as_millis() as u64
+    }
+
+    fn expire(&self, seq: u64) {
+        self.shared.counters.expired.fetch_add(1, Ordering::Relaxed);
+        let _ = self.settled.send(Settled {
+            seq,
+            mem: 0,
+            link: None,
+        });
+    }
+
+    fn route(&mut self, seq: u64, msg: OutboxMessage, thing: &str) {
+        if self.is_expired(msg.enqueued_at_ms, now_ms()) {
+            self.expire(seq);
+            return;
+        }
+        let topic = self
+            .shared
+            .opts
+            .topic
+            .render(thing, msg.device.as_str(), &msg.topic);
+        let item = Item::new(
+            seq,
+            msg.device,
+            topic,
+            Bytes::from(msg.payload),
+            msg.enqueued_at_ms,
+        );
+        self.shared
+            .counters
+            .memory_bytes
+            .fetch_add(item.mem_size(), Ordering::Relaxed);
+        if let Some(gw) = &self.gateway {
+            if let Some(filter) = &self.link_cfg.commands {
+                if self.gateway_things.insert(item.device.clone()) {
+                    gw.shared.add_command_thing(thing, &item.device, filter);
+                }
+            }
+            gw.shared.enqueue([item]);
+            return;
+        }
+        if let Some(link) = self.links.get(&item.device) {
+            link.shared.enqueue([item]);
+            return;
+        }
+        let device = item.device.clone();
+        if let Some(p) = self.parked.get_mut(&device) {
+            p.items.push_back(item);
+            return;
+        }
+        self.parked.insert(
+            device.clone(),
+            Parked {
+                items: VecDeque::from([item]),
+                retry_at: None,
+            },
+        );
+        self.parked_order.push_back(device.clone());
+        self.try_unpark(&device);
+    }
+
+    /// Opens a link for a parked device if a slot is free (evicting an idle link if needed)
+    /// and its credentials load; true if the device is no longer parked.
+    fn try_unpark(&mut self, device: &DeviceId) -> bool {
+        let now = Instant::now();
+        match self.parked.get(device) {
+            None => return true,
+            Some(p) if p.retry_at.is_some_and(|t| t > now) => return false,
+            Some(_) => {}
+        }
+        if self.links.len() >= self.shared.opts.max_upstream_connections && !self.evict_idle() {
+            return false;
+        }
+        let opened = device_tls(
+            &self.shared.store,
+            self.sealer.as_deref(),
+            &self.link_cfg.endpoint,
+            device,
+        );
+        let (thing, tls) = match opened {
+            Ok(v) => v,
+            Err(e) => {
+                let gone = matches!(self.shared.store.device(device), Ok(None));
+                if gone {
+                    if let Some(p) = self.parked.remove(device) {
+                        for item in p.items {
+                            self.release(item.mem_size());
+                            self.undeliverable(item.seq, device);
+                        }
+                    }
+                } else if let Some(p) = self.parked.get_mut(device) {
+                    tracing::error!(
+                        "{e}; retrying in {CREDENTIALS_RETRY:?}, its messages stay in the outbox"
+                    );
+                    p.retry_at = Some(now + CREDENTIALS_RETRY);
+                    return false;
+                }
+                return true;
+            }
+        };
+        let link = Link::start(
+            thing.clone(),
+            tls,
+            &self.link_cfg,
+            self.shared.counters.clone(),
+            self.settled.clone(),
+            self.shared.downstream.clone(),
+            self.shutdown.clone(),
+        );
+        if let Some(filter) = &self.link_cfg.commands {
+            link.shared.add_command_thing(&thing, device, filter);
+        }
+        if let Some(p) = self.parked.remove(device) {
+            link.shared.enqueue(p.items);
+        }
+        self.links.insert(device.clone(), link);
+        self.shared
+            .counters
+            .open_links
+            .store(self.links.len(), Ordering::Relaxed);
+        true
+    }
+
+    /// Closes the least recently used link that has nothing queued or in flight.
+    fn evict_idle(&mut self) -> bool {
+        let victim = self
+            .links
+            .iter()
+            .filter(|(_, l)| l.shared.is_empty())
+            .min_by_key(|(_, l)| l.shared.last_activity())
+            .map(|(d, _)| d.clone());
+        match victim.and_then(|d| self.links.remove(&d)) {
+            Some(link) => {
+                tracing::debug!(client_id = %link.shared.client_id, "closing the least recently used idle upstream connection");
+                self.stop_in_background(link);
+                true
+            }
+            None => false,
+        }
+    }
+
+    fn stop_in_background(&self, link: Link) {
+        let counters = self.shared.counters.clone();
+        counters
+            .open_links
+            .store(self.links.len(), Ordering::Relaxed);
+        tokio::spawn(async move {
+            // Only empty links are closed while running; anything left is still in the outbox.
+            let left = link.stop(LINK_STOP).await;
+            let mem: usize = left.iter().map(Item::mem_size).sum();
+            counters.memory_bytes.fetch_sub(mem, Ordering::Relaxed);
+        });
+    }
+
+    /// Forgets queued (unsent) messages deleted by drop-oldest.
+    fn forget(&mut self, seqs: &HashSet<u64>) {
+        let mut mem = 0;
+        let links = self.links.values().chain(self.gateway.as_ref());
+        for link in links {
+            for item in link.shared.remove_queued(|i| seqs.contains(&i.seq)) {
+                mem += item.mem_size();
+            }
+        }
+        for p in self.parked.values_mut() {
+            p.items.retain(|i| {
+                let drop = seqs.contains(&i.seq);
+                if drop {
+                    mem += i.mem_size();
+                }
+                !drop
+            });
+        }
+        self.release(mem);
+        self.shared.freed.notify_one();
+    }
+
+    async fn housekeeping(&mut self) {
+        let now = Instant::now();
+        let now_ms = now_ms();
+        // Idle device links.
+        let idle = self.shared.opts.idle;
+        let idle_links: Vec<DeviceId> = self
+            .links
+            .iter()
+            .filter(|(_, l)| {
+                l.shared.is_empty()
+                    && l.shared
+                        .last_activity()
+                        .is_none_or(|t| now.duration_since(t) >= idle)
+            })
+            .map(|(d, _)| d.clone())
+            .collect();
+        for d in idle_links {
+            if let Some(link) = self.links.remove(&d) {
+                tracing::debug!(client_id = %link.shared.client_id, "closing idle upstream connection");
+                self.stop_in_background(link);
+            }
+        }
+        // Expired messages that have not been sent.
+        let max_age_ms = self.shared.opts.max_age.as_millis() as u64;
+        let expired = |i: &Item| now_ms.saturating_sub(i.enqueued_at_ms) > max_age_ms;
+        let mut gone = Vec::new();
+        for link in self.links.values().chain(self.gateway.as_ref()) {
+            gone.extend(link.shared.remove_queued(expired));
+        }
+        for p in self.parked.values_mut() {
+            while p.items.front().is_some_and(expired) {
+                gone.extend(p.items.pop_front());
+            }
+        }
+        if !gone.is_empty() {
+            tracing::warn!(
+                messages = gone.len(),
+                "telemetry older than max_age dropped unsent"
+            );
+            for item in gone {
+                self.release(item.mem_size());
+                self.expire(item.seq);
+            }
+            self.shared.freed.notify_one();
+        }
+        // Parked devices, oldest first.
+        self.parked.retain(|_, p| !p.items.is_empty());
+        let mut still = VecDeque::new();
+        while let Some(d) = self.parked_order.pop_front() {
+            if !self.parked.contains_key(&d) {
+                continue;
+            }
+            if !self.try_unpark(&d) {
+                still.push_back(d);
+            }
+        }
+        self.parked_order = still;
+        self.shared
+            .counters
+            .parked_devices
+            .store(self.parked.len(), Ordering::Relaxed);
+        if !self.live {
+            self.load_backlog();
+        }
+    }
+
+    async fn stop_all(&mut self) {
+        let mut tasks = tokio::task::JoinSet::new();
+        for (_, link) in self.links.drain() {
+            tasks.spawn(link.stop(LINK_STOP));
+        }
+        if let Some(gw) = self.gateway.take() {
+            tasks.spawn(gw.stop(LINK_STOP));
+        }
+        while tasks.join_next().await.is_some() {}
+        self.shared.counters.open_links.store(0, Ordering::Relaxed);
+    }
+}
+
+async fn recv(rx: &mut Option<mpsc::Receiver<Handoff>>) -> Option<Handoff> {
+    match rx {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Deletes acknowledged (or expired, or undeliverable) messages from the outbox in batches and
+/// then frees their links' window slots. Ends when every sender is gone.
+pub(crate) async fn remover(shared: Arc<Shared>, mut settled: mpsc::UnboundedReceiver<Settled>) {
+    const MAX_BATCH: usize = 8192;
+    let mut batch: Vec<Settled> = Vec::with_capacity(256);
+    let mut seqs: Vec<u64> = Vec::with_capacity(256);
+    while let Some(first) = settled.recv().await {
+        batch.push(first);
+        while batch.len() < MAX_BATCH {
+            match settled.try_recv() {
+                Ok(s) => batch.push(s),
+                Err(_) => break,
+            }
+        }
+        seqs.extend(batch.iter().map(|s| s.seq));
+        if let Err(e) = shared.store.outbox_remove(&seqs).await {
+            // They stay in the outbox and are sent once more after a restart: a duplicate,
+            // never a loss.
+            tracing::error!(
+                messages = seqs.len(),
+                "deleting sent telemetry from the outbox: {e}"
+            );
+        }
+        seqs.clear();
+        let mut forwarded = 0u64;
+        let mut mem = 0usize;
+        // Consecutive messages of one link are settled with one lock.
+        let mut run: Option<(Arc<super::link::LinkShared>, usize)> = None;
+        for s in batch.drain(..) {
+            mem += s.mem;
+            let Some(link) = s.link else { continue };
+            forwarded += 1;
+            match &mut run {
+                Some((l, n)) if Arc::ptr_eq(l, &link) => *n += 1,
+                _ => {
+                    if let Some((l, n)) = run.replace((link, 1)) {
+                        l.settle(n);
+                    }
+                }
+            }
+        }
+        if let Some((l, n)) = run {
+            l.settle(n);
+        }
+        let c = &shared.counters;
+        c.forwarded.fetch_add(forwarded, Ordering::Relaxed);
+        c.remove_batches.fetch_add(1, Ordering::Relaxed);
+        c.memory_bytes.fetch_sub(mem, Ordering::Relaxed);
+        shared.freed.notify_one();
+        shared.room.notify_waiters();
+    }
+    tracing::debug!("telemetry remover stopped");
+}

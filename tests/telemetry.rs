@@ -1,0 +1,1192 @@
+//! The telemetry pipeline end to end with real parts: devices publish over MQTT to the embedded
+//! downstream broker, the gateway session hands the messages to `Telemetry`, which stores them
+//! in a real sled outbox and forwards them over mutual TLS to the in-process AWS IoT emulator
+//! (devices provisioned through its fleet provisioning API with the gateway's own claim
+//! client). What arrived is read back from the emulator's `GET /messages` and checked by
+//! per-device sequence numbers: nothing lost, per-device order kept, duplicates bounded.
+//! Cloud-to-device commands use a mosquitto with mutual TLS as the cloud, since the emulator
+//! does not route between clients.
+
+mod common;
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use base64::Engine as _;
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use serde_json::Value;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::time::{timeout, Instant};
+
+use fleetgw::cloud::aws::claim::ClaimOptions;
+use fleetgw::cloud::aws::{AwsProvider, AwsProviderOptions};
+use fleetgw::cloud::codec::PayloadFormat;
+use fleetgw::cloud::Provider;
+use fleetgw::device_id::DeviceId;
+use fleetgw::downstream::{
+    BrokerOptions, Downstream, DownstreamOptions, DownstreamSession, EmbeddedBrokerOptions, Inbound,
+};
+use fleetgw::emulator::aws::{self, AwsEmulatorHandle, AwsEmulatorOptions};
+use fleetgw::identity::{self, CertificateAuthority, KeyType, PrivateKey};
+use fleetgw::store::{DeviceRecord, DeviceState, Store, StoreOptions};
+use fleetgw::telemetry::{
+    split_inbound, GatewayCredentials, IdentityMode, Telemetry, TelemetryOptions, TelemetryStats,
+    UpstreamEndpoint, WhenFull,
+};
+
+use common::mosquitto::{Mosquitto, MosquittoConfig};
+use common::mqtt_client::{self, TestClient};
+
+/// Upper bound for anything a test waits for.
+const LIMIT: Duration = Duration::from_secs(40);
+
+// ---------------------------------------------------------------------------------------------
+// Harness
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
+}
+
+async fn emulator(dir: &Path) -> AwsEmulatorHandle {
+    let mut opts = AwsEmulatorOptions::ephemeral(dir);
+    opts.max_messages = 1_000_000;
+    aws::start(opts).await.expect("emulator starts")
+}
+
+fn claim_provider(emu: &AwsEmulatorHandle) -> AwsProvider {
+    let cert = std::fs::read_to_string(emu.claim_cert_path()).unwrap();
+    let key =
+        PrivateKey::from_pem(&std::fs::read_to_string(emu.claim_key_path()).unwrap()).unwrap();
+    let tls = identity::tls::client_config(emu.ca_pem(), Some((&cert, &key))).unwrap();
+    AwsProvider::start(AwsProviderOptions {
+        claim: ClaimOptions {
+            host: "127.0.0.1".into(),
+            port: emu.mqtt_addr().port(),
+            tls,
+            client_id_prefix: "claim-test".into(),
+            sessions: 2,
+            template: aws::DEFAULT_TEMPLATE.into(),
+            format: PayloadFormat::Json,
+            keep_alive: Duration::from_secs(30),
+            request_timeout: Duration::from_secs(10),
+            connect_timeout: Duration::from_secs(5),
+            reconnect_min: Duration::from_millis(100),
+            reconnect_max: Duration::from_secs(1),
+            queue_timeout: Duration::from_secs(20),
+            max_packet_bytes: 256 * 1024,
+        },
+        tps: 1000.0,
+        token_ttl: Duration::from_secs(3000),
+    })
+}
+
+/// Provisions `id` with the emulator and records it in the store the way the engine does
+/// (state delivered, thing name and certificate kept, gateway-generated key in `secrets`).
+/// Returns the thing name.
+async fn provision(store: &Store, provider: &AwsProvider, id: &str) -> String {
+    let device = DeviceId::parse(id).unwrap();
+    let key = PrivateKey::generate(KeyType::EcdsaP256).unwrap();
+    let csr = identity::create_csr(id, &key).unwrap();
+    let issued = provider.create_certificate(&device, &csr).await.unwrap();
+    let params = BTreeMap::from([("SerialNumber".to_string(), id.to_string())]);
+    let reg = provider.register(&device, &issued, &params).await.unwrap();
+    let mut rec = DeviceRecord::new(device.clone(), "json", now_ms());
+    rec.state = DeviceState::Delivered;
+    rec.provision.gateway_key = true;
+    rec.provision.certificate_id = Some(issued.certificate_id.clone());
+    rec.provision.certificate_pem = Some(issued.certificate_pem.clone());
+    rec.provision.thing_name = Some(reg.thing_name.clone());
+    store.put_device(&rec).await.unwrap();
+    store
+        .put_secret(&device, key.to_pkcs8_pem().expose())
+        .await
+        .unwrap();
+    reg.thing_name
+}
+
+/// The embedded broker + gateway session + telemetry pipeline.
+struct Gateway {
+    downstream: Downstream,
+    dopts: DownstreamOptions,
+    session: Arc<DownstreamSession>,
+    telemetry: Telemetry,
+    broker_port: u16,
+}
+
+impl Gateway {
+    async fn start(store: &Store, opts: TelemetryOptions) -> Self {
+        let broker = EmbeddedBrokerOptions {
+            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            max_inflight: env_or("FLEETGW_BENCH_BROKER_INFLIGHT", 100) as usize,
+            ..EmbeddedBrokerOptions::default()
+        };
+        let mut dopts =
+            DownstreamOptions::new("fleetgw-test-gw".into(), BrokerOptions::Embedded(broker));
+        dopts.inbound = Inbound {
+            provision: true,
+            telemetry: true,
+        };
+        let (downstream, inbound) = Downstream::start(&dopts).await.expect("downstream starts");
+        let broker_port = downstream.broker().unwrap().listen_addr().port();
+        let session = downstream.session().clone();
+        let telemetry = start_pipeline(store, opts, &session, inbound);
+        Self {
+            downstream,
+            dopts,
+            session,
+            telemetry,
+            broker_port,
+        }
+    }
+
+    /// What a daemon restart does to telemetry: the pipeline and the gateway session stop
+    /// (unacknowledged downstream messages stay with the broker), new ones start on the same
+    /// store. rumqttd cannot be stopped in-process, so the broker itself stays.
+    async fn restart(self, store: &Store, opts: TelemetryOptions) -> Self {
+        self.telemetry.shutdown(Duration::from_secs(5)).await;
+        self.session.shutdown(Duration::from_secs(2)).await;
+        let gateway_addr = self.downstream.broker().unwrap().gateway_addr();
+        let session_opts = self.dopts.session_options(Some(gateway_addr)).unwrap();
+        let (session, inbound) = DownstreamSession::start(session_opts).unwrap();
+        session.wait_subscribed(LIMIT).await.unwrap();
+        let session = Arc::new(session);
+        let telemetry = start_pipeline(store, opts, &session, inbound);
+        Self {
+            session,
+            telemetry,
+            ..self
+        }
+    }
+
+    fn stats(&self) -> TelemetryStats {
+        self.telemetry.stats()
+    }
+
+    async fn stop(self) {
+        self.telemetry.shutdown(Duration::from_secs(5)).await;
+        self.session.shutdown(Duration::from_secs(2)).await;
+    }
+}
+
+fn start_pipeline(
+    store: &Store,
+    opts: TelemetryOptions,
+    session: &Arc<DownstreamSession>,
+    inbound: tokio::sync::mpsc::Receiver<fleetgw::downstream::DownstreamMessage>,
+) -> Telemetry {
+    let (_provisioning, telemetry_rx) = split_inbound(inbound, 1024);
+    Telemetry::start(opts, store.clone(), session.clone(), None, telemetry_rx)
+        .expect("telemetry starts")
+}
+
+fn options(emu: &AwsEmulatorHandle) -> TelemetryOptions {
+    let mut o = TelemetryOptions::new(UpstreamEndpoint {
+        host: "127.0.0.1".into(),
+        port: emu.mqtt_addr().port(),
+        ca_pem: emu.ca_pem().to_string(),
+    });
+    o.reconnect_min = Duration::from_millis(100);
+    o.reconnect_max = Duration::from_millis(500);
+    o.connect_timeout = Duration::from_secs(2);
+    o
+}
+
+fn open_store(dir: &Path) -> Store {
+    Store::open(&dir.join("state"), &StoreOptions::default()).unwrap()
+}
+
+/// One device publishing `fleetgw/{id}/telemetry/sensor` payloads `{"seq":n}` for n in
+/// `range`, QoS 1, at most 10 unacknowledged; returns once every PUBACK came.
+async fn publish_range(broker_port: u16, id: &str, range: std::ops::Range<u64>, pad: usize) {
+    let mut o = MqttOptions::new(format!("dev-{id}"), "127.0.0.1", broker_port);
+    o.set_keep_alive(Duration::from_secs(10))
+        .set_max_packet_size(1 << 20, 1 << 20)
+        .set_inflight(10);
+    let (client, mut eventloop) = AsyncClient::new(o, 16);
+    let total = range.end - range.start;
+    let topic = format!("fleetgw/{id}/telemetry/sensor");
+    let padding = "x".repeat(pad);
+    let publisher = tokio::spawn(async move {
+        for n in range {
+            let payload = format!(r#"{{"seq":{n},"pad":"{padding}"}}"#);
+            client
+                .publish(&topic, QoS::AtLeastOnce, false, payload)
+                .await
+                .unwrap();
+        }
+        client
+    });
+    let mut acked = 0;
+    let deadline = Instant::now() + LIMIT;
+    while acked < total {
+        match timeout(deadline - Instant::now(), eventloop.poll()).await {
+            Ok(Ok(Event::Incoming(Packet::PubAck(_)))) => acked += 1,
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => panic!("device {id}: {e}"),
+            Err(_) => panic!("device {id}: {acked} of {total} PUBACKs within {LIMIT:?}"),
+        }
+    }
+    let client = publisher.await.unwrap();
+    let _ = client.disconnect().await;
+    let _ = timeout(Duration::from_secs(1), eventloop.poll()).await;
+}
+
+/// Minimal HTTP/1.1 client for the emulator's API: (status, JSON body).
+async fn http(addr: SocketAddr, method: &str, path: &str, body: Option<&str>) -> (u16, Value) {
+    let mut stream = timeout(LIMIT, TcpStream::connect(addr))
+        .await
+        .unwrap()
+        .unwrap();
+    let body = body.unwrap_or("");
+    let request = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut raw = Vec::new();
+    timeout(LIMIT, stream.read_to_end(&mut raw))
+        .await
+        .unwrap()
+        .unwrap();
+    let text = String::from_utf8(raw).unwrap();
+    let (head, body) = text.split_once("\r\n\r\n").expect("HTTP response");
+    let status: u16 = head.split(' ').nth(1).unwrap().parse().unwrap();
+    let value = if body.is_empty() {
+        Value::Null
+    } else {
+        serde_json::from_str(body).unwrap_or_else(|e| panic!("{path}: {e}: {body}"))
+    };
+    (status, value)
+}
+
+async fn outage(emu: &AwsEmulatorHandle, seconds: f64) {
+    let body = format!(r#"{{"outageSeconds": {seconds}}}"#);
+    let (status, view) = http(emu.api_addr(), "POST", "/faults", Some(&body)).await;
+    assert_eq!(status, 200, "{view}");
+}
+
+/// What the emulator received from one client: (topic, seq) in arrival order.
+async fn received(emu: &AwsEmulatorHandle, client_id: &str) -> Vec<(String, u64)> {
+    let (status, list) = http(
+        emu.api_addr(),
+        "GET",
+        &format!("/messages?clientId={client_id}"),
+        None,
+    )
+    .await;
+    assert_eq!(status, 200, "{list}");
+    list.as_array()
+        .unwrap()
+        .iter()
+        .map(|m| {
+            let raw = base64::engine::general_purpose::STANDARD
+                .decode(m["payloadBase64"].as_str().unwrap())
+                .unwrap();
+            let v: Value = serde_json::from_slice(&raw).unwrap();
+            (
+                m["topic"].as_str().unwrap().to_string(),
+                v["seq"].as_u64().unwrap(),
+            )
+        })
+        .collect()
+}
+
+/// Checks one device's arrivals against `expected` sequence numbers (ascending): each present,
+/// first arrivals in order. Returns the number of duplicates.
+fn check_sequence(device: &str, seqs: &[u64], expected: &[u64]) -> usize {
+    let mut seen = std::collections::HashSet::new();
+    let mut firsts = Vec::with_capacity(expected.len());
+    for &s in seqs {
+        if seen.insert(s) {
+            firsts.push(s);
+        }
+    }
+    assert_eq!(
+        firsts.len(),
+        expected.len(),
+        "{device}: {} distinct messages arrived, {} expected",
+        firsts.len(),
+        expected.len()
+    );
+    assert_eq!(firsts, expected, "{device}: lost or out of order");
+    seqs.len() - firsts.len()
+}
+
+async fn eventually<T>(what: &str, mut probe: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + LIMIT;
+    loop {
+        if let Some(v) = probe() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn provision_many(store: &Store, emu: &AwsEmulatorHandle, n: usize) -> Vec<(String, String)> {
+    let provider = claim_provider(emu);
+    let mut devices = Vec::new();
+    for i in 0..n {
+        let id = format!("sensor-{i:02}");
+        let thing = provision(store, &provider, &id).await;
+        devices.push((id, thing));
+    }
+    provider.shutdown().await;
+    devices
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tests
+
+/// 10 devices x 200 QoS 1 messages; the emulator is in outage while the second half is
+/// published, and the gateway is restarted (a new pipeline on the same store) during the
+/// outage. Every message arrives, in per-device order, with at most one in-flight window of
+/// duplicates per device and connection loss.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_loss_in_order_across_an_outage_and_a_restart() {
+    const DEVICES: usize = 10;
+    const PER_DEVICE: u64 = 200;
+    let dir = tempfile::tempdir().unwrap();
+    let emu = emulator(&dir.path().join("emu")).await;
+    let store = open_store(dir.path());
+    let devices = provision_many(&store, &emu, DEVICES).await;
+    let opts = options(&emu);
+    let window = usize::from(opts.inflight);
+    let gw = Gateway::start(&store, opts.clone()).await;
+    let port = gw.broker_port;
+
+    // First half with the cloud up.
+    let mut tasks = Vec::new();
+    for (id, _) in &devices {
+        let id = id.clone();
+        tasks.push(tokio::spawn(async move {
+            publish_range(port, &id, 0..PER_DEVICE / 2, 100).await
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let half = DEVICES as u64 * PER_DEVICE / 2;
+    eventually("the first half to be accepted", || {
+        (gw.stats().accepted == half).then_some(())
+    })
+    .await;
+
+    // Outage; the second half is published while the cloud is away.
+    outage(&emu, 4.0).await;
+    let mut tasks = Vec::new();
+    for (id, _) in &devices {
+        let id = id.clone();
+        tasks.push(tokio::spawn(async move {
+            publish_range(port, &id, PER_DEVICE / 2..PER_DEVICE, 100).await
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    eventually("the second half to be stored", || {
+        (gw.stats().accepted == 2 * half).then_some(())
+    })
+    .await;
+    let before_restart = gw.stats();
+    assert!(
+        before_restart.forwarded < 2 * half,
+        "the outage should have held messages back: {before_restart:?}"
+    );
+
+    // Restart during the outage: what is in the outbox is sent by the new pipeline.
+    assert!(store.outbox_len() > 0, "messages waiting in the outbox");
+    let gw = gw.restart(&store, opts).await;
+    eventually("the outbox to drain after the outage", || {
+        (store.outbox_len() == 0).then_some(())
+    })
+    .await;
+
+    let expected: Vec<u64> = (0..PER_DEVICE).collect();
+    let mut duplicates = 0;
+    for (id, thing) in &devices {
+        let got = received(&emu, thing).await;
+        assert!(
+            got.iter()
+                .all(|(t, _)| *t == format!("dt/{thing}/telemetry/sensor")),
+            "{id}: unexpected topics"
+        );
+        let seqs: Vec<u64> = got.iter().map(|(_, s)| *s).collect();
+        let dups = check_sequence(id, &seqs, &expected);
+        // One connection loss (the outage) and one restart per device.
+        assert!(
+            dups <= 2 * window,
+            "{id}: {dups} duplicates > 2 x window {window}"
+        );
+        duplicates += dups;
+    }
+    let stats = gw.stats();
+    assert_eq!(
+        stats.dropped_full + stats.expired + stats.undeliverable,
+        0,
+        "{stats:?}"
+    );
+    eprintln!(
+        "outage test: {} messages, {duplicates} duplicates, stats after restart {stats:?}",
+        2 * half
+    );
+    gw.stop().await;
+    emu.shutdown().await;
+}
+
+/// With `backpressure`, a full outbox stops acknowledging downstream (the broker keeps the
+/// messages) without exceeding `max_bytes`; once the cloud is back, everything arrives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn full_outbox_backpressure_holds_messages_at_the_broker_then_delivers_all() {
+    const TOTAL: u64 = 400;
+    let dir = tempfile::tempdir().unwrap();
+    let emu = emulator(&dir.path().join("emu")).await;
+    let store = open_store(dir.path());
+    let devices = provision_many(&store, &emu, 1).await;
+    let (id, thing) = devices[0].clone();
+    let mut opts = options(&emu);
+    opts.max_payload_bytes = 4096;
+    opts.max_bytes = 64 * 1024;
+    opts.when_full = WhenFull::Backpressure;
+    let max_bytes = opts.max_bytes;
+    let gw = Gateway::start(&store, opts).await;
+
+    outage(&emu, 5.0).await;
+    // ~1 KiB each: 400 KiB offered to a 64 KiB outbox.
+    publish_range(gw.broker_port, &id, 0..TOTAL, 1000).await;
+    eventually("backpressure to engage", || {
+        (gw.stats().backpressure_episodes > 0).then_some(())
+    })
+    .await;
+    let held = gw.stats();
+    assert!(held.accepted < TOTAL, "{held:?}");
+    assert!(
+        store.outbox_bytes() <= max_bytes,
+        "{} > {max_bytes}",
+        store.outbox_bytes()
+    );
+    assert_eq!(held.dropped_full, 0);
+
+    eventually("every message to be forwarded", || {
+        (gw.stats().forwarded >= TOTAL && store.outbox_len() == 0).then_some(())
+    })
+    .await;
+    let seqs: Vec<u64> = received(&emu, &thing)
+        .await
+        .into_iter()
+        .map(|(_, s)| s)
+        .collect();
+    let dups = check_sequence(&id, &seqs, &(0..TOTAL).collect::<Vec<_>>());
+    assert!(dups <= 10, "{dups} duplicates");
+    assert_eq!(gw.stats().dropped_full, 0);
+    gw.stop().await;
+    emu.shutdown().await;
+}
+
+/// With `drop-oldest`, a full outbox deletes the oldest messages (counted) and keeps
+/// acknowledging; after the outage exactly the newest messages arrive, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn full_outbox_drop_oldest_keeps_the_newest_and_counts_the_rest() {
+    const TOTAL: u64 = 400;
+    let dir = tempfile::tempdir().unwrap();
+    let emu = emulator(&dir.path().join("emu")).await;
+    let store = open_store(dir.path());
+    let devices = provision_many(&store, &emu, 1).await;
+    let (id, thing) = devices[0].clone();
+    let mut opts = options(&emu);
+    opts.max_payload_bytes = 4096;
+    opts.max_bytes = 64 * 1024;
+    opts.when_full = WhenFull::DropOldest;
+    let max_bytes = opts.max_bytes;
+    let gw = Gateway::start(&store, opts).await;
+
+    outage(&emu, 4.0).await;
+    publish_range(gw.broker_port, &id, 0..TOTAL, 1000).await;
+    eventually("every message to be accepted", || {
+        (gw.stats().accepted == TOTAL).then_some(())
+    })
+    .await;
+    let full = gw.stats();
+    assert!(full.dropped_full > 0, "{full:?}");
+    assert_eq!(full.backpressure_episodes, 0);
+    assert!(store.outbox_bytes() <= max_bytes);
+
+    eventually("the outbox to drain", || {
+        (store.outbox_len() == 0).then_some(())
+    })
+    .await;
+    let stats = gw.stats();
+    let seqs: Vec<u64> = received(&emu, &thing)
+        .await
+        .into_iter()
+        .map(|(_, s)| s)
+        .collect();
+    let first_kept = stats.dropped_full;
+    let dups = check_sequence(&id, &seqs, &(first_kept..TOTAL).collect::<Vec<_>>());
+    assert_eq!(dups, 0);
+    assert_eq!(stats.forwarded + stats.dropped_full, TOTAL, "{stats:?}");
+    gw.stop().await;
+    emu.shutdown().await;
+}
+
+/// Telemetry from a device that is waiting for approval, a disabled device, an unknown id and
+/// an oversized payload is not forwarded; the known devices get a notice on their status
+/// topic; a provisioned device's message still goes through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_telemetry_is_not_forwarded_and_devices_are_told() {
+    let dir = tempfile::tempdir().unwrap();
+    let emu = emulator(&dir.path().join("emu")).await;
+    let store = open_store(dir.path());
+    let devices = provision_many(&store, &emu, 2).await;
+    let (good, good_thing) = devices[0].clone();
+    let (disabled, disabled_thing) = devices[1].clone();
+    store
+        .update_device(&DeviceId::parse(&disabled).unwrap(), None, |r| {
+            r.map(|mut r| {
+                r.enabled = false;
+                r
+            })
+        })
+        .await
+        .unwrap();
+    let mut waiting = DeviceRecord::new(DeviceId::parse("waiting-1").unwrap(), "json", now_ms());
+    waiting.state = DeviceState::WaitingApproval;
+    store.put_device(&waiting).await.unwrap();
+
+    let mut opts = options(&emu);
+    opts.max_payload_bytes = 1024;
+    let gw = Gateway::start(&store, opts).await;
+    let mut watcher =
+        TestClient::connect_ok(mqtt_client::options("status-watcher", gw.broker_port)).await;
+    watcher
+        .subscribe("fleetgw/+/status", QoS::AtLeastOnce)
+        .await;
+
+    publish_range(gw.broker_port, "waiting-1", 0..3, 10).await;
+    publish_range(gw.broker_port, &disabled, 0..3, 10).await;
+    publish_range(gw.broker_port, "stranger-9", 0..3, 10).await;
+    publish_range(gw.broker_port, &good, 0..1, 2000).await; // oversize
+    publish_range(gw.broker_port, &good, 1..2, 10).await;
+
+    let mut notices: HashMap<String, Value> = HashMap::new();
+    while notices.len() < 3 {
+        let p = watcher.next_publish().await.expect("status notice");
+        let v: Value = serde_json::from_slice(&p.payload).unwrap();
+        notices.insert(p.topic.clone(), v);
+    }
+    let n = &notices["fleetgw/waiting-1/status"];
+    assert_eq!(n["status"], "waitingApproval");
+    assert_eq!(n["error"]["errorCode"], "DeviceNotProvisioned");
+    let n = &notices[&format!("fleetgw/{disabled}/status")];
+    assert_eq!(n["status"], "provisioned");
+    assert_eq!(n["error"]["errorCode"], "DeviceDisabled");
+    let n = &notices[&format!("fleetgw/{good}/status")];
+    assert_eq!(n["error"]["errorCode"], "PayloadTooLarge");
+    assert!(n["error"]["errorMessage"]
+        .as_str()
+        .unwrap()
+        .contains("1024"));
+    assert!(!notices.contains_key("fleetgw/stranger-9/status"));
+
+    eventually("the good message to be forwarded", || {
+        (gw.stats().forwarded == 1).then_some(())
+    })
+    .await;
+    let stats = gw.stats();
+    assert_eq!(stats.refused_not_provisioned, 3, "{stats:?}");
+    assert_eq!(stats.refused_disabled, 3);
+    assert_eq!(stats.refused_unknown, 3);
+    assert_eq!(stats.oversize, 1);
+    assert_eq!(stats.accepted, 1);
+    let got = received(&emu, &good_thing).await;
+    assert_eq!(got, vec![(format!("dt/{good_thing}/telemetry/sensor"), 1)]);
+    assert!(received(&emu, &disabled_thing).await.is_empty());
+    gw.stop().await;
+    emu.shutdown().await;
+}
+
+/// A mosquitto with mutual TLS stands in for the cloud: certificates from one CA, the client
+/// certificate's CN as the username.
+struct TlsCloud {
+    mosquitto: Mosquitto,
+    ca: CertificateAuthority,
+    _files: tempfile::TempDir,
+}
+
+impl TlsCloud {
+    fn start() -> Self {
+        let ca = CertificateAuthority::generate("test cloud CA").unwrap();
+        let (server_pem, server_key) = ca
+            .issue_server("cloud", &["localhost"], &["127.0.0.1".parse().unwrap()], 30)
+            .unwrap();
+        let files = tempfile::tempdir().unwrap();
+        let write = |name: &str, text: &str| {
+            let p = files.path().join(name);
+            std::fs::write(&p, text).unwrap();
+            p.display().to_string()
+        };
+        let cafile = write("ca.pem", ca.cert_pem());
+        let certfile = write("server.pem", &server_pem);
+        let keyfile = write(
+            "server.key",
+            server_key.to_pkcs8_pem().expose_str().unwrap(),
+        );
+        let cfg = MosquittoConfig {
+            extra: vec![
+                format!("cafile {cafile}"),
+                format!("certfile {certfile}"),
+                format!("keyfile {keyfile}"),
+                "require_certificate true".into(),
+                "use_identity_as_username true".into(),
+            ],
+            ..MosquittoConfig::anonymous()
+        };
+        Self {
+            mosquitto: Mosquitto::start(&cfg),
+            ca,
+            _files: files,
+        }
+    }
+
+    fn endpoint(&self) -> UpstreamEndpoint {
+        UpstreamEndpoint {
+            host: "127.0.0.1".into(),
+            port: self.mosquitto.port(),
+            ca_pem: self.ca.cert_pem().to_string(),
+        }
+    }
+
+    /// A client of the cloud side (the operator's application) with its own certificate.
+    async fn app(&self, name: &str) -> TestClient {
+        let (cert, key) = self.ca.issue_client(name, KeyType::EcdsaP256, 30).unwrap();
+        let tls = identity::tls::client_config(self.ca.cert_pem(), Some((&cert, &key))).unwrap();
+        let mut o = mqtt_client::options(name, self.mosquitto.port());
+        o.set_transport(rumqttc::Transport::tls_with_config(
+            rumqttc::TlsConfiguration::Rustls(tls),
+        ));
+        TestClient::connect_ok(o).await
+    }
+}
+
+/// Records a provisioned device whose certificate comes from the test cloud's CA.
+async fn record_device(store: &Store, ca: &CertificateAuthority, id: &str, thing: &str) {
+    let device = DeviceId::parse(id).unwrap();
+    let (cert, key) = ca.issue_client(thing, KeyType::EcdsaP256, 30).unwrap();
+    let mut rec = DeviceRecord::new(device.clone(), "json", now_ms());
+    rec.state = DeviceState::Delivered;
+    rec.provision.gateway_key = true;
+    rec.provision.certificate_pem = Some(cert);
+    rec.provision.thing_name = Some(thing.into());
+    store.put_device(&rec).await.unwrap();
+    store
+        .put_secret(&device, key.to_pkcs8_pem().expose())
+        .await
+        .unwrap();
+}
+
+/// Cloud-to-device: in device mode the device's own upstream connection subscribes to
+/// `cmd/{thingName}/#` (opened by its first telemetry) and what the cloud sends there reaches
+/// the device on `fleetgw/{id}/commands/...`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cloud_commands_reach_the_device_in_device_mode() {
+    let cloud = TlsCloud::start();
+    let dir = tempfile::tempdir().unwrap();
+    let store = open_store(dir.path());
+    record_device(&store, &cloud.ca, "pump-7", "thing-pump-7").await;
+    let mut opts = TelemetryOptions::new(cloud.endpoint());
+    opts.reconnect_min = Duration::from_millis(100);
+    let gw = Gateway::start(&store, opts).await;
+
+    let mut app = cloud.app("operator-app").await;
+    app.subscribe("dt/#", QoS::AtLeastOnce).await;
+    let mut device = TestClient::connect_ok(mqtt_client::options("pump-7", gw.broker_port)).await;
+    device
+        .subscribe("fleetgw/pump-7/commands/#", QoS::AtLeastOnce)
+        .await;
+    device
+        .publish(
+            "fleetgw/pump-7/telemetry",
+            QoS::AtLeastOnce,
+            false,
+            b"{\"seq\":0}",
+        )
+        .await;
+    let up = app.next_publish().await.expect("telemetry at the cloud");
+    assert_eq!(up.topic, "dt/thing-pump-7/telemetry");
+    assert_eq!(&up.payload[..], b"{\"seq\":0}");
+
+    // The link subscribes right after CONNACK, before the telemetry went out.
+    app.publish(
+        "cmd/thing-pump-7/valve/close",
+        QoS::AtLeastOnce,
+        false,
+        b"now",
+    )
+    .await;
+    let cmd = device.next_publish().await.expect("command at the device");
+    assert_eq!(cmd.topic, "fleetgw/pump-7/commands/valve/close");
+    assert_eq!(&cmd.payload[..], b"now");
+    eventually("the command to be counted", || {
+        (gw.stats().commands_forwarded == 1).then_some(())
+    })
+    .await;
+    gw.stop().await;
+}
+
+/// Gateway mode: one upstream connection with the gateway's certificate carries every
+/// device's telemetry on its own topic, and commands for each device it has seen.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gateway_mode_uses_one_connection_with_per_device_topics_and_commands() {
+    let cloud = TlsCloud::start();
+    let dir = tempfile::tempdir().unwrap();
+    let store = open_store(dir.path());
+    for i in 0..3 {
+        let mut rec = DeviceRecord::new(
+            DeviceId::parse(&format!("meter-{i}")).unwrap(),
+            "json",
+            now_ms(),
+        );
+        rec.state = DeviceState::Delivered;
+        // Devices that brought their own key: only gateway mode can forward for them.
+        rec.provision.thing_name = Some(format!("thing-meter-{i}"));
+        store.put_device(&rec).await.unwrap();
+    }
+    let (cert, key) = cloud
+        .ca
+        .issue_client("gw-thing", KeyType::EcdsaP256, 30)
+        .unwrap();
+    let mut opts = TelemetryOptions::new(cloud.endpoint());
+    opts.identity = IdentityMode::Gateway;
+    opts.gateway = Some(GatewayCredentials {
+        client_id: "gw-thing".into(),
+        cert_pem: cert,
+        key: Arc::new(key),
+    });
+    let gw = Gateway::start(&store, opts).await;
+    let mut app = cloud.app("operator-app").await;
+    app.subscribe("dt/#", QoS::AtLeastOnce).await;
+
+    for i in 0..3 {
+        publish_range(gw.broker_port, &format!("meter-{i}"), 0..5, 10).await;
+    }
+    let mut per_topic: BTreeMap<String, Vec<u64>> = BTreeMap::new();
+    for _ in 0..15 {
+        let p = app.next_publish().await.expect("telemetry at the cloud");
+        let v: Value = serde_json::from_slice(&p.payload).unwrap();
+        per_topic
+            .entry(p.topic.clone())
+            .or_default()
+            .push(v["seq"].as_u64().unwrap());
+    }
+    for i in 0..3 {
+        assert_eq!(
+            per_topic[&format!("dt/thing-meter-{i}/telemetry/sensor")],
+            vec![0, 1, 2, 3, 4]
+        );
+    }
+    assert_eq!(gw.stats().open_connections, 1);
+
+    let mut device = TestClient::connect_ok(mqtt_client::options("meter-1", gw.broker_port)).await;
+    device
+        .subscribe("fleetgw/meter-1/commands/#", QoS::AtLeastOnce)
+        .await;
+    app.publish("cmd/thing-meter-1", QoS::AtLeastOnce, false, b"ping")
+        .await;
+    let cmd = device.next_publish().await.expect("command at the device");
+    assert_eq!(cmd.topic, "fleetgw/meter-1/commands");
+    assert_eq!(&cmd.payload[..], b"ping");
+    gw.stop().await;
+}
+
+/// `device` mode needs the device's key at the gateway: a device that brought its own CSR is
+/// refused with a notice instead of being queued forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn device_mode_refuses_devices_whose_key_the_gateway_does_not_hold() {
+    let cloud = TlsCloud::start();
+    let dir = tempfile::tempdir().unwrap();
+    let store = open_store(dir.path());
+    let mut rec = DeviceRecord::new(DeviceId::parse("own-key").unwrap(), "json", now_ms());
+    rec.state = DeviceState::Delivered;
+    rec.provision.thing_name = Some("thing-own".into());
+    store.put_device(&rec).await.unwrap();
+    let gw = Gateway::start(&store, TelemetryOptions::new(cloud.endpoint())).await;
+    let mut watcher = TestClient::connect_ok(mqtt_client::options("watcher", gw.broker_port)).await;
+    watcher
+        .subscribe("fleetgw/own-key/status", QoS::AtLeastOnce)
+        .await;
+    publish_range(gw.broker_port, "own-key", 0..2, 10).await;
+    let p = watcher.next_publish().await.expect("notice");
+    let v: Value = serde_json::from_slice(&p.payload).unwrap();
+    assert_eq!(v["error"]["errorCode"], "NoDeviceKeyAtGateway");
+    eventually("both messages to be counted", || {
+        (gw.stats().refused_no_key == 2).then_some(())
+    })
+    .await;
+    assert_eq!(store.outbox_len(), 0);
+    gw.stop().await;
+}
+
+/// With `max_upstream_connections = 2`, five devices share two connection slots: devices
+/// without a slot wait (parked) and get one when a link goes idle; all messages arrive in
+/// order, never more than two links are open, and idle links are closed after `idle`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connection_cap_parks_devices_and_idle_links_close() {
+    let dir = tempfile::tempdir().unwrap();
+    let emu = emulator(&dir.path().join("emu")).await;
+    let store = open_store(dir.path());
+    let devices = provision_many(&store, &emu, 5).await;
+    let mut opts = options(&emu);
+    opts.max_upstream_connections = 2;
+    opts.idle = Duration::from_secs(1);
+    let gw = Gateway::start(&store, opts).await;
+    let mut tasks = Vec::new();
+    for (id, _) in &devices {
+        let id = id.clone();
+        let port = gw.broker_port;
+        tasks.push(tokio::spawn(async move {
+            publish_range(port, &id, 0..30, 10).await
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let mut max_open = 0;
+    let deadline = Instant::now() + LIMIT;
+    while gw.stats().forwarded < 150 {
+        max_open = max_open.max(gw.stats().open_connections);
+        assert!(Instant::now() < deadline, "not forwarded: {:?}", gw.stats());
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(max_open <= 2, "{max_open} connections open at once");
+    for (id, thing) in &devices {
+        let seqs: Vec<u64> = received(&emu, thing)
+            .await
+            .into_iter()
+            .map(|(_, s)| s)
+            .collect();
+        check_sequence(id, &seqs, &(0..30).collect::<Vec<_>>());
+    }
+    eventually("idle links to close", || {
+        (gw.stats().open_connections == 0).then_some(())
+    })
+    .await;
+    gw.stop().await;
+    emu.shutdown().await;
+}
+
+/// Messages older than `max_age` when the cloud comes back are dropped unsent (counted) and
+/// leave the outbox; newer ones still go.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_older_than_max_age_are_not_sent() {
+    let dir = tempfile::tempdir().unwrap();
+    let emu = emulator(&dir.path().join("emu")).await;
+    let store = open_store(dir.path());
+    let devices = provision_many(&store, &emu, 1).await;
+    let (id, thing) = devices[0].clone();
+    let mut opts = options(&emu);
+    opts.max_age = Duration::from_secs(1);
+    let gw = Gateway::start(&store, opts).await;
+    outage(&emu, 3.0).await;
+    publish_range(gw.broker_port, &id, 0..5, 10).await;
+    eventually("the old messages to expire", || {
+        (gw.stats().expired == 5 && store.outbox_len() == 0).then_some(())
+    })
+    .await;
+    // After the outage a fresh message goes through, alone.
+    eventually("the outage to end", || {
+        (gw.stats().upstream_connects > 0).then_some(())
+    })
+    .await;
+    publish_range(gw.broker_port, &id, 5..6, 10).await;
+    eventually("the fresh message to be forwarded", || {
+        (gw.stats().forwarded == 1).then_some(())
+    })
+    .await;
+    let seqs: Vec<u64> = received(&emu, &thing)
+        .await
+        .into_iter()
+        .map(|(_, s)| s)
+        .collect();
+    assert_eq!(seqs, vec![5]);
+    gw.stop().await;
+    emu.shutdown().await;
+}
+
+fn env_or(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// The issue's loss benchmark, in-process: `FLEETGW_BENCH_DEVICES` (50) devices each publish
+/// `FLEETGW_BENCH_PER_DEVICE` (400) QoS 1 messages of 200 bytes, 10 in flight per device; with
+/// `FLEETGW_BENCH_OUTAGE_SECS` > 0 the emulator is in outage from a third of the run on.
+/// Prints throughput (first publish to last cloud PUBACK), device-to-cloud latency p50/p99
+/// and duplicates; asserts nothing lost and per-device order. `benches/telemetry.sh` runs it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "benchmark: run with --ignored (see benches/telemetry.sh)"]
+async fn bench_devices_through_an_outage() {
+    let n_devices = env_or("FLEETGW_BENCH_DEVICES", 50) as usize;
+    let per_device = env_or("FLEETGW_BENCH_PER_DEVICE", 400);
+    let outage_secs = env_or("FLEETGW_BENCH_OUTAGE_SECS", 0);
+    let total = n_devices as u64 * per_device;
+    let dir = tempfile::tempdir().unwrap();
+    let mut emu_opts = AwsEmulatorOptions::ephemeral(dir.path().join("emu"));
+    emu_opts.max_messages = (total as usize) * 2 + 1000;
+    let emu = aws::start(emu_opts).await.unwrap();
+    let store = open_store(dir.path());
+    let devices = provision_many(&store, &emu, n_devices).await;
+    let opts = options(&emu);
+    let window = u64::from(opts.inflight);
+    let gw = Gateway::start(&store, opts).await;
+    let port = gw.broker_port;
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for (id, _) in &devices {
+        let id = id.clone();
+        tasks.push(tokio::spawn(async move {
+            publish_timed(port, &id, per_device).await
+        }));
+    }
+    if outage_secs > 0 {
+        eventually("a third of the messages to be forwarded", || {
+            (gw.stats().forwarded >= total / 3).then_some(())
+        })
+        .await;
+        outage(&emu, outage_secs as f64).await;
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let published = started.elapsed();
+    let deadline =
+        Instant::now() + Duration::from_secs(outage_secs + env_or("FLEETGW_BENCH_DRAIN_SECS", 600));
+    while gw.stats().forwarded < total || store.outbox_len() > 0 {
+        assert!(Instant::now() < deadline, "not drained: {:?}", gw.stats());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let elapsed = started.elapsed();
+    let mut latencies = Vec::with_capacity(total as usize);
+    let mut duplicates = 0;
+    let expected: Vec<u64> = (0..per_device).collect();
+    for (id, thing) in &devices {
+        let (status, list) = http(
+            emu.api_addr(),
+            "GET",
+            &format!("/messages?clientId={thing}"),
+            None,
+        )
+        .await;
+        assert_eq!(status, 200);
+        let mut seqs = Vec::new();
+        for m in list.as_array().unwrap() {
+            let raw = base64::engine::general_purpose::STANDARD
+                .decode(m["payloadBase64"].as_str().unwrap())
+                .unwrap();
+            let v: Value = serde_json::from_slice(&raw).unwrap();
+            seqs.push(v["seq"].as_u64().unwrap());
+            let sent = v["t"].as_u64().unwrap();
+            latencies.push(m["receivedAtMs"].as_u64().unwrap().saturating_sub(sent));
+        }
+        duplicates += check_sequence(id, &seqs, &expected);
+    }
+    latencies.sort_unstable();
+    let pct = |p: f64| latencies[((latencies.len() as f64 - 1.0) * p) as usize];
+    let stats = gw.stats();
+    eprintln!(
+        "BENCH devices={n_devices} messages={total} outage_s={outage_secs} elapsed_s={:.2} \
+         published_s={:.2} msgs_per_s={:.0} p50_ms={} p99_ms={} max_ms={} duplicates={duplicates} \
+         (window {window} x {n_devices} devices) upstream_disconnects={} flushes={} append_batches={} remove_batches={}",
+        elapsed.as_secs_f64(),
+        published.as_secs_f64(),
+        total as f64 / elapsed.as_secs_f64(),
+        pct(0.5),
+        pct(0.99),
+        latencies.last().copied().unwrap_or(0),
+        stats.upstream_disconnects,
+        store.flush_count(),
+        stats.append_batches,
+        stats.remove_batches,
+    );
+    assert_eq!(stats.dropped_full + stats.expired + stats.undeliverable, 0);
+    gw.stop().await;
+    emu.shutdown().await;
+}
+
+/// Like [`publish_range`] for 0..count, each payload ~200 bytes carrying its send time `t`.
+async fn publish_timed(broker_port: u16, id: &str, count: u64) {
+    let mut o = MqttOptions::new(format!("dev-{id}"), "127.0.0.1", broker_port);
+    o.set_keep_alive(Duration::from_secs(30))
+        .set_max_packet_size(1 << 20, 1 << 20)
+        .set_inflight(10);
+    let (client, mut eventloop) = AsyncClient::new(o, 16);
+    let topic = format!("fleetgw/{id}/telemetry");
+    let publisher = tokio::spawn(async move {
+        for n in 0..count {
+            let head = format!(r#"{{"seq":{n},"t":{},"pad":""#, now_ms());
+            let payload = format!(
+                "{head}{}\"}}",
+                "x".repeat(200usize.saturating_sub(head.len() + 2))
+            );
+            client
+                .publish(&topic, QoS::AtLeastOnce, false, payload)
+                .await
+                .unwrap();
+        }
+        client
+    });
+    let mut acked = 0;
+    while acked < count {
+        match timeout(Duration::from_secs(600), eventloop.poll()).await {
+            Ok(Ok(Event::Incoming(Packet::PubAck(_)))) => acked += 1,
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => panic!("device {id}: {e}"),
+            Err(_) => panic!("device {id}: only {acked} of {count} PUBACKs"),
+        }
+    }
+    let client = publisher.await.unwrap();
+    let _ = client.disconnect().await;
+    let _ = timeout(Duration::from_secs(1), eventloop.poll()).await;
+}
+
+/// The baseline users run today, for `benches/telemetry.sh`: mosquitto as the local broker,
+/// bridged (MQTT 3.1.1, in-memory queue, default limits) to the emulator with a gateway
+/// certificate. Same load as [`bench_devices_through_an_outage`]; counts what the emulator got
+/// by sequence numbers. Nothing is asserted about loss: measuring it is the point.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "benchmark: run with --ignored (see benches/telemetry.sh)"]
+async fn bench_mosquitto_bridge_baseline() {
+    let n_devices = env_or("FLEETGW_BENCH_DEVICES", 50) as usize;
+    let per_device = env_or("FLEETGW_BENCH_PER_DEVICE", 400);
+    let total = n_devices as u64 * per_device;
+    let dir = tempfile::tempdir().unwrap();
+    let mut emu_opts = AwsEmulatorOptions::ephemeral(dir.path().join("emu"));
+    emu_opts.max_messages = (total as usize) * 2 + 1000;
+    let emu = aws::start(emu_opts).await.unwrap();
+    // The bridge's identity: a thing provisioned like any device.
+    let store = open_store(dir.path());
+    let gw_thing = provision_many(&store, &emu, 1).await[0].1.clone();
+    let gw_id = DeviceId::parse("sensor-00").unwrap();
+    let rec = store.device(&gw_id).unwrap().unwrap();
+    let files = dir.path();
+    std::fs::write(files.join("ca.pem"), emu.ca_pem()).unwrap();
+    std::fs::write(
+        files.join("gw.pem"),
+        rec.provision.certificate_pem.as_deref().unwrap(),
+    )
+    .unwrap();
+    std::fs::write(files.join("gw.key"), store.secret(&gw_id).unwrap().unwrap()).unwrap();
+    let mosquitto = Mosquitto::start(&MosquittoConfig {
+        extra: vec![
+            "connection cloud".into(),
+            format!("address 127.0.0.1:{}", emu.mqtt_addr().port()),
+            format!("remote_clientid {gw_thing}"),
+            "bridge_protocol_version mqttv311".into(),
+            "try_private false".into(),
+            "notifications false".into(),
+            "cleansession true".into(),
+            format!("bridge_cafile {}", files.join("ca.pem").display()),
+            format!("bridge_certfile {}", files.join("gw.pem").display()),
+            format!("bridge_keyfile {}", files.join("gw.key").display()),
+            "topic fleetgw/+/telemetry out 1".into(),
+        ],
+        ..MosquittoConfig::anonymous()
+    });
+    // The bridge connects on its own schedule; wait until it is up.
+    let deadline = Instant::now() + LIMIT;
+    loop {
+        let (_, stats) = http(emu.api_addr(), "GET", "/stats", None).await;
+        if stats["connections"]["open"].as_u64().unwrap_or(0) > 0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "bridge not connected: {}",
+            mosquitto.log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for i in 0..n_devices {
+        let id = format!("sensor-{i:02}");
+        let port = mosquitto.port();
+        tasks.push(tokio::spawn(async move {
+            publish_timed(port, &id, per_device).await
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let acked_in = started.elapsed();
+    // Let the bridge drain: stop when the count has not moved for 2 s.
+    let mut last = (0u64, Instant::now());
+    loop {
+        let (_, stats) = http(emu.api_addr(), "GET", "/stats", None).await;
+        let n = stats["messages"].as_u64().unwrap_or(0);
+        if n != last.0 {
+            last = (n, Instant::now());
+        } else if last.1.elapsed() > Duration::from_secs(2) || n >= total {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let delivered_in = last.1.duration_since(started);
+    let (_, list) = http(
+        emu.api_addr(),
+        "GET",
+        &format!("/messages?clientId={gw_thing}"),
+        None,
+    )
+    .await;
+    let mut distinct = std::collections::HashSet::new();
+    let mut latencies = Vec::new();
+    for m in list.as_array().unwrap() {
+        let raw = base64::engine::general_purpose::STANDARD
+            .decode(m["payloadBase64"].as_str().unwrap())
+            .unwrap();
+        let v: Value = serde_json::from_slice(&raw).unwrap();
+        let key = (
+            m["topic"].as_str().unwrap().to_string(),
+            v["seq"].as_u64().unwrap(),
+        );
+        if distinct.insert(key) {
+            latencies.push(
+                m["receivedAtMs"]
+                    .as_u64()
+                    .unwrap()
+                    .saturating_sub(v["t"].as_u64().unwrap()),
+            );
+        }
+    }
+    latencies.sort_unstable();
+    let pct = |p: f64| {
+        latencies
+            .get(((latencies.len().max(1) - 1) as f64 * p) as usize)
+            .copied()
+            .unwrap_or(0)
+    };
+    let delivered = distinct.len() as u64;
+    eprintln!(
+        "BASELINE mosquitto-bridge devices={n_devices} acked_to_devices={total} in {:.2}s ({:.0}/s) \
+         delivered={delivered} in {:.2}s ({:.0}/s) lost={} ({:.1}%) p50_ms={} p99_ms={}",
+        acked_in.as_secs_f64(),
+        total as f64 / acked_in.as_secs_f64(),
+        delivered_in.as_secs_f64(),
+        delivered as f64 / delivered_in.as_secs_f64().max(0.001),
+        total - delivered,
+        (total - delivered) as f64 * 100.0 / total as f64,
+        pct(0.5),
+        pct(0.99),
+    );
+    emu.shutdown().await;
+}
