@@ -3,6 +3,8 @@
 //! telemetry, takeover, persistence across restarts and injected faults, checked through the
 //! wire and the inspection API.
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::Path;
@@ -16,6 +18,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio::time::{timeout, Instant};
+
+use common::http::http;
 
 use fleetgw::cloud::aws::topics;
 use fleetgw::cloud::codec::{
@@ -246,35 +250,6 @@ async fn provision_device(emu: &AwsEmulatorHandle, serial: &str) -> (String, Str
     .await
     .unwrap();
     (reg.thing_name, cert.certificate_pem, key)
-}
-
-/// Minimal HTTP/1.1 client for the inspection API: (status, JSON body).
-async fn http(addr: SocketAddr, method: &str, path: &str, body: Option<&str>) -> (u16, Value) {
-    let mut stream = timeout(LIMIT, TcpStream::connect(addr))
-        .await
-        .unwrap()
-        .unwrap();
-    let body = body.unwrap_or("");
-    let request = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\
-         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    );
-    stream.write_all(request.as_bytes()).await.unwrap();
-    let mut raw = Vec::new();
-    timeout(LIMIT, stream.read_to_end(&mut raw))
-        .await
-        .unwrap()
-        .unwrap();
-    let text = String::from_utf8(raw).unwrap();
-    let (head, body) = text.split_once("\r\n\r\n").expect("HTTP response");
-    let status: u16 = head.split(' ').nth(1).unwrap().parse().unwrap();
-    let value = if body.is_empty() {
-        Value::Null
-    } else {
-        serde_json::from_str(body).unwrap_or_else(|e| panic!("{path}: {e}: {body}"))
-    };
-    (status, value)
 }
 
 async fn get(emu: &AwsEmulatorHandle, path: &str) -> Value {

@@ -18,9 +18,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use base64::Engine as _;
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use serde_json::Value;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 use tokio::time::{timeout, Instant};
+
+use common::http::http;
 
 use fleetgw::cloud::aws::claim::ClaimOptions;
 use fleetgw::cloud::aws::{AwsProvider, AwsProviderOptions};
@@ -236,35 +236,6 @@ async fn publish_range(broker_port: u16, id: &str, range: std::ops::Range<u64>, 
     let client = publisher.await.unwrap();
     let _ = client.disconnect().await;
     let _ = timeout(Duration::from_secs(1), eventloop.poll()).await;
-}
-
-/// Minimal HTTP/1.1 client for the emulator's API: (status, JSON body).
-async fn http(addr: SocketAddr, method: &str, path: &str, body: Option<&str>) -> (u16, Value) {
-    let mut stream = timeout(LIMIT, TcpStream::connect(addr))
-        .await
-        .unwrap()
-        .unwrap();
-    let body = body.unwrap_or("");
-    let request = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\
-         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    );
-    stream.write_all(request.as_bytes()).await.unwrap();
-    let mut raw = Vec::new();
-    timeout(LIMIT, stream.read_to_end(&mut raw))
-        .await
-        .unwrap()
-        .unwrap();
-    let text = String::from_utf8(raw).unwrap();
-    let (head, body) = text.split_once("\r\n\r\n").expect("HTTP response");
-    let status: u16 = head.split(' ').nth(1).unwrap().parse().unwrap();
-    let value = if body.is_empty() {
-        Value::Null
-    } else {
-        serde_json::from_str(body).unwrap_or_else(|e| panic!("{path}: {e}: {body}"))
-    };
-    (status, value)
 }
 
 async fn outage(emu: &AwsEmulatorHandle, seconds: f64) {

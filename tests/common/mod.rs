@@ -1,8 +1,10 @@
 //! Helpers shared by the integration tests: a real mosquitto on a free loopback port, a TCP
-//! relay that can cut connections, and a small MQTT test client. Each test binary uses a subset,
+//! relay that can cut connections, a small MQTT test client and an HTTP client for the
+//! emulators' API. Each test binary uses a subset,
 //! hence `dead_code` is allowed here.
 #![allow(dead_code)]
 
+pub mod http;
 pub mod mosquitto;
 pub mod mqtt_client;
 pub mod relay;
