@@ -13,7 +13,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use base64::Engine as _;
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
@@ -21,6 +21,7 @@ use serde_json::Value;
 use tokio::time::{timeout, Instant};
 
 use common::http::http;
+use common::{env_or, now_ms};
 
 use fleetgw::cloud::aws::claim::ClaimOptions;
 use fleetgw::cloud::aws::{AwsProvider, AwsProviderOptions};
@@ -46,13 +47,6 @@ const LIMIT: Duration = Duration::from_secs(40);
 
 // ---------------------------------------------------------------------------------------------
 // Harness
-
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as u64
-}
 
 async fn emulator(dir: &Path) -> AwsEmulatorHandle {
     let mut opts = AwsEmulatorOptions::ephemeral(dir);
@@ -889,13 +883,6 @@ async fn messages_older_than_max_age_are_not_sent() {
     assert_eq!(seqs, vec![5]);
     gw.stop().await;
     emu.shutdown().await;
-}
-
-fn env_or(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
 }
 
 /// The loss benchmark, in-process: `FLEETGW_BENCH_DEVICES` (50) devices each publish

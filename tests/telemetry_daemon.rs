@@ -18,7 +18,7 @@ mod common;
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use base64::Engine as _;
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
@@ -30,22 +30,9 @@ use tokio::time::{timeout, Instant};
 use fleetgw::emulator::aws::{self, AwsEmulatorHandle, AwsEmulatorOptions};
 
 use common::mosquitto::{Mosquitto, MosquittoConfig};
+use common::{env_or, now_ms};
 
 const WINDOW: usize = 10;
-
-fn env_or(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as u64
-}
 
 /// `fleetgw run` with the emulator's gateway.toml and test overrides.
 struct Daemon {

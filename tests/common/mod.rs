@@ -9,7 +9,7 @@ pub mod mosquitto;
 pub mod mqtt_client;
 pub mod relay;
 
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// Upper bound for anything a test waits for on loopback.
 pub const WAIT: Duration = Duration::from_secs(15);
@@ -18,4 +18,20 @@ pub const WAIT: Duration = Duration::from_secs(15);
 pub fn free_port() -> u16 {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
     listener.local_addr().expect("local_addr").port()
+}
+
+/// Wall-clock milliseconds since the Unix epoch (send times carried in test payloads).
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
+}
+
+/// A benchmark size from the environment, or `default`.
+pub fn env_or(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
 }
