@@ -203,7 +203,7 @@ impl Default for AdminSection {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum BrokerMode {
-    /// rumqttd inside the gateway process.
+    /// The MQTT broker inside the gateway process.
     #[default]
     Embedded,
     /// An existing broker (e.g. mosquitto) the gateway connects to as a client.

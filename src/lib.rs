@@ -12,6 +12,7 @@ pub mod device_id;
 pub mod downstream;
 pub mod emulator;
 pub mod identity;
+pub mod mqtt;
 pub mod provision;
 pub mod store;
 pub mod telemetry;

@@ -1,5 +1,5 @@
 //! The simulated device fleet (`emulator::devices::run_fleet`) against a real broker (the
-//! gateway's embedded rumqttd; mosquitto where the broker must be restarted) and a small in-test
+//! gateway's embedded broker; mosquitto where the broker must be restarted) and a small in-test
 //! gateway stand-in (the responder): what devices send, what they accept, and why they fail
 //! when the answer is wrong.
 //!

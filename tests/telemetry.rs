@@ -142,7 +142,7 @@ impl Gateway {
 
     /// What a daemon restart does to telemetry: the pipeline and the gateway session stop
     /// (unacknowledged downstream messages stay with the broker), new ones start on the same
-    /// store. rumqttd cannot be stopped in-process, so the broker itself stays.
+    /// store. The broker itself stays, as it would with an external one.
     async fn restart(self, store: &Store, opts: TelemetryOptions) -> Self {
         self.telemetry.shutdown(Duration::from_secs(5)).await;
         self.session.shutdown(Duration::from_secs(2)).await;

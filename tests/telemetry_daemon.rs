@@ -7,7 +7,7 @@
 //!
 //! mosquitto keeps what it acknowledged to devices in the gateway's persistent session while
 //! the daemon is down (`max_queued_messages 0` lifts its default 1000-message cap), which is
-//! what makes a kill lossless end to end. With the embedded broker the messages rumqttd has
+//! what makes a kill lossless end to end. With the embedded broker the messages it has
 //! acknowledged to devices but not yet handed to the gateway live in the killed process.
 //!
 //! Sized by `FLEETGW_BENCH_DEVICES` (50), `FLEETGW_BENCH_PER_DEVICE` (400) and

@@ -79,11 +79,10 @@ pub enum Command {
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     // `run` sets up logging itself, with the level and format of its config.
-    // The demo draws a progress bar: only warnings (and no rumqttd chatter, which logs an
-    // error for every client that sends DISCONNECT) unless RUST_LOG says otherwise.
+    // The demo draws a progress bar: only warnings unless RUST_LOG says otherwise.
     match cli.command {
         Command::Run(_) => {}
-        Command::Demo(_) => logging::init(cli.log_format, Some("warn,rumqttd=off")),
+        Command::Demo(_) => logging::init(cli.log_format, Some("warn")),
         _ => logging::init(cli.log_format, None),
     }
     match cli.command {

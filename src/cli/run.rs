@@ -108,16 +108,10 @@ pub fn run(args: Args, log_format: Option<LogFormat>) -> ExitCode {
     }
 }
 
-/// The configured filter, with the MQTT libraries' per-connection chatter (one line per device
-/// connection at info) kept to warnings unless the filter names them itself. rumqttd's router
-/// also logs an ERROR "no-connection id N is already gone" for every client that sends a clean
-/// DISCONNECT (it sees the disconnect twice), a normal event that would flood the journal; its
-/// routing target stays off unless named.
+/// The configured filter, with the MQTT client library's per-connection chatter kept to
+/// warnings unless the filter names it itself.
 fn log_filter(level: &str) -> String {
     let mut filter = level.to_string();
-    if !level.contains("rumqttd") {
-        filter.push_str(",rumqttd=warn,rumqttd::router::routing=off");
-    }
     if !level.contains("rumqttc") {
         filter.push_str(",rumqttc=warn");
     }
@@ -504,14 +498,8 @@ mod tests {
 
     #[test]
     fn log_filter_quiets_mqtt_libraries_unless_named() {
-        assert_eq!(
-            log_filter("info"),
-            "info,rumqttd=warn,rumqttd::router::routing=off,rumqttc=warn"
-        );
-        assert_eq!(
-            log_filter("debug,rumqttd=info"),
-            "debug,rumqttd=info,rumqttc=warn"
-        );
+        assert_eq!(log_filter("info"), "info,rumqttc=warn");
+        assert_eq!(log_filter("debug,rumqttc=info"), "debug,rumqttc=info");
     }
 
     #[test]

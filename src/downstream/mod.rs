@@ -67,7 +67,7 @@ impl ExternalBrokerOptions {
 /// Which broker the devices use.
 #[derive(Clone, Debug)]
 pub enum BrokerOptions {
-    /// rumqttd in-process.
+    /// The broker inside the daemon (`broker`).
     Embedded(EmbeddedBrokerOptions),
     /// mosquitto or any MQTT 3.1.1 broker.
     External(ExternalBrokerOptions),
@@ -206,10 +206,10 @@ impl Downstream {
         self.broker.as_ref()
     }
 
-    /// Disconnects the session (waiting at most `within`). The embedded broker keeps running
-    /// until the process exits (rumqttd cannot be stopped).
+    /// Disconnects the session (waiting at most `within`), then stops the embedded broker.
     pub async fn shutdown(self, within: Duration) {
         self.session.shutdown(within).await;
+        drop(self.broker);
     }
 }
 

@@ -1,4 +1,4 @@
-//! The gateway's own MQTT session to the downstream broker (embedded rumqttd or external).
+//! The gateway's own MQTT session to the downstream broker (embedded or external).
 //!
 //! One rumqttc (MQTT 3.1.1) connection with clean_session = false and manual acks. Its event
 //! loop is polled continuously in one task, which
@@ -13,7 +13,7 @@
 //!
 //! Acknowledgements. The consumer acks a message through its [`AckHandle`] once it has durably
 //! handled it. PUBACKs go out in the order the messages arrived, whatever order the consumer
-//! acks in: MQTT 3.1.1 §4.6 asks for it and rumqttd disconnects a client that acks out of order.
+//! acks in: MQTT 3.1.1 §4.6 asks for it and some brokers disconnect a client that acks out of order.
 //! So one slow message holds back the acks of later ones; consumers should ack as soon as the
 //! message is persisted, not when the work it starts is finished. An ack that belongs to an
 //! earlier connection is discarded (the broker redelivers that message), never sent on the new
@@ -203,7 +203,8 @@ pub struct DownstreamMessage {
     pub payload: Bytes,
     /// QoS the message was delivered with (at most the subscription's QoS 1).
     pub qos: QoS,
-    /// The broker's DUP flag (rumqttd never sets it on redelivery; do not rely on it).
+    /// The broker's DUP flag (set by the embedded broker and mosquitto on redelivery; not
+    /// every broker sets it, so do not rely on it).
     pub dup: bool,
     /// Acknowledges the message to the broker.
     pub ack: AckHandle,

@@ -137,8 +137,8 @@ impl TopicPrefix {
     /// `{p}/+/telemetry/#`: the gateway's filter for telemetry of every device.
     ///
     /// `/#` also matches the parent level (`{p}/{id}/telemetry`, MQTT 3.1.1 §4.7.1.2), so no
-    /// second filter is subscribed: overlapping subscriptions make mosquitto 2 and rumqttd
-    /// deliver a message once per matching filter.
+    /// second filter is subscribed: overlapping subscriptions make mosquitto 2 deliver a
+    /// message once per matching filter.
     pub fn telemetry_filter(&self) -> String {
         format!("{}/+/telemetry/#", self.0)
     }

@@ -25,10 +25,8 @@
 //! task, no OS thread per device); `max_in_flight` bounds how many devices are between connect
 //! and answer at once, and `rate` paces how many start per second. Everything about a device
 //! (id, payload format, own CSR or not) follows from its index, so runs are reproducible.
-//! Each device subscribes to one filter: rumqttd (the embedded broker) matches every new filter
-//! against every known topic and retained message, and every new topic against every filter,
-//! so broker work grows with (filters x topics); one filter instead of three per device cuts
-//! it threefold. The status topic is opt-in for the same reason.
+//! Each device subscribes to one filter (`/accepted` and `/rejected` together), as a careful
+//! device would; the status topic is opt-in.
 //!
 //! The per-device loop is a small stage machine (connecting, subscribing, waiting for the
 //! answer) on one connection, so the telemetry phase of the simulator (sequence-numbered

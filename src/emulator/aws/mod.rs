@@ -14,7 +14,7 @@
 //! | `emulator.json` | addresses and paths, written once the listeners are bound |
 //! | `gateway.toml` | a fleetgw config pointing a gateway at this emulator |
 //!
-//! Modules: `server` (TLS + MQTT connections), `wire` (MQTT 3.1.1/5 codec adapter),
+//! Modules: `server` (TLS + MQTT connections), `crate::mqtt::wire` (MQTT 3.1.1/5 codec adapter, shared with the embedded broker),
 //! `provisioning` (the three APIs, tokens, rate limits), `templates`, `state` (registry),
 //! `messages` (device message log and counters), `faults`, `api` (HTTP).
 
@@ -25,7 +25,6 @@ mod provisioning;
 mod server;
 mod state;
 mod templates;
-mod wire;
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};

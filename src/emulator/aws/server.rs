@@ -32,11 +32,12 @@ use super::faults::Faults;
 use super::messages::{Counters, Incoming, MessageLog};
 use super::provisioning::{fingerprint_hex, now_ms, Provisioning};
 use super::state::{DeviceAccess, Registry};
-use super::wire::{
-    self, ClientPacket, ConnectInfo, ConnectOutcome, Protocol, ServerPacket, WireError,
-};
 use crate::cloud::aws::topics;
 use crate::identity::tls::peer_leaf_der;
+use crate::mqtt::wire::{
+    self, ClientPacket, ConnectInfo, ConnectOutcome, Protocol, ServerFeatures, ServerPacket,
+    SubscriptionRequest, WireError,
+};
 
 /// TLS handshake and CONNECT must complete within this time.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -48,6 +49,22 @@ const MAX_KEEP_ALIVE_SECS: u16 = 1200;
 pub const MAX_PAYLOAD_BYTES: usize = 128 * 1024;
 /// Read buffer growth step.
 const READ_CHUNK: usize = 8 * 1024;
+/// The largest packet a client may send: a 128 KB payload plus room for topic and
+/// properties. Anything larger is refused while still in the buffer.
+const MAX_INCOMING_PACKET: usize = MAX_PAYLOAD_BYTES + 2048;
+
+/// A CONNACK as IoT Core sends it: no stored sessions, no retained messages.
+fn connack(outcome: ConnectOutcome) -> ServerPacket<'static> {
+    ServerPacket::ConnAck {
+        outcome,
+        session_present: false,
+        features: ServerFeatures {
+            retain: false,
+            max_packet: MAX_INCOMING_PACKET as u32,
+        },
+        assigned_client_id: None,
+    }
+}
 
 /// Everything connection tasks share.
 pub struct ServerContext {
@@ -313,7 +330,7 @@ impl Connection {
 
     async fn read_connect(&mut self) -> Result<ConnectInfo, Close> {
         loop {
-            match wire::read_connect(&mut self.rbuf) {
+            match wire::read_connect(&mut self.rbuf, MAX_INCOMING_PACKET) {
                 Ok(Some(c)) => return Ok(c),
                 Ok(None) => {}
                 Err(e) => return Err(Close::Violation(e.to_string())),
@@ -325,7 +342,7 @@ impl Connection {
     }
 
     async fn refuse(&mut self) -> Result<(), Close> {
-        self.queue(ServerPacket::ConnAck(ConnectOutcome::NotAuthorized))?;
+        self.queue(connack(ConnectOutcome::NotAuthorized))?;
         self.flush().await
     }
 
@@ -365,7 +382,7 @@ impl Connection {
         if self.ctx.faults.in_outage() {
             return Close::Dropped;
         }
-        if let Err(c) = self.queue(ServerPacket::ConnAck(ConnectOutcome::Accepted)) {
+        if let Err(c) = self.queue(connack(ConnectOutcome::Accepted)) {
             return c;
         }
         // Bytes that arrived with the CONNECT are handled before waiting for more.
@@ -400,10 +417,11 @@ impl Connection {
     /// Handles every complete packet in the read buffer.
     async fn process_buffer(&mut self) -> Result<(), Close> {
         loop {
-            let packet = match wire::read_packet(self.protocol, &mut self.rbuf) {
+            let packet = match wire::read_packet(self.protocol, &mut self.rbuf, MAX_INCOMING_PACKET)
+            {
                 Ok(Some(p)) => p,
                 Ok(None) => break,
-                Err(e @ WireError::TooLarge(_)) => {
+                Err(e @ WireError::TooLarge { .. }) => {
                     return Err(Close::Violation(format!(
                         "{e} (IoT Core allows {MAX_PAYLOAD_BYTES}-byte payloads)"
                     )))
@@ -416,6 +434,7 @@ impl Connection {
                     qos,
                     pkid,
                     payload,
+                    ..
                 } => self.on_publish(topic, qos, pkid, payload).await?,
                 ClientPacket::Subscribe { pkid, filters } => self.on_subscribe(pkid, filters)?,
                 ClientPacket::Unsubscribe { pkid, filters } => {
@@ -426,9 +445,14 @@ impl Connection {
                         count: filters.len(),
                     })?;
                 }
-                ClientPacket::PubAck => {}
+                ClientPacket::PubAck(_) => {}
+                ClientPacket::PubRel(_) => {
+                    return Err(Close::Violation(
+                        "PUBREL (IoT Core supports QoS 0 and 1)".into(),
+                    ))
+                }
                 ClientPacket::PingReq => self.queue(ServerPacket::PingResp)?,
-                ClientPacket::Disconnect => {
+                ClientPacket::Disconnect { .. } => {
                     self.record_batch();
                     self.flush().await?;
                     return Err(Close::ByClient);
@@ -531,6 +555,8 @@ impl Connection {
             topic,
             qos,
             pkid,
+            retain: false,
+            dup: false,
             payload: Bytes::from(payload),
         })
     }
@@ -543,9 +569,9 @@ impl Connection {
         self.next_pkid
     }
 
-    fn on_subscribe(&mut self, pkid: u16, filters: Vec<(String, u8)>) -> Result<(), Close> {
+    fn on_subscribe(&mut self, pkid: u16, filters: Vec<SubscriptionRequest>) -> Result<(), Close> {
         let mut granted = Vec::with_capacity(filters.len());
-        for (filter, qos) in filters {
+        for SubscriptionRequest { filter, qos, .. } in filters {
             if self.role == Role::Claim && !topics::is_provisioning_topic(&filter) {
                 return Err(Close::Violation(format!(
                     "claim certificate may not subscribe to {filter}"

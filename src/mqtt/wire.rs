@@ -1,20 +1,16 @@
 //! MQTT 3.1.1 and MQTT 5 on one connection type: decodes client packets with rumqttc's
-//! codecs (`mqttbytes::v4` / `v5::mqttbytes::v5`) into the few shapes the emulator acts on,
-//! and encodes its answers in the protocol the client chose at CONNECT.
+//! codecs (`mqttbytes::v4` / `v5::mqttbytes::v5`) into the shapes our servers act on, and
+//! encodes their answers in the protocol the client chose at CONNECT.
 //!
 //! No framing is written here: `Packet::read` frames (returning `InsufficientBytes` on a
-//! partial frame) and `Packet::write` encodes. The session logic in `server.rs` never sees a
-//! protocol version.
+//! partial frame) and `Packet::write` encodes. Packets larger than the caller's limit are
+//! refused from their fixed header, before the body is buffered.
 
 use bytes::{Bytes, BytesMut};
 use rumqttc::mqttbytes::v4;
 use rumqttc::mqttbytes::{Error as V4Error, Protocol as V4Protocol, QoS as V4QoS};
 use rumqttc::v5::mqttbytes::v5;
 use rumqttc::v5::mqttbytes::QoS as V5QoS;
-
-/// The largest packet a client may send: a 128 KB payload plus room for topic and
-/// properties. Anything larger is refused while still in the buffer.
-pub const MAX_INCOMING_PACKET: usize = 128 * 1024 + 2048;
 
 /// The protocol a client connected with.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -25,18 +21,67 @@ pub enum Protocol {
     V5,
 }
 
-/// The CONNECT fields the emulator uses.
+/// A client's last will.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Will {
+    /// Topic the will is published to.
+    pub topic: String,
+    /// Payload.
+    pub payload: Bytes,
+    /// 0, 1 or 2.
+    pub qos: u8,
+    /// Publish it retained.
+    pub retain: bool,
+}
+
+/// The CONNECT fields the servers use.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ConnectInfo {
     /// Protocol level chosen by the client.
     pub protocol: Protocol,
-    /// Client identifier.
+    /// Client identifier (may be empty: the server assigns one or refuses).
     pub client_id: String,
     /// Keep-alive in seconds (0 = none requested).
     pub keep_alive: u16,
+    /// Start from a fresh session (3.1.1 clean session, MQTT 5 clean start).
+    pub clean_start: bool,
+    /// Keep the session after the connection ends (3.1.1: not clean session; MQTT 5: a
+    /// session expiry interval above 0).
+    pub keep_session: bool,
+    /// Last will, if any.
+    pub will: Option<Will>,
 }
 
-/// A client packet, reduced to what the emulator acts on.
+/// One filter of a SUBSCRIBE, with the MQTT 5 options (3.1.1 uses the defaults).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SubscriptionRequest {
+    /// Topic filter.
+    pub filter: String,
+    /// Requested QoS.
+    pub qos: u8,
+    /// MQTT 5 No Local: do not send the client its own publications.
+    pub no_local: bool,
+    /// MQTT 5 Retain As Published: keep the retain flag on forwarded messages.
+    pub retain_as_published: bool,
+    /// MQTT 5 Retain Handling: 0 send retained on subscribe, 1 only for a new subscription,
+    /// 2 never.
+    pub retain_handling: u8,
+}
+
+impl SubscriptionRequest {
+    /// A filter with 3.1.1 semantics.
+    pub fn new(filter: impl Into<String>, qos: u8) -> Self {
+        Self {
+            filter: filter.into(),
+            qos,
+            no_local: false,
+            retain_as_published: false,
+            retain_handling: 0,
+        }
+    }
+}
+
+/// A client packet, reduced to what the servers act on.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ClientPacket {
     /// PUBLISH.
@@ -47,17 +92,21 @@ pub enum ClientPacket {
         qos: u8,
         /// Packet id (0 for QoS 0).
         pkid: u16,
+        /// Retain flag.
+        retain: bool,
         /// Payload.
         payload: Bytes,
     },
     /// PUBACK for one of our QoS 1 publishes.
-    PubAck,
-    /// SUBSCRIBE with (filter, requested QoS) pairs.
+    PubAck(u16),
+    /// PUBREL of a QoS 2 publish the client sent us.
+    PubRel(u16),
+    /// SUBSCRIBE.
     Subscribe {
         /// Packet id.
         pkid: u16,
-        /// Filters and requested QoS.
-        filters: Vec<(String, u8)>,
+        /// Filters and options.
+        filters: Vec<SubscriptionRequest>,
     },
     /// UNSUBSCRIBE.
     Unsubscribe {
@@ -68,9 +117,13 @@ pub enum ClientPacket {
     },
     /// PINGREQ.
     PingReq,
-    /// DISCONNECT.
-    Disconnect,
-    /// Something a client must not send (a second CONNECT, QoS 2 flow packets, AUTH, ...).
+    /// DISCONNECT; `with_will` when an MQTT 5 client asks for its will to be sent anyway.
+    Disconnect {
+        /// MQTT 5 reason 0x04 (Disconnect with Will Message).
+        with_will: bool,
+    },
+    /// Something a client must not send (a second CONNECT, PUBREC/PUBCOMP for messages we
+    /// never sent at QoS 2, AUTH, server-to-client packets).
     Unexpected(&'static str),
 }
 
@@ -80,46 +133,94 @@ pub enum WireError {
     /// Not a valid MQTT packet (or an unsupported protocol level).
     #[error("malformed MQTT packet: {0}")]
     Malformed(String),
-    /// A packet larger than [`MAX_INCOMING_PACKET`].
-    #[error("packet of {0} bytes exceeds the {MAX_INCOMING_PACKET}-byte limit")]
-    TooLarge(usize),
+    /// A packet larger than the server's limit.
+    #[error("packet of {size} bytes exceeds the {limit}-byte limit")]
+    TooLarge {
+        /// Size the fixed header announced.
+        size: usize,
+        /// The limit.
+        limit: usize,
+    },
     /// The first packet was not CONNECT.
     #[error("first packet was not CONNECT")]
     NotConnect,
 }
 
+fn v4_qos_u8(q: V4QoS) -> u8 {
+    q as u8
+}
+
 /// Decodes the CONNECT at the start of `buf`, whichever protocol level it uses; `Ok(None)`
 /// when more bytes are needed.
-pub fn read_connect(buf: &mut BytesMut) -> Result<Option<ConnectInfo>, WireError> {
+pub fn read_connect(
+    buf: &mut BytesMut,
+    max_packet: usize,
+) -> Result<Option<ConnectInfo>, WireError> {
     // A 3.1.1 decoder would misread an MQTT 5 CONNECT (it has properties before the client id),
     // so try 3.1.1 on a copy and keep it only if the client really asked for level 4.
     let mut probe = buf.clone();
-    match v4::Packet::read(&mut probe, MAX_INCOMING_PACKET) {
+    match v4::Packet::read(&mut probe, max_packet) {
         Ok(v4::Packet::Connect(c)) if c.protocol == V4Protocol::V4 => {
             *buf = probe;
             return Ok(Some(ConnectInfo {
                 protocol: Protocol::V4,
                 client_id: c.client_id,
                 keep_alive: c.keep_alive,
+                clean_start: c.clean_session,
+                keep_session: !c.clean_session,
+                will: c.last_will.map(|w| Will {
+                    topic: w.topic,
+                    payload: w.message,
+                    qos: v4_qos_u8(w.qos),
+                    retain: w.retain,
+                }),
             }));
         }
         Ok(v4::Packet::Connect(_)) => {}
         Ok(_) => return Err(WireError::NotConnect),
         Err(V4Error::InsufficientBytes(_)) => return Ok(None),
-        Err(V4Error::PayloadSizeLimitExceeded(n)) => return Err(WireError::TooLarge(n)),
+        Err(V4Error::PayloadSizeLimitExceeded(size)) => {
+            return Err(WireError::TooLarge {
+                size,
+                limit: max_packet,
+            })
+        }
         // Level 5 fields make the 3.1.1 decoder fail; the MQTT 5 decoder decides.
         Err(_) => {}
     }
-    match v5::Packet::read(buf, Some(MAX_INCOMING_PACKET as u32)) {
-        Ok(v5::Packet::Connect(c, _, _)) => Ok(Some(ConnectInfo {
-            protocol: Protocol::V5,
-            client_id: c.client_id,
-            keep_alive: c.keep_alive,
-        })),
+    match v5::Packet::read(buf, Some(max_packet as u32)) {
+        Ok(v5::Packet::Connect(c, will, _)) => {
+            let expiry = c
+                .properties
+                .as_ref()
+                .and_then(|p| p.session_expiry_interval)
+                .unwrap_or(0);
+            let will = match will {
+                Some(w) => Some(Will {
+                    topic: String::from_utf8(w.topic.to_vec())
+                        .map_err(|_| WireError::Malformed("will topic is not UTF-8".into()))?,
+                    payload: w.message,
+                    qos: w.qos as u8,
+                    retain: w.retain,
+                }),
+                None => None,
+            };
+            Ok(Some(ConnectInfo {
+                protocol: Protocol::V5,
+                client_id: c.client_id,
+                keep_alive: c.keep_alive,
+                clean_start: c.clean_start,
+                keep_session: expiry > 0,
+                will,
+            }))
+        }
         Ok(_) => Err(WireError::NotConnect),
         Err(rumqttc::v5::mqttbytes::Error::InsufficientBytes(_)) => Ok(None),
         Err(rumqttc::v5::mqttbytes::Error::PayloadSizeLimitExceeded { pkt_size, .. }) => {
-            Err(WireError::TooLarge(pkt_size))
+            Err(WireError::TooLarge {
+                size: pkt_size,
+                limit: max_packet,
+            })
         }
         Err(e) => Err(WireError::Malformed(e.to_string())),
     }
@@ -129,34 +230,42 @@ pub fn read_connect(buf: &mut BytesMut) -> Result<Option<ConnectInfo>, WireError
 pub fn read_packet(
     protocol: Protocol,
     buf: &mut BytesMut,
+    max_packet: usize,
 ) -> Result<Option<ClientPacket>, WireError> {
     match protocol {
-        Protocol::V4 => read_v4(buf),
-        Protocol::V5 => read_v5(buf),
+        Protocol::V4 => read_v4(buf, max_packet),
+        Protocol::V5 => read_v5(buf, max_packet),
     }
 }
 
-fn read_v4(buf: &mut BytesMut) -> Result<Option<ClientPacket>, WireError> {
-    let packet = match v4::Packet::read(buf, MAX_INCOMING_PACKET) {
+fn read_v4(buf: &mut BytesMut, max_packet: usize) -> Result<Option<ClientPacket>, WireError> {
+    let packet = match v4::Packet::read(buf, max_packet) {
         Ok(p) => p,
         Err(V4Error::InsufficientBytes(_)) => return Ok(None),
-        Err(V4Error::PayloadSizeLimitExceeded(n)) => return Err(WireError::TooLarge(n)),
+        Err(V4Error::PayloadSizeLimitExceeded(size)) => {
+            return Err(WireError::TooLarge {
+                size,
+                limit: max_packet,
+            })
+        }
         Err(e) => return Err(WireError::Malformed(e.to_string())),
     };
     Ok(Some(match packet {
         v4::Packet::Publish(p) => ClientPacket::Publish {
             topic: p.topic,
-            qos: p.qos as u8,
+            qos: v4_qos_u8(p.qos),
             pkid: p.pkid,
+            retain: p.retain,
             payload: p.payload,
         },
-        v4::Packet::PubAck(_) => ClientPacket::PubAck,
+        v4::Packet::PubAck(a) => ClientPacket::PubAck(a.pkid),
+        v4::Packet::PubRel(r) => ClientPacket::PubRel(r.pkid),
         v4::Packet::Subscribe(s) => ClientPacket::Subscribe {
             pkid: s.pkid,
             filters: s
                 .filters
                 .into_iter()
-                .map(|f| (f.path, f.qos as u8))
+                .map(|f| SubscriptionRequest::new(f.path, v4_qos_u8(f.qos)))
                 .collect(),
         },
         v4::Packet::Unsubscribe(u) => ClientPacket::Unsubscribe {
@@ -164,10 +273,10 @@ fn read_v4(buf: &mut BytesMut) -> Result<Option<ClientPacket>, WireError> {
             filters: u.topics,
         },
         v4::Packet::PingReq => ClientPacket::PingReq,
-        v4::Packet::Disconnect => ClientPacket::Disconnect,
+        v4::Packet::Disconnect => ClientPacket::Disconnect { with_will: false },
         v4::Packet::Connect(_) => ClientPacket::Unexpected("second CONNECT"),
-        v4::Packet::PubRec(_) | v4::Packet::PubRel(_) | v4::Packet::PubComp(_) => {
-            ClientPacket::Unexpected("QoS 2 flow packet (QoS 2 is not supported)")
+        v4::Packet::PubRec(_) | v4::Packet::PubComp(_) => {
+            ClientPacket::Unexpected("PUBREC/PUBCOMP (the server never sends QoS 2)")
         }
         v4::Packet::ConnAck(_)
         | v4::Packet::SubAck(_)
@@ -176,13 +285,16 @@ fn read_v4(buf: &mut BytesMut) -> Result<Option<ClientPacket>, WireError> {
     }))
 }
 
-fn read_v5(buf: &mut BytesMut) -> Result<Option<ClientPacket>, WireError> {
+fn read_v5(buf: &mut BytesMut, max_packet: usize) -> Result<Option<ClientPacket>, WireError> {
     use rumqttc::v5::mqttbytes::Error as V5Error;
-    let packet = match v5::Packet::read(buf, Some(MAX_INCOMING_PACKET as u32)) {
+    let packet = match v5::Packet::read(buf, Some(max_packet as u32)) {
         Ok(p) => p,
         Err(V5Error::InsufficientBytes(_)) => return Ok(None),
         Err(V5Error::PayloadSizeLimitExceeded { pkt_size, .. }) => {
-            return Err(WireError::TooLarge(pkt_size))
+            return Err(WireError::TooLarge {
+                size: pkt_size,
+                limit: max_packet,
+            })
         }
         Err(e) => return Err(WireError::Malformed(e.to_string())),
     };
@@ -200,16 +312,28 @@ fn read_v5(buf: &mut BytesMut) -> Result<Option<ClientPacket>, WireError> {
                 topic,
                 qos: p.qos as u8,
                 pkid: p.pkid,
+                retain: p.retain,
                 payload: p.payload,
             }
         }
-        v5::Packet::PubAck(_) => ClientPacket::PubAck,
+        v5::Packet::PubAck(a) => ClientPacket::PubAck(a.pkid),
+        v5::Packet::PubRel(r) => ClientPacket::PubRel(r.pkid),
         v5::Packet::Subscribe(s) => ClientPacket::Subscribe {
             pkid: s.pkid,
             filters: s
                 .filters
                 .into_iter()
-                .map(|f| (f.path, f.qos as u8))
+                .map(|f| SubscriptionRequest {
+                    filter: f.path,
+                    qos: f.qos as u8,
+                    no_local: f.nolocal,
+                    retain_as_published: f.preserve_retain,
+                    retain_handling: match f.retain_forward_rule {
+                        v5::RetainForwardRule::OnEverySubscribe => 0,
+                        v5::RetainForwardRule::OnNewSubscribe => 1,
+                        v5::RetainForwardRule::Never => 2,
+                    },
+                })
                 .collect(),
         },
         v5::Packet::Unsubscribe(u) => ClientPacket::Unsubscribe {
@@ -217,11 +341,13 @@ fn read_v5(buf: &mut BytesMut) -> Result<Option<ClientPacket>, WireError> {
             filters: u.filters,
         },
         v5::Packet::PingReq(_) => ClientPacket::PingReq,
-        v5::Packet::Disconnect(_) => ClientPacket::Disconnect,
+        v5::Packet::Disconnect(d) => ClientPacket::Disconnect {
+            with_will: d.reason_code == v5::DisconnectReasonCode::DisconnectWithWillMessage,
+        },
         v5::Packet::Connect(..) => ClientPacket::Unexpected("second CONNECT"),
         v5::Packet::Auth(_) => ClientPacket::Unexpected("AUTH (enhanced authentication)"),
-        v5::Packet::PubRec(_) | v5::Packet::PubRel(_) | v5::Packet::PubComp(_) => {
-            ClientPacket::Unexpected("QoS 2 flow packet (QoS 2 is not supported)")
+        v5::Packet::PubRec(_) | v5::Packet::PubComp(_) => {
+            ClientPacket::Unexpected("PUBREC/PUBCOMP (the server never sends QoS 2)")
         }
         v5::Packet::ConnAck(_)
         | v5::Packet::SubAck(_)
@@ -237,13 +363,35 @@ pub enum ConnectOutcome {
     Accepted,
     /// Refused: the certificate or client id is not authorized.
     NotAuthorized,
+    /// Refused: the client id is not acceptable (empty with a persistent session).
+    BadClientId,
+    /// Refused: the server is at its connection limit.
+    ServerUnavailable,
+}
+
+/// What the server tells MQTT 5 clients in its CONNACK.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ServerFeatures {
+    /// Whether retained messages are supported.
+    pub retain: bool,
+    /// Largest packet the server accepts.
+    pub max_packet: u32,
 }
 
 /// A server packet to encode.
 #[derive(Clone, Debug)]
 pub enum ServerPacket<'a> {
     /// CONNACK.
-    ConnAck(ConnectOutcome),
+    ConnAck {
+        /// The answer.
+        outcome: ConnectOutcome,
+        /// A stored session was resumed.
+        session_present: bool,
+        /// What an MQTT 5 client is told about the server.
+        features: ServerFeatures,
+        /// Client id the server chose for an empty one (MQTT 5 only; 3.1.1 has no field).
+        assigned_client_id: Option<&'a str>,
+    },
     /// SUBACK: granted QoS per filter, `None` = refused.
     SubAck {
         /// Packet id.
@@ -260,6 +408,10 @@ pub enum ServerPacket<'a> {
     },
     /// PUBACK.
     PubAck(u16),
+    /// PUBREC (first answer to a QoS 2 publish).
+    PubRec(u16),
+    /// PUBCOMP (answer to PUBREL).
+    PubComp(u16),
     /// PUBLISH (QoS 0 or 1).
     Publish {
         /// Topic.
@@ -268,6 +420,10 @@ pub enum ServerPacket<'a> {
         qos: u8,
         /// Packet id (ignored for QoS 0).
         pkid: u16,
+        /// Retain flag.
+        retain: bool,
+        /// Redelivery of a message sent before.
+        dup: bool,
         /// Payload.
         payload: Bytes,
     },
@@ -312,12 +468,18 @@ pub fn write_packet(
 
 fn v4_packet(packet: ServerPacket<'_>) -> v4::Packet {
     match packet {
-        ServerPacket::ConnAck(outcome) => v4::Packet::ConnAck(v4::ConnAck::new(
+        ServerPacket::ConnAck {
+            outcome,
+            session_present,
+            ..
+        } => v4::Packet::ConnAck(v4::ConnAck::new(
             match outcome {
                 ConnectOutcome::Accepted => v4::ConnectReturnCode::Success,
                 ConnectOutcome::NotAuthorized => v4::ConnectReturnCode::NotAuthorized,
+                ConnectOutcome::BadClientId => v4::ConnectReturnCode::BadClientId,
+                ConnectOutcome::ServerUnavailable => v4::ConnectReturnCode::ServiceUnavailable,
             },
-            false,
+            session_present && outcome == ConnectOutcome::Accepted,
         )),
         ServerPacket::SubAck { pkid, granted } => v4::Packet::SubAck(v4::SubAck::new(
             pkid,
@@ -331,14 +493,20 @@ fn v4_packet(packet: ServerPacket<'_>) -> v4::Packet {
         )),
         ServerPacket::UnsubAck { pkid, .. } => v4::Packet::UnsubAck(v4::UnsubAck::new(pkid)),
         ServerPacket::PubAck(pkid) => v4::Packet::PubAck(v4::PubAck::new(pkid)),
+        ServerPacket::PubRec(pkid) => v4::Packet::PubRec(v4::PubRec::new(pkid)),
+        ServerPacket::PubComp(pkid) => v4::Packet::PubComp(v4::PubComp::new(pkid)),
         ServerPacket::Publish {
             topic,
             qos,
             pkid,
+            retain,
+            dup,
             payload,
         } => {
             let mut p = v4::Publish::from_bytes(topic, v4_qos(qos), payload);
             p.pkid = if qos == 0 { 0 } else { pkid };
+            p.retain = retain;
+            p.dup = dup && qos > 0;
             v4::Packet::Publish(p)
         }
         ServerPacket::PingResp => v4::Packet::PingResp,
@@ -347,13 +515,21 @@ fn v4_packet(packet: ServerPacket<'_>) -> v4::Packet {
 
 fn v5_packet(packet: ServerPacket<'_>) -> v5::Packet {
     match packet {
-        ServerPacket::ConnAck(outcome) => v5::Packet::ConnAck(v5::ConnAck {
-            session_present: false,
+        ServerPacket::ConnAck {
+            outcome,
+            session_present,
+            features,
+            assigned_client_id,
+        } => v5::Packet::ConnAck(v5::ConnAck {
+            session_present: session_present && outcome == ConnectOutcome::Accepted,
             code: match outcome {
                 ConnectOutcome::Accepted => v5::ConnectReturnCode::Success,
                 ConnectOutcome::NotAuthorized => v5::ConnectReturnCode::NotAuthorized,
+                ConnectOutcome::BadClientId => v5::ConnectReturnCode::ClientIdentifierNotValid,
+                ConnectOutcome::ServerUnavailable => v5::ConnectReturnCode::ServerUnavailable,
             },
-            properties: (outcome == ConnectOutcome::Accepted).then(v5_connack_properties),
+            properties: (outcome == ConnectOutcome::Accepted)
+                .then(|| v5_connack_properties(features, assigned_client_id)),
         }),
         ServerPacket::SubAck { pkid, granted } => v5::Packet::SubAck(v5::SubAck {
             pkid,
@@ -372,30 +548,38 @@ fn v5_packet(packet: ServerPacket<'_>) -> v5::Packet {
             properties: None,
         }),
         ServerPacket::PubAck(pkid) => v5::Packet::PubAck(v5::PubAck::new(pkid, None)),
+        ServerPacket::PubRec(pkid) => v5::Packet::PubRec(v5::PubRec::new(pkid, None)),
+        ServerPacket::PubComp(pkid) => v5::Packet::PubComp(v5::PubComp::new(pkid, None)),
         ServerPacket::Publish {
             topic,
             qos,
             pkid,
+            retain,
+            dup,
             payload,
         } => {
             let mut p = v5::Publish::new(topic, v5_qos(qos), payload, None);
             p.pkid = if qos == 0 { 0 } else { pkid };
+            p.retain = retain;
+            p.dup = dup && qos > 0;
             v5::Packet::Publish(p)
         }
         ServerPacket::PingResp => v5::Packet::PingResp(v5::PingResp),
     }
 }
 
-/// What the emulator tells MQTT 5 clients about itself: QoS 1 at most (as AWS IoT Core), no
-/// topic aliases, no shared subscriptions or subscription identifiers.
-fn v5_connack_properties() -> v5::ConnAckProperties {
+/// QoS 1 at most, no topic aliases, no shared subscriptions or subscription identifiers.
+fn v5_connack_properties(
+    features: ServerFeatures,
+    assigned_client_id: Option<&str>,
+) -> v5::ConnAckProperties {
     v5::ConnAckProperties {
         session_expiry_interval: None,
         receive_max: None,
         max_qos: Some(1),
-        retain_available: None,
-        max_packet_size: None,
-        assigned_client_identifier: None,
+        retain_available: (!features.retain).then_some(0),
+        max_packet_size: Some(features.max_packet),
+        assigned_client_identifier: assigned_client_id.map(str::to_string),
         topic_alias_max: None,
         reason_string: None,
         user_properties: Vec::new(),
@@ -438,9 +622,16 @@ pub fn valid_filter(filter: &str) -> bool {
     !filter.is_empty() && rumqttc::mqttbytes::valid_filter(filter)
 }
 
+/// Whether `topic` may be published to: not empty, no wildcards, no NUL.
+pub fn valid_topic(topic: &str) -> bool {
+    !topic.is_empty() && !topic.contains(['+', '#', '\0'])
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const LIMIT: usize = 128 * 1024;
 
     #[test]
     fn dollar_topics_match_only_explicit_filters() {
@@ -467,10 +658,10 @@ mod tests {
         v4::Packet::Connect(c).write(&mut buf, usize::MAX).unwrap();
         let partial = buf.split_to(5);
         let mut head = partial.clone();
-        assert!(read_connect(&mut head).unwrap().is_none());
+        assert!(read_connect(&mut head, LIMIT).unwrap().is_none());
         let mut whole = partial;
         whole.extend_from_slice(&buf);
-        let info = read_connect(&mut whole).unwrap().unwrap();
+        let info = read_connect(&mut whole, LIMIT).unwrap().unwrap();
         assert_eq!(info.protocol, Protocol::V4);
         assert_eq!(info.client_id, "dev-1");
         assert_eq!(info.keep_alive, 30);
@@ -490,7 +681,7 @@ mod tests {
         v5::Packet::Connect(c, None, login)
             .write(&mut buf, None)
             .unwrap();
-        let info = read_connect(&mut buf).unwrap().unwrap();
+        let info = read_connect(&mut buf, LIMIT).unwrap().unwrap();
         assert_eq!(info.protocol, Protocol::V5);
         assert_eq!(info.client_id, "sdk-5");
         assert!(buf.is_empty());
@@ -499,13 +690,13 @@ mod tests {
     #[test]
     fn oversized_packets_are_refused_before_buffering_them() {
         let mut buf = BytesMut::new();
-        let mut p = v4::Publish::new("t", V4QoS::AtLeastOnce, vec![0u8; MAX_INCOMING_PACKET]);
+        let mut p = v4::Publish::new("t", V4QoS::AtLeastOnce, vec![0u8; LIMIT]);
         p.pkid = 1;
         v4::Packet::Publish(p).write(&mut buf, usize::MAX).unwrap();
         let mut head = buf.split_to(16);
         assert!(matches!(
-            read_packet(Protocol::V4, &mut head),
-            Err(WireError::TooLarge(_))
+            read_packet(Protocol::V4, &mut head, LIMIT),
+            Err(WireError::TooLarge { .. })
         ));
     }
 }

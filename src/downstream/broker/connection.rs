@@ -1,0 +1,348 @@
+//! One device connection of the embedded broker: CONNECT, then a loop that handles what the
+//! client sends and writes what its session has queued, in one tokio task.
+//!
+//! Every complete packet in the read buffer is handled before anything is written, and all
+//! answers and deliveries of one round go out with one write, so a busy client costs few
+//! syscalls. QoS 1 deliveries respect the session's in-flight window; QoS 2 publishes from
+//! clients are received exactly once (PUBREC/PUBREL/PUBCOMP) and delivered at QoS 1, the
+//! highest QoS the broker grants.
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::watch;
+use tokio::time::{timeout, timeout_at, Instant};
+
+use super::router::{Delivery, Message, Router, Session};
+use crate::mqtt::wire::{
+    self, ClientPacket, ConnectInfo, ConnectOutcome, Protocol, ServerFeatures, ServerPacket,
+    WireError,
+};
+
+/// Writing one round of packets must complete within this time.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Read buffer growth step.
+const READ_CHUNK: usize = 4 * 1024;
+/// Without a keep-alive a silent client is still dropped after this long.
+const NO_KEEP_ALIVE_LIMIT: Duration = Duration::from_secs(24 * 3600);
+
+/// Settings every connection shares.
+#[derive(Debug)]
+pub struct ConnectionConfig {
+    /// Largest packet a client may send.
+    pub max_packet: usize,
+    /// Time from TCP accept to a complete CONNECT.
+    pub connect_timeout: Duration,
+}
+
+/// Why a connection ended.
+enum Close {
+    /// DISCONNECT from the client; `with_will` when it asked for its will anyway.
+    Graceful {
+        with_will: bool,
+    },
+    ByClient,
+    Io(std::io::Error),
+    KeepAlive,
+    TakenOver,
+    Violation(String),
+    Shutdown,
+}
+
+impl std::fmt::Display for Close {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Close::Graceful { .. } => f.write_str("DISCONNECT"),
+            Close::ByClient => f.write_str("closed by the client"),
+            Close::Io(e) => write!(f, "I/O error: {e}"),
+            Close::KeepAlive => f.write_str("keep-alive expired"),
+            Close::TakenOver => {
+                f.write_str("taken over by a new connection with the same client id")
+            }
+            Close::Violation(what) => write!(f, "protocol violation: {what}"),
+            Close::Shutdown => f.write_str("broker stopping"),
+        }
+    }
+}
+
+impl Close {
+    fn publishes_will(&self) -> bool {
+        match self {
+            Close::Graceful { with_will } => *with_will,
+            Close::TakenOver | Close::Shutdown => false,
+            Close::ByClient | Close::Io(_) | Close::KeepAlive | Close::Violation(_) => true,
+        }
+    }
+}
+
+/// Serves one client until it leaves, misbehaves, is taken over or the broker stops.
+pub async fn serve<S>(
+    stream: S,
+    peer: SocketAddr,
+    router: Arc<Router>,
+    cfg: Arc<ConnectionConfig>,
+    shutdown: watch::Receiver<bool>,
+) where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut conn = Connection {
+        stream,
+        rbuf: BytesMut::with_capacity(READ_CHUNK),
+        wbuf: BytesMut::new(),
+        protocol: Protocol::V4,
+        max_packet: cfg.max_packet,
+    };
+    let connect = match timeout(cfg.connect_timeout, conn.read_connect()).await {
+        Ok(Ok(c)) => c,
+        Ok(Err(close)) => {
+            tracing::debug!(%peer, %close, "embedded broker: no valid CONNECT");
+            return;
+        }
+        Err(_) => {
+            tracing::debug!(%peer, "embedded broker: no CONNECT within {:?}", cfg.connect_timeout);
+            return;
+        }
+    };
+    conn.protocol = connect.protocol;
+    let number = router.connection_number();
+    let features = ServerFeatures {
+        retain: true,
+        max_packet: u32::try_from(cfg.max_packet).unwrap_or(u32::MAX),
+    };
+    let assigned = connect.client_id.is_empty();
+    if assigned && connect.keep_session && connect.protocol == Protocol::V4 {
+        // MQTT 3.1.1 §3.1.3.1: an empty client id needs a clean session.
+        let _ = conn.queue(ServerPacket::ConnAck {
+            outcome: ConnectOutcome::BadClientId,
+            session_present: false,
+            features,
+            assigned_client_id: None,
+        });
+        let _ = conn.flush().await;
+        return;
+    }
+    let client_id = if assigned {
+        format!("fleetgw-auto-{number}")
+    } else {
+        connect.client_id.clone()
+    };
+    let attached = router.connect(
+        &client_id,
+        number,
+        connect.clean_start,
+        connect.keep_session,
+    );
+    let session = attached.session;
+    if let Err(close) = conn.queue(ServerPacket::ConnAck {
+        outcome: ConnectOutcome::Accepted,
+        session_present: attached.resumed,
+        features,
+        assigned_client_id: assigned.then_some(client_id.as_str()),
+    }) {
+        router.disconnect(&session, number, None);
+        tracing::debug!(%peer, client_id, %close, "embedded broker: cannot answer CONNECT");
+        return;
+    }
+    let close = conn
+        .run(&connect, &router, &session, number, shutdown)
+        .await;
+    match &close {
+        Close::Graceful { .. } | Close::ByClient | Close::Shutdown => {
+            tracing::trace!(%peer, client_id, "embedded broker: connection closed")
+        }
+        other => {
+            tracing::debug!(%peer, client_id, close = %other, "embedded broker: connection ended")
+        }
+    }
+    let will = if close.publishes_will() {
+        connect.will.clone()
+    } else {
+        None
+    };
+    router.disconnect(&session, number, will);
+    let _ = timeout(Duration::from_secs(1), conn.stream.shutdown()).await;
+}
+
+struct Connection<S> {
+    stream: S,
+    rbuf: BytesMut,
+    wbuf: BytesMut,
+    protocol: Protocol,
+    max_packet: usize,
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
+    async fn fill(&mut self) -> Result<(), Close> {
+        if self.rbuf.capacity() - self.rbuf.len() < READ_CHUNK / 2 {
+            self.rbuf.reserve(READ_CHUNK);
+        }
+        match self.stream.read_buf(&mut self.rbuf).await {
+            Ok(0) => Err(Close::ByClient),
+            Ok(_) => Ok(()),
+            Err(e) => Err(Close::Io(e)),
+        }
+    }
+
+    async fn read_connect(&mut self) -> Result<ConnectInfo, Close> {
+        loop {
+            match wire::read_connect(&mut self.rbuf, self.max_packet) {
+                Ok(Some(c)) => return Ok(c),
+                Ok(None) => self.fill().await?,
+                Err(e) => return Err(Close::Violation(e.to_string())),
+            }
+        }
+    }
+
+    fn queue(&mut self, packet: ServerPacket<'_>) -> Result<(), Close> {
+        wire::write_packet(self.protocol, packet, &mut self.wbuf)
+            .map_err(|e| Close::Violation(e.to_string()))
+    }
+
+    async fn flush(&mut self) -> Result<(), Close> {
+        if self.wbuf.is_empty() {
+            return Ok(());
+        }
+        let written = timeout(WRITE_TIMEOUT, self.stream.write_all(&self.wbuf)).await;
+        self.wbuf.clear();
+        match written {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(Close::Io(e)),
+            Err(_) => Err(Close::Violation(
+                "client does not read (write timed out)".into(),
+            )),
+        }
+    }
+
+    async fn run(
+        &mut self,
+        connect: &ConnectInfo,
+        router: &Router,
+        session: &Arc<Session>,
+        number: u64,
+        mut shutdown: watch::Receiver<bool>,
+    ) -> Close {
+        // MQTT: the server may drop a client silent for 1.5 x its keep-alive.
+        let idle_limit = match connect.keep_alive {
+            0 => NO_KEEP_ALIVE_LIMIT,
+            k => Duration::from_millis(u64::from(k) * 1500),
+        };
+        let mut deadline = Instant::now() + idle_limit;
+        let mut awaiting_release: HashSet<u16> = HashSet::new();
+        let mut sendable: Vec<(u16, Delivery)> = Vec::new();
+        loop {
+            if let Err(close) = self.process_buffer(router, session, &mut awaiting_release) {
+                let _ = self.flush().await;
+                return close;
+            }
+            if !session.take_sendable(number, router.limits(), &mut sendable) {
+                return Close::TakenOver;
+            }
+            for (pkid, d) in sendable.drain(..) {
+                if let Err(close) = self.queue(ServerPacket::Publish {
+                    topic: &d.message.topic,
+                    qos: d.qos,
+                    pkid,
+                    retain: d.retain,
+                    dup: d.dup,
+                    payload: d.message.payload.clone(),
+                }) {
+                    return close;
+                }
+            }
+            if let Err(close) = self.flush().await {
+                return close;
+            }
+            tokio::select! {
+                _ = shutdown.changed() => return Close::Shutdown,
+                _ = session.woken() => {}
+                read = timeout_at(deadline, self.fill()) => match read {
+                    Ok(Ok(())) => deadline = Instant::now() + idle_limit,
+                    Ok(Err(close)) => return close,
+                    Err(_) => return Close::KeepAlive,
+                },
+            }
+        }
+    }
+
+    /// Handles every complete packet in the read buffer.
+    fn process_buffer(
+        &mut self,
+        router: &Router,
+        session: &Arc<Session>,
+        awaiting_release: &mut HashSet<u16>,
+    ) -> Result<(), Close> {
+        loop {
+            let packet = match wire::read_packet(self.protocol, &mut self.rbuf, self.max_packet) {
+                Ok(Some(p)) => p,
+                Ok(None) => return Ok(()),
+                Err(e @ WireError::TooLarge { .. }) => return Err(Close::Violation(e.to_string())),
+                Err(e) => return Err(Close::Violation(e.to_string())),
+            };
+            match packet {
+                ClientPacket::Publish {
+                    topic,
+                    qos,
+                    pkid,
+                    retain,
+                    payload,
+                } => {
+                    if !wire::valid_topic(&topic) {
+                        return Err(Close::Violation(format!("invalid topic name {topic:?}")));
+                    }
+                    let message = Message {
+                        topic: Arc::from(topic),
+                        payload,
+                        qos: qos.min(1),
+                        retain,
+                    };
+                    match qos {
+                        0 => {
+                            router.publish(session.client_id(), message);
+                        }
+                        1 => {
+                            router.publish(session.client_id(), message);
+                            self.queue(ServerPacket::PubAck(pkid))?;
+                        }
+                        _ => {
+                            // A repeated QoS 2 PUBLISH before PUBREL is the same message.
+                            if awaiting_release.insert(pkid) {
+                                router.publish(session.client_id(), message);
+                            }
+                            self.queue(ServerPacket::PubRec(pkid))?;
+                        }
+                    }
+                }
+                ClientPacket::PubAck(pkid) => {
+                    session.acknowledge(pkid);
+                }
+                ClientPacket::PubRel(pkid) => {
+                    awaiting_release.remove(&pkid);
+                    self.queue(ServerPacket::PubComp(pkid))?;
+                }
+                ClientPacket::Subscribe { pkid, filters } => {
+                    let granted = router.subscribe(session, &filters);
+                    self.queue(ServerPacket::SubAck {
+                        pkid,
+                        granted: &granted,
+                    })?;
+                }
+                ClientPacket::Unsubscribe { pkid, filters } => {
+                    router.unsubscribe(session, &filters);
+                    self.queue(ServerPacket::UnsubAck {
+                        pkid,
+                        count: filters.len(),
+                    })?;
+                }
+                ClientPacket::PingReq => self.queue(ServerPacket::PingResp)?,
+                ClientPacket::Disconnect { with_will } => {
+                    return Err(Close::Graceful { with_will })
+                }
+                ClientPacket::Unexpected(what) => return Err(Close::Violation(what.into())),
+            }
+        }
+    }
+}

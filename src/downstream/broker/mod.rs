@@ -1,0 +1,343 @@
+//! The embedded downstream broker (`broker = "embedded"`): an MQTT 3.1.1 and 5 broker inside
+//! the daemon, built for one job: thousands of devices, each on its own topics, talking to
+//! one gateway session.
+//!
+//! - Routing walks a topic trie ([`trie`]), so a publish costs the same with 10 or 50,000
+//!   subscribed devices. Connections route their own publishes on the daemon's runtime
+//!   ([`router`]); there is no broker thread and no channel hop per message.
+//! - The listener has a deep accept backlog and accepts as fast as connections arrive, so a
+//!   whole fleet reconnecting after a power cut is admitted at once instead of losing SYNs.
+//! - QoS 0 and 1 (QoS 2 publishes are received exactly once and delivered at QoS 1),
+//!   retained messages, last wills, client-id takeover, keep-alive (1.5 x), persistent
+//!   sessions in memory with a bounded queue and DUP-flagged redelivery of unacknowledged
+//!   messages, an in-flight window per client and a packet size limit.
+//! - Optional TLS on the device listener (tokio-rustls). The gateway's own session then uses
+//!   a plain listener on a loopback port ([`EmbeddedBroker::gateway_addr`]), reachable by
+//!   local processes without TLS; the embedded broker has no per-device authentication
+//!   anyway (one trust domain, see `docs/mosquitto.md` for isolation).
+//!
+//! Not provided: authentication and ACLs (use mosquitto as the external broker), shared
+//! subscriptions, topic aliases, sessions that survive a daemon restart. Dropping the
+//! [`EmbeddedBroker`] closes its listeners and every connection.
+
+mod connection;
+mod router;
+pub mod trie;
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::{TcpListener, TcpSocket};
+use tokio::sync::{watch, Semaphore};
+use tokio::task::JoinHandle;
+use tokio::time::timeout;
+use tokio_rustls::TlsAcceptor;
+
+use crate::identity::{self, IdentityError, PrivateKey, Secret};
+use connection::ConnectionConfig;
+use router::{Limits, Router};
+
+/// Pending connections the kernel holds for the listener (capped by `net.core.somaxconn`).
+const ACCEPT_BACKLOG: u32 = 4096;
+/// Pause after a failed accept (EMFILE and friends) instead of spinning on the error.
+const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);
+
+/// Server certificate and key for the embedded broker's TLS listener.
+#[derive(Clone, Debug)]
+pub struct EmbeddedTls {
+    /// PEM certificate chain, leaf first.
+    pub cert_chain_pem: String,
+    /// PEM private key (PKCS#8, SEC1 or PKCS#1, unencrypted).
+    pub key_pem: Secret,
+}
+
+/// Settings of the embedded broker (`[downstream] broker = "embedded"`).
+#[derive(Clone, Debug)]
+pub struct EmbeddedBrokerOptions {
+    /// Address devices connect to; port 0 picks a free port.
+    pub listen: SocketAddr,
+    /// Serve MQTT over TLS on `listen` instead of plain TCP.
+    pub tls: Option<EmbeddedTls>,
+    /// Device connections the broker accepts at once.
+    pub max_connections: usize,
+    /// Largest MQTT packet a client may send (certificates and telemetry exceed 10 KiB).
+    pub max_packet_bytes: usize,
+    /// Unacknowledged QoS 1 messages the broker sends to one client before waiting.
+    pub max_inflight: usize,
+    /// Bytes of messages queued for one client (connected but behind, or away with a kept
+    /// session); beyond it the oldest are dropped and counted.
+    pub max_queued_bytes: usize,
+    /// How long a new TCP (or TLS) connection may take to send CONNECT.
+    pub connect_timeout: Duration,
+}
+
+impl Default for EmbeddedBrokerOptions {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 1883),
+            tls: None,
+            max_connections: 50_000,
+            max_packet_bytes: 256 * 1024,
+            max_inflight: 100,
+            max_queued_bytes: 64 * 1024 * 1024,
+            connect_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Why the embedded broker did not start.
+#[derive(Debug, thiserror::Error)]
+pub enum BrokerError {
+    #[error("embedded broker: invalid option {option}: {reason}")]
+    InvalidOption {
+        option: &'static str,
+        reason: String,
+    },
+    #[error("embedded broker: cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("embedded broker TLS listener: {0}")]
+    Tls(#[from] IdentityError),
+}
+
+/// A running embedded broker; dropping it stops it.
+pub struct EmbeddedBroker {
+    listen_addr: SocketAddr,
+    gateway_addr: SocketAddr,
+    tls: bool,
+    router: Arc<Router>,
+    shutdown: watch::Sender<bool>,
+    listeners: Vec<JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for EmbeddedBroker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EmbeddedBroker")
+            .field("listen_addr", &self.listen_addr)
+            .field("gateway_addr", &self.gateway_addr)
+            .field("tls", &self.tls)
+            .finish()
+    }
+}
+
+impl Drop for EmbeddedBroker {
+    fn drop(&mut self) {
+        let _ = self.shutdown.send(true);
+        for task in &self.listeners {
+            task.abort();
+        }
+    }
+}
+
+impl EmbeddedBroker {
+    /// Binds the listener(s) and starts accepting; devices can connect when this returns.
+    ///
+    /// Must be called inside a tokio runtime: the broker runs on it.
+    pub async fn start(opts: &EmbeddedBrokerOptions) -> Result<Self, BrokerError> {
+        validate(opts)?;
+        let acceptor = match &opts.tls {
+            Some(tls) => {
+                let key_pem =
+                    tls.key_pem
+                        .expose_str()
+                        .ok_or_else(|| BrokerError::InvalidOption {
+                            option: "tls key",
+                            reason: "the private key is not PEM text".to_string(),
+                        })?;
+                let key = PrivateKey::from_pem(key_pem)?;
+                let config = identity::tls::server_config(&tls.cert_chain_pem, &key, None)?;
+                Some(TlsAcceptor::from(config))
+            }
+            None => None,
+        };
+        let router = Arc::new(Router::new(Limits {
+            max_inflight: opts.max_inflight,
+            max_queued_bytes: opts.max_queued_bytes,
+        }));
+        let config = Arc::new(ConnectionConfig {
+            max_packet: opts.max_packet_bytes,
+            connect_timeout: opts.connect_timeout,
+        });
+        let (shutdown, _) = watch::channel(false);
+        let slots = Arc::new(Semaphore::new(opts.max_connections));
+        let listener = bind(opts.listen)?;
+        let listen_addr = local_addr(&listener, opts.listen)?;
+        let tls = acceptor.is_some();
+        let mut listeners = Vec::new();
+        let gateway_addr = if tls {
+            let internal = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 0);
+            let gw = bind(internal)?;
+            let gateway_addr = local_addr(&gw, internal)?;
+            listeners.push(tokio::spawn(accept_loop(
+                gw,
+                None,
+                router.clone(),
+                config.clone(),
+                slots.clone(),
+                shutdown.subscribe(),
+            )));
+            gateway_addr
+        } else {
+            listen_addr
+        };
+        listeners.push(tokio::spawn(accept_loop(
+            listener,
+            acceptor,
+            router.clone(),
+            config,
+            slots,
+            shutdown.subscribe(),
+        )));
+        if tls {
+            tracing::info!(listen = %listen_addr, internal = %gateway_addr, "embedded MQTT broker listening (TLS)");
+        } else {
+            tracing::info!(listen = %listen_addr, "embedded MQTT broker listening");
+        }
+        Ok(Self {
+            listen_addr,
+            gateway_addr,
+            tls,
+            router,
+            shutdown,
+            listeners,
+        })
+    }
+
+    /// Where devices connect (the bound address, port 0 resolved).
+    pub fn listen_addr(&self) -> SocketAddr {
+        self.listen_addr
+    }
+
+    /// Plain-MQTT address for the gateway's own session: `listen_addr` without TLS, a
+    /// loopback port next to the TLS listener otherwise.
+    pub fn gateway_addr(&self) -> SocketAddr {
+        self.gateway_addr
+    }
+
+    /// True when the embedded broker serves TLS on [`listen_addr`](Self::listen_addr).
+    pub fn is_tls(&self) -> bool {
+        self.tls
+    }
+
+    /// Sessions held: connected clients plus kept sessions of absent ones.
+    pub fn sessions(&self) -> usize {
+        self.router.session_count()
+    }
+
+    /// Retained messages held.
+    pub fn retained(&self) -> usize {
+        self.router.retained_count()
+    }
+
+    /// Messages dropped from full session queues since start.
+    pub fn dropped(&self) -> u64 {
+        self.router.dropped()
+    }
+}
+
+fn validate(opts: &EmbeddedBrokerOptions) -> Result<(), BrokerError> {
+    let bad = |option, reason: &str| {
+        Err(BrokerError::InvalidOption {
+            option,
+            reason: reason.to_string(),
+        })
+    };
+    if opts.max_connections == 0 {
+        return bad("max_connections", "must be at least 1");
+    }
+    if opts.max_packet_bytes < 1024 {
+        return bad("max_packet_bytes", "must be at least 1024");
+    }
+    if opts.max_inflight == 0 || opts.max_inflight > usize::from(u16::MAX) {
+        return bad("max_inflight", "must be between 1 and 65535");
+    }
+    if opts.max_queued_bytes < opts.max_packet_bytes {
+        return bad("max_queued_bytes", "must be at least max_packet_bytes");
+    }
+    if opts.connect_timeout.is_zero() {
+        return bad("connect_timeout", "must be above zero");
+    }
+    Ok(())
+}
+
+fn bind(addr: SocketAddr) -> Result<TcpListener, BrokerError> {
+    let err = |source| BrokerError::Bind { addr, source };
+    let socket = match addr {
+        SocketAddr::V4(_) => TcpSocket::new_v4(),
+        SocketAddr::V6(_) => TcpSocket::new_v6(),
+    }
+    .map_err(err)?;
+    socket.set_reuseaddr(true).map_err(err)?;
+    socket.bind(addr).map_err(err)?;
+    socket.listen(ACCEPT_BACKLOG).map_err(err)
+}
+
+fn local_addr(listener: &TcpListener, addr: SocketAddr) -> Result<SocketAddr, BrokerError> {
+    listener
+        .local_addr()
+        .map_err(|source| BrokerError::Bind { addr, source })
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    tls: Option<TlsAcceptor>,
+    router: Arc<Router>,
+    config: Arc<ConnectionConfig>,
+    slots: Arc<Semaphore>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    loop {
+        let accepted = tokio::select! {
+            _ = shutdown.changed() => return,
+            accepted = listener.accept() => accepted,
+        };
+        let (stream, peer) = match accepted {
+            Ok(conn) => conn,
+            Err(e) => {
+                tracing::warn!(error = %e, "embedded broker: accept failed");
+                tokio::time::sleep(ACCEPT_ERROR_PAUSE).await;
+                continue;
+            }
+        };
+        let Ok(permit) = slots.clone().try_acquire_owned() else {
+            tracing::warn!(%peer, "embedded broker: connection limit reached, refusing client");
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        let router = router.clone();
+        let config = config.clone();
+        let shutdown = shutdown.clone();
+        match &tls {
+            None => {
+                tokio::spawn(async move {
+                    let _permit = permit;
+                    connection::serve(stream, peer, router, config, shutdown).await;
+                });
+            }
+            Some(acceptor) => {
+                let acceptor = acceptor.clone();
+                tokio::spawn(async move {
+                    let _permit = permit;
+                    let stream = match timeout(config.connect_timeout, acceptor.accept(stream))
+                        .await
+                    {
+                        Ok(Ok(tls)) => tls,
+                        Ok(Err(e)) => {
+                            tracing::info!(%peer, error = %e, "embedded broker: TLS handshake failed");
+                            return;
+                        }
+                        Err(_) => {
+                            tracing::info!(%peer, "embedded broker: TLS handshake timed out");
+                            return;
+                        }
+                    };
+                    connection::serve(stream, peer, router, config, shutdown).await;
+                });
+            }
+        }
+    }
+}

@@ -1,0 +1,486 @@
+//! Sessions, subscriptions and retained messages of the embedded broker, shared by every
+//! connection task.
+//!
+//! A PUBLISH is routed by the publishing connection's own task: it looks up the subscribers in
+//! the filter trie (one lock, held for the walk), then appends the message to each
+//! subscriber's session queue and wakes that subscriber's connection task, which writes it.
+//! There is no router thread and no per-message channel hop, so routing scales with the cores
+//! of the runtime and costs the same whether 10 or 50,000 devices are subscribed.
+//!
+//! Each session keeps its subscriptions, the QoS 1 messages sent but not yet acknowledged
+//! (`inflight`, at most `max_inflight`) and the messages waiting for room in that window or
+//! for the client to come back (`queue`, at most `max_queued_bytes`; beyond it the oldest are
+//! dropped and counted). A session of a client that asked to keep it (3.1.1 clean session 0,
+//! MQTT 5 session expiry > 0) outlives its connection: queued QoS 1 messages wait for the
+//! client, unacknowledged ones are sent again with DUP set. Sessions live in memory: a
+//! restart of the daemon ends them (the gateway's own session then re-subscribes, and devices
+//! re-send unacknowledged messages, as MQTT clients do).
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use bytes::Bytes;
+use tokio::sync::Notify;
+
+use super::trie::{FilterTrie, RetainedTrie};
+use crate::mqtt::wire::{SubscriptionRequest, Will};
+
+/// A message on its way to subscribers.
+#[derive(Clone, Debug)]
+pub struct Message {
+    /// Topic name.
+    pub topic: Arc<str>,
+    /// Payload.
+    pub payload: Bytes,
+    /// QoS the publisher used (2 is delivered as 1).
+    pub qos: u8,
+    /// Retain flag as published.
+    pub retain: bool,
+}
+
+impl Message {
+    fn cost(&self) -> usize {
+        self.topic.len() + self.payload.len() + 64
+    }
+}
+
+/// A message queued for one subscriber.
+#[derive(Clone, Debug)]
+pub struct Delivery {
+    /// The message.
+    pub message: Message,
+    /// QoS it is delivered with (min of published and granted).
+    pub qos: u8,
+    /// Retain flag to send.
+    pub retain: bool,
+    /// Sent before and not acknowledged.
+    pub dup: bool,
+}
+
+/// Options of one subscription.
+#[derive(Clone, Copy, Debug)]
+pub struct SubOptions {
+    qos: u8,
+    no_local: bool,
+    retain_as_published: bool,
+}
+
+/// Per-session limits.
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    /// QoS 1 messages sent to a client and not yet acknowledged.
+    pub max_inflight: usize,
+    /// Bytes queued for one session (connected or not) before the oldest are dropped.
+    pub max_queued_bytes: usize,
+}
+
+/// One client's session.
+#[derive(Debug)]
+pub struct Session {
+    client_id: Arc<str>,
+    state: Mutex<SessionState>,
+    /// Wakes the connection task: messages queued, or taken over.
+    wake: Notify,
+}
+
+#[derive(Debug, Default)]
+struct SessionState {
+    /// Connection currently attached (its number), if any.
+    attached: Option<u64>,
+    keep: bool,
+    subscriptions: HashMap<String, SubOptions>,
+    inflight: VecDeque<(u16, Delivery)>,
+    queue: VecDeque<Delivery>,
+    queued_bytes: usize,
+    next_pkid: u16,
+    dropped: u64,
+}
+
+impl Session {
+    fn lock(&self) -> MutexGuard<'_, SessionState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The client id.
+    pub fn client_id(&self) -> &str {
+        &self.client_id
+    }
+
+    /// Resolves when messages were queued for this session or it was taken over.
+    pub async fn woken(&self) {
+        self.wake.notified().await;
+    }
+
+    /// For connection `number`: moves queued messages into the in-flight window and returns
+    /// what to write now, with packet ids assigned. False when the session was taken over.
+    pub fn take_sendable(
+        &self,
+        number: u64,
+        limits: &Limits,
+        out: &mut Vec<(u16, Delivery)>,
+    ) -> bool {
+        let mut st = self.lock();
+        if st.attached != Some(number) {
+            return false;
+        }
+        while let Some(front) = st.queue.front() {
+            if front.qos > 0 && st.inflight.len() >= limits.max_inflight {
+                break;
+            }
+            let Some(d) = st.queue.pop_front() else {
+                break;
+            };
+            st.queued_bytes = st.queued_bytes.saturating_sub(d.message.cost());
+            if d.qos == 0 {
+                out.push((0, d));
+                continue;
+            }
+            let pkid = st.next_packet_id();
+            st.inflight.push_back((pkid, d.clone()));
+            out.push((pkid, d));
+        }
+        true
+    }
+
+    /// A PUBACK: frees the window slot of `pkid`. False if no such message was in flight.
+    pub fn acknowledge(&self, pkid: u16) -> bool {
+        let mut st = self.lock();
+        match st.inflight.iter().position(|(p, _)| *p == pkid) {
+            Some(i) => {
+                st.inflight.remove(i);
+                true
+            }
+            None => false,
+        }
+    }
+}
+
+impl SessionState {
+    fn next_packet_id(&mut self) -> u16 {
+        // Skip ids still in flight (only possible after 65,535 sends with one stuck message).
+        loop {
+            self.next_pkid = self.next_pkid.wrapping_add(1);
+            if self.next_pkid == 0 {
+                continue;
+            }
+            if !self.inflight.iter().any(|(p, _)| *p == self.next_pkid) {
+                return self.next_pkid;
+            }
+        }
+    }
+
+    fn push(&mut self, d: Delivery, limits: &Limits) {
+        self.queued_bytes += d.message.cost();
+        self.queue.push_back(d);
+        while self.queued_bytes > limits.max_queued_bytes && self.queue.len() > 1 {
+            if let Some(old) = self.queue.pop_front() {
+                self.queued_bytes = self.queued_bytes.saturating_sub(old.message.cost());
+                self.dropped += 1;
+            }
+        }
+    }
+}
+
+/// What [`Router::connect`] decided.
+pub struct Attached {
+    /// The session, new or resumed.
+    pub session: Arc<Session>,
+    /// True if a stored session was resumed (CONNACK session present).
+    pub resumed: bool,
+}
+
+#[derive(Default)]
+struct Tables {
+    sessions: HashMap<Arc<str>, Arc<Session>>,
+    filters: FilterTrie<Arc<str>, (Arc<Session>, SubOptions)>,
+    retained: RetainedTrie<Message>,
+}
+
+/// The broker's shared state.
+pub struct Router {
+    tables: Mutex<Tables>,
+    limits: Limits,
+    next_connection: AtomicU64,
+    /// Messages dropped from full session queues, all sessions.
+    dropped: AtomicU64,
+}
+
+impl Router {
+    /// An empty router.
+    pub fn new(limits: Limits) -> Self {
+        Self {
+            tables: Mutex::new(Tables::default()),
+            limits,
+            next_connection: AtomicU64::new(1),
+            dropped: AtomicU64::new(0),
+        }
+    }
+
+    fn tables(&self) -> MutexGuard<'_, Tables> {
+        self.tables.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The per-session limits.
+    pub fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
+    /// A number for a new connection.
+    pub fn connection_number(&self) -> u64 {
+        self.next_connection.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Sessions held (connected or kept for an absent client).
+    pub fn session_count(&self) -> usize {
+        self.tables().sessions.len()
+    }
+
+    /// Messages dropped from full session queues since start.
+    pub fn dropped(&self) -> u64 {
+        self.dropped.load(Ordering::Relaxed)
+    }
+
+    /// Attaches connection `number` to `client_id`'s session, taking it over from another
+    /// connection if one holds it. `clean` discards a stored session; `keep` keeps this one
+    /// after the connection ends.
+    pub fn connect(&self, client_id: &str, number: u64, clean: bool, keep: bool) -> Attached {
+        let mut t = self.tables();
+        if let Some(existing) = t.sessions.get(client_id).cloned() {
+            let previous = {
+                let mut st = existing.lock();
+                st.attached.replace(number)
+            };
+            if previous.is_some() {
+                // The connection holding it sees it is no longer attached and closes.
+                existing.wake.notify_one();
+            }
+            if !clean {
+                let mut st = existing.lock();
+                st.keep = keep;
+                // Unacknowledged messages go first, marked as redeliveries.
+                let inflight: Vec<(u16, Delivery)> = st.inflight.drain(..).collect();
+                for (_, mut d) in inflight.into_iter().rev() {
+                    d.dup = true;
+                    st.queued_bytes += d.message.cost();
+                    st.queue.push_front(d);
+                }
+                drop(st);
+                existing.wake.notify_one();
+                return Attached {
+                    session: existing,
+                    resumed: true,
+                };
+            }
+            remove_session(&mut t, &existing);
+        }
+        let session = Arc::new(Session {
+            client_id: Arc::from(client_id),
+            state: Mutex::new(SessionState {
+                attached: Some(number),
+                keep,
+                ..SessionState::default()
+            }),
+            wake: Notify::new(),
+        });
+        t.sessions
+            .insert(session.client_id.clone(), session.clone());
+        Attached {
+            session,
+            resumed: false,
+        }
+    }
+
+    /// Connection `number` ended: the session is dropped unless the client asked to keep it
+    /// (or another connection took it over). A will is published when `will` is given.
+    pub fn disconnect(&self, session: &Arc<Session>, number: u64, will: Option<Will>) {
+        let still_ours = {
+            let mut st = session.lock();
+            if st.attached == Some(number) {
+                st.attached = None;
+                Some(st.keep)
+            } else {
+                None
+            }
+        };
+        if let Some(keep) = still_ours {
+            if !keep {
+                let mut t = self.tables();
+                // Only if nobody attached in between.
+                if session.lock().attached.is_none() {
+                    remove_session(&mut t, session);
+                }
+            }
+        }
+        if let Some(w) = will {
+            self.publish(
+                &session.client_id,
+                Message {
+                    topic: Arc::from(w.topic.as_str()),
+                    payload: w.payload,
+                    qos: w.qos.min(1),
+                    retain: w.retain,
+                },
+            );
+        }
+    }
+
+    /// Routes `message` from client `from` to every matching subscriber; returns how many
+    /// sessions it was queued for.
+    pub fn publish(&self, from: &str, message: Message) -> usize {
+        let mut targets: Vec<(Arc<Session>, SubOptions)> = Vec::new();
+        {
+            let mut t = self.tables();
+            if message.retain {
+                if message.payload.is_empty() {
+                    t.retained.clear(&message.topic);
+                } else {
+                    t.retained.set(&message.topic, message.clone());
+                }
+            }
+            t.filters
+                .for_each_match(&message.topic, |_, (session, opts)| {
+                    if opts.no_local && &*session.client_id == from {
+                        return;
+                    }
+                    // Overlapping filters of one client: one copy, at the highest granted QoS.
+                    match targets.iter_mut().find(|(s, _)| Arc::ptr_eq(s, session)) {
+                        Some((_, o)) => {
+                            o.qos = o.qos.max(opts.qos);
+                            o.retain_as_published |= opts.retain_as_published;
+                        }
+                        None => targets.push((session.clone(), *opts)),
+                    }
+                });
+        }
+        let count = targets.len();
+        for (session, opts) in targets {
+            let qos = message.qos.min(opts.qos).min(1);
+            let delivery = Delivery {
+                retain: message.retain && opts.retain_as_published,
+                message: message.clone(),
+                qos,
+                dup: false,
+            };
+            let mut st = session.lock();
+            if qos == 0 && st.attached.is_none() {
+                continue;
+            }
+            let before = st.dropped;
+            st.push(delivery, &self.limits);
+            let dropped = st.dropped - before;
+            drop(st);
+            if dropped > 0 {
+                self.note_dropped(&session, dropped);
+            }
+            session.wake.notify_one();
+        }
+        count
+    }
+
+    fn note_dropped(&self, session: &Session, n: u64) {
+        let total = self.dropped.fetch_add(n, Ordering::Relaxed) + n;
+        // One line per power of two keeps a persistent overflow visible without flooding.
+        if total.is_power_of_two() {
+            tracing::warn!(
+                client = %session.client_id,
+                dropped_total = total,
+                "embedded broker: a subscriber's queue is full, oldest messages dropped"
+            );
+        }
+    }
+
+    /// Adds `session`'s subscriptions; returns the granted QoS per filter (`None` = invalid
+    /// filter) and queues the retained messages they match.
+    pub fn subscribe(
+        &self,
+        session: &Arc<Session>,
+        requests: &[SubscriptionRequest],
+    ) -> Vec<Option<u8>> {
+        let mut granted = Vec::with_capacity(requests.len());
+        let mut retained = Vec::new();
+        {
+            let mut t = self.tables();
+            for r in requests {
+                if !crate::mqtt::wire::valid_filter(&r.filter) || r.filter.starts_with("$share/") {
+                    granted.push(None);
+                    continue;
+                }
+                let opts = SubOptions {
+                    qos: r.qos.min(1),
+                    no_local: r.no_local,
+                    retain_as_published: r.retain_as_published,
+                };
+                let is_new = t.filters.insert(
+                    &r.filter,
+                    session.client_id.clone(),
+                    (session.clone(), opts),
+                );
+                session.lock().subscriptions.insert(r.filter.clone(), opts);
+                granted.push(Some(opts.qos));
+                let send_retained = match r.retain_handling {
+                    0 => true,
+                    1 => is_new,
+                    _ => false,
+                };
+                if send_retained {
+                    for m in t.retained.matching(&r.filter) {
+                        retained.push((m, opts.qos));
+                    }
+                }
+            }
+        }
+        if !retained.is_empty() {
+            let mut st = session.lock();
+            for (message, qos) in retained {
+                let qos = message.qos.min(qos);
+                st.push(
+                    Delivery {
+                        message,
+                        qos,
+                        retain: true,
+                        dup: false,
+                    },
+                    &self.limits,
+                );
+            }
+            drop(st);
+            session.wake.notify_one();
+        }
+        granted
+    }
+
+    /// Removes `session`'s subscriptions to `filters`.
+    pub fn unsubscribe(&self, session: &Arc<Session>, filters: &[String]) {
+        let mut t = self.tables();
+        let mut st = session.lock();
+        for f in filters {
+            if st.subscriptions.remove(f).is_some() {
+                t.filters.remove(f, &session.client_id);
+            }
+        }
+    }
+
+    /// Retained messages held.
+    pub fn retained_count(&self) -> usize {
+        self.tables().retained.len()
+    }
+}
+
+fn remove_session(t: &mut Tables, session: &Arc<Session>) {
+    let filters: Vec<String> = session
+        .lock()
+        .subscriptions
+        .drain()
+        .map(|(f, _)| f)
+        .collect();
+    for f in filters {
+        t.filters.remove(&f, &session.client_id);
+    }
+    if t.sessions
+        .get(&session.client_id)
+        .is_some_and(|s| Arc::ptr_eq(s, session))
+    {
+        t.sessions.remove(&session.client_id);
+    }
+}
