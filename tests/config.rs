@@ -485,8 +485,9 @@ fn run_daemon(config: &Path, sets: &[&str]) -> Output {
     cmd.env_remove("RUST_LOG").output().expect("run fleetgw")
 }
 
-/// A config whose cloud credentials are real (so the daemon gets as far as telemetry) with the
-/// gateway identity from `cert`/`key` files written by the caller.
+/// Writes into `dir` a config whose cloud credentials are real (so the daemon gets as far as
+/// telemetry) with `identity = "gateway"`: `gateway.pem`, its key `gateway.key` encrypted with
+/// the passphrase in `gateway.pass`, and `other.key` (another certificate's key).
 fn gateway_identity_config(dir: &Path) -> PathBuf {
     use fleetgw::identity::{CertificateAuthority, KeyType};
     let ca = CertificateAuthority::generate("test cloud CA").unwrap();
@@ -516,13 +517,11 @@ fn gateway_identity_config(dir: &Path) -> PathBuf {
     write(
         dir,
         "gateway.toml",
-        &format!(
-            "[gateway]\nstate_dir = \"state\"\n[admin]\nsocket = \"admin.sock\"\n\
-             [downstream]\nlisten = \"127.0.0.1:0\"\n\
-             [cloud.aws]\nendpoint = \"127.0.0.1:1\"\n\
-             [telemetry]\nidentity = \"gateway\"\ngateway_cert = \"gateway.pem\"\n\
-             gateway_key = \"gateway.key\"\ngateway_key_passphrase_file = \"gateway.pass\"\n"
-        ),
+        "[gateway]\nstate_dir = \"state\"\n[admin]\nsocket = \"admin.sock\"\n\
+         [downstream]\nlisten = \"127.0.0.1:0\"\n\
+         [cloud.aws]\nendpoint = \"127.0.0.1:1\"\n\
+         [telemetry]\nidentity = \"gateway\"\ngateway_cert = \"gateway.pem\"\n\
+         gateway_key = \"gateway.key\"\ngateway_key_passphrase_file = \"gateway.pass\"\n",
     )
 }
 
