@@ -1709,6 +1709,25 @@ mod tests {
     }
 
     #[test]
+    fn gateway_client_id_defaults_to_the_gateway_id() {
+        let c = load_text("[gateway]\nid = \"plant-7\"\n", &[]).unwrap();
+        assert_eq!(c.gateway_upstream_client_id(), "plant-7");
+        let c = load_text(
+            "[gateway]\nid = \"plant-7\"\n[telemetry]\ngateway_client_id = \"gw-thing\"\n",
+            &[],
+        )
+        .unwrap();
+        assert_eq!(c.gateway_upstream_client_id(), "gw-thing");
+        let e = load_text("[telemetry]\nidentity = \"gateway\"\n", &[]).unwrap_err();
+        assert_eq!(e.key(), Some("telemetry.identity"));
+        assert!(
+            e.to_string()
+                .contains("needs telemetry.gateway_cert and telemetry.gateway_key"),
+            "{e}"
+        );
+    }
+
+    #[test]
     fn missing_main_file_is_named() {
         let e = load(Path::new("/nonexistent/fleetgw/gateway.toml"), &[]).unwrap_err();
         assert!(

@@ -588,3 +588,21 @@ fn gateway_key_must_decrypt_and_match_its_certificate() {
     // Nothing was opened: the store directory was never created.
     assert!(!tmp.path().join("state").exists());
 }
+
+/// A gateway certificate file without a certificate in it is named with the key.
+#[test]
+fn gateway_cert_that_is_not_a_certificate_is_named() {
+    let tmp = tempfile::tempdir().unwrap();
+    let config = gateway_identity_config(tmp.path());
+    let not_cert = write(tmp.path(), "not-a-cert.pem", "hello\n");
+    let out = run_daemon(
+        &config,
+        &[&format!("telemetry.gateway_cert={}", not_cert.display())],
+    );
+    assert_eq!(out.status.code(), Some(EX_CONFIG), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains(&format!("telemetry.gateway_cert: {}: ", not_cert.display())),
+        "{}",
+        stderr(&out)
+    );
+}

@@ -2,8 +2,8 @@
 //!
 //! Everything a client needs is written to `DIR` once the listeners are bound
 //! (`emulator.json`, `ca.pem`, `claim.pem`, `claim.key`, `gateway.pem`, `gateway.key`,
-//! `gateway.toml`), so scripts can start
-//! it with `--mqtt 127.0.0.1:0` and read the chosen port from `DIR/emulator.json`.
+//! `gateway.toml`), so scripts can start it with `--mqtt 127.0.0.1:0` and read the chosen port
+//! from `DIR/emulator.json`.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;

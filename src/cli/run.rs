@@ -385,10 +385,11 @@ fn gateway_credentials(cfg: &Config) -> Result<GatewayCredentials, RunError> {
         });
     };
     let cert_pem = read_text(cert_path)?;
-    identity::parse_certificates(&cert_pem).map_err(|source| RunError::Identity {
+    let bad_cert = |e: identity::IdentityError| RunError::Config {
         key: "telemetry.gateway_cert",
-        source,
-    })?;
+        reason: format!("{}: {e}", cert_path.display()),
+    };
+    identity::parse_certificates(&cert_pem).map_err(bad_cert)?;
     let passphrase = identity::read_passphrase(
         t.gateway_key_passphrase_file.as_deref(),
         t.gateway_key_passphrase_credential.as_deref(),
@@ -407,12 +408,7 @@ fn gateway_credentials(cfg: &Config) -> Result<GatewayCredentials, RunError> {
             source,
         }
     })?;
-    let matches =
-        identity::cert_matches_key(&cert_pem, &key).map_err(|source| RunError::Identity {
-            key: "telemetry.gateway_cert",
-            source,
-        })?;
-    if !matches {
+    if !identity::cert_matches_key(&cert_pem, &key).map_err(bad_cert)? {
         return Err(RunError::Config {
             key: "telemetry.gateway_key",
             reason: format!(
