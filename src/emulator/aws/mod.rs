@@ -19,9 +19,10 @@
 //! `provisioning` (the three APIs, tokens, rate limits), `templates`, `state` (registry),
 //! `messages` (device message log and counters), `faults`, `api` (HTTP).
 //!
-//! Like IoT Core's default for a new account with an allow-all policy, the emulator does not
-//! evaluate IoT policies on device topics: any ACTIVE certificate connected as its thing may
-//! publish and subscribe to any non-reserved topic (only the claim certificate is confined).
+//! A simplification: unlike IoT Core, the emulator does not evaluate IoT policies on device
+//! topics. Any ACTIVE certificate connected as its thing may publish and subscribe to any
+//! non-reserved topic (only the claim certificate is confined), so a gateway certificate may
+//! publish `dt/{thingName}/telemetry` for every device.
 
 mod api;
 mod faults;
