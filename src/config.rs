@@ -513,6 +513,23 @@ pub struct TelemetrySection {
     pub idle_secs: u64,
     /// Unacknowledged upstream publishes per connection.
     pub inflight: u32,
+    /// `identity = "gateway"`: the gateway's own upstream certificate chain (PEM).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gateway_cert: Option<PathBuf>,
+    /// `identity = "gateway"`: the gateway's upstream private key (any format `identity`
+    /// imports).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gateway_key: Option<PathBuf>,
+    /// File holding the passphrase of an encrypted `gateway_key`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gateway_key_passphrase_file: Option<PathBuf>,
+    /// systemd credential name holding the passphrase of an encrypted `gateway_key`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gateway_key_passphrase_credential: Option<String>,
+    /// MQTT client id of the gateway's upstream connection (its thing name); unset means
+    /// `gateway.id`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gateway_client_id: Option<String>,
 }
 
 impl Default for TelemetrySection {
@@ -527,7 +544,23 @@ impl Default for TelemetrySection {
             max_upstream_connections: 1000,
             idle_secs: 300,
             inflight: 10,
+            gateway_cert: None,
+            gateway_key: None,
+            gateway_key_passphrase_file: None,
+            gateway_key_passphrase_credential: None,
+            gateway_client_id: None,
         }
+    }
+}
+
+impl Config {
+    /// The MQTT client id of the gateway's own upstream connection (`identity = "gateway"`):
+    /// `telemetry.gateway_client_id`, or `gateway.id` when unset.
+    pub fn gateway_upstream_client_id(&self) -> &str {
+        self.telemetry
+            .gateway_client_id
+            .as_deref()
+            .unwrap_or(&self.gateway.id)
     }
 }
 
@@ -660,6 +693,9 @@ impl Config {
         fix(&mut self.cloud.aws.claim_cert);
         fix(&mut self.cloud.aws.claim_key);
         fix_opt(&mut self.cloud.aws.claim_key_passphrase_file);
+        fix_opt(&mut self.telemetry.gateway_cert);
+        fix_opt(&mut self.telemetry.gateway_key);
+        fix_opt(&mut self.telemetry.gateway_key_passphrase_file);
     }
 }
 
@@ -1359,7 +1395,42 @@ impl Config {
                     t.inflight
                 )
             },
-        )
+        )?;
+        self.validate_gateway_identity()
+    }
+
+    fn validate_gateway_identity(&self) -> Result<(), Violation> {
+        let t = &self.telemetry;
+        not_both(
+            &t.gateway_key_passphrase_file,
+            &t.gateway_key_passphrase_credential,
+            "telemetry.gateway_key_passphrase_file",
+            "telemetry.gateway_key_passphrase_credential",
+        )?;
+        if let Some(id) = &t.gateway_client_id {
+            // AWS IoT: 1-128 bytes; a wildcard or '/' could never match a thing name.
+            check(
+                (1..=128).contains(&id.len()) && !has_wildcard(id) && !id.contains('/'),
+                "telemetry.gateway_client_id",
+                || format!("{id:?} is not an MQTT client id (1-128 bytes, no '+', '#' or '/')"),
+            )?;
+        }
+        if t.identity == TelemetryIdentity::Gateway {
+            let missing: Vec<&str> = [
+                ("telemetry.gateway_cert", t.gateway_cert.is_none()),
+                ("telemetry.gateway_key", t.gateway_key.is_none()),
+            ]
+            .into_iter()
+            .filter_map(|(key, missing)| missing.then_some(key))
+            .collect();
+            check(missing.is_empty(), "telemetry.identity", || {
+                format!(
+                    "\"gateway\" needs {} (the gateway's own certificate chain and key for its upstream connection)",
+                    missing.join(" and ")
+                )
+            })?;
+        }
+        Ok(())
     }
 }
 
@@ -1635,6 +1706,25 @@ mod tests {
         assert_eq!(again.cloud.aws.sessions, 9);
         assert_eq!(again.downstream.url.as_deref(), Some("mqtt://h:1"));
         assert_eq!(again.gateway.state_dir, c.gateway.state_dir);
+    }
+
+    #[test]
+    fn gateway_client_id_defaults_to_the_gateway_id() {
+        let c = load_text("[gateway]\nid = \"plant-7\"\n", &[]).unwrap();
+        assert_eq!(c.gateway_upstream_client_id(), "plant-7");
+        let c = load_text(
+            "[gateway]\nid = \"plant-7\"\n[telemetry]\ngateway_client_id = \"gw-thing\"\n",
+            &[],
+        )
+        .unwrap();
+        assert_eq!(c.gateway_upstream_client_id(), "gw-thing");
+        let e = load_text("[telemetry]\nidentity = \"gateway\"\n", &[]).unwrap_err();
+        assert_eq!(e.key(), Some("telemetry.identity"));
+        assert!(
+            e.to_string()
+                .contains("needs telemetry.gateway_cert and telemetry.gateway_key"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -373,3 +373,236 @@ fn secrets_are_redacted_in_the_output() {
         stderr(&out)
     );
 }
+
+/// `identity = "gateway"` without the gateway's own certificate or key is refused by
+/// check-config and by the daemon alike, naming the file that chose the mode and what is
+/// missing.
+#[test]
+fn gateway_identity_without_its_certificate_exits_78_naming_key_and_file() {
+    let tmp = tempfile::tempdir().unwrap();
+    let path = write(
+        tmp.path(),
+        "gateway.toml",
+        "[telemetry]\nidentity = \"gateway\"\ngateway_key = \"gw.key\"\n",
+    );
+    let out = check_config(&path, &[]);
+    assert_eq!(out.status.code(), Some(EX_CONFIG));
+    assert_eq!(
+        stderr(&out),
+        format!(
+            "{}: telemetry.identity: \"gateway\" needs telemetry.gateway_cert (the gateway's own \
+             certificate chain and key for its upstream connection)\n",
+            path.display()
+        )
+    );
+
+    // Chosen in a drop-in with neither key: the drop-in is named, and both keys.
+    let main = write(tmp.path(), "gateway.toml", "");
+    let drop_in = write(
+        tmp.path(),
+        "config.d/50-gw.toml",
+        "[telemetry]\nidentity = \"gateway\"\n",
+    );
+    let out = check_config(&main, &[]);
+    assert_eq!(out.status.code(), Some(EX_CONFIG));
+    assert!(
+        stderr(&out).starts_with(&format!(
+            "{}: telemetry.identity: \"gateway\" needs telemetry.gateway_cert and telemetry.gateway_key",
+            drop_in.display()
+        )),
+        "{}",
+        stderr(&out)
+    );
+    std::fs::remove_file(&drop_in).unwrap();
+
+    // The same through --set, and `fleetgw run` exits 78 with the same line.
+    let out = check_config(&main, &["telemetry.identity=gateway"]);
+    assert_eq!(out.status.code(), Some(EX_CONFIG));
+    assert!(
+        stderr(&out).starts_with("--set telemetry.identity: \"gateway\" needs telemetry.gateway_cert and telemetry.gateway_key"),
+        "{}",
+        stderr(&out)
+    );
+    let run = run_daemon(&main, &["telemetry.identity=gateway"]);
+    assert_eq!(run.status.code(), Some(EX_CONFIG), "{}", stderr(&run));
+    assert!(
+        stderr(&run).contains("--set telemetry.identity: \"gateway\" needs telemetry.gateway_cert"),
+        "{}",
+        stderr(&run)
+    );
+}
+
+#[test]
+fn gateway_identity_keys_resolve_relative_paths_and_validate() {
+    let tmp = tempfile::tempdir().unwrap();
+    let main = write(
+        tmp.path(),
+        "gateway.toml",
+        "[telemetry]\nidentity = \"gateway\"\ngateway_cert = \"gw/gateway.pem\"\n\
+         gateway_key = \"gw/gateway.key\"\ngateway_key_passphrase_file = \"gw/pass\"\n",
+    );
+    let eff = effective(&check_config(&main, &[]));
+    assert_eq!(get(&eff, "telemetry.identity").as_str(), Some("gateway"));
+    for (key, file) in [
+        ("telemetry.gateway_cert", "gw/gateway.pem"),
+        ("telemetry.gateway_key", "gw/gateway.key"),
+        ("telemetry.gateway_key_passphrase_file", "gw/pass"),
+    ] {
+        assert_eq!(
+            PathBuf::from(get(&eff, key).as_str().unwrap()),
+            tmp.path().join(file),
+            "{key}"
+        );
+    }
+
+    let out = check_config(
+        &main,
+        &["telemetry.gateway_key_passphrase_credential=gw-pass"],
+    );
+    assert_eq!(out.status.code(), Some(EX_CONFIG));
+    assert!(
+        stderr(&out).ends_with(
+            "telemetry.gateway_key_passphrase_file: set either telemetry.gateway_key_passphrase_file or telemetry.gateway_key_passphrase_credential, not both\n"
+        ),
+        "{}",
+        stderr(&out)
+    );
+    let out = check_config(&main, &["telemetry.gateway_client_id=gw/+"]);
+    assert_eq!(out.status.code(), Some(EX_CONFIG));
+    assert_eq!(
+        stderr(&out),
+        "--set telemetry.gateway_client_id: \"gw/+\" is not an MQTT client id (1-128 bytes, no '+', '#' or '/')\n"
+    );
+}
+
+/// `fleetgw run ARGS` with the config and overrides; returns once it exits.
+fn run_daemon(config: &Path, sets: &[&str]) -> Output {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_fleetgw"));
+    cmd.arg("run").arg("--config").arg(config);
+    for s in sets {
+        cmd.arg("--set").arg(s);
+    }
+    cmd.env_remove("RUST_LOG").output().expect("run fleetgw")
+}
+
+/// Writes into `dir` a config whose cloud credentials are real (so the daemon gets as far as
+/// telemetry) with `identity = "gateway"`: `gateway.pem`, its key `gateway.key` encrypted with
+/// the passphrase in `gateway.pass`, and `other.key` (another certificate's key).
+fn gateway_identity_config(dir: &Path) -> PathBuf {
+    use fleetgw::identity::{CertificateAuthority, KeyType};
+    let ca = CertificateAuthority::generate("test cloud CA").unwrap();
+    let (claim, claim_key) = ca.issue_client("claim", KeyType::EcdsaP256, 30).unwrap();
+    write(dir, "ca.pem", ca.cert_pem());
+    write(dir, "claim.pem", &claim);
+    write(
+        dir,
+        "claim.key",
+        claim_key.to_pkcs8_pem().expose_str().unwrap(),
+    );
+    let (gw, gw_key) = ca.issue_client("gw-01", KeyType::EcdsaP256, 30).unwrap();
+    write(dir, "gateway.pem", &gw);
+    // Encrypted, as an operator may keep it: openssl's PKCS#8 with AES-256.
+    let pkey = openssl::pkey::PKey::private_key_from_pem(gw_key.to_pkcs8_pem().expose()).unwrap();
+    let encrypted = pkey
+        .private_key_to_pem_pkcs8_passphrase(openssl::symm::Cipher::aes_256_cbc(), b"gw-secret")
+        .unwrap();
+    std::fs::write(dir.join("gateway.key"), encrypted).unwrap();
+    write(dir, "gateway.pass", "gw-secret\n");
+    let (_, other_key) = ca.issue_client("other", KeyType::EcdsaP256, 30).unwrap();
+    write(
+        dir,
+        "other.key",
+        other_key.to_pkcs8_pem().expose_str().unwrap(),
+    );
+    write(
+        dir,
+        "gateway.toml",
+        "[gateway]\nstate_dir = \"state\"\n[admin]\nsocket = \"admin.sock\"\n\
+         [downstream]\nlisten = \"127.0.0.1:0\"\n\
+         [cloud.aws]\nendpoint = \"127.0.0.1:1\"\n\
+         [telemetry]\nidentity = \"gateway\"\ngateway_cert = \"gateway.pem\"\n\
+         gateway_key = \"gateway.key\"\ngateway_key_passphrase_file = \"gateway.pass\"\n",
+    )
+}
+
+/// The daemon imports the gateway key with its passphrase and checks it against the
+/// certificate before it opens anything: a wrong passphrase or a key of another certificate
+/// is a config error (78) naming the key and the files.
+#[test]
+fn gateway_key_must_decrypt_and_match_its_certificate() {
+    let tmp = tempfile::tempdir().unwrap();
+    let config = gateway_identity_config(tmp.path());
+
+    write(tmp.path(), "wrong.pass", "not-it\n");
+    let wrong = format!(
+        "telemetry.gateway_key_passphrase_file={}",
+        tmp.path().join("wrong.pass").display()
+    );
+    let out = run_daemon(&config, &[&wrong]);
+    assert_eq!(out.status.code(), Some(EX_CONFIG), "{}", stderr(&out));
+    let err = stderr(&out);
+    assert!(
+        err.contains("telemetry.gateway_key: ") && err.contains("gateway.key"),
+        "{err}"
+    );
+
+    // The right passphrase decrypts it, but the certificate is another key's.
+    let other = format!(
+        "telemetry.gateway_cert={}",
+        write(tmp.path(), "other.pem", &{
+            use fleetgw::identity::{CertificateAuthority, KeyType};
+            CertificateAuthority::generate("x")
+                .unwrap()
+                .issue_client("gw-01", KeyType::EcdsaP256, 30)
+                .unwrap()
+                .0
+        })
+        .display()
+    );
+    let out = run_daemon(&config, &[&other]);
+    assert_eq!(out.status.code(), Some(EX_CONFIG), "{}", stderr(&out));
+    let err = stderr(&out);
+    assert!(
+        err.contains(&format!(
+            "telemetry.gateway_key: {} does not belong to the certificate in {} (telemetry.gateway_cert)",
+            tmp.path().join("gateway.key").display(),
+            tmp.path().join("other.pem").display()
+        )),
+        "{err}"
+    );
+
+    // An unencrypted key of another certificate: the same check.
+    let out = run_daemon(
+        &config,
+        &[&format!(
+            "telemetry.gateway_key={}",
+            tmp.path().join("other.key").display()
+        )],
+    );
+    assert_eq!(out.status.code(), Some(EX_CONFIG), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("other.key does not belong to the certificate in"),
+        "{}",
+        stderr(&out)
+    );
+    // Nothing was opened: the store directory was never created.
+    assert!(!tmp.path().join("state").exists());
+}
+
+/// A gateway certificate file without a certificate in it is named with the key.
+#[test]
+fn gateway_cert_that_is_not_a_certificate_is_named() {
+    let tmp = tempfile::tempdir().unwrap();
+    let config = gateway_identity_config(tmp.path());
+    let not_cert = write(tmp.path(), "not-a-cert.pem", "hello\n");
+    let out = run_daemon(
+        &config,
+        &[&format!("telemetry.gateway_cert={}", not_cert.display())],
+    );
+    assert_eq!(out.status.code(), Some(EX_CONFIG), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains(&format!("telemetry.gateway_cert: {}: ", not_cert.display())),
+        "{}",
+        stderr(&out)
+    );
+}

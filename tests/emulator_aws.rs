@@ -753,6 +753,86 @@ async fn only_active_certificates_connect_and_only_as_their_thing() {
     emu.shutdown().await;
 }
 
+/// The ready-made gateway certificate (`DIR/gateway.pem`) connects as its thing only, may
+/// publish any device's telemetry topic (no IoT policies on device topics) and receives what
+/// the cloud side publishes with `POST /topics/{topic}` on the filters it subscribed to.
+#[tokio::test]
+async fn gateway_certificate_connects_as_its_thing_and_receives_cloud_side_publishes() {
+    let dir = tempfile::tempdir().unwrap();
+    let emu = emulator(dir.path(), |_| {}).await;
+    let cert = std::fs::read_to_string(emu.gateway_cert_path()).unwrap();
+    let key = PrivateKey::import_file(&emu.gateway_key_path(), None).unwrap();
+    let tls = device_tls(&emu, &cert, &key);
+    let err = Client::connect(emu.mqtt_addr(), "sensor-1", tls.clone())
+        .await
+        .err()
+        .unwrap();
+    assert!(err.contains("NotAuthorized"), "{err}");
+    let mut gw = Client::connect(emu.mqtt_addr(), emu.gateway_thing(), tls)
+        .await
+        .unwrap();
+
+    assert_eq!(
+        gw.subscribe("cmd/thing-a/#").await,
+        [rumqttc::SubscribeReasonCode::Success(QoS::AtLeastOnce)]
+    );
+    let (status, body) = http(
+        emu.api_addr(),
+        "POST",
+        "/topics/cmd/thing-b/x?qos=1",
+        Some("b"),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    // Percent-encoded slashes, as the AWS SDKs send the topic.
+    let (status, body) = http(
+        emu.api_addr(),
+        "POST",
+        "/topics/cmd%2Fthing-a%2Freboot?qos=1",
+        Some("now"),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["topic"], "cmd/thing-a/reboot");
+    let (topic, payload) = gw.next_publish().await;
+    assert_eq!(
+        topic, "cmd/thing-a/reboot",
+        "thing-b's message must not arrive"
+    );
+    assert_eq!(&payload[..], b"now");
+
+    for bad in [
+        "/topics/cmd/+/x",
+        "/topics/%24aws/things/x",
+        "/topics/cmd/a?qos=2",
+    ] {
+        let (status, body) = http(emu.api_addr(), "POST", bad, Some("x")).await;
+        assert_eq!(status, 400, "{bad}: {body}");
+        assert!(
+            body["error"].as_str().unwrap().starts_with("publish: "),
+            "{body}"
+        );
+    }
+
+    gw.publish(
+        "dt/thing-a/telemetry",
+        QoS::AtLeastOnce,
+        b"{\"seq\":0}".to_vec(),
+    )
+    .await;
+    let recorded = eventually("the gateway's message in /messages", || async {
+        let list = get(&emu, "/messages").await;
+        list.as_array().unwrap().first().cloned()
+    })
+    .await;
+    assert_eq!(recorded["clientId"], "gw-01");
+    assert_eq!(recorded["topic"], "dt/thing-a/telemetry");
+    // Known like the claim certificate: not a provisioned thing or certificate.
+    assert_eq!(get(&emu, "/things").await, serde_json::json!([]));
+    assert_eq!(get(&emu, "/certificates").await, serde_json::json!([]));
+    emu.shutdown().await;
+}
+
 #[tokio::test]
 async fn device_qos1_telemetry_is_acknowledged_and_recorded_in_order() {
     let dir = tempfile::tempdir().unwrap();
@@ -1075,8 +1155,17 @@ async fn discovery_files_describe_the_bound_listeners() {
         root.join("claim.key").display().to_string()
     );
     assert_eq!(discovery["templates"], serde_json::json!(["FleetTemplate"]));
+    assert_eq!(
+        discovery["gatewayCert"],
+        root.join("gateway.pem").display().to_string()
+    );
+    assert_eq!(
+        discovery["gatewayKey"],
+        root.join("gateway.key").display().to_string()
+    );
+    assert_eq!(discovery["gatewayThing"], "gw-01");
     use std::os::unix::fs::PermissionsExt;
-    for secret in ["claim.key", "ca.key", "server.key"] {
+    for secret in ["claim.key", "ca.key", "server.key", "gateway.key"] {
         let mode = std::fs::metadata(root.join(secret))
             .unwrap()
             .permissions()
@@ -1138,6 +1227,26 @@ async fn discovery_files_describe_the_bound_listeners() {
         format!("localhost:{}", emu.mqtt_addr().port())
     );
     assert_eq!(loaded.cloud.aws.claim_key, root.join("claim.key"));
+    // The gateway identity is ready but not chosen: `--set telemetry.identity=gateway`.
+    assert_eq!(
+        loaded.telemetry.identity,
+        fleetgw::config::TelemetryIdentity::Device
+    );
+    assert_eq!(
+        loaded.telemetry.gateway_cert.as_deref(),
+        Some(root.join("gateway.pem").as_path())
+    );
+    assert_eq!(
+        loaded.telemetry.gateway_key.as_deref(),
+        Some(root.join("gateway.key").as_path())
+    );
+    assert_eq!(loaded.gateway_upstream_client_id(), emu.gateway_thing());
+    let gw_cert = std::fs::read_to_string(root.join("gateway.pem")).unwrap();
+    let gw_key = identity::PrivateKey::import_file(&root.join("gateway.key"), None).unwrap();
+    assert!(identity::cert_matches_key(&gw_cert, &gw_key).unwrap());
+    identity::verify_chain(&gw_cert, emu.ca_pem(), unix_now()).unwrap();
+    let gw = identity::parse_certificates(&gw_cert).unwrap();
+    assert_eq!(gw[0].subject_cn.as_deref(), Some("gw-01"));
     emu.shutdown().await;
 }
 

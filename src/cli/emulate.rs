@@ -1,8 +1,9 @@
 //! `fleetgw emulate aws`: runs the AWS IoT emulator in the foreground until SIGINT/SIGTERM.
 //!
 //! Everything a client needs is written to `DIR` once the listeners are bound
-//! (`emulator.json`, `ca.pem`, `claim.pem`, `claim.key`, `gateway.toml`), so scripts can start
-//! it with `--mqtt 127.0.0.1:0` and read the chosen port from `DIR/emulator.json`.
+//! (`emulator.json`, `ca.pem`, `claim.pem`, `claim.key`, `gateway.pem`, `gateway.key`,
+//! `gateway.toml`), so scripts can start it with `--mqtt 127.0.0.1:0` and read the chosen port
+//! from `DIR/emulator.json`.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -32,7 +33,7 @@ enum Cloud {
 /// Arguments of `fleetgw emulate aws`.
 #[derive(Debug, clap::Args)]
 struct AwsArgs {
-    /// State directory: CA, server and claim credentials, things and certificates,
+    /// State directory: CA, server, claim and gateway credentials, things and certificates,
     /// emulator.json and gateway.toml (created if missing; reused on restart).
     #[arg(long, value_name = "DIR")]
     dir: PathBuf,

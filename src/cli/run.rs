@@ -23,7 +23,8 @@ use crate::identity::{self, PrivateKey, Sealer, Secret};
 use crate::provision::{Engine, EngineOptions, EngineParts, EngineStats, RequestPolicy};
 use crate::store::{Store, StoreOptions};
 use crate::telemetry::{
-    self, IdentityMode, Telemetry, TelemetryOptions, TelemetryStats, UpstreamEndpoint,
+    self, GatewayCredentials, IdentityMode, Telemetry, TelemetryOptions, TelemetryStats,
+    UpstreamEndpoint,
 };
 
 use super::{logging, ConfigArgs, LogFormat, EX_CONFIG, EX_IOERR, EX_SOFTWARE};
@@ -359,14 +360,63 @@ fn telemetry_options(cfg: &Config) -> Result<TelemetryOptions, RunError> {
     };
     let mut opts = TelemetryOptions::from_config(&cfg.telemetry, endpoint)?;
     if opts.identity == IdentityMode::Gateway {
-        // The config has no keys for the gateway's own upstream certificate yet.
-        return Err(RunError::Config {
-            key: "telemetry.identity",
-            reason: "\"gateway\" needs the gateway's upstream certificate and key, which this build cannot configure yet; use \"device\"".into(),
-        });
+        opts.gateway = Some(gateway_credentials(cfg)?);
     }
     opts.keep_alive = Duration::from_secs(aws.keep_alive_secs.max(1));
     Ok(opts)
+}
+
+/// The gateway's own upstream identity (`identity = "gateway"`): certificate chain, key
+/// (decrypted with its passphrase if any) and client id, with the key checked against the
+/// certificate so a mismatch is a config error at start rather than a TLS failure later.
+fn gateway_credentials(cfg: &Config) -> Result<GatewayCredentials, RunError> {
+    let t = &cfg.telemetry;
+    // config::load refuses identity = "gateway" without both paths; this is defence in depth.
+    let (Some(cert_path), Some(key_path)) = (&t.gateway_cert, &t.gateway_key) else {
+        return Err(RunError::Config {
+            key: "telemetry.identity",
+            reason: "\"gateway\" needs telemetry.gateway_cert and telemetry.gateway_key".into(),
+        });
+    };
+    let cert_pem = read_text(cert_path)?;
+    let bad_cert = |e: identity::IdentityError| RunError::Config {
+        key: "telemetry.gateway_cert",
+        reason: format!("{}: {e}", cert_path.display()),
+    };
+    identity::parse_certificates(&cert_pem).map_err(bad_cert)?;
+    let passphrase = identity::read_passphrase(
+        t.gateway_key_passphrase_file.as_deref(),
+        t.gateway_key_passphrase_credential.as_deref(),
+    )
+    .map_err(|source| RunError::Identity {
+        key: if t.gateway_key_passphrase_file.is_some() {
+            "telemetry.gateway_key_passphrase_file"
+        } else {
+            "telemetry.gateway_key_passphrase_credential"
+        },
+        source,
+    })?;
+    let key = PrivateKey::import_file(key_path, passphrase.as_ref()).map_err(|source| {
+        RunError::Identity {
+            key: "telemetry.gateway_key",
+            source,
+        }
+    })?;
+    if !identity::cert_matches_key(&cert_pem, &key).map_err(bad_cert)? {
+        return Err(RunError::Config {
+            key: "telemetry.gateway_key",
+            reason: format!(
+                "{} does not belong to the certificate in {} (telemetry.gateway_cert)",
+                key_path.display(),
+                cert_path.display()
+            ),
+        });
+    }
+    Ok(GatewayCredentials {
+        client_id: cfg.gateway_upstream_client_id().to_string(),
+        cert_pem,
+        key: Arc::new(key),
+    })
 }
 
 fn aws_options(cfg: &Config) -> Result<AwsProviderOptions, RunError> {

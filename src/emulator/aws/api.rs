@@ -9,16 +9,17 @@
 //! | `GET /faults` | the faults in force |
 //! | `POST /faults` | `{"outageSeconds"?,"tps"?,"responseDelayMs"?,"dropResponses"?}` -> faults in force |
 //! | `DELETE /faults` | clears every fault (tps back to `--tps`) |
+//! | `POST /topics/{topic}[?qos=0\|1]` | body = payload: the data plane's HTTPS Publish, delivered to the device connections subscribed to `topic` -> `{"topic","qos","bytes"}` |
 //!
 //! Errors are `{"error": "..."}` with status 400.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use axum::extract::{Query, State};
+use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use axum::{Json, Router};
 use base64::Engine;
 use serde::{Deserialize, Serialize};
@@ -26,7 +27,7 @@ use serde_json::json;
 
 use super::faults::{FaultRequest, FaultView, Faults};
 use super::messages::Counters;
-use super::server::ServerContext;
+use super::server::{CloudPublish, ServerContext, MAX_PAYLOAD_BYTES};
 use super::state::CertificateStatus;
 
 /// What the API handlers share.
@@ -49,6 +50,7 @@ pub fn router(state: ApiState) -> Router {
             "/faults",
             get(get_faults).post(post_faults).delete(delete_faults),
         )
+        .route("/topics/{*topic}", post(publish))
         .with_state(state)
 }
 
@@ -190,4 +192,41 @@ async fn delete_faults(State(s): State<ApiState>) -> Response {
     s.ctx.faults.clear();
     s.ctx.provisioning.set_tps(s.default_tps);
     Json(fault_view(&s)).into_response()
+}
+
+#[derive(Deserialize)]
+struct PublishQuery {
+    #[serde(default)]
+    qos: u8,
+}
+
+/// The data plane's Publish (`POST /topics/{topic}?qos=1`, body = payload): what an
+/// application or a rule sends to devices, e.g. a command on `cmd/{thingName}/...`.
+async fn publish(
+    State(s): State<ApiState>,
+    Path(topic): Path<String>,
+    Query(q): Query<PublishQuery>,
+    payload: axum::body::Bytes,
+) -> Response {
+    if topic.is_empty() || topic.contains(['+', '#']) || topic.starts_with('$') {
+        return bad_request(format!(
+            "publish: topic {topic:?} must be a topic name: not empty, no wildcards, not reserved ($)"
+        ));
+    }
+    if q.qos > 1 {
+        return bad_request(format!("publish: qos {} is not supported (0 or 1)", q.qos));
+    }
+    if payload.len() > MAX_PAYLOAD_BYTES {
+        return bad_request(format!(
+            "publish: payload of {} bytes exceeds {MAX_PAYLOAD_BYTES} bytes",
+            payload.len()
+        ));
+    }
+    let bytes = payload.len();
+    s.ctx.publish(CloudPublish {
+        topic: topic.clone(),
+        qos: q.qos,
+        payload,
+    });
+    Json(json!({ "topic": topic, "qos": q.qos, "bytes": bytes })).into_response()
 }

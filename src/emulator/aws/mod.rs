@@ -10,6 +10,7 @@
 //! | `ca.pem`, `ca.key` (0600) | the root CA every certificate chains to |
 //! | `server.pem`, `server.key` (0600) | the MQTT server certificate, SANs `DNS:localhost`, `IP:127.0.0.1` |
 //! | `claim.pem`, `claim.key` (0600) | the fleet provisioning claim certificate |
+//! | `gateway.pem`, `gateway.key` (0600) | a gateway's own upstream identity (`telemetry.identity = "gateway"`): accepted as an ACTIVE certificate of the thing [`GATEWAY_THING`], known like the claim certificate without being listed in `/things` or `/certificates` |
 //! | `state.json` | things and certificates |
 //! | `emulator.json` | addresses and paths, written once the listeners are bound |
 //! | `gateway.toml` | a fleetgw config pointing a gateway at this emulator |
@@ -17,6 +18,11 @@
 //! Modules: `server` (TLS + MQTT connections), `crate::mqtt::wire` (MQTT 3.1.1/5 codec adapter, shared with the embedded broker),
 //! `provisioning` (the three APIs, tokens, rate limits), `templates`, `state` (registry),
 //! `messages` (device message log and counters), `faults`, `api` (HTTP).
+//!
+//! A simplification: unlike IoT Core, the emulator does not evaluate IoT policies on device
+//! topics. Any ACTIVE certificate connected as its thing may publish and subscribe to any
+//! non-reserved topic (only the claim certificate is confined), so a gateway certificate may
+//! publish `dt/{thingName}/telemetry` for every device.
 
 mod api;
 mod faults;
@@ -55,6 +61,9 @@ pub const DEFAULT_MAX_MESSAGES: usize = 1_000_000;
 const CA_CN: &str = "fleetgw AWS IoT emulator root CA";
 const SERVER_CN: &str = "localhost";
 const CLAIM_CN: &str = "fleetgw emulator claim";
+/// The thing (= MQTT client id) the emulator's ready-made gateway certificate (`gateway.pem`)
+/// connects as: the default `gateway.id`, so the default `telemetry.gateway_client_id` matches.
+pub const GATEWAY_THING: &str = "gw-01";
 const CREDENTIAL_VALIDITY_DAYS: u32 = 3650;
 /// How long `shutdown` waits for the listener and API tasks.
 const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(5);
@@ -158,6 +167,21 @@ impl AwsEmulatorHandle {
         self.dir.join("claim.key")
     }
 
+    /// `DIR/gateway.pem`: an ACTIVE certificate attached to the thing [`GATEWAY_THING`].
+    pub fn gateway_cert_path(&self) -> PathBuf {
+        self.dir.join("gateway.pem")
+    }
+
+    /// `DIR/gateway.key`: the key of `gateway.pem`.
+    pub fn gateway_key_path(&self) -> PathBuf {
+        self.dir.join("gateway.key")
+    }
+
+    /// The thing name (= MQTT client id) that goes with `gateway.pem`.
+    pub fn gateway_thing(&self) -> &str {
+        GATEWAY_THING
+    }
+
     /// `DIR/gateway.toml`.
     pub fn gateway_config_path(&self) -> PathBuf {
         self.dir.join("gateway.toml")
@@ -231,13 +255,15 @@ pub async fn start(opts: AwsEmulatorOptions) -> Result<AwsEmulatorHandle, Emulat
         opts.tps.filter(|t| *t > 0.0),
         counters.clone(),
     );
-    let claim_id = claim_certificate_id(&pki.claim_pem, &dir)?;
+    let claim_id = certificate_id(&pki.claim_pem, &dir.join("claim.pem"))?;
+    let gateway_cert_id = certificate_id(&pki.gateway_pem, &dir.join("gateway.pem"))?;
     let ctx = Arc::new(server::ServerContext::new(
         provisioning,
         registry.clone(),
         messages::MessageLog::new(opts.max_messages),
         counters,
         claim_id,
+        (gateway_cert_id, GATEWAY_THING.to_string()),
     ));
 
     let tls =
@@ -374,6 +400,7 @@ struct Pki {
     server_pem: String,
     server_key: PrivateKey,
     claim_pem: String,
+    gateway_pem: String,
 }
 
 impl Pki {
@@ -420,11 +447,15 @@ impl Pki {
         let (claim_pem, _) = Self::leaf(dir, "claim", &ca, |ca| {
             ca.issue_client(CLAIM_CN, KeyType::EcdsaP256, CREDENTIAL_VALIDITY_DAYS)
         })?;
+        let (gateway_pem, _) = Self::leaf(dir, "gateway", &ca, |ca| {
+            ca.issue_client(GATEWAY_THING, KeyType::EcdsaP256, CREDENTIAL_VALIDITY_DAYS)
+        })?;
         Ok(Self {
             ca,
             server_pem,
             server_key,
             claim_pem,
+            gateway_pem,
         })
     }
 
@@ -462,9 +493,10 @@ impl Pki {
     }
 }
 
-fn claim_certificate_id(claim_pem: &str, dir: &Path) -> Result<String, EmulatorError> {
-    let parsed = pem::parse(claim_pem).map_err(|e| EmulatorError::Corrupt {
-        path: dir.join("claim.pem"),
+/// The AWS certificate id (SHA-256 of the DER, hex) of the first certificate in `pem`.
+fn certificate_id(pem: &str, path: &Path) -> Result<String, EmulatorError> {
+    let parsed = pem::parse(pem).map_err(|e| EmulatorError::Corrupt {
+        path: path.to_path_buf(),
         reason: format!("not a PEM certificate: {e}"),
     })?;
     Ok(provisioning::fingerprint_hex(parsed.contents()))
@@ -506,6 +538,9 @@ fn write_discovery_files(handle: &AwsEmulatorHandle) -> Result<(), EmulatorError
         "ca": path_str(handle.ca_path()),
         "claimCert": path_str(handle.claim_cert_path()),
         "claimKey": path_str(handle.claim_key_path()),
+        "gatewayCert": path_str(handle.gateway_cert_path()),
+        "gatewayKey": path_str(handle.gateway_key_path()),
+        "gatewayThing": GATEWAY_THING,
         "templates": handle.templates,
     });
     let mut json_bytes =
@@ -588,10 +623,28 @@ fn gateway_toml(handle: &AwsEmulatorHandle) -> Result<String, toml::ser::Error> 
         section(vec![("mode", s("open".into()))]),
     );
     root.insert("cloud".into(), Value::Table(cloud));
+    // Ready for `--set telemetry.identity=gateway`; the default identity stays "device".
+    root.insert(
+        "telemetry".into(),
+        section(vec![
+            (
+                "gateway_cert",
+                s(handle.gateway_cert_path().display().to_string()),
+            ),
+            (
+                "gateway_key",
+                s(handle.gateway_key_path().display().to_string()),
+            ),
+            ("gateway_client_id", s(GATEWAY_THING.into())),
+        ]),
+    );
     Ok(format!(
         "# Written by `fleetgw emulate aws`: a gateway provisioning against the emulator in\n\
-         # {}.\n# Run it with: fleetgw run --config {}\n\n{}",
+         # {}.\n# Run it with: fleetgw run --config {}\n\
+         # One upstream connection with the gateway's own certificate instead of one per device:\n\
+         # fleetgw run --config {} --set telemetry.identity=gateway\n\n{}",
         handle.dir.display(),
+        handle.gateway_config_path().display(),
         handle.gateway_config_path().display(),
         toml::to_string(&root)?
     ))

@@ -7,8 +7,14 @@
 //! - provisioning responses go only to the requesting connection, and only if it subscribed
 //!   to the response topic (no correlation ids, no broker fan-out);
 //! - other certificates must be ACTIVE and the client id must be a thing they are attached
-//!   to; QoS 2 publishes, payloads over 128 KB and `$` topics close the connection; a second
+//!   to (the emulator's ready-made gateway certificate, like the claim certificate, is known
+//!   without being in the registry: it connects as its thing, `gw-01`); QoS 2 publishes, payloads over 128 KB and `$` topics close the connection; a second
 //!   connection with the same client id takes over; keep-alive is enforced (1.5 x).
+//!
+//! What it does not: IoT policies on device topics (any device connection may publish or
+//! subscribe to any non-reserved topic) and routing between device connections. Cloud-side
+//! messages (the data plane's HTTPS Publish, `POST /topics/{topic}` on the API) go to every
+//! device connection subscribed to a matching filter, QoS 1 without redelivery.
 //!
 //! Each connection reads what the socket has, handles every complete packet in it, records
 //! device messages in one batch and writes all answers with one flush: that is what keeps
@@ -23,7 +29,7 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{watch, Notify};
+use tokio::sync::{broadcast, watch, Notify};
 use tokio::time::{timeout, Instant};
 use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
@@ -66,6 +72,21 @@ fn connack(outcome: ConnectOutcome) -> ServerPacket<'static> {
     }
 }
 
+/// Cloud-side messages a slow connection may fall behind by before it misses some.
+const DELIVERY_BACKLOG: usize = 1024;
+
+/// A message published by the cloud side (the data plane's Publish API), for the device
+/// connections subscribed to it.
+#[derive(Clone, Debug)]
+pub struct CloudPublish {
+    /// Topic name (no wildcards, not reserved).
+    pub topic: String,
+    /// Requested QoS (0 or 1); a connection gets at most the QoS it subscribed with.
+    pub qos: u8,
+    /// Payload.
+    pub payload: Bytes,
+}
+
 /// Everything connection tasks share.
 pub struct ServerContext {
     /// The provisioning service.
@@ -80,9 +101,13 @@ pub struct ServerContext {
     pub faults: Faults,
     /// Certificate id (SHA-256 hex) of the claim certificate.
     pub claim_certificate_id: String,
+    /// The ready-made gateway certificate: (certificate id, thing name it connects as).
+    pub gateway_certificate: (String, String),
     /// Client id -> (connection number, close signal) of the connection holding it.
     sessions: Mutex<HashMap<String, (u64, Arc<Notify>)>>,
     next_connection: AtomicU64,
+    /// Cloud-side publishes, seen by every connection (each filters by its subscriptions).
+    deliveries: broadcast::Sender<Arc<CloudPublish>>,
 }
 
 impl ServerContext {
@@ -93,6 +118,7 @@ impl ServerContext {
         messages: MessageLog,
         counters: Arc<Counters>,
         claim_certificate_id: String,
+        gateway_certificate: (String, String),
     ) -> Self {
         Self {
             provisioning,
@@ -101,9 +127,17 @@ impl ServerContext {
             counters,
             faults: Faults::new(),
             claim_certificate_id,
+            gateway_certificate,
             sessions: Mutex::new(HashMap::new()),
             next_connection: AtomicU64::new(1),
+            deliveries: broadcast::channel(DELIVERY_BACKLOG).0,
         }
+    }
+
+    /// Publishes a cloud-side message to the connected devices subscribed to its topic.
+    pub fn publish(&self, message: CloudPublish) {
+        // No receiver means no connection: nobody is subscribed, as with AWS, it is dropped.
+        let _ = self.deliveries.send(Arc::new(message));
     }
 
     /// Connected clients right now.
@@ -264,7 +298,11 @@ async fn serve_connection(
     conn.protocol = connect.protocol;
     conn.client_id = connect.client_id.clone();
     if let Role::Device(id) = &conn.role {
-        let access = ctx.registry.device_access(id, &connect.client_id);
+        let access = match &ctx.gateway_certificate {
+            (gw, thing) if gw == id && *thing == connect.client_id => DeviceAccess::Allowed,
+            (gw, _) if gw == id => DeviceAccess::ClientIdNotThing,
+            _ => ctx.registry.device_access(id, &connect.client_id),
+        };
         if access != DeviceAccess::Allowed {
             tracing::debug!(%peer, client_id = %connect.client_id, ?access, "emulator refused device connection");
             Counters::bump(&ctx.counters.connections_refused);
@@ -378,6 +416,7 @@ impl Connection {
     ) -> Close {
         let mut outage = self.ctx.faults.outage_watch();
         outage.mark_unchanged();
+        let mut deliveries = self.ctx.deliveries.subscribe();
         // An outage that began during this connection's handshake drops it too.
         if self.ctx.faults.in_outage() {
             return Close::Dropped;
@@ -399,6 +438,18 @@ impl Connection {
                     Ok(true) => deadline = Instant::now() + idle_limit,
                     Ok(false) => return Close::ByClient,
                     Err(c) => return c,
+                },
+                delivery = deliveries.recv() => match delivery {
+                    Ok(message) => {
+                        if let Err(c) = self.deliver(&message) {
+                            return c;
+                        }
+                    }
+                    Err(broadcast::error::RecvError::Lagged(missed)) => {
+                        tracing::warn!(client_id = %self.client_id, missed, "emulator connection fell behind cloud-side publishes; some were not delivered");
+                    }
+                    // The sender lives in the context this connection holds.
+                    Err(broadcast::error::RecvError::Closed) => return Close::Dropped,
                 },
                 _ = close.notified() => return Close::TakenOver,
                 _ = outage.changed() => return Close::Dropped,
@@ -558,6 +609,31 @@ impl Connection {
             retain: false,
             dup: false,
             payload: Bytes::from(payload),
+        })
+    }
+
+    /// Queues a cloud-side message if this device connection subscribed to its topic.
+    fn deliver(&mut self, message: &CloudPublish) -> Result<(), Close> {
+        if self.role == Role::Claim {
+            return Ok(());
+        }
+        let granted = self
+            .subscriptions
+            .iter()
+            .filter(|(f, _)| wire::topic_matches(&message.topic, f))
+            .map(|(_, q)| *q)
+            .max();
+        let Some(qos) = granted else {
+            return Ok(());
+        };
+        let pkid = self.pkid();
+        self.queue(ServerPacket::Publish {
+            topic: &message.topic,
+            qos: qos.min(message.qos),
+            pkid,
+            retain: false,
+            dup: false,
+            payload: message.payload.clone(),
         })
     }
 
