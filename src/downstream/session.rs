@@ -354,6 +354,8 @@ struct Inner {
     closed: bool,
     /// A DISCONNECT was queued to get unacknowledged messages redelivered.
     redelivery_requested: bool,
+    /// `shutdown` got its DISCONNECT into rumqttc's request channel.
+    disconnect_queued: bool,
 }
 
 impl Inner {
@@ -371,6 +373,11 @@ impl Inner {
             }
             self.acks.entries.pop_front();
             self.acks.head_seq += 1;
+        }
+        // A shutdown that found the channel full of acks queues its DISCONNECT once there is
+        // room (behind the acks); without it the event loop would never learn to stop.
+        if self.closed && !self.disconnect_queued {
+            self.disconnect_queued = client.try_disconnect().is_ok();
         }
     }
 }
@@ -492,6 +499,7 @@ impl DownstreamSession {
                 confirms: Confirms::default(),
                 closed: false,
                 redelivery_requested: false,
+                disconnect_queued: false,
             }),
             client,
             room: Notify::new(),
@@ -699,8 +707,9 @@ impl DownstreamSession {
             let mut inner = self.shared.lock();
             inner.closed = true;
             inner.confirms.fail_all();
+            // Under the lock, so the event loop's next flush sees whether this got through.
+            inner.disconnect_queued = self.shared.client.try_disconnect().is_ok();
         }
-        let _ = self.shared.client.try_disconnect();
         self.shared.shutdown.notify_one();
         let task = self.task.lock().unwrap_or_else(|e| e.into_inner()).take();
         if let Some(mut task) = task {
