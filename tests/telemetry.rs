@@ -410,11 +410,12 @@ async fn no_loss_in_order_across_an_outage_and_a_restart() {
 }
 
 /// The gateway's own connection to the embedded broker is cut several times while devices
-/// publish (a TCP relay between the session and rumqttd). The broker redelivers what was not
+/// publish (a TCP relay between the session and the broker). The broker redelivers what was not
 /// acknowledged yet, so each cut may cost up to its in-flight window (100) of duplicates at the
 /// cloud in all: the at-least-once price of a lost connection. It must not cost more, nor more
 /// than one reconnect (messages read with the loss and then acknowledged on the next connection
-/// under their old packet ids made rumqttd drop it again and again, redelivering each time).
+/// under their old packet ids made rumqttd, the embedded broker then, drop it again and again,
+/// redelivering each time).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_cut_of_the_downstream_connection_costs_at_most_one_broker_window_of_duplicates() {
     const DEVICES: usize = 5;

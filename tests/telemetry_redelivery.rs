@@ -1,21 +1,22 @@
 //! Duplicates after a downstream reconnect: the gateway session must not turn one lost
 //! connection into a redelivery storm.
 //!
-//! The embedded rumqttd sends the gateway session up to 100 unacknowledged telemetry messages.
-//! When that connection drops while some of them are still unread in the socket, rumqttc parses
-//! them in the same read that hits the end of the stream and hands them out only after the
-//! *next* CONNACK. Those messages belong to the dead connection: the broker redelivers them
-//! (rumqttd with new packet ids and DUP=0), and a PUBACK carrying their old packet id on the new
-//! connection is an out-of-order ack to rumqttd, which drops the connection again, with more
-//! messages in flight, and so on. Each round appends the same messages to the outbox once more;
-//! in one benchmark run a single device got 15,841 duplicates that way.
+//! The embedded broker sends the gateway session up to `max_inflight` (100) unacknowledged
+//! telemetry messages. When that connection drops while some of them are still unread in the
+//! socket, rumqttc parses them in the same read that hits the end of the stream and used to hand
+//! them out only after the *next* CONNACK. Those messages belong to the dead connection: the
+//! broker redelivers them (rumqttd, the embedded broker when this was found, with new packet ids
+//! and DUP=0), and a PUBACK carrying their old packet id on the new connection was an
+//! out-of-order ack to rumqttd, which dropped the connection again, with more messages in
+//! flight, and so on. Each round appended the same messages to the outbox once more; in one
+//! benchmark run a single device got 15,841 duplicates that way.
 //!
 //! Two tests force the condition:
 //! - a scripted broker on a raw socket sends three PUBLISHes and a server DISCONNECT in one
 //!   write (deterministic: rumqttc parses all four in one read), then, on the resumed session,
-//!   redelivers the three as rumqttd does (new packet ids, DUP=0). Only PUBACKs for packet ids
+//!   redelivers the three as rumqttd did (new packet ids, DUP=0). Only PUBACKs for packet ids
 //!   of the new connection may come back, and each message reaches the consumer at most twice;
-//! - against the real embedded rumqttd behind a TCP relay, a 4-message consumer channel that
+//! - against the real embedded broker behind a TCP relay, a 4-message consumer channel that
 //!   nobody reads keeps the session from draining its socket, the connection is cut, then
 //!   everything is consumed and acknowledged. Repeated cuts: each must cost one reconnect and
 //!   at most one redelivery per message, never a storm. Its shutdown, right behind a burst
@@ -39,7 +40,7 @@ use fleetgw::downstream::{
 };
 use tokio::time::{timeout, Instant};
 
-/// rumqttd's fixed in-flight window towards one client.
+/// The embedded broker's in-flight window towards one client.
 const BROKER_WINDOW: usize = 100;
 /// Messages the device publishes per round (more than a broker window).
 const PER_ROUND: u64 = 150;
@@ -51,9 +52,11 @@ fn seq_of(payload: &[u8]) -> u64 {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn each_cut_of_the_rumqttd_connection_costs_one_reconnect_and_one_redelivery_at_most() {
+async fn each_cut_of_the_embedded_broker_connection_costs_one_reconnect_and_one_redelivery_at_most()
+{
     let broker_opts = EmbeddedBrokerOptions {
         listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+        max_inflight: BROKER_WINDOW,
         ..EmbeddedBrokerOptions::default()
     };
     let broker = EmbeddedBroker::start(&broker_opts).await.unwrap();

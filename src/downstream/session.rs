@@ -20,14 +20,16 @@
 //! connection where its packet id could name another message.
 //!
 //! Redelivery and duplicates. Each message belongs to the connection that carried it. When a
-//! connection drops, the broker resends everything the gateway had not acknowledged (rumqttd
-//! with new packet ids and DUP=0, so `dup` cannot tell a copy from a new message), and the
-//! consumer may see those messages twice: at most the broker's in-flight window per lost
-//! connection, the price of QoS 1. Messages rumqttc read in the same read that ended with the
-//! loss are handed over when the loss is handled, with acks that are already stale; left in
-//! rumqttc's event buffer they would surface after the next CONNACK and be acknowledged there
-//! under their old packet ids, which rumqttd answers by dropping the connection again: a
-//! redelivery storm that once appended one device's backlog to the outbox thousands of times.
+//! connection drops, the broker resends everything the gateway had not acknowledged (some
+//! brokers, rumqttd among them, with new packet ids and DUP=0, so `dup` cannot tell a copy from
+//! a new message), and the consumer may see those messages twice: at most the broker's
+//! in-flight window per lost connection, the price of QoS 1. Messages rumqttc read in the same
+//! read that ended with the loss are handed over when the loss is handled, with acks that are
+//! already stale. Left in rumqttc's event buffer they would surface after the next CONNACK and
+//! be acknowledged there under their old packet ids: a broker that renumbers redeliveries
+//! takes that as an out-of-order ack and drops the connection again (rumqttd did, in a storm
+//! that appended one device's backlog to the outbox thousands of times), or as the ack of a
+//! message the gateway has not stored.
 //!
 //! Publishing. `publish_*` return once the broker has acknowledged the PUBLISH (QoS 1 PUBACK),
 //! so the provisioning engine can record "response delivered". rumqttc 0.25 has no completion
@@ -941,10 +943,11 @@ impl Driver {
         // when the same read ends in an error (the broker closed the stream right behind them),
         // it hands them out only after the next CONNACK, as if they came on the new connection.
         // A PUBLISH of the old connection would then be acknowledged there with its old packet
-        // id: rumqttd takes that as an out-of-order ack and drops the connection again, with
-        // another window of messages unread, and every round hands the same messages to the
-        // consumer once more (a redelivery storm: 15,841 duplicates of one device in a
-        // benchmark). So they are settled here, as belonging to the old connection.
+        // id: a broker that renumbered its redeliveries (rumqttd) takes that as an out-of-order
+        // ack and drops the connection again, with another window of messages unread, and every
+        // round hands the same messages to the consumer once more (a redelivery storm: 15,841
+        // duplicates of one device in a benchmark); another broker could take it as the ack of
+        // a different message. So they are settled here, as belonging to the old connection.
         let stale: Vec<Event> = self.eventloop.state.events.drain(..).collect();
         let mut stale_publishes = Vec::new();
         for event in stale {
