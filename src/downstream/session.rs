@@ -19,6 +19,18 @@
 //! earlier connection is discarded (the broker redelivers that message), never sent on the new
 //! connection where its packet id could name another message.
 //!
+//! Redelivery and duplicates. Each message belongs to the connection that carried it. When a
+//! connection drops, the broker resends everything the gateway had not acknowledged (some
+//! brokers, rumqttd among them, with new packet ids and DUP=0, so `dup` cannot tell a copy from
+//! a new message), and the consumer may see those messages twice: at most the broker's
+//! in-flight window per lost connection, the price of QoS 1. Messages rumqttc read in the same
+//! read that ended with the loss are handed over when the loss is handled, with acks that are
+//! already stale. Left in rumqttc's event buffer they would surface after the next CONNACK and
+//! be acknowledged there under their old packet ids: a broker that renumbers redeliveries
+//! takes that as an out-of-order ack and drops the connection again (rumqttd did, in a storm
+//! that appended one device's backlog to the outbox thousands of times), or as the ack of a
+//! message the gateway has not stored.
+//!
 //! Publishing. `publish_*` return once the broker has acknowledged the PUBLISH (QoS 1 PUBACK),
 //! so the provisioning engine can record "response delivered". rumqttc 0.25 has no completion
 //! handles; PUBACKs are matched to callers by following the packet ids rumqttc reports as it
@@ -345,6 +357,8 @@ struct Inner {
     closed: bool,
     /// A DISCONNECT was queued to get unacknowledged messages redelivered.
     redelivery_requested: bool,
+    /// `shutdown` got its DISCONNECT into rumqttc's request channel.
+    disconnect_queued: bool,
 }
 
 impl Inner {
@@ -362,6 +376,11 @@ impl Inner {
             }
             self.acks.entries.pop_front();
             self.acks.head_seq += 1;
+        }
+        // A shutdown that found the channel full of acks queues its DISCONNECT once there is
+        // room (behind the acks); without it the event loop would never learn to stop.
+        if self.closed && !self.disconnect_queued {
+            self.disconnect_queued = client.try_disconnect().is_ok();
         }
     }
 }
@@ -483,6 +502,7 @@ impl DownstreamSession {
                 confirms: Confirms::default(),
                 closed: false,
                 redelivery_requested: false,
+                disconnect_queued: false,
             }),
             client,
             room: Notify::new(),
@@ -690,8 +710,9 @@ impl DownstreamSession {
             let mut inner = self.shared.lock();
             inner.closed = true;
             inner.confirms.fail_all();
+            // Under the lock, so the event loop's next flush sees whether this got through.
+            inner.disconnect_queued = self.shared.client.try_disconnect().is_ok();
         }
-        let _ = self.shared.client.try_disconnect();
         self.shared.shutdown.notify_one();
         let task = self.task.lock().unwrap_or_else(|e| e.into_inner()).take();
         if let Some(mut task) = task {
@@ -782,7 +803,9 @@ impl Driver {
                     if self.shared.lock().closed {
                         break;
                     }
-                    self.on_connection_lost(&e);
+                    if !self.on_connection_lost(&e).await {
+                        break;
+                    }
                     let delay = self.backoff.next_delay();
                     tracing::warn!(error = %e, retry_in = ?delay, "downstream broker connection lost");
                     tokio::select! {
@@ -915,9 +938,39 @@ impl Driver {
         self.shared.room.notify_waiters();
     }
 
-    fn on_connection_lost(&mut self, error: &ConnectionError) {
-        {
+    /// Closes the books of a lost connection. Returns false when the session should stop.
+    async fn on_connection_lost(&mut self, error: &ConnectionError) -> bool {
+        // rumqttc parses a whole batch of packets per read and keeps them in `state.events`;
+        // when the same read ends in an error (the broker closed the stream right behind them),
+        // it hands them out only after the next CONNACK, as if they came on the new connection.
+        // A PUBLISH of the old connection would then be acknowledged there with its old packet
+        // id: a broker that renumbered its redeliveries (rumqttd) takes that as an out-of-order
+        // ack and drops the connection again, with another window of messages unread, and every
+        // round hands the same messages to the consumer once more (a redelivery storm: 15,841
+        // duplicates of one device in a benchmark); another broker could take it as the ack of
+        // a different message. So they are settled here, as belonging to the old connection.
+        let stale: Vec<Event> = self.eventloop.state.events.drain(..).collect();
+        let mut stale_publishes = Vec::new();
+        for event in stale {
+            match event {
+                // Packet ids rumqttc assigned before the loss: pair them as usual.
+                Event::Outgoing(outgoing) => {
+                    self.on_outgoing(outgoing);
+                }
+                // The broker did confirm these publishes of the gateway.
+                Event::Incoming(Incoming::PubAck(ack)) => {
+                    if let Some(w) = self.shared.lock().confirms.by_pkid.remove(&ack.pkid) {
+                        let _ = w.send(Ok(()));
+                    }
+                }
+                Event::Incoming(Incoming::Publish(publish)) => stale_publishes.push(publish),
+                // CONNACK, SUBACK and PINGRESP of a dead connection say nothing about the next.
+                Event::Incoming(_) => {}
+            }
+        }
+        let lost_generation = {
             let mut inner = self.shared.lock();
+            let lost = inner.generation;
             inner.generation += 1;
             inner.redelivery_requested = false;
             inner.acks = AckQueue::default();
@@ -927,13 +980,42 @@ impl Driver {
             // its PUBACKs; an ack or publish that slipped into the channel after that, but
             // before the generation changed above, is moved (or dropped) here, under the lock.
             self.eventloop.clean();
-        }
+            lost
+        };
         self.shared.room.notify_waiters();
         self.shared.status.send_modify(|s| {
             s.connected = false;
             s.subscribed = false;
             s.last_error = Some(error.to_string());
         });
+        if !stale_publishes.is_empty() {
+            tracing::debug!(
+                messages = stale_publishes.len(),
+                "downstream messages read just before the connection was lost; handed over, their acks are stale"
+            );
+        }
+        // Handed over like messages that were already in the channel when the connection
+        // dropped: the consumer stores them, their ack is `Stale` (never sent on the next
+        // connection), and a broker that resumes the session sends them once more. That one
+        // extra copy is the at-least-once price of a reconnect; dropping them instead would
+        // lose them if the broker did not keep the session.
+        for publish in stale_publishes {
+            let ack = if publish.qos == QoS::AtMostOnce {
+                AckHandle { slot: None }
+            } else {
+                AckHandle {
+                    slot: Some(AckSlot {
+                        shared: self.shared.clone(),
+                        generation: lost_generation,
+                        seq: 0,
+                    }),
+                }
+            };
+            if !self.deliver(publish, ack).await {
+                return false;
+            }
+        }
+        true
     }
 
     /// Returns false when the session should stop.
@@ -956,6 +1038,12 @@ impl Driver {
                 }),
             }
         };
+        self.deliver(publish, ack).await
+    }
+
+    /// Validates a device message and hands it to the consumer with `ack`. Returns false when
+    /// the session should stop.
+    async fn deliver(&mut self, publish: Publish, ack: AckHandle) -> bool {
         let topic = match DeviceTopic::parse(&self.prefix, &publish.topic) {
             Ok(topic) => topic,
             Err(error) => {

@@ -5,6 +5,13 @@
 //! batch is durable, then the batch is handed to the dispatcher in memory. Refused messages are
 //! acknowledged (they will never be forwarded, redelivery would not change that) after a
 //! rate-limited log line and status notice.
+//!
+//! Duplicates. A message whose downstream connection dropped before its PUBACK went out (the
+//! ack comes back `Stale`) is in the outbox and is appended again when the broker redelivers
+//! it: at most the broker's in-flight window per lost downstream connection (100 for the
+//! embedded broker). The intake does not deduplicate them: some brokers renumber redeliveries
+//! and clear DUP, so nothing in the message reliably tells a copy from a new one, and skipping
+//! messages whose ack is stale would lose them when the broker did not keep the session.
 
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
