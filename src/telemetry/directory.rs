@@ -134,7 +134,13 @@ pub(crate) fn status_of(state: &DeviceState) -> DeviceStatus {
 fn verdict(rec: &DeviceRecord, mode: IdentityMode) -> Gate {
     let id = &rec.id;
     let status = status_of(&rec.state);
-    if !matches!(rec.state, DeviceState::Delivered) {
+    // The engine publishes `/accepted` only after `ThingRegistered` is durable and records
+    // `Delivered` after that publish; a device that starts sending as soon as it has its answer
+    // must not be refused in between.
+    if !matches!(
+        rec.state,
+        DeviceState::ThingRegistered { .. } | DeviceState::Delivered
+    ) {
         return refuse(
             RefusalKind::NotProvisioned,
             Some(status),
@@ -241,11 +247,20 @@ mod tests {
     }
 
     #[test]
-    fn only_delivered_enabled_devices_are_forwarded() {
+    fn only_registered_enabled_devices_are_forwarded() {
         match verdict(&rec(DeviceState::Delivered), IdentityMode::Device) {
             Gate::Forward { thing_name } => assert_eq!(&*thing_name, "thing-1"),
             other => panic!("{other:?}"),
         }
+        // Answered on `/accepted` but `Delivered` not yet recorded: already forwarded.
+        let registered = DeviceState::ThingRegistered {
+            thing_name: "thing-1".into(),
+            device_configuration: Default::default(),
+        };
+        assert!(matches!(
+            verdict(&rec(registered), IdentityMode::Device),
+            Gate::Forward { .. }
+        ));
         let Gate::Refuse(r) = verdict(&rec(DeviceState::WaitingApproval), IdentityMode::Device)
         else {
             panic!("waiting device forwarded")
