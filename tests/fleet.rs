@@ -331,6 +331,7 @@ async fn every_device_is_provisioned_with_a_verified_certificate() {
         .map(|e| match e {
             FleetEvent::Provisioned { thing_name, .. } => thing_name.clone(),
             FleetEvent::Failed(f) => panic!("{f}"),
+            FleetEvent::Telemetry(t) => panic!("no telemetry phase was asked for: {t:?}"),
         })
         .collect();
     assert_eq!(things.len(), 40);

@@ -195,6 +195,11 @@ pub struct TelemetryPlan {
     pub own_csr_devices: bool,
     /// Per device, from its first publish to the last PUBACK.
     pub timeout: Duration,
+    /// Wait for the retained `{p}/{id}/status` to say `provisioned` before publishing. The
+    /// gateway answers on `/accepted` before it records the device as delivered, and until
+    /// then it refuses (and drops, with a notice) the device's telemetry; `false` publishes
+    /// right after `/accepted`, which exposes that window.
+    pub await_status: bool,
 }
 
 impl Default for TelemetryPlan {
@@ -206,6 +211,7 @@ impl Default for TelemetryPlan {
             window: 10,
             own_csr_devices: false,
             timeout: Duration::from_secs(120),
+            await_status: true,
         }
     }
 }
@@ -476,6 +482,9 @@ pub enum FailureReason {
     /// The certificate does not chain to the cloud CA.
     #[error("the certificate does not chain to the cloud CA: {0}")]
     Chain(String),
+    /// The gateway's retained status says the device will not be provisioned.
+    #[error("the gateway reports the device {0} instead of provisioned")]
+    NotProvisioned(String),
     /// The device's task ended without reporting (a bug; counted so totals stay right).
     #[error("the device task ended without an outcome: {0}")]
     Lost(String),
@@ -1184,7 +1193,7 @@ async fn run_device(
         let mut publisher = Publisher::new(t);
         let error = match fleet.prefix.telemetry(&plan.id, None) {
             Ok(topic) => device
-                .telemetry(&mut publisher, &topic, &client, &mut eventloop)
+                .telemetry(&mut publisher, &topic, &topics, &client, &mut eventloop)
                 .await
                 .err(),
             Err(e) => Some(FailureReason::Prepare(format!("telemetry topic: {e}"))),
@@ -1230,6 +1239,8 @@ struct Publisher<'a> {
     resend: VecDeque<u64>,
     acked: u64,
     connected: bool,
+    /// The gateway has recorded the device as provisioned (or the plan does not wait).
+    ready: bool,
     first_publish: Option<Instant>,
     last_ack: Option<Instant>,
 }
@@ -1246,6 +1257,7 @@ impl<'a> Publisher<'a> {
             acked: 0,
             // The provisioning connection is up when telemetry starts.
             connected: true,
+            ready: !plan.await_status,
             first_publish: None,
             last_ack: None,
         }
@@ -1261,7 +1273,7 @@ impl<'a> Publisher<'a> {
 
     /// Hands the client as many messages as the window, the pacing and the channel allow.
     fn fill(&mut self, client: &AsyncClient, topic: &str) {
-        while self.connected && self.outstanding() < usize::from(self.plan.window) {
+        while self.connected && self.ready && self.outstanding() < usize::from(self.plan.window) {
             let now = Instant::now();
             let seq = match self.resend.front() {
                 Some(&seq) => seq,
@@ -1291,6 +1303,7 @@ impl<'a> Publisher<'a> {
     fn wake_for_pacing(&self) -> Option<Instant> {
         (self.plan.rate > 0.0
             && self.connected
+            && self.ready
             && self.resend.is_empty()
             && self.next < self.total()
             && self.outstanding() < usize::from(self.plan.window))
@@ -1456,6 +1469,7 @@ impl DeviceRun {
         &mut self,
         publisher: &mut Publisher<'_>,
         topic: &str,
+        topics: &DeviceTopics,
         client: &AsyncClient,
         eventloop: &mut EventLoop,
     ) -> Result<(), FailureReason> {
@@ -1464,6 +1478,14 @@ impl DeviceRun {
         self.deadline = Instant::now() + publisher.plan.timeout;
         self.backoff = BACKOFF_FIRST;
         publisher.next_due = Instant::now();
+        let subscribe_status = || {
+            client
+                .try_subscribe(topics.status.clone(), QoS::AtLeastOnce)
+                .map_err(|e| FailureReason::Prepare(format!("subscribe: {e}")))
+        };
+        if !publisher.ready {
+            subscribe_status()?;
+        }
         while publisher.acked < publisher.total() {
             publisher.fill(client, topic);
             let wake = publisher
@@ -1488,17 +1510,39 @@ impl DeviceRun {
                 Event::Incoming(Packet::ConnAck(_)) => {
                     publisher.connected = true;
                     self.backoff = BACKOFF_FIRST;
+                    if !publisher.ready {
+                        subscribe_status()?;
+                    }
+                }
+                Event::Incoming(Packet::Publish(publish)) if publish.topic == topics.status => {
+                    let Ok(report) =
+                        wire::decode::<StatusReport>(PayloadFormat::Json, &publish.payload)
+                    else {
+                        continue;
+                    };
+                    let status = report.status.as_str();
+                    self.last_status = Some(status.to_string());
+                    match status {
+                        "provisioned" if !publisher.ready => {
+                            publisher.ready = true;
+                            publisher.next_due = Instant::now();
+                        }
+                        "failed" | "blocked" => {
+                            return Err(FailureReason::NotProvisioned(status.to_string()))
+                        }
+                        _ => {}
+                    }
                 }
                 Event::Outgoing(Outgoing::Publish(pkid)) => {
                     if let Some(seq) = publisher.queued.pop_front() {
                         publisher.in_flight.insert(pkid, seq);
                     }
                 }
-                Event::Incoming(Packet::PubAck(ack)) => {
-                    if publisher.in_flight.remove(&ack.pkid).is_some() {
-                        publisher.acked += 1;
-                        publisher.last_ack = Some(Instant::now());
-                    }
+                Event::Incoming(Packet::PubAck(ack))
+                    if publisher.in_flight.remove(&ack.pkid).is_some() =>
+                {
+                    publisher.acked += 1;
+                    publisher.last_ack = Some(Instant::now());
                 }
                 _ => {}
             }
