@@ -344,6 +344,7 @@ pub(crate) fn telemetry_rows(
             ),
         ),
         ("telemetry acked by the gateway", report.acked.to_string()),
+        ("telemetry reconnects", report.reconnects.to_string()),
     ];
     match check {
         Some(c) => {
@@ -368,7 +369,7 @@ pub(crate) fn telemetry_rows(
 }
 
 /// The telemetry keys of the `--json` summaries: `"messages"`, `"messagesAcked"`,
-/// `"telemetryDevices"` and, with the cloud-side check, `"messagesPerSecond"`,
+/// `"telemetryDevices"`, `"telemetryReconnects"` and, with the cloud-side check, `"messagesPerSecond"`,
 /// `"telemetryP50Ms"`, `"telemetryP99Ms"`, `"lost"`, `"duplicates"`, `"outOfOrder"`,
 /// `"telemetryLatency"`.
 pub(crate) fn telemetry_json(
@@ -382,6 +383,7 @@ pub(crate) fn telemetry_json(
     put("messages", report.published.into());
     put("messagesAcked", report.acked.into());
     put("telemetryDevices", report.devices.into());
+    put("telemetryReconnects", report.reconnects.into());
     match check {
         Some(c) => {
             let latency = c.latency();

@@ -539,6 +539,8 @@ pub struct DeviceTelemetry {
     pub published: u64,
     /// Of those, acknowledged by the gateway (stored durably, for fleetgw).
     pub acked: u64,
+    /// Connections re-established during the phase.
+    pub reconnects: u32,
     /// Why the device stopped before every PUBACK came.
     pub error: Option<FailureReason>,
 }
@@ -621,6 +623,9 @@ pub struct TelemetryReport {
     pub published: u64,
     /// Of those, acknowledged by the gateway.
     pub acked: u64,
+    /// Connections re-established during the phase (unacknowledged messages were published
+    /// again after each).
+    pub reconnects: u64,
     /// From the first publish to the last PUBACK of the fleet.
     pub elapsed: Duration,
     /// Every device that published, by device number.
@@ -707,6 +712,7 @@ impl FleetReport {
                 "messagesPerDevice": t.messages_per_device,
                 "published": t.published,
                 "acked": t.acked,
+                "reconnects": t.reconnects,
                 "seconds": t.elapsed.as_secs_f64(),
                 "ackedPerSecond": t.acked_per_second(),
                 "incomplete": t.incomplete().map(|d| serde_json::json!({
@@ -991,6 +997,7 @@ impl Tally {
                     devices: t.per_device.len() as u32,
                     published: t.per_device.iter().map(|d| d.published).sum(),
                     acked: t.per_device.iter().map(|d| d.acked).sum(),
+                    reconnects: t.per_device.iter().map(|d| u64::from(d.reconnects)).sum(),
                     elapsed: match (t.first_publish, t.last_ack) {
                         (Some(first), Some(last)) => last.saturating_duration_since(first),
                         _ => Duration::ZERO,
@@ -1178,6 +1185,7 @@ async fn run_device(
         .provision(fleet, &plan, &topics, &request, &client, &mut eventloop)
         .await;
     drop(permit);
+    let provisioning_reconnects = device.reconnects;
     let telemetry = match (&result, &fleet.opts.telemetry) {
         (Ok(done), Some(t)) if t.publishes(&plan) => Some((done.thing_name.clone(), t)),
         _ => None,
@@ -1186,7 +1194,7 @@ async fn run_device(
         plan: plan.clone(),
         result,
         connect: device.connect,
-        reconnects: device.reconnects,
+        reconnects: provisioning_reconnects,
         resent: device.resent,
     }));
     if let Some((thing_name, t)) = telemetry {
@@ -1205,6 +1213,7 @@ async fn run_device(
                 thing_name,
                 published: publisher.next,
                 acked: publisher.acked,
+                reconnects: device.reconnects - provisioning_reconnects,
                 error,
             },
             first_publish: publisher.first_publish,
