@@ -575,7 +575,8 @@ async fn telemetry_survives_a_cut_connection_without_gaps_or_reordering() {
     opts.own_csr_share = 0.25;
     opts.telemetry = Some(TelemetryPlan {
         messages_per_device: PER_DEVICE as u32,
-        rate: 200.0,
+        // Three seconds per device: the cut lands mid-phase even on a loaded machine.
+        rate: 100.0,
         payload_bytes: 120,
         window: WINDOW,
         // The stand-in gateway publishes no status; with the real one this waits for it.
@@ -592,7 +593,7 @@ async fn telemetry_survives_a_cut_connection_without_gaps_or_reordering() {
     loop {
         let progressed = {
             let got = got.lock().unwrap();
-            got.len() == 4 && got.values().all(|seqs| seqs.len() >= 60)
+            got.len() == 4 && got.values().all(|seqs| seqs.len() >= 30)
         };
         if progressed {
             break;
@@ -600,7 +601,11 @@ async fn telemetry_survives_a_cut_connection_without_gaps_or_reordering() {
         assert!(
             Instant::now() < deadline,
             "telemetry did not start: {:?}",
-            got.lock().unwrap().keys()
+            got.lock()
+                .unwrap()
+                .iter()
+                .map(|(id, seqs)| (id.clone(), seqs.len()))
+                .collect::<Vec<_>>()
         );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
