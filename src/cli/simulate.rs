@@ -66,7 +66,7 @@ pub struct TelemetryArgs {
     #[arg(long)]
     pub telemetry_on_accepted: bool,
 
-    /// Seconds each device may take from its first telemetry publish to the last PUBACK.
+    /// Seconds each device may take for its telemetry phase (status wait included).
     #[arg(long, value_name = "SECS", default_value_t = 120, value_parser = clap::value_parser!(u64).range(1..))]
     pub telemetry_timeout: u64,
 

@@ -32,7 +32,9 @@
 //!
 //! The per-device loop is a small stage machine (connecting, subscribing, waiting for the
 //! answer, publishing telemetry) on one connection. With [`FleetOptions::telemetry`] set, a
-//! provisioned device goes on to publish `messages_per_device` QoS 1 messages on
+//! provisioned device waits for its retained status to say `provisioned` (the gateway records
+//! the delivery only after answering, and refuses telemetry until then), then publishes
+//! `messages_per_device` QoS 1 messages on
 //! `{p}/{id}/telemetry`, paced by `rate`, at most `window` unacknowledged, each carrying its
 //! sequence number and send time (the payload of [`telemetry_check::payload`]), so the cloud
 //! side can be checked for loss, duplication and order with [`telemetry_check`]. Messages not
@@ -193,7 +195,7 @@ pub struct TelemetryPlan {
     /// "device"` they cannot: the gateway holds no key to connect upstream as them, and
     /// refuses their telemetry with a notice.
     pub own_csr_devices: bool,
-    /// Per device, from its first publish to the last PUBACK.
+    /// Per device, from the start of its phase (status wait included) to the last PUBACK.
     pub timeout: Duration,
     /// Wait for the retained `{p}/{id}/status` to say `provisioned` before publishing. The
     /// gateway answers on `/accepted` before it records the device as delivered, and until
