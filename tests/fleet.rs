@@ -581,6 +581,7 @@ async fn telemetry_survives_a_cut_connection_without_gaps_or_reordering() {
         window: WINDOW,
         // The stand-in gateway publishes no status; with the real one this waits for it.
         await_status: false,
+        after_fleet: true,
         own_csr_devices: true,
         timeout: Duration::from_secs(30),
     });

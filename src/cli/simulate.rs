@@ -66,6 +66,11 @@ pub struct TelemetryArgs {
     #[arg(long)]
     pub telemetry_on_accepted: bool,
 
+    /// Let each device start its telemetry as soon as it is provisioned, instead of once the
+    /// whole fleet is (the phases then overlap and share the machine, mixing their figures).
+    #[arg(long)]
+    pub telemetry_overlap: bool,
+
     /// Seconds each device may take for its telemetry phase (status wait included).
     #[arg(long, value_name = "SECS", default_value_t = 120, value_parser = clap::value_parser!(u64).range(1..))]
     pub telemetry_timeout: u64,
@@ -88,6 +93,7 @@ impl TelemetryArgs {
             window: self.message_window,
             own_csr_devices: self.telemetry_own_csr,
             await_status: !self.telemetry_on_accepted,
+            after_fleet: !self.telemetry_overlap,
             timeout: Duration::from_secs(self.telemetry_timeout),
         })
     }

@@ -55,7 +55,7 @@ use rumqttc::{
     SubscribeFilter, SubscribeReasonCode, TlsConfiguration, Transport,
 };
 use serde::Serialize;
-use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
@@ -202,6 +202,10 @@ pub struct TelemetryPlan {
     /// then it refuses (and drops, with a notice) the device's telemetry; `false` publishes
     /// right after `/accepted`, which exposes that window.
     pub await_status: bool,
+    /// Start the phase only once every device of the fleet is provisioned (or failed), so
+    /// the provisioning and telemetry figures do not mix; devices stay connected meanwhile.
+    /// `false`: each device starts as soon as it is provisioned.
+    pub after_fleet: bool,
 }
 
 impl Default for TelemetryPlan {
@@ -214,6 +218,7 @@ impl Default for TelemetryPlan {
             own_csr_devices: false,
             timeout: Duration::from_secs(120),
             await_status: true,
+            after_fleet: true,
         }
     }
 }
@@ -592,7 +597,8 @@ pub struct FleetReport {
     pub provisioned: u32,
     /// Devices that gave up.
     pub failed: u32,
-    /// From the first device's start to the last device's outcome.
+    /// From the first device's start to the last device's provisioning outcome (a telemetry
+    /// phase is timed separately).
     pub elapsed: Duration,
     /// Per provisioned device: from its first request to the answer.
     pub latency: LatencySummary,
@@ -776,14 +782,28 @@ pub async fn run_fleet(
         option: "prefix",
         reason: e.to_string(),
     })?;
-    let shared = Arc::new(Fleet { opts, prefix, tls });
+    let after_fleet = opts.telemetry.as_ref().is_some_and(|t| t.after_fleet);
+    let (gate, telemetry_gate) = watch::channel(!after_fleet);
+    let shared = Arc::new(Fleet {
+        opts,
+        prefix,
+        tls,
+        telemetry_gate,
+    });
 
     let started = Instant::now();
     let (tx, mut rx) = mpsc::unbounded_channel();
     let mut spawner = AbortOnDrop(tokio::spawn(start_devices(shared, plans, tx)));
     while let Some(report) = rx.recv().await {
         let event = match report {
-            DeviceReport::Provisioning(outcome) => tally.record(outcome),
+            DeviceReport::Provisioning(outcome) => {
+                let event = tally.record(outcome);
+                if tally.provisioning_done() {
+                    tally.provisioning_elapsed.get_or_insert(started.elapsed());
+                    gate.send_replace(true);
+                }
+                event
+            }
             DeviceReport::Telemetry(done) => Some(tally.record_telemetry(done)),
         };
         if let Some(event) = event {
@@ -795,7 +815,10 @@ pub async fn run_fleet(
     for event in tally.account_for_lost(join_error) {
         progress(event);
     }
-    Ok(tally.finish(started.elapsed()))
+    let elapsed = tally
+        .provisioning_elapsed
+        .unwrap_or_else(|| started.elapsed());
+    Ok(tally.finish(elapsed))
 }
 
 /// Aborts the spawner (and with its JoinSet, every device task) when a run is dropped midway.
@@ -812,6 +835,8 @@ struct Fleet {
     opts: FleetOptions,
     prefix: TopicPrefix,
     tls: Option<Arc<rustls::ClientConfig>>,
+    /// `true` once devices may start their telemetry phase.
+    telemetry_gate: watch::Receiver<bool>,
 }
 
 /// What a device task reports.
@@ -881,6 +906,8 @@ struct Tally {
     cbor: u32,
     own_csr: u32,
     telemetry: Option<TelemetryTally>,
+    /// From the start to the last provisioning outcome (telemetry may go on after it).
+    provisioning_elapsed: Option<Duration>,
 }
 
 struct TelemetryTally {
@@ -915,7 +942,13 @@ impl Tally {
                 first_publish: None,
                 last_ack: None,
             }),
+            provisioning_elapsed: None,
         }
+    }
+
+    /// Every device has a provisioning outcome.
+    fn provisioning_done(&self) -> bool {
+        self.plans.is_empty()
     }
 
     fn record_telemetry(&mut self, done: TelemetryDone) -> FleetEvent {
@@ -1200,7 +1233,7 @@ async fn run_device(
         resent: device.resent,
     }));
     if let Some((thing_name, t)) = telemetry {
-        let mut publisher = Publisher::new(t);
+        let mut publisher = Publisher::new(t, fleet.telemetry_gate.clone(), gate_wait(&fleet.opts));
         let error = match fleet.prefix.telemetry(&plan.id, None) {
             Ok(topic) => device
                 .telemetry(&mut publisher, &topic, &topics, &client, &mut eventloop)
@@ -1223,6 +1256,21 @@ async fn run_device(
         }));
     }
     close(&client, &mut eventloop).await;
+}
+
+/// The longest a provisioned device may wait for the rest of the fleet before its telemetry
+/// phase starts: the provisioning budget of every wave of `max_in_flight` devices, plus the
+/// pacing of the starts.
+fn gate_wait(opts: &FleetOptions) -> Duration {
+    let pacing = if opts.rate > 0.0 {
+        Duration::from_secs_f64(f64::from(opts.devices) / opts.rate)
+    } else {
+        Duration::ZERO
+    };
+    let waves = (opts.devices as usize).div_ceil(opts.max_in_flight.max(1));
+    opts.timeout
+        .saturating_mul(u32::try_from(waves).unwrap_or(u32::MAX))
+        + pacing
 }
 
 /// Request channel size: room for a full telemetry window plus the DISCONNECT.
@@ -1252,12 +1300,18 @@ struct Publisher<'a> {
     connected: bool,
     /// The gateway has recorded the device as provisioned (or the plan does not wait).
     ready: bool,
+    /// The fleet-wide start signal came (see [`TelemetryPlan::after_fleet`]).
+    gate_open: bool,
+    /// The fleet-wide start signal.
+    gate: watch::Receiver<bool>,
+    /// The longest to wait for it.
+    gate_wait: Duration,
     first_publish: Option<Instant>,
     last_ack: Option<Instant>,
 }
 
 impl<'a> Publisher<'a> {
-    fn new(plan: &'a TelemetryPlan) -> Self {
+    fn new(plan: &'a TelemetryPlan, gate: watch::Receiver<bool>, gate_wait: Duration) -> Self {
         Self {
             plan,
             next: 0,
@@ -1269,6 +1323,9 @@ impl<'a> Publisher<'a> {
             // The provisioning connection is up when telemetry starts.
             connected: true,
             ready: !plan.await_status,
+            gate_open: false,
+            gate,
+            gate_wait,
             first_publish: None,
             last_ack: None,
         }
@@ -1284,7 +1341,11 @@ impl<'a> Publisher<'a> {
 
     /// Hands the client as many messages as the window, the pacing and the channel allow.
     fn fill(&mut self, client: &AsyncClient, topic: &str) {
-        while self.connected && self.ready && self.outstanding() < usize::from(self.plan.window) {
+        while self.connected
+            && self.ready
+            && self.gate_open
+            && self.outstanding() < usize::from(self.plan.window)
+        {
             let now = Instant::now();
             let seq = match self.resend.front() {
                 Some(&seq) => seq,
@@ -1315,6 +1376,7 @@ impl<'a> Publisher<'a> {
         (self.plan.rate > 0.0
             && self.connected
             && self.ready
+            && self.gate_open
             && self.resend.is_empty()
             && self.next < self.total()
             && self.outstanding() < usize::from(self.plan.window))
@@ -1486,7 +1548,17 @@ impl DeviceRun {
     ) -> Result<(), FailureReason> {
         self.stage = Stage::Telemetry;
         self.timeout = publisher.plan.timeout;
-        self.deadline = Instant::now() + publisher.plan.timeout;
+        // Until the fleet-wide start, the budget also covers the rest of the fleet's
+        // provisioning; it starts afresh when the gate opens.
+        let mut gate = publisher.gate.clone();
+        publisher.gate_open = *gate.borrow_and_update();
+        self.deadline = Instant::now()
+            + publisher.plan.timeout
+            + if publisher.gate_open {
+                Duration::ZERO
+            } else {
+                publisher.gate_wait
+            };
         self.backoff = BACKOFF_FIRST;
         publisher.next_due = Instant::now();
         let subscribe_status = || {
@@ -1502,7 +1574,17 @@ impl DeviceRun {
             let wake = publisher
                 .wake_for_pacing()
                 .map_or(self.deadline, |due| due.min(self.deadline));
-            let event = match tokio::time::timeout_at(wake, eventloop.poll()).await {
+            let polled = tokio::select! {
+                // A closed channel means the run is gone: nothing to wait for.
+                _ = gate.wait_for(|open| *open), if !publisher.gate_open => {
+                    publisher.gate_open = true;
+                    publisher.next_due = Instant::now();
+                    self.deadline = Instant::now() + publisher.plan.timeout;
+                    continue;
+                }
+                polled = tokio::time::timeout_at(wake, eventloop.poll()) => polled,
+            };
+            let event = match polled {
                 Err(_) if wake < self.deadline => continue,
                 Err(_) => return Err(self.timed_out()),
                 Ok(Err(ConnectionError::ConnectionRefused(code))) => {
