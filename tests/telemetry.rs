@@ -33,6 +33,7 @@ use fleetgw::downstream::{
     EmbeddedBrokerOptions, Inbound,
 };
 use fleetgw::emulator::aws::{self, AwsEmulatorHandle, AwsEmulatorOptions};
+use fleetgw::emulator::telemetry_check::{self, Arrival, TelemetryCheck};
 use fleetgw::identity::{self, CertificateAuthority, KeyType, PrivateKey};
 use fleetgw::store::{DeviceRecord, DeviceState, Store, StoreOptions};
 use fleetgw::telemetry::{
@@ -242,6 +243,15 @@ async fn outage(emu: &AwsEmulatorHandle, seconds: f64) {
 
 /// What the emulator received from one client: (topic, seq) in arrival order.
 async fn received(emu: &AwsEmulatorHandle, client_id: &str) -> Vec<(String, u64)> {
+    received_with_times(emu, client_id)
+        .await
+        .into_iter()
+        .map(|(topic, a)| (topic, a.seq))
+        .collect()
+}
+
+/// What the emulator received from one client: (topic, arrival) in arrival order.
+async fn received_with_times(emu: &AwsEmulatorHandle, client_id: &str) -> Vec<(String, Arrival)> {
     let (status, list) = http(
         emu.api_addr(),
         "GET",
@@ -257,34 +267,25 @@ async fn received(emu: &AwsEmulatorHandle, client_id: &str) -> Vec<(String, u64)
             let raw = base64::engine::general_purpose::STANDARD
                 .decode(m["payloadBase64"].as_str().unwrap())
                 .unwrap();
-            let v: Value = serde_json::from_slice(&raw).unwrap();
+            let (seq, sent_ms) = telemetry_check::parse_payload(&raw).expect("a {\"seq\"} payload");
             (
                 m["topic"].as_str().unwrap().to_string(),
-                v["seq"].as_u64().unwrap(),
+                Arrival {
+                    seq,
+                    sent_ms,
+                    received_ms: m["receivedAtMs"].as_u64().unwrap(),
+                },
             )
         })
         .collect()
 }
 
-/// Checks one device's arrivals against `expected` sequence numbers (ascending): each present,
-/// first arrivals in order. Returns the number of duplicates.
-fn check_sequence(device: &str, seqs: &[u64], expected: &[u64]) -> usize {
-    let mut seen = std::collections::HashSet::new();
-    let mut firsts = Vec::with_capacity(expected.len());
-    for &s in seqs {
-        if seen.insert(s) {
-            firsts.push(s);
-        }
-    }
-    assert_eq!(
-        firsts.len(),
-        expected.len(),
-        "{device}: {} distinct messages arrived, {} expected",
-        firsts.len(),
-        expected.len()
-    );
-    assert_eq!(firsts, expected, "{device}: lost or out of order");
-    seqs.len() - firsts.len()
+/// Checks one device's arrivals against the `expected` sequence numbers (the library's
+/// checker): each present, first arrivals in order, nothing else. Returns the duplicates.
+fn check_sequence(device: &str, seqs: &[u64], expected: std::ops::Range<u64>) -> usize {
+    let check = telemetry_check::check_sequence(seqs.iter().copied(), expected);
+    assert!(check.complete_in_order(), "{device}: {check:?}");
+    check.duplicates as usize
 }
 
 async fn eventually<T>(what: &str, mut probe: impl FnMut() -> Option<T>) -> T {
@@ -377,7 +378,6 @@ async fn no_loss_in_order_across_an_outage_and_a_restart() {
     })
     .await;
 
-    let expected: Vec<u64> = (0..PER_DEVICE).collect();
     let mut duplicates = 0;
     for (id, thing) in &devices {
         let got = received(&emu, thing).await;
@@ -387,7 +387,7 @@ async fn no_loss_in_order_across_an_outage_and_a_restart() {
             "{id}: unexpected topics"
         );
         let seqs: Vec<u64> = got.iter().map(|(_, s)| *s).collect();
-        let dups = check_sequence(id, &seqs, &expected);
+        let dups = check_sequence(id, &seqs, 0..PER_DEVICE);
         // One connection loss (the outage) and one restart per device.
         assert!(
             dups <= 2 * window,
@@ -550,7 +550,7 @@ async fn full_outbox_backpressure_holds_messages_at_the_broker_then_delivers_all
         .into_iter()
         .map(|(_, s)| s)
         .collect();
-    let dups = check_sequence(&id, &seqs, &(0..TOTAL).collect::<Vec<_>>());
+    let dups = check_sequence(&id, &seqs, 0..TOTAL);
     assert!(dups <= 10, "{dups} duplicates");
     assert_eq!(gw.stats().dropped_full, 0);
     gw.stop().await;
@@ -596,7 +596,7 @@ async fn full_outbox_drop_oldest_keeps_the_newest_and_counts_the_rest() {
         .map(|(_, s)| s)
         .collect();
     let first_kept = stats.dropped_full;
-    let dups = check_sequence(&id, &seqs, &(first_kept..TOTAL).collect::<Vec<_>>());
+    let dups = check_sequence(&id, &seqs, first_kept..TOTAL);
     assert_eq!(dups, 0);
     assert_eq!(stats.forwarded + stats.dropped_full, TOTAL, "{stats:?}");
     gw.stop().await;
@@ -938,7 +938,7 @@ async fn connection_cap_parks_devices_and_idle_links_close() {
             .into_iter()
             .map(|(_, s)| s)
             .collect();
-        check_sequence(id, &seqs, &(0..30).collect::<Vec<_>>());
+        check_sequence(id, &seqs, 0..30);
     }
     eventually("idle links to close", || {
         (gw.stats().open_connections == 0).then_some(())
@@ -1034,32 +1034,18 @@ async fn bench_devices_through_an_outage() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let elapsed = started.elapsed();
-    let mut latencies = Vec::with_capacity(total as usize);
-    let mut duplicates = 0;
-    let expected: Vec<u64> = (0..per_device).collect();
+    let mut check = TelemetryCheck::new();
     for (id, thing) in &devices {
-        let (status, list) = http(
-            emu.api_addr(),
-            "GET",
-            &format!("/messages?clientId={thing}"),
-            None,
-        )
-        .await;
-        assert_eq!(status, 200);
-        let mut seqs = Vec::new();
-        for m in list.as_array().unwrap() {
-            let raw = base64::engine::general_purpose::STANDARD
-                .decode(m["payloadBase64"].as_str().unwrap())
-                .unwrap();
-            let v: Value = serde_json::from_slice(&raw).unwrap();
-            seqs.push(v["seq"].as_u64().unwrap());
-            let sent = v["t"].as_u64().unwrap();
-            latencies.push(m["receivedAtMs"].as_u64().unwrap().saturating_sub(sent));
-        }
-        duplicates += check_sequence(id, &seqs, &expected);
+        let arrivals: Vec<Arrival> = received_with_times(&emu, thing)
+            .await
+            .into_iter()
+            .map(|(_, a)| a)
+            .collect();
+        let device = check.add_device(id, &arrivals, 0..per_device);
+        assert!(device.complete_in_order(), "{id}: {device:?}");
     }
-    latencies.sort_unstable();
-    let pct = |p: f64| latencies[((latencies.len() as f64 - 1.0) * p) as usize];
+    let latency = check.latency();
+    let duplicates = check.duplicates;
     let stats = gw.stats();
     eprintln!(
         "BENCH devices={n_devices} messages={total} outage_s={outage_secs} elapsed_s={:.2} \
@@ -1068,9 +1054,9 @@ async fn bench_devices_through_an_outage() {
         elapsed.as_secs_f64(),
         published.as_secs_f64(),
         total as f64 / elapsed.as_secs_f64(),
-        pct(0.5),
-        pct(0.99),
-        latencies.last().copied().unwrap_or(0),
+        latency.p50_ms,
+        latency.p99_ms,
+        latency.max_ms,
         stats.upstream_disconnects,
         store.flush_count(),
         stats.append_batches,
@@ -1091,11 +1077,7 @@ async fn publish_timed(broker_port: u16, id: &str, count: u64) {
     let topic = format!("fleetgw/{id}/telemetry");
     let publisher = tokio::spawn(async move {
         for n in 0..count {
-            let head = format!(r#"{{"seq":{n},"t":{},"pad":""#, now_ms());
-            let payload = format!(
-                "{head}{}\"}}",
-                "x".repeat(200usize.saturating_sub(head.len() + 2))
-            );
+            let payload = telemetry_check::payload(n, now_ms(), 200);
             client
                 .publish(&topic, QoS::AtLeastOnce, false, payload)
                 .await
@@ -1200,41 +1182,19 @@ async fn bench_mosquitto_bridge_baseline() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let delivered_in = last.1.duration_since(started);
-    let (_, list) = http(
-        emu.api_addr(),
-        "GET",
-        &format!("/messages?clientId={gw_thing}"),
-        None,
-    )
-    .await;
-    let mut distinct = std::collections::HashSet::new();
-    let mut latencies = Vec::new();
-    for m in list.as_array().unwrap() {
-        let raw = base64::engine::general_purpose::STANDARD
-            .decode(m["payloadBase64"].as_str().unwrap())
-            .unwrap();
-        let v: Value = serde_json::from_slice(&raw).unwrap();
-        let key = (
-            m["topic"].as_str().unwrap().to_string(),
-            v["seq"].as_u64().unwrap(),
-        );
-        if distinct.insert(key) {
-            latencies.push(
-                m["receivedAtMs"]
-                    .as_u64()
-                    .unwrap()
-                    .saturating_sub(v["t"].as_u64().unwrap()),
-            );
-        }
+    // One bridge connection carries every device: the topic tells them apart.
+    let mut by_topic: BTreeMap<String, Vec<Arrival>> = BTreeMap::new();
+    for (topic, arrival) in received_with_times(&emu, &gw_thing).await {
+        by_topic.entry(topic).or_default().push(arrival);
     }
-    latencies.sort_unstable();
-    let pct = |p: f64| {
-        latencies
-            .get(((latencies.len().max(1) - 1) as f64 * p) as usize)
-            .copied()
-            .unwrap_or(0)
-    };
-    let delivered = distinct.len() as u64;
+    let mut check = TelemetryCheck::new();
+    for i in 0..n_devices {
+        let topic = format!("fleetgw/sensor-{i:02}/telemetry");
+        let arrivals = by_topic.get(&topic).map(Vec::as_slice).unwrap_or_default();
+        check.add_device(&topic, arrivals, 0..per_device);
+    }
+    let latency = check.latency();
+    let delivered = total - check.lost;
     eprintln!(
         "BASELINE mosquitto-bridge devices={n_devices} acked_to_devices={total} in {:.2}s ({:.0}/s) \
          delivered={delivered} in {:.2}s ({:.0}/s) lost={} ({:.1}%) p50_ms={} p99_ms={}",
@@ -1242,10 +1202,10 @@ async fn bench_mosquitto_bridge_baseline() {
         total as f64 / acked_in.as_secs_f64(),
         delivered_in.as_secs_f64(),
         delivered as f64 / delivered_in.as_secs_f64().max(0.001),
-        total - delivered,
-        (total - delivered) as f64 * 100.0 / total as f64,
-        pct(0.5),
-        pct(0.99),
+        check.lost,
+        check.lost as f64 * 100.0 / total as f64,
+        latency.p50_ms,
+        latency.p99_ms,
     );
     emu.shutdown().await;
 }

@@ -28,6 +28,7 @@ use tokio::net::TcpStream;
 use tokio::time::{timeout, Instant};
 
 use fleetgw::emulator::aws::{self, AwsEmulatorHandle, AwsEmulatorOptions};
+use fleetgw::emulator::telemetry_check::{self, Arrival, TelemetryCheck};
 
 use common::mosquitto::{Mosquitto, MosquittoConfig};
 use common::{env_or, now_ms};
@@ -187,10 +188,13 @@ async fn publish(port: u16, id: String, count: u64) {
     let topic = format!("fleetgw/{id}/telemetry");
     let publisher = tokio::spawn(async move {
         for n in 0..count {
-            let head = format!(r#"{{"seq":{n},"t":{},"pad":""#, now_ms());
-            let pad = "x".repeat(200usize.saturating_sub(head.len() + 2));
             client
-                .publish(&topic, QoS::AtLeastOnce, false, format!("{head}{pad}\"}}"))
+                .publish(
+                    &topic,
+                    QoS::AtLeastOnce,
+                    false,
+                    telemetry_check::payload(n, now_ms(), 200),
+                )
                 .await
                 .unwrap();
         }
@@ -290,9 +294,8 @@ async fn daemon_sigkill_during_an_outage_loses_nothing() {
     }
     let elapsed = started.elapsed();
 
-    let mut duplicates = 0usize;
-    let mut worst = 0usize;
-    let mut latencies = Vec::new();
+    let mut check = TelemetryCheck::new();
+    let mut worst = 0;
     for (id, thing) in &things {
         // The total above counts duplicates too: wait until this device is complete (or the
         // deadline passed, and the comparison below says what is missing).
@@ -306,7 +309,7 @@ async fn daemon_sigkill_during_an_outage_loses_nothing() {
                     let raw = base64::engine::general_purpose::STANDARD
                         .decode(m["payloadBase64"].as_str()?)
                         .ok()?;
-                    serde_json::from_slice::<Value>(&raw).ok()?["seq"].as_u64()
+                    Some(telemetry_check::parse_payload(&raw)?.0)
                 })
                 .collect();
             if distinct.len() as u64 >= per_device || Instant::now() >= deadline {
@@ -314,34 +317,31 @@ async fn daemon_sigkill_during_an_outage_loses_nothing() {
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
         };
-        let mut seen = HashSet::new();
-        let mut firsts = Vec::new();
-        let mut n = 0usize;
-        for m in list.as_array().unwrap() {
-            let raw = base64::engine::general_purpose::STANDARD
-                .decode(m["payloadBase64"].as_str().unwrap())
-                .unwrap();
-            let v: Value = serde_json::from_slice(&raw).unwrap();
-            let seq = v["seq"].as_u64().unwrap();
-            n += 1;
-            if seen.insert(seq) {
-                firsts.push(seq);
-                latencies.push(
-                    m["receivedAtMs"]
-                        .as_u64()
-                        .unwrap()
-                        .saturating_sub(v["t"].as_u64().unwrap()),
-                );
-            }
-        }
-        let expected: Vec<u64> = (0..per_device).collect();
-        assert_eq!(firsts, expected, "{id}: lost or reordered");
-        let dups = n - firsts.len();
-        duplicates += dups;
-        worst = worst.max(dups);
+        let arrivals: Vec<Arrival> = list
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| {
+                let raw = base64::engine::general_purpose::STANDARD
+                    .decode(m["payloadBase64"].as_str().unwrap())
+                    .unwrap();
+                let (seq, sent_ms) = telemetry_check::parse_payload(&raw).unwrap();
+                Arrival {
+                    seq,
+                    sent_ms,
+                    received_ms: m["receivedAtMs"].as_u64().unwrap(),
+                }
+            })
+            .collect();
+        let device = check.add_device(id, &arrivals, 0..per_device);
+        assert!(
+            device.complete_in_order(),
+            "{id}: lost or reordered: {device:?}"
+        );
+        worst = worst.max(device.duplicates as usize);
     }
-    latencies.sort_unstable();
-    let pct = |p: f64| latencies[((latencies.len() as f64 - 1.0) * p) as usize];
+    let duplicates = check.duplicates;
+    let latency = check.latency();
     eprintln!(
         "DAEMON devices={devices} messages={total} outage_s={outage_secs} kills=1 \
          published_s={:.1} elapsed_s={:.1} msgs_per_s={:.0} p50_ms={} p99_ms={} \
@@ -349,8 +349,8 @@ async fn daemon_sigkill_during_an_outage_loses_nothing() {
         published.as_secs_f64(),
         elapsed.as_secs_f64(),
         total as f64 / elapsed.as_secs_f64(),
-        pct(0.5),
-        pct(0.99),
+        latency.p50_ms,
+        latency.p99_ms,
     );
     // One outage disconnect and one kill per device.
     assert!(

@@ -5,26 +5,37 @@
 //! while the devices provision, then a summary table: devices, provisioned, failed, wall time,
 //! devices/s, p50/p99 per-device latency and the things the emulator registered.
 //!
+//! Then the telemetry phase (on by default, `--messages 0` turns it off): every provisioned
+//! device whose key the gateway made publishes `--messages` sequence-numbered QoS 1 messages
+//! on the same connection; the gateway stores and forwards them upstream under each device's
+//! own certificate (`telemetry.identity = "device"`; devices that brought their own CSR sit
+//! the phase out, since the gateway cannot connect as them). A second progress bar counts the
+//! acknowledged messages; the demo then waits (at most `--drain-secs`) until the emulator has
+//! every message and checks them with `emulator::telemetry_check`: the table gains messages,
+//! messages/s, device-to-cloud p50/p99, lost and duplicates. Everything runs in one process,
+//! so device send times and emulator arrival times come from one clock.
+//!
 //! `--json FILE` writes the summary for scripts and benchmarks; `--keep` leaves everything
 //! running and prints how to query it until Ctrl-C. Logging defaults to `warn` (set in
 //! `cli::main`) so the progress bar stays readable; `RUST_LOG` overrides it.
 
 use std::os::unix::fs::DirBuilderExt as _;
 use std::path::{Path, PathBuf};
-use std::pin::Pin;
 use std::process::ExitCode;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use comfy_table::Table;
-use hyper::body::Body as _;
-use tokio::net::TcpStream;
 
 use crate::config;
 use crate::emulator::aws::{self as aws_emulator, AwsEmulatorHandle, AwsEmulatorOptions};
 use crate::emulator::devices::{self, FleetOptions, FleetReport, SimError};
+use crate::emulator::telemetry_check::{self, TelemetryCheck};
 
 use super::run::Gateway;
-use super::simulate::{print_failures, summary_table, write_json, FleetProgress};
+use super::simulate::{
+    print_failures, summary_table, telemetry_json, telemetry_ok, telemetry_rows, write_json,
+    FleetProgress, TelemetryArgs,
+};
 use super::{EX_CONFIG, EX_IOERR, EX_SOFTWARE};
 
 /// Share of demo devices that send CBOR (the rest JSON).
@@ -35,6 +46,9 @@ const OWN_CSR_SHARE: f64 = 0.5;
 const DEVICE_TIMEOUT: Duration = Duration::from_secs(120);
 /// How long one request to the emulator's API may take.
 const API_TIMEOUT: Duration = Duration::from_secs(10);
+/// Telemetry messages per device when `--messages` is not given: enough for steady-state
+/// figures, few enough that the default demo stays well under half a minute.
+const DEFAULT_MESSAGES: u32 = 20;
 /// How long stopping the gateway and the emulator may take.
 const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(20);
 
@@ -53,6 +67,10 @@ pub struct Args {
     /// run, and print how to query them; stop with Ctrl-C.
     #[arg(long)]
     pub keep: bool,
+
+    /// The telemetry phase (`--messages` defaults to 20 here).
+    #[command(flatten)]
+    pub telemetry: TelemetryArgs,
 }
 
 /// Why the demo could not run.
@@ -82,6 +100,8 @@ enum DemoError {
     Simulator(#[from] SimError),
     #[error("emulator API {url}: {reason}")]
     Api { url: String, reason: String },
+    #[error("emulator API: {0}")]
+    Fetch(#[from] telemetry_check::FetchError),
     #[error("{0}")]
     Output(String),
     #[error("interrupted")]
@@ -139,7 +159,8 @@ async fn demo(args: &Args) -> Result<bool, DemoError> {
     opts.own_csr_share = OWN_CSR_SHARE;
     opts.cloud_ca_pem = Some(emulator.ca_pem().to_string());
     opts.timeout = DEVICE_TIMEOUT;
-    let progress = FleetProgress::new(u64::from(args.devices));
+    opts.telemetry = args.telemetry.plan(DEFAULT_MESSAGES);
+    let progress = FleetProgress::new(&opts);
     let report = tokio::select! {
         report = devices::run_fleet(opts, |event| progress.on_event(&event)) => report?,
         _ = tokio::signal::ctrl_c() => {
@@ -150,13 +171,24 @@ async fn demo(args: &Args) -> Result<bool, DemoError> {
     progress.finish();
 
     let things = thing_count(&emulator.api_url()).await?;
-    println!("{}", demo_table(&report, things));
+    let check = match &report.telemetry {
+        Some(t) => {
+            let within = Duration::from_secs(args.telemetry.drain_secs);
+            Some(telemetry_check::wait_for_delivery(&emulator.api_url(), t, within).await?)
+        }
+        None => None,
+    };
+    println!("{}", demo_table(&report, things, check.as_ref()));
     print_failures(&report);
+    let telemetry_ok = report
+        .telemetry
+        .as_ref()
+        .is_none_or(|t| telemetry_ok(t, check.as_ref()));
     if let Some(path) = &args.json {
-        write_json(path, &demo_json(&report, things)).map_err(DemoError::Output)?;
+        write_json(path, &demo_json(&report, things, check.as_ref())).map_err(DemoError::Output)?;
     }
-    let ok = report.all_provisioned() && things == u64::from(report.devices);
-    if !ok && report.all_provisioned() {
+    let ok = report.all_provisioned() && things == u64::from(report.devices) && telemetry_ok;
+    if report.all_provisioned() && things != u64::from(report.devices) {
         eprintln!(
             "fleetgw demo: the emulator has {things} things for {} devices",
             report.devices
@@ -179,7 +211,8 @@ async fn demo(args: &Args) -> Result<bool, DemoError> {
 }
 
 /// The config drop-in that turns the emulator-written `gateway.toml` into the demo's gateway:
-/// a free port for the device broker and cloud limits that do not cap a local run.
+/// a free port for the device broker, cloud limits that do not cap a local run, and telemetry
+/// forwarded under each device's own identity.
 fn write_demo_dropin(config_path: &Path) -> Result<(), DemoError> {
     let dir = config_path
         .parent()
@@ -193,17 +226,29 @@ fn write_demo_dropin(config_path: &Path) -> Result<(), DemoError> {
     let text = "# Written by `fleetgw demo`: the device broker on a free port, and cloud limits\n\
                 # that let a local run go as fast as the machine allows.\n\n\
                 [downstream]\nlisten = \"127.0.0.1:0\"\n\n\
-                [cloud.aws]\ntps = 100000\n";
+                [cloud.aws]\ntps = 100000\n\n\
+                # Each device's telemetry goes upstream under its own certificate.\n\
+                [telemetry]\nidentity = \"device\"\n";
     std::fs::write(&path, text).map_err(|source| DemoError::Write { path, source })
 }
 
-fn demo_table(report: &FleetReport, things: u64) -> Table {
-    summary_table(report, &[("things in the emulator", things.to_string())])
+fn demo_table(report: &FleetReport, things: u64, check: Option<&TelemetryCheck>) -> Table {
+    let mut rows = vec![("things in the emulator", things.to_string())];
+    if let Some(t) = &report.telemetry {
+        rows.extend(telemetry_rows(t, check));
+    }
+    summary_table(report, &rows)
 }
 
-/// `{"devices","provisioned","failed","seconds","devicesPerSecond","p50Ms","p99Ms","things"}`.
-fn demo_json(report: &FleetReport, things: u64) -> serde_json::Value {
-    serde_json::json!({
+/// `{"devices","provisioned","failed","seconds","devicesPerSecond","p50Ms","p99Ms","things"}`
+/// plus the telemetry keys of `simulate::telemetry_json` (`"messages"` is 0 without the
+/// telemetry phase).
+fn demo_json(
+    report: &FleetReport,
+    things: u64,
+    check: Option<&TelemetryCheck>,
+) -> serde_json::Value {
+    let mut json = serde_json::json!({
         "devices": report.devices,
         "provisioned": report.provisioned,
         "failed": report.failed,
@@ -212,7 +257,12 @@ fn demo_json(report: &FleetReport, things: u64) -> serde_json::Value {
         "p50Ms": report.latency.p50_ms,
         "p99Ms": report.latency.p99_ms,
         "things": things,
-    })
+        "messages": 0,
+    });
+    if let (Some(t), serde_json::Value::Object(map)) = (&report.telemetry, &mut json) {
+        map.extend(telemetry_json(t, check));
+    }
+    json
 }
 
 fn print_keep_instructions(
@@ -226,7 +276,8 @@ fn print_keep_instructions(
     println!("Everything keeps running until Ctrl-C. Try:");
     println!("  curl {api}/things            # things the emulator registered");
     println!("  curl {api}/certificates      # certificates and their status");
-    println!("  curl {api}/stats             # request and connection counters");
+    println!("  curl {api}/stats             # request, connection and message counters");
+    println!("  curl '{api}/messages?limit=5' # telemetry the devices sent (base64 payloads)");
     println!(
         "  fleetgw simulate --broker {broker} --devices 10 --ca {}",
         emulator.ca_path().display()
@@ -240,7 +291,7 @@ fn print_keep_instructions(
 /// Number of things in the emulator: the length of `GET /things`.
 async fn thing_count(api_url: &str) -> Result<u64, DemoError> {
     let url = format!("{api_url}/things");
-    let body = tokio::time::timeout(API_TIMEOUT, http_get(&url))
+    let body = tokio::time::timeout(API_TIMEOUT, telemetry_check::http_get(&url))
         .await
         .map_err(|_| DemoError::Api {
             url: url.clone(),
@@ -256,50 +307,6 @@ async fn thing_count(api_url: &str) -> Result<u64, DemoError> {
             reason: format!("not a JSON array: {e}"),
         })?;
     Ok(things.len() as u64)
-}
-
-/// A plain HTTP/1.1 GET of `http://host:port/path`; the body when the status is 200.
-async fn http_get(url: &str) -> Result<Vec<u8>, String> {
-    let rest = url
-        .strip_prefix("http://")
-        .ok_or("only http:// URLs are supported")?;
-    let (authority, path) = match rest.find('/') {
-        Some(i) => (&rest[..i], &rest[i..]),
-        None => (rest, "/"),
-    };
-    let stream = TcpStream::connect(authority)
-        .await
-        .map_err(|e| format!("connect: {e}"))?;
-    let (mut sender, connection) =
-        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
-            .await
-            .map_err(|e| format!("HTTP handshake: {e}"))?;
-    let driver = tokio::spawn(connection);
-    let request = hyper::Request::get(path)
-        .header(hyper::header::HOST, authority)
-        .body(String::new())
-        .map_err(|e| format!("request: {e}"))?;
-    let response = sender
-        .send_request(request)
-        .await
-        .map_err(|e| format!("request: {e}"))?;
-    let status = response.status();
-    let mut body = response.into_body();
-    let mut bytes = Vec::new();
-    while let Some(frame) = std::future::poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await {
-        let frame = frame.map_err(|e| format!("reading the body: {e}"))?;
-        if let Ok(data) = frame.into_data() {
-            bytes.extend_from_slice(&data);
-        }
-    }
-    driver.abort();
-    if status != hyper::StatusCode::OK {
-        return Err(format!(
-            "HTTP {status}: {}",
-            String::from_utf8_lossy(&bytes[..bytes.len().min(200)])
-        ));
-    }
-    Ok(bytes)
 }
 
 /// The demo's private directory under the system temp dir (mode 0700), removed when dropped

@@ -4,9 +4,14 @@
 //! Prints a summary table (and with `--json FILE` a machine-readable summary); exits 0 when
 //! every device holds a verified certificate, 1 when any failed, listing the first failures
 //! with their reasons. `fleetgw demo` reuses the table and the progress bar from here.
+//!
+//! With `--messages N` each provisioned device then publishes N sequence-numbered telemetry
+//! messages (see [`TelemetryArgs`]); with `--emulator-api URL` the run ends by checking what
+//! the cloud emulator received (`emulator::telemetry_check`: lost, duplicates, order,
+//! device-to-cloud latency) and exits 1 when anything was lost or reordered.
 
 use std::cell::Cell;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -14,17 +19,85 @@ use std::time::Duration;
 
 use comfy_table::presets::UTF8_FULL_CONDENSED;
 use comfy_table::{CellAlignment, Table};
-use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 use crate::admission;
 use crate::downstream::{parse_broker_url, BrokerUrl};
-use crate::emulator::devices::{self, FleetEvent, FleetOptions, FleetReport, SimAttestation};
+use crate::emulator::devices::{
+    self, FleetEvent, FleetOptions, FleetReport, SimAttestation, TelemetryPlan, TelemetryReport,
+};
+use crate::emulator::telemetry_check::{self, TelemetryCheck};
 use crate::identity::{CertificateAuthority, KeyType, Secret};
 
 use super::{EX_IOERR, EX_SOFTWARE, EX_USAGE};
 
 /// How many failures the summary lists (all of them are in `--json`).
 const FAILURES_SHOWN: usize = 10;
+
+/// The telemetry options shared by `fleetgw simulate` and `fleetgw demo` (whose defaults for
+/// `--messages` differ: 0 here, a short phase in the demo).
+#[derive(Debug, Clone, clap::Args)]
+pub struct TelemetryArgs {
+    /// Telemetry messages each provisioned device publishes after provisioning (QoS 1 on
+    /// PREFIX/ID/telemetry, payload {"seq":n,"t":sendMs,"pad":...}); 0 disables the phase.
+    #[arg(long, value_name = "N")]
+    pub messages: Option<u32>,
+
+    /// Telemetry messages per second per device (0 = as fast as --message-window allows).
+    #[arg(long, value_name = "R", default_value_t = 0.0)]
+    pub message_rate: f64,
+
+    /// Most unacknowledged telemetry messages per device.
+    #[arg(long, value_name = "N", default_value_t = 10, value_parser = clap::value_parser!(u16).range(1..))]
+    pub message_window: u16,
+
+    /// Telemetry payload size in bytes.
+    #[arg(long, value_name = "BYTES", default_value_t = 200)]
+    pub payload_bytes: usize,
+
+    /// Devices that sent their own CSR publish telemetry too (needs the gateway's
+    /// `telemetry.identity = "gateway"`; with "device" the gateway holds no key to forward
+    /// them, so by default they skip the phase).
+    #[arg(long)]
+    pub telemetry_own_csr: bool,
+
+    /// Start telemetry right after /accepted instead of waiting for the retained status to
+    /// say "provisioned" (the gateway refuses telemetry until it has recorded the delivery).
+    #[arg(long)]
+    pub telemetry_on_accepted: bool,
+
+    /// Let each device start its telemetry as soon as it is provisioned, instead of once the
+    /// whole fleet is (the phases then overlap and share the machine, mixing their figures).
+    #[arg(long)]
+    pub telemetry_overlap: bool,
+
+    /// Seconds each device may take for its telemetry phase (status wait included).
+    #[arg(long, value_name = "SECS", default_value_t = 120, value_parser = clap::value_parser!(u64).range(1..))]
+    pub telemetry_timeout: u64,
+
+    /// Seconds to wait, after the fleet is done, for the cloud emulator to receive every
+    /// message (with --emulator-api, and in the demo).
+    #[arg(long, value_name = "SECS", default_value_t = 60)]
+    pub drain_secs: u64,
+}
+
+impl TelemetryArgs {
+    /// The telemetry plan, with `default_messages` when `--messages` was not given; `None`
+    /// when the phase is off.
+    pub(crate) fn plan(&self, default_messages: u32) -> Option<TelemetryPlan> {
+        let messages = self.messages.unwrap_or(default_messages);
+        (messages > 0).then(|| TelemetryPlan {
+            messages_per_device: messages,
+            rate: self.message_rate,
+            payload_bytes: self.payload_bytes,
+            window: self.message_window,
+            own_csr_devices: self.telemetry_own_csr,
+            await_status: !self.telemetry_on_accepted,
+            after_fleet: !self.telemetry_overlap,
+            timeout: Duration::from_secs(self.telemetry_timeout),
+        })
+    }
+}
 
 /// How simulated devices attest (must match the gateway's `[admission] mode`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -141,6 +214,14 @@ pub struct Args {
     /// Seconds each device may take from its first connect to the verified answer.
     #[arg(long, value_name = "SECS", default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..))]
     pub timeout: u64,
+
+    #[command(flatten)]
+    pub telemetry: TelemetryArgs,
+
+    /// The cloud emulator's HTTP API (`http://HOST:PORT`, `fleetgw emulate aws --api`): after
+    /// the telemetry phase, check that it received every message in per-device order.
+    #[arg(long, value_name = "URL")]
+    pub emulator_api: Option<String>,
 }
 
 /// Runs `fleetgw simulate`.
@@ -162,9 +243,8 @@ pub fn run(args: Args) -> ExitCode {
             return ExitCode::from(EX_SOFTWARE);
         }
     };
-    let devices = opts.devices;
     let report = runtime.block_on(async {
-        let progress = FleetProgress::new(u64::from(devices));
+        let progress = FleetProgress::new(&opts);
         let run = devices::run_fleet(opts, |event| progress.on_event(&event));
         tokio::select! {
             report = run => { progress.finish(); Some(report) }
@@ -182,19 +262,148 @@ pub fn run(args: Args) -> ExitCode {
         }
         Some(Ok(report)) => report,
     };
-    println!("{}", summary_table(&report, &[]));
+    let check = match (&report.telemetry, &args.emulator_api) {
+        (Some(telemetry), Some(api)) => {
+            let within = Duration::from_secs(args.telemetry.drain_secs);
+            match runtime.block_on(telemetry_check::wait_for_delivery(api, telemetry, within)) {
+                Ok(check) => Some(check),
+                Err(e) => {
+                    eprintln!("fleetgw simulate: --emulator-api: {e}");
+                    return ExitCode::from(EX_SOFTWARE);
+                }
+            }
+        }
+        _ => None,
+    };
+    let extra = report
+        .telemetry
+        .as_ref()
+        .map(|t| telemetry_rows(t, check.as_ref()))
+        .unwrap_or_default();
+    println!("{}", summary_table(&report, &extra));
     print_failures(&report);
+    let telemetry_ok = report
+        .telemetry
+        .as_ref()
+        .is_none_or(|t| telemetry_ok(t, check.as_ref()));
     if let Some(path) = &args.json {
-        if let Err(e) = write_json(path, &report.to_json()) {
+        let mut json = report.to_json();
+        if let (Some(t), serde_json::Value::Object(map)) = (&report.telemetry, &mut json) {
+            map.extend(telemetry_json(t, check.as_ref()));
+        }
+        if let Err(e) = write_json(path, &json) {
             eprintln!("fleetgw simulate: {e}");
             return ExitCode::from(EX_IOERR);
         }
     }
-    if report.all_provisioned() {
+    if report.all_provisioned() && telemetry_ok {
         ExitCode::SUCCESS
     } else {
         ExitCode::from(1)
     }
+}
+
+/// Every device got every PUBACK and, when checked, the cloud has every message in order;
+/// prints what is wrong otherwise.
+pub(crate) fn telemetry_ok(report: &TelemetryReport, check: Option<&TelemetryCheck>) -> bool {
+    let mut ok = true;
+    for device in report.incomplete().take(FAILURES_SHOWN) {
+        ok = false;
+        eprintln!(
+            "telemetry: {}: {} of {} messages acknowledged: {}",
+            device.id,
+            device.acked,
+            device.published,
+            device
+                .error
+                .as_ref()
+                .map(ToString::to_string)
+                .unwrap_or_default()
+        );
+    }
+    if report.incomplete().next().is_some() {
+        ok = false;
+    }
+    if let Some(check) = check {
+        for (device, c) in check.incomplete.iter().take(FAILURES_SHOWN) {
+            eprintln!(
+                "telemetry: {device}: {} lost (first {:?}), {} out of order, {} unexpected",
+                c.lost, c.lost_seqs, c.out_of_order, c.unexpected
+            );
+        }
+        ok &= check.is_clean();
+    }
+    ok
+}
+
+/// Summary rows of the telemetry phase; the cloud-side figures need the check.
+pub(crate) fn telemetry_rows(
+    report: &TelemetryReport,
+    check: Option<&TelemetryCheck>,
+) -> Vec<(&'static str, String)> {
+    let mut rows = vec![
+        (
+            "telemetry messages",
+            format!(
+                "{} ({} devices x {})",
+                report.published, report.devices, report.messages_per_device
+            ),
+        ),
+        ("telemetry acked by the gateway", report.acked.to_string()),
+        ("telemetry reconnects", report.reconnects.to_string()),
+    ];
+    match check {
+        Some(c) => {
+            let latency = c.latency();
+            rows.extend([
+                ("messages/s", format!("{:.0}", c.messages_per_second())),
+                (
+                    "device-to-cloud p50 / p99",
+                    format!("{:.1} ms / {:.1} ms", latency.p50_ms, latency.p99_ms),
+                ),
+                ("lost", c.lost.to_string()),
+                ("duplicates", c.duplicates.to_string()),
+                ("out of order", c.out_of_order.to_string()),
+            ]);
+        }
+        None => rows.push((
+            "messages/s (acked)",
+            format!("{:.0}", report.acked_per_second()),
+        )),
+    }
+    rows
+}
+
+/// The telemetry keys of the `--json` summaries: `"messages"`, `"messagesAcked"`,
+/// `"telemetryDevices"`, `"telemetryReconnects"` and, with the cloud-side check, `"messagesPerSecond"`,
+/// `"telemetryP50Ms"`, `"telemetryP99Ms"`, `"lost"`, `"duplicates"`, `"outOfOrder"`,
+/// `"telemetryLatency"`.
+pub(crate) fn telemetry_json(
+    report: &TelemetryReport,
+    check: Option<&TelemetryCheck>,
+) -> serde_json::Map<String, serde_json::Value> {
+    let mut map = serde_json::Map::new();
+    let mut put = |k: &str, v: serde_json::Value| {
+        map.insert(k.to_string(), v);
+    };
+    put("messages", report.published.into());
+    put("messagesAcked", report.acked.into());
+    put("telemetryDevices", report.devices.into());
+    put("telemetryReconnects", report.reconnects.into());
+    match check {
+        Some(c) => {
+            let latency = c.latency();
+            put("messagesPerSecond", c.messages_per_second().into());
+            put("telemetryP50Ms", latency.p50_ms.into());
+            put("telemetryP99Ms", latency.p99_ms.into());
+            put("lost", c.lost.into());
+            put("duplicates", c.duplicates.into());
+            put("outOfOrder", c.out_of_order.into());
+            put("telemetryLatency", serde_json::json!(latency));
+        }
+        None => put("messagesPerSecond", report.acked_per_second().into()),
+    }
+    map
 }
 
 /// A command-line problem, with the exit code it maps to.
@@ -265,6 +474,19 @@ fn fleet_options(args: &Args) -> Result<FleetOptions, ArgsError> {
     opts.watch_status = args.watch_status;
     opts.parameters = parse_parameters(&args.parameters).map_err(ArgsError::Usage)?;
     opts.attestation = attestation(args)?;
+    opts.telemetry = args.telemetry.plan(0);
+    if args.emulator_api.is_some() && opts.telemetry.is_none() {
+        return Err(ArgsError::Usage(
+            "--emulator-api checks telemetry: it needs --messages N (N > 0)".into(),
+        ));
+    }
+    if let Some(api) = &args.emulator_api {
+        if !api.starts_with("http://") {
+            return Err(ArgsError::Usage(format!(
+                "--emulator-api {api:?}: expected http://HOST:PORT"
+            )));
+        }
+    }
     Ok(opts)
 }
 
@@ -336,48 +558,108 @@ fn parse_broker(raw: &str) -> Result<BrokerUrl, String> {
     Ok(parsed)
 }
 
-/// A progress bar over the devices on stderr (hidden when stderr is not a terminal), with
-/// the failures counted in its message.
+/// Progress bars on stderr (hidden when stderr is not a terminal): devices provisioned, with
+/// the failures counted in its message, and with a telemetry phase the messages acknowledged.
 pub(crate) struct FleetProgress {
     bar: ProgressBar,
     failed: Cell<u64>,
+    telemetry: Option<TelemetryProgress>,
+}
+
+struct TelemetryProgress {
+    bar: ProgressBar,
+    per_device: u64,
+    /// Devices that will publish once provisioned (a failed one shortens the bar).
+    publishers: HashSet<u32>,
+    incomplete: Cell<u64>,
 }
 
 impl FleetProgress {
-    /// A bar for `devices` devices, ticking while nothing finishes.
-    pub(crate) fn new(devices: u64) -> Self {
-        let bar = ProgressBar::with_draw_target(Some(devices), ProgressDrawTarget::stderr());
+    /// Bars for the fleet of `opts`, ticking while nothing finishes.
+    pub(crate) fn new(opts: &FleetOptions) -> Self {
+        let multi = MultiProgress::with_draw_target(ProgressDrawTarget::stderr());
+        let bar = multi.add(ProgressBar::new(u64::from(opts.devices)));
         if let Ok(style) = ProgressStyle::with_template(
             "{spinner} provisioning [{bar:40}] {pos}/{len} devices  {per_sec}  {elapsed}  {msg}",
         ) {
             bar.set_style(style.progress_chars("=> "));
         }
         bar.enable_steady_tick(Duration::from_millis(200));
+        let telemetry = opts.telemetry.as_ref().map(|t| {
+            let publishers: HashSet<u32> = (1..=opts.devices)
+                .filter(|&n| opts.plan(n).is_ok_and(|plan| t.publishes(&plan)))
+                .collect();
+            let per_device = u64::from(t.messages_per_device);
+            let bar = multi.add(ProgressBar::new(publishers.len() as u64 * per_device));
+            if let Ok(style) = ProgressStyle::with_template(
+                "{spinner} telemetry    [{bar:40}] {pos}/{len} messages {per_sec}  {elapsed}  {msg}",
+            ) {
+                bar.set_style(style.progress_chars("=> "));
+            }
+            bar.enable_steady_tick(Duration::from_millis(200));
+            TelemetryProgress {
+                bar,
+                per_device,
+                publishers,
+                incomplete: Cell::new(0),
+            }
+        });
         Self {
             bar,
             failed: Cell::new(0),
+            telemetry,
         }
     }
 
-    /// Advances the bar by one finished device.
+    /// Advances the bars by one device event.
     pub(crate) fn on_event(&self, event: &FleetEvent) {
-        if let FleetEvent::Failed(failure) = event {
-            self.failed.set(self.failed.get() + 1);
-            self.bar
-                .set_message(format!("{} failed", self.failed.get()));
-            tracing::debug!(device = %failure.id, reason = %failure.reason, "simulated device failed");
+        match event {
+            FleetEvent::Provisioned { .. } => self.bar.inc(1),
+            FleetEvent::Failed(failure) => {
+                self.failed.set(self.failed.get() + 1);
+                self.bar
+                    .set_message(format!("{} failed", self.failed.get()));
+                tracing::debug!(device = %failure.id, reason = %failure.reason, "simulated device failed");
+                self.bar.inc(1);
+                if let Some(t) = &self.telemetry {
+                    if t.publishers.contains(&failure.n) {
+                        let len = t.bar.length().unwrap_or(0);
+                        t.bar.set_length(len.saturating_sub(t.per_device));
+                    }
+                }
+            }
+            FleetEvent::Telemetry(device) => {
+                if let Some(t) = &self.telemetry {
+                    t.bar.inc(device.acked);
+                    if let Some(reason) = &device.error {
+                        t.incomplete.set(t.incomplete.get() + 1);
+                        t.bar
+                            .set_message(format!("{} devices incomplete", t.incomplete.get()));
+                        let len = t.bar.length().unwrap_or(0);
+                        t.bar.set_length(
+                            len.saturating_sub(t.per_device - device.acked.min(t.per_device)),
+                        );
+                        tracing::debug!(device = %device.id, %reason, "simulated device telemetry incomplete");
+                    }
+                }
+            }
         }
-        self.bar.inc(1);
     }
 
-    /// Removes the bar (the summary follows).
+    /// Removes the bars (the summary follows).
     pub(crate) fn finish(&self) {
         self.bar.finish_and_clear();
+        if let Some(t) = &self.telemetry {
+            t.bar.finish_and_clear();
+        }
     }
 
-    /// Leaves the bar as it is (interrupted).
+    /// Leaves the bars as they are (interrupted).
     pub(crate) fn abandon(&self) {
         self.bar.abandon();
+        if let Some(t) = &self.telemetry {
+            t.bar.abandon();
+        }
     }
 }
 

@@ -29,10 +29,19 @@
 //! device would; the status topic is opt-in.
 //!
 //! The per-device loop is a small stage machine (connecting, subscribing, waiting for the
-//! answer) on one connection, so the telemetry phase of the simulator (sequence-numbered
-//! messages after provisioning) can follow on the same connection.
+//! answer, publishing telemetry) on one connection. With [`FleetOptions::telemetry`] set, a
+//! provisioned device waits for its retained status to say `provisioned` (the gateway records
+//! the delivery only after answering, and refuses telemetry until then), then publishes
+//! `messages_per_device` QoS 1 messages on
+//! `{p}/{id}/telemetry`, paced by `rate`, at most `window` unacknowledged, each carrying its
+//! sequence number and send time (the payload of [`telemetry_check::payload`]), so the cloud
+//! side can be checked for loss, duplication and order with [`telemetry_check`]. Messages not
+//! acknowledged when the connection drops are published again after the reconnect (clean
+//! session: the broker forgets them), so the gateway may see duplicates but never a gap.
+//! The `max_in_flight` slot of a device is freed once it is provisioned, so telemetry does
+//! not hold back provisioning of the rest of the fleet.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
@@ -44,7 +53,7 @@ use rumqttc::{
     SubscribeFilter, SubscribeReasonCode, TlsConfiguration, Transport,
 };
 use serde::Serialize;
-use tokio::sync::{mpsc, Semaphore};
+use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
@@ -55,6 +64,8 @@ use crate::downstream::contract::{
 };
 use crate::downstream::TopicPrefix;
 use crate::identity::{self, CertificateAuthority, IdentityError, KeyType, PrivateKey, Secret};
+
+use super::telemetry_check;
 
 /// Largest packet a simulated device accepts (certificate + private key answers are ~3 KiB;
 /// RSA chains more).
@@ -163,6 +174,58 @@ pub struct FleetOptions {
     /// never). A request published before the gateway subscribed is otherwise lost; the
     /// gateway answers repeats idempotently.
     pub resend_after: Option<Duration>,
+    /// The telemetry phase after provisioning (`None`: devices disconnect once provisioned).
+    pub telemetry: Option<TelemetryPlan>,
+}
+
+/// What each provisioned device publishes in the telemetry phase.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TelemetryPlan {
+    /// Messages per device, sequence numbers 0 to `messages_per_device - 1`.
+    pub messages_per_device: u32,
+    /// Messages per second per device; 0 sends as fast as the window allows.
+    pub rate: f64,
+    /// Payload size in bytes (padded JSON; never smaller than the bare `{"seq","t"}`).
+    pub payload_bytes: usize,
+    /// Most unacknowledged QoS 1 publishes per device.
+    pub window: u16,
+    /// Devices that sent their own CSR publish too. With the gateway's `telemetry.identity =
+    /// "device"` they cannot: the gateway holds no key to connect upstream as them, and
+    /// refuses their telemetry with a notice.
+    pub own_csr_devices: bool,
+    /// Per device, from the start of its phase (status wait included) to the last PUBACK.
+    pub timeout: Duration,
+    /// Wait for the retained `{p}/{id}/status` to say `provisioned` before publishing. The
+    /// gateway answers on `/accepted` before it records the device as delivered, and until
+    /// then it refuses (and drops, with a notice) the device's telemetry; `false` publishes
+    /// right after `/accepted`, which exposes that window.
+    pub await_status: bool,
+    /// Start the phase only once every device of the fleet is provisioned (or failed), so
+    /// the provisioning and telemetry figures do not mix; devices stay connected meanwhile.
+    /// `false`: each device starts as soon as it is provisioned.
+    pub after_fleet: bool,
+}
+
+impl Default for TelemetryPlan {
+    fn default() -> Self {
+        Self {
+            messages_per_device: 20,
+            rate: 0.0,
+            payload_bytes: 200,
+            window: 10,
+            own_csr_devices: false,
+            timeout: Duration::from_secs(120),
+            await_status: true,
+            after_fleet: true,
+        }
+    }
+}
+
+impl TelemetryPlan {
+    /// Whether the device of `plan` publishes telemetry under this plan.
+    pub fn publishes(&self, plan: &DevicePlan) -> bool {
+        self.messages_per_device > 0 && (self.own_csr_devices || !plan.own_csr)
+    }
 }
 
 impl FleetOptions {
@@ -190,6 +253,7 @@ impl FleetOptions {
             timeout: Duration::from_secs(60),
             resend_after: Some(Duration::from_secs(15)),
             watch_status: false,
+            telemetry: None,
         }
     }
 
@@ -275,6 +339,30 @@ impl FleetOptions {
                 return invalid("group-key", "is empty".into());
             }
         }
+        if let Some(t) = &self.telemetry {
+            if !(t.rate.is_finite() && t.rate >= 0.0) {
+                return invalid(
+                    "message-rate",
+                    format!("{} is not a number of messages per second >= 0", t.rate),
+                );
+            }
+            if t.window == 0 {
+                return invalid("message-window", "must be at least 1".into());
+            }
+            if t.payload_bytes > MAX_OUTGOING_PACKET - 1024 {
+                return invalid(
+                    "payload-bytes",
+                    format!(
+                        "{} is larger than a simulated device sends ({} bytes)",
+                        t.payload_bytes,
+                        MAX_OUTGOING_PACKET - 1024
+                    ),
+                );
+            }
+            if t.timeout.is_zero() {
+                return invalid("telemetry-timeout", "must be at least 1 second".into());
+            }
+        }
         Ok(())
     }
 }
@@ -313,6 +401,8 @@ pub enum Stage {
     Subscribing,
     /// Request published, waiting for `/accepted` or `/rejected`.
     WaitingForAnswer,
+    /// Provisioned, publishing telemetry and waiting for the PUBACKs.
+    Telemetry,
 }
 
 impl fmt::Display for Stage {
@@ -321,6 +411,7 @@ impl fmt::Display for Stage {
             Stage::Connecting => "connecting to the broker",
             Stage::Subscribing => "waiting for the SUBACK",
             Stage::WaitingForAnswer => "waiting for the gateway's answer",
+            Stage::Telemetry => "publishing telemetry",
         })
     }
 }
@@ -396,6 +487,9 @@ pub enum FailureReason {
     /// The certificate does not chain to the cloud CA.
     #[error("the certificate does not chain to the cloud CA: {0}")]
     Chain(String),
+    /// The gateway's retained status says the device will not be provisioned.
+    #[error("the gateway reports the device {0} instead of provisioned")]
+    NotProvisioned(String),
     /// The device's task ended without reporting (a bug; counted so totals stay right).
     #[error("the device task ended without an outcome: {0}")]
     Lost(String),
@@ -432,6 +526,28 @@ pub enum FleetEvent {
     },
     /// The device gave up.
     Failed(DeviceFailure),
+    /// A provisioned device finished its telemetry phase (reported after `Provisioned`).
+    Telemetry(DeviceTelemetry),
+}
+
+/// What one device did in the telemetry phase.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DeviceTelemetry {
+    /// 1-based device number.
+    pub n: u32,
+    /// The device id.
+    pub id: DeviceId,
+    /// Its thing name: the MQTT client id its messages arrive under in the cloud with the
+    /// gateway's `device` identity.
+    pub thing_name: String,
+    /// Distinct sequence numbers published (0 to `published - 1`).
+    pub published: u64,
+    /// Of those, acknowledged by the gateway (stored durably, for fleetgw).
+    pub acked: u64,
+    /// Connections re-established during the phase.
+    pub reconnects: u32,
+    /// Why the device stopped before every PUBACK came.
+    pub error: Option<FailureReason>,
 }
 
 /// Latency percentiles in milliseconds.
@@ -453,7 +569,8 @@ pub struct LatencySummary {
 }
 
 impl LatencySummary {
-    fn from_histogram(h: &Histogram<u64>) -> Self {
+    /// The summary of a histogram of microsecond samples.
+    pub(crate) fn from_histogram(h: &Histogram<u64>) -> Self {
         if h.is_empty() {
             return Self::default();
         }
@@ -478,7 +595,8 @@ pub struct FleetReport {
     pub provisioned: u32,
     /// Devices that gave up.
     pub failed: u32,
-    /// From the first device's start to the last device's outcome.
+    /// From the first device's start to the last device's provisioning outcome (a telemetry
+    /// phase is timed separately).
     pub elapsed: Duration,
     /// Per provisioned device: from its first request to the answer.
     pub latency: LatencySummary,
@@ -496,6 +614,63 @@ pub struct FleetReport {
     pub resent_requests: u64,
     /// Every failure, by device number.
     pub failures: Vec<DeviceFailure>,
+    /// The telemetry phase (`None` when the run had none).
+    pub telemetry: Option<TelemetryReport>,
+}
+
+/// The totals of the telemetry phase.
+#[derive(Clone, Debug)]
+pub struct TelemetryReport {
+    /// Messages each device was to publish.
+    pub messages_per_device: u32,
+    /// Devices that published (provisioned and picked by [`TelemetryPlan::publishes`]).
+    pub devices: u32,
+    /// Distinct messages published.
+    pub published: u64,
+    /// Of those, acknowledged by the gateway.
+    pub acked: u64,
+    /// Connections re-established during the phase (unacknowledged messages were published
+    /// again after each).
+    pub reconnects: u64,
+    /// From the first publish to the last PUBACK of the fleet.
+    pub elapsed: Duration,
+    /// Every device that published, by device number.
+    pub per_device: Vec<DeviceTelemetry>,
+}
+
+impl TelemetryReport {
+    /// Devices that stopped before every PUBACK came.
+    pub fn incomplete(&self) -> impl Iterator<Item = &DeviceTelemetry> {
+        self.per_device.iter().filter(|d| d.error.is_some())
+    }
+
+    /// Checks what the cloud received (arrivals per MQTT client id, see
+    /// [`telemetry_check::fetch_arrivals`]) against what every device published; devices are
+    /// looked up by thing name.
+    pub fn check(
+        &self,
+        arrivals: &BTreeMap<String, Vec<telemetry_check::Arrival>>,
+    ) -> telemetry_check::TelemetryCheck {
+        let mut check = telemetry_check::TelemetryCheck::new();
+        for device in &self.per_device {
+            let got = arrivals
+                .get(&device.thing_name)
+                .map(Vec::as_slice)
+                .unwrap_or_default();
+            check.add_device(device.id.as_str(), got, 0..device.published);
+        }
+        check
+    }
+
+    /// Acknowledged messages per second of the phase, as the devices saw it.
+    pub fn acked_per_second(&self) -> f64 {
+        let secs = self.elapsed.as_secs_f64();
+        if secs > 0.0 {
+            self.acked as f64 / secs
+        } else {
+            0.0
+        }
+    }
 }
 
 impl FleetReport {
@@ -538,6 +713,22 @@ impl FleetReport {
                 "deviceId": f.id.as_str(),
                 "reason": f.reason.to_string(),
             })).collect::<Vec<_>>(),
+            "telemetry": self.telemetry.as_ref().map(|t| serde_json::json!({
+                "devices": t.devices,
+                "messagesPerDevice": t.messages_per_device,
+                "published": t.published,
+                "acked": t.acked,
+                "reconnects": t.reconnects,
+                "seconds": t.elapsed.as_secs_f64(),
+                "ackedPerSecond": t.acked_per_second(),
+                "incomplete": t.incomplete().map(|d| serde_json::json!({
+                    "n": d.n,
+                    "deviceId": d.id.as_str(),
+                    "published": d.published,
+                    "acked": d.acked,
+                    "reason": d.error.as_ref().map(ToString::to_string),
+                })).collect::<Vec<_>>(),
+            })),
         })
     }
 }
@@ -584,18 +775,36 @@ pub async fn run_fleet(
         .map(|ca| identity::tls::client_config(ca, None))
         .transpose()
         .map_err(SimError::BrokerTls)?;
-    let mut tally = Tally::new(&plans);
+    let mut tally = Tally::new(&plans, opts.telemetry.as_ref());
     let prefix = TopicPrefix::new(&opts.topic_prefix).map_err(|e| SimError::InvalidOption {
         option: "prefix",
         reason: e.to_string(),
     })?;
-    let shared = Arc::new(Fleet { opts, prefix, tls });
+    let after_fleet = opts.telemetry.as_ref().is_some_and(|t| t.after_fleet);
+    let (gate, telemetry_gate) = watch::channel(!after_fleet);
+    let shared = Arc::new(Fleet {
+        opts,
+        prefix,
+        tls,
+        telemetry_gate,
+    });
 
     let started = Instant::now();
     let (tx, mut rx) = mpsc::unbounded_channel();
     let mut spawner = AbortOnDrop(tokio::spawn(start_devices(shared, plans, tx)));
-    while let Some(outcome) = rx.recv().await {
-        if let Some(event) = tally.record(outcome) {
+    while let Some(report) = rx.recv().await {
+        let event = match report {
+            DeviceReport::Provisioning(outcome) => {
+                let event = tally.record(outcome);
+                if tally.provisioning_done() {
+                    tally.provisioning_elapsed.get_or_insert(started.elapsed());
+                    gate.send_replace(true);
+                }
+                event
+            }
+            DeviceReport::Telemetry(done) => Some(tally.record_telemetry(done)),
+        };
+        if let Some(event) = event {
             progress(event);
         }
     }
@@ -604,7 +813,10 @@ pub async fn run_fleet(
     for event in tally.account_for_lost(join_error) {
         progress(event);
     }
-    Ok(tally.finish(started.elapsed()))
+    let elapsed = tally
+        .provisioning_elapsed
+        .unwrap_or_else(|| started.elapsed());
+    Ok(tally.finish(elapsed))
 }
 
 /// Aborts the spawner (and with its JoinSet, every device task) when a run is dropped midway.
@@ -621,6 +833,8 @@ struct Fleet {
     opts: FleetOptions,
     prefix: TopicPrefix,
     tls: Option<Arc<rustls::ClientConfig>>,
+    /// `true` once devices may start their telemetry phase.
+    telemetry_gate: watch::Receiver<bool>,
 }
 
 /// What a device task reports.
@@ -637,10 +851,22 @@ struct Provisioned {
     thing_name: String,
 }
 
+/// What a device task sends: its provisioning outcome, then (if it publishes) its telemetry.
+enum DeviceReport {
+    Provisioning(Outcome),
+    Telemetry(TelemetryDone),
+}
+
+struct TelemetryDone {
+    device: DeviceTelemetry,
+    first_publish: Option<Instant>,
+    last_ack: Option<Instant>,
+}
+
 async fn start_devices(
     fleet: Arc<Fleet>,
     plans: Vec<DevicePlan>,
-    tx: mpsc::UnboundedSender<Outcome>,
+    tx: mpsc::UnboundedSender<DeviceReport>,
 ) {
     let in_flight = Arc::new(Semaphore::new(fleet.opts.max_in_flight));
     let rate = fleet.opts.rate;
@@ -656,12 +882,7 @@ async fn start_devices(
         };
         let fleet = fleet.clone();
         let tx = tx.clone();
-        tasks.spawn(async move {
-            let outcome = run_device(&fleet, plan).await;
-            drop(permit);
-            // The receiver only goes away when the run itself was dropped.
-            let _ = tx.send(outcome);
-        });
+        tasks.spawn(async move { run_device(&fleet, plan, permit, &tx).await });
         // Reap finished tasks as we go so a 100k-device run does not keep 100k join results.
         while tasks.try_join_next().is_some() {}
     }
@@ -682,10 +903,20 @@ struct Tally {
     json: u32,
     cbor: u32,
     own_csr: u32,
+    telemetry: Option<TelemetryTally>,
+    /// From the start to the last provisioning outcome (telemetry may go on after it).
+    provisioning_elapsed: Option<Duration>,
+}
+
+struct TelemetryTally {
+    messages_per_device: u32,
+    per_device: Vec<DeviceTelemetry>,
+    first_publish: Option<Instant>,
+    last_ack: Option<Instant>,
 }
 
 impl Tally {
-    fn new(plans: &[DevicePlan]) -> Self {
+    fn new(plans: &[DevicePlan], telemetry: Option<&TelemetryPlan>) -> Self {
         let histogram = || {
             Histogram::new_with_bounds(1, HISTOGRAM_MAX_US, 3)
                 .expect("constant histogram bounds are valid")
@@ -703,7 +934,31 @@ impl Tally {
             json: count(&|p| p.format == PayloadFormat::Json),
             cbor: count(&|p| p.format == PayloadFormat::Cbor),
             own_csr: count(&|p| p.own_csr),
+            telemetry: telemetry.map(|t| TelemetryTally {
+                messages_per_device: t.messages_per_device,
+                per_device: Vec::new(),
+                first_publish: None,
+                last_ack: None,
+            }),
+            provisioning_elapsed: None,
         }
+    }
+
+    /// Every device has a provisioning outcome.
+    fn provisioning_done(&self) -> bool {
+        self.plans.is_empty()
+    }
+
+    fn record_telemetry(&mut self, done: TelemetryDone) -> FleetEvent {
+        if let Some(t) = &mut self.telemetry {
+            t.first_publish = match (t.first_publish, done.first_publish) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+            t.last_ack = t.last_ack.max(done.last_ack);
+            t.per_device.push(done.device.clone());
+        }
+        FleetEvent::Telemetry(done.device)
     }
 
     /// Records one outcome; `None` for a duplicate report of the same device (never expected).
@@ -768,6 +1023,21 @@ impl Tally {
             reconnects: self.reconnects,
             resent_requests: self.resent,
             failures: self.failures,
+            telemetry: self.telemetry.map(|mut t| {
+                t.per_device.sort_by_key(|d| d.n);
+                TelemetryReport {
+                    messages_per_device: t.messages_per_device,
+                    devices: t.per_device.len() as u32,
+                    published: t.per_device.iter().map(|d| d.published).sum(),
+                    acked: t.per_device.iter().map(|d| d.acked).sum(),
+                    reconnects: t.per_device.iter().map(|d| u64::from(d.reconnects)).sum(),
+                    elapsed: match (t.first_publish, t.last_ack) {
+                        (Some(first), Some(last)) => last.saturating_duration_since(first),
+                        _ => Duration::ZERO,
+                    },
+                    per_device: t.per_device,
+                }
+            }),
         }
     }
 }
@@ -876,8 +1146,8 @@ fn mqtt_options(fleet: &Fleet, plan: &DevicePlan) -> MqttOptions {
     mqtt.set_keep_alive(KEEP_ALIVE)
         .set_clean_session(true)
         .set_max_packet_size(MAX_INCOMING_PACKET, MAX_OUTGOING_PACKET)
-        .set_inflight(4)
-        .set_request_channel_capacity(4);
+        .set_inflight(opts.telemetry.as_ref().map_or(4, |t| t.window.max(4)))
+        .set_request_channel_capacity(channel_capacity(fleet));
     if let Some(username) = &opts.username {
         let password = opts
             .password
@@ -895,8 +1165,14 @@ fn mqtt_options(fleet: &Fleet, plan: &DevicePlan) -> MqttOptions {
     mqtt
 }
 
-/// One device, start to finish.
-async fn run_device(fleet: &Fleet, plan: DevicePlan) -> Outcome {
+/// One device, start to finish: provisioning (reported as soon as it ends, and the
+/// in-flight slot freed), then the telemetry phase when the plan asks for it.
+async fn run_device(
+    fleet: &Fleet,
+    plan: DevicePlan,
+    permit: OwnedSemaphorePermit,
+    tx: &mpsc::UnboundedSender<DeviceReport>,
+) {
     let started = Instant::now();
     let deadline = started + fleet.opts.timeout;
     let mut device = DeviceRun {
@@ -915,29 +1191,210 @@ async fn run_device(fleet: &Fleet, plan: DevicePlan) -> Outcome {
         backoff: BACKOFF_FIRST,
     };
     // Key generation and signing are CPU work of a few hundred microseconds: fine on the task.
-    let result = match prepare_request(&fleet.opts, &plan) {
-        Ok(request) => {
-            let (client, mut eventloop) = AsyncClient::new(mqtt_options(fleet, &plan), 4);
-            eventloop
-                .network_options
-                .set_connection_timeout(CONNECT_TIMEOUT_SECS);
-            // One small request, one answer: no Nagle delay on either.
-            eventloop.network_options.set_tcp_nodelay(true);
-            let topics = DeviceTopics::new(&fleet.prefix, &plan, fleet.opts.watch_status);
-            let result = device
-                .provision(fleet, &plan, &topics, &request, &client, &mut eventloop)
-                .await;
-            close(&client, &mut eventloop).await;
-            result
+    let request = match prepare_request(&fleet.opts, &plan) {
+        Ok(request) => request,
+        Err(reason) => {
+            drop(permit);
+            // The receiver only goes away when the run itself was dropped.
+            let _ = tx.send(DeviceReport::Provisioning(Outcome {
+                plan,
+                result: Err(reason),
+                connect: None,
+                reconnects: 0,
+                resent: 0,
+            }));
+            return;
         }
-        Err(reason) => Err(reason),
     };
-    Outcome {
-        plan,
+    let (client, mut eventloop) =
+        AsyncClient::new(mqtt_options(fleet, &plan), channel_capacity(fleet));
+    eventloop
+        .network_options
+        .set_connection_timeout(CONNECT_TIMEOUT_SECS);
+    // Small requests and answers: no Nagle delay on either.
+    eventloop.network_options.set_tcp_nodelay(true);
+    let topics = DeviceTopics::new(&fleet.prefix, &plan, fleet.opts.watch_status);
+    let result = device
+        .provision(fleet, &plan, &topics, &request, &client, &mut eventloop)
+        .await;
+    drop(permit);
+    let provisioning_reconnects = device.reconnects;
+    let telemetry = match (&result, &fleet.opts.telemetry) {
+        (Ok(done), Some(t)) if t.publishes(&plan) => Some((done.thing_name.clone(), t)),
+        _ => None,
+    };
+    let _ = tx.send(DeviceReport::Provisioning(Outcome {
+        plan: plan.clone(),
         result,
         connect: device.connect,
-        reconnects: device.reconnects,
+        reconnects: provisioning_reconnects,
         resent: device.resent,
+    }));
+    if let Some((thing_name, t)) = telemetry {
+        let mut publisher = Publisher::new(t, fleet.telemetry_gate.clone(), gate_wait(&fleet.opts));
+        let error = match fleet.prefix.telemetry(&plan.id, None) {
+            Ok(topic) => device
+                .telemetry(&mut publisher, &topic, &topics, &client, &mut eventloop)
+                .await
+                .err(),
+            Err(e) => Some(FailureReason::Prepare(format!("telemetry topic: {e}"))),
+        };
+        let _ = tx.send(DeviceReport::Telemetry(TelemetryDone {
+            device: DeviceTelemetry {
+                n: plan.n,
+                id: plan.id,
+                thing_name,
+                published: publisher.next,
+                acked: publisher.acked,
+                reconnects: device.reconnects - provisioning_reconnects,
+                error,
+            },
+            first_publish: publisher.first_publish,
+            last_ack: publisher.last_ack,
+        }));
+    }
+    close(&client, &mut eventloop).await;
+}
+
+/// The longest a provisioned device may wait for the rest of the fleet before its telemetry
+/// phase starts: the provisioning budget of every wave of `max_in_flight` devices, plus the
+/// pacing of the starts.
+fn gate_wait(opts: &FleetOptions) -> Duration {
+    let pacing = if opts.rate > 0.0 {
+        Duration::from_secs_f64(f64::from(opts.devices) / opts.rate)
+    } else {
+        Duration::ZERO
+    };
+    let waves = (opts.devices as usize).div_ceil(opts.max_in_flight.max(1));
+    opts.timeout
+        .saturating_mul(u32::try_from(waves).unwrap_or(u32::MAX))
+        + pacing
+}
+
+/// Request channel size: room for a full telemetry window plus the DISCONNECT.
+fn channel_capacity(fleet: &Fleet) -> usize {
+    let window = fleet
+        .opts
+        .telemetry
+        .as_ref()
+        .map_or(0, |t| usize::from(t.window));
+    window.max(4) + 1
+}
+
+/// The telemetry state of one device: which sequence numbers are where.
+struct Publisher<'a> {
+    plan: &'a TelemetryPlan,
+    /// Next new sequence number (= distinct sequence numbers published so far).
+    next: u64,
+    /// When the next new sequence number is due (pacing).
+    next_due: Instant,
+    /// Handed to the client, not yet written (no packet id yet), in order.
+    queued: VecDeque<u64>,
+    /// Written, waiting for the PUBACK, by packet id.
+    in_flight: HashMap<u16, u64>,
+    /// Unacknowledged when the connection dropped: published again first, in order.
+    resend: VecDeque<u64>,
+    acked: u64,
+    connected: bool,
+    /// The gateway has recorded the device as provisioned (or the plan does not wait).
+    ready: bool,
+    /// The fleet-wide start signal came (see [`TelemetryPlan::after_fleet`]).
+    gate_open: bool,
+    /// The fleet-wide start signal.
+    gate: watch::Receiver<bool>,
+    /// The longest to wait for it.
+    gate_wait: Duration,
+    first_publish: Option<Instant>,
+    last_ack: Option<Instant>,
+}
+
+impl<'a> Publisher<'a> {
+    fn new(plan: &'a TelemetryPlan, gate: watch::Receiver<bool>, gate_wait: Duration) -> Self {
+        Self {
+            plan,
+            next: 0,
+            next_due: Instant::now(),
+            queued: VecDeque::new(),
+            in_flight: HashMap::new(),
+            resend: VecDeque::new(),
+            acked: 0,
+            // The provisioning connection is up when telemetry starts.
+            connected: true,
+            ready: !plan.await_status,
+            gate_open: false,
+            gate,
+            gate_wait,
+            first_publish: None,
+            last_ack: None,
+        }
+    }
+
+    fn total(&self) -> u64 {
+        u64::from(self.plan.messages_per_device)
+    }
+
+    fn outstanding(&self) -> usize {
+        self.queued.len() + self.in_flight.len()
+    }
+
+    /// Hands the client as many messages as the window, the pacing and the channel allow.
+    fn fill(&mut self, client: &AsyncClient, topic: &str) {
+        while self.connected
+            && self.ready
+            && self.gate_open
+            && self.outstanding() < usize::from(self.plan.window)
+        {
+            let now = Instant::now();
+            let seq = match self.resend.front() {
+                Some(&seq) => seq,
+                None if self.next < self.total() && now >= self.next_due => self.next,
+                None => break,
+            };
+            let payload = telemetry_check::payload(seq, unix_now_ms(), self.plan.payload_bytes);
+            match client.try_publish(topic, QoS::AtLeastOnce, false, payload) {
+                Ok(()) => {}
+                // The channel holds a full window; the event loop drains it.
+                Err(_) => break,
+            }
+            self.first_publish.get_or_insert(now);
+            self.queued.push_back(seq);
+            if self.resend.front() == Some(&seq) {
+                self.resend.pop_front();
+            } else {
+                self.next += 1;
+                if self.plan.rate > 0.0 {
+                    self.next_due += Duration::from_secs_f64(1.0 / self.plan.rate);
+                }
+            }
+        }
+    }
+
+    /// When pacing, the moment the next new message is due (if the loop must wake for it).
+    fn wake_for_pacing(&self) -> Option<Instant> {
+        (self.plan.rate > 0.0
+            && self.connected
+            && self.ready
+            && self.gate_open
+            && self.resend.is_empty()
+            && self.next < self.total()
+            && self.outstanding() < usize::from(self.plan.window))
+        .then_some(self.next_due)
+    }
+
+    /// The connection dropped: what was not acknowledged is lost with the clean session, so
+    /// it is published again (in order) after the reconnect.
+    fn connection_lost(&mut self) {
+        self.connected = false;
+        let mut unacked: Vec<u64> = self
+            .in_flight
+            .drain()
+            .map(|(_, seq)| seq)
+            .chain(self.queued.drain(..))
+            .chain(self.resend.drain(..))
+            .collect();
+        unacked.sort_unstable();
+        unacked.dedup();
+        self.resend = unacked.into();
     }
 }
 
@@ -1077,6 +1534,113 @@ impl DeviceRun {
         }
     }
 
+    /// The telemetry phase on the provisioning connection: publishes every message and waits
+    /// for every PUBACK, reconnecting (and republishing what was unacknowledged) as needed.
+    async fn telemetry(
+        &mut self,
+        publisher: &mut Publisher<'_>,
+        topic: &str,
+        topics: &DeviceTopics,
+        client: &AsyncClient,
+        eventloop: &mut EventLoop,
+    ) -> Result<(), FailureReason> {
+        self.stage = Stage::Telemetry;
+        self.timeout = publisher.plan.timeout;
+        // Until the fleet-wide start, the budget also covers the rest of the fleet's
+        // provisioning; it starts afresh when the gate opens.
+        let mut gate = publisher.gate.clone();
+        publisher.gate_open = *gate.borrow_and_update();
+        self.deadline = Instant::now()
+            + publisher.plan.timeout
+            + if publisher.gate_open {
+                Duration::ZERO
+            } else {
+                publisher.gate_wait
+            };
+        self.backoff = BACKOFF_FIRST;
+        publisher.next_due = Instant::now();
+        let subscribe_status = || {
+            client
+                .try_subscribe(topics.status.clone(), QoS::AtLeastOnce)
+                .map_err(|e| FailureReason::Prepare(format!("subscribe: {e}")))
+        };
+        if !publisher.ready {
+            subscribe_status()?;
+        }
+        while publisher.acked < publisher.total() {
+            publisher.fill(client, topic);
+            let wake = publisher
+                .wake_for_pacing()
+                .map_or(self.deadline, |due| due.min(self.deadline));
+            let polled = tokio::select! {
+                // A closed channel means the run is gone: nothing to wait for.
+                _ = gate.wait_for(|open| *open), if !publisher.gate_open => {
+                    publisher.gate_open = true;
+                    publisher.next_due = Instant::now();
+                    self.deadline = Instant::now() + publisher.plan.timeout;
+                    continue;
+                }
+                polled = tokio::time::timeout_at(wake, eventloop.poll()) => polled,
+            };
+            let event = match polled {
+                Err(_) if wake < self.deadline => continue,
+                Err(_) => return Err(self.timed_out()),
+                Ok(Err(ConnectionError::ConnectionRefused(code))) => {
+                    return Err(FailureReason::ConnectionRefused(format!("{code:?}")))
+                }
+                Ok(Err(e)) => {
+                    self.last_error = Some(e.to_string());
+                    self.reconnects += 1;
+                    publisher.connection_lost();
+                    self.pause().await?;
+                    continue;
+                }
+                Ok(Ok(event)) => event,
+            };
+            match event {
+                Event::Incoming(Packet::ConnAck(_)) => {
+                    publisher.connected = true;
+                    self.backoff = BACKOFF_FIRST;
+                    if !publisher.ready {
+                        subscribe_status()?;
+                    }
+                }
+                Event::Incoming(Packet::Publish(publish)) if publish.topic == topics.status => {
+                    let Ok(report) =
+                        wire::decode::<StatusReport>(PayloadFormat::Json, &publish.payload)
+                    else {
+                        continue;
+                    };
+                    let status = report.status.as_str();
+                    self.last_status = Some(status.to_string());
+                    match status {
+                        "provisioned" if !publisher.ready => {
+                            publisher.ready = true;
+                            publisher.next_due = Instant::now();
+                        }
+                        "failed" | "blocked" => {
+                            return Err(FailureReason::NotProvisioned(status.to_string()))
+                        }
+                        _ => {}
+                    }
+                }
+                Event::Outgoing(Outgoing::Publish(pkid)) => {
+                    if let Some(seq) = publisher.queued.pop_front() {
+                        publisher.in_flight.insert(pkid, seq);
+                    }
+                }
+                Event::Incoming(Packet::PubAck(ack))
+                    if publisher.in_flight.remove(&ack.pkid).is_some() =>
+                {
+                    publisher.acked += 1;
+                    publisher.last_ack = Some(Instant::now());
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
     fn send_request(
         &mut self,
         client: &AsyncClient,
@@ -1184,6 +1748,13 @@ async fn close(client: &AsyncClient, eventloop: &mut EventLoop) {
         }
     })
     .await;
+}
+
+fn unix_now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
 }
 
 fn unix_now() -> i64 {

@@ -9,6 +9,7 @@
 
 pub mod aws;
 pub mod devices;
+pub mod telemetry_check;
 
 use std::path::PathBuf;
 
