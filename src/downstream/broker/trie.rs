@@ -128,33 +128,26 @@ fn remove_at<K: Eq, S>(node: &mut FilterNode<K, S>, levels: &[&str], key: &K) ->
     if level == "#" {
         return take(&mut node.multi, key);
     }
-    let removed = if level == "+" {
-        let Some(child) = node.plus.as_deref_mut() else {
-            return false;
-        };
-        let removed = if rest.is_empty() {
-            take(&mut child.exact, key)
-        } else {
-            remove_at(child, rest, key)
-        };
-        if child.is_empty() {
-            node.plus = None;
-        }
-        removed
+    let child = if level == "+" {
+        node.plus.as_deref_mut()
     } else {
-        let Some(child) = node.children.get_mut(level) else {
-            return false;
-        };
-        let removed = if rest.is_empty() {
-            take(&mut child.exact, key)
+        node.children.get_mut(level)
+    };
+    let Some(child) = child else {
+        return false;
+    };
+    let removed = if rest.is_empty() {
+        take(&mut child.exact, key)
+    } else {
+        remove_at(child, rest, key)
+    };
+    if child.is_empty() {
+        if level == "+" {
+            node.plus = None;
         } else {
-            remove_at(child, rest, key)
-        };
-        if child.is_empty() {
             node.children.remove(level);
         }
-        removed
-    };
+    }
     removed
 }
 
