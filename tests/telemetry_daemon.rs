@@ -11,13 +11,16 @@
 //! acknowledged to devices but not yet handed to the gateway live in the killed process.
 //!
 //! Sized by `FLEETGW_BENCH_DEVICES` (50), `FLEETGW_BENCH_PER_DEVICE` (400) and
-//! `FLEETGW_BENCH_OUTAGE_SECS` (10); `benches/telemetry.sh` runs it with the issue's figures.
+//! `FLEETGW_BENCH_OUTAGE_SECS` (10): 20,000 messages, which `scripts/test` runs every time;
+//! `benches/telemetry.sh` runs it with the issue's figures (50 x 20,000, 60 s outage).
 
 mod common;
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use base64::Engine as _;
@@ -178,7 +181,7 @@ async fn provision(port: u16, id: &str, daemon: &Daemon) -> String {
 
 /// Publishes `{"seq":n,"t":ms,...}` (~200 bytes) for n in 0..count, 10 in flight; a persistent
 /// session so the device itself loses nothing across broker hiccups.
-async fn publish(port: u16, id: String, count: u64) {
+async fn publish(port: u16, id: String, count: u64, acked_total: Arc<AtomicU64>) {
     let mut o = MqttOptions::new(format!("dev-{id}"), "127.0.0.1", port);
     o.set_keep_alive(Duration::from_secs(30))
         .set_clean_session(false)
@@ -203,7 +206,10 @@ async fn publish(port: u16, id: String, count: u64) {
     let mut acked = 0;
     while acked < count {
         match timeout(Duration::from_secs(600), eventloop.poll()).await {
-            Ok(Ok(Event::Incoming(Packet::PubAck(_)))) => acked += 1,
+            Ok(Ok(Event::Incoming(Packet::PubAck(_)))) => {
+                acked += 1;
+                acked_total.fetch_add(1, Ordering::Relaxed);
+            }
             Ok(Ok(_)) => {}
             Ok(Err(e)) => panic!("device {id}: {e}"),
             Err(_) => panic!("device {id}: only {acked} of {count} PUBACKs"),
@@ -220,7 +226,6 @@ async fn emulator_total(emu: &AwsEmulatorHandle) -> u64 {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "benchmark-sized: run with --ignored (see benches/telemetry.sh)"]
 async fn daemon_sigkill_during_an_outage_loses_nothing() {
     let devices = env_or("FLEETGW_BENCH_DEVICES", 50) as usize;
     let per_device = env_or("FLEETGW_BENCH_PER_DEVICE", 400);
@@ -256,9 +261,15 @@ async fn daemon_sigkill_during_an_outage_loses_nothing() {
     }
 
     let started = Instant::now();
+    let acked = Arc::new(AtomicU64::new(0));
     let mut tasks = Vec::new();
     for (id, _) in &things {
-        tasks.push(tokio::spawn(publish(port, id.clone(), per_device)));
+        tasks.push(tokio::spawn(publish(
+            port,
+            id.clone(),
+            per_device,
+            acked.clone(),
+        )));
     }
     let deadline = Instant::now() + Duration::from_secs(600);
     while emulator_total(&emu).await < total / 3 {
@@ -276,8 +287,16 @@ async fn daemon_sigkill_during_an_outage_loses_nothing() {
         Some(&format!(r#"{{"outageSeconds": {outage_secs}}}"#)),
     )
     .await;
-    // Let the outbox fill for a while, then kill -9 and restart during the outage.
-    tokio::time::sleep(Duration::from_secs(outage_secs / 3 + 1)).await;
+    // Let the outbox fill (devices publish another sixth of the run, which mosquitto hands to
+    // the daemon), then kill -9 and restart during the outage.
+    let filled = acked.load(Ordering::Relaxed) + total / 6;
+    while acked.load(Ordering::Relaxed) < filled {
+        assert!(
+            Instant::now() < deadline,
+            "devices stopped publishing during the outage"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     daemon.kill9();
     daemon.spawn();
     for t in tasks {
@@ -339,6 +358,13 @@ async fn daemon_sigkill_during_an_outage_loses_nothing() {
             "{id}: lost or reordered: {device:?}"
         );
         worst = worst.max(device.duplicates as usize);
+        if std::env::var_os("DBG_DUPS").is_some() && device.duplicates > 20 {
+            let mut seen = std::collections::HashMap::<u64, Vec<u64>>::new();
+            for a in &arrivals { seen.entry(a.seq).or_default().push(a.received_ms); }
+            let mut d: Vec<_> = seen.iter().filter(|(_, v)| v.len() > 1).map(|(k, v)| (*k, v.clone())).collect();
+            d.sort();
+            eprintln!("DUPS {id}: {} first {:?} last {:?}", d.len(), d.first(), d.last());
+        }
     }
     let duplicates = check.duplicates;
     let latency = check.latency();
