@@ -16,7 +16,7 @@ export FLEETGW_BENCH_DEVICES="${FLEETGW_BENCH_DEVICES:-50}"
 export FLEETGW_BENCH_PER_DEVICE="${FLEETGW_BENCH_PER_DEVICE:-400}"
 run() {
     # shellcheck disable=SC2086
-    cargo test $flags --test "$1" "$2" -- --ignored --nocapture --test-threads 1 2>&1 |
+    cargo test $flags --test "$1" "$2" -- --include-ignored --nocapture --test-threads 1 2>&1 |
         grep -E '^(BASELINE|BENCH|DAEMON)|panicked|FAILED' || true
 }
 run telemetry bench_mosquitto_bridge_baseline
