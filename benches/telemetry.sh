@@ -17,7 +17,7 @@ export FLEETGW_BENCH_PER_DEVICE="${FLEETGW_BENCH_PER_DEVICE:-400}"
 run() {
     # shellcheck disable=SC2086
     cargo test $flags --test "$1" "$2" -- --include-ignored --nocapture --test-threads 1 2>&1 |
-        grep -E '^(BASELINE|BENCH|DAEMON)|panicked|FAILED' || true
+        grep -oE '(BASELINE|BENCH|DAEMON) .*|panicked.*|FAILED.*' || true
 }
 run telemetry bench_mosquitto_bridge_baseline
 FLEETGW_BENCH_OUTAGE_SECS=0 run telemetry bench_devices_through_an_outage
