@@ -12,12 +12,12 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::BytesMut;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::watch;
 use tokio::time::{timeout, timeout_at, Instant};
 
 use super::router::{Delivery, Message, Router, Session};
+use crate::mqtt::stream::{PacketStream, StreamError};
 use crate::mqtt::wire::{
     self, ClientPacket, ConnectInfo, ConnectOutcome, Protocol, ServerFeatures, ServerPacket,
     WireError,
@@ -69,6 +69,22 @@ impl std::fmt::Display for Close {
     }
 }
 
+impl From<StreamError> for Close {
+    fn from(e: StreamError) -> Self {
+        match e {
+            StreamError::Closed => Close::ByClient,
+            StreamError::Io(e) => Close::Io(e),
+            other => Close::Violation(other.to_string()),
+        }
+    }
+}
+
+impl From<WireError> for Close {
+    fn from(e: WireError) -> Self {
+        Close::Violation(e.to_string())
+    }
+}
+
 impl Close {
     fn publishes_will(&self) -> bool {
         match self {
@@ -90,16 +106,12 @@ pub async fn serve<S>(
     S: AsyncRead + AsyncWrite + Unpin,
 {
     let mut conn = Connection {
-        stream,
-        rbuf: BytesMut::with_capacity(READ_CHUNK),
-        wbuf: BytesMut::new(),
-        protocol: Protocol::V4,
-        max_packet: cfg.max_packet,
+        io: PacketStream::new(stream, cfg.max_packet, READ_CHUNK),
     };
-    let connect = match timeout(cfg.connect_timeout, conn.read_connect()).await {
+    let connect = match timeout(cfg.connect_timeout, conn.io.read_connect()).await {
         Ok(Ok(c)) => c,
-        Ok(Err(close)) => {
-            tracing::debug!(%peer, %close, "embedded broker: no valid CONNECT");
+        Ok(Err(e)) => {
+            tracing::debug!(%peer, error = %e, "embedded broker: no valid CONNECT");
             return;
         }
         Err(_) => {
@@ -107,7 +119,6 @@ pub async fn serve<S>(
             return;
         }
     };
-    conn.protocol = connect.protocol;
     let number = router.connection_number();
     let features = ServerFeatures {
         retain: true,
@@ -164,57 +175,20 @@ pub async fn serve<S>(
         None
     };
     router.disconnect(&session, number, will);
-    let _ = timeout(Duration::from_secs(1), conn.stream.shutdown()).await;
+    conn.io.shutdown().await;
 }
 
 struct Connection<S> {
-    stream: S,
-    rbuf: BytesMut,
-    wbuf: BytesMut,
-    protocol: Protocol,
-    max_packet: usize,
+    io: PacketStream<S>,
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
-    async fn fill(&mut self) -> Result<(), Close> {
-        if self.rbuf.capacity() - self.rbuf.len() < READ_CHUNK / 2 {
-            self.rbuf.reserve(READ_CHUNK);
-        }
-        match self.stream.read_buf(&mut self.rbuf).await {
-            Ok(0) => Err(Close::ByClient),
-            Ok(_) => Ok(()),
-            Err(e) => Err(Close::Io(e)),
-        }
-    }
-
-    async fn read_connect(&mut self) -> Result<ConnectInfo, Close> {
-        loop {
-            match wire::read_connect(&mut self.rbuf, self.max_packet) {
-                Ok(Some(c)) => return Ok(c),
-                Ok(None) => self.fill().await?,
-                Err(e) => return Err(Close::Violation(e.to_string())),
-            }
-        }
-    }
-
     fn queue(&mut self, packet: ServerPacket<'_>) -> Result<(), Close> {
-        wire::write_packet(self.protocol, packet, &mut self.wbuf)
-            .map_err(|e| Close::Violation(e.to_string()))
+        Ok(self.io.queue(packet)?)
     }
 
     async fn flush(&mut self) -> Result<(), Close> {
-        if self.wbuf.is_empty() {
-            return Ok(());
-        }
-        let written = timeout(WRITE_TIMEOUT, self.stream.write_all(&self.wbuf)).await;
-        self.wbuf.clear();
-        match written {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => Err(Close::Io(e)),
-            Err(_) => Err(Close::Violation(
-                "client does not read (write timed out)".into(),
-            )),
-        }
+        Ok(self.io.flush(WRITE_TIMEOUT).await?)
     }
 
     async fn run(
@@ -259,9 +233,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             tokio::select! {
                 _ = shutdown.changed() => return Close::Shutdown,
                 _ = session.woken() => {}
-                read = timeout_at(deadline, self.fill()) => match read {
+                read = timeout_at(deadline, self.io.fill()) => match read {
                     Ok(Ok(())) => deadline = Instant::now() + idle_limit,
-                    Ok(Err(close)) => return close,
+                    Ok(Err(e)) => return e.into(),
                     Err(_) => return Close::KeepAlive,
                 },
             }
@@ -276,11 +250,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         awaiting_release: &mut HashSet<u16>,
     ) -> Result<(), Close> {
         loop {
-            let packet = match wire::read_packet(self.protocol, &mut self.rbuf, self.max_packet) {
-                Ok(Some(p)) => p,
-                Ok(None) => return Ok(()),
-                Err(e @ WireError::TooLarge { .. }) => return Err(Close::Violation(e.to_string())),
-                Err(e) => return Err(Close::Violation(e.to_string())),
+            let Some(packet) = self.io.next_packet()? else {
+                return Ok(());
             };
             match packet {
                 ClientPacket::Publish {

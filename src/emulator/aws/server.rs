@@ -26,8 +26,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use bytes::Bytes;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{broadcast, watch, Notify};
 use tokio::time::{timeout, Instant};
@@ -40,9 +39,10 @@ use super::provisioning::{fingerprint_hex, now_ms, Provisioning};
 use super::state::{DeviceAccess, Registry};
 use crate::cloud::aws::topics;
 use crate::identity::tls::peer_leaf_der;
+use crate::mqtt::stream::{PacketStream, StreamError};
 use crate::mqtt::wire::{
-    self, ClientPacket, ConnectInfo, ConnectOutcome, Protocol, ServerFeatures, ServerPacket,
-    SubscriptionRequest, WireError,
+    self, ClientPacket, ConnectOutcome, ServerFeatures, ServerPacket, SubscriptionRequest,
+    WireError,
 };
 
 /// TLS handshake and CONNECT must complete within this time.
@@ -224,6 +224,22 @@ enum Close {
     Io(std::io::Error),
 }
 
+impl From<StreamError> for Close {
+    fn from(e: StreamError) -> Self {
+        match e {
+            StreamError::Closed => Close::ByClient,
+            StreamError::Io(e) => Close::Io(e),
+            other => Close::Violation(other.to_string()),
+        }
+    }
+}
+
+impl From<WireError> for Close {
+    fn from(e: WireError) -> Self {
+        Close::Violation(e.to_string())
+    }
+}
+
 impl Close {
     fn describe(&self) -> String {
         match self {
@@ -271,10 +287,7 @@ async fn serve_connection(
     };
     let number = ctx.next_connection.fetch_add(1, Ordering::Relaxed);
     let mut conn = Connection {
-        stream,
-        rbuf: BytesMut::with_capacity(READ_CHUNK),
-        wbuf: BytesMut::with_capacity(1024),
-        protocol: Protocol::V4,
+        io: PacketStream::new(stream, MAX_INCOMING_PACKET, READ_CHUNK),
         client_id: String::new(),
         role,
         subscriptions: Vec::new(),
@@ -282,9 +295,10 @@ async fn serve_connection(
         ctx: ctx.clone(),
         batch: Vec::new(),
     };
-    let connect = match timeout(HANDSHAKE_TIMEOUT, conn.read_connect()).await {
+    let connect = match timeout(HANDSHAKE_TIMEOUT, conn.io.read_connect()).await {
         Ok(Ok(c)) => c,
-        Ok(Err(close)) => {
+        Ok(Err(e)) => {
+            let close = Close::from(e);
             tracing::debug!(%peer, close = %close.describe(), "emulator connection closed before CONNECT");
             Counters::bump(&ctx.counters.connections_refused);
             return;
@@ -295,7 +309,6 @@ async fn serve_connection(
             return;
         }
     };
-    conn.protocol = connect.protocol;
     conn.client_id = connect.client_id.clone();
     if let Role::Device(id) = &conn.role {
         let access = match &ctx.gateway_certificate {
@@ -318,7 +331,7 @@ async fn serve_connection(
     let close = Arc::new(Notify::new());
     ctx.take_over(&conn.client_id, number, close.clone());
     Counters::bump(&ctx.counters.connections_open);
-    tracing::debug!(%peer, client_id = %conn.client_id, protocol = ?conn.protocol, role = ?conn.role, "emulator connection accepted");
+    tracing::debug!(%peer, client_id = %conn.client_id, protocol = ?conn.io.protocol(), role = ?conn.role, "emulator connection accepted");
     let keep_alive = match connect.keep_alive {
         0 => MAX_KEEP_ALIVE_SECS,
         k => k.min(MAX_KEEP_ALIVE_SECS),
@@ -335,14 +348,11 @@ async fn serve_connection(
     } else {
         tracing::debug!(%peer, client_id = %conn.client_id, close = %result.describe(), "emulator connection ended");
     }
-    let _ = timeout(Duration::from_secs(1), conn.stream.shutdown()).await;
+    conn.io.shutdown().await;
 }
 
 struct Connection {
-    stream: TlsStream<TcpStream>,
-    rbuf: BytesMut,
-    wbuf: BytesMut,
-    protocol: Protocol,
+    io: PacketStream<TlsStream<TcpStream>>,
     client_id: String,
     role: Role,
     /// (filter, granted QoS); a handful per connection, so a Vec beats a map.
@@ -354,58 +364,17 @@ struct Connection {
 }
 
 impl Connection {
-    /// Reads more bytes into `rbuf`; `Ok(false)` at end of stream.
-    async fn fill(&mut self) -> Result<bool, Close> {
-        if self.rbuf.capacity() - self.rbuf.len() < READ_CHUNK / 2 {
-            self.rbuf.reserve(READ_CHUNK);
-        }
-        match self.stream.read_buf(&mut self.rbuf).await {
-            Ok(0) => Ok(false),
-            Ok(_) => Ok(true),
-            Err(e) => Err(Close::Io(e)),
-        }
-    }
-
-    async fn read_connect(&mut self) -> Result<ConnectInfo, Close> {
-        loop {
-            match wire::read_connect(&mut self.rbuf, MAX_INCOMING_PACKET) {
-                Ok(Some(c)) => return Ok(c),
-                Ok(None) => {}
-                Err(e) => return Err(Close::Violation(e.to_string())),
-            }
-            if !self.fill().await? {
-                return Err(Close::ByClient);
-            }
-        }
-    }
-
     async fn refuse(&mut self) -> Result<(), Close> {
         self.queue(connack(ConnectOutcome::NotAuthorized))?;
         self.flush().await
     }
 
     fn queue(&mut self, packet: ServerPacket<'_>) -> Result<(), Close> {
-        wire::write_packet(self.protocol, packet, &mut self.wbuf)
-            .map_err(|e| Close::Violation(e.to_string()))
+        Ok(self.io.queue(packet)?)
     }
 
     async fn flush(&mut self) -> Result<(), Close> {
-        if self.wbuf.is_empty() {
-            return Ok(());
-        }
-        let written = timeout(WRITE_TIMEOUT, async {
-            self.stream.write_all(&self.wbuf).await?;
-            self.stream.flush().await
-        })
-        .await;
-        self.wbuf.clear();
-        match written {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => Err(Close::Io(e)),
-            Err(_) => Err(Close::Violation(
-                "client does not read (write timed out)".into(),
-            )),
-        }
+        Ok(self.io.flush(WRITE_TIMEOUT).await?)
     }
 
     async fn run(
@@ -434,10 +403,10 @@ impl Connection {
                 return c;
             }
             tokio::select! {
-                filled = self.stream_fill_until(deadline) => match filled {
-                    Ok(true) => deadline = Instant::now() + idle_limit,
-                    Ok(false) => return Close::ByClient,
-                    Err(c) => return c,
+                filled = tokio::time::timeout_at(deadline, self.io.fill()) => match filled {
+                    Ok(Ok(())) => deadline = Instant::now() + idle_limit,
+                    Ok(Err(e)) => return e.into(),
+                    Err(_) => return Close::KeepAlive,
                 },
                 delivery = deliveries.recv() => match delivery {
                     Ok(message) => {
@@ -458,18 +427,10 @@ impl Connection {
         }
     }
 
-    async fn stream_fill_until(&mut self, deadline: Instant) -> Result<bool, Close> {
-        match tokio::time::timeout_at(deadline, self.fill()).await {
-            Ok(r) => r,
-            Err(_) => Err(Close::KeepAlive),
-        }
-    }
-
     /// Handles every complete packet in the read buffer.
     async fn process_buffer(&mut self) -> Result<(), Close> {
         loop {
-            let packet = match wire::read_packet(self.protocol, &mut self.rbuf, MAX_INCOMING_PACKET)
-            {
+            let packet = match self.io.next_packet() {
                 Ok(Some(p)) => p,
                 Ok(None) => break,
                 Err(e @ WireError::TooLarge { .. }) => {
