@@ -572,6 +572,8 @@ pub struct StoreSection {
     pub cache_capacity_bytes: u64,
     /// sled background flush interval in milliseconds; 0 = off (group commit flushes).
     pub flush_interval_ms: u64,
+    /// Shortest time between two group commits under load, in microseconds.
+    pub min_commit_interval_us: u64,
 }
 
 impl Default for StoreSection {
@@ -579,6 +581,7 @@ impl Default for StoreSection {
         Self {
             cache_capacity_bytes: 67_108_864,
             flush_interval_ms: 0,
+            min_commit_interval_us: crate::store::DEFAULT_MIN_COMMIT_INTERVAL_US,
         }
     }
 }
@@ -1137,6 +1140,16 @@ impl Config {
             "store.cache_capacity_bytes",
         )?;
         check(
+            self.store.min_commit_interval_us <= 100_000,
+            "store.min_commit_interval_us",
+            || {
+                format!(
+                    "{} is more than 100000 (0.1 s); every durable write would wait that long under load",
+                    self.store.min_commit_interval_us
+                )
+            },
+        )?;
+        check(
             tracing_subscriber::EnvFilter::try_new(&self.log.level).is_ok(),
             "log.level",
             || {
@@ -1577,7 +1590,7 @@ mod tests {
 
     #[test]
     fn semantic_errors_name_key_and_source() {
-        let cases: [(&str, &str, &str); 8] = [
+        let cases: [(&str, &str, &str); 9] = [
             (
                 "[cloud.aws]\nsessions = 0\n",
                 "cloud.aws.sessions",
@@ -1614,6 +1627,11 @@ mod tests {
                 "wildcard",
             ),
             ("[log]\nlevel = \"=:=\"\n", "log.level", "not a log filter"),
+            (
+                "[store]\nmin_commit_interval_us = 250000\n",
+                "store.min_commit_interval_us",
+                "more than 100000",
+            ),
         ];
         for (text, key, what) in cases {
             let e = load_text(text, &[]).unwrap_err();

@@ -323,6 +323,7 @@ fn open_store(dir: &Path) -> Store {
         &StoreOptions {
             cache_capacity: 8 << 20,
             flush_interval_ms: None,
+            ..StoreOptions::default()
         },
     )
     .unwrap_or_else(|e| panic!("store in {} does not open cleanly: {e}", dir.display()))

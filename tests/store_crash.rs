@@ -23,6 +23,7 @@ fn options() -> StoreOptions {
     StoreOptions {
         cache_capacity: 16 * 1024 * 1024,
         flush_interval_ms: None,
+        ..StoreOptions::default()
     }
 }
 

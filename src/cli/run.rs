@@ -188,6 +188,7 @@ impl Gateway {
                 cache_capacity: cfg.store.cache_capacity_bytes,
                 flush_interval_ms: (cfg.store.flush_interval_ms > 0)
                     .then_some(cfg.store.flush_interval_ms),
+                min_commit_interval: Duration::from_micros(cfg.store.min_commit_interval_us),
             },
         )?;
         tracing::info!(dir = %cfg.gateway.state_dir.display(), devices = store.device_count(), "store open");

@@ -1,9 +1,15 @@
 //! Multi-tree changes applied atomically: a [`Batch`] collects puts and removes over the
-//! devices, secrets, tokens, record and meta trees; [`Store::apply`] runs them in one sled
-//! transaction (so a crash leaves all or none of them) and then waits for durability.
+//! devices, secrets, tokens, record and meta trees; [`Store::apply`] hands it to the commit
+//! thread, which applies it inside one sled transaction (so a crash leaves all or none of it)
+//! together with the other batches waiting at that moment, then flushes.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 
 use serde::Serialize;
-use sled::transaction::{ConflictableTransactionError, TransactionError, TransactionalTree};
+use sled::transaction::{
+    ConflictableTransactionError, TransactionError, TransactionalTree, UnabortableTransactionError,
+};
 use sled::Transactional;
 
 use super::{
@@ -126,104 +132,209 @@ impl Batch {
 }
 
 impl Store {
-    /// Applies every change in `batch` atomically (one sled transaction over all trees), then
-    /// waits until it is durable. A failed etag check aborts the whole batch.
+    /// Applies every change in `batch` atomically, then waits until it is durable. A failed etag
+    /// check fails the whole batch ([`StoreError::Conflict`]) and changes nothing.
+    ///
+    /// Batches are group-committed: the commit thread applies every batch waiting at that moment
+    /// in one sled transaction, then flushes once. sled writes out its log buffer for every
+    /// transaction, so one transaction per batch would cost a log write per batch; a group
+    /// costs one for all of them.
     pub async fn apply(&self, batch: Batch) -> Result<(), StoreError> {
         if batch.is_empty() {
             return Ok(());
         }
-        self.apply_now(&batch)?;
-        self.durable().await
-    }
-
-    fn apply_now(&self, batch: &Batch) -> Result<(), StoreError> {
-        let i = &self.inner;
-        let _guard = self.device_lock();
-        let result = (
-            &i.devices,
-            &i.secrets,
-            &i.tokens,
-            &i.operations,
-            &i.enrollment_groups,
-            &i.device_groups,
-            &i.meta,
-        )
-            .transaction(|(devices, secrets, tokens, ops, enroll, groups, meta)| {
-                for op in &batch.ops {
-                    match op {
-                        Op::PutDevice { rec, expected_etag } => {
-                            tx_put_device(devices, rec, *expected_etag)?;
-                        }
-                        Op::RemoveDevice(id) => {
-                            devices.remove(id.as_str())?;
-                        }
-                        Op::PutSecret(id, bytes) => {
-                            secrets.insert(id.as_str(), bytes.as_slice())?;
-                        }
-                        Op::RemoveSecret(id) => {
-                            secrets.remove(id.as_str())?;
-                        }
-                        Op::PutToken(rec) => {
-                            let key = rec.device.as_str();
-                            let bytes = encode(TOKENS, key, rec)
-                                .map_err(ConflictableTransactionError::Abort)?;
-                            tokens.insert(key, bytes)?;
-                        }
-                        Op::RemoveToken(id) => {
-                            tokens.remove(id.as_str())?;
-                        }
-                        Op::PutRecord(tree, key, bytes) => {
-                            let t = match tree {
-                                RecordTree::Operations => ops,
-                                RecordTree::EnrollmentGroups => enroll,
-                                RecordTree::DeviceGroups => groups,
-                            };
-                            t.insert(key.as_str(), bytes.as_slice())?;
-                        }
-                        Op::RemoveRecord(tree, key) => {
-                            let t = match tree {
-                                RecordTree::Operations => ops,
-                                RecordTree::EnrollmentGroups => enroll,
-                                RecordTree::DeviceGroups => groups,
-                            };
-                            t.remove(key.as_str())?;
-                        }
-                        Op::PutMeta(key, value) => {
-                            meta.insert(key.as_str(), value.as_slice())?;
-                        }
-                    }
-                }
-                Ok(())
-            });
-        result.map_err(|e| match e {
-            TransactionError::Abort(e) => e,
-            TransactionError::Storage(source) => StoreError::Transaction { source },
-        })
+        self.inner.commit.apply(batch).await
     }
 }
 
-fn tx_put_device(
-    devices: &TransactionalTree,
-    rec: &DeviceRecord,
-    expected_etag: Option<u64>,
-) -> Result<(), ConflictableTransactionError<StoreError>> {
-    let key = rec.id.as_str();
-    let found = match devices.get(key)? {
-        Some(v) => Some(stored_etag(key, &v).map_err(ConflictableTransactionError::Abort)?),
-        None => None,
-    };
-    if let Some(expected) = expected_etag {
-        if found != Some(expected) {
-            return Err(ConflictableTransactionError::Abort(StoreError::Conflict {
-                id: rec.id.clone(),
-                expected,
-                found,
-            }));
+/// A change prepared by the check phase of a group transaction.
+struct Write {
+    tree: usize,
+    key: Vec<u8>,
+    /// `None` removes the key.
+    value: Option<Vec<u8>>,
+}
+
+/// Indexes into [`BatchTrees::all`].
+const T_DEVICES: usize = 0;
+const T_SECRETS: usize = 1;
+const T_TOKENS: usize = 2;
+const T_META: usize = 6;
+
+fn record_tree_index(tree: RecordTree) -> usize {
+    match tree {
+        RecordTree::Operations => 3,
+        RecordTree::EnrollmentGroups => 4,
+        RecordTree::DeviceGroups => 5,
+    }
+}
+
+/// The trees batches write to, held by the commit thread.
+pub(crate) struct BatchTrees {
+    pub(crate) devices: sled::Tree,
+    pub(crate) secrets: sled::Tree,
+    pub(crate) tokens: sled::Tree,
+    pub(crate) operations: sled::Tree,
+    pub(crate) enrollment_groups: sled::Tree,
+    pub(crate) device_groups: sled::Tree,
+    pub(crate) meta: sled::Tree,
+    /// The store's lock for read-modify-write of device records.
+    pub(crate) device_writes: Arc<Mutex<()>>,
+}
+
+impl BatchTrees {
+    /// Applies `batches` in one sled transaction and returns one outcome per batch, in order.
+    /// A batch whose etag check fails (or whose record does not encode) changes nothing and gets
+    /// its error; the others are applied. A failure of sled itself fails them all.
+    pub(crate) fn apply_group(&self, batches: &[&Batch]) -> Vec<Result<(), StoreError>> {
+        // The guarded data is `()`: a poisoned lock leaves nothing inconsistent.
+        let _guard = self.device_writes.lock().unwrap_or_else(|p| p.into_inner());
+        let result = (
+            &self.devices,
+            &self.secrets,
+            &self.tokens,
+            &self.operations,
+            &self.enrollment_groups,
+            &self.device_groups,
+            &self.meta,
+        )
+            .transaction(|(devices, secrets, tokens, ops, enroll, groups, meta)| {
+                let trees = [devices, secrets, tokens, ops, enroll, groups, meta];
+                let mut outcomes = Vec::with_capacity(batches.len());
+                for batch in batches {
+                    // Check every condition and encode every value first, so that a batch is
+                    // applied whole or not at all within the shared transaction.
+                    match prepare(devices, batch)? {
+                        Ok(writes) => {
+                            for w in writes {
+                                match w.value {
+                                    Some(v) => trees[w.tree].insert(w.key, v)?,
+                                    None => trees[w.tree].remove(w.key)?,
+                                };
+                            }
+                            outcomes.push(Ok(()));
+                        }
+                        Err(e) => outcomes.push(Err(e)),
+                    }
+                }
+                Ok::<_, ConflictableTransactionError<StoreError>>(outcomes)
+            });
+        match result {
+            Ok(outcomes) => outcomes,
+            Err(e) => {
+                let message = match e {
+                    TransactionError::Abort(e) => e.to_string(),
+                    TransactionError::Storage(e) => e.to_string(),
+                };
+                batches
+                    .iter()
+                    .map(|_| {
+                        Err(StoreError::Transaction {
+                            message: message.clone(),
+                        })
+                    })
+                    .collect()
+            }
         }
     }
-    let mut next = rec.clone();
-    next.etag = found.unwrap_or(0) + 1;
-    let bytes = encode(DEVICES, key, &next).map_err(ConflictableTransactionError::Abort)?;
-    devices.insert(key, bytes)?;
-    Ok(())
+}
+
+/// The check phase for one batch: etag conditions evaluated in order (a batch that writes the
+/// same device twice sees its own first write), values encoded. `Ok(Err(_))` is the batch's
+/// own failure; `Err(_)` is sled's and aborts the transaction.
+fn prepare(
+    devices: &TransactionalTree,
+    batch: &Batch,
+) -> Result<Result<Vec<Write>, StoreError>, UnabortableTransactionError> {
+    // Etags as the batch's earlier operations leave them.
+    let mut etags: HashMap<&str, Option<u64>> = HashMap::new();
+    let mut writes = Vec::with_capacity(batch.ops.len());
+    for op in &batch.ops {
+        let write = match op {
+            Op::PutDevice { rec, expected_etag } => {
+                let key = rec.id.as_str();
+                let found = match etags.get(key) {
+                    Some(etag) => *etag,
+                    None => match devices.get(key)? {
+                        Some(v) => match stored_etag(key, &v) {
+                            Ok(etag) => Some(etag),
+                            Err(e) => return Ok(Err(e)),
+                        },
+                        None => None,
+                    },
+                };
+                if let Some(expected) = *expected_etag {
+                    if found != Some(expected) {
+                        return Ok(Err(StoreError::Conflict {
+                            id: rec.id.clone(),
+                            expected,
+                            found,
+                        }));
+                    }
+                }
+                let mut next = (**rec).clone();
+                next.etag = found.unwrap_or(0) + 1;
+                etags.insert(key, Some(next.etag));
+                match encode(DEVICES, key, &next) {
+                    Ok(bytes) => Write {
+                        tree: T_DEVICES,
+                        key: key.as_bytes().to_vec(),
+                        value: Some(bytes),
+                    },
+                    Err(e) => return Ok(Err(e)),
+                }
+            }
+            Op::RemoveDevice(id) => {
+                etags.insert(id.as_str(), None);
+                Write {
+                    tree: T_DEVICES,
+                    key: id.as_str().as_bytes().to_vec(),
+                    value: None,
+                }
+            }
+            Op::PutSecret(id, bytes) => Write {
+                tree: T_SECRETS,
+                key: id.as_str().as_bytes().to_vec(),
+                value: Some(bytes.clone()),
+            },
+            Op::RemoveSecret(id) => Write {
+                tree: T_SECRETS,
+                key: id.as_str().as_bytes().to_vec(),
+                value: None,
+            },
+            Op::PutToken(rec) => {
+                let key = rec.device.as_str();
+                match encode(TOKENS, key, rec) {
+                    Ok(bytes) => Write {
+                        tree: T_TOKENS,
+                        key: key.as_bytes().to_vec(),
+                        value: Some(bytes),
+                    },
+                    Err(e) => return Ok(Err(e)),
+                }
+            }
+            Op::RemoveToken(id) => Write {
+                tree: T_TOKENS,
+                key: id.as_str().as_bytes().to_vec(),
+                value: None,
+            },
+            Op::PutRecord(tree, key, bytes) => Write {
+                tree: record_tree_index(*tree),
+                key: key.as_bytes().to_vec(),
+                value: Some(bytes.clone()),
+            },
+            Op::RemoveRecord(tree, key) => Write {
+                tree: record_tree_index(*tree),
+                key: key.as_bytes().to_vec(),
+                value: None,
+            },
+            Op::PutMeta(key, value) => Write {
+                tree: T_META,
+                key: key.as_bytes().to_vec(),
+                value: Some(value.clone()),
+            },
+        };
+        writes.push(write);
+    }
+    Ok(Ok(writes))
 }

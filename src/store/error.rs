@@ -72,11 +72,12 @@ pub enum StoreError {
         /// Cause.
         source: sled::Error,
     },
-    /// A multi-tree transaction failed in sled itself.
-    #[error("store transaction failed: {source}")]
+    /// A multi-tree transaction failed in sled itself (every batch of its group commit gets
+    /// this error; none of them was applied).
+    #[error("store transaction failed: {message}")]
     Transaction {
-        /// Cause.
-        source: sled::Error,
+        /// sled's message.
+        message: String,
     },
     /// Flushing to disk failed: the change may not survive a power cut.
     #[error("state directory {dir}: flush to disk failed: {message}")]

@@ -9,7 +9,8 @@
 //! Every mutating call returns only once the change is on disk. Durability uses group commit
 //! ([`flusher`]): one thread flushes, and every writer waits for a flush that began after its
 //! write, so N concurrent writers cost about one fsync. Changes spanning several trees go through
-//! a [`Batch`], applied with one sled transaction and then made durable.
+//! a [`Batch`]; the same thread applies every batch waiting at that moment in one sled
+//! transaction, then flushes.
 //!
 //! Keeping sled behind this boundary lets us swap the engine (e.g. redb) without touching the
 //! rest of the gateway if the kill -9 tests ever show corruption.
@@ -25,7 +26,7 @@ use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -34,6 +35,7 @@ use crate::device_id::DeviceId;
 use flusher::GroupCommit;
 
 pub use batch::Batch;
+use batch::BatchTrees;
 pub use error::StoreError;
 pub use records::{
     DeviceRecord, DeviceState, ErrorInfo, OutboxDecodeError, OutboxMessage, OwnershipToken,
@@ -46,6 +48,9 @@ pub const SCHEMA_VERSION: u32 = 1;
 /// `meta` key holding the schema version (u32 big-endian); reserved.
 pub const SCHEMA_VERSION_KEY: &str = "schema_version";
 
+/// Default for [`StoreOptions::min_commit_interval`], in microseconds.
+pub const DEFAULT_MIN_COMMIT_INTERVAL_US: u64 = 1000;
+
 /// Tuning for [`Store::open`] (config section `[store]`).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct StoreOptions {
@@ -53,6 +58,10 @@ pub struct StoreOptions {
     pub cache_capacity: u64,
     /// sled's own periodic background flush; `None` = off (group commit flushes anyway).
     pub flush_interval_ms: Option<u64>,
+    /// Shortest time between the starts of two group commits under load (config
+    /// `store.min_commit_interval_us`): longer batches more writes into one fsync, shorter
+    /// answers a lone write sooner. A write after a quiet spell is flushed at once.
+    pub min_commit_interval: Duration,
 }
 
 impl Default for StoreOptions {
@@ -60,6 +69,7 @@ impl Default for StoreOptions {
         StoreOptions {
             cache_capacity: 64 * 1024 * 1024,
             flush_interval_ms: None,
+            min_commit_interval: Duration::from_micros(DEFAULT_MIN_COMMIT_INTERVAL_US),
         }
     }
 }
@@ -114,7 +124,7 @@ struct Inner {
     meta: sled::Tree,
     /// Serialises read-modify-write of device records (etag bumps, CAS, batches): the update
     /// closures are `FnOnce`, so a lost optimistic race could not be retried.
-    device_writes: Mutex<()>,
+    device_writes: Arc<Mutex<()>>,
     outbox_len: AtomicU64,
     outbox_bytes: AtomicU64,
 }
@@ -161,24 +171,34 @@ impl Store {
             len += 1;
             bytes += v.len() as u64;
         }
-        let commit =
-            GroupCommit::start(db.clone()).map_err(|source| StoreError::FlusherThread {
-                dir: dir.to_owned(),
-                source,
-            })?;
-        let inner = Inner {
-            dir: dir.to_owned(),
-            commit,
+        let device_writes = Arc::new(Mutex::new(()));
+        let trees = BatchTrees {
             devices: tree(DEVICES)?,
             secrets: tree(SECRETS)?,
             tokens: tree(TOKENS)?,
             operations: tree(RecordTree::Operations.name())?,
             enrollment_groups: tree(RecordTree::EnrollmentGroups.name())?,
             device_groups: tree(RecordTree::DeviceGroups.name())?,
+            meta: meta.clone(),
+            device_writes: Arc::clone(&device_writes),
+        };
+        let inner = Inner {
+            dir: dir.to_owned(),
+            devices: trees.devices.clone(),
+            secrets: trees.secrets.clone(),
+            tokens: trees.tokens.clone(),
+            operations: trees.operations.clone(),
+            enrollment_groups: trees.enrollment_groups.clone(),
+            device_groups: trees.device_groups.clone(),
+            commit: GroupCommit::start(db.clone(), trees, dir.to_owned(), opts.min_commit_interval)
+                .map_err(|source| StoreError::FlusherThread {
+                    dir: dir.to_owned(),
+                    source,
+                })?,
             outbox,
             meta,
             db,
-            device_writes: Mutex::new(()),
+            device_writes,
             outbox_len: AtomicU64::new(len),
             outbox_bytes: AtomicU64::new(bytes),
         };

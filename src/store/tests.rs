@@ -14,6 +14,7 @@ fn opts() -> StoreOptions {
     StoreOptions {
         cache_capacity: 8 * 1024 * 1024,
         flush_interval_ms: None,
+        ..StoreOptions::default()
     }
 }
 
@@ -268,6 +269,70 @@ async fn batch_is_all_or_nothing() {
     assert!(store.device(&b).unwrap().is_none());
     assert!(store.secret(&b).unwrap().is_none());
     assert!(store.token(&b).unwrap().is_none());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_batches_share_transactions_and_fail_alone() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = Store::open(tmp.path(), &opts()).unwrap();
+    let stale = id("stale");
+    store
+        .put_device(&DeviceRecord::new(stale.clone(), "json", 1))
+        .await
+        .unwrap();
+    let mut tasks = tokio::task::JoinSet::new();
+    for w in 0..64 {
+        let store = store.clone();
+        let stale = stale.clone();
+        tasks.spawn(async move {
+            let d = id(&format!("d{w}"));
+            let mut batch = Batch::new();
+            // Two writes of one device in one batch: the second etag check sees the first.
+            batch
+                .put_device(DeviceRecord::new(d.clone(), "json", 2))
+                .put_secret(&d, d.as_str().as_bytes())
+                .put_device_if(DeviceRecord::new(d.clone(), "cbor", 3), 1);
+            if w % 8 == 0 {
+                // A stale etag fails this batch, and only this one.
+                batch.put_device_if(DeviceRecord::new(stale, "cbor", 3), 9);
+            }
+            (w, store.apply(batch).await)
+        });
+    }
+    while let Some(r) = tasks.join_next().await {
+        let (w, outcome) = r.unwrap();
+        let d = id(&format!("d{w}"));
+        if w % 8 == 0 {
+            let err = outcome.unwrap_err();
+            assert!(matches!(err, StoreError::Conflict { .. }), "{err}");
+            assert!(
+                store.device(&d).unwrap().is_none(),
+                "batch {w} half applied"
+            );
+            assert!(
+                store.secret(&d).unwrap().is_none(),
+                "batch {w} half applied"
+            );
+        } else {
+            outcome.unwrap();
+            let rec = store.device(&d).unwrap().unwrap();
+            assert_eq!((rec.format.as_str(), rec.etag), ("cbor", 2));
+            assert_eq!(
+                store.secret(&d).unwrap().as_deref(),
+                Some(d.as_str().as_bytes())
+            );
+        }
+    }
+    assert_eq!(store.device(&stale).unwrap().unwrap().etag, 1);
+    assert!(
+        store.flush_count() < 64,
+        "64 concurrent batches took {} flushes",
+        store.flush_count()
+    );
+    // Everything acknowledged survives a reopen.
+    drop(store);
+    let store = Store::open(tmp.path(), &opts()).unwrap();
+    assert_eq!(store.device_count(), 1 + 56);
 }
 
 #[tokio::test]
