@@ -59,6 +59,16 @@ pub fn create_csr(common_name: &str, key: &PrivateKey) -> Result<String, Identit
     csr.pem().map_err(|e| IdentityError::signing(what(), e))
 }
 
+/// The DER SubjectPublicKeyInfo of a PEM CSR, without verifying its signature: for CSRs the
+/// gateway made or has already verified, where a second ECDSA/RSA verification would only cost.
+pub(crate) fn csr_public_key_der(pem: &str) -> Result<Vec<u8>, IdentityError> {
+    let der = csr_der(pem)?;
+    let (_, csr) = X509CertificationRequest::from_der(&der).map_err(|e| {
+        IdentityError::malformed("CSR", format!("not a valid PKCS#10 request: {e}"))
+    })?;
+    Ok(csr.certification_request_info.subject_pki.raw.to_vec())
+}
+
 /// Parses a PEM CSR and verifies its self-signature.
 ///
 /// A CSR whose signature does not verify is refused with [`IdentityError::CsrSignature`].
