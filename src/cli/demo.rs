@@ -211,8 +211,8 @@ async fn demo(args: &Args) -> Result<bool, DemoError> {
 }
 
 /// The config drop-in that turns the emulator-written `gateway.toml` into the demo's gateway:
-/// a free port for the device broker, cloud limits that do not cap a local run, and telemetry
-/// forwarded under each device's own identity.
+/// a free port for the device broker, cloud limits that do not cap a local run (no TPS cap, 16
+/// claim sessions), and telemetry forwarded under each device's own identity.
 fn write_demo_dropin(config_path: &Path) -> Result<(), DemoError> {
     let dir = config_path
         .parent()
@@ -224,9 +224,11 @@ fn write_demo_dropin(config_path: &Path) -> Result<(), DemoError> {
     })?;
     let path = dir.join("50-demo.toml");
     let text = "# Written by `fleetgw demo`: the device broker on a free port, and cloud limits\n\
-                # that let a local run go as fast as the machine allows.\n\n\
+                # that let a local run go as fast as the machine allows: no TPS cap, and 16\n\
+                # claim sessions, since each carries one request at a time and the emulator's\n\
+                # round trip, not a quota, would otherwise set the pace.\n\n\
                 [downstream]\nlisten = \"127.0.0.1:0\"\n\n\
-                [cloud.aws]\ntps = 100000\n\n\
+                [cloud.aws]\ntps = 100000\nsessions = 16\n\n\
                 # Each device's telemetry goes upstream under its own certificate.\n\
                 [telemetry]\nidentity = \"device\"\n";
     std::fs::write(&path, text).map_err(|source| DemoError::Write { path, source })
