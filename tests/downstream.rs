@@ -15,8 +15,8 @@ use common::relay::Relay;
 use common::WAIT;
 use fleetgw::device_id::DeviceId;
 use fleetgw::downstream::{
-    contract, AcceptedResponse, AckOutcome, Attestation, BrokerError, BrokerOptions, DeviceStatus,
-    DeviceTopic, Downstream, DownstreamMessage, DownstreamOptions, EmbeddedBroker,
+    contract, session, AcceptedResponse, AckOutcome, Attestation, BrokerError, BrokerOptions,
+    DeviceStatus, DeviceTopic, Downstream, DownstreamMessage, DownstreamOptions, EmbeddedBroker,
     EmbeddedBrokerOptions, EmbeddedTls, ExternalBrokerOptions, PayloadFormat, ProvisionRequest,
     RejectedResponse, SessionError, SessionStatus, StatusReport,
 };
@@ -902,6 +902,21 @@ async fn publish_numbered(port: u16, n: usize, count: usize) {
 /// broker had not processed, at most `max_unconfirmed`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_gateway_crash_duplicates_at_most_the_read_ahead() {
+    crash_and_count_duplicates(session::DEFAULT_MAX_HELD_BYTES).await;
+}
+
+/// The same with room for only a few held messages: the rest is left with mosquitto and
+/// fetched again by a reconnect, which neither loses nor duplicates anything.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_beyond_the_held_cap_come_again_after_a_reconnect() {
+    crash_and_count_duplicates(4096).await;
+}
+
+/// Devices publish numbered messages through mosquitto (window 10, unlimited queue); the
+/// gateway's consumer records and acks a third of them, then the gateway "crashes" and a new
+/// session takes over. Asserts that every message arrives and that at most `max_unconfirmed`
+/// recorded ones come again.
+async fn crash_and_count_duplicates(max_held_bytes: usize) {
     const DEVICES: usize = 10;
     const PER_DEVICE: usize = 400;
     const MAX_UNCONFIRMED: usize = 20;
@@ -916,6 +931,7 @@ async fn a_gateway_crash_duplicates_at_most_the_read_ahead() {
     let start = || {
         Downstream::start_with(&opts, |s| {
             s.max_unconfirmed = MAX_UNCONFIRMED;
+            s.max_held_bytes = max_held_bytes;
             s.reconnect_min = Duration::from_millis(100);
             s.reconnect_max = Duration::from_millis(800);
         })
@@ -937,6 +953,7 @@ async fn a_gateway_crash_duplicates_at_most_the_read_ahead() {
         assert!(stored.insert(key(&m)), "no duplicate before the crash");
         m.ack.ack();
     }
+    let connections = gw.session().status().connections;
     // The crash: nothing more is stored, and the session dies without a DISCONNECT.
     drop(rx);
     drop(gw);
@@ -959,7 +976,9 @@ async fn a_gateway_crash_duplicates_at_most_the_read_ahead() {
         d.await.unwrap();
     }
     eprintln!(
-        "stored {} before the crash, {duplicates} delivered again after it",
+        "held cap {max_held_bytes} B: {connections} connection(s) before the crash, {} after; \
+         stored {} before the crash, {duplicates} delivered again after it",
+        gw.session().status().connections,
         stored.len()
     );
     assert!(

@@ -42,9 +42,13 @@
 //! after them (the broker answers a connection's packets in order, so its PINGRESP proves
 //! every earlier PUBACK processed; rumqttc's keep-alive pings count the same way). Messages
 //! beyond the bound are read (the PINGRESP is behind them) and held in memory, in arrival
-//! order, up to `max_held_bytes`; past that the oldest go to the consumer anyway, with a
-//! warning, because memory must stay bounded and nothing may be lost. Pings start only once
-//! half the bound is unconfirmed, so a broker within a smaller window never sees one.
+//! order, up to `max_held_bytes`. Past that, every further message of the connection is left
+//! with the broker: never acknowledged, so the broker keeps it in the session, exactly like a
+//! message not yet read (and without an ack entry, so the held messages' acks still go out).
+//! Once the held messages are handed over and acknowledged, the session disconnects cleanly
+//! (the broker processes those PUBACKs first) and the reconnect gets the rest again. Pings
+//! start only once half the bound is unconfirmed, so a broker within a smaller window never
+//! sees one.
 //!
 //! Redelivery and duplicates. Each message belongs to the connection that carried it. When a
 //! connection drops, the broker resends everything the gateway had not acknowledged (some
@@ -172,7 +176,8 @@ pub struct SessionOptions {
     /// crash of the gateway makes the broker deliver twice.
     pub max_unconfirmed: usize,
     /// Bytes (payload and topic) of messages the session holds back for the read-ahead, at
-    /// most; beyond it they go to the consumer anyway (see "Read-ahead" in the module docs).
+    /// most; beyond it they are left with the broker and fetched again by a reconnect (see
+    /// "Read-ahead" in the module docs).
     pub max_held_bytes: usize,
     /// QoS 1 publishes of the gateway in flight at once.
     pub outgoing_inflight: u16,
@@ -884,10 +889,14 @@ struct ReadAhead {
     held: VecDeque<(Publish, AckHandle)>,
     /// Payload and topic bytes in `held`.
     held_bytes: usize,
-    /// Beyond this many held bytes the oldest held message goes to the consumer anyway.
+    /// Held bytes at most; what comes beyond is left with the broker.
     max_held_bytes: usize,
-    /// `max_held_bytes` was exceeded on this connection (logged once).
-    overflowed: bool,
+    /// `held` was full: every later message of this connection is left with the broker (its
+    /// PUBACK would have to follow the missing ones), and once the held ones are stored and
+    /// acknowledged the session reconnects so the broker sends them again.
+    discarding: bool,
+    /// Messages left with the broker on this connection.
+    discarded: u64,
 }
 
 impl ReadAhead {
@@ -902,7 +911,8 @@ impl ReadAhead {
             held: VecDeque::new(),
             held_bytes: 0,
             max_held_bytes,
-            overflowed: false,
+            discarding: false,
+            discarded: 0,
         }
     }
 
@@ -913,31 +923,37 @@ impl ReadAhead {
         held
     }
 
+    /// Whether `publish` is to be left with the broker: once `held` is full, it and every
+    /// later message of the connection (the first one is always held, whatever its size).
+    fn leave_with_broker(&mut self, publish: &Publish) -> bool {
+        let size = publish.payload.len() + publish.topic.len();
+        if !self.discarding && !self.held.is_empty() && self.held_bytes + size > self.max_held_bytes
+        {
+            self.discarding = true;
+            tracing::warn!(
+                held_bytes = self.held_bytes,
+                unconfirmed = self.delivered - self.confirmed,
+                "the downstream broker sends far more than its in-flight window without processing the gateway's acks (mosquitto before 2.0.13 does); leaving further messages with it and reconnecting once the held ones are stored"
+            );
+        }
+        if self.discarding {
+            self.discarded += 1;
+        }
+        self.discarding
+    }
+
     fn hold(&mut self, publish: Publish, ack: AckHandle) {
         self.held_bytes += publish.payload.len() + publish.topic.len();
         self.held.push_back((publish, ack));
     }
 
     /// The oldest held message, if it may go to the consumer now: QoS 0 always (it needs no
-    /// ack), QoS 1 while fewer than `max_unconfirmed` are unconfirmed, or when the held
-    /// messages outgrow `max_held_bytes` (a broker sending far beyond any window: memory stays
-    /// bounded, at the price of the duplicate bound; nothing is lost either way).
+    /// ack), QoS 1 while fewer than `max_unconfirmed` are unconfirmed.
     fn release(&mut self) -> Option<(Publish, AckHandle)> {
         let qos = self.held.front()?.0.qos;
-        let unconfirmed = self.delivered - self.confirmed;
-        if qos != QoS::AtMostOnce && unconfirmed >= self.max_unconfirmed as u64 {
-            if self.held_bytes <= self.max_held_bytes {
-                return None;
-            }
-            if !self.overflowed {
-                self.overflowed = true;
-                tracing::warn!(
-                    held_bytes = self.held_bytes,
-                    max_held_bytes = self.max_held_bytes,
-                    unconfirmed,
-                    "the downstream broker sends far more than its in-flight window without processing the gateway's acks; handing messages over beyond the read-ahead (a crash now may duplicate more of them)"
-                );
-            }
+        if qos != QoS::AtMostOnce && self.delivered - self.confirmed >= self.max_unconfirmed as u64
+        {
+            return None;
         }
         let (publish, ack) = self.held.pop_front()?;
         self.held_bytes -= publish.payload.len() + publish.topic.len();
@@ -975,6 +991,7 @@ impl Driver {
     async fn run(mut self) {
         loop {
             self.write_acks().await;
+            self.resume_left_messages();
             match self.eventloop.poll().await {
                 Ok(Event::Incoming(incoming)) => {
                     if !self.on_incoming(incoming).await {
@@ -1312,6 +1329,30 @@ impl Driver {
         }
     }
 
+    /// After messages were left with the broker: once every held message is handed over and
+    /// its PUBACK written, disconnects cleanly (the broker keeps the session and processes the
+    /// PUBACKs before the DISCONNECT), and the reconnect gets the left messages again.
+    fn resume_left_messages(&mut self) {
+        if !self.gate.discarding || !self.gate.held.is_empty() {
+            return;
+        }
+        let mut inner = self.shared.lock();
+        if !inner.acks.entries.is_empty()
+            || inner.acks.in_channel > 0
+            || inner.redelivery_requested
+            || inner.closed
+        {
+            return;
+        }
+        if self.shared.client.try_disconnect().is_ok() {
+            inner.redelivery_requested = true;
+            tracing::info!(
+                messages = self.gate.discarded,
+                "downstream: held messages stored; reconnecting for the messages left with the broker"
+            );
+        }
+    }
+
     /// Hands held messages to the consumer, in arrival order, as far as the read-ahead allows.
     /// Returns false when the session should stop.
     async fn release_held(&mut self) -> bool {
@@ -1325,6 +1366,15 @@ impl Driver {
 
     /// Returns false when the session should stop.
     async fn on_publish(&mut self, publish: Publish) -> bool {
+        if self.gate.leave_with_broker(&publish) {
+            // Never acknowledged, so the broker keeps it; no ack entry either, so the acks of
+            // the held messages still go out.
+            if publish.qos == QoS::AtMostOnce {
+                self.shared.dropped_qos0.fetch_add(1, Ordering::Relaxed);
+            }
+            self.resume_left_messages();
+            return true;
+        }
         let ack = if publish.qos == QoS::AtMostOnce {
             AckHandle { slot: None }
         } else {
@@ -1552,19 +1602,31 @@ mod tests {
     }
 
     #[test]
-    fn read_ahead_lets_the_oldest_through_once_held_bytes_exceed_the_cap() {
-        let topic_len = "fleetgw/d/telemetry".len();
-        let mut gate = ReadAhead::new(1, 2 * (topic_len + 1));
+    fn once_held_messages_fill_the_cap_later_ones_are_left_with_the_broker() {
+        let topic = "fleetgw/d/telemetry";
+        let mut gate = ReadAhead::new(1, 2 * (topic.len() + 1));
+        let mut left = Vec::new();
         for m in ["a", "b", "c", "d"] {
-            held(&mut gate, QoS::AtLeastOnce, m);
+            let publish = Publish::new(topic, QoS::AtLeastOnce, m.as_bytes().to_vec());
+            if gate.leave_with_broker(&publish) {
+                left.push(m);
+            } else {
+                gate.hold(publish, AckHandle { slot: None });
+            }
+            let _ = gate.release();
         }
-        // "a" within the bound, "b" because three held messages exceed the cap of two.
-        assert_eq!(released(&mut gate), ["a", "b"]);
-        assert!(gate.overflowed);
+        // "a" goes to the consumer, "b" and "c" fill the cap, "d" stays with the broker.
+        assert_eq!(left, ["d"]);
+        assert!(gate.discarding);
         assert_eq!(gate.held.len(), 2);
-        let held = gate.reset();
-        assert_eq!(held.len(), 2, "reset hands the held messages back");
-        assert!(!gate.overflowed && gate.delivered == 0 && gate.held_bytes == 0);
+        // Everything after a left message is left too: its PUBACK would overtake.
+        let small = Publish::new(topic, QoS::AtLeastOnce, Vec::new());
+        gate.held.clear();
+        gate.held_bytes = 0;
+        assert!(gate.leave_with_broker(&small));
+        assert_eq!(gate.discarded, 2);
+        gate.reset();
+        assert!(!gate.discarding && gate.discarded == 0 && gate.delivered == 0);
     }
 
     #[test]
