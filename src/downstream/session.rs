@@ -29,17 +29,41 @@
 //! ack at a time only to wake an idle event loop; the loop writes directly only while that
 //! one is not pending, which keeps the PUBACKs in order.
 //!
+//! Read-ahead. The messages a crash of the gateway makes the broker deliver twice are those
+//! the consumer has stored but whose PUBACK the broker has not yet processed. A broker that
+//! holds to its in-flight window keeps them below that window, but mosquitto up to 2.0.12
+//! (Debian 12 ships 2.0.11) does not once a queue has formed: each PUBACK it processes moves
+//! up to a whole `max_inflight_messages` (or MQTT 5 Receive Maximum) of queued messages into
+//! flight (`db__message_delete_outgoing`, fixed in 2.0.13), while it reads one packet per
+//! connection per turn of its loop. Under load it sent the gateway 14,598 messages while it
+//! processed 5,182 PUBACKs, and a SIGKILL then cost 5,000 to 15,000 copies of stored messages.
+//! So the session bounds this itself: it hands a QoS 1 message to the consumer only while
+//! fewer than `max_unconfirmed` are unconfirmed, and confirms acks with a PINGREQ written
+//! after them (the broker answers a connection's packets in order, so its PINGRESP proves
+//! every earlier PUBACK processed; rumqttc's keep-alive pings count the same way). Messages
+//! beyond the bound are read (the PINGRESP is behind them) and held in memory, in arrival
+//! order, up to `max_held_bytes`. Past that, every further message of the connection is left
+//! with the broker: never acknowledged, so the broker keeps it in the session, exactly like a
+//! message not yet read (and without an ack entry, so the held messages' acks still go out).
+//! Once the held messages are handed over and acknowledged, the session disconnects cleanly
+//! (the broker processes those PUBACKs first) and the reconnect gets the rest again. Pings
+//! start only once half the bound is unconfirmed, so a broker within a smaller window never
+//! sees one.
+//!
 //! Redelivery and duplicates. Each message belongs to the connection that carried it. When a
 //! connection drops, the broker resends everything the gateway had not acknowledged (some
 //! brokers, rumqttd among them, with new packet ids and DUP=0, so `dup` cannot tell a copy from
-//! a new message), and the consumer may see those messages twice: at most the broker's
-//! in-flight window per lost connection, the price of QoS 1. Messages rumqttc read in the same
-//! read that ended with the loss are handed over when the loss is handled, with acks that are
-//! already stale. Left in rumqttc's event buffer they would surface after the next CONNACK and
-//! be acknowledged there under their old packet ids: a broker that renumbers redeliveries
-//! takes that as an out-of-order ack and drops the connection again (rumqttd did, in a storm
-//! that appended one device's backlog to the outbox thousands of times), or as the ack of a
-//! message the gateway has not stored.
+//! a new message), and the consumer may see those messages twice: at most `max_unconfirmed`
+//! (or the broker's in-flight window, if smaller) per lost connection, the price of QoS 1.
+//! Messages read but not handed over when the connection drops (held by the read-ahead, or
+//! read in the same read that ended with the loss) wait for the next CONNACK: a broker that
+//! resumed the session resends them all (MQTT 3.1.1 §4.4), so they are dropped; one that did
+//! not will never send them again, so the consumer gets them then, with stale acks. Left in
+//! rumqttc's event buffer they would surface after the next CONNACK and be acknowledged there
+//! under their old packet ids: a broker that renumbers redeliveries takes that as an
+//! out-of-order ack and drops the connection again (rumqttd did, in a storm that appended one
+//! device's backlog to the outbox thousands of times), or as the ack of a message the gateway
+//! has not stored.
 //!
 //! Publishing. `publish_*` return once the broker has acknowledged the PUBLISH (QoS 1 PUBACK),
 //! so the provisioning engine can record "response delivered". rumqttc 0.25 has no completion
@@ -72,6 +96,13 @@ use crate::identity::Secret;
 
 /// Default of [`SessionOptions::max_request_bytes`] (`[downstream] max_request_bytes`).
 pub const DEFAULT_MAX_REQUEST_BYTES: usize = 64 * 1024;
+
+/// Default of [`SessionOptions::max_unconfirmed`]: mosquitto's `max_inflight_messages` in the
+/// recommended configuration, so a broker that honours its own window never meets this one.
+pub const DEFAULT_MAX_UNCONFIRMED: usize = 1000;
+
+/// Default of [`SessionOptions::max_held_bytes`].
+pub const DEFAULT_MAX_HELD_BYTES: usize = 64 << 20;
 
 /// Where and how the session connects.
 #[derive(Clone)]
@@ -140,6 +171,14 @@ pub struct SessionOptions {
     /// Capacity of the channel of inbound messages; keep it above the broker's in-flight
     /// window for this client, or a slow consumer stalls the event loop.
     pub inbound_capacity: usize,
+    /// QoS 1 messages handed to the consumer whose PUBACK the broker has not yet been seen to
+    /// process, at most (see "Read-ahead" in the module docs): the bound on the messages a
+    /// crash of the gateway makes the broker deliver twice.
+    pub max_unconfirmed: usize,
+    /// Bytes (payload and topic) of messages the session holds back for the read-ahead, at
+    /// most; beyond it they are left with the broker and fetched again by a reconnect (see
+    /// "Read-ahead" in the module docs).
+    pub max_held_bytes: usize,
     /// QoS 1 publishes of the gateway in flight at once.
     pub outgoing_inflight: u16,
     /// First reconnect delay (jittered, doubled per failure).
@@ -164,6 +203,8 @@ impl SessionOptions {
             max_request_bytes: DEFAULT_MAX_REQUEST_BYTES,
             keep_alive: Duration::from_secs(30),
             inbound_capacity: 1024,
+            max_unconfirmed: DEFAULT_MAX_UNCONFIRMED,
+            max_held_bytes: DEFAULT_MAX_HELD_BYTES,
             outgoing_inflight: 100,
             reconnect_min: Duration::from_millis(200),
             reconnect_max: Duration::from_secs(30),
@@ -480,9 +521,9 @@ impl DownstreamSession {
                 "must be between 1 and max_packet_bytes",
             ));
         }
-        if opts.inbound_capacity == 0 || opts.outgoing_inflight == 0 {
+        if opts.inbound_capacity == 0 || opts.outgoing_inflight == 0 || opts.max_unconfirmed == 0 {
             return Err(bad(
-                "inbound_capacity/outgoing_inflight",
+                "inbound_capacity/outgoing_inflight/max_unconfirmed",
                 "must be at least 1",
             ));
         }
@@ -564,6 +605,8 @@ impl DownstreamSession {
             backoff: Backoff::new(opts.reconnect_min, opts.reconnect_max),
             max_packet_bytes: opts.max_packet_bytes,
             max_request_bytes: opts.max_request_bytes,
+            gate: ReadAhead::new(opts.max_unconfirmed, opts.max_held_bytes),
+            orphans: Vec::new(),
         };
         let task = tokio::spawn(driver.run());
         Ok((
@@ -818,12 +861,137 @@ struct Driver {
     backoff: Backoff,
     max_packet_bytes: usize,
     max_request_bytes: usize,
+    gate: ReadAhead,
+    /// Messages of a lost connection that were read but not handed over (see
+    /// [`Driver::on_connection_lost`]); settled by the next CONNACK.
+    orphans: Vec<(Publish, AckHandle)>,
+}
+
+/// How far the session hands messages to the consumer ahead of the broker's confirmed
+/// processing of their PUBACKs (see "Read-ahead" in the module docs). Counts are per
+/// connection.
+#[derive(Debug)]
+struct ReadAhead {
+    max_unconfirmed: usize,
+    /// QoS 1 messages of this connection handed to the consumer (or settled by the session).
+    delivered: u64,
+    /// PUBACKs of this connection written to the broker.
+    written: u64,
+    /// PUBACKs the broker has certainly processed: those written before an answered PINGREQ.
+    confirmed: u64,
+    /// For each PINGREQ awaiting its PINGRESP, oldest first: `written` when it was sent.
+    /// Ours and rumqttc's keep-alive pings alike; the broker answers them in order.
+    pings: VecDeque<u64>,
+    /// `written` when the last PINGREQ went out.
+    last_ping_mark: u64,
+    /// Messages read but not handed over yet, in arrival order (QoS 0 ones too, so a device's
+    /// order is kept).
+    held: VecDeque<(Publish, AckHandle)>,
+    /// Payload and topic bytes in `held`.
+    held_bytes: usize,
+    /// Held bytes at most; what comes beyond is left with the broker.
+    max_held_bytes: usize,
+    /// `held` was full: every later message of this connection is left with the broker (its
+    /// PUBACK would have to follow the missing ones), and once the held ones are stored and
+    /// acknowledged the session reconnects so the broker sends them again.
+    discarding: bool,
+    /// Messages left with the broker on this connection.
+    discarded: u64,
+}
+
+impl ReadAhead {
+    fn new(max_unconfirmed: usize, max_held_bytes: usize) -> Self {
+        Self {
+            max_unconfirmed,
+            delivered: 0,
+            written: 0,
+            confirmed: 0,
+            pings: VecDeque::new(),
+            last_ping_mark: 0,
+            held: VecDeque::new(),
+            held_bytes: 0,
+            max_held_bytes,
+            discarding: false,
+            discarded: 0,
+        }
+    }
+
+    /// A new connection: nothing delivered or written on it yet. Returns the held messages.
+    fn reset(&mut self) -> VecDeque<(Publish, AckHandle)> {
+        let held = std::mem::take(&mut self.held);
+        *self = Self::new(self.max_unconfirmed, self.max_held_bytes);
+        held
+    }
+
+    /// Whether `publish` is to be left with the broker: once `held` is full, it and every
+    /// later message of the connection (the first one is always held, whatever its size).
+    fn leave_with_broker(&mut self, publish: &Publish) -> bool {
+        let size = publish.payload.len() + publish.topic.len();
+        if !self.discarding && !self.held.is_empty() && self.held_bytes + size > self.max_held_bytes
+        {
+            self.discarding = true;
+            tracing::warn!(
+                held_bytes = self.held_bytes,
+                unconfirmed = self.delivered - self.confirmed,
+                "the downstream broker sends far more than its in-flight window without processing the gateway's acks (mosquitto before 2.0.13 does); leaving further messages with it and reconnecting once the held ones are stored"
+            );
+        }
+        if self.discarding {
+            self.discarded += 1;
+        }
+        self.discarding
+    }
+
+    fn hold(&mut self, publish: Publish, ack: AckHandle) {
+        self.held_bytes += publish.payload.len() + publish.topic.len();
+        self.held.push_back((publish, ack));
+    }
+
+    /// The oldest held message, if it may go to the consumer now: QoS 0 always (it needs no
+    /// ack), QoS 1 while fewer than `max_unconfirmed` are unconfirmed.
+    fn release(&mut self) -> Option<(Publish, AckHandle)> {
+        let qos = self.held.front()?.0.qos;
+        if qos != QoS::AtMostOnce && self.delivered - self.confirmed >= self.max_unconfirmed as u64
+        {
+            return None;
+        }
+        let (publish, ack) = self.held.pop_front()?;
+        self.held_bytes -= publish.payload.len() + publish.topic.len();
+        if qos != QoS::AtMostOnce {
+            self.delivered += 1;
+        }
+        Some((publish, ack))
+    }
+
+    /// Whether to follow the PUBACKs just written with a PINGREQ: only once half the
+    /// read-ahead is unconfirmed (a broker within a smaller window never needs one), then when
+    /// no ping is on its way or a quarter of the read-ahead was acked since the last one (so
+    /// the broker has acks to process while an answer travels).
+    fn wants_ping(&self) -> bool {
+        let window = self.max_unconfirmed as u64;
+        let since = self.written - self.last_ping_mark;
+        since > 0
+            && self.delivered - self.confirmed >= window / 2
+            && (self.pings.is_empty() || since >= (window / 4).max(1))
+    }
+
+    fn ping_sent(&mut self) {
+        self.pings.push_back(self.written);
+        self.last_ping_mark = self.written;
+    }
+
+    fn pong(&mut self) {
+        if let Some(mark) = self.pings.pop_front() {
+            self.confirmed = self.confirmed.max(mark);
+        }
+    }
 }
 
 impl Driver {
     async fn run(mut self) {
         loop {
             self.write_acks().await;
+            self.resume_left_messages();
             match self.eventloop.poll().await {
                 Ok(Event::Incoming(incoming)) => {
                     if !self.on_incoming(incoming).await {
@@ -851,6 +1019,7 @@ impl Driver {
                 }
             }
         }
+        self.settle_on_exit();
         let mut inner = self.shared.lock();
         inner.closed = true;
         inner.confirms.fail_all();
@@ -867,6 +1036,9 @@ impl Driver {
         match incoming {
             Incoming::ConnAck(ack) => {
                 self.backoff.reset();
+                if !self.settle_orphans(ack.session_present).await {
+                    return false;
+                }
                 if !ack.session_present {
                     // rumqttc dropped its pending publishes: their callers learn it now.
                     let mut inner = self.shared.lock();
@@ -920,6 +1092,12 @@ impl Driver {
                 }
             }
             Incoming::Publish(publish) => return self.on_publish(publish).await,
+            Incoming::PingResp => {
+                self.gate.pong();
+                if !self.release_held().await {
+                    return false;
+                }
+            }
             Incoming::PubAck(ack) => {
                 if let Some(w) = self.shared.lock().confirms.by_pkid.remove(&ack.pkid) {
                     let _ = w.send(Ok(()));
@@ -961,7 +1139,11 @@ impl Driver {
                 // The wake-up ack went out: the loop may write the next ones itself.
                 Outgoing::PubAck(_) | Outgoing::PubRec(_) => {
                     inner.acks.in_channel = inner.acks.in_channel.saturating_sub(1);
+                    self.gate.written += 1;
                 }
+                // rumqttc's keep-alive ping: its answer confirms the acks written before it.
+                // rumqttc reports it from the poll that wrote it, before any further ack.
+                Outgoing::PingReq => self.gate.ping_sent(),
                 _ => {}
             }
             inner.queue_disconnect(&self.shared.client);
@@ -980,25 +1162,35 @@ impl Driver {
 
     /// Writes the PUBACKs of every message the consumer has acknowledged, in arrival order,
     /// straight into the connection (not through rumqttc's request channel, which it drains
-    /// one request per turn: see the module docs). A write error means the connection is
-    /// gone: the next poll reports it, and the broker redelivers what was not acknowledged.
+    /// one request per turn: see the module docs), followed by a PINGREQ when the read-ahead
+    /// needs a confirmation. A write error means the connection is gone: the next poll
+    /// reports it, and the broker redelivers what was not acknowledged.
     async fn write_acks(&mut self) {
         let Some(network) = self.eventloop.network.as_mut() else {
             return;
         };
         let done = self.shared.lock().take_done_acks();
-        if done.is_empty() {
-            return;
-        }
-        for (qos, pkid) in done {
+        for (qos, pkid) in &done {
             let packet = match qos {
-                QoS::ExactlyOnce => Packet::PubRec(PubRec::new(pkid)),
-                _ => Packet::PubAck(PubAck::new(pkid)),
+                QoS::ExactlyOnce => Packet::PubRec(PubRec::new(*pkid)),
+                _ => Packet::PubAck(PubAck::new(*pkid)),
             };
             if let Err(e) = network.write(packet).await {
                 tracing::debug!(error = %e, "writing PUBACKs to the downstream broker");
                 return;
             }
+            self.gate.written += 1;
+        }
+        let ping = self.gate.wants_ping();
+        if ping {
+            if let Err(e) = network.write(Packet::PingReq).await {
+                tracing::debug!(error = %e, "writing a PINGREQ to the downstream broker");
+                return;
+            }
+            self.gate.ping_sent();
+        }
+        if done.is_empty() && !ping {
+            return;
         }
         let within = Duration::from_secs(self.eventloop.network_options.connection_timeout());
         match timeout(within, network.flush()).await {
@@ -1038,6 +1230,7 @@ impl Driver {
                 Event::Incoming(_) => {}
             }
         }
+        let held = self.gate.reset();
         let lost_generation = {
             let mut inner = self.shared.lock();
             let lost = inner.generation;
@@ -1058,17 +1251,11 @@ impl Driver {
             s.subscribed = false;
             s.last_error = Some(error.to_string());
         });
-        if !stale_publishes.is_empty() {
-            tracing::debug!(
-                messages = stale_publishes.len(),
-                "downstream messages read just before the connection was lost; handed over, their acks are stale"
-            );
-        }
-        // Handed over like messages that were already in the channel when the connection
-        // dropped: the consumer stores them, their ack is `Stale` (never sent on the next
-        // connection), and a broker that resumes the session sends them once more. That one
-        // extra copy is the at-least-once price of a reconnect; dropping them instead would
-        // lose them if the broker did not keep the session.
+        // Read but never acknowledged: messages the read-ahead held back, and those of the
+        // read that ended with the loss (whose acks are stale now). Whether the consumer gets
+        // them depends on the next CONNACK (see `settle_orphans`). Held ones come first: they
+        // arrived earlier.
+        self.orphans.extend(held);
         for publish in stale_publishes {
             let ack = if publish.qos == QoS::AtMostOnce {
                 AckHandle { slot: None }
@@ -1081,6 +1268,95 @@ impl Driver {
                     }),
                 }
             };
+            self.orphans.push((publish, ack));
+        }
+        true
+    }
+
+    /// Decides, on a CONNACK, about the messages read on the lost connection but never handed
+    /// over. A broker that resumed the session resends every one of them (MQTT 3.1.1 §4.4), so
+    /// they are dropped: handing them over as well would store each twice. A broker that did
+    /// not keep the session will never send them again, so the consumer gets them now (their
+    /// acks are stale: the PUBACK is never sent). Returns false when the session should stop.
+    async fn settle_orphans(&mut self, session_present: bool) -> bool {
+        if self.orphans.is_empty() {
+            return true;
+        }
+        let orphans = std::mem::take(&mut self.orphans);
+        if session_present {
+            tracing::debug!(
+                messages = orphans.len(),
+                "downstream messages read but not handed over before the connection was lost; the broker resends them"
+            );
+            return true;
+        }
+        tracing::info!(
+            messages = orphans.len(),
+            "the downstream broker did not keep the session: handing over the messages read before the connection was lost"
+        );
+        for (publish, ack) in orphans {
+            if !self.deliver(publish, ack).await {
+                return false;
+            }
+        }
+        true
+    }
+
+    /// The session stops. Messages held back on a live connection stay with the broker (the
+    /// session survives a DISCONNECT and they come again on the next start). Those of a lost
+    /// connection without a CONNACK since go to the consumer if it has room, as they would
+    /// have had the broker not kept the session: nobody can tell any more. Never waits: the
+    /// consumer may be stopping too.
+    fn settle_on_exit(&mut self) {
+        self.gate.reset();
+        for (publish, ack) in std::mem::take(&mut self.orphans) {
+            let Ok(topic) = DeviceTopic::parse(&self.prefix, &publish.topic) else {
+                continue;
+            };
+            let message = DownstreamMessage {
+                topic,
+                payload: publish.payload,
+                qos: publish.qos,
+                dup: publish.dup,
+                ack,
+            };
+            if self.tx.try_send(message).is_err() {
+                tracing::debug!(
+                    "downstream session stopping: messages of the lost connection left to the broker"
+                );
+                break;
+            }
+        }
+    }
+
+    /// After messages were left with the broker: once every held message is handed over and
+    /// its PUBACK written, disconnects cleanly (the broker keeps the session and processes the
+    /// PUBACKs before the DISCONNECT), and the reconnect gets the left messages again.
+    fn resume_left_messages(&mut self) {
+        if !self.gate.discarding || !self.gate.held.is_empty() {
+            return;
+        }
+        let mut inner = self.shared.lock();
+        if !inner.acks.entries.is_empty()
+            || inner.acks.in_channel > 0
+            || inner.redelivery_requested
+            || inner.closed
+        {
+            return;
+        }
+        if self.shared.client.try_disconnect().is_ok() {
+            inner.redelivery_requested = true;
+            tracing::info!(
+                messages = self.gate.discarded,
+                "downstream: held messages stored; reconnecting for the messages left with the broker"
+            );
+        }
+    }
+
+    /// Hands held messages to the consumer, in arrival order, as far as the read-ahead allows.
+    /// Returns false when the session should stop.
+    async fn release_held(&mut self) -> bool {
+        while let Some((publish, ack)) = self.gate.release() {
             if !self.deliver(publish, ack).await {
                 return false;
             }
@@ -1090,6 +1366,15 @@ impl Driver {
 
     /// Returns false when the session should stop.
     async fn on_publish(&mut self, publish: Publish) -> bool {
+        if self.gate.leave_with_broker(&publish) {
+            // Never acknowledged, so the broker keeps it; no ack entry either, so the acks of
+            // the held messages still go out.
+            if publish.qos == QoS::AtMostOnce {
+                self.shared.dropped_qos0.fetch_add(1, Ordering::Relaxed);
+            }
+            self.resume_left_messages();
+            return true;
+        }
         let ack = if publish.qos == QoS::AtMostOnce {
             AckHandle { slot: None }
         } else {
@@ -1108,7 +1393,9 @@ impl Driver {
                 }),
             }
         };
-        self.deliver(publish, ack).await
+        // Through the queue of held messages, so a device's order is kept whatever waits.
+        self.gate.hold(publish, ack);
+        self.release_held().await
     }
 
     /// Validates a device message and hands it to the consumer with `ack`. Returns false when
@@ -1245,6 +1532,101 @@ mod tests {
         }
         b.reset();
         assert!(b.next_delay() <= Duration::from_millis(100));
+    }
+
+    fn held(gate: &mut ReadAhead, qos: QoS, payload: &str) {
+        let publish = Publish::new("fleetgw/d/telemetry", qos, payload.as_bytes().to_vec());
+        gate.hold(publish, AckHandle { slot: None });
+    }
+
+    fn released(gate: &mut ReadAhead) -> Vec<String> {
+        std::iter::from_fn(|| gate.release())
+            .map(|(p, _)| String::from_utf8(p.payload.to_vec()).unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn read_ahead_holds_qos1_beyond_the_bound_until_a_ping_confirms_acks() {
+        let mut gate = ReadAhead::new(2, 1 << 20);
+        for m in ["a", "b", "c"] {
+            held(&mut gate, QoS::AtLeastOnce, m);
+        }
+        // A QoS 0 message behind a held one waits too: a device's order is kept.
+        held(&mut gate, QoS::AtMostOnce, "d0");
+        assert_eq!(released(&mut gate), ["a", "b"]);
+        assert!(
+            !gate.wants_ping(),
+            "nothing acked yet: a ping would confirm nothing"
+        );
+        gate.written = 2;
+        assert!(gate.wants_ping());
+        gate.ping_sent();
+        assert!(!gate.wants_ping(), "one ping for the same acks");
+        assert!(
+            released(&mut gate).is_empty(),
+            "unconfirmed until the PINGRESP"
+        );
+        gate.pong();
+        assert_eq!(gate.confirmed, 2);
+        assert_eq!(released(&mut gate), ["c", "d0"]);
+        assert_eq!(gate.held_bytes, 0);
+    }
+
+    #[test]
+    fn pings_are_answered_in_order_and_confirm_what_was_written_before_each() {
+        let mut gate = ReadAhead::new(8, 1 << 20);
+        gate.delivered = 8;
+        gate.written = 3;
+        gate.ping_sent();
+        gate.written = 8;
+        gate.ping_sent();
+        gate.pong();
+        assert_eq!(gate.confirmed, 3);
+        gate.pong();
+        assert_eq!(gate.confirmed, 8);
+        gate.pong(); // an answer without a recorded ping confirms nothing more
+        assert_eq!(gate.confirmed, 8);
+    }
+
+    #[test]
+    fn no_pings_while_well_within_the_bound() {
+        let mut gate = ReadAhead::new(1000, 1 << 20);
+        gate.delivered = 100;
+        gate.written = 100;
+        assert!(
+            !gate.wants_ping(),
+            "a broker with a window of 100 never needs one"
+        );
+        gate.delivered = 500;
+        assert!(gate.wants_ping());
+    }
+
+    #[test]
+    fn once_held_messages_fill_the_cap_later_ones_are_left_with_the_broker() {
+        let topic = "fleetgw/d/telemetry";
+        let mut gate = ReadAhead::new(1, 2 * (topic.len() + 1));
+        let mut left = Vec::new();
+        for m in ["a", "b", "c", "d"] {
+            let publish = Publish::new(topic, QoS::AtLeastOnce, m.as_bytes().to_vec());
+            if gate.leave_with_broker(&publish) {
+                left.push(m);
+            } else {
+                gate.hold(publish, AckHandle { slot: None });
+            }
+            let _ = gate.release();
+        }
+        // "a" goes to the consumer, "b" and "c" fill the cap, "d" stays with the broker.
+        assert_eq!(left, ["d"]);
+        assert!(gate.discarding);
+        assert_eq!(gate.held.len(), 2);
+        // Everything after a left message is left too: its PUBACK would overtake.
+        let small = Publish::new(topic, QoS::AtLeastOnce, Vec::new());
+        gate.held.clear();
+        gate.held_bytes = 0;
+        assert!(gate.leave_with_broker(&small));
+        assert_eq!(gate.discarded, 2);
+        gate.reset();
+        assert!(!gate.discarding && gate.discarded == 0 && gate.delivered == 0);
     }
 
     #[test]
