@@ -60,7 +60,12 @@ impl PrivateKey {
             key_type: kt,
             reason: e.to_string(),
         })?;
-        Self::from_pkcs8_der(pair.serialized_der(), "generated key")
+        // Used as generated: parsing its PKCS#8 back would try every algorithm in turn and
+        // derive the public key again, which cost as much as generating it.
+        Ok(Self {
+            key_type: kt,
+            pair: Arc::new(pair),
+        })
     }
 
     /// Parses an unencrypted PEM private key: PKCS#8 (`PRIVATE KEY`), SEC1 (`EC PRIVATE KEY`)
