@@ -7,9 +7,16 @@
 //! after its write; the flusher starts a flush covering all tickets taken so far and, when it
 //! ends, publishes the highest ticket it covered. N writers that arrive while a flush is running
 //! are all covered by the next one: about one fsync for N writes.
+//!
+//! A writer that can afford to wait a little ([`GroupCommit::durable_within`], the outbox's
+//! deletions) does not start a flush of its own: its ticket rides on the next flush another
+//! writer asks for, or is flushed once its delay is up. Under load the telemetry intake's
+//! appends flush continuously, so deletions cost no fsync of their own, and the intake no
+//! longer alternates flushes with the remover (each append waited for two flushes).
 
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 
@@ -44,6 +51,10 @@ impl Progress {
 struct State {
     /// Last ticket handed out.
     issued: u64,
+    /// Last ticket whose writer wants a flush at once.
+    eager: u64,
+    /// When the oldest ticket that waits for a flush without asking for one must be flushed.
+    lazy_deadline: Option<Instant>,
     /// Highest ticket a started flush covers.
     started: u64,
     progress: Progress,
@@ -66,10 +77,19 @@ impl Shared {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn take_ticket(&self) -> u64 {
+    /// A ticket covering every write made so far; `within` = None asks for a flush at once,
+    /// `Some(d)` lets the ticket wait up to `d` for a flush someone else asks for.
+    fn take_ticket(&self, within: Option<Duration>) -> u64 {
         let mut st = self.lock();
         st.issued += 1;
         let t = st.issued;
+        match within {
+            None => st.eager = t,
+            Some(d) => {
+                let due = Instant::now() + d;
+                st.lazy_deadline = Some(st.lazy_deadline.map_or(due, |old| old.min(due)));
+            }
+        }
         drop(st);
         self.changed.notify_all();
         t
@@ -106,8 +126,18 @@ impl GroupCommit {
     pub(crate) async fn durable(&self) -> Result<(), String> {
         // Subscribe before taking the ticket: `wait_for` checks the current value first, so a
         // flush that finishes in between is not missed either way.
+        self.wait_for_ticket(None).await
+    }
+
+    /// Like [`GroupCommit::durable`], but starts no flush of its own for up to `within`: it is
+    /// covered by the next flush another writer asks for, or by one started when `within` is up.
+    pub(crate) async fn durable_within(&self, within: Duration) -> Result<(), String> {
+        self.wait_for_ticket(Some(within)).await
+    }
+
+    async fn wait_for_ticket(&self, within: Option<Duration>) -> Result<(), String> {
         let mut rx = self.shared.progress_tx.subscribe();
-        let ticket = self.shared.take_ticket();
+        let ticket = self.shared.take_ticket(within);
         let progress = rx
             .wait_for(|p| p.outcome(ticket).is_some())
             .await
@@ -117,7 +147,7 @@ impl GroupCommit {
 
     /// Blocking form of [`GroupCommit::durable`], for threads outside the async runtime.
     pub(crate) fn durable_blocking(&self) -> Result<(), String> {
-        let ticket = self.shared.take_ticket();
+        let ticket = self.shared.take_ticket(None);
         let mut st = self.shared.lock();
         loop {
             if let Some(outcome) = st.progress.outcome(ticket) {
@@ -166,15 +196,35 @@ fn run(shared: Arc<Shared>, db: sled::Db) {
     loop {
         let target = {
             let mut st = shared.lock();
-            while st.started == st.issued && !st.shutdown {
-                st = shared.changed.wait(st).unwrap_or_else(|p| p.into_inner());
-            }
-            if st.started == st.issued {
-                // Shut down with nothing pending; sled flushes once more when the last `Db`
-                // handle drops.
-                return;
+            loop {
+                if st.started == st.issued {
+                    if st.shutdown {
+                        // Nothing pending; sled flushes once more when the last `Db` handle
+                        // drops.
+                        return;
+                    }
+                    st = shared.changed.wait(st).unwrap_or_else(|p| p.into_inner());
+                    continue;
+                }
+                if st.eager > st.started || st.shutdown {
+                    break;
+                }
+                // Only tickets that may wait: until someone asks for a flush, or the first of
+                // them is due.
+                let now = Instant::now();
+                match st.lazy_deadline {
+                    Some(due) if due > now => {
+                        st = shared
+                            .changed
+                            .wait_timeout(st, due - now)
+                            .unwrap_or_else(|p| p.into_inner())
+                            .0;
+                    }
+                    _ => break,
+                }
             }
             st.started = st.issued;
+            st.lazy_deadline = None;
             st.issued
         };
         let result = db.flush();
@@ -226,5 +276,32 @@ mod tests {
         );
         assert_eq!(gc.durable_blocking(), Ok(()));
         assert_eq!(gc.counters(), (65, 65));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_waiting_ticket_rides_on_the_next_flush_or_is_flushed_when_due() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = sled::Config::new().path(dir.path()).open().unwrap();
+        let gc = Arc::new(GroupCommit::start(db.clone()).unwrap());
+        // Alone, it is flushed once its delay is up.
+        db.insert(b"a", &b"1"[..]).unwrap();
+        let started = std::time::Instant::now();
+        assert_eq!(gc.durable_within(Duration::from_millis(50)).await, Ok(()));
+        assert!(started.elapsed() >= Duration::from_millis(50));
+        assert_eq!(gc.flushes(), 1);
+        assert_eq!(gc.counters(), (1, 1));
+        // With a long delay, an eager writer's flush covers it.
+        db.insert(b"b", &b"2"[..]).unwrap();
+        let lazy = {
+            let gc = Arc::clone(&gc);
+            tokio::spawn(async move { gc.durable_within(Duration::from_secs(3600)).await })
+        };
+        while gc.counters().0 < 2 {
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(gc.durable().await, Ok(()));
+        assert_eq!(lazy.await.unwrap(), Ok(()));
+        assert_eq!(gc.counters(), (3, 3));
+        assert_eq!(gc.flushes(), 2, "one flush for both tickets");
     }
 }
