@@ -162,7 +162,7 @@ impl Store {
             bytes += v.len() as u64;
         }
         let commit =
-            GroupCommit::start(db.clone()).map_err(|source| StoreError::FlusherThread {
+            GroupCommit::start(db.clone(), dir).map_err(|source| StoreError::FlusherThread {
                 dir: dir.to_owned(),
                 source,
             })?;
