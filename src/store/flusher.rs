@@ -14,7 +14,19 @@
 //! group instead of per batch is what keeps provisioning from being bound by that.
 //!
 //! Under load, flushes start at most every `min_interval`, so each covers more writes.
+//!
+//! sled 0.34's `flush()` makes its writes stable with `sync_file_range` on Linux, which
+//! neither flushes the drive's write cache nor the file's size: enough for a killed process,
+//! not for a power cut. So every flush ends with an `fdatasync` of sled's log file (`db` in
+//! the store directory); only then are its tickets reported durable.
+//!
+//! A writer that can afford to wait a little ([`GroupCommit::durable_within`], the outbox's
+//! deletions) does not start a flush of its own: its ticket rides on the next flush another
+//! writer asks for, or is flushed once its delay is up. Under load the telemetry intake's
+//! appends flush continuously, so deletions cost no fsync of their own, and the intake no
+//! longer alternates flushes with the remover (each append waited for two flushes).
 
+use std::fs::File;
 use std::path::PathBuf;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
@@ -56,13 +68,17 @@ impl Progress {
 struct State {
     /// Last ticket handed out.
     issued: u64,
+    /// Last ticket whose writer wants a flush at once.
+    eager: u64,
+    /// When the oldest ticket that waits for a flush without asking for one must be flushed.
+    lazy_deadline: Option<Instant>,
     /// Highest ticket a started flush covers.
     started: u64,
     progress: Progress,
     /// Flushes finished, for metrics and the group-commit benchmark.
     flushes: u64,
     shutdown: bool,
-    /// The flusher is waiting for a ticket.
+    /// The flusher is waiting for work it may start at once (an eager ticket, a batch).
     flusher_idle: bool,
     /// Batches to apply in the next group transaction.
     batches: Vec<(Batch, oneshot::Sender<Result<(), StoreError>>)>,
@@ -71,6 +87,11 @@ struct State {
 impl State {
     fn has_work(&self) -> bool {
         self.started != self.issued || !self.batches.is_empty()
+    }
+
+    /// Work that must not wait for a lazy ticket's deadline.
+    fn has_urgent_work(&self) -> bool {
+        self.eager > self.started || !self.batches.is_empty()
     }
 }
 
@@ -88,10 +109,19 @@ impl Shared {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn take_ticket(&self) -> u64 {
+    /// A ticket covering every write made so far; `within` = None asks for a flush at once,
+    /// `Some(d)` lets the ticket wait up to `d` for a flush someone else asks for.
+    fn take_ticket(&self, within: Option<Duration>) -> u64 {
         let mut st = self.lock();
         st.issued += 1;
         let t = st.issued;
+        match within {
+            None => st.eager = t,
+            Some(d) => {
+                let due = Instant::now() + d;
+                st.lazy_deadline = Some(st.lazy_deadline.map_or(due, |old| old.min(due)));
+            }
+        }
         self.wake_if_idle(st);
         t
     }
@@ -114,13 +144,20 @@ pub(crate) struct GroupCommit {
 }
 
 impl GroupCommit {
-    /// Starts the flusher thread for `db`.
+    /// Starts the flusher thread for `db`, opened at `dir` (its log file is `dir/db`).
     pub(crate) fn start(
         db: sled::Db,
         trees: BatchTrees,
         dir: PathBuf,
         min_interval: Duration,
     ) -> std::io::Result<Self> {
+        let path = dir.join("db");
+        let log = File::open(&path).map_err(|e| {
+            std::io::Error::new(
+                e.kind(),
+                format!("opening sled's log {}: {e}", path.display()),
+            )
+        })?;
         let (progress_tx, _) = watch::channel(Progress::default());
         let shared = Arc::new(Shared {
             state: Mutex::new(State::default()),
@@ -130,7 +167,7 @@ impl GroupCommit {
         let worker = Arc::clone(&shared);
         let thread = std::thread::Builder::new()
             .name("fleetgw-store-flush".into())
-            .spawn(move || run(worker, db, trees, dir, min_interval))?;
+            .spawn(move || run(worker, db, log, trees, dir, min_interval))?;
         Ok(GroupCommit {
             shared,
             thread: Mutex::new(Some(thread)),
@@ -140,10 +177,20 @@ impl GroupCommit {
     /// Resolves when a flush that began after this call has finished; the error is sled's
     /// message when that flush (and none after it) failed.
     pub(crate) async fn durable(&self) -> Result<(), String> {
+        self.wait_for_ticket(None).await
+    }
+
+    /// Like [`GroupCommit::durable`], but starts no flush of its own for up to `within`: it is
+    /// covered by the next flush another writer asks for, or by one started when `within` is up.
+    pub(crate) async fn durable_within(&self, within: Duration) -> Result<(), String> {
+        self.wait_for_ticket(Some(within)).await
+    }
+
+    async fn wait_for_ticket(&self, within: Option<Duration>) -> Result<(), String> {
         // Subscribe before taking the ticket: `wait_for` checks the current value first, so a
         // flush that finishes in between is not missed either way.
         let mut rx = self.shared.progress_tx.subscribe();
-        let ticket = self.shared.take_ticket();
+        let ticket = self.shared.take_ticket(within);
         let progress = rx
             .wait_for(|p| p.outcome(ticket).is_some())
             .await
@@ -174,7 +221,7 @@ impl GroupCommit {
 
     /// Blocking form of [`GroupCommit::durable`], for threads outside the async runtime.
     pub(crate) fn durable_blocking(&self) -> Result<(), String> {
-        let ticket = self.shared.take_ticket();
+        let ticket = self.shared.take_ticket(None);
         let mut st = self.shared.lock();
         loop {
             if let Some(outcome) = st.progress.outcome(ticket) {
@@ -219,20 +266,48 @@ impl Drop for GroupCommit {
     }
 }
 
-fn run(shared: Arc<Shared>, db: sled::Db, trees: BatchTrees, dir: PathBuf, min_interval: Duration) {
+fn run(
+    shared: Arc<Shared>,
+    db: sled::Db,
+    log: File,
+    trees: BatchTrees,
+    dir: PathBuf,
+    min_interval: Duration,
+) {
     let mut last_start: Option<Instant> = None;
     loop {
         let (target, batches) = {
             let mut st = shared.lock();
-            while !st.has_work() && !st.shutdown {
-                st.flusher_idle = true;
-                st = shared.changed.wait(st).unwrap_or_else(|p| p.into_inner());
-                st.flusher_idle = false;
-            }
-            if !st.has_work() {
-                // Shut down with nothing pending; sled flushes once more when the last `Db`
-                // handle drops.
-                return;
+            loop {
+                if !st.has_work() {
+                    if st.shutdown {
+                        // Nothing pending; sled flushes once more when the last `Db` handle
+                        // drops.
+                        return;
+                    }
+                    st.flusher_idle = true;
+                    st = shared.changed.wait(st).unwrap_or_else(|p| p.into_inner());
+                    st.flusher_idle = false;
+                    continue;
+                }
+                if st.has_urgent_work() || st.shutdown {
+                    break;
+                }
+                // Only tickets that may wait: until someone asks for a flush, or the first of
+                // them is due.
+                let now = Instant::now();
+                match st.lazy_deadline {
+                    Some(due) if due > now => {
+                        st.flusher_idle = true;
+                        st = shared
+                            .changed
+                            .wait_timeout(st, due - now)
+                            .unwrap_or_else(|p| p.into_inner())
+                            .0;
+                        st.flusher_idle = false;
+                    }
+                    _ => break,
+                }
             }
             // Under load, space flushes by `min_interval` so that each covers more writes: a
             // flush costs an fsync plus a wake-up of every sled I/O thread, whatever it covers.
@@ -252,6 +327,7 @@ fn run(shared: Arc<Shared>, db: sled::Db, trees: BatchTrees, dir: PathBuf, min_i
                 }
             }
             st.started = st.issued;
+            st.lazy_deadline = None;
             (st.issued, std::mem::take(&mut st.batches))
         };
         last_start = Some(Instant::now());
@@ -261,7 +337,10 @@ fn run(shared: Arc<Shared>, db: sled::Db, trees: BatchTrees, dir: PathBuf, min_i
             let refs: Vec<&Batch> = batches.iter().map(|(b, _)| b).collect();
             trees.apply_group(&refs)
         };
-        let result = db.flush();
+        let result = db
+            .flush()
+            .map_err(|e| e.to_string())
+            .and_then(|_| log.sync_data().map_err(|e| format!("fdatasync of db: {e}")));
         let progress = {
             let mut st = shared.lock();
             st.progress.done = target;
@@ -270,7 +349,7 @@ fn run(shared: Arc<Shared>, db: sled::Db, trees: BatchTrees, dir: PathBuf, min_i
                 Ok(_) => st.progress.ok_through = target,
                 Err(e) => {
                     tracing::error!(error = %e, "store flush failed");
-                    st.progress.last_error = Some(e.to_string());
+                    st.progress.last_error = Some(e.clone());
                 }
             }
             st.progress.clone()
@@ -281,7 +360,7 @@ fn run(shared: Arc<Shared>, db: sled::Db, trees: BatchTrees, dir: PathBuf, min_i
             let outcome = match (&result, outcome) {
                 (Err(e), Ok(())) => Err(StoreError::Flush {
                     dir: dir.clone(),
-                    message: e.to_string(),
+                    message: e.clone(),
                 }),
                 (_, outcome) => outcome,
             };
@@ -336,5 +415,30 @@ mod tests {
         );
         assert_eq!(gc.durable_blocking(), Ok(()));
         assert_eq!(gc.counters(), (65, 65));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_waiting_ticket_rides_on_the_next_flush_or_is_flushed_when_due() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = sled::Config::new().path(dir.path()).open().unwrap();
+        let gc = Arc::new(start(&db, dir.path()));
+        // Alone, it is flushed once its delay is up.
+        db.insert(b"a", &b"1"[..]).unwrap();
+        assert_eq!(gc.durable_within(Duration::from_millis(50)).await, Ok(()));
+        assert_eq!(gc.flushes(), 1);
+        assert_eq!(gc.counters(), (1, 1));
+        // With a long delay, an eager writer's flush covers it.
+        db.insert(b"b", &b"2"[..]).unwrap();
+        let lazy = {
+            let gc = Arc::clone(&gc);
+            tokio::spawn(async move { gc.durable_within(Duration::from_secs(3600)).await })
+        };
+        while gc.counters().0 < 2 {
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(gc.durable().await, Ok(()));
+        assert_eq!(lazy.await.unwrap(), Ok(()));
+        assert_eq!(gc.counters(), (3, 3));
+        assert_eq!(gc.flushes(), 2, "one flush for both tickets");
     }
 }

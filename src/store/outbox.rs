@@ -3,8 +3,14 @@
 //! `telemetry.max_bytes` policy (rebuilt from disk when the store opens).
 
 use std::sync::atomic::Ordering;
+use std::time::Duration;
 
 use super::{OutboxMessage, Store, StoreError, OUTBOX};
+
+/// How long a deletion may wait for a flush another writer asks for before it starts one.
+/// Under load the intake's appends flush continuously and deletions ride on them; idle, a
+/// deletion is durable after at most this long.
+const REMOVE_FLUSH_WITHIN: Duration = Duration::from_millis(5);
 
 impl Store {
     /// Appends messages in order and returns their sequence numbers (increasing); durable on
@@ -85,31 +91,52 @@ impl Store {
     }
 
     /// Removes the given sequence numbers (absent ones are ignored); returns how many were
-    /// removed. Durable on return.
+    /// removed. Durable on return; the flush is shared with the next append's, or started
+    /// after at most [`REMOVE_FLUSH_WITHIN`]. The counters drop only once the flush is done,
+    /// so `outbox_len() == 0` means the outbox is durably empty.
     pub async fn outbox_remove(&self, seqs: &[u64]) -> Result<usize, StoreError> {
         let mut removed = 0usize;
+        let mut bytes = 0u64;
+        let mut failed = None;
         for seq in seqs {
-            let old = self
-                .inner
-                .outbox
-                .remove(seq.to_be_bytes())
-                .map_err(|source| StoreError::Sled {
-                    tree: OUTBOX,
-                    op: "remove",
-                    source,
-                })?;
-            if let Some(old) = old {
-                removed += 1;
-                self.inner.outbox_len.fetch_sub(1, Ordering::Relaxed);
-                self.inner
-                    .outbox_bytes
-                    .fetch_sub(old.len() as u64, Ordering::Relaxed);
+            match self.inner.outbox.remove(seq.to_be_bytes()) {
+                Ok(Some(old)) => {
+                    removed += 1;
+                    bytes += old.len() as u64;
+                }
+                Ok(None) => {}
+                Err(source) => {
+                    failed = Some(StoreError::Sled {
+                        tree: OUTBOX,
+                        op: "remove",
+                        source,
+                    });
+                    break;
+                }
             }
         }
-        if removed > 0 {
-            self.durable().await?;
+        let flushed = if removed > 0 {
+            self.inner
+                .commit
+                .durable_within(REMOVE_FLUSH_WITHIN)
+                .await
+                .map_err(|message| StoreError::Flush {
+                    dir: self.inner.dir.clone(),
+                    message,
+                })
+        } else {
+            Ok(())
+        };
+        // Gone from the tree either way; a failed flush leaves them on disk at worst, to be
+        // sent once more after a restart.
+        self.inner
+            .outbox_len
+            .fetch_sub(removed as u64, Ordering::Relaxed);
+        self.inner.outbox_bytes.fetch_sub(bytes, Ordering::Relaxed);
+        if let Some(e) = failed {
+            return Err(e);
         }
-        Ok(removed)
+        flushed.map(|()| removed)
     }
 
     /// Messages in the outbox.

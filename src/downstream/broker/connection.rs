@@ -7,7 +7,7 @@
 //! clients are received exactly once (PUBREC/PUBREL/PUBCOMP) and delivered at QoS 1, the
 //! highest QoS the broker grants.
 
-use std::collections::HashSet;
+use std::collections::{HashSet, VecDeque};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -16,7 +16,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::watch;
 use tokio::time::{timeout, timeout_at, Instant};
 
-use super::router::{Delivery, Message, Router, Session};
+use super::router::{AckWait, Delivery, Message, Router, Session};
 use crate::mqtt::stream::{PacketStream, StreamError};
 use crate::mqtt::wire::{
     self, ClientPacket, ConnectInfo, ConnectOutcome, Protocol, ServerFeatures, ServerPacket,
@@ -107,6 +107,7 @@ pub async fn serve<S>(
 {
     let mut conn = Connection {
         io: PacketStream::new(stream, cfg.max_packet, READ_CHUNK),
+        pending_acks: VecDeque::new(),
     };
     let connect = match timeout(cfg.connect_timeout, conn.io.read_connect()).await {
         Ok(Ok(c)) => c,
@@ -180,6 +181,9 @@ pub async fn serve<S>(
 
 struct Connection<S> {
     io: PacketStream<S>,
+    /// QoS 1 PUBLISHes of this client not acknowledged yet, in arrival order: those waiting
+    /// for the acknowledging client hold back the ones after them (MQTT 3.1.1 §4.6).
+    pending_acks: VecDeque<(u16, Option<Arc<AckWait>>)>,
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
@@ -212,6 +216,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                 let _ = self.flush().await;
                 return close;
             }
+            if let Err(close) = self.release_acks() {
+                return close;
+            }
             if !session.take_sendable(number, router.limits(), &mut sendable) {
                 return Close::TakenOver;
             }
@@ -240,6 +247,20 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                 },
             }
         }
+    }
+
+    /// Queues the PUBACKs whose messages no longer wait for the acknowledging client, in
+    /// arrival order.
+    fn release_acks(&mut self) -> Result<(), Close> {
+        while let Some((pkid, wait)) = self.pending_acks.front() {
+            if wait.as_ref().is_some_and(|w| !w.is_done()) {
+                break;
+            }
+            let pkid = *pkid;
+            self.pending_acks.pop_front();
+            self.queue(ServerPacket::PubAck(pkid))?;
+        }
+        Ok(())
     }
 
     /// Handles every complete packet in the read buffer.
@@ -275,8 +296,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                             router.publish(session.client_id(), message);
                         }
                         1 => {
-                            router.publish(session.client_id(), message);
-                            self.queue(ServerPacket::PubAck(pkid))?;
+                            let wait = router.publish_acked(session, message);
+                            if wait.is_none() && self.pending_acks.is_empty() {
+                                self.queue(ServerPacket::PubAck(pkid))?;
+                            } else {
+                                self.pending_acks.push_back((pkid, wait));
+                            }
                         }
                         _ => {
                             // A repeated QoS 2 PUBLISH before PUBREL is the same message.

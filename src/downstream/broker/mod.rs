@@ -11,6 +11,10 @@
 //!   retained messages, last wills, client-id takeover, keep-alive (1.5 x), persistent
 //!   sessions in memory with a bounded queue and DUP-flagged redelivery of unacknowledged
 //!   messages, an in-flight window per client and a packet size limit.
+//! - End-to-end acknowledgement ([`EmbeddedBrokerOptions::ack_after_client`]): a device's
+//!   QoS 1 PUBLISH is acknowledged once the gateway's session acknowledged it, i.e. once it is
+//!   durable in the outbox, so a daemon crash never loses a message a device was told was
+//!   delivered.
 //! - Optional TLS on the device listener (tokio-rustls). The gateway's own session then uses
 //!   a plain listener on a loopback port ([`EmbeddedBroker::gateway_addr`]), reachable by
 //!   local processes without TLS; the embedded broker has no per-device authentication
@@ -70,6 +74,11 @@ pub struct EmbeddedBrokerOptions {
     pub max_queued_bytes: usize,
     /// How long a new TCP (or TLS) connection may take to send CONNECT.
     pub connect_timeout: Duration,
+    /// End-to-end acknowledgement: a QoS 1 PUBLISH that this client (the gateway's own
+    /// session) receives is acknowledged to its publisher only once this client acknowledged
+    /// it, so a device's PUBACK means the gateway stored it durably. `None` (the default)
+    /// acknowledges once the message is routed into the subscribers' in-memory queues.
+    pub ack_after_client: Option<String>,
 }
 
 impl Default for EmbeddedBrokerOptions {
@@ -82,6 +91,7 @@ impl Default for EmbeddedBrokerOptions {
             max_inflight: 100,
             max_queued_bytes: 64 * 1024 * 1024,
             connect_timeout: Duration::from_secs(10),
+            ack_after_client: None,
         }
     }
 }
@@ -154,10 +164,13 @@ impl EmbeddedBroker {
             }
             None => None,
         };
-        let router = Arc::new(Router::new(Limits {
-            max_inflight: opts.max_inflight,
-            max_queued_bytes: opts.max_queued_bytes,
-        }));
+        let router = Arc::new(Router::new(
+            Limits {
+                max_inflight: opts.max_inflight,
+                max_queued_bytes: opts.max_queued_bytes,
+            },
+            opts.ack_after_client.as_deref(),
+        ));
         let config = Arc::new(ConnectionConfig {
             max_packet: opts.max_packet_bytes,
             connect_timeout: opts.connect_timeout,

@@ -15,9 +15,18 @@
 //! client, unacknowledged ones are sent again with DUP set. Sessions live in memory: a
 //! restart of the daemon ends them (the gateway's own session then re-subscribes, and devices
 //! re-send unacknowledged messages, as MQTT clients do).
+//!
+//! End-to-end acknowledgement: with an acknowledging client configured (the gateway's own
+//! session), a QoS 1 PUBLISH that client receives at QoS 1 is acknowledged to its publisher
+//! only once no copy of it waits for that client any more: the client acknowledged it (the
+//! gateway does after its outbox fsync), or it left the session (queue overflow, session
+//! discarded). A device's PUBACK then means its message is durable at the gateway, and a
+//! daemon crash cannot lose what devices were told was delivered. Each copy of the message
+//! for that client carries an [`AckGuard`]; dropping the last one completes the publisher's
+//! [`AckWait`] and wakes its connection, which sends the PUBACKs in arrival order.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use bytes::Bytes;
@@ -56,6 +65,48 @@ pub struct Delivery {
     pub retain: bool,
     /// Sent before and not acknowledged.
     pub dup: bool,
+    /// Held while this copy waits for the acknowledging client (see the module docs); never
+    /// read, its drop is what completes the publisher's wait.
+    #[allow(dead_code)]
+    ack: Option<Arc<AckGuard>>,
+}
+
+/// The publisher's side of an end-to-end acknowledgement: done once no copy of the message
+/// waits for the acknowledging client any more.
+#[derive(Debug, Default)]
+pub struct AckWait {
+    done: AtomicBool,
+}
+
+impl AckWait {
+    /// True once the publisher may be sent its PUBACK.
+    pub fn is_done(&self) -> bool {
+        self.done.load(Ordering::Acquire)
+    }
+}
+
+/// Shared by the copies of one message queued or in flight for the acknowledging client;
+/// dropping the last one completes the wait and wakes the publisher's connection.
+struct AckGuard {
+    wait: Arc<AckWait>,
+    publisher: Arc<Session>,
+}
+
+impl Drop for AckGuard {
+    fn drop(&mut self) {
+        self.wait.done.store(true, Ordering::Release);
+        self.publisher.wake.notify_one();
+    }
+}
+
+impl std::fmt::Debug for AckGuard {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Not the publisher's session: its state may hold guards too.
+        f.debug_struct("AckGuard")
+            .field("publisher", &self.publisher.client_id)
+            .field("done", &self.wait.is_done())
+            .finish()
+    }
 }
 
 /// Options of one subscription.
@@ -204,16 +255,20 @@ pub struct Router {
     next_connection: AtomicU64,
     /// Messages dropped from full session queues, all sessions.
     dropped: AtomicU64,
+    /// The client whose acknowledgements QoS 1 publishers wait for (see the module docs).
+    ack_after: Option<Arc<str>>,
 }
 
 impl Router {
-    /// An empty router.
-    pub fn new(limits: Limits) -> Self {
+    /// An empty router; `ack_after` names the client whose acknowledgement a QoS 1 PUBLISH
+    /// it receives waits for before the publisher gets its PUBACK.
+    pub fn new(limits: Limits, ack_after: Option<&str>) -> Self {
         Self {
             tables: Mutex::new(Tables::default()),
             limits,
             next_connection: AtomicU64::new(1),
             dropped: AtomicU64::new(0),
+            ack_after: ack_after.map(Arc::from),
         }
     }
 
@@ -328,6 +383,25 @@ impl Router {
     /// Routes `message` from client `from` to every matching subscriber; returns how many
     /// sessions it was queued for.
     pub fn publish(&self, from: &str, message: Message) -> usize {
+        self.route(from, None, message).0
+    }
+
+    /// Routes a QoS 1 `message` published by `publisher`'s client; returns what its PUBACK
+    /// must wait for, if the acknowledging client gets a QoS 1 copy (else: PUBACK at once).
+    pub fn publish_acked(
+        &self,
+        publisher: &Arc<Session>,
+        message: Message,
+    ) -> Option<Arc<AckWait>> {
+        self.route(&publisher.client_id, Some(publisher), message).1
+    }
+
+    fn route(
+        &self,
+        from: &str,
+        publisher: Option<&Arc<Session>>,
+        message: Message,
+    ) -> (usize, Option<Arc<AckWait>>) {
         let mut targets: Vec<(Arc<Session>, SubOptions)> = Vec::new();
         {
             let mut t = self.tables();
@@ -354,13 +428,28 @@ impl Router {
                 });
         }
         let count = targets.len();
+        let mut wait = None;
         for (session, opts) in targets {
             let qos = message.qos.min(opts.qos).min(1);
+            let ack = match (publisher, &self.ack_after) {
+                (Some(p), Some(acker))
+                    if qos == 1 && session.client_id == *acker && !Arc::ptr_eq(p, &session) =>
+                {
+                    let w = Arc::new(AckWait::default());
+                    wait = Some(w.clone());
+                    Some(Arc::new(AckGuard {
+                        wait: w,
+                        publisher: p.clone(),
+                    }))
+                }
+                _ => None,
+            };
             let delivery = Delivery {
                 retain: message.retain && opts.retain_as_published,
                 message: message.clone(),
                 qos,
                 dup: false,
+                ack,
             };
             let mut st = session.lock();
             if qos == 0 && st.attached.is_none() {
@@ -375,7 +464,7 @@ impl Router {
             }
             session.wake.notify_one();
         }
-        count
+        (count, wait)
     }
 
     fn note_dropped(&self, session: &Session, n: u64) {
@@ -440,6 +529,7 @@ impl Router {
                         qos,
                         retain: true,
                         dup: false,
+                        ack: None,
                     },
                     &self.limits,
                 );

@@ -1,0 +1,194 @@
+//! End-to-end acknowledgement in the embedded broker (`EmbeddedBrokerOptions::ack_after_client`):
+//! a device's QoS 1 PUBLISH that the acknowledging client (the gateway's session) receives is
+//! acknowledged to the device only after that client acknowledged it, in the order the device
+//! published; publishes the acknowledging client does not receive are acknowledged at once.
+//! Driven with real rumqttc clients on 127.0.0.1.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use common::WAIT;
+use fleetgw::downstream::{EmbeddedBroker, EmbeddedBrokerOptions};
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, Publish, QoS};
+use tokio::sync::mpsc;
+use tokio::time::timeout;
+
+/// How long "no PUBACK yet" is watched for.
+const QUIET: Duration = Duration::from_millis(300);
+
+/// A client whose event loop runs in a task; incoming PUBLISHes and PUBACK packet ids come out
+/// of the channel.
+struct Client {
+    client: AsyncClient,
+    events: mpsc::UnboundedReceiver<Packet>,
+}
+
+impl Client {
+    async fn connect(id: &str, port: u16, manual_acks: bool) -> Self {
+        let mut o = MqttOptions::new(id, "127.0.0.1", port);
+        o.set_keep_alive(Duration::from_secs(10))
+            .set_manual_acks(manual_acks);
+        let (client, mut eventloop) = AsyncClient::new(o, 64);
+        let (tx, mut events) = mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            while let Ok(event) = eventloop.poll().await {
+                if let Event::Incoming(p) = event {
+                    if tx.send(p).is_err() {
+                        break;
+                    }
+                }
+            }
+        });
+        let mut c = Self {
+            client,
+            events: mpsc::unbounded_channel().1,
+        };
+        match timeout(WAIT, events.recv()).await {
+            Ok(Some(Packet::ConnAck(_))) => {}
+            other => panic!("{id}: no CONNACK: {other:?}"),
+        }
+        c.events = events;
+        c
+    }
+
+    async fn next(&mut self) -> Packet {
+        timeout(WAIT, self.events.recv())
+            .await
+            .expect("an event within WAIT")
+            .expect("the event loop is running")
+    }
+
+    async fn next_publish(&mut self) -> Publish {
+        loop {
+            if let Packet::Publish(p) = self.next().await {
+                return p;
+            }
+        }
+    }
+
+    async fn next_puback(&mut self) -> u16 {
+        loop {
+            if let Packet::PubAck(a) = self.next().await {
+                return a.pkid;
+            }
+        }
+    }
+
+    /// Asserts that no PUBACK arrives for [`QUIET`].
+    async fn no_puback(&mut self, why: &str) {
+        let deadline = tokio::time::Instant::now() + QUIET;
+        while let Ok(Some(p)) = tokio::time::timeout_at(deadline, self.events.recv()).await {
+            assert!(!matches!(p, Packet::PubAck(_)), "{why}: got {p:?}");
+        }
+    }
+}
+
+async fn broker() -> EmbeddedBroker {
+    EmbeddedBroker::start(&EmbeddedBrokerOptions {
+        listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+        ack_after_client: Some("gw".into()),
+        ..EmbeddedBrokerOptions::default()
+    })
+    .await
+    .expect("embedded broker starts")
+}
+
+#[tokio::test]
+async fn device_pubacks_follow_the_gateways_acks_in_publish_order() {
+    let broker = broker().await;
+    let port = broker.listen_addr().port();
+    let mut gw = Client::connect("gw", port, true).await;
+    gw.client
+        .subscribe("fleetgw/+/telemetry", QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    assert!(matches!(gw.next().await, Packet::SubAck(_)));
+    let mut dev = Client::connect("dev-1", port, false).await;
+    for n in 0..3u8 {
+        dev.client
+            .publish("fleetgw/dev-1/telemetry", QoS::AtLeastOnce, false, vec![n])
+            .await
+            .unwrap();
+    }
+    let got = [
+        gw.next_publish().await,
+        gw.next_publish().await,
+        gw.next_publish().await,
+    ];
+    assert_eq!(
+        got.iter().map(|p| p.payload[0]).collect::<Vec<_>>(),
+        [0, 1, 2]
+    );
+    dev.no_puback("nothing is acknowledged before the gateway acks")
+        .await;
+
+    // The second acked first: the device still waits, PUBACKs go in publish order.
+    gw.client.ack(&got[1]).await.unwrap();
+    dev.no_puback("the first message is not acknowledged by the gateway yet")
+        .await;
+    gw.client.ack(&got[0]).await.unwrap();
+    let (a, b) = (dev.next_puback().await, dev.next_puback().await);
+    assert!(a < b, "PUBACKs in publish order: {a}, {b}");
+    dev.no_puback("the third message is not acknowledged by the gateway yet")
+        .await;
+    gw.client.ack(&got[2]).await.unwrap();
+    let c = dev.next_puback().await;
+    assert!(b < c, "PUBACKs in publish order: {b}, {c}");
+}
+
+#[tokio::test]
+async fn publishes_the_gateway_does_not_receive_are_acknowledged_at_once() {
+    let broker = broker().await;
+    let port = broker.listen_addr().port();
+    let mut gw = Client::connect("gw", port, true).await;
+    gw.client
+        .subscribe("fleetgw/+/telemetry", QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    assert!(matches!(gw.next().await, Packet::SubAck(_)));
+    let mut dev = Client::connect("dev-2", port, false).await;
+    // No subscriber at all, and a subscriber other than the gateway.
+    let mut other = Client::connect("listener", port, true).await;
+    other
+        .client
+        .subscribe("fleetgw/dev-2/status", QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    assert!(matches!(other.next().await, Packet::SubAck(_)));
+    dev.client
+        .publish("fleetgw/dev-2/nobody", QoS::AtLeastOnce, false, vec![1])
+        .await
+        .unwrap();
+    dev.next_puback().await;
+    dev.client
+        .publish("fleetgw/dev-2/status", QoS::AtLeastOnce, false, vec![2])
+        .await
+        .unwrap();
+    dev.next_puback().await;
+    assert_eq!(other.next_publish().await.payload[..], [2]);
+}
+
+#[tokio::test]
+async fn a_discarded_gateway_session_releases_the_waiting_devices() {
+    let broker = broker().await;
+    let port = broker.listen_addr().port();
+    let mut gw = Client::connect("gw", port, true).await;
+    gw.client
+        .subscribe("fleetgw/+/telemetry", QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    assert!(matches!(gw.next().await, Packet::SubAck(_)));
+    let mut dev = Client::connect("dev-3", port, false).await;
+    dev.client
+        .publish("fleetgw/dev-3/telemetry", QoS::AtLeastOnce, false, vec![3])
+        .await
+        .unwrap();
+    gw.next_publish().await;
+    dev.no_puback("the gateway has not acknowledged").await;
+    // The gateway leaves with a clean session: its copy is gone, the device is not held
+    // forever (its message is lost with the session, as with any broker).
+    gw.client.disconnect().await.unwrap();
+    dev.next_puback().await;
+}
