@@ -105,7 +105,7 @@ async fn provision_round_trip(
         );
     }
     let request = br#"{"attestation":{"type":"none"},"parameters":{"SerialNumber":"sn-1"}}"#;
-    dev.publish(
+    dev.publish_unacked(
         "fleetgw/sensor-1/provision/json",
         QoS::AtLeastOnce,
         false,
@@ -127,6 +127,8 @@ async fn provision_round_trip(
     assert_eq!(decoded.attestation, Attestation::None);
     assert_eq!(decoded.parameters["SerialNumber"], "sn-1");
     assert_eq!(msg.ack.ack(), AckOutcome::Accepted);
+    // The device's PUBACK follows the gateway's (end to end with the embedded broker).
+    dev.expect_puback("the provisioning request").await;
 
     let accepted = AcceptedResponse {
         device_id: sensor.clone(),
@@ -201,7 +203,7 @@ async fn embedded_broker_routes_telemetry_once_and_rejects_bad_ids() {
     let port = gw.broker().unwrap().listen_addr().port();
     let mut dev = TestClient::connect_ok(options("sensor-2", port)).await;
 
-    dev.publish("fleetgw/sensor-2/telemetry", QoS::AtLeastOnce, false, b"t1")
+    dev.publish_unacked("fleetgw/sensor-2/telemetry", QoS::AtLeastOnce, false, b"t1")
         .await;
     dev.publish(
         "fleetgw/sensor-2/telemetry/line/3",
@@ -214,7 +216,8 @@ async fn embedded_broker_routes_telemetry_once_and_rejects_bad_ids() {
     let mut bad = TestClient::connect_ok(options("bad-client", port)).await;
     bad.subscribe("fleetgw/Bad./provision/json/rejected", QoS::AtLeastOnce)
         .await;
-    bad.publish(
+    // Its PUBACK queues behind the gateway's ack of t1 (the session acks in order).
+    bad.publish_unacked(
         "fleetgw/Bad./provision/json",
         QoS::AtLeastOnce,
         false,
@@ -222,7 +225,7 @@ async fn embedded_broker_routes_telemetry_once_and_rejects_bad_ids() {
     )
     .await;
     // Marker: everything before it has been routed.
-    dev.publish(
+    dev.publish_unacked(
         "fleetgw/sensor-2/provision/cbor",
         QoS::AtLeastOnce,
         false,
@@ -241,7 +244,10 @@ async fn embedded_broker_routes_telemetry_once_and_rejects_bad_ids() {
             &b"t1"[..]
         )
     );
+    // End to end: the device hears nothing until the gateway has acknowledged.
+    assert!(!dev.puback_within(Duration::from_millis(200)).await);
     m.ack.ack();
+    dev.expect_puback("t1").await;
     let m = next_message(&mut rx).await;
     assert_eq!(
         m.topic,
@@ -266,7 +272,9 @@ async fn embedded_broker_routes_telemetry_once_and_rejects_bad_ids() {
         }
     );
     m.ack.ack();
+    dev.expect_puback("the marker").await;
 
+    bad.expect_puback("the request with an invalid id").await;
     let rejection = bad.next_publish().await.expect("bad device got /rejected");
     assert_eq!(rejection.topic, "fleetgw/Bad./provision/json/rejected");
     let body: RejectedResponse = contract::decode(PayloadFormat::Json, &rejection.payload)
@@ -330,7 +338,7 @@ async fn embedded_broker_serves_tls() {
         client_tls,
     )));
     let mut dev = TestClient::connect_ok(o).await;
-    dev.publish(
+    dev.publish_unacked(
         "fleetgw/sensor-tls/provision/json",
         QoS::AtLeastOnce,
         false,
@@ -340,6 +348,7 @@ async fn embedded_broker_serves_tls() {
     let m = next_message(&mut rx).await;
     assert_eq!(m.topic.device(), &id("sensor-tls"));
     m.ack.ack();
+    dev.expect_puback("the request over TLS").await;
 
     // A client that does not trust the CA is refused at the handshake.
     let (other_ca, _, _) = test_pki();
@@ -486,7 +495,7 @@ async fn dropping_an_ack_handle_gets_the_message_redelivered() {
     let (gw, mut rx) = Downstream::start(&embedded_options()).await.unwrap();
     let port = gw.broker().unwrap().listen_addr().port();
     let mut dev = TestClient::connect_ok(options("sensor-5", port)).await;
-    dev.publish(
+    dev.publish_unacked(
         "fleetgw/sensor-5/telemetry",
         QoS::AtLeastOnce,
         false,
@@ -501,6 +510,7 @@ async fn dropping_an_ack_handle_gets_the_message_redelivered() {
     assert_eq!(&again.payload[..], b"keep me");
     assert!(gw.session().status().connections >= 2);
     assert_eq!(again.ack.ack(), AckOutcome::Accepted);
+    dev.expect_puback("the redelivered message").await;
     gw.shutdown(WAIT).await;
 }
 
@@ -757,7 +767,7 @@ async fn oversize_is_handled(
 
     // Exactly at the limit is fine, and it is the first message the consumer sees.
     let at_limit = request_of_len(max_request_bytes);
-    dev.publish(
+    dev.publish_unacked(
         "fleetgw/sensor-1/provision/json",
         QoS::AtLeastOnce,
         false,
@@ -774,6 +784,7 @@ async fn oversize_is_handled(
     let decoded = ProvisionRequest::decode(PayloadFormat::Json, &m.payload).unwrap();
     assert_eq!(decoded.attestation, Attestation::None);
     m.ack.ack();
+    dev.expect_puback("the request at the limit").await;
     assert_eq!(gw.session().oversize_requests(), 1);
 
     // Over the broker's packet limit: the broker drops the sender, nobody else notices.
@@ -796,11 +807,14 @@ async fn oversize_is_handled(
     );
     let mut again = TestClient::connect_ok(device("sensor-1")).await;
     again
-        .publish("fleetgw/sensor-1/telemetry", QoS::AtLeastOnce, false, b"ok")
+        .publish_unacked("fleetgw/sensor-1/telemetry", QoS::AtLeastOnce, false, b"ok")
         .await;
     let m = next_message(rx).await;
     assert_eq!(&m.payload[..], b"ok", "the oversize packet never arrives");
     m.ack.ack();
+    again
+        .expect_puback("the message after the oversize one")
+        .await;
     let status = gw.session().status();
     assert!(
         status.connected && status.connections == connections,

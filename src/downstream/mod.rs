@@ -178,7 +178,15 @@ impl Downstream {
         tune: impl FnOnce(&mut SessionOptions),
     ) -> Result<(Self, mpsc::Receiver<DownstreamMessage>), DownstreamError> {
         let broker = match &opts.broker {
-            BrokerOptions::Embedded(e) => Some(EmbeddedBroker::start(e).await?),
+            BrokerOptions::Embedded(e) => {
+                // End to end: a device's QoS 1 PUBACK waits for the gateway session's, which the
+                // telemetry intake gives once the message is durable in the outbox. Without it
+                // a daemon crash would lose what the broker had acknowledged but not handed on.
+                let mut e = e.clone();
+                e.ack_after_client
+                    .get_or_insert_with(|| opts.client_id.clone());
+                Some(EmbeddedBroker::start(&e).await?)
+            }
             BrokerOptions::External(_) => None,
         };
         let mut session_opts = opts.session_options(broker.as_ref().map(|b| b.gateway_addr()))?;

@@ -149,6 +149,36 @@ impl TestClient {
         }
     }
 
+    /// Publishes without waiting for the PUBACK: the embedded broker acknowledges a message the
+    /// gateway receives only once the gateway acknowledged it (end-to-end acks), so the test
+    /// plays the gateway first and then calls [`expect_puback`](Self::expect_puback).
+    pub async fn publish_unacked(&mut self, topic: &str, qos: QoS, retain: bool, payload: &[u8]) {
+        self.client
+            .publish(topic, qos, retain, payload.to_vec())
+            .await
+            .expect("publish");
+    }
+
+    /// Waits (at most [`WAIT`]) for the next PUBACK; `what` names the message in the failure.
+    pub async fn expect_puback(&mut self, what: &str) {
+        let ev = self
+            .next_matching(|e| matches!(e, ClientEvent::PubAck(_) | ClientEvent::Closed(_)))
+            .await;
+        assert!(
+            matches!(ev, Some(ClientEvent::PubAck(_))),
+            "no PUBACK for {what}: {ev:?}"
+        );
+    }
+
+    /// Whether a PUBACK arrives within `within` (for asserting that one is withheld).
+    pub async fn puback_within(&mut self, within: Duration) -> bool {
+        matches!(
+            self.next_matching_within(within, |e| matches!(e, ClientEvent::PubAck(_)))
+                .await,
+            Some(ClientEvent::PubAck(_))
+        )
+    }
+
     /// The next publish received (any topic) within [`WAIT`].
     pub async fn next_publish(&mut self) -> Option<Publish> {
         match self
