@@ -76,6 +76,18 @@ impl Client {
         }
     }
 
+    /// Asserts that the broker closes the connection (within [`WAIT`]) with no PUBACK before.
+    async fn closes_without_a_puback(&mut self, why: &str) {
+        loop {
+            match timeout(WAIT, self.events.recv()).await {
+                Ok(Some(Packet::PubAck(a))) => panic!("{why}, yet the device got {a:?}"),
+                Ok(Some(_)) => {}
+                Ok(None) => return,
+                Err(_) => panic!("{why}, yet the device's connection stayed open"),
+            }
+        }
+    }
+
     /// Asserts that no PUBACK arrives for [`QUIET`].
     async fn no_puback(&mut self, why: &str) {
         let deadline = tokio::time::Instant::now() + QUIET;
@@ -171,7 +183,7 @@ async fn publishes_the_gateway_does_not_receive_are_acknowledged_at_once() {
 }
 
 #[tokio::test]
-async fn a_discarded_gateway_session_releases_the_waiting_devices() {
+async fn a_message_the_gateway_session_lost_is_never_acknowledged_to_the_device() {
     let broker = broker().await;
     let port = broker.listen_addr().port();
     let mut gw = Client::connect("gw", port, true).await;
@@ -187,8 +199,48 @@ async fn a_discarded_gateway_session_releases_the_waiting_devices() {
         .unwrap();
     gw.next_publish().await;
     dev.no_puback("the gateway has not acknowledged").await;
-    // The gateway leaves with a clean session: its copy is gone, the device is not held
-    // forever (its message is lost with the session, as with any broker).
+    // The gateway leaves with a clean session: its copy is gone unacknowledged, so the device
+    // must not be told it was delivered; the broker closes its connection so that it resends.
     gw.client.disconnect().await.unwrap();
-    dev.next_puback().await;
+    dev.closes_without_a_puback("the gateway's session was discarded")
+        .await;
+}
+
+#[tokio::test]
+async fn a_message_dropped_from_the_gateways_full_queue_makes_the_device_resend() {
+    let broker = EmbeddedBroker::start(&EmbeddedBrokerOptions {
+        listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+        ack_after_client: Some("gw".into()),
+        max_inflight: 1,
+        max_queued_bytes: 2048,
+        max_packet_bytes: 1024,
+        ..EmbeddedBrokerOptions::default()
+    })
+    .await
+    .expect("embedded broker starts");
+    let port = broker.listen_addr().port();
+    let mut gw = Client::connect("gw", port, true).await;
+    gw.client
+        .subscribe("fleetgw/+/telemetry", QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    assert!(matches!(gw.next().await, Packet::SubAck(_)));
+    // The gateway takes one message and does not acknowledge it; the rest queue for it until
+    // the queue overflows and drops its oldest.
+    let mut dev = Client::connect("dev-4", port, false).await;
+    for n in 0..8u8 {
+        dev.client
+            .publish(
+                "fleetgw/dev-4/telemetry",
+                QoS::AtLeastOnce,
+                false,
+                vec![n; 400],
+            )
+            .await
+            .unwrap();
+    }
+    assert_eq!(gw.next_publish().await.payload[0], 0);
+    dev.closes_without_a_puback("a message was dropped from the gateway's queue")
+        .await;
+    assert!(broker.dropped() > 0, "the gateway's queue overflowed");
 }

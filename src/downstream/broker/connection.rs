@@ -51,6 +51,8 @@ enum Close {
     TakenOver,
     Violation(String),
     Shutdown,
+    /// A message of this client was dropped before the gateway acknowledged it.
+    NotDelivered,
 }
 
 impl std::fmt::Display for Close {
@@ -65,6 +67,9 @@ impl std::fmt::Display for Close {
             }
             Close::Violation(what) => write!(f, "protocol violation: {what}"),
             Close::Shutdown => f.write_str("broker stopping"),
+            Close::NotDelivered => f.write_str(
+                "a message was dropped from the gateway's full queue before the gateway stored it; closing so that the client sends it again",
+            ),
         }
     }
 }
@@ -90,7 +95,11 @@ impl Close {
         match self {
             Close::Graceful { with_will } => *with_will,
             Close::TakenOver | Close::Shutdown => false,
-            Close::ByClient | Close::Io(_) | Close::KeepAlive | Close::Violation(_) => true,
+            Close::ByClient
+            | Close::Io(_)
+            | Close::KeepAlive
+            | Close::Violation(_)
+            | Close::NotDelivered => true,
         }
     }
 }
@@ -252,6 +261,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
     /// Queues the PUBACKs whose messages no longer wait for the acknowledging client, in
     /// arrival order.
     fn release_acks(&mut self) -> Result<(), Close> {
+        // A message that will never reach the gateway ends the connection at once: the client
+        // resends everything unacknowledged after reconnecting, in its order.
+        if self
+            .pending_acks
+            .iter()
+            .any(|(_, w)| w.as_ref().is_some_and(|w| w.is_lost()))
+        {
+            return Err(Close::NotDelivered);
+        }
         while let Some((pkid, wait)) = self.pending_acks.front() {
             if wait.as_ref().is_some_and(|w| !w.is_done()) {
                 break;

@@ -23,7 +23,10 @@
 //! discarded). A device's PUBACK then means its message is durable at the gateway, and a
 //! daemon crash cannot lose what devices were told was delivered. Each copy of the message
 //! for that client carries an [`AckGuard`]; dropping the last one completes the publisher's
-//! [`AckWait`] and wakes its connection, which sends the PUBACKs in arrival order.
+//! [`AckWait`] and wakes its connection, which sends the PUBACKs in arrival order. A message
+//! that left the client's session without its PUBACK (queue overflow, session discarded) is
+//! never acknowledged to the publisher: the broker closes the publisher's connection instead,
+//! so the device resends it after reconnecting (a possible duplicate, never a loss).
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -76,12 +79,21 @@ pub struct Delivery {
 #[derive(Debug, Default)]
 pub struct AckWait {
     done: AtomicBool,
+    /// No copy reached the acknowledging client's PUBACK (dropped from its full queue, or its
+    /// session was discarded): the publisher must not be told the message was delivered.
+    lost: AtomicBool,
 }
 
 impl AckWait {
-    /// True once the publisher may be sent its PUBACK.
+    /// True once the publisher may be sent its PUBACK (or, if [`AckWait::is_lost`], must be
+    /// made to resend instead).
     pub fn is_done(&self) -> bool {
         self.done.load(Ordering::Acquire)
+    }
+
+    /// True when the message left the acknowledging client's session unacknowledged.
+    pub fn is_lost(&self) -> bool {
+        self.lost.load(Ordering::Acquire)
     }
 }
 
@@ -90,10 +102,15 @@ impl AckWait {
 struct AckGuard {
     wait: Arc<AckWait>,
     publisher: Arc<Session>,
+    /// The acknowledging client acknowledged a copy.
+    acknowledged: AtomicBool,
 }
 
 impl Drop for AckGuard {
     fn drop(&mut self) {
+        if !self.acknowledged.load(Ordering::Acquire) {
+            self.wait.lost.store(true, Ordering::Release);
+        }
         self.wait.done.store(true, Ordering::Release);
         self.publisher.wake.notify_one();
     }
@@ -199,7 +216,11 @@ impl Session {
         let mut st = self.lock();
         match st.inflight.iter().position(|(p, _)| *p == pkid) {
             Some(i) => {
-                st.inflight.remove(i);
+                if let Some((_, d)) = st.inflight.remove(i) {
+                    if let Some(guard) = &d.ack {
+                        guard.acknowledged.store(true, Ordering::Release);
+                    }
+                }
                 true
             }
             None => false,
@@ -440,6 +461,7 @@ impl Router {
                     Some(Arc::new(AckGuard {
                         wait: w,
                         publisher: p.clone(),
+                        acknowledged: AtomicBool::new(false),
                     }))
                 }
                 _ => None,
