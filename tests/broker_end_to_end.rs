@@ -117,6 +117,7 @@ async fn device_pubacks_follow_the_gateways_acks_in_publish_order() {
         .await
         .unwrap();
     assert!(matches!(gw.next().await, Packet::SubAck(_)));
+    broker.open();
     let mut dev = Client::connect("dev-1", port, false).await;
     for n in 0..3u8 {
         dev.client
@@ -160,6 +161,7 @@ async fn publishes_the_gateway_does_not_receive_are_acknowledged_at_once() {
         .await
         .unwrap();
     assert!(matches!(gw.next().await, Packet::SubAck(_)));
+    broker.open();
     let mut dev = Client::connect("dev-2", port, false).await;
     // No subscriber at all, and a subscriber other than the gateway.
     let mut other = Client::connect("listener", port, true).await;
@@ -192,6 +194,7 @@ async fn a_message_the_gateway_session_lost_is_never_acknowledged_to_the_device(
         .await
         .unwrap();
     assert!(matches!(gw.next().await, Packet::SubAck(_)));
+    broker.open();
     let mut dev = Client::connect("dev-3", port, false).await;
     dev.client
         .publish("fleetgw/dev-3/telemetry", QoS::AtLeastOnce, false, vec![3])
@@ -225,6 +228,7 @@ async fn a_message_dropped_from_the_gateways_full_queue_makes_the_device_resend(
         .await
         .unwrap();
     assert!(matches!(gw.next().await, Packet::SubAck(_)));
+    broker.open();
     // The gateway takes one message and does not acknowledge it; the rest queue for it until
     // the queue overflows and drops its oldest.
     let mut dev = Client::connect("dev-4", port, false).await;
@@ -243,4 +247,37 @@ async fn a_message_dropped_from_the_gateways_full_queue_makes_the_device_resend(
     dev.closes_without_a_puback("a message was dropped from the gateway's queue")
         .await;
     assert!(broker.dropped() > 0, "the gateway's queue overflowed");
+}
+
+#[tokio::test]
+async fn devices_are_admitted_only_once_the_gateway_has_subscribed() {
+    let broker = broker().await;
+    let port = broker.listen_addr().port();
+    // A device that connects first gets no CONNACK while the gateway is not subscribed:
+    // otherwise its QoS 1 telemetry would match no filter, be acknowledged at once and be lost.
+    let early = tokio::spawn(async move { Client::connect("dev-5", port, false).await });
+    let mut gw = Client::connect("gw", port, true).await;
+    gw.client
+        .subscribe("fleetgw/+/telemetry", QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    assert!(matches!(gw.next().await, Packet::SubAck(_)));
+    tokio::time::sleep(QUIET).await;
+    assert!(
+        !early.is_finished(),
+        "a device was admitted before the gateway subscribed"
+    );
+    broker.open();
+    let mut dev = timeout(WAIT, early)
+        .await
+        .expect("admitted once the broker is open")
+        .expect("the device task");
+    dev.client
+        .publish("fleetgw/dev-5/telemetry", QoS::AtLeastOnce, false, vec![5])
+        .await
+        .unwrap();
+    let p = gw.next_publish().await;
+    dev.no_puback("the gateway has not acknowledged").await;
+    gw.client.ack(&p).await.unwrap();
+    dev.next_puback().await;
 }

@@ -192,8 +192,9 @@ impl Downstream {
         let mut session_opts = opts.session_options(broker.as_ref().map(|b| b.gateway_addr()))?;
         tune(&mut session_opts);
         let (session, rx) = DownstreamSession::start(session_opts)?;
-        if broker.is_some() {
+        if let Some(b) = &broker {
             session.wait_subscribed(opts.startup_timeout).await?;
+            b.open();
         }
         Ok((
             Self {

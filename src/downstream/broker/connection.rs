@@ -151,6 +151,13 @@ pub async fn serve<S>(
     } else {
         connect.client_id.clone()
     };
+    // With end-to-end acks, devices wait (their CONNECT unanswered) until the gateway's
+    // session has subscribed; the gateway's startup takes milliseconds.
+    let mut stopping = shutdown.clone();
+    tokio::select! {
+        _ = router.admitted(&client_id) => {}
+        _ = stopping.wait_for(|s| *s) => return,
+    }
     let attached = router.connect(
         &client_id,
         number,

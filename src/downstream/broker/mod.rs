@@ -220,6 +220,14 @@ impl EmbeddedBroker {
         })
     }
 
+    /// With [`EmbeddedBrokerOptions::ack_after_client`], lets every other client connect: call
+    /// it once that client has subscribed. Until then their CONNECTs wait unanswered, since a
+    /// device's QoS 1 PUBLISH that no gateway filter matched would be acknowledged at once and
+    /// lost. Without end-to-end acks the broker is open from the start.
+    pub fn open(&self) {
+        self.router.open();
+    }
+
     /// Where devices connect (the bound address, port 0 resolved).
     pub fn listen_addr(&self) -> SocketAddr {
         self.listen_addr

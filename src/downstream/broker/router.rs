@@ -33,7 +33,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use bytes::Bytes;
-use tokio::sync::Notify;
+use tokio::sync::{watch, Notify};
 
 use super::trie::{FilterTrie, RetainedTrie};
 use crate::mqtt::wire::{SubscriptionRequest, Will};
@@ -278,6 +278,10 @@ pub struct Router {
     dropped: AtomicU64,
     /// The client whose acknowledgements QoS 1 publishers wait for (see the module docs).
     ack_after: Option<Arc<str>>,
+    /// Whether other clients may connect: with `ack_after`, only once that client has
+    /// subscribed ([`Router::open`]); before, a QoS 1 PUBLISH matching none of its filters
+    /// would be acknowledged at once and the message lost.
+    open: watch::Sender<bool>,
 }
 
 impl Router {
@@ -290,7 +294,24 @@ impl Router {
             next_connection: AtomicU64::new(1),
             dropped: AtomicU64::new(0),
             ack_after: ack_after.map(Arc::from),
+            open: watch::channel(ack_after.is_none()).0,
         }
+    }
+
+    /// Lets every client connect (see the `open` field).
+    pub fn open(&self) {
+        self.open.send_replace(true);
+    }
+
+    /// Resolves once `client_id` may be attached: at once for the acknowledging client or an
+    /// open router, else when [`Router::open`] is called.
+    pub async fn admitted(&self, client_id: &str) {
+        if self.ack_after.as_deref() == Some(client_id) {
+            return;
+        }
+        let mut rx = self.open.subscribe();
+        // The sender lives as long as the router, which outlives its connections.
+        let _ = rx.wait_for(|open| *open).await;
     }
 
     fn tables(&self) -> MutexGuard<'_, Tables> {
