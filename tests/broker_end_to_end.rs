@@ -107,17 +107,24 @@ async fn broker() -> EmbeddedBroker {
     .expect("embedded broker starts")
 }
 
-#[tokio::test]
-async fn device_pubacks_follow_the_gateways_acks_in_publish_order() {
-    let broker = broker().await;
-    let port = broker.listen_addr().port();
-    let mut gw = Client::connect("gw", port, true).await;
+/// The gateway's session: manual acks, subscribed to every device's telemetry; the broker is
+/// opened to devices once it is.
+async fn gateway(broker: &EmbeddedBroker) -> Client {
+    let mut gw = Client::connect("gw", broker.listen_addr().port(), true).await;
     gw.client
         .subscribe("fleetgw/+/telemetry", QoS::AtLeastOnce)
         .await
         .unwrap();
     assert!(matches!(gw.next().await, Packet::SubAck(_)));
     broker.open();
+    gw
+}
+
+#[tokio::test]
+async fn device_pubacks_follow_the_gateways_acks_in_publish_order() {
+    let broker = broker().await;
+    let port = broker.listen_addr().port();
+    let mut gw = gateway(&broker).await;
     let mut dev = Client::connect("dev-1", port, false).await;
     for n in 0..3u8 {
         dev.client
@@ -155,13 +162,8 @@ async fn device_pubacks_follow_the_gateways_acks_in_publish_order() {
 async fn publishes_the_gateway_does_not_receive_are_acknowledged_at_once() {
     let broker = broker().await;
     let port = broker.listen_addr().port();
-    let mut gw = Client::connect("gw", port, true).await;
-    gw.client
-        .subscribe("fleetgw/+/telemetry", QoS::AtLeastOnce)
-        .await
-        .unwrap();
-    assert!(matches!(gw.next().await, Packet::SubAck(_)));
-    broker.open();
+    // Connected and subscribed, but these topics are not the gateway's.
+    let _gw = gateway(&broker).await;
     let mut dev = Client::connect("dev-2", port, false).await;
     // No subscriber at all, and a subscriber other than the gateway.
     let mut other = Client::connect("listener", port, true).await;
@@ -188,13 +190,7 @@ async fn publishes_the_gateway_does_not_receive_are_acknowledged_at_once() {
 async fn a_message_the_gateway_session_lost_is_never_acknowledged_to_the_device() {
     let broker = broker().await;
     let port = broker.listen_addr().port();
-    let mut gw = Client::connect("gw", port, true).await;
-    gw.client
-        .subscribe("fleetgw/+/telemetry", QoS::AtLeastOnce)
-        .await
-        .unwrap();
-    assert!(matches!(gw.next().await, Packet::SubAck(_)));
-    broker.open();
+    let mut gw = gateway(&broker).await;
     let mut dev = Client::connect("dev-3", port, false).await;
     dev.client
         .publish("fleetgw/dev-3/telemetry", QoS::AtLeastOnce, false, vec![3])
@@ -222,13 +218,7 @@ async fn a_message_dropped_from_the_gateways_full_queue_makes_the_device_resend(
     .await
     .expect("embedded broker starts");
     let port = broker.listen_addr().port();
-    let mut gw = Client::connect("gw", port, true).await;
-    gw.client
-        .subscribe("fleetgw/+/telemetry", QoS::AtLeastOnce)
-        .await
-        .unwrap();
-    assert!(matches!(gw.next().await, Packet::SubAck(_)));
-    broker.open();
+    let mut gw = gateway(&broker).await;
     // The gateway takes one message and does not acknowledge it; the rest queue for it until
     // the queue overflows and drops its oldest.
     let mut dev = Client::connect("dev-4", port, false).await;
