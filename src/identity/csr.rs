@@ -59,13 +59,18 @@ pub fn create_csr(common_name: &str, key: &PrivateKey) -> Result<String, Identit
     csr.pem().map_err(|e| IdentityError::signing(what(), e))
 }
 
+/// Decodes a PKCS#10 request (no signature check).
+fn decode_csr(der: &[u8]) -> Result<X509CertificationRequest<'_>, IdentityError> {
+    X509CertificationRequest::from_der(der)
+        .map(|(_, csr)| csr)
+        .map_err(|e| IdentityError::malformed("CSR", format!("not a valid PKCS#10 request: {e}")))
+}
+
 /// The DER SubjectPublicKeyInfo of a PEM CSR, without verifying its signature: for CSRs the
 /// gateway made or has already verified, where a second ECDSA/RSA verification would only cost.
 pub(crate) fn csr_public_key_der(pem: &str) -> Result<Vec<u8>, IdentityError> {
     let der = csr_der(pem)?;
-    let (_, csr) = X509CertificationRequest::from_der(&der).map_err(|e| {
-        IdentityError::malformed("CSR", format!("not a valid PKCS#10 request: {e}"))
-    })?;
+    let csr = decode_csr(&der)?;
     Ok(csr.certification_request_info.subject_pki.raw.to_vec())
 }
 
@@ -74,9 +79,7 @@ pub(crate) fn csr_public_key_der(pem: &str) -> Result<Vec<u8>, IdentityError> {
 /// A CSR whose signature does not verify is refused with [`IdentityError::CsrSignature`].
 pub fn parse_csr(pem: &str) -> Result<CsrInfo, IdentityError> {
     let der = csr_der(pem)?;
-    let (_, csr) = X509CertificationRequest::from_der(&der).map_err(|e| {
-        IdentityError::malformed("CSR", format!("not a valid PKCS#10 request: {e}"))
-    })?;
+    let csr = decode_csr(&der)?;
     let spki = &csr.certification_request_info.subject_pki;
     if let Some(bits) = rsa_bits_of_spki(spki).filter(|b| *b < MIN_RSA_BITS) {
         // aws-lc-rs cannot even verify these, and clouds refuse them (AWS IoT: RSA-2048+).

@@ -13,8 +13,8 @@ use sled::transaction::{
 use sled::Transactional;
 
 use super::{
-    check_meta_key, encode, stored_etag, DeviceRecord, OwnershipTokenRecord, RecordTree, Store,
-    StoreError, DEVICES, TOKENS,
+    check_meta_key, encode, lock_device_writes, stored_etag, DeviceRecord, OwnershipTokenRecord,
+    RecordTree, Store, StoreError, DEVICES, TOKENS,
 };
 use crate::device_id::DeviceId;
 
@@ -187,8 +187,7 @@ impl BatchTrees {
     /// A batch whose etag check fails (or whose record does not encode) changes nothing and gets
     /// its error; the others are applied. A failure of sled itself fails them all.
     pub(crate) fn apply_group(&self, batches: &[&Batch]) -> Vec<Result<(), StoreError>> {
-        // The guarded data is `()`: a poisoned lock leaves nothing inconsistent.
-        let _guard = self.device_writes.lock().unwrap_or_else(|p| p.into_inner());
+        let _guard = lock_device_writes(&self.device_writes);
         let result = (
             &self.devices,
             &self.secrets,

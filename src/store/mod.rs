@@ -137,6 +137,12 @@ impl std::fmt::Debug for Store {
     }
 }
 
+/// Takes the lock serialising device-record writes (see `Inner::device_writes`). The guarded
+/// data is `()`: a panic while holding it cannot leave anything inconsistent.
+fn lock_device_writes(m: &Mutex<()>) -> MutexGuard<'_, ()> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 impl Store {
     /// Opens (creating if needed, mode 0700) the store in `dir`. Refuses a database whose schema
     /// version is newer than [`SCHEMA_VERSION`].
@@ -357,11 +363,7 @@ impl Store {
     }
 
     fn device_lock(&self) -> MutexGuard<'_, ()> {
-        // The guarded data is `()`: a panic while holding it cannot leave anything inconsistent.
-        self.inner
-            .device_writes
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
+        lock_device_writes(&self.inner.device_writes)
     }
 
     // ---- secrets ----
