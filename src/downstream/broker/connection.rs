@@ -51,7 +51,7 @@ enum Close {
     TakenOver,
     Violation(String),
     Shutdown,
-    /// A message of this client was dropped before the gateway acknowledged it.
+    /// A message of this client left the gateway's session before the gateway acknowledged it.
     NotDelivered,
 }
 
@@ -68,7 +68,7 @@ impl std::fmt::Display for Close {
             Close::Violation(what) => write!(f, "protocol violation: {what}"),
             Close::Shutdown => f.write_str("broker stopping"),
             Close::NotDelivered => f.write_str(
-                "a message was dropped from the gateway's full queue before the gateway stored it; closing so that the client sends it again",
+                "a message left the gateway's session before the gateway stored it (its queue was full or the session was discarded); closing so that the client sends it again",
             ),
         }
     }
