@@ -187,10 +187,22 @@ impl GroupCommit {
     }
 
     async fn wait_for_ticket(&self, within: Option<Duration>) -> Result<(), String> {
-        // Subscribe before taking the ticket: `wait_for` checks the current value first, so a
-        // flush that finishes in between is not missed either way.
-        let mut rx = self.shared.progress_tx.subscribe();
         let ticket = self.shared.take_ticket(within);
+        self.wait(ticket).await
+    }
+
+    /// A ticket covering every write made so far, with a flush asked for at once; await it
+    /// with [`GroupCommit::wait`]. Lets a writer go on while its writes are being flushed.
+    pub(crate) fn ticket(&self) -> u64 {
+        self.shared.take_ticket(None)
+    }
+
+    /// Resolves when a flush covering `ticket` has finished; the error is sled's message when
+    /// that flush (and none after it) failed.
+    pub(crate) async fn wait(&self, ticket: u64) -> Result<(), String> {
+        // `wait_for` checks the current value first, so a flush that finished before this
+        // subscription is not missed.
+        let mut rx = self.shared.progress_tx.subscribe();
         let progress = rx
             .wait_for(|p| p.outcome(ticket).is_some())
             .await

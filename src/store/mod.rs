@@ -35,6 +35,12 @@ use crate::device_id::DeviceId;
 use flusher::GroupCommit;
 
 pub use batch::Batch;
+
+/// Writes made before [`Store::write_ticket`] was called, being flushed; see
+/// [`Store::wait_durable`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[must_use = "writes are durable only once `Store::wait_durable` resolves"]
+pub struct WriteTicket(u64);
 use batch::BatchTrees;
 pub use error::StoreError;
 pub use records::{
@@ -224,6 +230,25 @@ impl Store {
         self.inner
             .commit
             .durable()
+            .await
+            .map_err(|message| StoreError::Flush {
+                dir: self.inner.dir.clone(),
+                message,
+            })
+    }
+
+    /// A ticket for every write made so far, with their flush started; [`Store::wait_durable`]
+    /// resolves once they are on disk. Lets a writer go on while the flush runs.
+    pub fn write_ticket(&self) -> WriteTicket {
+        WriteTicket(self.inner.commit.ticket())
+    }
+
+    /// Resolves once the writes `ticket` covers are on disk. After an error, a new ticket
+    /// asks for another flush: a later successful flush makes every earlier write durable.
+    pub async fn wait_durable(&self, ticket: WriteTicket) -> Result<(), StoreError> {
+        self.inner
+            .commit
+            .wait(ticket.0)
             .await
             .map_err(|message| StoreError::Flush {
                 dir: self.inner.dir.clone(),

@@ -5,19 +5,34 @@
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use super::{OutboxMessage, Store, StoreError, OUTBOX};
+use super::{OutboxMessage, Store, StoreError, WriteTicket, OUTBOX};
 
 /// How long a deletion may wait for a flush another writer asks for before it starts one.
 /// Under load the intake's appends flush continuously and deletions ride on them; idle, a
-/// deletion is durable after at most this long.
-const REMOVE_FLUSH_WITHIN: Duration = Duration::from_millis(5);
+/// deletion is durable after at most this long. An upstream link's window slot is freed only
+/// then, so this bounds a busy link's rate (one link with a window of 100 and 5 ms here
+/// delivered 10k msg/s, with 1 ms 18k msg/s).
+const REMOVE_FLUSH_WITHIN: Duration = Duration::from_millis(1);
 
 impl Store {
     /// Appends messages in order and returns their sequence numbers (increasing); durable on
     /// return.
     pub async fn outbox_append(&self, msgs: &[OutboxMessage]) -> Result<Vec<u64>, StoreError> {
+        let (seqs, ticket) = self.outbox_insert(msgs)?;
+        self.wait_durable(ticket).await?;
+        Ok(seqs)
+    }
+
+    /// Appends messages in order and returns their sequence numbers (increasing) at once,
+    /// with the ticket of their flush: they are visible to scans and removals now and durable
+    /// once [`Store::wait_durable`] resolves. A crash before that loses them, so whoever
+    /// sent them must not be acknowledged until then.
+    pub fn outbox_insert(
+        &self,
+        msgs: &[OutboxMessage],
+    ) -> Result<(Vec<u64>, WriteTicket), StoreError> {
         if msgs.is_empty() {
-            return Ok(Vec::new());
+            return Ok((Vec::new(), self.write_ticket()));
         }
         let mut batch = sled::Batch::default();
         let mut seqs = Vec::with_capacity(msgs.len());
@@ -54,8 +69,7 @@ impl Store {
                 source,
             });
         }
-        self.durable().await?;
-        Ok(seqs)
+        Ok((seqs, self.write_ticket()))
     }
 
     /// Up to `limit` messages with sequence >= `from_seq`, in sequence order.

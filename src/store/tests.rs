@@ -385,6 +385,48 @@ async fn outbox_keeps_order_and_accounts_count_and_bytes() {
 }
 
 #[tokio::test]
+async fn outbox_insert_is_visible_at_once_and_durable_once_its_ticket_resolves() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (seqs, later) = {
+        let store = Store::open(tmp.path(), &opts()).unwrap();
+        let flushes = store.flush_count();
+        let (seqs, ticket) = store
+            .outbox_insert(&[msg("d", b"a"), msg("d", b"b")])
+            .unwrap();
+        // Scans and removals see the messages while their flush runs.
+        assert_eq!(store.outbox_len(), 2);
+        let scanned: Vec<u64> = store
+            .outbox_scan(0, 10)
+            .unwrap()
+            .iter()
+            .map(|(s, _)| *s)
+            .collect();
+        assert_eq!(scanned, seqs);
+        let (later, later_ticket) = store.outbox_insert(&[msg("d", b"c")]).unwrap();
+        assert!(later[0] > seqs[1]);
+        store.wait_durable(ticket).await.unwrap();
+        assert!(
+            store.flush_count() > flushes,
+            "the ticket resolved without a flush"
+        );
+        assert_eq!(store.outbox_remove(&seqs[..1]).await.unwrap(), 1);
+        store.wait_durable(later_ticket).await.unwrap();
+        (seqs, later)
+    };
+    let store = Store::open(tmp.path(), &opts()).unwrap();
+    let left: Vec<(u64, Vec<u8>)> = store
+        .outbox_scan(0, 10)
+        .unwrap()
+        .into_iter()
+        .map(|(s, m)| (s, m.payload))
+        .collect();
+    assert_eq!(
+        left,
+        vec![(seqs[1], b"b".to_vec()), (later[0], b"c".to_vec())]
+    );
+}
+
+#[tokio::test]
 async fn state_dir_is_created_0700_and_tightened() {
     let tmp = tempfile::tempdir().unwrap();
     let fresh = tmp.path().join("a/b/state");

@@ -32,7 +32,8 @@ use crate::store::OutboxMessage;
 
 /// What the intake hands over, in outbox order.
 pub(crate) enum Handoff {
-    /// Durable messages with their sequence numbers and thing names.
+    /// Messages just inserted into the outbox (their flush may still be running), with their
+    /// sequence numbers and thing names.
     Appended(Vec<(u64, OutboxMessage, Arc<str>)>),
     /// Sequence numbers deleted by `drop-oldest`.
     Dropped(Vec<u64>),

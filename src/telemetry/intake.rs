@@ -1,16 +1,20 @@
 //! Intake: downstream telemetry -> checks -> outbox (one group commit per batch) -> ack.
 //!
 //! Messages are taken in batches (everything already waiting, up to `batch_max`), so one fsync
-//! covers many messages; the downstream PUBLISHes of a batch are acknowledged only once the
-//! batch is durable, then the batch is handed to the dispatcher in memory. Refused messages are
-//! acknowledged (they will never be forwarded, redelivery would not change that) after a
-//! rate-limited log line and status notice.
+//! covers many messages. A batch is inserted into the outbox and handed to the dispatcher at
+//! once, and the intake goes on with the next batch while its flush runs; a separate task
+//! acknowledges the batch's downstream PUBLISHes once it is durable, in intake order. So the
+//! flush delays the device's PUBACK but not the message's way to the cloud, and a crash before
+//! the flush ends costs a duplicate (the device was not acknowledged and publishes again),
+//! never a loss. Refused messages are acknowledged (they will never be forwarded, redelivery
+//! would not change that) after a rate-limited log line and status notice.
 //!
 //! Duplicates. A message whose downstream connection dropped (or whose gateway was killed)
 //! before the broker processed its PUBACK is in the outbox and is appended again when the
 //! broker redelivers it: per lost downstream connection at most the broker's in-flight window
-//! (100 for the embedded broker) or the session's read-ahead bound (`max_unconfirmed`, 1,000),
-//! whichever is smaller; the read-ahead is what holds the bound with mosquitto 2.0.11, which
+//! to the gateway (1,000 for the embedded broker, and with its end-to-end acknowledgement no
+//! more than the devices' own windows together) or the session's read-ahead bound
+//! (`max_unconfirmed`, 1,000), whichever is smaller; the read-ahead is what holds the bound with mosquitto 2.0.11, which
 //! exceeds its own window (see `downstream::session`). The intake does not deduplicate them:
 //! some brokers renumber redeliveries and clear DUP, so nothing in the message reliably tells
 //! a copy from a new one, and skipping messages whose ack is stale would lose them when the
@@ -31,7 +35,7 @@ use crate::device_id::DeviceId;
 use crate::downstream::{
     AckHandle, DeviceStatus, DeviceTopic, DownstreamMessage, QoS, RejectedResponse, StatusReport,
 };
-use crate::store::OutboxMessage;
+use crate::store::{OutboxMessage, Store, WriteTicket};
 
 /// Status notices being published at once at most; more are skipped (and only logged).
 const MAX_NOTICES_IN_FLIGHT: usize = 16;
@@ -49,6 +53,47 @@ pub(crate) struct Intake {
     last_full_log: Option<Instant>,
     dropped_since_log: u64,
     batch_bytes_max: usize,
+}
+
+/// Batches in the outbox waiting for their flush before their devices are acknowledged; the
+/// intake waits when this many are. (The broker's window to the gateway bounds them first.)
+const PENDING_BATCHES: usize = 64;
+
+/// A batch in the outbox whose flush is under way.
+struct Pending {
+    ticket: WriteTicket,
+    acks: Vec<AckHandle>,
+}
+
+/// Acknowledges each batch's downstream PUBLISHes once the batch is durable, in intake order
+/// (a later ticket is never durable before an earlier one). A failed flush is retried with a
+/// new one; on shutdown the acknowledgements still waiting are dropped, so the broker delivers
+/// those messages again on the next run.
+async fn acknowledge_when_durable(
+    store: Store,
+    mut pending: mpsc::Receiver<Pending>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    while let Some(Pending { mut ticket, acks }) = pending.recv().await {
+        let mut delay = Duration::from_millis(100);
+        loop {
+            match store.wait_durable(ticket).await {
+                Ok(()) => break,
+                Err(e) => {
+                    tracing::error!(messages = acks.len(), retry_in = ?delay, "telemetry in the outbox but not flushed: {e}");
+                    tokio::select! {
+                        _ = tokio::time::sleep(delay) => {}
+                        _ = super::stopped(&mut shutdown) => return,
+                    }
+                    delay = (delay * 2).min(Duration::from_secs(5));
+                    ticket = store.write_ticket();
+                }
+            }
+        }
+        for ack in acks {
+            ack.ack();
+        }
+    }
 }
 
 /// Encoded size of an outbox entry (store layout: 16 bytes of header + id + topic + payload).
@@ -86,6 +131,12 @@ impl Intake {
     pub async fn run(mut self) {
         let batch_max = self.shared.opts.batch_max.max(1);
         let mut batch = Vec::with_capacity(batch_max);
+        let (pending, pending_rx) = mpsc::channel(PENDING_BATCHES);
+        let acker = tokio::spawn(acknowledge_when_durable(
+            self.shared.store.clone(),
+            pending_rx,
+            self.shutdown.clone(),
+        ));
         loop {
             let first = tokio::select! {
                 m = self.inbound.recv() => match m {
@@ -105,17 +156,24 @@ impl Intake {
                     Err(_) => break,
                 }
             }
-            if !self.process(&mut batch).await {
+            if !self.process(&mut batch, &pending).await {
                 break;
             }
             batch.clear();
         }
+        // Batches already in the outbox are acknowledged once their flush ends.
+        drop(pending);
+        let _ = acker.await;
         tracing::debug!("telemetry intake stopped");
     }
 
     /// Returns false when shutting down before the batch could be stored (it stays
     /// unacknowledged, so the broker delivers it again on the next run).
-    async fn process(&mut self, batch: &mut Vec<DownstreamMessage>) -> bool {
+    async fn process(
+        &mut self,
+        batch: &mut Vec<DownstreamMessage>,
+        pending: &mpsc::Sender<Pending>,
+    ) -> bool {
         let counters = self.shared.counters.clone();
         counters
             .received
@@ -197,9 +255,9 @@ impl Intake {
             return false;
         }
         let mut delay = Duration::from_millis(100);
-        let seqs = loop {
-            match self.shared.store.outbox_append(&msgs).await {
-                Ok(seqs) => break seqs,
+        let (seqs, ticket) = loop {
+            match self.shared.store.outbox_insert(&msgs) {
+                Ok(inserted) => break inserted,
                 Err(e) => {
                     // Nothing acknowledged: the messages are still the broker's. Retry the same
                     // batch rather than dropping acks (which would force a downstream reconnect).
@@ -212,9 +270,6 @@ impl Intake {
                 }
             }
         };
-        for ack in acks {
-            ack.ack();
-        }
         counters
             .accepted
             .fetch_add(msgs.len() as u64, Ordering::Relaxed);
@@ -225,8 +280,12 @@ impl Intake {
             .zip(things)
             .map(|((seq, msg), thing)| (seq, msg, thing))
             .collect();
-        // The dispatcher only stops receiving when it stops; the messages are durable anyway.
+        // Sent upstream while the flush runs: a crash before it ends loses the outbox entries,
+        // but the devices were not acknowledged, so they publish again (a duplicate at worst).
+        // The dispatcher only stops receiving when it stops; the outbox holds the messages.
         let _ = self.handoff.send(Handoff::Appended(items)).await;
+        // The acker only stops when this intake does.
+        let _ = pending.send(Pending { ticket, acks }).await;
         true
     }
 
