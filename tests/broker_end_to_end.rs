@@ -210,7 +210,7 @@ async fn a_message_dropped_from_the_gateways_full_queue_makes_the_device_resend(
     let broker = EmbeddedBroker::start(&EmbeddedBrokerOptions {
         listen: SocketAddr::from(([127, 0, 0, 1], 0)),
         ack_after_client: Some("gw".into()),
-        max_inflight: 1,
+        ack_after_inflight: 1,
         max_queued_bytes: 2048,
         max_packet_bytes: 1024,
         ..EmbeddedBrokerOptions::default()
@@ -270,4 +270,41 @@ async fn devices_are_admitted_only_once_the_gateway_has_subscribed() {
     dev.no_puback("the gateway has not acknowledged").await;
     gw.client.ack(&p).await.unwrap();
     dev.next_puback().await;
+}
+
+#[tokio::test]
+async fn the_gateway_session_has_a_window_of_its_own() {
+    // Every device's PUBACK waits in the gateway's window, so it is set apart from the window
+    // of other clients (`max_inflight`): here the gateway may hold 5, a device session 2.
+    let broker = EmbeddedBroker::start(&EmbeddedBrokerOptions {
+        listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+        ack_after_client: Some("gw".into()),
+        max_inflight: 2,
+        ack_after_inflight: 5,
+        ..EmbeddedBrokerOptions::default()
+    })
+    .await
+    .expect("embedded broker starts");
+    let port = broker.listen_addr().port();
+    let mut gw = gateway(&broker).await;
+    let mut dev = Client::connect("dev-6", port, false).await;
+    for n in 0..8u8 {
+        dev.client
+            .publish("fleetgw/dev-6/telemetry", QoS::AtLeastOnce, false, vec![n])
+            .await
+            .unwrap();
+    }
+    let mut held = Vec::new();
+    for n in 0..5u8 {
+        let p = gw.next_publish().await;
+        assert_eq!(p.payload[..], [n]);
+        held.push(p);
+    }
+    assert!(
+        timeout(QUIET, gw.next_publish()).await.is_err(),
+        "the gateway got more than its window of 5 unacknowledged"
+    );
+    gw.client.ack(&held[0]).await.unwrap();
+    assert_eq!(gw.next_publish().await.payload[..], [5]);
+    assert_eq!(dev.next_puback().await, 1, "the first message's PUBACK");
 }

@@ -227,6 +227,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         let mut deadline = Instant::now() + idle_limit;
         let mut awaiting_release: HashSet<u16> = HashSet::new();
         let mut sendable: Vec<(u16, Delivery)> = Vec::new();
+        let window = router.window(session.client_id());
         loop {
             if let Err(close) = self.process_buffer(router, session, &mut awaiting_release) {
                 let _ = self.flush().await;
@@ -235,7 +236,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             if let Err(close) = self.release_acks() {
                 return close;
             }
-            if !session.take_sendable(number, router.limits(), &mut sendable) {
+            if !session.take_sendable(number, window, &mut sendable) {
                 return Close::TakenOver;
             }
             for (pkid, d) in sendable.drain(..) {

@@ -79,6 +79,10 @@ pub struct EmbeddedBrokerOptions {
     /// it, so a device's PUBACK means the gateway stored it durably. `None` (the default)
     /// acknowledges once the message is routed into the subscribers' in-memory queues.
     pub ack_after_client: Option<String>,
+    /// The `ack_after_client` session's window instead of `max_inflight`. Every device's
+    /// PUBACK waits in it for the gateway's flush, so it bounds the rate at which all devices
+    /// together are acknowledged to window / flush time: 100 at 3 ms would be 33k msg/s.
+    pub ack_after_inflight: usize,
 }
 
 impl Default for EmbeddedBrokerOptions {
@@ -92,6 +96,7 @@ impl Default for EmbeddedBrokerOptions {
             max_queued_bytes: 64 * 1024 * 1024,
             connect_timeout: Duration::from_secs(10),
             ack_after_client: None,
+            ack_after_inflight: 1000,
         }
     }
 }
@@ -167,6 +172,7 @@ impl EmbeddedBroker {
         let router = Arc::new(Router::new(
             Limits {
                 max_inflight: opts.max_inflight,
+                ack_after_inflight: opts.ack_after_inflight,
                 max_queued_bytes: opts.max_queued_bytes,
             },
             opts.ack_after_client.as_deref(),
@@ -275,6 +281,9 @@ fn validate(opts: &EmbeddedBrokerOptions) -> Result<(), BrokerError> {
     }
     if opts.max_inflight == 0 || opts.max_inflight > usize::from(u16::MAX) {
         return bad("max_inflight", "must be between 1 and 65535");
+    }
+    if opts.ack_after_inflight == 0 || opts.ack_after_inflight > usize::from(u16::MAX) {
+        return bad("ack_after_inflight", "must be between 1 and 65535");
     }
     if opts.max_queued_bytes < opts.max_packet_bytes {
         return bad("max_queued_bytes", "must be at least max_packet_bytes");

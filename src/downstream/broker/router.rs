@@ -139,6 +139,8 @@ pub struct SubOptions {
 pub struct Limits {
     /// QoS 1 messages sent to a client and not yet acknowledged.
     pub max_inflight: usize,
+    /// The same for the client whose acknowledgements publishers wait for.
+    pub ack_after_inflight: usize,
     /// Bytes queued for one session (connected or not) before the oldest are dropped.
     pub max_queued_bytes: usize,
 }
@@ -185,7 +187,7 @@ impl Session {
     pub fn take_sendable(
         &self,
         number: u64,
-        limits: &Limits,
+        window: usize,
         out: &mut Vec<(u16, Delivery)>,
     ) -> bool {
         let mut st = self.lock();
@@ -193,7 +195,7 @@ impl Session {
             return false;
         }
         while let Some(front) = st.queue.front() {
-            if front.qos > 0 && st.inflight.len() >= limits.max_inflight {
+            if front.qos > 0 && st.inflight.len() >= window {
                 break;
             }
             let Some(d) = st.queue.pop_front() else {
@@ -318,9 +320,13 @@ impl Router {
         self.tables.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// The per-session limits.
-    pub fn limits(&self) -> &Limits {
-        &self.limits
+    /// How many QoS 1 messages `client_id` may have unacknowledged.
+    pub fn window(&self, client_id: &str) -> usize {
+        if self.ack_after.as_deref() == Some(client_id) {
+            self.limits.ack_after_inflight
+        } else {
+            self.limits.max_inflight
+        }
     }
 
     /// A number for a new connection.
