@@ -126,7 +126,7 @@ impl Gateway {
         let routed = std::env::var("FLEETGW_BENCH_BROKER_ACK").is_ok_and(|v| v == "routed");
         let broker = EmbeddedBrokerOptions {
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
-            max_inflight: env_or("FLEETGW_BENCH_BROKER_INFLIGHT", 100) as usize,
+            ack_after_inflight: env_or("FLEETGW_BENCH_BROKER_INFLIGHT", 1000) as usize,
             ack_after_client: (!routed).then(|| CLIENT_ID.to_string()),
             ..EmbeddedBrokerOptions::default()
         };
@@ -1160,20 +1160,59 @@ async fn bench_devices_through_an_outage() {
     let total = load.total();
     let dir = tempfile::tempdir().unwrap();
     let mut emu_opts = AwsEmulatorOptions::ephemeral(dir.path().join("emu"));
-    emu_opts.max_messages = (total as usize) * 2 + 1000;
+    emu_opts.max_messages = (total as usize) * 2 + 1000 + load.devices;
     let emu = aws::start(emu_opts).await.unwrap();
     let store = open_store(dir.path());
     let devices = provision_many(&store, &emu, load.devices).await;
-    let opts = options(&emu);
+    let mut opts = options(&emu);
+    opts.inflight = env_or("FLEETGW_BENCH_UPSTREAM_INFLIGHT", u64::from(opts.inflight)) as u16;
+    // `FLEETGW_BENCH_IDENTITY=gateway`: one upstream connection with the gateway's own
+    // certificate, as the bridge has; the default is a connection per device.
+    let gateway_identity = std::env::var("FLEETGW_BENCH_IDENTITY").is_ok_and(|v| v == "gateway");
+    let gateway_thing = if gateway_identity {
+        let provider = claim_provider(&emu);
+        let thing = provision(&store, &provider, "gateway-00").await;
+        provider.shutdown().await;
+        let gw_id = DeviceId::parse("gateway-00").unwrap();
+        let rec = store.device(&gw_id).unwrap().unwrap();
+        let key = String::from_utf8(store.secret(&gw_id).unwrap().unwrap()).unwrap();
+        opts.identity = IdentityMode::Gateway;
+        opts.gateway = Some(GatewayCredentials {
+            client_id: thing.clone(),
+            cert_pem: rec.provision.certificate_pem.unwrap(),
+            key: Arc::new(PrivateKey::from_pem(&key).unwrap()),
+        });
+        Some(thing)
+    } else {
+        None
+    };
     let window = u64::from(opts.inflight);
+    let links = if gateway_identity { 1 } else { load.devices };
     let gw = Gateway::start(&store, opts).await;
     let port = gw.broker_port;
+    // Warm-up: one message per device on another subtopic first, so the upstream connections
+    // are open before the measurement, as the bridge's is.
+    let warmups: Vec<_> = devices
+        .iter()
+        .map(|(id, _)| {
+            let id = id.clone();
+            tokio::spawn(async move { publish_range(port, &id, 0..1, 0).await })
+        })
+        .collect();
+    for w in warmups {
+        w.await.unwrap();
+    }
+    let warmup = load.devices as u64;
+    eventually("the warm-up messages to be forwarded", || {
+        (gw.stats().forwarded >= warmup && store.outbox_len() == 0).then_some(())
+    })
+    .await;
     let load_before = load_average();
     let started = Instant::now();
     let publishing = tokio::spawn(async move { load.publish_all(port).await });
     if outage_secs > 0 {
         eventually("a third of the messages to be forwarded", || {
-            (gw.stats().forwarded >= total / 3).then_some(())
+            (gw.stats().forwarded >= warmup + total / 3).then_some(())
         })
         .await;
         outage(&emu, outage_secs as f64).await;
@@ -1181,30 +1220,45 @@ async fn bench_devices_through_an_outage() {
     let (acked_in, late) = publishing.await.unwrap();
     let deadline =
         Instant::now() + Duration::from_secs(outage_secs + env_or("FLEETGW_BENCH_DRAIN_SECS", 600));
-    while gw.stats().forwarded < total || store.outbox_len() > 0 {
+    while gw.stats().forwarded < warmup + total || store.outbox_len() > 0 {
         assert!(Instant::now() < deadline, "not drained: {:?}", gw.stats());
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let elapsed = started.elapsed();
     let load_after = load_average();
     let mut check = TelemetryCheck::new();
+    let mut by_topic: BTreeMap<String, Vec<Arrival>> = BTreeMap::new();
+    if let Some(gateway_thing) = &gateway_thing {
+        // One connection carries every device: the topic tells them apart.
+        for (topic, arrival) in received_with_times(&emu, gateway_thing).await {
+            by_topic.entry(topic).or_default().push(arrival);
+        }
+    }
     for (id, thing) in &devices {
-        let arrivals: Vec<Arrival> = received_with_times(&emu, thing)
-            .await
-            .into_iter()
-            .map(|(_, a)| a)
-            .collect();
+        // The measured messages (the warm-up went to `/sensor`).
+        let topic = format!("dt/{thing}/telemetry");
+        let arrivals: Vec<Arrival> = if gateway_thing.is_some() {
+            by_topic.remove(&topic).unwrap_or_default()
+        } else {
+            received_with_times(&emu, thing)
+                .await
+                .into_iter()
+                .filter(|(t, _)| *t == topic)
+                .map(|(_, a)| a)
+                .collect()
+        };
         let device = check.add_device(id, &arrivals, 0..load.per_device);
         assert!(device.complete_in_order(), "{id}: {device:?}");
     }
     let latency = check.latency();
     let stats = gw.stats();
     eprintln!(
-        "FLEETGW devices={} messages={total} offered_per_s={} outage_s={outage_secs} \
+        "FLEETGW identity={} devices={} messages={total} offered_per_s={} outage_s={outage_secs} \
          acked_per_s={:.0} delivered_per_s={:.0} lost={} lost_pct={:.1} p50_ms={} p99_ms={} \
-         max_ms={} publisher_late_ms={} duplicates={} (window {window} x {} links) elapsed_s={:.2} \
+         max_ms={} publisher_late_ms={} duplicates={} (window {window} x {links} links) elapsed_s={:.2} \
          upstream_disconnects={} flushes={} append_batches={} remove_batches={} \
          load_before={load_before} load_after={load_after}",
+        if gateway_identity { "gateway" } else { "device" },
         load.devices,
         load.offered(),
         total as f64 / acked_in.as_secs_f64(),
@@ -1216,7 +1270,6 @@ async fn bench_devices_through_an_outage() {
         latency.max_ms,
         late.as_millis(),
         check.duplicates,
-        load.devices,
         elapsed.as_secs_f64(),
         stats.upstream_disconnects,
         store.flush_count(),
