@@ -34,10 +34,8 @@ impl Store {
         if msgs.is_empty() {
             return Ok((Vec::new(), self.write_ticket()));
         }
-        let mut batch = sled::Batch::default();
         let mut seqs = Vec::with_capacity(msgs.len());
-        let mut bytes = 0u64;
-        for m in msgs {
+        for _ in msgs {
             let seq = self
                 .inner
                 .db
@@ -47,29 +45,46 @@ impl Store {
                     op: "generate_id",
                     source,
                 })?;
-            let value = m.encode();
-            bytes += value.len() as u64;
-            batch.insert(&seq.to_be_bytes(), value);
             seqs.push(seq);
         }
-        // Count first, so a concurrent remove of these entries can never drive the counters
-        // below the true size.
-        self.inner
-            .outbox_len
-            .fetch_add(msgs.len() as u64, Ordering::Relaxed);
-        self.inner.outbox_bytes.fetch_add(bytes, Ordering::Relaxed);
-        if let Err(source) = self.inner.outbox.apply_batch(batch) {
-            self.inner
-                .outbox_len
-                .fetch_sub(msgs.len() as u64, Ordering::Relaxed);
-            self.inner.outbox_bytes.fetch_sub(bytes, Ordering::Relaxed);
-            return Err(StoreError::Sled {
-                tree: OUTBOX,
-                op: "apply_batch",
-                source,
-            });
+        // Plain inserts, not one `apply_batch`: a batch seals sled's log buffer, which wakes
+        // all of sled's I/O threads, once per call (about 5% of the CPU at 18k msg/s). Nobody
+        // needs the batch to be atomic: its devices are acknowledged only once all of it is
+        // durable, so a crash that keeps a prefix costs duplicates, never a loss.
+        for (i, (seq, m)) in seqs.iter().zip(msgs).enumerate() {
+            let value = m.encode();
+            let len = value.len() as u64;
+            // Count first, so a concurrent remove of this entry can never drive the counters
+            // below the true size.
+            self.inner.outbox_len.fetch_add(1, Ordering::Relaxed);
+            self.inner.outbox_bytes.fetch_add(len, Ordering::Relaxed);
+            if let Err(source) = self.inner.outbox.insert(seq.to_be_bytes(), value) {
+                self.inner.outbox_len.fetch_sub(1, Ordering::Relaxed);
+                self.inner.outbox_bytes.fetch_sub(len, Ordering::Relaxed);
+                // The caller retries the whole batch; take back what went in (if sled lets
+                // us: what stays is sent twice, never lost).
+                let _ = self.outbox_take_back(&seqs[..i]);
+                return Err(StoreError::Sled {
+                    tree: OUTBOX,
+                    op: "insert",
+                    source,
+                });
+            }
         }
         Ok((seqs, self.write_ticket()))
+    }
+
+    /// Removes entries of a failed insert again (no flush of its own), adjusting the counters.
+    fn outbox_take_back(&self, seqs: &[u64]) -> Result<(), sled::Error> {
+        for seq in seqs {
+            if let Some(old) = self.inner.outbox.remove(seq.to_be_bytes())? {
+                self.inner.outbox_len.fetch_sub(1, Ordering::Relaxed);
+                self.inner
+                    .outbox_bytes
+                    .fetch_sub(old.len() as u64, Ordering::Relaxed);
+            }
+        }
+        Ok(())
     }
 
     /// Up to `limit` messages with sequence >= `from_seq`, in sequence order.
