@@ -98,13 +98,20 @@ impl Client {
 }
 
 async fn broker() -> EmbeddedBroker {
-    EmbeddedBroker::start(&EmbeddedBrokerOptions {
+    broker_with(|_| {}).await
+}
+
+/// [`broker`] with options changed by `tweak`.
+async fn broker_with(tweak: impl FnOnce(&mut EmbeddedBrokerOptions)) -> EmbeddedBroker {
+    let mut opts = EmbeddedBrokerOptions {
         listen: SocketAddr::from(([127, 0, 0, 1], 0)),
         ack_after_client: Some("gw".into()),
         ..EmbeddedBrokerOptions::default()
-    })
-    .await
-    .expect("embedded broker starts")
+    };
+    tweak(&mut opts);
+    EmbeddedBroker::start(&opts)
+        .await
+        .expect("embedded broker starts")
 }
 
 /// The gateway's session: manual acks, subscribed to every device's telemetry; the broker is
@@ -207,16 +214,12 @@ async fn a_message_the_gateway_session_lost_is_never_acknowledged_to_the_device(
 
 #[tokio::test]
 async fn a_message_dropped_from_the_gateways_full_queue_makes_the_device_resend() {
-    let broker = EmbeddedBroker::start(&EmbeddedBrokerOptions {
-        listen: SocketAddr::from(([127, 0, 0, 1], 0)),
-        ack_after_client: Some("gw".into()),
-        ack_after_inflight: 1,
-        max_queued_bytes: 2048,
-        max_packet_bytes: 1024,
-        ..EmbeddedBrokerOptions::default()
+    let broker = broker_with(|o| {
+        o.ack_after_inflight = 1;
+        o.max_queued_bytes = 2048;
+        o.max_packet_bytes = 1024;
     })
-    .await
-    .expect("embedded broker starts");
+    .await;
     let port = broker.listen_addr().port();
     let mut gw = gateway(&broker).await;
     // The gateway takes one message and does not acknowledge it; the rest queue for it until
@@ -276,15 +279,11 @@ async fn devices_are_admitted_only_once_the_gateway_has_subscribed() {
 async fn the_gateway_session_has_a_window_of_its_own() {
     // Every device's PUBACK waits in the gateway's window, so it is set apart from the window
     // of other clients (`max_inflight`): here the gateway may hold 5, a device session 2.
-    let broker = EmbeddedBroker::start(&EmbeddedBrokerOptions {
-        listen: SocketAddr::from(([127, 0, 0, 1], 0)),
-        ack_after_client: Some("gw".into()),
-        max_inflight: 2,
-        ack_after_inflight: 5,
-        ..EmbeddedBrokerOptions::default()
+    let broker = broker_with(|o| {
+        o.max_inflight = 2;
+        o.ack_after_inflight = 5;
     })
-    .await
-    .expect("embedded broker starts");
+    .await;
     let port = broker.listen_addr().port();
     let mut gw = gateway(&broker).await;
     let mut dev = Client::connect("dev-6", port, false).await;
