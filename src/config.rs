@@ -511,8 +511,11 @@ pub struct TelemetrySection {
     pub max_upstream_connections: u32,
     /// Idle per-device connections are closed after this many seconds.
     pub idle_secs: u64,
-    /// Unacknowledged upstream publishes per connection.
+    /// Unacknowledged upstream publishes per device connection.
     pub inflight: u32,
+    /// Unacknowledged upstream publishes on the gateway's one connection
+    /// (`identity = "gateway"`), which carries every device.
+    pub gateway_inflight: u32,
     /// `identity = "gateway"`: the gateway's own upstream certificate chain (PEM).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub gateway_cert: Option<PathBuf>,
@@ -544,6 +547,7 @@ impl Default for TelemetrySection {
             max_upstream_connections: 1000,
             idle_secs: 300,
             inflight: 10,
+            gateway_inflight: 300,
             gateway_cert: None,
             gateway_key: None,
             gateway_key_passphrase_file: None,
@@ -1409,6 +1413,16 @@ impl Config {
                 )
             },
         )?;
+        check(
+            (1..=u32::from(u16::MAX)).contains(&t.gateway_inflight),
+            "telemetry.gateway_inflight",
+            || {
+                format!(
+                    "must be between 1 and 65535 (MQTT packet ids), got {}",
+                    t.gateway_inflight
+                )
+            },
+        )?;
         self.validate_gateway_identity()
     }
 
@@ -1590,7 +1604,7 @@ mod tests {
 
     #[test]
     fn semantic_errors_name_key_and_source() {
-        let cases: [(&str, &str, &str); 9] = [
+        let cases: [(&str, &str, &str); 10] = [
             (
                 "[cloud.aws]\nsessions = 0\n",
                 "cloud.aws.sessions",
@@ -1631,6 +1645,11 @@ mod tests {
                 "[store]\nmin_commit_interval_us = 250000\n",
                 "store.min_commit_interval_us",
                 "more than 100000",
+            ),
+            (
+                "[telemetry]\ngateway_inflight = 0\n",
+                "telemetry.gateway_inflight",
+                "between 1 and 65535",
             ),
         ];
         for (text, key, what) in cases {

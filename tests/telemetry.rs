@@ -316,6 +316,36 @@ async fn provision_many(store: &Store, emu: &AwsEmulatorHandle, n: usize) -> Vec
     devices
 }
 
+/// The gateway's own upstream identity for `identity = "gateway"`: a thing `gateway-00`
+/// provisioned like any device (its record and key stay in `store`).
+async fn gateway_credentials(store: &Store, emu: &AwsEmulatorHandle) -> GatewayCredentials {
+    let provider = claim_provider(emu);
+    let thing = provision(store, &provider, "gateway-00").await;
+    provider.shutdown().await;
+    let id = DeviceId::parse("gateway-00").unwrap();
+    let rec = store.device(&id).unwrap().unwrap();
+    let key = String::from_utf8(store.secret(&id).unwrap().unwrap()).unwrap();
+    GatewayCredentials {
+        client_id: thing,
+        cert_pem: rec.provision.certificate_pem.unwrap(),
+        key: Arc::new(PrivateKey::from_pem(&key).unwrap()),
+    }
+}
+
+/// Messages the emulator has received, once it holds at least `n` (or panics after [`LIMIT`]).
+async fn emulator_messages_reach(emu: &AwsEmulatorHandle, n: u64) -> u64 {
+    let deadline = Instant::now() + LIMIT;
+    loop {
+        let (_, stats) = http(emu.api_addr(), "GET", "/stats", None).await;
+        let got = stats["messages"].as_u64().unwrap_or(0);
+        if got >= n {
+            return got;
+        }
+        assert!(Instant::now() < deadline, "the emulator got {got} of {n}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Tests
 
@@ -996,6 +1026,41 @@ async fn messages_older_than_max_age_are_not_sent() {
     emu.shutdown().await;
 }
 
+/// With `identity = "gateway"` one upstream connection carries every device, so its window is
+/// `gateway_inflight`, not the per-device `inflight`: while the cloud's PUBACKs are held back,
+/// exactly that many messages go out, and the rest follow once the PUBACKs come.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_gateway_connection_keeps_gateway_inflight_unacknowledged() {
+    const WINDOW: u64 = 5;
+    let dir = tempfile::tempdir().unwrap();
+    let emu = emulator(&dir.path().join("emu")).await;
+    let store = open_store(dir.path());
+    let devices = provision_many(&store, &emu, 2).await;
+    let relay = Relay::start(emu.mqtt_addr()).await;
+    let mut opts = options(&emu);
+    opts.endpoint.port = relay.addr().port();
+    opts.identity = IdentityMode::Gateway;
+    opts.gateway = Some(gateway_credentials(&store, &emu).await);
+    opts.inflight = 1;
+    opts.gateway_inflight = WINDOW as u16;
+    let gw = Gateway::start(&store, opts).await;
+    eventually("the gateway's upstream connection", || {
+        (gw.stats().upstream_connects >= 1).then_some(())
+    })
+    .await;
+    relay.hold_replies(true);
+    for (id, _) in &devices {
+        publish_range(gw.broker_port, id, 0..10, 0).await;
+    }
+    assert_eq!(emulator_messages_reach(&emu, WINDOW).await, WINDOW);
+    // Nothing more while no PUBACK comes back.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(emulator_messages_reach(&emu, WINDOW).await, WINDOW);
+    relay.hold_replies(false);
+    assert_eq!(emulator_messages_reach(&emu, 20).await, 20);
+    gw.stop().await;
+}
+
 // ---------------------------------------------------------------------------------------------
 // Benchmarks (`benches/telemetry.sh`): ignored tests, one result line each. They print figures
 // and assert only loss and order where the design promises them, never timings.
@@ -1165,29 +1230,30 @@ async fn bench_devices_through_an_outage() {
     let store = open_store(dir.path());
     let devices = provision_many(&store, &emu, load.devices).await;
     let mut opts = options(&emu);
-    opts.inflight = env_or("FLEETGW_BENCH_UPSTREAM_INFLIGHT", u64::from(opts.inflight)) as u16;
     // `FLEETGW_BENCH_IDENTITY=gateway`: one upstream connection with the gateway's own
     // certificate, as the bridge has; the default is a connection per device.
     let gateway_identity = std::env::var("FLEETGW_BENCH_IDENTITY").is_ok_and(|v| v == "gateway");
     let gateway_thing = if gateway_identity {
-        let provider = claim_provider(&emu);
-        let thing = provision(&store, &provider, "gateway-00").await;
-        provider.shutdown().await;
-        let gw_id = DeviceId::parse("gateway-00").unwrap();
-        let rec = store.device(&gw_id).unwrap().unwrap();
-        let key = String::from_utf8(store.secret(&gw_id).unwrap().unwrap()).unwrap();
+        let credentials = gateway_credentials(&store, &emu).await;
+        let thing = credentials.client_id.clone();
         opts.identity = IdentityMode::Gateway;
-        opts.gateway = Some(GatewayCredentials {
-            client_id: thing.clone(),
-            cert_pem: rec.provision.certificate_pem.unwrap(),
-            key: Arc::new(PrivateKey::from_pem(&key).unwrap()),
-        });
+        opts.gateway = Some(credentials);
+        opts.gateway_inflight = env_or(
+            "FLEETGW_BENCH_UPSTREAM_INFLIGHT",
+            u64::from(opts.gateway_inflight),
+        ) as u16;
         Some(thing)
     } else {
         None
     };
-    let window = u64::from(opts.inflight);
-    let links = if gateway_identity { 1 } else { load.devices };
+    if !gateway_identity {
+        opts.inflight = env_or("FLEETGW_BENCH_UPSTREAM_INFLIGHT", u64::from(opts.inflight)) as u16;
+    }
+    let (window, links) = if gateway_identity {
+        (u64::from(opts.gateway_inflight), 1)
+    } else {
+        (u64::from(opts.inflight), load.devices)
+    };
     let gw = Gateway::start(&store, opts).await;
     let port = gw.broker_port;
     // Warm-up: one message per device on another subtopic first, so the upstream connections

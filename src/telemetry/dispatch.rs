@@ -96,10 +96,14 @@ impl Dispatcher {
             command_timeout: o.command_timeout,
         };
         let gateway = gateway_tls.map(|(client_id, tls)| {
+            let cfg = LinkConfig {
+                window: o.gateway_inflight,
+                ..link_cfg.clone()
+            };
             Link::start(
                 client_id,
                 tls,
-                &link_cfg,
+                &cfg,
                 shared.counters.clone(),
                 settled.clone(),
                 shared.downstream.clone(),

@@ -156,8 +156,12 @@ pub struct TelemetryOptions {
     pub max_upstream_connections: usize,
     /// Idle device connections are closed after this.
     pub idle: Duration,
-    /// Unacknowledged publishes per connection.
+    /// Unacknowledged publishes per device connection.
     pub inflight: u16,
+    /// Unacknowledged publishes on the gateway's connection (gateway identity), which
+    /// carries every device: a window of 10 there would hold all of them to 10 messages per
+    /// round trip and deletion flush.
+    pub gateway_inflight: u16,
     /// Largest payload accepted (the cloud's limit).
     pub max_payload_bytes: usize,
     /// Bytes of messages kept in memory for sending; the rest waits in the outbox.
@@ -199,6 +203,7 @@ impl TelemetryOptions {
             max_upstream_connections: 1000,
             idle: Duration::from_secs(300),
             inflight: 10,
+            gateway_inflight: 300,
             max_payload_bytes: AWS_MAX_PAYLOAD_BYTES,
             max_memory_bytes: 32 * 1024 * 1024,
             batch_max: 2048,
@@ -242,6 +247,14 @@ impl TelemetryOptions {
             key: "telemetry.inflight",
             reason: format!("must be between 1 and 65535, got {}", section.inflight),
         })?;
+        o.gateway_inflight =
+            u16::try_from(section.gateway_inflight).map_err(|_| TelemetryError::Option {
+                key: "telemetry.gateway_inflight",
+                reason: format!(
+                    "must be between 1 and 65535, got {}",
+                    section.gateway_inflight
+                ),
+            })?;
         o.validate_settings()?;
         Ok(o)
     }
@@ -261,6 +274,9 @@ impl TelemetryOptions {
         let bad = |key: &'static str, reason: String| Err(TelemetryError::Option { key, reason });
         if self.inflight == 0 {
             return bad("telemetry.inflight", "must be at least 1".into());
+        }
+        if self.gateway_inflight == 0 {
+            return bad("telemetry.gateway_inflight", "must be at least 1".into());
         }
         if self.max_upstream_connections == 0 {
             return bad(
@@ -600,6 +616,7 @@ mod tests {
             topic: "site/{deviceId}{/subtopic}".into(),
             when_full: crate::config::WhenFull::DropOldest,
             inflight: 25,
+            gateway_inflight: 400,
             idle_secs: 7,
             ..Default::default()
         };
@@ -608,6 +625,7 @@ mod tests {
         assert_eq!(o.topic.render("t", "d", "x"), "site/d/x");
         assert_eq!(o.when_full, WhenFull::DropOldest);
         assert_eq!(o.inflight, 25);
+        assert_eq!(o.gateway_inflight, 400);
         assert_eq!(o.idle, Duration::from_secs(7));
         assert_eq!(o.identity, IdentityMode::Device);
         section.max_bytes = 1000;

@@ -5,7 +5,9 @@
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
 use tokio::task::{AbortHandle, JoinHandle};
 use tokio::time::Instant;
 
@@ -14,6 +16,8 @@ pub struct Relay {
     addr: SocketAddr,
     accepted: Arc<Mutex<Vec<Instant>>>,
     open: Arc<Mutex<Vec<AbortHandle>>>,
+    /// While true, bytes from the upstream side are not passed on (see [`Relay::hold_replies`]).
+    held: watch::Sender<bool>,
     task: JoinHandle<()>,
 }
 
@@ -25,13 +29,36 @@ impl Relay {
         let accepted = Arc::new(Mutex::new(Vec::new()));
         let open = Arc::new(Mutex::new(Vec::new()));
         let (acc, opn) = (accepted.clone(), open.clone());
+        let (held, _) = watch::channel(false);
+        let hold = held.clone();
         let task = tokio::spawn(async move {
-            while let Ok((mut down, _)) = listener.accept().await {
+            while let Ok((down, _)) = listener.accept().await {
                 acc.lock().unwrap().push(Instant::now());
+                let hold = hold.subscribe();
                 let conn = tokio::spawn(async move {
                     // Upstream down: closing `down` is what a refused connection looks like.
-                    if let Ok(mut up) = TcpStream::connect(upstream).await {
-                        let _ = tokio::io::copy_bidirectional(&mut down, &mut up).await;
+                    if let Ok(up) = TcpStream::connect(upstream).await {
+                        let (mut down_rx, mut down_tx) = down.into_split();
+                        let (mut up_rx, mut up_tx) = up.into_split();
+                        // Each direction passes its end of stream on, as
+                        // `copy_bidirectional` does.
+                        let requests = async move {
+                            let _ = tokio::io::copy(&mut down_rx, &mut up_tx).await;
+                            let _ = up_tx.shutdown().await;
+                        };
+                        let replies = async move {
+                            let mut hold = hold;
+                            let mut buf = vec![0u8; 16 * 1024];
+                            while let Ok(n @ 1..) = up_rx.read(&mut buf).await {
+                                // Read, but not passed on while held.
+                                let _ = hold.wait_for(|held| !*held).await;
+                                if down_tx.write_all(&buf[..n]).await.is_err() {
+                                    break;
+                                }
+                            }
+                            let _ = down_tx.shutdown().await;
+                        };
+                        let _ = tokio::join!(requests, replies);
                     }
                 });
                 opn.lock().unwrap().push(conn.abort_handle());
@@ -41,8 +68,15 @@ impl Relay {
             addr,
             accepted,
             open,
+            held,
             task,
         }
+    }
+
+    /// Stops (true) or resumes (false) passing on what the upstream side sends, on every
+    /// connection: a cloud whose acknowledgements do not arrive.
+    pub fn hold_replies(&self, hold: bool) {
+        self.held.send_replace(hold);
     }
 
     /// Where clients connect.
