@@ -487,7 +487,10 @@ async fn devices_reconnect_resubscribe_and_resend_after_a_broker_restart() {
         },
     )
     .await;
-    let mut opts = options(broker.addr(), 6, "restart");
+    // Devices go through a relay, so that they can be kept out of the restarted broker until
+    // the new responder has subscribed: a request resent before that would reach nobody.
+    let relay = common::relay::Relay::start(broker.addr()).await;
+    let mut opts = options(relay.addr(), 6, "restart");
     opts.resend_after = None;
     let fleet = tokio::spawn(run_fleet(opts, |_| {}));
 
@@ -498,9 +501,11 @@ async fn devices_reconnect_resubscribe_and_resend_after_a_broker_restart() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let port = broker.port;
+    relay.refuse_new(true);
     drop(broker);
     let broker = TestBroker::start_on(port).unwrap();
     let seen = start_responder(broker.addr(), ca.clone(), Script::default()).await;
+    relay.refuse_new(false);
 
     let report = fleet.await.unwrap().unwrap();
     assert_eq!(

@@ -3,6 +3,7 @@
 //! connection attempts (reconnect backoff).
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -18,6 +19,8 @@ pub struct Relay {
     open: Arc<Mutex<Vec<AbortHandle>>>,
     /// While true, bytes from the upstream side are not passed on (see [`Relay::hold_replies`]).
     held: watch::Sender<bool>,
+    /// While true, new connections are closed at once (see [`Relay::refuse_new`]).
+    refusing: Arc<AtomicBool>,
     task: JoinHandle<()>,
 }
 
@@ -31,9 +34,14 @@ impl Relay {
         let (acc, opn) = (accepted.clone(), open.clone());
         let (held, _) = watch::channel(false);
         let hold = held.clone();
+        let refusing = Arc::new(AtomicBool::new(false));
+        let refuse = refusing.clone();
         let task = tokio::spawn(async move {
             while let Ok((down, _)) = listener.accept().await {
                 acc.lock().unwrap().push(Instant::now());
+                if refuse.load(Ordering::SeqCst) {
+                    continue;
+                }
                 let hold = hold.subscribe();
                 let conn = tokio::spawn(async move {
                     // Upstream down: closing `down` is what a refused connection looks like.
@@ -69,8 +77,15 @@ impl Relay {
             accepted,
             open,
             held,
+            refusing,
             task,
         }
+    }
+
+    /// Closes (true) or relays again (false) every new connection, as a server that is down
+    /// would; connections already open stay.
+    pub fn refuse_new(&self, refuse: bool) {
+        self.refusing.store(refuse, Ordering::SeqCst);
     }
 
     /// Stops (true) or resumes (false) passing on what the upstream side sends, on every
