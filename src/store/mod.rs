@@ -35,12 +35,6 @@ use crate::device_id::DeviceId;
 use flusher::GroupCommit;
 
 pub use batch::Batch;
-
-/// Writes made before [`Store::write_ticket`] was called, being flushed; see
-/// [`Store::wait_durable`].
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-#[must_use = "writes are durable only once `Store::wait_durable` resolves"]
-pub struct WriteTicket(u64);
 use batch::BatchTrees;
 pub use error::StoreError;
 pub use records::{
@@ -56,6 +50,12 @@ pub const SCHEMA_VERSION_KEY: &str = "schema_version";
 
 /// Default for [`StoreOptions::min_commit_interval`], in microseconds.
 pub const DEFAULT_MIN_COMMIT_INTERVAL_US: u64 = 1000;
+
+/// Writes made before [`Store::write_ticket`] was called, being flushed; see
+/// [`Store::wait_durable`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[must_use = "writes are durable only once `Store::wait_durable` resolves"]
+pub struct WriteTicket(u64);
 
 /// Tuning for [`Store::open`] (config section `[store]`).
 #[derive(Clone, Debug, PartialEq, Eq)]
