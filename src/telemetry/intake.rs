@@ -9,16 +9,16 @@
 //! never a loss. Refused messages are acknowledged (they will never be forwarded, redelivery
 //! would not change that) after a rate-limited log line and status notice.
 //!
-//! Duplicates. A message whose downstream connection dropped (or whose gateway was killed)
-//! before the broker processed its PUBACK is in the outbox and is appended again when the
-//! broker redelivers it: per lost downstream connection at most the broker's in-flight window
-//! to the gateway (1,000 for the embedded broker, and with its end-to-end acknowledgement no
-//! more than the devices' own windows together) or the session's read-ahead bound
-//! (`max_unconfirmed`, 1,000), whichever is smaller; the read-ahead is what holds the bound with mosquitto 2.0.11, which
-//! exceeds its own window (see `downstream::session`). The intake does not deduplicate them:
-//! some brokers renumber redeliveries and clear DUP, so nothing in the message reliably tells
-//! a copy from a new one, and skipping messages whose ack is stale would lose them when the
-//! broker did not keep the session.
+//! Duplicates. A message whose downstream connection dropped (or whose gateway was killed) before
+//! the broker processed its PUBACK is in the outbox and is appended again when the broker
+//! redelivers it: per lost downstream connection at most the broker's in-flight window to the
+//! gateway (1,000 for the embedded broker, and with its end-to-end acknowledgement no more than the
+//! devices' own windows together) or the session's read-ahead bound (`max_unconfirmed`, 1,000),
+//! whichever is smaller; the read-ahead is what holds the bound with mosquitto 2.0.11, which
+//! exceeds its own window (see `downstream::session`). The intake does not deduplicate them: some
+//! brokers renumber redeliveries and clear DUP, so nothing in the message reliably tells a copy
+//! from a new one, and skipping messages whose ack is stale would lose them when the broker did not
+//! keep the session.
 
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
