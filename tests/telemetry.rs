@@ -332,12 +332,17 @@ async fn gateway_credentials(store: &Store, emu: &AwsEmulatorHandle) -> GatewayC
     }
 }
 
+/// Messages the emulator has received so far (its `/stats`).
+async fn emulator_messages(emu: &AwsEmulatorHandle) -> u64 {
+    let (_, stats) = http(emu.api_addr(), "GET", "/stats", None).await;
+    stats["messages"].as_u64().unwrap_or(0)
+}
+
 /// Messages the emulator has received, once it holds at least `n` (or panics after [`LIMIT`]).
 async fn emulator_messages_reach(emu: &AwsEmulatorHandle, n: u64) -> u64 {
     let deadline = Instant::now() + LIMIT;
     loop {
-        let (_, stats) = http(emu.api_addr(), "GET", "/stats", None).await;
-        let got = stats["messages"].as_u64().unwrap_or(0);
+        let got = emulator_messages(emu).await;
         if got >= n {
             return got;
         }
@@ -1196,8 +1201,7 @@ async fn publish_timed(
 async fn settle_count(emu: &AwsEmulatorHandle, total: u64) -> u64 {
     let mut last = (u64::MAX, Instant::now());
     loop {
-        let (_, stats) = http(emu.api_addr(), "GET", "/stats", None).await;
-        let n = stats["messages"].as_u64().unwrap_or(0);
+        let n = emulator_messages(emu).await;
         if n >= total {
             return n;
         }
