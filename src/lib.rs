@@ -5,7 +5,9 @@
 //! store and then forwards their telemetry upstream. See `docs/architecture.md` for the map.
 
 pub mod admission;
+pub mod backoff;
 pub mod cli;
+pub mod clock;
 pub mod cloud;
 pub mod config;
 pub mod device_id;

@@ -401,19 +401,13 @@ fn check_trusted_bundle(pem: &str) -> Result<(), AdmissionError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::clock;
     use crate::identity::{CertificateAuthority, KeyType};
 
     const GROUP_KEY_B64: &str = "QUJDREVGR0hJSktMTU5PUFFSU1RVVldYWVowMTIzNDU2Nzg5YWJjZGVmZ2hpamts";
 
     fn id(raw: &str) -> DeviceId {
         DeviceId::parse(raw).unwrap()
-    }
-
-    fn unix_now() -> i64 {
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_secs() as i64
     }
 
     fn group_key() -> Secret {
@@ -535,7 +529,7 @@ mod tests {
             ..AdmissionOptions::default()
         })
         .unwrap();
-        let now = unix_now();
+        let now = clock::unix_secs();
         let attest = |timestamp: i64| Attestation::X509 {
             certificate_pem: cert.clone(),
             signature: x509::sign_attestation(&id("sensor-9"), timestamp, &key).unwrap(),

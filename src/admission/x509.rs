@@ -224,17 +224,11 @@ pub fn verify_attestation(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::clock;
     use crate::identity::{CertificateAuthority, KeyType};
 
     fn id(raw: &str) -> DeviceId {
         DeviceId::parse(raw).unwrap()
-    }
-
-    fn unix_now() -> i64 {
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_secs() as i64
     }
 
     /// Root -> intermediate -> leaf for `cn`; returns (root PEM, chain PEM, leaf key).
@@ -259,7 +253,7 @@ mod tests {
 
     #[test]
     fn admits_a_chained_certificate_with_a_fresh_signature_for_each_key_type() {
-        let now = unix_now();
+        let now = clock::unix_secs();
         for kt in [KeyType::EcdsaP256, KeyType::EcdsaP384, KeyType::Rsa2048] {
             let (root, chain, key) = chain_for("sensor-7", kt);
             let signature = sign_attestation(&id("sensor-7"), now - 20, &key).unwrap();
@@ -284,7 +278,7 @@ mod tests {
             "sensor-7\n1700000000"
         );
         // An independently made signature (aws-lc-rs directly) over that message verifies.
-        let now = unix_now();
+        let now = clock::unix_secs();
         let (root, chain, key) = chain_for("sensor-7", KeyType::EcdsaP256);
         let pkcs8 = key.to_pkcs8_der();
         let pair = aws_lc_rs::signature::EcdsaKeyPair::from_pkcs8(
@@ -305,7 +299,7 @@ mod tests {
 
     #[test]
     fn rejects_a_chain_to_an_untrusted_ca() {
-        let now = unix_now();
+        let now = clock::unix_secs();
         let (_, chain, key) = chain_for("sensor-7", KeyType::EcdsaP256);
         let stranger = CertificateAuthority::generate("Someone Else").unwrap();
         let signature = sign_attestation(&id("sensor-7"), now, &key).unwrap();
@@ -337,7 +331,7 @@ mod tests {
 
     #[test]
     fn rejects_a_certificate_for_another_device() {
-        let now = unix_now();
+        let now = clock::unix_secs();
         let (root, chain, key) = chain_for("sensor-7", KeyType::EcdsaP256);
         // Signed correctly for sensor-8 with sensor-7's key: the CN still decides.
         let signature = sign_attestation(&id("sensor-8"), now, &key).unwrap();
@@ -354,7 +348,7 @@ mod tests {
 
     #[test]
     fn rejects_timestamps_outside_the_window() {
-        let now = unix_now();
+        let now = clock::unix_secs();
         let (root, chain, key) = chain_for("sensor-7", KeyType::EcdsaP256);
         let old = now - 301;
         let replayed = sign_attestation(&id("sensor-7"), old, &key).unwrap();
@@ -389,7 +383,7 @@ mod tests {
 
     #[test]
     fn rejects_bad_signatures() {
-        let now = unix_now();
+        let now = clock::unix_secs();
         let (root, chain, key) = chain_for("sensor-7", KeyType::EcdsaP256);
 
         // Signed over another timestamp than the one sent.
@@ -413,7 +407,7 @@ mod tests {
 
     #[test]
     fn rejects_unreadable_certificates_and_ca_leaves() {
-        let now = unix_now();
+        let now = clock::unix_secs();
         let (root, _, key) = chain_for("sensor-7", KeyType::EcdsaP256);
         let signature = sign_attestation(&id("sensor-7"), now, &key).unwrap();
         let err = verify("sensor-7", "garbage", &signature, now, &root, now).unwrap_err();

@@ -1,5 +1,5 @@
-//! Pacing of cloud calls: a token bucket per cloud API whose rate adapts to throttling (AIMD),
-//! and the jittered exponential back-off used for reconnects and retries.
+//! Pacing of cloud calls: a token bucket per cloud API whose rate adapts to throttling (AIMD).
+//! Retries and reconnects wait with [`crate::backoff::Backoff`].
 //!
 //! The cloud enforces a per-API transactions-per-second quota; going over it earns 429s that
 //! cost a round trip each. [`AdaptiveRateLimiter`] starts at the configured rate, cuts it by
@@ -147,50 +147,6 @@ impl AdaptiveRateLimiter {
     }
 }
 
-/// Jittered exponential back-off: attempt n waits a random time in [d/2, d] with
-/// d = min(base * 2^n, max) ("equal jitter", so retries never come back all at once and never
-/// come back instantly either).
-#[derive(Debug, Clone)]
-pub struct Backoff {
-    base: Duration,
-    max: Duration,
-    attempt: u32,
-}
-
-impl Backoff {
-    /// A back-off starting at `base`, capped at `max`.
-    pub fn new(base: Duration, max: Duration) -> Self {
-        Backoff {
-            base,
-            max: max.max(base),
-            attempt: 0,
-        }
-    }
-
-    /// The delay before retry number `attempt` (0-based), jittered.
-    pub fn delay_for(&self, attempt: u32) -> Duration {
-        let ceiling = self
-            .base
-            .saturating_mul(2u32.saturating_pow(attempt.min(31)))
-            .min(self.max);
-        let half = ceiling / 2;
-        let jitter = half.mul_f64(rand::random::<f64>());
-        half + jitter
-    }
-
-    /// The next delay; each call doubles the ceiling up to the cap.
-    pub fn next_delay(&mut self) -> Duration {
-        let d = self.delay_for(self.attempt);
-        self.attempt = self.attempt.saturating_add(1);
-        d
-    }
-
-    /// Back to the first delay (after a success).
-    pub fn reset(&mut self) {
-        self.attempt = 0;
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -268,20 +224,5 @@ mod tests {
             tokio::time::sleep(COOL_DOWN).await;
         }
         assert_eq!(limiter.rate().await, MIN_RATE);
-    }
-
-    #[test]
-    fn backoff_is_jittered_exponential_and_capped() {
-        let mut b = Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
-        for attempt in 0..12u32 {
-            let ceiling =
-                (Duration::from_millis(100) * 2u32.pow(attempt)).min(Duration::from_secs(2));
-            let d = b.next_delay();
-            assert!(d >= ceiling / 2 && d <= ceiling, "attempt {attempt}: {d:?}");
-        }
-        b.reset();
-        assert!(b.next_delay() <= Duration::from_millis(100));
-        let huge = b.delay_for(u32::MAX);
-        assert!(huge <= Duration::from_secs(2));
     }
 }

@@ -91,6 +91,7 @@ use super::contract::{self, error_code, RejectedResponse, StatusReport};
 use super::topics::{
     rejected_for_request_topic, DeviceTopic, PayloadFormat, TopicError, TopicPrefix,
 };
+use crate::backoff::Backoff;
 use crate::device_id::DeviceId;
 use crate::identity::Secret;
 
@@ -822,35 +823,6 @@ fn describe(s: &SessionStatus) -> String {
     }
 }
 
-/// Jittered exponential backoff: a random delay in [d/2, d], d doubling up to the cap.
-#[derive(Debug)]
-struct Backoff {
-    min: Duration,
-    max: Duration,
-    current: Duration,
-}
-
-impl Backoff {
-    fn new(min: Duration, max: Duration) -> Self {
-        Self {
-            min,
-            max,
-            current: min,
-        }
-    }
-
-    fn next_delay(&mut self) -> Duration {
-        let d = self.current;
-        self.current = (self.current * 2).min(self.max);
-        let half = d / 2;
-        half + half.mul_f64(rand::random::<f64>())
-    }
-
-    fn reset(&mut self) {
-        self.current = self.min;
-    }
-}
-
 /// Owns the event loop; runs in its own task.
 struct Driver {
     shared: Arc<Shared>,
@@ -1517,22 +1489,6 @@ impl AckHandle {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn backoff_is_jittered_doubling_and_capped() {
-        let mut b = Backoff::new(Duration::from_millis(100), Duration::from_millis(800));
-        let expected_caps = [100u64, 200, 400, 800, 800, 800];
-        for cap in expected_caps {
-            let d = b.next_delay();
-            assert!(
-                d >= Duration::from_millis(cap / 2) && d <= Duration::from_millis(cap),
-                "{d:?} not in [{}, {cap}] ms",
-                cap / 2
-            );
-        }
-        b.reset();
-        assert!(b.next_delay() <= Duration::from_millis(100));
-    }
 
     fn held(gate: &mut ReadAhead, qos: QoS, payload: &str) {
         let publish = Publish::new("fleetgw/d/telemetry", qos, payload.as_bytes().to_vec());

@@ -47,7 +47,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use hdrhistogram::Histogram;
-use rand::Rng as _;
 use rumqttc::{
     AsyncClient, ConnectionError, Event, EventLoop, MqttOptions, Outgoing, Packet, QoS,
     SubscribeFilter, SubscribeReasonCode, TlsConfiguration, Transport,
@@ -58,6 +57,8 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 
 use crate::admission::{sas, x509 as x509_attestation, Attestation};
+use crate::backoff::Backoff;
+use crate::clock;
 use crate::device_id::{DeviceId, DeviceIdError};
 use crate::downstream::contract::{
     self as wire, AcceptedResponse, PayloadFormat, ProvisionRequest, RejectedResponse, StatusReport,
@@ -370,7 +371,7 @@ impl FleetOptions {
 /// A run label from the clock (hex Unix seconds), so that consecutive runs against the same
 /// gateway provision new devices instead of re-reading stored results.
 pub fn default_run_label() -> String {
-    format!("{:x}", unix_now())
+    format!("{:x}", clock::unix_secs())
 }
 
 /// `true` for about `share` of consecutive positions, evenly spread: position `k` is picked
@@ -1058,7 +1059,7 @@ fn prepare_request(
     plan: &DevicePlan,
 ) -> Result<PreparedRequest, FailureReason> {
     let prepare = |what: &str, e: IdentityError| FailureReason::Prepare(format!("{what}: {e}"));
-    let now = unix_now();
+    let now = clock::unix_secs();
     let attestation = match &opts.attestation {
         SimAttestation::None => Attestation::None,
         SimAttestation::SymmetricKey {
@@ -1188,7 +1189,7 @@ async fn run_device(
         last_error: None,
         reconnects: 0,
         resent: 0,
-        backoff: BACKOFF_FIRST,
+        backoff: Backoff::new(BACKOFF_FIRST, BACKOFF_MAX),
     };
     // Key generation and signing are CPU work of a few hundred microseconds: fine on the task.
     let request = match prepare_request(&fleet.opts, &plan) {
@@ -1350,7 +1351,7 @@ impl<'a> Publisher<'a> {
                 None if self.next < self.total() && now >= self.next_due => self.next,
                 None => break,
             };
-            let payload = telemetry_check::payload(seq, unix_now_ms(), self.plan.payload_bytes);
+            let payload = telemetry_check::payload(seq, clock::unix_ms(), self.plan.payload_bytes);
             match client.try_publish(topic, QoS::AtLeastOnce, false, payload) {
                 Ok(()) => {}
                 // The channel holds a full window; the event loop drains it.
@@ -1412,7 +1413,7 @@ struct DeviceRun {
     last_error: Option<String>,
     reconnects: u32,
     resent: u32,
-    backoff: Duration,
+    backoff: Backoff,
 }
 
 impl DeviceRun {
@@ -1462,7 +1463,7 @@ impl DeviceRun {
                         .try_subscribe_many(topics.filters())
                         .map_err(|e| FailureReason::Prepare(format!("subscribe: {e}")))?;
                     self.stage = Stage::Subscribing;
-                    self.backoff = BACKOFF_FIRST;
+                    self.backoff.reset();
                 }
                 Event::Incoming(Packet::SubAck(ack)) => {
                     if let Some(i) = ack
@@ -1557,7 +1558,7 @@ impl DeviceRun {
             } else {
                 publisher.gate_wait
             };
-        self.backoff = BACKOFF_FIRST;
+        self.backoff.reset();
         publisher.next_due = Instant::now();
         let subscribe_status = || {
             client
@@ -1600,7 +1601,7 @@ impl DeviceRun {
             match event {
                 Event::Incoming(Packet::ConnAck(_)) => {
                     publisher.connected = true;
-                    self.backoff = BACKOFF_FIRST;
+                    self.backoff.reset();
                     if !publisher.ready {
                         subscribe_status()?;
                     }
@@ -1669,8 +1670,7 @@ impl DeviceRun {
     /// Sleeps the current back-off (jittered, doubling up to a cap), or fails with a timeout
     /// when the deadline comes first.
     async fn pause(&mut self) -> Result<(), FailureReason> {
-        let jittered = self.backoff.mul_f64(rand::rng().random_range(0.5..1.0));
-        self.backoff = (self.backoff * 2).min(BACKOFF_MAX);
+        let jittered = self.backoff.next_delay();
         if Instant::now() + jittered >= self.deadline {
             tokio::time::sleep_until(self.deadline).await;
             return Err(self.timed_out());
@@ -1728,7 +1728,7 @@ fn verify_answer(
     };
     matches?;
     if let Some(ca) = &fleet.opts.cloud_ca_pem {
-        identity::verify_chain(&answer.certificate_pem, ca, unix_now())
+        identity::verify_chain(&answer.certificate_pem, ca, clock::unix_secs())
             .map_err(|e| FailureReason::Chain(e.to_string()))?;
     }
     Ok(answer.thing_name)
@@ -1748,20 +1748,6 @@ async fn close(client: &AsyncClient, eventloop: &mut EventLoop) {
         }
     })
     .await;
-}
-
-fn unix_now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-        .unwrap_or(0)
-}
-
-fn unix_now() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0)
 }
 
 #[cfg(test)]

@@ -27,7 +27,7 @@ pub fn write_file_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<(), Ide
     rand::RngCore::fill_bytes(&mut rand::rng(), &mut suffix);
     let mut tmp_name = std::ffi::OsString::from(".");
     tmp_name.push(file_name);
-    tmp_name.push(format!(".tmp-{}", super::cert::hex(&suffix)));
+    tmp_name.push(format!(".tmp-{}", hex::encode(suffix)));
     let tmp = dir.join(tmp_name);
 
     let result = write_and_rename(&tmp, path, bytes, mode);

@@ -7,7 +7,6 @@
 //! (default, 1975-4096) validity, so the issuer builds the certificate parameters itself.
 
 use std::net::IpAddr;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, DnValue,
@@ -21,6 +20,7 @@ use x509_parser::time::ASN1Time;
 use super::cert::{first_certificate_der, parse_der, spki_equal, to_pem};
 use super::csr::{check_common_name, csr_der, parse_csr};
 use super::{IdentityError, KeyType, PrivateKey, Secret};
+use crate::clock;
 
 const DAY: i64 = 86_400;
 /// Validity of generated CA and intermediate certificates.
@@ -53,7 +53,7 @@ impl CertificateAuthority {
     pub fn generate(common_name: &str) -> Result<Self, IdentityError> {
         check_common_name(common_name)?;
         let key = PrivateKey::generate(KeyType::EcdsaP256)?;
-        let now = now_unix();
+        let now = clock::unix_secs();
         let params = ca_params(
             common_name,
             now - BACKDATE_SECS,
@@ -200,7 +200,7 @@ impl CertificateAuthority {
         common_name: &str,
     ) -> Result<CertificateAuthority, IdentityError> {
         check_common_name(common_name)?;
-        let now = now_unix();
+        let now = clock::unix_secs();
         self.check_not_expired(now)?;
         let key = PrivateKey::generate(KeyType::EcdsaP256)?;
         let not_after = (now + CA_VALIDITY_DAYS * DAY).min(self.not_after);
@@ -229,7 +229,7 @@ impl CertificateAuthority {
                 "must be at least 1 day",
             ));
         }
-        let now = now_unix();
+        let now = clock::unix_secs();
         self.check_not_expired(now)?;
         let not_after = (now + i64::from(validity_days) * DAY).min(self.not_after);
         let mut params = CertificateParams::default();
@@ -353,14 +353,6 @@ fn random_serial() -> Result<SerialNumber, IdentityError> {
     Ok(SerialNumber::from_slice(&bytes))
 }
 
-/// Seconds since the epoch (0 if the clock is before 1970).
-pub(crate) fn now_unix() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
-        .unwrap_or(0)
-}
-
 #[cfg(test)]
 pub(crate) mod test_support {
     //! Certificates with arbitrary validity, for expiry tests.
@@ -402,7 +394,7 @@ mod tests {
 
     fn parsed(pem: &str) -> (Vec<u8>, i64) {
         let der = first_certificate_der(pem, "t").unwrap();
-        (der, now_unix())
+        (der, clock::unix_secs())
     }
 
     #[test]
@@ -485,7 +477,7 @@ mod tests {
     #[test]
     fn an_expired_ca_issues_nothing() {
         let key = PrivateKey::generate(KeyType::EcdsaP256).unwrap();
-        let now = now_unix();
+        let now = clock::unix_secs();
         let params = ca_params("Old Root", now - 20 * DAY, now - DAY).unwrap();
         let cert = params.self_signed(key.key_pair()).unwrap();
         let old = CertificateAuthority::assemble(cert.der().to_vec(), key).unwrap();
@@ -606,7 +598,7 @@ mod tests {
             CertificateAuthority::from_pem(ca.cert_pem(), key_pem.expose_str().unwrap()).unwrap();
         assert_eq!(loaded.cert_der(), ca.cert_der());
         let (leaf, _) = loaded.issue_client("dev", KeyType::Rsa2048, 1).unwrap();
-        verify_chain(&leaf, ca.cert_pem(), now_unix()).unwrap();
+        verify_chain(&leaf, ca.cert_pem(), clock::unix_secs()).unwrap();
 
         let other = CertificateAuthority::generate("Root").unwrap();
         let err =

@@ -222,14 +222,14 @@ pub(crate) fn cert_info(cert: &X509Certificate<'_>, der: &[u8]) -> CertInfo {
     CertInfo {
         subject_cn: common_name(cert.subject()),
         issuer_cn: common_name(cert.issuer()),
-        serial_hex: hex(cert.raw_serial()),
+        serial_hex: hex::encode(cert.raw_serial()),
         not_before: cert.validity().not_before.timestamp(),
         not_after: cert.validity().not_after.timestamp(),
         public_key_der: cert.public_key().raw.to_vec(),
         key_type: key_type_of_spki(cert.public_key()).ok(),
         is_ca: cert.is_ca(),
-        fingerprint_sha256_hex: hex(
-            aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, der).as_ref()
+        fingerprint_sha256_hex: hex::encode(
+            aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, der).as_ref(),
         ),
         der: der.to_vec(),
     }
@@ -240,11 +240,6 @@ pub(crate) fn common_name(name: &X509Name<'_>) -> Option<String> {
         .next()
         .and_then(|cn| cn.as_str().ok())
         .map(str::to_string)
-}
-
-/// Lower-case hex.
-pub(crate) fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// Same key: same algorithm (with curve) and same key bits, regardless of DER details.
@@ -307,7 +302,7 @@ pub(crate) fn first_certificate_der(pem: &str, input: &str) -> Result<Vec<u8>, I
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::identity::ca::now_unix;
+    use crate::clock;
     use crate::identity::ca::test_support::{issue_client_with_validity, non_ca_issuer};
     use crate::identity::{create_csr, CertificateAuthority};
 
@@ -326,7 +321,7 @@ mod tests {
         assert_eq!(l.issuer_cn.as_deref(), Some("Fleet Root"));
         assert!(!l.is_ca);
         assert_eq!(l.public_key_der, key.public_key_der());
-        let now = now_unix();
+        let now = clock::unix_secs();
         assert!(
             (l.not_before - now).abs() < 120,
             "not_before {}",
@@ -414,7 +409,7 @@ mod tests {
         let (leaf, _) = inter
             .issue_client("sensor-1", KeyType::EcdsaP256, 30)
             .unwrap();
-        let now = now_unix();
+        let now = clock::unix_secs();
 
         let chain = format!("{leaf}{}", inter.cert_pem());
         verify_chain(&chain, root.cert_pem(), now).unwrap();
@@ -438,7 +433,7 @@ mod tests {
         let (leaf, _) = inter
             .issue_client("sensor-1", KeyType::EcdsaP256, 30)
             .unwrap();
-        let now = now_unix();
+        let now = clock::unix_secs();
 
         // Intermediate missing.
         let err = verify_chain(&leaf, root.cert_pem(), now)
@@ -498,7 +493,7 @@ mod tests {
     #[test]
     fn an_expired_certificate_is_refused_at_the_current_time() {
         let root = CertificateAuthority::generate("Root").unwrap();
-        let now = now_unix();
+        let now = clock::unix_secs();
         let (old, _) =
             issue_client_with_validity(&root, "old-device", now - 20 * DAY, now - 10 * DAY);
         let info = &parse_certificates(&old).unwrap()[0];
@@ -520,7 +515,7 @@ mod tests {
         let sub = inter.issue_intermediate("Sub").unwrap();
         let (leaf, _) = sub.issue_client("dev", KeyType::EcdsaP256, 1).unwrap();
         let chain = format!("{leaf}{}{}", sub.cert_pem(), inter.cert_pem());
-        let err = verify_chain(&chain, root.cert_pem(), now_unix())
+        let err = verify_chain(&chain, root.cert_pem(), clock::unix_secs())
             .unwrap_err()
             .to_string();
         assert_eq!(
@@ -529,7 +524,7 @@ mod tests {
         );
         // The same constraint on a trusted intermediate.
         let chain = format!("{leaf}{}", sub.cert_pem());
-        let err = verify_chain(&chain, inter.cert_pem(), now_unix())
+        let err = verify_chain(&chain, inter.cert_pem(), clock::unix_secs())
             .unwrap_err()
             .to_string();
         assert!(
@@ -540,7 +535,7 @@ mod tests {
         verify_chain(
             &format!("{leaf}{}", sub.cert_pem()),
             sub.cert_pem(),
-            now_unix(),
+            clock::unix_secs(),
         )
         .unwrap();
     }
@@ -553,7 +548,7 @@ mod tests {
             .issue_client("victim", KeyType::EcdsaP256, 30)
             .unwrap();
         let chain = format!("{forged}{}", device.cert_pem());
-        let err = verify_chain(&chain, root.cert_pem(), now_unix())
+        let err = verify_chain(&chain, root.cert_pem(), clock::unix_secs())
             .unwrap_err()
             .to_string();
         assert!(
@@ -561,7 +556,7 @@ mod tests {
             "{err}"
         );
         // And a device certificate given as "trusted CA" does not make it one.
-        let err = verify_chain(&forged, device.cert_pem(), now_unix())
+        let err = verify_chain(&forged, device.cert_pem(), clock::unix_secs())
             .unwrap_err()
             .to_string();
         assert!(

@@ -139,11 +139,7 @@ fn decode_key(bytes: &[u8]) -> Option<Zeroizing<Vec<u8>>> {
         .trim_end_matches(['\n', '\r'])
         .trim();
     if text.len() == KEY_LEN * 2 && text.bytes().all(|b| b.is_ascii_hexdigit()) {
-        let decoded: Vec<u8> = (0..KEY_LEN)
-            .map(|i| u8::from_str_radix(&text[2 * i..2 * i + 2], 16))
-            .collect::<Result<_, _>>()
-            .ok()?;
-        return Some(Zeroizing::new(decoded));
+        return hex::decode(text).ok().map(Zeroizing::new);
     }
     let decoded = Zeroizing::new(
         base64::engine::general_purpose::STANDARD
@@ -212,7 +208,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let key: Vec<u8> = (0u8..32).collect();
         let reference = Sealer::from_key_bytes(&key).unwrap();
-        let hex: String = key.iter().map(|b| format!("{b:02x}")).collect();
+        let hex = hex::encode(&key);
         let b64 = base64::engine::general_purpose::STANDARD.encode(&key);
         let forms: [(&str, Vec<u8>); 5] = [
             ("raw", key.clone()),

@@ -18,7 +18,8 @@ use std::time::Duration;
 
 use tokio::sync::{mpsc, Mutex};
 
-use crate::cloud::rate::Backoff;
+use crate::backoff::Backoff;
+use crate::clock;
 use crate::cloud::{CloudError, IssuedCertificate};
 use crate::device_id::DeviceId;
 use crate::downstream::contract::{
@@ -31,7 +32,7 @@ use crate::store::{
     TOKEN_RECORD_VERSION,
 };
 
-use super::{now_ms, Inner, CRASH_EXIT_CODE};
+use super::{Inner, CRASH_EXIT_CODE};
 
 /// What a step leaves to do.
 enum Step {
@@ -139,7 +140,7 @@ async fn commit(
     mut next: DeviceRecord,
     mut batch: Batch,
 ) -> Step {
-    next.updated_at_ms = now_ms();
+    next.updated_at_ms = clock::unix_ms();
     let state = next.state.name();
     batch.put_device_if(next, prev.etag);
     match inner.store.apply(batch).await {
@@ -254,7 +255,7 @@ async fn create_certificate(inner: &Inner, rec: DeviceRecord, csr: &str) -> Step
 }
 
 async fn register(inner: &Inner, rec: DeviceRecord, issued: IssuedCertificate) -> Step {
-    if now_ms() >= issued.expires_at_ms {
+    if clock::unix_ms() >= issued.expires_at_ms {
         return new_certificate(
             inner,
             rec,
@@ -343,7 +344,7 @@ async fn deliver(inner: &Inner, rec: DeviceRecord) -> Step {
     if matches!(step, Step::Next) {
         inner.counters.provisioned.fetch_add(1, Ordering::Relaxed);
         tracing::info!(device = %rec.id, thing = rec.provision.thing_name.as_deref().unwrap_or(""), "device provisioned");
-        let report = StatusReport::new(DeviceStatus::Provisioned, now_ms());
+        let report = StatusReport::new(DeviceStatus::Provisioned, clock::unix_ms());
         if let Err(e) = inner.downstream.publish_status(&rec.id, &report).await {
             tracing::warn!(device = %rec.id, "publishing the status failed: {e}");
         }
@@ -409,7 +410,7 @@ async fn fail(inner: &Inner, rec: DeviceRecord, error: ErrorInfo) -> Step {
         }
         let report = StatusReport {
             error: Some(rejected),
-            ..StatusReport::new(DeviceStatus::Failed, now_ms())
+            ..StatusReport::new(DeviceStatus::Failed, clock::unix_ms())
         };
         if let Err(e) = inner.downstream.publish_status(&rec.id, &report).await {
             tracing::warn!(device = %rec.id, "publishing the status failed: {e}");

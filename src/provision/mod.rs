@@ -16,12 +16,13 @@ pub mod request;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use tokio::sync::{mpsc, watch, Mutex, Semaphore};
 use tokio::task::JoinHandle;
 
 use crate::admission::Admission;
+use crate::clock;
 use crate::cloud::Provider;
 use crate::device_id::DeviceId;
 use crate::downstream::contract::{DeviceStatus, RejectedResponse, StatusReport};
@@ -276,13 +277,6 @@ fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
-pub(crate) fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
-
 /// Reads device requests until shutdown; each is handled in its own task (bounded), so many
 /// `Requested` writes share one flush.
 async fn intake(inner: Arc<Inner>, mut requests: mpsc::Receiver<DownstreamMessage>) {
@@ -411,7 +405,7 @@ impl Inner {
                 ),
             );
         }
-        let now_unix = (now_ms() / 1000) as i64;
+        let now_unix = (clock::unix_ms() / 1000) as i64;
         let admitted = match request::check_request(
             &self.opts.policy,
             &self.admission,
@@ -474,7 +468,7 @@ impl Inner {
         format: PayloadFormat,
         admitted: AdmittedRequest,
     ) -> FollowUp {
-        let now = now_ms();
+        let now = clock::unix_ms();
         let mut created = None;
         let result = self
             .store

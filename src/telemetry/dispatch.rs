@@ -25,7 +25,8 @@ use tokio::time::Instant;
 
 use super::directory::device_tls;
 use super::link::{Item, Link, LinkConfig, Settled};
-use super::{now_ms, Shared};
+use super::Shared;
+use crate::clock;
 use crate::device_id::DeviceId;
 use crate::identity::Sealer;
 use crate::store::OutboxMessage;
@@ -282,7 +283,7 @@ impl Dispatcher {
     }
 
     fn route(&mut self, seq: u64, msg: OutboxMessage, thing: &str) {
-        if self.is_expired(msg.enqueued_at_ms, now_ms()) {
+        if self.is_expired(msg.enqueued_at_ms, clock::unix_ms()) {
             self.expire(seq);
             return;
         }
@@ -448,7 +449,7 @@ impl Dispatcher {
 
     async fn housekeeping(&mut self) {
         let now = Instant::now();
-        let now_ms = now_ms();
+        let now_ms = clock::unix_ms();
         // Idle device links.
         let idle = self.shared.opts.idle;
         let idle_links: Vec<DeviceId> = self

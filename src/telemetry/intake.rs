@@ -30,7 +30,8 @@ use tokio::time::Instant;
 
 use super::directory::{Directory, Gate, RefusalKind};
 use super::dispatch::Handoff;
-use super::{now_ms, Shared, WhenFull};
+use super::{Shared, WhenFull};
+use crate::clock;
 use crate::device_id::DeviceId;
 use crate::downstream::{
     AckHandle, DeviceStatus, DeviceTopic, DownstreamMessage, QoS, RejectedResponse, StatusReport,
@@ -178,7 +179,7 @@ impl Intake {
         counters
             .received
             .fetch_add(batch.len() as u64, Ordering::Relaxed);
-        let now = now_ms();
+        let now = clock::unix_ms();
         let mut msgs = Vec::with_capacity(batch.len());
         let mut acks: Vec<AckHandle> = Vec::with_capacity(batch.len());
         let mut things = Vec::with_capacity(batch.len());
@@ -420,7 +421,7 @@ impl Intake {
         let device = device.clone();
         let report = StatusReport {
             status,
-            updated_at: now_ms(),
+            updated_at: clock::unix_ms(),
             error: Some(error),
         };
         tokio::spawn(async move {

@@ -33,6 +33,7 @@ use tokio::time::Instant;
 
 use super::topic::CommandFilter;
 use super::{Counters, UpstreamEndpoint};
+use crate::backoff::Backoff;
 use crate::device_id::DeviceId;
 use crate::downstream::DownstreamSession;
 
@@ -317,35 +318,6 @@ impl Link {
     }
 }
 
-/// Jittered exponential backoff: a random delay in [d/2, d], d doubling up to the cap.
-#[derive(Debug)]
-pub(crate) struct Backoff {
-    min: Duration,
-    max: Duration,
-    current: Duration,
-}
-
-impl Backoff {
-    pub fn new(min: Duration, max: Duration) -> Self {
-        Self {
-            min,
-            max: max.max(min),
-            current: min,
-        }
-    }
-
-    pub fn next_delay(&mut self) -> Duration {
-        let d = self.current;
-        self.current = (self.current * 2).min(self.max);
-        let half = d / 2;
-        half + half.mul_f64(rand::random::<f64>())
-    }
-
-    pub fn reset(&mut self) {
-        self.current = self.min;
-    }
-}
-
 struct Driver {
     shared: Arc<LinkShared>,
     eventloop: EventLoop,
@@ -599,17 +571,6 @@ fn log_connection_error(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn backoff_is_jittered_doubling_and_capped() {
-        let mut b = Backoff::new(Duration::from_millis(100), Duration::from_millis(800));
-        for cap in [100u64, 200, 400, 800, 800] {
-            let d = b.next_delay();
-            assert!(d >= Duration::from_millis(cap / 2) && d <= Duration::from_millis(cap));
-        }
-        b.reset();
-        assert!(b.next_delay() <= Duration::from_millis(100));
-    }
 
     fn item(seq: u64, order: u64) -> Item {
         let mut i = Item::new(

@@ -25,9 +25,9 @@ use tokio::sync::{mpsc, oneshot, watch, Mutex};
 use tokio::task::JoinHandle;
 use tokio::time::{timeout, timeout_at, Instant};
 
+use crate::backoff::Backoff;
 use crate::cloud::aws::topics;
 use crate::cloud::codec::PayloadFormat;
-use crate::cloud::rate::Backoff;
 use crate::cloud::CloudError;
 
 /// The fleet provisioning calls a claim session makes.

@@ -7,8 +7,9 @@
 //! not fit its request is a protocol error, never a certificate for the wrong device.
 
 use std::collections::BTreeMap;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
+use crate::clock;
 use crate::cloud::codec::{
     self, CreateCertificateFromCsrRequest, CreateCertificateFromCsrResponse, ErrorResponse,
     PayloadFormat, RegisterThingRequest, RegisterThingResponse,
@@ -127,7 +128,7 @@ impl AwsProvider {
             certificate_id: resp.certificate_id,
             certificate_pem: resp.certificate_pem,
             ownership_token: Secret::from(resp.certificate_ownership_token),
-            expires_at_ms: now_ms().saturating_add(self.token_ttl.as_millis() as u64),
+            expires_at_ms: clock::unix_ms().saturating_add(self.token_ttl.as_millis() as u64),
         })
     }
 
@@ -202,11 +203,4 @@ fn certificate_fits_csr(format: PayloadFormat, device: DeviceId, csr_pem: String
             Err(e) => Err(format!("certificate {}: {e}", resp.certificate_id)),
         }
     })
-}
-
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }

@@ -46,6 +46,7 @@ use tokio_rustls::TlsAcceptor;
 pub use faults::{FaultRequest, FaultView};
 pub use templates::DEFAULT_TEMPLATE;
 
+use crate::clock;
 use crate::emulator::EmulatorError;
 use crate::identity::{self, CertificateAuthority, KeyType, PrivateKey};
 
@@ -361,7 +362,7 @@ async fn run_sweeper(
     loop {
         tokio::select! {
             _ = tick.tick() => {
-                let deleted = registry.sweep_expired(provisioning::now_ms());
+                let deleted = registry.sweep_expired(clock::unix_ms());
                 if deleted > 0 {
                     tracing::debug!(deleted, "emulator deleted unactivated certificates");
                 }
@@ -476,7 +477,7 @@ impl Pki {
                 what: key_path.display().to_string(),
                 source,
             })?;
-            let chains = identity::verify_chain(&pem, ca.cert_pem(), unix_now()).is_ok();
+            let chains = identity::verify_chain(&pem, ca.cert_pem(), clock::unix_secs()).is_ok();
             let matches = identity::cert_matches_key(&pem, &key).unwrap_or(false);
             if chains && matches {
                 return Ok((pem, key));
@@ -500,10 +501,6 @@ fn certificate_id(pem: &str, path: &Path) -> Result<String, EmulatorError> {
         reason: format!("not a PEM certificate: {e}"),
     })?;
     Ok(provisioning::fingerprint_hex(parsed.contents()))
-}
-
-fn unix_now() -> i64 {
-    i64::try_from(provisioning::now_ms() / 1000).unwrap_or(i64::MAX)
 }
 
 fn read_opt(path: &Path) -> Result<Option<String>, EmulatorError> {

@@ -20,7 +20,7 @@
 //! table, and a token can be redeemed on any connection.
 
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use aws_lc_rs::{digest, hmac};
 use base64::Engine;
@@ -28,6 +28,7 @@ use base64::Engine;
 use super::messages::Counters;
 use super::state::{NewRegistration, RegisterOutcome, Registry};
 use super::templates::{EvalError, TemplateSet};
+use crate::clock;
 use crate::cloud::aws::topics::{self, ProvisioningTopic};
 use crate::cloud::codec::{
     self, CreateCertificateFromCsrRequest, CreateCertificateFromCsrResponse,
@@ -251,7 +252,7 @@ impl Provisioning {
         request_topic: &str,
         payload: &[u8],
     ) -> Reply {
-        let now_ms = now_ms();
+        let now_ms = clock::unix_ms();
         let (api, fmt) = match request {
             ProvisioningTopic::CreateFromCsr(fmt) => (Api::CreateCertificateFromCsr, *fmt),
             ProvisioningTopic::CreateKeys(fmt) => (Api::CreateKeysAndCertificate, *fmt),
@@ -436,23 +437,7 @@ fn certificate_id(cert_pem: &str) -> Result<String, Rejection> {
 
 /// SHA-256 of `der`, lower-case hex: AWS's certificate id.
 pub fn fingerprint_hex(der: &[u8]) -> String {
-    use std::fmt::Write;
-    let digest = digest::digest(&digest::SHA256, der);
-    digest
-        .as_ref()
-        .iter()
-        .fold(String::with_capacity(64), |mut s, b| {
-            let _ = write!(s, "{b:02x}");
-            s
-        })
-}
-
-/// Unix milliseconds now.
-pub fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-        .unwrap_or(0)
+    hex::encode(digest::digest(&digest::SHA256, der))
 }
 
 #[cfg(test)]

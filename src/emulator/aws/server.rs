@@ -35,8 +35,9 @@ use tokio_rustls::TlsAcceptor;
 
 use super::faults::Faults;
 use super::messages::{Counters, Incoming, MessageLog};
-use super::provisioning::{fingerprint_hex, now_ms, Provisioning};
+use super::provisioning::{fingerprint_hex, Provisioning};
 use super::state::{DeviceAccess, Registry};
+use crate::clock;
 use crate::cloud::aws::topics;
 use crate::identity::tls::peer_leaf_der;
 use crate::mqtt::stream::{PacketStream, StreamError};
@@ -480,7 +481,9 @@ impl Connection {
     fn record_batch(&mut self) {
         if !self.batch.is_empty() {
             let batch = std::mem::take(&mut self.batch);
-            self.ctx.messages.record(&self.client_id, batch, now_ms());
+            self.ctx
+                .messages
+                .record(&self.client_id, batch, clock::unix_ms());
         }
     }
 
