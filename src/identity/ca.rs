@@ -389,6 +389,7 @@ pub(crate) mod test_support {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::identity::test_util::openssl_csr;
     use crate::identity::{cert_matches_csr, create_csr, parse_certificates, verify_chain};
     use x509_parser::certificate::X509Certificate;
 
@@ -512,26 +513,9 @@ mod tests {
         let ca = CertificateAuthority::generate("Fleet Root").unwrap();
         let dir = tempfile::tempdir().unwrap();
         let d = dir.path();
-        let made = crate::identity::test_util::openssl(
-            d,
-            &[
-                "req",
-                "-new",
-                "-newkey",
-                "rsa:2048",
-                "-nodes",
-                "-keyout",
-                "k.pem",
-                "-subj",
-                "/O=Acme/CN=plc-7",
-                "-out",
-                "r.csr",
-            ],
-        );
-        if made.is_none() {
+        let Some(csr) = openssl_csr(d, &["rsa:2048"], "/O=Acme/CN=plc-7", "r.csr") else {
             return;
-        }
-        let csr = std::fs::read_to_string(d.join("r.csr")).unwrap();
+        };
         let cert = ca.issue_from_csr(&csr, 7).unwrap();
         std::fs::write(d.join("cert.pem"), &cert).unwrap();
         std::fs::write(d.join("ca.pem"), ca.cert_pem()).unwrap();
@@ -558,34 +542,17 @@ mod tests {
         let ca = CertificateAuthority::generate("Root").unwrap();
         let dir = tempfile::tempdir().unwrap();
         let d = dir.path();
-        for (bits, file) in [("1024", "weak.csr"), ("4096", "big.csr")] {
-            let made = crate::identity::test_util::openssl(
-                d,
-                &[
-                    "req",
-                    "-new",
-                    "-newkey",
-                    &format!("rsa:{bits}"),
-                    "-nodes",
-                    "-keyout",
-                    "k.pem",
-                    "-subj",
-                    "/CN=dev",
-                    "-out",
-                    file,
-                ],
-            );
-            if made.is_none() {
-                return;
-            }
-        }
-        let weak = std::fs::read_to_string(d.join("weak.csr")).unwrap();
+        let Some(weak) = openssl_csr(d, &["rsa:1024"], "/CN=dev", "weak.csr") else {
+            return;
+        };
+        let Some(big) = openssl_csr(d, &["rsa:4096"], "/CN=dev", "big.csr") else {
+            return;
+        };
         let err = ca.issue_from_csr(&weak, 1).unwrap_err().to_string();
         assert!(
             err.starts_with("CSR: unsupported key RSA-1024 (too weak"),
             "{err}"
         );
-        let big = std::fs::read_to_string(d.join("big.csr")).unwrap();
         let cert = ca.issue_from_csr(&big, 1).unwrap();
         assert!(cert_matches_csr(&cert, &big).unwrap());
     }

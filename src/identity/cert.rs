@@ -306,6 +306,13 @@ mod tests {
     use crate::identity::ca::test_support::{issue_client_with_validity, non_ca_issuer};
     use crate::identity::{create_csr, CertificateAuthority};
 
+    /// The message `verify_chain` refuses `chain` with; panics if the chain verifies.
+    fn chain_error(chain: &str, trusted_ca_pem: &str, now_unix: i64) -> String {
+        verify_chain(chain, trusted_ca_pem, now_unix)
+            .unwrap_err()
+            .to_string()
+    }
+
     const DAY: i64 = 86_400;
 
     #[test]
@@ -436,9 +443,7 @@ mod tests {
         let now = clock::unix_secs();
 
         // Intermediate missing.
-        let err = verify_chain(&leaf, root.cert_pem(), now)
-            .unwrap_err()
-            .to_string();
+        let err = chain_error(&leaf, root.cert_pem(), now);
         assert!(
             err.starts_with("certificate 1 in chain (CN=sensor-1): not signed by any trusted CA (issuer CN=Intermediate; trusted: CN=Root)"),
             "{err}"
@@ -447,9 +452,7 @@ mod tests {
         // Wrong CA.
         let stranger = CertificateAuthority::generate("Root").unwrap();
         let chain = format!("{leaf}{}", inter.cert_pem());
-        let err = verify_chain(&chain, stranger.cert_pem(), now)
-            .unwrap_err()
-            .to_string();
+        let err = chain_error(&chain, stranger.cert_pem(), now);
         assert!(
             err.starts_with(
                 "certificate 2 in chain (CN=Intermediate): not signed by any trusted CA"
@@ -460,23 +463,17 @@ mod tests {
         // Wrong intermediate in the middle (same name, other key).
         let impostor = stranger.issue_intermediate("Intermediate").unwrap();
         let chain = format!("{leaf}{}", impostor.cert_pem());
-        let err = verify_chain(&chain, root.cert_pem(), now)
-            .unwrap_err()
-            .to_string();
+        let err = chain_error(&chain, root.cert_pem(), now);
         assert!(err.starts_with("certificate 1 in chain (CN=sensor-1): not signed by certificate 2 in chain (CN=Intermediate)"), "{err}");
 
         // Expired at the given time: the leaf lives 30 days.
         let chain = format!("{leaf}{}", inter.cert_pem());
-        let err = verify_chain(&chain, root.cert_pem(), now + 31 * DAY)
-            .unwrap_err()
-            .to_string();
+        let err = chain_error(&chain, root.cert_pem(), now + 31 * DAY);
         assert!(
             err.starts_with("certificate 1 in chain (CN=sensor-1): expired (valid until"),
             "{err}"
         );
-        let err = verify_chain(&chain, root.cert_pem(), now - DAY)
-            .unwrap_err()
-            .to_string();
+        let err = chain_error(&chain, root.cert_pem(), now - DAY);
         assert!(
             err.starts_with("certificate 1 in chain (CN=sensor-1): not valid yet"),
             "{err}"
@@ -484,9 +481,7 @@ mod tests {
 
         // Trusted CA itself expired: intermediates are capped at their issuer's expiry, so
         // one day past the root's 10 years fails at the intermediate first or the root.
-        let err = verify_chain(&chain, root.cert_pem(), now + 3651 * DAY)
-            .unwrap_err()
-            .to_string();
+        let err = chain_error(&chain, root.cert_pem(), now + 3651 * DAY);
         assert!(err.contains("expired"), "{err}");
     }
 
@@ -498,9 +493,7 @@ mod tests {
             issue_client_with_validity(&root, "old-device", now - 20 * DAY, now - 10 * DAY);
         let info = &parse_certificates(&old).unwrap()[0];
         assert_eq!(info.not_after, now - 10 * DAY);
-        let err = verify_chain(&old, root.cert_pem(), now)
-            .unwrap_err()
-            .to_string();
+        let err = chain_error(&old, root.cert_pem(), now);
         assert!(
             err.starts_with("certificate 1 in chain (CN=old-device): expired"),
             "{err}"
@@ -515,18 +508,14 @@ mod tests {
         let sub = inter.issue_intermediate("Sub").unwrap();
         let (leaf, _) = sub.issue_client("dev", KeyType::EcdsaP256, 1).unwrap();
         let chain = format!("{leaf}{}{}", sub.cert_pem(), inter.cert_pem());
-        let err = verify_chain(&chain, root.cert_pem(), clock::unix_secs())
-            .unwrap_err()
-            .to_string();
+        let err = chain_error(&chain, root.cert_pem(), clock::unix_secs());
         assert_eq!(
             err,
             "certificate 3 in chain (CN=Intermediate): its path length constraint allows 0 intermediate CA(s) below it, the chain has 1"
         );
         // The same constraint on a trusted intermediate.
         let chain = format!("{leaf}{}", sub.cert_pem());
-        let err = verify_chain(&chain, inter.cert_pem(), clock::unix_secs())
-            .unwrap_err()
-            .to_string();
+        let err = chain_error(&chain, inter.cert_pem(), clock::unix_secs());
         assert!(
             err.starts_with("trusted CA 1 (CN=Intermediate): its path length constraint"),
             "{err}"
@@ -548,17 +537,13 @@ mod tests {
             .issue_client("victim", KeyType::EcdsaP256, 30)
             .unwrap();
         let chain = format!("{forged}{}", device.cert_pem());
-        let err = verify_chain(&chain, root.cert_pem(), clock::unix_secs())
-            .unwrap_err()
-            .to_string();
+        let err = chain_error(&chain, root.cert_pem(), clock::unix_secs());
         assert!(
             err.starts_with("certificate 2 in chain (CN=device-1): is not a CA (basicConstraints CA=true missing)"),
             "{err}"
         );
         // And a device certificate given as "trusted CA" does not make it one.
-        let err = verify_chain(&forged, device.cert_pem(), clock::unix_secs())
-            .unwrap_err()
-            .to_string();
+        let err = chain_error(&forged, device.cert_pem(), clock::unix_secs());
         assert!(
             err.starts_with("trusted CA 1 (CN=device-1): is not a CA"),
             "{err}"

@@ -67,4 +67,20 @@ pub(crate) mod test_util {
         );
         Some(out.stdout)
     }
+
+    /// Has `openssl req` make a fresh key (written to `dir/k.pem`) and a CSR for `subject` in
+    /// `dir/out`, and returns the CSR as PEM. `new_key` is the `-newkey` value followed by any
+    /// `-pkeyopt` options. `None` when the binary is absent, as for [`openssl`].
+    pub(crate) fn openssl_csr(
+        dir: &Path,
+        new_key: &[&str],
+        subject: &str,
+        out: &str,
+    ) -> Option<String> {
+        let mut args = vec!["req", "-new", "-newkey"];
+        args.extend_from_slice(new_key);
+        args.extend(["-nodes", "-keyout", "k.pem", "-subj", subject, "-out", out]);
+        openssl(dir, &args)?;
+        Some(std::fs::read_to_string(dir.join(out)).unwrap())
+    }
 }

@@ -417,13 +417,7 @@ fn parse_expr(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn params(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
-        pairs
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect()
-    }
+    use crate::cloud::codec::test_util::params;
 
     #[test]
     fn builtin_template_derives_the_thing_from_the_serial_number() {
