@@ -16,5 +16,6 @@ pub mod emulator;
 pub mod identity;
 pub mod mqtt;
 pub mod provision;
+pub mod sim;
 pub mod store;
 pub mod telemetry;

@@ -1,4 +1,4 @@
-//! The simulated device fleet (`emulator::devices::run_fleet`) against a real broker (the
+//! The simulated device fleet (`sim::run_fleet`) against a real broker (the
 //! gateway's embedded broker; mosquitto where the broker must be restarted) and a small in-test
 //! gateway stand-in (the responder): what devices send, what they accept, and why they fail
 //! when the answer is wrong.
@@ -20,11 +20,11 @@ use fleetgw::downstream::contract::{
     self, AcceptedResponse, PayloadFormat, ProvisionRequest, RejectedResponse,
 };
 use fleetgw::downstream::{EmbeddedBroker, EmbeddedBrokerOptions};
-use fleetgw::emulator::devices::{
+use fleetgw::identity::{CertificateAuthority, KeyType, Secret};
+use fleetgw::sim::arrival;
+use fleetgw::sim::{
     run_fleet, FailureReason, FleetEvent, FleetOptions, SimAttestation, Stage, TelemetryPlan,
 };
-use fleetgw::emulator::telemetry_check;
-use fleetgw::identity::{CertificateAuthority, KeyType, Secret};
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 
 mod common;
@@ -548,7 +548,7 @@ async fn collect_telemetry(broker: SocketAddr) -> Arc<Mutex<BTreeMap<String, Vec
                 }
                 Ok(Event::Incoming(Packet::Publish(p))) => {
                     let id = p.topic.split('/').nth(1).unwrap().to_string();
-                    let (seq, _) = telemetry_check::parse_payload(&p.payload).unwrap();
+                    let (seq, _) = arrival::parse_payload(&p.payload).unwrap();
                     sink.lock().unwrap().entry(id).or_default().push(seq);
                 }
                 Ok(_) => {}
@@ -648,16 +648,18 @@ async fn telemetry_survives_a_cut_connection_without_gaps_or_reordering() {
     // Everything the devices got a PUBACK for is at the broker: wait for the last deliveries.
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let complete = got.lock().unwrap().values().all(|seqs| {
-            telemetry_check::check_sequence(seqs.iter().copied(), 0..PER_DEVICE).lost == 0
-        });
+        let complete = got
+            .lock()
+            .unwrap()
+            .values()
+            .all(|seqs| arrival::check_sequence(seqs.iter().copied(), 0..PER_DEVICE).lost == 0);
         if complete || Instant::now() >= deadline {
             break;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     for (id, seqs) in got.lock().unwrap().iter() {
-        let check = telemetry_check::check_sequence(seqs.iter().copied(), 0..PER_DEVICE);
+        let check = arrival::check_sequence(seqs.iter().copied(), 0..PER_DEVICE);
         assert!(check.complete_in_order(), "{id}: {check:?}");
         assert!(check.duplicates <= u64::from(WINDOW), "{id}: {check:?}");
     }

@@ -10,7 +10,7 @@ use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
-use fleetgw::emulator::telemetry_check;
+use fleetgw::sim::arrival;
 use serde_json::Value;
 
 fn fleetgw() -> Command {
@@ -367,12 +367,12 @@ fn simulate_telemetry_arrives_complete_and_in_order_at_the_emulator() {
             .decode(m["payloadBase64"].as_str().unwrap())
             .unwrap();
         assert_eq!(raw.len(), 300);
-        let (seq, _) = telemetry_check::parse_payload(&raw).unwrap();
+        let (seq, _) = arrival::parse_payload(&raw).unwrap();
         by_client.entry(client).or_default().push(seq);
     }
     // The thing name is the device id; which devices brought their own CSR follows from
     // the device number alone.
-    let mut plan = fleetgw::emulator::devices::FleetOptions::new("127.0.0.1", 1, 20);
+    let mut plan = fleetgw::sim::FleetOptions::new("127.0.0.1", 1, 20);
     plan.run = "tel".into();
     plan.own_csr_share = 0.25;
     let publishers: BTreeSet<String> = (1..=20)
@@ -385,7 +385,7 @@ fn simulate_telemetry_arrives_complete_and_in_order_at_the_emulator() {
         publishers
     );
     for (client, seqs) in &by_client {
-        let check = telemetry_check::check_sequence(seqs.iter().copied(), 0..PER_DEVICE);
+        let check = arrival::check_sequence(seqs.iter().copied(), 0..PER_DEVICE);
         assert!(check.complete_in_order(), "{client}: {check:?}");
         assert_eq!((check.lost, check.expected), (0, PER_DEVICE), "{client}");
     }

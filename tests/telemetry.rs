@@ -33,8 +33,8 @@ use fleetgw::downstream::{
     EmbeddedBrokerOptions, Inbound,
 };
 use fleetgw::emulator::aws::{self, AwsEmulatorHandle, AwsEmulatorOptions};
-use fleetgw::emulator::telemetry_check::{self, Arrival, TelemetryCheck};
 use fleetgw::identity::{self, CertificateAuthority, KeyType, PrivateKey};
+use fleetgw::sim::arrival::{self, Arrival, TelemetryCheck};
 use fleetgw::store::{DeviceRecord, DeviceState, Store, StoreOptions};
 use fleetgw::telemetry::{
     split_inbound, GatewayCredentials, IdentityMode, Telemetry, TelemetryOptions, TelemetryStats,
@@ -272,7 +272,7 @@ async fn received_with_times(emu: &AwsEmulatorHandle, client_id: &str) -> Vec<(S
             let raw = base64::engine::general_purpose::STANDARD
                 .decode(m["payloadBase64"].as_str().unwrap())
                 .unwrap();
-            let (seq, sent_ms) = telemetry_check::parse_payload(&raw).expect("a {\"seq\"} payload");
+            let (seq, sent_ms) = arrival::parse_payload(&raw).expect("a {\"seq\"} payload");
             (
                 m["topic"].as_str().unwrap().to_string(),
                 Arrival {
@@ -288,7 +288,7 @@ async fn received_with_times(emu: &AwsEmulatorHandle, client_id: &str) -> Vec<(S
 /// Checks one device's arrivals against the `expected` sequence numbers (the library's
 /// checker): each present, first arrivals in order, nothing else. Returns the duplicates.
 fn check_sequence(device: &str, seqs: &[u64], expected: std::ops::Range<u64>) -> usize {
-    let check = telemetry_check::check_sequence(seqs.iter().copied(), expected);
+    let check = arrival::check_sequence(seqs.iter().copied(), expected);
     assert!(check.complete_in_order(), "{device}: {check:?}");
     check.duplicates as usize
 }
@@ -1173,7 +1173,7 @@ async fn publish_timed(
                 tokio::time::sleep_until(due).await;
                 late = late.max(Instant::now().saturating_duration_since(due));
             }
-            let payload = telemetry_check::payload(n, now_ms(), BENCH_PAYLOAD);
+            let payload = arrival::payload(n, now_ms(), BENCH_PAYLOAD);
             client
                 .publish(&topic, QoS::AtLeastOnce, false, payload)
                 .await

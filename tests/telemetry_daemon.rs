@@ -15,7 +15,7 @@
 //! reconnect to the restarted daemon, which listens on the same port.
 //!
 //! The test devices therefore keep their unacknowledged messages themselves, like the
-//! simulator (`src/emulator/devices.rs`): rumqttc 0.25 drops its pending publishes (including
+//! simulator (`src/sim/device.rs`): rumqttc 0.25 drops its pending publishes (including
 //! requests still in its channel) when the broker answers a reconnect with no session present,
 //! which a restarted embedded broker always does, so a persistent session on the device side
 //! would not help; the devices use clean sessions and republish, in order, whatever was not
@@ -45,7 +45,7 @@ use tokio::time::{timeout, timeout_at, Instant};
 
 use fleetgw::downstream::session::DEFAULT_MAX_UNCONFIRMED;
 use fleetgw::emulator::aws::{self, AwsEmulatorHandle, AwsEmulatorOptions};
-use fleetgw::emulator::telemetry_check::{self, Arrival, TelemetryCheck};
+use fleetgw::sim::arrival::{self, Arrival, TelemetryCheck};
 
 use common::mosquitto::{Mosquitto, MosquittoConfig};
 use common::{env_or, free_port, now_ms};
@@ -298,7 +298,7 @@ async fn publish(port: u16, id: String, count: u64, acked_total: Arc<AtomicU64>)
                     &topic,
                     QoS::AtLeastOnce,
                     false,
-                    telemetry_check::payload(seq, now_ms(), 200),
+                    arrival::payload(seq, now_ms(), 200),
                 )
                 .unwrap();
             queued.push_back(seq);
@@ -502,7 +502,7 @@ async fn sigkill_during_an_outage(broker: BrokerChoice) {
                     let raw = base64::engine::general_purpose::STANDARD
                         .decode(m["payloadBase64"].as_str()?)
                         .ok()?;
-                    Some(telemetry_check::parse_payload(&raw)?.0)
+                    Some(arrival::parse_payload(&raw)?.0)
                 })
                 .collect();
             if distinct.len() as u64 >= per_device || drained.elapsed() > STALL {
@@ -518,7 +518,7 @@ async fn sigkill_during_an_outage(broker: BrokerChoice) {
                 let raw = base64::engine::general_purpose::STANDARD
                     .decode(m["payloadBase64"].as_str().unwrap())
                     .unwrap();
-                let (seq, sent_ms) = telemetry_check::parse_payload(&raw).unwrap();
+                let (seq, sent_ms) = arrival::parse_payload(&raw).unwrap();
                 Arrival {
                     seq,
                     sent_ms,

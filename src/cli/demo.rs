@@ -1,7 +1,7 @@
 //! `fleetgw demo`: the whole product in one command, with nothing installed and no cloud
 //! account. In one process and a fresh temporary directory it starts the AWS IoT emulator
 //! (`emulator::aws`), the gateway daemon configured against it (embedded broker, provisioning
-//! engine, store), and the simulated device fleet (`emulator::devices`); shows a progress bar
+//! engine, store), and the simulated device fleet (`sim`); shows a progress bar
 //! while the devices provision, then a summary table: devices, provisioned, failed, wall time,
 //! devices/s, p50/p99 per-device latency and the things the emulator registered.
 //!
@@ -11,7 +11,7 @@
 //! own certificate (`telemetry.identity = "device"`; devices that brought their own CSR sit
 //! the phase out, since the gateway cannot connect as them). A second progress bar counts the
 //! acknowledged messages; the demo then waits (at most `--drain-secs`) until the emulator has
-//! every message and checks them with `emulator::telemetry_check`: the table gains messages,
+//! every message and checks them with `sim::arrival`: the table gains messages,
 //! messages/s, device-to-cloud p50/p99, lost and duplicates. Everything runs in one process,
 //! so device send times and emulator arrival times come from one clock.
 //!
@@ -28,8 +28,8 @@ use comfy_table::Table;
 
 use crate::config;
 use crate::emulator::aws::{self as aws_emulator, AwsEmulatorHandle, AwsEmulatorOptions};
-use crate::emulator::devices::{self, FleetOptions, FleetReport, SimError};
-use crate::emulator::telemetry_check::{self, TelemetryCheck};
+use crate::sim::arrival::{self, TelemetryCheck};
+use crate::sim::{self, FleetOptions, FleetReport, SimError};
 
 use super::run::Gateway;
 use super::simulate::{
@@ -101,7 +101,7 @@ enum DemoError {
     #[error("emulator API {url}: {reason}")]
     Api { url: String, reason: String },
     #[error("emulator API: {0}")]
-    Fetch(#[from] telemetry_check::FetchError),
+    Fetch(#[from] arrival::FetchError),
     #[error("{0}")]
     Output(String),
     #[error("interrupted")]
@@ -162,7 +162,7 @@ async fn demo(args: &Args) -> Result<bool, DemoError> {
     opts.telemetry = args.telemetry.plan(DEFAULT_MESSAGES);
     let progress = FleetProgress::new(&opts);
     let report = tokio::select! {
-        report = devices::run_fleet(opts, |event| progress.on_event(&event)) => report?,
+        report = sim::run_fleet(opts, |event| progress.on_event(&event)) => report?,
         _ = tokio::signal::ctrl_c() => {
             progress.abandon();
             return Err(DemoError::Interrupted);
@@ -174,7 +174,7 @@ async fn demo(args: &Args) -> Result<bool, DemoError> {
     let check = match &report.telemetry {
         Some(t) => {
             let within = Duration::from_secs(args.telemetry.drain_secs);
-            Some(telemetry_check::wait_for_delivery(&emulator.api_url(), t, within).await?)
+            Some(sim::wait_for_delivery(&emulator.api_url(), t, within).await?)
         }
         None => None,
     };
@@ -293,7 +293,7 @@ fn print_keep_instructions(
 /// Number of things in the emulator: the length of `GET /things`.
 async fn thing_count(api_url: &str) -> Result<u64, DemoError> {
     let url = format!("{api_url}/things");
-    let body = tokio::time::timeout(API_TIMEOUT, telemetry_check::http_get(&url))
+    let body = tokio::time::timeout(API_TIMEOUT, arrival::http_get(&url))
         .await
         .map_err(|_| DemoError::Api {
             url: url.clone(),

@@ -1,5 +1,5 @@
 //! `fleetgw simulate`: a fleet of simulated downstream devices provisioning themselves through
-//! a running gateway, in its own process (see `emulator::devices` for what each device does).
+//! a running gateway, in its own process (see `sim` for what each device does).
 //!
 //! Prints a summary table (and with `--json FILE` a machine-readable summary); exits 0 when
 //! every device holds a verified certificate, 1 when any failed, listing the first failures
@@ -7,7 +7,7 @@
 //!
 //! With `--messages N` each provisioned device then publishes N sequence-numbered telemetry
 //! messages (see [`TelemetryArgs`]); with `--emulator-api URL` the run ends by checking what
-//! the cloud emulator received (`emulator::telemetry_check`: lost, duplicates, order,
+//! the cloud emulator received (`sim::arrival`: lost, duplicates, order,
 //! device-to-cloud latency) and exits 1 when anything was lost or reordered.
 
 use std::cell::Cell;
@@ -23,11 +23,11 @@ use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 use crate::admission;
 use crate::downstream::{parse_broker_url, BrokerUrl};
-use crate::emulator::devices::{
+use crate::identity::{CertificateAuthority, KeyType, Secret};
+use crate::sim::arrival::TelemetryCheck;
+use crate::sim::{
     self, FleetEvent, FleetOptions, FleetReport, SimAttestation, TelemetryPlan, TelemetryReport,
 };
-use crate::emulator::telemetry_check::{self, TelemetryCheck};
-use crate::identity::{CertificateAuthority, KeyType, Secret};
 
 use super::{EX_IOERR, EX_SOFTWARE, EX_USAGE};
 
@@ -245,7 +245,7 @@ pub fn run(args: Args) -> ExitCode {
     };
     let report = runtime.block_on(async {
         let progress = FleetProgress::new(&opts);
-        let run = devices::run_fleet(opts, |event| progress.on_event(&event));
+        let run = sim::run_fleet(opts, |event| progress.on_event(&event));
         tokio::select! {
             report = run => { progress.finish(); Some(report) }
             _ = tokio::signal::ctrl_c() => { progress.abandon(); None }
@@ -265,7 +265,7 @@ pub fn run(args: Args) -> ExitCode {
     let check = match (&report.telemetry, &args.emulator_api) {
         (Some(telemetry), Some(api)) => {
             let within = Duration::from_secs(args.telemetry.drain_secs);
-            match runtime.block_on(telemetry_check::wait_for_delivery(api, telemetry, within)) {
+            match runtime.block_on(sim::wait_for_delivery(api, telemetry, within)) {
                 Ok(check) => Some(check),
                 Err(e) => {
                     eprintln!("fleetgw simulate: --emulator-api: {e}");

@@ -1,15 +1,12 @@
 //! Cloud emulators: stand-ins for AWS IoT (and later Azure DPS / IoT Hub) that speak the
 //! services' wire protocols closely enough for the official SDKs, so that tests, `fleetgw demo`
-//! and the benchmarks run the whole provisioning and telemetry flow with no cloud account; and
-//! the simulated downstream device fleet ([`devices`]), the stand-in for the hardware.
+//! and the benchmarks run the whole provisioning and telemetry flow with no cloud account. (The
+//! stand-in for the downstream hardware, the simulated device fleet, is `sim`.)
 //!
 //! Each emulator is a library first (`start(options) -> handle`, used in-process by tests and
-//! the demo) and a CLI command second (`fleetgw emulate aws`, see `cli::emulate`; the fleet is
-//! `fleetgw simulate`).
+//! the demo) and a CLI command second (`fleetgw emulate aws`, see `cli::emulate`).
 
 pub mod aws;
-pub mod devices;
-pub mod telemetry_check;
 
 use std::path::PathBuf;
 

@@ -23,7 +23,7 @@ use crate::clock;
 use crate::cloud::{CloudError, IssuedCertificate};
 use crate::device_id::DeviceId;
 use crate::downstream::contract::{
-    self as wire, AcceptedResponse, DeviceStatus, RejectedResponse, StatusReport,
+    self, AcceptedResponse, DeviceStatus, RejectedResponse, StatusReport,
 };
 use crate::downstream::PayloadFormat;
 use crate::identity::{self, PrivateKey, Secret};
@@ -472,5 +472,5 @@ pub(super) fn accepted_payload(
         thing_name: thing_name.clone(),
         device_configuration: p.device_configuration.clone(),
     };
-    Ok(wire::encode(format, &response))
+    Ok(contract::encode(format, &response))
 }

@@ -27,16 +27,10 @@ use hyper::body::Body as _;
 use serde::Deserialize;
 use tokio::net::TcpStream;
 
-use super::devices::{LatencySummary, TelemetryReport};
+use super::latency::{self, LatencySummary};
 
-/// Histogram range in microseconds: 1 µs to 1 hour, 3 significant digits.
-const HISTOGRAM_MAX_US: u64 = 3_600_000_000;
 /// Messages asked for per `GET /messages` page.
 const PAGE: usize = 20_000;
-/// How long one request to the emulator's API may take.
-const API_TIMEOUT: Duration = Duration::from_secs(30);
-/// Pause between two looks at the emulator while waiting for delivery.
-const POLL: Duration = Duration::from_millis(100);
 /// How many lost sequence numbers a device's check lists.
 const LOST_LISTED: usize = 10;
 
@@ -181,8 +175,7 @@ impl TelemetryCheck {
             first_sent_ms: None,
             last_received_ms: None,
             incomplete: BTreeMap::new(),
-            latency: Histogram::new_with_bounds(1, HISTOGRAM_MAX_US, 3)
-                .expect("constant histogram bounds are valid"),
+            latency: latency::histogram(),
         }
     }
 
@@ -319,40 +312,6 @@ pub async fn fetch_arrivals(
         if count < PAGE {
             return Ok(by_client);
         }
-    }
-}
-
-/// Waits until the emulator at `api_url` holds every message of `report` (or `within`
-/// passes), then returns the check. The gateway acknowledges a device's message once it is
-/// stored, before the cloud has it, so the cloud side lags the fleet's PUBACKs; polling
-/// `GET /stats` first keeps the full message fetch to (almost) once.
-pub async fn wait_for_delivery(
-    api_url: &str,
-    report: &TelemetryReport,
-    within: Duration,
-) -> Result<TelemetryCheck, FetchError> {
-    let deadline = tokio::time::Instant::now() + within;
-    let base = api_url.trim_end_matches('/');
-    let stats_url = format!("{base}/stats");
-    // Every published message may arrive, so wait for their count (duplicates count too).
-    loop {
-        let total = tokio::time::timeout(API_TIMEOUT, http_get(&stats_url))
-            .await
-            .ok()
-            .and_then(Result::ok)
-            .and_then(|body| serde_json::from_slice::<serde_json::Value>(&body).ok())
-            .and_then(|v| v["messages"].as_u64());
-        if total.is_some_and(|n| n >= report.published) || tokio::time::Instant::now() >= deadline {
-            break;
-        }
-        tokio::time::sleep(POLL).await;
-    }
-    loop {
-        let check = report.check(&fetch_arrivals(api_url, API_TIMEOUT).await?);
-        if check.lost == 0 || tokio::time::Instant::now() >= deadline {
-            return Ok(check);
-        }
-        tokio::time::sleep(POLL * 5).await;
     }
 }
 
