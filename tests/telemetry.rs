@@ -27,6 +27,7 @@ use fleetgw::cloud::aws::claim::ClaimOptions;
 use fleetgw::cloud::aws::{AwsProvider, AwsProviderOptions};
 use fleetgw::cloud::codec::PayloadFormat;
 use fleetgw::cloud::Provider;
+use fleetgw::config::{TelemetryIdentity, WhenFull};
 use fleetgw::device_id::DeviceId;
 use fleetgw::downstream::{
     BrokerOptions, Downstream, DownstreamOptions, DownstreamSession, EmbeddedBroker,
@@ -37,8 +38,8 @@ use fleetgw::identity::{self, CertificateAuthority, KeyType, PrivateKey};
 use fleetgw::sim::arrival::{self, Arrival, TelemetryCheck};
 use fleetgw::store::{DeviceRecord, DeviceState, Store, StoreOptions};
 use fleetgw::telemetry::{
-    split_inbound, GatewayCredentials, IdentityMode, Telemetry, TelemetryOptions, TelemetryStats,
-    UpstreamEndpoint, WhenFull,
+    split_inbound, GatewayCredentials, Telemetry, TelemetryOptions, TelemetryStats,
+    UpstreamEndpoint,
 };
 
 use common::mosquitto::{Mosquitto, MosquittoConfig};
@@ -875,7 +876,7 @@ async fn gateway_mode_uses_one_connection_with_per_device_topics_and_commands() 
         .issue_client("gw-thing", KeyType::EcdsaP256, 30)
         .unwrap();
     let mut opts = TelemetryOptions::new(cloud.endpoint());
-    opts.identity = IdentityMode::Gateway;
+    opts.identity = TelemetryIdentity::Gateway;
     opts.gateway = Some(GatewayCredentials {
         client_id: "gw-thing".into(),
         cert_pem: cert,
@@ -1044,7 +1045,7 @@ async fn the_gateway_connection_keeps_gateway_inflight_unacknowledged() {
     let relay = Relay::start(emu.mqtt_addr()).await;
     let mut opts = options(&emu);
     opts.endpoint.port = relay.addr().port();
-    opts.identity = IdentityMode::Gateway;
+    opts.identity = TelemetryIdentity::Gateway;
     opts.gateway = Some(gateway_credentials(&store, &emu).await);
     opts.inflight = 1;
     opts.gateway_inflight = WINDOW as u16;
@@ -1240,7 +1241,7 @@ async fn bench_devices_through_an_outage() {
     let gateway_thing = if gateway_identity {
         let credentials = gateway_credentials(&store, &emu).await;
         let thing = credentials.client_id.clone();
-        opts.identity = IdentityMode::Gateway;
+        opts.identity = TelemetryIdentity::Gateway;
         opts.gateway = Some(credentials);
         opts.gateway_inflight = env_or(
             "FLEETGW_BENCH_UPSTREAM_INFLIGHT",

@@ -14,7 +14,7 @@ use std::time::Duration;
 use crate::admission::{self, Admission, AdmissionOptions};
 use crate::cloud::aws::claim::ClaimOptions;
 use crate::cloud::aws::{AwsProvider, AwsProviderOptions, OWNERSHIP_TOKEN_TTL};
-use crate::config::{self, BrokerMode, CloudProvider, Config};
+use crate::config::{self, BrokerMode, CloudProvider, Config, TelemetryIdentity};
 use crate::downstream::{
     gateway_client_id, BrokerOptions, Downstream, DownstreamOptions, EmbeddedBrokerOptions,
     EmbeddedTls, ExternalBrokerOptions, Inbound, TopicPrefix,
@@ -23,8 +23,7 @@ use crate::identity::{self, PrivateKey, Sealer, Secret};
 use crate::provision::{Engine, EngineOptions, EngineParts, EngineStats, RequestPolicy};
 use crate::store::{Store, StoreOptions};
 use crate::telemetry::{
-    self, GatewayCredentials, IdentityMode, Telemetry, TelemetryOptions, TelemetryStats,
-    UpstreamEndpoint,
+    self, GatewayCredentials, Telemetry, TelemetryOptions, TelemetryStats, UpstreamEndpoint,
 };
 
 use super::{logging, ConfigArgs, LogFormat, EX_CONFIG, EX_IOERR, EX_SOFTWARE};
@@ -360,7 +359,7 @@ fn telemetry_options(cfg: &Config) -> Result<TelemetryOptions, RunError> {
         ca_pem: read_text(&aws.ca)?,
     };
     let mut opts = TelemetryOptions::from_config(&cfg.telemetry, endpoint)?;
-    if opts.identity == IdentityMode::Gateway {
+    if opts.identity == TelemetryIdentity::Gateway {
         opts.gateway = Some(gateway_credentials(cfg)?);
     }
     opts.keep_alive = Duration::from_secs(aws.keep_alive_secs.max(1));

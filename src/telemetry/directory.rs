@@ -11,7 +11,8 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use super::{IdentityMode, TelemetryError, UpstreamEndpoint};
+use super::{TelemetryError, UpstreamEndpoint};
+use crate::config::TelemetryIdentity;
 use crate::device_id::DeviceId;
 use crate::downstream::{DeviceStatus, RejectedResponse};
 use crate::identity::{tls, PrivateKey, Sealer};
@@ -52,7 +53,7 @@ pub(crate) enum Gate {
 /// Device lookups with a short-lived cache.
 pub(crate) struct Directory {
     store: Store,
-    mode: IdentityMode,
+    mode: TelemetryIdentity,
     ttl: Duration,
     cache: HashMap<DeviceId, (Instant, Gate)>,
 }
@@ -61,7 +62,7 @@ pub(crate) struct Directory {
 const MAX_CACHED: usize = 100_000;
 
 impl Directory {
-    pub fn new(store: Store, mode: IdentityMode, ttl: Duration) -> Self {
+    pub fn new(store: Store, mode: TelemetryIdentity, ttl: Duration) -> Self {
         Self {
             store,
             mode,
@@ -131,7 +132,7 @@ pub(crate) fn status_of(state: &DeviceState) -> DeviceStatus {
     }
 }
 
-fn verdict(rec: &DeviceRecord, mode: IdentityMode) -> Gate {
+fn verdict(rec: &DeviceRecord, mode: TelemetryIdentity) -> Gate {
     let id = &rec.id;
     let status = status_of(&rec.state);
     // The engine publishes `/accepted` only after `ThingRegistered` is durable and records
@@ -170,7 +171,7 @@ fn verdict(rec: &DeviceRecord, mode: IdentityMode) -> Gate {
             format!("device {id} has no thing name recorded; reprovision it"),
         );
     };
-    if mode == IdentityMode::Device
+    if mode == TelemetryIdentity::Device
         && (!rec.provision.gateway_key || rec.provision.certificate_pem.is_none())
     {
         return refuse(
@@ -248,7 +249,7 @@ mod tests {
 
     #[test]
     fn only_registered_enabled_devices_are_forwarded() {
-        match verdict(&rec(DeviceState::Delivered), IdentityMode::Device) {
+        match verdict(&rec(DeviceState::Delivered), TelemetryIdentity::Device) {
             Gate::Forward { thing_name } => assert_eq!(&*thing_name, "thing-1"),
             other => panic!("{other:?}"),
         }
@@ -258,11 +259,13 @@ mod tests {
             device_configuration: Default::default(),
         };
         assert!(matches!(
-            verdict(&rec(registered), IdentityMode::Device),
+            verdict(&rec(registered), TelemetryIdentity::Device),
             Gate::Forward { .. }
         ));
-        let Gate::Refuse(r) = verdict(&rec(DeviceState::WaitingApproval), IdentityMode::Device)
-        else {
+        let Gate::Refuse(r) = verdict(
+            &rec(DeviceState::WaitingApproval),
+            TelemetryIdentity::Device,
+        ) else {
             panic!("waiting device forwarded")
         };
         assert_eq!(r.kind, RefusalKind::NotProvisioned);
@@ -270,7 +273,7 @@ mod tests {
         assert!(r.error.error_message.contains("dev-1"));
         let mut disabled = rec(DeviceState::Delivered);
         disabled.enabled = false;
-        let Gate::Refuse(r) = verdict(&disabled, IdentityMode::Gateway) else {
+        let Gate::Refuse(r) = verdict(&disabled, TelemetryIdentity::Gateway) else {
             panic!("disabled device forwarded")
         };
         assert_eq!(r.kind, RefusalKind::Disabled);
@@ -281,12 +284,12 @@ mod tests {
     fn own_key_devices_need_gateway_identity() {
         let mut own = rec(DeviceState::Delivered);
         own.provision.gateway_key = false;
-        let Gate::Refuse(r) = verdict(&own, IdentityMode::Device) else {
+        let Gate::Refuse(r) = verdict(&own, TelemetryIdentity::Device) else {
             panic!("forwarded without a key")
         };
         assert_eq!(r.kind, RefusalKind::NoKey);
         assert!(matches!(
-            verdict(&own, IdentityMode::Gateway),
+            verdict(&own, TelemetryIdentity::Gateway),
             Gate::Forward { .. }
         ));
     }

@@ -30,8 +30,9 @@ use tokio::time::Instant;
 
 use super::directory::{Directory, Gate, RefusalKind};
 use super::dispatch::Handoff;
-use super::{Shared, WhenFull};
+use super::Shared;
 use crate::clock;
+use crate::config::WhenFull;
 use crate::device_id::DeviceId;
 use crate::downstream::{
     AckHandle, DeviceStatus, DeviceTopic, DownstreamMessage, QoS, RejectedResponse, StatusReport,

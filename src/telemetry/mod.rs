@@ -41,6 +41,7 @@ use serde::Serialize;
 use tokio::sync::{mpsc, watch, Notify};
 use tokio::task::JoinHandle;
 
+use crate::config::{TelemetryIdentity, WhenFull};
 use crate::device_id::DeviceId;
 use crate::downstream::{DeviceTopic, DownstreamMessage, DownstreamSession};
 use crate::identity::{tls, IdentityError, PrivateKey, Sealer};
@@ -50,26 +51,6 @@ pub use topic::{CommandFilter, TopicTemplate};
 
 /// AWS IoT Core's largest publish payload (128 KiB).
 pub const AWS_MAX_PAYLOAD_BYTES: usize = 128 * 1024;
-
-/// Whose identity telemetry is published under (`[telemetry] identity`).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub enum IdentityMode {
-    /// Each device connects with its own certificate; client id = thing name.
-    #[default]
-    Device,
-    /// One connection with the gateway's certificate; the topic names the device.
-    Gateway,
-}
-
-/// What to do when the outbox is full (`[telemetry] when_full`).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub enum WhenFull {
-    /// Stop acknowledging downstream, so the broker holds the messages.
-    #[default]
-    Backpressure,
-    /// Delete the oldest stored messages to make room (counted and logged).
-    DropOldest,
-}
 
 /// The cloud's MQTT endpoint (mutual TLS).
 #[derive(Clone, Debug)]
@@ -137,8 +118,8 @@ pub struct GatewayCredentials {
 #[derive(Clone, Debug)]
 pub struct TelemetryOptions {
     /// Device or gateway identity upstream.
-    pub identity: IdentityMode,
-    /// Required when `identity` is [`IdentityMode::Gateway`].
+    pub identity: TelemetryIdentity,
+    /// Required when `identity` is [`TelemetryIdentity::Gateway`].
     pub gateway: Option<GatewayCredentials>,
     /// The cloud endpoint.
     pub endpoint: UpstreamEndpoint,
@@ -188,7 +169,7 @@ impl TelemetryOptions {
     /// The `[telemetry]` defaults for `endpoint`.
     pub fn new(endpoint: UpstreamEndpoint) -> Self {
         Self {
-            identity: IdentityMode::Device,
+            identity: TelemetryIdentity::Device,
             gateway: None,
             endpoint,
             topic: TopicTemplate::parse("dt/{thingName}/telemetry{/subtopic}")
@@ -223,12 +204,8 @@ impl TelemetryOptions {
         section: &crate::config::TelemetrySection,
         endpoint: UpstreamEndpoint,
     ) -> Result<Self, TelemetryError> {
-        use crate::config::{TelemetryIdentity, WhenFull as ConfigWhenFull};
         let mut o = Self::new(endpoint);
-        o.identity = match section.identity {
-            TelemetryIdentity::Device => IdentityMode::Device,
-            TelemetryIdentity::Gateway => IdentityMode::Gateway,
-        };
+        o.identity = section.identity;
         o.topic = TopicTemplate::parse(&section.topic)?;
         o.commands = if section.commands_topic.is_empty() {
             None
@@ -237,10 +214,7 @@ impl TelemetryOptions {
         };
         o.max_bytes = section.max_bytes;
         o.max_age = Duration::from_secs(section.max_age_secs);
-        o.when_full = match section.when_full {
-            ConfigWhenFull::Backpressure => WhenFull::Backpressure,
-            ConfigWhenFull::DropOldest => WhenFull::DropOldest,
-        };
+        o.when_full = section.when_full;
         o.max_upstream_connections = section.max_upstream_connections as usize;
         o.idle = Duration::from_secs(section.idle_secs);
         o.inflight = u16::try_from(section.inflight).map_err(|_| TelemetryError::Option {
@@ -261,7 +235,7 @@ impl TelemetryOptions {
 
     fn validate(&self) -> Result<(), TelemetryError> {
         self.validate_settings()?;
-        if self.identity == IdentityMode::Gateway && self.gateway.is_none() {
+        if self.identity == TelemetryIdentity::Gateway && self.gateway.is_none() {
             return Err(TelemetryError::Option {
                 key: "telemetry.identity",
                 reason: "\"gateway\" needs the gateway's upstream certificate and key".into(),
@@ -455,7 +429,7 @@ impl Telemetry {
     ) -> Result<Self, TelemetryError> {
         opts.validate()?;
         let gateway_tls = match &opts.gateway {
-            Some(g) if opts.identity == IdentityMode::Gateway => Some((
+            Some(g) if opts.identity == TelemetryIdentity::Gateway => Some((
                 g.client_id.clone(),
                 tls::client_config(&opts.endpoint.ca_pem, Some((&g.cert_pem, &g.key)))
                     .map_err(TelemetryError::GatewayTls)?,
@@ -619,7 +593,7 @@ mod tests {
         assert_eq!(o.inflight, 25);
         assert_eq!(o.gateway_inflight, 400);
         assert_eq!(o.idle, Duration::from_secs(7));
-        assert_eq!(o.identity, IdentityMode::Device);
+        assert_eq!(o.identity, TelemetryIdentity::Device);
         section.max_bytes = 1000;
         let msg = TelemetryOptions::from_config(&section, endpoint)
             .unwrap_err()

@@ -1,0 +1,589 @@
+//! The configuration schema: one struct per `[section]`, their defaults (the values the
+//! sample `gateway.toml` documents) and the accessors modules above use. Field names are the
+//! key names operators write, so renaming a field is an interface change.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::de::Error as _;
+use serde::{Deserialize, Deserializer, Serialize};
+
+use super::{AdmissionMode, Origin, PayloadFormat};
+use crate::identity::{KeyType, Secret};
+
+/// The whole gateway configuration. Every key has a default; see `gateway.toml`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// `[gateway]`: identity and state of this gateway.
+    pub gateway: GatewaySection,
+    /// `[admin]`: the local admin API socket.
+    pub admin: AdminSection,
+    /// `[downstream]`: the local MQTT side devices talk to.
+    pub downstream: DownstreamSection,
+    /// `[admission]`: which devices may provision.
+    pub admission: AdmissionSection,
+    /// `[provision]`: keys, retries and RegisterThing parameters.
+    pub provision: ProvisionSection,
+    /// `[cloud]`: the cloud provider and its settings.
+    pub cloud: CloudSection,
+    /// `[telemetry]`: upstream telemetry forwarding and the outbox.
+    pub telemetry: TelemetrySection,
+    /// `[store]`: the sled state store.
+    pub store: StoreSection,
+    /// `[log]`: logging.
+    pub log: LogSection,
+    /// Directory relative paths resolve against (the main config file's directory).
+    #[serde(skip)]
+    pub(super) base_dir: PathBuf,
+    /// Files and overrides this config was built from, in merge order.
+    #[serde(skip)]
+    pub(super) sources: Vec<Origin>,
+}
+
+/// `[gateway]`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct GatewaySection {
+    /// Gateway id (registration-id rules); used as its client id and in logs.
+    pub id: String,
+    /// Directory of the state store and device secrets (created 0700).
+    pub state_dir: PathBuf,
+}
+
+impl Default for GatewaySection {
+    fn default() -> Self {
+        Self {
+            id: "gw-01".into(),
+            state_dir: "/var/lib/fleetgw".into(),
+        }
+    }
+}
+
+/// `[admin]`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AdminSection {
+    /// Unix socket of the admin API (mode 0660).
+    pub socket: PathBuf,
+    /// Group whose members (and root) may change state through the admin API.
+    pub group: String,
+}
+
+impl Default for AdminSection {
+    fn default() -> Self {
+        Self {
+            socket: "/run/fleetgw/admin.sock".into(),
+            group: "fleetgw".into(),
+        }
+    }
+}
+
+/// Which MQTT broker devices connect to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BrokerMode {
+    /// The MQTT broker inside the gateway process.
+    #[default]
+    Embedded,
+    /// An existing broker (e.g. mosquitto) the gateway connects to as a client.
+    External,
+}
+
+/// `[downstream]`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DownstreamSection {
+    /// Embedded or external broker.
+    pub broker: BrokerMode,
+    /// Plain MQTT listener of the embedded broker.
+    #[serde(deserialize_with = "socket_addr")]
+    pub listen: SocketAddr,
+    /// Optional MQTT-over-TLS listener of the embedded broker (needs `tls_cert`, `tls_key`).
+    #[serde(
+        deserialize_with = "optional_socket_addr",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub tls_listen: Option<SocketAddr>,
+    /// Server certificate chain (PEM) for `tls_listen`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_cert: Option<PathBuf>,
+    /// Server private key (PEM) for `tls_listen`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_key: Option<PathBuf>,
+    /// External broker URL, `mqtt://host:port` or `mqtts://host:port`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
+    /// CA bundle (PEM) to verify an external broker's certificate.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ca: Option<PathBuf>,
+    /// Username for an external broker.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub username: Option<String>,
+    /// Password for an external broker (prefer `password_file`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub password: Option<Secret>,
+    /// File holding the external broker password (trailing newline ignored).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub password_file: Option<PathBuf>,
+    /// First topic level of the device contract (`fleetgw/{id}/...`).
+    pub topic_prefix: String,
+    /// Largest MQTT packet accepted or sent, in bytes.
+    pub max_packet_bytes: u32,
+    /// Largest provisioning request payload accepted, in bytes.
+    pub max_request_bytes: u32,
+    /// Provisioning requests one device may send per minute.
+    pub device_rate_per_minute: u32,
+}
+
+impl Default for DownstreamSection {
+    fn default() -> Self {
+        Self {
+            broker: BrokerMode::Embedded,
+            listen: SocketAddr::from(([127, 0, 0, 1], 1883)),
+            tls_listen: None,
+            tls_cert: None,
+            tls_key: None,
+            url: None,
+            ca: None,
+            username: None,
+            password: None,
+            password_file: None,
+            topic_prefix: "fleetgw".into(),
+            max_packet_bytes: 262_144,
+            max_request_bytes: 65_536,
+            device_rate_per_minute: 30,
+        }
+    }
+}
+
+/// `[admission]`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AdmissionSection {
+    /// Admission mode.
+    pub mode: AdmissionMode,
+    /// Group key for `symmetric-key` mode, base64 (prefer `group_key_file`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub group_key: Option<Secret>,
+    /// File holding the base64 group key.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub group_key_file: Option<PathBuf>,
+    /// PEM bundle of CAs device certificates must chain to in `x509` mode.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub trusted_ca: Option<PathBuf>,
+    /// How far an x509 attestation timestamp may be from the gateway's clock, in seconds.
+    pub x509_window_secs: u64,
+}
+
+impl Default for AdmissionSection {
+    fn default() -> Self {
+        Self {
+            mode: AdmissionMode::Approve,
+            group_key: None,
+            group_key_file: None,
+            trusted_ca: None,
+            x509_window_secs: 300,
+        }
+    }
+}
+
+/// `[provision]`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ProvisionSection {
+    /// Key type the gateway generates for devices that send no CSR.
+    pub key_type: KeyType,
+    /// Key types accepted in device CSRs.
+    pub allowed_csr_key_types: Vec<KeyType>,
+    /// Attempts per device before it stays `Failed`.
+    pub max_attempts: u32,
+    /// Timeout of one cloud request, in milliseconds.
+    pub request_timeout_ms: u64,
+    /// First retry delay (doubled per attempt, jittered), in milliseconds.
+    pub retry_base_ms: u64,
+    /// Retry delay cap, in milliseconds.
+    pub retry_max_ms: u64,
+    /// File with the key that seals device secrets at rest.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sealing_key_file: Option<PathBuf>,
+    /// systemd credential name holding the sealing key.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sealing_credential: Option<String>,
+    /// RegisterThing parameters; `{id}` is replaced by the device id. (Last: a TOML table.)
+    pub parameters: BTreeMap<String, String>,
+}
+
+impl Default for ProvisionSection {
+    fn default() -> Self {
+        Self {
+            key_type: KeyType::EcdsaP256,
+            allowed_csr_key_types: KeyType::ALL.to_vec(),
+            max_attempts: 10,
+            request_timeout_ms: 10_000,
+            retry_base_ms: 500,
+            retry_max_ms: 60_000,
+            sealing_key_file: None,
+            sealing_credential: None,
+            parameters: BTreeMap::from([("SerialNumber".to_string(), "{id}".to_string())]),
+        }
+    }
+}
+
+/// Which cloud provisions the devices.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CloudProvider {
+    /// AWS IoT Core fleet provisioning.
+    #[default]
+    Aws,
+    /// Azure IoT Hub Device Provisioning Service.
+    Azure,
+}
+
+/// `[cloud]`
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CloudSection {
+    /// The provider in use.
+    pub provider: CloudProvider,
+    /// `[cloud.aws]`
+    pub aws: AwsSection,
+    /// `[cloud.azure]`
+    pub azure: AzureSection,
+}
+
+/// `[cloud.aws]`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AwsSection {
+    /// IoT Core data endpoint, `host:port`.
+    pub endpoint: String,
+    /// CA bundle (PEM) that verifies the endpoint.
+    pub ca: PathBuf,
+    /// Claim certificate (PEM).
+    pub claim_cert: PathBuf,
+    /// Claim private key (any format `identity` imports).
+    pub claim_key: PathBuf,
+    /// File holding the claim key passphrase.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub claim_key_passphrase_file: Option<PathBuf>,
+    /// systemd credential name holding the claim key passphrase.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub claim_key_passphrase_credential: Option<String>,
+    /// Fleet provisioning template name.
+    pub template: String,
+    /// Payload format of the provisioning API.
+    pub format: PayloadFormat,
+    /// Claim sessions (MQTT connections), each with one request in flight.
+    pub sessions: u32,
+    /// Requests per second per API (token bucket).
+    pub tps: u32,
+    /// MQTT keep-alive of the claim sessions, in seconds.
+    pub keep_alive_secs: u64,
+}
+
+impl Default for AwsSection {
+    fn default() -> Self {
+        Self {
+            endpoint: "localhost:8883".into(),
+            ca: "ca.pem".into(),
+            claim_cert: "claim.pem".into(),
+            claim_key: "claim.key".into(),
+            claim_key_passphrase_file: None,
+            claim_key_passphrase_credential: None,
+            template: "FleetTemplate".into(),
+            format: PayloadFormat::Json,
+            sessions: 4,
+            tps: 50,
+            keep_alive_secs: 60,
+        }
+    }
+}
+
+/// Transport to Azure DPS.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AzureTransport {
+    /// MQTT over TLS.
+    #[default]
+    Mqtt,
+    /// HTTPS REST.
+    Https,
+}
+
+/// How the gateway attests to Azure DPS.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum AzureAttestation {
+    /// Group symmetric key (SAS tokens).
+    #[default]
+    SymmetricKey,
+    /// X.509 group enrollment.
+    X509,
+}
+
+/// `[cloud.azure]` (parsed and validated; the Azure provider comes with a later issue).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AzureSection {
+    /// DPS ID scope (required when `cloud.provider = "azure"`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub id_scope: Option<String>,
+    /// DPS global endpoint host.
+    pub dps_endpoint: String,
+    /// MQTT or HTTPS.
+    pub transport: AzureTransport,
+    /// Symmetric key or X.509.
+    pub attestation: AzureAttestation,
+}
+
+impl Default for AzureSection {
+    fn default() -> Self {
+        Self {
+            id_scope: None,
+            dps_endpoint: "global.azure-devices-provisioning.net".into(),
+            transport: AzureTransport::Mqtt,
+            attestation: AzureAttestation::SymmetricKey,
+        }
+    }
+}
+
+/// Whose identity upstream telemetry is published under (`[telemetry] identity`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TelemetryIdentity {
+    /// Each device connects with its own certificate; client id = thing name.
+    #[default]
+    Device,
+    /// One connection with the gateway's certificate; the topic names the device.
+    Gateway,
+}
+
+/// What the outbox does when it reaches `max_bytes` (`[telemetry] when_full`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum WhenFull {
+    /// Stop acknowledging device messages until there is room, so the broker holds them.
+    #[default]
+    Backpressure,
+    /// Delete the oldest stored messages to make room (counted in metrics and logged).
+    DropOldest,
+}
+
+/// `[telemetry]`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TelemetrySection {
+    /// Upstream identity.
+    pub identity: TelemetryIdentity,
+    /// Upstream topic template.
+    pub topic: String,
+    /// Upstream topic filter for cloud-to-device commands.
+    pub commands_topic: String,
+    /// Outbox size limit, in bytes.
+    pub max_bytes: u64,
+    /// Outbox message age limit, in seconds.
+    pub max_age_secs: u64,
+    /// Outbox policy when full.
+    pub when_full: WhenFull,
+    /// Cap on open per-device upstream connections (LRU).
+    pub max_upstream_connections: u32,
+    /// Idle per-device connections are closed after this many seconds.
+    pub idle_secs: u64,
+    /// Unacknowledged upstream publishes per device connection.
+    pub inflight: u32,
+    /// Unacknowledged upstream publishes on the gateway's one connection
+    /// (`identity = "gateway"`), which carries every device.
+    pub gateway_inflight: u32,
+    /// `identity = "gateway"`: the gateway's own upstream certificate chain (PEM).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gateway_cert: Option<PathBuf>,
+    /// `identity = "gateway"`: the gateway's upstream private key (any format `identity`
+    /// imports).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gateway_key: Option<PathBuf>,
+    /// File holding the passphrase of an encrypted `gateway_key`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gateway_key_passphrase_file: Option<PathBuf>,
+    /// systemd credential name holding the passphrase of an encrypted `gateway_key`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gateway_key_passphrase_credential: Option<String>,
+    /// MQTT client id of the gateway's upstream connection (its thing name); unset means
+    /// `gateway.id`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gateway_client_id: Option<String>,
+}
+
+impl Default for TelemetrySection {
+    fn default() -> Self {
+        Self {
+            identity: TelemetryIdentity::Device,
+            topic: "dt/{thingName}/telemetry{/subtopic}".into(),
+            commands_topic: "cmd/{thingName}/#".into(),
+            max_bytes: 268_435_456,
+            max_age_secs: 604_800,
+            when_full: WhenFull::Backpressure,
+            max_upstream_connections: 1000,
+            idle_secs: 300,
+            inflight: 10,
+            gateway_inflight: 300,
+            gateway_cert: None,
+            gateway_key: None,
+            gateway_key_passphrase_file: None,
+            gateway_key_passphrase_credential: None,
+            gateway_client_id: None,
+        }
+    }
+}
+
+impl Config {
+    /// The MQTT client id of the gateway's own upstream connection (`identity = "gateway"`):
+    /// `telemetry.gateway_client_id`, or `gateway.id` when unset.
+    pub fn gateway_upstream_client_id(&self) -> &str {
+        self.telemetry
+            .gateway_client_id
+            .as_deref()
+            .unwrap_or(&self.gateway.id)
+    }
+}
+
+/// `[store]`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StoreSection {
+    /// sled page cache, in bytes.
+    pub cache_capacity_bytes: u64,
+    /// sled background flush interval in milliseconds; 0 = off (group commit flushes).
+    pub flush_interval_ms: u64,
+    /// Shortest time between two group commits under load, in microseconds.
+    pub min_commit_interval_us: u64,
+}
+
+impl Default for StoreSection {
+    fn default() -> Self {
+        Self {
+            cache_capacity_bytes: 67_108_864,
+            flush_interval_ms: 0,
+            min_commit_interval_us: crate::store::DEFAULT_MIN_COMMIT_INTERVAL_US,
+        }
+    }
+}
+
+/// How log lines are written (`[log] format`, `--log-format`).
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Default,
+    clap::ValueEnum,
+    serde::Deserialize,
+    serde::Serialize,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// `[log]`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogSection {
+    /// Filter directive (`info`, `fleetgw=debug,rumqttc=warn`); `RUST_LOG` wins.
+    pub level: String,
+    /// Text or JSON.
+    pub format: LogFormat,
+}
+
+impl Default for LogSection {
+    fn default() -> Self {
+        Self {
+            level: "info".into(),
+            format: LogFormat::Text,
+        }
+    }
+}
+
+fn parse_socket_addr(s: &str) -> Result<SocketAddr, String> {
+    s.parse().map_err(|_| {
+        format!("{s:?} is not a socket address; expected IP:PORT such as \"127.0.0.1:1883\" or \"[::1]:1883\"")
+    })
+}
+
+fn socket_addr<'de, D: Deserializer<'de>>(d: D) -> Result<SocketAddr, D::Error> {
+    parse_socket_addr(&String::deserialize(d)?).map_err(D::Error::custom)
+}
+
+fn optional_socket_addr<'de, D: Deserializer<'de>>(d: D) -> Result<Option<SocketAddr>, D::Error> {
+    Option::<String>::deserialize(d)?
+        .map(|s| parse_socket_addr(&s).map_err(D::Error::custom))
+        .transpose()
+}
+
+impl Config {
+    /// `p` if absolute, else `p` joined to the main config file's directory.
+    pub fn resolve_path(&self, p: &Path) -> PathBuf {
+        if p.is_absolute() {
+            p.to_path_buf()
+        } else {
+            self.base_dir.join(p)
+        }
+    }
+
+    /// The directory relative paths resolve against.
+    pub fn base_dir(&self) -> &Path {
+        &self.base_dir
+    }
+
+    /// The files and overrides this config was built from, in merge order.
+    pub fn sources(&self) -> &[Origin] {
+        &self.sources
+    }
+
+    /// The effective config as TOML, secrets printed as `[redacted]`, unset optional keys
+    /// left out.
+    pub fn to_redacted_toml(&self) -> String {
+        // Serializing these plain structs cannot fail; say so in the output rather than panic.
+        toml::to_string(self).unwrap_or_else(|e| format!("# cannot render the config: {e}\n"))
+    }
+
+    /// Joins every relative path of the config to [`Config::base_dir`].
+    pub(super) fn resolve_paths_in_place(&mut self) {
+        let base = self.base_dir.clone();
+        let fix = |p: &mut PathBuf| {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        };
+        let fix_opt = |p: &mut Option<PathBuf>| {
+            if let Some(p) = p.as_mut() {
+                if p.is_relative() {
+                    *p = base.join(&*p);
+                }
+            }
+        };
+        fix(&mut self.gateway.state_dir);
+        fix(&mut self.admin.socket);
+        fix_opt(&mut self.downstream.tls_cert);
+        fix_opt(&mut self.downstream.tls_key);
+        fix_opt(&mut self.downstream.ca);
+        fix_opt(&mut self.downstream.password_file);
+        fix_opt(&mut self.admission.group_key_file);
+        fix_opt(&mut self.admission.trusted_ca);
+        fix_opt(&mut self.provision.sealing_key_file);
+        fix(&mut self.cloud.aws.ca);
+        fix(&mut self.cloud.aws.claim_cert);
+        fix(&mut self.cloud.aws.claim_key);
+        fix_opt(&mut self.cloud.aws.claim_key_passphrase_file);
+        fix_opt(&mut self.telemetry.gateway_cert);
+        fix_opt(&mut self.telemetry.gateway_key);
+        fix_opt(&mut self.telemetry.gateway_key_passphrase_file);
+    }
+}
