@@ -57,7 +57,7 @@ pub(super) struct AckSlot {
 
 impl AckHandle {
     /// The handle of a QoS 0 message: nothing to acknowledge.
-    pub(super) fn not_required() -> Self {
+    pub(crate) fn not_required() -> Self {
         Self { slot: None }
     }
 

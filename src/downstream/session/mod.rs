@@ -44,8 +44,10 @@ pub use rumqttc::QoS;
 
 pub use ack::{AckHandle, AckOutcome};
 
-use super::topics::{DeviceTopic, TopicError, TopicPrefix};
+use super::contract::{self, error_code, RejectedResponse};
+use super::topics::{DeviceTopic, PayloadFormat, TopicError, TopicPrefix};
 use crate::backoff::Backoff;
+use crate::device_id::DeviceId;
 use crate::identity::Secret;
 use crate::mqtt::client_ext;
 use ack::AckQueue;
@@ -333,6 +335,7 @@ impl DownstreamSession {
             rejected_topics: AtomicU64::new(0),
             oversize_requests: AtomicU64::new(0),
             dropped_qos0: AtomicU64::new(0),
+            busy_requests: AtomicU64::new(0),
         });
         let (tx, rx) = mpsc::channel(opts.inbound_capacity);
         let mut filters = Vec::new();
@@ -412,6 +415,30 @@ impl DownstreamSession {
     /// QoS 0 messages dropped because the consumer channel was full.
     pub fn dropped_qos0(&self) -> u64 {
         self.shared.dropped_qos0.load(Ordering::Relaxed)
+    }
+
+    /// Provisioning requests refused because the provisioning queue was full (acknowledged,
+    /// answered on `/rejected` with 503 `GatewayBusy` and not delivered; see
+    /// [`dispatch_inbound`](crate::downstream::dispatch_inbound)).
+    pub fn busy_requests(&self) -> u64 {
+        self.shared.busy_requests.load(Ordering::Relaxed)
+    }
+
+    /// Refuses a provisioning request that found the provisioning queue full: answers it on
+    /// its `/rejected` topic with a retryable 503 `GatewayBusy`, without waiting for the
+    /// broker (the caller routes telemetry too), and counts it. The caller acks the request.
+    pub(crate) fn refuse_busy(&self, device: &DeviceId, fmt: PayloadFormat) {
+        self.shared.busy_requests.fetch_add(1, Ordering::Relaxed);
+        let body = RejectedResponse::new(
+            503,
+            error_code::GATEWAY_BUSY,
+            "the gateway has more provisioning requests queued than it takes at once; retry later",
+        );
+        self.shared.queue_rejection(
+            self.prefix.rejected(device, fmt),
+            contract::encode(fmt, &body),
+            self.max_packet_bytes,
+        );
     }
 
     /// Sends DISCONNECT (if connected) and stops the session task, waiting at most `within`.

@@ -54,6 +54,7 @@ pub(super) struct Shared {
     pub(super) rejected_topics: AtomicU64,
     pub(super) oversize_requests: AtomicU64,
     pub(super) dropped_qos0: AtomicU64,
+    pub(super) busy_requests: AtomicU64,
 }
 
 impl std::fmt::Debug for Shared {
@@ -69,8 +70,8 @@ impl Shared {
     }
 
     /// Queues a `/rejected` answer without waiting for its PUBACK: the event loop cannot wait
-    /// (it receives that PUBACK). Returns false when it was not sent: too large, or rumqttc's
-    /// request channel full.
+    /// (it receives that PUBACK), and neither can the inbound dispatch (telemetry waits behind
+    /// it). Returns false when it was not sent: too large, or rumqttc's request channel full.
     pub(super) fn queue_rejection(
         &self,
         reply_topic: String,
