@@ -30,16 +30,15 @@ use fleetgw::cloud::Provider;
 use fleetgw::config::{TelemetryIdentity, WhenFull};
 use fleetgw::device_id::DeviceId;
 use fleetgw::downstream::{
-    BrokerOptions, Downstream, DownstreamOptions, DownstreamSession, EmbeddedBroker,
-    EmbeddedBrokerOptions, Inbound,
+    dispatch_inbound, BrokerOptions, Downstream, DownstreamOptions, DownstreamSession,
+    EmbeddedBroker, EmbeddedBrokerOptions, Inbound,
 };
 use fleetgw::emulator::aws::{self, AwsEmulatorHandle, AwsEmulatorOptions};
 use fleetgw::identity::{self, CertificateAuthority, KeyType, PrivateKey};
 use fleetgw::sim::arrival::{self, Arrival, TelemetryCheck};
 use fleetgw::store::{DeviceRecord, DeviceState, Store, StoreOptions};
 use fleetgw::telemetry::{
-    split_inbound, GatewayCredentials, Telemetry, TelemetryOptions, TelemetryStats,
-    UpstreamEndpoint,
+    GatewayCredentials, Telemetry, TelemetryOptions, TelemetryStats, UpstreamEndpoint,
 };
 
 use common::mosquitto::{Mosquitto, MosquittoConfig};
@@ -184,8 +183,8 @@ fn start_pipeline(
     session: &Arc<DownstreamSession>,
     inbound: tokio::sync::mpsc::Receiver<fleetgw::downstream::DownstreamMessage>,
 ) -> Telemetry {
-    let (_provisioning, telemetry_rx) = split_inbound(inbound, 1024);
-    Telemetry::start(opts, store.clone(), session.clone(), None, telemetry_rx)
+    let queues = dispatch_inbound(session.clone(), inbound, 1024);
+    Telemetry::start(opts, store.clone(), session.clone(), None, queues.telemetry)
         .expect("telemetry starts")
 }
 

@@ -16,8 +16,8 @@ use crate::cloud::aws::claim::ClaimOptions;
 use crate::cloud::aws::{AwsProvider, AwsProviderOptions, OWNERSHIP_TOKEN_TTL};
 use crate::config::{self, BrokerMode, CloudProvider, Config, TelemetryIdentity};
 use crate::downstream::{
-    gateway_client_id, BrokerOptions, Downstream, DownstreamOptions, EmbeddedBrokerOptions,
-    EmbeddedTls, ExternalBrokerOptions, Inbound, TopicPrefix,
+    dispatch_inbound, gateway_client_id, BrokerOptions, Downstream, DownstreamOptions,
+    EmbeddedBrokerOptions, EmbeddedTls, ExternalBrokerOptions, Inbound, InboundQueues, TopicPrefix,
 };
 use crate::identity::{self, PrivateKey, Sealer, Secret};
 use crate::provision::{Engine, EngineOptions, EngineParts, EngineStats, RequestPolicy};
@@ -202,9 +202,13 @@ impl Gateway {
             tracing::info!(listen = %broker.listen_addr(), tls = broker.is_tls(), "embedded broker listening");
         }
 
-        // Provisioning requests to the engine, telemetry to the pipeline. Acks still leave in
-        // arrival order (downstream session), so each consumer acks once it has persisted.
-        let (requests, telemetry_rx) = telemetry::split_inbound(inbound, 1024);
+        // Provisioning requests to the engine, telemetry to the pipeline, each queue with its
+        // own backpressure. Acks still leave in arrival order (downstream session), so each
+        // consumer acks once it has persisted.
+        let InboundQueues {
+            provisioning: requests,
+            telemetry: telemetry_rx,
+        } = dispatch_inbound(downstream.session().clone(), inbound, 1024);
 
         let provider = Arc::new(AwsProvider::start(aws));
         let engine = Engine::start(

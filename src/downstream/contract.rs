@@ -33,6 +33,8 @@ pub mod error_code {
     pub const INVALID_PAYLOAD: &str = "InvalidPayload";
     /// The request is larger than `[downstream] max_request_bytes`.
     pub const PAYLOAD_TOO_LARGE: &str = "PayloadTooLarge";
+    /// The gateway's queue of provisioning requests is full (503); the device retries later.
+    pub const GATEWAY_BUSY: &str = "GatewayBusy";
 }
 
 /// The `/rejected` answer for a payload that failed to decode: 413 `PayloadTooLarge` over the

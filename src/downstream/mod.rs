@@ -6,6 +6,10 @@
 //! the consumer persists it and acks it -> later the engine answers with `publish_accepted`,
 //! `publish_rejected`, `publish_status` or `publish_command`.
 //!
+//! [`dispatch_inbound`] is the one place that routes the session's messages to their consumer:
+//! provisioning requests to the engine's queue, telemetry to the pipeline's, each queue with its
+//! own backpressure (see [`inbound`]).
+//!
 //! What the payloads look like is [`contract`]: the consumer decodes a request with
 //! [`ProvisionRequest::decode`] and answers with [`AcceptedResponse`], [`RejectedResponse`] and
 //! [`StatusReport`], encoded with the cloud codec in the format the device used.
@@ -16,6 +20,7 @@
 
 pub mod broker;
 pub mod contract;
+pub mod inbound;
 pub mod session;
 pub mod topics;
 
@@ -27,6 +32,7 @@ pub use broker::{BrokerError, EmbeddedBroker, EmbeddedBrokerOptions, EmbeddedTls
 pub use contract::{
     AcceptedResponse, Attestation, DeviceStatus, ProvisionRequest, RejectedResponse, StatusReport,
 };
+pub use inbound::{dispatch_inbound, InboundQueues};
 pub use session::{
     gateway_client_id, AckHandle, AckOutcome, BrokerEndpoint, DownstreamMessage, DownstreamSession,
     Inbound, QoS, SessionError, SessionOptions, SessionStatus,

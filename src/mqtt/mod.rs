@@ -5,6 +5,11 @@
 //!
 //! Both servers run one tokio task per connection and never see a protocol version: `wire`
 //! decodes client packets into one shape and encodes answers in the protocol the client chose.
+//!
+//! The client side has one module: `client_ext`, the only place where the gateway's rumqttc
+//! clients (the downstream session, the upstream telemetry links) reach into rumqttc's event
+//! loop.
 
+pub mod client_ext;
 pub mod stream;
 pub mod wire;

@@ -36,6 +36,7 @@ use super::{Counters, UpstreamEndpoint};
 use crate::backoff::Backoff;
 use crate::device_id::DeviceId;
 use crate::downstream::DownstreamSession;
+use crate::mqtt::client_ext;
 
 /// A message on its way upstream.
 #[derive(Debug)]
@@ -283,9 +284,7 @@ impl Link {
             .set_request_channel_capacity(usize::from(window) * 2 + 16)
             .set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(tls)));
         let (client, mut eventloop) = AsyncClient::new(mqtt, usize::from(window) * 2 + 16);
-        let mut network = eventloop.network_options();
-        network.set_connection_timeout(cfg.connect_timeout.as_secs().max(1));
-        eventloop.set_network_options(network);
+        client_ext::set_connect_timeout(&mut eventloop, cfg.connect_timeout);
         let shared = Arc::new(LinkShared {
             client_id,
             client,
@@ -386,9 +385,10 @@ impl Driver {
                     if !filters.is_empty() {
                         // Ahead of the publishes that follow: commands sent during an outage
                         // are not held by a clean session, so subscribe first.
-                        self.eventloop
-                            .pending
-                            .push_front(Request::Subscribe(Subscribe::new_many(filters)));
+                        client_ext::send_first(
+                            &mut self.eventloop,
+                            Request::Subscribe(Subscribe::new_many(filters)),
+                        );
                     }
                 }
                 st.connected = true;
@@ -461,7 +461,7 @@ impl Driver {
         // after the next CONNACK, where a stale `Outgoing::Publish` would pair a new message
         // with an old packet id. Settle them now: PUBACKs that did arrive count, packet ids
         // are paired as before; everything unacknowledged is requeued below anyway.
-        let stale: Vec<Event> = self.eventloop.state.events.drain(..).collect();
+        let stale: Vec<Event> = client_ext::take_buffered_events(&mut self.eventloop);
         for event in stale {
             match event {
                 Event::Outgoing(outgoing) => {
@@ -474,15 +474,15 @@ impl Driver {
         }
         // A publish held back by a packet id collision is ours (in `collided`, requeued
         // below); left in place, it would keep rumqttc from taking new requests for good.
-        self.eventloop.state.collision = None;
+        let _ = client_ext::release_collision(&mut self.eventloop);
         let mut st = self.shared.lock();
         st.connected = false;
         // poll() moved rumqttc's unacknowledged publishes and its request channel into
         // `pending`; anything submitted after that is moved too, under the lock. The link
         // republishes them itself, in order, after the next CONNACK.
-        self.eventloop.clean();
-        self.eventloop.pending.retain(|r| {
-            !matches!(
+        client_ext::move_requests_to_pending(&mut self.eventloop);
+        client_ext::drop_pending(&mut self.eventloop, |r| {
+            matches!(
                 r,
                 Request::Publish(_) | Request::PubAck(_) | Request::Subscribe(_)
             )

@@ -43,7 +43,7 @@ use tokio::task::JoinHandle;
 
 use crate::config::{TelemetryIdentity, WhenFull};
 use crate::device_id::DeviceId;
-use crate::downstream::{DeviceTopic, DownstreamMessage, DownstreamSession};
+use crate::downstream::{DownstreamMessage, DownstreamSession};
 use crate::identity::{tls, IdentityError, PrivateKey, Sealer};
 use crate::store::Store;
 
@@ -419,7 +419,8 @@ impl std::fmt::Debug for Telemetry {
 
 impl Telemetry {
     /// Starts the pipeline: `inbound` carries the downstream telemetry messages (see
-    /// [`split_inbound`]); whatever the outbox holds from before is sent first.
+    /// [`crate::downstream::dispatch_inbound`]); whatever the outbox holds from before is sent
+    /// first.
     pub fn start(
         opts: TelemetryOptions,
         store: Store,
@@ -517,33 +518,6 @@ impl Telemetry {
             }
         }
     }
-}
-
-/// Splits the downstream session's messages: provisioning requests to the first receiver
-/// (the provisioning engine), telemetry to the second (this pipeline). Each gets `capacity`.
-pub fn split_inbound(
-    mut inbound: mpsc::Receiver<DownstreamMessage>,
-    capacity: usize,
-) -> (
-    mpsc::Receiver<DownstreamMessage>,
-    mpsc::Receiver<DownstreamMessage>,
-) {
-    let (prov_tx, prov_rx) = mpsc::channel(capacity.max(1));
-    let (tele_tx, tele_rx) = mpsc::channel(capacity.max(1));
-    tokio::spawn(async move {
-        while let Some(msg) = inbound.recv().await {
-            let target = match msg.topic {
-                DeviceTopic::ProvisionRequest { .. } => &prov_tx,
-                DeviceTopic::Telemetry { .. } => &tele_tx,
-            };
-            // A consumer that has stopped drops the message unacknowledged: the broker keeps
-            // it for the next run.
-            if let Err(mpsc::error::SendError(msg)) = target.send(msg).await {
-                drop(msg);
-            }
-        }
-    });
-    (prov_rx, tele_rx)
 }
 
 /// Resolves once shutdown was signalled (or its sender is gone).
