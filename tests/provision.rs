@@ -1022,6 +1022,8 @@ async fn throttled_cloud_still_provisions_everyone() {
     assert_eq!(failed, 0);
 }
 
+/// Needs the daemon's crash hook, which only `--features test-hooks` builds have.
+#[cfg(feature = "test-hooks")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn expired_ownership_token_gets_a_new_certificate() {
     let dir = tempfile::tempdir().unwrap();

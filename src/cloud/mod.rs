@@ -1,6 +1,7 @@
 //! The cloud side of provisioning: the [`Provider`] seam the engine talks to, and its
-//! implementations (AWS IoT fleet provisioning in [`aws`]; Azure DPS comes later), plus the
-//! payload codecs ([`codec`]) shared by the cloud clients and the emulators.
+//! implementations (AWS IoT fleet provisioning in [`aws`]; Azure DPS comes later; a scriptable
+//! fake for tests in `fake`, with the `test-hooks` feature), plus the payload codecs
+//! ([`codec`]) shared by the cloud clients and the emulators.
 //!
 //! The engine never sees MQTT topics or payload formats: it hands a CSR to
 //! [`Provider::create_certificate`], persists the [`IssuedCertificate`] (with its ownership
@@ -10,6 +11,8 @@
 
 pub mod aws;
 pub mod codec;
+#[cfg(any(test, feature = "test-hooks"))]
+pub mod fake;
 pub mod rate;
 
 use std::collections::BTreeMap;

@@ -32,7 +32,7 @@ use crate::store::{
     TOKEN_RECORD_VERSION,
 };
 
-use super::{Inner, CRASH_EXIT_CODE};
+use super::Inner;
 
 /// What a step leaves to do.
 enum Step {
@@ -141,13 +141,15 @@ async fn commit(
     mut batch: Batch,
 ) -> Step {
     next.updated_at_ms = clock::unix_ms();
+    #[cfg(feature = "test-hooks")]
     let state = next.state.name();
     batch.put_device_if(next, prev.etag);
     match inner.store.apply(batch).await {
         Ok(()) => {
+            #[cfg(feature = "test-hooks")]
             if inner.crash_after.as_deref() == Some(state) {
                 tracing::warn!(device = %prev.id, state, "{}: exiting as asked", super::CRASH_AFTER_ENV);
-                std::process::exit(CRASH_EXIT_CODE);
+                std::process::exit(super::CRASH_EXIT_CODE);
             }
             Step::Next
         }
@@ -474,3 +476,7 @@ pub(super) fn accepted_payload(
     };
     Ok(contract::encode(format, &response))
 }
+
+#[cfg(test)]
+#[path = "machine_tests.rs"]
+mod tests;

@@ -35,10 +35,13 @@ pub use request::{AdmittedRequest, RequestPolicy};
 
 /// Environment variable naming a device state (`certificateIssued`, `thingRegistered`, ...):
 /// the process exits right after persisting a device in that state. Crash-safety tests use it
-/// to stop the daemon at an exact point between two cloud calls.
+/// to stop the daemon at an exact point between two cloud calls. Only builds with the
+/// `test-hooks` feature read it: a release binary cannot be told to exit this way.
+#[cfg(feature = "test-hooks")]
 pub const CRASH_AFTER_ENV: &str = "FLEETGW_TEST_CRASH_AFTER";
 
 /// Exit status of the process when [`CRASH_AFTER_ENV`] fires.
+#[cfg(feature = "test-hooks")]
 pub const CRASH_EXIT_CODE: i32 = 86;
 
 /// How the engine behaves (from `[provision]` and `[downstream]` of the config).
@@ -146,6 +149,8 @@ pub(crate) struct Inner {
     limit: std::sync::Mutex<DeviceRateLimit>,
     stopping: watch::Sender<bool>,
     counters: Counters,
+    /// The state named by [`CRASH_AFTER_ENV`], if set.
+    #[cfg(feature = "test-hooks")]
     crash_after: Option<String>,
     /// Held from CreateCertificateFromCsr until its result is durable.
     certificate_permits: Semaphore,
@@ -197,6 +202,7 @@ impl Engine {
             jobs,
             stopping,
             counters: Counters::default(),
+            #[cfg(feature = "test-hooks")]
             crash_after: std::env::var(CRASH_AFTER_ENV)
                 .ok()
                 .filter(|s| !s.is_empty()),

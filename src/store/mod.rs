@@ -26,7 +26,7 @@ use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -530,8 +530,10 @@ impl Store {
 }
 
 /// Measures durable device writes per second with `writers` concurrent tasks writing `total`
-/// records in all (rounded up to a multiple of `writers`) to a store in `dir`, for
-/// `fleetgw bench` and the group-commit figure. Must run inside a tokio runtime.
+/// records in all (rounded up to a multiple of `writers`) to a store in `dir`, for the
+/// group-commit figure. Must run inside a tokio runtime. A measuring aid, not part of the
+/// gateway: built for the crate's tests and with the `test-hooks` feature only.
+#[cfg(any(test, feature = "test-hooks"))]
 pub async fn bench_group_commit(
     dir: &Path,
     writers: usize,
@@ -541,7 +543,7 @@ pub async fn bench_group_commit(
     let writers = writers.max(1);
     let per_writer = total.div_ceil(writers);
     let flushes_before = store.flush_count();
-    let started = Instant::now();
+    let started = std::time::Instant::now();
     let mut tasks = tokio::task::JoinSet::new();
     for w in 0..writers {
         let store = store.clone();

@@ -13,8 +13,13 @@
 //!
 //! The remover deletes acknowledged messages from the outbox in batches (one group commit for
 //! all that arrived meanwhile) and only then frees their links' window slots.
+//!
+//! The dispatcher opens links through an [`Upstream`] and drives them through [`UpstreamLink`]:
+//! in the gateway that is [`MqttUpstream`] and its MQTT [`Link`]s; the tests put in-memory links
+//! there, so routing, the connection cap and the memory window are checked without a network.
 
 use std::collections::{HashMap, HashSet, VecDeque};
+use std::future::Future;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
@@ -25,7 +30,8 @@ use tokio::time::Instant;
 
 use super::directory::device_tls;
 use super::link::{Item, Link, LinkConfig, Settled};
-use super::Shared;
+use super::topic::CommandFilter;
+use super::{Shared, TelemetryError};
 use crate::clock;
 use crate::device_id::DeviceId;
 use crate::identity::Sealer;
@@ -49,22 +55,132 @@ const CREDENTIALS_RETRY: Duration = Duration::from_secs(30);
 /// How long closing one link may take.
 const LINK_STOP: Duration = Duration::from_secs(2);
 
+/// What the dispatcher does with an open link.
+pub(crate) trait UpstreamLink: Send + 'static {
+    /// Client id (thing name) for logs.
+    fn client_id(&self) -> &str;
+    /// Queues messages (in order) for sending.
+    fn enqueue(&self, items: impl IntoIterator<Item = Item>);
+    /// Adds a thing whose commands this link should receive.
+    fn add_command_thing(&self, thing: &str, device: &DeviceId, filter: &CommandFilter);
+    /// Nothing queued, in flight or settling.
+    fn is_empty(&self) -> bool;
+    /// When the link last had traffic.
+    fn last_activity(&self) -> Option<Instant>;
+    /// Drops queued (not yet sent) messages for which `drop` says yes; returns them.
+    fn remove_queued(&self, drop: impl FnMut(&Item) -> bool) -> Vec<Item>;
+    /// Closes the link, waiting at most `within`; returns what was still queued.
+    fn stop(self, within: Duration) -> impl Future<Output = Vec<Item>> + Send + 'static;
+}
+
+/// How the dispatcher opens links.
+pub(crate) trait Upstream: Send + 'static {
+    type Link: UpstreamLink;
+    /// The gateway identity's one link (opened at start), or `None` in device mode.
+    fn open_gateway(&mut self, cfg: &LinkConfig) -> Option<Self::Link>;
+    /// A link under `device`'s own identity, with its thing name; an error when its
+    /// credentials cannot be loaded.
+    fn open_device(
+        &mut self,
+        device: &DeviceId,
+        cfg: &LinkConfig,
+    ) -> Result<(String, Self::Link), TelemetryError>;
+}
+
+impl UpstreamLink for Link {
+    fn client_id(&self) -> &str {
+        &self.shared.client_id
+    }
+
+    fn enqueue(&self, items: impl IntoIterator<Item = Item>) {
+        self.shared.enqueue(items);
+    }
+
+    fn add_command_thing(&self, thing: &str, device: &DeviceId, filter: &CommandFilter) {
+        self.shared.add_command_thing(thing, device, filter);
+    }
+
+    fn is_empty(&self) -> bool {
+        self.shared.is_empty()
+    }
+
+    fn last_activity(&self) -> Option<Instant> {
+        self.shared.last_activity()
+    }
+
+    fn remove_queued(&self, drop: impl FnMut(&Item) -> bool) -> Vec<Item> {
+        self.shared.remove_queued(drop)
+    }
+
+    fn stop(self, within: Duration) -> impl Future<Output = Vec<Item>> + Send + 'static {
+        Link::stop(self, within)
+    }
+}
+
+/// The gateway's links: MQTT connections to the cloud, with the gateway's certificate or
+/// each device's own (from the store).
+pub(crate) struct MqttUpstream {
+    shared: Arc<Shared>,
+    sealer: Option<Arc<Sealer>>,
+    gateway_tls: Option<(String, Arc<rustls::ClientConfig>)>,
+    settled: mpsc::UnboundedSender<Settled>,
+    shutdown: watch::Receiver<bool>,
+}
+
+impl MqttUpstream {
+    fn start(&self, client_id: String, tls: Arc<rustls::ClientConfig>, cfg: &LinkConfig) -> Link {
+        Link::start(
+            client_id,
+            tls,
+            cfg,
+            self.shared.counters.clone(),
+            self.settled.clone(),
+            self.shared.downstream.clone(),
+            self.shutdown.clone(),
+        )
+    }
+}
+
+impl Upstream for MqttUpstream {
+    type Link = Link;
+
+    fn open_gateway(&mut self, cfg: &LinkConfig) -> Option<Link> {
+        let (client_id, tls) = self.gateway_tls.take()?;
+        Some(self.start(client_id, tls, cfg))
+    }
+
+    fn open_device(
+        &mut self,
+        device: &DeviceId,
+        cfg: &LinkConfig,
+    ) -> Result<(String, Link), TelemetryError> {
+        let (thing, tls) = device_tls(
+            &self.shared.store,
+            self.sealer.as_deref(),
+            &cfg.endpoint,
+            device,
+        )?;
+        let link = self.start(thing.clone(), tls, cfg);
+        Ok((thing, link))
+    }
+}
+
 struct Parked {
     items: VecDeque<Item>,
     retry_at: Option<Instant>,
 }
 
-pub(crate) struct Dispatcher {
+pub(crate) struct Dispatcher<U: Upstream = MqttUpstream> {
     shared: Arc<Shared>,
-    sealer: Option<Arc<Sealer>>,
+    upstream: U,
     handoff: Option<mpsc::Receiver<Handoff>>,
     settled: mpsc::UnboundedSender<Settled>,
     shutdown: watch::Receiver<bool>,
     link_cfg: LinkConfig,
     /// Device mode: one link per device.
-    links: HashMap<DeviceId, Link>,
+    links: HashMap<DeviceId, U::Link>,
     /// Gateway mode: the one link, and the devices whose commands it subscribes to.
-    gateway: Option<Link>,
+    gateway: Option<U::Link>,
     gateway_things: HashSet<DeviceId>,
     parked: HashMap<DeviceId, Parked>,
     parked_order: VecDeque<DeviceId>,
@@ -74,11 +190,31 @@ pub(crate) struct Dispatcher {
     last_scan_error: Option<Instant>,
 }
 
-impl Dispatcher {
+impl Dispatcher<MqttUpstream> {
     pub fn new(
         shared: Arc<Shared>,
         sealer: Option<Arc<Sealer>>,
         gateway_tls: Option<(String, Arc<rustls::ClientConfig>)>,
+        handoff: mpsc::Receiver<Handoff>,
+        settled: mpsc::UnboundedSender<Settled>,
+        shutdown: watch::Receiver<bool>,
+    ) -> Self {
+        let upstream = MqttUpstream {
+            shared: shared.clone(),
+            sealer,
+            gateway_tls,
+            settled: settled.clone(),
+            shutdown: shutdown.clone(),
+        };
+        Self::with_upstream(shared, upstream, handoff, settled, shutdown)
+    }
+}
+
+impl<U: Upstream> Dispatcher<U> {
+    /// A dispatcher opening its links through `upstream`.
+    pub fn with_upstream(
+        shared: Arc<Shared>,
+        mut upstream: U,
         handoff: mpsc::Receiver<Handoff>,
         settled: mpsc::UnboundedSender<Settled>,
         shutdown: watch::Receiver<bool>,
@@ -96,24 +232,13 @@ impl Dispatcher {
             commands: o.commands.clone(),
             command_timeout: o.command_timeout,
         };
-        let gateway = gateway_tls.map(|(client_id, tls)| {
-            let cfg = LinkConfig {
-                window: o.gateway_inflight,
-                ..link_cfg.clone()
-            };
-            Link::start(
-                client_id,
-                tls,
-                &cfg,
-                shared.counters.clone(),
-                settled.clone(),
-                shared.downstream.clone(),
-                shutdown.clone(),
-            )
+        let gateway = upstream.open_gateway(&LinkConfig {
+            window: o.gateway_inflight,
+            ..link_cfg.clone()
         });
         Self {
             shared,
-            sealer,
+            upstream,
             handoff: Some(handoff),
             settled,
             shutdown,
@@ -306,14 +431,14 @@ impl Dispatcher {
         if let Some(gw) = &self.gateway {
             if let Some(filter) = &self.link_cfg.commands {
                 if self.gateway_things.insert(item.device.clone()) {
-                    gw.shared.add_command_thing(thing, &item.device, filter);
+                    gw.add_command_thing(thing, &item.device, filter);
                 }
             }
-            gw.shared.enqueue([item]);
+            gw.enqueue([item]);
             return;
         }
         if let Some(link) = self.links.get(&item.device) {
-            link.shared.enqueue([item]);
+            link.enqueue([item]);
             return;
         }
         let device = item.device.clone();
@@ -344,13 +469,7 @@ impl Dispatcher {
         if self.links.len() >= self.shared.opts.max_upstream_connections && !self.evict_idle() {
             return false;
         }
-        let opened = device_tls(
-            &self.shared.store,
-            self.sealer.as_deref(),
-            &self.link_cfg.endpoint,
-            device,
-        );
-        let (thing, tls) = match opened {
+        let (thing, link) = match self.upstream.open_device(device, &self.link_cfg) {
             Ok(v) => v,
             Err(e) => {
                 let gone = matches!(self.shared.store.device(device), Ok(None));
@@ -371,20 +490,11 @@ impl Dispatcher {
                 return true;
             }
         };
-        let link = Link::start(
-            thing.clone(),
-            tls,
-            &self.link_cfg,
-            self.shared.counters.clone(),
-            self.settled.clone(),
-            self.shared.downstream.clone(),
-            self.shutdown.clone(),
-        );
         if let Some(filter) = &self.link_cfg.commands {
-            link.shared.add_command_thing(&thing, device, filter);
+            link.add_command_thing(&thing, device, filter);
         }
         if let Some(p) = self.parked.remove(device) {
-            link.shared.enqueue(p.items);
+            link.enqueue(p.items);
         }
         self.links.insert(device.clone(), link);
         self.shared
@@ -399,12 +509,12 @@ impl Dispatcher {
         let victim = self
             .links
             .iter()
-            .filter(|(_, l)| l.shared.is_empty())
-            .min_by_key(|(_, l)| l.shared.last_activity())
+            .filter(|(_, l)| l.is_empty())
+            .min_by_key(|(_, l)| l.last_activity())
             .map(|(d, _)| d.clone());
         match victim.and_then(|d| self.links.remove(&d)) {
             Some(link) => {
-                tracing::debug!(client_id = %link.shared.client_id, "closing the least recently used idle upstream connection");
+                tracing::debug!(client_id = %link.client_id(), "closing the least recently used idle upstream connection");
                 self.stop_in_background(link);
                 true
             }
@@ -412,7 +522,7 @@ impl Dispatcher {
         }
     }
 
-    fn stop_in_background(&self, link: Link) {
+    fn stop_in_background(&self, link: U::Link) {
         let counters = self.shared.counters.clone();
         counters
             .open_links
@@ -430,7 +540,7 @@ impl Dispatcher {
         let mut mem = 0;
         let links = self.links.values().chain(self.gateway.as_ref());
         for link in links {
-            for item in link.shared.remove_queued(|i| seqs.contains(&i.seq)) {
+            for item in link.remove_queued(|i| seqs.contains(&i.seq)) {
                 mem += item.mem_size();
             }
         }
@@ -456,16 +566,15 @@ impl Dispatcher {
             .links
             .iter()
             .filter(|(_, l)| {
-                l.shared.is_empty()
-                    && l.shared
-                        .last_activity()
+                l.is_empty()
+                    && l.last_activity()
                         .is_none_or(|t| now.duration_since(t) >= idle)
             })
             .map(|(d, _)| d.clone())
             .collect();
         for d in idle_links {
             if let Some(link) = self.links.remove(&d) {
-                tracing::debug!(client_id = %link.shared.client_id, "closing idle upstream connection");
+                tracing::debug!(client_id = %link.client_id(), "closing idle upstream connection");
                 self.stop_in_background(link);
             }
         }
@@ -474,7 +583,7 @@ impl Dispatcher {
         let expired = |i: &Item| now_ms.saturating_sub(i.enqueued_at_ms) > max_age_ms;
         let mut gone = Vec::new();
         for link in self.links.values().chain(self.gateway.as_ref()) {
-            gone.extend(link.shared.remove_queued(expired));
+            gone.extend(link.remove_queued(expired));
         }
         for p in self.parked.values_mut() {
             while p.items.front().is_some_and(expired) {
@@ -586,3 +695,7 @@ pub(crate) async fn remover(shared: Arc<Shared>, mut settled: mpsc::UnboundedRec
     }
     tracing::debug!("telemetry remover stopped");
 }
+
+#[cfg(test)]
+#[path = "dispatch_tests.rs"]
+mod tests;
