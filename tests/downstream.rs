@@ -11,7 +11,9 @@ use std::time::Duration;
 use bytes::Bytes;
 use common::mosquitto::{Mosquitto, MosquittoConfig};
 use common::mqtt_client::{options, ClientEvent, TestClient};
+use common::publisher::{publish_sequence, Sequence};
 use common::relay::Relay;
+use common::wait::eventually;
 use common::WAIT;
 use fleetgw::device_id::DeviceId;
 use fleetgw::downstream::{
@@ -408,14 +410,10 @@ async fn gateway_session_survives_a_broker_restart() {
 
     broker.kill();
     wait_status(&gw, "noticed the broker is gone", |s| !s.connected).await;
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while relay.accept_times().len() < 5 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "too few reconnect attempts"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    eventually("five reconnect attempts", WAIT, || {
+        (relay.accept_times().len() >= 5).then_some(())
+    })
+    .await;
     let t = relay.accept_times();
     // t[0] is the first connection, t[k] the k-th reconnect attempt, which follows the
     // previous one after a jittered delay in [d/2, d], d = 100 ms * 2^(k-1), capped at 800 ms.
@@ -880,33 +878,11 @@ async fn mosquitto_handles_oversize_payloads() {
 /// Publishes `count` numbered QoS 1 messages from device `dev-{n}` as fast as mosquitto takes
 /// them (100 in flight); returns once all are acknowledged by the broker.
 async fn publish_numbered(port: u16, n: usize, count: usize) {
-    let mut o = options(&format!("dev-{n}"), port);
-    o.set_inflight(100);
-    let (client, mut eventloop) = rumqttc::AsyncClient::new(o, 100);
-    let publisher = tokio::spawn(async move {
-        for i in 0..count {
-            client
-                .publish(
-                    format!("fleetgw/dev-{n}/telemetry"),
-                    QoS::AtLeastOnce,
-                    false,
-                    format!("{n}:{i}").into_bytes(),
-                )
-                .await
-                .unwrap();
-        }
-        client
-    });
-    let mut acked = 0;
-    while acked < count {
-        match tokio::time::timeout(WAIT * 4, eventloop.poll()).await {
-            Ok(Ok(rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_)))) => acked += 1,
-            Ok(Ok(_)) => {}
-            Ok(Err(e)) => panic!("dev-{n}: {e}"),
-            Err(_) => panic!("dev-{n}: only {acked} of {count} PUBACKs"),
-        }
-    }
-    let _ = publisher.await.unwrap().disconnect().await;
+    let topic = format!("fleetgw/dev-{n}/telemetry");
+    let mut seq = Sequence::new(format!("dev-{n}"), topic, 0..count as u64, WAIT * 4);
+    seq.window = 100;
+    seq.linger = false;
+    publish_sequence(port, seq, move |i| format!("{n}:{i}").into_bytes()).await;
 }
 
 /// mosquitto 2.0.11 (Debian 12) sends a client far more than `max_inflight_messages`

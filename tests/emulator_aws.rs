@@ -9,17 +9,21 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use bytes::Bytes;
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS, TlsConfiguration, Transport};
 use serde_json::Value;
+use tempfile::TempDir;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio::time::{timeout, Instant};
 
 use common::http::http;
+use common::messages;
+use common::unix_now;
+use common::wait::eventually_async;
 
 use fleetgw::cloud::aws::topics;
 use fleetgw::cloud::codec::{
@@ -43,11 +47,18 @@ async fn emulator(dir: &Path, tweak: impl FnOnce(&mut AwsEmulatorOptions)) -> Aw
     aws::start(opts).await.expect("emulator starts")
 }
 
-fn unix_now() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_secs() as i64
+/// What a test starts from: an emulator with its files in a temp dir of its own.
+struct Fixture {
+    dir: TempDir,
+    emu: AwsEmulatorHandle,
+}
+
+impl Fixture {
+    async fn start(tweak: impl FnOnce(&mut AwsEmulatorOptions)) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let emu = emulator(dir.path(), tweak).await;
+        Self { dir, emu }
+    }
 }
 
 fn claim_tls(emu: &AwsEmulatorHandle) -> Arc<rustls::ClientConfig> {
@@ -120,6 +131,13 @@ impl Client {
             Ev::Closed(e) => Err(e),
             other => panic!("expected CONNACK, got {other:?}"),
         }
+    }
+
+    /// A connection with the emulator's claim certificate.
+    async fn claim(emu: &AwsEmulatorHandle, client_id: &str) -> Client {
+        Client::connect(emu.mqtt_addr(), client_id, claim_tls(emu))
+            .await
+            .unwrap()
     }
 
     async fn next(&mut self) -> Ev {
@@ -235,9 +253,7 @@ async fn register(
 
 /// A provisioned device: (thing name, certificate PEM, key).
 async fn provision_device(emu: &AwsEmulatorHandle, serial: &str) -> (String, String, PrivateKey) {
-    let mut claim = Client::connect(emu.mqtt_addr(), &format!("claim-{serial}"), claim_tls(emu))
-        .await
-        .unwrap();
+    let mut claim = Client::claim(emu, &format!("claim-{serial}")).await;
     let (key, csr) = new_csr(serial);
     let cert = create_from_csr(&mut claim, JSON, &csr).await;
     let reg = register(
@@ -258,6 +274,15 @@ async fn get(emu: &AwsEmulatorHandle, path: &str) -> Value {
     body
 }
 
+/// The certificate's status at the emulator is `expected` (`None`: there is no such certificate).
+async fn assert_certificate_status(emu: &AwsEmulatorHandle, id: &str, expected: Option<&str>) {
+    assert_eq!(
+        certificate_status(emu, id).await.as_deref(),
+        expected,
+        "certificate {id}"
+    );
+}
+
 async fn certificate_status(emu: &AwsEmulatorHandle, id: &str) -> Option<String> {
     get(emu, "/certificates")
         .await
@@ -268,36 +293,17 @@ async fn certificate_status(emu: &AwsEmulatorHandle, id: &str) -> Option<String>
         .map(|c| c["status"].as_str().unwrap().to_string())
 }
 
-/// Polls `probe` until it returns Some, failing after LIMIT.
-async fn eventually<T, F, Fut>(what: &str, mut probe: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Option<T>>,
-{
-    let deadline = Instant::now() + LIMIT;
-    loop {
-        if let Some(v) = probe().await {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 // ---------------------------------------------------------------------------------------------
 // Provisioning APIs
 
 #[tokio::test]
 async fn csr_flow_in_json_and_cbor_issues_pending_certificates_chained_to_the_ca() {
-    let dir = tempfile::tempdir().unwrap();
-    let emu = emulator(dir.path(), |_| {}).await;
+    let Fixture { dir, emu } = Fixture::start(|_| {}).await;
     assert_eq!(
         std::fs::read_to_string(dir.path().join("ca.pem")).unwrap(),
         emu.ca_pem()
     );
-    let mut claim = Client::connect(emu.mqtt_addr(), "claim-1", claim_tls(&emu))
-        .await
-        .unwrap();
+    let mut claim = Client::claim(&emu, "claim-1").await;
     for fmt in [JSON, CBOR] {
         let (key, csr) = new_csr(&format!("dev-{fmt}"));
         let resp = create_from_csr(&mut claim, fmt, &csr).await;
@@ -311,23 +317,15 @@ async fn csr_flow_in_json_and_cbor_issues_pending_certificates_chained_to_the_ca
             Some(format!("dev-{fmt}").as_str())
         );
         assert!(!resp.certificate_ownership_token.is_empty());
-        assert_eq!(
-            certificate_status(&emu, &resp.certificate_id)
-                .await
-                .as_deref(),
-            Some("PENDING_ACTIVATION")
-        );
+        assert_certificate_status(&emu, &resp.certificate_id, Some("PENDING_ACTIVATION")).await;
     }
     emu.shutdown().await;
 }
 
 #[tokio::test]
 async fn cbor_indefinite_length_request_is_accepted() {
-    let dir = tempfile::tempdir().unwrap();
-    let emu = emulator(dir.path(), |_| {}).await;
-    let mut claim = Client::connect(emu.mqtt_addr(), "claim-cbor", claim_tls(&emu))
-        .await
-        .unwrap();
+    let Fixture { dir: _dir, emu } = Fixture::start(|_| {}).await;
+    let mut claim = Client::claim(&emu, "claim-cbor").await;
     let (_key, csr) = new_csr("indefinite");
     // {_ "certificateSigningRequest": "<pem>"} with an indefinite-length map (0xBF .. 0xFF).
     let mut payload = vec![0xBF, 0x78, 25];
@@ -345,11 +343,8 @@ async fn cbor_indefinite_length_request_is_accepted() {
 
 #[tokio::test]
 async fn create_keys_and_certificate_accepts_empty_and_empty_map_payloads() {
-    let dir = tempfile::tempdir().unwrap();
-    let emu = emulator(dir.path(), |_| {}).await;
-    let mut claim = Client::connect(emu.mqtt_addr(), "claim-keys", claim_tls(&emu))
-        .await
-        .unwrap();
+    let Fixture { dir: _dir, emu } = Fixture::start(|_| {}).await;
+    let mut claim = Client::claim(&emu, "claim-keys").await;
     for (fmt, payload) in [
         (JSON, b"{}".to_vec()),
         (JSON, Vec::new()),
@@ -361,23 +356,15 @@ async fn create_keys_and_certificate_accepts_empty_and_empty_map_payloads() {
         let key = PrivateKey::from_pem(&resp.private_key).unwrap();
         assert!(identity::cert_matches_key(&resp.certificate_pem, &key).unwrap());
         identity::verify_chain(&resp.certificate_pem, emu.ca_pem(), unix_now()).unwrap();
-        assert_eq!(
-            certificate_status(&emu, &resp.certificate_id)
-                .await
-                .as_deref(),
-            Some("PENDING_ACTIVATION")
-        );
+        assert_certificate_status(&emu, &resp.certificate_id, Some("PENDING_ACTIVATION")).await;
     }
     emu.shutdown().await;
 }
 
 #[tokio::test]
 async fn register_thing_activates_the_certificate_once_even_when_repeated_elsewhere() {
-    let dir = tempfile::tempdir().unwrap();
-    let emu = emulator(dir.path(), |_| {}).await;
-    let mut claim = Client::connect(emu.mqtt_addr(), "claim-a", claim_tls(&emu))
-        .await
-        .unwrap();
+    let Fixture { dir: _dir, emu } = Fixture::start(|_| {}).await;
+    let mut claim = Client::claim(&emu, "claim-a").await;
     let (_key, csr) = new_csr("sn-100");
     let cert = create_from_csr(&mut claim, CBOR, &csr).await;
     let token = cert.certificate_ownership_token.clone();
@@ -395,17 +382,10 @@ async fn register_thing_activates_the_certificate_once_even_when_repeated_elsewh
         first.device_configuration["TelemetryTopic"],
         "dt/sn-100/telemetry"
     );
-    assert_eq!(
-        certificate_status(&emu, &cert.certificate_id)
-            .await
-            .as_deref(),
-        Some("ACTIVE")
-    );
+    assert_certificate_status(&emu, &cert.certificate_id, Some("ACTIVE")).await;
 
     // The SDK may redeem a token on another connection; repeating it changes nothing.
-    let mut other = Client::connect(emu.mqtt_addr(), "claim-b", claim_tls(&emu))
-        .await
-        .unwrap();
+    let mut other = Client::claim(&emu, "claim-b").await;
     let again = register(
         &mut other,
         "FleetTemplate",
@@ -430,11 +410,8 @@ async fn register_thing_activates_the_certificate_once_even_when_repeated_elsewh
 
 #[tokio::test]
 async fn bad_requests_are_rejected_with_aws_errors_and_keep_the_connection() {
-    let dir = tempfile::tempdir().unwrap();
-    let emu = emulator(dir.path(), |_| {}).await;
-    let mut claim = Client::connect(emu.mqtt_addr(), "claim-errors", claim_tls(&emu))
-        .await
-        .unwrap();
+    let Fixture { dir: _dir, emu } = Fixture::start(|_| {}).await;
+    let mut claim = Client::claim(&emu, "claim-errors").await;
     let reject = |body: Bytes, fmt| codec::decode::<ErrorResponse>(fmt, &body).unwrap();
 
     let (ok, body) = claim
@@ -553,19 +530,20 @@ async fn bad_requests_are_rejected_with_aws_errors_and_keep_the_connection() {
 
 #[tokio::test]
 async fn expired_tokens_are_refused_and_their_certificates_deleted() {
-    let dir = tempfile::tempdir().unwrap();
-    let emu = emulator(dir.path(), |o| o.token_ttl = Duration::from_secs(1)).await;
-    let mut claim = Client::connect(emu.mqtt_addr(), "claim-ttl", claim_tls(&emu))
-        .await
-        .unwrap();
+    let Fixture { dir: _dir, emu } = Fixture::start(|o| o.token_ttl = Duration::from_secs(1)).await;
+    let mut claim = Client::claim(&emu, "claim-ttl").await;
     let (_key, csr) = new_csr("late");
     let cert = create_from_csr(&mut claim, JSON, &csr).await;
-    eventually("the unactivated certificate to be deleted", || async {
-        certificate_status(&emu, &cert.certificate_id)
-            .await
-            .is_none()
-            .then_some(())
-    })
+    eventually_async(
+        "the unactivated certificate to be deleted",
+        LIMIT,
+        || async {
+            certificate_status(&emu, &cert.certificate_id)
+                .await
+                .is_none()
+                .then_some(())
+        },
+    )
     .await;
     let err = register(
         &mut claim,
@@ -586,11 +564,8 @@ async fn expired_tokens_are_refused_and_their_certificates_deleted() {
 
 #[tokio::test]
 async fn per_api_rate_limit_answers_429_and_faults_change_it() {
-    let dir = tempfile::tempdir().unwrap();
-    let emu = emulator(dir.path(), |o| o.tps = Some(1.0)).await;
-    let mut claim = Client::connect(emu.mqtt_addr(), "claim-tps", claim_tls(&emu))
-        .await
-        .unwrap();
+    let Fixture { dir: _dir, emu } = Fixture::start(|o| o.tps = Some(1.0)).await;
+    let mut claim = Client::claim(&emu, "claim-tps").await;
     let (_k, csr) = new_csr("tps");
     let req = codec::encode(
         JSON,
@@ -637,14 +612,9 @@ async fn per_api_rate_limit_answers_429_and_faults_change_it() {
 
 #[tokio::test]
 async fn responses_go_only_to_the_requesting_connection() {
-    let dir = tempfile::tempdir().unwrap();
-    let emu = emulator(dir.path(), |_| {}).await;
-    let mut a = Client::connect(emu.mqtt_addr(), "claim-a", claim_tls(&emu))
-        .await
-        .unwrap();
-    let mut b = Client::connect(emu.mqtt_addr(), "claim-b", claim_tls(&emu))
-        .await
-        .unwrap();
+    let Fixture { dir: _dir, emu } = Fixture::start(|_| {}).await;
+    let mut a = Client::claim(&emu, "claim-a").await;
+    let mut b = Client::claim(&emu, "claim-b").await;
     // B listens on the same response topics before A asks.
     b.subscribe(&topics::accepted(&topics::create_from_csr(JSON)))
         .await;
@@ -656,9 +626,7 @@ async fn responses_go_only_to_the_requesting_connection() {
     let resp_b = create_from_csr(&mut b, JSON, &csr_b).await;
     assert!(identity::cert_matches_csr(&resp_b.certificate_pem, &csr_b).unwrap());
     // A request without a subscription gets no answer, but the certificate is still issued.
-    let mut c = Client::connect(emu.mqtt_addr(), "claim-c", claim_tls(&emu))
-        .await
-        .unwrap();
+    let mut c = Client::claim(&emu, "claim-c").await;
     let (_kc, csr_c) = new_csr("unsubscribed");
     c.publish(
         &topics::create_from_csr(JSON),
@@ -671,7 +639,7 @@ async fn responses_go_only_to_the_requesting_connection() {
         ),
     )
     .await;
-    eventually("the third certificate", || async {
+    eventually_async("the third certificate", LIMIT, || async {
         (get(&emu, "/certificates").await.as_array().unwrap().len() == 3).then_some(())
     })
     .await;
@@ -690,20 +658,15 @@ async fn responses_go_only_to_the_requesting_connection() {
 
 #[tokio::test]
 async fn claim_certificate_cannot_publish_or_subscribe_outside_provisioning_topics() {
-    let dir = tempfile::tempdir().unwrap();
-    let emu = emulator(dir.path(), |_| {}).await;
-    let mut claim = Client::connect(emu.mqtt_addr(), "claim-bad", claim_tls(&emu))
-        .await
-        .unwrap();
+    let Fixture { dir: _dir, emu } = Fixture::start(|_| {}).await;
+    let mut claim = Client::claim(&emu, "claim-bad").await;
     claim
         .publish("dt/claim/telemetry", QoS::AtLeastOnce, b"{}".to_vec())
         .await;
     claim.closed().await;
     assert!(get(&emu, "/messages").await.as_array().unwrap().is_empty());
 
-    let mut claim = Client::connect(emu.mqtt_addr(), "claim-bad2", claim_tls(&emu))
-        .await
-        .unwrap();
+    let mut claim = Client::claim(&emu, "claim-bad2").await;
     claim
         .mqtt
         .subscribe("cmd/#", QoS::AtLeastOnce)
@@ -719,11 +682,8 @@ async fn claim_certificate_cannot_publish_or_subscribe_outside_provisioning_topi
 
 #[tokio::test]
 async fn only_active_certificates_connect_and_only_as_their_thing() {
-    let dir = tempfile::tempdir().unwrap();
-    let emu = emulator(dir.path(), |_| {}).await;
-    let mut claim = Client::connect(emu.mqtt_addr(), "claim-p", claim_tls(&emu))
-        .await
-        .unwrap();
+    let Fixture { dir: _dir, emu } = Fixture::start(|_| {}).await;
+    let mut claim = Client::claim(&emu, "claim-p").await;
     let (key, csr) = new_csr("pending-1");
     let pending = create_from_csr(&mut claim, JSON, &csr).await;
     let tls = device_tls(&emu, &pending.certificate_pem, &key);
@@ -758,8 +718,7 @@ async fn only_active_certificates_connect_and_only_as_their_thing() {
 /// the cloud side publishes with `POST /topics/{topic}` on the filters it subscribed to.
 #[tokio::test]
 async fn gateway_certificate_connects_as_its_thing_and_receives_cloud_side_publishes() {
-    let dir = tempfile::tempdir().unwrap();
-    let emu = emulator(dir.path(), |_| {}).await;
+    let Fixture { dir: _dir, emu } = Fixture::start(|_| {}).await;
     let cert = std::fs::read_to_string(emu.gateway_cert_path()).unwrap();
     let key = PrivateKey::import_file(&emu.gateway_key_path(), None).unwrap();
     let tls = device_tls(&emu, &cert, &key);
@@ -820,7 +779,7 @@ async fn gateway_certificate_connects_as_its_thing_and_receives_cloud_side_publi
         b"{\"seq\":0}".to_vec(),
     )
     .await;
-    let recorded = eventually("the gateway's message in /messages", || async {
+    let recorded = eventually_async("the gateway's message in /messages", LIMIT, || async {
         let list = get(&emu, "/messages").await;
         list.as_array().unwrap().first().cloned()
     })
@@ -835,8 +794,7 @@ async fn gateway_certificate_connects_as_its_thing_and_receives_cloud_side_publi
 
 #[tokio::test]
 async fn device_qos1_telemetry_is_acknowledged_and_recorded_in_order() {
-    let dir = tempfile::tempdir().unwrap();
-    let emu = emulator(dir.path(), |_| {}).await;
+    let Fixture { dir: _dir, emu } = Fixture::start(|_| {}).await;
     let (thing, cert, key) = provision_device(&emu, "sensor-7").await;
     let mut dev = Client::connect(emu.mqtt_addr(), &thing, device_tls(&emu, &cert, &key))
         .await
@@ -863,15 +821,11 @@ async fn device_qos1_telemetry_is_acknowledged_and_recorded_in_order() {
     let msgs = get(&emu, "/messages?clientId=sensor-7").await;
     let msgs = msgs.as_array().unwrap();
     assert_eq!(msgs.len(), 3);
-    use base64::Engine;
     for (i, m) in msgs.iter().enumerate() {
         assert_eq!(m["clientId"], "sensor-7");
         assert_eq!(m["topic"], "dt/sensor-7/telemetry");
         assert_eq!(m["qos"], 1);
-        let payload = base64::engine::general_purpose::STANDARD
-            .decode(m["payloadBase64"].as_str().unwrap())
-            .unwrap();
-        assert_eq!(payload, format!("{{\"n\":{i}}}").into_bytes());
+        assert_eq!(messages::payload(m), format!("{{\"n\":{i}}}").into_bytes());
     }
     let stats = get(&emu, "/stats").await;
     assert_eq!(stats["clients"]["sensor-7"]["messages"], 3);
@@ -880,8 +834,7 @@ async fn device_qos1_telemetry_is_acknowledged_and_recorded_in_order() {
 
 #[tokio::test]
 async fn qos2_and_oversized_publishes_close_the_connection() {
-    let dir = tempfile::tempdir().unwrap();
-    let emu = emulator(dir.path(), |_| {}).await;
+    let Fixture { dir: _dir, emu } = Fixture::start(|_| {}).await;
     let (thing, cert, key) = provision_device(&emu, "limits-1").await;
     let tls = device_tls(&emu, &cert, &key);
 
@@ -922,8 +875,7 @@ async fn qos2_and_oversized_publishes_close_the_connection() {
 
 #[tokio::test]
 async fn a_second_connection_with_the_same_client_id_takes_over() {
-    let dir = tempfile::tempdir().unwrap();
-    let emu = emulator(dir.path(), |_| {}).await;
+    let Fixture { dir: _dir, emu } = Fixture::start(|_| {}).await;
     let (thing, cert, key) = provision_device(&emu, "twin-1").await;
     let tls = device_tls(&emu, &cert, &key);
     let mut first = Client::connect(emu.mqtt_addr(), &thing, tls.clone())
@@ -951,8 +903,7 @@ async fn a_second_connection_with_the_same_client_id_takes_over() {
 #[tokio::test]
 async fn keep_alive_is_enforced() {
     use rumqttc::mqttbytes::v4;
-    let dir = tempfile::tempdir().unwrap();
-    let emu = emulator(dir.path(), |_| {}).await;
+    let Fixture { dir: _dir, emu } = Fixture::start(|_| {}).await;
     let tcp = TcpStream::connect(emu.mqtt_addr()).await.unwrap();
     let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
     let mut tls = tokio_rustls::TlsConnector::from(claim_tls(&emu))
@@ -987,8 +938,7 @@ async fn mqtt5_clients_provision_and_publish() {
     use rumqttc::v5::mqttbytes::QoS as Q5;
     use rumqttc::v5::{AsyncClient as Client5, Event as Event5, MqttOptions as Options5};
 
-    let dir = tempfile::tempdir().unwrap();
-    let emu = emulator(dir.path(), |_| {}).await;
+    let Fixture { dir: _dir, emu } = Fixture::start(|_| {}).await;
     let mut opts = Options5::new("claim-v5", "localhost", emu.mqtt_addr().port());
     opts.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(
         claim_tls(&emu),
@@ -1112,8 +1062,7 @@ async fn mqtt5_clients_provision_and_publish() {
 
 #[tokio::test]
 async fn restart_with_the_same_dir_keeps_the_ca_things_and_certificates() {
-    let dir = tempfile::tempdir().unwrap();
-    let emu = emulator(dir.path(), |_| {}).await;
+    let Fixture { dir, emu } = Fixture::start(|_| {}).await;
     let ca_before = emu.ca_pem().to_string();
     let claim_before = std::fs::read(emu.claim_cert_path()).unwrap();
     let (thing, cert, key) = provision_device(&emu, "keeper-1").await;
@@ -1129,7 +1078,7 @@ async fn restart_with_the_same_dir_keeps_the_ca_things_and_certificates() {
         .unwrap();
     dev.publish("dt/keeper-1/telemetry", QoS::AtMostOnce, b"back".to_vec())
         .await;
-    eventually("the message after restart", || async {
+    eventually_async("the message after restart", LIMIT, || async {
         (get(&emu, "/messages").await.as_array().unwrap().len() == 1).then_some(())
     })
     .await;
@@ -1138,8 +1087,7 @@ async fn restart_with_the_same_dir_keeps_the_ca_things_and_certificates() {
 
 #[tokio::test]
 async fn discovery_files_describe_the_bound_listeners() {
-    let dir = tempfile::tempdir().unwrap();
-    let emu = emulator(dir.path(), |_| {}).await;
+    let Fixture { dir, emu } = Fixture::start(|_| {}).await;
     let root = std::fs::canonicalize(dir.path()).unwrap();
     let discovery: Value =
         serde_json::from_slice(&std::fs::read(root.join("emulator.json")).unwrap()).unwrap();
@@ -1252,11 +1200,8 @@ async fn discovery_files_describe_the_bound_listeners() {
 
 #[tokio::test]
 async fn an_outage_drops_connections_and_refuses_new_ones_until_it_ends() {
-    let dir = tempfile::tempdir().unwrap();
-    let emu = emulator(dir.path(), |_| {}).await;
-    let mut claim = Client::connect(emu.mqtt_addr(), "claim-outage", claim_tls(&emu))
-        .await
-        .unwrap();
+    let Fixture { dir: _dir, emu } = Fixture::start(|_| {}).await;
+    let mut claim = Client::claim(&emu, "claim-outage").await;
     let (status, view) = http(
         emu.api_addr(),
         "POST",
@@ -1272,7 +1217,7 @@ async fn an_outage_drops_connections_and_refuses_new_ones_until_it_ends() {
             .await
             .is_err()
     );
-    let mut back = eventually("the outage to end", || async {
+    let mut back = eventually_async("the outage to end", LIMIT, || async {
         Client::connect(emu.mqtt_addr(), "claim-outage", claim_tls(&emu))
             .await
             .ok()
@@ -1321,9 +1266,7 @@ async fn templates_file_adds_templates_and_inactive_certificates_cannot_connect(
     })
     .await;
     assert_eq!(emu.templates(), ["FleetTemplate", "Quarantine"]);
-    let mut claim = Client::connect(emu.mqtt_addr(), "claim-q", claim_tls(&emu))
-        .await
-        .unwrap();
+    let mut claim = Client::claim(&emu, "claim-q").await;
     let (key, csr) = new_csr("q-1");
     let cert = create_from_csr(&mut claim, JSON, &csr).await;
     let token = cert.certificate_ownership_token.as_str();
@@ -1348,12 +1291,7 @@ async fn templates_file_adds_templates_and_inactive_certificates_cannot_connect(
     .unwrap();
     assert_eq!(reg.thing_name, "q-lab-7");
     assert_eq!(reg.device_configuration["site"], "lab");
-    assert_eq!(
-        certificate_status(&emu, &cert.certificate_id)
-            .await
-            .as_deref(),
-        Some("INACTIVE")
-    );
+    assert_certificate_status(&emu, &cert.certificate_id, Some("INACTIVE")).await;
     let err = Client::connect(
         emu.mqtt_addr(),
         "q-lab-7",
@@ -1368,11 +1306,8 @@ async fn templates_file_adds_templates_and_inactive_certificates_cannot_connect(
 
 #[tokio::test]
 async fn response_delay_and_dropped_response_faults() {
-    let dir = tempfile::tempdir().unwrap();
-    let emu = emulator(dir.path(), |_| {}).await;
-    let mut claim = Client::connect(emu.mqtt_addr(), "claim-faults", claim_tls(&emu))
-        .await
-        .unwrap();
+    let Fixture { dir: _dir, emu } = Fixture::start(|_| {}).await;
+    let mut claim = Client::claim(&emu, "claim-faults").await;
     let (status, _) = http(
         emu.api_addr(),
         "POST",
@@ -1409,7 +1344,7 @@ async fn response_delay_and_dropped_response_faults() {
             ),
         )
         .await;
-    eventually("the response to be dropped", || async {
+    eventually_async("the response to be dropped", LIMIT, || async {
         (get(&emu, "/stats").await["requests"]["droppedResponses"] == 1).then_some(())
     })
     .await;

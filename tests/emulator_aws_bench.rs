@@ -6,9 +6,9 @@
 //! figures are lower bounds. Sizes can be changed with `BENCH_CSR_REQUESTS`,
 //! `BENCH_TELEMETRY_MESSAGES`, `BENCH_CONNECTIONS`.
 
+mod common;
+
 use std::net::SocketAddr;
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -26,86 +26,48 @@ use fleetgw::cloud::codec::{
 };
 use fleetgw::identity::{self, KeyType, PrivateKey};
 
+use common::env_or;
+use common::process::EmulatorProcess;
+
 const JSON: PayloadFormat = PayloadFormat::Json;
 
 fn env_usize(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
+    env_or(name, default as u64) as usize
 }
 
+/// The emulator process and the claim credentials it made.
 struct Emulator {
-    child: Child,
+    process: EmulatorProcess,
     mqtt: SocketAddr,
     ca_pem: String,
     claim_tls: Arc<rustls::ClientConfig>,
 }
 
-impl Drop for Emulator {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 impl Emulator {
-    fn start(dir: &Path) -> Emulator {
-        let child = Command::new(env!("CARGO_BIN_EXE_fleetgw"))
-            .args([
-                "emulate",
-                "aws",
-                "--mqtt",
-                "127.0.0.1:0",
-                "--api",
-                "127.0.0.1:0",
-            ])
-            .arg("--dir")
-            .arg(dir)
-            .stdout(Stdio::null())
-            .spawn()
-            .unwrap();
-        let deadline = Instant::now() + Duration::from_secs(30);
-        let discovery: serde_json::Value = loop {
-            if let Ok(bytes) = std::fs::read(dir.join("emulator.json")) {
-                break serde_json::from_slice(&bytes).unwrap();
-            }
-            assert!(Instant::now() < deadline, "emulator did not start");
-            std::thread::sleep(Duration::from_millis(50));
-        };
-        let mqtt = discovery["mqtt"].as_str().unwrap().parse().unwrap();
-        let ca_pem = std::fs::read_to_string(dir.join("ca.pem")).unwrap();
-        let claim = std::fs::read_to_string(dir.join("claim.pem")).unwrap();
+    async fn start(dir: &std::path::Path) -> Emulator {
+        let emu_dir = dir.join("emu");
+        let process = EmulatorProcess::start(&emu_dir, dir.join("emulator.log"), |l| l).await;
+        let claim = std::fs::read_to_string(emu_dir.join("claim.pem")).unwrap();
         let key =
-            PrivateKey::from_pem(&std::fs::read_to_string(dir.join("claim.key")).unwrap()).unwrap();
-        let claim_tls = identity::tls::client_config(&ca_pem, Some((&claim, &key))).unwrap();
+            PrivateKey::from_pem(&std::fs::read_to_string(emu_dir.join("claim.key")).unwrap())
+                .unwrap();
+        let claim_tls =
+            identity::tls::client_config(&process.ca_pem, Some((&claim, &key))).unwrap();
         Emulator {
-            child,
-            mqtt,
-            ca_pem,
+            mqtt: process.mqtt,
+            ca_pem: process.ca_pem.clone(),
             claim_tls,
+            process,
         }
     }
 
     /// CPU time (user + system) the emulator process used so far.
     fn cpu(&self) -> Duration {
-        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.child.id())).unwrap();
-        // Fields after the parenthesised command name; utime and stime are fields 14 and 15.
-        let rest = &stat[stat.rfind(')').unwrap() + 2..];
-        let fields: Vec<&str> = rest.split(' ').collect();
-        let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
-        // SAFETY: sysconf has no preconditions.
-        let per_sec = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as u64;
-        Duration::from_millis(ticks * 1000 / per_sec)
+        self.process.process.cpu()
     }
 
     fn rss_kib(&self) -> u64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-            .unwrap()
+        self.process.process.rss_kib()
     }
 }
 
@@ -163,7 +125,7 @@ async fn wait_for(
 #[ignore = "benchmark: run by hand with --ignored --nocapture"]
 async fn emulator_scale_figures() {
     let dir = tempfile::tempdir().unwrap();
-    let emu = Emulator::start(dir.path());
+    let emu = Emulator::start(dir.path()).await;
     let rss_idle = emu.rss_kib();
 
     // 1. CreateCertificateFromCsr over 8 claim connections, requests pipelined per connection.

@@ -9,7 +9,7 @@
 //! same code the daemon uses.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -28,6 +28,8 @@ use fleetgw::sim::{
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 
 mod common;
+
+use common::wait::eventually;
 
 /// The gateway's embedded broker on a free loopback port (it lives until the test process ends).
 async fn embedded_broker() -> EmbeddedBroker {
@@ -49,12 +51,7 @@ struct TestBroker {
 impl TestBroker {
     /// `None` (with a notice) when mosquitto is not installed.
     fn start() -> Option<Self> {
-        let port = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        Self::start_on(port)
+        Self::start_on(common::free_port())
     }
 
     /// On a given port (a restart of a stopped broker).
@@ -495,11 +492,10 @@ async fn devices_reconnect_resubscribe_and_resend_after_a_broker_restart() {
     let fleet = tokio::spawn(run_fleet(opts, |_| {}));
 
     // Every device has subscribed and sent its request, unanswered.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while spy.lock().unwrap().requests.len() < 6 {
-        assert!(Instant::now() < deadline, "requests did not arrive");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    eventually("the requests to arrive", Duration::from_secs(10), || {
+        (spy.lock().unwrap().requests.len() >= 6).then_some(())
+    })
+    .await;
     let port = broker.port;
     relay.refuse_new(true);
     drop(broker);
@@ -793,11 +789,7 @@ async fn silence_times_out_with_the_stage_and_last_status() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unreachable_broker_times_out_while_connecting() {
     // A port nobody listens on: bound, then released.
-    let port = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = common::free_port();
     let mut opts = FleetOptions::new("127.0.0.1", port, 2);
     opts.timeout = Duration::from_secs(1);
     let report = run_fleet(opts, |_| {}).await.unwrap();

@@ -8,11 +8,9 @@
 //! certificates) and what the store holds after a clean stop.
 
 use std::collections::{BTreeMap, HashMap};
-use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::ops::Deref;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use fleetgw::admission::{sas, Attestation};
 use fleetgw::device_id::DeviceId;
@@ -22,161 +20,84 @@ use fleetgw::identity::{self, KeyType, PrivateKey};
 use fleetgw::store::{DeviceState, Store, StoreOptions};
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use serde_json::Value;
+use tempfile::TempDir;
 
 mod common;
 
-const BIN: &str = env!("CARGO_BIN_EXE_fleetgw");
+use common::http::http_within;
+use common::process::{EmulatorProcess, Fleetgw};
+use common::wait::{eventually, eventually_async, Lazy};
+use common::{free_port, unix_now};
 
-// ---------- processes ----------
+/// Bound of one request to the emulator's API.
+const API_WAIT: Duration = Duration::from_secs(10);
 
-/// A child process killed (SIGKILL) when dropped; its output goes to a log file.
-struct Proc {
-    child: Child,
-    log: PathBuf,
+// ---------- fixture ----------
+
+/// What every test starts from: a temp dir, the emulator in it and the port the daemon's
+/// device broker will listen on.
+struct Fixture {
+    dir: TempDir,
+    emu: Emulator,
+    port: u16,
 }
 
-impl Proc {
-    fn spawn(args: &[String], log: &Path, envs: &[(&str, &str)]) -> Proc {
-        let out = std::fs::File::create(log).unwrap();
-        let err = out.try_clone().unwrap();
-        let mut cmd = Command::new(BIN);
-        cmd.args(args)
-            .env("RUST_LOG", "info,rumqttc=warn")
-            .stdin(Stdio::null())
-            .stdout(out)
-            .stderr(err);
-        for (k, v) in envs {
-            cmd.env(k, v);
-        }
-        Proc {
-            child: cmd.spawn().unwrap(),
-            log: log.to_path_buf(),
-        }
-    }
-
-    fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    fn signal(&self, sig: i32) {
-        // SAFETY: kill(2) on our own child's pid.
-        unsafe {
-            libc::kill(self.child.id() as i32, sig);
+impl Fixture {
+    /// `emu_args`: extra `fleetgw emulate aws` arguments.
+    async fn start(emu_args: &[&str]) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let emu = Emulator::start(dir.path(), emu_args).await;
+        Self {
+            dir,
+            emu,
+            port: free_port(),
         }
     }
 
-    fn wait_exit(&mut self, within: Duration) -> ExitStatus {
-        let deadline = Instant::now() + within;
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return status;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "process did not exit within {within:?}; log:\n{}",
-                tail(&self.log_text())
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn tail(s: &str) -> String {
-    let lines: Vec<&str> = s.lines().collect();
-    lines[lines.len().saturating_sub(40)..].join("\n")
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn poll_until<T>(what: &str, within: Duration, mut f: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + within;
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(25));
+    /// The first daemon, with `sets` as config overrides.
+    async fn gateway(&self, sets: &[&str]) -> Gateway {
+        Gateway::start(self, sets, &[], 1).await
     }
 }
 
 // ---------- emulator ----------
 
-struct Emulator {
-    _proc: Proc,
-    dir: PathBuf,
-    api: String,
-    ca_pem: String,
+/// `fleetgw emulate aws` and what the checks read from its inspection API.
+struct Emulator(EmulatorProcess);
+
+impl Deref for Emulator {
+    type Target = EmulatorProcess;
+
+    fn deref(&self) -> &EmulatorProcess {
+        &self.0
+    }
 }
 
 impl Emulator {
-    fn start(dir: &Path, extra: &[&str]) -> Emulator {
-        let emu_dir = dir.join("emu");
-        let _ = std::fs::remove_file(emu_dir.join("emulator.json"));
-        let mut args: Vec<String> = [
-            "emulate",
-            "aws",
-            "--dir",
-            emu_dir.to_str().unwrap(),
-            "--mqtt",
-            "127.0.0.1:0",
-            "--api",
-            "127.0.0.1:0",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-        args.extend(extra.iter().map(|s| s.to_string()));
-        let proc = Proc::spawn(&args, &dir.join("emulator.log"), &[]);
-        let info: Value = poll_until("emulator.json", Duration::from_secs(30), || {
-            let text = std::fs::read_to_string(emu_dir.join("emulator.json")).ok()?;
-            serde_json::from_str(&text).ok()
-        });
-        let api = info["api"]
-            .as_str()
-            .unwrap()
-            .trim_start_matches("http://")
-            .to_string();
-        let ca_pem = std::fs::read_to_string(emu_dir.join("ca.pem")).unwrap();
-        Emulator {
-            _proc: proc,
-            dir: emu_dir,
-            api,
-            ca_pem,
-        }
+    async fn start(dir: &Path, extra: &[&str]) -> Emulator {
+        let log = dir.join("emulator.log");
+        let process = EmulatorProcess::start(&dir.join("emu"), log, |launch| {
+            launch.env("RUST_LOG", "info,rumqttc=warn").args(extra)
+        })
+        .await;
+        Emulator(process)
     }
 
-    fn gateway_config(&self) -> PathBuf {
-        self.dir.join("gateway.toml")
-    }
-
-    fn get(&self, path: &str) -> Value {
-        let (status, body) = http(&self.api, "GET", path, None);
+    async fn get(&self, path: &str) -> Value {
+        let (status, body) = http_within(self.api, "GET", path, None, API_WAIT).await;
         assert_eq!(status, 200, "GET {path}: {body}");
-        serde_json::from_str(&body).unwrap()
+        body
     }
 
-    fn post(&self, path: &str, body: &str) {
-        let (status, text) = http(&self.api, "POST", path, Some(body));
+    async fn post(&self, path: &str, body: &str) {
+        let (status, text) = http_within(self.api, "POST", path, Some(body), API_WAIT).await;
         assert!((200..300).contains(&status), "POST {path}: {status} {text}");
     }
 
     /// thing name -> certificate ids
-    fn things(&self) -> HashMap<String, Vec<String>> {
+    async fn things(&self) -> HashMap<String, Vec<String>> {
         let mut out = HashMap::new();
-        for t in self.get("/things").as_array().unwrap() {
+        for t in self.get("/things").await.as_array().unwrap() {
             let name = t["thingName"].as_str().unwrap().to_string();
             let certs = t["certificateIds"]
                 .as_array()
@@ -195,8 +116,9 @@ impl Emulator {
     }
 
     /// certificate id -> status
-    fn certificates(&self) -> HashMap<String, String> {
+    async fn certificates(&self) -> HashMap<String, String> {
         self.get("/certificates")
+            .await
             .as_array()
             .unwrap()
             .iter()
@@ -210,110 +132,62 @@ impl Emulator {
     }
 }
 
-/// A minimal HTTP/1.1 client for the emulator's inspection API (`Connection: close`).
-fn http(addr: &str, method: &str, path: &str, body: Option<&str>) -> (u16, String) {
-    let mut s = TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    let body = body.unwrap_or("");
-    write!(
-        s,
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    )
-    .unwrap();
-    let mut raw = String::new();
-    s.read_to_string(&mut raw).unwrap();
-    let (head, rest) = raw.split_once("\r\n\r\n").unwrap_or((&raw, ""));
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    let body = if head
-        .to_ascii_lowercase()
-        .contains("transfer-encoding: chunked")
-    {
-        dechunk(rest)
-    } else {
-        rest.to_string()
-    };
-    (status, body)
-}
-
-fn dechunk(mut s: &str) -> String {
-    let mut out = String::new();
-    while let Some((size, rest)) = s.split_once("\r\n") {
-        let n = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
-        if n == 0 {
-            break;
-        }
-        out.push_str(&rest[..n]);
-        s = &rest[n + 2..];
-    }
-    out
-}
-
 // ---------- daemon ----------
 
 struct Gateway {
-    proc: Proc,
+    proc: Fleetgw,
     state_dir: PathBuf,
 }
 
 impl Gateway {
-    /// Starts `fleetgw run` with the emulator's gateway.toml and waits for readiness.
-    fn start(
-        dir: &Path,
-        emu: &Emulator,
-        port: u16,
-        sets: &[&str],
-        envs: &[(&str, &str)],
-        n: usize,
-    ) -> Gateway {
+    /// Starts `fleetgw run` (the `n`th in this test) with the emulator's gateway.toml and waits
+    /// for readiness.
+    async fn start(f: &Fixture, sets: &[&str], envs: &[(&str, &str)], n: usize) -> Gateway {
+        let dir = f.dir.path();
         let state_dir = dir.join("gateway-state");
-        let mut args = vec![
-            "run".to_string(),
-            "--config".to_string(),
-            emu.gateway_config().to_str().unwrap().to_string(),
-            "--set".to_string(),
-            format!("downstream.listen=\"127.0.0.1:{port}\""),
-            "--set".to_string(),
+        let mut launch = Fleetgw::run(
+            &f.emu.gateway_config(),
+            dir.join(format!("gateway-{n}.log")),
+        )
+        .env("RUST_LOG", "info,rumqttc=warn")
+        .sets([
+            format!("downstream.listen=\"127.0.0.1:{}\"", f.port),
             format!("gateway.state_dir=\"{}\"", state_dir.display()),
-        ];
-        for s in sets {
-            args.push("--set".to_string());
-            args.push(s.to_string());
+        ])
+        .sets(sets);
+        for (k, v) in envs {
+            launch = launch.env(k, v);
         }
-        let proc = Proc::spawn(&args, &dir.join(format!("gateway-{n}.log")), envs);
-        let gw = Gateway { proc, state_dir };
-        poll_until("fleetgw ready", Duration::from_secs(30), || {
-            let log = gw.proc.log_text();
+        let proc = launch.spawn();
+        let what = Lazy(|| format!("fleetgw ready; log:\n{}", proc.log_tail()));
+        eventually(what, Duration::from_secs(30), || {
+            let log = proc.log();
             assert!(
                 !log.contains("fleetgw: "),
                 "daemon failed to start:\n{}",
-                tail(&log)
+                proc.log_tail()
             );
             log.contains("fleetgw ready").then_some(())
-        });
-        gw
+        })
+        .await;
+        Gateway { proc, state_dir }
     }
 
     /// SIGTERM, expect a clean exit 0.
-    fn stop(mut self) -> PathBuf {
+    async fn stop(self) -> PathBuf {
         self.proc.signal(libc::SIGTERM);
-        let status = self.proc.wait_exit(Duration::from_secs(30));
+        let status = self.proc.wait_exit(Duration::from_secs(30)).await;
         assert!(
             status.success(),
             "daemon exit {status:?} after SIGTERM; log:\n{}",
-            tail(&self.proc.log_text())
+            self.proc.log_tail()
         );
-        assert!(self.proc.log_text().contains("store flushed"));
+        assert!(self.proc.log().contains("store flushed"));
         self.state_dir.clone()
     }
 
-    fn kill(mut self) {
-        self.proc.signal(libc::SIGKILL);
-        self.proc.wait_exit(Duration::from_secs(10));
+    fn kill(self) {
+        self.proc.kill9();
     }
 }
 
@@ -474,13 +348,6 @@ async fn provision_all(port: u16, devices: &[Device], within: Duration) -> Vec<A
     out
 }
 
-fn unix_now() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_secs() as i64
-}
-
 /// The answer is the device's: its id, a certificate chaining to the cloud CA for its key.
 fn check_accepted(dev: &Device, a: &AcceptedResponse, ca_pem: &str) {
     assert_eq!(a.device_id.as_str(), dev.id);
@@ -538,8 +405,11 @@ fn fleet(prefix: &str, n: usize) -> Vec<Device> {
 }
 
 /// Exactly one thing per device, and nothing else.
-fn assert_one_thing_per_device(emu: &Emulator, devices: &[Device]) -> HashMap<String, Vec<String>> {
-    let things = emu.things();
+async fn assert_one_thing_per_device(
+    emu: &Emulator,
+    devices: &[Device],
+) -> HashMap<String, Vec<String>> {
+    let things = emu.things().await;
     for d in devices {
         let certs = things
             .get(&d.id)
@@ -554,25 +424,24 @@ fn assert_one_thing_per_device(emu: &Emulator, devices: &[Device]) -> HashMap<St
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn devices_provision_end_to_end_and_repeats_get_the_stored_result() {
-    let dir = tempfile::tempdir().unwrap();
-    let emu = Emulator::start(dir.path(), &[]);
-    let port = free_port();
+    let f = Fixture::start(&[]).await;
+    let (emu, port) = (&f.emu, f.port);
     // Generated keys are sealed at rest.
-    let sealing_key = dir.path().join("sealing.key");
+    let sealing_key = f.dir.path().join("sealing.key");
     std::fs::write(&sealing_key, "ab".repeat(32)).unwrap();
     let sealing = format!("provision.sealing_key_file=\"{}\"", sealing_key.display());
-    let gw = Gateway::start(dir.path(), &emu, port, &[&sealing], &[], 1);
+    let gw = f.gateway(&[&sealing]).await;
 
     let devices = fleet("e2e", 24);
     let results = provision_all(port, &devices, Duration::from_secs(60)).await;
     for (d, a) in devices.iter().zip(&results) {
         check_accepted(d, a, &emu.ca_pem);
     }
-    let things = assert_one_thing_per_device(&emu, &devices);
+    let things = assert_one_thing_per_device(emu, &devices).await;
     for (d, a) in devices.iter().zip(&results) {
         assert_eq!(things[&d.id], vec![a.certificate_id.clone()]);
     }
-    let certs = emu.certificates();
+    let certs = emu.certificates().await;
     assert_eq!(certs.len(), devices.len(), "one certificate per device");
     assert!(certs.values().all(|s| s == "ACTIVE"), "{certs:?}");
 
@@ -594,13 +463,13 @@ async fn devices_provision_end_to_end_and_repeats_get_the_stored_result() {
         assert_eq!(again, results[i], "device {}", d.id);
     }
     assert_eq!(
-        emu.certificates().len(),
+        emu.certificates().await.len(),
         devices.len(),
         "no second certificate"
     );
-    assert_eq!(emu.things().len(), devices.len());
+    assert_eq!(emu.things().await.len(), devices.len());
 
-    let state_dir = gw.stop();
+    let state_dir = gw.stop().await;
     let store = open_store(&state_dir);
     let sealer = fleetgw::identity::Sealer::from_key_file(&sealing_key).unwrap();
     for d in &devices {
@@ -678,20 +547,14 @@ async fn rejected_for(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_requests_are_rejected_stored_nowhere_and_others_still_provision() {
-    let dir = tempfile::tempdir().unwrap();
-    let emu = Emulator::start(dir.path(), &[]);
-    let port = free_port();
-    let gw = Gateway::start(
-        dir.path(),
-        &emu,
-        port,
-        &[
+    let f = Fixture::start(&[]).await;
+    let (emu, port) = (&f.emu, f.port);
+    let gw = f
+        .gateway(&[
             "provision.allowed_csr_key_types=[\"ecdsa-p256\"]",
             "downstream.device_rate_per_minute=6",
-        ],
-        &[],
-        1,
-    );
+        ])
+        .await;
     let json = PayloadFormat::Json;
     let none = r#"{"attestation":{"type":"none"}}"#;
     let with_csr = |csr: &str| {
@@ -826,14 +689,14 @@ async fn bad_requests_are_rejected_stored_nowhere_and_others_still_provision() {
     for (d, a) in good.iter().zip(&good_results) {
         check_accepted(d, a, &emu.ca_pem);
     }
-    assert_one_thing_per_device(&emu, &good);
+    assert_one_thing_per_device(emu, &good).await;
     assert_eq!(
-        emu.certificates().len(),
+        emu.certificates().await.len(),
         good.len(),
         "no certificate for a bad request"
     );
 
-    let state_dir = gw.stop();
+    let state_dir = gw.stop().await;
     let store = open_store(&state_dir);
     assert_eq!(
         store.device_count(),
@@ -864,11 +727,10 @@ async fn crash_safety_under_repeated_sigkill() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(10);
     let sessions = 4;
-    let dir = tempfile::tempdir().unwrap();
+    let f = Fixture::start(&[]).await;
+    let (emu, port) = (&f.emu, f.port);
     // Slow the cloud a little so that kills often land while requests are in flight.
-    let emu = Emulator::start(dir.path(), &[]);
-    emu.post("/faults", r#"{"responseDelayMs":5}"#);
-    let port = free_port();
+    emu.post("/faults", r#"{"responseDelayMs":5}"#).await;
     let sets = [
         "downstream.device_rate_per_minute=600",
         "cloud.aws.sessions=4",
@@ -909,20 +771,25 @@ async fn crash_safety_under_repeated_sigkill() {
     };
     let mut kills_mid_provisioning = 0;
     for k in 0..kills {
-        let gw = Gateway::start(dir.path(), &emu, port, &sets, &[], k);
+        let gw = Gateway::start(&f, &sets, &[], k).await;
         // Kill k lands at a random point of the k-th slice of the fleet's progress (things the
         // cloud has registered), then a random few milliseconds later, so that every kill hits
         // devices in all states whatever the speed of the machine.
         let slice = (n / (kills + 1)) as u64;
         let target = (k as u64 + 1) * slice - next_rand(slice / 2 + 1);
-        poll_until("provisioning progress", Duration::from_secs(120), || {
-            let things = emu.get("/stats")["things"].as_u64()?;
-            (things >= target).then_some(())
-        });
+        eventually_async(
+            "provisioning progress",
+            Duration::from_secs(120),
+            || async {
+                let things = emu.get("/stats").await["things"].as_u64()?;
+                (things >= target).then_some(())
+            },
+        )
+        .await;
         tokio::time::sleep(Duration::from_millis(next_rand(50))).await;
         gw.kill();
         // The store must open cleanly after every kill.
-        let store = open_store(&dir.path().join("gateway-state"));
+        let store = open_store(&f.dir.path().join("gateway-state"));
         let delivered = store
             .devices()
             .filter(|r| matches!(r.as_ref().unwrap().state, DeviceState::Delivered))
@@ -936,7 +803,7 @@ async fn crash_safety_under_repeated_sigkill() {
         kills_mid_provisioning, kills,
         "every kill must land while devices are still provisioning"
     );
-    let gw = Gateway::start(dir.path(), &emu, port, &sets, &[], kills);
+    let gw = Gateway::start(&f, &sets, &[], kills).await;
     let outcomes = fleet_task.await.unwrap();
     for (d, o) in devices.iter().zip(&outcomes) {
         match o {
@@ -944,8 +811,8 @@ async fn crash_safety_under_repeated_sigkill() {
             Outcome::Rejected(r) => panic!("device {} rejected: {r:?}", d.id),
         }
     }
-    let things = assert_one_thing_per_device(&emu, &devices);
-    let certs = emu.certificates();
+    let things = assert_one_thing_per_device(emu, &devices).await;
+    let certs = emu.certificates().await;
     let pending: Vec<_> = certs
         .iter()
         .filter(|(_, s)| s.as_str() == "PENDING_ACTIVATION")
@@ -956,10 +823,9 @@ async fn crash_safety_under_repeated_sigkill() {
         pending.len()
     );
     for (id, certs) in &things {
-        assert!(
-            certs.iter().all(|c| certs_status(&emu, c) == "ACTIVE"),
-            "thing {id}"
-        );
+        for c in certs {
+            assert!(certs_status(emu, c).await == "ACTIVE", "thing {id}");
+        }
     }
     eprintln!(
         "crash test: {n} devices, {kills} kills, {} certificates, {} pending",
@@ -967,7 +833,7 @@ async fn crash_safety_under_repeated_sigkill() {
         pending.len()
     );
 
-    let state_dir = gw.stop();
+    let state_dir = gw.stop().await;
     let store = open_store(&state_dir);
     for d in &devices {
         let rec = store
@@ -978,42 +844,31 @@ async fn crash_safety_under_repeated_sigkill() {
     }
 }
 
-/// utime + stime of a process, in clock ticks (USER_HZ = 100 on Linux).
-fn cpu_ticks(pid: u32) -> u64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-    // Fields after the parenthesised command name; utime and stime are fields 14 and 15.
-    let rest = &stat[stat.rfind(')').unwrap() + 2..];
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
-}
-
-fn certs_status(emu: &Emulator, id: &str) -> String {
-    emu.certificates().get(id).cloned().unwrap_or_default()
+async fn certs_status(emu: &Emulator, id: &str) -> String {
+    emu.certificates()
+        .await
+        .get(id)
+        .cloned()
+        .unwrap_or_default()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn throttled_cloud_still_provisions_everyone() {
-    let dir = tempfile::tempdir().unwrap();
-    let emu = Emulator::start(dir.path(), &["--tps", "20"]);
-    let port = free_port();
+    let f = Fixture::start(&["--tps", "20"]).await;
+    let (emu, port) = (&f.emu, f.port);
     // The fleet provisioning API in CBOR this time.
-    let gw = Gateway::start(
-        dir.path(),
-        &emu,
-        port,
-        &["cloud.aws.tps=50", "cloud.aws.format=\"cbor\""],
-        &[],
-        1,
-    );
+    let gw = f
+        .gateway(&["cloud.aws.tps=50", "cloud.aws.format=\"cbor\""])
+        .await;
     let devices = fleet("tps", 80);
     let results = provision_all(port, &devices, Duration::from_secs(120)).await;
     for (d, a) in devices.iter().zip(&results) {
         check_accepted(d, a, &emu.ca_pem);
     }
-    assert_one_thing_per_device(&emu, &devices);
-    let stats = emu.get("/stats");
+    assert_one_thing_per_device(emu, &devices).await;
+    let stats = emu.get("/stats").await;
     eprintln!("throttled run: emulator stats {stats}");
-    let state_dir = gw.stop();
+    let state_dir = gw.stop().await;
     let store = open_store(&state_dir);
     let failed = store
         .devices()
@@ -1026,9 +881,8 @@ async fn throttled_cloud_still_provisions_everyone() {
 #[cfg(feature = "test-hooks")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn expired_ownership_token_gets_a_new_certificate() {
-    let dir = tempfile::tempdir().unwrap();
-    let emu = Emulator::start(dir.path(), &["--token-ttl", "2"]);
-    let port = free_port();
+    let f = Fixture::start(&["--token-ttl", "2"]).await;
+    let (emu, port) = (&f.emu, f.port);
     let dev = Device::new("token-1", PayloadFormat::Json, false);
     let device_task = {
         let dev = dev.clone();
@@ -1043,36 +897,31 @@ async fn expired_ownership_token_gets_a_new_certificate() {
     };
 
     // The daemon stops right after persisting CertificateIssued, before RegisterThing.
-    let mut gw = Gateway::start(
-        dir.path(),
-        &emu,
-        port,
-        &[],
-        &[("FLEETGW_TEST_CRASH_AFTER", "certificateIssued")],
-        1,
-    );
-    let status = gw.proc.wait_exit(Duration::from_secs(60));
-    assert_eq!(status.code(), Some(86), "{}", tail(&gw.proc.log_text()));
-    let first: Vec<String> = emu.certificates().into_keys().collect();
+    let crash = [("FLEETGW_TEST_CRASH_AFTER", "certificateIssued")];
+    let gw = Gateway::start(&f, &[], &crash, 1).await;
+    let status = gw.proc.wait_exit(Duration::from_secs(60)).await;
+    assert_eq!(status.code(), Some(86), "{}", gw.proc.log_tail());
+    let first: Vec<String> = emu.certificates().await.into_keys().collect();
     assert_eq!(first.len(), 1, "one certificate issued before the stop");
     // The token expires while the daemon is down: the emulator deletes the unactivated certificate.
-    poll_until(
+    eventually_async(
         "the first certificate to expire",
         Duration::from_secs(30),
-        || emu.certificates().is_empty().then_some(()),
-    );
+        || async { emu.certificates().await.is_empty().then_some(()) },
+    )
+    .await;
 
-    let gw = Gateway::start(dir.path(), &emu, port, &[], &[], 2);
+    let gw = Gateway::start(&f, &[], &[], 2).await;
     let a = match device_task.await.unwrap() {
         Outcome::Accepted(a) => a,
         Outcome::Rejected(r) => panic!("rejected: {r:?}"),
     };
     check_accepted(&dev, &a, &emu.ca_pem);
     assert_ne!(a.certificate_id, first[0], "a new certificate was issued");
-    let things = assert_one_thing_per_device(&emu, std::slice::from_ref(&dev));
+    let things = assert_one_thing_per_device(emu, std::slice::from_ref(&dev)).await;
     assert_eq!(things[&dev.id], vec![a.certificate_id.clone()]);
-    assert!(gw.proc.log_text().contains("requesting a new certificate"));
-    gw.stop();
+    assert!(gw.proc.log().contains("requesting a new certificate"));
+    gw.stop().await;
 }
 
 /// Not a timed test: prints the end-to-end rate for `FLEETGW_BENCH_DEVICES` devices (default
@@ -1088,27 +937,19 @@ async fn throughput_figure() {
     // With FLEETGW_BENCH_CLOUD_TPS the emulator throttles each API to that rate, and the
     // gateway is configured with the same quota: the figure then shows how much of it is used.
     let cloud_tps = std::env::var("FLEETGW_BENCH_CLOUD_TPS").ok();
-    let dir = tempfile::tempdir().unwrap();
     let emu_args: Vec<&str> = match &cloud_tps {
         Some(tps) => vec!["--tps", tps.as_str()],
         None => vec![],
     };
-    let emu = Emulator::start(dir.path(), &emu_args);
-    let port = free_port();
+    let f = Fixture::start(&emu_args).await;
+    let (emu, port) = (&f.emu, f.port);
     let sessions_set = format!("cloud.aws.sessions={sessions}");
     let tps_set = format!("cloud.aws.tps={}", cloud_tps.as_deref().unwrap_or("100000"));
-    let gw = Gateway::start(
-        dir.path(),
-        &emu,
-        port,
-        &[sessions_set.as_str(), tps_set.as_str()],
-        &[],
-        1,
-    );
+    let gw = f.gateway(&[sessions_set.as_str(), tps_set.as_str()]).await;
     let devices = fleet("bench", n);
     let payloads: Vec<Vec<u8>> = devices.iter().map(Device::request).collect();
     let start = Instant::now();
-    let cpu_before = cpu_ticks(gw.proc.child.id());
+    let cpu_before = gw.proc.cpu();
     // At most 500 devices connected at once, as a fleet coming online would be.
     let in_flight = std::sync::Arc::new(tokio::sync::Semaphore::new(500));
     let tasks: Vec<_> = devices
@@ -1134,83 +975,75 @@ async fn throughput_figure() {
         assert!(matches!(t.await.unwrap(), Outcome::Accepted(_)));
     }
     let secs = start.elapsed().as_secs_f64();
-    let cpu_secs = (cpu_ticks(gw.proc.child.id()) - cpu_before) as f64 / 100.0;
-    let status = std::fs::read_to_string(format!("/proc/{}/status", gw.proc.child.id())).unwrap();
-    let rss = status
-        .lines()
-        .find(|l| l.starts_with("VmRSS"))
-        .unwrap_or("VmRSS: ?");
+    let cpu_secs = (gw.proc.cpu() - cpu_before).as_secs_f64();
+    let rss = format!("VmRSS: {} kB", gw.proc.rss_kib());
+    let emulator_requests = emu.get("/stats").await["requests"].clone();
     eprintln!(
         "throughput: {n} devices in {secs:.2} s = {:.0} devices/s ({sessions} claim sessions, cloud quota {} per API, debug build); daemon CPU {:.2} ms/device, {rss}; emulator {}",
         n as f64 / secs,
         cloud_tps.as_deref().unwrap_or("unlimited"),
         cpu_secs * 1000.0 / n as f64,
-        emu.get("/stats")["requests"]
+        emulator_requests
     );
-    assert_one_thing_per_device(&emu, &devices);
-    gw.stop();
+    assert_one_thing_per_device(emu, &devices).await;
+    gw.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cloud_outage_and_dropped_responses_recover() {
-    let dir = tempfile::tempdir().unwrap();
-    let emu = Emulator::start(dir.path(), &[]);
+    let f = Fixture::start(&[]).await;
+    let (emu, port) = (&f.emu, f.port);
     // Half the responses are lost at first; those requests time out quickly and are retried.
-    emu.post("/faults", r#"{"dropResponses":0.5}"#);
-    let port = free_port();
-    let gw = Gateway::start(
-        dir.path(),
-        &emu,
-        port,
-        &[
+    emu.post("/faults", r#"{"dropResponses":0.5}"#).await;
+    let gw = f
+        .gateway(&[
             "provision.request_timeout_ms=700",
             "provision.retry_base_ms=100",
             "provision.retry_max_ms=1000",
             "provision.max_attempts=50",
-        ],
-        &[],
-        1,
-    );
+        ])
+        .await;
     let devices = fleet("fault", 30);
     let fleet_task = {
         let devices = devices.clone();
         tokio::spawn(async move { provision_all(port, &devices, Duration::from_secs(120)).await })
     };
-    poll_until(
+    eventually_async(
         "some requests to be dropped",
         Duration::from_secs(30),
-        || {
-            let dropped = emu.get("/stats")["requests"]["droppedResponses"].as_u64()?;
+        || async {
+            let dropped = emu.get("/stats").await["requests"]["droppedResponses"].as_u64()?;
             (dropped >= 3).then_some(())
         },
-    );
+    )
+    .await;
     // Then the cloud goes away for two seconds, dropping every claim connection.
-    emu.post("/faults", r#"{"dropResponses":0.0,"outageSeconds":2}"#);
+    emu.post("/faults", r#"{"dropResponses":0.0,"outageSeconds":2}"#)
+        .await;
     let results = fleet_task.await.unwrap();
     for (d, a) in devices.iter().zip(&results) {
         check_accepted(d, a, &emu.ca_pem);
     }
-    assert_one_thing_per_device(&emu, &devices);
-    let stats = emu.get("/stats");
+    assert_one_thing_per_device(emu, &devices).await;
+    let stats = emu.get("/stats").await;
     eprintln!("faults run: emulator stats {stats}");
     assert!(
         stats["connections"]["total"].as_u64().unwrap() > 4,
         "claim sessions reconnected: {stats}"
     );
-    gw.stop();
+    gw.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn symmetric_key_admission_admits_valid_sas_and_refuses_others() {
     use base64::Engine as _;
-    let dir = tempfile::tempdir().unwrap();
-    let emu = Emulator::start(dir.path(), &[]);
+    let f = Fixture::start(&[]).await;
+    let (emu, port) = (&f.emu, f.port);
     let group_key = [7u8; 32];
     let group_b64 = base64::engine::general_purpose::STANDARD.encode(group_key);
-    let port = free_port();
     let mode = "admission.mode=\"symmetric-key\"".to_string();
     let key = format!("admission.group_key=\"{group_b64}\"");
-    let gw = Gateway::start(dir.path(), &emu, port, &[&mode, &key], &[], 1);
+    let gw = f.gateway(&[&mode, &key]).await;
 
     let sas_for = |id: &str, group: &[u8], expiry: i64| {
         let device_id = DeviceId::parse(id).unwrap();
@@ -1251,25 +1084,17 @@ async fn symmetric_key_admission_admits_valid_sas_and_refuses_others() {
             Outcome::Accepted(_) => panic!("{} admitted", d.id),
         }
     }
-    assert_one_thing_per_device(&emu, std::slice::from_ref(&good));
-    let state_dir = gw.stop();
+    assert_one_thing_per_device(emu, std::slice::from_ref(&good)).await;
+    let state_dir = gw.stop().await;
     let store = open_store(&state_dir);
     assert_eq!(store.device_count(), 1, "refused devices are not stored");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn approve_mode_keeps_new_devices_waiting() {
-    let dir = tempfile::tempdir().unwrap();
-    let emu = Emulator::start(dir.path(), &[]);
-    let port = free_port();
-    let gw = Gateway::start(
-        dir.path(),
-        &emu,
-        port,
-        &["admission.mode=\"approve\""],
-        &[],
-        1,
-    );
+    let f = Fixture::start(&[]).await;
+    let (emu, port) = (&f.emu, f.port);
+    let gw = f.gateway(&["admission.mode=\"approve\""]).await;
     let dev = Device::new("waiting-1", PayloadFormat::Json, false);
 
     let mut opts = MqttOptions::new("dev-waiting-1", "127.0.0.1", port);
@@ -1302,10 +1127,10 @@ async fn approve_mode_keeps_new_devices_waiting() {
     };
     assert_eq!(status["status"], "waitingApproval", "{status}");
     assert!(
-        emu.certificates().is_empty(),
+        emu.certificates().await.is_empty(),
         "nothing asked of the cloud before approval"
     );
-    let state_dir = gw.stop();
+    let state_dir = gw.stop().await;
     let store = open_store(&state_dir);
     let rec = store
         .device(&DeviceId::parse("waiting-1").unwrap())
@@ -1316,10 +1141,9 @@ async fn approve_mode_keeps_new_devices_waiting() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cloud_refusal_fails_the_device_with_the_clouds_error() {
-    let dir = tempfile::tempdir().unwrap();
-    let emu = Emulator::start(dir.path(), &[]);
-    let port = free_port();
-    let gw = Gateway::start(dir.path(), &emu, port, &[], &[], 1);
+    let f = Fixture::start(&[]).await;
+    let (emu, port) = (&f.emu, f.port);
+    let gw = f.gateway(&[]).await;
     // The built-in template's pre-provisioning hook denies serial numbers "denied-*".
     let mut denied = Device::new("denied-dev", PayloadFormat::Json, false);
     denied
@@ -1339,9 +1163,9 @@ async fn cloud_refusal_fails_the_device_with_the_clouds_error() {
     };
     assert_eq!(r.status_code, 403, "{r:?}");
     assert!(!r.error_code.is_empty() && !r.error_message.is_empty());
-    assert!(emu.things().is_empty());
+    assert!(emu.things().await.is_empty());
 
-    let state_dir = gw.stop();
+    let state_dir = gw.stop().await;
     let store = open_store(&state_dir);
     let rec = store
         .device(&DeviceId::parse("denied-dev").unwrap())
@@ -1376,23 +1200,17 @@ async fn cloud_refusal_fails_the_device_with_the_clouds_error() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unanswered_requests_fail_the_device_after_max_attempts() {
-    let dir = tempfile::tempdir().unwrap();
-    let emu = Emulator::start(dir.path(), &[]);
-    emu.post("/faults", r#"{"dropResponses":1.0}"#);
-    let port = free_port();
-    let gw = Gateway::start(
-        dir.path(),
-        &emu,
-        port,
-        &[
+    let f = Fixture::start(&[]).await;
+    let (emu, port) = (&f.emu, f.port);
+    emu.post("/faults", r#"{"dropResponses":1.0}"#).await;
+    let gw = f
+        .gateway(&[
             "provision.request_timeout_ms=300",
             "provision.max_attempts=3",
             "provision.retry_base_ms=50",
             "provision.retry_max_ms=200",
-        ],
-        &[],
-        1,
-    );
+        ])
+        .await;
     let dev = Device::new("silent-cloud", PayloadFormat::Cbor, true);
     let r = match provision(
         port,
@@ -1411,11 +1229,11 @@ async fn unanswered_requests_fail_the_device_after_max_attempts() {
         (504, "CloudTimeout"),
         "{r:?}"
     );
-    let dropped = emu.get("/stats")["requests"]["droppedResponses"]
+    let dropped = emu.get("/stats").await["requests"]["droppedResponses"]
         .as_u64()
         .unwrap();
     assert_eq!(dropped, 3, "one request per attempt");
-    let state_dir = gw.stop();
+    let state_dir = gw.stop().await;
     let store = open_store(&state_dir);
     let rec = store
         .device(&DeviceId::parse("silent-cloud").unwrap())
@@ -1432,12 +1250,12 @@ async fn unanswered_requests_fail_the_device_after_max_attempts() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn devices_provision_through_an_external_mosquitto() {
     use common::mosquitto::{Mosquitto, MosquittoConfig};
-    let dir = tempfile::tempdir().unwrap();
     let broker = Mosquitto::start(&MosquittoConfig::anonymous());
-    let emu = Emulator::start(dir.path(), &[]);
+    let f = Fixture::start(&[]).await;
+    let emu = &f.emu;
     let external = "downstream.broker=\"external\"".to_string();
     let url = format!("downstream.url=\"{}\"", broker.url());
-    let gw = Gateway::start(dir.path(), &emu, free_port(), &[&external, &url], &[], 1);
+    let gw = f.gateway(&[&external, &url]).await;
 
     // The gateway's session connects in the background; devices retry until it listens.
     let devices = fleet("mosq", 12);
@@ -1460,7 +1278,7 @@ async fn devices_provision_through_an_external_mosquitto() {
             Outcome::Rejected(r) => panic!("device {} rejected: {r:?}", d.id),
         }
     }
-    assert_one_thing_per_device(&emu, &devices);
-    let state_dir = gw.stop();
+    assert_one_thing_per_device(emu, &devices).await;
+    let state_dir = gw.stop().await;
     assert_eq!(open_store(&state_dir).device_count(), devices.len());
 }

@@ -2,154 +2,63 @@
 //! aws`, `fleetgw run`, `fleetgw simulate`), real sockets on 127.0.0.1, and the emulator's
 //! inspection API as the judge of what the cloud ended up with.
 
-use std::collections::BTreeSet;
-use std::io::{Read as _, Write as _};
-use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
+mod common;
 
-use base64::Engine as _;
+use std::collections::BTreeSet;
+use std::net::{Ipv4Addr, SocketAddr, TcpStream};
+use std::path::Path;
+use std::process::{Command, Output};
+use std::time::Duration;
+
 use fleetgw::sim::arrival;
 use serde_json::Value;
 
+use common::free_port;
+use common::http::http_within;
+use common::messages;
+use common::process::{EmulatorProcess, Fleetgw, FLEETGW};
+use common::wait::eventually;
+
 fn fleetgw() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_fleetgw"))
+    Command::new(FLEETGW)
 }
 
-/// A child process killed (and reaped) on drop, its stderr kept in a file for diagnostics.
-struct Daemon {
-    child: Child,
-    name: &'static str,
-    log: PathBuf,
+/// `GET path` on the emulator's API; the JSON body of a 200 answer.
+async fn get_json(emulator: &EmulatorProcess, path: &str) -> Value {
+    let (status, body) =
+        http_within(emulator.api, "GET", path, None, Duration::from_secs(10)).await;
+    assert_eq!(status, 200, "GET {path}: {body}");
+    body
 }
 
-impl Daemon {
-    fn spawn(name: &'static str, dir: &Path, args: &[&str]) -> Self {
-        let log = dir.join(format!("{name}.log"));
-        let child = fleetgw()
-            .args(args)
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .unwrap_or_else(|e| panic!("start {name}: {e}"));
-        Self { child, name, log }
-    }
-
-    /// Panics with the process's log if it has exited.
-    fn assert_running(&mut self) {
-        if let Some(status) = self.child.try_wait().unwrap() {
-            panic!(
-                "{} exited with {status}:\n{}",
-                self.name,
-                std::fs::read_to_string(&self.log).unwrap_or_default()
-            );
-        }
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// Polls `probe` every 20 ms until it yields a value or `within` passes.
-fn wait_for<T>(what: &str, within: Duration, mut probe: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + within;
-    loop {
-        if let Some(v) = probe() {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// `GET http://ADDR/PATH` with a plain HTTP/1.0 request; the JSON body of a 200 answer.
-fn http_get_json(api: &str, path: &str) -> Value {
-    let addr = api.strip_prefix("http://").unwrap_or(api);
-    let mut stream = TcpStream::connect(addr).unwrap();
-    stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .unwrap();
-    write!(stream, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").unwrap();
-    let mut response = Vec::new();
-    stream.read_to_end(&mut response).unwrap();
-    let text = String::from_utf8(response).unwrap();
-    let (head, body) = text.split_once("\r\n\r\n").unwrap();
-    assert!(
-        head.starts_with("HTTP/1.1 200") || head.starts_with("HTTP/1.0 200"),
-        "{head}"
-    );
-    serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {body}"))
-}
-
-/// The AWS emulator in its own process with free ports; returns it and its API URL.
-fn start_emulator(dir: &Path) -> (Daemon, String) {
-    let cloud = dir.join("cloud");
-    let mut emulator = Daemon::spawn(
-        "emulator",
-        dir,
-        &[
-            "emulate",
-            "aws",
-            "--dir",
-            cloud.to_str().unwrap(),
-            "--mqtt",
-            "127.0.0.1:0",
-            "--api",
-            "127.0.0.1:0",
-        ],
-    );
-    let discovery = cloud.join("emulator.json");
-    let info: Value = wait_for("emulator.json", Duration::from_secs(30), || {
-        emulator.assert_running();
-        let text = std::fs::read_to_string(&discovery).ok()?;
-        serde_json::from_str(&text).ok()
-    });
-    let api = info["api"].as_str().unwrap().to_string();
-    (emulator, api)
+/// The AWS emulator in its own process with free ports.
+async fn start_emulator(dir: &Path) -> EmulatorProcess {
+    let log = dir.join("emulator.log");
+    EmulatorProcess::start(&dir.join("cloud"), log, |l| l.env("RUST_LOG", "warn")).await
 }
 
 /// `fleetgw run` against the emulator's gateway.toml with the device broker on a free port;
 /// returns once the broker accepts connections.
-fn start_gateway(dir: &Path) -> (Daemon, SocketAddr) {
+async fn start_gateway(dir: &Path) -> (Fleetgw, SocketAddr) {
     let port = free_port();
     let config = dir.join("cloud").join("gateway.toml");
-    let listen = format!("downstream.listen=127.0.0.1:{port}");
-    let mut gateway = Daemon::spawn(
-        "gateway",
-        dir,
-        &[
-            "run",
-            "--config",
-            config.to_str().unwrap(),
-            "--set",
-            &listen,
-            "--set",
-            "cloud.aws.tps=1000",
-        ],
-    );
+    let gateway = Fleetgw::run(&config, dir.join("gateway.log"))
+        .env("RUST_LOG", "warn")
+        .sets([
+            format!("downstream.listen=127.0.0.1:{port}"),
+            "cloud.aws.tps=1000".to_string(),
+        ])
+        .spawn();
     let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
-    wait_for(
+    eventually(
         "the gateway's device broker",
         Duration::from_secs(30),
         || {
             gateway.assert_running();
             TcpStream::connect(addr).ok()
         },
-    );
+    )
+    .await;
     (gateway, addr)
 }
 
@@ -167,12 +76,12 @@ fn read_json(path: &Path) -> Value {
     serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
 }
 
-#[test]
-fn simulate_provisions_every_device_through_a_running_gateway() {
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn simulate_provisions_every_device_through_a_running_gateway() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
-    let (_emulator, api) = start_emulator(dir);
-    let (_gateway, broker) = start_gateway(dir);
+    let emulator = start_emulator(dir).await;
+    let (_gateway, broker) = start_gateway(dir).await;
     let summary = dir.join("simulate.json");
     let ca = dir.join("cloud").join("ca.pem");
 
@@ -213,7 +122,7 @@ fn simulate_provisions_every_device_through_a_running_gateway() {
     assert!(json["p50Ms"].as_f64().unwrap() > 0.0);
 
     // The cloud has exactly one thing per device, each with one certificate.
-    let things = http_get_json(&api, "/things");
+    let things = get_json(&emulator, "/things").await;
     let things = things.as_array().unwrap();
     assert_eq!(things.len(), 30, "{things:?}");
     let names: BTreeSet<&str> = things
@@ -298,13 +207,14 @@ fn demo_provisions_every_device_and_writes_the_summary() {
 /// The telemetry phase end to end: every device whose key the gateway made publishes 40
 /// numbered messages after provisioning; `--emulator-api` makes simulate check the cloud side
 /// itself, and the test checks it again from the emulator's message log.
-#[test]
-fn simulate_telemetry_arrives_complete_and_in_order_at_the_emulator() {
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn simulate_telemetry_arrives_complete_and_in_order_at_the_emulator() {
     const PER_DEVICE: u64 = 40;
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
-    let (_emulator, api) = start_emulator(dir);
-    let (_gateway, broker) = start_gateway(dir);
+    let emulator = start_emulator(dir).await;
+    let (_gateway, broker) = start_gateway(dir).await;
+    let api = format!("http://{}", emulator.api);
     let summary = dir.join("simulate.json");
 
     let out = fleetgw()
@@ -354,7 +264,7 @@ fn simulate_telemetry_arrives_complete_and_in_order_at_the_emulator() {
 
     // The emulator's own record: every sequence number of every publishing device, first
     // arrivals in order, on the device's upstream topic, under its thing name.
-    let messages = http_get_json(&api, "/messages");
+    let messages = get_json(&emulator, "/messages").await;
     let mut by_client: std::collections::BTreeMap<String, Vec<u64>> = Default::default();
     for m in messages.as_array().unwrap() {
         let client = m["clientId"].as_str().unwrap().to_string();
@@ -363,9 +273,7 @@ fn simulate_telemetry_arrives_complete_and_in_order_at_the_emulator() {
             format!("dt/{client}/telemetry"),
             "{m}"
         );
-        let raw = base64::engine::general_purpose::STANDARD
-            .decode(m["payloadBase64"].as_str().unwrap())
-            .unwrap();
+        let raw = messages::payload(m);
         assert_eq!(raw.len(), 300);
         let (seq, _) = arrival::parse_payload(&raw).unwrap();
         by_client.entry(client).or_default().push(seq);

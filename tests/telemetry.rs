@@ -9,18 +9,23 @@
 
 mod common;
 
+use std::cell::Cell;
 use std::collections::{BTreeMap, HashMap};
+use std::future::Future;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use base64::Engine as _;
-use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use rumqttc::QoS;
 use serde_json::Value;
-use tokio::time::{timeout, Instant};
+use tempfile::TempDir;
+use tokio::time::Instant;
 
 use common::http::http;
+use common::messages;
+use common::publisher::{publish_sequence, Sequence};
+use common::wait::{eventually, eventually_async, Lazy};
 use common::{env_or, now_ms};
 
 use fleetgw::cloud::aws::claim::ClaimOptions;
@@ -31,7 +36,7 @@ use fleetgw::config::{TelemetryIdentity, WhenFull};
 use fleetgw::device_id::DeviceId;
 use fleetgw::downstream::{
     dispatch_inbound, BrokerOptions, Downstream, DownstreamOptions, DownstreamSession,
-    EmbeddedBroker, EmbeddedBrokerOptions, Inbound,
+    EmbeddedBrokerOptions, Inbound,
 };
 use fleetgw::emulator::aws::{self, AwsEmulatorHandle, AwsEmulatorOptions};
 use fleetgw::identity::{self, CertificateAuthority, KeyType, PrivateKey};
@@ -43,7 +48,7 @@ use fleetgw::telemetry::{
 
 use common::mosquitto::{Mosquitto, MosquittoConfig};
 use common::mqtt_client::{self, TestClient};
-use common::relay::Relay;
+use common::relay::{relayed_embedded_broker, Relay};
 
 /// Upper bound for anything a test waits for.
 const LIMIT: Duration = Duration::from_secs(40);
@@ -51,10 +56,25 @@ const LIMIT: Duration = Duration::from_secs(40);
 // ---------------------------------------------------------------------------------------------
 // Harness
 
-async fn emulator(dir: &Path) -> AwsEmulatorHandle {
-    let mut opts = AwsEmulatorOptions::ephemeral(dir);
-    opts.max_messages = 1_000_000;
-    aws::start(opts).await.expect("emulator starts")
+/// What most tests start from: (temp dir, the emulator with its files in `emu/`, a store in
+/// `state/`, the provisioned devices `sensor-NN` as (id, thing name)).
+struct Fixture(TempDir, AwsEmulatorHandle, Store, Vec<(String, String)>);
+
+impl Fixture {
+    /// An emulator keeping up to a million messages.
+    async fn start(devices: usize) -> Self {
+        Self::start_with(devices, 1_000_000).await
+    }
+
+    async fn start_with(devices: usize, max_messages: usize) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let mut opts = AwsEmulatorOptions::ephemeral(dir.path().join("emu"));
+        opts.max_messages = max_messages;
+        let emu = aws::start(opts).await.expect("emulator starts");
+        let store = open_store(dir.path());
+        let devices = provision_many(&store, &emu, devices).await;
+        Self(dir, emu, store, devices)
+    }
 }
 
 fn claim_provider(emu: &AwsEmulatorHandle) -> AwsProvider {
@@ -204,46 +224,60 @@ fn open_store(dir: &Path) -> Store {
     Store::open(&dir.join("state"), &StoreOptions::default()).unwrap()
 }
 
+/// A store of its own, for tests without the emulator.
+fn temp_store() -> (TempDir, Store) {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open_store(dir.path());
+    (dir, store)
+}
+
 /// One device publishing `fleetgw/{id}/telemetry/sensor` payloads `{"seq":n}` for n in
 /// `range`, QoS 1, at most 10 unacknowledged; returns once every PUBACK came.
 async fn publish_range(broker_port: u16, id: &str, range: std::ops::Range<u64>, pad: usize) {
-    let mut o = MqttOptions::new(format!("dev-{id}"), "127.0.0.1", broker_port);
-    o.set_keep_alive(Duration::from_secs(10))
-        .set_max_packet_size(1 << 20, 1 << 20)
-        .set_inflight(10);
-    let (client, mut eventloop) = AsyncClient::new(o, 16);
-    let total = range.end - range.start;
     let topic = format!("fleetgw/{id}/telemetry/sensor");
+    let seq = Sequence::new(format!("dev-{id}"), topic, range, LIMIT);
     let padding = "x".repeat(pad);
-    let publisher = tokio::spawn(async move {
-        for n in range {
-            let payload = format!(r#"{{"seq":{n},"pad":"{padding}"}}"#);
-            client
-                .publish(&topic, QoS::AtLeastOnce, false, payload)
-                .await
-                .unwrap();
-        }
-        client
-    });
-    let mut acked = 0;
-    let deadline = Instant::now() + LIMIT;
-    while acked < total {
-        match timeout(deadline - Instant::now(), eventloop.poll()).await {
-            Ok(Ok(Event::Incoming(Packet::PubAck(_)))) => acked += 1,
-            Ok(Ok(_)) => {}
-            Ok(Err(e)) => panic!("device {id}: {e}"),
-            Err(_) => panic!("device {id}: {acked} of {total} PUBACKs within {LIMIT:?}"),
+    publish_sequence(broker_port, seq, move |n| {
+        format!(r#"{{"seq":{n},"pad":"{padding}"}}"#).into_bytes()
+    })
+    .await;
+}
+
+/// [`publish_range`] from every device at once; the publishers start now, the future
+/// completes once each has all its PUBACKs.
+fn publish_devices(
+    port: u16,
+    devices: &[(String, String)],
+    range: std::ops::Range<u64>,
+    pad: usize,
+) -> impl Future<Output = ()> + Send + 'static {
+    let tasks: Vec<_> = devices
+        .iter()
+        .map(|(id, _)| {
+            let (id, range) = (id.clone(), range.clone());
+            tokio::spawn(async move { publish_range(port, &id, range, pad).await })
+        })
+        .collect();
+    async move {
+        for t in tasks {
+            t.await.unwrap();
         }
     }
-    let client = publisher.await.unwrap();
-    let _ = client.disconnect().await;
-    let _ = timeout(Duration::from_secs(1), eventloop.poll()).await;
 }
 
 async fn outage(emu: &AwsEmulatorHandle, seconds: f64) {
     let body = format!(r#"{{"outageSeconds": {seconds}}}"#);
     let (status, view) = http(emu.api_addr(), "POST", "/faults", Some(&body)).await;
     assert_eq!(status, 200, "{view}");
+}
+
+/// The sequence numbers the emulator received from one client, in arrival order.
+async fn received_seqs(emu: &AwsEmulatorHandle, client_id: &str) -> Vec<u64> {
+    received(emu, client_id)
+        .await
+        .into_iter()
+        .map(|(_, s)| s)
+        .collect()
 }
 
 /// What the emulator received from one client: (topic, seq) in arrival order.
@@ -269,17 +303,9 @@ async fn received_with_times(emu: &AwsEmulatorHandle, client_id: &str) -> Vec<(S
         .unwrap()
         .iter()
         .map(|m| {
-            let raw = base64::engine::general_purpose::STANDARD
-                .decode(m["payloadBase64"].as_str().unwrap())
-                .unwrap();
-            let (seq, sent_ms) = arrival::parse_payload(&raw).expect("a {\"seq\"} payload");
             (
                 m["topic"].as_str().unwrap().to_string(),
-                Arrival {
-                    seq,
-                    sent_ms,
-                    received_ms: m["receivedAtMs"].as_u64().unwrap(),
-                },
+                messages::arrival(m),
             )
         })
         .collect()
@@ -291,17 +317,6 @@ fn check_sequence(device: &str, seqs: &[u64], expected: std::ops::Range<u64>) ->
     let check = arrival::check_sequence(seqs.iter().copied(), expected);
     assert!(check.complete_in_order(), "{device}: {check:?}");
     check.duplicates as usize
-}
-
-async fn eventually<T>(what: &str, mut probe: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + LIMIT;
-    loop {
-        if let Some(v) = probe() {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 async fn provision_many(store: &Store, emu: &AwsEmulatorHandle, n: usize) -> Vec<(String, String)> {
@@ -340,15 +355,13 @@ async fn emulator_messages(emu: &AwsEmulatorHandle) -> u64 {
 
 /// Messages the emulator has received, once it holds at least `n` (or panics after [`LIMIT`]).
 async fn emulator_messages_reach(emu: &AwsEmulatorHandle, n: u64) -> u64 {
-    let deadline = Instant::now() + LIMIT;
-    loop {
-        let got = emulator_messages(emu).await;
-        if got >= n {
-            return got;
-        }
-        assert!(Instant::now() < deadline, "the emulator got {got} of {n}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let got = &Cell::new(0);
+    let what = Lazy(|| format!("the emulator to get {n} messages (it has {})", got.get()));
+    eventually_async(what, LIMIT, move || async move {
+        got.set(emulator_messages(emu).await);
+        (got.get() >= n).then_some(got.get())
+    })
+    .await
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -362,45 +375,24 @@ async fn emulator_messages_reach(emu: &AwsEmulatorHandle, n: u64) -> u64 {
 async fn no_loss_in_order_across_an_outage_and_a_restart() {
     const DEVICES: usize = 10;
     const PER_DEVICE: u64 = 200;
-    let dir = tempfile::tempdir().unwrap();
-    let emu = emulator(&dir.path().join("emu")).await;
-    let store = open_store(dir.path());
-    let devices = provision_many(&store, &emu, DEVICES).await;
+    let Fixture(_dir, emu, store, devices) = Fixture::start(DEVICES).await;
     let opts = options(&emu);
     let window = usize::from(opts.inflight);
     let gw = Gateway::start(&store, opts.clone()).await;
     let port = gw.broker_port;
 
     // First half with the cloud up.
-    let mut tasks = Vec::new();
-    for (id, _) in &devices {
-        let id = id.clone();
-        tasks.push(tokio::spawn(async move {
-            publish_range(port, &id, 0..PER_DEVICE / 2, 100).await
-        }));
-    }
-    for t in tasks {
-        t.await.unwrap();
-    }
+    publish_devices(port, &devices, 0..PER_DEVICE / 2, 100).await;
     let half = DEVICES as u64 * PER_DEVICE / 2;
-    eventually("the first half to be accepted", || {
+    eventually("the first half to be accepted", LIMIT, || {
         (gw.stats().accepted == half).then_some(())
     })
     .await;
 
     // Outage; the second half is published while the cloud is away.
     outage(&emu, 4.0).await;
-    let mut tasks = Vec::new();
-    for (id, _) in &devices {
-        let id = id.clone();
-        tasks.push(tokio::spawn(async move {
-            publish_range(port, &id, PER_DEVICE / 2..PER_DEVICE, 100).await
-        }));
-    }
-    for t in tasks {
-        t.await.unwrap();
-    }
-    eventually("the second half to be stored", || {
+    publish_devices(port, &devices, PER_DEVICE / 2..PER_DEVICE, 100).await;
+    eventually("the second half to be stored", LIMIT, || {
         (gw.stats().accepted == 2 * half).then_some(())
     })
     .await;
@@ -413,7 +405,7 @@ async fn no_loss_in_order_across_an_outage_and_a_restart() {
     // Restart during the outage: what is in the outbox is sent by the new pipeline.
     assert!(store.outbox_len() > 0, "messages waiting in the outbox");
     let gw = gw.restart(&store, opts).await;
-    eventually("the outbox to drain after the outage", || {
+    eventually("the outbox to drain after the outage", LIMIT, || {
         (store.outbox_len() == 0).then_some(())
     })
     .await;
@@ -462,21 +454,8 @@ async fn each_cut_of_the_downstream_connection_costs_at_most_one_broker_window_o
     const PER_DEVICE: u64 = 1000;
     const CUTS: u64 = 8;
     const BROKER_WINDOW: usize = 100;
-    let dir = tempfile::tempdir().unwrap();
-    let emu = emulator(&dir.path().join("emu")).await;
-    let store = open_store(dir.path());
-    let devices = provision_many(&store, &emu, DEVICES).await;
-    let broker_opts = EmbeddedBrokerOptions {
-        listen: SocketAddr::from(([127, 0, 0, 1], 0)),
-        max_inflight: BROKER_WINDOW,
-        ..EmbeddedBrokerOptions::default()
-    };
-    let broker = EmbeddedBroker::start(&broker_opts).await.unwrap();
-    let relay = Relay::start(broker.gateway_addr()).await;
-    let dopts = DownstreamOptions::new(
-        "fleetgw-test-gw".into(),
-        BrokerOptions::Embedded(broker_opts),
-    );
+    let Fixture(_dir, emu, store, devices) = Fixture::start(DEVICES).await;
+    let (broker, relay, dopts) = relayed_embedded_broker(BROKER_WINDOW, "fleetgw-test-gw").await;
     let mut sopts = dopts.session_options(Some(relay.addr())).unwrap();
     // Below the broker's window, so the session often has messages unread in its socket when
     // the connection is cut: the case that used to start a storm.
@@ -488,18 +467,11 @@ async fn each_cut_of_the_downstream_connection_costs_at_most_one_broker_window_o
     let session = Arc::new(session);
     let telemetry = start_pipeline(&store, options(&emu), &session, inbound);
 
-    let port = broker.listen_addr().port();
-    let mut tasks = Vec::new();
-    for (id, _) in &devices {
-        let id = id.clone();
-        tasks.push(tokio::spawn(async move {
-            publish_range(port, &id, 0..PER_DEVICE, 100).await
-        }));
-    }
+    let publishing = publish_devices(broker.listen_addr().port(), &devices, 0..PER_DEVICE, 100);
     let total = DEVICES as u64 * PER_DEVICE;
     for cut in 1..=CUTS {
         // Reconnected after the previous cut, and messages flowing on this connection.
-        eventually("progress before the next cut", || {
+        eventually("progress before the next cut", LIMIT, || {
             let s = session.status();
             (s.connected
                 && s.connections >= cut
@@ -509,18 +481,12 @@ async fn each_cut_of_the_downstream_connection_costs_at_most_one_broker_window_o
         .await;
         relay.sever();
     }
-    for t in tasks {
-        t.await.unwrap();
-    }
+    publishing.await;
     let mut duplicates = 0;
     for (id, thing) in &devices {
         let deadline = Instant::now() + LIMIT;
         let seqs = loop {
-            let seqs: Vec<u64> = received(&emu, thing)
-                .await
-                .into_iter()
-                .map(|(_, s)| s)
-                .collect();
+            let seqs = received_seqs(&emu, thing).await;
             let distinct: std::collections::HashSet<u64> = seqs.iter().copied().collect();
             if distinct.len() as u64 == PER_DEVICE || Instant::now() >= deadline {
                 break seqs;
@@ -552,10 +518,7 @@ async fn each_cut_of_the_downstream_connection_costs_at_most_one_broker_window_o
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn full_outbox_backpressure_holds_messages_at_the_broker_then_delivers_all() {
     const TOTAL: u64 = 400;
-    let dir = tempfile::tempdir().unwrap();
-    let emu = emulator(&dir.path().join("emu")).await;
-    let store = open_store(dir.path());
-    let devices = provision_many(&store, &emu, 1).await;
+    let Fixture(_dir, emu, store, devices) = Fixture::start(1).await;
     let (id, thing) = devices[0].clone();
     let mut opts = options(&emu);
     opts.max_payload_bytes = 4096;
@@ -570,7 +533,7 @@ async fn full_outbox_backpressure_holds_messages_at_the_broker_then_delivers_all
     let port = gw.broker_port;
     let device = id.clone();
     let publisher = tokio::spawn(async move { publish_range(port, &device, 0..TOTAL, 1000).await });
-    eventually("backpressure to engage", || {
+    eventually("backpressure to engage", LIMIT, || {
         (gw.stats().backpressure_episodes > 0).then_some(())
     })
     .await;
@@ -584,15 +547,11 @@ async fn full_outbox_backpressure_holds_messages_at_the_broker_then_delivers_all
     assert_eq!(held.dropped_full, 0);
     publisher.await.unwrap();
 
-    eventually("every message to be forwarded", || {
+    eventually("every message to be forwarded", LIMIT, || {
         (gw.stats().forwarded >= TOTAL && store.outbox_len() == 0).then_some(())
     })
     .await;
-    let seqs: Vec<u64> = received(&emu, &thing)
-        .await
-        .into_iter()
-        .map(|(_, s)| s)
-        .collect();
+    let seqs = received_seqs(&emu, &thing).await;
     let dups = check_sequence(&id, &seqs, 0..TOTAL);
     assert!(dups <= 10, "{dups} duplicates");
     assert_eq!(gw.stats().dropped_full, 0);
@@ -605,10 +564,7 @@ async fn full_outbox_backpressure_holds_messages_at_the_broker_then_delivers_all
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn full_outbox_drop_oldest_keeps_the_newest_and_counts_the_rest() {
     const TOTAL: u64 = 400;
-    let dir = tempfile::tempdir().unwrap();
-    let emu = emulator(&dir.path().join("emu")).await;
-    let store = open_store(dir.path());
-    let devices = provision_many(&store, &emu, 1).await;
+    let Fixture(_dir, emu, store, devices) = Fixture::start(1).await;
     let (id, thing) = devices[0].clone();
     let mut opts = options(&emu);
     opts.max_payload_bytes = 4096;
@@ -619,7 +575,7 @@ async fn full_outbox_drop_oldest_keeps_the_newest_and_counts_the_rest() {
 
     outage(&emu, 4.0).await;
     publish_range(gw.broker_port, &id, 0..TOTAL, 1000).await;
-    eventually("every message to be accepted", || {
+    eventually("every message to be accepted", LIMIT, || {
         (gw.stats().accepted == TOTAL).then_some(())
     })
     .await;
@@ -629,17 +585,13 @@ async fn full_outbox_drop_oldest_keeps_the_newest_and_counts_the_rest() {
     assert!(store.outbox_bytes() <= max_bytes);
 
     // The remover counts a message as forwarded just after its deletion is durable.
-    eventually("the outbox to drain", || {
+    eventually("the outbox to drain", LIMIT, || {
         let s = gw.stats();
         (store.outbox_len() == 0 && s.forwarded + s.dropped_full == TOTAL).then_some(())
     })
     .await;
     let stats = gw.stats();
-    let seqs: Vec<u64> = received(&emu, &thing)
-        .await
-        .into_iter()
-        .map(|(_, s)| s)
-        .collect();
+    let seqs = received_seqs(&emu, &thing).await;
     let first_kept = stats.dropped_full;
     let dups = check_sequence(&id, &seqs, first_kept..TOTAL);
     assert_eq!(dups, 0);
@@ -653,10 +605,7 @@ async fn full_outbox_drop_oldest_keeps_the_newest_and_counts_the_rest() {
 /// topic; a provisioned device's message still goes through.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refused_telemetry_is_not_forwarded_and_devices_are_told() {
-    let dir = tempfile::tempdir().unwrap();
-    let emu = emulator(&dir.path().join("emu")).await;
-    let store = open_store(dir.path());
-    let devices = provision_many(&store, &emu, 2).await;
+    let Fixture(_dir, emu, store, devices) = Fixture::start(2).await;
     let (good, good_thing) = devices[0].clone();
     let (disabled, disabled_thing) = devices[1].clone();
     store
@@ -707,7 +656,7 @@ async fn refused_telemetry_is_not_forwarded_and_devices_are_told() {
         .contains("1024"));
     assert!(!notices.contains_key("fleetgw/stranger-9/status"));
 
-    eventually("the good message to be forwarded", || {
+    eventually("the good message to be forwarded", LIMIT, || {
         (gw.stats().forwarded == 1).then_some(())
     })
     .await;
@@ -809,8 +758,7 @@ async fn record_device(store: &Store, ca: &CertificateAuthority, id: &str, thing
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cloud_commands_reach_the_device_in_device_mode() {
     let cloud = TlsCloud::start();
-    let dir = tempfile::tempdir().unwrap();
-    let store = open_store(dir.path());
+    let (_dir, store) = temp_store();
     record_device(&store, &cloud.ca, "pump-7", "thing-pump-7").await;
     let mut opts = TelemetryOptions::new(cloud.endpoint());
     opts.reconnect_min = Duration::from_millis(100);
@@ -845,7 +793,7 @@ async fn cloud_commands_reach_the_device_in_device_mode() {
     let cmd = device.next_publish().await.expect("command at the device");
     assert_eq!(cmd.topic, "fleetgw/pump-7/commands/valve/close");
     assert_eq!(&cmd.payload[..], b"now");
-    eventually("the command to be counted", || {
+    eventually("the command to be counted", LIMIT, || {
         (gw.stats().commands_forwarded == 1).then_some(())
     })
     .await;
@@ -857,8 +805,7 @@ async fn cloud_commands_reach_the_device_in_device_mode() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gateway_mode_uses_one_connection_with_per_device_topics_and_commands() {
     let cloud = TlsCloud::start();
-    let dir = tempfile::tempdir().unwrap();
-    let store = open_store(dir.path());
+    let (_dir, store) = temp_store();
     for i in 0..3 {
         let mut rec = DeviceRecord::new(
             DeviceId::parse(&format!("meter-{i}")).unwrap(),
@@ -922,8 +869,7 @@ async fn gateway_mode_uses_one_connection_with_per_device_topics_and_commands() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn device_mode_refuses_devices_whose_key_the_gateway_does_not_hold() {
     let cloud = TlsCloud::start();
-    let dir = tempfile::tempdir().unwrap();
-    let store = open_store(dir.path());
+    let (_dir, store) = temp_store();
     let mut rec = DeviceRecord::new(DeviceId::parse("own-key").unwrap(), "json", now_ms());
     rec.state = DeviceState::Delivered;
     rec.provision.thing_name = Some("thing-own".into());
@@ -937,7 +883,7 @@ async fn device_mode_refuses_devices_whose_key_the_gateway_does_not_hold() {
     let p = watcher.next_publish().await.expect("notice");
     let v: Value = serde_json::from_slice(&p.payload).unwrap();
     assert_eq!(v["error"]["errorCode"], "NoDeviceKeyAtGateway");
-    eventually("both messages to be counted", || {
+    eventually("both messages to be counted", LIMIT, || {
         (gw.stats().refused_no_key == 2).then_some(())
     })
     .await;
@@ -950,25 +896,12 @@ async fn device_mode_refuses_devices_whose_key_the_gateway_does_not_hold() {
 /// order, never more than two links are open, and idle links are closed after `idle`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connection_cap_parks_devices_and_idle_links_close() {
-    let dir = tempfile::tempdir().unwrap();
-    let emu = emulator(&dir.path().join("emu")).await;
-    let store = open_store(dir.path());
-    let devices = provision_many(&store, &emu, 5).await;
+    let Fixture(_dir, emu, store, devices) = Fixture::start(5).await;
     let mut opts = options(&emu);
     opts.max_upstream_connections = 2;
     opts.idle = Duration::from_secs(1);
     let gw = Gateway::start(&store, opts).await;
-    let mut tasks = Vec::new();
-    for (id, _) in &devices {
-        let id = id.clone();
-        let port = gw.broker_port;
-        tasks.push(tokio::spawn(async move {
-            publish_range(port, &id, 0..30, 10).await
-        }));
-    }
-    for t in tasks {
-        t.await.unwrap();
-    }
+    publish_devices(gw.broker_port, &devices, 0..30, 10).await;
     let mut max_open = 0;
     let deadline = Instant::now() + LIMIT;
     while gw.stats().forwarded < 150 {
@@ -978,14 +911,10 @@ async fn connection_cap_parks_devices_and_idle_links_close() {
     }
     assert!(max_open <= 2, "{max_open} connections open at once");
     for (id, thing) in &devices {
-        let seqs: Vec<u64> = received(&emu, thing)
-            .await
-            .into_iter()
-            .map(|(_, s)| s)
-            .collect();
+        let seqs = received_seqs(&emu, thing).await;
         check_sequence(id, &seqs, 0..30);
     }
-    eventually("idle links to close", || {
+    eventually("idle links to close", LIMIT, || {
         (gw.stats().open_connections == 0).then_some(())
     })
     .await;
@@ -997,35 +926,28 @@ async fn connection_cap_parks_devices_and_idle_links_close() {
 /// leave the outbox; newer ones still go.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn messages_older_than_max_age_are_not_sent() {
-    let dir = tempfile::tempdir().unwrap();
-    let emu = emulator(&dir.path().join("emu")).await;
-    let store = open_store(dir.path());
-    let devices = provision_many(&store, &emu, 1).await;
+    let Fixture(_dir, emu, store, devices) = Fixture::start(1).await;
     let (id, thing) = devices[0].clone();
     let mut opts = options(&emu);
     opts.max_age = Duration::from_secs(1);
     let gw = Gateway::start(&store, opts).await;
     outage(&emu, 3.0).await;
     publish_range(gw.broker_port, &id, 0..5, 10).await;
-    eventually("the old messages to expire", || {
+    eventually("the old messages to expire", LIMIT, || {
         (gw.stats().expired == 5 && store.outbox_len() == 0).then_some(())
     })
     .await;
     // After the outage a fresh message goes through, alone.
-    eventually("the outage to end", || {
+    eventually("the outage to end", LIMIT, || {
         (gw.stats().upstream_connects > 0).then_some(())
     })
     .await;
     publish_range(gw.broker_port, &id, 5..6, 10).await;
-    eventually("the fresh message to be forwarded", || {
+    eventually("the fresh message to be forwarded", LIMIT, || {
         (gw.stats().forwarded == 1).then_some(())
     })
     .await;
-    let seqs: Vec<u64> = received(&emu, &thing)
-        .await
-        .into_iter()
-        .map(|(_, s)| s)
-        .collect();
+    let seqs = received_seqs(&emu, &thing).await;
     assert_eq!(seqs, vec![5]);
     gw.stop().await;
     emu.shutdown().await;
@@ -1037,10 +959,7 @@ async fn messages_older_than_max_age_are_not_sent() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_gateway_connection_keeps_gateway_inflight_unacknowledged() {
     const WINDOW: u64 = 5;
-    let dir = tempfile::tempdir().unwrap();
-    let emu = emulator(&dir.path().join("emu")).await;
-    let store = open_store(dir.path());
-    let devices = provision_many(&store, &emu, 2).await;
+    let Fixture(_dir, emu, store, devices) = Fixture::start(2).await;
     let relay = Relay::start(emu.mqtt_addr()).await;
     let mut opts = options(&emu);
     opts.endpoint.port = relay.addr().port();
@@ -1049,7 +968,7 @@ async fn the_gateway_connection_keeps_gateway_inflight_unacknowledged() {
     opts.inflight = 1;
     opts.gateway_inflight = WINDOW as u16;
     let gw = Gateway::start(&store, opts).await;
-    eventually("the gateway's upstream connection", || {
+    eventually("the gateway's upstream connection", LIMIT, || {
         (gw.stats().upstream_connects >= 1).then_some(())
     })
     .await;
@@ -1159,41 +1078,20 @@ async fn publish_timed(
     count: u64,
     pace: Option<(Instant, Duration)>,
 ) -> Duration {
-    let mut o = MqttOptions::new(format!("dev-{id}"), "127.0.0.1", broker_port);
-    o.set_keep_alive(Duration::from_secs(30))
-        .set_max_packet_size(1 << 20, 1 << 20)
-        .set_inflight(BENCH_WINDOW);
-    let (client, mut eventloop) = AsyncClient::new(o, usize::from(BENCH_WINDOW));
-    let topic = format!("fleetgw/{id}/telemetry");
-    let publisher = tokio::spawn(async move {
-        let mut late = Duration::ZERO;
-        for n in 0..count {
-            if let Some((first, every)) = pace {
-                let due = first + every.mul_f64(n as f64);
-                tokio::time::sleep_until(due).await;
-                late = late.max(Instant::now().saturating_duration_since(due));
-            }
-            let payload = arrival::payload(n, now_ms(), BENCH_PAYLOAD);
-            client
-                .publish(&topic, QoS::AtLeastOnce, false, payload)
-                .await
-                .unwrap();
-        }
-        (client, late)
-    });
-    let mut acked = 0;
-    while acked < count {
-        match timeout(Duration::from_secs(600), eventloop.poll()).await {
-            Ok(Ok(Event::Incoming(Packet::PubAck(_)))) => acked += 1,
-            Ok(Ok(_)) => {}
-            Ok(Err(e)) => panic!("device {id}: {e}"),
-            Err(_) => panic!("device {id}: only {acked} of {count} PUBACKs"),
-        }
-    }
-    let (client, late) = publisher.await.unwrap();
-    let _ = client.disconnect().await;
-    let _ = timeout(Duration::from_secs(1), eventloop.poll()).await;
-    late
+    let mut seq = Sequence::new(
+        format!("dev-{id}"),
+        format!("fleetgw/{id}/telemetry"),
+        0..count,
+        // The publishers' own bound: ten minutes beyond the paced schedule.
+        Duration::from_secs(600) + pace.map_or(Duration::ZERO, |(_, e)| e * count as u32),
+    );
+    seq.window = BENCH_WINDOW;
+    seq.keep_alive = Duration::from_secs(30);
+    seq.pace = pace;
+    publish_sequence(broker_port, seq, |n| {
+        arrival::payload(n, now_ms(), BENCH_PAYLOAD)
+    })
+    .await
 }
 
 /// Waits until the emulator holds `total` messages, or its count has not moved for 2 s (a
@@ -1227,12 +1125,8 @@ async fn bench_devices_through_an_outage() {
     let load = Load::from_env();
     let outage_secs = env_or("FLEETGW_BENCH_OUTAGE_SECS", 0);
     let total = load.total();
-    let dir = tempfile::tempdir().unwrap();
-    let mut emu_opts = AwsEmulatorOptions::ephemeral(dir.path().join("emu"));
-    emu_opts.max_messages = (total as usize) * 2 + 1000 + load.devices;
-    let emu = aws::start(emu_opts).await.unwrap();
-    let store = open_store(dir.path());
-    let devices = provision_many(&store, &emu, load.devices).await;
+    let max_messages = (total as usize) * 2 + 1000 + load.devices;
+    let Fixture(_dir, emu, store, devices) = Fixture::start_with(load.devices, max_messages).await;
     let mut opts = options(&emu);
     // `FLEETGW_BENCH_IDENTITY=gateway`: one upstream connection with the gateway's own
     // certificate, as the bridge has; the default is a connection per device.
@@ -1262,18 +1156,9 @@ async fn bench_devices_through_an_outage() {
     let port = gw.broker_port;
     // Warm-up: one message per device on another subtopic first, so the upstream connections
     // are open before the measurement, as the bridge's is.
-    let warmups: Vec<_> = devices
-        .iter()
-        .map(|(id, _)| {
-            let id = id.clone();
-            tokio::spawn(async move { publish_range(port, &id, 0..1, 0).await })
-        })
-        .collect();
-    for w in warmups {
-        w.await.unwrap();
-    }
+    publish_devices(port, &devices, 0..1, 0).await;
     let warmup = load.devices as u64;
-    eventually("the warm-up messages to be forwarded", || {
+    eventually("the warm-up messages to be forwarded", LIMIT, || {
         (gw.stats().forwarded >= warmup && store.outbox_len() == 0).then_some(())
     })
     .await;
@@ -1281,7 +1166,7 @@ async fn bench_devices_through_an_outage() {
     let started = Instant::now();
     let publishing = tokio::spawn(async move { load.publish_all(port).await });
     if outage_secs > 0 {
-        eventually("a third of the messages to be forwarded", || {
+        eventually("a third of the messages to be forwarded", LIMIT, || {
             (gw.stats().forwarded >= warmup + total / 3).then_some(())
         })
         .await;
@@ -1377,13 +1262,10 @@ async fn bench_mosquitto_bridge_baseline() {
         ],
         other => panic!("FLEETGW_BENCH_BRIDGE={other}: use default, unlimited or inflight100"),
     };
-    let dir = tempfile::tempdir().unwrap();
-    let mut emu_opts = AwsEmulatorOptions::ephemeral(dir.path().join("emu"));
-    emu_opts.max_messages = (total as usize) * 2 + 1000;
-    let emu = aws::start(emu_opts).await.unwrap();
     // The bridge's identity: a thing provisioned like any device.
-    let store = open_store(dir.path());
-    let gw_thing = provision_many(&store, &emu, 1).await[0].1.clone();
+    let Fixture(dir, emu, store, devices) =
+        Fixture::start_with(1, (total as usize) * 2 + 1000).await;
+    let gw_thing = devices[0].1.clone();
     let gw_id = DeviceId::parse("sensor-00").unwrap();
     let rec = store.device(&gw_id).unwrap().unwrap();
     let files = dir.path();

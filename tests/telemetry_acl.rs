@@ -11,11 +11,9 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
 use std::time::Duration;
 
-use base64::Engine as _;
 use rumqttc::QoS;
 use serde_json::Value;
 use tokio::time::Instant;
@@ -23,8 +21,10 @@ use tokio::time::Instant;
 use fleetgw::emulator::aws::{self, AwsEmulatorHandle, AwsEmulatorOptions};
 
 use common::http::http;
+use common::messages;
 use common::mosquitto::{Mosquitto, MosquittoConfig};
 use common::mqtt_client::{self, ClientEvent, TestClient};
+use common::process::Fleetgw;
 
 /// Upper bound for provisioning and for a message to reach the emulator.
 const LIMIT: Duration = Duration::from_secs(60);
@@ -32,22 +32,16 @@ const LIMIT: Duration = Duration::from_secs(60);
 const GATEWAY_PASSWORD: &str = "gw-secret";
 
 /// `fleetgw run` with the emulator's gateway.toml, pointed at mosquitto as the gateway user.
-struct Daemon {
-    child: Child,
-    log: PathBuf,
-}
-
-impl Daemon {
-    fn start(emu: &AwsEmulatorHandle, dir: &Path, broker_url: &str) -> Self {
-        // As in the recipe: the gateway's broker password lives in a 0600 file.
-        let password_file = dir.join("downstream.password");
-        std::fs::write(&password_file, format!("{GATEWAY_PASSWORD}\n")).unwrap();
-        {
-            use std::os::unix::fs::PermissionsExt as _;
-            std::fs::set_permissions(&password_file, std::fs::Permissions::from_mode(0o600))
-                .unwrap();
-        }
-        let sets = [
+fn start_daemon(emu: &AwsEmulatorHandle, dir: &Path, broker_url: &str) -> Fleetgw {
+    // As in the recipe: the gateway's broker password lives in a 0600 file.
+    let password_file = dir.join("downstream.password");
+    std::fs::write(&password_file, format!("{GATEWAY_PASSWORD}\n")).unwrap();
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        std::fs::set_permissions(&password_file, std::fs::Permissions::from_mode(0o600)).unwrap();
+    }
+    Fleetgw::run(&emu.gateway_config_path(), dir.join("fleetgw.log"))
+        .sets([
             "downstream.broker=\"external\"".to_string(),
             format!("downstream.url=\"{broker_url}\""),
             "downstream.username=\"fleetgw-gateway\"".to_string(),
@@ -55,33 +49,8 @@ impl Daemon {
             "admission.mode=\"open\"".to_string(),
             format!("gateway.state_dir=\"{}\"", dir.join("state").display()),
             "log.level=\"info\"".to_string(),
-        ];
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_fleetgw"));
-        cmd.arg("run").arg("-c").arg(emu.gateway_config_path());
-        for s in sets {
-            cmd.arg("--set").arg(s);
-        }
-        let log = dir.join("fleetgw.log");
-        let out = std::fs::File::create(&log).unwrap();
-        let child = cmd
-            .stdin(Stdio::null())
-            .stdout(out.try_clone().unwrap())
-            .stderr(out)
-            .spawn()
-            .expect("spawn fleetgw run");
-        Self { child, log }
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+        ])
+        .spawn()
 }
 
 /// A device logged in to mosquitto with its own username (= device id) and password.
@@ -95,7 +64,7 @@ async fn device(broker: &Mosquitto, id: &str, password: &str) -> TestClient {
 /// Provisions `id` through the daemon with the device's own credentials; returns its thing
 /// name. The daemon may subscribe after the first request (mosquitto then drops it) and a
 /// repeated request is answered from the store, so the device asks again until answered.
-async fn provision(broker: &Mosquitto, id: &str, password: &str, daemon: &Daemon) -> String {
+async fn provision(broker: &Mosquitto, id: &str, password: &str, daemon: &Fleetgw) -> String {
     let mut dev = device(broker, id, password).await;
     dev.subscribe(&format!("fleetgw/{id}/provision/json/+"), QoS::AtLeastOnce)
         .await;
@@ -151,15 +120,10 @@ async fn all_messages(emu: &AwsEmulatorHandle) -> Vec<Received> {
     list.as_array()
         .unwrap_or_else(|| panic!("GET /messages is not a list: {list}"))
         .iter()
-        .map(|m| {
-            let raw = base64::engine::general_purpose::STANDARD
-                .decode(m["payloadBase64"].as_str().unwrap())
-                .unwrap();
-            Received {
-                client_id: m["clientId"].as_str().unwrap().to_string(),
-                topic: m["topic"].as_str().unwrap().to_string(),
-                payload: String::from_utf8_lossy(&raw).into_owned(),
-            }
+        .map(|m| Received {
+            client_id: m["clientId"].as_str().unwrap().to_string(),
+            topic: m["topic"].as_str().unwrap().to_string(),
+            payload: String::from_utf8_lossy(&messages::payload(m)).into_owned(),
         })
         .collect()
 }
@@ -177,7 +141,7 @@ async fn a_device_cannot_publish_telemetry_under_another_devices_identity() {
         &[(a, pw_a), (b, pw_b)],
         GATEWAY_PASSWORD,
     ));
-    let daemon = Daemon::start(&emu, dir.path(), &broker.url());
+    let daemon = start_daemon(&emu, dir.path(), &broker.url());
 
     let thing_a = provision(&broker, a, pw_a, &daemon).await;
     let thing_b = provision(&broker, b, pw_b, &daemon).await;

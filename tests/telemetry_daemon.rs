@@ -30,24 +30,23 @@ mod common;
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use base64::Engine as _;
 use rand::Rng as _;
 use rumqttc::{AsyncClient, Event, MqttOptions, Outgoing, Packet, QoS};
 use serde_json::Value;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 use tokio::time::{timeout, timeout_at, Instant};
 
 use fleetgw::downstream::session::DEFAULT_MAX_UNCONFIRMED;
 use fleetgw::emulator::aws::{self, AwsEmulatorHandle, AwsEmulatorOptions};
 use fleetgw::sim::arrival::{self, Arrival, TelemetryCheck};
 
+use common::http::http_within;
+use common::messages;
 use common::mosquitto::{Mosquitto, MosquittoConfig};
+use common::process::Fleetgw;
 use common::{env_or, free_port, now_ms};
 
 const WINDOW: usize = 10;
@@ -72,101 +71,33 @@ enum BrokerChoice {
     Embedded,
 }
 
-/// `fleetgw run` with the emulator's gateway.toml and test overrides.
-struct Daemon {
-    child: Option<Child>,
-    args: Vec<String>,
-    log: PathBuf,
-}
-
-impl Daemon {
-    /// Starts the daemon; `downstream` are the `--set` overrides choosing the broker.
-    fn start(config: &Path, state_dir: &Path, downstream: Vec<String>, log: PathBuf) -> Self {
-        let sets = downstream.into_iter().chain([
+/// `fleetgw run` with the emulator's gateway.toml and test overrides; `downstream` are the
+/// `--set` overrides choosing the broker.
+fn start_daemon(config: &Path, state_dir: &Path, downstream: Vec<String>, log: PathBuf) -> Fleetgw {
+    Fleetgw::run(config, log)
+        .sets(downstream)
+        .sets([
             "admission.mode=\"open\"".to_string(),
             format!("gateway.state_dir=\"{}\"", state_dir.display()),
             format!("telemetry.inflight={WINDOW}"),
             "log.level=\"info\"".to_string(),
-        ]);
-        let mut args = vec![
-            "run".to_string(),
-            "-c".to_string(),
-            config.display().to_string(),
-        ];
-        for s in sets {
-            args.push("--set".into());
-            args.push(s);
-        }
-        let mut d = Self {
-            child: None,
-            args,
-            log,
-        };
-        d.spawn();
-        d
-    }
-
-    fn spawn(&mut self) {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.log)
-            .unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_fleetgw"))
-            .args(&self.args)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .expect("spawn fleetgw run");
-        self.child = Some(child);
-    }
-
-    fn kill9(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            // SIGKILL: no shutdown path runs.
-            c.kill().unwrap();
-            c.wait().unwrap();
-        }
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
+        ])
+        .spawn()
 }
 
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        self.kill9();
-    }
-}
-
+/// A request to the emulator's API that must succeed; the JSON answer.
 async fn http(emu: &AwsEmulatorHandle, method: &str, path: &str, body: Option<&str>) -> Value {
     let addr = emu.api_addr();
-    let mut stream = TcpStream::connect(addr).await.unwrap();
-    let body = body.unwrap_or("");
-    let request = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\
-         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    );
-    stream.write_all(request.as_bytes()).await.unwrap();
-    let mut raw = Vec::new();
-    timeout(Duration::from_secs(60), stream.read_to_end(&mut raw))
-        .await
-        .unwrap()
-        .unwrap();
-    let text = String::from_utf8(raw).unwrap();
-    let (head, body) = text.split_once("\r\n\r\n").unwrap();
-    assert!(head.contains(" 200 "), "{method} {path}: {head}\n{body}");
-    serde_json::from_str(body).unwrap()
+    let (status, value) = http_within(addr, method, path, body, Duration::from_secs(60)).await;
+    assert_eq!(status, 200, "{method} {path}: {value}");
+    value
 }
 
 /// Provisions `id` through the daemon over the downstream broker and waits until its retained
 /// status says `provisioned` (the gateway refuses telemetry before it recorded the delivery);
 /// returns the thing name. Connection failures (the embedded broker not listening yet) are
 /// retried with back-off.
-async fn provision(port: u16, id: &str, daemon: &Daemon) -> String {
+async fn provision(port: u16, id: &str, daemon: &Fleetgw) -> String {
     let mut o = MqttOptions::new(format!("prov-{id}"), "127.0.0.1", port);
     o.set_max_packet_size(1 << 20, 1 << 20);
     let (client, mut eventloop) = AsyncClient::new(o, 16);
@@ -402,7 +333,7 @@ async fn sigkill_during_an_outage(broker: BrokerChoice) {
             (None, port, sets)
         }
     };
-    let mut daemon = Daemon::start(
+    let daemon = start_daemon(
         &emu.gateway_config_path(),
         &dir.path().join("state"),
         downstream,
@@ -460,7 +391,7 @@ async fn sigkill_during_an_outage(broker: BrokerChoice) {
     }
     let acked_at_kill = acked.load(Ordering::Relaxed);
     daemon.kill9();
-    daemon.spawn();
+    daemon.restart();
     let mut breaks = 0;
     for t in tasks {
         breaks += t.await.unwrap();
@@ -498,12 +429,7 @@ async fn sigkill_during_an_outage(broker: BrokerChoice) {
                 .as_array()
                 .unwrap()
                 .iter()
-                .filter_map(|m| {
-                    let raw = base64::engine::general_purpose::STANDARD
-                        .decode(m["payloadBase64"].as_str()?)
-                        .ok()?;
-                    Some(arrival::parse_payload(&raw)?.0)
-                })
+                .filter_map(|m| Some(arrival::parse_payload(&messages::payload(m))?.0))
                 .collect();
             if distinct.len() as u64 >= per_device || drained.elapsed() > STALL {
                 break list;
@@ -514,17 +440,7 @@ async fn sigkill_during_an_outage(broker: BrokerChoice) {
             .as_array()
             .unwrap()
             .iter()
-            .map(|m| {
-                let raw = base64::engine::general_purpose::STANDARD
-                    .decode(m["payloadBase64"].as_str().unwrap())
-                    .unwrap();
-                let (seq, sent_ms) = arrival::parse_payload(&raw).unwrap();
-                Arrival {
-                    seq,
-                    sent_ms,
-                    received_ms: m["receivedAtMs"].as_u64().unwrap(),
-                }
-            })
+            .map(messages::arrival)
             .collect();
         let device = check.add_device(id, &arrivals, 0..per_device);
         assert!(

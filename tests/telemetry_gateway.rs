@@ -9,18 +9,17 @@
 
 mod common;
 
+use std::cell::Cell;
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::Duration;
 
-use base64::Engine as _;
 use rumqttc::QoS;
 use serde_json::{json, Value};
-use tokio::time::Instant;
 
 use common::http::http;
+use common::messages;
 use common::mqtt_client::{self, TestClient};
+use common::process::Fleetgw;
+use common::wait::{eventually_async, Lazy};
 use common::{free_port, WAIT};
 
 use fleetgw::emulator::aws::{self, AwsEmulatorHandle, AwsEmulatorOptions};
@@ -29,59 +28,17 @@ use fleetgw::identity::{self, KeyType, PrivateKey};
 /// Messages each device publishes.
 const PER_DEVICE: u64 = 20;
 
-/// `fleetgw run` in its own process; killed when dropped.
-struct Daemon {
-    child: Child,
-    log: PathBuf,
-}
-
-impl Daemon {
-    fn start(config: &Path, sets: &[String], log: PathBuf) -> Self {
-        let out = std::fs::File::create(&log).unwrap();
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_fleetgw"));
-        cmd.arg("run").arg("--config").arg(config);
-        for s in sets {
-            cmd.arg("--set").arg(s);
+/// Connects a device to the daemon's embedded broker, waiting for the daemon to listen.
+async fn device(daemon: &Fleetgw, id: &str, port: u16) -> TestClient {
+    let what = Lazy(|| format!("the daemon's broker to accept {id}:\n{}", daemon.log()));
+    eventually_async(what, WAIT, || async {
+        let client = TestClient::try_connect(mqtt_client::options(id, port)).await;
+        if client.is_err() {
+            daemon.assert_running();
         }
-        let child = cmd
-            .env_remove("RUST_LOG")
-            .stdin(Stdio::null())
-            .stdout(out.try_clone().unwrap())
-            .stderr(out)
-            .spawn()
-            .expect("spawn fleetgw run");
-        Self { child, log }
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    /// Connects a device to the embedded broker, waiting for the daemon to listen.
-    async fn device(&mut self, id: &str, port: u16) -> TestClient {
-        let deadline = Instant::now() + WAIT;
-        loop {
-            if let Ok(c) = TestClient::try_connect(mqtt_client::options(id, port)).await {
-                return c;
-            }
-            if let Ok(Some(status)) = self.child.try_wait() {
-                panic!("fleetgw run exited ({status}):\n{}", self.log());
-            }
-            assert!(
-                Instant::now() < deadline,
-                "the daemon's broker never accepted {id}:\n{}",
-                self.log()
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+        client.ok()
+    })
+    .await
 }
 
 /// Provisions the connected `device` (`csr`: its own CSR, or the gateway makes the key);
@@ -90,7 +47,7 @@ async fn provision(
     device: &mut TestClient,
     id: &str,
     csr: Option<String>,
-    daemon: &Daemon,
+    daemon: &Fleetgw,
 ) -> String {
     device
         .subscribe(&format!("fleetgw/{id}/provision/json/+"), QoS::AtLeastOnce)
@@ -148,11 +105,10 @@ async fn gateway_identity_forwards_every_device_on_its_topic_over_one_connection
         // The gateway's own id differs from its thing: the emulator's config names the thing.
         "gateway.id=plant-7".to_string(),
     ];
-    let mut daemon = Daemon::start(
-        &emu.gateway_config_path(),
-        &sets,
-        tmp.path().join("daemon.log"),
-    );
+    let daemon = Fleetgw::run(&emu.gateway_config_path(), tmp.path().join("daemon.log"))
+        .sets(&sets)
+        .env_remove("RUST_LOG")
+        .spawn();
 
     // Two devices get their key from the gateway; one brings its own CSR.
     let own_key = PrivateKey::generate(KeyType::EcdsaP256).unwrap();
@@ -160,7 +116,7 @@ async fn gateway_identity_forwards_every_device_on_its_topic_over_one_connection
     let mut devices = Vec::new();
     let mut things = BTreeMap::new();
     for id in ids {
-        let mut device = daemon.device(id, port).await;
+        let mut device = device(&daemon, id, port).await;
         let csr = (id == "own-key-3").then(|| identity::create_csr(id, &own_key).unwrap());
         let thing = provision(&mut device, id, csr, &daemon).await;
         things.insert(id, thing);
@@ -181,27 +137,24 @@ async fn gateway_identity_forwards_every_device_on_its_topic_over_one_connection
     }
 
     let total = PER_DEVICE as usize * ids.len();
-    let deadline = Instant::now() + WAIT;
-    let messages = loop {
+    let seen = &Cell::new(0);
+    let what = Lazy(|| {
+        let log = daemon.log();
+        format!(
+            "{total} messages at the emulator (it has {}); daemon log:\n{log}",
+            seen.get()
+        )
+    });
+    let messages = eventually_async(what, WAIT, || async {
         let messages = recorded(&emu).await;
-        if messages.len() >= total {
-            break messages;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the emulator has {} of {total} messages; daemon log:\n{}",
-            messages.len(),
-            daemon.log()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+        seen.set(messages.len());
+        (messages.len() >= total).then_some(messages)
+    })
+    .await;
     assert_eq!(messages.len(), total, "no duplicates on a clean run");
     let mut per_device: BTreeMap<String, Vec<u64>> = BTreeMap::new();
     for m in &messages {
-        let payload = base64::engine::general_purpose::STANDARD
-            .decode(m["payloadBase64"].as_str().unwrap())
-            .unwrap();
-        let v: Value = serde_json::from_slice(&payload).unwrap();
+        let v: Value = serde_json::from_slice(&messages::payload(m)).unwrap();
         let id = v["device"].as_str().unwrap();
         assert_eq!(
             m["clientId"], "gw-01",

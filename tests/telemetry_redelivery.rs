@@ -25,18 +25,18 @@
 mod common;
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 use common::mqtt_client::{options, TestClient};
-use common::relay::Relay;
+use common::relay::relayed_embedded_broker;
+use common::wait::eventually;
 use common::WAIT;
 use fleetgw::downstream::{
-    AckOutcome, BrokerEndpoint, BrokerOptions, DeviceTopic, DownstreamOptions, DownstreamSession,
-    EmbeddedBroker, EmbeddedBrokerOptions, Inbound, QoS, SessionOptions, TopicPrefix,
+    AckOutcome, BrokerEndpoint, DeviceTopic, DownstreamSession, Inbound, QoS, SessionOptions,
+    TopicPrefix,
 };
 use tokio::time::{timeout, Instant};
 
@@ -54,17 +54,8 @@ fn seq_of(payload: &[u8]) -> u64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_cut_of_the_embedded_broker_connection_costs_one_reconnect_and_one_redelivery_at_most()
 {
-    let broker_opts = EmbeddedBrokerOptions {
-        listen: SocketAddr::from(([127, 0, 0, 1], 0)),
-        max_inflight: BROKER_WINDOW,
-        ..EmbeddedBrokerOptions::default()
-    };
-    let broker = EmbeddedBroker::start(&broker_opts).await.unwrap();
-    let relay = Relay::start(broker.gateway_addr()).await;
-    let mut dopts = DownstreamOptions::new(
-        "fleetgw-redelivery-test".into(),
-        BrokerOptions::Embedded(broker_opts.clone()),
-    );
+    let (broker, relay, mut dopts) =
+        relayed_embedded_broker(BROKER_WINDOW, "fleetgw-redelivery-test").await;
     dopts.inbound = Inbound {
         provision: false,
         telemetry: true,
@@ -91,11 +82,10 @@ async fn each_cut_of_the_embedded_broker_connection_costs_one_reconnect_and_one_
                 .await;
         }
         // Every message is with the broker; the consumer channel is full.
-        let deadline = Instant::now() + WAIT;
-        while rx.len() < 4 {
-            assert!(Instant::now() < deadline, "consumer channel never filled");
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        eventually("the consumer channel to fill", WAIT, || {
+            (rx.len() >= 4).then_some(())
+        })
+        .await;
         let before = session.status().connections;
         relay.sever();
         // Read on without acking until the session noticed the loss, so nothing is written to

@@ -19,9 +19,7 @@ use crate::downstream::{BrokerEndpoint, DownstreamSession, SessionOptions, Topic
 use crate::store::{DeviceRecord, OutboxMessage, Store, StoreOptions};
 use crate::telemetry::link::{Item, LinkConfig, Settled};
 use crate::telemetry::topic::CommandFilter;
-use crate::telemetry::{
-    Counters, IdentityMode, Shared, TelemetryError, TelemetryOptions, UpstreamEndpoint,
-};
+use crate::telemetry::{Counters, Shared, TelemetryError, TelemetryOptions, UpstreamEndpoint};
 
 const WITHIN: Duration = Duration::from_secs(10);
 
@@ -350,7 +348,7 @@ async fn gateway_mode_sends_every_device_over_the_gateway_link() {
     let dir = tempfile::tempdir().unwrap();
     let store = store_with(&dir, &["a", "b"]).await;
     let mut opts = options();
-    opts.identity = IdentityMode::Gateway;
+    opts.identity = crate::config::TelemetryIdentity::Gateway;
     opts.gateway_inflight = 33;
     let rig = Rig::start(store, opts, Some("gateway-thing")).await;
 

@@ -1,40 +1,64 @@
-//! A minimal HTTP/1.1 client for the emulators' inspection and fault API, so tests read what
-//! the cloud recorded without pulling in an HTTP client stack.
+//! An HTTP/1.1 client (hyper) for the emulators' inspection and fault API, so tests read what
+//! the cloud recorded. One request per connection: the tests ask rarely and must not depend on
+//! connection reuse.
 
 use std::net::SocketAddr;
+use std::time::Duration;
 
+use http_body_util::{BodyExt, Full};
+use hyper::body::Bytes;
+use hyper_util::rt::TokioIo;
 use serde_json::Value;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::timeout;
 
 use super::WAIT;
 
-/// Sends one request (JSON body if any) and returns (status, JSON body; `Null` when empty).
+/// [`http_within`] with the usual loopback bound [`WAIT`].
 pub async fn http(addr: SocketAddr, method: &str, path: &str, body: Option<&str>) -> (u16, Value) {
-    let mut stream = timeout(WAIT, TcpStream::connect(addr))
+    http_within(addr, method, path, body, WAIT).await
+}
+
+/// Sends one request (JSON body if any) and returns (status, JSON body; `Null` when empty);
+/// panics if the whole exchange takes longer than `within`.
+pub async fn http_within(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    body: Option<&str>,
+    within: Duration,
+) -> (u16, Value) {
+    let exchange = async {
+        let stream = TcpStream::connect(addr).await.expect("connect to the API");
+        let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .expect("HTTP handshake");
+        tokio::spawn(connection);
+        let request = hyper::Request::builder()
+            .method(method)
+            .uri(path)
+            .header(hyper::header::HOST, addr.to_string())
+            .header(hyper::header::CONTENT_TYPE, "application/json")
+            .body(Full::new(Bytes::from(body.unwrap_or("").to_string())))
+            .expect("a valid request");
+        let response = sender.send_request(request).await.expect("HTTP response");
+        let status = response.status().as_u16();
+        let bytes = response
+            .into_body()
+            .collect()
+            .await
+            .expect("response body")
+            .to_bytes();
+        (status, bytes)
+    };
+    let (status, bytes) = timeout(within, exchange)
         .await
-        .unwrap()
-        .unwrap();
-    let body = body.unwrap_or("");
-    let request = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\
-         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    );
-    stream.write_all(request.as_bytes()).await.unwrap();
-    let mut raw = Vec::new();
-    timeout(WAIT, stream.read_to_end(&mut raw))
-        .await
-        .unwrap()
-        .unwrap();
-    let text = String::from_utf8(raw).unwrap();
-    let (head, body) = text.split_once("\r\n\r\n").expect("HTTP response");
-    let status: u16 = head.split(' ').nth(1).unwrap().parse().unwrap();
-    let value = if body.is_empty() {
+        .unwrap_or_else(|_| panic!("{method} {path}: no answer within {within:?}"));
+    let value = if bytes.is_empty() {
         Value::Null
     } else {
-        serde_json::from_str(body).unwrap_or_else(|e| panic!("{path}: {e}: {body}"))
+        serde_json::from_slice(&bytes)
+            .unwrap_or_else(|e| panic!("{method} {path}: {e}: {}", String::from_utf8_lossy(&bytes)))
     };
     (status, value)
 }

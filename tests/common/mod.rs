@@ -1,13 +1,17 @@
-//! Helpers shared by the integration tests: a real mosquitto on a free loopback port, a TCP
-//! relay that can cut connections, a small MQTT test client and an HTTP client for the
-//! emulators' API. Each test binary uses a subset,
-//! hence `dead_code` is allowed here.
+//! Helpers shared by the integration tests: `fleetgw` child processes, a real mosquitto on a
+//! free loopback port, a TCP relay that can cut connections, a small MQTT test client, a
+//! sequence publisher, an HTTP client for the emulators' API and polling with a deadline. Each
+//! test binary uses a subset, hence `dead_code` is allowed here.
 #![allow(dead_code)]
 
 pub mod http;
+pub mod messages;
 pub mod mosquitto;
 pub mod mqtt_client;
+pub mod process;
+pub mod publisher;
 pub mod relay;
+pub mod wait;
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -26,6 +30,11 @@ pub fn now_ms() -> u64 {
         .duration_since(UNIX_EPOCH)
         .unwrap()
         .as_millis() as u64
+}
+
+/// Wall-clock seconds since the Unix epoch (certificate validity checks).
+pub fn unix_now() -> i64 {
+    (now_ms() / 1000) as i64
 }
 
 /// A benchmark size from the environment, or `default`.

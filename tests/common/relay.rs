@@ -6,6 +6,9 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
+use fleetgw::downstream::{
+    BrokerOptions, DownstreamOptions, EmbeddedBroker, EmbeddedBrokerOptions,
+};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
@@ -117,4 +120,27 @@ impl Drop for Relay {
         self.task.abort();
         self.sever();
     }
+}
+
+/// An embedded broker on a free loopback port with `max_inflight` unacknowledged messages
+/// towards each client, and a relay in front of its gateway listener; the options name the
+/// gateway `gateway_client_id` (sessions are made with `session_options(Some(relay.addr()))`).
+pub async fn relayed_embedded_broker(
+    max_inflight: usize,
+    gateway_client_id: &str,
+) -> (EmbeddedBroker, Relay, DownstreamOptions) {
+    let broker_opts = EmbeddedBrokerOptions {
+        listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+        max_inflight,
+        ..EmbeddedBrokerOptions::default()
+    };
+    let broker = EmbeddedBroker::start(&broker_opts)
+        .await
+        .expect("embedded broker starts");
+    let relay = Relay::start(broker.gateway_addr()).await;
+    let dopts = DownstreamOptions::new(
+        gateway_client_id.to_string(),
+        BrokerOptions::Embedded(broker_opts),
+    );
+    (broker, relay, dopts)
 }

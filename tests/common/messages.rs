@@ -1,0 +1,27 @@
+//! Reading the messages an emulator recorded (`GET /messages`): the payload, and for
+//! sequence-numbered telemetry the arrival the checker counts.
+
+use base64::Engine as _;
+use fleetgw::sim::arrival::{self, Arrival};
+use serde_json::Value;
+
+/// The payload of one recorded message (`payloadBase64`).
+pub fn payload(message: &Value) -> Vec<u8> {
+    let text = message["payloadBase64"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no payloadBase64 in {message}"));
+    base64::engine::general_purpose::STANDARD
+        .decode(text)
+        .unwrap_or_else(|e| panic!("payloadBase64 of {message}: {e}"))
+}
+
+/// One recorded `{"seq","t"}` telemetry message as an arrival: its sequence number, when it
+/// was sent and when the emulator received it.
+pub fn arrival(message: &Value) -> Arrival {
+    let (seq, sent_ms) = arrival::parse_payload(&payload(message)).expect("a {\"seq\"} payload");
+    Arrival {
+        seq,
+        sent_ms,
+        received_ms: message["receivedAtMs"].as_u64().unwrap(),
+    }
+}
