@@ -480,7 +480,7 @@ async fn sigkill_during_an_outage(broker: BrokerChoice) {
     // - mosquitto: one the gateway had stored but whose PUBACK mosquitto had not yet
     //   processed, at most mosquitto's in-flight window or the session's read-ahead, whichever
     //   is smaller (mosquitto 2.0.11 does not hold to its window once acks flow; the read-ahead
-    //   does, see src/downstream/session.rs);
+    //   does, see src/downstream/session/read_ahead.rs);
     // - embedded: one the gateway had stored but whose PUBACK had not reached the device
     //   before the broker died; the device publishes it again after reconnecting, and it can
     //   only be among the device's own unacknowledged messages, at most its window.

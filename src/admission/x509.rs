@@ -1,7 +1,7 @@
 //! X.509 admission: a device proves its identity with a certificate chained to a trusted CA and
 //! a fresh signature made with the certificate's key.
 //!
-//! The attestation (DESIGN.md, device contract) carries the device's certificate chain (leaf
+//! The attestation (docs/architecture.md, "Device contract") carries the device's certificate chain (leaf
 //! first, then intermediates; the trusted root may be included), a timestamp in unix seconds and
 //! `base64(sign(leafKey, "{id}\n{timestamp}"))`, where `{id}` is the canonical (lower-case)
 //! device id. The signature is ECDSA with ASN.1 DER encoding (P-256 with SHA-256, P-384 with

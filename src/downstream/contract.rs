@@ -1,4 +1,4 @@
-//! The payloads of the device contract (DESIGN.md "The device contract"): what a device sends on
+//! The payloads of the device contract (docs/architecture.md, "Device contract"): what a device sends on
 //! `{p}/{id}/provision/{fmt}` ([`ProvisionRequest`]) and what the gateway answers on `/accepted`
 //! ([`AcceptedResponse`]), `/rejected` ([`RejectedResponse`]) and the retained `{p}/{id}/status`
 //! ([`StatusReport`]).

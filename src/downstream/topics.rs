@@ -1,4 +1,4 @@
-//! The device topic contract of DESIGN.md "The device contract (downstream MQTT)".
+//! The device topic contract of docs/architecture.md, "Device contract".
 //!
 //! Devices publish provisioning requests on `{p}/{id}/provision/{json|cbor}` and telemetry on
 //! `{p}/{id}/telemetry[/sub/topic]`; the gateway answers on `/accepted`, `/rejected`, the retained

@@ -1,5 +1,5 @@
 //! The provisioning engine: takes device requests from downstream, keeps each device's state
-//! machine (DESIGN.md) in the store and drives it through the cloud [`Provider`].
+//! machine (docs/architecture.md, "Provisioning state machine") in the store and drives it through the cloud [`Provider`].
 //!
 //! Data flow: the gateway's downstream session hands over a request -> [`request`] checks it
 //! (payload, CSR, admission, per-device rate) -> the `Requested` (or `WaitingApproval`) record

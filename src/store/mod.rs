@@ -1,6 +1,6 @@
 //! The gateway's durable state: the only module that touches sled.
 //!
-//! Trees (DESIGN.md "Store"): `devices` (id -> [`DeviceRecord`]), `secrets` (id -> opaque, possibly
+//! Trees (docs/architecture.md, "Store"): `devices` (id -> [`DeviceRecord`]), `secrets` (id -> opaque, possibly
 //! sealed key bytes), `tokens` (id -> [`OwnershipTokenRecord`]), `operations`,
 //! `enrollment_groups`, `device_groups` (string key -> a record type owned by the admin layer,
 //! see [`RecordTree`]), `outbox` (big-endian u64 sequence -> [`OutboxMessage`]) and `meta`

@@ -71,7 +71,7 @@ impl fmt::Debug for OwnershipToken {
     }
 }
 
-/// Where a device is in the provisioning state machine (DESIGN.md). Every transition is
+/// Where a device is in the provisioning state machine (docs/architecture.md, "Provisioning state machine"). Every transition is
 /// persisted before the engine acts on it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "state", rename_all = "camelCase")]

@@ -1,5 +1,5 @@
 //! Telemetry: the durable store-and-forward path from downstream devices to the cloud, and
-//! cloud-to-device commands back (DESIGN.md "Telemetry").
+//! cloud-to-device commands back (docs/architecture.md, "Telemetry").
 //!
 //! ```text
 //! downstream session ──► intake ──► outbox (store, group commit) ──► ack downstream PUBLISH

@@ -35,7 +35,7 @@ def test_emulator_json_and_files(emulator):
 
 
 def assert_gateway_toml(emulator) -> None:
-    """DIR/gateway.toml points a gateway at this run of the emulator (config keys of DESIGN.md)."""
+    """DIR/gateway.toml points a gateway at this run of the emulator (the config keys of gateway.toml)."""
     config = tomllib.loads((emulator.dir / "gateway.toml").read_text())
     aws = config["cloud"]["aws"]
     assert config["cloud"]["provider"] == "aws"
