@@ -38,14 +38,10 @@ async fn a_full_provisioning_queue_refuses_requests_and_lets_telemetry_through()
     dev.subscribe("fleetgw/sensor-1/provision/json/rejected", QoS::AtLeastOnce)
         .await;
     let request = br#"{"attestation":{"type":"none"}}"#;
+    let topic = "fleetgw/sensor-1/provision/json";
     for _ in 0..2 {
-        dev.publish_unacked(
-            "fleetgw/sensor-1/provision/json",
-            QoS::AtLeastOnce,
-            false,
-            request,
-        )
-        .await;
+        dev.publish_unacked(topic, QoS::AtLeastOnce, false, request)
+            .await;
     }
     for n in 0..3 {
         dev.publish_unacked(

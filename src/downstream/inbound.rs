@@ -104,7 +104,7 @@ mod tests {
 
     use super::*;
     use crate::device_id::DeviceId;
-    use crate::downstream::{AckHandle, BrokerEndpoint, PayloadFormat, QoS, SessionOptions};
+    use crate::downstream::{AckHandle, PayloadFormat, QoS};
 
     fn message(topic: DeviceTopic) -> DownstreamMessage {
         DownstreamMessage {
@@ -130,23 +130,6 @@ mod tests {
         })
     }
 
-    /// A session that never connects (nothing listens on its port): the dispatch only needs it
-    /// to queue refusals and count them.
-    fn unconnected_session() -> Arc<DownstreamSession> {
-        let endpoint = BrokerEndpoint {
-            host: "127.0.0.1".into(),
-            port: 9,
-            tls: None,
-            username: None,
-            password: None,
-        };
-        let mut opts = SessionOptions::new("fleetgw-test".into(), endpoint, Default::default());
-        opts.reconnect_min = Duration::from_secs(60);
-        opts.reconnect_max = Duration::from_secs(60);
-        let (session, _rx) = DownstreamSession::start(opts).expect("session starts");
-        Arc::new(session)
-    }
-
     async fn recv(rx: &mut mpsc::Receiver<DownstreamMessage>) -> DownstreamMessage {
         tokio::time::timeout(Duration::from_secs(5), rx.recv())
             .await
@@ -156,7 +139,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_full_provisioning_queue_does_not_hold_back_telemetry() {
-        let session = unconnected_session();
+        let session = DownstreamSession::unconnected_for_tests();
         let (tx, inbound) = mpsc::channel(16);
         let mut queues = dispatch_inbound(session.clone(), inbound, 1);
         // The engine does not read: the first request fills its queue.
@@ -197,7 +180,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_stopped_consumer_leaves_the_other_queue_running() {
-        let session = unconnected_session();
+        let session = DownstreamSession::unconnected_for_tests();
         let (tx, inbound) = mpsc::channel(16);
         let queues = dispatch_inbound(session.clone(), inbound, 4);
         let InboundQueues {

@@ -16,8 +16,7 @@ use crate::cloud::fake::{self, Api, Call, FakeProvider, Outcome};
 use crate::cloud::INVALID_OWNERSHIP_TOKEN;
 use crate::device_id::DeviceId;
 use crate::downstream::{
-    BrokerEndpoint, BrokerOptions, Downstream, DownstreamOptions, DownstreamSession,
-    EmbeddedBrokerOptions, SessionOptions, TopicPrefix,
+    BrokerOptions, Downstream, DownstreamOptions, DownstreamSession, EmbeddedBrokerOptions,
 };
 use crate::identity::KeyType;
 use crate::provision::{Engine, EngineOptions, EngineParts, EngineStats, RequestPolicy};
@@ -152,22 +151,6 @@ impl Bench {
         })
         .await
     }
-}
-
-/// A session whose broker is gone for good: every answer to a device fails at once, so an
-/// engine using it cannot get past `ThingRegistered`.
-async fn closed_session() -> Arc<DownstreamSession> {
-    let endpoint = BrokerEndpoint {
-        host: "127.0.0.1".into(),
-        port: 9,
-        tls: None,
-        username: None,
-        password: None,
-    };
-    let opts = SessionOptions::new("fleetgw-closed".into(), endpoint, TopicPrefix::default());
-    let (session, _inbound) = DownstreamSession::start(opts).expect("the session starts");
-    session.shutdown(Duration::from_millis(100)).await;
-    Arc::new(session)
 }
 
 /// Waits until the engine's counters satisfy `done`: they move just after the record is
@@ -628,9 +611,13 @@ async fn resumes_from_thing_registered_without_calling_the_cloud() {
     let id = bench.put_requested("resume-thing").await;
     // The first engine cannot answer the device, so it stays ThingRegistered.
     let first = Arc::new(FakeProvider::new());
-    let (rec, calls) = restart_after(&bench, &id, first, closed_session().await, |r| {
-        matches!(r.state, DeviceState::ThingRegistered { .. })
-    })
+    let (rec, calls) = restart_after(
+        &bench,
+        &id,
+        first,
+        DownstreamSession::closed_for_tests().await,
+        |r| matches!(r.state, DeviceState::ThingRegistered { .. }),
+    )
     .await;
     assert_eq!(calls, []);
     assert_eq!(rec.provision.thing_name, Some(fake::thing_name(&id)));

@@ -15,7 +15,7 @@ use tokio::time::Instant;
 
 use super::{remover, Dispatcher, Handoff, Upstream, UpstreamLink};
 use crate::device_id::DeviceId;
-use crate::downstream::{BrokerEndpoint, DownstreamSession, SessionOptions, TopicPrefix};
+use crate::downstream::DownstreamSession;
 use crate::store::{DeviceRecord, OutboxMessage, Store, StoreOptions};
 use crate::telemetry::link::{Item, LinkConfig, Settled};
 use crate::telemetry::topic::CommandFilter;
@@ -160,21 +160,6 @@ impl Upstream for FakeUpstream {
     }
 }
 
-/// A session whose broker is gone: the dispatcher only hands it to real links.
-async fn closed_session() -> Arc<DownstreamSession> {
-    let endpoint = BrokerEndpoint {
-        host: "127.0.0.1".into(),
-        port: 9,
-        tls: None,
-        username: None,
-        password: None,
-    };
-    let opts = SessionOptions::new("fleetgw-closed".into(), endpoint, TopicPrefix::default());
-    let (session, _inbound) = DownstreamSession::start(opts).expect("the session starts");
-    session.shutdown(Duration::from_millis(100)).await;
-    Arc::new(session)
-}
-
 fn options() -> TelemetryOptions {
     let endpoint = UpstreamEndpoint::parse("localhost:8883", String::new()).expect("an endpoint");
     TelemetryOptions::new(endpoint)
@@ -197,7 +182,7 @@ impl Rig {
         let shared = Arc::new(Shared {
             opts,
             store: store.clone(),
-            downstream: closed_session().await,
+            downstream: DownstreamSession::closed_for_tests().await,
             counters: Arc::new(Counters::default()),
             room: Notify::new(),
             freed: Notify::new(),

@@ -482,6 +482,34 @@ fn describe(s: &SessionStatus) -> String {
 }
 
 #[cfg(test)]
+impl DownstreamSession {
+    /// A session whose broker never answers (nothing listens on port 9, and it waits a
+    /// minute between attempts), for unit tests of the session's consumers: it queues what
+    /// they publish and counts what they refuse.
+    pub(crate) fn unconnected_for_tests() -> Arc<Self> {
+        let endpoint = BrokerEndpoint {
+            host: "127.0.0.1".into(),
+            port: 9,
+            tls: None,
+            username: None,
+            password: None,
+        };
+        let mut opts = SessionOptions::new("fleetgw-test".into(), endpoint, Default::default());
+        opts.reconnect_min = Duration::from_secs(60);
+        opts.reconnect_max = Duration::from_secs(60);
+        let (session, _inbound) = Self::start(opts).expect("the session starts");
+        Arc::new(session)
+    }
+
+    /// A session that was shut down: every publish fails at once.
+    pub(crate) async fn closed_for_tests() -> Arc<Self> {
+        let session = Self::unconnected_for_tests();
+        session.shutdown(Duration::from_millis(100)).await;
+        session
+    }
+}
+
+#[cfg(test)]
 mod tests {
     use super::*;
 
