@@ -164,8 +164,10 @@ async fn provision_round_trip(
     let got: StatusReport = contract::decode(PayloadFormat::Json, &got.payload).unwrap();
     assert_eq!(got, status);
 
-    // A device that subscribes only now still learns its state: the status is retained.
-    let mut late = TestClient::connect_ok(device("sensor-1-late")).await;
+    // Reconnecting and subscribing only now, the device still learns its state: the status
+    // is retained.
+    drop(dev);
+    let mut late = TestClient::connect_ok(device("sensor-1")).await;
     late.subscribe("fleetgw/sensor-1/status", QoS::AtLeastOnce)
         .await;
     let retained = late
@@ -200,7 +202,7 @@ async fn embedded_broker_provisioning_round_trip() {
 }
 
 #[tokio::test]
-async fn embedded_broker_routes_telemetry_once_and_rejects_bad_ids() {
+async fn embedded_broker_routes_telemetry_once_and_rejects_non_canonical_ids() {
     let (gw, mut rx) = Downstream::start(&embedded_options()).await.unwrap();
     let port = gw.broker().unwrap().listen_addr().port();
     let mut dev = TestClient::connect_ok(options("sensor-2", port)).await;
@@ -214,13 +216,15 @@ async fn embedded_broker_routes_telemetry_once_and_rejects_bad_ids() {
         b"t2",
     )
     .await;
-    // A device with an invalid id listens where it asked, and is answered there.
-    let mut bad = TestClient::connect_ok(options("bad-client", port)).await;
-    bad.subscribe("fleetgw/Bad./provision/json/rejected", QoS::AtLeastOnce)
+    // A device that writes its id in upper case listens where it asked, and is answered
+    // there. (An invalid id cannot even connect to the embedded broker, and no device may
+    // publish under another id: tests/local_trust.rs.)
+    let mut bad = TestClient::connect_ok(options("Sensor-9", port)).await;
+    bad.subscribe("fleetgw/Sensor-9/provision/json/rejected", QoS::AtLeastOnce)
         .await;
     // Its PUBACK queues behind the gateway's ack of t1 (the session acks in order).
     bad.publish_unacked(
-        "fleetgw/Bad./provision/json",
+        "fleetgw/Sensor-9/provision/json",
         QoS::AtLeastOnce,
         false,
         b"{}",
@@ -276,16 +280,17 @@ async fn embedded_broker_routes_telemetry_once_and_rejects_bad_ids() {
     m.ack.ack();
     dev.expect_puback("the marker").await;
 
-    bad.expect_puback("the request with an invalid id").await;
+    bad.expect_puback("the request with a non-canonical id")
+        .await;
     let rejection = bad.next_publish().await.expect("bad device got /rejected");
-    assert_eq!(rejection.topic, "fleetgw/Bad./provision/json/rejected");
+    assert_eq!(rejection.topic, "fleetgw/Sensor-9/provision/json/rejected");
     let body: RejectedResponse = contract::decode(PayloadFormat::Json, &rejection.payload)
         .expect("rejection decodes as the contract says");
     assert_eq!(body.status_code, 400);
-    assert_eq!(body.error_code, "InvalidDeviceId");
+    assert_eq!(body.error_code, "NonCanonicalDeviceId");
     let text = &body.error_message;
     assert!(
-        text.contains("\"Bad.\"") && text.contains("must end with"),
+        text.contains("\"Sensor-9\"") && text.contains("\"sensor-9\""),
         "{text}"
     );
     assert_eq!(gw.session().rejected_topics(), 1);

@@ -28,7 +28,10 @@ use std::time::Duration;
 
 use tokio::sync::mpsc;
 
-pub use broker::{BrokerError, EmbeddedBroker, EmbeddedBrokerOptions, EmbeddedTls};
+pub use broker::{
+    AccessRules, BrokerError, EmbeddedBroker, EmbeddedBrokerOptions, EmbeddedTls,
+    GatewayCredential, UserRights,
+};
 pub use contract::{
     AcceptedResponse, Attestation, DeviceStatus, ProvisionRequest, RejectedResponse, StatusReport,
 };
@@ -183,6 +186,7 @@ impl Downstream {
         opts: &DownstreamOptions,
         tune: impl FnOnce(&mut SessionOptions),
     ) -> Result<(Self, mpsc::Receiver<DownstreamMessage>), DownstreamError> {
+        let mut gateway_credential = None;
         let broker = match &opts.broker {
             BrokerOptions::Embedded(e) => {
                 // End to end: a device's QoS 1 PUBACK waits for the gateway session's, which the
@@ -191,11 +195,23 @@ impl Downstream {
                 let mut e = e.clone();
                 e.ack_after_client
                     .get_or_insert_with(|| opts.client_id.clone());
+                // The trust boundary is always on: devices get their own topics only, and the
+                // gateway's session proves itself with a secret that never leaves the process,
+                // so no client can take it over.
+                let credential = GatewayCredential::generate(opts.client_id.clone());
+                e.rules
+                    .get_or_insert_with(|| AccessRules::new(opts.topic_prefix.as_str()))
+                    .gateway = Some(credential.clone());
+                gateway_credential = Some(credential);
                 Some(EmbeddedBroker::start(&e).await?)
             }
             BrokerOptions::External(_) => None,
         };
         let mut session_opts = opts.session_options(broker.as_ref().map(|b| b.gateway_addr()))?;
+        if let Some(credential) = gateway_credential {
+            session_opts.endpoint.username = Some(credential.client_id);
+            session_opts.endpoint.password = Some(credential.password);
+        }
         tune(&mut session_opts);
         let (session, rx) = DownstreamSession::start(session_opts)?;
         if let Some(b) = &broker {

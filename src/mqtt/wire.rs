@@ -12,6 +12,8 @@ use rumqttc::mqttbytes::{Error as V4Error, Protocol as V4Protocol, QoS as V4QoS}
 use rumqttc::v5::mqttbytes::v5;
 use rumqttc::v5::mqttbytes::QoS as V5QoS;
 
+use crate::identity::Secret;
+
 /// The protocol a client connected with.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Protocol {
@@ -50,6 +52,10 @@ pub struct ConnectInfo {
     pub keep_session: bool,
     /// Last will, if any.
     pub will: Option<Will>,
+    /// User name, if the client sent one.
+    pub username: Option<String>,
+    /// Password, if the client sent one (never logged).
+    pub password: Option<Secret>,
 }
 
 /// One filter of a SUBSCRIBE, with the MQTT 5 options (3.1.1 uses the defaults).
@@ -174,6 +180,8 @@ pub fn read_connect(
                     qos: v4_qos_u8(w.qos),
                     retain: w.retain,
                 }),
+                username: c.login.as_ref().map(|l| l.username.clone()),
+                password: c.login.map(|l| Secret::from(l.password)),
             }));
         }
         Ok(v4::Packet::Connect(_)) => {}
@@ -189,7 +197,7 @@ pub fn read_connect(
         Err(_) => {}
     }
     match v5::Packet::read(buf, Some(max_packet as u32)) {
-        Ok(v5::Packet::Connect(c, will, _)) => {
+        Ok(v5::Packet::Connect(c, will, login)) => {
             let expiry = c
                 .properties
                 .as_ref()
@@ -212,6 +220,8 @@ pub fn read_connect(
                 clean_start: c.clean_start,
                 keep_session: expiry > 0,
                 will,
+                username: login.as_ref().map(|l| l.username.clone()),
+                password: login.map(|l| Secret::from(l.password)),
             }))
         }
         Ok(_) => Err(WireError::NotConnect),
@@ -365,6 +375,9 @@ pub enum ConnectOutcome {
     NotAuthorized,
     /// Refused: the client id is not acceptable (empty with a persistent session).
     BadClientId,
+    /// Refused: the user name or password is missing or wrong (3.1.1: not authorized, 5;
+    /// MQTT 5: bad user name or password, 0x86).
+    BadCredentials,
     /// Refused: the server is at its connection limit.
     ServerUnavailable,
 }
@@ -408,8 +421,13 @@ pub enum ServerPacket<'a> {
     },
     /// PUBACK.
     PubAck(u16),
+    /// PUBACK for a PUBLISH the client was not authorized to make: MQTT 5 says so (reason
+    /// 0x87); MQTT 3.1.1 has no way to, so it is a plain PUBACK (the message is dropped).
+    PubAckRefused(u16),
     /// PUBREC (first answer to a QoS 2 publish).
     PubRec(u16),
+    /// PUBREC for a refused QoS 2 PUBLISH (reason 0x87 in MQTT 5).
+    PubRecRefused(u16),
     /// PUBCOMP (answer to PUBREL).
     PubComp(u16),
     /// PUBLISH (QoS 0 or 1).
@@ -475,7 +493,9 @@ fn v4_packet(packet: ServerPacket<'_>) -> v4::Packet {
         } => v4::Packet::ConnAck(v4::ConnAck::new(
             match outcome {
                 ConnectOutcome::Accepted => v4::ConnectReturnCode::Success,
-                ConnectOutcome::NotAuthorized => v4::ConnectReturnCode::NotAuthorized,
+                ConnectOutcome::NotAuthorized | ConnectOutcome::BadCredentials => {
+                    v4::ConnectReturnCode::NotAuthorized
+                }
                 ConnectOutcome::BadClientId => v4::ConnectReturnCode::BadClientId,
                 ConnectOutcome::ServerUnavailable => v4::ConnectReturnCode::ServiceUnavailable,
             },
@@ -492,8 +512,12 @@ fn v4_packet(packet: ServerPacket<'_>) -> v4::Packet {
                 .collect(),
         )),
         ServerPacket::UnsubAck { pkid, .. } => v4::Packet::UnsubAck(v4::UnsubAck::new(pkid)),
-        ServerPacket::PubAck(pkid) => v4::Packet::PubAck(v4::PubAck::new(pkid)),
-        ServerPacket::PubRec(pkid) => v4::Packet::PubRec(v4::PubRec::new(pkid)),
+        ServerPacket::PubAck(pkid) | ServerPacket::PubAckRefused(pkid) => {
+            v4::Packet::PubAck(v4::PubAck::new(pkid))
+        }
+        ServerPacket::PubRec(pkid) | ServerPacket::PubRecRefused(pkid) => {
+            v4::Packet::PubRec(v4::PubRec::new(pkid))
+        }
         ServerPacket::PubComp(pkid) => v4::Packet::PubComp(v4::PubComp::new(pkid)),
         ServerPacket::Publish {
             topic,
@@ -525,6 +549,7 @@ fn v5_packet(packet: ServerPacket<'_>) -> v5::Packet {
             code: match outcome {
                 ConnectOutcome::Accepted => v5::ConnectReturnCode::Success,
                 ConnectOutcome::NotAuthorized => v5::ConnectReturnCode::NotAuthorized,
+                ConnectOutcome::BadCredentials => v5::ConnectReturnCode::BadUserNamePassword,
                 ConnectOutcome::BadClientId => v5::ConnectReturnCode::ClientIdentifierNotValid,
                 ConnectOutcome::ServerUnavailable => v5::ConnectReturnCode::ServerUnavailable,
             },
@@ -548,7 +573,17 @@ fn v5_packet(packet: ServerPacket<'_>) -> v5::Packet {
             properties: None,
         }),
         ServerPacket::PubAck(pkid) => v5::Packet::PubAck(v5::PubAck::new(pkid, None)),
+        ServerPacket::PubAckRefused(pkid) => {
+            let mut ack = v5::PubAck::new(pkid, None);
+            ack.reason = v5::PubAckReason::NotAuthorized;
+            v5::Packet::PubAck(ack)
+        }
         ServerPacket::PubRec(pkid) => v5::Packet::PubRec(v5::PubRec::new(pkid, None)),
+        ServerPacket::PubRecRefused(pkid) => {
+            let mut rec = v5::PubRec::new(pkid, None);
+            rec.reason = v5::PubRecReason::NotAuthorized;
+            v5::Packet::PubRec(rec)
+        }
         ServerPacket::PubComp(pkid) => v5::Packet::PubComp(v5::PubComp::new(pkid, None)),
         ServerPacket::Publish {
             topic,

@@ -16,7 +16,8 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::watch;
 use tokio::time::{timeout, timeout_at, Instant};
 
-use super::router::{AckWait, Delivery, Message, Router, Session};
+use super::router::{AckWait, Delivery, Message, Refused, Router, Session};
+use super::rules::{truncated, AccessRules, Principal, Refusal};
 use crate::mqtt::stream::{PacketStream, StreamError};
 use crate::mqtt::wire::{
     self, ClientPacket, ConnectInfo, ConnectOutcome, Protocol, ServerFeatures, ServerPacket,
@@ -37,6 +38,58 @@ pub struct ConnectionConfig {
     pub max_packet: usize,
     /// Time from TCP accept to a complete CONNECT.
     pub connect_timeout: Duration,
+    /// The trust boundary; `None` for a plain broker.
+    pub rules: Option<AccessRules>,
+    /// Longest topic name or filter, in bytes.
+    pub max_topic_bytes: usize,
+    /// Most levels in a topic name or filter.
+    pub max_topic_levels: usize,
+}
+
+impl ConnectionConfig {
+    /// Whether `topic` (a name or a filter) is within the length and depth limits.
+    fn topic_within_limits(&self, topic: &str) -> bool {
+        topic.len() <= self.max_topic_bytes
+            && topic.bytes().filter(|b| *b == b'/').count() < self.max_topic_levels
+    }
+
+    /// Who this CONNECT is, or why it is refused.
+    fn admit(
+        &self,
+        connect: &ConnectInfo,
+        client_id: &str,
+        assigned: bool,
+    ) -> Result<Principal, (ConnectOutcome, String)> {
+        let Some(rules) = &self.rules else {
+            return Ok(Principal::Unrestricted);
+        };
+        if assigned {
+            return Err((
+                ConnectOutcome::BadClientId,
+                "an empty client id: a device connects with its device id".to_string(),
+            ));
+        }
+        let password = connect.password.as_ref().map(|p| p.expose());
+        let principal =
+            rules
+                .admit(client_id, password, None)
+                .map_err(|refusal| match refusal {
+                    Refusal::BadClientId(why) => (ConnectOutcome::BadClientId, why),
+                    Refusal::NotAuthorized(why) => (ConnectOutcome::BadCredentials, why),
+                })?;
+        if let Some(will) = &connect.will {
+            if !self.topic_within_limits(&will.topic) || !principal.may_publish(&will.topic) {
+                return Err((
+                    ConnectOutcome::NotAuthorized,
+                    format!(
+                        "will topic {:?} is outside the client's rights",
+                        truncated(&will.topic)
+                    ),
+                ));
+            }
+        }
+        Ok(principal)
+    }
 }
 
 /// Why a connection ended.
@@ -104,6 +157,28 @@ impl Close {
     }
 }
 
+/// Answers a refused CONNECT and logs it (rate-limited: a hostile client cannot flood the log).
+async fn refuse<S: AsyncRead + AsyncWrite + Unpin>(
+    conn: &mut Connection<S>,
+    router: &Router,
+    peer: SocketAddr,
+    client_id: &str,
+    outcome: ConnectOutcome,
+    features: ServerFeatures,
+    why: &str,
+) {
+    if router.note_refused(Refused::Connect) {
+        tracing::info!(%peer, client_id = %truncated(client_id), reason = why, "embedded broker: CONNECT refused (counted; logged at powers of two)");
+    }
+    let _ = conn.queue(ServerPacket::ConnAck {
+        outcome,
+        session_present: false,
+        features,
+        assigned_client_id: None,
+    });
+    let _ = conn.flush().await;
+}
+
 /// Serves one client until it leaves, misbehaves, is taken over or the broker stops.
 pub async fn serve<S>(
     stream: S,
@@ -118,7 +193,7 @@ pub async fn serve<S>(
         io: PacketStream::new(stream, cfg.max_packet, READ_CHUNK),
         pending_acks: VecDeque::new(),
     };
-    let connect = match timeout(cfg.connect_timeout, conn.io.read_connect()).await {
+    let mut connect = match timeout(cfg.connect_timeout, conn.io.read_connect()).await {
         Ok(Ok(c)) => c,
         Ok(Err(e)) => {
             tracing::debug!(%peer, error = %e, "embedded broker: no valid CONNECT");
@@ -151,6 +226,19 @@ pub async fn serve<S>(
     } else {
         connect.client_id.clone()
     };
+    let principal = match cfg.admit(&connect, &client_id, assigned) {
+        Ok(p) => p,
+        Err((outcome, why)) => {
+            refuse(
+                &mut conn, &router, peer, &client_id, outcome, features, &why,
+            )
+            .await;
+            return;
+        }
+    };
+    if let Some(will) = &mut connect.will {
+        will.retain &= principal.may_retain();
+    }
     // With end-to-end acks, devices wait (their CONNECT unanswered) until the gateway's
     // session has subscribed; the gateway's startup takes milliseconds.
     let mut stopping = shutdown.clone();
@@ -160,6 +248,7 @@ pub async fn serve<S>(
     }
     let attached = router.connect(
         &client_id,
+        principal.owner(),
         number,
         connect.clean_start,
         connect.keep_session,
@@ -176,7 +265,9 @@ pub async fn serve<S>(
         return;
     }
     let close = conn
-        .run(&connect, &router, &session, number, shutdown)
+        .run(
+            &connect, &principal, &cfg, &router, &session, number, shutdown,
+        )
         .await;
     match &close {
         Close::Graceful { .. } | Close::ByClient | Close::Shutdown => {
@@ -199,7 +290,16 @@ struct Connection<S> {
     io: PacketStream<S>,
     /// QoS 1 PUBLISHes of this client not acknowledged yet, in arrival order: those waiting
     /// for the acknowledging client hold back the ones after them (MQTT 3.1.1 §4.6).
-    pending_acks: VecDeque<(u16, Option<Arc<AckWait>>)>,
+    pending_acks: VecDeque<PendingAck>,
+}
+
+/// A QoS 1 PUBLISH waiting for its PUBACK.
+struct PendingAck {
+    pkid: u16,
+    /// What the PUBACK waits for (end-to-end acknowledgement), if anything.
+    wait: Option<Arc<AckWait>>,
+    /// Refused by the trust boundary: the PUBACK says so (MQTT 5).
+    refused: bool,
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
@@ -211,9 +311,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         Ok(self.io.flush(WRITE_TIMEOUT).await?)
     }
 
+    #[allow(clippy::too_many_arguments)]
     async fn run(
         &mut self,
         connect: &ConnectInfo,
+        principal: &Principal,
+        cfg: &ConnectionConfig,
         router: &Router,
         session: &Arc<Session>,
         number: u64,
@@ -229,7 +332,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         let mut sendable: Vec<(u16, Delivery)> = Vec::new();
         let window = router.window(session.client_id());
         loop {
-            if let Err(close) = self.process_buffer(router, session, &mut awaiting_release) {
+            if let Err(close) =
+                self.process_buffer(principal, cfg, router, session, &mut awaiting_release)
+            {
                 let _ = self.flush().await;
                 return close;
             }
@@ -266,6 +371,28 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         }
     }
 
+    /// Acknowledges QoS 1 PUBLISH `pkid` at once if nothing before it waits, else after them.
+    fn ack_in_order(
+        &mut self,
+        pkid: u16,
+        wait: Option<Arc<AckWait>>,
+        refused: bool,
+    ) -> Result<(), Close> {
+        if wait.is_none() && self.pending_acks.is_empty() {
+            return self.queue(if refused {
+                ServerPacket::PubAckRefused(pkid)
+            } else {
+                ServerPacket::PubAck(pkid)
+            });
+        }
+        self.pending_acks.push_back(PendingAck {
+            pkid,
+            wait,
+            refused,
+        });
+        Ok(())
+    }
+
     /// Queues the PUBACKs whose messages no longer wait for the acknowledging client, in
     /// arrival order.
     fn release_acks(&mut self) -> Result<(), Close> {
@@ -274,17 +401,21 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         if self
             .pending_acks
             .iter()
-            .any(|(_, w)| w.as_ref().is_some_and(|w| w.is_lost()))
+            .any(|p| p.wait.as_ref().is_some_and(|w| w.is_lost()))
         {
             return Err(Close::NotDelivered);
         }
-        while let Some((pkid, wait)) = self.pending_acks.front() {
-            if wait.as_ref().is_some_and(|w| !w.is_done()) {
+        while let Some(front) = self.pending_acks.front() {
+            if front.wait.as_ref().is_some_and(|w| !w.is_done()) {
                 break;
             }
-            let pkid = *pkid;
+            let (pkid, refused) = (front.pkid, front.refused);
             self.pending_acks.pop_front();
-            self.queue(ServerPacket::PubAck(pkid))?;
+            self.queue(if refused {
+                ServerPacket::PubAckRefused(pkid)
+            } else {
+                ServerPacket::PubAck(pkid)
+            })?;
         }
         Ok(())
     }
@@ -292,6 +423,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
     /// Handles every complete packet in the read buffer.
     fn process_buffer(
         &mut self,
+        principal: &Principal,
+        cfg: &ConnectionConfig,
         router: &Router,
         session: &Arc<Session>,
         awaiting_release: &mut HashSet<u16>,
@@ -309,13 +442,39 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                     payload,
                 } => {
                     if !wire::valid_topic(&topic) {
-                        return Err(Close::Violation(format!("invalid topic name {topic:?}")));
+                        return Err(Close::Violation(format!(
+                            "invalid topic name {:?}",
+                            truncated(&topic)
+                        )));
+                    }
+                    if !cfg.topic_within_limits(&topic) {
+                        return Err(Close::Violation(format!(
+                            "topic name over {} bytes or {} levels",
+                            cfg.max_topic_bytes, cfg.max_topic_levels
+                        )));
+                    }
+                    if !principal.may_publish(&topic) {
+                        if router.note_refused(Refused::Publish) {
+                            tracing::info!(
+                                client = %truncated(session.client_id()),
+                                kind = principal.kind(),
+                                topic = %truncated(&topic),
+                                "embedded broker: PUBLISH outside the client's rights dropped (counted; logged at powers of two)"
+                            );
+                        }
+                        match qos {
+                            0 => {}
+                            1 => self.ack_in_order(pkid, None, true)?,
+                            _ => self.queue(ServerPacket::PubRecRefused(pkid))?,
+                        }
+                        continue;
                     }
                     let message = Message {
                         topic: Arc::from(topic),
                         payload,
                         qos: qos.min(1),
-                        retain,
+                        // Only the gateway (and local applications) leave retained messages.
+                        retain: retain && principal.may_retain(),
                     };
                     match qos {
                         0 => {
@@ -323,11 +482,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                         }
                         1 => {
                             let wait = router.publish_acked(session, message);
-                            if wait.is_none() && self.pending_acks.is_empty() {
-                                self.queue(ServerPacket::PubAck(pkid))?;
-                            } else {
-                                self.pending_acks.push_back((pkid, wait));
-                            }
+                            self.ack_in_order(pkid, wait, false)?;
                         }
                         _ => {
                             // A repeated QoS 2 PUBLISH before PUBREL is the same message.
@@ -346,7 +501,30 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                     self.queue(ServerPacket::PubComp(pkid))?;
                 }
                 ClientPacket::Subscribe { pkid, filters } => {
-                    let granted = router.subscribe(session, &filters);
+                    let allowed: Vec<bool> = filters
+                        .iter()
+                        .map(|f| {
+                            cfg.topic_within_limits(&f.filter) && principal.may_subscribe(&f.filter)
+                        })
+                        .collect();
+                    let (permitted, refused): (Vec<_>, Vec<_>) =
+                        filters.into_iter().zip(&allowed).partition(|(_, ok)| **ok);
+                    for (f, _) in &refused {
+                        if router.note_refused(Refused::Subscription) {
+                            tracing::info!(
+                                client = %truncated(session.client_id()),
+                                kind = principal.kind(),
+                                filter = %truncated(&f.filter),
+                                "embedded broker: subscription outside the client's rights refused (counted; logged at powers of two)"
+                            );
+                        }
+                    }
+                    let permitted: Vec<_> = permitted.into_iter().map(|(f, _)| f).collect();
+                    let mut answers = router.subscribe(session, &permitted).into_iter();
+                    let granted: Vec<Option<u8>> = allowed
+                        .iter()
+                        .map(|ok| if *ok { answers.next().flatten() } else { None })
+                        .collect();
                     self.queue(ServerPacket::SubAck {
                         pkid,
                         granted: &granted,

@@ -26,10 +26,12 @@
 
 mod connection;
 mod router;
+pub mod rules;
 pub mod trie;
 
+use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpSocket};
@@ -40,7 +42,9 @@ use tokio_rustls::TlsAcceptor;
 
 use crate::identity::{self, IdentityError, PrivateKey, Secret};
 use connection::ConnectionConfig;
+pub use router::Refusals;
 use router::{Limits, Router};
+pub use rules::{AccessRules, GatewayCredential, UserRights};
 
 /// Pending connections the kernel holds for the listener (capped by `net.core.somaxconn`).
 const ACCEPT_BACKLOG: u32 = 4096;
@@ -83,6 +87,22 @@ pub struct EmbeddedBrokerOptions {
     /// PUBACK waits in it for the gateway's flush, so it bounds the rate at which all devices
     /// together are acknowledged to window / flush time: 100 at 3 ms would be 33k msg/s.
     pub ack_after_inflight: usize,
+    /// The trust boundary (see [`rules`]): who may connect and what each client may publish
+    /// and subscribe. `None` (the default) is a plain MQTT broker; the gateway always sets it.
+    pub rules: Option<AccessRules>,
+    /// Longest topic name or filter a client may use, in bytes.
+    pub max_topic_bytes: usize,
+    /// Most levels a topic name or filter may have (at most [`trie::MAX_TOPIC_LEVELS`]).
+    pub max_topic_levels: usize,
+    /// Subscriptions one client may hold.
+    pub max_subscriptions: usize,
+    /// Retained messages the broker holds.
+    pub max_retained: usize,
+    /// Bytes of retained messages the broker holds.
+    pub max_retained_bytes: usize,
+    /// Connections from one non-loopback source address at once (a LAN host cannot take
+    /// every slot); loopback clients count only against `max_connections`.
+    pub max_connections_per_address: usize,
 }
 
 impl Default for EmbeddedBrokerOptions {
@@ -97,6 +117,13 @@ impl Default for EmbeddedBrokerOptions {
             connect_timeout: Duration::from_secs(10),
             ack_after_client: None,
             ack_after_inflight: 1000,
+            rules: None,
+            max_topic_bytes: 1024,
+            max_topic_levels: 32,
+            max_subscriptions: 100,
+            max_retained: 100_000,
+            max_retained_bytes: 64 * 1024 * 1024,
+            max_connections_per_address: 1024,
         }
     }
 }
@@ -174,15 +201,25 @@ impl EmbeddedBroker {
                 max_inflight: opts.max_inflight,
                 ack_after_inflight: opts.ack_after_inflight,
                 max_queued_bytes: opts.max_queued_bytes,
+                max_subscriptions: opts.max_subscriptions,
+                max_retained: opts.max_retained,
+                max_retained_bytes: opts.max_retained_bytes,
             },
             opts.ack_after_client.as_deref(),
         ));
         let config = Arc::new(ConnectionConfig {
             max_packet: opts.max_packet_bytes,
             connect_timeout: opts.connect_timeout,
+            rules: opts.rules.clone(),
+            max_topic_bytes: opts.max_topic_bytes,
+            max_topic_levels: opts.max_topic_levels,
         });
         let (shutdown, _) = watch::channel(false);
-        let slots = Arc::new(Semaphore::new(opts.max_connections));
+        let slots = Arc::new(Slots {
+            total: Semaphore::new(opts.max_connections),
+            per_address: Mutex::new(HashMap::new()),
+            max_per_address: opts.max_connections_per_address,
+        });
         let listener = bind(opts.listen)?;
         let listen_addr = local_addr(&listener, opts.listen)?;
         let tls = acceptor.is_some();
@@ -264,6 +301,16 @@ impl EmbeddedBroker {
     pub fn dropped(&self) -> u64 {
         self.router.dropped()
     }
+
+    /// Retained messages refused since start because the broker held its maximum.
+    pub fn retained_refused(&self) -> u64 {
+        self.router.retained_refused()
+    }
+
+    /// What clients were refused since start (CONNECTs, publishes, subscriptions).
+    pub fn refusals(&self) -> Refusals {
+        self.router.refusals()
+    }
 }
 
 fn validate(opts: &EmbeddedBrokerOptions) -> Result<(), BrokerError> {
@@ -291,7 +338,74 @@ fn validate(opts: &EmbeddedBrokerOptions) -> Result<(), BrokerError> {
     if opts.connect_timeout.is_zero() {
         return bad("connect_timeout", "must be above zero");
     }
+    if opts.max_topic_bytes < 64 || opts.max_topic_bytes > usize::from(u16::MAX) {
+        return bad("max_topic_bytes", "must be between 64 and 65535");
+    }
+    if opts.max_topic_levels < 4 || opts.max_topic_levels > trie::MAX_TOPIC_LEVELS {
+        return bad("max_topic_levels", "must be between 4 and 1024");
+    }
+    if opts.max_subscriptions == 0 {
+        return bad("max_subscriptions", "must be at least 1");
+    }
+    if opts.max_connections_per_address == 0 {
+        return bad("max_connections_per_address", "must be at least 1");
+    }
     Ok(())
+}
+
+/// Connection slots: all listeners together, and per non-loopback source address.
+struct Slots {
+    total: Semaphore,
+    per_address: Mutex<HashMap<IpAddr, usize>>,
+    max_per_address: usize,
+}
+
+/// A connection's slots, given back when it ends.
+struct SlotPermit {
+    slots: Arc<Slots>,
+    address: Option<IpAddr>,
+}
+
+impl Slots {
+    /// Takes a slot for a connection from `ip`; `Err` names the limit that is reached.
+    fn take(self: &Arc<Self>, ip: IpAddr) -> Result<SlotPermit, &'static str> {
+        let total = self.total.try_acquire().map_err(|_| "max_connections")?;
+        // Local processes all share 127.0.0.1 (the simulator, local applications): a
+        // per-address cap would only cap the box itself, which `max_connections` does.
+        let address = (!ip.is_loopback()).then_some(ip);
+        if let Some(ip) = address {
+            let mut per = self.per_address.lock().unwrap_or_else(|p| p.into_inner());
+            let n = per.entry(ip).or_default();
+            if *n >= self.max_per_address {
+                return Err("max_connections_per_address");
+            }
+            *n += 1;
+        }
+        total.forget();
+        Ok(SlotPermit {
+            slots: self.clone(),
+            address,
+        })
+    }
+}
+
+impl Drop for SlotPermit {
+    fn drop(&mut self) {
+        self.slots.total.add_permits(1);
+        if let Some(ip) = self.address {
+            let mut per = self
+                .slots
+                .per_address
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            if let Some(n) = per.get_mut(&ip) {
+                *n -= 1;
+                if *n == 0 {
+                    per.remove(&ip);
+                }
+            }
+        }
+    }
 }
 
 fn bind(addr: SocketAddr) -> Result<TcpListener, BrokerError> {
@@ -317,7 +431,7 @@ async fn accept_loop(
     tls: Option<TlsAcceptor>,
     router: Arc<Router>,
     config: Arc<ConnectionConfig>,
-    slots: Arc<Semaphore>,
+    slots: Arc<Slots>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     loop {
@@ -333,9 +447,14 @@ async fn accept_loop(
                 continue;
             }
         };
-        let Ok(permit) = slots.clone().try_acquire_owned() else {
-            tracing::warn!(%peer, "embedded broker: connection limit reached, refusing client");
-            continue;
+        let permit = match slots.take(peer.ip()) {
+            Ok(permit) => permit,
+            Err(limit) => {
+                if router.note_refused(router::Refused::Connect) {
+                    tracing::warn!(%peer, limit, "embedded broker: connection limit reached, refusing client (counted; logged at powers of two)");
+                }
+                continue;
+            }
         };
         let _ = stream.set_nodelay(true);
         let router = router.clone();

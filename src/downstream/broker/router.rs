@@ -35,6 +35,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use bytes::Bytes;
 use tokio::sync::{watch, Notify};
 
+use super::rules::Owner;
 use super::trie::{FilterTrie, RetainedTrie};
 use crate::mqtt::wire::{SubscriptionRequest, Will};
 
@@ -143,12 +144,20 @@ pub struct Limits {
     pub ack_after_inflight: usize,
     /// Bytes queued for one session (connected or not) before the oldest are dropped.
     pub max_queued_bytes: usize,
+    /// Subscriptions one session may hold.
+    pub max_subscriptions: usize,
+    /// Retained messages the broker holds, all topics.
+    pub max_retained: usize,
+    /// Bytes of retained messages the broker holds, all topics.
+    pub max_retained_bytes: usize,
 }
 
 /// One client's session.
 #[derive(Debug)]
 pub struct Session {
     client_id: Arc<str>,
+    /// Who made it: only a connection of the same owner resumes it.
+    owner: Owner,
     state: Mutex<SessionState>,
     /// Wakes the connection task: messages queued, or taken over.
     wake: Notify,
@@ -269,15 +278,49 @@ struct Tables {
     sessions: HashMap<Arc<str>, Arc<Session>>,
     filters: FilterTrie<Arc<str>, (Arc<Session>, SubOptions)>,
     retained: RetainedTrie<Message>,
+    retained_bytes: usize,
+}
+
+/// What the broker refused clients since it started (the trust boundary at work).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Refusals {
+    /// CONNECTs refused (client id not a device's, credentials missing or wrong, too many
+    /// connections from one address).
+    pub connects: u64,
+    /// PUBLISHes refused (a topic outside the client's rights) and dropped.
+    pub publishes: u64,
+    /// Subscription filters refused (outside the client's rights, invalid, over the limit).
+    pub subscriptions: u64,
+}
+
+#[derive(Debug, Default)]
+struct RefusalCounters {
+    connects: AtomicU64,
+    publishes: AtomicU64,
+    subscriptions: AtomicU64,
+}
+
+/// Which refusal to count.
+#[derive(Clone, Copy, Debug)]
+pub enum Refused {
+    /// A CONNECT.
+    Connect,
+    /// A PUBLISH.
+    Publish,
+    /// A subscription filter.
+    Subscription,
 }
 
 /// The broker's shared state.
 pub struct Router {
+    refusals: RefusalCounters,
     tables: Mutex<Tables>,
     limits: Limits,
     next_connection: AtomicU64,
     /// Messages dropped from full session queues, all sessions.
     dropped: AtomicU64,
+    /// Retained messages not stored because the broker held its maximum.
+    retained_refused: AtomicU64,
     /// The client whose acknowledgements QoS 1 publishers wait for (see the module docs).
     ack_after: Option<Arc<str>>,
     /// Whether other clients may connect: with `ack_after`, only once that client has
@@ -291,10 +334,12 @@ impl Router {
     /// it receives waits for before the publisher gets its PUBACK.
     pub fn new(limits: Limits, ack_after: Option<&str>) -> Self {
         Self {
+            refusals: RefusalCounters::default(),
             tables: Mutex::new(Tables::default()),
             limits,
             next_connection: AtomicU64::new(1),
             dropped: AtomicU64::new(0),
+            retained_refused: AtomicU64::new(0),
             ack_after: ack_after.map(Arc::from),
             open: watch::channel(ack_after.is_none()).0,
         }
@@ -344,12 +389,45 @@ impl Router {
         self.dropped.load(Ordering::Relaxed)
     }
 
+    /// Counts a refusal; true when it is worth a log line (the first, then each power of
+    /// two), so a hostile client cannot flood the journal.
+    pub fn note_refused(&self, what: Refused) -> bool {
+        let counter = match what {
+            Refused::Connect => &self.refusals.connects,
+            Refused::Publish => &self.refusals.publishes,
+            Refused::Subscription => &self.refusals.subscriptions,
+        };
+        (counter.fetch_add(1, Ordering::Relaxed) + 1).is_power_of_two()
+    }
+
+    /// The refusals so far.
+    pub fn refusals(&self) -> Refusals {
+        Refusals {
+            connects: self.refusals.connects.load(Ordering::Relaxed),
+            publishes: self.refusals.publishes.load(Ordering::Relaxed),
+            subscriptions: self.refusals.subscriptions.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Retained messages refused since start because the broker held its maximum.
+    pub fn retained_refused(&self) -> u64 {
+        self.retained_refused.load(Ordering::Relaxed)
+    }
+
     /// Attaches connection `number` to `client_id`'s session, taking it over from another
     /// connection if one holds it. `clean` discards a stored session; `keep` keeps this one
-    /// after the connection ends.
-    pub fn connect(&self, client_id: &str, number: u64, clean: bool, keep: bool) -> Attached {
+    /// after the connection ends. A session made by another `owner` is never resumed.
+    pub fn connect(
+        &self,
+        client_id: &str,
+        owner: Owner,
+        number: u64,
+        clean: bool,
+        keep: bool,
+    ) -> Attached {
         let mut t = self.tables();
         if let Some(existing) = t.sessions.get(client_id).cloned() {
+            let clean = clean || existing.owner != owner;
             let previous = {
                 let mut st = existing.lock();
                 st.attached.replace(number)
@@ -379,6 +457,7 @@ impl Router {
         }
         let session = Arc::new(Session {
             client_id: Arc::from(client_id),
+            owner,
             state: Mutex::new(SessionState {
                 attached: Some(number),
                 keep,
@@ -454,11 +533,7 @@ impl Router {
         {
             let mut t = self.tables();
             if message.retain {
-                if message.payload.is_empty() {
-                    t.retained.clear(&message.topic);
-                } else {
-                    t.retained.set(&message.topic, message.clone());
-                }
+                self.retain(&mut t, &message);
             }
             t.filters
                 .for_each_match(&message.topic, |_, (session, opts)| {
@@ -516,6 +591,34 @@ impl Router {
         (count, wait)
     }
 
+    /// Stores (or with an empty payload clears) the retained message of its topic, within
+    /// the broker's count and byte limits: past them a new one is refused and counted.
+    fn retain(&self, t: &mut Tables, message: &Message) {
+        if message.payload.is_empty() {
+            if let Some(old) = t.retained.clear(&message.topic) {
+                t.retained_bytes = t.retained_bytes.saturating_sub(old.cost());
+            }
+            return;
+        }
+        let replaced = t.retained.get(&message.topic).map_or(0, Message::cost);
+        let count_after = t.retained.len() + usize::from(replaced == 0);
+        let bytes_after = t.retained_bytes - replaced + message.cost();
+        if count_after > self.limits.max_retained || bytes_after > self.limits.max_retained_bytes {
+            let total = self.retained_refused.fetch_add(1, Ordering::Relaxed) + 1;
+            if total.is_power_of_two() {
+                tracing::warn!(
+                    refused_total = total,
+                    held = t.retained.len(),
+                    held_bytes = t.retained_bytes,
+                    "embedded broker: retained message limit reached, message delivered but not retained"
+                );
+            }
+            return;
+        }
+        t.retained.set(&message.topic, message.clone());
+        t.retained_bytes = bytes_after;
+    }
+
     fn note_dropped(&self, session: &Session, n: u64) {
         let total = self.dropped.fetch_add(n, Ordering::Relaxed) + n;
         // One line per power of two keeps a persistent overflow visible without flooding.
@@ -541,6 +644,18 @@ impl Router {
             let mut t = self.tables();
             for r in requests {
                 if !crate::mqtt::wire::valid_filter(&r.filter) || r.filter.starts_with("$share/") {
+                    granted.push(None);
+                    continue;
+                }
+                let held = session.lock().subscriptions.len();
+                if held >= self.limits.max_subscriptions
+                    && !session.lock().subscriptions.contains_key(&r.filter)
+                {
+                    tracing::debug!(
+                        client = %session.client_id,
+                        held,
+                        "embedded broker: subscription limit reached, filter refused"
+                    );
                     granted.push(None);
                     continue;
                 }

@@ -5,9 +5,17 @@
 //! how many devices are subscribed. A subscription with a wildcard finds its retained
 //! messages the same way in the retained trie. Empty nodes are pruned on removal, so a fleet
 //! that comes and goes leaves nothing behind.
+//!
+//! Inserts, removals and matches recurse once per level of the topic or filter they are
+//! given, so the broker bounds levels at the packet (`max_topic_levels`, at most
+//! [`MAX_TOPIC_LEVELS`]); walks whose depth is the tree's own (collecting everything below a
+//! `#`, dropping a subtree) use an explicit stack.
 
 use std::collections::HashMap;
 use std::hash::Hash;
+
+/// The deepest topic or filter the broker lets into a trie.
+pub const MAX_TOPIC_LEVELS: usize = 1024;
 
 /// Subscriptions: filter -> subscribers of type `S`, keyed by `K` (the client id).
 #[derive(Debug)]
@@ -236,23 +244,36 @@ impl<M: Clone> RetainedTrie<M> {
         self.len == 0
     }
 
-    /// Stores `message` for `topic`, replacing the previous one.
-    pub fn set(&mut self, topic: &str, message: M) {
+    /// Stores `message` for `topic`; returns the one it replaced.
+    pub fn set(&mut self, topic: &str, message: M) -> Option<M> {
         let mut node = &mut self.root;
         for level in topic.split('/') {
             node = node.children.entry(level.into()).or_default();
         }
-        if node.message.replace(message).is_none() {
+        let previous = node.message.replace(message);
+        if previous.is_none() {
             self.len += 1;
         }
+        previous
     }
 
-    /// Removes the retained message of `topic`.
-    pub fn clear(&mut self, topic: &str) {
+    /// The retained message of `topic`, if any.
+    pub fn get(&self, topic: &str) -> Option<&M> {
+        let mut node = &self.root;
+        for level in topic.split('/') {
+            node = node.children.get(level)?;
+        }
+        node.message.as_ref()
+    }
+
+    /// Removes the retained message of `topic` and returns it.
+    pub fn clear(&mut self, topic: &str) -> Option<M> {
         let levels: Vec<&str> = topic.split('/').collect();
-        if clear_at(&mut self.root, &levels) {
+        let cleared = clear_at(&mut self.root, &levels);
+        if cleared.is_some() {
             self.len -= 1;
         }
+        cleared
     }
 
     /// Every retained message whose topic matches `filter`.
@@ -264,13 +285,11 @@ impl<M: Clone> RetainedTrie<M> {
     }
 }
 
-fn clear_at<M>(node: &mut RetainedNode<M>, levels: &[&str]) -> bool {
+fn clear_at<M>(node: &mut RetainedNode<M>, levels: &[&str]) -> Option<M> {
     let Some((&level, rest)) = levels.split_first() else {
-        return node.message.take().is_some();
+        return node.message.take();
     };
-    let Some(child) = node.children.get_mut(level) else {
-        return false;
-    };
+    let child = node.children.get_mut(level)?;
     let cleared = clear_at(child, rest);
     if child.message.is_none() && child.children.is_empty() {
         node.children.remove(level);
@@ -312,10 +331,35 @@ fn collect<M: Clone>(node: &RetainedNode<M>, filter: &[&str], depth: usize, out:
     }
 }
 
+/// Every message at or below `node`; iterative, since the retained tree may be as deep as
+/// the deepest topic anyone retained.
 fn all_below<M: Clone>(node: &RetainedNode<M>, out: &mut Vec<M>) {
-    out.extend(node.message.iter().cloned());
-    for child in node.children.values() {
-        all_below(child, out);
+    let mut stack = vec![node];
+    while let Some(node) = stack.pop() {
+        out.extend(node.message.iter().cloned());
+        stack.extend(node.children.values());
+    }
+}
+
+// Dropping a tree node by node would recurse once per level; these drops take the subtree
+// apart with an explicit stack instead, so no tree depth can overflow the thread's stack.
+impl<M> Drop for RetainedNode<M> {
+    fn drop(&mut self) {
+        let mut stack: Vec<RetainedNode<M>> = self.children.drain().map(|(_, c)| c).collect();
+        while let Some(mut node) = stack.pop() {
+            stack.extend(node.children.drain().map(|(_, c)| c));
+        }
+    }
+}
+
+impl<K, S> Drop for FilterNode<K, S> {
+    fn drop(&mut self) {
+        let mut stack: Vec<FilterNode<K, S>> = self.children.drain().map(|(_, c)| c).collect();
+        stack.extend(self.plus.take().map(|b| *b));
+        while let Some(mut node) = stack.pop() {
+            stack.extend(node.children.drain().map(|(_, c)| c));
+            stack.extend(node.plus.take().map(|b| *b));
+        }
     }
 }
 
@@ -394,6 +438,27 @@ mod tests {
             "{:?}",
             trie.root.children.keys().collect::<Vec<_>>()
         );
+    }
+
+    #[test]
+    fn very_deep_trees_are_walked_and_dropped_without_recursion() {
+        // Deeper than any stack would survive one frame per level.
+        let mut retained = RetainedTrie::default();
+        let mut node = &mut retained.root;
+        for _ in 0..200_000 {
+            node = node.children.entry("a".into()).or_default();
+        }
+        node.message = Some(1u8);
+        retained.len = 1;
+        assert_eq!(retained.matching("#"), vec![1]);
+        drop(retained);
+
+        let mut filters: FilterTrie<String, u8> = FilterTrie::default();
+        let mut node = &mut filters.root;
+        for _ in 0..200_000 {
+            node = node.plus.get_or_insert_with(Default::default);
+        }
+        drop(filters);
     }
 
     #[test]

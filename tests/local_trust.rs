@@ -1,0 +1,405 @@
+//! The local trust boundary of the embedded broker, tried as a hostile client on the local
+//! network would: real MQTT 3.1.1 and 5 clients (rumqttc) over TCP against the gateway's
+//! downstream side (embedded broker + the gateway's own session), each attack a case that
+//! fails if its protection is removed.
+
+mod common;
+
+use common::mqtt_client::{options, ClientEvent, TestClient};
+use common::WAIT;
+use fleetgw::device_id::DeviceId;
+use fleetgw::downstream::{
+    contract, AcceptedResponse, BrokerOptions, DeviceStatus, DeviceTopic, Downstream,
+    DownstreamMessage, DownstreamOptions, EmbeddedBroker, EmbeddedBrokerOptions, PayloadFormat,
+    StatusReport,
+};
+use rumqttc::{QoS, SubscribeReasonCode};
+use tokio::sync::mpsc;
+
+const GATEWAY_ID: &str = "fleetgw-gw-test";
+
+fn id(s: &str) -> DeviceId {
+    DeviceId::parse(s).unwrap()
+}
+
+async fn gateway() -> (Downstream, mpsc::Receiver<DownstreamMessage>, u16) {
+    let broker = EmbeddedBrokerOptions {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        ..EmbeddedBrokerOptions::default()
+    };
+    let opts = DownstreamOptions::new(GATEWAY_ID.into(), BrokerOptions::Embedded(broker));
+    let (gw, rx) = Downstream::start(&opts).await.expect("downstream starts");
+    let port = gw.broker().unwrap().listen_addr().port();
+    (gw, rx, port)
+}
+
+async fn next_message(rx: &mut mpsc::Receiver<DownstreamMessage>) -> DownstreamMessage {
+    tokio::time::timeout(WAIT, rx.recv())
+        .await
+        .expect("the gateway received nothing in time")
+        .expect("gateway channel closed")
+}
+
+/// The next message the gateway gets must be `device`'s telemetry marker: whatever a hostile
+/// client sent before it never reached the gateway.
+async fn next_is_marker(
+    rx: &mut mpsc::Receiver<DownstreamMessage>,
+    device: &mut TestClient,
+    device_id: &str,
+) {
+    device
+        .publish_unacked(
+            &format!("fleetgw/{device_id}/telemetry"),
+            QoS::AtLeastOnce,
+            false,
+            b"marker",
+        )
+        .await;
+    let m = next_message(rx).await;
+    assert_eq!(
+        (&m.topic, &m.payload[..]),
+        (
+            &DeviceTopic::Telemetry {
+                device: id(device_id),
+                subtopic: None
+            },
+            &b"marker"[..]
+        ),
+        "something else reached the gateway first"
+    );
+    m.ack.ack();
+    device.expect_puback("the marker").await;
+}
+
+/// Publishes a marker on the device's own answer topic through the gateway and asserts it is
+/// the next thing `client` receives: nothing meant for another device came before it.
+async fn next_received_is(client: &mut TestClient, topic: &str) {
+    match client.next_publish().await {
+        Some(p) => assert_eq!(p.topic, topic, "received {:?} first", p.topic),
+        None => panic!("nothing received on {topic}"),
+    }
+}
+
+/// An `/accepted` answer carrying a (stand-in) private key of `device`.
+fn accepted_for(device: &str) -> Vec<u8> {
+    let answer = AcceptedResponse {
+        device_id: id(device),
+        certificate_id: "cert-id".into(),
+        certificate_pem: "-----BEGIN CERTIFICATE-----\n...\n".into(),
+        private_key: Some(format!("-----BEGIN PRIVATE KEY-----\nsecret of {device}")),
+        thing_name: device.into(),
+        device_configuration: Default::default(),
+    };
+    contract::encode(PayloadFormat::Json, &answer)
+}
+
+#[tokio::test]
+async fn a_device_cannot_read_another_devices_answers() {
+    let (gw, _rx, port) = gateway().await;
+    let mut a = TestClient::connect_ok(options("sensor-a", port)).await;
+    let mut b = TestClient::connect_ok(options("sensor-b", port)).await;
+    assert_eq!(
+        a.subscribe("fleetgw/sensor-a/provision/json/+", QoS::AtLeastOnce)
+            .await,
+        vec![SubscribeReasonCode::Success(QoS::AtLeastOnce)]
+    );
+    for filter in [
+        "#",
+        "fleetgw/#",
+        "fleetgw/+/provision/json/accepted",
+        "fleetgw/sensor-a/#",
+        "+/sensor-a/provision/json/accepted",
+    ] {
+        assert_eq!(
+            b.subscribe(filter, QoS::AtLeastOnce).await,
+            vec![SubscribeReasonCode::Failure],
+            "{filter} must be refused to sensor-b"
+        );
+    }
+    assert_eq!(
+        b.subscribe("fleetgw/sensor-b/#", QoS::AtLeastOnce).await,
+        vec![SubscribeReasonCode::Success(QoS::AtLeastOnce)]
+    );
+    let session = gw.session();
+    session
+        .publish_accepted(
+            &id("sensor-a"),
+            PayloadFormat::Json,
+            accepted_for("sensor-a"),
+        )
+        .await
+        .expect("answer published");
+    session
+        .publish_accepted(
+            &id("sensor-b"),
+            PayloadFormat::Json,
+            accepted_for("sensor-b"),
+        )
+        .await
+        .expect("answer published");
+    next_received_is(&mut a, "fleetgw/sensor-a/provision/json/accepted").await;
+    // B's first delivery is its own answer: A's, with A's private key, never reached it.
+    next_received_is(&mut b, "fleetgw/sensor-b/provision/json/accepted").await;
+    assert!(gw.broker().unwrap().refusals().subscriptions >= 5);
+    gw.shutdown(WAIT).await;
+}
+
+#[tokio::test]
+async fn a_device_cannot_publish_as_another_device() {
+    let (gw, mut rx, port) = gateway().await;
+    let mut a = TestClient::connect_ok(options("sensor-a", port)).await;
+    let mut b = TestClient::connect_ok(options("sensor-b", port)).await;
+    assert_eq!(
+        a.subscribe("fleetgw/sensor-a/commands/#", QoS::AtLeastOnce)
+            .await,
+        vec![SubscribeReasonCode::Success(QoS::AtLeastOnce)]
+    );
+    // Forged telemetry, a replayed request and forged answers, commands and status for A:
+    // each gets its (3.1.1: plain) PUBACK and is dropped.
+    for topic in [
+        "fleetgw/sensor-a/telemetry",
+        "fleetgw/sensor-a/telemetry/sub",
+        "fleetgw/sensor-a/provision/json",
+        "fleetgw/sensor-a/provision/json/accepted",
+        "fleetgw/sensor-a/commands/valve/open",
+        "fleetgw/sensor-a/status",
+        "fleetgw/sensor-b/commands/x",
+        "fleetgw/sensor-b/status",
+        "elsewhere/topic",
+    ] {
+        b.publish(topic, QoS::AtLeastOnce, false, b"forged").await;
+    }
+    next_is_marker(&mut rx, &mut a, "sensor-a").await;
+    // A's PLC hears no forged command: the next thing it gets is a real one from the gateway.
+    gw.session()
+        .publish_command(&id("sensor-a"), Some("valve/close"), b"{}".to_vec())
+        .await
+        .expect("command published");
+    next_received_is(&mut a, "fleetgw/sensor-a/commands/valve/close").await;
+    assert_eq!(gw.broker().unwrap().refusals().publishes, 9);
+    gw.shutdown(WAIT).await;
+}
+
+#[tokio::test]
+async fn devices_never_leave_retained_messages() {
+    let (gw, mut rx, port) = gateway().await;
+    let mut b = TestClient::connect_ok(options("sensor-b", port)).await;
+    // A retained forgery on C's answer and status topics is refused outright; a retained
+    // publish on B's own telemetry is forwarded but not retained.
+    for topic in [
+        "fleetgw/sensor-c/provision/json/accepted",
+        "fleetgw/sensor-c/status",
+    ] {
+        b.publish(topic, QoS::AtLeastOnce, true, b"forged").await;
+    }
+    b.publish_unacked("fleetgw/sensor-b/telemetry", QoS::AtLeastOnce, true, b"t")
+        .await;
+    let m = next_message(&mut rx).await;
+    assert_eq!(&m.payload[..], b"t");
+    m.ack.ack();
+    b.expect_puback("own telemetry").await;
+    assert_eq!(gw.broker().unwrap().retained(), 0);
+
+    // The gateway's own retained status is what C finds.
+    gw.session()
+        .publish_status(
+            &id("sensor-c"),
+            &StatusReport::new(DeviceStatus::Provisioning, 1),
+        )
+        .await
+        .expect("status published");
+    let mut c = TestClient::connect_ok(options("sensor-c", port)).await;
+    c.subscribe("fleetgw/sensor-c/#", QoS::AtLeastOnce).await;
+    let p = c.next_publish().await.expect("retained status");
+    assert_eq!(p.topic, "fleetgw/sensor-c/status");
+    assert!(p.retain);
+    assert!(
+        !p.payload.windows(6).any(|w| w == b"forged"),
+        "{:?}",
+        p.payload
+    );
+    assert_eq!(gw.broker().unwrap().retained(), 1);
+    gw.shutdown(WAIT).await;
+}
+
+#[tokio::test]
+async fn nobody_can_take_over_the_gateway_session() {
+    let (gw, mut rx, port) = gateway().await;
+    for clean in [true, false] {
+        let mut o = options(GATEWAY_ID, port);
+        o.set_clean_session(clean);
+        let refused = TestClient::try_connect(o).await.err();
+        assert!(
+            refused
+                .as_deref()
+                .is_some_and(|e| e.contains("NotAuthorized")),
+            "clean={clean}: {refused:?}"
+        );
+        // A guessed password does not help.
+        let mut o = options(GATEWAY_ID, port);
+        o.set_clean_session(clean)
+            .set_credentials(GATEWAY_ID, "guess");
+        assert!(TestClient::try_connect(o).await.is_err());
+    }
+    // The gateway still has its session: device telemetry reaches it.
+    let mut dev = TestClient::connect_ok(options("sensor-a", port)).await;
+    next_is_marker(&mut rx, &mut dev, "sensor-a").await;
+    assert!(gw.session().status().connected);
+    assert!(gw.broker().unwrap().refusals().connects >= 4);
+    gw.shutdown(WAIT).await;
+}
+
+#[tokio::test]
+async fn client_ids_that_are_not_device_ids_are_refused() {
+    let (gw, _rx, port) = gateway().await;
+    for bad in ["bad id", "ends-with.", "has/slash", "#"] {
+        let refused = TestClient::try_connect(options(bad, port)).await.err();
+        assert!(
+            refused
+                .as_deref()
+                .is_some_and(|e| e.contains("BadClientId")),
+            "{bad:?}: {refused:?}"
+        );
+    }
+    // MQTT 5 with an empty client id: the broker would assign one, but a device must name
+    // itself.
+    let mut o = rumqttc::v5::MqttOptions::new("", "127.0.0.1", port);
+    o.set_clean_start(true);
+    let (_client, mut events) = rumqttc::v5::AsyncClient::new(o, 8);
+    let refused = tokio::time::timeout(WAIT, events.poll())
+        .await
+        .expect("an answer in time");
+    assert!(
+        matches!(
+            refused,
+            Err(rumqttc::v5::ConnectionError::ConnectionRefused(
+                rumqttc::v5::mqttbytes::v5::ConnectReturnCode::ClientIdentifierNotValid
+            ))
+        ),
+        "{refused:?}"
+    );
+    gw.shutdown(WAIT).await;
+}
+
+#[tokio::test]
+async fn mqtt5_clients_are_told_what_was_refused() {
+    use rumqttc::v5::mqttbytes::v5::{Packet, PubAckReason, SubscribeReasonCode as V5Sub};
+    use rumqttc::v5::{AsyncClient, Event, MqttOptions};
+    let (gw, _rx, port) = gateway().await;
+    let (client, mut events) = AsyncClient::new(MqttOptions::new("sensor-b", "127.0.0.1", port), 8);
+    client
+        .subscribe(
+            "fleetgw/sensor-a/#",
+            rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
+        )
+        .await
+        .unwrap();
+    client
+        .publish(
+            "fleetgw/sensor-a/telemetry",
+            rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
+            false,
+            b"forged".to_vec(),
+        )
+        .await
+        .unwrap();
+    let (mut suback, mut puback) = (None, None);
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while suback.is_none() || puback.is_none() {
+        match tokio::time::timeout_at(deadline, events.poll()).await {
+            Ok(Ok(Event::Incoming(Packet::SubAck(s)))) => suback = Some(s.return_codes),
+            Ok(Ok(Event::Incoming(Packet::PubAck(p)))) => puback = Some(p.reason),
+            Ok(Ok(_)) => {}
+            other => panic!("no SUBACK/PUBACK: {other:?}"),
+        }
+    }
+    assert_eq!(suback, Some(vec![V5Sub::NotAuthorized]));
+    assert_eq!(puback, Some(PubAckReason::NotAuthorized));
+    gw.shutdown(WAIT).await;
+}
+
+#[tokio::test]
+async fn deep_and_long_topics_are_refused_at_the_packet() {
+    // A plain broker (no device rules), so only the size limits stand in the way.
+    let broker = EmbeddedBroker::start(&EmbeddedBrokerOptions {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        ..EmbeddedBrokerOptions::default()
+    })
+    .await
+    .unwrap();
+    let port = broker.listen_addr().port();
+    let deep = "a/".repeat(30_000) + "a";
+    let mut attacker = TestClient::connect_ok(options("attacker", port)).await;
+    attacker
+        .client
+        .publish(deep.as_str(), QoS::AtLeastOnce, true, b"x".to_vec())
+        .await
+        .unwrap();
+    let closed = attacker
+        .next_matching(|e| matches!(e, ClientEvent::Closed(_) | ClientEvent::PubAck(_)))
+        .await;
+    assert!(matches!(closed, Some(ClientEvent::Closed(_))), "{closed:?}");
+    assert_eq!(broker.retained(), 0);
+
+    // A deep filter is refused; the broker is alive and serves the next client.
+    let mut other = TestClient::connect_ok(options("other", port)).await;
+    let deep_filter = "+/".repeat(40) + "#";
+    assert_eq!(
+        other.subscribe(&deep_filter, QoS::AtMostOnce).await,
+        vec![SubscribeReasonCode::Failure]
+    );
+    let long = "x".repeat(2000);
+    assert_eq!(
+        other.subscribe(&long, QoS::AtMostOnce).await,
+        vec![SubscribeReasonCode::Failure]
+    );
+    assert_eq!(
+        other.subscribe("#", QoS::AtMostOnce).await,
+        vec![SubscribeReasonCode::Success(QoS::AtMostOnce)]
+    );
+}
+
+#[tokio::test]
+async fn subscription_and_retained_floods_are_bounded() {
+    let broker = EmbeddedBroker::start(&EmbeddedBrokerOptions {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        max_subscriptions: 5,
+        max_retained: 3,
+        ..EmbeddedBrokerOptions::default()
+    })
+    .await
+    .unwrap();
+    let port = broker.listen_addr().port();
+    let mut c = TestClient::connect_ok(options("flooder", port)).await;
+    for n in 0..5 {
+        assert_eq!(
+            c.subscribe(&format!("f/{n}"), QoS::AtMostOnce).await,
+            vec![SubscribeReasonCode::Success(QoS::AtMostOnce)]
+        );
+    }
+    assert_eq!(
+        c.subscribe("f/5", QoS::AtMostOnce).await,
+        vec![SubscribeReasonCode::Failure]
+    );
+    // Subscribing again to a filter it holds is not a new subscription.
+    assert_eq!(
+        c.subscribe("f/0", QoS::AtLeastOnce).await,
+        vec![SubscribeReasonCode::Success(QoS::AtLeastOnce)]
+    );
+    for n in 0..10 {
+        c.publish(&format!("r/{n}"), QoS::AtLeastOnce, true, b"kept")
+            .await;
+    }
+    assert_eq!(broker.retained(), 3);
+    assert_eq!(broker.retained_refused(), 7);
+    // Replacing a retained message and clearing one still work at the limit.
+    c.publish("r/0", QoS::AtLeastOnce, true, b"new").await;
+    c.publish("r/1", QoS::AtLeastOnce, true, b"").await;
+    assert_eq!(broker.retained(), 2);
+    c.publish("r/9", QoS::AtLeastOnce, true, b"kept").await;
+    assert_eq!(broker.retained(), 3);
+    let mut reader = TestClient::connect_ok(options("reader", port)).await;
+    reader.subscribe("r/0", QoS::AtMostOnce).await;
+    let p = reader.next_publish().await.expect("retained r/0");
+    assert_eq!(&p.payload[..], b"new");
+}
