@@ -606,3 +606,88 @@ fn gateway_cert_that_is_not_a_certificate_is_named() {
         stderr(&out)
     );
 }
+
+/// `[[downstream.users]]`: a hash from `fleetgw passwd` is accepted (in a drop-in, as an
+/// operator would add one); a plain-text password, a duplicate name or a bad filter exits 78
+/// naming the key and the file.
+#[test]
+fn downstream_users_are_checked_and_passwd_makes_their_hash() {
+    let mut passwd = std::process::Command::new(env!("CARGO_BIN_EXE_fleetgw"))
+        .arg("passwd")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write as _;
+    passwd
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"historian-secret\n")
+        .unwrap();
+    let out = passwd.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let hash = stdout(&out).trim().to_string();
+    assert!(hash.starts_with("$argon2id$"), "{hash}");
+    assert!(fleetgw::identity::verify_password(
+        &hash,
+        b"historian-secret"
+    ));
+    assert!(!fleetgw::identity::verify_password(
+        &hash,
+        b"historian-secret\n"
+    ));
+
+    let tmp = tempfile::tempdir().unwrap();
+    let main = write(tmp.path(), "gateway.toml", "[gateway]\nid = \"gw-1\"\n");
+    let user = |name: &str, hash: &str, subscribe: &str| {
+        format!(
+            "[[downstream.users]]\nname = \"{name}\"\npassword_hash = '{hash}'\nsubscribe = [\"{subscribe}\"]\n"
+        )
+    };
+    let drop_in = write(
+        &tmp.path().join("config.d"),
+        "10-users.toml",
+        &user("historian", &hash, "fleetgw/+/status"),
+    );
+    let out = check_config(&main, &[]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(stdout(&out).contains("historian"), "{}", stdout(&out));
+
+    for (text, key, says) in [
+        (
+            user("historian", "plain-text", "fleetgw/+/status"),
+            "downstream.users[0].password_hash",
+            "fleetgw passwd",
+        ),
+        (
+            user("historian", &hash, "fleetgw/#/status"),
+            "downstream.users[0].subscribe",
+            "not a valid MQTT topic filter",
+        ),
+        (
+            user("a", &hash, "x") + &user("a", &hash, "y"),
+            "downstream.users[1].name",
+            "listed twice",
+        ),
+    ] {
+        std::fs::write(&drop_in, text).unwrap();
+        let out = check_config(&main, &[]);
+        assert_eq!(out.status.code(), Some(EX_CONFIG), "{}", stderr(&out));
+        let err = stderr(&out);
+        assert!(
+            err.contains(&format!("{}: {key}: ", drop_in.display())) && err.contains(says),
+            "{err}"
+        );
+    }
+
+    // No password on standard input: a clear usage error.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_fleetgw"))
+        .arg("passwd")
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    assert!(stderr(&out).contains("no password"), "{}", stderr(&out));
+}

@@ -9,9 +9,9 @@ use common::mqtt_client::{options, ClientEvent, TestClient};
 use common::WAIT;
 use fleetgw::device_id::DeviceId;
 use fleetgw::downstream::{
-    contract, AcceptedResponse, BrokerOptions, DeviceStatus, DeviceTopic, Downstream,
-    DownstreamMessage, DownstreamOptions, EmbeddedBroker, EmbeddedBrokerOptions, PayloadFormat,
-    StatusReport,
+    contract, AcceptedResponse, AccessRules, BrokerOptions, DeviceStatus, DeviceTopic, Downstream,
+    DownstreamMessage, DownstreamOptions, EmbeddedBroker, EmbeddedBrokerOptions, LocalUser,
+    PayloadFormat, StatusReport, UserRights,
 };
 use rumqttc::{QoS, SubscribeReasonCode};
 use tokio::sync::mpsc;
@@ -23,8 +23,18 @@ fn id(s: &str) -> DeviceId {
 }
 
 async fn gateway() -> (Downstream, mpsc::Receiver<DownstreamMessage>, u16) {
+    gateway_with_users(Vec::new()).await
+}
+
+/// The gateway's downstream side with these `[[downstream.users]]`.
+async fn gateway_with_users(
+    users: Vec<LocalUser>,
+) -> (Downstream, mpsc::Receiver<DownstreamMessage>, u16) {
+    let mut rules = AccessRules::new("fleetgw");
+    rules.users = users;
     let broker = EmbeddedBrokerOptions {
         listen: "127.0.0.1:0".parse().unwrap(),
+        rules: Some(rules),
         ..EmbeddedBrokerOptions::default()
     };
     let opts = DownstreamOptions::new(GATEWAY_ID.into(), BrokerOptions::Embedded(broker));
@@ -402,4 +412,139 @@ async fn subscription_and_retained_floods_are_bounded() {
     reader.subscribe("r/0", QoS::AtMostOnce).await;
     let p = reader.next_publish().await.expect("retained r/0");
     assert_eq!(&p.payload[..], b"new");
+}
+
+fn user(name: &str, password: &str, publish: &[&str], subscribe: &[&str]) -> LocalUser {
+    LocalUser {
+        rights: std::sync::Arc::new(UserRights {
+            name: name.into(),
+            publish: publish.iter().map(|f| f.to_string()).collect(),
+            subscribe: subscribe.iter().map(|f| f.to_string()).collect(),
+        }),
+        password_hash: fleetgw::identity::hash_password(password.as_bytes()).unwrap(),
+    }
+}
+
+fn as_user(client_id: &str, port: u16, name: &str, password: &str) -> rumqttc::MqttOptions {
+    let mut o = options(client_id, port);
+    o.set_credentials(name, password);
+    o
+}
+
+#[tokio::test]
+async fn local_applications_get_exactly_the_rights_listed_for_them() {
+    let (gw, mut rx, port) = gateway_with_users(vec![
+        user(
+            "historian",
+            "h-secret",
+            &[],
+            &["fleetgw/+/status", "fleetgw/+/telemetry/#"],
+        ),
+        user(
+            "line-controller",
+            "c-secret",
+            &["fleetgw/+/commands/#"],
+            &[],
+        ),
+    ])
+    .await;
+
+    // Wrong or missing password for a listed user: bad user name or password.
+    for password in ["wrong", ""] {
+        let refused = TestClient::try_connect(as_user("dash-1", port, "historian", password))
+            .await
+            .err();
+        assert!(
+            refused
+                .as_deref()
+                .is_some_and(|e| e.contains("NotAuthorized")),
+            "{refused:?}"
+        );
+    }
+    let mut historian =
+        TestClient::connect_ok(as_user("dash-1", port, "historian", "h-secret")).await;
+    assert_eq!(
+        historian
+            .subscribe("fleetgw/+/status", QoS::AtLeastOnce)
+            .await,
+        vec![SubscribeReasonCode::Success(QoS::AtLeastOnce)]
+    );
+    // Read-only: outside its filters, and no publishing at all.
+    for filter in [
+        "#",
+        "fleetgw/+/provision/json/accepted",
+        "fleetgw/+/commands/#",
+    ] {
+        assert_eq!(
+            historian.subscribe(filter, QoS::AtLeastOnce).await,
+            vec![SubscribeReasonCode::Failure],
+            "{filter}"
+        );
+    }
+    historian
+        .publish(
+            "fleetgw/sensor-a/telemetry",
+            QoS::AtLeastOnce,
+            false,
+            b"forged",
+        )
+        .await;
+    let mut a = TestClient::connect_ok(options("sensor-a", port)).await;
+    a.subscribe("fleetgw/sensor-a/commands/#", QoS::AtLeastOnce)
+        .await;
+    next_is_marker(&mut rx, &mut a, "sensor-a").await;
+
+    // The controller may send commands to devices, as the cloud does.
+    let mut controller =
+        TestClient::connect_ok(as_user("plc-master", port, "line-controller", "c-secret")).await;
+    controller
+        .publish(
+            "fleetgw/sensor-a/commands/stop",
+            QoS::AtLeastOnce,
+            false,
+            b"1",
+        )
+        .await;
+    next_received_is(&mut a, "fleetgw/sensor-a/commands/stop").await;
+
+    // The historian sees statuses the gateway publishes.
+    gw.session()
+        .publish_status(
+            &id("sensor-a"),
+            &StatusReport::new(DeviceStatus::Provisioned, 2),
+        )
+        .await
+        .unwrap();
+    next_received_is(&mut historian, "fleetgw/sensor-a/status").await;
+    gw.shutdown(WAIT).await;
+}
+
+#[tokio::test]
+async fn a_device_cannot_inherit_a_users_kept_session() {
+    let (gw, _rx, port) = gateway_with_users(vec![user("app", "secret", &[], &["plant/#"])]).await;
+    // A local application with a kept session on a client id that is also a valid device id.
+    let mut o = as_user("sensor-z", port, "app", "secret");
+    o.set_clean_session(false);
+    let mut app = TestClient::connect_ok(o).await;
+    app.subscribe("plant/#", QoS::AtLeastOnce).await;
+    drop(app);
+    // A device connecting with that id and clean session 0 gets a new session of its own.
+    let mut o = options("sensor-z", port);
+    o.set_clean_session(false);
+    let (client, mut events) = rumqttc::AsyncClient::new(o, 8);
+    let session_present = loop {
+        match tokio::time::timeout(WAIT, events.poll()).await {
+            Ok(Ok(rumqttc::Event::Incoming(rumqttc::Packet::ConnAck(a)))) => {
+                break a.session_present
+            }
+            Ok(Ok(_)) => {}
+            other => panic!("no CONNACK: {other:?}"),
+        }
+    };
+    assert!(
+        !session_present,
+        "the device resumed the application's session"
+    );
+    drop(client);
+    gw.shutdown(WAIT).await;
 }

@@ -35,8 +35,8 @@ use fleetgw::cloud::Provider;
 use fleetgw::config::{TelemetryIdentity, WhenFull};
 use fleetgw::device_id::DeviceId;
 use fleetgw::downstream::{
-    dispatch_inbound, BrokerOptions, Downstream, DownstreamOptions, DownstreamSession,
-    EmbeddedBrokerOptions, Inbound,
+    dispatch_inbound, AccessRules, BrokerOptions, Downstream, DownstreamOptions, DownstreamSession,
+    EmbeddedBrokerOptions, Inbound, LocalUser, UserRights,
 };
 use fleetgw::emulator::aws::{self, AwsEmulatorHandle, AwsEmulatorOptions};
 use fleetgw::identity::{self, CertificateAuthority, KeyType, PrivateKey};
@@ -128,10 +128,27 @@ async fn provision(store: &Store, provider: &AwsProvider, id: &str) -> String {
     reg.thing_name
 }
 
+const WATCHER: &str = "watcher";
+const WATCHER_PASSWORD: &str = "watcher-password";
+
+/// `[[downstream.users]]` entry of the test's status watcher.
+fn watcher_user() -> LocalUser {
+    static HASH: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    LocalUser {
+        rights: std::sync::Arc::new(UserRights {
+            name: WATCHER.into(),
+            publish: vec![],
+            subscribe: vec!["fleetgw/+/status".into()],
+        }),
+        password_hash: HASH
+            .get_or_init(|| identity::hash_password(WATCHER_PASSWORD.as_bytes()).unwrap())
+            .clone(),
+    }
+}
+
 /// The embedded broker + gateway session + telemetry pipeline.
 struct Gateway {
     downstream: Downstream,
-    dopts: DownstreamOptions,
     session: Arc<DownstreamSession>,
     telemetry: Telemetry,
     broker_port: u16,
@@ -141,13 +158,24 @@ impl Gateway {
     /// Devices get their PUBACK once the message is in the outbox (end-to-end
     /// acknowledgement), unless `FLEETGW_BENCH_BROKER_ACK=routed` asks for the PUBACK as soon
     /// as the broker has the message in memory (for benchmark comparisons only).
+    /// Connects the local application that may read every device's status (devices may
+    /// read only their own).
+    async fn status_watcher(&self) -> TestClient {
+        let mut o = mqtt_client::options("status-watcher", self.broker_port);
+        o.set_credentials(WATCHER, WATCHER_PASSWORD);
+        TestClient::connect_ok(o).await
+    }
+
     async fn start(store: &Store, opts: TelemetryOptions) -> Self {
         const CLIENT_ID: &str = "fleetgw-test-gw";
         let routed = std::env::var("FLEETGW_BENCH_BROKER_ACK").is_ok_and(|v| v == "routed");
+        let mut rules = AccessRules::new("fleetgw");
+        rules.users.push(watcher_user());
         let broker = EmbeddedBrokerOptions {
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             ack_after_inflight: env_or("FLEETGW_BENCH_BROKER_INFLIGHT", 1000) as usize,
             ack_after_client: (!routed).then(|| CLIENT_ID.to_string()),
+            rules: Some(rules),
             ..EmbeddedBrokerOptions::default()
         };
         let mut dopts = DownstreamOptions::new(CLIENT_ID.into(), BrokerOptions::Embedded(broker));
@@ -161,7 +189,6 @@ impl Gateway {
         let telemetry = start_pipeline(store, opts, &session, inbound);
         Self {
             downstream,
-            dopts,
             session,
             telemetry,
             broker_port,
@@ -174,8 +201,7 @@ impl Gateway {
     async fn restart(self, store: &Store, opts: TelemetryOptions) -> Self {
         self.telemetry.shutdown(Duration::from_secs(5)).await;
         self.session.shutdown(Duration::from_secs(2)).await;
-        let gateway_addr = self.downstream.broker().unwrap().gateway_addr();
-        let session_opts = self.dopts.session_options(Some(gateway_addr)).unwrap();
+        let session_opts = self.downstream.session_options().clone();
         let (session, inbound) = DownstreamSession::start(session_opts).unwrap();
         session.wait_subscribed(LIMIT).await.unwrap();
         let session = Arc::new(session);
@@ -235,7 +261,7 @@ fn temp_store() -> (TempDir, Store) {
 /// `range`, QoS 1, at most 10 unacknowledged; returns once every PUBACK came.
 async fn publish_range(broker_port: u16, id: &str, range: std::ops::Range<u64>, pad: usize) {
     let topic = format!("fleetgw/{id}/telemetry/sensor");
-    let seq = Sequence::new(format!("dev-{id}"), topic, range, LIMIT);
+    let seq = Sequence::new(id.to_string(), topic, range, LIMIT);
     let padding = "x".repeat(pad);
     publish_sequence(broker_port, seq, move |n| {
         format!(r#"{{"seq":{n},"pad":"{padding}"}}"#).into_bytes()
@@ -624,8 +650,7 @@ async fn refused_telemetry_is_not_forwarded_and_devices_are_told() {
     let mut opts = options(&emu);
     opts.max_payload_bytes = 1024;
     let gw = Gateway::start(&store, opts).await;
-    let mut watcher =
-        TestClient::connect_ok(mqtt_client::options("status-watcher", gw.broker_port)).await;
+    let mut watcher = gw.status_watcher().await;
     watcher
         .subscribe("fleetgw/+/status", QoS::AtLeastOnce)
         .await;
@@ -875,7 +900,7 @@ async fn device_mode_refuses_devices_whose_key_the_gateway_does_not_hold() {
     rec.provision.thing_name = Some("thing-own".into());
     store.put_device(&rec).await.unwrap();
     let gw = Gateway::start(&store, TelemetryOptions::new(cloud.endpoint())).await;
-    let mut watcher = TestClient::connect_ok(mqtt_client::options("watcher", gw.broker_port)).await;
+    let mut watcher = gw.status_watcher().await;
     watcher
         .subscribe("fleetgw/own-key/status", QoS::AtLeastOnce)
         .await;
@@ -1079,7 +1104,7 @@ async fn publish_timed(
     pace: Option<(Instant, Duration)>,
 ) -> Duration {
     let mut seq = Sequence::new(
-        format!("dev-{id}"),
+        id.to_string(),
         format!("fleetgw/{id}/telemetry"),
         0..count,
         // The publishers' own bound: ten minutes beyond the paced schedule.

@@ -98,7 +98,7 @@ async fn http(emu: &AwsEmulatorHandle, method: &str, path: &str, body: Option<&s
 /// returns the thing name. Connection failures (the embedded broker not listening yet) are
 /// retried with back-off.
 async fn provision(port: u16, id: &str, daemon: &Fleetgw) -> String {
-    let mut o = MqttOptions::new(format!("prov-{id}"), "127.0.0.1", port);
+    let mut o = MqttOptions::new(id, "127.0.0.1", port);
     o.set_max_packet_size(1 << 20, 1 << 20);
     let (client, mut eventloop) = AsyncClient::new(o, 16);
     let status_topic = format!("fleetgw/{id}/status");
@@ -196,7 +196,7 @@ impl Backoff {
 /// publishes when the broker has no session for it (see the module docs), so the session is
 /// clean and the device never publishes while disconnected.
 async fn publish(port: u16, id: String, count: u64, acked_total: Arc<AtomicU64>) -> u32 {
-    let mut o = MqttOptions::new(format!("dev-{id}"), "127.0.0.1", port);
+    let mut o = MqttOptions::new(id.as_str(), "127.0.0.1", port);
     o.set_keep_alive(Duration::from_secs(30))
         .set_clean_session(true)
         .set_max_packet_size(1 << 20, 1 << 20)

@@ -8,6 +8,7 @@ mod csr;
 mod demo;
 mod emulate;
 mod logging;
+mod passwd;
 mod run;
 mod simulate;
 
@@ -73,6 +74,9 @@ pub enum Command {
     /// Run the AWS emulator, the gateway and a simulated fleet in one process and show the
     /// provisioning figures (nothing to install, no cloud account).
     Demo(demo::Args),
+    /// Hash a local application's password (read from standard input) for
+    /// `[[downstream.users]] password_hash`.
+    Passwd(passwd::Args),
 }
 
 /// Parses argv, sets up logging and runs the chosen command.
@@ -92,5 +96,6 @@ pub fn main() -> ExitCode {
         Command::Emulate(args) => emulate::run(args),
         Command::Simulate(args) => simulate::run(*args),
         Command::Demo(args) => demo::run(args),
+        Command::Passwd(args) => passwd::run(args),
     }
 }

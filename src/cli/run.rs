@@ -16,8 +16,9 @@ use crate::cloud::aws::claim::ClaimOptions;
 use crate::cloud::aws::{AwsProvider, AwsProviderOptions, OWNERSHIP_TOKEN_TTL};
 use crate::config::{self, BrokerMode, CloudProvider, Config, TelemetryIdentity};
 use crate::downstream::{
-    dispatch_inbound, gateway_client_id, BrokerOptions, Downstream, DownstreamOptions,
-    EmbeddedBrokerOptions, EmbeddedTls, ExternalBrokerOptions, Inbound, InboundQueues, TopicPrefix,
+    dispatch_inbound, gateway_client_id, AccessRules, BrokerOptions, Downstream, DownstreamOptions,
+    EmbeddedBrokerOptions, EmbeddedTls, ExternalBrokerOptions, Inbound, InboundQueues, LocalUser,
+    TopicPrefix, UserRights,
 };
 use crate::identity::{self, PrivateKey, Sealer, Secret};
 use crate::provision::{Engine, EngineOptions, EngineParts, EngineStats, RequestPolicy};
@@ -476,9 +477,30 @@ fn downstream_options(cfg: &Config) -> Result<DownstreamOptions, RunError> {
     let d = &cfg.downstream;
     let broker = match d.broker {
         BrokerMode::Embedded => {
+            let mut rules = AccessRules::new(d.topic_prefix.as_str());
+            rules.users = d
+                .users
+                .iter()
+                .map(|u| LocalUser {
+                    rights: Arc::new(UserRights {
+                        name: u.name.clone(),
+                        publish: u.publish.clone(),
+                        subscribe: u.subscribe.clone(),
+                    }),
+                    password_hash: u.password_hash.clone(),
+                })
+                .collect();
             let mut e = EmbeddedBrokerOptions {
                 listen: d.listen,
                 max_packet_bytes: d.max_packet_bytes as usize,
+                rules: Some(rules),
+                max_connections: d.max_connections as usize,
+                max_connections_per_address: d.max_connections_per_address as usize,
+                max_topic_bytes: d.max_topic_bytes as usize,
+                max_topic_levels: d.max_topic_levels as usize,
+                max_subscriptions: d.max_subscriptions_per_client as usize,
+                max_retained: d.max_retained_messages as usize,
+                max_retained_bytes: usize::try_from(d.max_retained_bytes).unwrap_or(usize::MAX),
                 ..EmbeddedBrokerOptions::default()
             };
             if let Some(tls_listen) = d.tls_listen {

@@ -135,6 +135,38 @@ pub struct DownstreamSection {
     pub max_request_bytes: u32,
     /// Provisioning requests one device may send per minute.
     pub device_rate_per_minute: u32,
+    /// Embedded broker: connections at once, all clients.
+    pub max_connections: u32,
+    /// Embedded broker: connections at once from one non-loopback address.
+    pub max_connections_per_address: u32,
+    /// Embedded broker: longest topic name or filter, in bytes.
+    pub max_topic_bytes: u32,
+    /// Embedded broker: most levels in a topic name or filter.
+    pub max_topic_levels: u32,
+    /// Embedded broker: subscriptions one client may hold.
+    pub max_subscriptions_per_client: u32,
+    /// Embedded broker: retained messages held, all topics.
+    pub max_retained_messages: u32,
+    /// Embedded broker: bytes of retained messages held, all topics.
+    pub max_retained_bytes: u64,
+    /// Local applications that may connect to the embedded broker with more than a
+    /// device's rights (`[[downstream.users]]`).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub users: Vec<DownstreamUser>,
+}
+
+/// One `[[downstream.users]]` entry: a local application (dashboard, historian, Node-RED).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DownstreamUser {
+    /// The MQTT user name it connects with.
+    pub name: String,
+    /// Argon2 PHC string of its password, as printed by `fleetgw passwd`.
+    pub password_hash: String,
+    /// Topic filters it may publish to; none means it may not publish.
+    pub publish: Vec<String>,
+    /// Topic filters it may subscribe within; none means it may not subscribe.
+    pub subscribe: Vec<String>,
 }
 
 impl Default for DownstreamSection {
@@ -154,6 +186,14 @@ impl Default for DownstreamSection {
             max_packet_bytes: 262_144,
             max_request_bytes: 65_536,
             device_rate_per_minute: 30,
+            max_connections: 50_000,
+            max_connections_per_address: 1024,
+            max_topic_bytes: 1024,
+            max_topic_levels: 32,
+            max_subscriptions_per_client: 100,
+            max_retained_messages: 100_000,
+            max_retained_bytes: 64 * 1024 * 1024,
+            users: Vec::new(),
         }
     }
 }

@@ -140,6 +140,27 @@ impl Config {
             1,
             "downstream.device_rate_per_minute",
         )?;
+        at_least(d.max_connections, 1, "downstream.max_connections")?;
+        at_least(
+            d.max_connections_per_address,
+            1,
+            "downstream.max_connections_per_address",
+        )?;
+        check(
+            (64..=65_535).contains(&d.max_topic_bytes),
+            "downstream.max_topic_bytes",
+            || format!("{} is outside 64 .. 65535", d.max_topic_bytes),
+        )?;
+        check(
+            (4..=1024).contains(&d.max_topic_levels),
+            "downstream.max_topic_levels",
+            || format!("{} is outside 4 .. 1024", d.max_topic_levels),
+        )?;
+        at_least(
+            d.max_subscriptions_per_client,
+            1,
+            "downstream.max_subscriptions_per_client",
+        )?;
         if d.broker == BrokerMode::External {
             let Some(url) = &d.url else {
                 return Err((
@@ -166,6 +187,30 @@ impl Config {
             "downstream.password",
             "downstream.password_file",
         )?;
+        for (i, user) in d.users.iter().enumerate() {
+            let key = |field: &str| format!("downstream.users[{i}].{field}");
+            check(!user.name.is_empty(), &key("name"), || {
+                "a user needs a name (the MQTT user name it connects with)".into()
+            })?;
+            check(
+                d.users[..i].iter().all(|u| u.name != user.name),
+                &key("name"),
+                || format!("{:?} is listed twice", user.name),
+            )?;
+            if let Err(e) = crate::identity::check_password_hash(&user.password_hash) {
+                return Err((
+                    key("password_hash"),
+                    format!("{e}; make one with `fleetgw passwd`"),
+                ));
+            }
+            for (field, filters) in [("publish", &user.publish), ("subscribe", &user.subscribe)] {
+                for filter in filters {
+                    check(crate::mqtt::wire::valid_filter(filter), &key(field), || {
+                        format!("{filter:?} is not a valid MQTT topic filter")
+                    })?;
+                }
+            }
+        }
         Ok(())
     }
 

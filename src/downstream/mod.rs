@@ -30,7 +30,7 @@ use tokio::sync::mpsc;
 
 pub use broker::{
     AccessRules, BrokerError, EmbeddedBroker, EmbeddedBrokerOptions, EmbeddedTls,
-    GatewayCredential, UserRights,
+    GatewayCredential, LocalUser, UserRights,
 };
 pub use contract::{
     AcceptedResponse, Attestation, DeviceStatus, ProvisionRequest, RejectedResponse, StatusReport,
@@ -166,6 +166,9 @@ pub enum DownstreamError {
 pub struct Downstream {
     broker: Option<EmbeddedBroker>,
     session: std::sync::Arc<DownstreamSession>,
+    /// What the gateway session was started with (with the embedded broker: its address
+    /// and the per-process credential), to start it again.
+    session_opts: SessionOptions,
 }
 
 impl Downstream {
@@ -213,7 +216,7 @@ impl Downstream {
             session_opts.endpoint.password = Some(credential.password);
         }
         tune(&mut session_opts);
-        let (session, rx) = DownstreamSession::start(session_opts)?;
+        let (session, rx) = DownstreamSession::start(session_opts.clone())?;
         if let Some(b) = &broker {
             session.wait_subscribed(opts.startup_timeout).await?;
             b.open();
@@ -222,6 +225,7 @@ impl Downstream {
             Self {
                 broker,
                 session: std::sync::Arc::new(session),
+                session_opts,
             },
             rx,
         ))
@@ -230,6 +234,13 @@ impl Downstream {
     /// The gateway session (shared by the provisioning engine and telemetry).
     pub fn session(&self) -> &std::sync::Arc<DownstreamSession> {
         &self.session
+    }
+
+    /// The options the gateway session was started with: a new session started with them
+    /// takes the place of the old one (the broker lets only this process's session use the
+    /// gateway's client id).
+    pub fn session_options(&self) -> &SessionOptions {
+        &self.session_opts
     }
 
     /// The embedded broker, when `broker = "embedded"`.

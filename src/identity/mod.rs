@@ -14,6 +14,7 @@ mod csr;
 mod error;
 mod key;
 mod key_type;
+mod password;
 mod seal;
 mod secret;
 pub mod tls;
@@ -25,6 +26,7 @@ pub use csr::{check_common_name, create_csr, parse_csr, CsrInfo, MAX_COMMON_NAME
 pub use error::IdentityError;
 pub use key::{read_passphrase, PrivateKey};
 pub use key_type::{KeyType, UnknownKeyType};
+pub use password::{check_password_hash, hash_password, verify_password};
 pub use seal::Sealer;
 pub use secret::Secret;
 

@@ -18,6 +18,7 @@ use tokio::time::{timeout, timeout_at, Instant};
 
 use super::router::{AckWait, Delivery, Message, Refused, Router, Session};
 use super::rules::{truncated, AccessRules, Principal, Refusal};
+use crate::identity;
 use crate::mqtt::stream::{PacketStream, StreamError};
 use crate::mqtt::wire::{
     self, ClientPacket, ConnectInfo, ConnectOutcome, Protocol, ServerFeatures, ServerPacket,
@@ -54,7 +55,7 @@ impl ConnectionConfig {
     }
 
     /// Who this CONNECT is, or why it is refused.
-    fn admit(
+    async fn admit(
         &self,
         connect: &ConnectInfo,
         client_id: &str,
@@ -63,7 +64,27 @@ impl ConnectionConfig {
         let Some(rules) = &self.rules else {
             return Ok(Principal::Unrestricted);
         };
-        if assigned {
+        let user = match connect.username.as_deref().and_then(|n| rules.user(n)) {
+            Some(user) => {
+                let phc = user.password_hash.clone();
+                let password = connect.password.clone();
+                // Argon2 costs tens of milliseconds on purpose: keep it off the workers.
+                let proved = tokio::task::spawn_blocking(move || {
+                    password.is_some_and(|p| identity::verify_password(&phc, p.expose()))
+                })
+                .await
+                .unwrap_or(false);
+                if !proved {
+                    return Err((
+                        ConnectOutcome::BadCredentials,
+                        format!("wrong password for user {:?}", user.rights.name),
+                    ));
+                }
+                Some(user.rights.clone())
+            }
+            None => None,
+        };
+        if assigned && user.is_none() {
             return Err((
                 ConnectOutcome::BadClientId,
                 "an empty client id: a device connects with its device id".to_string(),
@@ -72,7 +93,7 @@ impl ConnectionConfig {
         let password = connect.password.as_ref().map(|p| p.expose());
         let principal =
             rules
-                .admit(client_id, password, None)
+                .admit(client_id, password, user)
                 .map_err(|refusal| match refusal {
                     Refusal::BadClientId(why) => (ConnectOutcome::BadClientId, why),
                     Refusal::NotAuthorized(why) => (ConnectOutcome::BadCredentials, why),
@@ -226,7 +247,7 @@ pub async fn serve<S>(
     } else {
         connect.client_id.clone()
     };
-    let principal = match cfg.admit(&connect, &client_id, assigned) {
+    let principal = match cfg.admit(&connect, &client_id, assigned).await {
         Ok(p) => p,
         Err((outcome, why)) => {
             refuse(

@@ -44,7 +44,7 @@ use crate::identity::{self, IdentityError, PrivateKey, Secret};
 use connection::ConnectionConfig;
 pub use router::Refusals;
 use router::{Limits, Router};
-pub use rules::{AccessRules, GatewayCredential, UserRights};
+pub use rules::{AccessRules, GatewayCredential, LocalUser, UserRights};
 
 /// Pending connections the kernel holds for the listener (capped by `net.core.somaxconn`).
 const ACCEPT_BACKLOG: u32 = 4096;

@@ -36,6 +36,15 @@ pub struct UserRights {
     pub subscribe: Vec<String>,
 }
 
+/// A local application allowed to connect (`[[downstream.users]]`).
+#[derive(Clone, Debug)]
+pub struct LocalUser {
+    /// Its rights.
+    pub rights: Arc<UserRights>,
+    /// Argon2 PHC string of its password (`fleetgw passwd`).
+    pub password_hash: String,
+}
+
 /// The rules of a broker that serves the device contract.
 #[derive(Clone, Debug)]
 pub struct AccessRules {
@@ -43,6 +52,8 @@ pub struct AccessRules {
     pub prefix: String,
     /// The gateway's own session: its client id and the secret it proves itself with.
     pub gateway: Option<GatewayCredential>,
+    /// Local applications, by user name.
+    pub users: Vec<LocalUser>,
 }
 
 /// How the gateway's own session proves itself to the broker of its own process.
@@ -129,11 +140,18 @@ impl AccessRules {
         Self {
             prefix: prefix.into(),
             gateway: None,
+            users: Vec::new(),
         }
     }
 
-    /// Decides who a CONNECT is. `user` is a `[[downstream.users]]` entry the connection
-    /// authenticated as (checked by the caller), if any.
+    /// The local application called `name`, if there is one. A CONNECT with that user name
+    /// must carry its password; any other user name is not a user's (devices may send one).
+    pub fn user(&self, name: &str) -> Option<&LocalUser> {
+        self.users.iter().find(|u| u.rights.name == name)
+    }
+
+    /// Decides who a CONNECT is. `user` is the `[[downstream.users]]` entry whose password
+    /// the connection proved (the caller verifies it: that costs a deliberate hash), if any.
     pub fn admit(
         &self,
         client_id: &str,
