@@ -548,3 +548,54 @@ async fn a_device_cannot_inherit_a_users_kept_session() {
     drop(client);
     gw.shutdown(WAIT).await;
 }
+
+/// Connects `client_id` with clean session 0 and a subscription, then leaves cleanly.
+async fn keep_a_session(port: u16, client_id: &str) {
+    let mut o = options(client_id, port);
+    o.set_clean_session(false);
+    let mut c = TestClient::connect_ok(o).await;
+    c.subscribe(&format!("k/{client_id}"), QoS::AtLeastOnce)
+        .await;
+    c.client.disconnect().await.unwrap();
+    let closed = c
+        .next_matching(|e| matches!(e, ClientEvent::Closed(_)))
+        .await;
+    assert!(closed.is_some(), "{client_id} did not leave");
+}
+
+#[tokio::test]
+async fn kept_sessions_are_capped_and_expire() {
+    use common::wait::eventually;
+    use std::time::Duration;
+    let capped = EmbeddedBroker::start(&EmbeddedBrokerOptions {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        max_kept_sessions: 2,
+        ..EmbeddedBrokerOptions::default()
+    })
+    .await
+    .unwrap();
+    // Five clients ask to keep their sessions and leave: only two are kept.
+    for n in 0..5 {
+        keep_a_session(capped.listen_addr().port(), &format!("keeper-{n}")).await;
+    }
+    eventually("the connections to end", WAIT, || {
+        (capped.sessions() == capped.kept_sessions()).then_some(())
+    })
+    .await;
+    assert_eq!(capped.kept_sessions(), 2);
+
+    // Kept sessions expire (the broker's cap, as 3.1.1 clients name none).
+    let expiring = EmbeddedBroker::start(&EmbeddedBrokerOptions {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        kept_session_expiry: Duration::from_millis(300),
+        ..EmbeddedBrokerOptions::default()
+    })
+    .await
+    .unwrap();
+    keep_a_session(expiring.listen_addr().port(), "keeper").await;
+    eventually("the kept session to expire", WAIT, || {
+        (expiring.sessions() == 0).then_some(())
+    })
+    .await;
+    assert_eq!(expiring.kept_sessions(), 0);
+}

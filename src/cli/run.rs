@@ -501,6 +501,10 @@ fn downstream_options(cfg: &Config) -> Result<DownstreamOptions, RunError> {
                 max_subscriptions: d.max_subscriptions_per_client as usize,
                 max_retained: d.max_retained_messages as usize,
                 max_retained_bytes: usize::try_from(d.max_retained_bytes).unwrap_or(usize::MAX),
+                max_kept_sessions: d.max_kept_sessions as usize,
+                kept_session_expiry: Duration::from_secs(d.kept_session_expiry_secs),
+                max_inbound_per_second: d.max_inbound_per_second,
+                connect_timeout: Duration::from_secs(u64::from(d.connect_timeout_secs)),
                 ..EmbeddedBrokerOptions::default()
             };
             if let Some(tls_listen) = d.tls_listen {

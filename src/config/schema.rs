@@ -149,6 +149,14 @@ pub struct DownstreamSection {
     pub max_retained_messages: u32,
     /// Embedded broker: bytes of retained messages held, all topics.
     pub max_retained_bytes: u64,
+    /// Embedded broker: sessions kept for absent clients.
+    pub max_kept_sessions: u32,
+    /// Embedded broker: the longest an absent client's session is kept, in seconds.
+    pub kept_session_expiry_secs: u64,
+    /// Embedded broker: PUBLISH packets one connection may send per second.
+    pub max_inbound_per_second: u32,
+    /// Embedded broker: time from TCP accept to a complete TLS handshake and CONNECT.
+    pub connect_timeout_secs: u32,
     /// Local applications that may connect to the embedded broker with more than a
     /// device's rights (`[[downstream.users]]`).
     #[serde(skip_serializing_if = "Vec::is_empty")]
@@ -193,6 +201,10 @@ impl Default for DownstreamSection {
             max_subscriptions_per_client: 100,
             max_retained_messages: 100_000,
             max_retained_bytes: 64 * 1024 * 1024,
+            max_kept_sessions: 50_000,
+            kept_session_expiry_secs: 86_400,
+            max_inbound_per_second: 10_000,
+            connect_timeout_secs: 10,
             users: Vec::new(),
         }
     }

@@ -161,6 +161,17 @@ impl Config {
             1,
             "downstream.max_subscriptions_per_client",
         )?;
+        at_least(
+            d.kept_session_expiry_secs,
+            1,
+            "downstream.kept_session_expiry_secs",
+        )?;
+        at_least(
+            d.max_inbound_per_second,
+            1,
+            "downstream.max_inbound_per_second",
+        )?;
+        at_least(d.connect_timeout_secs, 1, "downstream.connect_timeout_secs")?;
         if d.broker == BrokerMode::External {
             let Some(url) = &d.url else {
                 return Err((

@@ -75,6 +75,8 @@ impl ExternalBrokerOptions {
 
 /// Which broker the devices use.
 #[derive(Clone, Debug)]
+// Built once at start-up and matched on by reference: boxing the larger variant buys nothing.
+#[allow(clippy::large_enum_variant)]
 pub enum BrokerOptions {
     /// The broker inside the daemon (`broker`).
     Embedded(EmbeddedBrokerOptions),

@@ -50,6 +50,10 @@ pub struct ConnectInfo {
     /// Keep the session after the connection ends (3.1.1: not clean session; MQTT 5: a
     /// session expiry interval above 0).
     pub keep_session: bool,
+    /// How long the client asks the session to be kept after the connection ends: MQTT 5's
+    /// session expiry interval in seconds (`u32::MAX` = for ever); `None` for 3.1.1, which
+    /// leaves it to the server.
+    pub session_expiry_secs: Option<u32>,
     /// Last will, if any.
     pub will: Option<Will>,
     /// User name, if the client sent one.
@@ -174,6 +178,7 @@ pub fn read_connect(
                 keep_alive: c.keep_alive,
                 clean_start: c.clean_session,
                 keep_session: !c.clean_session,
+                session_expiry_secs: None,
                 will: c.last_will.map(|w| Will {
                     topic: w.topic,
                     payload: w.message,
@@ -219,6 +224,7 @@ pub fn read_connect(
                 keep_alive: c.keep_alive,
                 clean_start: c.clean_start,
                 keep_session: expiry > 0,
+                session_expiry_secs: Some(expiry),
                 will,
                 username: login.as_ref().map(|l| l.username.clone()),
                 password: login.map(|l| Secret::from(l.password)),

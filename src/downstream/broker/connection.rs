@@ -45,6 +45,8 @@ pub struct ConnectionConfig {
     pub max_topic_bytes: usize,
     /// Most levels in a topic name or filter.
     pub max_topic_levels: usize,
+    /// PUBLISH packets per second one connection may send.
+    pub max_inbound_per_second: u32,
 }
 
 impl ConnectionConfig {
@@ -212,6 +214,7 @@ pub async fn serve<S>(
 {
     let mut conn = Connection {
         io: PacketStream::new(stream, cfg.max_packet, READ_CHUNK),
+        inbound: None,
         pending_acks: VecDeque::new(),
     };
     let mut connect = match timeout(cfg.connect_timeout, conn.io.read_connect()).await {
@@ -260,6 +263,9 @@ pub async fn serve<S>(
     if let Some(will) = &mut connect.will {
         will.retain &= principal.may_retain();
     }
+    if !matches!(principal, Principal::Gateway) {
+        conn.inbound = Some(InboundRate::new(cfg.max_inbound_per_second));
+    }
     // With end-to-end acks, devices wait (their CONNECT unanswered) until the gateway's
     // session has subscribed; the gateway's startup takes milliseconds.
     let mut stopping = shutdown.clone();
@@ -267,12 +273,18 @@ pub async fn serve<S>(
         _ = router.admitted(&client_id) => {}
         _ = stopping.wait_for(|s| *s) => return,
     }
+    let keep = connect
+        .keep_session
+        .then(|| match connect.session_expiry_secs {
+            Some(secs) => Duration::from_secs(u64::from(secs)),
+            None => Duration::MAX,
+        });
     let attached = router.connect(
         &client_id,
         principal.owner(),
         number,
         connect.clean_start,
-        connect.keep_session,
+        keep,
     );
     let session = attached.session;
     if let Err(close) = conn.queue(ServerPacket::ConnAck {
@@ -309,9 +321,43 @@ pub async fn serve<S>(
 
 struct Connection<S> {
     io: PacketStream<S>,
+    /// The client's PUBLISH rate; `None` for the gateway's own session.
+    inbound: Option<InboundRate>,
     /// QoS 1 PUBLISHes of this client not acknowledged yet, in arrival order: those waiting
     /// for the acknowledging client hold back the ones after them (MQTT 3.1.1 §4.6).
     pending_acks: VecDeque<PendingAck>,
+}
+
+/// A token bucket over one connection's PUBLISH packets: `rate` per second, bursts of as many.
+struct InboundRate {
+    rate: f64,
+    tokens: f64,
+    last: Instant,
+}
+
+impl InboundRate {
+    fn new(per_second: u32) -> Self {
+        let rate = f64::from(per_second.max(1));
+        Self {
+            rate,
+            tokens: rate,
+            last: Instant::now(),
+        }
+    }
+
+    /// One PUBLISH read (the balance may go below zero: the packets are already here).
+    fn take(&mut self) {
+        self.tokens -= 1.0;
+    }
+
+    /// How long to stop reading before the balance is back above zero, if it is below.
+    fn pause(&mut self) -> Option<Duration> {
+        let now = Instant::now();
+        let refill = now.saturating_duration_since(self.last).as_secs_f64() * self.rate;
+        self.tokens = (self.tokens + refill).min(self.rate);
+        self.last = now;
+        (self.tokens < 0.0).then(|| Duration::from_secs_f64(-self.tokens / self.rate))
+    }
 }
 
 /// A QoS 1 PUBLISH waiting for its PUBACK.
@@ -380,10 +426,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             if let Err(close) = self.flush().await {
                 return close;
             }
+            // Over its PUBLISH rate, the client is not read until the rate allows: TCP flow
+            // control holds it back, and a flood costs the broker nothing.
+            let pause = self.inbound.as_mut().and_then(InboundRate::pause);
             tokio::select! {
                 _ = shutdown.changed() => return Close::Shutdown,
                 _ = session.woken() => {}
-                read = timeout_at(deadline, self.io.fill()) => match read {
+                _ = tokio::time::sleep(pause.unwrap_or_default()), if pause.is_some() => {
+                    // It was busy, not silent.
+                    deadline = deadline.max(Instant::now() + idle_limit);
+                }
+                read = timeout_at(deadline, self.io.fill()), if pause.is_none() => match read {
                     Ok(Ok(())) => deadline = Instant::now() + idle_limit,
                     Ok(Err(e)) => return e.into(),
                     Err(_) => return Close::KeepAlive,
@@ -462,6 +515,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                     retain,
                     payload,
                 } => {
+                    if let Some(rate) = &mut self.inbound {
+                        rate.take();
+                    }
                     if !wire::valid_topic(&topic) {
                         return Err(Close::Violation(format!(
                             "invalid topic name {:?}",
@@ -565,5 +621,28 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                 ClientPacket::Unexpected(what) => return Err(Close::Violation(what.into())),
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_inbound_rate_allows_a_burst_then_pauses_for_the_deficit() {
+        let mut rate = InboundRate::new(5);
+        for _ in 0..5 {
+            rate.take();
+        }
+        assert_eq!(rate.pause(), None, "a burst of `rate` packets is free");
+        for _ in 0..5 {
+            rate.take();
+        }
+        // Five packets over: about a second at 5 per second.
+        let pause = rate.pause().expect("a pause");
+        assert!(
+            pause > Duration::from_millis(900) && pause <= Duration::from_secs(1),
+            "{pause:?}"
+        );
     }
 }

@@ -103,6 +103,15 @@ pub struct EmbeddedBrokerOptions {
     /// Connections from one non-loopback source address at once (a LAN host cannot take
     /// every slot); loopback clients count only against `max_connections`.
     pub max_connections_per_address: usize,
+    /// Sessions kept for absent clients (3.1.1 clean session 0, MQTT 5 session expiry > 0);
+    /// past it a leaving client's session is discarded.
+    pub max_kept_sessions: usize,
+    /// The longest an absent client's session is kept; MQTT 5 clients may ask for less.
+    pub kept_session_expiry: Duration,
+    /// PUBLISH packets one connection may send per second (a burst of as many is allowed);
+    /// beyond it the broker stops reading from that connection until the rate allows, so
+    /// TCP flow control slows the client down.
+    pub max_inbound_per_second: u32,
 }
 
 impl Default for EmbeddedBrokerOptions {
@@ -124,6 +133,9 @@ impl Default for EmbeddedBrokerOptions {
             max_retained: 100_000,
             max_retained_bytes: 64 * 1024 * 1024,
             max_connections_per_address: 1024,
+            max_kept_sessions: 50_000,
+            kept_session_expiry: Duration::from_secs(24 * 3600),
+            max_inbound_per_second: 10_000,
         }
     }
 }
@@ -204,6 +216,8 @@ impl EmbeddedBroker {
                 max_subscriptions: opts.max_subscriptions,
                 max_retained: opts.max_retained,
                 max_retained_bytes: opts.max_retained_bytes,
+                max_kept_sessions: opts.max_kept_sessions,
+                kept_session_expiry: opts.kept_session_expiry,
             },
             opts.ack_after_client.as_deref(),
         ));
@@ -213,6 +227,7 @@ impl EmbeddedBroker {
             rules: opts.rules.clone(),
             max_topic_bytes: opts.max_topic_bytes,
             max_topic_levels: opts.max_topic_levels,
+            max_inbound_per_second: opts.max_inbound_per_second,
         });
         let (shutdown, _) = watch::channel(false);
         let slots = Arc::new(Slots {
@@ -240,6 +255,11 @@ impl EmbeddedBroker {
         } else {
             listen_addr
         };
+        listeners.push(tokio::spawn(expire_kept_sessions(
+            router.clone(),
+            opts.kept_session_expiry,
+            shutdown.subscribe(),
+        )));
         listeners.push(tokio::spawn(accept_loop(
             listener,
             acceptor,
@@ -290,6 +310,11 @@ impl EmbeddedBroker {
     /// Sessions held: connected clients plus kept sessions of absent ones.
     pub fn sessions(&self) -> usize {
         self.router.session_count()
+    }
+
+    /// Sessions kept for absent clients.
+    pub fn kept_sessions(&self) -> usize {
+        self.router.kept_sessions()
     }
 
     /// Retained messages held.
@@ -350,7 +375,36 @@ fn validate(opts: &EmbeddedBrokerOptions) -> Result<(), BrokerError> {
     if opts.max_connections_per_address == 0 {
         return bad("max_connections_per_address", "must be at least 1");
     }
+    if opts.kept_session_expiry.is_zero() {
+        return bad("kept_session_expiry", "must be above zero");
+    }
+    if opts.max_inbound_per_second == 0 {
+        return bad("max_inbound_per_second", "must be at least 1");
+    }
     Ok(())
+}
+
+/// Discards expired kept sessions, checking a few times per expiry period (at least every
+/// minute), until the broker stops.
+async fn expire_kept_sessions(
+    router: Arc<Router>,
+    expiry: Duration,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let every = (expiry / 4).clamp(Duration::from_millis(50), Duration::from_secs(60));
+    loop {
+        tokio::select! {
+            _ = shutdown.changed() => return,
+            _ = tokio::time::sleep(every) => {}
+        }
+        let expired = router.expire_kept_sessions(std::time::Instant::now());
+        if expired > 0 {
+            tracing::debug!(
+                expired,
+                "embedded broker: kept sessions of absent clients expired"
+            );
+        }
+    }
 }
 
 /// Connection slots: all listeners together, and per non-loopback source address.

@@ -31,6 +31,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use tokio::sync::{watch, Notify};
@@ -150,6 +151,10 @@ pub struct Limits {
     pub max_retained: usize,
     /// Bytes of retained messages the broker holds, all topics.
     pub max_retained_bytes: usize,
+    /// Sessions kept for absent clients; past it a leaving client's session is not kept.
+    pub max_kept_sessions: usize,
+    /// The longest an absent client's session is kept (MQTT 5 clients may ask for less).
+    pub kept_session_expiry: Duration,
 }
 
 /// One client's session.
@@ -167,7 +172,12 @@ pub struct Session {
 struct SessionState {
     /// Connection currently attached (its number), if any.
     attached: Option<u64>,
-    keep: bool,
+    /// How long to keep the session once its connection ends; `None`: discard it then.
+    keep: Option<Duration>,
+    /// When a kept session of an absent client expires.
+    expires_at: Option<Instant>,
+    /// Counted in [`Tables::kept`] (absent client, session kept).
+    counted_kept: bool,
     subscriptions: HashMap<String, SubOptions>,
     inflight: VecDeque<(u16, Delivery)>,
     queue: VecDeque<Delivery>,
@@ -276,6 +286,8 @@ pub struct Attached {
 #[derive(Default)]
 struct Tables {
     sessions: HashMap<Arc<str>, Arc<Session>>,
+    /// Sessions kept for absent clients.
+    kept: usize,
     filters: FilterTrie<Arc<str>, (Arc<Session>, SubOptions)>,
     retained: RetainedTrie<Message>,
     retained_bytes: usize,
@@ -321,6 +333,8 @@ pub struct Router {
     dropped: AtomicU64,
     /// Retained messages not stored because the broker held its maximum.
     retained_refused: AtomicU64,
+    /// Sessions not kept because the broker held its maximum of kept sessions.
+    kept_refused: AtomicU64,
     /// The client whose acknowledgements QoS 1 publishers wait for (see the module docs).
     ack_after: Option<Arc<str>>,
     /// Whether other clients may connect: with `ack_after`, only once that client has
@@ -340,6 +354,7 @@ impl Router {
             next_connection: AtomicU64::new(1),
             dropped: AtomicU64::new(0),
             retained_refused: AtomicU64::new(0),
+            kept_refused: AtomicU64::new(0),
             ack_after: ack_after.map(Arc::from),
             open: watch::channel(ack_after.is_none()).0,
         }
@@ -409,6 +424,29 @@ impl Router {
         }
     }
 
+    /// Discards the kept sessions of absent clients that expired by `now`; returns how many.
+    pub fn expire_kept_sessions(&self, now: Instant) -> usize {
+        let mut t = self.tables();
+        let expired: Vec<Arc<Session>> = t
+            .sessions
+            .values()
+            .filter(|s| {
+                let st = s.lock();
+                st.attached.is_none() && st.expires_at.is_some_and(|at| at <= now)
+            })
+            .cloned()
+            .collect();
+        for session in &expired {
+            remove_session(&mut t, session);
+        }
+        expired.len()
+    }
+
+    /// Sessions kept for absent clients.
+    pub fn kept_sessions(&self) -> usize {
+        self.tables().kept
+    }
+
     /// Retained messages refused since start because the broker held its maximum.
     pub fn retained_refused(&self) -> u64 {
         self.retained_refused.load(Ordering::Relaxed)
@@ -416,15 +454,17 @@ impl Router {
 
     /// Attaches connection `number` to `client_id`'s session, taking it over from another
     /// connection if one holds it. `clean` discards a stored session; `keep` keeps this one
-    /// after the connection ends. A session made by another `owner` is never resumed.
+    /// for that long after the connection ends (at most `kept_session_expiry`). A session
+    /// made by another `owner` is never resumed.
     pub fn connect(
         &self,
         client_id: &str,
         owner: Owner,
         number: u64,
         clean: bool,
-        keep: bool,
+        keep: Option<Duration>,
     ) -> Attached {
+        let keep = keep.map(|d| d.min(self.limits.kept_session_expiry));
         let mut t = self.tables();
         if let Some(existing) = t.sessions.get(client_id).cloned() {
             let clean = clean || existing.owner != owner;
@@ -439,6 +479,10 @@ impl Router {
             if !clean {
                 let mut st = existing.lock();
                 st.keep = keep;
+                st.expires_at = None;
+                if std::mem::take(&mut st.counted_kept) {
+                    t.kept -= 1;
+                }
                 // Unacknowledged messages go first, marked as redeliveries.
                 let inflight: Vec<(u16, Delivery)> = st.inflight.drain(..).collect();
                 for (_, mut d) in inflight.into_iter().rev() {
@@ -486,11 +530,32 @@ impl Router {
             }
         };
         if let Some(keep) = still_ours {
-            if !keep {
-                let mut t = self.tables();
-                // Only if nobody attached in between.
-                if session.lock().attached.is_none() {
-                    remove_session(&mut t, session);
+            let mut t = self.tables();
+            let mut st = session.lock();
+            // Only if nobody attached in between.
+            if st.attached.is_none() {
+                match keep {
+                    Some(d) if st.counted_kept || t.kept < self.limits.max_kept_sessions => {
+                        st.expires_at = Some(Instant::now() + d);
+                        if !std::mem::replace(&mut st.counted_kept, true) {
+                            t.kept += 1;
+                        }
+                    }
+                    _ => {
+                        if keep.is_some() {
+                            let total = self.kept_refused.fetch_add(1, Ordering::Relaxed) + 1;
+                            if total.is_power_of_two() {
+                                tracing::warn!(
+                                    client = %super::rules::truncated(&session.client_id),
+                                    kept = t.kept,
+                                    refused_total = total,
+                                    "embedded broker: kept-session limit reached, session not kept (counted; logged at powers of two)"
+                                );
+                            }
+                        }
+                        drop(st);
+                        remove_session(&mut t, session);
+                    }
                 }
             }
         }
@@ -722,12 +787,13 @@ impl Router {
 }
 
 fn remove_session(t: &mut Tables, session: &Arc<Session>) {
-    let filters: Vec<String> = session
-        .lock()
-        .subscriptions
-        .drain()
-        .map(|(f, _)| f)
-        .collect();
+    let filters: Vec<String> = {
+        let mut st = session.lock();
+        if std::mem::take(&mut st.counted_kept) {
+            t.kept -= 1;
+        }
+        st.subscriptions.drain().map(|(f, _)| f).collect()
+    };
     for f in filters {
         t.filters.remove(&f, &session.client_id);
     }
