@@ -982,3 +982,37 @@ async fn crash_and_count_duplicates(max_held_bytes: usize) {
     );
     gw.shutdown(WAIT).await;
 }
+
+/// A device's retained request or telemetry is handled when it is published: the copy
+/// mosquitto replays to the gateway's session whenever it subscribes (at start and after every
+/// reconnect) is acknowledged and dropped, never provisioned or sent upstream again.
+#[tokio::test]
+async fn retained_device_messages_are_not_replayed_upstream() {
+    let broker = Mosquitto::start(&MosquittoConfig::anonymous());
+    // Retained before the gateway subscribes: what the gateway then gets is the replay.
+    let mut dev = TestClient::connect_ok(options("sensor-6", broker.port())).await;
+    for topic in [
+        "fleetgw/sensor-6/telemetry",
+        "fleetgw/sensor-6/provision/json",
+    ] {
+        dev.publish(topic, QoS::AtLeastOnce, true, b"{}").await;
+    }
+    let opts = external_options(broker.url(), None);
+    let (gw, mut rx) = external_gateway(&opts).await;
+    eventually("both replays to be seen and dropped", WAIT, || {
+        (gw.session().retained_replays() == 2).then_some(())
+    })
+    .await;
+    // The first message the gateway hands on is the live one.
+    dev.publish(
+        "fleetgw/sensor-6/telemetry",
+        QoS::AtLeastOnce,
+        false,
+        b"new",
+    )
+    .await;
+    let m = next_message(&mut rx).await;
+    assert_eq!(&m.payload[..], b"new");
+    m.ack.ack();
+    gw.shutdown(WAIT).await;
+}

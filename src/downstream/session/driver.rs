@@ -470,6 +470,23 @@ impl Driver {
                 return true;
             }
         };
+        // A broker sets the retain flag only on what it replays to a new subscription (MQTT
+        // 3.1.1 §3.3.1.3), never on a live message: a device's retained request or telemetry
+        // reaches the gateway again on every resubscription (each reconnect), and must not be
+        // provisioned or sent upstream again. Brokers that let devices retain (mosquitto) do
+        // this; the embedded broker stores nothing a device retains.
+        if publish.retain {
+            let total = self.shared.retained_replays.fetch_add(1, Ordering::Relaxed) + 1;
+            if total.is_power_of_two() {
+                tracing::info!(
+                    topic = %publish.topic,
+                    replays_total = total,
+                    "retained device message replayed by the broker ignored (counted; logged at powers of two)"
+                );
+            }
+            ack.ack();
+            return true;
+        }
         if let DeviceTopic::ProvisionRequest { device, format } = &topic {
             if publish.payload.len() > self.max_request_bytes {
                 self.reject_oversize(device, *format, publish.payload.len());

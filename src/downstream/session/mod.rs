@@ -333,6 +333,7 @@ impl DownstreamSession {
             shutdown: Notify::new(),
             status,
             rejected_topics: AtomicU64::new(0),
+            retained_replays: AtomicU64::new(0),
             oversize_requests: AtomicU64::new(0),
             dropped_qos0: AtomicU64::new(0),
             busy_requests: AtomicU64::new(0),
@@ -399,6 +400,13 @@ impl DownstreamSession {
                 state: describe(&self.status()),
             }),
         }
+    }
+
+    /// Retained copies of device requests or telemetry that the broker replayed on
+    /// subscribing (acknowledged and not delivered: the live message was handled when it was
+    /// published).
+    pub fn retained_replays(&self) -> u64 {
+        self.shared.retained_replays.load(Ordering::Relaxed)
     }
 
     /// Inbound messages whose topic broke the contract (acknowledged and not delivered).

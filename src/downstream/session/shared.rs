@@ -55,6 +55,7 @@ pub(super) struct Shared {
     pub(super) oversize_requests: AtomicU64,
     pub(super) dropped_qos0: AtomicU64,
     pub(super) busy_requests: AtomicU64,
+    pub(super) retained_replays: AtomicU64,
 }
 
 impl std::fmt::Debug for Shared {
