@@ -404,6 +404,48 @@ async fn mosquitto_external_provisioning_round_trip() {
     gw.shutdown(WAIT).await;
 }
 
+/// The recipe's device listener is TLS: devices and the gateway provision over it with their
+/// passwords, and a device that does not trust the broker's CA never gets to send one.
+#[tokio::test]
+async fn mosquitto_recipe_over_tls_provisions_a_device() {
+    let (ca, cert, key) = test_pki();
+    let files = tempfile::tempdir().unwrap();
+    let broker = Mosquitto::start(
+        &MosquittoConfig::recipe("fleetgw", &[("sensor-1", "pw-1")], "gw-secret").with_tls(
+            files.path(),
+            &cert,
+            key.expose_str().unwrap(),
+        ),
+    );
+    let mut x = ExternalBrokerOptions::new(format!("mqtts://127.0.0.1:{}", broker.port()));
+    x.ca_pem = Some(ca.clone());
+    x.username = Some("fleetgw-gateway".into());
+    x.password = Some(Secret::from("gw-secret"));
+    let opts = DownstreamOptions::new("fleetgw-gw-test".into(), BrokerOptions::External(x));
+    let (gw, mut rx) = external_gateway(&opts).await;
+    let port = broker.port();
+    let tls = move |trusted: &str| {
+        Transport::tls_with_config(TlsConfiguration::Rustls(
+            fleetgw::identity::tls::client_config(trusted, None).unwrap(),
+        ))
+    };
+    let device_ca = ca.clone();
+    let maker: mqtt_opts::Maker = Box::new(move |cid| {
+        let mut o = options(cid, port);
+        o.set_credentials("sensor-1", "pw-1")
+            .set_transport(tls(&device_ca));
+        o
+    });
+    provision_round_trip(&gw, &mut rx, maker).await;
+
+    let (other_ca, _, _) = test_pki();
+    let mut o = options("sensor-1", port);
+    o.set_credentials("sensor-1", "pw-1")
+        .set_transport(tls(&other_ca));
+    assert!(TestClient::try_connect(o).await.is_err());
+    gw.shutdown(WAIT).await;
+}
+
 #[tokio::test]
 async fn gateway_session_survives_a_broker_restart() {
     let mut broker = Mosquitto::start(&MosquittoConfig::anonymous());

@@ -29,21 +29,77 @@ impl MosquittoConfig {
         Self::default()
     }
 
-    /// The recipe of docs/mosquitto.md: one user per device (username = device id), the
-    /// gateway user `fleetgw-gateway`, `use_username_as_clientid`, `%u` ACL.
+    /// The recipe of docs/mosquitto.md, read from that file: its mosquitto settings and its
+    /// ACL (with `prefix` for `fleetgw`), one user per device (username = device id) and the
+    /// gateway user `fleetgw-gateway`. The listener, certificate, password-file, ACL-file and
+    /// persistence lines are the test's own (a free loopback port, a temp dir).
     pub fn recipe(prefix: &str, devices: &[(&str, &str)], gateway_password: &str) -> Self {
+        let doc = include_str!("../../docs/mosquitto.md");
+        let conf = code_block_after(doc, "`/etc/mosquitto/conf.d/fleetgw.conf`:");
+        let acl = code_block_after(doc, "`/etc/mosquitto/fleetgw.acl`:");
+        // What isolation rests on must stay in the documented recipe.
+        for needed in ["use_username_as_clientid true", "allow_anonymous false"] {
+            assert!(
+                conf.lines().any(|l| l.trim() == needed),
+                "recipe lacks {needed}"
+            );
+        }
+        assert!(
+            acl.contains("pattern readwrite fleetgw/%u/#"),
+            "recipe ACL: {acl}"
+        );
+        const TEST_OWN: [&str; 7] = [
+            "listener",
+            "certfile",
+            "keyfile",
+            "password_file",
+            "acl_file",
+            "persistence",
+            "allow_anonymous",
+        ];
+        let extra = conf
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty() && !l.starts_with('#'))
+            .filter(|l| {
+                let directive = l.split_whitespace().next().unwrap_or_default();
+                !TEST_OWN.contains(&directive) && directive != "use_username_as_clientid"
+            })
+            .map(str::to_string)
+            .collect();
         let mut users = vec![("fleetgw-gateway".to_string(), gateway_password.to_string())];
         users.extend(devices.iter().map(|(u, p)| (u.to_string(), p.to_string())));
         Self {
             users,
-            acl: Some(format!(
-                "pattern readwrite {prefix}/%u/#\n\nuser fleetgw-gateway\ntopic readwrite {prefix}/#\n"
-            )),
+            acl: Some(acl.replace("fleetgw/", &format!("{prefix}/"))),
             use_username_as_clientid: true,
-            // As in the recipe: at or below the gateway's max_packet_bytes (default 256 KiB).
-            extra: vec!["max_packet_size 262144".to_string()],
+            extra,
         }
     }
+
+    /// The same with the listener on TLS (PEM server certificate and key), as the recipe's
+    /// device listener is.
+    pub fn with_tls(mut self, dir: &Path, cert_pem: &str, key_pem: &str) -> Self {
+        let (cert, key) = (dir.join("server.pem"), dir.join("server.key"));
+        std::fs::write(&cert, cert_pem).expect("write server.pem");
+        std::fs::write(&key, key_pem).expect("write server.key");
+        self.extra.push(format!("certfile {}", cert.display()));
+        self.extra.push(format!("keyfile {}", key.display()));
+        self
+    }
+}
+
+/// The fenced code block that follows the line containing `title` in a Markdown text.
+fn code_block_after(doc: &str, title: &str) -> String {
+    let after = &doc[doc
+        .find(title)
+        .unwrap_or_else(|| panic!("no {title} in the doc"))..];
+    let mut lines = after.lines().skip_while(|l| !l.starts_with("```")).skip(1);
+    let block: Vec<&str> = lines
+        .by_ref()
+        .take_while(|l| !l.starts_with("```"))
+        .collect();
+    block.join("\n") + "\n"
 }
 
 /// A running (or killed) mosquitto process.
