@@ -21,7 +21,9 @@ use crate::downstream::{
     TopicPrefix, UserRights,
 };
 use crate::identity::{self, PrivateKey, Sealer, Secret};
-use crate::provision::{Engine, EngineOptions, EngineParts, EngineStats, RequestPolicy};
+use crate::provision::{
+    Engine, EngineOptions, EngineParts, EngineStats, KeyDelivery, RequestPolicy,
+};
 use crate::store::{Store, StoreOptions};
 use crate::telemetry::{
     self, GatewayCredentials, Telemetry, TelemetryOptions, TelemetryStats, UpstreamEndpoint,
@@ -220,7 +222,20 @@ impl Gateway {
                 admission,
                 sealer,
             },
-            engine_options(cfg),
+            {
+                let mut opts = engine_options(cfg);
+                // With the embedded broker the gateway knows each device's connection, so a
+                // generated key goes only where it cannot be read off the local network.
+                if let (Some(broker), false) =
+                    (downstream.broker(), cfg.downstream.allow_plain_key_delivery)
+                {
+                    opts.key_delivery = KeyDelivery::Secure {
+                        connections: broker.connections(),
+                        trust_loopback: true,
+                    };
+                }
+                opts
+            },
             requests,
         )?;
         let telemetry = Telemetry::start(

@@ -157,6 +157,9 @@ pub struct DownstreamSection {
     pub max_inbound_per_second: u32,
     /// Embedded broker: time from TCP accept to a complete TLS handshake and CONNECT.
     pub connect_timeout_secs: u32,
+    /// Send a gateway-generated private key to a device on a plain, unauthenticated
+    /// connection from another host too (unsafe: anyone on the network can read it).
+    pub allow_plain_key_delivery: bool,
     /// Local applications that may connect to the embedded broker with more than a
     /// device's rights (`[[downstream.users]]`).
     #[serde(skip_serializing_if = "Vec::is_empty")]
@@ -205,6 +208,7 @@ impl Default for DownstreamSection {
             kept_session_expiry_secs: 86_400,
             max_inbound_per_second: 10_000,
             connect_timeout_secs: 10,
+            allow_plain_key_delivery: false,
             users: Vec::new(),
         }
     }

@@ -29,8 +29,8 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 
 pub use broker::{
-    AccessRules, BrokerError, EmbeddedBroker, EmbeddedBrokerOptions, EmbeddedTls,
-    GatewayCredential, LocalUser, UserRights,
+    AccessRules, BrokerConnections, BrokerError, ConnectionFacts, EmbeddedBroker,
+    EmbeddedBrokerOptions, EmbeddedTls, GatewayCredential, LocalUser, UserRights,
 };
 pub use contract::{
     AcceptedResponse, Attestation, DeviceStatus, ProvisionRequest, RejectedResponse, StatusReport,

@@ -26,7 +26,9 @@ use crate::clock;
 use crate::cloud::Provider;
 use crate::device_id::DeviceId;
 use crate::downstream::contract::{DeviceStatus, RejectedResponse, StatusReport};
-use crate::downstream::{DeviceTopic, DownstreamMessage, DownstreamSession, PayloadFormat};
+use crate::downstream::{
+    BrokerConnections, DeviceTopic, DownstreamMessage, DownstreamSession, PayloadFormat,
+};
 use crate::identity::{KeyType, Sealer};
 use crate::store::{DeviceRecord, DeviceState, Store, StoreError};
 
@@ -68,6 +70,42 @@ pub struct EngineOptions {
     /// Certificates requested but not yet persisted, at most (set it to the number of claim
     /// sessions): a crash can orphan only these, so at most this many per crash.
     pub certificates_in_flight: usize,
+    /// Which connections may be sent a gateway-generated private key.
+    pub key_delivery: KeyDelivery,
+}
+
+/// Which device connections may be sent a gateway-generated private key
+/// (`[downstream] allow_plain_key_delivery`).
+#[derive(Clone, Debug, Default)]
+pub enum KeyDelivery {
+    /// Whichever connection asks on the device's topics: an external broker authenticates
+    /// devices itself (the mosquitto recipe), or `allow_plain_key_delivery = true`.
+    #[default]
+    Anywhere,
+    /// Only a device connection of the embedded broker that is TLS, from this host, or
+    /// authenticated: a key sent in clear over the local network is a key anyone on it has.
+    Secure {
+        /// What the embedded broker knows about each client's connection.
+        connections: BrokerConnections,
+        /// Whether a loopback connection counts as this host (tests play a LAN host with
+        /// `false`).
+        trust_loopback: bool,
+    },
+}
+
+impl KeyDelivery {
+    /// Whether `device`'s current connection may be sent its private key.
+    pub fn permits(&self, device: &DeviceId) -> bool {
+        match self {
+            KeyDelivery::Anywhere => true,
+            KeyDelivery::Secure {
+                connections,
+                trust_loopback,
+            } => connections.facts(device.as_str()).is_some_and(|f| {
+                f.tls || f.authenticated || (*trust_loopback && f.peer.ip().is_loopback())
+            }),
+        }
+    }
 }
 
 impl EngineOptions {
@@ -84,6 +122,7 @@ impl EngineOptions {
             intake_concurrency: 1024,
             shutdown_grace: Duration::from_secs(15),
             certificates_in_flight: 4,
+            key_delivery: KeyDelivery::Anywhere,
         }
     }
 }
@@ -423,6 +462,18 @@ impl Inner {
             Ok(a) => a,
             Err(rejected) => return FollowUp::Reject(format, rejected),
         };
+        if admitted.own_csr.is_none() && !self.opts.key_delivery.permits(device) {
+            return FollowUp::Reject(
+                format,
+                RejectedResponse::new(
+                    403,
+                    request::error_code::PLAIN_KEY_DELIVERY_REFUSED,
+                    "this gateway sends a generated private key only over TLS, to a device on \
+                     its own host, or to an authenticated device: send your own CSR (\"csr\") \
+                     or connect to the TLS listener",
+                ),
+            );
+        }
         let existing = match self.store.device(device) {
             Ok(r) => r,
             Err(e) => return store_unavailable(format, device, &e),
@@ -540,3 +591,6 @@ fn store_unavailable(format: PayloadFormat, device: &DeviceId, e: &StoreError) -
         ),
     )
 }
+
+#[cfg(test)]
+mod key_delivery_tests;

@@ -25,6 +25,9 @@ pub mod error_code {
     pub const TOO_MANY_REQUESTS: &str = "TooManyRequests";
     /// An operator blocked the device.
     pub const DEVICE_BLOCKED: &str = "DeviceBlocked";
+    /// The request asks for a gateway-generated private key on a connection that may not
+    /// receive one (plain TCP from another host, not authenticated).
+    pub const PLAIN_KEY_DELIVERY_REFUSED: &str = "PlainKeyDeliveryRefused";
     /// The gateway could not record the request (store failure); the device may retry.
     pub const GATEWAY_UNAVAILABLE: &str = "GatewayUnavailable";
     pub use crate::downstream::contract::error_code::{INVALID_PAYLOAD, PAYLOAD_TOO_LARGE};

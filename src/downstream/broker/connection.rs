@@ -16,7 +16,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::watch;
 use tokio::time::{timeout, timeout_at, Instant};
 
-use super::router::{AckWait, Delivery, Message, Refused, Router, Session};
+use super::router::{AckWait, ConnectionFacts, Delivery, Message, Refused, Router, Session};
 use super::rules::{truncated, AccessRules, Principal, Refusal};
 use crate::identity;
 use crate::mqtt::stream::{PacketStream, StreamError};
@@ -206,6 +206,7 @@ async fn refuse<S: AsyncRead + AsyncWrite + Unpin>(
 pub async fn serve<S>(
     stream: S,
     peer: SocketAddr,
+    tls: bool,
     router: Arc<Router>,
     cfg: Arc<ConnectionConfig>,
     shutdown: watch::Receiver<bool>,
@@ -287,6 +288,15 @@ pub async fn serve<S>(
         keep,
     );
     let session = attached.session;
+    router.set_facts(
+        &session,
+        number,
+        ConnectionFacts {
+            peer,
+            tls,
+            authenticated: matches!(principal, Principal::Gateway | Principal::User(_)),
+        },
+    );
     if let Err(close) = conn.queue(ServerPacket::ConnAck {
         outcome: ConnectOutcome::Accepted,
         session_present: attached.resumed,

@@ -42,7 +42,7 @@ use tokio_rustls::TlsAcceptor;
 
 use crate::identity::{self, IdentityError, PrivateKey, Secret};
 use connection::ConnectionConfig;
-pub use router::Refusals;
+pub use router::{ConnectionFacts, Refusals};
 use router::{Limits, Router};
 pub use rules::{AccessRules, GatewayCredential, LocalUser, UserRights};
 
@@ -332,6 +332,12 @@ impl EmbeddedBroker {
         self.router.retained_refused()
     }
 
+    /// A handle that answers what the broker knows about a client's current connection,
+    /// for the parts of the gateway that decide what a connection may be sent.
+    pub fn connections(&self) -> BrokerConnections {
+        BrokerConnections(self.router.clone())
+    }
+
     /// What clients were refused since start (CONNECTs, publishes, subscriptions).
     pub fn refusals(&self) -> Refusals {
         self.router.refusals()
@@ -382,6 +388,24 @@ fn validate(opts: &EmbeddedBrokerOptions) -> Result<(), BrokerError> {
         return bad("max_inbound_per_second", "must be at least 1");
     }
     Ok(())
+}
+
+/// What the embedded broker knows about its clients' connections (see
+/// [`EmbeddedBroker::connections`]).
+#[derive(Clone)]
+pub struct BrokerConnections(Arc<Router>);
+
+impl std::fmt::Debug for BrokerConnections {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("BrokerConnections")
+    }
+}
+
+impl BrokerConnections {
+    /// The facts of `client_id`'s current connection, if it is connected.
+    pub fn facts(&self, client_id: &str) -> Option<ConnectionFacts> {
+        self.0.connection_facts(client_id)
+    }
 }
 
 /// Discards expired kept sessions, checking a few times per expiry period (at least every
@@ -518,7 +542,7 @@ async fn accept_loop(
             None => {
                 tokio::spawn(async move {
                     let _permit = permit;
-                    connection::serve(stream, peer, router, config, shutdown).await;
+                    connection::serve(stream, peer, false, router, config, shutdown).await;
                 });
             }
             Some(acceptor) => {
@@ -538,7 +562,7 @@ async fn accept_loop(
                             return;
                         }
                     };
-                    connection::serve(stream, peer, router, config, shutdown).await;
+                    connection::serve(stream, peer, true, router, config, shutdown).await;
                 });
             }
         }

@@ -168,10 +168,23 @@ pub struct Session {
     wake: Notify,
 }
 
+/// What the broker knows about a client's current connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ConnectionFacts {
+    /// Where it comes from.
+    pub peer: std::net::SocketAddr,
+    /// It arrived on the TLS listener.
+    pub tls: bool,
+    /// It proved who it is (a password of `[[downstream.users]]`, the gateway's secret).
+    pub authenticated: bool,
+}
+
 #[derive(Debug, Default)]
 struct SessionState {
     /// Connection currently attached (its number), if any.
     attached: Option<u64>,
+    /// Facts of the attached connection.
+    facts: Option<ConnectionFacts>,
     /// How long to keep the session once its connection ends; `None`: discard it then.
     keep: Option<Duration>,
     /// When a kept session of an absent client expires.
@@ -440,6 +453,21 @@ impl Router {
             remove_session(&mut t, session);
         }
         expired.len()
+    }
+
+    /// The facts of `client_id`'s current connection, if it is connected.
+    pub fn connection_facts(&self, client_id: &str) -> Option<ConnectionFacts> {
+        let session = self.tables().sessions.get(client_id).cloned()?;
+        let st = session.lock();
+        st.attached.and(st.facts)
+    }
+
+    /// Records the facts of the connection attached to `session` as `number`.
+    pub fn set_facts(&self, session: &Session, number: u64, facts: ConnectionFacts) {
+        let mut st = session.lock();
+        if st.attached == Some(number) {
+            st.facts = Some(facts);
+        }
     }
 
     /// Sessions kept for absent clients.
