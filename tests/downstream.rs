@@ -371,6 +371,87 @@ async fn embedded_broker_serves_tls() {
     gw.shutdown(WAIT).await;
 }
 
+/// A TLS listener next to the plain one: devices on either reach the gateway, under the same
+/// rules; with the plain listener off, only TLS serves devices.
+#[tokio::test]
+async fn embedded_broker_serves_plain_and_tls_side_by_side() {
+    let (ca, cert, key) = test_pki();
+    let tls = EmbeddedTls {
+        cert_chain_pem: cert,
+        key_pem: key,
+    };
+    let broker = EmbeddedBrokerOptions {
+        listen: loopback0(),
+        tls: Some(tls.clone()),
+        tls_listen: Some(loopback0()),
+        ..EmbeddedBrokerOptions::default()
+    };
+    let opts = DownstreamOptions::new("fleetgw-gw-both".into(), BrokerOptions::Embedded(broker));
+    let (gw, mut rx) = Downstream::start(&opts)
+        .await
+        .expect("both listeners start");
+    let b = gw.broker().unwrap();
+    let tls_port = b.tls_addr().expect("a TLS listener").port();
+    assert!(!b.is_tls());
+    assert_ne!(tls_port, b.listen_addr().port());
+    let over_tls = |cid: &str, port: u16| {
+        let mut o = options(cid, port);
+        o.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(
+            fleetgw::identity::tls::client_config(&ca, None).unwrap(),
+        )));
+        o
+    };
+    let mut plain = TestClient::connect_ok(options("sensor-plain", b.listen_addr().port())).await;
+    let mut secure = TestClient::connect_ok(over_tls("sensor-secure", tls_port)).await;
+    for (dev, id_) in [(&mut plain, "sensor-plain"), (&mut secure, "sensor-secure")] {
+        let topic = format!("fleetgw/{id_}/telemetry");
+        dev.publish_unacked(&topic, QoS::AtLeastOnce, false, id_.as_bytes())
+            .await;
+        let m = next_message(&mut rx).await;
+        assert_eq!(m.topic.device(), &id(id_));
+        m.ack.ack();
+        dev.expect_puback(id_).await;
+    }
+    // The same rules on both: another device's topic is refused over TLS too.
+    assert_eq!(
+        secure
+            .subscribe("fleetgw/sensor-plain/#", QoS::AtLeastOnce)
+            .await,
+        vec![SubscribeReasonCode::Failure]
+    );
+    gw.shutdown(WAIT).await;
+
+    // Plain off: TLS only (the gateway's session has a loopback port of its own).
+    let broker = EmbeddedBrokerOptions {
+        listen: loopback0(),
+        plain_listener: false,
+        tls: Some(tls),
+        tls_listen: Some(loopback0()),
+        ..EmbeddedBrokerOptions::default()
+    };
+    let opts = DownstreamOptions::new("fleetgw-gw-tls".into(), BrokerOptions::Embedded(broker));
+    let (gw, mut rx) = Downstream::start(&opts)
+        .await
+        .expect("the TLS listener starts");
+    let b = gw.broker().unwrap();
+    assert!(b.is_tls());
+    assert_eq!(Some(b.listen_addr()), b.tls_addr());
+    let mut secure =
+        TestClient::connect_ok(over_tls("sensor-secure", b.listen_addr().port())).await;
+    secure
+        .publish_unacked(
+            "fleetgw/sensor-secure/telemetry",
+            QoS::AtLeastOnce,
+            false,
+            b"t",
+        )
+        .await;
+    let m = next_message(&mut rx).await;
+    m.ack.ack();
+    secure.expect_puback("over TLS only").await;
+    gw.shutdown(WAIT).await;
+}
+
 #[tokio::test]
 async fn mosquitto_external_provisioning_round_trip() {
     let broker = Mosquitto::start(&MosquittoConfig::recipe(

@@ -506,7 +506,6 @@ fn downstream_options(cfg: &Config) -> Result<DownstreamOptions, RunError> {
                 })
                 .collect();
             let mut e = EmbeddedBrokerOptions {
-                listen: d.listen,
                 max_packet_bytes: d.max_packet_bytes as usize,
                 rules: Some(rules),
                 max_connections: d.max_connections as usize,
@@ -522,6 +521,10 @@ fn downstream_options(cfg: &Config) -> Result<DownstreamOptions, RunError> {
                 connect_timeout: Duration::from_secs(u64::from(d.connect_timeout_secs)),
                 ..EmbeddedBrokerOptions::default()
             };
+            match d.listen {
+                Some(listen) => e.listen = listen,
+                None => e.plain_listener = false,
+            }
             if let Some(tls_listen) = d.tls_listen {
                 let (Some(cert), Some(key)) = (&d.tls_cert, &d.tls_key) else {
                     return Err(RunError::Config {
@@ -529,7 +532,7 @@ fn downstream_options(cfg: &Config) -> Result<DownstreamOptions, RunError> {
                         reason: "needs downstream.tls_cert and downstream.tls_key".into(),
                     });
                 };
-                e.listen = tls_listen;
+                e.tls_listen = Some(tls_listen);
                 e.tls = Some(EmbeddedTls {
                     cert_chain_pem: read_text(cert)?,
                     key_pem: Secret::from(read_text(key)?),

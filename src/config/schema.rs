@@ -97,9 +97,13 @@ pub enum BrokerMode {
 pub struct DownstreamSection {
     /// Embedded or external broker.
     pub broker: BrokerMode,
-    /// Plain MQTT listener of the embedded broker.
-    #[serde(deserialize_with = "socket_addr")]
-    pub listen: SocketAddr,
+    /// Plain MQTT listener of the embedded broker; `None` (`"off"`) when only `tls_listen`
+    /// serves devices.
+    #[serde(
+        deserialize_with = "socket_addr_or_off",
+        serialize_with = "serialize_socket_addr_or_off"
+    )]
+    pub listen: Option<SocketAddr>,
     /// Optional MQTT-over-TLS listener of the embedded broker (needs `tls_cert`, `tls_key`).
     #[serde(
         deserialize_with = "optional_socket_addr",
@@ -184,7 +188,7 @@ impl Default for DownstreamSection {
     fn default() -> Self {
         Self {
             broker: BrokerMode::Embedded,
-            listen: SocketAddr::from(([127, 0, 0, 1], 1883)),
+            listen: Some(SocketAddr::from(([127, 0, 0, 1], 1883))),
             tls_listen: None,
             tls_cert: None,
             tls_key: None,
@@ -573,8 +577,23 @@ fn parse_socket_addr(s: &str) -> Result<SocketAddr, String> {
     })
 }
 
-fn socket_addr<'de, D: Deserializer<'de>>(d: D) -> Result<SocketAddr, D::Error> {
-    parse_socket_addr(&String::deserialize(d)?).map_err(D::Error::custom)
+fn socket_addr_or_off<'de, D: Deserializer<'de>>(d: D) -> Result<Option<SocketAddr>, D::Error> {
+    match String::deserialize(d)?.as_str() {
+        "off" => Ok(None),
+        s => parse_socket_addr(s)
+            .map(Some)
+            .map_err(|e| D::Error::custom(format!("{e}, or \"off\" for no plain listener"))),
+    }
+}
+
+fn serialize_socket_addr_or_off<S: serde::Serializer>(
+    addr: &Option<SocketAddr>,
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    match addr {
+        Some(addr) => s.collect_str(addr),
+        None => s.serialize_str("off"),
+    }
 }
 
 fn optional_socket_addr<'de, D: Deserializer<'de>>(d: D) -> Result<Option<SocketAddr>, D::Error> {

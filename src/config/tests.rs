@@ -27,7 +27,7 @@ fn empty_file_gives_the_documented_defaults() {
     let c = load_text("", &[]).unwrap();
     assert_eq!(c.gateway.id, "gw-01");
     assert_eq!(c.admission.mode, AdmissionMode::Approve);
-    assert_eq!(c.downstream.listen, "127.0.0.1:1883".parse().unwrap());
+    assert_eq!(c.downstream.listen, Some("127.0.0.1:1883".parse().unwrap()));
     assert_eq!(c.cloud.aws.sessions, 4);
     assert_eq!(c.cloud.aws.tps, 50);
     assert_eq!(c.provision.key_type, KeyType::EcdsaP256);
@@ -153,7 +153,7 @@ fn secrets_are_not_echoed_in_errors_or_output() {
 
 #[test]
 fn semantic_errors_name_key_and_source() {
-    let cases: [(&str, &str, &str); 10] = [
+    let cases: [(&str, &str, &str); 11] = [
         (
             "[cloud.aws]\nsessions = 0\n",
             "cloud.aws.sessions",
@@ -168,6 +168,11 @@ fn semantic_errors_name_key_and_source() {
             "[downstream]\nlisten = \"localhost:1883\"\n",
             "downstream.listen",
             "not a socket address",
+        ),
+        (
+            "[downstream]\nlisten = \"off\"\n",
+            "downstream.listen",
+            "needs downstream.tls_listen",
         ),
         (
             "[downstream]\nbroker = \"external\"\n",

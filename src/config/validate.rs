@@ -172,6 +172,11 @@ impl Config {
             "downstream.max_inbound_per_second",
         )?;
         at_least(d.connect_timeout_secs, 1, "downstream.connect_timeout_secs")?;
+        check(
+            d.broker != BrokerMode::Embedded || d.listen.is_some() || d.tls_listen.is_some(),
+            "downstream.listen",
+            || "\"off\" needs downstream.tls_listen: devices must reach the broker somehow".into(),
+        )?;
         if d.broker == BrokerMode::External {
             let Some(url) = &d.url else {
                 return Err((

@@ -63,10 +63,16 @@ pub struct EmbeddedTls {
 /// Settings of the embedded broker (`[downstream] broker = "embedded"`).
 #[derive(Clone, Debug)]
 pub struct EmbeddedBrokerOptions {
-    /// Address devices connect to; port 0 picks a free port.
+    /// Address of the plain listener; port 0 picks a free port.
     pub listen: SocketAddr,
-    /// Serve MQTT over TLS on `listen` instead of plain TCP.
+    /// Whether the plain listener is on (it is off anyway when `tls` is set without
+    /// `tls_listen`: TLS then takes `listen`).
+    pub plain_listener: bool,
+    /// Serve MQTT over TLS: on `tls_listen` next to the plain listener, or on `listen`
+    /// instead of it when `tls_listen` is not set.
     pub tls: Option<EmbeddedTls>,
+    /// Address of the TLS listener next to the plain one.
+    pub tls_listen: Option<SocketAddr>,
     /// Device connections the broker accepts at once.
     pub max_connections: usize,
     /// Largest MQTT packet a client may send (certificates and telemetry exceed 10 KiB).
@@ -118,7 +124,9 @@ impl Default for EmbeddedBrokerOptions {
     fn default() -> Self {
         Self {
             listen: SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 1883),
+            plain_listener: true,
             tls: None,
+            tls_listen: None,
             max_connections: 50_000,
             max_packet_bytes: 256 * 1024,
             max_inflight: 100,
@@ -161,6 +169,7 @@ pub enum BrokerError {
 /// A running embedded broker; dropping it stops it.
 pub struct EmbeddedBroker {
     listen_addr: SocketAddr,
+    tls_addr: Option<SocketAddr>,
     gateway_addr: SocketAddr,
     tls: bool,
     router: Arc<Router>,
@@ -235,48 +244,77 @@ impl EmbeddedBroker {
             per_address: Mutex::new(HashMap::new()),
             max_per_address: opts.max_connections_per_address,
         });
-        let listener = bind(opts.listen)?;
-        let listen_addr = local_addr(&listener, opts.listen)?;
-        let tls = acceptor.is_some();
         let mut listeners = Vec::new();
-        let gateway_addr = if tls {
-            let internal = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 0);
-            let gw = bind(internal)?;
-            let gateway_addr = local_addr(&gw, internal)?;
+        // The plain listener, unless it is off or (no `tls_listen`) TLS takes its address.
+        let plain_on = opts.plain_listener && !(acceptor.is_some() && opts.tls_listen.is_none());
+        let mut plain_addr = None;
+        if plain_on {
+            let listener = bind(opts.listen)?;
+            plain_addr = Some(local_addr(&listener, opts.listen)?);
             listeners.push(tokio::spawn(accept_loop(
-                gw,
+                listener,
                 None,
                 router.clone(),
                 config.clone(),
                 slots.clone(),
                 shutdown.subscribe(),
             )));
-            gateway_addr
-        } else {
-            listen_addr
+        }
+        let mut tls_addr = None;
+        if let Some(acceptor) = acceptor {
+            let at = opts.tls_listen.unwrap_or(opts.listen);
+            let listener = bind(at)?;
+            tls_addr = Some(local_addr(&listener, at)?);
+            listeners.push(tokio::spawn(accept_loop(
+                listener,
+                Some(acceptor),
+                router.clone(),
+                config.clone(),
+                slots.clone(),
+                shutdown.subscribe(),
+            )));
+        }
+        // The gateway's session speaks plain MQTT: the plain listener, or a loopback port of
+        // its own when only TLS serves devices.
+        let gateway_addr = match plain_addr {
+            Some(addr) => addr,
+            None => {
+                let internal = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 0);
+                let gw = bind(internal)?;
+                let addr = local_addr(&gw, internal)?;
+                listeners.push(tokio::spawn(accept_loop(
+                    gw,
+                    None,
+                    router.clone(),
+                    config,
+                    slots,
+                    shutdown.subscribe(),
+                )));
+                addr
+            }
         };
         listeners.push(tokio::spawn(expire_kept_sessions(
             router.clone(),
             opts.kept_session_expiry,
             shutdown.subscribe(),
         )));
-        listeners.push(tokio::spawn(accept_loop(
-            listener,
-            acceptor,
-            router.clone(),
-            config,
-            slots,
-            shutdown.subscribe(),
-        )));
-        if tls {
-            tracing::info!(listen = %listen_addr, internal = %gateway_addr, "embedded MQTT broker listening (TLS)");
-        } else {
-            tracing::info!(listen = %listen_addr, "embedded MQTT broker listening");
-        }
+        let Some(listen_addr) = plain_addr.or(tls_addr) else {
+            return Err(BrokerError::InvalidOption {
+                option: "listen",
+                reason: "the plain listener is off and there is no TLS listener".into(),
+            });
+        };
+        tracing::info!(
+            plain = ?plain_addr,
+            tls = ?tls_addr,
+            gateway = %gateway_addr,
+            "embedded MQTT broker listening"
+        );
         Ok(Self {
             listen_addr,
+            tls_addr,
             gateway_addr,
-            tls,
+            tls: plain_addr.is_none(),
             router,
             shutdown,
             listeners,
@@ -302,9 +340,15 @@ impl EmbeddedBroker {
         self.gateway_addr
     }
 
-    /// True when the embedded broker serves TLS on [`listen_addr`](Self::listen_addr).
+    /// True when the embedded broker serves TLS on [`listen_addr`](Self::listen_addr)
+    /// (no plain listener).
     pub fn is_tls(&self) -> bool {
         self.tls
+    }
+
+    /// The TLS listener's address, when there is one.
+    pub fn tls_addr(&self) -> Option<SocketAddr> {
+        self.tls_addr
     }
 
     /// Sessions held: connected clients plus kept sessions of absent ones.
