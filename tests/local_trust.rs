@@ -599,3 +599,104 @@ async fn kept_sessions_are_capped_and_expire() {
     .await;
     assert_eq!(expiring.kept_sessions(), 0);
 }
+
+/// `auth = "device"` in symmetric-key mode: a device's CONNECT must carry its id as user name
+/// and a SAS token for it as password.
+#[tokio::test]
+async fn devices_prove_their_id_with_a_sas_token_at_connect() {
+    use fleetgw::admission::{sas, Admission, AdmissionMode, AdmissionOptions};
+    use fleetgw::identity::Secret;
+    let group_key = b"a group key of the fleet, 32 b!!".to_vec();
+    let admission = std::sync::Arc::new(
+        Admission::new(AdmissionOptions {
+            mode: AdmissionMode::SymmetricKey,
+            group_key: Some(Secret::new(group_key.clone())),
+            ..AdmissionOptions::default()
+        })
+        .unwrap(),
+    );
+    let mut rules = AccessRules::new("fleetgw");
+    rules.device_auth = Some(std::sync::Arc::new(move |id, username, password| {
+        admission.authenticate_connect(id, username, password, fleetgw::clock::unix_secs())
+    }));
+    let opts = DownstreamOptions::new(
+        GATEWAY_ID.into(),
+        BrokerOptions::Embedded(EmbeddedBrokerOptions {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            rules: Some(rules),
+            ..EmbeddedBrokerOptions::default()
+        }),
+    );
+    let (gw, mut rx) = Downstream::start(&opts).await.unwrap();
+    let port = gw.broker().unwrap().listen_addr().port();
+    let sas_for = |device: &str, expiry: i64| {
+        let key = sas::derive_device_key(&group_key, device);
+        let uri = sas::registration_resource_uri("0ne000TEST", &id(device));
+        sas::generate_sas(&uri, &key, expiry, Some(sas::REGISTRATION_KEY_NAME))
+    };
+    let now = fleetgw::clock::unix_secs();
+    let with = |client_id: &str, username: &str, password: &str| {
+        let mut o = options(client_id, port);
+        o.set_credentials(username, password);
+        o
+    };
+    // Missing, wrong, expired, another device's token, another user name: refused (5).
+    for (what, o) in [
+        ("no password", options("sensor-a", port)),
+        (
+            "wrong password",
+            with("sensor-a", "sensor-a", "not a token"),
+        ),
+        (
+            "expired",
+            with("sensor-a", "sensor-a", &sas_for("sensor-a", now - 10)),
+        ),
+        (
+            "B's token",
+            with("sensor-a", "sensor-a", &sas_for("sensor-b", now + 300)),
+        ),
+        (
+            "other user name",
+            with("sensor-a", "sensor-b", &sas_for("sensor-a", now + 300)),
+        ),
+    ] {
+        let refused = TestClient::try_connect(o).await.err();
+        assert!(
+            refused
+                .as_deref()
+                .is_some_and(|e| e.contains("NotAuthorized")),
+            "{what}: {refused:?}"
+        );
+    }
+    // MQTT 5 is told it was the user name or password (0x86).
+    let mut o5 = rumqttc::v5::MqttOptions::new("sensor-a", "127.0.0.1", port);
+    o5.set_credentials("sensor-a", "not a token");
+    let (_c5, mut events) = rumqttc::v5::AsyncClient::new(o5, 8);
+    let refused = tokio::time::timeout(WAIT, events.poll()).await.unwrap();
+    assert!(
+        matches!(
+            refused,
+            Err(rumqttc::v5::ConnectionError::ConnectionRefused(
+                rumqttc::v5::mqttbytes::v5::ConnectReturnCode::BadUserNamePassword
+            ))
+        ),
+        "{refused:?}"
+    );
+    // The right token: connected, and marked authenticated for key delivery.
+    let mut a = TestClient::connect_ok(with(
+        "sensor-a",
+        "sensor-a",
+        &sas_for("sensor-a", now + 300),
+    ))
+    .await;
+    next_is_marker(&mut rx, &mut a, "sensor-a").await;
+    let facts = gw
+        .broker()
+        .unwrap()
+        .connections()
+        .facts("sensor-a")
+        .unwrap();
+    assert!(facts.authenticated && !facts.tls, "{facts:?}");
+    assert!(gw.broker().unwrap().refusals().connects >= 6);
+    gw.shutdown(WAIT).await;
+}

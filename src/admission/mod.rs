@@ -313,6 +313,41 @@ impl Admission {
         self.mode
     }
 
+    /// Checks a device's MQTT CONNECT credentials (`[downstream] auth = "device"`): in
+    /// `symmetric-key` mode the user name is the device id and the password a SAS token for
+    /// it, made with the key derived from the group key (the same form as the request's
+    /// attestation). `Err` says what is wrong; other modes have no connect credentials yet.
+    pub fn authenticate_connect(
+        &self,
+        id: &DeviceId,
+        username: Option<&str>,
+        password: Option<&[u8]>,
+        now_unix: i64,
+    ) -> Result<(), String> {
+        if self.mode != AdmissionMode::SymmetricKey {
+            return Err(format!(
+                "admission mode {} has no connect credentials",
+                self.mode
+            ));
+        }
+        if username != Some(id.as_str()) {
+            return Err(format!(
+                "the user name must be the device id {:?}",
+                id.as_str()
+            ));
+        }
+        let token = password
+            .and_then(|p| std::str::from_utf8(p).ok())
+            .ok_or("the password must be the device's SAS token")?;
+        let Some(group_key) = &self.group_key else {
+            return Err("the gateway has no group key".into());
+        };
+        let device_key = sas::derive_device_key(group_key.expose(), id.as_str());
+        sas::verify_sas(token, id, &device_key, now_unix, self.sas_max_ttl_secs)
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    }
+
     /// Decides about a request from `id` carrying `att`, at `now_unix` (seconds).
     ///
     /// In `approve` mode the answer is always [`Decision::NeedsApproval`]: whether this device

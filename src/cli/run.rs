@@ -14,7 +14,7 @@ use std::time::Duration;
 use crate::admission::{self, Admission, AdmissionOptions};
 use crate::cloud::aws::claim::ClaimOptions;
 use crate::cloud::aws::{AwsProvider, AwsProviderOptions, OWNERSHIP_TOKEN_TTL};
-use crate::config::{self, BrokerMode, CloudProvider, Config, TelemetryIdentity};
+use crate::config::{self, BrokerMode, CloudProvider, Config, DownstreamAuth, TelemetryIdentity};
 use crate::downstream::{
     dispatch_inbound, gateway_client_id, AccessRules, BrokerOptions, Downstream, DownstreamOptions,
     EmbeddedBrokerOptions, EmbeddedTls, ExternalBrokerOptions, Inbound, InboundQueues, LocalUser,
@@ -493,6 +493,13 @@ fn downstream_options(cfg: &Config) -> Result<DownstreamOptions, RunError> {
     let broker = match d.broker {
         BrokerMode::Embedded => {
             let mut rules = AccessRules::new(d.topic_prefix.as_str());
+            if d.auth == DownstreamAuth::Device {
+                let admission = Arc::new(Admission::new(admission_options(cfg)?)?);
+                rules.device_auth = Some(Arc::new(move |id, username, password| {
+                    let now = crate::clock::unix_secs();
+                    admission.authenticate_connect(id, username, password, now)
+                }));
+            }
             rules.users = d
                 .users
                 .iter()

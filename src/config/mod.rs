@@ -34,9 +34,9 @@ pub use keys::known_keys;
 pub use load::load;
 pub use schema::{
     AdminSection, AdmissionSection, AwsSection, AzureAttestation, AzureSection, AzureTransport,
-    BrokerMode, CloudProvider, CloudSection, Config, DownstreamSection, DownstreamUser,
-    GatewaySection, LogFormat, LogSection, ProvisionSection, StoreSection, TelemetryIdentity,
-    TelemetrySection, WhenFull,
+    BrokerMode, CloudProvider, CloudSection, Config, DownstreamAuth, DownstreamSection,
+    DownstreamUser, GatewaySection, LogFormat, LogSection, ProvisionSection, StoreSection,
+    TelemetryIdentity, TelemetrySection, WhenFull,
 };
 
 // The plain data enums of the layers the config feeds are used as they are, so a mode or a

@@ -91,12 +91,27 @@ pub enum BrokerMode {
     External,
 }
 
+/// How the embedded broker knows a device is who its client id says (`[downstream] auth`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DownstreamAuth {
+    /// By its client id alone (lab setting): anyone who reaches the listener can claim an id
+    /// no device is connected with.
+    #[default]
+    None,
+    /// The device proves its id at CONNECT (symmetric-key mode: user name = id, password =
+    /// its SAS token).
+    Device,
+}
+
 /// `[downstream]`
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct DownstreamSection {
     /// Embedded or external broker.
     pub broker: BrokerMode,
+    /// How the embedded broker authenticates devices.
+    pub auth: DownstreamAuth,
     /// Plain MQTT listener of the embedded broker; `None` (`"off"`) when only `tls_listen`
     /// serves devices.
     #[serde(
@@ -188,6 +203,7 @@ impl Default for DownstreamSection {
     fn default() -> Self {
         Self {
             broker: BrokerMode::Embedded,
+            auth: DownstreamAuth::None,
             listen: Some(SocketAddr::from(([127, 0, 0, 1], 1883))),
             tls_listen: None,
             tls_cert: None,

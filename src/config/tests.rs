@@ -153,7 +153,7 @@ fn secrets_are_not_echoed_in_errors_or_output() {
 
 #[test]
 fn semantic_errors_name_key_and_source() {
-    let cases: [(&str, &str, &str); 11] = [
+    let cases: [(&str, &str, &str); 12] = [
         (
             "[cloud.aws]\nsessions = 0\n",
             "cloud.aws.sessions",
@@ -173,6 +173,11 @@ fn semantic_errors_name_key_and_source() {
             "[downstream]\nlisten = \"off\"\n",
             "downstream.listen",
             "needs downstream.tls_listen",
+        ),
+        (
+            "[downstream]\nauth = \"device\"\n",
+            "downstream.auth",
+            "needs admission.mode = \"symmetric-key\"",
         ),
         (
             "[downstream]\nbroker = \"external\"\n",

@@ -3,7 +3,7 @@
 
 use std::fmt;
 
-use super::{AdmissionMode, BrokerMode, CloudProvider, Config, TelemetryIdentity};
+use super::{AdmissionMode, BrokerMode, CloudProvider, Config, DownstreamAuth, TelemetryIdentity};
 use crate::device_id::DeviceId;
 
 /// Largest MQTT packet the protocol can describe (remaining length of 268,435,455 bytes).
@@ -172,6 +172,21 @@ impl Config {
             "downstream.max_inbound_per_second",
         )?;
         at_least(d.connect_timeout_secs, 1, "downstream.connect_timeout_secs")?;
+        if d.auth == DownstreamAuth::Device {
+            check(d.broker == BrokerMode::Embedded, "downstream.auth", || {
+                "\"device\" is for the embedded broker; an external broker authenticates devices itself".into()
+            })?;
+            check(
+                self.admission.mode == AdmissionMode::SymmetricKey,
+                "downstream.auth",
+                || {
+                    format!(
+                        "\"device\" needs admission.mode = \"symmetric-key\" (devices connect with their SAS token); admission mode {} has no device credentials to check at CONNECT yet",
+                        self.admission.mode
+                    )
+                },
+            )?;
+        }
         check(
             d.broker != BrokerMode::Embedded || d.listen.is_some() || d.tls_listen.is_some(),
             "downstream.listen",

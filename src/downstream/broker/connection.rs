@@ -93,13 +93,12 @@ impl ConnectionConfig {
             ));
         }
         let password = connect.password.as_ref().map(|p| p.expose());
-        let principal =
-            rules
-                .admit(client_id, password, user)
-                .map_err(|refusal| match refusal {
-                    Refusal::BadClientId(why) => (ConnectOutcome::BadClientId, why),
-                    Refusal::NotAuthorized(why) => (ConnectOutcome::BadCredentials, why),
-                })?;
+        let principal = rules
+            .admit(client_id, connect.username.as_deref(), password, user)
+            .map_err(|refusal| match refusal {
+                Refusal::BadClientId(why) => (ConnectOutcome::BadClientId, why),
+                Refusal::NotAuthorized(why) => (ConnectOutcome::BadCredentials, why),
+            })?;
         if let Some(will) = &connect.will {
             if !self.topic_within_limits(&will.topic) || !principal.may_publish(&will.topic) {
                 return Err((
@@ -294,7 +293,15 @@ pub async fn serve<S>(
         ConnectionFacts {
             peer,
             tls,
-            authenticated: matches!(principal, Principal::Gateway | Principal::User(_)),
+            authenticated: matches!(
+                principal,
+                Principal::Gateway
+                    | Principal::User(_)
+                    | Principal::Device {
+                        authenticated: true,
+                        ..
+                    }
+            ),
         },
     );
     if let Err(close) = conn.queue(ServerPacket::ConnAck {

@@ -45,8 +45,12 @@ pub struct LocalUser {
     pub password_hash: String,
 }
 
+/// Checks a device's CONNECT credentials: (device id, user name, password) -> `Err(why)`.
+pub type DeviceAuthenticator =
+    Arc<dyn Fn(&DeviceId, Option<&str>, Option<&[u8]>) -> Result<(), String> + Send + Sync>;
+
 /// The rules of a broker that serves the device contract.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct AccessRules {
     /// The device topic prefix (`[downstream] topic_prefix`), e.g. `fleetgw`.
     pub prefix: String,
@@ -54,6 +58,20 @@ pub struct AccessRules {
     pub gateway: Option<GatewayCredential>,
     /// Local applications, by user name.
     pub users: Vec<LocalUser>,
+    /// `[downstream] auth = "device"`: every device must prove its id at CONNECT. `None`
+    /// (`auth = "none"`): a device is who its client id says.
+    pub device_auth: Option<DeviceAuthenticator>,
+}
+
+impl std::fmt::Debug for AccessRules {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AccessRules")
+            .field("prefix", &self.prefix)
+            .field("gateway", &self.gateway)
+            .field("users", &self.users)
+            .field("device_auth", &self.device_auth.is_some())
+            .finish()
+    }
 }
 
 /// How the gateway's own session proves itself to the broker of its own process.
@@ -98,6 +116,8 @@ pub enum Principal {
     Device {
         /// The device's topic root, with the trailing slash.
         own: Arc<str>,
+        /// It proved its id at CONNECT (`auth = "device"`).
+        authenticated: bool,
     },
     /// A local application from `[[downstream.users]]`.
     User(Arc<UserRights>),
@@ -141,6 +161,7 @@ impl AccessRules {
             prefix: prefix.into(),
             gateway: None,
             users: Vec::new(),
+            device_auth: None,
         }
     }
 
@@ -155,6 +176,7 @@ impl AccessRules {
     pub fn admit(
         &self,
         client_id: &str,
+        username: Option<&str>,
         password: Option<&[u8]>,
         user: Option<Arc<UserRights>>,
     ) -> Result<Principal, Refusal> {
@@ -174,9 +196,21 @@ impl AccessRules {
             return Ok(Principal::User(user));
         }
         match DeviceId::parse(client_id) {
-            Ok(_) => Ok(Principal::Device {
-                own: Arc::from(format!("{}/{client_id}/", self.prefix)),
-            }),
+            Ok(id) => {
+                let authenticated = match &self.device_auth {
+                    Some(check) => {
+                        check(&id, username, password).map_err(|why| {
+                            Refusal::NotAuthorized(format!("device {client_id:?}: {why}"))
+                        })?;
+                        true
+                    }
+                    None => false,
+                };
+                Ok(Principal::Device {
+                    own: Arc::from(format!("{}/{client_id}/", self.prefix)),
+                    authenticated,
+                })
+            }
             Err(e) => Err(Refusal::BadClientId(format!(
                 "client id {:?} is not a device id: {e}",
                 truncated(client_id)
@@ -190,7 +224,7 @@ impl Principal {
     pub fn may_publish(&self, topic: &str) -> bool {
         match self {
             Principal::Unrestricted | Principal::Gateway => true,
-            Principal::Device { own } => match topic.strip_prefix(&**own) {
+            Principal::Device { own, .. } => match topic.strip_prefix(&**own) {
                 Some(rest) => {
                     rest == "provision/json"
                         || rest == "provision/cbor"
@@ -208,7 +242,7 @@ impl Principal {
         match self {
             Principal::Unrestricted | Principal::Gateway => true,
             // Inside `{prefix}/X/`: the rest may use wildcards, the id level may not.
-            Principal::Device { own } => filter.len() > own.len() && filter.starts_with(&**own),
+            Principal::Device { own, .. } => filter.len() > own.len() && filter.starts_with(&**own),
             Principal::User(u) => u.subscribe.iter().any(|f| filter_covers(f, filter)),
         }
     }
@@ -289,7 +323,7 @@ mod tests {
     }
 
     fn device(id: &str) -> Principal {
-        rules().admit(id, None, None).unwrap()
+        rules().admit(id, None, None, None).unwrap()
     }
 
     #[test]
@@ -348,7 +382,10 @@ mod tests {
     fn client_ids_that_are_not_device_ids_are_refused() {
         for bad in ["", "a/b", "has space", "trailing.", &"x".repeat(129), "#"] {
             assert!(
-                matches!(rules().admit(bad, None, None), Err(Refusal::BadClientId(_))),
+                matches!(
+                    rules().admit(bad, None, None, None),
+                    Err(Refusal::BadClientId(_))
+                ),
                 "{bad:?}"
             );
         }
@@ -358,20 +395,20 @@ mod tests {
     fn the_gateway_client_id_needs_the_process_secret() {
         let r = rules();
         assert!(matches!(
-            r.admit("fleetgw-gw-01", None, None),
+            r.admit("fleetgw-gw-01", None, None, None),
             Err(Refusal::NotAuthorized(_))
         ));
         assert!(matches!(
-            r.admit("fleetgw-gw-01", Some(b"guess"), None),
+            r.admit("fleetgw-gw-01", None, Some(b"guess"), None),
             Err(Refusal::NotAuthorized(_))
         ));
         assert!(matches!(
-            r.admit("fleetgw-gw-01", Some(b"s3cret"), None),
+            r.admit("fleetgw-gw-01", None, Some(b"s3cret"), None),
             Ok(Principal::Gateway)
         ));
         // The secret gives nothing to another client id.
         assert!(matches!(
-            r.admit("sensor-a", Some(b"s3cret"), None),
+            r.admit("sensor-a", None, Some(b"s3cret"), None),
             Ok(Principal::Device { .. })
         ));
     }
@@ -384,7 +421,7 @@ mod tests {
             subscribe: vec!["fleetgw/+/status".into(), "plant/#".into()],
         });
         let p = rules()
-            .admit("historian-1 x", None, Some(user.clone()))
+            .admit("historian-1 x", None, None, Some(user.clone()))
             .unwrap();
         assert!(p.may_subscribe("fleetgw/+/status"));
         assert!(p.may_subscribe("fleetgw/sensor-a/status"));
@@ -394,7 +431,7 @@ mod tests {
         assert!(!p.may_publish("fleetgw/sensor-a/telemetry"));
         assert!(p.may_retain());
         // A user's sessions are its own, whatever client id it uses.
-        let as_device_id = rules().admit("sensor-a", None, Some(user)).unwrap();
+        let as_device_id = rules().admit("sensor-a", None, None, Some(user)).unwrap();
         assert_eq!(as_device_id.owner(), Owner::User(Arc::from("historian")));
         assert_ne!(as_device_id.owner(), device("sensor-a").owner());
     }
