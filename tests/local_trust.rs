@@ -616,9 +616,13 @@ async fn devices_prove_their_id_with_a_sas_token_at_connect() {
         .unwrap(),
     );
     let mut rules = AccessRules::new("fleetgw");
-    rules.device_auth = Some(std::sync::Arc::new(move |id, username, password| {
-        admission.authenticate_connect(id, username, password, fleetgw::clock::unix_secs())
-    }));
+    rules.device_auth = Some(std::sync::Arc::new(
+        move |id, username, password, _chain| {
+            admission
+                .authenticate_connect(id, username, password, None, fleetgw::clock::unix_secs())
+                .map(|()| true)
+        },
+    ));
     let opts = DownstreamOptions::new(
         GATEWAY_ID.into(),
         BrokerOptions::Embedded(EmbeddedBrokerOptions {
@@ -698,5 +702,205 @@ async fn devices_prove_their_id_with_a_sas_token_at_connect() {
         .unwrap();
     assert!(facts.authenticated && !facts.tls, "{facts:?}");
     assert!(gw.broker().unwrap().refusals().connects >= 6);
+    gw.shutdown(WAIT).await;
+}
+
+/// The gateway's downstream side with `auth = "device"` as `fleetgw run` sets it up: a plain
+/// and a TLS listener, device credentials checked against admission and the store.
+async fn authenticating_gateway(
+    admission: fleetgw::admission::AdmissionOptions,
+    store: &fleetgw::store::Store,
+    server: (String, fleetgw::identity::Secret),
+) -> (Downstream, mpsc::Receiver<DownstreamMessage>) {
+    use fleetgw::downstream::device_auth::{DeviceConnectCheck, Proof};
+    let check = DeviceConnectCheck::new(
+        std::sync::Arc::new(fleetgw::admission::Admission::new(admission).unwrap()),
+        store.clone(),
+    );
+    let mut rules = AccessRules::new("fleetgw");
+    rules.device_auth = Some(std::sync::Arc::new(move |id, user, password, chain| {
+        check
+            .check(id, user, password, chain, fleetgw::clock::unix_secs())
+            .map(|p| p == Proof::Authenticated)
+    }));
+    let broker = EmbeddedBrokerOptions {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        tls: Some(fleetgw::downstream::EmbeddedTls {
+            cert_chain_pem: server.0,
+            key_pem: server.1,
+        }),
+        tls_listen: Some("127.0.0.1:0".parse().unwrap()),
+        rules: Some(rules),
+        ..EmbeddedBrokerOptions::default()
+    };
+    let opts = DownstreamOptions::new(GATEWAY_ID.into(), BrokerOptions::Embedded(broker));
+    Downstream::start(&opts).await.unwrap()
+}
+
+/// A TLS client of `port` trusting `server_ca`, presenting `client` (chain PEM, key) if given.
+fn tls_options(
+    client_id: &str,
+    port: u16,
+    server_ca: &str,
+    client: Option<(&str, &fleetgw::identity::PrivateKey)>,
+) -> rumqttc::MqttOptions {
+    let mut o = options(client_id, port);
+    o.set_transport(rumqttc::Transport::tls_with_config(
+        rumqttc::TlsConfiguration::Rustls(
+            fleetgw::identity::tls::client_config(server_ca, client).unwrap(),
+        ),
+    ));
+    o
+}
+
+#[tokio::test]
+async fn a_provisioned_device_proves_its_id_with_the_certificate_issued_to_it() {
+    use fleetgw::admission::{AdmissionMode, AdmissionOptions};
+    use fleetgw::identity::{CertificateAuthority, KeyType, Secret};
+    use fleetgw::store::{DeviceRecord, DeviceState, Store, StoreOptions};
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), &StoreOptions::default()).unwrap();
+    let server_ca = CertificateAuthority::generate("gateway TLS CA").unwrap();
+    let (server_cert, server_key) = server_ca
+        .issue_server("127.0.0.1", &[], &["127.0.0.1".parse().unwrap()], 1)
+        .unwrap();
+    // The cloud issued sensor-p a certificate; the gateway stored it when provisioning.
+    let cloud = CertificateAuthority::generate("cloud CA").unwrap();
+    let (issued, issued_key) = cloud
+        .issue_client("sensor-p", KeyType::EcdsaP256, 30)
+        .unwrap();
+    let now = fleetgw::clock::unix_ms();
+    let mut rec = DeviceRecord::new(id("sensor-p"), "json", now);
+    rec.state = DeviceState::Delivered;
+    rec.provision.certificate_pem = Some(issued.clone());
+    store.put_device(&rec).await.unwrap();
+    let mut blocked = DeviceRecord::new(id("sensor-blocked"), "json", now);
+    blocked.state = DeviceState::Blocked;
+    store.put_device(&blocked).await.unwrap();
+
+    let (gw, mut rx) = authenticating_gateway(
+        AdmissionOptions {
+            mode: AdmissionMode::Approve,
+            ..AdmissionOptions::default()
+        },
+        &store,
+        (
+            server_cert,
+            Secret::from(server_key.to_pkcs8_pem().expose_str().unwrap().to_string()),
+        ),
+    )
+    .await;
+    let b = gw.broker().unwrap();
+    let (plain, tls) = (b.listen_addr().port(), b.tls_addr().unwrap().port());
+    let ca = server_ca.cert_pem();
+
+    // Not provisioned yet (approve mode): it may connect to ask, unauthenticated.
+    let mut new = TestClient::connect_ok(options("sensor-new", plain)).await;
+    next_is_marker(&mut rx, &mut new, "sensor-new").await;
+    assert!(!b.connections().facts("sensor-new").unwrap().authenticated);
+
+    // Provisioned: without its certificate, or with another key's, it is refused.
+    let (other, other_key) = cloud
+        .issue_client("sensor-p", KeyType::EcdsaP256, 30)
+        .unwrap();
+    for (what, o) in [
+        ("plain, no certificate", options("sensor-p", plain)),
+        (
+            "TLS, no certificate",
+            tls_options("sensor-p", tls, ca, None),
+        ),
+        (
+            "TLS, another certificate for the same id",
+            tls_options("sensor-p", tls, ca, Some((&other, &other_key))),
+        ),
+        (
+            "blocked",
+            tls_options("sensor-blocked", tls, ca, Some((&issued, &issued_key))),
+        ),
+    ] {
+        let refused = TestClient::try_connect(o).await.err();
+        assert!(
+            refused
+                .as_deref()
+                .is_some_and(|e| e.contains("NotAuthorized")),
+            "{what}: {refused:?}"
+        );
+    }
+    // Its own certificate proves it.
+    let mut p = TestClient::connect_ok(tls_options(
+        "sensor-p",
+        tls,
+        ca,
+        Some((&issued, &issued_key)),
+    ))
+    .await;
+    next_is_marker(&mut rx, &mut p, "sensor-p").await;
+    let facts = b.connections().facts("sensor-p").unwrap();
+    assert!(facts.authenticated && facts.tls, "{facts:?}");
+    gw.shutdown(WAIT).await;
+}
+
+#[tokio::test]
+async fn in_x509_mode_a_device_certificate_of_the_trusted_ca_proves_its_id() {
+    use fleetgw::admission::{AdmissionMode, AdmissionOptions};
+    use fleetgw::identity::{CertificateAuthority, KeyType, Secret};
+    use fleetgw::store::{Store, StoreOptions};
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), &StoreOptions::default()).unwrap();
+    let server_ca = CertificateAuthority::generate("gateway TLS CA").unwrap();
+    let (server_cert, server_key) = server_ca
+        .issue_server("127.0.0.1", &[], &["127.0.0.1".parse().unwrap()], 1)
+        .unwrap();
+    let fleet = CertificateAuthority::generate("fleet device CA").unwrap();
+    let stranger = CertificateAuthority::generate("someone else's CA").unwrap();
+    let (gw, mut rx) = authenticating_gateway(
+        AdmissionOptions {
+            mode: AdmissionMode::X509,
+            trusted_ca_pem: Some(fleet.cert_pem().to_string()),
+            ..AdmissionOptions::default()
+        },
+        &store,
+        (
+            server_cert,
+            Secret::from(server_key.to_pkcs8_pem().expose_str().unwrap().to_string()),
+        ),
+    )
+    .await;
+    let b = gw.broker().unwrap();
+    let (plain, tls) = (b.listen_addr().port(), b.tls_addr().unwrap().port());
+    let ca = server_ca.cert_pem();
+    let (good, good_key) = fleet
+        .issue_client("sensor-x", KeyType::EcdsaP256, 30)
+        .unwrap();
+    let (other_cn, other_cn_key) = fleet
+        .issue_client("sensor-y", KeyType::EcdsaP256, 30)
+        .unwrap();
+    let (foreign, foreign_key) = stranger
+        .issue_client("sensor-x", KeyType::EcdsaP256, 30)
+        .unwrap();
+    for (what, o) in [
+        ("plain", options("sensor-x", plain)),
+        ("no certificate", tls_options("sensor-x", tls, ca, None)),
+        (
+            "another device's certificate",
+            tls_options("sensor-x", tls, ca, Some((&other_cn, &other_cn_key))),
+        ),
+        (
+            "an untrusted CA",
+            tls_options("sensor-x", tls, ca, Some((&foreign, &foreign_key))),
+        ),
+    ] {
+        let refused = TestClient::try_connect(o).await.err();
+        assert!(
+            refused
+                .as_deref()
+                .is_some_and(|e| e.contains("NotAuthorized")),
+            "{what}: {refused:?}"
+        );
+    }
+    let mut x =
+        TestClient::connect_ok(tls_options("sensor-x", tls, ca, Some((&good, &good_key)))).await;
+    next_is_marker(&mut rx, &mut x, "sensor-x").await;
+    assert!(b.connections().facts("sensor-x").unwrap().authenticated);
     gw.shutdown(WAIT).await;
 }

@@ -316,19 +316,38 @@ impl Admission {
     /// Checks a device's MQTT CONNECT credentials (`[downstream] auth = "device"`): in
     /// `symmetric-key` mode the user name is the device id and the password a SAS token for
     /// it, made with the key derived from the group key (the same form as the request's
-    /// attestation). `Err` says what is wrong; other modes have no connect credentials yet.
+    /// attestation); in `x509` mode the TLS client certificate chain (`client_chain_pem`,
+    /// leaf first) chains to `trusted_ca` and names the device (CN). `Err` says what is
+    /// wrong; `approve` and `open` have no credentials of their own.
     pub fn authenticate_connect(
         &self,
         id: &DeviceId,
         username: Option<&str>,
         password: Option<&[u8]>,
+        client_chain_pem: Option<&str>,
         now_unix: i64,
     ) -> Result<(), String> {
-        if self.mode != AdmissionMode::SymmetricKey {
-            return Err(format!(
-                "admission mode {} has no connect credentials",
-                self.mode
-            ));
+        match self.mode {
+            AdmissionMode::SymmetricKey => {}
+            AdmissionMode::X509 => {
+                let chain = client_chain_pem.ok_or(
+                    "connect to the TLS listener with a client certificate chaining to the \
+                     gateway's trusted CA, CN = the device id",
+                )?;
+                let trusted = self
+                    .trusted_ca_pem
+                    .as_deref()
+                    .ok_or("the gateway has no trusted CAs")?;
+                return x509::verify_device_certificate(id, chain, trusted, now_unix)
+                    .map(|_| ())
+                    .map_err(|e| e.to_string());
+            }
+            AdmissionMode::Approve | AdmissionMode::Open => {
+                return Err(format!(
+                    "admission mode {} has no device credentials",
+                    self.mode
+                ))
+            }
         }
         if username != Some(id.as_str()) {
             return Err(format!(

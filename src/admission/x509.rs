@@ -150,6 +150,18 @@ pub fn verify_attestation(
     now_unix: i64,
     window_secs: u64,
 ) -> Result<(), X509Error> {
+    let leaf = verify_device_certificate(id, certificate_pem, trusted_ca_pem, now_unix)?;
+    verify_signature_of(id, &leaf, signature_b64, timestamp, now_unix, window_secs)
+}
+
+/// Checks that `certificate_pem` (leaf first) chains to `trusted_ca_pem`, is valid at
+/// `now_unix`, and names `id` (CN) in a leaf that is not a CA; returns the leaf.
+pub fn verify_device_certificate(
+    id: &DeviceId,
+    certificate_pem: &str,
+    trusted_ca_pem: &str,
+    now_unix: i64,
+) -> Result<identity::CertInfo, X509Error> {
     identity::verify_chain(certificate_pem, trusted_ca_pem, now_unix).map_err(|e| match e {
         IdentityError::Chain { .. } => X509Error::Untrusted {
             reason: e.to_string(),
@@ -182,7 +194,20 @@ pub fn verify_attestation(
             device_id: id.as_str().to_string(),
         });
     }
+    Ok(leaf.clone())
+}
 
+/// Checks the attestation signature by `leaf`'s key over the id and `timestamp`, within
+/// `window_secs` of `now_unix`.
+fn verify_signature_of(
+    id: &DeviceId,
+    leaf: &identity::CertInfo,
+    signature_b64: &str,
+    timestamp: i64,
+    now_unix: i64,
+    window_secs: u64,
+) -> Result<(), X509Error> {
+    let subject = leaf.subject_cn.clone().unwrap_or_else(|| "<none>".into());
     let window = i64::try_from(window_secs).unwrap_or(i64::MAX);
     let offset = timestamp.saturating_sub(now_unix);
     if offset < -window {

@@ -15,6 +15,7 @@ use crate::admission::{self, Admission, AdmissionOptions};
 use crate::cloud::aws::claim::ClaimOptions;
 use crate::cloud::aws::{AwsProvider, AwsProviderOptions, OWNERSHIP_TOKEN_TTL};
 use crate::config::{self, BrokerMode, CloudProvider, Config, DownstreamAuth, TelemetryIdentity};
+use crate::downstream::device_auth::{DeviceConnectCheck, Proof};
 use crate::downstream::{
     dispatch_inbound, gateway_client_id, AccessRules, BrokerOptions, Downstream, DownstreamOptions,
     EmbeddedBrokerOptions, EmbeddedTls, ExternalBrokerOptions, Inbound, InboundQueues, LocalUser,
@@ -195,7 +196,7 @@ impl Gateway {
         )?;
         tracing::info!(dir = %cfg.gateway.state_dir.display(), devices = store.device_count(), "store open");
 
-        let downstream_opts = downstream_options(cfg)?;
+        let downstream_opts = downstream_options(cfg, &store)?;
         let max_request_bytes = cfg.downstream.max_request_bytes as usize;
         let (downstream, inbound) = Downstream::start_with(&downstream_opts, |s| {
             s.max_request_bytes = max_request_bytes;
@@ -488,16 +489,20 @@ fn aws_options(cfg: &Config) -> Result<AwsProviderOptions, RunError> {
     })
 }
 
-fn downstream_options(cfg: &Config) -> Result<DownstreamOptions, RunError> {
+fn downstream_options(cfg: &Config, store: &Store) -> Result<DownstreamOptions, RunError> {
     let d = &cfg.downstream;
     let broker = match d.broker {
         BrokerMode::Embedded => {
             let mut rules = AccessRules::new(d.topic_prefix.as_str());
             if d.auth == DownstreamAuth::Device {
-                let admission = Arc::new(Admission::new(admission_options(cfg)?)?);
-                rules.device_auth = Some(Arc::new(move |id, username, password| {
-                    let now = crate::clock::unix_secs();
-                    admission.authenticate_connect(id, username, password, now)
+                let check = DeviceConnectCheck::new(
+                    Arc::new(Admission::new(admission_options(cfg)?)?),
+                    store.clone(),
+                );
+                rules.device_auth = Some(Arc::new(move |id, username, password, chain| {
+                    check
+                        .check(id, username, password, chain, crate::clock::unix_secs())
+                        .map(|proof| proof == Proof::Authenticated)
                 }));
             }
             rules.users = d

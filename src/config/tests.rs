@@ -177,7 +177,7 @@ fn semantic_errors_name_key_and_source() {
         (
             "[downstream]\nauth = \"device\"\n",
             "downstream.auth",
-            "needs admission.mode = \"symmetric-key\"",
+            "needs downstream.tls_listen",
         ),
         (
             "[downstream]\nbroker = \"external\"\n",

@@ -177,11 +177,11 @@ impl Config {
                 "\"device\" is for the embedded broker; an external broker authenticates devices itself".into()
             })?;
             check(
-                self.admission.mode == AdmissionMode::SymmetricKey,
+                d.tls_listen.is_some() || self.admission.mode == AdmissionMode::SymmetricKey,
                 "downstream.auth",
                 || {
                     format!(
-                        "\"device\" needs admission.mode = \"symmetric-key\" (devices connect with their SAS token); admission mode {} has no device credentials to check at CONNECT yet",
+                        "\"device\" with admission mode {} needs downstream.tls_listen: devices prove their id there with a certificate",
                         self.admission.mode
                     )
                 },

@@ -20,6 +20,7 @@
 
 pub mod broker;
 pub mod contract;
+pub mod device_auth;
 pub mod inbound;
 pub mod session;
 pub mod topics;

@@ -98,6 +98,91 @@ pub fn server_config(
     Ok(Arc::new(config))
 }
 
+/// A server config presenting `cert_chain_pem` with `key` that asks for a client certificate
+/// without requiring one, and accepts whichever chain the client presents once the client has
+/// proved it holds the certificate's key (the handshake signature is verified). Whom that
+/// certificate identifies is the caller's decision after the handshake ([`peer_chain_ders`]):
+/// the embedded broker matches it against the certificate issued to a device, or checks the
+/// chain to the configured device CAs, per device.
+pub fn server_config_with_optional_client_cert(
+    cert_chain_pem: &str,
+    key: &PrivateKey,
+) -> Result<Arc<ServerConfig>, IdentityError> {
+    let config = ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(PROTOCOL_VERSIONS)
+        .map_err(|e| tls_error("server", e))?
+        .with_client_cert_verifier(Arc::new(AnyClientCert(provider())))
+        .with_single_cert(chain(cert_chain_pem, "server certificate")?, key_der(key))
+        .map_err(|e| tls_error("server certificate", e))?;
+    Ok(Arc::new(config))
+}
+
+/// Accepts any client certificate chain, but only with a valid handshake signature by its key.
+#[derive(Debug)]
+struct AnyClientCert(Arc<CryptoProvider>);
+
+impl rustls::server::danger::ClientCertVerifier for AnyClientCert {
+    fn offer_client_auth(&self) -> bool {
+        true
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        false
+    }
+
+    fn root_hint_subjects(&self) -> &[rustls::DistinguishedName] {
+        &[]
+    }
+
+    fn verify_client_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _now: rustls_pki_types::UnixTime,
+    ) -> Result<rustls::server::danger::ClientCertVerified, rustls::Error> {
+        Ok(rustls::server::danger::ClientCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+/// The certificate chain a server-side TLS connection presented (DER, leaf first), if any.
+pub fn peer_chain_ders(conn: &ServerConnection) -> Vec<Vec<u8>> {
+    conn.peer_certificates()
+        .map(|certs| certs.iter().map(|c| c.as_ref().to_vec()).collect())
+        .unwrap_or_default()
+}
+
 /// The client certificate a server-side TLS connection presented (DER of the leaf), for policy
 /// checks.
 pub fn peer_leaf_der(conn: &ServerConnection) -> Option<Vec<u8>> {

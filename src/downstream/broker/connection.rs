@@ -62,6 +62,7 @@ impl ConnectionConfig {
         connect: &ConnectInfo,
         client_id: &str,
         assigned: bool,
+        client_chain: &[Vec<u8>],
     ) -> Result<Principal, (ConnectOutcome, String)> {
         let Some(rules) = &self.rules else {
             return Ok(Principal::Unrestricted);
@@ -94,7 +95,13 @@ impl ConnectionConfig {
         }
         let password = connect.password.as_ref().map(|p| p.expose());
         let principal = rules
-            .admit(client_id, connect.username.as_deref(), password, user)
+            .admit(
+                client_id,
+                connect.username.as_deref(),
+                password,
+                client_chain,
+                user,
+            )
             .map_err(|refusal| match refusal {
                 Refusal::BadClientId(why) => (ConnectOutcome::BadClientId, why),
                 Refusal::NotAuthorized(why) => (ConnectOutcome::BadCredentials, why),
@@ -205,7 +212,9 @@ async fn refuse<S: AsyncRead + AsyncWrite + Unpin>(
 pub async fn serve<S>(
     stream: S,
     peer: SocketAddr,
-    tls: bool,
+    // `Some` on the TLS listener, with the client's certificate chain (DER, leaf first; empty
+    // without one).
+    tls: Option<Vec<Vec<u8>>>,
     router: Arc<Router>,
     cfg: Arc<ConnectionConfig>,
     shutdown: watch::Receiver<bool>,
@@ -250,7 +259,11 @@ pub async fn serve<S>(
     } else {
         connect.client_id.clone()
     };
-    let principal = match cfg.admit(&connect, &client_id, assigned).await {
+    let client_chain = tls.as_deref().unwrap_or_default();
+    let principal = match cfg
+        .admit(&connect, &client_id, assigned, client_chain)
+        .await
+    {
         Ok(p) => p,
         Err((outcome, why)) => {
             refuse(
@@ -292,7 +305,7 @@ pub async fn serve<S>(
         number,
         ConnectionFacts {
             peer,
-            tls,
+            tls: tls.is_some(),
             authenticated: matches!(
                 principal,
                 Principal::Gateway

@@ -212,7 +212,12 @@ impl EmbeddedBroker {
                             reason: "the private key is not PEM text".to_string(),
                         })?;
                 let key = PrivateKey::from_pem(key_pem)?;
-                let config = identity::tls::server_config(&tls.cert_chain_pem, &key, None)?;
+                // Asks for an optional client certificate: with `auth = "device"` it proves a
+                // provisioned device (or, in x509 mode, a device of the trusted CA).
+                let config = identity::tls::server_config_with_optional_client_cert(
+                    &tls.cert_chain_pem,
+                    &key,
+                )?;
                 Some(TlsAcceptor::from(config))
             }
             None => None,
@@ -586,7 +591,7 @@ async fn accept_loop(
             None => {
                 tokio::spawn(async move {
                     let _permit = permit;
-                    connection::serve(stream, peer, false, router, config, shutdown).await;
+                    connection::serve(stream, peer, None, router, config, shutdown).await;
                 });
             }
             Some(acceptor) => {
@@ -606,7 +611,8 @@ async fn accept_loop(
                             return;
                         }
                     };
-                    connection::serve(stream, peer, true, router, config, shutdown).await;
+                    let chain = identity::tls::peer_chain_ders(stream.get_ref().1);
+                    connection::serve(stream, peer, Some(chain), router, config, shutdown).await;
                 });
             }
         }

@@ -45,9 +45,14 @@ pub struct LocalUser {
     pub password_hash: String,
 }
 
-/// Checks a device's CONNECT credentials: (device id, user name, password) -> `Err(why)`.
-pub type DeviceAuthenticator =
-    Arc<dyn Fn(&DeviceId, Option<&str>, Option<&[u8]>) -> Result<(), String> + Send + Sync>;
+/// Checks a device's CONNECT credentials: (device id, user name, password, TLS client
+/// certificate chain in DER, leaf first) -> authenticated (`true`), admitted without proof
+/// (`false`, e.g. an unprovisioned device in approve mode) or `Err(why)`.
+pub type DeviceAuthenticator = Arc<
+    dyn Fn(&DeviceId, Option<&str>, Option<&[u8]>, &[Vec<u8>]) -> Result<bool, String>
+        + Send
+        + Sync,
+>;
 
 /// The rules of a broker that serves the device contract.
 #[derive(Clone)]
@@ -178,6 +183,7 @@ impl AccessRules {
         client_id: &str,
         username: Option<&str>,
         password: Option<&[u8]>,
+        client_chain: &[Vec<u8>],
         user: Option<Arc<UserRights>>,
     ) -> Result<Principal, Refusal> {
         if let Some(gw) = &self.gateway {
@@ -198,12 +204,9 @@ impl AccessRules {
         match DeviceId::parse(client_id) {
             Ok(id) => {
                 let authenticated = match &self.device_auth {
-                    Some(check) => {
-                        check(&id, username, password).map_err(|why| {
-                            Refusal::NotAuthorized(format!("device {client_id:?}: {why}"))
-                        })?;
-                        true
-                    }
+                    Some(check) => check(&id, username, password, client_chain).map_err(|why| {
+                        Refusal::NotAuthorized(format!("device {client_id:?}: {why}"))
+                    })?,
                     None => false,
                 };
                 Ok(Principal::Device {
@@ -323,7 +326,7 @@ mod tests {
     }
 
     fn device(id: &str) -> Principal {
-        rules().admit(id, None, None, None).unwrap()
+        rules().admit(id, None, None, &[], None).unwrap()
     }
 
     #[test]
@@ -383,7 +386,7 @@ mod tests {
         for bad in ["", "a/b", "has space", "trailing.", &"x".repeat(129), "#"] {
             assert!(
                 matches!(
-                    rules().admit(bad, None, None, None),
+                    rules().admit(bad, None, None, &[], None),
                     Err(Refusal::BadClientId(_))
                 ),
                 "{bad:?}"
@@ -395,20 +398,20 @@ mod tests {
     fn the_gateway_client_id_needs_the_process_secret() {
         let r = rules();
         assert!(matches!(
-            r.admit("fleetgw-gw-01", None, None, None),
+            r.admit("fleetgw-gw-01", None, None, &[], None),
             Err(Refusal::NotAuthorized(_))
         ));
         assert!(matches!(
-            r.admit("fleetgw-gw-01", None, Some(b"guess"), None),
+            r.admit("fleetgw-gw-01", None, Some(b"guess"), &[], None),
             Err(Refusal::NotAuthorized(_))
         ));
         assert!(matches!(
-            r.admit("fleetgw-gw-01", None, Some(b"s3cret"), None),
+            r.admit("fleetgw-gw-01", None, Some(b"s3cret"), &[], None),
             Ok(Principal::Gateway)
         ));
         // The secret gives nothing to another client id.
         assert!(matches!(
-            r.admit("sensor-a", None, Some(b"s3cret"), None),
+            r.admit("sensor-a", None, Some(b"s3cret"), &[], None),
             Ok(Principal::Device { .. })
         ));
     }
@@ -421,7 +424,7 @@ mod tests {
             subscribe: vec!["fleetgw/+/status".into(), "plant/#".into()],
         });
         let p = rules()
-            .admit("historian-1 x", None, None, Some(user.clone()))
+            .admit("historian-1 x", None, None, &[], Some(user.clone()))
             .unwrap();
         assert!(p.may_subscribe("fleetgw/+/status"));
         assert!(p.may_subscribe("fleetgw/sensor-a/status"));
@@ -431,7 +434,9 @@ mod tests {
         assert!(!p.may_publish("fleetgw/sensor-a/telemetry"));
         assert!(p.may_retain());
         // A user's sessions are its own, whatever client id it uses.
-        let as_device_id = rules().admit("sensor-a", None, None, Some(user)).unwrap();
+        let as_device_id = rules()
+            .admit("sensor-a", None, None, &[], Some(user))
+            .unwrap();
         assert_eq!(as_device_id.owner(), Owner::User(Arc::from("historian")));
         assert_ne!(as_device_id.owner(), device("sensor-a").owner());
     }
