@@ -13,6 +13,7 @@ use fleetgw::downstream::{
     DownstreamMessage, DownstreamOptions, EmbeddedBroker, EmbeddedBrokerOptions, LocalUser,
     PayloadFormat, StatusReport, UserRights,
 };
+use rumqttc::v5::mqttbytes::v5::ConnectReturnCode;
 use rumqttc::{QoS, SubscribeReasonCode};
 use tokio::sync::mpsc;
 
@@ -90,6 +91,38 @@ async fn next_received_is(client: &mut TestClient, topic: &str) {
     }
 }
 
+/// Asserts the broker refuses this CONNECT with `code` (rumqttc's name for the CONNACK code).
+async fn assert_refused(what: &str, opts: rumqttc::MqttOptions, code: &str) {
+    let refused = TestClient::try_connect(opts).await.err();
+    assert!(
+        refused.as_deref().is_some_and(|e| e.contains(code)),
+        "{what}: {refused:?}"
+    );
+}
+
+/// Asserts an MQTT 5 CONNECT is refused with `code`.
+async fn assert_v5_refused(opts: rumqttc::v5::MqttOptions, code: ConnectReturnCode) {
+    let (_client, mut events) = rumqttc::v5::AsyncClient::new(opts, 8);
+    let refused = tokio::time::timeout(WAIT, events.poll())
+        .await
+        .expect("an answer in time");
+    assert!(
+        matches!(&refused, Err(rumqttc::v5::ConnectionError::ConnectionRefused(c)) if *c == code),
+        "expected {code:?}: {refused:?}"
+    );
+}
+
+/// Asserts `client` gets a SUBACK failure for each filter.
+async fn assert_filters_refused(client: &mut TestClient, filters: &[&str]) {
+    for filter in filters {
+        assert_eq!(
+            client.subscribe(filter, QoS::AtLeastOnce).await,
+            vec![SubscribeReasonCode::Failure],
+            "{filter} must be refused"
+        );
+    }
+}
+
 /// An `/accepted` answer carrying a (stand-in) private key of `device`.
 fn accepted_for(device: &str) -> Vec<u8> {
     let answer = AcceptedResponse {
@@ -113,19 +146,14 @@ async fn a_device_cannot_read_another_devices_answers() {
             .await,
         vec![SubscribeReasonCode::Success(QoS::AtLeastOnce)]
     );
-    for filter in [
+    let foreign = [
         "#",
         "fleetgw/#",
         "fleetgw/+/provision/json/accepted",
         "fleetgw/sensor-a/#",
         "+/sensor-a/provision/json/accepted",
-    ] {
-        assert_eq!(
-            b.subscribe(filter, QoS::AtLeastOnce).await,
-            vec![SubscribeReasonCode::Failure],
-            "{filter} must be refused to sensor-b"
-        );
-    }
+    ];
+    assert_filters_refused(&mut b, &foreign).await;
     assert_eq!(
         b.subscribe("fleetgw/sensor-b/#", QoS::AtLeastOnce).await,
         vec![SubscribeReasonCode::Success(QoS::AtLeastOnce)]
@@ -238,13 +266,7 @@ async fn nobody_can_take_over_the_gateway_session() {
     for clean in [true, false] {
         let mut o = options(GATEWAY_ID, port);
         o.set_clean_session(clean);
-        let refused = TestClient::try_connect(o).await.err();
-        assert!(
-            refused
-                .as_deref()
-                .is_some_and(|e| e.contains("NotAuthorized")),
-            "clean={clean}: {refused:?}"
-        );
+        assert_refused(&format!("clean={clean}"), o, "NotAuthorized").await;
         // A guessed password does not help.
         let mut o = options(GATEWAY_ID, port);
         o.set_clean_session(clean)
@@ -263,31 +285,13 @@ async fn nobody_can_take_over_the_gateway_session() {
 async fn client_ids_that_are_not_device_ids_are_refused() {
     let (gw, _rx, port) = gateway().await;
     for bad in ["bad id", "ends-with.", "has/slash", "#"] {
-        let refused = TestClient::try_connect(options(bad, port)).await.err();
-        assert!(
-            refused
-                .as_deref()
-                .is_some_and(|e| e.contains("BadClientId")),
-            "{bad:?}: {refused:?}"
-        );
+        assert_refused(bad, options(bad, port), "BadClientId").await;
     }
     // MQTT 5 with an empty client id: the broker would assign one, but a device must name
     // itself.
     let mut o = rumqttc::v5::MqttOptions::new("", "127.0.0.1", port);
     o.set_clean_start(true);
-    let (_client, mut events) = rumqttc::v5::AsyncClient::new(o, 8);
-    let refused = tokio::time::timeout(WAIT, events.poll())
-        .await
-        .expect("an answer in time");
-    assert!(
-        matches!(
-            refused,
-            Err(rumqttc::v5::ConnectionError::ConnectionRefused(
-                rumqttc::v5::mqttbytes::v5::ConnectReturnCode::ClientIdentifierNotValid
-            ))
-        ),
-        "{refused:?}"
-    );
+    assert_v5_refused(o, ConnectReturnCode::ClientIdentifierNotValid).await;
     gw.shutdown(WAIT).await;
 }
 
@@ -451,15 +455,8 @@ async fn local_applications_get_exactly_the_rights_listed_for_them() {
 
     // Wrong or missing password for a listed user: bad user name or password.
     for password in ["wrong", ""] {
-        let refused = TestClient::try_connect(as_user("dash-1", port, "historian", password))
-            .await
-            .err();
-        assert!(
-            refused
-                .as_deref()
-                .is_some_and(|e| e.contains("NotAuthorized")),
-            "{refused:?}"
-        );
+        let opts = as_user("dash-1", port, "historian", password);
+        assert_refused(password, opts, "NotAuthorized").await;
     }
     let mut historian =
         TestClient::connect_ok(as_user("dash-1", port, "historian", "h-secret")).await;
@@ -470,17 +467,12 @@ async fn local_applications_get_exactly_the_rights_listed_for_them() {
         vec![SubscribeReasonCode::Success(QoS::AtLeastOnce)]
     );
     // Read-only: outside its filters, and no publishing at all.
-    for filter in [
+    let outside = [
         "#",
         "fleetgw/+/provision/json/accepted",
         "fleetgw/+/commands/#",
-    ] {
-        assert_eq!(
-            historian.subscribe(filter, QoS::AtLeastOnce).await,
-            vec![SubscribeReasonCode::Failure],
-            "{filter}"
-        );
-    }
+    ];
+    assert_filters_refused(&mut historian, &outside).await;
     historian
         .publish(
             "fleetgw/sensor-a/telemetry",
@@ -664,28 +656,12 @@ async fn devices_prove_their_id_with_a_sas_token_at_connect() {
             with("sensor-a", "sensor-b", &sas_for("sensor-a", now + 300)),
         ),
     ] {
-        let refused = TestClient::try_connect(o).await.err();
-        assert!(
-            refused
-                .as_deref()
-                .is_some_and(|e| e.contains("NotAuthorized")),
-            "{what}: {refused:?}"
-        );
+        assert_refused(what, o, "NotAuthorized").await;
     }
     // MQTT 5 is told it was the user name or password (0x86).
     let mut o5 = rumqttc::v5::MqttOptions::new("sensor-a", "127.0.0.1", port);
     o5.set_credentials("sensor-a", "not a token");
-    let (_c5, mut events) = rumqttc::v5::AsyncClient::new(o5, 8);
-    let refused = tokio::time::timeout(WAIT, events.poll()).await.unwrap();
-    assert!(
-        matches!(
-            refused,
-            Err(rumqttc::v5::ConnectionError::ConnectionRefused(
-                rumqttc::v5::mqttbytes::v5::ConnectReturnCode::BadUserNamePassword
-            ))
-        ),
-        "{refused:?}"
-    );
+    assert_v5_refused(o5, ConnectReturnCode::BadUserNamePassword).await;
     // The right token: connected, and marked authenticated for key delivery.
     let mut a = TestClient::connect_ok(with(
         "sensor-a",
@@ -706,12 +682,16 @@ async fn devices_prove_their_id_with_a_sas_token_at_connect() {
 }
 
 /// The gateway's downstream side with `auth = "device"` as `fleetgw run` sets it up: a plain
-/// and a TLS listener, device credentials checked against admission and the store.
+/// and a TLS listener (its CA's PEM is returned), device credentials checked against
+/// admission and the store.
 async fn authenticating_gateway(
     admission: fleetgw::admission::AdmissionOptions,
     store: &fleetgw::store::Store,
-    server: (String, fleetgw::identity::Secret),
-) -> (Downstream, mpsc::Receiver<DownstreamMessage>) {
+) -> AuthGateway {
+    let server_ca = fleetgw::identity::CertificateAuthority::generate("gateway TLS CA").unwrap();
+    let (server_cert, server_key) = server_ca
+        .issue_server("127.0.0.1", &[], &["127.0.0.1".parse().unwrap()], 1)
+        .unwrap();
     use fleetgw::downstream::device_auth::{DeviceConnectCheck, Proof};
     let check = DeviceConnectCheck::new(
         std::sync::Arc::new(fleetgw::admission::Admission::new(admission).unwrap()),
@@ -726,15 +706,35 @@ async fn authenticating_gateway(
     let broker = EmbeddedBrokerOptions {
         listen: "127.0.0.1:0".parse().unwrap(),
         tls: Some(fleetgw::downstream::EmbeddedTls {
-            cert_chain_pem: server.0,
-            key_pem: server.1,
+            cert_chain_pem: server_cert,
+            key_pem: fleetgw::identity::Secret::from(
+                server_key.to_pkcs8_pem().expose_str().unwrap().to_string(),
+            ),
         }),
         tls_listen: Some("127.0.0.1:0".parse().unwrap()),
         rules: Some(rules),
         ..EmbeddedBrokerOptions::default()
     };
     let opts = DownstreamOptions::new(GATEWAY_ID.into(), BrokerOptions::Embedded(broker));
-    Downstream::start(&opts).await.unwrap()
+    let (gw, rx) = Downstream::start(&opts).await.unwrap();
+    let b = gw.broker().unwrap();
+    AuthGateway {
+        plain: b.listen_addr().port(),
+        tls: b.tls_addr().unwrap().port(),
+        ca: server_ca.cert_pem().to_string(),
+        gw,
+        rx,
+    }
+}
+
+/// What [`authenticating_gateway`] started: the downstream side, the gateway's inbound
+/// messages, the TLS listener's CA and the two ports.
+struct AuthGateway {
+    gw: Downstream,
+    rx: mpsc::Receiver<DownstreamMessage>,
+    ca: String,
+    plain: u16,
+    tls: u16,
 }
 
 /// A TLS client of `port` trusting `server_ca`, presenting `client` (chain PEM, key) if given.
@@ -756,14 +756,10 @@ fn tls_options(
 #[tokio::test]
 async fn a_provisioned_device_proves_its_id_with_the_certificate_issued_to_it() {
     use fleetgw::admission::{AdmissionMode, AdmissionOptions};
-    use fleetgw::identity::{CertificateAuthority, KeyType, Secret};
+    use fleetgw::identity::{CertificateAuthority, KeyType};
     use fleetgw::store::{DeviceRecord, DeviceState, Store, StoreOptions};
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(dir.path(), &StoreOptions::default()).unwrap();
-    let server_ca = CertificateAuthority::generate("gateway TLS CA").unwrap();
-    let (server_cert, server_key) = server_ca
-        .issue_server("127.0.0.1", &[], &["127.0.0.1".parse().unwrap()], 1)
-        .unwrap();
     // The cloud issued sensor-p a certificate; the gateway stored it when provisioning.
     let cloud = CertificateAuthority::generate("cloud CA").unwrap();
     let (issued, issued_key) = cloud
@@ -778,25 +774,19 @@ async fn a_provisioned_device_proves_its_id_with_the_certificate_issued_to_it() 
     blocked.state = DeviceState::Blocked;
     store.put_device(&blocked).await.unwrap();
 
-    let (gw, mut rx) = authenticating_gateway(
+    let mut g = authenticating_gateway(
         AdmissionOptions {
             mode: AdmissionMode::Approve,
             ..AdmissionOptions::default()
         },
         &store,
-        (
-            server_cert,
-            Secret::from(server_key.to_pkcs8_pem().expose_str().unwrap().to_string()),
-        ),
     )
     .await;
-    let b = gw.broker().unwrap();
-    let (plain, tls) = (b.listen_addr().port(), b.tls_addr().unwrap().port());
-    let ca = server_ca.cert_pem();
+    let (b, ca) = (g.gw.broker().unwrap(), g.ca.as_str());
 
     // Not provisioned yet (approve mode): it may connect to ask, unauthenticated.
-    let mut new = TestClient::connect_ok(options("sensor-new", plain)).await;
-    next_is_marker(&mut rx, &mut new, "sensor-new").await;
+    let mut new = TestClient::connect_ok(options("sensor-new", g.plain)).await;
+    next_is_marker(&mut g.rx, &mut new, "sensor-new").await;
     assert!(!b.connections().facts("sensor-new").unwrap().authenticated);
 
     // Provisioned: without its certificate, or with another key's, it is refused.
@@ -804,71 +794,55 @@ async fn a_provisioned_device_proves_its_id_with_the_certificate_issued_to_it() 
         .issue_client("sensor-p", KeyType::EcdsaP256, 30)
         .unwrap();
     for (what, o) in [
-        ("plain, no certificate", options("sensor-p", plain)),
+        ("plain, no certificate", options("sensor-p", g.plain)),
         (
             "TLS, no certificate",
-            tls_options("sensor-p", tls, ca, None),
+            tls_options("sensor-p", g.tls, ca, None),
         ),
         (
             "TLS, another certificate for the same id",
-            tls_options("sensor-p", tls, ca, Some((&other, &other_key))),
+            tls_options("sensor-p", g.tls, ca, Some((&other, &other_key))),
         ),
         (
             "blocked",
-            tls_options("sensor-blocked", tls, ca, Some((&issued, &issued_key))),
+            tls_options("sensor-blocked", g.tls, ca, Some((&issued, &issued_key))),
         ),
     ] {
-        let refused = TestClient::try_connect(o).await.err();
-        assert!(
-            refused
-                .as_deref()
-                .is_some_and(|e| e.contains("NotAuthorized")),
-            "{what}: {refused:?}"
-        );
+        assert_refused(what, o, "NotAuthorized").await;
     }
     // Its own certificate proves it.
     let mut p = TestClient::connect_ok(tls_options(
         "sensor-p",
-        tls,
+        g.tls,
         ca,
         Some((&issued, &issued_key)),
     ))
     .await;
-    next_is_marker(&mut rx, &mut p, "sensor-p").await;
+    next_is_marker(&mut g.rx, &mut p, "sensor-p").await;
     let facts = b.connections().facts("sensor-p").unwrap();
     assert!(facts.authenticated && facts.tls, "{facts:?}");
-    gw.shutdown(WAIT).await;
+    g.gw.shutdown(WAIT).await;
 }
 
 #[tokio::test]
 async fn in_x509_mode_a_device_certificate_of_the_trusted_ca_proves_its_id() {
     use fleetgw::admission::{AdmissionMode, AdmissionOptions};
-    use fleetgw::identity::{CertificateAuthority, KeyType, Secret};
+    use fleetgw::identity::{CertificateAuthority, KeyType};
     use fleetgw::store::{Store, StoreOptions};
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(dir.path(), &StoreOptions::default()).unwrap();
-    let server_ca = CertificateAuthority::generate("gateway TLS CA").unwrap();
-    let (server_cert, server_key) = server_ca
-        .issue_server("127.0.0.1", &[], &["127.0.0.1".parse().unwrap()], 1)
-        .unwrap();
     let fleet = CertificateAuthority::generate("fleet device CA").unwrap();
     let stranger = CertificateAuthority::generate("someone else's CA").unwrap();
-    let (gw, mut rx) = authenticating_gateway(
+    let mut g = authenticating_gateway(
         AdmissionOptions {
             mode: AdmissionMode::X509,
             trusted_ca_pem: Some(fleet.cert_pem().to_string()),
             ..AdmissionOptions::default()
         },
         &store,
-        (
-            server_cert,
-            Secret::from(server_key.to_pkcs8_pem().expose_str().unwrap().to_string()),
-        ),
     )
     .await;
-    let b = gw.broker().unwrap();
-    let (plain, tls) = (b.listen_addr().port(), b.tls_addr().unwrap().port());
-    let ca = server_ca.cert_pem();
+    let (b, ca) = (g.gw.broker().unwrap(), g.ca.as_str());
     let (good, good_key) = fleet
         .issue_client("sensor-x", KeyType::EcdsaP256, 30)
         .unwrap();
@@ -879,28 +853,22 @@ async fn in_x509_mode_a_device_certificate_of_the_trusted_ca_proves_its_id() {
         .issue_client("sensor-x", KeyType::EcdsaP256, 30)
         .unwrap();
     for (what, o) in [
-        ("plain", options("sensor-x", plain)),
-        ("no certificate", tls_options("sensor-x", tls, ca, None)),
+        ("plain", options("sensor-x", g.plain)),
+        ("no certificate", tls_options("sensor-x", g.tls, ca, None)),
         (
             "another device's certificate",
-            tls_options("sensor-x", tls, ca, Some((&other_cn, &other_cn_key))),
+            tls_options("sensor-x", g.tls, ca, Some((&other_cn, &other_cn_key))),
         ),
         (
             "an untrusted CA",
-            tls_options("sensor-x", tls, ca, Some((&foreign, &foreign_key))),
+            tls_options("sensor-x", g.tls, ca, Some((&foreign, &foreign_key))),
         ),
     ] {
-        let refused = TestClient::try_connect(o).await.err();
-        assert!(
-            refused
-                .as_deref()
-                .is_some_and(|e| e.contains("NotAuthorized")),
-            "{what}: {refused:?}"
-        );
+        assert_refused(what, o, "NotAuthorized").await;
     }
     let mut x =
-        TestClient::connect_ok(tls_options("sensor-x", tls, ca, Some((&good, &good_key)))).await;
-    next_is_marker(&mut rx, &mut x, "sensor-x").await;
+        TestClient::connect_ok(tls_options("sensor-x", g.tls, ca, Some((&good, &good_key)))).await;
+    next_is_marker(&mut g.rx, &mut x, "sensor-x").await;
     assert!(b.connections().facts("sensor-x").unwrap().authenticated);
-    gw.shutdown(WAIT).await;
+    g.gw.shutdown(WAIT).await;
 }
