@@ -24,6 +24,7 @@
 //! subscriptions, topic aliases, sessions that survive a daemon restart. Dropping the
 //! [`EmbeddedBroker`] closes its listeners and every connection.
 
+mod ack;
 mod connection;
 mod router;
 pub mod rules;

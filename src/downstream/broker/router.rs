@@ -29,13 +29,15 @@
 //! so the device resends it after reconnecting (a possible duplicate, never a loss).
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use tokio::sync::{watch, Notify};
 
+use super::ack::AckGuard;
+pub use super::ack::AckWait;
 use super::rules::Owner;
 use super::trie::{FilterTrie, RetainedTrie};
 use crate::mqtt::wire::{SubscriptionRequest, Will};
@@ -74,58 +76,6 @@ pub struct Delivery {
     /// read, its drop is what completes the publisher's wait.
     #[allow(dead_code)]
     ack: Option<Arc<AckGuard>>,
-}
-
-/// The publisher's side of an end-to-end acknowledgement: done once no copy of the message
-/// waits for the acknowledging client any more.
-#[derive(Debug, Default)]
-pub struct AckWait {
-    done: AtomicBool,
-    /// No copy reached the acknowledging client's PUBACK (dropped from its full queue, or its
-    /// session was discarded): the publisher must not be told the message was delivered.
-    lost: AtomicBool,
-}
-
-impl AckWait {
-    /// True once the publisher may be sent its PUBACK (or, if [`AckWait::is_lost`], must be
-    /// made to resend instead).
-    pub fn is_done(&self) -> bool {
-        self.done.load(Ordering::Acquire)
-    }
-
-    /// True when the message left the acknowledging client's session unacknowledged.
-    pub fn is_lost(&self) -> bool {
-        self.lost.load(Ordering::Acquire)
-    }
-}
-
-/// Shared by the copies of one message queued or in flight for the acknowledging client;
-/// dropping the last one completes the wait and wakes the publisher's connection.
-struct AckGuard {
-    wait: Arc<AckWait>,
-    publisher: Arc<Session>,
-    /// The acknowledging client acknowledged a copy.
-    acknowledged: AtomicBool,
-}
-
-impl Drop for AckGuard {
-    fn drop(&mut self) {
-        if !self.acknowledged.load(Ordering::Acquire) {
-            self.wait.lost.store(true, Ordering::Release);
-        }
-        self.wait.done.store(true, Ordering::Release);
-        self.publisher.wake.notify_one();
-    }
-}
-
-impl std::fmt::Debug for AckGuard {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        // Not the publisher's session: its state may hold guards too.
-        f.debug_struct("AckGuard")
-            .field("publisher", &self.publisher.client_id)
-            .field("done", &self.wait.is_done())
-            .finish()
-    }
 }
 
 /// Options of one subscription.
@@ -204,6 +154,11 @@ impl Session {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Wakes the connection task serving this session.
+    pub(super) fn wake_up(&self) {
+        self.wake.notify_one();
+    }
+
     /// The client id.
     pub fn client_id(&self) -> &str {
         &self.client_id
@@ -252,7 +207,7 @@ impl Session {
             Some(i) => {
                 if let Some((_, d)) = st.inflight.remove(i) {
                     if let Some(guard) = &d.ack {
-                        guard.acknowledged.store(true, Ordering::Release);
+                        guard.mark_acknowledged();
                     }
                 }
                 true
@@ -653,11 +608,7 @@ impl Router {
                 {
                     let w = Arc::new(AckWait::default());
                     wait = Some(w.clone());
-                    Some(Arc::new(AckGuard {
-                        wait: w,
-                        publisher: p.clone(),
-                        acknowledged: AtomicBool::new(false),
-                    }))
+                    Some(Arc::new(AckGuard::new(w, p.clone())))
                 }
                 _ => None,
             };
