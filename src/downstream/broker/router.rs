@@ -691,10 +691,14 @@ impl Router {
                     granted.push(None);
                     continue;
                 }
-                let held = session.lock().subscriptions.len();
-                if held >= self.limits.max_subscriptions
-                    && !session.lock().subscriptions.contains_key(&r.filter)
-                {
+                let (held, is_new) = {
+                    let st = session.lock();
+                    (
+                        st.subscriptions.len(),
+                        !st.subscriptions.contains_key(&r.filter),
+                    )
+                };
+                if held >= self.limits.max_subscriptions && is_new {
                     tracing::debug!(
                         client = %session.client_id,
                         held,

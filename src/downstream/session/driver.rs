@@ -376,14 +376,11 @@ impl Driver {
             let Ok(topic) = DeviceTopic::parse(&self.prefix, &publish.topic) else {
                 continue;
             };
-            let message = DownstreamMessage {
-                topic,
-                payload: publish.payload,
-                qos: publish.qos,
-                dup: publish.dup,
-                ack,
-            };
-            if self.tx.try_send(message).is_err() {
+            if self
+                .tx
+                .try_send(DownstreamMessage::new(topic, publish, ack))
+                .is_err()
+            {
                 tracing::debug!(
                     "downstream session stopping: messages of the lost connection left to the broker"
                 );
@@ -494,14 +491,10 @@ impl Driver {
                 return true;
             }
         }
-        let message = DownstreamMessage {
-            topic,
-            payload: publish.payload,
-            qos: publish.qos,
-            dup: publish.dup,
-            ack,
-        };
-        match self.tx.try_send(message) {
+        match self
+            .tx
+            .try_send(DownstreamMessage::new(topic, publish, ack))
+        {
             Ok(()) => {}
             Err(mpsc::error::TrySendError::Full(message)) if message.qos == QoS::AtMostOnce => {
                 self.shared.dropped_qos0.fetch_add(1, Ordering::Relaxed);

@@ -236,6 +236,19 @@ pub struct DownstreamMessage {
     pub ack: AckHandle,
 }
 
+impl DownstreamMessage {
+    /// The message of `publish`, whose topic parsed as `topic`, acknowledged through `ack`.
+    pub(super) fn new(topic: DeviceTopic, publish: rumqttc::Publish, ack: AckHandle) -> Self {
+        Self {
+            topic,
+            payload: publish.payload,
+            qos: publish.qos,
+            dup: publish.dup,
+            ack,
+        }
+    }
+}
+
 /// Handle to the running gateway session. Cheap to share behind an `Arc`.
 #[derive(Debug)]
 pub struct DownstreamSession {
