@@ -153,7 +153,7 @@ fn secrets_are_not_echoed_in_errors_or_output() {
 
 #[test]
 fn semantic_errors_name_key_and_source() {
-    let cases: [(&str, &str, &str); 12] = [
+    let cases: [(&str, &str, &str); 14] = [
         (
             "[cloud.aws]\nsessions = 0\n",
             "cloud.aws.sessions",
@@ -173,6 +173,16 @@ fn semantic_errors_name_key_and_source() {
             "[downstream]\nlisten = \"off\"\n",
             "downstream.listen",
             "needs downstream.tls_listen",
+        ),
+        (
+            "[downstream]\nmax_topic_levels = 2000\n",
+            "downstream.max_topic_levels",
+            "outside 4 .. 1024",
+        ),
+        (
+            "[downstream]\nmax_inbound_per_second = 0\n",
+            "downstream.max_inbound_per_second",
+            "must be at least 1",
         ),
         (
             "[downstream]\nauth = \"device\"\n",
