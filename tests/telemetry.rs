@@ -198,13 +198,11 @@ impl Gateway {
     /// What a daemon restart does to telemetry: the pipeline and the gateway session stop
     /// (unacknowledged downstream messages stay with the broker), new ones start on the same
     /// store. The broker itself stays, as it would with an external one.
-    async fn restart(self, store: &Store, opts: TelemetryOptions) -> Self {
+    async fn restart(mut self, store: &Store, opts: TelemetryOptions) -> Self {
         self.telemetry.shutdown(Duration::from_secs(5)).await;
         self.session.shutdown(Duration::from_secs(2)).await;
-        let session_opts = self.downstream.session_options().clone();
-        let (session, inbound) = DownstreamSession::start(session_opts).unwrap();
+        let (session, inbound) = self.downstream.restart_session().unwrap();
         session.wait_subscribed(LIMIT).await.unwrap();
-        let session = Arc::new(session);
         let telemetry = start_pipeline(store, opts, &session, inbound);
         Self {
             session,

@@ -31,7 +31,7 @@ use tokio::sync::mpsc;
 
 pub use broker::{
     AccessRules, BrokerConnections, BrokerError, ConnectionFacts, EmbeddedBroker,
-    EmbeddedBrokerOptions, EmbeddedTls, GatewayCredential, LocalUser, UserRights,
+    EmbeddedBrokerOptions, EmbeddedTls, LocalClient, LocalUser, UserRights,
 };
 pub use contract::{
     AcceptedResponse, Attestation, DeviceStatus, ProvisionRequest, RejectedResponse, StatusReport,
@@ -162,6 +162,10 @@ pub enum DownstreamError {
     Tls(#[from] crate::identity::IdentityError),
     #[error("downstream url {url:?}: {reason}")]
     Url { url: String, reason: &'static str },
+    #[error(
+        "the embedded broker was started without an in-process client id for the gateway session"
+    )]
+    NoInProcessSession,
 }
 
 /// The running downstream side: the embedded broker (if any) and the gateway session.
@@ -169,8 +173,7 @@ pub enum DownstreamError {
 pub struct Downstream {
     broker: Option<EmbeddedBroker>,
     session: std::sync::Arc<DownstreamSession>,
-    /// What the gateway session was started with (with the embedded broker: its address
-    /// and the per-process credential), to start it again.
+    /// What the gateway session was started with, to start it again.
     session_opts: SessionOptions,
 }
 
@@ -192,58 +195,72 @@ impl Downstream {
         opts: &DownstreamOptions,
         tune: impl FnOnce(&mut SessionOptions),
     ) -> Result<(Self, mpsc::Receiver<DownstreamMessage>), DownstreamError> {
-        let mut gateway_credential = None;
-        let broker = match &opts.broker {
+        match &opts.broker {
             BrokerOptions::Embedded(e) => {
-                // End to end: a device's QoS 1 PUBACK waits for the gateway session's, which the
-                // telemetry intake gives once the message is durable in the outbox. Without it
-                // a daemon crash would lose what the broker had acknowledged but not handed on.
+                // End to end: a device's QoS 1 PUBACK waits for the gateway session's ack, which
+                // the telemetry intake gives once the message is durable in the outbox. Without
+                // it a daemon crash would lose what the broker had acknowledged but not handed
+                // on. The session is in-process, its client id reserved: no network client can
+                // take it over. The trust boundary is always on: devices get their own topics.
                 let mut e = e.clone();
-                e.ack_after_client
-                    .get_or_insert_with(|| opts.client_id.clone());
-                // The trust boundary is always on: devices get their own topics only, and the
-                // gateway's session proves itself with a secret that never leaves the process,
-                // so no client can take it over.
-                let credential = GatewayCredential::generate(opts.client_id.clone());
+                e.ack_after_client = Some(opts.client_id.clone());
+                e.in_process_client = Some(opts.client_id.clone());
                 e.rules
-                    .get_or_insert_with(|| AccessRules::new(opts.topic_prefix.as_str()))
-                    .gateway = Some(credential.clone());
-                gateway_credential = Some(credential);
-                Some(EmbeddedBroker::start(&e).await?)
+                    .get_or_insert_with(|| AccessRules::new(opts.topic_prefix.as_str()));
+                let broker = EmbeddedBroker::start(&e).await?;
+                let mut session_opts = opts.session_options(Some(broker.listen_addr()))?;
+                tune(&mut session_opts);
+                let (session, rx) = start_in_process(&broker, &session_opts)?;
+                broker.open();
+                Ok((
+                    Self {
+                        broker: Some(broker),
+                        session: std::sync::Arc::new(session),
+                        session_opts,
+                    },
+                    rx,
+                ))
             }
-            BrokerOptions::External(_) => None,
+            BrokerOptions::External(_) => {
+                let mut session_opts = opts.session_options(None)?;
+                tune(&mut session_opts);
+                let (session, rx) = DownstreamSession::start(session_opts.clone())?;
+                Ok((
+                    Self {
+                        broker: None,
+                        session: std::sync::Arc::new(session),
+                        session_opts,
+                    },
+                    rx,
+                ))
+            }
+        }
+    }
+
+    /// Starts the gateway session again with the options it was started with, after the old
+    /// one was shut down (a daemon restart without restarting the broker, for tests of what
+    /// the broker keeps). The broker kept what the old session had not acknowledged; the new
+    /// one gets it again.
+    pub fn restart_session(
+        &mut self,
+    ) -> Result<
+        (
+            std::sync::Arc<DownstreamSession>,
+            mpsc::Receiver<DownstreamMessage>,
+        ),
+        DownstreamError,
+    > {
+        let (session, rx) = match &self.broker {
+            Some(broker) => start_in_process(broker, &self.session_opts)?,
+            None => DownstreamSession::start(self.session_opts.clone())?,
         };
-        let mut session_opts = opts.session_options(broker.as_ref().map(|b| b.gateway_addr()))?;
-        if let Some(credential) = gateway_credential {
-            session_opts.endpoint.username = Some(credential.client_id);
-            session_opts.endpoint.password = Some(credential.password);
-        }
-        tune(&mut session_opts);
-        let (session, rx) = DownstreamSession::start(session_opts.clone())?;
-        if let Some(b) = &broker {
-            session.wait_subscribed(opts.startup_timeout).await?;
-            b.open();
-        }
-        Ok((
-            Self {
-                broker,
-                session: std::sync::Arc::new(session),
-                session_opts,
-            },
-            rx,
-        ))
+        self.session = std::sync::Arc::new(session);
+        Ok((self.session.clone(), rx))
     }
 
     /// The gateway session (shared by the provisioning engine and telemetry).
     pub fn session(&self) -> &std::sync::Arc<DownstreamSession> {
         &self.session
-    }
-
-    /// The options the gateway session was started with: a new session started with them
-    /// takes the place of the old one (the broker lets only this process's session use the
-    /// gateway's client id).
-    pub fn session_options(&self) -> &SessionOptions {
-        &self.session_opts
     }
 
     /// The embedded broker, when `broker = "embedded"`.
@@ -256,6 +273,17 @@ impl Downstream {
         self.session.shutdown(within).await;
         drop(self.broker);
     }
+}
+
+/// The in-process session on `broker`.
+fn start_in_process(
+    broker: &EmbeddedBroker,
+    opts: &SessionOptions,
+) -> Result<(DownstreamSession, mpsc::Receiver<DownstreamMessage>), DownstreamError> {
+    let client = broker
+        .attach_local()
+        .ok_or(DownstreamError::NoInProcessSession)?;
+    Ok(DownstreamSession::start_in_process(opts, client)?)
 }
 
 /// Host, port and TLS flag of a broker URL.

@@ -123,7 +123,7 @@ impl Drop for Relay {
 }
 
 /// An embedded broker on a free loopback port with `max_inflight` unacknowledged messages
-/// towards each client, and a relay in front of its gateway listener; the options name the
+/// towards each client, and a relay in front of its listener; the options name the
 /// gateway `gateway_client_id` (sessions are made with `session_options(Some(relay.addr()))`).
 pub async fn relayed_embedded_broker(
     max_inflight: usize,
@@ -137,7 +137,7 @@ pub async fn relayed_embedded_broker(
     let broker = EmbeddedBroker::start(&broker_opts)
         .await
         .expect("embedded broker starts");
-    let relay = Relay::start(broker.gateway_addr()).await;
+    let relay = Relay::start(broker.listen_addr()).await;
     let dopts = DownstreamOptions::new(
         gateway_client_id.to_string(),
         BrokerOptions::Embedded(broker_opts),

@@ -259,6 +259,21 @@ pub async fn serve<S>(
     } else {
         connect.client_id.clone()
     };
+    if router.is_reserved(&client_id) {
+        // The gateway's own session lives inside the process; nothing on the network may
+        // take it over or speak for it, whatever credentials it brings.
+        refuse(
+            &mut conn,
+            &router,
+            peer,
+            &client_id,
+            ConnectOutcome::BadClientId,
+            features,
+            "the client id is the gateway's own (in-process) session",
+        )
+        .await;
+        return;
+    }
     let client_chain = tls.as_deref().unwrap_or_default();
     let principal = match cfg
         .admit(&connect, &client_id, assigned, client_chain)
@@ -276,9 +291,7 @@ pub async fn serve<S>(
     if let Some(will) = &mut connect.will {
         will.retain &= principal.may_retain();
     }
-    if !matches!(principal, Principal::Gateway) {
-        conn.inbound = Some(InboundRate::new(cfg.max_inbound_per_second));
-    }
+    conn.inbound = Some(InboundRate::new(cfg.max_inbound_per_second));
     // With end-to-end acks, devices wait (their CONNECT unanswered) until the gateway's
     // session has subscribed; the gateway's startup takes milliseconds.
     let mut stopping = shutdown.clone();
@@ -308,8 +321,7 @@ pub async fn serve<S>(
             tls: tls.is_some(),
             authenticated: matches!(
                 principal,
-                Principal::Gateway
-                    | Principal::User(_)
+                Principal::User(_)
                     | Principal::Device {
                         authenticated: true,
                         ..
@@ -351,7 +363,7 @@ pub async fn serve<S>(
 
 struct Connection<S> {
     io: PacketStream<S>,
-    /// The client's PUBLISH rate; `None` for the gateway's own session.
+    /// The client's PUBLISH rate (set once the client is admitted).
     inbound: Option<InboundRate>,
     /// QoS 1 PUBLISHes of this client not acknowledged yet, in arrival order: those waiting
     /// for the acknowledging client hold back the ones after them (MQTT 3.1.1 §4.6).

@@ -15,17 +15,21 @@
 //!   QoS 1 PUBLISH is acknowledged once the gateway's session acknowledged it, i.e. once it is
 //!   durable in the outbox, so a daemon crash never loses a message a device was told was
 //!   delivered.
-//! - Optional TLS on the device listener (tokio-rustls). The gateway's own session then uses
-//!   a plain listener on a loopback port ([`EmbeddedBroker::gateway_addr`]), reachable by
-//!   local processes without TLS; the embedded broker has no per-device authentication
-//!   anyway (one trust domain, see `docs/mosquitto.md` for isolation).
+//! - The gateway's own session is in-process ([`local`], [`EmbeddedBroker::attach_local`]):
+//!   no listener serves it and its client id is reserved, so no network client can take it
+//!   over, read what devices send the gateway, or acknowledge their messages.
+//! - Optional TLS on the device listener (tokio-rustls), next to the plain one or instead of
+//!   it, with an optional client certificate.
+//! - The trust boundary ([`rules`]): who may connect, and what each client may publish and
+//!   subscribe; bounded resources (topic size and depth, subscriptions, retained messages,
+//!   kept sessions, connections per address, CONNECT timeout, inbound rate).
 //!
-//! Not provided: authentication and ACLs (use mosquitto as the external broker), shared
-//! subscriptions, topic aliases, sessions that survive a daemon restart. Dropping the
-//! [`EmbeddedBroker`] closes its listeners and every connection.
+//! Not provided: shared subscriptions, topic aliases, sessions that survive a daemon restart.
+//! Dropping the [`EmbeddedBroker`] closes its listeners and every connection.
 
 mod ack;
 mod connection;
+pub mod local;
 mod router;
 pub mod rules;
 pub mod trie;
@@ -43,9 +47,10 @@ use tokio_rustls::TlsAcceptor;
 
 use crate::identity::{self, IdentityError, PrivateKey, Secret};
 use connection::ConnectionConfig;
+pub use local::{LocalClient, LocalDelivery};
 pub use router::{ConnectionFacts, Refusals};
 use router::{Limits, Router};
-pub use rules::{AccessRules, GatewayCredential, LocalUser, UserRights};
+pub use rules::{AccessRules, LocalUser, UserRights};
 
 /// Pending connections the kernel holds for the listener (capped by `net.core.somaxconn`).
 const ACCEPT_BACKLOG: u32 = 4096;
@@ -90,6 +95,10 @@ pub struct EmbeddedBrokerOptions {
     /// it, so a device's PUBACK means the gateway stored it durably. `None` (the default)
     /// acknowledges once the message is routed into the subscribers' in-memory queues.
     pub ack_after_client: Option<String>,
+    /// The client id of the in-process session ([`EmbeddedBroker::attach_local`]): reserved,
+    /// so a network CONNECT that names it is refused. The gateway sets it (and
+    /// `ack_after_client`) to its own session's id.
+    pub in_process_client: Option<String>,
     /// The `ack_after_client` session's window instead of `max_inflight`. Every device's
     /// PUBACK waits in it for the gateway's flush, so it bounds the rate at which all devices
     /// together are acknowledged to window / flush time: 100 at 3 ms would be 33k msg/s.
@@ -134,6 +143,7 @@ impl Default for EmbeddedBrokerOptions {
             max_queued_bytes: 64 * 1024 * 1024,
             connect_timeout: Duration::from_secs(10),
             ack_after_client: None,
+            in_process_client: None,
             ack_after_inflight: 1000,
             rules: None,
             max_topic_bytes: 1024,
@@ -171,7 +181,6 @@ pub enum BrokerError {
 pub struct EmbeddedBroker {
     listen_addr: SocketAddr,
     tls_addr: Option<SocketAddr>,
-    gateway_addr: SocketAddr,
     tls: bool,
     router: Arc<Router>,
     shutdown: watch::Sender<bool>,
@@ -182,7 +191,7 @@ impl std::fmt::Debug for EmbeddedBroker {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("EmbeddedBroker")
             .field("listen_addr", &self.listen_addr)
-            .field("gateway_addr", &self.gateway_addr)
+            .field("tls_addr", &self.tls_addr)
             .field("tls", &self.tls)
             .finish()
     }
@@ -235,6 +244,7 @@ impl EmbeddedBroker {
                 kept_session_expiry: opts.kept_session_expiry,
             },
             opts.ack_after_client.as_deref(),
+            opts.in_process_client.as_deref(),
         ));
         let config = Arc::new(ConnectionConfig {
             max_packet: opts.max_packet_bytes,
@@ -280,25 +290,6 @@ impl EmbeddedBroker {
                 shutdown.subscribe(),
             )));
         }
-        // The gateway's session speaks plain MQTT: the plain listener, or a loopback port of
-        // its own when only TLS serves devices.
-        let gateway_addr = match plain_addr {
-            Some(addr) => addr,
-            None => {
-                let internal = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 0);
-                let gw = bind(internal)?;
-                let addr = local_addr(&gw, internal)?;
-                listeners.push(tokio::spawn(accept_loop(
-                    gw,
-                    None,
-                    router.clone(),
-                    config,
-                    slots,
-                    shutdown.subscribe(),
-                )));
-                addr
-            }
-        };
         listeners.push(tokio::spawn(expire_kept_sessions(
             router.clone(),
             opts.kept_session_expiry,
@@ -313,13 +304,11 @@ impl EmbeddedBroker {
         tracing::info!(
             plain = ?plain_addr,
             tls = ?tls_addr,
-            gateway = %gateway_addr,
             "embedded MQTT broker listening"
         );
         Ok(Self {
             listen_addr,
             tls_addr,
-            gateway_addr,
             tls: plain_addr.is_none(),
             router,
             shutdown,
@@ -340,10 +329,12 @@ impl EmbeddedBroker {
         self.listen_addr
     }
 
-    /// Plain-MQTT address for the gateway's own session: `listen_addr` without TLS, a
-    /// loopback port next to the TLS listener otherwise.
-    pub fn gateway_addr(&self) -> SocketAddr {
-        self.gateway_addr
+    /// Attaches the in-process session ([`local`]) named by
+    /// [`EmbeddedBrokerOptions::in_process_client`]; a kept one is resumed with what waits in
+    /// it. `None` when the broker was started without one.
+    pub fn attach_local(&self) -> Option<LocalClient> {
+        let client_id = self.router.reserved()?.to_string();
+        Some(LocalClient::attach(self.router.clone(), &client_id))
     }
 
     /// True when the embedded broker serves TLS on [`listen_addr`](Self::listen_addr)

@@ -215,6 +215,25 @@ impl Session {
             None => false,
         }
     }
+
+    /// For connection `number`: puts in-flight message `pkid` back at the front of the queue,
+    /// marked DUP, to be delivered again. False if it is not in flight on that connection.
+    pub fn requeue(&self, number: u64, pkid: u16) -> bool {
+        let mut st = self.lock();
+        if st.attached != Some(number) {
+            return false;
+        }
+        let Some(i) = st.inflight.iter().position(|(p, _)| *p == pkid) else {
+            return false;
+        };
+        let Some((_, mut d)) = st.inflight.remove(i) else {
+            return false;
+        };
+        d.dup = true;
+        st.queued_bytes += d.message.cost();
+        st.queue.push_front(d);
+        true
+    }
 }
 
 impl SessionState {
@@ -305,6 +324,8 @@ pub struct Router {
     kept_refused: AtomicU64,
     /// The client whose acknowledgements QoS 1 publishers wait for (see the module docs).
     ack_after: Option<Arc<str>>,
+    /// The client id of the in-process session (`local.rs`), which no connection may use.
+    reserved: Option<Arc<str>>,
     /// Whether other clients may connect: with `ack_after`, only once that client has
     /// subscribed ([`Router::open`]); before, a QoS 1 PUBLISH matching none of its filters
     /// would be acknowledged at once and the message lost.
@@ -313,8 +334,9 @@ pub struct Router {
 
 impl Router {
     /// An empty router; `ack_after` names the client whose acknowledgement a QoS 1 PUBLISH
-    /// it receives waits for before the publisher gets its PUBACK.
-    pub fn new(limits: Limits, ack_after: Option<&str>) -> Self {
+    /// it receives waits for before the publisher gets its PUBACK, `reserved` the client id of
+    /// the in-process session, which no connection may use.
+    pub fn new(limits: Limits, ack_after: Option<&str>, reserved: Option<&str>) -> Self {
         Self {
             refusals: RefusalCounters::default(),
             tables: Mutex::new(Tables::default()),
@@ -324,8 +346,19 @@ impl Router {
             retained_refused: AtomicU64::new(0),
             kept_refused: AtomicU64::new(0),
             ack_after: ack_after.map(Arc::from),
+            reserved: reserved.map(Arc::from),
             open: watch::channel(ack_after.is_none()).0,
         }
+    }
+
+    /// Whether `client_id` belongs to the in-process session (no connection may use it).
+    pub fn is_reserved(&self, client_id: &str) -> bool {
+        self.reserved.as_deref() == Some(client_id)
+    }
+
+    /// The in-process session's client id, if the broker has one.
+    pub fn reserved(&self) -> Option<&str> {
+        self.reserved.as_deref()
     }
 
     /// Lets every client connect (see the `open` field).

@@ -8,10 +8,9 @@
 //!   request `{prefix}/X/provision/{json|cbor}` and its telemetry `{prefix}/X/telemetry[/...]`,
 //!   and subscribe only inside `{prefix}/X/` (its answers, status and commands). It never
 //!   creates retained messages: only the gateway publishes the retained `/status`;
-//! - the gateway's own session is recognised by its client id together with a secret that
-//!   exists only inside the daemon's process; anyone else using that client id is refused,
-//!   so its session (and the end-to-end acknowledgements that hang on it) cannot be taken
-//!   over;
+//! - the gateway's own session is not a network client at all (`local.rs`): its client id is
+//!   reserved and refused at CONNECT before these rules are asked, so its session (and the
+//!   end-to-end acknowledgements that hang on it) cannot be taken over;
 //! - a local application listed in `[[downstream.users]]` connects with its user name and
 //!   gets exactly the topic filters listed for it;
 //! - any other client id is refused at CONNECT.
@@ -22,7 +21,6 @@
 use std::sync::Arc;
 
 use crate::device_id::DeviceId;
-use crate::identity::Secret;
 use crate::mqtt::wire;
 
 /// A local application's rights (`[[downstream.users]]`), already authenticated.
@@ -59,8 +57,6 @@ pub type DeviceAuthenticator = Arc<
 pub struct AccessRules {
     /// The device topic prefix (`[downstream] topic_prefix`), e.g. `fleetgw`.
     pub prefix: String,
-    /// The gateway's own session: its client id and the secret it proves itself with.
-    pub gateway: Option<GatewayCredential>,
     /// Local applications, by user name.
     pub users: Vec<LocalUser>,
     /// `[downstream] auth = "device"`: every device must prove its id at CONNECT. `None`
@@ -72,41 +68,9 @@ impl std::fmt::Debug for AccessRules {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("AccessRules")
             .field("prefix", &self.prefix)
-            .field("gateway", &self.gateway)
             .field("users", &self.users)
             .field("device_auth", &self.device_auth.is_some())
             .finish()
-    }
-}
-
-/// How the gateway's own session proves itself to the broker of its own process.
-#[derive(Clone)]
-pub struct GatewayCredential {
-    /// The gateway session's client id.
-    pub client_id: String,
-    /// A random password made at start; never written anywhere.
-    pub password: Secret,
-}
-
-impl std::fmt::Debug for GatewayCredential {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("GatewayCredential")
-            .field("client_id", &self.client_id)
-            .field("password", &"[redacted]")
-            .finish()
-    }
-}
-
-impl GatewayCredential {
-    /// A credential for `client_id` with a fresh random password.
-    pub fn generate(client_id: impl Into<String>) -> Self {
-        use base64::Engine as _;
-        let bytes: [u8; 32] = rand::random();
-        let password = base64::engine::general_purpose::STANDARD_NO_PAD.encode(bytes);
-        Self {
-            client_id: client_id.into(),
-            password: Secret::new(password.into_bytes()),
-        }
     }
 }
 
@@ -115,8 +79,6 @@ impl GatewayCredential {
 pub enum Principal {
     /// No rules installed: a plain MQTT broker.
     Unrestricted,
-    /// The gateway's own session.
-    Gateway,
     /// A device; `own` is `{prefix}/{id}/`.
     Device {
         /// The device's topic root, with the trailing slash.
@@ -134,7 +96,7 @@ pub enum Owner {
     /// No rules installed.
     #[default]
     Anyone,
-    /// The gateway's own session.
+    /// The gateway's own (in-process) session.
     Gateway,
     /// A device (its client id names it).
     Device,
@@ -160,11 +122,11 @@ impl std::fmt::Display for Refusal {
 }
 
 impl AccessRules {
-    /// Rules for the device contract under `prefix`, with no gateway session yet.
+    /// Rules for the device contract under `prefix`, with no users and no device
+    /// authentication.
     pub fn new(prefix: impl Into<String>) -> Self {
         Self {
             prefix: prefix.into(),
-            gateway: None,
             users: Vec::new(),
             device_auth: None,
         }
@@ -186,18 +148,6 @@ impl AccessRules {
         client_chain: &[Vec<u8>],
         user: Option<Arc<UserRights>>,
     ) -> Result<Principal, Refusal> {
-        if let Some(gw) = &self.gateway {
-            if client_id == gw.client_id {
-                let ok = password.is_some_and(|p| constant_time_eq(p, gw.password.expose()));
-                return if ok {
-                    Ok(Principal::Gateway)
-                } else {
-                    Err(Refusal::NotAuthorized(format!(
-                        "client id {client_id:?} is the gateway's own session"
-                    )))
-                };
-            }
-        }
         if let Some(user) = user {
             return Ok(Principal::User(user));
         }
@@ -226,7 +176,7 @@ impl Principal {
     /// May this connection publish on `topic`?
     pub fn may_publish(&self, topic: &str) -> bool {
         match self {
-            Principal::Unrestricted | Principal::Gateway => true,
+            Principal::Unrestricted => true,
             Principal::Device { own, .. } => match topic.strip_prefix(&**own) {
                 Some(rest) => {
                     rest == "provision/json"
@@ -243,7 +193,7 @@ impl Principal {
     /// May this connection subscribe to `filter`?
     pub fn may_subscribe(&self, filter: &str) -> bool {
         match self {
-            Principal::Unrestricted | Principal::Gateway => true,
+            Principal::Unrestricted => true,
             // Inside `{prefix}/X/`: the rest may use wildcards, the id level may not.
             Principal::Device { own, .. } => filter.len() > own.len() && filter.starts_with(&**own),
             Principal::User(u) => u.subscribe.iter().any(|f| filter_covers(f, filter)),
@@ -261,7 +211,6 @@ impl Principal {
     pub fn owner(&self) -> Owner {
         match self {
             Principal::Unrestricted => Owner::Anyone,
-            Principal::Gateway => Owner::Gateway,
             Principal::Device { .. } => Owner::Device,
             Principal::User(u) => Owner::User(Arc::from(u.name.as_str())),
         }
@@ -271,7 +220,6 @@ impl Principal {
     pub fn kind(&self) -> &'static str {
         match self {
             Principal::Unrestricted => "client",
-            Principal::Gateway => "gateway",
             Principal::Device { .. } => "device",
             Principal::User(_) => "user",
         }
@@ -297,13 +245,6 @@ pub fn filter_covers(outer: &str, inner: &str) -> bool {
     }
 }
 
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    if a.len() != b.len() {
-        return false;
-    }
-    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
 /// At most 64 characters of untrusted text, for log lines and refusals.
 pub fn truncated(s: &str) -> String {
     match s.char_indices().nth(64) {
@@ -317,12 +258,7 @@ mod tests {
     use super::*;
 
     fn rules() -> AccessRules {
-        let mut r = AccessRules::new("fleetgw");
-        r.gateway = Some(GatewayCredential {
-            client_id: "fleetgw-gw-01".into(),
-            password: Secret::new(b"s3cret".to_vec()),
-        });
-        r
+        AccessRules::new("fleetgw")
     }
 
     fn device(id: &str) -> Principal {
@@ -392,28 +328,6 @@ mod tests {
                 "{bad:?}"
             );
         }
-    }
-
-    #[test]
-    fn the_gateway_client_id_needs_the_process_secret() {
-        let r = rules();
-        assert!(matches!(
-            r.admit("fleetgw-gw-01", None, None, &[], None),
-            Err(Refusal::NotAuthorized(_))
-        ));
-        assert!(matches!(
-            r.admit("fleetgw-gw-01", None, Some(b"guess"), &[], None),
-            Err(Refusal::NotAuthorized(_))
-        ));
-        assert!(matches!(
-            r.admit("fleetgw-gw-01", None, Some(b"s3cret"), &[], None),
-            Ok(Principal::Gateway)
-        ));
-        // The secret gives nothing to another client id.
-        assert!(matches!(
-            r.admit("sensor-a", None, Some(b"s3cret"), &[], None),
-            Ok(Principal::Device { .. })
-        ));
     }
 
     #[test]

@@ -24,6 +24,7 @@ use std::sync::Arc;
 use rumqttc::{AsyncClient, Publish, QoS};
 
 use super::shared::Shared;
+use crate::downstream::broker::LocalClient;
 
 /// What [`AckHandle::ack`] did.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -43,11 +44,19 @@ pub enum AckOutcome {
 /// keeps the session) and the broker redelivers every unacknowledged message.
 #[derive(Debug)]
 pub struct AckHandle {
-    slot: Option<AckSlot>,
+    slot: Option<Slot>,
+}
+
+/// Where the acknowledgement goes.
+#[derive(Debug)]
+enum Slot {
+    /// The ack queue of an MQTT connection.
+    Mqtt(AckSlot),
+    /// The in-process session's message `pkid`.
+    InProcess(Arc<LocalClient>, u16),
 }
 
 /// A QoS 1 message's place in the ack queue of the connection that carried it.
-
 #[derive(Debug)]
 pub(super) struct AckSlot {
     pub(super) shared: Arc<Shared>,
@@ -63,28 +72,44 @@ impl AckHandle {
 
     /// The handle of a QoS 1 message at `slot` of the ack queue.
     pub(super) fn in_queue(slot: AckSlot) -> Self {
-        Self { slot: Some(slot) }
+        Self {
+            slot: Some(Slot::Mqtt(slot)),
+        }
     }
 
-    /// Takes the slot out without acknowledging (dropping the slot leaves the message
-    /// unacknowledged and does not ask for redelivery).
-    pub(super) fn into_slot(mut self) -> Option<AckSlot> {
-        self.slot.take()
+    /// The handle of the in-process session's QoS 1 message `pkid`.
+    pub(super) fn in_process(client: Arc<LocalClient>, pkid: u16) -> Self {
+        Self {
+            slot: Some(Slot::InProcess(client, pkid)),
+        }
+    }
+
+    /// Gives the handle up without acknowledging and without asking for redelivery: the
+    /// broker keeps the message for the next session.
+    pub(super) fn forget(mut self) {
+        self.slot.take();
     }
 
     /// Marks the message handled; the PUBACK is sent in arrival order.
     pub fn ack(mut self) -> AckOutcome {
         match self.slot.take() {
             None => AckOutcome::NotRequired,
-            Some(slot) => slot.release(),
+            Some(Slot::Mqtt(slot)) => slot.release(),
+            Some(Slot::InProcess(client, pkid)) => {
+                client.acknowledge(pkid);
+                AckOutcome::Accepted
+            }
         }
     }
 }
 
 impl Drop for AckHandle {
     fn drop(&mut self) {
-        if let Some(slot) = self.slot.take() {
-            slot.abandon();
+        match self.slot.take() {
+            None => {}
+            Some(Slot::Mqtt(slot)) => slot.abandon(),
+            // Not handled: the broker delivers it again.
+            Some(Slot::InProcess(client, pkid)) => client.redeliver(pkid),
         }
     }
 }

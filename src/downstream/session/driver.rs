@@ -28,14 +28,11 @@ use tokio::sync::mpsc;
 
 use super::ack::{AckEntry, AckHandle, AckQueue, AckSlot};
 use super::read_ahead::ReadAhead;
+use super::screen::Screen;
 use super::shared::Shared;
 use super::{DownstreamMessage, QoS};
 use crate::backoff::Backoff;
-use crate::device_id::DeviceId;
-use crate::downstream::contract::{self, error_code, RejectedResponse};
-use crate::downstream::topics::{
-    rejected_for_request_topic, DeviceTopic, PayloadFormat, TopicError, TopicPrefix,
-};
+use crate::downstream::topics::{DeviceTopic, TopicPrefix};
 use crate::mqtt::client_ext;
 
 /// Owns the event loop; runs in its own task.
@@ -44,10 +41,10 @@ pub(super) struct Driver {
     pub(super) eventloop: EventLoop,
     pub(super) tx: mpsc::Sender<DownstreamMessage>,
     pub(super) prefix: TopicPrefix,
+    pub(super) screen: Screen,
     pub(super) filters: Vec<String>,
     pub(super) backoff: Backoff,
     pub(super) max_packet_bytes: usize,
-    pub(super) max_request_bytes: usize,
     pub(super) gate: ReadAhead,
     /// Messages of a lost connection that were read but not handed over (see
     /// `Driver::on_connection_lost`); settled by the next CONNACK.
@@ -92,7 +89,7 @@ impl Driver {
         inner.confirms.fail_all();
         drop(inner);
         self.shared.room.notify_waiters();
-        self.shared.status.send_modify(|s| {
+        self.shared.common.status.send_modify(|s| {
             s.connected = false;
             s.subscribed = false;
         });
@@ -132,7 +129,7 @@ impl Driver {
                     session_present = ack.session_present,
                     "downstream broker connected"
                 );
-                self.shared.status.send_modify(|s| {
+                self.shared.common.status.send_modify(|s| {
                     s.connected = true;
                     s.subscribed = false;
                     s.connections += 1;
@@ -147,7 +144,7 @@ impl Driver {
                     .map(|(_, f)| f.as_str())
                     .collect();
                 if refused.is_empty() {
-                    self.shared.status.send_modify(|s| {
+                    self.shared.common.status.send_modify(|s| {
                         s.subscribed = true;
                     });
                 } else {
@@ -156,7 +153,10 @@ impl Driver {
                         refused.join(", ")
                     );
                     tracing::error!("{msg}");
-                    self.shared.status.send_modify(|s| s.last_error = Some(msg));
+                    self.shared
+                        .common
+                        .status
+                        .send_modify(|s| s.last_error = Some(msg));
                 }
             }
             Incoming::Publish(publish) => return self.on_publish(publish).await,
@@ -311,7 +311,7 @@ impl Driver {
             lost
         };
         self.shared.room.notify_waiters();
-        self.shared.status.send_modify(|s| {
+        self.shared.common.status.send_modify(|s| {
             s.connected = false;
             s.subscribed = false;
             s.last_error = Some(error.to_string());
@@ -430,7 +430,10 @@ impl Driver {
             // Never acknowledged, so the broker keeps it; no ack entry either, so the acks of
             // the held messages still go out.
             if publish.qos == QoS::AtMostOnce {
-                self.shared.dropped_qos0.fetch_add(1, Ordering::Relaxed);
+                self.shared
+                    .common
+                    .dropped_qos0
+                    .fetch_add(1, Ordering::Relaxed);
             }
             self.resume_left_messages();
             return true;
@@ -459,45 +462,30 @@ impl Driver {
     /// Validates a device message and hands it to the consumer with `ack`. Returns false when
     /// the session should stop.
     async fn deliver(&mut self, publish: Publish, ack: AckHandle) -> bool {
-        let topic = match DeviceTopic::parse(&self.prefix, &publish.topic) {
-            Ok(topic) => topic,
-            Err(error) => {
-                self.reject_topic(&publish.topic, &error);
-                ack.ack();
-                return true;
-            }
+        let shared = &self.shared;
+        let max_packet_bytes = self.max_packet_bytes;
+        // From inside the event loop a `/rejected` answer is queued without waiting for its
+        // PUBACK (waiting here would stall the loop that receives that PUBACK).
+        let reply = |topic: String, payload: Vec<u8>| {
+            shared.queue_rejection(topic, payload, max_packet_bytes);
         };
-        // A broker sets the retain flag only on what it replays to a new subscription (MQTT
-        // 3.1.1 §3.3.1.3), never on a live message: a device's retained request or telemetry
-        // reaches the gateway again on every resubscription (each reconnect), and must not be
-        // provisioned or sent upstream again. Brokers that let devices retain (mosquitto) do
-        // this; the embedded broker stores nothing a device retains.
-        if publish.retain {
-            let total = self.shared.retained_replays.fetch_add(1, Ordering::Relaxed) + 1;
-            if total.is_power_of_two() {
-                tracing::info!(
-                    topic = %publish.topic,
-                    replays_total = total,
-                    "retained device message replayed by the broker ignored (counted; logged at powers of two)"
-                );
-            }
+        let Some(topic) =
+            self.screen
+                .check(&publish.topic, publish.retain, publish.payload.len(), reply)
+        else {
             ack.ack();
             return true;
-        }
-        if let DeviceTopic::ProvisionRequest { device, format } = &topic {
-            if publish.payload.len() > self.max_request_bytes {
-                self.reject_oversize(device, *format, publish.payload.len());
-                ack.ack();
-                return true;
-            }
-        }
+        };
         match self
             .tx
             .try_send(DownstreamMessage::new(topic, publish, ack))
         {
             Ok(()) => {}
             Err(mpsc::error::TrySendError::Full(message)) if message.qos == QoS::AtMostOnce => {
-                self.shared.dropped_qos0.fetch_add(1, Ordering::Relaxed);
+                self.shared
+                    .common
+                    .dropped_qos0
+                    .fetch_add(1, Ordering::Relaxed);
                 tracing::debug!("downstream consumer busy: QoS 0 message dropped");
             }
             Err(mpsc::error::TrySendError::Full(message)) => {
@@ -515,52 +503,8 @@ impl Driver {
 
     fn consumer_gone(&self, message: DownstreamMessage) -> bool {
         // Left unacknowledged so the broker keeps it for the next session.
-        if let Some(slot) = message.ack.into_slot() {
-            drop(slot);
-        }
+        message.ack.forget();
         tracing::info!("downstream consumer gone; stopping the session");
         false
-    }
-
-    /// Answers a provisioning request whose id broke the rules, on the topic the device used.
-    fn reject_topic(&self, topic: &str, error: &TopicError) {
-        self.shared.rejected_topics.fetch_add(1, Ordering::Relaxed);
-        tracing::warn!(%error, "downstream message refused");
-        let Some((reply_topic, fmt)) = rejected_for_request_topic(&self.prefix, topic) else {
-            return;
-        };
-        let code = match error {
-            TopicError::NonCanonicalId { .. } => error_code::NON_CANONICAL_DEVICE_ID,
-            _ => error_code::INVALID_DEVICE_ID,
-        };
-        let body = RejectedResponse::new(400, code, error.to_string());
-        self.send_rejection(reply_topic, contract::encode(fmt, &body));
-    }
-
-    /// Answers a provisioning request larger than `max_request_bytes`.
-    fn reject_oversize(&self, device: &DeviceId, fmt: PayloadFormat, size: usize) {
-        self.shared
-            .oversize_requests
-            .fetch_add(1, Ordering::Relaxed);
-        tracing::warn!(%device, size, max = self.max_request_bytes, "provisioning request too large");
-        let body = RejectedResponse::new(
-            413,
-            error_code::PAYLOAD_TOO_LARGE,
-            format!(
-                "provisioning request of {size} bytes exceeds the gateway's limit of {} bytes (downstream.max_request_bytes)",
-                self.max_request_bytes
-            ),
-        );
-        self.send_rejection(
-            self.prefix.rejected(device, fmt),
-            contract::encode(fmt, &body),
-        );
-    }
-
-    /// Queues a `/rejected` answer from inside the event loop, without waiting for its PUBACK
-    /// (waiting here would stall the loop that receives that PUBACK).
-    fn send_rejection(&self, reply_topic: String, payload: Vec<u8>) {
-        self.shared
-            .queue_rejection(reply_topic, payload, self.max_packet_bytes);
     }
 }

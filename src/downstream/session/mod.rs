@@ -1,6 +1,9 @@
-//! The gateway's own MQTT session to the downstream broker (embedded or external).
+//! The gateway's own session on the downstream broker: in-process with the embedded broker
+//! (`in_process`, [`DownstreamSession::start_in_process`]), an MQTT connection to an external
+//! one ([`DownstreamSession::start`]). Consumers see the same handle, messages and acks either
+//! way.
 //!
-//! One rumqttc (MQTT 3.1.1) connection with clean_session = false and manual acks. Its event
+//! The MQTT session is one rumqttc (MQTT 3.1.1) connection with clean_session = false and manual acks. Its event
 //! loop is polled continuously in one task, which
 //! - resubscribes on every CONNACK (a broker that lost the session forgets subscriptions),
 //! - reconnects with jittered exponential backoff and a cap (rumqttc itself retries at once),
@@ -19,18 +22,22 @@
 //! - `driver`: the task that polls the event loop, writes acks, and settles what a lost
 //!   connection leaves behind (redelivery and duplicates);
 //! - `publish`: the gateway's own QoS 1 publishes and how their PUBACKs find the caller;
-//! - `shared`: the bookkeeping the handle, the acks and the driver share under one lock.
+//! - `shared`: the bookkeeping the handle, the acks and the driver share under one lock;
+//! - `screen`: the checks a device message passes before the consumer sees it (both kinds);
+//! - `in_process`: the session on the embedded broker, without MQTT in between.
 //!
 //! Where the session reaches into rumqttc's event loop, it goes through
 //! [`crate::mqtt::client_ext`], which names each assumption about rumqttc's internals.
 
 mod ack;
 mod driver;
+mod in_process;
 mod publish;
 mod read_ahead;
+mod screen;
 mod shared;
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -48,13 +55,16 @@ use super::contract::{self, error_code, RejectedResponse};
 use super::topics::{DeviceTopic, PayloadFormat, TopicError, TopicPrefix};
 use crate::backoff::Backoff;
 use crate::device_id::DeviceId;
+use crate::downstream::broker::LocalClient;
 use crate::identity::Secret;
 use crate::mqtt::client_ext;
 use ack::AckQueue;
 use driver::Driver;
+use in_process::{InProcess, Reader};
 use publish::Confirms;
 use read_ahead::ReadAhead;
-use shared::{Inner, Shared};
+use screen::Screen;
+use shared::{Common, Inner, Shared};
 
 /// Default of [`SessionOptions::max_request_bytes`] (`[downstream] max_request_bytes`).
 pub const DEFAULT_MAX_REQUEST_BYTES: usize = 64 * 1024;
@@ -111,7 +121,9 @@ impl Default for Inbound {
     }
 }
 
-/// Settings of the gateway session.
+/// Settings of the gateway session. The in-process session
+/// ([`DownstreamSession::start_in_process`]) uses the prefix, subscriptions, packet and request
+/// limits and the inbound capacity; the rest concerns the MQTT connection.
 #[derive(Clone, Debug)]
 pub struct SessionOptions {
     /// MQTT client id; see [`gateway_client_id`].
@@ -252,15 +264,112 @@ impl DownstreamMessage {
 /// Handle to the running gateway session. Cheap to share behind an `Arc`.
 #[derive(Debug)]
 pub struct DownstreamSession {
-    shared: Arc<Shared>,
+    link: Link,
+    common: Arc<Common>,
     prefix: TopicPrefix,
     max_packet_bytes: usize,
     publish_timeout: Duration,
     task: Mutex<Option<JoinHandle<()>>>,
 }
 
+/// How the session reaches the broker.
+#[derive(Debug)]
+enum Link {
+    /// An MQTT connection (rumqttc) to an external broker.
+    Mqtt(Arc<Shared>),
+    /// In-process on the embedded broker.
+    InProcess(Arc<InProcess>),
+}
+
+/// Checks the options both kinds of session use.
+fn validate(opts: &SessionOptions) -> Result<(), SessionError> {
+    let bad = |option, reason: &str| SessionError::InvalidOption {
+        option,
+        reason: reason.to_string(),
+    };
+    if !opts.inbound.provision && !opts.inbound.telemetry {
+        return Err(bad("inbound", "subscribe to provision, telemetry or both"));
+    }
+    if opts.max_packet_bytes < 1024 {
+        return Err(bad("max_packet_bytes", "must be at least 1024"));
+    }
+    if opts.max_request_bytes == 0 || opts.max_request_bytes > opts.max_packet_bytes {
+        return Err(bad(
+            "max_request_bytes",
+            "must be between 1 and max_packet_bytes",
+        ));
+    }
+    if opts.inbound_capacity == 0 {
+        return Err(bad("inbound_capacity", "must be at least 1"));
+    }
+    Ok(())
+}
+
+/// The filters the session subscribes to.
+fn filters(opts: &SessionOptions) -> Vec<String> {
+    let mut filters = Vec::new();
+    if opts.inbound.provision {
+        filters.push(opts.topic_prefix.provision_filter());
+    }
+    if opts.inbound.telemetry {
+        filters.push(opts.topic_prefix.telemetry_filter());
+    }
+    filters
+}
+
 impl DownstreamSession {
-    /// Starts the session task; it connects (and keeps reconnecting) in the background.
+    /// Starts the gateway's session in-process on the embedded broker, through `client`
+    /// (from [`EmbeddedBroker::attach_local`](crate::downstream::EmbeddedBroker::attach_local)):
+    /// subscribed when this returns. Returns the session and the receiver of device messages.
+    pub fn start_in_process(
+        opts: &SessionOptions,
+        client: LocalClient,
+    ) -> Result<(Self, mpsc::Receiver<DownstreamMessage>), SessionError> {
+        validate(opts)?;
+        let common = Common::new();
+        let refused = client.subscribe(&filters(opts));
+        let client = Arc::new(client);
+        common.status.send_modify(|s| {
+            s.connected = true;
+            s.subscribed = refused.is_empty();
+            s.connections = 1;
+            if !refused.is_empty() {
+                s.last_error = Some(format!(
+                    "the embedded broker refused the subscription to {}",
+                    refused.join(", ")
+                ));
+            }
+        });
+        let link = Arc::new(InProcess {
+            client,
+            closed: AtomicBool::new(false),
+            shutdown: Notify::new(),
+        });
+        let (tx, rx) = mpsc::channel(opts.inbound_capacity);
+        let reader = Reader {
+            link: link.clone(),
+            screen: Screen {
+                prefix: opts.topic_prefix.clone(),
+                max_request_bytes: opts.max_request_bytes,
+                common: common.clone(),
+            },
+            tx,
+        };
+        let task = tokio::spawn(reader.run());
+        Ok((
+            Self {
+                link: Link::InProcess(link),
+                common,
+                prefix: opts.topic_prefix.clone(),
+                max_packet_bytes: opts.max_packet_bytes,
+                publish_timeout: opts.publish_timeout,
+                task: Mutex::new(Some(task)),
+            },
+            rx,
+        ))
+    }
+
+    /// Starts the MQTT session task; it connects (and keeps reconnecting) in the background.
     /// Returns the session and the receiver of device messages.
     pub fn start(
         opts: SessionOptions,
@@ -269,20 +378,9 @@ impl DownstreamSession {
             option,
             reason: reason.to_string(),
         };
+        validate(&opts)?;
         if opts.client_id.is_empty() {
             return Err(bad("client_id", "must not be empty"));
-        }
-        if !opts.inbound.provision && !opts.inbound.telemetry {
-            return Err(bad("inbound", "subscribe to provision, telemetry or both"));
-        }
-        if opts.max_packet_bytes < 1024 {
-            return Err(bad("max_packet_bytes", "must be at least 1024"));
-        }
-        if opts.max_request_bytes == 0 || opts.max_request_bytes > opts.max_packet_bytes {
-            return Err(bad(
-                "max_request_bytes",
-                "must be between 1 and max_packet_bytes",
-            ));
         }
         if opts.inbound_capacity == 0 || opts.outgoing_inflight == 0 || opts.max_unconfirmed == 0 {
             return Err(bad(
@@ -331,7 +429,7 @@ impl DownstreamSession {
         // each of them up to ~40 ms.
         client_ext::set_tcp_nodelay(&mut eventloop);
 
-        let (status, _) = watch::channel(SessionStatus::default());
+        let common = Common::new();
         let shared = Arc::new(Shared {
             inner: Mutex::new(Inner {
                 generation: 0,
@@ -344,37 +442,30 @@ impl DownstreamSession {
             client,
             room: Notify::new(),
             shutdown: Notify::new(),
-            status,
-            rejected_topics: AtomicU64::new(0),
-            retained_replays: AtomicU64::new(0),
-            oversize_requests: AtomicU64::new(0),
-            dropped_qos0: AtomicU64::new(0),
-            busy_requests: AtomicU64::new(0),
+            common: common.clone(),
         });
         let (tx, rx) = mpsc::channel(opts.inbound_capacity);
-        let mut filters = Vec::new();
-        if opts.inbound.provision {
-            filters.push(opts.topic_prefix.provision_filter());
-        }
-        if opts.inbound.telemetry {
-            filters.push(opts.topic_prefix.telemetry_filter());
-        }
         let driver = Driver {
             shared: shared.clone(),
             eventloop,
             tx,
             prefix: opts.topic_prefix.clone(),
-            filters,
+            screen: Screen {
+                prefix: opts.topic_prefix.clone(),
+                max_request_bytes: opts.max_request_bytes,
+                common: common.clone(),
+            },
+            filters: filters(&opts),
             backoff: Backoff::new(opts.reconnect_min, opts.reconnect_max),
             max_packet_bytes: opts.max_packet_bytes,
-            max_request_bytes: opts.max_request_bytes,
             gate: ReadAhead::new(opts.max_unconfirmed, opts.max_held_bytes),
             orphans: Vec::new(),
         };
         let task = tokio::spawn(driver.run());
         Ok((
             Self {
-                shared,
+                link: Link::Mqtt(shared),
+                common,
                 prefix: opts.topic_prefix,
                 max_packet_bytes: opts.max_packet_bytes,
                 publish_timeout: opts.publish_timeout,
@@ -391,17 +482,17 @@ impl DownstreamSession {
 
     /// The current connection state.
     pub fn status(&self) -> SessionStatus {
-        self.shared.status.borrow().clone()
+        self.common.status.borrow().clone()
     }
 
     /// A receiver that sees every change of [`status`](Self::status).
     pub fn watch_status(&self) -> watch::Receiver<SessionStatus> {
-        self.shared.status.subscribe()
+        self.common.status.subscribe()
     }
 
     /// Waits until the session is connected and its subscriptions are granted.
     pub async fn wait_subscribed(&self, within: Duration) -> Result<(), SessionError> {
-        let mut rx = self.shared.status.subscribe();
+        let mut rx = self.common.status.subscribe();
         let outcome = timeout(within, rx.wait_for(|s| s.connected && s.subscribed))
             .await
             .map(|r| r.is_ok());
@@ -419,65 +510,82 @@ impl DownstreamSession {
     /// subscribing (acknowledged and not delivered: the live message was handled when it was
     /// published).
     pub fn retained_replays(&self) -> u64 {
-        self.shared.retained_replays.load(Ordering::Relaxed)
+        self.common.retained_replays.load(Ordering::Relaxed)
     }
 
     /// Inbound messages whose topic broke the contract (acknowledged and not delivered).
     pub fn rejected_topics(&self) -> u64 {
-        self.shared.rejected_topics.load(Ordering::Relaxed)
+        self.common.rejected_topics.load(Ordering::Relaxed)
     }
 
     /// Provisioning requests refused for exceeding `max_request_bytes` (acknowledged, answered
     /// on `/rejected` and not delivered).
     pub fn oversize_requests(&self) -> u64 {
-        self.shared.oversize_requests.load(Ordering::Relaxed)
+        self.common.oversize_requests.load(Ordering::Relaxed)
     }
 
     /// QoS 0 messages dropped because the consumer channel was full.
     pub fn dropped_qos0(&self) -> u64 {
-        self.shared.dropped_qos0.load(Ordering::Relaxed)
+        self.common.dropped_qos0.load(Ordering::Relaxed)
     }
 
     /// Provisioning requests refused because the provisioning queue was full (acknowledged,
     /// answered on `/rejected` with 503 `GatewayBusy` and not delivered; see
     /// [`dispatch_inbound`](crate::downstream::dispatch_inbound)).
     pub fn busy_requests(&self) -> u64 {
-        self.shared.busy_requests.load(Ordering::Relaxed)
+        self.common.busy_requests.load(Ordering::Relaxed)
     }
 
     /// Refuses a provisioning request that found the provisioning queue full: answers it on
     /// its `/rejected` topic with a retryable 503 `GatewayBusy`, without waiting for the
     /// broker (the caller routes telemetry too), and counts it. The caller acks the request.
     pub(crate) fn refuse_busy(&self, device: &DeviceId, fmt: PayloadFormat) {
-        self.shared.busy_requests.fetch_add(1, Ordering::Relaxed);
+        self.common.busy_requests.fetch_add(1, Ordering::Relaxed);
         let body = RejectedResponse::new(
             503,
             error_code::GATEWAY_BUSY,
             "the gateway has more provisioning requests queued than it takes at once; retry later",
         );
-        self.shared.queue_rejection(
-            self.prefix.rejected(device, fmt),
-            contract::encode(fmt, &body),
-            self.max_packet_bytes,
-        );
+        let topic = self.prefix.rejected(device, fmt);
+        let payload = contract::encode(fmt, &body);
+        match &self.link {
+            Link::Mqtt(shared) => {
+                shared.queue_rejection(topic, payload, self.max_packet_bytes);
+            }
+            Link::InProcess(link) => link.client.publish(&topic, Bytes::from(payload), false),
+        }
     }
 
     /// Sends DISCONNECT (if connected) and stops the session task, waiting at most `within`.
+    /// The broker keeps what the gateway has not acknowledged for the next session.
     pub async fn shutdown(&self, within: Duration) {
-        {
-            let mut inner = self.shared.lock();
-            inner.closed = true;
-            inner.confirms.fail_all();
-            // Under the lock, so the event loop's next flush sees whether this got through.
-            inner.disconnect_queued = self.shared.client.try_disconnect().is_ok();
+        match &self.link {
+            Link::Mqtt(shared) => {
+                {
+                    let mut inner = shared.lock();
+                    inner.closed = true;
+                    inner.confirms.fail_all();
+                    // Under the lock, so the event loop's next flush sees whether this got
+                    // through.
+                    inner.disconnect_queued = shared.client.try_disconnect().is_ok();
+                }
+                shared.shutdown.notify_one();
+            }
+            Link::InProcess(link) => link.close(),
         }
-        self.shared.shutdown.notify_one();
         let task = self.task.lock().unwrap_or_else(|e| e.into_inner()).take();
         if let Some(mut task) = task {
             if timeout(within, &mut task).await.is_err() {
                 tracing::warn!("downstream session did not stop within {within:?}; aborting it");
                 task.abort();
             }
+        }
+        if let Link::InProcess(link) = &self.link {
+            link.client.detach();
+            self.common.status.send_modify(|s| {
+                s.connected = false;
+                s.subscribed = false;
+            });
         }
     }
 }
@@ -486,6 +594,10 @@ impl Drop for DownstreamSession {
     fn drop(&mut self) {
         if let Some(task) = self.task.lock().unwrap_or_else(|e| e.into_inner()).take() {
             task.abort();
+        }
+        if let Link::InProcess(link) = &self.link {
+            link.close();
+            link.client.detach();
         }
     }
 }

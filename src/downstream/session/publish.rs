@@ -10,7 +10,8 @@ use bytes::Bytes;
 use tokio::sync::oneshot;
 use tokio::time::{timeout_at, Instant};
 
-use super::{DownstreamSession, QoS, SessionError};
+use super::shared::Shared;
+use super::{DownstreamSession, Link, QoS, SessionError};
 use crate::device_id::DeviceId;
 use crate::downstream::contract::{self, RejectedResponse, StatusReport};
 use crate::downstream::topics::PayloadFormat;
@@ -112,7 +113,8 @@ impl DownstreamSession {
         self.publish(topic, payload.into(), false).await
     }
 
-    /// QoS 1 publish that returns once the broker acknowledged it.
+    /// QoS 1 publish that returns once the broker acknowledged it (in-process: once it is in
+    /// its subscribers' queues).
     async fn publish(
         &self,
         topic: String,
@@ -127,24 +129,43 @@ impl DownstreamSession {
                 topic,
             });
         }
+        match &self.link {
+            Link::Mqtt(shared) => self.publish_mqtt(shared, topic, payload, retain).await,
+            Link::InProcess(link) => {
+                if link.is_closed() {
+                    return Err(SessionError::Closed);
+                }
+                link.client.publish(&topic, payload, retain);
+                Ok(())
+            }
+        }
+    }
+
+    /// Publishes through rumqttc and waits for the PUBACK.
+    async fn publish_mqtt(
+        &self,
+        shared: &Shared,
+        topic: String,
+        payload: Bytes,
+        retain: bool,
+    ) -> Result<(), SessionError> {
         let deadline = Instant::now() + self.publish_timeout;
         let timed_out = |topic: String| SessionError::PublishTimeout {
             topic,
             waited: self.publish_timeout,
         };
         let confirmed = loop {
-            let room = self.shared.room.notified();
+            let room = shared.room.notified();
             tokio::pin!(room);
             room.as_mut().enable();
             {
-                let mut inner = self.shared.lock();
+                let mut inner = shared.lock();
                 if inner.closed {
                     return Err(SessionError::Closed);
                 }
                 // Queued and registered under one lock so the order of waiters is the order
                 // rumqttc takes requests from its channel.
-                if self
-                    .shared
+                if shared
                     .client
                     .try_publish(topic.clone(), QoS::AtLeastOnce, retain, payload.to_vec())
                     .is_ok()

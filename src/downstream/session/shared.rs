@@ -1,9 +1,9 @@
 //! The state the session handle, the ack handles and the event loop task share: one lock
-//! over the ack queue, the publish confirmations and the connection generation, the rumqttc
-//! client, and the counters.
+//! over the ack queue, the publish confirmations and the connection generation, and the
+//! rumqttc client; and [`Common`], the status and counters every kind of session keeps.
 
 use std::sync::atomic::AtomicU64;
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use rumqttc::{AsyncClient, QoS};
 use tokio::sync::{oneshot, watch, Notify};
@@ -43,19 +43,38 @@ impl Inner {
     }
 }
 
-/// What the session handle, the ack handles and the event loop task share.
-pub(super) struct Shared {
-    pub(super) inner: Mutex<Inner>,
-    pub(super) client: AsyncClient,
-    /// Signalled whenever rumqttc took a request from its channel (room for another).
-    pub(super) room: Notify,
-    pub(super) shutdown: Notify,
+/// The status and counters of a session, MQTT or in-process.
+#[derive(Debug)]
+pub(super) struct Common {
     pub(super) status: watch::Sender<SessionStatus>,
     pub(super) rejected_topics: AtomicU64,
     pub(super) oversize_requests: AtomicU64,
     pub(super) dropped_qos0: AtomicU64,
     pub(super) busy_requests: AtomicU64,
     pub(super) retained_replays: AtomicU64,
+}
+
+impl Common {
+    pub(super) fn new() -> Arc<Self> {
+        Arc::new(Self {
+            status: watch::channel(SessionStatus::default()).0,
+            rejected_topics: AtomicU64::new(0),
+            oversize_requests: AtomicU64::new(0),
+            dropped_qos0: AtomicU64::new(0),
+            busy_requests: AtomicU64::new(0),
+            retained_replays: AtomicU64::new(0),
+        })
+    }
+}
+
+/// What the MQTT session's handle, its ack handles and its event loop task share.
+pub(super) struct Shared {
+    pub(super) inner: Mutex<Inner>,
+    pub(super) client: AsyncClient,
+    /// Signalled whenever rumqttc took a request from its channel (room for another).
+    pub(super) room: Notify,
+    pub(super) shutdown: Notify,
+    pub(super) common: Arc<Common>,
 }
 
 impl std::fmt::Debug for Shared {
