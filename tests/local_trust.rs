@@ -876,3 +876,35 @@ async fn in_x509_mode_a_device_certificate_of_the_trusted_ca_proves_its_id() {
     assert!(b.connections().facts("sensor-x").unwrap().authenticated);
     g.gw.shutdown(WAIT).await;
 }
+
+/// A local application that reads device telemetry gets its own copy; its PUBACK frees only
+/// its own copy. The device's PUBACK waits for the gateway's in-process session, which gives
+/// it once the message is stored, and only then.
+#[tokio::test]
+async fn only_the_gateway_acknowledges_a_device_message_to_the_device() {
+    let (gw, mut rx, port) =
+        gateway_with_users(vec![user("reader", "r-secret", &[], &["fleetgw/#"])]).await;
+    let mut reader = TestClient::connect_ok(as_user("dash-2", port, "reader", "r-secret")).await;
+    reader.subscribe("fleetgw/#", QoS::AtLeastOnce).await;
+    let mut dev = TestClient::connect_ok(options("sensor-c", port)).await;
+    dev.publish_unacked(
+        "fleetgw/sensor-c/telemetry",
+        QoS::AtLeastOnce,
+        false,
+        b"reading",
+    )
+    .await;
+    // The reader has its copy (and its client acknowledged it) ...
+    next_received_is(&mut reader, "fleetgw/sensor-c/telemetry").await;
+    let held = next_message(&mut rx).await;
+    assert_eq!(&held.payload[..], b"reading");
+    // ... but the device is not told the message was delivered while the gateway holds it.
+    assert!(
+        !dev.puback_within(std::time::Duration::from_millis(300))
+            .await,
+        "a PUBACK reached the device before the gateway acknowledged"
+    );
+    held.ack.ack();
+    dev.expect_puback("after the gateway's ack").await;
+    gw.shutdown(WAIT).await;
+}
