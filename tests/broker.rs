@@ -487,7 +487,7 @@ async fn overlapping_subscriptions_deliver_one_copy_at_the_highest_qos() {
 // QoS
 
 #[tokio::test]
-async fn suback_grants_the_requested_qos_capped_at_1() {
+async fn suback_grants_the_requested_qos() {
     let b = broker().await;
     let mut sub = Device::connect(options("sub", &b)).await;
     assert_eq!(
@@ -500,8 +500,8 @@ async fn suback_grants_the_requested_qos_capped_at_1() {
     );
     assert_eq!(
         sub.subscribe("q/2", QoS::ExactlyOnce).await,
-        [SubscribeReasonCode::Success(QoS::AtLeastOnce)],
-        "QoS 2 requests are granted QoS 1"
+        [SubscribeReasonCode::Success(QoS::ExactlyOnce)],
+        "QoS 2 is granted, and delivered at QoS 2 (see qos2_end_to_end)"
     );
 }
 
@@ -549,7 +549,29 @@ async fn qos2_publish_is_completed_and_delivered_once() {
         .await;
     let got = sub.publishes_until("end").await;
     assert_eq!(payloads(&got), ["two"], "the QoS 2 message arrives once");
-    assert_eq!(got[0].qos, QoS::AtLeastOnce);
+    assert_eq!(got[0].qos, QoS::AtLeastOnce, "at the subscription's QoS 1");
+}
+
+#[tokio::test]
+async fn qos2_end_to_end_to_a_qos2_subscriber() {
+    // A window of one: the second message goes out only once the first one's PUBREC, PUBREL
+    // and PUBCOMP exchange is complete.
+    let b = start_broker(|o| o.max_inflight = 1).await;
+    let mut sub = Device::connect(options("sub", &b)).await;
+    sub.subscribe("q/2", QoS::ExactlyOnce).await;
+    let mut publisher = Device::connect(options("pub", &b)).await;
+    for payload in [&b"first"[..], b"second"] {
+        publisher
+            .publish("q/2", QoS::ExactlyOnce, false, payload)
+            .await;
+    }
+    publisher
+        .publish("q/2", QoS::AtLeastOnce, false, b"end")
+        .await;
+    // rumqttc answers each QoS 2 delivery with PUBREC and the broker's PUBREL with PUBCOMP.
+    let got = sub.publishes_until("end").await;
+    assert_eq!(payloads(&got), ["first", "second"]);
+    assert!(got.iter().all(|p| p.qos == QoS::ExactlyOnce), "{got:?}");
 }
 
 // Retained messages

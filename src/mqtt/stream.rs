@@ -92,6 +92,22 @@ impl<S: AsyncRead + AsyncWrite + Unpin> PacketStream<S> {
         wire::write_packet(self.protocol, packet, &mut self.wbuf)
     }
 
+    /// Encodes `packet` into the write buffer unless its encoding exceeds `limit` bytes (the
+    /// peer's maximum packet size); false when it was left out.
+    pub fn queue_within(
+        &mut self,
+        packet: ServerPacket<'_>,
+        limit: usize,
+    ) -> Result<bool, WireError> {
+        let before = self.wbuf.len();
+        wire::write_packet(self.protocol, packet, &mut self.wbuf)?;
+        if self.wbuf.len() - before > limit {
+            self.wbuf.truncate(before);
+            return Ok(false);
+        }
+        Ok(true)
+    }
+
     /// Writes and flushes the write buffer, within `limit`.
     pub async fn flush(&mut self, limit: Duration) -> Result<(), StreamError> {
         if self.wbuf.is_empty() {

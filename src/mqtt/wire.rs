@@ -12,6 +12,7 @@ use rumqttc::mqttbytes::{Error as V4Error, Protocol as V4Protocol, QoS as V4QoS}
 use rumqttc::v5::mqttbytes::v5;
 use rumqttc::v5::mqttbytes::QoS as V5QoS;
 
+use super::props::MessageProperties;
 use crate::identity::Secret;
 
 /// The protocol a client connected with.
@@ -34,6 +35,12 @@ pub struct Will {
     pub qos: u8,
     /// Publish it retained.
     pub retain: bool,
+    /// MQTT 5 properties it carries.
+    pub properties: Option<MessageProperties>,
+    /// MQTT 5 message expiry interval, seconds.
+    pub expiry_secs: Option<u32>,
+    /// MQTT 5 will delay interval, seconds (0: at once).
+    pub delay_secs: u32,
 }
 
 /// The CONNECT fields the servers use.
@@ -60,6 +67,12 @@ pub struct ConnectInfo {
     pub username: Option<String>,
     /// Password, if the client sent one (never logged).
     pub password: Option<Secret>,
+    /// MQTT 5 Receive Maximum: QoS 1 and 2 publishes the client takes unacknowledged.
+    pub receive_maximum: Option<u16>,
+    /// MQTT 5 Maximum Packet Size: the largest packet the client accepts.
+    pub max_packet_size: Option<u32>,
+    /// MQTT 5 Request Problem Information (default 1): reason strings may be sent.
+    pub problem_information: bool,
 }
 
 /// One filter of a SUBSCRIBE, with the MQTT 5 options (3.1.1 uses the defaults).
@@ -76,6 +89,8 @@ pub struct SubscriptionRequest {
     /// MQTT 5 Retain Handling: 0 send retained on subscribe, 1 only for a new subscription,
     /// 2 never.
     pub retain_handling: u8,
+    /// MQTT 5 Subscription Identifier of the SUBSCRIBE, sent with each matching message.
+    pub id: Option<u32>,
 }
 
 impl SubscriptionRequest {
@@ -87,6 +102,7 @@ impl SubscriptionRequest {
             no_local: false,
             retain_as_published: false,
             retain_handling: 0,
+            id: None,
         }
     }
 }
@@ -96,7 +112,7 @@ impl SubscriptionRequest {
 pub enum ClientPacket {
     /// PUBLISH.
     Publish {
-        /// Topic name (never empty: MQTT 5 topic aliases are not granted).
+        /// Topic name (MQTT 5: empty when `topic_alias` names it).
         topic: String,
         /// 0, 1 or 2.
         qos: u8,
@@ -106,11 +122,21 @@ pub enum ClientPacket {
         retain: bool,
         /// Payload.
         payload: Bytes,
+        /// MQTT 5 properties the message carries.
+        properties: Option<Box<MessageProperties>>,
+        /// MQTT 5 message expiry interval, seconds.
+        expiry_secs: Option<u32>,
+        /// MQTT 5 topic alias.
+        topic_alias: Option<u16>,
     },
     /// PUBACK for one of our QoS 1 publishes.
     PubAck(u16),
+    /// PUBREC for one of our QoS 2 publishes.
+    PubRec(u16),
     /// PUBREL of a QoS 2 publish the client sent us.
     PubRel(u16),
+    /// PUBCOMP for one of our QoS 2 publishes.
+    PubComp(u16),
     /// SUBSCRIBE.
     Subscribe {
         /// Packet id.
@@ -184,9 +210,15 @@ pub fn read_connect(
                     payload: w.message,
                     qos: v4_qos_u8(w.qos),
                     retain: w.retain,
+                    properties: None,
+                    expiry_secs: None,
+                    delay_secs: 0,
                 }),
                 username: c.login.as_ref().map(|l| l.username.clone()),
                 password: c.login.map(|l| Secret::from(l.password)),
+                receive_maximum: None,
+                max_packet_size: None,
+                problem_information: true,
             }));
         }
         Ok(v4::Packet::Connect(_)) => {}
@@ -209,15 +241,25 @@ pub fn read_connect(
                 .and_then(|p| p.session_expiry_interval)
                 .unwrap_or(0);
             let will = match will {
-                Some(w) => Some(Will {
-                    topic: String::from_utf8(w.topic.to_vec())
-                        .map_err(|_| WireError::Malformed("will topic is not UTF-8".into()))?,
-                    payload: w.message,
-                    qos: w.qos as u8,
-                    retain: w.retain,
-                }),
+                Some(w) => {
+                    let (properties, expiry_secs, delay_secs) = match w.properties {
+                        Some(p) => MessageProperties::from_will(p),
+                        None => (None, None, 0),
+                    };
+                    Some(Will {
+                        topic: String::from_utf8(w.topic.to_vec())
+                            .map_err(|_| WireError::Malformed("will topic is not UTF-8".into()))?,
+                        payload: w.message,
+                        qos: w.qos as u8,
+                        retain: w.retain,
+                        properties,
+                        expiry_secs,
+                        delay_secs,
+                    })
+                }
                 None => None,
             };
+            let props = c.properties.as_ref();
             Ok(Some(ConnectInfo {
                 protocol: Protocol::V5,
                 client_id: c.client_id,
@@ -228,6 +270,9 @@ pub fn read_connect(
                 will,
                 username: login.as_ref().map(|l| l.username.clone()),
                 password: login.map(|l| Secret::from(l.password)),
+                receive_maximum: props.and_then(|p| p.receive_maximum),
+                max_packet_size: props.and_then(|p| p.max_packet_size),
+                problem_information: props.and_then(|p| p.request_problem_info) != Some(0),
             }))
         }
         Ok(_) => Err(WireError::NotConnect),
@@ -273,9 +318,14 @@ fn read_v4(buf: &mut BytesMut, max_packet: usize) -> Result<Option<ClientPacket>
             pkid: p.pkid,
             retain: p.retain,
             payload: p.payload,
+            properties: None,
+            expiry_secs: None,
+            topic_alias: None,
         },
         v4::Packet::PubAck(a) => ClientPacket::PubAck(a.pkid),
+        v4::Packet::PubRec(r) => ClientPacket::PubRec(r.pkid),
         v4::Packet::PubRel(r) => ClientPacket::PubRel(r.pkid),
+        v4::Packet::PubComp(c) => ClientPacket::PubComp(c.pkid),
         v4::Packet::Subscribe(s) => ClientPacket::Subscribe {
             pkid: s.pkid,
             filters: s
@@ -291,9 +341,6 @@ fn read_v4(buf: &mut BytesMut, max_packet: usize) -> Result<Option<ClientPacket>
         v4::Packet::PingReq => ClientPacket::PingReq,
         v4::Packet::Disconnect => ClientPacket::Disconnect { with_will: false },
         v4::Packet::Connect(_) => ClientPacket::Unexpected("second CONNECT"),
-        v4::Packet::PubRec(_) | v4::Packet::PubComp(_) => {
-            ClientPacket::Unexpected("PUBREC/PUBCOMP (the server never sends QoS 2)")
-        }
         v4::Packet::ConnAck(_)
         | v4::Packet::SubAck(_)
         | v4::Packet::UnsubAck(_)
@@ -318,40 +365,51 @@ fn read_v5(buf: &mut BytesMut, max_packet: usize) -> Result<Option<ClientPacket>
         v5::Packet::Publish(p) => {
             let topic = String::from_utf8(p.topic.to_vec())
                 .map_err(|_| WireError::Malformed("topic is not UTF-8".into()))?;
-            if topic.is_empty() {
-                // We advertise no topic aliases, so an empty topic is a protocol error.
-                return Ok(Some(ClientPacket::Unexpected(
-                    "PUBLISH without a topic name",
-                )));
-            }
+            let (properties, expiry_secs, topic_alias) = match p.properties {
+                Some(props) => MessageProperties::from_publish(props),
+                None => (None, None, None),
+            };
             ClientPacket::Publish {
                 topic,
                 qos: p.qos as u8,
                 pkid: p.pkid,
                 retain: p.retain,
                 payload: p.payload,
+                properties: properties.map(Box::new),
+                expiry_secs,
+                topic_alias,
             }
         }
         v5::Packet::PubAck(a) => ClientPacket::PubAck(a.pkid),
+        v5::Packet::PubRec(r) => ClientPacket::PubRec(r.pkid),
         v5::Packet::PubRel(r) => ClientPacket::PubRel(r.pkid),
-        v5::Packet::Subscribe(s) => ClientPacket::Subscribe {
-            pkid: s.pkid,
-            filters: s
-                .filters
-                .into_iter()
-                .map(|f| SubscriptionRequest {
-                    filter: f.path,
-                    qos: f.qos as u8,
-                    no_local: f.nolocal,
-                    retain_as_published: f.preserve_retain,
-                    retain_handling: match f.retain_forward_rule {
-                        v5::RetainForwardRule::OnEverySubscribe => 0,
-                        v5::RetainForwardRule::OnNewSubscribe => 1,
-                        v5::RetainForwardRule::Never => 2,
-                    },
-                })
-                .collect(),
-        },
+        v5::Packet::PubComp(c) => ClientPacket::PubComp(c.pkid),
+        v5::Packet::Subscribe(s) => {
+            let id = s
+                .properties
+                .as_ref()
+                .and_then(|p| p.id)
+                .and_then(|i| u32::try_from(i).ok());
+            ClientPacket::Subscribe {
+                pkid: s.pkid,
+                filters: s
+                    .filters
+                    .into_iter()
+                    .map(|f| SubscriptionRequest {
+                        filter: f.path,
+                        qos: f.qos as u8,
+                        no_local: f.nolocal,
+                        retain_as_published: f.preserve_retain,
+                        retain_handling: match f.retain_forward_rule {
+                            v5::RetainForwardRule::OnEverySubscribe => 0,
+                            v5::RetainForwardRule::OnNewSubscribe => 1,
+                            v5::RetainForwardRule::Never => 2,
+                        },
+                        id,
+                    })
+                    .collect(),
+            }
+        }
         v5::Packet::Unsubscribe(u) => ClientPacket::Unsubscribe {
             pkid: u.pkid,
             filters: u.filters,
@@ -362,9 +420,6 @@ fn read_v5(buf: &mut BytesMut, max_packet: usize) -> Result<Option<ClientPacket>
         },
         v5::Packet::Connect(..) => ClientPacket::Unexpected("second CONNECT"),
         v5::Packet::Auth(_) => ClientPacket::Unexpected("AUTH (enhanced authentication)"),
-        v5::Packet::PubRec(_) | v5::Packet::PubComp(_) => {
-            ClientPacket::Unexpected("PUBREC/PUBCOMP (the server never sends QoS 2)")
-        }
         v5::Packet::ConnAck(_)
         | v5::Packet::SubAck(_)
         | v5::Packet::UnsubAck(_)
@@ -395,6 +450,55 @@ pub struct ServerFeatures {
     pub retain: bool,
     /// Largest packet the server accepts.
     pub max_packet: u32,
+    /// Highest QoS the server supports (1 or 2).
+    pub max_qos: u8,
+    /// Topic aliases the server accepts from the client (0: none).
+    pub topic_alias_max: u16,
+    /// Shared subscriptions (`$share/{group}/{filter}`) are supported.
+    pub shared_subscriptions: bool,
+    /// Subscription identifiers are supported.
+    pub subscription_identifiers: bool,
+}
+
+impl ServerFeatures {
+    /// QoS 1 at most, no topic aliases, no shared subscriptions or subscription identifiers.
+    pub fn basic(retain: bool, max_packet: u32) -> Self {
+        Self {
+            retain,
+            max_packet,
+            max_qos: 1,
+            topic_alias_max: 0,
+            shared_subscriptions: false,
+            subscription_identifiers: false,
+        }
+    }
+}
+
+/// Why the server closes an MQTT 5 connection (its DISCONNECT reason code).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DisconnectReason {
+    /// 0x81
+    MalformedPacket,
+    /// 0x82
+    ProtocolError,
+    /// 0x87
+    NotAuthorized,
+    /// 0x8B
+    ServerShuttingDown,
+    /// 0x8D
+    KeepAliveTimeout,
+    /// 0x8E
+    SessionTakenOver,
+    /// 0x90
+    TopicNameInvalid,
+    /// 0x94
+    TopicAliasInvalid,
+    /// 0x95
+    PacketTooLarge,
+    /// 0x97
+    QuotaExceeded,
+    /// 0x80
+    UnspecifiedError,
 }
 
 /// A server packet to encode.
@@ -410,6 +514,8 @@ pub enum ServerPacket<'a> {
         features: ServerFeatures,
         /// Client id the server chose for an empty one (MQTT 5 only; 3.1.1 has no field).
         assigned_client_id: Option<&'a str>,
+        /// Why it was refused (MQTT 5 reason string; 3.1.1 has no field).
+        reason: Option<&'a str>,
     },
     /// SUBACK: granted QoS per filter, `None` = refused.
     SubAck {
@@ -436,11 +542,13 @@ pub enum ServerPacket<'a> {
     PubRecRefused(u16),
     /// PUBCOMP (answer to PUBREL).
     PubComp(u16),
-    /// PUBLISH (QoS 0 or 1).
+    /// PUBREL (answer to the client's PUBREC for our QoS 2 PUBLISH).
+    PubRel(u16),
+    /// PUBLISH.
     Publish {
         /// Topic.
         topic: &'a str,
-        /// 0 or 1.
+        /// 0, 1 or 2.
         qos: u8,
         /// Packet id (ignored for QoS 0).
         pkid: u16,
@@ -450,24 +558,33 @@ pub enum ServerPacket<'a> {
         dup: bool,
         /// Payload.
         payload: Bytes,
+        /// MQTT 5 properties (and the delivery's expiry and subscription identifiers).
+        properties: Option<v5::PublishProperties>,
     },
     /// PINGRESP.
     PingResp,
+    /// DISCONNECT from the server (MQTT 5 only; a 3.1.1 server just closes).
+    Disconnect {
+        /// The reason code.
+        reason: DisconnectReason,
+        /// A reason string, if the client accepts them.
+        reason_string: Option<String>,
+    },
 }
 
 fn v4_qos(q: u8) -> V4QoS {
-    if q == 0 {
-        V4QoS::AtMostOnce
-    } else {
-        V4QoS::AtLeastOnce
+    match q {
+        0 => V4QoS::AtMostOnce,
+        1 => V4QoS::AtLeastOnce,
+        _ => V4QoS::ExactlyOnce,
     }
 }
 
 fn v5_qos(q: u8) -> V5QoS {
-    if q == 0 {
-        V5QoS::AtMostOnce
-    } else {
-        V5QoS::AtLeastOnce
+    match q {
+        0 => V5QoS::AtMostOnce,
+        1 => V5QoS::AtLeastOnce,
+        _ => V5QoS::ExactlyOnce,
     }
 }
 
@@ -478,6 +595,8 @@ pub fn write_packet(
     out: &mut BytesMut,
 ) -> Result<(), WireError> {
     let result = match protocol {
+        // MQTT 3.1.1 has no server DISCONNECT: the server just closes.
+        Protocol::V4 if matches!(packet, ServerPacket::Disconnect { .. }) => Ok(0),
         Protocol::V4 => v4_packet(packet)
             .write(out, usize::MAX)
             .map_err(|e| e.to_string()),
@@ -525,6 +644,7 @@ fn v4_packet(packet: ServerPacket<'_>) -> v4::Packet {
             v4::Packet::PubRec(v4::PubRec::new(pkid))
         }
         ServerPacket::PubComp(pkid) => v4::Packet::PubComp(v4::PubComp::new(pkid)),
+        ServerPacket::PubRel(pkid) => v4::Packet::PubRel(v4::PubRel::new(pkid)),
         ServerPacket::Publish {
             topic,
             qos,
@@ -532,6 +652,7 @@ fn v4_packet(packet: ServerPacket<'_>) -> v4::Packet {
             retain,
             dup,
             payload,
+            ..
         } => {
             let mut p = v4::Publish::from_bytes(topic, v4_qos(qos), payload);
             p.pkid = if qos == 0 { 0 } else { pkid };
@@ -540,6 +661,8 @@ fn v4_packet(packet: ServerPacket<'_>) -> v4::Packet {
             v4::Packet::Publish(p)
         }
         ServerPacket::PingResp => v4::Packet::PingResp,
+        // Never encoded for 3.1.1 (see `write_packet`); a PINGRESP is harmless if it were.
+        ServerPacket::Disconnect { .. } => v4::Packet::PingResp,
     }
 }
 
@@ -550,6 +673,7 @@ fn v5_packet(packet: ServerPacket<'_>) -> v5::Packet {
             session_present,
             features,
             assigned_client_id,
+            reason,
         } => v5::Packet::ConnAck(v5::ConnAck {
             session_present: session_present && outcome == ConnectOutcome::Accepted,
             code: match outcome {
@@ -559,8 +683,14 @@ fn v5_packet(packet: ServerPacket<'_>) -> v5::Packet {
                 ConnectOutcome::BadClientId => v5::ConnectReturnCode::ClientIdentifierNotValid,
                 ConnectOutcome::ServerUnavailable => v5::ConnectReturnCode::ServerUnavailable,
             },
-            properties: (outcome == ConnectOutcome::Accepted)
-                .then(|| v5_connack_properties(features, assigned_client_id)),
+            properties: if outcome == ConnectOutcome::Accepted {
+                Some(v5_connack_properties(features, assigned_client_id))
+            } else {
+                reason.map(|r| v5::ConnAckProperties {
+                    reason_string: Some(r.to_string()),
+                    ..v5_connack_properties(features, None)
+                })
+            },
         }),
         ServerPacket::SubAck { pkid, granted } => v5::Packet::SubAck(v5::SubAck {
             pkid,
@@ -591,6 +721,7 @@ fn v5_packet(packet: ServerPacket<'_>) -> v5::Packet {
             v5::Packet::PubRec(rec)
         }
         ServerPacket::PubComp(pkid) => v5::Packet::PubComp(v5::PubComp::new(pkid, None)),
+        ServerPacket::PubRel(pkid) => v5::Packet::PubRel(v5::PubRel::new(pkid, None)),
         ServerPacket::Publish {
             topic,
             qos,
@@ -598,18 +729,47 @@ fn v5_packet(packet: ServerPacket<'_>) -> v5::Packet {
             retain,
             dup,
             payload,
+            properties,
         } => {
-            let mut p = v5::Publish::new(topic, v5_qos(qos), payload, None);
+            let mut p = v5::Publish::new(topic, v5_qos(qos), payload, properties);
             p.pkid = if qos == 0 { 0 } else { pkid };
             p.retain = retain;
             p.dup = dup && qos > 0;
             v5::Packet::Publish(p)
         }
         ServerPacket::PingResp => v5::Packet::PingResp(v5::PingResp),
+        ServerPacket::Disconnect {
+            reason,
+            reason_string,
+        } => {
+            use v5::DisconnectReasonCode as C;
+            let code = match reason {
+                DisconnectReason::MalformedPacket => C::MalformedPacket,
+                DisconnectReason::ProtocolError => C::ProtocolError,
+                DisconnectReason::NotAuthorized => C::NotAuthorized,
+                DisconnectReason::ServerShuttingDown => C::ServerShuttingDown,
+                DisconnectReason::KeepAliveTimeout => C::KeepAliveTimeout,
+                DisconnectReason::SessionTakenOver => C::SessionTakenOver,
+                DisconnectReason::TopicNameInvalid => C::TopicNameInvalid,
+                DisconnectReason::TopicAliasInvalid => C::TopicAliasInvalid,
+                DisconnectReason::PacketTooLarge => C::PacketTooLarge,
+                DisconnectReason::QuotaExceeded => C::QuotaExceeded,
+                DisconnectReason::UnspecifiedError => C::UnspecifiedError,
+            };
+            v5::Packet::Disconnect(v5::Disconnect {
+                reason_code: code,
+                properties: reason_string.map(|r| v5::DisconnectProperties {
+                    session_expiry_interval: None,
+                    reason_string: Some(r),
+                    user_properties: Vec::new(),
+                    server_reference: None,
+                }),
+            })
+        }
     }
 }
 
-/// QoS 1 at most, no topic aliases, no shared subscriptions or subscription identifiers.
+/// The server's limits and features, as `features` says.
 fn v5_connack_properties(
     features: ServerFeatures,
     assigned_client_id: Option<&str>,
@@ -617,16 +777,17 @@ fn v5_connack_properties(
     v5::ConnAckProperties {
         session_expiry_interval: None,
         receive_max: None,
-        max_qos: Some(1),
+        // Absent means 2 (MQTT 5 §3.2.2.3.4).
+        max_qos: (features.max_qos < 2).then_some(features.max_qos),
         retain_available: (!features.retain).then_some(0),
         max_packet_size: Some(features.max_packet),
         assigned_client_identifier: assigned_client_id.map(str::to_string),
-        topic_alias_max: None,
+        topic_alias_max: (features.topic_alias_max > 0).then_some(features.topic_alias_max),
         reason_string: None,
         user_properties: Vec::new(),
         wildcard_subscription_available: Some(1),
-        subscription_identifiers_available: Some(0),
-        shared_subscription_available: Some(0),
+        subscription_identifiers_available: (!features.subscription_identifiers).then_some(0),
+        shared_subscription_available: (!features.shared_subscriptions).then_some(0),
         server_keep_alive: None,
         response_information: None,
         server_reference: None,

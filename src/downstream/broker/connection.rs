@@ -7,7 +7,7 @@
 //! clients are received exactly once (PUBREC/PUBREL/PUBCOMP) and delivered at QoS 1, the
 //! highest QoS the broker grants.
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -19,10 +19,11 @@ use tokio::time::{timeout, timeout_at, Instant};
 use super::router::{AckWait, ConnectionFacts, Delivery, Message, Refused, Router, Session};
 use super::rules::{truncated, AccessRules, Principal, Refusal};
 use crate::identity;
+use crate::mqtt::props::{self, MessageProperties};
 use crate::mqtt::stream::{PacketStream, StreamError};
 use crate::mqtt::wire::{
-    self, ClientPacket, ConnectInfo, ConnectOutcome, Protocol, ServerFeatures, ServerPacket,
-    WireError,
+    self, ClientPacket, ConnectInfo, ConnectOutcome, DisconnectReason, Protocol, ServerFeatures,
+    ServerPacket, WireError,
 };
 
 /// Writing one round of packets must complete within this time.
@@ -31,6 +32,8 @@ const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 const READ_CHUNK: usize = 4 * 1024;
 /// Without a keep-alive a silent client is still dropped after this long.
 const NO_KEEP_ALIVE_LIMIT: Duration = Duration::from_secs(24 * 3600);
+/// Topic aliases an MQTT 5 client may set up on one connection (announced in CONNACK).
+pub const TOPIC_ALIAS_MAX: u16 = 64;
 
 /// Settings every connection shares.
 #[derive(Debug)]
@@ -132,6 +135,10 @@ enum Close {
     KeepAlive,
     TakenOver,
     Violation(String),
+    /// A packet over the broker's limit (MQTT 5: 0x95).
+    TooLarge(String),
+    /// A topic alias the broker did not grant, or not set up (MQTT 5: 0x94).
+    AliasInvalid(String),
     Shutdown,
     /// A message of this client left the gateway's session before the gateway acknowledged it.
     NotDelivered,
@@ -148,6 +155,8 @@ impl std::fmt::Display for Close {
                 f.write_str("taken over by a new connection with the same client id")
             }
             Close::Violation(what) => write!(f, "protocol violation: {what}"),
+            Close::TooLarge(what) => write!(f, "packet too large: {what}"),
+            Close::AliasInvalid(what) => write!(f, "topic alias invalid: {what}"),
             Close::Shutdown => f.write_str("broker stopping"),
             Close::NotDelivered => f.write_str(
                 "a message left the gateway's session before the gateway stored it (its queue was full or the session was discarded); closing so that the client sends it again",
@@ -161,6 +170,7 @@ impl From<StreamError> for Close {
         match e {
             StreamError::Closed => Close::ByClient,
             StreamError::Io(e) => Close::Io(e),
+            StreamError::Wire(e @ WireError::TooLarge { .. }) => Close::TooLarge(e.to_string()),
             other => Close::Violation(other.to_string()),
         }
     }
@@ -173,6 +183,21 @@ impl From<WireError> for Close {
 }
 
 impl Close {
+    /// What an MQTT 5 client is told before the broker closes (`None`: nothing to send: the
+    /// client left, or the socket is gone).
+    fn disconnect_reason(&self) -> Option<DisconnectReason> {
+        match self {
+            Close::Graceful { .. } | Close::ByClient | Close::Io(_) => None,
+            Close::KeepAlive => Some(DisconnectReason::KeepAliveTimeout),
+            Close::TakenOver => Some(DisconnectReason::SessionTakenOver),
+            Close::Violation(_) => Some(DisconnectReason::ProtocolError),
+            Close::TooLarge(_) => Some(DisconnectReason::PacketTooLarge),
+            Close::AliasInvalid(_) => Some(DisconnectReason::TopicAliasInvalid),
+            Close::Shutdown => Some(DisconnectReason::ServerShuttingDown),
+            Close::NotDelivered => Some(DisconnectReason::UnspecifiedError),
+        }
+    }
+
     fn publishes_will(&self) -> bool {
         match self {
             Close::Graceful { with_will } => *with_will,
@@ -181,6 +206,8 @@ impl Close {
             | Close::Io(_)
             | Close::KeepAlive
             | Close::Violation(_)
+            | Close::TooLarge(_)
+            | Close::AliasInvalid(_)
             | Close::NotDelivered => true,
         }
     }
@@ -204,6 +231,7 @@ async fn refuse<S: AsyncRead + AsyncWrite + Unpin>(
         session_present: false,
         features,
         assigned_client_id: None,
+        reason: Some(why),
     });
     let _ = conn.flush().await;
 }
@@ -225,6 +253,8 @@ pub async fn serve<S>(
         io: PacketStream::new(stream, cfg.max_packet, READ_CHUNK),
         inbound: None,
         pending_acks: VecDeque::new(),
+        aliases: HashMap::new(),
+        client_max_packet: usize::MAX,
     };
     let mut connect = match timeout(cfg.connect_timeout, conn.io.read_connect()).await {
         Ok(Ok(c)) => c,
@@ -241,7 +271,14 @@ pub async fn serve<S>(
     let features = ServerFeatures {
         retain: true,
         max_packet: u32::try_from(cfg.max_packet).unwrap_or(u32::MAX),
+        max_qos: 2,
+        topic_alias_max: TOPIC_ALIAS_MAX,
+        shared_subscriptions: false,
+        subscription_identifiers: true,
     };
+    if let Some(max) = connect.max_packet_size {
+        conn.client_max_packet = usize::try_from(max).unwrap_or(usize::MAX);
+    }
     let assigned = connect.client_id.is_empty();
     if assigned && connect.keep_session && connect.protocol == Protocol::V4 {
         // MQTT 3.1.1 §3.1.3.1: an empty client id needs a clean session.
@@ -250,6 +287,7 @@ pub async fn serve<S>(
             session_present: false,
             features,
             assigned_client_id: None,
+            reason: Some("MQTT 3.1.1: an empty client id needs a clean session"),
         });
         let _ = conn.flush().await;
         return;
@@ -334,6 +372,7 @@ pub async fn serve<S>(
         session_present: attached.resumed,
         features,
         assigned_client_id: assigned.then_some(client_id.as_str()),
+        reason: None,
     }) {
         router.disconnect(&session, number, None);
         tracing::debug!(%peer, client_id, %close, "embedded broker: cannot answer CONNECT");
@@ -352,12 +391,36 @@ pub async fn serve<S>(
             tracing::debug!(%peer, client_id, close = %other, "embedded broker: connection ended")
         }
     }
+    if connect.protocol == Protocol::V5 {
+        if let Some(reason) = close.disconnect_reason() {
+            let _ = conn.queue(ServerPacket::Disconnect {
+                reason,
+                reason_string: Some(truncated(&close.to_string())),
+            });
+            let _ = conn.flush().await;
+        }
+    }
     let will = if close.publishes_will() {
         connect.will.clone()
     } else {
         None
     };
-    router.disconnect(&session, number, will);
+    match will {
+        // MQTT 5 will delay: published later, unless the client is back in its session by
+        // then (MQTT-3.1.3-9). A session that ends sooner is not tracked: the delay runs out.
+        Some(w) if w.delay_secs > 0 => {
+            router.disconnect(&session, number, None);
+            let router = router.clone();
+            let session = session.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_secs(u64::from(w.delay_secs))).await;
+                if !router.is_attached(&session) {
+                    router.publish_will(session.client_id(), w);
+                }
+            });
+        }
+        will => router.disconnect(&session, number, will),
+    }
     conn.io.shutdown().await;
 }
 
@@ -368,6 +431,10 @@ struct Connection<S> {
     /// QoS 1 PUBLISHes of this client not acknowledged yet, in arrival order: those waiting
     /// for the acknowledging client hold back the ones after them (MQTT 3.1.1 §4.6).
     pending_acks: VecDeque<PendingAck>,
+    /// MQTT 5 topic aliases the client set up on this connection.
+    aliases: HashMap<u16, Arc<str>>,
+    /// The largest packet the client accepts (MQTT 5 Maximum Packet Size).
+    client_max_packet: usize,
 }
 
 /// A token bucket over one connection's PUBLISH packets: `rate` per second, bursts of as many.
@@ -439,7 +506,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         let mut deadline = Instant::now() + idle_limit;
         let mut awaiting_release: HashSet<u16> = HashSet::new();
         let mut sendable: Vec<(u16, Delivery)> = Vec::new();
-        let window = router.window(session.client_id());
+        // The client's Receive Maximum bounds the window too (MQTT-3.3.4-9).
+        let window = router
+            .window(session.client_id())
+            .min(usize::from(connect.receive_maximum.unwrap_or(u16::MAX)).max(1));
+        // QoS 2 messages the client received on an earlier connection: PUBREL again.
+        for pkid in session.releases_to_resend(number) {
+            if let Err(close) = self.queue(ServerPacket::PubRel(pkid)) {
+                return close;
+            }
+        }
         loop {
             if let Err(close) =
                 self.process_buffer(principal, cfg, router, session, &mut awaiting_release)
@@ -453,16 +529,41 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             if !session.take_sendable(number, window, &mut sendable) {
                 return Close::TakenOver;
             }
+            let now = std::time::Instant::now();
             for (pkid, d) in sendable.drain(..) {
-                if let Err(close) = self.queue(ServerPacket::Publish {
+                // What is left of its life goes with it (MQTT-3.3.2-6).
+                let left = props::remaining(d.message.expires_at, now);
+                if left == props::Remaining::Expired {
+                    session.acknowledge(pkid);
+                    continue;
+                }
+                let expiry = left.interval();
+                let properties = match connect.protocol {
+                    Protocol::V4 => None,
+                    Protocol::V5 => MessageProperties::to_publish(
+                        d.message.properties.as_deref(),
+                        expiry,
+                        &d.subscription_ids,
+                    ),
+                };
+                let packet = ServerPacket::Publish {
                     topic: &d.message.topic,
                     qos: d.qos,
                     pkid,
                     retain: d.retain,
                     dup: d.dup,
                     payload: d.message.payload.clone(),
-                }) {
-                    return close;
+                    properties,
+                };
+                match self.io.queue_within(packet, self.client_max_packet) {
+                    Ok(true) => {}
+                    // Larger than the client accepts: discarded as if sent (MQTT-3.1.2-25).
+                    Ok(false) => {
+                        if d.qos > 0 {
+                            session.acknowledge(pkid);
+                        }
+                    }
+                    Err(e) => return Close::Violation(e.to_string()),
                 }
             }
             if let Err(close) = self.flush().await {
@@ -485,6 +586,29 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                 },
             }
         }
+    }
+
+    /// The topic of a PUBLISH: its name, which an MQTT 5 alias then stands for, or the name
+    /// an alias stands for (MQTT 5 §3.3.2.3.4).
+    fn resolve_alias(&mut self, topic: String, alias: Option<u16>) -> Result<Arc<str>, Close> {
+        let Some(alias) = alias else {
+            return Ok(Arc::from(topic));
+        };
+        if alias == 0 || alias > TOPIC_ALIAS_MAX {
+            return Err(Close::AliasInvalid(format!(
+                "alias {alias} outside 1..={TOPIC_ALIAS_MAX}"
+            )));
+        }
+        if topic.is_empty() {
+            return self
+                .aliases
+                .get(&alias)
+                .cloned()
+                .ok_or_else(|| Close::AliasInvalid(format!("alias {alias} was never set")));
+        }
+        let topic: Arc<str> = Arc::from(topic);
+        self.aliases.insert(alias, topic.clone());
+        Ok(topic)
     }
 
     /// Acknowledges QoS 1 PUBLISH `pkid` at once if nothing before it waits, else after them.
@@ -556,10 +680,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                     pkid,
                     retain,
                     payload,
+                    properties,
+                    expiry_secs,
+                    topic_alias,
                 } => {
                     if let Some(rate) = &mut self.inbound {
                         rate.take();
                     }
+                    let topic = self.resolve_alias(topic, topic_alias)?;
                     if !wire::valid_topic(&topic) {
                         return Err(Close::Violation(format!(
                             "invalid topic name {:?}",
@@ -589,11 +717,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                         continue;
                     }
                     let message = Message {
-                        topic: Arc::from(topic),
+                        topic,
                         payload,
-                        qos: qos.min(1),
+                        qos,
                         // Only the gateway (and local applications) leave retained messages.
                         retain: retain && principal.may_retain(),
+                        properties: properties.map(|p| Arc::new(*p)),
+                        expires_at: props::expiry_deadline(expiry_secs),
                     };
                     match qos {
                         0 => {
@@ -612,8 +742,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                         }
                     }
                 }
-                ClientPacket::PubAck(pkid) => {
+                ClientPacket::PubAck(pkid) | ClientPacket::PubComp(pkid) => {
                     session.acknowledge(pkid);
+                }
+                ClientPacket::PubRec(pkid) => {
+                    if session.received(pkid) {
+                        self.queue(ServerPacket::PubRel(pkid))?;
+                    }
                 }
                 ClientPacket::PubRel(pkid) => {
                     awaiting_release.remove(&pkid);

@@ -159,12 +159,7 @@ impl LocalClient {
     pub fn publish(&self, topic: &str, payload: Bytes, retain: bool) {
         self.router.publish(
             self.client_id(),
-            Message {
-                topic: Arc::from(topic),
-                payload,
-                qos: 1,
-                retain,
-            },
+            Message::plain(Arc::from(topic), payload, 1, retain),
         );
     }
 

@@ -40,6 +40,7 @@ use super::ack::AckGuard;
 pub use super::ack::AckWait;
 use super::rules::Owner;
 use super::trie::{FilterTrie, RetainedTrie};
+use crate::mqtt::props::{self, MessageProperties};
 use crate::mqtt::wire::{SubscriptionRequest, Will};
 
 /// A message on its way to subscribers.
@@ -49,15 +50,38 @@ pub struct Message {
     pub topic: Arc<str>,
     /// Payload.
     pub payload: Bytes,
-    /// QoS the publisher used (2 is delivered as 1).
+    /// QoS the publisher used.
     pub qos: u8,
     /// Retain flag as published.
     pub retain: bool,
+    /// MQTT 5 properties the publisher sent, forwarded unchanged.
+    pub properties: Option<Arc<MessageProperties>>,
+    /// When the message expires (MQTT 5 message expiry interval), if it does.
+    pub expires_at: Option<Instant>,
 }
 
 impl Message {
+    /// A message without MQTT 5 properties or expiry.
+    pub fn plain(topic: Arc<str>, payload: Bytes, qos: u8, retain: bool) -> Self {
+        Self {
+            topic,
+            payload,
+            qos,
+            retain,
+            properties: None,
+            expires_at: None,
+        }
+    }
+
     fn cost(&self) -> usize {
-        self.topic.len() + self.payload.len() + 64
+        self.topic.len()
+            + self.payload.len()
+            + 64
+            + self.properties.as_ref().map_or(0, |p| p.cost())
+    }
+
+    fn expired(&self, now: Instant) -> bool {
+        self.expires_at.is_some_and(|at| at <= now)
     }
 }
 
@@ -72,6 +96,10 @@ pub struct Delivery {
     pub retain: bool,
     /// Sent before and not acknowledged.
     pub dup: bool,
+    /// The identifiers of the client's subscriptions it matched (MQTT 5).
+    pub subscription_ids: Vec<u32>,
+    /// QoS 2: the client's PUBREC came; it waits for PUBCOMP (and is not sent again).
+    released: bool,
     /// Held while this copy waits for the acknowledging client (see the module docs); never
     /// read, its drop is what completes the publisher's wait.
     #[allow(dead_code)]
@@ -84,6 +112,8 @@ pub struct SubOptions {
     qos: u8,
     no_local: bool,
     retain_as_published: bool,
+    /// MQTT 5 subscription identifier.
+    id: Option<u32>,
 }
 
 /// Per-session limits.
@@ -181,14 +211,23 @@ impl Session {
         if st.attached != Some(number) {
             return false;
         }
+        let now = Instant::now();
         while let Some(front) = st.queue.front() {
-            if front.qos > 0 && st.inflight.len() >= window {
+            if front.qos > 0 && st.inflight.len() >= window && !front.message.expired(now) {
                 break;
             }
             let Some(d) = st.queue.pop_front() else {
                 break;
             };
             st.queued_bytes = st.queued_bytes.saturating_sub(d.message.cost());
+            if d.message.expired(now) {
+                // MQTT-3.3.2-5: not forwarded once expired. The publisher asked for that, so
+                // a publisher waiting on this copy is told it is done, not to resend.
+                if let Some(guard) = &d.ack {
+                    guard.mark_acknowledged();
+                }
+                continue;
+            }
             if d.qos == 0 {
                 out.push((0, d));
                 continue;
@@ -200,7 +239,35 @@ impl Session {
         true
     }
 
-    /// A PUBACK: frees the window slot of `pkid`. False if no such message was in flight.
+    /// A PUBREC for QoS 2 message `pkid`: it now waits for PUBCOMP. True when the PUBREL
+    /// should be sent (the message was in flight).
+    pub fn received(&self, pkid: u16) -> bool {
+        let mut st = self.lock();
+        match st.inflight.iter_mut().find(|(p, _)| *p == pkid) {
+            Some((_, d)) if d.qos == 2 => {
+                d.released = true;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// For connection `number`: the QoS 2 messages whose PUBREC came on an earlier
+    /// connection; their PUBREL is sent again (MQTT-4.4.0-1), not the message.
+    pub fn releases_to_resend(&self, number: u64) -> Vec<u16> {
+        let st = self.lock();
+        if st.attached != Some(number) {
+            return Vec::new();
+        }
+        st.inflight
+            .iter()
+            .filter(|(_, d)| d.released)
+            .map(|(p, _)| *p)
+            .collect()
+    }
+
+    /// A PUBACK or PUBCOMP (or a delivery the client could not take, see the connection):
+    /// frees the window slot of `pkid`. False if no such message was in flight.
     pub fn acknowledge(&self, pkid: u16) -> bool {
         let mut st = self.lock();
         match st.inflight.iter().position(|(p, _)| *p == pkid) {
@@ -499,9 +566,13 @@ impl Router {
                 if std::mem::take(&mut st.counted_kept) {
                     t.kept -= 1;
                 }
-                // Unacknowledged messages go first, marked as redeliveries.
+                // Unacknowledged messages go first, marked as redeliveries; QoS 2 messages the
+                // client has received stay in flight and only their PUBREL is sent again.
                 let inflight: Vec<(u16, Delivery)> = st.inflight.drain(..).collect();
-                for (_, mut d) in inflight.into_iter().rev() {
+                let (released, resend): (Vec<_>, Vec<_>) =
+                    inflight.into_iter().partition(|(_, d)| d.released);
+                st.inflight.extend(released);
+                for (_, mut d) in resend.into_iter().rev() {
                     d.dup = true;
                     st.queued_bytes += d.message.cost();
                     st.queue.push_front(d);
@@ -576,16 +647,29 @@ impl Router {
             }
         }
         if let Some(w) = will {
-            self.publish(
-                &session.client_id,
-                Message {
-                    topic: Arc::from(w.topic.as_str()),
-                    payload: w.payload,
-                    qos: w.qos.min(1),
-                    retain: w.retain,
-                },
-            );
+            self.publish_will(&session.client_id, w);
         }
+    }
+
+    /// Publishes a client's will.
+    pub fn publish_will(&self, client_id: &str, w: Will) {
+        self.publish(
+            client_id,
+            Message {
+                topic: Arc::from(w.topic.as_str()),
+                payload: w.payload,
+                qos: w.qos,
+                retain: w.retain,
+                properties: w.properties.map(Arc::new),
+                expires_at: props::expiry_deadline(w.expiry_secs),
+            },
+        );
+    }
+
+    /// Whether `session` is attached to a connection now (a delayed will is dropped when
+    /// its client came back to the session in time).
+    pub fn is_attached(&self, session: &Session) -> bool {
+        session.lock().attached.is_some()
     }
 
     /// Routes `message` from client `from` to every matching subscriber; returns how many
@@ -610,7 +694,7 @@ impl Router {
         publisher: Option<&Arc<Session>>,
         message: Message,
     ) -> (usize, Option<Arc<AckWait>>) {
-        let mut targets: Vec<(Arc<Session>, SubOptions)> = Vec::new();
+        let mut targets: Vec<(Arc<Session>, SubOptions, Vec<u32>)> = Vec::new();
         {
             let mut t = self.tables();
             if message.retain {
@@ -621,20 +705,24 @@ impl Router {
                     if opts.no_local && &*session.client_id == from {
                         return;
                     }
-                    // Overlapping filters of one client: one copy, at the highest granted QoS.
-                    match targets.iter_mut().find(|(s, _)| Arc::ptr_eq(s, session)) {
-                        Some((_, o)) => {
+                    // Overlapping filters of one client: one copy, at the highest granted QoS,
+                    // with every matching subscription identifier (MQTT-3.3.4-3, -5).
+                    match targets.iter_mut().find(|(s, _, _)| Arc::ptr_eq(s, session)) {
+                        Some((_, o, ids)) => {
                             o.qos = o.qos.max(opts.qos);
                             o.retain_as_published |= opts.retain_as_published;
+                            ids.extend(opts.id);
                         }
-                        None => targets.push((session.clone(), *opts)),
+                        None => {
+                            targets.push((session.clone(), *opts, opts.id.into_iter().collect()))
+                        }
                     }
                 });
         }
         let count = targets.len();
         let mut wait = None;
-        for (session, opts) in targets {
-            let qos = message.qos.min(opts.qos).min(1);
+        for (session, opts, subscription_ids) in targets {
+            let qos = message.qos.min(opts.qos);
             let ack = match (publisher, &self.ack_after) {
                 (Some(p), Some(acker))
                     if qos == 1 && session.client_id == *acker && !Arc::ptr_eq(p, &session) =>
@@ -650,6 +738,8 @@ impl Router {
                 message: message.clone(),
                 qos,
                 dup: false,
+                subscription_ids,
+                released: false,
                 ack,
             };
             let mut st = session.lock();
@@ -741,9 +831,10 @@ impl Router {
                     continue;
                 }
                 let opts = SubOptions {
-                    qos: r.qos.min(1),
+                    qos: r.qos.min(2),
                     no_local: r.no_local,
                     retain_as_published: r.retain_as_published,
+                    id: r.id,
                 };
                 let is_new = t.filters.insert(
                     &r.filter,
@@ -758,22 +849,27 @@ impl Router {
                     _ => false,
                 };
                 if send_retained {
+                    let now = Instant::now();
                     for m in t.retained.matching(&r.filter) {
-                        retained.push((m, opts.qos));
+                        if !m.expired(now) {
+                            retained.push((m, opts));
+                        }
                     }
                 }
             }
         }
         if !retained.is_empty() {
             let mut st = session.lock();
-            for (message, qos) in retained {
-                let qos = message.qos.min(qos);
+            for (message, opts) in retained {
+                let qos = message.qos.min(opts.qos);
                 st.push(
                     Delivery {
                         message,
                         qos,
                         retain: true,
                         dup: false,
+                        subscription_ids: opts.id.into_iter().collect(),
+                        released: false,
                         ack: None,
                     },
                     &self.limits,

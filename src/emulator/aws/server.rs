@@ -65,11 +65,9 @@ fn connack(outcome: ConnectOutcome) -> ServerPacket<'static> {
     ServerPacket::ConnAck {
         outcome,
         session_present: false,
-        features: ServerFeatures {
-            retain: false,
-            max_packet: MAX_INCOMING_PACKET as u32,
-        },
+        features: ServerFeatures::basic(false, MAX_INCOMING_PACKET as u32),
         assigned_client_id: None,
+        reason: None,
     }
 }
 
@@ -470,6 +468,11 @@ impl Connection {
                     self.flush().await?;
                     return Err(Close::ByClient);
                 }
+                ClientPacket::PubRec(_) | ClientPacket::PubComp(_) => {
+                    return Err(Close::Violation(
+                        "PUBREC/PUBCOMP (IoT Core never sends QoS 2)".into(),
+                    ))
+                }
                 ClientPacket::Unexpected(what) => return Err(Close::Violation(what.into())),
             }
         }
@@ -573,6 +576,7 @@ impl Connection {
             retain: false,
             dup: false,
             payload: Bytes::from(payload),
+            properties: None,
         })
     }
 
@@ -598,6 +602,7 @@ impl Connection {
             retain: false,
             dup: false,
             payload: message.payload.clone(),
+            properties: None,
         })
     }
 

@@ -45,11 +45,9 @@ impl Peer {
             &[ServerPacket::ConnAck {
                 outcome: ConnectOutcome::Accepted,
                 session_present,
-                features: ServerFeatures {
-                    retain: true,
-                    max_packet: 1 << 20,
-                },
+                features: ServerFeatures::basic(true, 1 << 20),
                 assigned_client_id: None,
+                reason: None,
             }],
         )
         .await;
@@ -72,6 +70,7 @@ fn publish(pkid: u16) -> ServerPacket<'static> {
         retain: false,
         dup: false,
         payload: Bytes::from_static(b"m"),
+        properties: None,
     }
 }
 

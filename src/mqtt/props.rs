@@ -1,0 +1,176 @@
+//! MQTT 5 properties of an application message (MQTT 5 §3.3.2.3), carried from the publisher
+//! to every subscriber unchanged (MQTT-3.3.2-4, -15, -16, -17, -18, -20): payload format
+//! indicator, content type, response topic, correlation data and user properties, in the
+//! order the publisher sent them. The message expiry interval travels as a deadline and is
+//! sent as what is left of it (MQTT-3.3.2-6); topic aliases and subscription identifiers
+//! belong to one connection and are set per delivery, never carried.
+
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use rumqttc::v5::mqttbytes::v5;
+
+/// The properties of a message that travel with it (see the module docs).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct MessageProperties {
+    /// 0 unspecified bytes, 1 UTF-8.
+    pub payload_format_indicator: Option<u8>,
+    /// MIME type of the payload.
+    pub content_type: Option<String>,
+    /// Where a responder should publish its answer.
+    pub response_topic: Option<String>,
+    /// Data the requester uses to match the answer.
+    pub correlation_data: Option<Bytes>,
+    /// Name-value pairs, in order, repeats allowed.
+    pub user_properties: Vec<(String, String)>,
+}
+
+impl MessageProperties {
+    /// True when there is nothing to carry.
+    pub fn is_empty(&self) -> bool {
+        self == &Self::default()
+    }
+
+    /// What a PUBLISH's properties carry, and its expiry interval and topic alias.
+    pub fn from_publish(p: v5::PublishProperties) -> (Option<Self>, Option<u32>, Option<u16>) {
+        let props = Self {
+            payload_format_indicator: p.payload_format_indicator,
+            content_type: p.content_type,
+            response_topic: p.response_topic,
+            correlation_data: p.correlation_data,
+            user_properties: p.user_properties,
+        };
+        (
+            (!props.is_empty()).then_some(props),
+            p.message_expiry_interval,
+            p.topic_alias,
+        )
+    }
+
+    /// What a will's properties carry, and its expiry and delay intervals.
+    pub fn from_will(p: v5::LastWillProperties) -> (Option<Self>, Option<u32>, u32) {
+        let props = Self {
+            payload_format_indicator: p.payload_format_indicator,
+            content_type: p.content_type,
+            response_topic: p.response_topic,
+            correlation_data: p.correlation_data,
+            user_properties: p.user_properties,
+        };
+        (
+            (!props.is_empty()).then_some(props),
+            p.message_expiry_interval,
+            p.delay_interval.unwrap_or(0),
+        )
+    }
+
+    /// The PUBLISH properties of one delivery.
+    pub fn to_publish(
+        props: Option<&Self>,
+        expiry_secs: Option<u32>,
+        subscription_ids: &[u32],
+    ) -> Option<v5::PublishProperties> {
+        if props.is_none() && expiry_secs.is_none() && subscription_ids.is_empty() {
+            return None;
+        }
+        let p = props.cloned().unwrap_or_default();
+        Some(v5::PublishProperties {
+            payload_format_indicator: p.payload_format_indicator,
+            message_expiry_interval: expiry_secs,
+            topic_alias: None,
+            response_topic: p.response_topic,
+            correlation_data: p.correlation_data,
+            user_properties: p.user_properties,
+            subscription_identifiers: subscription_ids.iter().map(|i| *i as usize).collect(),
+            content_type: p.content_type,
+        })
+    }
+
+    /// Bytes these properties add to a message, for queue accounting.
+    pub fn cost(&self) -> usize {
+        self.content_type.as_ref().map_or(0, String::len)
+            + self.response_topic.as_ref().map_or(0, String::len)
+            + self.correlation_data.as_ref().map_or(0, Bytes::len)
+            + self
+                .user_properties
+                .iter()
+                .map(|(k, v)| k.len() + v.len() + 4)
+                .sum::<usize>()
+    }
+}
+
+/// When a message published now with `interval` seconds to live expires.
+pub fn expiry_deadline(interval: Option<u32>) -> Option<Instant> {
+    interval.and_then(|s| Instant::now().checked_add(Duration::from_secs(u64::from(s))))
+}
+
+/// What is left of a message's life.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Remaining {
+    /// It never expires.
+    Forever,
+    /// Seconds left, rounded up (a message with time left never goes out as 0).
+    Secs(u32),
+    /// It has expired: not to be forwarded.
+    Expired,
+}
+
+impl Remaining {
+    /// The expiry interval to send, if any.
+    pub fn interval(self) -> Option<u32> {
+        match self {
+            Remaining::Secs(s) => Some(s),
+            Remaining::Forever | Remaining::Expired => None,
+        }
+    }
+}
+
+/// What is left at `now` of a message's life ending at `deadline`.
+pub fn remaining(deadline: Option<Instant>, now: Instant) -> Remaining {
+    match deadline {
+        None => Remaining::Forever,
+        Some(at) if at <= now => Remaining::Expired,
+        Some(at) => {
+            let left = at - now;
+            let secs = left.as_secs() + u64::from(left.subsec_nanos() > 0);
+            Remaining::Secs(u32::try_from(secs).unwrap_or(u32::MAX))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn properties_survive_the_round_trip_in_order() {
+        let p = v5::PublishProperties {
+            payload_format_indicator: Some(1),
+            message_expiry_interval: Some(60),
+            topic_alias: Some(3),
+            response_topic: Some("r/1".into()),
+            correlation_data: Some(Bytes::from_static(b"c")),
+            user_properties: vec![("b".into(), "2".into()), ("a".into(), "1".into())],
+            subscription_identifiers: vec![9],
+            content_type: Some("application/json".into()),
+        };
+        let (props, expiry, alias) = MessageProperties::from_publish(p);
+        assert_eq!((expiry, alias), (Some(60), Some(3)));
+        let out = MessageProperties::to_publish(props.as_ref(), Some(59), &[4, 7]).unwrap();
+        assert_eq!(out.user_properties[0].0, "b", "order kept");
+        assert_eq!(out.content_type.as_deref(), Some("application/json"));
+        assert_eq!(out.correlation_data.as_deref(), Some(&b"c"[..]));
+        assert_eq!(out.topic_alias, None, "aliases are per connection");
+        assert_eq!(out.subscription_identifiers, vec![4, 7]);
+        assert_eq!(out.message_expiry_interval, Some(59));
+        assert!(MessageProperties::to_publish(None, None, &[]).is_none());
+    }
+
+    #[test]
+    fn expiry_counts_down_and_ends() {
+        let now = Instant::now();
+        assert_eq!(remaining(None, now), Remaining::Forever);
+        let at = now + Duration::from_millis(1500);
+        assert_eq!(remaining(Some(at), now), Remaining::Secs(2));
+        assert_eq!(remaining(Some(at), at), Remaining::Expired);
+    }
+}
