@@ -908,3 +908,35 @@ async fn only_the_gateway_acknowledges_a_device_message_to_the_device() {
     dev.expect_puback("after the gateway's ack").await;
     gw.shutdown(WAIT).await;
 }
+
+/// A shared subscription is judged by the filter inside it: a device cannot use one to read
+/// another device's topics, nor a user outside its filters.
+#[tokio::test]
+async fn shared_subscriptions_obey_the_same_rights() {
+    let (gw, _rx, port) =
+        gateway_with_users(vec![user("reader", "r-secret", &[], &["plant/#"])]).await;
+    let mut a = TestClient::connect_ok(options("sensor-a", port)).await;
+    assert_filters_refused(
+        &mut a,
+        &[
+            "$share/g/fleetgw/sensor-b/#",
+            "$share/g/fleetgw/#",
+            "$share/g/#",
+        ],
+    )
+    .await;
+    assert_eq!(
+        a.subscribe("$share/g/fleetgw/sensor-a/commands/#", QoS::AtLeastOnce)
+            .await,
+        vec![SubscribeReasonCode::Success(QoS::AtLeastOnce)]
+    );
+    let mut reader = TestClient::connect_ok(as_user("dash-3", port, "reader", "r-secret")).await;
+    assert_filters_refused(&mut reader, &["$share/g/fleetgw/+/telemetry", "$share/g/#"]).await;
+    assert_eq!(
+        reader
+            .subscribe("$share/g/plant/line-1/#", QoS::AtLeastOnce)
+            .await,
+        vec![SubscribeReasonCode::Success(QoS::AtLeastOnce)]
+    );
+    gw.shutdown(WAIT).await;
+}

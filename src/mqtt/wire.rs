@@ -824,6 +824,22 @@ pub fn valid_filter(filter: &str) -> bool {
     !filter.is_empty() && rumqttc::mqttbytes::valid_filter(filter)
 }
 
+/// A shared subscription `$share/{group}/{filter}` (MQTT 5 §4.8.2): `None` for any other
+/// filter, `Some(Err(()))` for a malformed one (empty group, a wildcard or `/` in the group,
+/// an invalid inner filter), else the group and the inner filter.
+#[allow(clippy::result_unit_err)]
+pub fn shared_subscription(filter: &str) -> Option<Result<(&str, &str), ()>> {
+    let rest = filter.strip_prefix("$share/")?;
+    Some(match rest.split_once('/') {
+        Some((group, inner))
+            if !group.is_empty() && !group.contains(['+', '#']) && valid_filter(inner) =>
+        {
+            Ok((group, inner))
+        }
+        _ => Err(()),
+    })
+}
+
 /// Whether `topic` may be published to: not empty, no wildcards, no NUL.
 pub fn valid_topic(topic: &str) -> bool {
     !topic.is_empty() && !topic.contains(['+', '#', '\0'])

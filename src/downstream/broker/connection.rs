@@ -3,9 +3,11 @@
 //!
 //! Every complete packet in the read buffer is handled before anything is written, and all
 //! answers and deliveries of one round go out with one write, so a busy client costs few
-//! syscalls. QoS 1 deliveries respect the session's in-flight window; QoS 2 publishes from
-//! clients are received exactly once (PUBREC/PUBREL/PUBCOMP) and delivered at QoS 1, the
-//! highest QoS the broker grants.
+//! syscalls. QoS 1 and 2 deliveries respect the session's in-flight window, bounded by the
+//! client's Receive Maximum; QoS 2 publishes from clients are received exactly once
+//! (PUBREC/PUBREL/PUBCOMP), and QoS 2 deliveries complete the same exchange the other way.
+//! MQTT 5 topic aliases from the client are resolved per connection; a delivery larger than
+//! the client's Maximum Packet Size is not sent to it (MQTT-3.1.2-25).
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
@@ -273,7 +275,7 @@ pub async fn serve<S>(
         max_packet: u32::try_from(cfg.max_packet).unwrap_or(u32::MAX),
         max_qos: 2,
         topic_alias_max: TOPIC_ALIAS_MAX,
-        shared_subscriptions: false,
+        shared_subscriptions: true,
         subscription_identifiers: true,
     };
     if let Some(max) = connect.max_packet_size {
@@ -758,7 +760,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                     let allowed: Vec<bool> = filters
                         .iter()
                         .map(|f| {
-                            cfg.topic_within_limits(&f.filter) && principal.may_subscribe(&f.filter)
+                            // A shared subscription is judged by the filter inside it.
+                            let inner = match wire::shared_subscription(&f.filter) {
+                                Some(Ok((_, inner))) => inner,
+                                _ => f.filter.as_str(),
+                            };
+                            cfg.topic_within_limits(&f.filter) && principal.may_subscribe(inner)
                         })
                         .collect();
                     let (permitted, refused): (Vec<_>, Vec<_>) =

@@ -7,8 +7,7 @@
 //!   ([`router`]); there is no broker thread and no channel hop per message.
 //! - The listener has a deep accept backlog and accepts as fast as connections arrive, so a
 //!   whole fleet reconnecting after a power cut is admitted at once instead of losing SYNs.
-//! - QoS 0 and 1 (QoS 2 publishes are received exactly once and delivered at QoS 1),
-//!   retained messages, last wills, client-id takeover, keep-alive (1.5 x), persistent
+//! - QoS 0, 1 and 2 end to end, retained messages, last wills, client-id takeover, keep-alive (1.5 x), persistent
 //!   sessions in memory with a bounded queue and DUP-flagged redelivery of unacknowledged
 //!   messages, an in-flight window per client and a packet size limit.
 //! - End-to-end acknowledgement ([`EmbeddedBrokerOptions::ack_after_client`]): a device's
@@ -24,8 +23,12 @@
 //!   subscribe; bounded resources (topic size and depth, subscriptions, retained messages,
 //!   kept sessions, connections per address, CONNECT timeout, inbound rate).
 //!
-//! Not provided: shared subscriptions, topic aliases, sessions that survive a daemon restart.
-//! Dropping the [`EmbeddedBroker`] closes its listeners and every connection.
+//! - MQTT 5: message properties and expiry, subscription options and identifiers, shared
+//!   subscriptions, topic aliases from clients, the client's Receive Maximum and Maximum
+//!   Packet Size, will delay, reason codes and strings (see the README for the whole list).
+//!
+//! Not provided: enhanced authentication, topic aliases towards clients, sessions that survive
+//! a daemon restart. Dropping the [`EmbeddedBroker`] closes its listeners and every connection.
 
 mod ack;
 mod connection;

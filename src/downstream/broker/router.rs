@@ -337,12 +337,18 @@ pub struct Attached {
     pub resumed: bool,
 }
 
+/// A subscription in the filter trie: the session, its options and, for a shared
+/// subscription, its share name.
+type Subscriber = (Arc<Session>, SubOptions, Option<Arc<str>>);
+
 #[derive(Default)]
 struct Tables {
     sessions: HashMap<Arc<str>, Arc<Session>>,
     /// Sessions kept for absent clients.
     kept: usize,
-    filters: FilterTrie<Arc<str>, (Arc<Session>, SubOptions)>,
+    /// Subscriptions by filter; a shared one is keyed `{client}\0{group}` under its inner
+    /// filter and carries its share name (`{group}/{filter}`).
+    filters: FilterTrie<Arc<str>, Subscriber>,
     retained: RetainedTrie<Message>,
     retained_bytes: usize,
 }
@@ -389,6 +395,8 @@ pub struct Router {
     retained_refused: AtomicU64,
     /// Sessions not kept because the broker held its maximum of kept sessions.
     kept_refused: AtomicU64,
+    /// Turns of shared subscriptions: each message goes to the next member.
+    share_turn: AtomicU64,
     /// The client whose acknowledgements QoS 1 publishers wait for (see the module docs).
     ack_after: Option<Arc<str>>,
     /// The client id of the in-process session (`local.rs`), which no connection may use.
@@ -412,6 +420,7 @@ impl Router {
             dropped: AtomicU64::new(0),
             retained_refused: AtomicU64::new(0),
             kept_refused: AtomicU64::new(0),
+            share_turn: AtomicU64::new(0),
             ack_after: ack_after.map(Arc::from),
             reserved: reserved.map(Arc::from),
             open: watch::channel(ack_after.is_none()).0,
@@ -695,13 +704,18 @@ impl Router {
         message: Message,
     ) -> (usize, Option<Arc<AckWait>>) {
         let mut targets: Vec<(Arc<Session>, SubOptions, Vec<u32>)> = Vec::new();
+        let mut shared: Vec<(Arc<str>, Arc<Session>, SubOptions)> = Vec::new();
         {
             let mut t = self.tables();
             if message.retain {
                 self.retain(&mut t, &message);
             }
             t.filters
-                .for_each_match(&message.topic, |_, (session, opts)| {
+                .for_each_match(&message.topic, |_, (session, opts, share)| {
+                    if let Some(share) = share {
+                        shared.push((share.clone(), session.clone(), *opts));
+                        return;
+                    }
                     if opts.no_local && &*session.client_id == from {
                         return;
                     }
@@ -719,6 +733,7 @@ impl Router {
                     }
                 });
         }
+        self.pick_shared(shared, &mut targets);
         let count = targets.len();
         let mut wait = None;
         for (session, opts, subscription_ids) in targets {
@@ -756,6 +771,41 @@ impl Router {
             session.wake.notify_one();
         }
         (count, wait)
+    }
+
+    /// One member of each shared subscription the message matched gets it (MQTT 5 §4.8.2):
+    /// the members take turns, and connected members go before absent ones.
+    fn pick_shared(
+        &self,
+        mut shared: Vec<(Arc<str>, Arc<Session>, SubOptions)>,
+        targets: &mut Vec<(Arc<Session>, SubOptions, Vec<u32>)>,
+    ) {
+        if shared.is_empty() {
+            return;
+        }
+        shared.sort_by(|a, b| {
+            a.0.cmp(&b.0)
+                .then_with(|| a.1.client_id.cmp(&b.1.client_id))
+        });
+        let mut start = 0;
+        while start < shared.len() {
+            let name = shared[start].0.clone();
+            let end = start + shared[start..].iter().take_while(|m| m.0 == name).count();
+            let members = &shared[start..end];
+            let connected: Vec<&(Arc<str>, Arc<Session>, SubOptions)> = members
+                .iter()
+                .filter(|m| m.1.lock().attached.is_some())
+                .collect();
+            let pool: Vec<&(Arc<str>, Arc<Session>, SubOptions)> = if connected.is_empty() {
+                members.iter().collect()
+            } else {
+                connected
+            };
+            let turn = self.share_turn.fetch_add(1, Ordering::Relaxed) as usize;
+            let (_, session, opts) = pool[turn % pool.len()];
+            targets.push((session.clone(), *opts, opts.id.into_iter().collect()));
+            start = end;
+        }
     }
 
     /// Stores (or with an empty payload clears) the retained message of its topic, within
@@ -810,10 +860,17 @@ impl Router {
         {
             let mut t = self.tables();
             for r in requests {
-                if !crate::mqtt::wire::valid_filter(&r.filter) || r.filter.starts_with("$share/") {
-                    granted.push(None);
-                    continue;
-                }
+                let share = match crate::mqtt::wire::shared_subscription(&r.filter) {
+                    None if crate::mqtt::wire::valid_filter(&r.filter) => None,
+                    // No Local on a shared subscription is a protocol error (MQTT-3.8.3-4).
+                    Some(Ok(_)) if !r.no_local => {
+                        Some(Arc::<str>::from(&r.filter["$share/".len()..]))
+                    }
+                    _ => {
+                        granted.push(None);
+                        continue;
+                    }
+                };
                 let (held, is_new) = {
                     let st = session.lock();
                     (
@@ -836,18 +893,20 @@ impl Router {
                     retain_as_published: r.retain_as_published,
                     id: r.id,
                 };
-                let is_new = t.filters.insert(
-                    &r.filter,
-                    session.client_id.clone(),
-                    (session.clone(), opts),
-                );
+                let (trie_filter, key) = trie_slot(&r.filter, &session.client_id);
+                let is_shared = share.is_some();
+                let is_new = t
+                    .filters
+                    .insert(trie_filter, key, (session.clone(), opts, share));
                 session.lock().subscriptions.insert(r.filter.clone(), opts);
                 granted.push(Some(opts.qos));
-                let send_retained = match r.retain_handling {
-                    0 => true,
-                    1 => is_new,
-                    _ => false,
-                };
+                // Shared subscriptions get no retained messages (mosquitto does the same).
+                let send_retained = !is_shared
+                    && match r.retain_handling {
+                        0 => true,
+                        1 => is_new,
+                        _ => false,
+                    };
                 if send_retained {
                     let now = Instant::now();
                     for m in t.retained.matching(&r.filter) {
@@ -887,7 +946,8 @@ impl Router {
         let mut st = session.lock();
         for f in filters {
             if st.subscriptions.remove(f).is_some() {
-                t.filters.remove(f, &session.client_id);
+                let (trie_filter, key) = trie_slot(f, &session.client_id);
+                t.filters.remove(trie_filter, &key);
             }
         }
     }
@@ -895,6 +955,15 @@ impl Router {
     /// Retained messages held.
     pub fn retained_count(&self) -> usize {
         self.tables().retained.len()
+    }
+}
+
+/// Where a subscription lives in the filter trie: under its filter and its client's id, or a
+/// shared one under its inner filter and `{client}\0{group}`, apart from the client's own.
+fn trie_slot<'f>(filter: &'f str, client_id: &Arc<str>) -> (&'f str, Arc<str>) {
+    match crate::mqtt::wire::shared_subscription(filter) {
+        Some(Ok((group, inner))) => (inner, Arc::from(format!("{client_id}\0{group}"))),
+        _ => (filter, client_id.clone()),
     }
 }
 
@@ -907,7 +976,8 @@ fn remove_session(t: &mut Tables, session: &Arc<Session>) {
         st.subscriptions.drain().map(|(f, _)| f).collect()
     };
     for f in filters {
-        t.filters.remove(&f, &session.client_id);
+        let (trie_filter, key) = trie_slot(&f, &session.client_id);
+        t.filters.remove(trie_filter, &key);
     }
     if t.sessions
         .get(&session.client_id)
