@@ -567,3 +567,106 @@ async fn shared_subscriptions_deliver_each_message_to_one_member() {
     assert_eq!((theirs.0, theirs.1), (5, 5));
     assert!(!ours.3, "no retained message for a shared subscription");
 }
+
+// §4.9 and §3.1.2.11.5 under load: 50 publishers; the slow client never has more than its
+// Receive Maximum unacknowledged, and never gets a packet over its Maximum Packet Size.
+#[tokio::test]
+async fn flow_control_holds_under_load() {
+    let b = brokers().await;
+    let port = b.embedded_port;
+    let mut o = options("slow-reader", port);
+    o.set_receive_maximum(Some(5))
+        .set_max_packet_size(Some(1024))
+        .set_manual_acks(true);
+    let mut slow = Client::connect(o).await;
+    slow.subscribe("load/#", QoS::AtLeastOnce, None).await;
+    let mut publishers = Vec::new();
+    for n in 0..50 {
+        publishers.push(tokio::spawn(async move {
+            let c = Client::connect(options(&format!("load-{n}"), port)).await;
+            for i in 0..20u32 {
+                // Every tenth message is too large for the slow reader.
+                let size = if i % 10 == 9 { 2048 } else { 100 };
+                c.publish(
+                    &format!("load/{n}"),
+                    QoS::AtLeastOnce,
+                    false,
+                    &vec![1u8; size],
+                    PublishProperties::default(),
+                )
+                .await;
+            }
+            c
+        }));
+    }
+    let mut outstanding: Vec<Publish> = Vec::new();
+    let mut received = 0;
+    let mut max_outstanding = 0;
+    // 50 x 18 small messages reach the reader; the large ones never do.
+    while received < 50 * 18 {
+        let p = slow.next_publish().await;
+        assert!(
+            p.payload.len() <= 1024,
+            "a {}-byte payload",
+            p.payload.len()
+        );
+        received += 1;
+        outstanding.push(p);
+        max_outstanding = max_outstanding.max(outstanding.len());
+        assert!(
+            outstanding.len() <= 5,
+            "{} unacknowledged",
+            outstanding.len()
+        );
+        // Acknowledge in bursts, so the window is full now and then.
+        if outstanding.len() == 5 {
+            for p in outstanding.drain(..) {
+                slow.client.ack(&p).await.unwrap();
+            }
+        }
+    }
+    assert_eq!(max_outstanding, 5);
+    for p in publishers {
+        p.await.unwrap();
+    }
+}
+
+// §3.1.3.2.2: a will with a delay is published once the delay has passed.
+#[tokio::test]
+async fn a_delayed_will_is_published_after_its_delay() {
+    use rumqttc::v5::mqttbytes::v5::{LastWill, LastWillProperties};
+    let b = brokers().await;
+    let port = b.embedded_port;
+    let mut watcher = Client::connect(options("will-watcher", port)).await;
+    watcher.subscribe("wills/#", QoS::AtLeastOnce, None).await;
+    let mut o = options("mortal", port);
+    let props = LastWillProperties {
+        delay_interval: Some(1),
+        payload_format_indicator: None,
+        message_expiry_interval: None,
+        content_type: None,
+        response_topic: None,
+        correlation_data: None,
+        user_properties: vec![("why".into(), "gone".into())],
+    };
+    o.set_last_will(LastWill::new(
+        "wills/mortal",
+        "bye",
+        QoS::AtLeastOnce,
+        false,
+        Some(props),
+    ));
+    let mortal = Client::connect(o).await;
+    let asked = tokio::time::Instant::now();
+    drop(mortal); // the connection drops without DISCONNECT
+    let will = watcher.next_publish().await;
+    assert_eq!(will.topic, "wills/mortal".as_bytes());
+    assert!(
+        asked.elapsed() >= Duration::from_millis(900),
+        "delay honoured"
+    );
+    assert_eq!(
+        will.properties.unwrap().user_properties,
+        vec![("why".to_string(), "gone".to_string())]
+    );
+}

@@ -18,6 +18,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::watch;
 use tokio::time::{timeout, timeout_at, Instant};
 
+use super::rate::InboundRate;
 use super::router::{AckWait, ConnectionFacts, Delivery, Message, Refused, Router, Session};
 use super::rules::{truncated, AccessRules, Principal, Refusal};
 use crate::identity;
@@ -439,38 +440,6 @@ struct Connection<S> {
     client_max_packet: usize,
 }
 
-/// A token bucket over one connection's PUBLISH packets: `rate` per second, bursts of as many.
-struct InboundRate {
-    rate: f64,
-    tokens: f64,
-    last: Instant,
-}
-
-impl InboundRate {
-    fn new(per_second: u32) -> Self {
-        let rate = f64::from(per_second.max(1));
-        Self {
-            rate,
-            tokens: rate,
-            last: Instant::now(),
-        }
-    }
-
-    /// One PUBLISH read (the balance may go below zero: the packets are already here).
-    fn take(&mut self) {
-        self.tokens -= 1.0;
-    }
-
-    /// How long to stop reading before the balance is back above zero, if it is below.
-    fn pause(&mut self) -> Option<Duration> {
-        let now = Instant::now();
-        let refill = now.saturating_duration_since(self.last).as_secs_f64() * self.rate;
-        self.tokens = (self.tokens + refill).min(self.rate);
-        self.last = now;
-        (self.tokens < 0.0).then(|| Duration::from_secs_f64(-self.tokens / self.rate))
-    }
-}
-
 /// A QoS 1 PUBLISH waiting for its PUBACK.
 struct PendingAck {
     pkid: u16,
@@ -537,6 +506,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                 let left = props::remaining(d.message.expires_at, now);
                 if left == props::Remaining::Expired {
                     session.acknowledge(pkid);
+                    // Its window slot is free: take the next message without waiting.
+                    session.wake_up();
                     continue;
                 }
                 let expiry = left.interval();
@@ -563,6 +534,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                     Ok(false) => {
                         if d.qos > 0 {
                             session.acknowledge(pkid);
+                            session.wake_up();
                         }
                     }
                     Err(e) => return Close::Violation(e.to_string()),
@@ -805,28 +777,5 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                 ClientPacket::Unexpected(what) => return Err(Close::Violation(what.into())),
             }
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_inbound_rate_allows_a_burst_then_pauses_for_the_deficit() {
-        let mut rate = InboundRate::new(5);
-        for _ in 0..5 {
-            rate.take();
-        }
-        assert_eq!(rate.pause(), None, "a burst of `rate` packets is free");
-        for _ in 0..5 {
-            rate.take();
-        }
-        // Five packets over: about a second at 5 per second.
-        let pause = rate.pause().expect("a pause");
-        assert!(
-            pause > Duration::from_millis(900) && pause <= Duration::from_secs(1),
-            "{pause:?}"
-        );
     }
 }

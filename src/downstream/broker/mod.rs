@@ -33,8 +33,10 @@
 mod ack;
 mod connection;
 pub mod local;
+mod rate;
 mod router;
 pub mod rules;
+mod session;
 pub mod trie;
 
 use std::collections::HashMap;
