@@ -8,6 +8,10 @@
 
 pub mod aws;
 
+pub mod dir;
+pub mod faults;
+pub mod messages;
+
 use std::path::PathBuf;
 
 /// Why an emulator could not start or stop cleanly.

@@ -33,8 +33,9 @@ use tokio::time::{timeout, Instant};
 use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
 
-use super::faults::Faults;
-use super::messages::{Counters, Incoming, MessageLog};
+use super::counters::Counters;
+use crate::emulator::faults::Faults;
+use crate::emulator::messages::{LoggedMessage, MessageLog};
 use super::provisioning::{fingerprint_hex, Provisioning};
 use super::state::{DeviceAccess, Registry};
 use crate::clock;
@@ -88,6 +89,23 @@ pub struct CloudPublish {
     pub payload: Bytes,
 }
 
+/// What the emulator keeps of a device publish.
+#[derive(Clone, Debug)]
+pub struct Incoming {
+    /// Topic published to.
+    pub topic: String,
+    /// Payload bytes.
+    pub payload: Bytes,
+    /// QoS 0 or 1.
+    pub qos: u8,
+}
+
+impl LoggedMessage for Incoming {
+    fn payload_len(&self) -> usize {
+        self.payload.len()
+    }
+}
+
 /// Everything connection tasks share.
 pub struct ServerContext {
     /// The provisioning service.
@@ -95,7 +113,7 @@ pub struct ServerContext {
     /// Things and certificates.
     pub registry: Arc<Registry>,
     /// Device messages.
-    pub messages: MessageLog,
+    pub messages: MessageLog<Incoming>,
     /// Counters for `/stats`.
     pub counters: Arc<Counters>,
     /// Injected faults.
@@ -116,7 +134,7 @@ impl ServerContext {
     pub fn new(
         provisioning: Provisioning,
         registry: Arc<Registry>,
-        messages: MessageLog,
+        messages: MessageLog<Incoming>,
         counters: Arc<Counters>,
         claim_certificate_id: String,
         gateway_certificate: (String, String),
