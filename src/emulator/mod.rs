@@ -7,7 +7,7 @@
 //! the demo) and a CLI command second (`fleetgw emulate aws`, see `cli::emulate`).
 
 pub mod aws;
-
+pub mod azure;
 pub mod dir;
 pub mod faults;
 pub mod messages;
