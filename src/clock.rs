@@ -54,7 +54,10 @@ mod tests {
     #[test]
     fn rfc3339_renders_known_instants() {
         assert_eq!(rfc3339_millis(0), "1970-01-01T00:00:00.000Z");
-        assert_eq!(rfc3339_millis(1_661_622_799_514), "2022-08-27T17:53:19.514Z");
+        assert_eq!(
+            rfc3339_millis(1_661_622_799_514),
+            "2022-08-27T17:53:19.514Z"
+        );
         assert_eq!(rfc3339_millis(951_782_400_007), "2000-02-29T00:00:00.007Z");
     }
 

@@ -45,4 +45,3 @@ pub fn write(path: &Path, bytes: &[u8], mode: u32) -> Result<(), EmulatorError> 
 pub fn write_secret(path: &Path, secret: &identity::Secret) -> Result<(), EmulatorError> {
     write(path, secret.expose(), 0o600)
 }
-

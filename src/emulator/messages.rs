@@ -153,7 +153,10 @@ mod tests {
     #[test]
     fn keeps_the_newest_messages_and_counts_all() {
         let log = MessageLog::new(2);
-        assert_eq!(log.record("a", vec![Msg("t/1", b"x"), Msg("t/2", b"yy")], 5), 2);
+        assert_eq!(
+            log.record("a", vec![Msg("t/1", b"x"), Msg("t/2", b"yy")], 5),
+            2
+        );
         log.record("b", vec![Msg("t/3", b"zzz")], 6);
         let kept = log.messages(None, 0, 10);
         let topics: Vec<_> = kept.iter().map(|m| m.message.0).collect();

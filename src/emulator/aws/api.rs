@@ -26,9 +26,9 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use super::counters::Counters;
-use crate::emulator::faults::{FaultRequest, FaultView, Faults};
 use super::server::{CloudPublish, ServerContext, MAX_PAYLOAD_BYTES};
 use super::state::CertificateStatus;
+use crate::emulator::faults::{FaultRequest, FaultView, Faults};
 
 /// What the API handlers share.
 #[derive(Clone)]

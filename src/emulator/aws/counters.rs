@@ -41,4 +41,3 @@ impl Counters {
         counter.load(Ordering::Relaxed)
     }
 }
-

@@ -34,12 +34,12 @@ use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
 
 use super::counters::Counters;
-use crate::emulator::faults::Faults;
-use crate::emulator::messages::{LoggedMessage, MessageLog};
 use super::provisioning::{fingerprint_hex, Provisioning};
 use super::state::{DeviceAccess, Registry};
 use crate::clock;
 use crate::cloud::aws::topics;
+use crate::emulator::faults::Faults;
+use crate::emulator::messages::{LoggedMessage, MessageLog};
 use crate::identity::tls::peer_leaf_der;
 use crate::mqtt::stream::{PacketStream, StreamError};
 use crate::mqtt::wire::{

@@ -166,9 +166,7 @@ fn verify_group_sas(
             Err(e) => return Err(e.into()),
         }
     }
-    Err(last
-        .map(AuthError::Sas)
-        .unwrap_or(AuthError::Missing))
+    Err(last.map(AuthError::Sas).unwrap_or(AuthError::Missing))
 }
 
 /// DPS: whether `credential` may register (or poll) `registration_id` in `id_scope`.

@@ -398,7 +398,6 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -74,7 +74,10 @@ fn load_or_create_ca(
     name: &str,
     generate: impl FnOnce() -> Result<CertificateAuthority, identity::IdentityError>,
 ) -> Result<CertificateAuthority, EmulatorError> {
-    let (cert_path, key_path) = (dir.join(format!("{name}.pem")), dir.join(format!("{name}.key")));
+    let (cert_path, key_path) = (
+        dir.join(format!("{name}.pem")),
+        dir.join(format!("{name}.key")),
+    );
     match (read_opt(&cert_path)?, read_opt(&key_path)?) {
         (Some(cert), Some(key)) => CertificateAuthority::from_pem(&cert, &key)
             .map_err(identity_err(cert_path.display().to_string())),
@@ -133,9 +136,8 @@ impl Pki {
             (Some(pem), Some(key_pem), Some(old_sans)) if old_sans == sans => {
                 let key = PrivateKey::from_pem(&key_pem)
                     .map_err(identity_err(key_path.display().to_string()))?;
-                let valid =
-                    identity::verify_chain(&pem, ca.cert_pem(), clock::unix_secs()).is_ok()
-                        && identity::cert_matches_key(&pem, &key).unwrap_or(false);
+                let valid = identity::verify_chain(&pem, ca.cert_pem(), clock::unix_secs()).is_ok()
+                    && identity::cert_matches_key(&pem, &key).unwrap_or(false);
                 valid.then_some((pem, key))
             }
             _ => None,
@@ -315,17 +317,26 @@ fn gateway_toml(handle: &AzureEmulatorHandle) -> Result<String, toml::ser::Error
     let mut root = Table::new();
     root.insert(
         "gateway".into(),
-        section(vec![("state_dir", s(dir.join("gateway").display().to_string()))]),
+        section(vec![(
+            "state_dir",
+            s(dir.join("gateway").display().to_string()),
+        )]),
     );
     root.insert(
         "admin".into(),
-        section(vec![("socket", s(dir.join("admin.sock").display().to_string()))]),
+        section(vec![(
+            "socket",
+            s(dir.join("admin.sock").display().to_string()),
+        )]),
     );
     root.insert(
         "downstream".into(),
         section(vec![("listen", s("127.0.0.1:1883".into()))]),
     );
-    root.insert("admission".into(), section(vec![("mode", s("open".into()))]));
+    root.insert(
+        "admission".into(),
+        section(vec![("mode", s("open".into()))]),
+    );
     root.insert("cloud".into(), Value::Table(cloud));
     Ok(format!(
         "# Written by `fleetgw emulate azure`: a gateway config naming the emulated DPS in\n\

@@ -173,7 +173,12 @@ async fn body(req: Request<Incoming>, limit: usize) -> Result<Bytes, Response<Bo
             format!("request body exceeds {limit} bytes"),
         ));
     }
-    match timeout(BODY_TIMEOUT, axum::body::to_bytes(Body::new(req.into_body()), limit)).await {
+    match timeout(
+        BODY_TIMEOUT,
+        axum::body::to_bytes(Body::new(req.into_body()), limit),
+    )
+    .await
+    {
         Ok(Ok(bytes)) => Ok(bytes),
         Ok(Err(e)) => Err(error(
             413,
@@ -202,7 +207,11 @@ async fn handle(
         .uri()
         .query()
         .is_some_and(|q| q.split('&').any(|kv| kv.starts_with("api-version=")));
-    let segments: Vec<String> = path.trim_start_matches('/').split('/').map(decode).collect();
+    let segments: Vec<String> = path
+        .trim_start_matches('/')
+        .split('/')
+        .map(decode)
+        .collect();
     let segments: Vec<&str> = segments.iter().map(String::as_str).collect();
     if !has_api_version {
         return error(400, 400_004, "the api-version query parameter is required");

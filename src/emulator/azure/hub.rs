@@ -240,11 +240,19 @@ pub fn parse_properties(encoded: &str) -> Result<BTreeMap<String, String>, Strin
             percent_decode_str(s)
                 .decode_utf8()
                 .map(|c| c.into_owned())
-                .map_err(|e| format!("property {:?} is not UTF-8 once decoded: {e}", super::dps::short(s)))
+                .map_err(|e| {
+                    format!(
+                        "property {:?} is not UTF-8 once decoded: {e}",
+                        super::dps::short(s)
+                    )
+                })
         };
         let key = decode(key)?;
         if key.is_empty() {
-            return Err(format!("property with an empty name in {:?}", super::dps::short(encoded)));
+            return Err(format!(
+                "property with an empty name in {:?}",
+                super::dps::short(encoded)
+            ));
         }
         properties.insert(key, decode(value)?);
     }
@@ -262,7 +270,13 @@ pub fn encode_properties(properties: &BTreeMap<String, String>) -> String {
     let set = SET;
     properties
         .iter()
-        .map(|(k, v)| format!("{}={}", utf8_percent_encode(k, set), utf8_percent_encode(v, set)))
+        .map(|(k, v)| {
+            format!(
+                "{}={}",
+                utf8_percent_encode(k, set),
+                utf8_percent_encode(v, set)
+            )
+        })
         .collect::<Vec<_>>()
         .join("&")
 }
@@ -273,8 +287,8 @@ mod tests {
 
     #[test]
     fn properties_decode_as_the_sdk_encodes_them() {
-        let p = parse_properties("%24.mid=m-1&%24.ct=application%2Fjson&a%20b%2Fc=d%26e&flag")
-            .unwrap();
+        let p =
+            parse_properties("%24.mid=m-1&%24.ct=application%2Fjson&a%20b%2Fc=d%26e&flag").unwrap();
         assert_eq!(p["$.mid"], "m-1");
         assert_eq!(p["$.ct"], "application/json");
         assert_eq!(p["a b/c"], "d&e");

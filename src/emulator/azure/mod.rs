@@ -41,8 +41,7 @@ use tokio::task::JoinHandle;
 use tokio_rustls::TlsAcceptor;
 
 pub use dps::{
-    ERR_BAD_REQUEST, ERR_OPERATION_NOT_FOUND, ERR_SCOPE_NOT_FOUND, ERR_THROTTLED,
-    ERR_UNAUTHORIZED,
+    ERR_BAD_REQUEST, ERR_OPERATION_NOT_FOUND, ERR_SCOPE_NOT_FOUND, ERR_THROTTLED, ERR_UNAUTHORIZED,
 };
 pub use hub::MAX_MESSAGE_BYTES;
 
@@ -50,12 +49,14 @@ use crate::emulator::EmulatorError;
 use crate::identity;
 
 /// Default DPS MQTT listen address.
-pub const DEFAULT_DPS_MQTT: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2)), 8883);
+pub const DEFAULT_DPS_MQTT: SocketAddr =
+    SocketAddr::new(IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2)), 8883);
 /// Default DPS HTTPS listen address.
 pub const DEFAULT_DPS_HTTPS: SocketAddr =
     SocketAddr::new(IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2)), 8443);
 /// Default IoT Hub MQTT listen address.
-pub const DEFAULT_HUB_MQTT: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(127, 0, 0, 3)), 8883);
+pub const DEFAULT_HUB_MQTT: SocketAddr =
+    SocketAddr::new(IpAddr::V4(Ipv4Addr::new(127, 0, 0, 3)), 8883);
 /// Default IoT Hub HTTPS listen address.
 pub const DEFAULT_HUB_HTTPS: SocketAddr =
     SocketAddr::new(IpAddr::V4(Ipv4Addr::new(127, 0, 0, 3)), 8443);
@@ -264,12 +265,14 @@ pub async fn start(opts: AzureEmulatorOptions) -> Result<AzureEmulatorHandle, Em
         .collect();
     let pki = {
         let (dir, hub_host) = (dir.clone(), hub_host.clone());
-        tokio::task::spawn_blocking(move || files::Pki::load_or_create(&dir, &listen_ips, &hub_host))
-            .await
-            .map_err(|e| EmulatorError::Corrupt {
-                path: opts.dir.clone(),
-                reason: format!("credential setup task failed: {e}"),
-            })??
+        tokio::task::spawn_blocking(move || {
+            files::Pki::load_or_create(&dir, &listen_ips, &hub_host)
+        })
+        .await
+        .map_err(|e| EmulatorError::Corrupt {
+            path: opts.dir.clone(),
+            reason: format!("credential setup task failed: {e}"),
+        })??
     };
     let ident = files::Identity::load_or_create(&dir)?;
     let groups = Arc::new(ident.groups(&dir, &pki.group_ca_pem)?);
@@ -289,11 +292,12 @@ pub async fn start(opts: AzureEmulatorOptions) -> Result<AzureEmulatorHandle, Em
         hub_host.clone(),
         opts.max_messages,
     ));
-    let tls = identity::tls::server_config_with_optional_client_cert(&pki.server_pem, &pki.server_key)
-        .map_err(|source| EmulatorError::Identity {
-            what: "server TLS configuration".into(),
-            source,
-        })?;
+    let tls =
+        identity::tls::server_config_with_optional_client_cert(&pki.server_pem, &pki.server_key)
+            .map_err(|source| EmulatorError::Identity {
+                what: "server TLS configuration".into(),
+                source,
+            })?;
     let acceptor = TlsAcceptor::from(tls);
 
     let dps_mqtt = bind(opts.dps_mqtt, "DPS MQTT").await?;
@@ -312,7 +316,10 @@ pub async fn start(opts: AzureEmulatorOptions) -> Result<AzureEmulatorHandle, Em
 
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let mut tasks = Vec::new();
-    for (listener, service) in [(dps_mqtt, mqtt::Service::Dps), (hub_mqtt, mqtt::Service::Hub)] {
+    for (listener, service) in [
+        (dps_mqtt, mqtt::Service::Dps),
+        (hub_mqtt, mqtt::Service::Hub),
+    ] {
         tasks.push(tokio::spawn(mqtt::run_listener(
             listener,
             acceptor.clone(),

@@ -189,7 +189,10 @@ async fn serve(
         Ok(i) => i,
         Err(reason) => {
             ctx.refuse(listener, peer, reason);
-            if io.queue(connack(ConnectOutcome::BadCredentials, service)).is_ok() {
+            if io
+                .queue(connack(ConnectOutcome::BadCredentials, service))
+                .is_ok()
+            {
                 let _ = io.flush(WRITE_TIMEOUT).await;
             }
             io.shutdown().await;
@@ -215,7 +218,11 @@ async fn serve(
     };
     tracing::debug!(%peer, service = ?service, id = %conn.identity.id, "Azure emulator connection accepted");
     let result = conn
-        .run(Duration::from_millis(u64::from(keep_alive) * 1500), close, shutdown)
+        .run(
+            Duration::from_millis(u64::from(keep_alive) * 1500),
+            close,
+            shutdown,
+        )
         .await;
     if service == Service::Hub {
         ctx.release(&conn.identity.id, number);
@@ -275,10 +282,17 @@ fn authenticate(
         Service::Hub => {
             let parts: Vec<&str> = username.splitn(3, '/').collect();
             let [host, device_id, query] = parts[..] else {
-                return Err(format!("username {:?} is not {{hubHost}}/{{deviceId}}/?api-version=...", short(username)));
+                return Err(format!(
+                    "username {:?} is not {{hubHost}}/{{deviceId}}/?api-version=...",
+                    short(username)
+                ));
             };
             if !host.eq_ignore_ascii_case(&ctx.hub_host) {
-                return Err(format!("hub {:?} is not this hub ({:?})", short(host), ctx.hub_host));
+                return Err(format!(
+                    "hub {:?} is not this hub ({:?})",
+                    short(host),
+                    ctx.hub_host
+                ));
             }
             let version = query
                 .strip_prefix('?')
@@ -299,8 +313,14 @@ fn authenticate(
                     short(device_id)
                 ));
             }
-            auth::admit_device(&ctx.groups, &ctx.registry, &ctx.hub_host, device_id, &credential)
-                .map_err(|e| e.to_string())?;
+            auth::admit_device(
+                &ctx.groups,
+                &ctx.registry,
+                &ctx.hub_host,
+                device_id,
+                &credential,
+            )
+            .map_err(|e| e.to_string())?;
             Ok(Identity {
                 id_scope: String::new(),
                 id: device_id.to_string(),
@@ -336,7 +356,10 @@ impl Connection {
         let mut outage = self.ctx.faults.outage_watch();
         outage.mark_unchanged();
         let mut c2d = self.ctx.c2d_receiver();
-        if let Err(e) = self.io.queue(connack(ConnectOutcome::Accepted, self.service)) {
+        if let Err(e) = self
+            .io
+            .queue(connack(ConnectOutcome::Accepted, self.service))
+        {
             return e.into();
         }
         let mut deadline = Instant::now() + idle_limit;
@@ -559,9 +582,7 @@ impl Connection {
     }
 
     fn deliver(&mut self, message: &CloudToDevice) -> Result<(), Close> {
-        if self.service != Service::Hub
-            || message.device != self.identity.id.to_ascii_lowercase()
-        {
+        if self.service != Service::Hub || message.device != self.identity.id.to_ascii_lowercase() {
             return Ok(());
         }
         if self.publish(&message.topic, 1, message.payload.clone())? {

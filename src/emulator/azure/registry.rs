@@ -58,12 +58,10 @@ impl Registry {
     /// Loads `path` if it exists.
     pub fn open(path: &Path) -> Result<Self, EmulatorError> {
         let devices = match std::fs::read(path) {
-            Ok(bytes) => {
-                serde_json::from_slice(&bytes).map_err(|e| EmulatorError::Corrupt {
-                    path: path.to_path_buf(),
-                    reason: format!("not a registrations file: {e}"),
-                })?
-            }
+            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| EmulatorError::Corrupt {
+                path: path.to_path_buf(),
+                reason: format!("not a registrations file: {e}"),
+            })?,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => BTreeMap::new(),
             Err(source) => {
                 return Err(EmulatorError::Io {
@@ -107,7 +105,9 @@ impl Registry {
 
     /// The registration of `registration_id` (any case).
     pub fn get(&self, registration_id: &str) -> Option<Registration> {
-        self.lock().get(&registration_id.to_ascii_lowercase()).cloned()
+        self.lock()
+            .get(&registration_id.to_ascii_lowercase())
+            .cloned()
     }
 
     /// Every registration, by id.
