@@ -4,6 +4,8 @@
 //! from the X.509 group CA).
 #![allow(dead_code)]
 
+pub mod flows;
+
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
