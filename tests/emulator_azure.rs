@@ -55,7 +55,10 @@ async fn discovery_file_has_exactly_the_documented_keys() {
     // gateway.toml is a valid fleetgw config naming this DPS.
     let config = fleetgw::config::load(&f.emu.gateway_config_path(), &[])
         .unwrap_or_else(|e| panic!("gateway.toml: {e}"));
-    assert_eq!(config.cloud.azure.id_scope.as_deref(), Some(f.emu.id_scope()));
+    assert_eq!(
+        config.cloud.azure.id_scope.as_deref(),
+        Some(f.emu.id_scope())
+    );
     assert_eq!(
         config.cloud.azure.dps_endpoint,
         f.emu.endpoints().dps_mqtt.to_string()
