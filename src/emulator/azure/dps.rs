@@ -74,6 +74,25 @@ struct Operation {
     ready_at_ms: u64,
 }
 
+/// Operations by id, and the current one of each registration.
+#[derive(Default)]
+struct Operations {
+    by_id: HashMap<String, Operation>,
+    by_registration: HashMap<String, String>,
+}
+
+impl Operations {
+    fn start(&mut self, id: String, op: Operation) {
+        if let Some(previous) = self
+            .by_registration
+            .insert(op.registration.clone(), id.clone())
+        {
+            self.by_id.remove(&previous);
+        }
+        self.by_id.insert(id, op);
+    }
+}
+
 /// The DPS service state.
 pub struct Dps {
     id_scope: String,
@@ -81,7 +100,10 @@ pub struct Dps {
     groups: Arc<auth::Groups>,
     registry: Arc<Registry>,
     assigning: Duration,
-    operations: Mutex<HashMap<String, Operation>>,
+    /// Operations by id, at most one per registration (a new register replaces the previous
+    /// operation, as a re-registration does at DPS), so only authenticated registrations,
+    /// each once, take room.
+    operations: Mutex<Operations>,
     /// `None` = unlimited.
     bucket: Mutex<Option<TokenBucket>>,
 }
@@ -112,7 +134,7 @@ impl Dps {
             groups,
             registry,
             assigning,
-            operations: Mutex::new(HashMap::new()),
+            operations: Mutex::new(Operations::default()),
             bucket: Mutex::new(None),
         };
         dps.set_tps(tps);
@@ -225,7 +247,7 @@ impl Dps {
         let operation_id = new_operation_id();
         let now = clock::unix_ms();
         let ready_at_ms = now + u64::try_from(self.assigning.as_millis()).unwrap_or(u64::MAX);
-        lock(&self.operations).insert(
+        lock(&self.operations).start(
             operation_id.clone(),
             Operation {
                 registration: req.registration_id.to_ascii_lowercase(),
@@ -277,6 +299,7 @@ impl Dps {
             )
         };
         let op = lock(&self.operations)
+            .by_id
             .get(operation_id)
             .cloned()
             .ok_or_else(not_found)?;
@@ -408,6 +431,24 @@ mod tests {
         assert_eq!(retry_secs(1), 1);
         assert_eq!(retry_secs(1000), 1);
         assert_eq!(retry_secs(1001), 2);
+    }
+
+    #[test]
+    fn a_new_registration_replaces_the_previous_operation() {
+        let op = |reg: &str| Operation {
+            registration: reg.into(),
+            registration_id: reg.into(),
+            attestation: Attestation::SymmetricKey,
+            group: "g".into(),
+            ready_at_ms: 0,
+        };
+        let mut ops = Operations::default();
+        ops.start("1".into(), op("a"));
+        ops.start("2".into(), op("b"));
+        ops.start("3".into(), op("a"));
+        assert_eq!(ops.by_id.len(), 2);
+        assert!(!ops.by_id.contains_key("1"));
+        assert_eq!(ops.by_registration["a"], "3");
     }
 
     #[test]
