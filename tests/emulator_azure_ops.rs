@@ -97,7 +97,17 @@ async fn dps_connections_may_only_use_dps_topics() {
     conn.publish("$dps/registrations/PUT/iotdps-register/?", "{}")
         .await;
     conn.closed().await;
+    // A register body far over DPS's size closes the connection before it is parsed.
+    let mut conn = dps_mqtt(emu, "dev-d", &sas, None).await.unwrap();
+    conn.publish(
+        "$dps/registrations/PUT/iotdps-register/?$rid=1",
+        vec![b' '; 200 * 1024],
+    )
+    .await;
+    conn.closed().await;
     assert!(messages(emu).await.is_empty());
+    let (_, stats) = http(emu.endpoints().api, "GET", "/stats", None).await;
+    assert_eq!(stats["dps"]["registrations"], 0, "{stats}");
 }
 
 #[tokio::test]
