@@ -22,8 +22,24 @@ use fleetgw::emulator::azure::{self, AzureEmulatorOptions};
 #[tokio::test]
 async fn discovery_file_has_exactly_the_documented_keys() {
     let f = start(|_| {}).await;
-    let text = std::fs::read_to_string(f.emu.dir().join("emulator.json")).unwrap();
-    let json: Value = serde_json::from_str(&text).unwrap();
+    let path = f.emu.dir().join("emulator.json");
+    let text = std::fs::read_to_string(&path).unwrap();
+    // It carries the group keys: owner-only, like azure.json and every key file.
+    use std::os::unix::fs::PermissionsExt;
+    for file in [
+        "emulator.json",
+        "azure.json",
+        "ca.key",
+        "server.key",
+        "group-ca.key",
+    ] {
+        let mode = std::fs::metadata(f.emu.dir().join(file))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600, "{file}");
+    }
+    let json: Value = serde_json::from_str(&text).unwrap_or_else(|e| panic!("{path:?}: {e}"));
     let keys: BTreeSet<&str> = json
         .as_object()
         .unwrap()

@@ -284,8 +284,9 @@ pub fn write_discovery_files(handle: &AzureEmulatorHandle) -> Result<(), Emulato
         reason: format!("cannot encode: {e}"),
     })?;
     write(&handle.gateway_config_path(), config.as_bytes(), 0o644)?;
-    // emulator.json last: scripts treat its appearance as "ready, everything written".
-    write(&discovery_path, &json_bytes, 0o644)?;
+    // emulator.json last: scripts treat its appearance as "ready, everything written". It holds
+    // the group keys, hence 0600 like azure.json.
+    write(&discovery_path, &json_bytes, 0o600)?;
     Ok(())
 }
 

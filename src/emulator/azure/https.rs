@@ -245,7 +245,7 @@ async fn handle(
             if let Err(e) =
                 auth::admit_device(&ctx.groups, &ctx.registry, &ctx.hub_host, &id, &credential)
             {
-                ctx.refuse(listener, peer, e.to_string());
+                ctx.note_refusal(listener, peer, e.to_string());
                 return error(401, 401_002, e.to_string());
             }
             let properties = header_properties(req.headers());
@@ -295,7 +295,7 @@ async fn dps_response(
         Counters::bump(&ctx.counters.throttled);
     }
     if reply.status == 401 {
-        ctx.refuse(
+        ctx.note_refusal(
             listener,
             peer,
             reply.body["message"].as_str().unwrap_or("").to_string(),

@@ -157,9 +157,14 @@ impl Context {
         }
     }
 
-    /// Notes a refused client (logged and kept for `/stats`).
+    /// Notes a refused connection (counted, logged and kept for `/stats`).
     pub fn refuse(&self, listener: &'static str, peer: std::net::SocketAddr, reason: String) {
         Counters::bump(&self.counters.connections_refused);
+        self.note_refusal(listener, peer, reason);
+    }
+
+    /// Notes a refused request on a connection that stays open (logged and kept for `/stats`).
+    pub fn note_refusal(&self, listener: &'static str, peer: std::net::SocketAddr, reason: String) {
         tracing::info!(listener, %peer, %reason, "Azure emulator refused a client");
         let mut refusals = self.refusals.lock().unwrap_or_else(|p| p.into_inner());
         if refusals.len() == RECENT_REFUSALS {
