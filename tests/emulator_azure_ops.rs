@@ -139,3 +139,32 @@ async fn the_api_refuses_messages_for_unknown_devices_oversize_ones_and_bad_faul
     })
     .await;
 }
+
+#[tokio::test]
+async fn silent_connections_are_closed_on_every_listener() {
+    use tokio::io::AsyncReadExt;
+    let f = start(|_| {}).await;
+    let e = f.emu.endpoints().clone();
+    // A client that opens TCP and never speaks holds a task and a socket: each listener must
+    // close it (TLS handshake bound: 10 s), all four at once.
+    let mut waits = Vec::new();
+    for addr in [e.dps_mqtt, e.dps_https, e.hub_mqtt, e.hub_https] {
+        waits.push(tokio::spawn(async move {
+            let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+            let mut buf = [0u8; 64];
+            let read = tokio::time::timeout(Duration::from_secs(20), tcp.read(&mut buf)).await;
+            assert!(
+                matches!(read, Ok(Ok(0)) | Ok(Err(_))),
+                "{addr}: still open: {read:?}"
+            );
+        }));
+    }
+    for w in waits {
+        w.await.unwrap();
+    }
+    let (_, stats) = http(e.api, "GET", "/stats", None).await;
+    assert!(
+        stats["recentRefusals"].to_string().contains("timed out"),
+        "{stats}"
+    );
+}
