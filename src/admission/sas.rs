@@ -11,7 +11,10 @@
 //!
 //! What [`verify_sas`] accepts, precisely:
 //! - resource URI `{anything}/registrations/{id}` (DPS form; the `{anything}` is normally the
-//!   ID scope, is not checked, and must not contain `/`) or plain `{id}`. The id is compared
+//!   ID scope, is not checked, and must not contain `/`), `{anything}/devices/{id}` (IoT Hub
+//!   form; `{anything}` is the hub host name, not checked either) or plain `{id}`. Callers that
+//!   care which service a token is for (the Azure emulator) compare
+//!   [`SasClaims::resource_uri`] themselves. The id is compared
 //!   case-insensitively with the device id (registration ids are case-insensitive).
 //! - token values are percent-decoded (`%XX`); `+` is kept literally rather than read as a
 //!   space, so a base64 signature that a client forgot to encode still verifies.
@@ -249,11 +252,13 @@ fn sign(key: &[u8], encoded_uri: &str, expiry: i64) -> String {
     BASE64.encode(tag.as_ref())
 }
 
-/// The registration id a resource URI names: `{scope}/registrations/{id}` or `{id}`.
+/// The registration id a resource URI names: `{scope}/registrations/{id}`,
+/// `{hub}/devices/{id}` or `{id}`.
 fn registration_of(uri: &str) -> Option<&str> {
     match uri.split('/').collect::<Vec<_>>().as_slice() {
         [id] if !id.is_empty() => Some(id),
         [scope, "registrations", id] if !scope.is_empty() && !id.is_empty() => Some(id),
+        [hub, "devices", id] if !hub.is_empty() && !id.is_empty() => Some(id),
         _ => None,
     }
 }
@@ -502,6 +507,26 @@ mod tests {
     }
 
     #[test]
+    fn accepts_the_iot_hub_form_signed_over_sr_as_sent() {
+        let key = device_key();
+        let token = generate_sas("hub.example.net/devices/sensor-01", &key, EXPIRY, None);
+        let claims = verify(&token, "Sensor-01", &key).unwrap();
+        assert_eq!(claims.resource_uri, "hub.example.net/devices/sensor-01");
+        // A client that percent-encodes with lower-case hex signs its own text: still valid.
+        let lower = token.replace("%2F", "%2f");
+        let message = format!("hub.example.net%2fdevices%2fsensor-01\n{EXPIRY}");
+        let sig = BASE64.encode(
+            hmac::sign(&hmac::Key::new(hmac::HMAC_SHA256, &key), message.as_bytes()).as_ref(),
+        );
+        let lower = format!(
+            "{}&sig={}&se={EXPIRY}",
+            lower.split("&sig=").next().unwrap(),
+            utf8_percent_encode(&sig, URI_ENCODE_SET)
+        );
+        assert!(verify(&lower, "sensor-01", &key).is_ok());
+    }
+
+    #[test]
     fn rejects_a_token_for_another_device_even_when_signed_with_that_devices_key() {
         let group = BASE64.decode(GROUP_KEY_B64).unwrap();
         // The token is genuinely sensor-01's; sensor-02 must not be able to use it.
@@ -516,7 +541,9 @@ mod tests {
         assert_eq!(err.error_code(), "InvalidSasToken");
 
         for uri in [
-            "scope/devices/sensor-01",
+            "hub/devices/sensor-02",
+            "hub/devices/",
+            "hub/devices/sensor-01/messages",
             "a/b/registrations/sensor-01",
             "/registrations/sensor-01",
             "scope/registrations/",

@@ -1,5 +1,6 @@
 //! The cloud side of provisioning: the [`Provider`] seam the engine talks to, and its
-//! implementations (AWS IoT fleet provisioning in [`aws`]; Azure DPS comes later; a scriptable
+//! implementations (AWS IoT fleet provisioning in [`aws`]; the Azure DPS and IoT Hub clients in [`azure`],
+//! library code not yet behind [`Provider`]; a scriptable
 //! fake for tests in `fake`, with the `test-hooks` feature), plus the payload codecs
 //! ([`codec`]) shared by the cloud clients and the emulators.
 //!
@@ -10,6 +11,7 @@
 //! certificate (invalid ownership token) or give up (permanent rejection).
 
 pub mod aws;
+pub mod azure;
 pub mod codec;
 #[cfg(any(test, feature = "test-hooks"))]
 pub mod fake;

@@ -1,12 +1,18 @@
-//! Cloud emulators: stand-ins for AWS IoT (and later Azure DPS / IoT Hub) that speak the
+//! Cloud emulators: stand-ins for AWS IoT and for Azure DPS / IoT Hub that speak the
 //! services' wire protocols closely enough for the official SDKs, so that tests, `fleetgw demo`
 //! and the benchmarks run the whole provisioning and telemetry flow with no cloud account. (The
 //! stand-in for the downstream hardware, the simulated device fleet, is `sim`.)
 //!
 //! Each emulator is a library first (`start(options) -> handle`, used in-process by tests and
-//! the demo) and a CLI command second (`fleetgw emulate aws`, see `cli::emulate`).
+//! the demo) and a CLI command second (`fleetgw emulate aws|azure`, see `cli::emulate`). What
+//! both need lives here: the device message log (`messages`), injected faults (`faults`) and
+//! their DIR's files (`dir`).
 
 pub mod aws;
+pub mod azure;
+pub mod dir;
+pub mod faults;
+pub mod messages;
 
 use std::path::PathBuf;
 

@@ -25,10 +25,10 @@ use base64::Engine;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
-use super::faults::{FaultRequest, FaultView, Faults};
-use super::messages::Counters;
+use super::counters::Counters;
 use super::server::{CloudPublish, ServerContext, MAX_PAYLOAD_BYTES};
 use super::state::CertificateStatus;
+use crate::emulator::faults::{FaultRequest, FaultView, Faults};
 
 /// What the API handlers share.
 #[derive(Clone)]
@@ -118,10 +118,10 @@ async fn messages(State(s): State<ApiState>, Query(q): Query<MessagesQuery>) -> 
         .into_iter()
         .map(|m| MessageView {
             seq: m.seq,
-            payload_base64: base64::engine::general_purpose::STANDARD.encode(&m.payload),
+            payload_base64: base64::engine::general_purpose::STANDARD.encode(&m.message.payload),
             client_id: m.client_id,
-            topic: m.topic,
-            qos: m.qos,
+            topic: m.message.topic,
+            qos: m.message.qos,
             received_at_ms: m.received_at_ms,
         })
         .collect();

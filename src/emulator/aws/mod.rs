@@ -17,7 +17,8 @@
 //!
 //! Modules: `server` (TLS + MQTT connections), `crate::mqtt::wire` (MQTT 3.1.1/5 codec adapter, shared with the embedded broker),
 //! `provisioning` (the three APIs, tokens, rate limits), `templates`, `state` (registry),
-//! `messages` (device message log and counters), `faults`, `api` (HTTP).
+//! `counters`, `api` (HTTP); the device message log (`crate::emulator::messages`) and
+//! `crate::emulator::faults` are shared with the Azure emulator.
 //!
 //! A simplification: unlike IoT Core, the emulator does not evaluate IoT policies on device
 //! topics. Any ACTIVE certificate connected as its thing may publish and subscribe to any
@@ -25,8 +26,7 @@
 //! publish `dt/{thingName}/telemetry` for every device.
 
 mod api;
-mod faults;
-mod messages;
+mod counters;
 mod provisioning;
 mod server;
 mod state;
@@ -43,10 +43,11 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_rustls::TlsAcceptor;
 
-pub use faults::{FaultRequest, FaultView};
+pub use crate::emulator::faults::{FaultRequest, FaultView};
 pub use templates::DEFAULT_TEMPLATE;
 
 use crate::clock;
+use crate::emulator::dir::{create_dir, read_opt, write, write_secret};
 use crate::emulator::EmulatorError;
 use crate::identity::{self, CertificateAuthority, KeyType, PrivateKey};
 
@@ -247,7 +248,7 @@ pub async fn start(opts: AwsEmulatorOptions) -> Result<AwsEmulatorHandle, Emulat
     let template_set = templates::TemplateSet::load(opts.templates.as_deref())?;
     let template_names = template_set.names();
     let registry = state::Registry::open(&dir.join("state.json"))?;
-    let counters = Arc::new(messages::Counters::default());
+    let counters = Arc::new(counters::Counters::default());
     let provisioning = provisioning::Provisioning::new(
         pki.ca.clone(),
         template_set,
@@ -261,7 +262,7 @@ pub async fn start(opts: AwsEmulatorOptions) -> Result<AwsEmulatorHandle, Emulat
     let ctx = Arc::new(server::ServerContext::new(
         provisioning,
         registry.clone(),
-        messages::MessageLog::new(opts.max_messages),
+        crate::emulator::messages::MessageLog::new(opts.max_messages),
         counters,
         claim_id,
         (gateway_cert_id, GATEWAY_THING.to_string()),
@@ -381,20 +382,6 @@ fn reachable(addr: SocketAddr) -> SocketAddr {
     }
 }
 
-fn create_dir(dir: &Path) -> Result<(), EmulatorError> {
-    if dir.is_dir() {
-        return Ok(());
-    }
-    let mut builder = std::fs::DirBuilder::new();
-    builder.recursive(true);
-    #[cfg(unix)]
-    std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
-    builder.create(dir).map_err(|source| EmulatorError::Io {
-        path: dir.to_path_buf(),
-        source,
-    })
-}
-
 /// The emulator's credentials.
 struct Pki {
     ca: CertificateAuthority,
@@ -501,28 +488,6 @@ fn certificate_id(pem: &str, path: &Path) -> Result<String, EmulatorError> {
         reason: format!("not a PEM certificate: {e}"),
     })?;
     Ok(provisioning::fingerprint_hex(parsed.contents()))
-}
-
-fn read_opt(path: &Path) -> Result<Option<String>, EmulatorError> {
-    match std::fs::read_to_string(path) {
-        Ok(s) => Ok(Some(s)),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-        Err(source) => Err(EmulatorError::Io {
-            path: path.to_path_buf(),
-            source,
-        }),
-    }
-}
-
-fn write(path: &Path, bytes: &[u8], mode: u32) -> Result<(), EmulatorError> {
-    identity::write_file_atomic(path, bytes, mode).map_err(|source| EmulatorError::Identity {
-        what: format!("writing {}", path.display()),
-        source,
-    })
-}
-
-fn write_secret(path: &Path, secret: &identity::Secret) -> Result<(), EmulatorError> {
-    write(path, secret.expose(), 0o600)
 }
 
 /// `emulator.json` and `gateway.toml`, written after the listeners are bound so that their

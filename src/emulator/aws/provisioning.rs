@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 use aws_lc_rs::{digest, hmac};
 use base64::Engine;
 
-use super::messages::Counters;
+use super::counters::Counters;
 use super::state::{NewRegistration, RegisterOutcome, Registry};
 use super::templates::{EvalError, TemplateSet};
 use crate::clock;

@@ -33,12 +33,13 @@ use tokio::time::{timeout, Instant};
 use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
 
-use super::faults::Faults;
-use super::messages::{Counters, Incoming, MessageLog};
+use super::counters::Counters;
 use super::provisioning::{fingerprint_hex, Provisioning};
 use super::state::{DeviceAccess, Registry};
 use crate::clock;
 use crate::cloud::aws::topics;
+use crate::emulator::faults::Faults;
+use crate::emulator::messages::{LoggedMessage, MessageLog};
 use crate::identity::tls::peer_leaf_der;
 use crate::mqtt::stream::{PacketStream, StreamError};
 use crate::mqtt::wire::{
@@ -86,6 +87,23 @@ pub struct CloudPublish {
     pub payload: Bytes,
 }
 
+/// What the emulator keeps of a device publish.
+#[derive(Clone, Debug)]
+pub struct Incoming {
+    /// Topic published to.
+    pub topic: String,
+    /// Payload bytes.
+    pub payload: Bytes,
+    /// QoS 0 or 1.
+    pub qos: u8,
+}
+
+impl LoggedMessage for Incoming {
+    fn payload_len(&self) -> usize {
+        self.payload.len()
+    }
+}
+
 /// Everything connection tasks share.
 pub struct ServerContext {
     /// The provisioning service.
@@ -93,7 +111,7 @@ pub struct ServerContext {
     /// Things and certificates.
     pub registry: Arc<Registry>,
     /// Device messages.
-    pub messages: MessageLog,
+    pub messages: MessageLog<Incoming>,
     /// Counters for `/stats`.
     pub counters: Arc<Counters>,
     /// Injected faults.
@@ -114,7 +132,7 @@ impl ServerContext {
     pub fn new(
         provisioning: Provisioning,
         registry: Arc<Registry>,
-        messages: MessageLog,
+        messages: MessageLog<Incoming>,
         counters: Arc<Counters>,
         claim_certificate_id: String,
         gateway_certificate: (String, String),

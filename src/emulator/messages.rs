@@ -1,32 +1,34 @@
-//! What devices published to the emulated IoT Core: a log of the newest `--max-messages`
-//! messages (behind `GET /messages`) and per-client counters that count everything (behind
-//! `GET /stats`), plus the emulator-wide counters.
+//! What devices sent to an emulated cloud: a log of the newest `--max-messages` messages
+//! (behind `GET /messages`) and per-client counters that count everything (behind
+//! `GET /stats`). Shared by the emulators; each one chooses what it keeps of a message (the
+//! AWS emulator a topic and QoS, the Azure one a device id, transport and properties) through
+//! the type parameter.
 //!
 //! Connection tasks record the messages of one network read under a single lock, so that
 //! tens of thousands of QoS 1 messages per second cost a few thousand lock acquisitions.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
 
-use bytes::Bytes;
 use serde::Serialize;
 
-/// One device publish as received.
+/// What an emulator keeps of one message; the log only needs its payload size for counters.
+pub trait LoggedMessage: Clone {
+    /// Payload bytes, for the per-client byte counter.
+    fn payload_len(&self) -> usize;
+}
+
+/// One message as received.
 #[derive(Clone, Debug)]
-pub struct ReceivedMessage {
+pub struct ReceivedMessage<M> {
     /// Arrival sequence number, from 1.
     pub seq: u64,
-    /// MQTT client id of the publishing connection (the thing name).
+    /// Client id of the sender (the MQTT client id; the device id over HTTPS).
     pub client_id: String,
-    /// Topic published to.
-    pub topic: String,
-    /// Payload bytes.
-    pub payload: Bytes,
-    /// QoS of the publish (0 or 1).
-    pub qos: u8,
     /// Arrival time, unix milliseconds.
     pub received_at_ms: u64,
+    /// What the emulator keeps of the message.
+    pub message: M,
 }
 
 /// Counters for one client id.
@@ -39,60 +41,54 @@ pub struct ClientStats {
     pub bytes: u64,
 }
 
-#[derive(Default)]
-struct Inner {
-    log: VecDeque<ReceivedMessage>,
+struct Inner<M> {
+    log: VecDeque<ReceivedMessage<M>>,
     next_seq: u64,
     per_client: HashMap<String, ClientStats>,
 }
 
 /// The bounded message log and its counters.
-pub struct MessageLog {
-    inner: Mutex<Inner>,
+pub struct MessageLog<M> {
+    inner: Mutex<Inner<M>>,
     capacity: usize,
 }
 
-/// A message about to be recorded (the log assigns the sequence number).
-pub struct Incoming {
-    /// Topic published to.
-    pub topic: String,
-    /// Payload bytes.
-    pub payload: Bytes,
-    /// QoS 0 or 1.
-    pub qos: u8,
-}
-
-impl MessageLog {
+impl<M: LoggedMessage> MessageLog<M> {
     /// A log keeping the newest `capacity` messages (0 keeps none, only counts).
     pub fn new(capacity: usize) -> Self {
         Self {
-            inner: Mutex::new(Inner::default()),
+            inner: Mutex::new(Inner {
+                log: VecDeque::new(),
+                next_seq: 0,
+                per_client: HashMap::new(),
+            }),
             capacity,
         }
     }
 
-    fn lock(&self) -> MutexGuard<'_, Inner> {
+    fn lock(&self) -> MutexGuard<'_, Inner<M>> {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Records the messages one connection received in one read, in order.
-    pub fn record(&self, client_id: &str, batch: Vec<Incoming>, now_ms: u64) {
-        if batch.is_empty() {
-            return;
-        }
+    /// Records the messages one client sent in one read, in order; returns the sequence
+    /// number of the last one (0 for an empty batch).
+    pub fn record(&self, client_id: &str, batch: Vec<M>, now_ms: u64) -> u64 {
         let mut inner = self.lock();
         let Inner {
             log,
             next_seq,
             per_client,
         } = &mut *inner;
+        if batch.is_empty() {
+            return 0;
+        }
         let stats = match per_client.get_mut(client_id) {
             Some(stats) => stats,
             None => per_client.entry(client_id.to_string()).or_default(),
         };
-        for msg in batch {
+        for message in batch {
             stats.messages += 1;
-            stats.bytes += msg.payload.len() as u64;
+            stats.bytes += message.payload_len() as u64;
             *next_seq += 1;
             if self.capacity == 0 {
                 continue;
@@ -103,12 +99,11 @@ impl MessageLog {
             log.push_back(ReceivedMessage {
                 seq: *next_seq,
                 client_id: client_id.to_string(),
-                topic: msg.topic,
-                payload: msg.payload,
-                qos: msg.qos,
                 received_at_ms: now_ms,
+                message,
             });
         }
+        *next_seq
     }
 
     /// Logged messages with `seq > after`, optionally only from `client_id`, oldest first,
@@ -118,7 +113,7 @@ impl MessageLog {
         client_id: Option<&str>,
         after: u64,
         limit: usize,
-    ) -> Vec<ReceivedMessage> {
+    ) -> Vec<ReceivedMessage<M>> {
         let inner = self.lock();
         // Sequence numbers are dense in the log, so the first wanted index is computable.
         let first_seq = inner.log.front().map_or(0, |m| m.seq);
@@ -142,64 +137,29 @@ impl MessageLog {
     }
 }
 
-/// Emulator-wide counters (lock-free; read by `GET /stats`).
-#[derive(Default)]
-pub struct Counters {
-    /// TLS connections accepted in total.
-    pub connections_total: AtomicU64,
-    /// Connections currently open (past the TLS handshake).
-    pub connections_open: AtomicU64,
-    /// Connections refused (TLS failure, not authorized, outage).
-    pub connections_refused: AtomicU64,
-    /// Connections closed by the emulator for a policy or protocol violation.
-    pub connections_closed_by_policy: AtomicU64,
-    /// CreateCertificateFromCsr requests.
-    pub create_from_csr: AtomicU64,
-    /// CreateKeysAndCertificate requests.
-    pub create_keys: AtomicU64,
-    /// RegisterThing requests.
-    pub register_thing: AtomicU64,
-    /// Requests answered on `/accepted`.
-    pub accepted: AtomicU64,
-    /// Requests answered on `/rejected`.
-    pub rejected: AtomicU64,
-    /// Requests rejected with 429.
-    pub throttled: AtomicU64,
-    /// Responses dropped by the `dropResponses` fault.
-    pub dropped_responses: AtomicU64,
-}
-
-impl Counters {
-    /// Adds one to `counter`.
-    pub fn bump(counter: &AtomicU64) {
-        counter.fetch_add(1, Ordering::Relaxed);
-    }
-
-    /// Reads `counter`.
-    pub fn get(counter: &AtomicU64) -> u64 {
-        counter.load(Ordering::Relaxed)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn msg(topic: &str, payload: &'static [u8]) -> Incoming {
-        Incoming {
-            topic: topic.into(),
-            payload: Bytes::from_static(payload),
-            qos: 1,
+    #[derive(Clone, Debug)]
+    struct Msg(&'static str, &'static [u8]);
+
+    impl LoggedMessage for Msg {
+        fn payload_len(&self) -> usize {
+            self.1.len()
         }
     }
 
     #[test]
     fn keeps_the_newest_messages_and_counts_all() {
         let log = MessageLog::new(2);
-        log.record("a", vec![msg("t/1", b"x"), msg("t/2", b"yy")], 5);
-        log.record("b", vec![msg("t/3", b"zzz")], 6);
+        assert_eq!(
+            log.record("a", vec![Msg("t/1", b"x"), Msg("t/2", b"yy")], 5),
+            2
+        );
+        log.record("b", vec![Msg("t/3", b"zzz")], 6);
         let kept = log.messages(None, 0, 10);
-        let topics: Vec<_> = kept.iter().map(|m| m.topic.as_str()).collect();
+        let topics: Vec<_> = kept.iter().map(|m| m.message.0).collect();
         assert_eq!(topics, ["t/2", "t/3"]);
         assert_eq!(kept[0].seq, 2);
         let (total, per_client) = log.stats();
@@ -213,6 +173,6 @@ mod tests {
         );
         assert_eq!(log.messages(None, 2, 10).len(), 1);
         assert_eq!(log.messages(Some("a"), 0, 10).len(), 1);
-        assert_eq!(log.messages(None, 0, 1)[0].topic, "t/2");
+        assert_eq!(log.messages(None, 0, 1)[0].message.0, "t/2");
     }
 }
