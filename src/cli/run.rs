@@ -11,6 +11,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::admin::{AdminOptions, AdminParts, AdminServer};
 use crate::admission::{self, Admission, AdmissionOptions};
 use crate::cloud::aws::claim::ClaimOptions;
 use crate::cloud::aws::{AwsProvider, AwsProviderOptions, OWNERSHIP_TOKEN_TTL};
@@ -68,6 +69,8 @@ pub enum RunError {
     Telemetry(#[from] telemetry::TelemetryError),
     #[error("starting the async runtime: {0}")]
     Runtime(#[source] std::io::Error),
+    #[error("admin API: {0}")]
+    Admin(#[from] crate::admin::AdminError),
 }
 
 impl RunError {
@@ -77,7 +80,7 @@ impl RunError {
             | RunError::Identity { .. }
             | RunError::Admission(_)
             | RunError::Telemetry(_) => EX_CONFIG,
-            RunError::Read { .. } | RunError::Store(_) => EX_IOERR,
+            RunError::Read { .. } | RunError::Store(_) | RunError::Admin(_) => EX_IOERR,
             RunError::Downstream(_) | RunError::Engine(_) | RunError::Runtime(_) => EX_SOFTWARE,
         })
     }
@@ -164,8 +167,9 @@ pub struct Gateway {
     store: Store,
     downstream: Downstream,
     provider: Arc<AwsProvider>,
-    engine: Engine,
+    engine: Arc<Engine>,
     telemetry: Telemetry,
+    admin: AdminServer,
 }
 
 impl Gateway {
@@ -239,6 +243,7 @@ impl Gateway {
             },
             requests,
         )?;
+        let engine = Arc::new(engine);
         let telemetry = Telemetry::start(
             telemetry_opts,
             store.clone(),
@@ -246,12 +251,30 @@ impl Gateway {
             telemetry_sealer,
             telemetry_rx,
         )?;
+        let admin = AdminServer::start(
+            &AdminOptions {
+                socket: cfg.admin.socket.clone(),
+                group: cfg.admin.group.clone(),
+                read_group: cfg.admin.read_group.clone(),
+                listen: cfg.admin.listen,
+                token_file: cfg.admin.token_file.clone(),
+            },
+            AdminParts {
+                store: store.clone(),
+                mode: cfg.admission.mode,
+                engine: Some(engine.clone()),
+                broker: downstream.broker().map(|b| b.connections()),
+                telemetry: Some(telemetry.stats_source()),
+            },
+        )
+        .await?;
         Ok(Self {
             store,
             downstream,
             provider,
             engine,
             telemetry,
+            admin,
         })
     }
 
@@ -269,6 +292,7 @@ impl Gateway {
     /// Stops intake, lets steps in flight persist their result, closes the cloud, upstream
     /// telemetry and downstream sessions and flushes the store.
     pub async fn shutdown(self) -> Result<EngineStats, RunError> {
+        self.admin.shutdown().await;
         self.engine.shutdown().await;
         self.provider.shutdown().await;
         self.telemetry.shutdown(Duration::from_secs(5)).await;

@@ -1,0 +1,251 @@
+//! `fleetgw devices ...` and `fleetgw status`: the admin API from a shell, as tables or, with
+//! `--json`, as JSON for scripts. `devices list` walks every page (`nextLink`) itself.
+
+use std::process::ExitCode;
+
+use comfy_table::{presets::UTF8_FULL_CONDENSED, Table};
+use hyper::Method;
+use percent_encoding::{utf8_percent_encode, NON_ALPHANUMERIC};
+use serde_json::Value;
+
+use super::admin_client::{call, CliFailure, SocketArgs};
+
+/// Arguments of `fleetgw devices`.
+#[derive(Debug, clap::Args)]
+pub struct DevicesArgs {
+    #[command(flatten)]
+    pub socket: SocketArgs,
+
+    #[command(subcommand)]
+    pub command: DevicesCommand,
+}
+
+/// The verbs of `fleetgw devices`.
+#[derive(Debug, clap::Subcommand)]
+pub enum DevicesCommand {
+    /// List devices (every page), optionally filtered and ordered.
+    List {
+        /// An OData-like filter, e.g. "status eq 'failed'" or "contains(displayName, 'pump')".
+        #[arg(long, value_name = "EXPR")]
+        filter: Option<String>,
+        /// Sort field and direction, e.g. "updatedAt desc" (id breaks ties).
+        #[arg(long, value_name = "F")]
+        orderby: Option<String>,
+    },
+    /// Show one device.
+    Show {
+        /// Device id.
+        id: String,
+    },
+    /// Approve a device waiting for approval; provisioning starts.
+    Approve {
+        /// Device id.
+        id: String,
+    },
+    /// Block a device: its requests are refused and its connection closed.
+    Block {
+        /// Device id.
+        id: String,
+    },
+    /// Unblock a device (back to waiting for approval in approve mode).
+    Unblock {
+        /// Device id.
+        id: String,
+    },
+    /// Delete a device with its key and token; its connection is closed.
+    Delete {
+        /// Device id.
+        id: String,
+    },
+}
+
+/// Arguments of `fleetgw status`.
+#[derive(Debug, clap::Args)]
+pub struct StatusArgs {
+    #[command(flatten)]
+    pub socket: SocketArgs,
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime, CliFailure> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| CliFailure::new(super::EX_SOFTWARE, format!("starting the runtime: {e}")))
+}
+
+fn enc(s: &str) -> String {
+    utf8_percent_encode(s, NON_ALPHANUMERIC).to_string()
+}
+
+/// Runs `fleetgw devices ...`.
+pub fn run(args: DevicesArgs) -> ExitCode {
+    match runtime().and_then(|rt| rt.block_on(devices(args))) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(f) => f.exit(),
+    }
+}
+
+async fn devices(args: DevicesArgs) -> Result<(), CliFailure> {
+    let socket = args.socket.socket_path()?;
+    let json = args.socket.json;
+    let (method, path) = match &args.command {
+        DevicesCommand::List { filter, orderby } => {
+            let mut path = "/devices?maxpagesize=100".to_string();
+            if let Some(f) = filter {
+                path.push_str(&format!("&%24filter={}", enc(f)));
+            }
+            if let Some(o) = orderby {
+                path.push_str(&format!("&%24orderby={}", enc(o)));
+            }
+            let mut all = Vec::new();
+            let mut next = Some(path);
+            while let Some(p) = next.take() {
+                let page = call(&socket, Method::GET, &p, None).await?.ok()?.json();
+                if let Some(items) = page["value"].as_array() {
+                    all.extend(items.iter().cloned());
+                }
+                next = page["nextLink"].as_str().map(str::to_string);
+            }
+            if json {
+                println!("{}", Value::Array(all));
+            } else {
+                print_devices(&all);
+            }
+            return Ok(());
+        }
+        DevicesCommand::Show { id } => (Method::GET, format!("/devices/{}", enc(id))),
+        DevicesCommand::Approve { id } => (Method::POST, format!("/devices/{}/approve", enc(id))),
+        DevicesCommand::Block { id } => (Method::POST, format!("/devices/{}/block", enc(id))),
+        DevicesCommand::Unblock { id } => (Method::POST, format!("/devices/{}/unblock", enc(id))),
+        DevicesCommand::Delete { id } => (Method::DELETE, format!("/devices/{}", enc(id))),
+    };
+    let reply = call(&socket, method, &path, None).await?.ok()?;
+    if let DevicesCommand::Delete { id } = &args.command {
+        if reply.status == hyper::StatusCode::NO_CONTENT {
+            return Err(CliFailure::new(
+                super::EX_SOFTWARE,
+                format!("no device {id:?}; `fleetgw devices list` shows the ids"),
+            ));
+        }
+    }
+    let v = reply.json();
+    if json {
+        println!("{v}");
+    } else {
+        print_device(&v);
+    }
+    Ok(())
+}
+
+fn text(v: &Value) -> String {
+    match v {
+        Value::Null => String::new(),
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+fn print_devices(devices: &[Value]) {
+    let mut t = Table::new();
+    t.load_preset(UTF8_FULL_CONDENSED);
+    t.set_header(["ID", "NAME", "STATUS", "STATE", "ENABLED", "THING", "LAST ERROR", "UPDATED"]);
+    for d in devices {
+        t.add_row([
+            text(&d["id"]),
+            text(&d["displayName"]),
+            text(&d["status"]),
+            text(&d["state"]),
+            text(&d["enabled"]),
+            text(&d["thingName"]),
+            text(&d["lastError"]["errorCode"]),
+            text(&d["updatedAt"]),
+        ]);
+    }
+    println!("{t}");
+    println!("{} device(s)", devices.len());
+}
+
+fn print_device(d: &Value) {
+    let mut t = Table::new();
+    t.load_preset(UTF8_FULL_CONDENSED);
+    let fields = [
+        ("id", "id"),
+        ("display name", "displayName"),
+        ("status", "status"),
+        ("state", "state"),
+        ("enabled", "enabled"),
+        ("approved", "approved"),
+        ("provisioned", "provisioned"),
+        ("thing name", "thingName"),
+        ("certificate id", "certificateId"),
+        ("attempts", "attempts"),
+        ("created", "createdAt"),
+        ("updated", "updatedAt"),
+        ("etag", "etag"),
+    ];
+    for (label, key) in fields {
+        if !d[key].is_null() {
+            t.add_row([label.to_string(), text(&d[key])]);
+        }
+    }
+    if let Some(e) = d.get("lastError").filter(|e| !e.is_null()) {
+        t.add_row([
+            "last error".to_string(),
+            format!(
+                "{} {}: {}",
+                text(&e["statusCode"]),
+                text(&e["errorCode"]),
+                text(&e["errorMessage"])
+            ),
+        ]);
+    }
+    if let Some(c) = d.get("connection").filter(|c| !c.is_null()) {
+        t.add_row([
+            "connected from".to_string(),
+            format!(
+                "{} (tls: {}, authenticated: {})",
+                text(&c["remoteAddress"]),
+                text(&c["tls"]),
+                text(&c["authenticated"])
+            ),
+        ]);
+    }
+    println!("{t}");
+}
+
+/// Runs `fleetgw status`.
+pub fn status(args: StatusArgs) -> ExitCode {
+    let result = runtime().and_then(|rt| {
+        rt.block_on(async {
+            let socket = args.socket.socket_path()?;
+            let v = call(&socket, Method::GET, "/status", None).await?.ok()?.json();
+            if args.socket.json {
+                println!("{v}");
+                return Ok(());
+            }
+            let mut t = Table::new();
+            t.load_preset(UTF8_FULL_CONDENSED);
+            t.add_row(["version".to_string(), text(&v["version"])]);
+            t.add_row(["uptime (s)".to_string(), text(&v["uptimeSecs"])]);
+            t.add_row(["admission mode".to_string(), text(&v["admissionMode"])]);
+            if let Some(devs) = v["devices"].as_object() {
+                for (status, n) in devs {
+                    t.add_row([format!("devices {status}"), text(n)]);
+                }
+            }
+            t.add_row(["provisioning now".to_string(), text(&v["provisioningActive"])]);
+            t.add_row(["outbox messages".to_string(), text(&v["outboxMessages"])]);
+            t.add_row(["outbox bytes".to_string(), text(&v["outboxBytes"])]);
+            t.add_row(["upstream links".to_string(), text(&v["upstreamLinks"])]);
+            if !v["brokerSessions"].is_null() {
+                t.add_row(["broker sessions".to_string(), text(&v["brokerSessions"])]);
+            }
+            println!("{t}");
+            Ok(())
+        })
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(f) => f.exit(),
+    }
+}
