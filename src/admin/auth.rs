@@ -106,7 +106,8 @@ impl AccessPolicy {
             return Role::Write;
         }
         let groups = groups_of(uid, gid);
-        let member = |g: &Option<(String, u32)>| g.as_ref().is_some_and(|(_, id)| groups.contains(id));
+        let member =
+            |g: &Option<(String, u32)>| g.as_ref().is_some_and(|(_, id)| groups.contains(id));
         if member(&self.write_group) {
             Role::Write
         } else if member(&self.read_group) {
@@ -143,15 +144,8 @@ fn user_name(uid: u32) -> Option<CString> {
     let mut buf = vec![0u8; 16 * 1024];
     let mut out: *mut libc::passwd = std::ptr::null_mut();
     // SAFETY: valid pointers; pw_name points into buf, copied before buf is dropped.
-    let rc = unsafe {
-        libc::getpwuid_r(
-            uid,
-            &mut pwd,
-            buf.as_mut_ptr().cast(),
-            buf.len(),
-            &mut out,
-        )
-    };
+    let rc =
+        unsafe { libc::getpwuid_r(uid, &mut pwd, buf.as_mut_ptr().cast(), buf.len(), &mut out) };
     if rc != 0 || out.is_null() || pwd.pw_name.is_null() {
         return None;
     }

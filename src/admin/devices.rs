@@ -121,7 +121,11 @@ impl Preconditions {
 }
 
 /// A device view with its `ETag` header.
-pub(super) fn device_response(state: &AdminState, rec: &DeviceRecord, status: StatusCode) -> Response {
+pub(super) fn device_response(
+    state: &AdminState,
+    rec: &DeviceRecord,
+    status: StatusCode,
+) -> Response {
     let view = DeviceView::new(rec, state.connection(rec.id.as_str()));
     let mut resp = (status, Json(view)).into_response();
     if let Ok(v) = HeaderValue::from_str(&etag_of(rec)) {
@@ -168,7 +172,9 @@ pub struct DevicePatch {
     pub approved: Option<bool>,
 }
 
-fn some_nullable<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Option<String>>, D::Error> {
+fn some_nullable<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<Option<Option<String>>, D::Error> {
     Option::<String>::deserialize(d).map(Some)
 }
 
@@ -246,7 +252,11 @@ async fn swap(
     etag: u64,
     next: DeviceRecord,
 ) -> Result<DeviceRecord, ApiError> {
-    match state.store.update_device(id, Some(etag), |_| Some(next)).await {
+    match state
+        .store
+        .update_device(id, Some(etag), |_| Some(next))
+        .await
+    {
         Ok(rec) => Ok(rec),
         Err(StoreError::Conflict { .. }) => Err(ApiError::precondition_failed(
             "the device changed while this request was handled; GET it again and retry",
@@ -363,17 +373,26 @@ async fn act(state: &AdminState, raw: &str, action: Action) -> Result<Response, 
 }
 
 /// `POST /devices/{id}/approve`: `waitingApproval` -> `approved`, then provisioning starts.
-pub async fn approve(State(state): State<AdminState>, Path(id): Path<String>) -> Result<Response, ApiError> {
+pub async fn approve(
+    State(state): State<AdminState>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
     act(&state, &id, Action::Approve).await
 }
 
 /// `POST /devices/{id}/block`: any state -> `blocked`; its connection is closed.
-pub async fn block(State(state): State<AdminState>, Path(id): Path<String>) -> Result<Response, ApiError> {
+pub async fn block(
+    State(state): State<AdminState>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
     act(&state, &id, Action::Block).await
 }
 
 /// `POST /devices/{id}/unblock`: `blocked` -> `waitingApproval` (approve mode) or
 /// `requested` (provisioning starts again).
-pub async fn unblock(State(state): State<AdminState>, Path(id): Path<String>) -> Result<Response, ApiError> {
+pub async fn unblock(
+    State(state): State<AdminState>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
     act(&state, &id, Action::Unblock).await
 }

@@ -102,7 +102,10 @@ impl ListQuery {
             Some(text) if !text.trim().is_empty() => filter::parse_orderby(text).map_err(|e| {
                 ApiError::bad_request(
                     "InvalidOrderBy",
-                    format!("{} (near {:?} at position {})", e.message, e.token, e.position),
+                    format!(
+                        "{} (near {:?} at position {})",
+                        e.message, e.token, e.position
+                    ),
                 )
             })?,
             _ => OrderBy::default(),

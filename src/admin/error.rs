@@ -219,11 +219,7 @@ where
         let bytes = Bytes::from_request(req, state).await.map_err(|e| {
             let status = e.status();
             if status == StatusCode::PAYLOAD_TOO_LARGE {
-                ApiError::new(
-                    status,
-                    "PayloadTooLarge",
-                    "the request body is over 1 MiB",
-                )
+                ApiError::new(status, "PayloadTooLarge", "the request body is over 1 MiB")
             } else {
                 ApiError::bad_request("BadRequest", format!("reading the body: {e}"))
             }

@@ -202,11 +202,15 @@ impl AdminServer {
         };
         let unix = bind_socket(&opts.socket, policy.write_gid())?;
         let tcp = match opts.listen {
-            Some(addr) => Some(TcpListener::bind(addr).await.map_err(|source| AdminError::Io {
-                key: "admin.listen",
-                what: format!("binding {addr}"),
-                source,
-            })?),
+            Some(addr) => Some(
+                TcpListener::bind(addr)
+                    .await
+                    .map_err(|source| AdminError::Io {
+                        key: "admin.listen",
+                        what: format!("binding {addr}"),
+                        source,
+                    })?,
+            ),
             None => None,
         };
         let tcp_addr = tcp.as_ref().and_then(|l| l.local_addr().ok());

@@ -44,7 +44,9 @@ fn count_by_status(state: &AdminState) -> Result<BTreeMap<&'static str, u64>, Ap
     let mut counts: BTreeMap<&'static str, u64> =
         DeviceStatus::ALL.iter().map(|s| (s.as_str(), 0)).collect();
     for rec in state.store.devices() {
-        *counts.entry(DeviceStatus::of(&rec?.state).as_str()).or_default() += 1;
+        *counts
+            .entry(DeviceStatus::of(&rec?.state).as_str())
+            .or_default() += 1;
     }
     Ok(counts)
 }
@@ -94,19 +96,57 @@ pub fn render_metrics(state: &AdminState) -> Result<String, ApiError> {
         .map(|(s, n)| (format!("status=\"{s}\""), *n))
         .collect();
     let by_status: Vec<(&str, u64)> = labels.iter().map(|(l, n)| (l.as_str(), *n)).collect();
-    family(&mut out, "fleetgw_devices", "gauge", "Devices by status.", &by_status);
-    family(&mut out, "fleetgw_uptime_seconds", "gauge", "Seconds since the daemon started.", &[("", state.uptime().as_secs())]);
+    family(
+        &mut out,
+        "fleetgw_devices",
+        "gauge",
+        "Devices by status.",
+        &by_status,
+    );
+    family(
+        &mut out,
+        "fleetgw_uptime_seconds",
+        "gauge",
+        "Seconds since the daemon started.",
+        &[("", state.uptime().as_secs())],
+    );
     let counters: [(&str, &str, u64); 5] = [
-        ("fleetgw_provision_delivered_total", "Devices provisioned since start.", e.provisioned),
-        ("fleetgw_provision_failed_total", "Devices that failed since start.", e.failed),
-        ("fleetgw_provision_rejected_requests_total", "Requests refused on /rejected without being stored.", e.rejected_requests),
-        ("fleetgw_provision_answered_from_store_total", "Repeated requests answered from the store.", e.answered_from_store),
-        ("fleetgw_provision_resumed_total", "Devices resumed from the store at start.", e.resumed),
+        (
+            "fleetgw_provision_delivered_total",
+            "Devices provisioned since start.",
+            e.provisioned,
+        ),
+        (
+            "fleetgw_provision_failed_total",
+            "Devices that failed since start.",
+            e.failed,
+        ),
+        (
+            "fleetgw_provision_rejected_requests_total",
+            "Requests refused on /rejected without being stored.",
+            e.rejected_requests,
+        ),
+        (
+            "fleetgw_provision_answered_from_store_total",
+            "Repeated requests answered from the store.",
+            e.answered_from_store,
+        ),
+        (
+            "fleetgw_provision_resumed_total",
+            "Devices resumed from the store at start.",
+            e.resumed,
+        ),
     ];
     for (name, help, v) in counters {
         family(&mut out, name, "counter", help, &[("", v)]);
     }
-    family(&mut out, "fleetgw_provision_active", "gauge", "Devices queued, in progress or waiting for a retry.", &[("", e.active)]);
+    family(
+        &mut out,
+        "fleetgw_provision_active",
+        "gauge",
+        "Devices queued, in progress or waiting for a retry.",
+        &[("", e.active)],
+    );
     let refused = [
         ("reason=\"unknown\"", t.refused_unknown),
         ("reason=\"not_provisioned\"", t.refused_not_provisioned),
@@ -115,29 +155,109 @@ pub fn render_metrics(state: &AdminState) -> Result<String, ApiError> {
         ("reason=\"oversize\"", t.oversize),
     ];
     let tele: [(&str, &str, u64); 11] = [
-        ("fleetgw_telemetry_received_total", "Telemetry messages taken from downstream.", t.received),
-        ("fleetgw_telemetry_accepted_total", "Telemetry messages stored in the outbox and acknowledged.", t.accepted),
-        ("fleetgw_telemetry_forwarded_total", "Telemetry messages acknowledged by the cloud.", t.forwarded),
-        ("fleetgw_telemetry_dropped_full_total", "Messages deleted unsent by drop-oldest.", t.dropped_full),
-        ("fleetgw_telemetry_expired_total", "Messages not sent because older than max_age.", t.expired),
-        ("fleetgw_telemetry_undeliverable_total", "Messages whose device record is gone.", t.undeliverable),
-        ("fleetgw_telemetry_backpressure_episodes_total", "Times the outbox was full under backpressure.", t.backpressure_episodes),
-        ("fleetgw_commands_forwarded_total", "Cloud-to-device messages delivered downstream.", t.commands_forwarded),
-        ("fleetgw_commands_failed_total", "Cloud-to-device messages the local broker did not take.", t.commands_failed),
-        ("fleetgw_upstream_connects_total", "Upstream telemetry CONNACKs.", t.upstream_connects),
-        ("fleetgw_upstream_disconnects_total", "Upstream telemetry connections lost or refused.", t.upstream_disconnects),
+        (
+            "fleetgw_telemetry_received_total",
+            "Telemetry messages taken from downstream.",
+            t.received,
+        ),
+        (
+            "fleetgw_telemetry_accepted_total",
+            "Telemetry messages stored in the outbox and acknowledged.",
+            t.accepted,
+        ),
+        (
+            "fleetgw_telemetry_forwarded_total",
+            "Telemetry messages acknowledged by the cloud.",
+            t.forwarded,
+        ),
+        (
+            "fleetgw_telemetry_dropped_full_total",
+            "Messages deleted unsent by drop-oldest.",
+            t.dropped_full,
+        ),
+        (
+            "fleetgw_telemetry_expired_total",
+            "Messages not sent because older than max_age.",
+            t.expired,
+        ),
+        (
+            "fleetgw_telemetry_undeliverable_total",
+            "Messages whose device record is gone.",
+            t.undeliverable,
+        ),
+        (
+            "fleetgw_telemetry_backpressure_episodes_total",
+            "Times the outbox was full under backpressure.",
+            t.backpressure_episodes,
+        ),
+        (
+            "fleetgw_commands_forwarded_total",
+            "Cloud-to-device messages delivered downstream.",
+            t.commands_forwarded,
+        ),
+        (
+            "fleetgw_commands_failed_total",
+            "Cloud-to-device messages the local broker did not take.",
+            t.commands_failed,
+        ),
+        (
+            "fleetgw_upstream_connects_total",
+            "Upstream telemetry CONNACKs.",
+            t.upstream_connects,
+        ),
+        (
+            "fleetgw_upstream_disconnects_total",
+            "Upstream telemetry connections lost or refused.",
+            t.upstream_disconnects,
+        ),
     ];
-    family(&mut out, "fleetgw_telemetry_refused_total", "counter", "Telemetry messages refused, by reason.", &refused);
+    family(
+        &mut out,
+        "fleetgw_telemetry_refused_total",
+        "counter",
+        "Telemetry messages refused, by reason.",
+        &refused,
+    );
     for (name, help, v) in tele {
         family(&mut out, name, "counter", help, &[("", v)]);
     }
-    family(&mut out, "fleetgw_upstream_connections", "gauge", "Upstream telemetry connections open.", &[("", t.open_connections)]);
-    family(&mut out, "fleetgw_outbox_messages", "gauge", "Messages in the outbox.", &[("", state.store.outbox_len())]);
-    family(&mut out, "fleetgw_outbox_bytes", "gauge", "Encoded bytes in the outbox.", &[("", state.store.outbox_bytes())]);
-    family(&mut out, "fleetgw_store_flushes_total", "counter", "Group-commit flushes since start.", &[("", state.store.flush_count())]);
+    family(
+        &mut out,
+        "fleetgw_upstream_connections",
+        "gauge",
+        "Upstream telemetry connections open.",
+        &[("", t.open_connections)],
+    );
+    family(
+        &mut out,
+        "fleetgw_outbox_messages",
+        "gauge",
+        "Messages in the outbox.",
+        &[("", state.store.outbox_len())],
+    );
+    family(
+        &mut out,
+        "fleetgw_outbox_bytes",
+        "gauge",
+        "Encoded bytes in the outbox.",
+        &[("", state.store.outbox_bytes())],
+    );
+    family(
+        &mut out,
+        "fleetgw_store_flushes_total",
+        "counter",
+        "Group-commit flushes since start.",
+        &[("", state.store.flush_count())],
+    );
     if let Some(b) = &state.broker {
         let r = b.refusals();
-        family(&mut out, "fleetgw_broker_sessions", "gauge", "Client sessions of the embedded broker.", &[("", b.sessions() as u64)]);
+        family(
+            &mut out,
+            "fleetgw_broker_sessions",
+            "gauge",
+            "Client sessions of the embedded broker.",
+            &[("", b.sessions() as u64)],
+        );
         family(
             &mut out,
             "fleetgw_broker_refused_total",
@@ -159,7 +279,10 @@ pub async fn get_metrics(State(state): State<AdminState>) -> Result<impl IntoRes
         .await
         .map_err(|e| ApiError::internal("rendering metrics", &e))??;
     Ok((
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
         text,
     ))
 }

@@ -102,11 +102,12 @@ impl Reply {
             .as_str()
             .map(str::to_string)
             .unwrap_or_else(|| String::from_utf8_lossy(&self.body).into_owned());
-        let code = if self.status == StatusCode::FORBIDDEN || self.status == StatusCode::UNAUTHORIZED {
-            EX_NOPERM
-        } else {
-            super::EX_SOFTWARE
-        };
+        let code =
+            if self.status == StatusCode::FORBIDDEN || self.status == StatusCode::UNAUTHORIZED {
+                EX_NOPERM
+            } else {
+                super::EX_SOFTWARE
+            };
         Err(CliFailure::new(
             code,
             format!("{} ({})", message, self.status.as_u16()),

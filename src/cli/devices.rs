@@ -148,7 +148,16 @@ fn text(v: &Value) -> String {
 fn print_devices(devices: &[Value]) {
     let mut t = Table::new();
     t.load_preset(UTF8_FULL_CONDENSED);
-    t.set_header(["ID", "NAME", "STATUS", "STATE", "ENABLED", "THING", "LAST ERROR", "UPDATED"]);
+    t.set_header([
+        "ID",
+        "NAME",
+        "STATUS",
+        "STATE",
+        "ENABLED",
+        "THING",
+        "LAST ERROR",
+        "UPDATED",
+    ]);
     for d in devices {
         t.add_row([
             text(&d["id"]),
@@ -218,7 +227,10 @@ pub fn status(args: StatusArgs) -> ExitCode {
     let result = runtime().and_then(|rt| {
         rt.block_on(async {
             let socket = args.socket.socket_path()?;
-            let v = call(&socket, Method::GET, "/status", None).await?.ok()?.json();
+            let v = call(&socket, Method::GET, "/status", None)
+                .await?
+                .ok()?
+                .json();
             if args.socket.json {
                 println!("{v}");
                 return Ok(());
@@ -233,7 +245,10 @@ pub fn status(args: StatusArgs) -> ExitCode {
                     t.add_row([format!("devices {status}"), text(n)]);
                 }
             }
-            t.add_row(["provisioning now".to_string(), text(&v["provisioningActive"])]);
+            t.add_row([
+                "provisioning now".to_string(),
+                text(&v["provisioningActive"]),
+            ]);
             t.add_row(["outbox messages".to_string(), text(&v["outboxMessages"])]);
             t.add_row(["outbox bytes".to_string(), text(&v["outboxBytes"])]);
             t.add_row(["upstream links".to_string(), text(&v["upstreamLinks"])]);

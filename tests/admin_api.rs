@@ -1,0 +1,676 @@
+//! The admin API over its real Unix socket (and loopback TCP listener): entity tags as the
+//! IoT Hub table says, filters, ordering and keyset paging over 10,000 devices, the actions,
+//! the error shape, and hostile callers (wrong uid, no or wrong token, oversize and mistyped
+//! bodies, malformed filters).
+
+#[path = "common/admin.rs"]
+mod admin_common;
+
+use std::collections::HashSet;
+use std::os::unix::fs::PermissionsExt;
+
+use admin_common::{error_code, tcp_request, unix_request, Api};
+use fleetgw::admission::AdmissionMode;
+use fleetgw::device_id::DeviceId;
+use fleetgw::store::DeviceState;
+use hyper::StatusCode;
+use serde_json::{json, Value};
+
+fn ids(range: std::ops::Range<usize>) -> impl Iterator<Item = String> {
+    range.map(|i| format!("dev-{i:05}"))
+}
+
+#[tokio::test]
+async fn etag_table_rows() {
+    let api = Api::start(AdmissionMode::Approve, |_, _| {}).await;
+    api.seed(ids(0..1), DeviceState::WaitingApproval).await;
+    let etag = api.get("/devices/dev-00000").await.header("etag").unwrap();
+    let patch = json!({"displayName": "pump"});
+    // (method, exists, header, value, expected status)
+    let rows: [(&str, bool, &str, &str, StatusCode); 16] = [
+        // PATCH (the table's PUT rows, for an update; creation is by the device's request)
+        ("PATCH", true, "", "", StatusCode::OK),
+        ("PATCH", true, "if-match", "*", StatusCode::OK),
+        ("PATCH", true, "if-match", "CURRENT", StatusCode::OK),
+        (
+            "PATCH",
+            true,
+            "if-match",
+            "\"999\"",
+            StatusCode::PRECONDITION_FAILED,
+        ),
+        (
+            "PATCH",
+            true,
+            "if-none-match",
+            "*",
+            StatusCode::PRECONDITION_FAILED,
+        ),
+        (
+            "PATCH",
+            false,
+            "if-match",
+            "*",
+            StatusCode::PRECONDITION_FAILED,
+        ),
+        (
+            "PATCH",
+            false,
+            "if-match",
+            "\"xyz\"",
+            StatusCode::PRECONDITION_FAILED,
+        ),
+        ("PATCH", false, "", "", StatusCode::NOT_FOUND),
+        // DELETE
+        ("DELETE", false, "", "", StatusCode::NO_CONTENT),
+        ("DELETE", false, "if-match", "*", StatusCode::NO_CONTENT),
+        (
+            "DELETE",
+            false,
+            "if-match",
+            "\"xyz\"",
+            StatusCode::NO_CONTENT,
+        ),
+        (
+            "DELETE",
+            true,
+            "if-match",
+            "\"999\"",
+            StatusCode::PRECONDITION_FAILED,
+        ),
+        ("DELETE", true, "if-match", "CURRENT", StatusCode::OK),
+        ("DELETE", true, "if-match", "*", StatusCode::OK),
+        ("DELETE", true, "", "", StatusCode::OK),
+        ("DELETE", true, "if-match", "\"\"", StatusCode::OK),
+    ];
+    for (i, (method, exists, header, value, want)) in rows.into_iter().enumerate() {
+        let id = if exists {
+            let id = format!("row-{i}");
+            api.seed([id.clone()], DeviceState::WaitingApproval).await;
+            id
+        } else {
+            format!("absent-{i}")
+        };
+        let current = api.get(&format!("/devices/{id}")).await.header("etag");
+        let value = if value == "CURRENT" {
+            current.clone().unwrap()
+        } else {
+            value.to_string()
+        };
+        let headers: Vec<(&str, &str)> = if header.is_empty() {
+            vec![]
+        } else {
+            vec![(header, value.as_str())]
+        };
+        let body = (method == "PATCH").then_some(&patch);
+        let r = api
+            .send(method, &format!("/devices/{id}"), &headers, body)
+            .await;
+        assert_eq!(
+            r.status,
+            want,
+            "row {i}: {method} exists={exists} {header}: {value}: {:?}",
+            r.json()
+        );
+        let after = api.store.device(&DeviceId::parse(&id).unwrap()).unwrap();
+        match (method, r.status) {
+            ("PATCH", StatusCode::OK) => {
+                let after = after.unwrap();
+                assert_eq!(after.display_name.as_deref(), Some("pump"), "row {i}");
+                assert_eq!(r.header("etag").unwrap(), format!("\"{}\"", after.etag));
+                assert_ne!(r.header("etag"), current, "row {i}: the etag changed");
+            }
+            ("DELETE", StatusCode::OK) => assert!(after.is_none(), "row {i}: deleted"),
+            (_, StatusCode::PRECONDITION_FAILED) if exists => {
+                let after = after.unwrap();
+                assert_eq!(after.display_name, None, "row {i}: nothing changed");
+                assert_eq!(error_code(&r), "PreconditionFailed");
+            }
+            _ => {}
+        }
+    }
+    // GET with If-None-Match of the current etag: 304.
+    let r = unix_request(
+        &api.socket,
+        "GET",
+        "/devices/dev-00000",
+        &[("if-none-match", &etag)],
+        None,
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::NOT_MODIFIED);
+}
+
+#[tokio::test]
+async fn actions_follow_the_state_machine() {
+    let api = Api::start(AdmissionMode::Approve, |_, _| {}).await;
+    api.seed(["wait-1".to_string()], DeviceState::WaitingApproval)
+        .await;
+    let r = api.send("POST", "/devices/wait-1/approve", &[], None).await;
+    assert_eq!(r.status, StatusCode::OK, "{:?}", r.json());
+    assert_eq!(r.json()["state"], "approved");
+    assert_eq!(r.json()["approved"], true);
+    let r = api.send("POST", "/devices/wait-1/block", &[], None).await;
+    assert_eq!(r.json()["status"], "blocked");
+    let r = api.send("POST", "/devices/wait-1/approve", &[], None).await;
+    assert_eq!(
+        (r.status, error_code(&r).as_str()),
+        (StatusCode::CONFLICT, "DeviceBlocked")
+    );
+    let r = api.send("POST", "/devices/wait-1/unblock", &[], None).await;
+    assert_eq!(r.json()["status"], "waitingApproval");
+    let r = api.send("POST", "/devices/wait-1/unblock", &[], None).await;
+    assert_eq!(r.status, StatusCode::CONFLICT);
+    let r = api
+        .send(
+            "PATCH",
+            "/devices/wait-1",
+            &[],
+            Some(&json!({"approved": true, "enabled": false})),
+        )
+        .await;
+    assert_eq!(
+        (r.json()["state"].as_str(), r.json()["enabled"].as_bool()),
+        (Some("approved"), Some(false))
+    );
+    let stored = api
+        .store
+        .device(&DeviceId::parse("wait-1").unwrap())
+        .unwrap()
+        .unwrap();
+    assert_eq!(stored.state, DeviceState::Approved);
+    assert!(!stored.enabled);
+    let r = api.send("POST", "/devices/nope/approve", &[], None).await;
+    assert_eq!(
+        (r.status, error_code(&r).as_str()),
+        (StatusCode::NOT_FOUND, "NotFound")
+    );
+}
+
+#[tokio::test]
+async fn unblock_outside_approve_mode_requests_again() {
+    let api = Api::start(AdmissionMode::Open, |_, _| {}).await;
+    api.seed(["blk-1".to_string()], DeviceState::Blocked).await;
+    let r = api.send("POST", "/devices/blk-1/unblock", &[], None).await;
+    assert_eq!(r.json()["state"], "requested");
+}
+
+async fn walk(
+    api: &Api,
+    first: &str,
+    mut during: impl FnMut(usize) -> Option<Vec<String>>,
+) -> Vec<Value> {
+    let mut all = Vec::new();
+    let mut next = Some(first.to_string());
+    let mut pages = 0;
+    while let Some(link) = next.take() {
+        let r = api.get(&link).await;
+        assert_eq!(r.status, StatusCode::OK, "{link}: {:?}", r.json());
+        let v = r.json();
+        all.extend(v["value"].as_array().unwrap().iter().cloned());
+        next = v["nextLink"].as_str().map(str::to_string);
+        pages += 1;
+        if let Some(new) = during(pages) {
+            api.seed(new, DeviceState::WaitingApproval).await;
+        }
+    }
+    all
+}
+
+#[tokio::test]
+async fn filter_orderby_and_paging_over_10000_devices() {
+    let api = Api::start(AdmissionMode::Approve, |_, _| {}).await;
+    api.seed(ids(0..5000), DeviceState::WaitingApproval).await;
+    api.seed(ids(5000..10_000), DeviceState::Delivered).await;
+
+    // Default page and order.
+    let v = api.get("/devices").await.json();
+    assert_eq!(v["value"].as_array().unwrap().len(), 25);
+    assert_eq!(v["value"][0]["id"], "dev-00000");
+    assert!(v["nextLink"].as_str().unwrap().starts_with("/devices?"));
+
+    // A walk in id order while devices are added between pages: each device present from
+    // the start is listed exactly once, and none twice.
+    let mut added = 0usize;
+    let all = walk(&api, "/devices?maxpagesize=100", |page| {
+        (page % 10 == 0).then(|| {
+            added += 1;
+            // Ids before and after the cursor.
+            vec![
+                format!("aaa-{added}"),
+                format!("dev-{:05}x", page * 100),
+                format!("zzz-{added}"),
+            ]
+        })
+    })
+    .await;
+    let listed: Vec<&str> = all.iter().map(|d| d["id"].as_str().unwrap()).collect();
+    let unique: HashSet<&str> = listed.iter().copied().collect();
+    assert_eq!(unique.len(), listed.len(), "a device was listed twice");
+    for id in ids(0..10_000) {
+        assert!(unique.contains(id.as_str()), "{id} missing from the walk");
+    }
+
+    // Filtered and ordered by a field that is not the key, descending.
+    let all = walk(
+        &api,
+        "/devices?%24filter=status%20eq%20%27provisioned%27%20and%20not%20startswith(id,%27dev-09%27)&%24orderby=id%20desc&maxpagesize=100",
+        |_| None,
+    )
+    .await;
+    assert_eq!(all.len(), 4000);
+    assert_eq!(all[0]["id"], "dev-08999");
+    assert!(all.iter().all(|d| d["provisioned"] == true));
+    let mut sorted = all.clone();
+    sorted.sort_by(|a, b| b["id"].as_str().cmp(&a["id"].as_str()));
+    assert_eq!(all, sorted);
+
+    // Order by status (ties broken by id ascending), walking while adding.
+    let all = walk(
+        &api,
+        "/devices?orderby=status%20desc&maxpagesize=100&filter=startswith(id,%27dev-%27)",
+        |page| (page == 3).then(|| vec!["dev-00000a".to_string()]),
+    )
+    .await;
+    let listed: HashSet<&str> = all.iter().map(|d| d["id"].as_str().unwrap()).collect();
+    assert_eq!(listed.len(), all.len());
+    assert!(listed.len() >= 10_000);
+    assert_eq!(all[0]["status"], "waitingApproval");
+    assert_eq!(all[0]["id"], "dev-00000");
+    assert_eq!(all.last().unwrap()["status"], "provisioned");
+}
+
+#[tokio::test]
+async fn bad_queries_name_what_is_wrong() {
+    let api = Api::start(AdmissionMode::Approve, |_, _| {}).await;
+    let r = api.get("/devices?%24filter=id%20eqq%20%27x%27").await;
+    assert_eq!(
+        (r.status, error_code(&r).as_str()),
+        (StatusCode::BAD_REQUEST, "InvalidFilter")
+    );
+    let m = r.json()["error"]["message"].as_str().unwrap().to_string();
+    assert!(m.contains("position 3") && m.contains("eqq"), "{m}");
+    for (q, code) in [
+        ("maxpagesize=0", "InvalidPageSize"),
+        ("maxpagesize=101", "InvalidPageSize"),
+        ("maxpagesize=ten", "InvalidPageSize"),
+        ("%24orderby=colour", "InvalidOrderBy"),
+        ("%24skiptoken=forged", "InvalidSkipToken"),
+        ("filter=((((", "InvalidFilter"),
+    ] {
+        let r = api.get(&format!("/devices?{q}")).await;
+        assert_eq!(
+            (r.status, error_code(&r)),
+            (StatusCode::BAD_REQUEST, code.to_string()),
+            "{q}"
+        );
+    }
+    // A skiptoken made for one order is refused for another.
+    api.seed(ids(0..3), DeviceState::WaitingApproval).await;
+    let link = api.get("/devices?maxpagesize=1").await.json()["nextLink"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let r = api.get(&format!("{link}&%24orderby=status")).await;
+    assert_eq!(error_code(&r), "InvalidSkipToken");
+}
+
+#[tokio::test]
+async fn hostile_bodies_and_paths_get_the_error_shape() {
+    let api = Api::start(AdmissionMode::Approve, |_, _| {}).await;
+    api.seed(["dev-1".to_string()], DeviceState::WaitingApproval)
+        .await;
+    // Oversize body: 413, nothing changed.
+    let big = vec![b' '; (1 << 20) + 10];
+    let r = unix_request(
+        &api.socket,
+        "PATCH",
+        "/devices/dev-1",
+        &[("content-type", "application/json")],
+        Some(big),
+    )
+    .await;
+    assert_eq!(
+        (r.status, error_code(&r).as_str()),
+        (StatusCode::PAYLOAD_TOO_LARGE, "PayloadTooLarge")
+    );
+    // Wrong content type: 415.
+    let r = unix_request(
+        &api.socket,
+        "PATCH",
+        "/devices/dev-1",
+        &[("content-type", "text/plain")],
+        Some(b"{\"enabled\":false}".to_vec()),
+    )
+    .await;
+    assert_eq!(
+        (r.status, error_code(&r).as_str()),
+        (StatusCode::UNSUPPORTED_MEDIA_TYPE, "UnsupportedMediaType")
+    );
+    // Unknown fields and wrong types: 400 naming the field.
+    let r = api
+        .send(
+            "PATCH",
+            "/devices/dev-1",
+            &[],
+            Some(&json!({"state": "delivered"})),
+        )
+        .await;
+    assert_eq!(error_code(&r), "InvalidBody");
+    let r = api
+        .send(
+            "PATCH",
+            "/devices/dev-1",
+            &[],
+            Some(&json!({"enabled": "yes"})),
+        )
+        .await;
+    assert!(r.json()["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("enabled"));
+    let r = api
+        .send(
+            "PATCH",
+            "/devices/dev-1",
+            &[],
+            Some(&json!({"displayName": "x".repeat(200)})),
+        )
+        .await;
+    assert_eq!(error_code(&r), "InvalidDisplayName");
+    let stored = api
+        .store
+        .device(&DeviceId::parse("dev-1").unwrap())
+        .unwrap()
+        .unwrap();
+    assert!(
+        stored.enabled
+            && stored.display_name.is_none()
+            && stored.state == DeviceState::WaitingApproval
+    );
+    // Unknown ids, ids that break the rules, unknown paths and methods.
+    for (m, p, s) in [
+        ("GET", "/devices/nope", StatusCode::NOT_FOUND),
+        ("GET", "/devices/..%2F..%2Fetc", StatusCode::NOT_FOUND),
+        ("GET", "/nothing-here", StatusCode::NOT_FOUND),
+        ("PUT", "/devices/dev-1", StatusCode::METHOD_NOT_ALLOWED),
+    ] {
+        let r = unix_request(&api.socket, m, p, &[], None).await;
+        assert_eq!(r.status, s, "{m} {p}");
+        error_code(&r);
+    }
+    // Every response has a request id, successes too, and they differ.
+    let a = api.get("/devices").await.header("x-ms-request-id").unwrap();
+    let b = api.get("/devices").await.header("x-ms-request-id").unwrap();
+    assert_ne!(a, b);
+}
+
+#[tokio::test]
+async fn socket_is_0660_and_a_stale_socket_is_replaced_but_a_live_one_is_not() {
+    let api = Api::start(AdmissionMode::Approve, |_, _| {}).await;
+    let mode = std::fs::metadata(&api.socket).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o660);
+    // A second server on the same path refuses to take it over.
+    let opts = fleetgw::admin::AdminOptions {
+        socket: api.socket.clone(),
+        group: "x".into(),
+        read_group: String::new(),
+        listen: None,
+        token_file: None,
+    };
+    let parts = fleetgw::admin::AdminParts {
+        store: api.store.clone(),
+        mode: AdmissionMode::Approve,
+        engine: None,
+        broker: None,
+        telemetry: None,
+    };
+    let e = fleetgw::admin::AdminServer::start(&opts, parts.clone())
+        .await
+        .err()
+        .unwrap();
+    assert!(e.to_string().contains("already running"), "{e}");
+    // After shutdown the path is free; a leftover socket file nobody serves is replaced.
+    let mut api = api;
+    api.server.take().unwrap().shutdown().await;
+    let _leftover = std::os::unix::net::UnixListener::bind(&api.socket).unwrap();
+    drop(_leftover);
+    let s = fleetgw::admin::AdminServer::start(&opts, parts)
+        .await
+        .unwrap();
+    assert_eq!(api.get("/status").await.status, StatusCode::OK);
+    s.shutdown().await;
+}
+
+#[tokio::test]
+async fn tcp_listener_needs_the_bearer_token() {
+    let token = "0123456789abcdef0123456789abcdef-secret";
+    let api = Api::start(AdmissionMode::Approve, |dir, o| {
+        let path = dir.join("admin.token");
+        std::fs::write(&path, format!("{token}\n")).unwrap();
+        o.listen = Some("127.0.0.1:0".parse().unwrap());
+        o.token_file = Some(path);
+    })
+    .await;
+    let addr = api.server.as_ref().unwrap().tcp_addr().unwrap();
+    api.seed(["dev-1".to_string()], DeviceState::WaitingApproval)
+        .await;
+    let bearer = format!("Bearer {token}");
+    let cases: [(&[(&str, &str)], StatusCode); 5] = [
+        (&[], StatusCode::UNAUTHORIZED),
+        (
+            &[("authorization", "Bearer wrong")],
+            StatusCode::UNAUTHORIZED,
+        ),
+        (
+            &[(
+                "authorization",
+                "Bearer 0123456789abcdef0123456789abcdef-secreT",
+            )],
+            StatusCode::UNAUTHORIZED,
+        ),
+        (&[("authorization", token)], StatusCode::UNAUTHORIZED),
+        (&[("authorization", bearer.as_str())], StatusCode::OK),
+    ];
+    for (headers, want) in cases {
+        let r = tcp_request(addr, "GET", "/devices/dev-1", headers).await;
+        assert_eq!(r.status, want, "{headers:?}");
+        if want != StatusCode::OK {
+            error_code(&r);
+            assert!(r.json().get("value").is_none() && r.json().get("id").is_none());
+        }
+        let r = tcp_request(addr, "POST", "/devices/dev-1/block", headers).await;
+        assert_eq!(r.status, want, "POST {headers:?}");
+        if want != StatusCode::OK {
+            let stored = api
+                .store
+                .device(&DeviceId::parse("dev-1").unwrap())
+                .unwrap()
+                .unwrap();
+            assert_eq!(
+                stored.state,
+                DeviceState::WaitingApproval,
+                "a refused caller changed nothing"
+            );
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_short_token_file_is_refused_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("t");
+    std::fs::write(&path, "short").unwrap();
+    let store = fleetgw::store::Store::open(&dir.path().join("s"), &Default::default()).unwrap();
+    let e = fleetgw::admin::AdminServer::start(
+        &fleetgw::admin::AdminOptions {
+            socket: dir.path().join("a.sock"),
+            group: "x".into(),
+            read_group: String::new(),
+            listen: Some("127.0.0.1:0".parse().unwrap()),
+            token_file: Some(path),
+        },
+        fleetgw::admin::AdminParts {
+            store,
+            mode: AdmissionMode::Approve,
+            engine: None,
+            broker: None,
+            telemetry: None,
+        },
+    )
+    .await
+    .err()
+    .unwrap();
+    assert!(
+        e.to_string().contains("admin.token_file") && e.to_string().contains("at least 32"),
+        "{e}"
+    );
+}
+
+#[tokio::test]
+async fn status_and_metrics() {
+    let api = Api::start(AdmissionMode::Approve, |_, _| {}).await;
+    api.seed(ids(0..3), DeviceState::WaitingApproval).await;
+    api.seed(ids(3..5), DeviceState::Delivered).await;
+    let v = api.get("/status").await.json();
+    assert_eq!(v["devices"]["waitingApproval"], 3);
+    assert_eq!(v["devices"]["provisioned"], 2);
+    assert_eq!(v["devices"]["blocked"], 0);
+    assert_eq!(v["admissionMode"], "approve");
+    let r = api.get("/metrics").await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert!(r
+        .header("content-type")
+        .unwrap()
+        .starts_with("text/plain; version=0.0.4"));
+    let text = String::from_utf8(r.body.to_vec()).unwrap();
+    let lines = text.lines().map(|l| Ok(l.to_string()));
+    let scrape = prometheus_parse::Scrape::parse(lines).expect("Prometheus text");
+    let sample = |name: &str, label: Option<(&str, &str)>| {
+        scrape
+            .samples
+            .iter()
+            .find(|s| s.metric == name && label.is_none_or(|(k, v)| s.labels.get(k) == Some(v)))
+            .map(|s| match s.value {
+                prometheus_parse::Value::Gauge(v)
+                | prometheus_parse::Value::Counter(v)
+                | prometheus_parse::Value::Untyped(v) => v,
+                _ => f64::NAN,
+            })
+    };
+    assert_eq!(
+        sample("fleetgw_devices", Some(("status", "waitingApproval"))),
+        Some(3.0)
+    );
+    assert_eq!(
+        sample("fleetgw_devices", Some(("status", "provisioned"))),
+        Some(2.0)
+    );
+    assert_eq!(sample("fleetgw_outbox_messages", None), Some(0.0));
+    assert!(sample("fleetgw_provision_delivered_total", None).is_some());
+    assert!(sample("fleetgw_upstream_connects_total", None).is_some());
+    // Every family has HELP and TYPE.
+    assert!(scrape.docs.contains_key("fleetgw_devices"));
+}
+
+/// Root only: a process of another uid is refused by its peer credentials even when the
+/// socket's mode lets it connect, a read-group member reads but cannot write, and the CLI
+/// reports both with exit 77.
+#[tokio::test]
+async fn peer_credentials_decide_per_uid() {
+    // SAFETY: no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!(
+            "SKIPPED peer_credentials_decide_per_uid: needs root to run a child under another uid"
+        );
+        return;
+    }
+    // gid 65534 is "nogroup" on Debian; the read group.
+    let api = Api::start(AdmissionMode::Approve, |_, o| {
+        o.group = "root".into();
+        o.read_group = "nogroup".into();
+    })
+    .await;
+    api.seed(["dev-1".to_string()], DeviceState::WaitingApproval)
+        .await;
+    // Let other uids reach the socket: the file mode is the first fence, the peer
+    // credentials the second, tested here.
+    for p in [api.dir.path(), &api.dir.path().join("run")] {
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    std::fs::set_permissions(&api.socket, std::fs::Permissions::from_mode(0o666)).unwrap();
+    let bin = env!("CARGO_BIN_EXE_fleetgw");
+    let run = |uid: u32, gid: u32, args: &[&str]| {
+        let socket = api.socket.clone();
+        let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+        async move {
+            tokio::task::spawn_blocking(move || {
+                use std::os::unix::process::CommandExt;
+                std::process::Command::new(bin)
+                    .args(&args)
+                    .arg("--socket")
+                    .arg(&socket)
+                    .uid(uid)
+                    .gid(gid)
+                    .env_remove("RUST_LOG")
+                    .output()
+                    .unwrap()
+            })
+            .await
+            .unwrap()
+        }
+    };
+    // Neither group: 403 -> exit 77, nothing changed.
+    let out = run(65_533, 65_533, &["devices", "show", "dev-1"]).await;
+    assert_eq!(
+        out.status.code(),
+        Some(77),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("admin.group"));
+    let out = run(65_533, 65_533, &["devices", "block", "dev-1"]).await;
+    assert_eq!(out.status.code(), Some(77));
+    // Read group: reads, cannot write.
+    let out = run(65_533, 65_534, &["devices", "show", "dev-1", "--json"]).await;
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["id"], "dev-1");
+    let out = run(65_533, 65_534, &["devices", "approve", "dev-1"]).await;
+    assert_eq!(out.status.code(), Some(77));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("may only read"));
+    let stored = api
+        .store
+        .device(&DeviceId::parse("dev-1").unwrap())
+        .unwrap()
+        .unwrap();
+    assert_eq!(stored.state, DeviceState::WaitingApproval);
+    // Write group by its primary gid: approves.
+    let out = run(65_533, 0, &["devices", "approve", "dev-1", "--json"]).await;
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stored = api
+        .store
+        .device(&DeviceId::parse("dev-1").unwrap())
+        .unwrap()
+        .unwrap();
+    assert_eq!(stored.state, DeviceState::Approved);
+    // With the socket back at 0660 root:root, another uid cannot even connect: exit 77 too.
+    std::fs::set_permissions(&api.socket, std::fs::Permissions::from_mode(0o660)).unwrap();
+    let out = run(65_533, 65_533, &["status"]).await;
+    assert_eq!(
+        out.status.code(),
+        Some(77),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
