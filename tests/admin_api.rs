@@ -705,19 +705,21 @@ async fn list_benchmark() {
     let per_client = 100;
     let t = std::time::Instant::now();
     let tasks: Vec<_> = (0..32)
-        .map(|c| {
+        .map(|_| {
             let socket = socket.clone();
             tokio::spawn(async move {
+                // Each client walks the pages from the first.
                 let mut lat = Vec::with_capacity(per_client);
-                for i in 0..per_client {
-                    let path = format!(
-                        "/devices?maxpagesize=100&filter=startswith(id,%27dev-{:02}%27)",
-                        (c + i) % 100
-                    );
+                let mut path = "/devices?maxpagesize=100".to_string();
+                for _ in 0..per_client {
                     let s = std::time::Instant::now();
                     let r = unix_request(&socket, "GET", &path, &[], None).await;
                     assert_eq!(r.status, StatusCode::OK);
                     lat.push(s.elapsed().as_micros() as u64);
+                    path = r.json()["nextLink"]
+                        .as_str()
+                        .map(str::to_string)
+                        .unwrap_or_else(|| "/devices?maxpagesize=100".to_string());
                 }
                 lat
             })
@@ -731,7 +733,7 @@ async fn list_benchmark() {
     }
     let secs = t.elapsed().as_secs_f64();
     println!(
-        "32 concurrent clients, {} filtered page requests (connection per request): {:.0} req/s, p50 {} us, p99 {} us",
+        "32 concurrent clients walking pages of 100, {} requests (connection per request): {:.0} req/s, p50 {} us, p99 {} us",
         32 * per_client,
         f64::from(32 * per_client as u32) / secs,
         hist.value_at_quantile(0.5),

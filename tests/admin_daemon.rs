@@ -87,9 +87,9 @@ async fn operator_approves_a_waiting_device_with_the_cli() {
     let mut subacks = 0;
     let mut approved = false;
     let accepted: Value = loop {
-        let polled = tokio::time::timeout_at(deadline, ev.poll())
-            .await
-            .unwrap_or_else(|_| panic!("no certificate after approval; log:\n{}", proc.log_tail()));
+        let Ok(polled) = tokio::time::timeout_at(deadline, ev.poll()).await else {
+            panic!("no certificate after approval; log:\n{}", proc.log_tail());
+        };
         match polled.unwrap() {
             Event::Incoming(Packet::SubAck(_)) => {
                 subacks += 1;
