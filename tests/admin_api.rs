@@ -418,13 +418,7 @@ async fn socket_is_0660_and_a_stale_socket_is_replaced_but_a_live_one_is_not() {
         listen: None,
         token_file: None,
     };
-    let parts = fleetgw::admin::AdminParts {
-        store: api.store.clone(),
-        mode: AdmissionMode::Approve,
-        engine: None,
-        broker: None,
-        telemetry: None,
-    };
+    let parts = fleetgw::admin::AdminParts::new(api.store.clone(), AdmissionMode::Approve);
     let e = fleetgw::admin::AdminServer::start(&opts, parts.clone())
         .await
         .err()
@@ -510,13 +504,7 @@ async fn a_short_token_file_is_refused_at_start() {
             listen: Some("127.0.0.1:0".parse().unwrap()),
             token_file: Some(path),
         },
-        fleetgw::admin::AdminParts {
-            store,
-            mode: AdmissionMode::Approve,
-            engine: None,
-            broker: None,
-            telemetry: None,
-        },
+        fleetgw::admin::AdminParts::new(store, AdmissionMode::Approve),
     )
     .await
     .err()
@@ -664,6 +652,15 @@ async fn peer_credentials_decide_per_uid() {
         .unwrap()
         .unwrap();
     assert_eq!(stored.state, DeviceState::Approved);
+    // A write-group member is not root: no private key.
+    let out = run(65_533, 0, &["devices", "export", "dev-1", "--out", "/tmp"]).await;
+    assert_eq!(
+        out.status.code(),
+        Some(77),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("only root"));
     // With the socket back at 0660 root:root, another uid cannot even connect: exit 77 too.
     std::fs::set_permissions(&api.socket, std::fs::Permissions::from_mode(0o660)).unwrap();
     let out = run(65_533, 65_533, &["status"]).await;
@@ -739,4 +736,158 @@ async fn list_benchmark() {
         hist.value_at_quantile(0.5),
         hist.value_at_quantile(0.99)
     );
+}
+
+/// A provisioned device whose key the gateway generated, with its (test) PEM key stored.
+async fn provisioned_with_key(api: &Api, id: &str) {
+    let mut rec = fleetgw::store::DeviceRecord::new(DeviceId::parse(id).unwrap(), "json", 1);
+    rec.state = DeviceState::Delivered;
+    rec.provision.gateway_key = true;
+    rec.provision.certificate_id = Some("cert-1".into());
+    rec.provision.certificate_pem =
+        Some("-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n".into());
+    rec.provision.thing_name = Some(id.into());
+    api.store.put_device(&rec).await.unwrap();
+    api.store
+        .put_secret(
+            &rec.id,
+            b"-----BEGIN PRIVATE KEY-----\nMIIC\n-----END PRIVATE KEY-----\n",
+        )
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn credentials_show_the_certificate_and_the_key_only_to_root() {
+    let group_key = b"0123456789abcdef0123456789abcdef";
+    let token = "0123456789abcdef0123456789abcdef-secret";
+    let api = Api::start_parts(
+        AdmissionMode::SymmetricKey,
+        |p| p.group_key = Some(fleetgw::identity::Secret::new(group_key.to_vec())),
+        |dir, o| {
+            let path = dir.join("admin.token");
+            std::fs::write(&path, token).unwrap();
+            o.listen = Some("127.0.0.1:0".parse().unwrap());
+            o.token_file = Some(path);
+        },
+    )
+    .await;
+    provisioned_with_key(&api, "dev-1").await;
+    let v = api.get("/devices/dev-1/credentials").await.json();
+    assert_eq!(v["x509"]["certificateId"], "cert-1");
+    assert!(v["x509"]["certificatePem"]
+        .as_str()
+        .unwrap()
+        .contains("BEGIN CERTIFICATE"));
+    assert!(v.get("privateKey").is_none(), "not asked for: {v}");
+    use base64::Engine as _;
+    let expected = base64::engine::general_purpose::STANDARD.encode(
+        fleetgw::admission::sas::derive_device_key(group_key, "dev-1"),
+    );
+    assert_eq!(v["symmetricKey"]["primaryKey"], expected.as_str());
+    assert!(
+        !v.to_string().contains("0123456789abcdef0123456789abcdef"),
+        "the group key never leaves"
+    );
+    // Root on the socket (this test runs as root when the peer test does).
+    // SAFETY: no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        let v = api
+            .get("/devices/dev-1/credentials?includePrivateKey=true")
+            .await
+            .json();
+        assert!(
+            v["privateKey"].as_str().unwrap().contains("PRIVATE KEY"),
+            "{v}"
+        );
+    }
+    // The TCP token is never root.
+    let addr = api.server.as_ref().unwrap().tcp_addr().unwrap();
+    let bearer = format!("Bearer {token}");
+    let r = tcp_request(
+        addr,
+        "GET",
+        "/devices/dev-1/credentials?includePrivateKey=true",
+        &[("authorization", &bearer)],
+    )
+    .await;
+    assert_eq!(
+        (r.status, error_code(&r).as_str()),
+        (StatusCode::FORBIDDEN, "Forbidden")
+    );
+    assert!(!String::from_utf8_lossy(&r.body).contains("PRIVATE KEY"));
+    let r = api
+        .get("/devices/dev-1/credentials?includePrivateKey=maybe")
+        .await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST);
+    let r = api.get("/devices/nope/credentials").await;
+    assert_eq!(r.status, StatusCode::NOT_FOUND);
+}
+
+#[tokio::test]
+async fn cli_export_writes_0600_files_and_never_overwrites() {
+    // SAFETY: no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("SKIPPED cli_export_writes_0600_files_and_never_overwrites: the private key is for root only");
+        return;
+    }
+    let api = Api::start(AdmissionMode::Approve, |_, _| {}).await;
+    provisioned_with_key(&api, "dev-1").await;
+    let out_dir = api.dir.path().join("export");
+    std::fs::create_dir(&out_dir).unwrap();
+    let run = |args: Vec<String>| {
+        let socket = api.socket.clone();
+        async move {
+            tokio::task::spawn_blocking(move || {
+                std::process::Command::new(env!("CARGO_BIN_EXE_fleetgw"))
+                    .args(&args)
+                    .arg("--socket")
+                    .arg(&socket)
+                    .output()
+                    .unwrap()
+            })
+            .await
+            .unwrap()
+        }
+    };
+    let args = vec![
+        "devices".into(),
+        "export".into(),
+        "dev-1".into(),
+        "--out".into(),
+        out_dir.display().to_string(),
+    ];
+    let out = run(args.clone()).await;
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for (name, needle) in [
+        ("dev-1.crt", "BEGIN CERTIFICATE"),
+        ("dev-1.key", "PRIVATE KEY"),
+    ] {
+        let path = out_dir.join(name);
+        assert!(std::fs::read_to_string(&path).unwrap().contains(needle));
+        assert_eq!(
+            std::fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+    }
+    // Again: the files exist, exit 73, contents untouched, no temporary left behind.
+    std::fs::write(out_dir.join("dev-1.key"), "mine").unwrap();
+    let out = run(args).await;
+    assert_eq!(
+        out.status.code(),
+        Some(73),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("exists"));
+    assert_eq!(
+        std::fs::read_to_string(out_dir.join("dev-1.key")).unwrap(),
+        "mine"
+    );
+    assert_eq!(std::fs::read_dir(&out_dir).unwrap().count(), 2);
 }

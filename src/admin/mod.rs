@@ -1,7 +1,8 @@
 //! The admin API: HTTP/1.1 + JSON on a Unix socket (and optionally on a loopback TCP port),
 //! for the `fleetgw` CLI and operators' tools (docs/architecture.md, "Admin API").
 //!
-//! One file per resource: [`devices`] (one device and its actions), [`devices_list`]
+//! One file per resource: [`devices`] (one device and its actions), [`credentials`],
+//! [`devices_list`]
 //! (`GET /devices` with filters and paging), [`status`] (`/status`, `/metrics`). Around them:
 //! [`auth`] decides per connection who the caller is and what it may do, [`error`] gives every
 //! response a request id and every error one JSON shape, and [`filter`] parses `$filter`.
@@ -12,6 +13,7 @@
 //! slow connections.
 
 pub mod auth;
+pub mod credentials;
 pub mod devices;
 pub mod devices_list;
 pub mod error;
@@ -36,6 +38,7 @@ use tower::ServiceExt as _;
 use crate::admission::AdmissionMode;
 use crate::device_id::DeviceId;
 use crate::downstream::{BrokerConnections, ConnectionFacts};
+use crate::identity::{Sealer, Secret};
 use crate::provision::{Engine, EngineStats};
 use crate::store::Store;
 use crate::telemetry::TelemetryStats;
@@ -64,6 +67,25 @@ pub struct AdminParts {
     pub broker: Option<BrokerConnections>,
     /// Telemetry counters.
     pub telemetry: Option<StatsSource<TelemetryStats>>,
+    /// The symmetric-key group key, to show a device its derived key (symmetric-key mode).
+    pub group_key: Option<Secret>,
+    /// Opens sealed device keys (root's `includePrivateKey`).
+    pub sealer: Option<Arc<Sealer>>,
+}
+
+impl AdminParts {
+    /// Parts over `store` in admission `mode`, with nothing else attached.
+    pub fn new(store: Store, mode: AdmissionMode) -> Self {
+        AdminParts {
+            store,
+            mode,
+            engine: None,
+            broker: None,
+            telemetry: None,
+            group_key: None,
+            sealer: None,
+        }
+    }
 }
 
 /// Shared state of the handlers.
@@ -129,6 +151,10 @@ pub fn router(state: AdminState) -> Router {
             get(devices::get_device)
                 .patch(devices::patch_device)
                 .delete(devices::delete_device),
+        )
+        .route(
+            "/devices/{id}/credentials",
+            get(credentials::get_credentials),
         )
         .route("/devices/{id}/approve", post(devices::approve))
         .route("/devices/{id}/block", post(devices::block))

@@ -19,6 +19,9 @@ pub const EX_UNAVAILABLE: u8 = 69;
 /// Exit code: permission denied (sysexits EX_NOPERM).
 pub const EX_NOPERM: u8 = 77;
 
+/// Exit code: a file to write exists already (sysexits EX_CANTCREAT).
+pub const EX_CANTCREAT: u8 = 73;
+
 /// How long one request may take.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 

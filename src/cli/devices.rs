@@ -57,6 +57,15 @@ pub enum DevicesCommand {
         /// Device id.
         id: String,
     },
+    /// Write the device's certificate (DIR/ID.crt) and, when the gateway generated it, its
+    /// private key (DIR/ID.key), both 0600; never overwrites (root only, for the key).
+    Export {
+        /// Device id.
+        id: String,
+        /// Directory to write to.
+        #[arg(long, value_name = "DIR")]
+        out: std::path::PathBuf,
+    },
 }
 
 /// Arguments of `fleetgw status`.
@@ -118,6 +127,7 @@ async fn devices(args: DevicesArgs) -> Result<(), CliFailure> {
         DevicesCommand::Block { id } => (Method::POST, format!("/devices/{}/block", enc(id))),
         DevicesCommand::Unblock { id } => (Method::POST, format!("/devices/{}/unblock", enc(id))),
         DevicesCommand::Delete { id } => (Method::DELETE, format!("/devices/{}", enc(id))),
+        DevicesCommand::Export { id, out } => return export(&socket, id, out, json).await,
     };
     let reply = call(&socket, method, &path, None).await?.ok()?;
     if let DevicesCommand::Delete { id } = &args.command {
@@ -263,4 +273,85 @@ pub fn status(args: StatusArgs) -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(f) => f.exit(),
     }
+}
+
+/// `devices export`: fetches the credentials (with the private key) and writes them without
+/// ever replacing a file: each is written to a temporary name (fsynced, 0600) and then
+/// hard-linked to its final name, which fails if the name exists.
+async fn export(
+    socket: &std::path::Path,
+    id: &str,
+    out: &std::path::Path,
+    json: bool,
+) -> Result<(), CliFailure> {
+    let v = call(
+        socket,
+        Method::GET,
+        &format!("/devices/{}/credentials?includePrivateKey=true", enc(id)),
+        None,
+    )
+    .await?
+    .ok()?
+    .json();
+    let Some(cert) = v["x509"]["certificatePem"].as_str() else {
+        return Err(CliFailure::new(
+            super::EX_SOFTWARE,
+            format!("device {id} has no certificate yet; see `fleetgw devices show {id}`"),
+        ));
+    };
+    let mut files = vec![(out.join(format!("{id}.crt")), cert.to_string())];
+    if let Some(key) = v["privateKey"].as_str() {
+        files.push((out.join(format!("{id}.key")), key.to_string()));
+    }
+    for (path, _) in &files {
+        if path.exists() {
+            return Err(CliFailure::new(
+                super::admin_client::EX_CANTCREAT,
+                format!(
+                    "{} exists; move it away or choose another --out",
+                    path.display()
+                ),
+            ));
+        }
+    }
+    for (path, text) in &files {
+        write_new(path, text.as_bytes())?;
+    }
+    let written: Vec<String> = files.iter().map(|(p, _)| p.display().to_string()).collect();
+    if json {
+        println!("{}", serde_json::json!({ "written": written }));
+    } else {
+        for w in &written {
+            println!("wrote {w}");
+        }
+        if files.len() == 1 {
+            println!("no private key: the device made its own (it sent a CSR)");
+        }
+    }
+    Ok(())
+}
+
+fn write_new(path: &std::path::Path, bytes: &[u8]) -> Result<(), CliFailure> {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = path.with_file_name(format!(".{name}.{}.tmp", std::process::id()));
+    crate::identity::write_file_atomic(&tmp, bytes, 0o600)
+        .map_err(|e| CliFailure::new(super::EX_IOERR, format!("writing {}: {e}", tmp.display())))?;
+    let linked = std::fs::hard_link(&tmp, path);
+    let _ = std::fs::remove_file(&tmp);
+    linked.map_err(|e| {
+        if e.kind() == std::io::ErrorKind::AlreadyExists {
+            CliFailure::new(
+                super::admin_client::EX_CANTCREAT,
+                format!(
+                    "{} exists; move it away or choose another --out",
+                    path.display()
+                ),
+            )
+        } else {
+            CliFailure::new(super::EX_IOERR, format!("writing {}: {e}", path.display()))
+        }
+    })
 }

@@ -185,6 +185,11 @@ impl Gateway {
         let admission = Admission::new(admission_options(cfg)?)?;
         // The engine owns its sealer; telemetry opens device keys with its own copy.
         let telemetry_sealer = sealer(cfg)?.map(Arc::new);
+        let admin_sealer = telemetry_sealer.clone();
+        let group_key = match cfg.admission.mode {
+            config::AdmissionMode::SymmetricKey => admission_options(cfg)?.group_key,
+            _ => None,
+        };
         let sealer = sealer(cfg)?;
         let aws = aws_options(cfg)?;
         let telemetry_opts = telemetry_options(cfg)?;
@@ -265,6 +270,8 @@ impl Gateway {
                 engine: Some(engine.clone()),
                 broker: downstream.broker().map(|b| b.connections()),
                 telemetry: Some(telemetry.stats_source()),
+                group_key,
+                sealer: admin_sealer,
             },
         )
         .await?;

@@ -46,6 +46,15 @@ impl Resp {
 impl Api {
     /// Starts the API; `tune` adjusts the options (paths inside the temp dir).
     pub async fn start(mode: AdmissionMode, tune: impl FnOnce(&Path, &mut AdminOptions)) -> Self {
+        Self::start_parts(mode, |_| {}, tune).await
+    }
+
+    /// As [`Api::start`], `parts` adjusting what the API works with.
+    pub async fn start_parts(
+        mode: AdmissionMode,
+        parts: impl FnOnce(&mut AdminParts),
+        tune: impl FnOnce(&Path, &mut AdminOptions),
+    ) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(&dir.path().join("state"), &StoreOptions::default()).unwrap();
         let socket = dir.path().join("run/admin.sock");
@@ -57,16 +66,11 @@ impl Api {
             token_file: None,
         };
         tune(dir.path(), &mut opts);
-        let server = AdminServer::start(
-            &opts,
-            AdminParts {
-                store: store.clone(),
-                mode,
-                engine: None,
-                broker: None,
-                telemetry: None,
-            },
-        )
+        let server = AdminServer::start(&opts, {
+            let mut p = AdminParts::new(store.clone(), mode);
+            parts(&mut p);
+            p
+        })
         .await
         .unwrap();
         Api {
