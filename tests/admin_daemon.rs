@@ -183,3 +183,186 @@ fn usage_errors_exit_64() {
         .unwrap();
     assert_eq!(out.status.code(), Some(0));
 }
+
+/// Connects `id` over TLS to `port` presenting `cert`/`key`; `Ok` on CONNACK 0, else the
+/// refusal.
+async fn tls_connect(
+    port: u16,
+    server_ca: &str,
+    id: &str,
+    cert: &str,
+    key_pem: &str,
+) -> Result<(), String> {
+    let key = fleetgw::identity::PrivateKey::from_pem(key_pem).unwrap();
+    let mut o = MqttOptions::new(id, "127.0.0.1", port);
+    o.set_transport(rumqttc::Transport::tls_with_config(
+        rumqttc::TlsConfiguration::Rustls(
+            fleetgw::identity::tls::client_config(server_ca, Some((cert, &key))).unwrap(),
+        ),
+    ));
+    let (client, mut ev) = AsyncClient::new(o, 4);
+    let r = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match ev.poll().await {
+                Ok(Event::Incoming(Packet::ConnAck(_))) => return Ok(()),
+                Ok(_) => {}
+                Err(e) => return Err(e.to_string()),
+            }
+        }
+    })
+    .await
+    .expect("CONNACK or refusal within 10 s");
+    let _ = client.disconnect().await;
+    r
+}
+
+/// Reprovisioning through the CLI: the operation ends with a new certificate, the local TLS
+/// listener accepts the new one and refuses the old one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reprovision_gives_a_new_certificate_and_the_old_one_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let emu = EmulatorProcess::start(&dir.path().join("emu"), dir.path().join("emu.log"), |l| {
+        l.env("RUST_LOG", "info,rumqttc=warn")
+    })
+    .await;
+    let server_ca = fleetgw::identity::CertificateAuthority::generate("gateway TLS CA").unwrap();
+    let (server_cert, server_key) = server_ca
+        .issue_server("127.0.0.1", &[], &["127.0.0.1".parse().unwrap()], 1)
+        .unwrap();
+    std::fs::write(dir.path().join("tls.crt"), &server_cert).unwrap();
+    std::fs::write(
+        dir.path().join("tls.key"),
+        server_key.to_pkcs8_pem().expose(),
+    )
+    .unwrap();
+    let (port, tls_port) = (free_port(), free_port());
+    let socket = dir.path().join("admin.sock");
+    let proc = Fleetgw::run(&emu.gateway_config(), dir.path().join("gw.log"))
+        .env("RUST_LOG", "info,rumqttc=warn")
+        .sets([
+            "admission.mode=\"open\"".to_string(),
+            "downstream.auth=\"device\"".to_string(),
+            format!("downstream.listen=\"127.0.0.1:{port}\""),
+            format!("downstream.tls_listen=\"127.0.0.1:{tls_port}\""),
+            format!(
+                "downstream.tls_cert=\"{}\"",
+                dir.path().join("tls.crt").display()
+            ),
+            format!(
+                "downstream.tls_key=\"{}\"",
+                dir.path().join("tls.key").display()
+            ),
+            format!(
+                "gateway.state_dir=\"{}\"",
+                dir.path().join("state").display()
+            ),
+            format!("admin.socket=\"{}\"", socket.display()),
+        ])
+        .spawn();
+    eventually(
+        Lazy(|| format!("fleetgw ready; log:\n{}", proc.log_tail())),
+        Duration::from_secs(30),
+        || {
+            proc.assert_running();
+            proc.log().contains("fleetgw ready").then_some(())
+        },
+    )
+    .await;
+
+    // Provision over plain MQTT from this host (open mode: no approval needed).
+    let mut opts = MqttOptions::new("meter-1", "127.0.0.1", port);
+    opts.set_max_packet_size(512 * 1024, 512 * 1024);
+    let (client, mut ev) = AsyncClient::new(opts, 16);
+    let base = "fleetgw/meter-1/provision/json";
+    client
+        .subscribe(format!("{base}/accepted"), QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let first: Value = loop {
+        let Ok(polled) = tokio::time::timeout_at(deadline, ev.poll()).await else {
+            panic!("not provisioned; log:\n{}", proc.log_tail());
+        };
+        match polled.unwrap() {
+            Event::Incoming(Packet::SubAck(_)) => {
+                client
+                    .publish(
+                        base,
+                        QoS::AtLeastOnce,
+                        false,
+                        br#"{"attestation":{"type":"none"}}"#.to_vec(),
+                    )
+                    .await
+                    .unwrap();
+            }
+            Event::Incoming(Packet::Publish(p)) => {
+                break serde_json::from_slice(&p.payload).unwrap()
+            }
+            _ => {}
+        }
+    };
+    let _ = client.disconnect().await;
+    let (old_cert, old_key) = (
+        first["certificatePem"].as_str().unwrap().to_string(),
+        first["privateKey"].as_str().unwrap().to_string(),
+    );
+    let ca = server_ca.cert_pem().to_string();
+    tls_connect(tls_port, &ca, "meter-1", &old_cert, &old_key)
+        .await
+        .expect("the issued certificate proves the device");
+
+    let out = cli_async(
+        &socket,
+        &["devices", "reprovision", "meter-1", "--wait", "--json"],
+    )
+    .await;
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}\n{}",
+        stderr(&out),
+        proc.log_tail()
+    );
+    let op: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(op["status"], "Succeeded", "{op}");
+    assert_eq!(op["previousCertificateId"], first["certificateId"]);
+    assert_ne!(op["certificateId"], first["certificateId"]);
+    let out = cli_async(
+        &socket,
+        &["ops", "show", op["id"].as_str().unwrap(), "--json"],
+    )
+    .await;
+    assert_eq!(
+        serde_json::from_slice::<Value>(&out.stdout).unwrap()["status"],
+        "Succeeded"
+    );
+
+    // The old certificate is refused by the local TLS listener; the new one is accepted.
+    let refused = tls_connect(tls_port, &ca, "meter-1", &old_cert, &old_key).await;
+    assert!(refused.is_err(), "the old certificate still connects");
+    let out = cli_async(
+        &socket,
+        &[
+            "devices",
+            "export",
+            "meter-1",
+            "--out",
+            dir.path().to_str().unwrap(),
+        ],
+    )
+    .await;
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let new_cert = std::fs::read_to_string(dir.path().join("meter-1.crt")).unwrap();
+    let new_key = std::fs::read_to_string(dir.path().join("meter-1.key")).unwrap();
+    assert_ne!(new_cert, old_cert);
+    assert_ne!(new_key, old_key, "the gateway made a new key too");
+    tls_connect(tls_port, &ca, "meter-1", &new_cert, &new_key)
+        .await
+        .expect("the new certificate proves the device");
+
+    // Unknown operation: 70 with a message.
+    let out = cli_async(&socket, &["ops", "show", "nope"]).await;
+    assert_eq!(out.status.code(), Some(70));
+    proc.signal(libc::SIGTERM);
+    assert!(proc.wait_exit(Duration::from_secs(30)).await.success());
+}

@@ -2,7 +2,7 @@
 //! for the `fleetgw` CLI and operators' tools (docs/architecture.md, "Admin API").
 //!
 //! One file per resource: [`devices`] (one device and its actions), [`credentials`],
-//! [`devices_list`]
+//! [`devices_list`], [`operations`] (reprovisioning, `/operations/{id}`)
 //! (`GET /devices` with filters and paging), [`status`] (`/status`, `/metrics`). Around them:
 //! [`auth`] decides per connection who the caller is and what it may do, [`error`] gives every
 //! response a request id and every error one JSON shape, and [`filter`] parses `$filter`.
@@ -18,6 +18,7 @@ pub mod devices;
 pub mod devices_list;
 pub mod error;
 pub mod filter;
+pub mod operations;
 pub mod status;
 pub mod view;
 
@@ -71,6 +72,8 @@ pub struct AdminParts {
     pub group_key: Option<Secret>,
     /// Opens sealed device keys (root's `includePrivateKey`).
     pub sealer: Option<Arc<Sealer>>,
+    /// Closes a device's upstream telemetry connection (its certificate was replaced).
+    pub close_upstream: Option<Arc<dyn Fn(&DeviceId) + Send + Sync>>,
 }
 
 impl AdminParts {
@@ -84,6 +87,7 @@ impl AdminParts {
             telemetry: None,
             group_key: None,
             sealer: None,
+            close_upstream: None,
         }
     }
 }
@@ -96,6 +100,7 @@ pub struct AdminState(Arc<StateInner>);
 pub struct StateInner {
     parts: AdminParts,
     started: Instant,
+    stopping: std::sync::atomic::AtomicBool,
 }
 
 impl std::ops::Deref for AdminState {
@@ -111,6 +116,7 @@ impl AdminState {
         AdminState(Arc::new(StateInner {
             parts,
             started: Instant::now(),
+            stopping: std::sync::atomic::AtomicBool::new(false),
         }))
     }
 
@@ -122,6 +128,18 @@ impl AdminState {
     /// Closes the device's broker connection and discards its session.
     pub fn disconnect(&self, id: &str) -> bool {
         self.broker.as_ref().is_some_and(|b| b.disconnect(id))
+    }
+
+    /// Closes the device's upstream telemetry connection, if telemetry has one.
+    pub fn close_upstream(&self, id: &DeviceId) {
+        if let Some(close) = &self.close_upstream {
+            close(id);
+        }
+    }
+
+    /// Whether the server is shutting down (background watchers stop).
+    pub fn stopping(&self) -> bool {
+        self.0.stopping.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Queues the device for the engine.
@@ -159,6 +177,8 @@ pub fn router(state: AdminState) -> Router {
         .route("/devices/{id}/approve", post(devices::approve))
         .route("/devices/{id}/block", post(devices::block))
         .route("/devices/{id}/unblock", post(devices::unblock))
+        .route("/devices/{id}/reprovision", post(operations::reprovision))
+        .route("/operations/{id}", get(operations::get_operation))
         .route("/status", get(status::get_status))
         .route("/metrics", get(status::get_metrics))
         .layer(DefaultBodyLimit::max(error::MAX_BODY_BYTES))
@@ -211,6 +231,7 @@ pub enum AdminError {
 
 /// The running API; [`AdminServer::shutdown`] stops it and removes the socket.
 pub struct AdminServer {
+    state: AdminState,
     socket: PathBuf,
     tcp_addr: Option<std::net::SocketAddr>,
     stop: watch::Sender<bool>,
@@ -240,7 +261,9 @@ impl AdminServer {
             None => None,
         };
         let tcp_addr = tcp.as_ref().and_then(|l| l.local_addr().ok());
-        let app = router(AdminState::new(parts));
+        let state = AdminState::new(parts);
+        operations::resume(&state);
+        let app = router(state.clone());
         let (stop, _) = watch::channel(false);
         let mut tasks = vec![tokio::spawn(serve_unix(
             unix,
@@ -253,6 +276,7 @@ impl AdminServer {
         }
         tracing::info!(socket = %opts.socket.display(), tcp = ?tcp_addr, "admin API listening");
         Ok(AdminServer {
+            state,
             socket: opts.socket.clone(),
             tcp_addr,
             stop,
@@ -272,6 +296,10 @@ impl AdminServer {
 
     /// Stops accepting, ends the accept loops and removes the socket file.
     pub async fn shutdown(self) {
+        self.state
+            .0
+            .stopping
+            .store(true, std::sync::atomic::Ordering::Relaxed);
         let _ = self.stop.send(true);
         for t in self.tasks {
             let _ = t.await;

@@ -57,6 +57,15 @@ pub enum DevicesCommand {
         /// Device id.
         id: String,
     },
+    /// Get the device a new certificate (and key, unless it brought its own CSR); the old
+    /// certificate is refused from now on. Prints the operation; --wait waits for its end.
+    Reprovision {
+        /// Device id.
+        id: String,
+        /// Wait until the operation ends (exit 70 when it failed).
+        #[arg(long)]
+        wait: bool,
+    },
     /// Write the device's certificate (DIR/ID.crt) and, when the gateway generated it, its
     /// private key (DIR/ID.key), both 0600; never overwrites (root only, for the key).
     Export {
@@ -66,6 +75,121 @@ pub enum DevicesCommand {
         #[arg(long, value_name = "DIR")]
         out: std::path::PathBuf,
     },
+}
+
+/// Arguments of `fleetgw ops`.
+#[derive(Debug, clap::Args)]
+pub struct OpsArgs {
+    #[command(flatten)]
+    pub socket: SocketArgs,
+
+    #[command(subcommand)]
+    pub command: OpsCommand,
+}
+
+/// The verbs of `fleetgw ops`.
+#[derive(Debug, clap::Subcommand)]
+pub enum OpsCommand {
+    /// Show an operation (e.g. a reprovisioning); --wait waits for its end.
+    Show {
+        /// Operation id.
+        id: String,
+        /// Wait until it ends (exit 70 when it failed).
+        #[arg(long)]
+        wait: bool,
+    },
+}
+
+/// Longest `--wait`.
+const WAIT_LIMIT: std::time::Duration = std::time::Duration::from_secs(20 * 60);
+
+async fn wait_operation(socket: &std::path::Path, location: &str) -> Result<Value, CliFailure> {
+    let deadline = tokio::time::Instant::now() + WAIT_LIMIT;
+    loop {
+        let reply = call(socket, Method::GET, location, None).await?.ok()?;
+        let op = reply.json();
+        if op["status"] != "Running" {
+            return Ok(op);
+        }
+        if tokio::time::Instant::now() > deadline {
+            return Err(CliFailure::new(
+                super::EX_SOFTWARE,
+                format!("{location} still running after {} minutes; check it later with `fleetgw ops show`", WAIT_LIMIT.as_secs() / 60),
+            ));
+        }
+        // The server's Retry-After, bounded: 1 s by default.
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    }
+}
+
+fn print_operation(op: &Value, json: bool) -> Result<(), CliFailure> {
+    if json {
+        println!("{op}");
+    } else {
+        let mut t = Table::new();
+        t.load_preset(UTF8_FULL_CONDENSED);
+        for (label, key) in [
+            ("id", "id"),
+            ("kind", "kind"),
+            ("device", "deviceId"),
+            ("status", "status"),
+            ("previous certificate", "previousCertificateId"),
+            ("new certificate", "certificateId"),
+            ("created", "createdAt"),
+            ("updated", "updatedAt"),
+        ] {
+            if !op[key].is_null() {
+                t.add_row([label.to_string(), text(&op[key])]);
+            }
+        }
+        if !op["error"].is_null() {
+            t.add_row([
+                "error".to_string(),
+                format!(
+                    "{}: {}",
+                    text(&op["error"]["code"]),
+                    text(&op["error"]["message"])
+                ),
+            ]);
+        }
+        println!("{t}");
+    }
+    if op["status"] == "Failed" {
+        return Err(CliFailure::new(
+            super::EX_SOFTWARE,
+            format!(
+                "operation {} failed: {}; see `fleetgw devices show {}`",
+                text(&op["id"]),
+                text(&op["error"]["message"]),
+                text(&op["deviceId"])
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Runs `fleetgw ops ...`.
+pub fn ops(args: OpsArgs) -> ExitCode {
+    let result = runtime().and_then(|rt| {
+        rt.block_on(async {
+            let socket = args.socket.socket_path()?;
+            let OpsCommand::Show { id, wait } = &args.command;
+            let location = format!("/operations/{}", enc(id));
+            let op = if *wait {
+                wait_operation(&socket, &location).await?
+            } else {
+                call(&socket, Method::GET, &location, None)
+                    .await?
+                    .ok()?
+                    .json()
+            };
+            print_operation(&op, args.socket.json)
+        })
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(f) => f.exit(),
+    }
 }
 
 /// Arguments of `fleetgw status`.
@@ -128,6 +252,24 @@ async fn devices(args: DevicesArgs) -> Result<(), CliFailure> {
         DevicesCommand::Unblock { id } => (Method::POST, format!("/devices/{}/unblock", enc(id))),
         DevicesCommand::Delete { id } => (Method::DELETE, format!("/devices/{}", enc(id))),
         DevicesCommand::Export { id, out } => return export(&socket, id, out, json).await,
+        DevicesCommand::Reprovision { id, wait } => {
+            let reply = call(
+                &socket,
+                Method::POST,
+                &format!("/devices/{}/reprovision", enc(id)),
+                None,
+            )
+            .await?
+            .ok()?;
+            let op = reply.json();
+            let op = if *wait {
+                let location = format!("/operations/{}", text(&op["id"]));
+                wait_operation(&socket, &location).await?
+            } else {
+                op
+            };
+            return print_operation(&op, json);
+        }
     };
     let reply = call(&socket, method, &path, None).await?.ok()?;
     if let DevicesCommand::Delete { id } = &args.command {

@@ -78,8 +78,11 @@ pub enum Command {
     Demo(demo::Args),
     /// Show the running daemon's status (over the admin socket).
     Status(devices::StatusArgs),
-    /// List, show, approve, block, unblock or delete devices (over the admin socket).
+    /// List, show, approve, block, unblock, delete, reprovision or export devices (over the
+    /// admin socket).
     Devices(devices::DevicesArgs),
+    /// Show long-running operations (over the admin socket).
+    Ops(devices::OpsArgs),
     /// Hash a local application's password (read from standard input) for
     /// `[[downstream.users]] password_hash`.
     Passwd(passwd::Args),
@@ -116,5 +119,6 @@ pub fn main() -> ExitCode {
         Command::Passwd(args) => passwd::run(args),
         Command::Status(args) => devices::status(args),
         Command::Devices(args) => devices::run(args),
+        Command::Ops(args) => devices::ops(args),
     }
 }

@@ -272,6 +272,7 @@ impl Gateway {
                 telemetry: Some(telemetry.stats_source()),
                 group_key,
                 sealer: admin_sealer,
+                close_upstream: Some(telemetry.link_closer()),
             },
         )
         .await?;

@@ -405,6 +405,8 @@ pub(crate) struct Shared {
 /// The running telemetry pipeline.
 pub struct Telemetry {
     shared: Arc<Shared>,
+    /// Tells the dispatcher to close a device's upstream link.
+    closer: mpsc::Sender<dispatch::Handoff>,
     shutdown: watch::Sender<bool>,
     intake: JoinHandle<()>,
     dispatcher: JoinHandle<()>,
@@ -458,10 +460,12 @@ impl Telemetry {
             shutdown_rx.clone(),
         );
         let dispatcher = tokio::spawn(dispatcher.run());
+        let closer = handoff_tx.clone();
         let intake = intake::Intake::new(shared.clone(), inbound, handoff_tx, shutdown_rx);
         let intake = tokio::spawn(intake.run());
         Ok(Self {
             shared,
+            closer,
             shutdown,
             intake,
             dispatcher,
@@ -472,6 +476,20 @@ impl Telemetry {
     /// The pipeline's counters now.
     pub fn stats(&self) -> TelemetryStats {
         snapshot(&self.shared)
+    }
+
+    /// A handle that closes a device's upstream link (device identity), for the admin API:
+    /// after its certificate was replaced the old one must no longer be used upstream.
+    /// Unsent messages wait for the next link, opened with the new certificate.
+    pub fn link_closer(&self) -> Arc<dyn Fn(&DeviceId) + Send + Sync> {
+        let tx = self.closer.clone();
+        Arc::new(move |device: &DeviceId| {
+            let tx = tx.clone();
+            let device = device.clone();
+            tokio::spawn(async move {
+                let _ = tx.send(dispatch::Handoff::Close(device)).await;
+            });
+        })
     }
 
     /// A handle reading the counters, for the admin API (it outlives no part of the pipeline
