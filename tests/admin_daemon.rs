@@ -10,6 +10,8 @@ use std::time::Duration;
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use serde_json::Value;
 
+#[path = "common/admin.rs"]
+mod admin_common;
 mod common;
 
 use common::free_port;
@@ -157,6 +159,56 @@ async fn operator_approves_a_waiting_device_with_the_cli() {
     let out = cli_async(&socket, &["status", "--json"]).await;
     let v: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["devices"]["provisioned"], 1, "{v}");
+    // Metrics of the live daemon parse as Prometheus text and count what happened.
+    // The engine records the latency just after it stored `delivered`: poll briefly.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let text = loop {
+        let r = admin_common::unix_request(&socket, "GET", "/metrics", &[], None).await;
+        let text = String::from_utf8(r.body.to_vec()).unwrap();
+        if text.contains("fleetgw_provision_latency_seconds_count 1") {
+            break text;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no delivery latency recorded:\n{text}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let scrape = prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_string())))
+        .expect("Prometheus text");
+    let value = |name: &str, labels: &[(&str, &str)]| {
+        scrape
+            .samples
+            .iter()
+            .find(|s| s.metric == name && labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v)))
+            .map(|s| match s.value {
+                prometheus_parse::Value::Counter(v)
+                | prometheus_parse::Value::Gauge(v)
+                | prometheus_parse::Value::Untyped(v) => v,
+                _ => f64::NAN,
+            })
+    };
+    for api in ["CreateCertificateFromCsr", "RegisterThing"] {
+        assert_eq!(
+            value(
+                "fleetgw_provision_cloud_requests_total",
+                &[("api", api), ("result", "ok")]
+            ),
+            Some(1.0),
+            "{text}"
+        );
+    }
+    assert_eq!(
+        value("fleetgw_devices", &[("status", "provisioned")]),
+        Some(1.0)
+    );
+    assert_eq!(value("fleetgw_provision_throttled_total", &[]), Some(0.0));
+    assert!(
+        text.contains("fleetgw_provision_latency_seconds_count 1"),
+        "{text}"
+    );
+    assert!(value("fleetgw_broker_refused_total", &[("kind", "connect")]).is_some());
+
     // Unknown device: 70 with the API's message.
     let out = cli_async(&socket, &["devices", "show", "nope"]).await;
     assert_eq!(out.status.code(), Some(70));

@@ -85,6 +85,31 @@ fn family(out: &mut String, name: &str, kind: &str, help: &str, samples: &[(&str
     }
 }
 
+/// Request -> delivered latency as a Prometheus histogram (seconds), from the HDR histogram
+/// (milliseconds).
+fn latency_histogram(out: &mut String, h: &hdrhistogram::Histogram<u64>) {
+    const BOUNDS_MS: [u64; 12] = [
+        10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10_000, 30_000, 60_000,
+    ];
+    let name = "fleetgw_provision_latency_seconds";
+    let _ = writeln!(
+        out,
+        "# HELP {name} Time from a device's provisioning request to the delivery of its result."
+    );
+    let _ = writeln!(out, "# TYPE {name} histogram");
+    for le in BOUNDS_MS {
+        let n = if h.is_empty() {
+            0
+        } else {
+            h.count_between(0, le)
+        };
+        let _ = writeln!(out, "{name}_bucket{{le=\"{}\"}} {n}", le as f64 / 1000.0);
+    }
+    let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {}", h.len());
+    let _ = writeln!(out, "{name}_sum {}", h.mean() * h.len() as f64 / 1000.0);
+    let _ = writeln!(out, "{name}_count {}", h.len());
+}
+
 /// The metrics text.
 pub fn render_metrics(state: &AdminState) -> Result<String, ApiError> {
     let mut out = String::new();
@@ -139,6 +164,30 @@ pub fn render_metrics(state: &AdminState) -> Result<String, ApiError> {
     ];
     for (name, help, v) in counters {
         family(&mut out, name, "counter", help, &[("", v)]);
+    }
+    if let Some(engine) = &state.engine {
+        let m = engine.measurements();
+        let labels: Vec<(String, u64)> = m
+            .calls
+            .iter()
+            .map(|(api, result, n)| (format!("api=\"{api}\",result=\"{result}\""), *n))
+            .collect();
+        let samples: Vec<(&str, u64)> = labels.iter().map(|(l, n)| (l.as_str(), *n)).collect();
+        family(
+            &mut out,
+            "fleetgw_provision_cloud_requests_total",
+            "counter",
+            "Provisioning calls to the cloud by API and result (ok, throttled, rejected, error).",
+            &samples,
+        );
+        family(
+            &mut out,
+            "fleetgw_provision_throttled_total",
+            "counter",
+            "Throttling answers from the cloud.",
+            &[("", m.throttled())],
+        );
+        latency_histogram(&mut out, &m.latency_ms);
     }
     family(
         &mut out,
