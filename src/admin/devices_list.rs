@@ -166,7 +166,13 @@ impl ListQuery {
         ord.then_with(|| id.cmp(c.id.as_str())).is_gt()
     }
 
-    fn next_link(&self, path: &str, last_key: &Value<'_>, last_id: &str) -> String {
+    fn next_link(
+        &self,
+        path: &str,
+        with_filter: bool,
+        last_key: &Value<'_>,
+        last_id: &str,
+    ) -> String {
         let cursor = Cursor {
             o: order_name(self.order),
             k: key_json(last_key),
@@ -176,7 +182,7 @@ impl ListQuery {
             .encode(serde_json::to_vec(&cursor).unwrap_or_default());
         let enc = |s: &str| utf8_percent_encode(s, NON_ALPHANUMERIC).to_string();
         let mut link = format!("{path}?maxpagesize={}", self.page);
-        if let Some((text, _)) = &self.filter {
+        if let Some((text, _)) = self.filter.as_ref().filter(|_| with_filter) {
             link.push_str(&format!("&%24filter={}", enc(text)));
         }
         if self.order != OrderBy::default() {
@@ -189,6 +195,17 @@ impl ListQuery {
 
 /// One page of the devices `q` selects, from the store.
 pub fn page_of_devices(state: &AdminState, q: &ListQuery) -> Result<Page<DeviceView>, ApiError> {
+    page_at(state, q, "/devices", true)
+}
+
+/// One page for the list at `path`; `filter_in_link`: whether the next link repeats the
+/// filter (a device group's filter is the group's, not the query's).
+pub fn page_at(
+    state: &AdminState,
+    q: &ListQuery,
+    path: &str,
+    filter_in_link: bool,
+) -> Result<Page<DeviceView>, ApiError> {
     let field = q.order.field;
     let mut value = Vec::with_capacity(q.page + 1);
     if q.order == OrderBy::default() {
@@ -226,7 +243,7 @@ pub fn page_of_devices(state: &AdminState, q: &ListQuery) -> Result<Page<DeviceV
         value.truncate(q.page);
         value
             .last()
-            .map(|last| q.next_link("/devices", &last.field(field), &last.id))
+            .map(|last| q.next_link(path, filter_in_link, &last.field(field), &last.id))
     } else {
         None
     };

@@ -2,7 +2,7 @@
 //! for the `fleetgw` CLI and operators' tools (docs/architecture.md, "Admin API").
 //!
 //! One file per resource: [`devices`] (one device and its actions), [`credentials`],
-//! [`devices_list`], [`operations`] (reprovisioning, `/operations/{id}`)
+//! [`devices_list`], [`operations`] (reprovisioning, `/operations/{id}`), [`device_groups`]
 //! (`GET /devices` with filters and paging), [`status`] (`/status`, `/metrics`). Around them:
 //! [`auth`] decides per connection who the caller is and what it may do, [`error`] gives every
 //! response a request id and every error one JSON shape, and [`filter`] parses `$filter`.
@@ -14,6 +14,7 @@
 
 pub mod auth;
 pub mod credentials;
+pub mod device_groups;
 pub mod devices;
 pub mod devices_list;
 pub mod error;
@@ -179,6 +180,18 @@ pub fn router(state: AdminState) -> Router {
         .route("/devices/{id}/unblock", post(devices::unblock))
         .route("/devices/{id}/reprovision", post(operations::reprovision))
         .route("/operations/{id}", get(operations::get_operation))
+        .route("/deviceGroups", get(device_groups::list_groups))
+        .route(
+            "/deviceGroups/{id}",
+            get(device_groups::get_group)
+                .put(device_groups::put_group)
+                .patch(device_groups::patch_group)
+                .delete(device_groups::delete_group),
+        )
+        .route(
+            "/deviceGroups/{id}/devices",
+            get(device_groups::group_devices),
+        )
         .route("/status", get(status::get_status))
         .route("/metrics", get(status::get_metrics))
         .layer(DefaultBodyLimit::max(error::MAX_BODY_BYTES))
