@@ -968,3 +968,255 @@ async fn device_groups_save_filters_and_list_their_devices() {
         StatusCode::NOT_FOUND
     );
 }
+
+fn sas_for(group_key: &[u8], device: &str) -> fleetgw::admission::Attestation {
+    use fleetgw::admission::sas;
+    let key = sas::derive_device_key(group_key, device);
+    let uri = sas::registration_resource_uri("0ne00ABC123", &DeviceId::parse(device).unwrap());
+    fleetgw::admission::Attestation::SymmetricKey {
+        sas: sas::generate_sas(
+            &uri,
+            &key,
+            fleetgw::clock::unix_secs() + 600,
+            Some(sas::REGISTRATION_KEY_NAME),
+        ),
+    }
+}
+
+/// Symmetric-key groups made through the API admit devices at once, stop when disabled or
+/// deleted, and show their keys only to writers.
+#[tokio::test]
+async fn symmetric_key_groups_take_effect_without_restart() {
+    use fleetgw::admission::{Admission, AdmissionOptions, Decision, EnrollmentSet};
+    let set = EnrollmentSet::default();
+    let config_key = b"config-group-key-0123456789abcdef".to_vec();
+    let admission = Admission::new(AdmissionOptions {
+        mode: AdmissionMode::SymmetricKey,
+        group_key: Some(fleetgw::identity::Secret::new(config_key.clone())),
+        enrollments: set.clone(),
+        ..AdmissionOptions::default()
+    })
+    .unwrap();
+    let api = Api::start_parts(
+        AdmissionMode::SymmetricKey,
+        |p| p.enrollments = Some(set.clone()),
+        |_, _| {},
+    )
+    .await;
+    let id = DeviceId::parse("dev-1").unwrap();
+    let now = fleetgw::clock::unix_secs();
+    // The config's key admits; an unknown group's key does not.
+    assert_eq!(
+        admission.decide(&id, &sas_for(&config_key, "dev-1"), now),
+        Decision::Admit
+    );
+    let r = api
+        .send(
+            "PUT",
+            "/enrollmentGroups/line-2",
+            &[],
+            Some(&json!({"displayName": "Line 2", "attestation": {"type": "symmetricKey"}})),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::CREATED, "{:?}", r.json());
+    assert_eq!(
+        r.json()["attestation"]["symmetricKey"]["primaryKey"],
+        "[redacted]"
+    );
+    let keys = api.get("/enrollmentGroups/line-2/keys").await.json();
+    use base64::Engine as _;
+    let primary = base64::engine::general_purpose::STANDARD
+        .decode(keys["primaryKey"].as_str().unwrap())
+        .unwrap();
+    let secondary = base64::engine::general_purpose::STANDARD
+        .decode(keys["secondaryKey"].as_str().unwrap())
+        .unwrap();
+    assert_eq!(primary.len(), 32);
+    assert_ne!(primary, secondary);
+    for key in [&primary, &secondary] {
+        assert_eq!(
+            admission.decide(&id, &sas_for(key, "dev-1"), now),
+            Decision::Admit
+        );
+    }
+    // Disabled: refused; enabled again: admitted; deleted: refused.
+    let r = api
+        .send(
+            "PATCH",
+            "/enrollmentGroups/line-2",
+            &[],
+            Some(&json!({"enabled": false})),
+        )
+        .await;
+    assert_eq!(r.json()["enabled"], false);
+    assert!(matches!(
+        admission.decide(&id, &sas_for(&primary, "dev-1"), now),
+        Decision::Reject { .. }
+    ));
+    api.send(
+        "PATCH",
+        "/enrollmentGroups/line-2",
+        &[],
+        Some(&json!({"enabled": true})),
+    )
+    .await;
+    assert_eq!(
+        admission.decide(&id, &sas_for(&primary, "dev-1"), now),
+        Decision::Admit
+    );
+    // Given keys are checked.
+    let r = api
+        .send(
+            "PUT",
+            "/enrollmentGroups/weak",
+            &[],
+            Some(&json!({"displayName": "w", "attestation": {"type": "symmetricKey", "symmetricKey": {"primaryKey": "c2hvcnQ="}}})),
+        )
+        .await;
+    assert_eq!(error_code(&r), "InvalidKey");
+    let r = api
+        .send("DELETE", "/enrollmentGroups/line-2", &[], None)
+        .await;
+    assert_eq!(r.status, StatusCode::NO_CONTENT);
+    assert!(matches!(
+        admission.decide(&id, &sas_for(&primary, "dev-1"), now),
+        Decision::Reject { .. }
+    ));
+    assert_eq!(
+        admission.decide(&id, &sas_for(&config_key, "dev-1"), now),
+        Decision::Admit
+    );
+    assert_eq!(
+        api.get("/enrollmentGroups/line-2").await.status,
+        StatusCode::NOT_FOUND
+    );
+}
+
+/// An x509 group's CA counts only after proof of possession: a certificate the CA signed
+/// with CN = the verification code. A certificate of another CA, or with another CN, fails.
+#[tokio::test]
+async fn x509_groups_need_proof_of_possession() {
+    use fleetgw::admission::{Admission, AdmissionOptions, EnrollmentSet};
+    use fleetgw::identity::{CertificateAuthority, KeyType};
+    let set = EnrollmentSet::default();
+    let config_ca = CertificateAuthority::generate("config CA").unwrap();
+    let admission = Admission::new(AdmissionOptions {
+        mode: AdmissionMode::X509,
+        trusted_ca_pem: Some(config_ca.cert_pem().to_string()),
+        enrollments: set.clone(),
+        ..AdmissionOptions::default()
+    })
+    .unwrap();
+    let api = Api::start_parts(
+        AdmissionMode::X509,
+        |p| p.enrollments = Some(set.clone()),
+        |_, _| {},
+    )
+    .await;
+    let group_ca = CertificateAuthority::generate("line 3 CA").unwrap();
+    let (device_cert, _) = group_ca
+        .issue_client("dev-3", KeyType::EcdsaP256, 30)
+        .unwrap();
+    let id = DeviceId::parse("dev-3").unwrap();
+    let now = fleetgw::clock::unix_secs();
+    let connects = || admission.authenticate_connect(&id, None, None, Some(&device_cert), now);
+    assert!(connects().is_err());
+
+    let r = api
+        .send(
+            "PUT",
+            "/enrollmentGroups/line-3",
+            &[],
+            Some(&json!({"displayName": "Line 3", "attestation": {"type": "x509"}})),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::CREATED);
+    use base64::Engine as _;
+    let b64 = base64::engine::general_purpose::STANDARD.encode(group_ca.cert_pem());
+    let r = api
+        .send(
+            "PUT",
+            "/enrollmentGroups/line-3/certificates/primary",
+            &[],
+            Some(&json!({"certificate": b64, "verified": true})),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{:?}", r.json());
+    assert_eq!(
+        r.json()["verified"],
+        false,
+        "verified only by proof of possession"
+    );
+    assert_eq!(
+        r.json()["info"]["sha1Thumbprint"].as_str().unwrap().len(),
+        40
+    );
+    assert!(connects().is_err(), "an unverified CA admits nobody");
+    // A leaf certificate is not a CA.
+    let r = api
+        .send(
+            "PUT",
+            "/enrollmentGroups/line-3/certificates/secondary",
+            &[],
+            Some(&json!({"certificate": device_cert})),
+        )
+        .await;
+    assert_eq!(error_code(&r), "InvalidCertificate");
+
+    let code = api
+        .send(
+            "POST",
+            "/enrollmentGroups/line-3/certificates/primary/generateVerificationCode",
+            &[],
+            None,
+        )
+        .await
+        .json()["verificationCode"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let verify = |cert: String| {
+        let body = json!({"certificate": cert});
+        let api = &api;
+        async move {
+            api.send(
+                "POST",
+                "/enrollmentGroups/line-3/certificates/primary/verify",
+                &[],
+                Some(&body),
+            )
+            .await
+        }
+    };
+    let other_ca = CertificateAuthority::generate("impostor").unwrap();
+    let (forged, _) = other_ca.issue_client(&code, KeyType::EcdsaP256, 1).unwrap();
+    assert_eq!(error_code(&verify(forged).await), "VerificationFailed");
+    let (wrong_cn, _) = group_ca
+        .issue_client("not-the-code", KeyType::EcdsaP256, 1)
+        .unwrap();
+    assert_eq!(error_code(&verify(wrong_cn).await), "VerificationFailed");
+    assert!(connects().is_err());
+    let (proof, _) = group_ca.issue_client(&code, KeyType::EcdsaP256, 1).unwrap();
+    let r = verify(proof).await;
+    assert_eq!(r.json()["verified"], true, "{:?}", r.json());
+    connects().expect("the verified group CA admits its devices");
+    let r = api
+        .get("/enrollmentGroups/line-3/certificates/primary")
+        .await;
+    assert_eq!(r.json()["verified"], true);
+    assert!(r.json().get("verificationCode").is_none());
+    // Removing the certificate withdraws it.
+    api.send(
+        "DELETE",
+        "/enrollmentGroups/line-3/certificates/primary",
+        &[],
+        None,
+    )
+    .await;
+    assert!(connects().is_err());
+    // An x509 group has no keys.
+    assert_eq!(
+        api.get("/enrollmentGroups/line-3/keys").await.status,
+        StatusCode::CONFLICT
+    );
+}

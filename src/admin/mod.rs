@@ -2,7 +2,8 @@
 //! for the `fleetgw` CLI and operators' tools (docs/architecture.md, "Admin API").
 //!
 //! One file per resource: [`devices`] (one device and its actions), [`credentials`],
-//! [`devices_list`], [`operations`] (reprovisioning, `/operations/{id}`), [`device_groups`]
+//! [`devices_list`], [`operations`] (reprovisioning, `/operations/{id}`), [`device_groups`],
+//! [`enrollment_groups`] (credentials admission consults besides the config's)
 //! (`GET /devices` with filters and paging), [`status`] (`/status`, `/metrics`). Around them:
 //! [`auth`] decides per connection who the caller is and what it may do, [`error`] gives every
 //! response a request id and every error one JSON shape, and [`filter`] parses `$filter`.
@@ -17,6 +18,7 @@ pub mod credentials;
 pub mod device_groups;
 pub mod devices;
 pub mod devices_list;
+pub mod enrollment_groups;
 pub mod error;
 pub mod filter;
 pub mod operations;
@@ -37,7 +39,7 @@ use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinHandle;
 use tower::ServiceExt as _;
 
-use crate::admission::AdmissionMode;
+use crate::admission::{AdmissionMode, EnrollmentSet};
 use crate::device_id::DeviceId;
 use crate::downstream::{BrokerConnections, ConnectionFacts};
 use crate::identity::{Sealer, Secret};
@@ -75,6 +77,8 @@ pub struct AdminParts {
     pub sealer: Option<Arc<Sealer>>,
     /// Closes a device's upstream telemetry connection (its certificate was replaced).
     pub close_upstream: Option<Arc<dyn Fn(&DeviceId) + Send + Sync>>,
+    /// Admission's enrollment-group credentials, rebuilt when groups change.
+    pub enrollments: Option<EnrollmentSet>,
 }
 
 impl AdminParts {
@@ -89,6 +93,7 @@ impl AdminParts {
             group_key: None,
             sealer: None,
             close_upstream: None,
+            enrollments: None,
         }
     }
 }
@@ -192,6 +197,32 @@ pub fn router(state: AdminState) -> Router {
             "/deviceGroups/{id}/devices",
             get(device_groups::group_devices),
         )
+        .route("/enrollmentGroups", get(enrollment_groups::list_groups))
+        .route(
+            "/enrollmentGroups/{id}",
+            get(enrollment_groups::get_group)
+                .put(enrollment_groups::put_group)
+                .patch(enrollment_groups::patch_group)
+                .delete(enrollment_groups::delete_group),
+        )
+        .route(
+            "/enrollmentGroups/{id}/keys",
+            get(enrollment_groups::get_keys),
+        )
+        .route(
+            "/enrollmentGroups/{id}/certificates/{entry}",
+            get(enrollment_groups::get_certificate)
+                .put(enrollment_groups::put_certificate)
+                .delete(enrollment_groups::delete_certificate),
+        )
+        .route(
+            "/enrollmentGroups/{id}/certificates/{entry}/generateVerificationCode",
+            post(enrollment_groups::generate_verification_code),
+        )
+        .route(
+            "/enrollmentGroups/{id}/certificates/{entry}/verify",
+            post(enrollment_groups::verify),
+        )
         .route("/status", get(status::get_status))
         .route("/metrics", get(status::get_metrics))
         .layer(DefaultBodyLimit::max(error::MAX_BODY_BYTES))
@@ -276,6 +307,9 @@ impl AdminServer {
         let tcp_addr = tcp.as_ref().and_then(|l| l.local_addr().ok());
         let state = AdminState::new(parts);
         operations::resume(&state);
+        if let Err(e) = enrollment_groups::refresh(&state) {
+            tracing::warn!("admin: loading enrollment groups: {}", e.message);
+        }
         let app = router(state.clone());
         let (stop, _) = watch::channel(false);
         let mut tasks = vec![tokio::spawn(serve_unix(

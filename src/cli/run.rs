@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::admin::{AdminOptions, AdminParts, AdminServer};
-use crate::admission::{self, Admission, AdmissionOptions};
+use crate::admission::{self, Admission, AdmissionOptions, EnrollmentSet};
 use crate::cloud::aws::claim::ClaimOptions;
 use crate::cloud::aws::{AwsProvider, AwsProviderOptions, OWNERSHIP_TOKEN_TTL};
 use crate::config::{self, BrokerMode, CloudProvider, Config, DownstreamAuth, TelemetryIdentity};
@@ -182,12 +182,15 @@ impl Gateway {
                 reason: "only \"aws\" is supported by this build".into(),
             });
         }
-        let admission = Admission::new(admission_options(cfg)?)?;
+        // One set of enrollment-group credentials for every admission check, replaced by the
+        // admin API when groups change.
+        let enrollments = EnrollmentSet::default();
+        let admission = Admission::new(admission_options(cfg, &enrollments)?)?;
         // The engine owns its sealer; telemetry opens device keys with its own copy.
         let telemetry_sealer = sealer(cfg)?.map(Arc::new);
         let admin_sealer = telemetry_sealer.clone();
         let group_key = match cfg.admission.mode {
-            config::AdmissionMode::SymmetricKey => admission_options(cfg)?.group_key,
+            config::AdmissionMode::SymmetricKey => admission_options(cfg, &enrollments)?.group_key,
             _ => None,
         };
         let sealer = sealer(cfg)?;
@@ -205,7 +208,7 @@ impl Gateway {
         )?;
         tracing::info!(dir = %cfg.gateway.state_dir.display(), devices = store.device_count(), "store open");
 
-        let downstream_opts = downstream_options(cfg, &store)?;
+        let downstream_opts = downstream_options(cfg, &store, &enrollments)?;
         let max_request_bytes = cfg.downstream.max_request_bytes as usize;
         let (downstream, inbound) = Downstream::start_with(&downstream_opts, |s| {
             s.max_request_bytes = max_request_bytes;
@@ -273,6 +276,7 @@ impl Gateway {
                 group_key,
                 sealer: admin_sealer,
                 close_upstream: Some(telemetry.link_closer()),
+                enrollments: Some(enrollments),
             },
         )
         .await?;
@@ -332,7 +336,10 @@ fn read_text(path: &Path) -> Result<String, RunError> {
     })
 }
 
-fn admission_options(cfg: &Config) -> Result<AdmissionOptions, RunError> {
+fn admission_options(
+    cfg: &Config,
+    enrollments: &EnrollmentSet,
+) -> Result<AdmissionOptions, RunError> {
     let a = &cfg.admission;
     let group_key = match (&a.group_key, &a.group_key_file) {
         (Some(text), _) => Some(admission::decode_group_key(text, "admission.group_key")?),
@@ -351,6 +358,7 @@ fn admission_options(cfg: &Config) -> Result<AdmissionOptions, RunError> {
         group_key,
         trusted_ca_pem,
         x509_window_secs: a.x509_window_secs,
+        enrollments: enrollments.clone(),
         ..AdmissionOptions::default()
     })
 }
@@ -521,14 +529,18 @@ fn aws_options(cfg: &Config) -> Result<AwsProviderOptions, RunError> {
     })
 }
 
-fn downstream_options(cfg: &Config, store: &Store) -> Result<DownstreamOptions, RunError> {
+fn downstream_options(
+    cfg: &Config,
+    store: &Store,
+    enrollments: &EnrollmentSet,
+) -> Result<DownstreamOptions, RunError> {
     let d = &cfg.downstream;
     let broker = match d.broker {
         BrokerMode::Embedded => {
             let mut rules = AccessRules::new(d.topic_prefix.as_str());
             if d.auth == DownstreamAuth::Device {
                 let check = DeviceConnectCheck::new(
-                    Arc::new(Admission::new(admission_options(cfg)?)?),
+                    Arc::new(Admission::new(admission_options(cfg, enrollments)?)?),
                     store.clone(),
                 );
                 rules.device_auth = Some(Arc::new(move |id, username, password, chain| {
