@@ -268,6 +268,37 @@ async fn tls_connect(
     r
 }
 
+/// As [`tls_connect`], and while connected, the device as `fleetgw devices show` sees it.
+async fn tls_connect_and_show(
+    port: u16,
+    server_ca: &str,
+    id: &str,
+    cert: &str,
+    key_pem: &str,
+    socket: &Path,
+) -> Value {
+    let key = fleetgw::identity::PrivateKey::from_pem(key_pem).unwrap();
+    let mut o = MqttOptions::new(id, "127.0.0.1", port);
+    o.set_transport(rumqttc::Transport::tls_with_config(
+        rumqttc::TlsConfiguration::Rustls(
+            fleetgw::identity::tls::client_config(server_ca, Some((cert, &key))).unwrap(),
+        ),
+    ));
+    let (client, mut ev) = AsyncClient::new(o, 4);
+    tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            if let Event::Incoming(Packet::ConnAck(_)) = ev.poll().await.unwrap() {
+                return;
+            }
+        }
+    })
+    .await
+    .expect("CONNACK within 10 s");
+    let out = cli_async(socket, &["devices", "show", id, "--json"]).await;
+    let _ = client.disconnect().await;
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
 /// Reprovisioning through the CLI: the operation ends with a new certificate, the local TLS
 /// listener accepts the new one and refuses the old one.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -408,9 +439,19 @@ async fn reprovision_gives_a_new_certificate_and_the_old_one_is_refused() {
     let new_key = std::fs::read_to_string(dir.path().join("meter-1.key")).unwrap();
     assert_ne!(new_cert, old_cert);
     assert_ne!(new_key, old_key, "the gateway made a new key too");
-    tls_connect(tls_port, &ca, "meter-1", &new_cert, &new_key)
-        .await
-        .expect("the new certificate proves the device");
+    let shown = tls_connect_and_show(tls_port, &ca, "meter-1", &new_cert, &new_key, &socket).await;
+    let fingerprint =
+        &fleetgw::identity::parse_certificates(&new_cert).unwrap()[0].fingerprint_sha256_hex;
+    let c = &shown["connection"];
+    assert_eq!(
+        c["clientCertificateSha256"].as_str(),
+        Some(fingerprint.as_str()),
+        "{shown}"
+    );
+    assert_eq!(
+        (c["tls"].as_bool(), c["authenticated"].as_bool()),
+        (Some(true), Some(true))
+    );
 
     // Unknown operation: 70 with a message.
     let out = cli_async(&socket, &["ops", "show", "nope"]).await;

@@ -77,6 +77,9 @@ pub struct ConnectionView {
     pub tls: bool,
     /// Proved its identity (certificate, SAS token or password).
     pub authenticated: bool,
+    /// SHA-256 of the client certificate it presented (lower-case hex), if any.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub client_certificate_sha256: Option<String>,
 }
 
 impl From<ConnectionFacts> for ConnectionView {
@@ -85,6 +88,7 @@ impl From<ConnectionFacts> for ConnectionView {
             remote_address: f.peer.to_string(),
             tls: f.tls,
             authenticated: f.authenticated,
+            client_certificate_sha256: f.client_cert_sha256.map(hex::encode),
         }
     }
 }

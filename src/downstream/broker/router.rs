@@ -127,6 +127,9 @@ pub struct ConnectionFacts {
     pub tls: bool,
     /// It proved who it is (a password of `[[downstream.users]]`, the gateway's secret).
     pub authenticated: bool,
+    /// SHA-256 of the client certificate it presented on the TLS listener, if any (what an
+    /// operator compares before approving a device).
+    pub client_cert_sha256: Option<[u8; 32]>,
 }
 
 #[derive(Debug, Default)]
