@@ -1220,3 +1220,52 @@ async fn x509_groups_need_proof_of_possession() {
         StatusCode::CONFLICT
     );
 }
+
+/// `fleetgw enrollment` against the API: create, keys, list, disable, delete.
+#[tokio::test]
+async fn cli_enrollment_verbs() {
+    let api = Api::start(AdmissionMode::SymmetricKey, |_, _| {}).await;
+    let run = |args: &[&str]| {
+        let socket = api.socket.clone();
+        let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+        async move {
+            tokio::task::spawn_blocking(move || {
+                std::process::Command::new(env!("CARGO_BIN_EXE_fleetgw"))
+                    .args(&args)
+                    .arg("--socket")
+                    .arg(&socket)
+                    .output()
+                    .unwrap()
+            })
+            .await
+            .unwrap()
+        }
+    };
+    let out = run(&["enrollment", "create", "line-1", "--name", "Line 1"]).await;
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("Line 1"));
+    let out = run(&["enrollment", "keys", "line-1"]).await;
+    let keys: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(keys["primaryKey"].as_str().unwrap().len() >= 40);
+    let out = run(&["enrollment", "list"]).await;
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        table.contains("line-1") && !table.contains(keys["primaryKey"].as_str().unwrap()),
+        "{table}"
+    );
+    let out = run(&["enrollment", "disable", "line-1", "--json"]).await;
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["enabled"], false);
+    let out = run(&["enrollment", "create", "bad", "--type", "tpm"]).await;
+    assert_eq!(out.status.code(), Some(70));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("symmetricKey"));
+    let out = run(&["enrollment", "delete", "line-1"]).await;
+    assert_eq!(out.status.code(), Some(0));
+    let out = run(&["enrollment", "show", "line-1"]).await;
+    assert_eq!(out.status.code(), Some(70));
+}

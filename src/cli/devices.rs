@@ -77,6 +77,144 @@ pub enum DevicesCommand {
     },
 }
 
+/// Arguments of `fleetgw enrollment`.
+#[derive(Debug, clap::Args)]
+pub struct EnrollmentArgs {
+    #[command(flatten)]
+    pub socket: SocketArgs,
+
+    #[command(subcommand)]
+    pub command: EnrollmentCommand,
+}
+
+/// The verbs of `fleetgw enrollment`.
+#[derive(Debug, clap::Subcommand)]
+pub enum EnrollmentCommand {
+    /// List enrollment groups (keys redacted).
+    List,
+    /// Show one group.
+    Show {
+        /// Group id.
+        id: String,
+    },
+    /// Create (or replace) a group; symmetricKey groups get generated keys.
+    Create {
+        /// Group id.
+        id: String,
+        /// Display name (default: the id).
+        #[arg(long)]
+        name: Option<String>,
+        /// Attestation: symmetricKey or x509.
+        #[arg(long = "type", value_name = "TYPE", default_value = "symmetricKey")]
+        kind: String,
+    },
+    /// Print a symmetricKey group's keys (admin.group members only).
+    Keys {
+        /// Group id.
+        id: String,
+    },
+    /// Enable a group.
+    Enable {
+        /// Group id.
+        id: String,
+    },
+    /// Disable a group: its devices are no longer admitted.
+    Disable {
+        /// Group id.
+        id: String,
+    },
+    /// Delete a group.
+    Delete {
+        /// Group id.
+        id: String,
+    },
+}
+
+/// Runs `fleetgw enrollment ...`.
+pub fn enrollment(args: EnrollmentArgs) -> ExitCode {
+    let result = runtime().and_then(|rt| {
+        rt.block_on(async {
+            let socket = args.socket.socket_path()?;
+            let path = |id: &str| format!("/enrollmentGroups/{}", enc(id));
+            let reply = match &args.command {
+                EnrollmentCommand::List => {
+                    call(&socket, Method::GET, "/enrollmentGroups", None).await?
+                }
+                EnrollmentCommand::Show { id } => {
+                    call(&socket, Method::GET, &path(id), None).await?
+                }
+                EnrollmentCommand::Create { id, name, kind } => {
+                    let body = serde_json::json!({
+                        "displayName": name.clone().unwrap_or_else(|| id.clone()),
+                        "attestation": {"type": kind},
+                    });
+                    call(&socket, Method::PUT, &path(id), Some(&body)).await?
+                }
+                EnrollmentCommand::Keys { id } => {
+                    call(&socket, Method::GET, &format!("{}/keys", path(id)), None).await?
+                }
+                EnrollmentCommand::Enable { id } | EnrollmentCommand::Disable { id } => {
+                    let enabled = matches!(args.command, EnrollmentCommand::Enable { .. });
+                    let body = serde_json::json!({ "enabled": enabled });
+                    call(&socket, Method::PATCH, &path(id), Some(&body)).await?
+                }
+                EnrollmentCommand::Delete { id } => {
+                    call(&socket, Method::DELETE, &path(id), None).await?
+                }
+            };
+            let v = reply.ok()?.json();
+            if args.socket.json || matches!(args.command, EnrollmentCommand::Keys { .. }) {
+                if !v.is_null() {
+                    println!("{v}");
+                }
+                return Ok(());
+            }
+            let groups = match v.get("value").and_then(Value::as_array) {
+                Some(list) => list.clone(),
+                None if v.is_null() => return Ok(()),
+                None => vec![v],
+            };
+            let mut t = Table::new();
+            t.load_preset(UTF8_FULL_CONDENSED);
+            t.set_header(["ID", "NAME", "TYPE", "ENABLED", "CERTIFICATES", "UPDATED"]);
+            for g in &groups {
+                let certs = g["attestation"]["x509"]["signingCertificates"]
+                    .as_object()
+                    .map(|m| {
+                        m.iter()
+                            .map(|(k, c)| {
+                                format!(
+                                    "{k}{}",
+                                    if c["verified"] == true {
+                                        " (verified)"
+                                    } else {
+                                        " (unverified)"
+                                    }
+                                )
+                            })
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    })
+                    .unwrap_or_default();
+                t.add_row([
+                    text(&g["id"]),
+                    text(&g["displayName"]),
+                    text(&g["attestation"]["type"]),
+                    text(&g["enabled"]),
+                    certs,
+                    text(&g["updatedAt"]),
+                ]);
+            }
+            println!("{t}");
+            Ok(())
+        })
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(f) => f.exit(),
+    }
+}
+
 /// Arguments of `fleetgw ops`.
 #[derive(Debug, clap::Args)]
 pub struct OpsArgs {

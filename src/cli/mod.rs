@@ -83,6 +83,8 @@ pub enum Command {
     Devices(devices::DevicesArgs),
     /// Show long-running operations (over the admin socket).
     Ops(devices::OpsArgs),
+    /// Manage enrollment groups: who may provision besides the config (over the admin socket).
+    Enrollment(devices::EnrollmentArgs),
     /// Hash a local application's password (read from standard input) for
     /// `[[downstream.users]] password_hash`.
     Passwd(passwd::Args),
@@ -120,5 +122,6 @@ pub fn main() -> ExitCode {
         Command::Status(args) => devices::status(args),
         Command::Devices(args) => devices::run(args),
         Command::Ops(args) => devices::ops(args),
+        Command::Enrollment(args) => devices::enrollment(args),
     }
 }
