@@ -15,12 +15,13 @@ use serde::Serialize;
 use super::auth::Caller;
 use super::devices::device_id;
 use super::error::ApiError;
+use super::error::ApiErrorBody;
 use super::AdminState;
 use crate::admission::sas;
 use crate::identity::Secret;
 
 /// The credentials of a device.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct CredentialsView {
     /// The device.
@@ -37,7 +38,7 @@ pub struct CredentialsView {
 }
 
 /// `x509` of [`CredentialsView`].
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct X509Credentials {
     /// Cloud certificate id.
@@ -51,7 +52,7 @@ pub struct X509Credentials {
 }
 
 /// `symmetricKey` of [`CredentialsView`].
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct SymmetricKey {
     /// base64(HMAC-SHA256(group key, device id)).
@@ -59,6 +60,7 @@ pub struct SymmetricKey {
 }
 
 /// `GET /devices/{id}/credentials[?includePrivateKey=true]`
+#[utoipa::path(get, path = "/devices/{id}/credentials", params(("id" = String, Path), ("includePrivateKey" = Option<bool>, Query)), responses((status = 200, body = CredentialsView), (status = 403, body = ApiErrorBody), (status = 404, body = ApiErrorBody)))]
 pub async fn get_credentials(
     State(state): State<AdminState>,
     Extension(caller): Extension<Caller>,

@@ -16,6 +16,7 @@ use serde::{Deserialize, Serialize};
 
 use super::devices::MAX_DISPLAY_NAME_CHARS;
 use super::devices_list::{page_at, ListQuery, Page};
+use super::error::ApiErrorBody;
 use super::error::{ApiError, JsonBody};
 use super::filter;
 use super::view::{rfc3339_ms, DeviceView};
@@ -25,7 +26,7 @@ use crate::device_id::DeviceId;
 use crate::store::RecordTree;
 
 /// A device group, as stored and shown.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct DeviceGroup {
     /// Record layout version.
@@ -48,7 +49,7 @@ fn one() -> u32 {
 }
 
 /// `PUT` / `PATCH` body.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct DeviceGroupBody {
     /// Its name.
@@ -86,6 +87,7 @@ fn load(state: &AdminState, id: &str) -> Result<DeviceGroup, ApiError> {
 }
 
 /// `GET /deviceGroups`
+#[utoipa::path(get, path = "/deviceGroups", responses((status = 200, body = Page<DeviceGroup>)))]
 pub async fn list_groups(
     State(state): State<AdminState>,
 ) -> Result<Json<Page<DeviceGroup>>, ApiError> {
@@ -101,6 +103,7 @@ pub async fn list_groups(
 }
 
 /// `GET /deviceGroups/{id}`
+#[utoipa::path(get, path = "/deviceGroups/{id}", params(("id" = String, Path)), responses((status = 200, body = DeviceGroup), (status = 404, body = ApiErrorBody)))]
 pub async fn get_group(
     State(state): State<AdminState>,
     Path(id): Path<String>,
@@ -109,6 +112,7 @@ pub async fn get_group(
 }
 
 /// `PUT /deviceGroups/{id}`: creates (201) or replaces (200); both fields required.
+#[utoipa::path(put, path = "/deviceGroups/{id}", params(("id" = String, Path)), request_body = DeviceGroupBody, responses((status = 201, body = DeviceGroup), (status = 200, body = DeviceGroup), (status = 400, body = ApiErrorBody)))]
 pub async fn put_group(
     State(state): State<AdminState>,
     Path(raw): Path<String>,
@@ -147,6 +151,7 @@ pub async fn put_group(
 }
 
 /// `PATCH /deviceGroups/{id}`
+#[utoipa::path(patch, path = "/deviceGroups/{id}", params(("id" = String, Path)), request_body = DeviceGroupBody, responses((status = 200, body = DeviceGroup), (status = 404, body = ApiErrorBody)))]
 pub async fn patch_group(
     State(state): State<AdminState>,
     Path(id): Path<String>,
@@ -169,6 +174,7 @@ pub async fn patch_group(
 }
 
 /// `DELETE /deviceGroups/{id}`: 204 whether or not it existed.
+#[utoipa::path(delete, path = "/deviceGroups/{id}", params(("id" = String, Path)), responses((status = 204)))]
 pub async fn delete_group(
     State(state): State<AdminState>,
     Path(id): Path<String>,
@@ -184,6 +190,7 @@ pub async fn delete_group(
 
 /// `GET /deviceGroups/{id}/devices`: the group's devices, paged as `GET /devices`
 /// (`$orderby`, `maxpagesize`, `nextLink`; the filter is the group's).
+#[utoipa::path(get, path = "/deviceGroups/{id}/devices", params(("id" = String, Path), ("$orderby" = Option<String>, Query), ("maxpagesize" = Option<u32>, Query), ("$skiptoken" = Option<String>, Query)), responses((status = 200, body = Page<DeviceView>), (status = 404, body = ApiErrorBody)))]
 pub async fn group_devices(
     State(state): State<AdminState>,
     Path(id): Path<String>,

@@ -17,6 +17,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::Deserialize;
 
+use super::error::ApiErrorBody;
 use super::error::{ApiError, JsonBody};
 use super::view::{etag_of, is_approved, DeviceView};
 use super::AdminState;
@@ -142,6 +143,7 @@ fn load(state: &AdminState, id: &DeviceId) -> Result<DeviceRecord, ApiError> {
 }
 
 /// `GET /devices/{id}`
+#[utoipa::path(get, path = "/devices/{id}", params(("id" = String, Path)), responses((status = 200, body = DeviceView), (status = 304), (status = 404, body = ApiErrorBody)))]
 pub async fn get_device(
     State(state): State<AdminState>,
     Path(id): Path<String>,
@@ -160,7 +162,7 @@ pub async fn get_device(
 }
 
 /// `PATCH /devices/{id}` body: the fields an operator may change.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct DevicePatch {
     /// New display name; `null` removes it.
@@ -179,6 +181,7 @@ fn some_nullable<'de, D: serde::Deserializer<'de>>(
 }
 
 /// `PATCH /devices/{id}`
+#[utoipa::path(patch, path = "/devices/{id}", params(("id" = String, Path)), request_body = DevicePatch, responses((status = 200, body = DeviceView), (status = 404, body = ApiErrorBody), (status = 409, body = ApiErrorBody), (status = 412, body = ApiErrorBody)))]
 pub async fn patch_device(
     State(state): State<AdminState>,
     Path(id): Path<String>,
@@ -267,6 +270,7 @@ async fn swap(
 
 /// `DELETE /devices/{id}`: removes the record, its secret and token, and closes its broker
 /// connection.
+#[utoipa::path(delete, path = "/devices/{id}", params(("id" = String, Path)), responses((status = 200, body = DeviceView), (status = 204), (status = 412, body = ApiErrorBody)))]
 pub async fn delete_device(
     State(state): State<AdminState>,
     Path(id): Path<String>,
@@ -373,6 +377,7 @@ async fn act(state: &AdminState, raw: &str, action: Action) -> Result<Response, 
 }
 
 /// `POST /devices/{id}/approve`: `waitingApproval` -> `approved`, then provisioning starts.
+#[utoipa::path(post, path = "/devices/{id}/approve", params(("id" = String, Path)), responses((status = 200, body = DeviceView), (status = 404, body = ApiErrorBody), (status = 409, body = ApiErrorBody)))]
 pub async fn approve(
     State(state): State<AdminState>,
     Path(id): Path<String>,
@@ -381,6 +386,7 @@ pub async fn approve(
 }
 
 /// `POST /devices/{id}/block`: any state -> `blocked`; its connection is closed.
+#[utoipa::path(post, path = "/devices/{id}/block", params(("id" = String, Path)), responses((status = 200, body = DeviceView), (status = 404, body = ApiErrorBody)))]
 pub async fn block(
     State(state): State<AdminState>,
     Path(id): Path<String>,
@@ -390,6 +396,7 @@ pub async fn block(
 
 /// `POST /devices/{id}/unblock`: `blocked` -> `waitingApproval` (approve mode) or
 /// `requested` (provisioning starts again).
+#[utoipa::path(post, path = "/devices/{id}/unblock", params(("id" = String, Path)), responses((status = 200, body = DeviceView), (status = 404, body = ApiErrorBody), (status = 409, body = ApiErrorBody)))]
 pub async fn unblock(
     State(state): State<AdminState>,
     Path(id): Path<String>,

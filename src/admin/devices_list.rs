@@ -17,6 +17,7 @@ use percent_encoding::{utf8_percent_encode, NON_ALPHANUMERIC};
 use serde::{Deserialize, Serialize};
 
 use super::error::ApiError;
+use super::error::ApiErrorBody;
 use super::filter::{self, Fields, Filter, OrderBy, Value};
 use super::view::DeviceView;
 use super::AdminState;
@@ -27,7 +28,7 @@ pub const DEFAULT_PAGE: usize = 25;
 pub const MAX_PAGE: usize = 100;
 
 /// A page of a list: `{"value":[...],"nextLink"?}`.
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Page<T> {
     /// The items.
@@ -251,6 +252,7 @@ pub fn page_at(
 }
 
 /// `GET /devices`
+#[utoipa::path(get, path = "/devices", params(("$filter" = Option<String>, Query, description = "filter expression"), ("$orderby" = Option<String>, Query, description = "field asc|desc"), ("maxpagesize" = Option<u32>, Query, description = "1..100, default 25"), ("$skiptoken" = Option<String>, Query, description = "continuation from nextLink")), responses((status = 200, body = Page<DeviceView>), (status = 400, body = ApiErrorBody)))]
 pub async fn list_devices(
     State(state): State<AdminState>,
     Query(q): Query<HashMap<String, String>>,

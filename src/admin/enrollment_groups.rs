@@ -21,6 +21,7 @@ use serde::{Deserialize, Serialize};
 use super::auth::{Caller, Role};
 use super::devices::MAX_DISPLAY_NAME_CHARS;
 use super::devices_list::Page;
+use super::error::ApiErrorBody;
 use super::error::{ApiError, JsonBody};
 use super::view::rfc3339_ms;
 use super::AdminState;
@@ -34,7 +35,7 @@ use crate::store::RecordTree;
 const MIN_KEY_BYTES: usize = 16;
 
 /// A stored enrollment group.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct EnrollmentGroup {
     /// Record layout version.
@@ -59,7 +60,7 @@ fn one() -> u32 {
 }
 
 /// `attestation` of a group.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(tag = "type", rename_all = "camelCase")]
 pub enum GroupAttestation {
     /// Group keys.
@@ -77,7 +78,7 @@ pub enum GroupAttestation {
 }
 
 /// Primary and secondary group keys (base64).
-#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct GroupKeys {
     /// Primary key.
@@ -87,7 +88,7 @@ pub struct GroupKeys {
 }
 
 /// The CA entries of an x509 group.
-#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct X509Entries {
     /// `primary` and `secondary`.
@@ -96,7 +97,7 @@ pub struct X509Entries {
 }
 
 /// One CA certificate of an x509 group.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct CaEntry {
     /// Proof of possession done.
@@ -111,7 +112,7 @@ pub struct CaEntry {
 }
 
 /// `info` of a [`CaEntry`].
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct CaInfo {
     /// SHA-1 of the DER, upper-case hex (as IoT Central shows it).
@@ -138,7 +139,7 @@ impl EnrollmentGroup {
 }
 
 /// `PUT` body.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct GroupBody {
     /// Its name.
@@ -154,7 +155,7 @@ pub struct GroupBody {
 }
 
 /// `attestation` of a `PUT` body.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct AttestationBody {
     /// `symmetricKey` or `x509`.
@@ -166,7 +167,7 @@ pub struct AttestationBody {
 }
 
 /// Keys given in a `PUT` body.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct KeysBody {
     /// base64 key.
@@ -254,6 +255,7 @@ async fn save(state: &AdminState, g: &EnrollmentGroup) -> Result<(), ApiError> {
 }
 
 /// `GET /enrollmentGroups`
+#[utoipa::path(get, path = "/enrollmentGroups", responses((status = 200, body = Page<EnrollmentGroup>)))]
 pub async fn list_groups(
     State(state): State<AdminState>,
 ) -> Result<Json<Page<EnrollmentGroup>>, ApiError> {
@@ -269,6 +271,7 @@ pub async fn list_groups(
 }
 
 /// `GET /enrollmentGroups/{id}`
+#[utoipa::path(get, path = "/enrollmentGroups/{id}", params(("id" = String, Path)), responses((status = 200, body = EnrollmentGroup), (status = 404, body = ApiErrorBody)))]
 pub async fn get_group(
     State(state): State<AdminState>,
     Path(id): Path<String>,
@@ -277,6 +280,7 @@ pub async fn get_group(
 }
 
 /// `PUT /enrollmentGroups/{id}`: creates (201) or replaces (200).
+#[utoipa::path(put, path = "/enrollmentGroups/{id}", params(("id" = String, Path)), request_body = GroupBody, responses((status = 201, body = EnrollmentGroup), (status = 200, body = EnrollmentGroup), (status = 400, body = ApiErrorBody)))]
 pub async fn put_group(
     State(state): State<AdminState>,
     Path(raw): Path<String>,
@@ -353,7 +357,7 @@ pub async fn put_group(
 }
 
 /// `PATCH /enrollmentGroups/{id}` body.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct GroupPatch {
     /// New name.
@@ -363,6 +367,7 @@ pub struct GroupPatch {
 }
 
 /// `PATCH /enrollmentGroups/{id}`
+#[utoipa::path(patch, path = "/enrollmentGroups/{id}", params(("id" = String, Path)), request_body = GroupPatch, responses((status = 200, body = EnrollmentGroup), (status = 404, body = ApiErrorBody)))]
 pub async fn patch_group(
     State(state): State<AdminState>,
     Path(id): Path<String>,
@@ -381,6 +386,7 @@ pub async fn patch_group(
 }
 
 /// `DELETE /enrollmentGroups/{id}`: 204 whether or not it existed.
+#[utoipa::path(delete, path = "/enrollmentGroups/{id}", params(("id" = String, Path)), responses((status = 204)))]
 pub async fn delete_group(
     State(state): State<AdminState>,
     Path(id): Path<String>,
@@ -405,6 +411,7 @@ fn may_write(caller: &Caller) -> bool {
 
 /// `GET /enrollmentGroups/{id}/keys`: the group keys, to writers only (readers could
 /// provision any device with them).
+#[utoipa::path(get, path = "/enrollmentGroups/{id}/keys", params(("id" = String, Path)), responses((status = 200, body = GroupKeys), (status = 403, body = ApiErrorBody), (status = 409, body = ApiErrorBody)))]
 pub async fn get_keys(
     State(state): State<AdminState>,
     Extension(caller): Extension<Caller>,
@@ -461,7 +468,7 @@ fn certificate_pem(text: &str) -> Result<String, ApiError> {
 }
 
 /// `PUT /enrollmentGroups/{id}/certificates/{entry}` body.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct CertificateBody {
     /// The CA certificate (PEM, or base64 of PEM or DER).
@@ -472,6 +479,7 @@ pub struct CertificateBody {
 }
 
 /// `PUT /enrollmentGroups/{id}/certificates/{entry}`: sets a CA, unverified.
+#[utoipa::path(put, path = "/enrollmentGroups/{id}/certificates/{entry}", params(("id" = String, Path), ("entry" = String, Path, description = "primary or secondary")), request_body = CertificateBody, responses((status = 200, body = CaEntry), (status = 400, body = ApiErrorBody)))]
 pub async fn put_certificate(
     State(state): State<AdminState>,
     Path((id, entry)): Path<(String, String)>,
@@ -518,6 +526,7 @@ fn ca_entry<'a>(g: &'a mut EnrollmentGroup, entry: &str) -> Result<&'a mut CaEnt
 }
 
 /// `GET /enrollmentGroups/{id}/certificates/{entry}`
+#[utoipa::path(get, path = "/enrollmentGroups/{id}/certificates/{entry}", params(("id" = String, Path), ("entry" = String, Path)), responses((status = 200, body = CaEntry), (status = 404, body = ApiErrorBody)))]
 pub async fn get_certificate(
     State(state): State<AdminState>,
     Path((id, entry)): Path<(String, String)>,
@@ -530,6 +539,7 @@ pub async fn get_certificate(
 }
 
 /// `DELETE /enrollmentGroups/{id}/certificates/{entry}`
+#[utoipa::path(delete, path = "/enrollmentGroups/{id}/certificates/{entry}", params(("id" = String, Path), ("entry" = String, Path)), responses((status = 204)))]
 pub async fn delete_certificate(
     State(state): State<AdminState>,
     Path((id, entry)): Path<(String, String)>,
@@ -542,6 +552,7 @@ pub async fn delete_certificate(
 }
 
 /// `POST /enrollmentGroups/{id}/certificates/{entry}/generateVerificationCode`
+#[utoipa::path(post, path = "/enrollmentGroups/{id}/certificates/{entry}/generateVerificationCode", params(("id" = String, Path), ("entry" = String, Path)), responses((status = 200, description = "{\"verificationCode\"}")))]
 pub async fn generate_verification_code(
     State(state): State<AdminState>,
     Path((id, entry)): Path<(String, String)>,
@@ -555,7 +566,7 @@ pub async fn generate_verification_code(
 }
 
 /// `POST /enrollmentGroups/{id}/certificates/{entry}/verify` body.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct VerifyBody {
     /// A certificate signed by the CA with CN = the verification code.
@@ -564,6 +575,7 @@ pub struct VerifyBody {
 
 /// `POST /enrollmentGroups/{id}/certificates/{entry}/verify`: proof of possession of the CA's
 /// key; the entry becomes `verified` and admits devices.
+#[utoipa::path(post, path = "/enrollmentGroups/{id}/certificates/{entry}/verify", params(("id" = String, Path), ("entry" = String, Path)), request_body = VerifyBody, responses((status = 200, body = CaEntry), (status = 400, body = ApiErrorBody)))]
 pub async fn verify(
     State(state): State<AdminState>,
     Path((id, entry)): Path<(String, String)>,

@@ -113,6 +113,25 @@ struct ErrorFields<'a> {
     request_id: &'a str,
 }
 
+/// The error body, for the API description (`{"error":{"code","message","requestId"}}`).
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct ApiErrorBody {
+    /// The error.
+    pub error: ApiErrorFields,
+}
+
+/// Fields of [`ApiErrorBody`].
+#[derive(Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ApiErrorFields {
+    /// Machine-readable code.
+    pub code: String,
+    /// What was wrong and what to do.
+    pub message: String,
+    /// Equal to the `x-ms-request-id` header.
+    pub request_id: String,
+}
+
 /// A fresh request id: 128 random bits in hex.
 pub fn new_request_id() -> String {
     format!("{:032x}", rand::random::<u128>())

@@ -21,6 +21,7 @@ pub mod devices_list;
 pub mod enrollment_groups;
 pub mod error;
 pub mod filter;
+pub mod openapi;
 pub mod operations;
 pub mod status;
 pub mod view;
@@ -225,6 +226,7 @@ pub fn router(state: AdminState) -> Router {
         )
         .route("/status", get(status::get_status))
         .route("/metrics", get(status::get_metrics))
+        .route("/openapi.json", get(openapi::openapi_json))
         .layer(DefaultBodyLimit::max(error::MAX_BODY_BYTES))
         .layer(axum::middleware::from_fn(auth::authorize))
         .layer(axum::middleware::from_fn(error::request_id))

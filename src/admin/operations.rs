@@ -21,6 +21,7 @@ use serde::{Deserialize, Serialize};
 
 use super::devices::device_id;
 use super::error::ApiError;
+use super::error::ApiErrorBody;
 use super::view::rfc3339_ms;
 use super::AdminState;
 use crate::clock;
@@ -35,7 +36,7 @@ pub const OPERATION_TIMEOUT: Duration = Duration::from_secs(15 * 60);
 const RETRY_AFTER_SECS: u64 = 1;
 
 /// Where an operation is.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub enum OperationStatus {
     /// Still going.
     Running,
@@ -46,7 +47,7 @@ pub enum OperationStatus {
 }
 
 /// Why an operation failed.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct OperationError {
     /// Machine-readable code.
     pub code: String,
@@ -55,7 +56,7 @@ pub struct OperationError {
 }
 
 /// An operation, as stored (tree `operations`) and shown.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Operation {
     /// Record layout version.
@@ -92,6 +93,7 @@ fn one() -> u32 {
 }
 
 /// `POST /devices/{id}/reprovision`
+#[utoipa::path(post, path = "/devices/{id}/reprovision", params(("id" = String, Path)), responses((status = 202, body = Operation), (status = 404, body = ApiErrorBody), (status = 409, body = ApiErrorBody)))]
 pub async fn reprovision(
     State(state): State<AdminState>,
     Path(raw): Path<String>,
@@ -173,6 +175,7 @@ pub async fn reprovision(
 }
 
 /// `GET /operations/{id}`
+#[utoipa::path(get, path = "/operations/{id}", params(("id" = String, Path)), responses((status = 200, body = Operation), (status = 404, body = ApiErrorBody)))]
 pub async fn get_operation(
     State(state): State<AdminState>,
     Path(id): Path<String>,

@@ -16,7 +16,7 @@ use super::AdminState;
 use crate::downstream::contract::DeviceStatus;
 
 /// `GET /status`
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct StatusView {
     /// fleetgw version.
@@ -52,6 +52,7 @@ fn count_by_status(state: &AdminState) -> Result<BTreeMap<&'static str, u64>, Ap
 }
 
 /// `GET /status`
+#[utoipa::path(get, path = "/status", responses((status = 200, body = StatusView)))]
 pub async fn get_status(State(state): State<AdminState>) -> Result<Json<StatusView>, ApiError> {
     let s = state.clone();
     let devices = tokio::task::spawn_blocking(move || count_by_status(&s))
@@ -323,6 +324,7 @@ pub fn render_metrics(state: &AdminState) -> Result<String, ApiError> {
 }
 
 /// `GET /metrics`
+#[utoipa::path(get, path = "/metrics", responses((status = 200, description = "Prometheus text format 0.0.4", content_type = "text/plain")))]
 pub async fn get_metrics(State(state): State<AdminState>) -> Result<impl IntoResponse, ApiError> {
     let text = tokio::task::spawn_blocking(move || render_metrics(&state))
         .await

@@ -12,7 +12,7 @@ use crate::downstream::ConnectionFacts;
 use crate::store::{DeviceRecord, DeviceState};
 
 /// A device in API responses.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct DeviceView {
     /// Device id.
@@ -56,7 +56,7 @@ pub struct DeviceView {
 }
 
 /// `lastError` of a device.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct LastError {
     /// HTTP-like status code.
@@ -68,7 +68,7 @@ pub struct LastError {
 }
 
 /// `connection` of a device.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ConnectionView {
     /// Where it connects from.

@@ -139,7 +139,7 @@ impl RejectedResponse {
 }
 
 /// A device's state as shown on the retained `{p}/{id}/status` topic.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub enum DeviceStatus {
     /// Waiting for an operator's approval.
