@@ -439,7 +439,7 @@ fn entry_name(raw: &str) -> Result<&'static str, ApiError> {
     }
 }
 
-fn x509_entries<'a>(g: &'a mut EnrollmentGroup) -> Result<&'a mut X509Entries, ApiError> {
+fn x509_entries(g: &mut EnrollmentGroup) -> Result<&mut X509Entries, ApiError> {
     match &mut g.attestation {
         GroupAttestation::X509 { x509 } => Ok(x509),
         GroupAttestation::SymmetricKey { .. } => Err(ApiError::conflict(

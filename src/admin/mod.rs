@@ -56,6 +56,9 @@ pub const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 /// Time a request may take, body included.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// Closes a device's upstream telemetry link.
+pub type LinkCloser = Arc<dyn Fn(&DeviceId) + Send + Sync>;
+
 /// Counters of the gateway's parts, read for `/status` and `/metrics`.
 pub type StatsSource<T> = Arc<dyn Fn() -> T + Send + Sync>;
 
@@ -77,7 +80,7 @@ pub struct AdminParts {
     /// Opens sealed device keys (root's `includePrivateKey`).
     pub sealer: Option<Arc<Sealer>>,
     /// Closes a device's upstream telemetry connection (its certificate was replaced).
-    pub close_upstream: Option<Arc<dyn Fn(&DeviceId) + Send + Sync>>,
+    pub close_upstream: Option<LinkCloser>,
     /// Admission's enrollment-group credentials, rebuilt when groups change.
     pub enrollments: Option<EnrollmentSet>,
 }
