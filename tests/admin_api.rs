@@ -1348,3 +1348,49 @@ async fn openapi_document_matches_the_running_server() {
         assert!(view[field].is_object(), "DeviceView.{field}");
     }
 }
+
+/// Root only: a local user who may not even use the API opens 100 idle connections; they
+/// cannot take the slots the operator needs (at most 8 per user are kept).
+#[tokio::test]
+async fn one_user_cannot_exhaust_the_socket() {
+    // SAFETY: no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("SKIPPED one_user_cannot_exhaust_the_socket: needs root to run a child under another uid");
+        return;
+    }
+    let api = Api::start(AdmissionMode::Approve, |_, _| {}).await;
+    for p in [api.dir.path(), &api.dir.path().join("run")] {
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    std::fs::set_permissions(&api.socket, std::fs::Permissions::from_mode(0o666)).unwrap();
+    use std::io::BufRead;
+    use std::os::unix::process::CommandExt;
+    let script = "import socket,sys,time\nconns=[]\nfor i in range(100):\n    s=socket.socket(socket.AF_UNIX)\n    s.connect(sys.argv[1])\n    conns.append(s)\nprint('ready',flush=True)\ntime.sleep(60)\n";
+    let mut child = std::process::Command::new("python3")
+        .args(["-c", script])
+        .arg(&api.socket)
+        .uid(65_533)
+        .gid(65_533)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    let stdout = child.stdout.take().unwrap();
+    let ready = tokio::task::spawn_blocking(move || {
+        std::io::BufReader::new(stdout)
+            .read_line(&mut line)
+            .unwrap();
+        line
+    });
+    let line = tokio::time::timeout(std::time::Duration::from_secs(20), ready)
+        .await
+        .expect("the flood connects")
+        .unwrap();
+    assert_eq!(line.trim(), "ready");
+    let answered =
+        tokio::time::timeout(std::time::Duration::from_secs(3), api.get("/status")).await;
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let r = answered.expect("the operator is answered while another user holds 100 connections");
+    assert_eq!(r.status, StatusCode::OK);
+}

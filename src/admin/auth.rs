@@ -100,6 +100,11 @@ impl AccessPolicy {
         self.write_group.as_ref().map(|(_, gid)| *gid)
     }
 
+    /// Root or the daemon's own user: never limited.
+    pub fn is_privileged(&self, uid: u32) -> bool {
+        uid == 0 || uid == self.daemon_uid
+    }
+
     /// The role of a local peer with `uid` and primary `gid`.
     pub fn role_of(&self, uid: u32, gid: u32) -> Role {
         if uid == 0 || uid == self.daemon_uid {

@@ -269,7 +269,7 @@ async fn swap(
 }
 
 /// `DELETE /devices/{id}`: removes the record, its secret and token, and closes its broker
-/// connection.
+/// connection and upstream telemetry link.
 #[utoipa::path(delete, path = "/devices/{id}", params(("id" = String, Path)), responses((status = 200, body = DeviceView), (status = 204), (status = 412, body = ApiErrorBody)))]
 pub async fn delete_device(
     State(state): State<AdminState>,
@@ -295,6 +295,7 @@ pub async fn delete_device(
     }
     state.store.remove_device(&id).await?;
     state.disconnect(id.as_str());
+    state.close_upstream(&id);
     tracing::info!(device = %id, "device deleted by an operator");
     let view = DeviceView::new(&current, None);
     Ok((StatusCode::OK, Json(view)).into_response())
@@ -360,6 +361,7 @@ async fn act(state: &AdminState, raw: &str, action: Action) -> Result<Response, 
                     DeviceState::Approved | DeviceState::Requested => state.schedule(&id),
                     DeviceState::Blocked => {
                         state.disconnect(id.as_str());
+                        state.close_upstream(&id);
                     }
                     _ => {}
                 }
@@ -385,7 +387,7 @@ pub async fn approve(
     act(&state, &id, Action::Approve).await
 }
 
-/// `POST /devices/{id}/block`: any state -> `blocked`; its connection is closed.
+/// `POST /devices/{id}/block`: any state -> `blocked`; its connections are closed.
 #[utoipa::path(post, path = "/devices/{id}/block", params(("id" = String, Path)), responses((status = 200, body = DeviceView), (status = 404, body = ApiErrorBody)))]
 pub async fn block(
     State(state): State<AdminState>,

@@ -51,6 +51,9 @@ use auth::{AccessPolicy, BearerToken, Caller};
 
 /// Connections served at once per listener; more wait in the kernel's backlog.
 pub const MAX_CONNECTIONS: usize = 64;
+/// Connections one local user (other than root and the daemon's user) may hold at once; more
+/// are closed at accept, so one user cannot take every slot.
+pub const MAX_CONNECTIONS_PER_UID: usize = 8;
 /// Time a client has to send a request's headers.
 pub const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 /// Time a request may take, body included.
@@ -402,16 +405,55 @@ fn bind_socket(path: &Path, gid: Option<u32>) -> Result<UnixListener, AdminError
     Ok(listener)
 }
 
-/// Serves one connection with `caller` attached to each of its requests.
-fn serve_connection<S>(
+/// One connection of a local user, counted until it ends.
+struct UidSlot {
+    counts: Arc<std::sync::Mutex<std::collections::HashMap<u32, usize>>>,
+    uid: u32,
+}
+
+impl UidSlot {
+    /// A slot for `uid`, or `None` when it holds [`MAX_CONNECTIONS_PER_UID`] already.
+    fn take(
+        counts: &Arc<std::sync::Mutex<std::collections::HashMap<u32, usize>>>,
+        uid: u32,
+    ) -> Option<Self> {
+        let mut c = counts.lock().unwrap_or_else(|p| p.into_inner());
+        let n = c.entry(uid).or_default();
+        if *n >= MAX_CONNECTIONS_PER_UID {
+            return None;
+        }
+        *n += 1;
+        Some(UidSlot {
+            counts: counts.clone(),
+            uid,
+        })
+    }
+}
+
+impl Drop for UidSlot {
+    fn drop(&mut self) {
+        let mut c = self.counts.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = c.get_mut(&self.uid) {
+            *n -= 1;
+            if *n == 0 {
+                c.remove(&self.uid);
+            }
+        }
+    }
+}
+
+/// Serves one connection with `caller` attached to each of its requests; `held` (the
+/// connection's slots) is released when it ends.
+fn serve_connection<S, H>(
     io: S,
     caller: Caller,
     token: Option<BearerToken>,
     app: Router,
-    permit: tokio::sync::OwnedSemaphorePermit,
+    held: H,
     mut stop: watch::Receiver<bool>,
 ) where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    H: Send + 'static,
 {
     tokio::spawn(async move {
         let service = hyper::service::service_fn(move |mut req: Request<hyper::body::Incoming>| {
@@ -451,7 +493,7 @@ fn serve_connection<S>(
             }
             _ = stopped(&mut stop) => {}
         }
-        drop(permit);
+        drop(held);
     });
 }
 
@@ -473,6 +515,7 @@ async fn serve_unix(
     mut stop: watch::Receiver<bool>,
 ) {
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let per_uid = Arc::new(std::sync::Mutex::new(std::collections::HashMap::new()));
     loop {
         let permit = tokio::select! {
             p = slots.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
@@ -496,7 +539,29 @@ async fn serve_unix(
                 continue;
             }
         };
-        serve_connection(stream, caller, None, app.clone(), permit, stop.clone());
+        let uid_slot = match &caller {
+            Caller::Local { uid, .. } if !policy.is_privileged(*uid) => {
+                match UidSlot::take(&per_uid, *uid) {
+                    Some(slot) => Some(slot),
+                    None => {
+                        tracing::debug!(
+                            uid,
+                            "admin API: too many connections from this user; closed"
+                        );
+                        continue;
+                    }
+                }
+            }
+            _ => None,
+        };
+        serve_connection(
+            stream,
+            caller,
+            None,
+            app.clone(),
+            (permit, uid_slot),
+            stop.clone(),
+        );
     }
 }
 
