@@ -4,6 +4,7 @@
 //! with the cloud (AWS IoT fleet provisioning, Azure DPS), keeps every step in a crash-safe
 //! store and then forwards their telemetry upstream. See `docs/architecture.md` for the map.
 
+pub mod admin;
 pub mod admission;
 pub mod backoff;
 pub mod cli;

@@ -180,6 +180,48 @@ pub struct AdmissionOptions {
     pub x509_window_secs: u64,
     /// Longest remaining validity accepted for a SAS token.
     pub sas_max_ttl_secs: u64,
+    /// Group keys and CAs of enrollment groups made through the admin API, consulted after
+    /// the configured ones; shared, so changes take effect without a restart.
+    pub enrollments: EnrollmentSet,
+}
+
+/// The enrollment groups' credentials admission consults besides the config's: the keys of
+/// enabled symmetric-key groups and the verified CA certificates of enabled x509 groups. One
+/// set is shared by every [`Admission`] of the gateway and replaced whole by the admin API.
+#[derive(Clone, Debug, Default)]
+pub struct EnrollmentSet(std::sync::Arc<std::sync::RwLock<Enrolled>>);
+
+#[derive(Debug, Default)]
+struct Enrolled {
+    group_keys: Vec<Secret>,
+    trusted_ca_pems: Vec<String>,
+}
+
+impl EnrollmentSet {
+    /// Replaces the set.
+    pub fn replace(&self, group_keys: Vec<Secret>, trusted_ca_pems: Vec<String>) {
+        let mut e = self.0.write().unwrap_or_else(|p| p.into_inner());
+        *e = Enrolled {
+            group_keys,
+            trusted_ca_pems,
+        };
+    }
+
+    fn group_keys(&self) -> Vec<Secret> {
+        self.0
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .group_keys
+            .clone()
+    }
+
+    fn trusted_ca_pems(&self) -> Vec<String> {
+        self.0
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .trusted_ca_pems
+            .clone()
+    }
 }
 
 impl Default for AdmissionOptions {
@@ -190,6 +232,7 @@ impl Default for AdmissionOptions {
             trusted_ca_pem: None,
             x509_window_secs: x509::DEFAULT_WINDOW_SECS,
             sas_max_ttl_secs: sas::DEFAULT_MAX_TTL_SECS,
+            enrollments: EnrollmentSet::default(),
         }
     }
 }
@@ -270,6 +313,7 @@ pub struct Admission {
     trusted_ca_pem: Option<String>,
     x509_window_secs: u64,
     sas_max_ttl_secs: u64,
+    enrollments: EnrollmentSet,
 }
 
 impl Admission {
@@ -305,7 +349,26 @@ impl Admission {
             trusted_ca_pem: opts.trusted_ca_pem,
             x509_window_secs: opts.x509_window_secs,
             sas_max_ttl_secs: opts.sas_max_ttl_secs,
+            enrollments: opts.enrollments,
         })
+    }
+
+    /// The configured group key, then the enrollment groups' keys.
+    fn group_keys(&self) -> Vec<Secret> {
+        self.group_key
+            .iter()
+            .cloned()
+            .chain(self.enrollments.group_keys())
+            .collect()
+    }
+
+    /// The configured CA bundle, then the enrollment groups' verified CAs.
+    fn trusted_bundles(&self) -> Vec<String> {
+        self.trusted_ca_pem
+            .iter()
+            .cloned()
+            .chain(self.enrollments.trusted_ca_pems())
+            .collect()
     }
 
     /// The configured mode.
@@ -334,13 +397,15 @@ impl Admission {
                     "connect to the TLS listener with a client certificate chaining to the \
                      gateway's trusted CA, CN = the device id",
                 )?;
-                let trusted = self
-                    .trusted_ca_pem
-                    .as_deref()
-                    .ok_or("the gateway has no trusted CAs")?;
-                return x509::verify_device_certificate(id, chain, trusted, now_unix)
-                    .map(|_| ())
-                    .map_err(|e| e.to_string());
+                let mut first_error = Err("the gateway has no trusted CAs".to_string());
+                for (i, trusted) in self.trusted_bundles().iter().enumerate() {
+                    match x509::verify_device_certificate(id, chain, trusted, now_unix) {
+                        Ok(_) => return Ok(()),
+                        Err(e) if i == 0 => first_error = Err(e.to_string()),
+                        Err(_) => {}
+                    }
+                }
+                return first_error;
             }
             AdmissionMode::Approve | AdmissionMode::Open => {
                 return Err(format!(
@@ -358,13 +423,16 @@ impl Admission {
         let token = password
             .and_then(|p| std::str::from_utf8(p).ok())
             .ok_or("the password must be the device's SAS token")?;
-        let Some(group_key) = &self.group_key else {
-            return Err("the gateway has no group key".into());
-        };
-        let device_key = sas::derive_device_key(group_key.expose(), id.as_str());
-        sas::verify_sas(token, id, &device_key, now_unix, self.sas_max_ttl_secs)
-            .map(|_| ())
-            .map_err(|e| e.to_string())
+        let mut first_error = Err("the gateway has no group key".to_string());
+        for (i, group_key) in self.group_keys().iter().enumerate() {
+            let device_key = sas::derive_device_key(group_key.expose(), id.as_str());
+            match sas::verify_sas(token, id, &device_key, now_unix, self.sas_max_ttl_secs) {
+                Ok(_) => return Ok(()),
+                Err(e) if i == 0 => first_error = Err(e.to_string()),
+                Err(_) => {}
+            }
+        }
+        first_error
     }
 
     /// Decides about a request from `id` carrying `att`, at `now_unix` (seconds).
@@ -384,15 +452,19 @@ impl Admission {
         let Attestation::SymmetricKey { sas } = att else {
             return attestation_required(self.mode, "symmetricKey", att);
         };
-        // `new` refuses this mode without a group key; kept as a refusal, not a panic.
-        let Some(group_key) = &self.group_key else {
-            return Decision::reject("AdmissionMisconfigured", "the gateway has no group key");
-        };
-        let device_key = sas::derive_device_key(group_key.expose(), id.as_str());
-        match sas::verify_sas(sas, id, &device_key, now_unix, self.sas_max_ttl_secs) {
-            Ok(_) => Decision::Admit,
-            Err(e) => Decision::reject(e.error_code(), e.to_string()),
+        // `new` refuses this mode without a group key; kept as a refusal, not a panic. The
+        // configured key's verdict is the one reported when no key admits.
+        let mut verdict =
+            Decision::reject("AdmissionMisconfigured", "the gateway has no group key");
+        for (i, group_key) in self.group_keys().iter().enumerate() {
+            let device_key = sas::derive_device_key(group_key.expose(), id.as_str());
+            match sas::verify_sas(sas, id, &device_key, now_unix, self.sas_max_ttl_secs) {
+                Ok(_) => return Decision::Admit,
+                Err(e) if i == 0 => verdict = Decision::reject(e.error_code(), e.to_string()),
+                Err(_) => {}
+            }
         }
+        verdict
     }
 
     fn decide_x509(&self, id: &DeviceId, att: &Attestation, now_unix: i64) -> Decision {
@@ -404,21 +476,24 @@ impl Admission {
         else {
             return attestation_required(self.mode, "x509", att);
         };
-        let Some(trusted) = &self.trusted_ca_pem else {
-            return Decision::reject("AdmissionMisconfigured", "the gateway has no trusted CAs");
-        };
-        match x509::verify_attestation(
-            id,
-            certificate_pem,
-            signature,
-            *timestamp,
-            trusted,
-            now_unix,
-            self.x509_window_secs,
-        ) {
-            Ok(()) => Decision::Admit,
-            Err(e) => Decision::reject(e.error_code(), e.to_string()),
+        let mut verdict =
+            Decision::reject("AdmissionMisconfigured", "the gateway has no trusted CAs");
+        for (i, trusted) in self.trusted_bundles().iter().enumerate() {
+            match x509::verify_attestation(
+                id,
+                certificate_pem,
+                signature,
+                *timestamp,
+                trusted,
+                now_unix,
+                self.x509_window_secs,
+            ) {
+                Ok(()) => return Decision::Admit,
+                Err(e) if i == 0 => verdict = Decision::reject(e.error_code(), e.to_string()),
+                Err(_) => {}
+            }
         }
+        verdict
     }
 }
 

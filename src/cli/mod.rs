@@ -3,9 +3,11 @@
 //! Each subcommand lives in its own file with its `Args` struct and a `run` function that
 //! returns the process exit code. Logging is set up here, once, before any command runs.
 
+mod admin_client;
 mod check_config;
 mod csr;
 mod demo;
+mod devices;
 mod emulate;
 mod logging;
 mod passwd;
@@ -74,6 +76,15 @@ pub enum Command {
     /// Run the AWS emulator, the gateway and a simulated fleet in one process and show the
     /// provisioning figures (nothing to install, no cloud account).
     Demo(demo::Args),
+    /// Show the running daemon's status (over the admin socket).
+    Status(devices::StatusArgs),
+    /// List, show, approve, block, unblock, delete, reprovision or export devices (over the
+    /// admin socket).
+    Devices(devices::DevicesArgs),
+    /// Show long-running operations (over the admin socket).
+    Ops(devices::OpsArgs),
+    /// Manage enrollment groups: who may provision besides the config (over the admin socket).
+    Enrollment(devices::EnrollmentArgs),
     /// Hash a local application's password (read from standard input) for
     /// `[[downstream.users]] password_hash`.
     Passwd(passwd::Args),
@@ -81,7 +92,18 @@ pub enum Command {
 
 /// Parses argv, sets up logging and runs the chosen command.
 pub fn main() -> ExitCode {
-    let cli = Cli::parse();
+    // Usage errors exit 64 (EX_USAGE) as every other refusal of bad input; help and version 0.
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            return if e.use_stderr() {
+                ExitCode::from(EX_USAGE)
+            } else {
+                ExitCode::SUCCESS
+            };
+        }
+    };
     // `run` sets up logging itself, with the level and format of its config.
     // The demo draws a progress bar: only warnings unless RUST_LOG says otherwise.
     match cli.command {
@@ -97,5 +119,9 @@ pub fn main() -> ExitCode {
         Command::Simulate(args) => simulate::run(*args),
         Command::Demo(args) => demo::run(args),
         Command::Passwd(args) => passwd::run(args),
+        Command::Status(args) => devices::status(args),
+        Command::Devices(args) => devices::run(args),
+        Command::Ops(args) => devices::ops(args),
+        Command::Enrollment(args) => devices::enrollment(args),
     }
 }

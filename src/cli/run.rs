@@ -11,7 +11,8 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::admission::{self, Admission, AdmissionOptions};
+use crate::admin::{AdminOptions, AdminParts, AdminServer};
+use crate::admission::{self, Admission, AdmissionOptions, EnrollmentSet};
 use crate::cloud::aws::claim::ClaimOptions;
 use crate::cloud::aws::{AwsProvider, AwsProviderOptions, OWNERSHIP_TOKEN_TTL};
 use crate::config::{self, BrokerMode, CloudProvider, Config, DownstreamAuth, TelemetryIdentity};
@@ -68,6 +69,8 @@ pub enum RunError {
     Telemetry(#[from] telemetry::TelemetryError),
     #[error("starting the async runtime: {0}")]
     Runtime(#[source] std::io::Error),
+    #[error("admin API: {0}")]
+    Admin(#[from] crate::admin::AdminError),
 }
 
 impl RunError {
@@ -77,7 +80,7 @@ impl RunError {
             | RunError::Identity { .. }
             | RunError::Admission(_)
             | RunError::Telemetry(_) => EX_CONFIG,
-            RunError::Read { .. } | RunError::Store(_) => EX_IOERR,
+            RunError::Read { .. } | RunError::Store(_) | RunError::Admin(_) => EX_IOERR,
             RunError::Downstream(_) | RunError::Engine(_) | RunError::Runtime(_) => EX_SOFTWARE,
         })
     }
@@ -164,8 +167,9 @@ pub struct Gateway {
     store: Store,
     downstream: Downstream,
     provider: Arc<AwsProvider>,
-    engine: Engine,
+    engine: Arc<Engine>,
     telemetry: Telemetry,
+    admin: AdminServer,
 }
 
 impl Gateway {
@@ -178,9 +182,17 @@ impl Gateway {
                 reason: "only \"aws\" is supported by this build".into(),
             });
         }
-        let admission = Admission::new(admission_options(cfg)?)?;
+        // One set of enrollment-group credentials for every admission check, replaced by the
+        // admin API when groups change.
+        let enrollments = EnrollmentSet::default();
+        let admission = Admission::new(admission_options(cfg, &enrollments)?)?;
         // The engine owns its sealer; telemetry opens device keys with its own copy.
         let telemetry_sealer = sealer(cfg)?.map(Arc::new);
+        let admin_sealer = telemetry_sealer.clone();
+        let group_key = match cfg.admission.mode {
+            config::AdmissionMode::SymmetricKey => admission_options(cfg, &enrollments)?.group_key,
+            _ => None,
+        };
         let sealer = sealer(cfg)?;
         let aws = aws_options(cfg)?;
         let telemetry_opts = telemetry_options(cfg)?;
@@ -196,7 +208,7 @@ impl Gateway {
         )?;
         tracing::info!(dir = %cfg.gateway.state_dir.display(), devices = store.device_count(), "store open");
 
-        let downstream_opts = downstream_options(cfg, &store)?;
+        let downstream_opts = downstream_options(cfg, &store, &enrollments)?;
         let max_request_bytes = cfg.downstream.max_request_bytes as usize;
         let (downstream, inbound) = Downstream::start_with(&downstream_opts, |s| {
             s.max_request_bytes = max_request_bytes;
@@ -239,6 +251,7 @@ impl Gateway {
             },
             requests,
         )?;
+        let engine = Arc::new(engine);
         let telemetry = Telemetry::start(
             telemetry_opts,
             store.clone(),
@@ -246,12 +259,34 @@ impl Gateway {
             telemetry_sealer,
             telemetry_rx,
         )?;
+        let admin = AdminServer::start(
+            &AdminOptions {
+                socket: cfg.admin.socket.clone(),
+                group: cfg.admin.group.clone(),
+                read_group: cfg.admin.read_group.clone(),
+                listen: cfg.admin.listen,
+                token_file: cfg.admin.token_file.clone(),
+            },
+            AdminParts {
+                store: store.clone(),
+                mode: cfg.admission.mode,
+                engine: Some(engine.clone()),
+                broker: downstream.broker().map(|b| b.connections()),
+                telemetry: Some(telemetry.stats_source()),
+                group_key,
+                sealer: admin_sealer,
+                close_upstream: Some(telemetry.link_closer()),
+                enrollments: Some(enrollments),
+            },
+        )
+        .await?;
         Ok(Self {
             store,
             downstream,
             provider,
             engine,
             telemetry,
+            admin,
         })
     }
 
@@ -269,6 +304,7 @@ impl Gateway {
     /// Stops intake, lets steps in flight persist their result, closes the cloud, upstream
     /// telemetry and downstream sessions and flushes the store.
     pub async fn shutdown(self) -> Result<EngineStats, RunError> {
+        self.admin.shutdown().await;
         self.engine.shutdown().await;
         self.provider.shutdown().await;
         self.telemetry.shutdown(Duration::from_secs(5)).await;
@@ -300,7 +336,10 @@ fn read_text(path: &Path) -> Result<String, RunError> {
     })
 }
 
-fn admission_options(cfg: &Config) -> Result<AdmissionOptions, RunError> {
+fn admission_options(
+    cfg: &Config,
+    enrollments: &EnrollmentSet,
+) -> Result<AdmissionOptions, RunError> {
     let a = &cfg.admission;
     let group_key = match (&a.group_key, &a.group_key_file) {
         (Some(text), _) => Some(admission::decode_group_key(text, "admission.group_key")?),
@@ -319,6 +358,7 @@ fn admission_options(cfg: &Config) -> Result<AdmissionOptions, RunError> {
         group_key,
         trusted_ca_pem,
         x509_window_secs: a.x509_window_secs,
+        enrollments: enrollments.clone(),
         ..AdmissionOptions::default()
     })
 }
@@ -489,14 +529,18 @@ fn aws_options(cfg: &Config) -> Result<AwsProviderOptions, RunError> {
     })
 }
 
-fn downstream_options(cfg: &Config, store: &Store) -> Result<DownstreamOptions, RunError> {
+fn downstream_options(
+    cfg: &Config,
+    store: &Store,
+    enrollments: &EnrollmentSet,
+) -> Result<DownstreamOptions, RunError> {
     let d = &cfg.downstream;
     let broker = match d.broker {
         BrokerMode::Embedded => {
             let mut rules = AccessRules::new(d.topic_prefix.as_str());
             if d.auth == DownstreamAuth::Device {
                 let check = DeviceConnectCheck::new(
-                    Arc::new(Admission::new(admission_options(cfg)?)?),
+                    Arc::new(Admission::new(admission_options(cfg, enrollments)?)?),
                     store.clone(),
                 );
                 rules.device_auth = Some(Arc::new(move |id, username, password, chain| {

@@ -69,6 +69,14 @@ pub struct AdminSection {
     pub socket: PathBuf,
     /// Group whose members (and root) may change state through the admin API.
     pub group: String,
+    /// Group whose members may read (list, show, status, metrics) but change nothing; empty:
+    /// no read-only group.
+    pub read_group: String,
+    /// Loopback TCP address of a second admin listener for tools that cannot speak Unix
+    /// sockets (off when absent); it requires the bearer token of `token_file`.
+    pub listen: Option<std::net::SocketAddr>,
+    /// File holding the bearer token of the TCP listener (needed with `listen`).
+    pub token_file: Option<PathBuf>,
 }
 
 impl Default for AdminSection {
@@ -76,6 +84,9 @@ impl Default for AdminSection {
         Self {
             socket: "/run/fleetgw/admin.sock".into(),
             group: "fleetgw".into(),
+            read_group: String::new(),
+            listen: None,
+            token_file: None,
         }
     }
 }
@@ -662,6 +673,7 @@ impl Config {
         };
         fix(&mut self.gateway.state_dir);
         fix(&mut self.admin.socket);
+        fix_opt(&mut self.admin.token_file);
         fix_opt(&mut self.downstream.tls_cert);
         fix_opt(&mut self.downstream.tls_key);
         fix_opt(&mut self.downstream.ca);

@@ -153,7 +153,7 @@ fn secrets_are_not_echoed_in_errors_or_output() {
 
 #[test]
 fn semantic_errors_name_key_and_source() {
-    let cases: [(&str, &str, &str); 14] = [
+    let cases: [(&str, &str, &str); 17] = [
         (
             "[cloud.aws]\nsessions = 0\n",
             "cloud.aws.sessions",
@@ -219,6 +219,21 @@ fn semantic_errors_name_key_and_source() {
             "[telemetry]\ngateway_inflight = 0\n",
             "telemetry.gateway_inflight",
             "between 1 and 65535",
+        ),
+        (
+            "[admin]\nlisten = \"0.0.0.0:8470\"\ntoken_file = \"t\"\n",
+            "admin.listen",
+            "not a loopback address",
+        ),
+        (
+            "[admin]\nlisten = \"192.168.1.5:8470\"\ntoken_file = \"t\"\n",
+            "admin.listen",
+            "not a loopback address",
+        ),
+        (
+            "[admin]\nlisten = \"127.0.0.1:8470\"\n",
+            "admin.listen",
+            "needs admin.token_file",
         ),
     ];
     for (text, key, what) in cases {
@@ -341,4 +356,21 @@ fn missing_main_file_is_named() {
             .starts_with("/nonexistent/fleetgw/gateway.toml: cannot read config file"),
         "{e}"
     );
+}
+
+#[test]
+fn admin_keys_default_off_and_accept_a_loopback_listener() {
+    let c = load_text("", &[]).unwrap();
+    assert_eq!(c.admin.read_group, "");
+    assert_eq!(c.admin.listen, None);
+    assert_eq!(c.admin.token_file, None);
+    let c = load_text(
+        "[admin]\nread_group = \"audit\"\nlisten = \"[::1]:8470\"\ntoken_file = \"admin.token\"\n",
+        &[],
+    )
+    .unwrap();
+    assert_eq!(c.admin.read_group, "audit");
+    assert_eq!(c.admin.listen, Some("[::1]:8470".parse().unwrap()));
+    // Relative to the config file, as every path.
+    assert!(c.admin.token_file.unwrap().is_absolute());
 }

@@ -62,6 +62,16 @@ impl Config {
         check(!self.admin.group.is_empty(), "admin.group", || {
             "must not be empty".into()
         })?;
+        if let Some(listen) = self.admin.listen {
+            // The TCP listener is for tools on this host; a bearer token crossing the network
+            // in clear would be anyone's.
+            check(listen.ip().is_loopback(), "admin.listen", || {
+                format!("{listen} is not a loopback address; use 127.0.0.1 or [::1]")
+            })?;
+            check(self.admin.token_file.is_some(), "admin.listen", || {
+                "needs admin.token_file (the bearer token clients must send)".into()
+            })?;
+        }
         self.validate_downstream()?;
         self.validate_admission()?;
         self.validate_provision()?;

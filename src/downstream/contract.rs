@@ -22,6 +22,7 @@ use serde::{Deserialize, Serialize};
 pub use crate::admission::Attestation;
 pub use crate::cloud::codec::{decode, encode, CodecError, PayloadFormat};
 use crate::device_id::DeviceId;
+use crate::store::DeviceState;
 
 /// The `errorCode`s the downstream side answers with on `/rejected`.
 pub mod error_code {
@@ -138,7 +139,7 @@ impl RejectedResponse {
 }
 
 /// A device's state as shown on the retained `{p}/{id}/status` topic.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub enum DeviceStatus {
     /// Waiting for an operator's approval.
@@ -154,6 +155,31 @@ pub enum DeviceStatus {
 }
 
 impl DeviceStatus {
+    /// The status a device in `state` shows: the one mapping from the stored state machine to
+    /// what devices (retained status topic), telemetry refusals and the admin API report.
+    pub fn of(state: &DeviceState) -> Self {
+        match state {
+            DeviceState::WaitingApproval => DeviceStatus::WaitingApproval,
+            DeviceState::Delivered => DeviceStatus::Provisioned,
+            DeviceState::Failed { .. } => DeviceStatus::Failed,
+            DeviceState::Blocked => DeviceStatus::Blocked,
+            DeviceState::Requested
+            | DeviceState::Approved
+            | DeviceState::KeyReady { .. }
+            | DeviceState::CertificateIssued { .. }
+            | DeviceState::ThingRegistered { .. } => DeviceStatus::Provisioning,
+        }
+    }
+
+    /// Every status, in the order of a device's life.
+    pub const ALL: [DeviceStatus; 5] = [
+        DeviceStatus::WaitingApproval,
+        DeviceStatus::Provisioning,
+        DeviceStatus::Provisioned,
+        DeviceStatus::Failed,
+        DeviceStatus::Blocked,
+    ];
+
     /// The wire spelling (`waitingApproval`, `provisioning`, ...).
     pub fn as_str(self) -> &'static str {
         match self {

@@ -220,7 +220,11 @@ async fn create_certificate(inner: &Inner, rec: DeviceRecord, csr: &str) -> Step
     if inner.is_stopping() {
         return Step::Done;
     }
-    match inner.provider.create_certificate(&rec.id, csr).await {
+    let result = inner.provider.create_certificate(&rec.id, csr).await;
+    inner
+        .metrics
+        .cloud_call("CreateCertificateFromCsr", &result);
+    match result {
         Ok(issued) => {
             let token = match issued.ownership_token.expose_str() {
                 Some(t) => OwnershipToken::new(t),
@@ -269,6 +273,7 @@ async fn register(inner: &Inner, rec: DeviceRecord, issued: IssuedCertificate) -
         .provider
         .register(&rec.id, &issued, &rec.provision.parameters)
         .await;
+    inner.metrics.cloud_call("RegisterThing", &result);
     match result {
         Ok(reg) => {
             let mut next = rec.clone();
@@ -345,6 +350,9 @@ async fn deliver(inner: &Inner, rec: DeviceRecord) -> Step {
     let step = commit(inner, &rec, next, Batch::new()).await;
     if matches!(step, Step::Next) {
         inner.counters.provisioned.fetch_add(1, Ordering::Relaxed);
+        inner
+            .metrics
+            .delivered(clock::unix_ms().saturating_sub(rec.created_at_ms));
         tracing::info!(device = %rec.id, thing = rec.provision.thing_name.as_deref().unwrap_or(""), "device provisioned");
         let report = StatusReport::new(DeviceStatus::Provisioned, clock::unix_ms());
         if let Err(e) = inner.downstream.publish_status(&rec.id, &report).await {

@@ -11,6 +11,7 @@
 
 mod limit;
 mod machine;
+mod metrics;
 pub mod request;
 
 use std::collections::HashMap;
@@ -33,6 +34,7 @@ use crate::identity::{KeyType, Sealer};
 use crate::store::{DeviceRecord, DeviceState, Store, StoreError};
 
 pub use limit::DeviceRateLimit;
+pub use metrics::ProvisionMeasurements;
 pub use request::{AdmittedRequest, RequestPolicy};
 
 /// Environment variable naming a device state (`certificateIssued`, `thingRegistered`, ...):
@@ -188,6 +190,7 @@ pub(crate) struct Inner {
     limit: std::sync::Mutex<DeviceRateLimit>,
     stopping: watch::Sender<bool>,
     counters: Counters,
+    metrics: metrics::ProvisionMetrics,
     /// The state named by [`CRASH_AFTER_ENV`], if set.
     #[cfg(feature = "test-hooks")]
     crash_after: Option<String>,
@@ -241,6 +244,7 @@ impl Engine {
             jobs,
             stopping,
             counters: Counters::default(),
+            metrics: metrics::ProvisionMetrics::default(),
             #[cfg(feature = "test-hooks")]
             crash_after: std::env::var(CRASH_AFTER_ENV)
                 .ok()
@@ -291,6 +295,11 @@ impl Engine {
             resumed: c.resumed.load(Ordering::Relaxed),
             active: lock(&self.inner.active).len() as u64,
         }
+    }
+
+    /// Cloud calls by API and outcome, and request -> delivered latency, since start.
+    pub fn measurements(&self) -> ProvisionMeasurements {
+        self.inner.metrics.snapshot()
     }
 
     /// Stops taking requests, lets every step in flight persist its result (bounded by the

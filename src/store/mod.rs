@@ -293,6 +293,30 @@ impl Store {
         })
     }
 
+    /// Device records in id order, starting after `after` (from the first when `None`): the
+    /// admin API's keyset paging reads one page without scanning the devices before it.
+    pub fn devices_after(
+        &self,
+        after: Option<&str>,
+    ) -> impl Iterator<Item = Result<DeviceRecord, StoreError>> {
+        use std::ops::Bound;
+        let start = match after {
+            Some(a) => Bound::Excluded(a.as_bytes().to_vec()),
+            None => Bound::Unbounded,
+        };
+        self.inner
+            .devices
+            .range::<Vec<u8>, _>((start, Bound::Unbounded))
+            .map(|entry| {
+                let (k, v) = entry.map_err(|source| StoreError::Sled {
+                    tree: DEVICES,
+                    op: "scan",
+                    source,
+                })?;
+                decode_device(&String::from_utf8_lossy(&k), &v)
+            })
+    }
+
     /// Number of device records.
     pub fn device_count(&self) -> usize {
         self.inner.devices.len()

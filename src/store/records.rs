@@ -172,6 +172,10 @@ pub struct DeviceRecord {
     /// What the provisioning engine keeps besides the state: the request and the cloud's result.
     #[serde(default)]
     pub provision: ProvisionData,
+    /// A name an operator gave the device (admin API `displayName`); absent in records
+    /// written before it existed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub display_name: Option<String>,
 }
 
 /// The provisioning request and result of a device, kept across states: the request's
@@ -225,6 +229,7 @@ impl DeviceRecord {
             last_error: None,
             enabled: true,
             provision: ProvisionData::default(),
+            display_name: None,
         }
     }
 }

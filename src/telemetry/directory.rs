@@ -121,20 +121,9 @@ fn refuse(
     }))
 }
 
-/// The retained status a device in `state` shows.
-pub(crate) fn status_of(state: &DeviceState) -> DeviceStatus {
-    match state {
-        DeviceState::WaitingApproval => DeviceStatus::WaitingApproval,
-        DeviceState::Delivered => DeviceStatus::Provisioned,
-        DeviceState::Failed { .. } => DeviceStatus::Failed,
-        DeviceState::Blocked => DeviceStatus::Blocked,
-        _ => DeviceStatus::Provisioning,
-    }
-}
-
 fn verdict(rec: &DeviceRecord, mode: TelemetryIdentity) -> Gate {
     let id = &rec.id;
-    let status = status_of(&rec.state);
+    let status = DeviceStatus::of(&rec.state);
     // The engine publishes `/accepted` only after `ThingRegistered` is durable and records
     // `Delivered` after that publish; a device that starts sending as soon as it has its answer
     // must not be refused in between.

@@ -44,6 +44,8 @@ pub(crate) enum Handoff {
     Appended(Vec<(u64, OutboxMessage, Arc<str>)>),
     /// Sequence numbers deleted by `drop-oldest`.
     Dropped(Vec<u64>),
+    /// Close the device's link: its certificate was replaced (admin reprovision).
+    Close(DeviceId),
 }
 
 /// Messages read from the outbox per scan.
@@ -323,7 +325,34 @@ impl<U: Upstream> Dispatcher<U> {
                 }
             }
             Handoff::Dropped(seqs) => self.forget(&seqs.into_iter().collect()),
+            Handoff::Close(device) => self.close_device(&device),
         }
+    }
+
+    /// Stops the device's link; its unsent messages wait (parked) for the next link, which
+    /// loads the device's credentials afresh. Messages already sent on the old link and not
+    /// yet acknowledged stay in the outbox and go again after the next start.
+    fn close_device(&mut self, device: &DeviceId) {
+        let Some(link) = self.links.remove(device) else {
+            return;
+        };
+        let queued = link.remove_queued(|_| true);
+        self.stop_in_background(link);
+        tracing::info!(%device, unsent = queued.len(), "telemetry: upstream link closed (certificate replaced)");
+        if queued.is_empty() {
+            return;
+        }
+        if !self.parked.contains_key(device) {
+            self.parked_order.push_back(device.clone());
+        }
+        self.parked
+            .entry(device.clone())
+            .or_insert_with(|| Parked {
+                items: VecDeque::new(),
+                retry_at: None,
+            })
+            .items
+            .extend(queued);
     }
 
     fn memory(&self) -> usize {

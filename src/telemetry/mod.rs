@@ -405,6 +405,8 @@ pub(crate) struct Shared {
 /// The running telemetry pipeline.
 pub struct Telemetry {
     shared: Arc<Shared>,
+    /// Tells the dispatcher to close a device's upstream link.
+    closer: mpsc::Sender<dispatch::Handoff>,
     shutdown: watch::Sender<bool>,
     intake: JoinHandle<()>,
     dispatcher: JoinHandle<()>,
@@ -458,10 +460,12 @@ impl Telemetry {
             shutdown_rx.clone(),
         );
         let dispatcher = tokio::spawn(dispatcher.run());
+        let closer = handoff_tx.clone();
         let intake = intake::Intake::new(shared.clone(), inbound, handoff_tx, shutdown_rx);
         let intake = tokio::spawn(intake.run());
         Ok(Self {
             shared,
+            closer,
             shutdown,
             intake,
             dispatcher,
@@ -471,33 +475,28 @@ impl Telemetry {
 
     /// The pipeline's counters now.
     pub fn stats(&self) -> TelemetryStats {
-        let c = &self.shared.counters;
-        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        TelemetryStats {
-            received: get(&c.received),
-            accepted: get(&c.accepted),
-            forwarded: get(&c.forwarded),
-            refused_unknown: get(&c.refused_unknown),
-            refused_not_provisioned: get(&c.refused_not_provisioned),
-            refused_disabled: get(&c.refused_disabled),
-            refused_no_key: get(&c.refused_no_key),
-            oversize: get(&c.oversize),
-            dropped_full: get(&c.dropped_full),
-            expired: get(&c.expired),
-            undeliverable: get(&c.undeliverable),
-            backpressure_episodes: get(&c.backpressure_episodes),
-            commands_forwarded: get(&c.commands_forwarded),
-            commands_failed: get(&c.commands_failed),
-            upstream_connects: get(&c.upstream_connects),
-            upstream_disconnects: get(&c.upstream_disconnects),
-            append_batches: get(&c.append_batches),
-            remove_batches: get(&c.remove_batches),
-            open_connections: c.open_links.load(Ordering::Relaxed) as u64,
-            parked_devices: c.parked_devices.load(Ordering::Relaxed) as u64,
-            memory_bytes: c.memory_bytes.load(Ordering::Relaxed) as u64,
-            outbox_messages: self.shared.store.outbox_len(),
-            outbox_bytes: self.shared.store.outbox_bytes(),
-        }
+        snapshot(&self.shared)
+    }
+
+    /// A handle that closes a device's upstream link (device identity), for the admin API:
+    /// after its certificate was replaced the old one must no longer be used upstream.
+    /// Unsent messages wait for the next link, opened with the new certificate.
+    pub fn link_closer(&self) -> Arc<dyn Fn(&DeviceId) + Send + Sync> {
+        let tx = self.closer.clone();
+        Arc::new(move |device: &DeviceId| {
+            let tx = tx.clone();
+            let device = device.clone();
+            tokio::spawn(async move {
+                let _ = tx.send(dispatch::Handoff::Close(device)).await;
+            });
+        })
+    }
+
+    /// A handle reading the counters, for the admin API (it outlives no part of the pipeline
+    /// it reads: only the shared counters and the store).
+    pub fn stats_source(&self) -> Arc<dyn Fn() -> TelemetryStats + Send + Sync> {
+        let shared = self.shared.clone();
+        Arc::new(move || snapshot(&shared))
     }
 
     /// Stops taking messages (those not yet acknowledged stay with the broker), closes the
@@ -524,6 +523,36 @@ impl Telemetry {
 pub(crate) async fn stopped(rx: &mut watch::Receiver<bool>) {
     // The guard `wait_for` returns is not Send; drop it here, inside.
     let _ = rx.wait_for(|s| *s).await.is_ok();
+}
+
+fn snapshot(shared: &Shared) -> TelemetryStats {
+    let c = &shared.counters;
+    let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+    TelemetryStats {
+        received: get(&c.received),
+        accepted: get(&c.accepted),
+        forwarded: get(&c.forwarded),
+        refused_unknown: get(&c.refused_unknown),
+        refused_not_provisioned: get(&c.refused_not_provisioned),
+        refused_disabled: get(&c.refused_disabled),
+        refused_no_key: get(&c.refused_no_key),
+        oversize: get(&c.oversize),
+        dropped_full: get(&c.dropped_full),
+        expired: get(&c.expired),
+        undeliverable: get(&c.undeliverable),
+        backpressure_episodes: get(&c.backpressure_episodes),
+        commands_forwarded: get(&c.commands_forwarded),
+        commands_failed: get(&c.commands_failed),
+        upstream_connects: get(&c.upstream_connects),
+        upstream_disconnects: get(&c.upstream_disconnects),
+        append_batches: get(&c.append_batches),
+        remove_batches: get(&c.remove_batches),
+        open_connections: c.open_links.load(Ordering::Relaxed) as u64,
+        parked_devices: c.parked_devices.load(Ordering::Relaxed) as u64,
+        memory_bytes: c.memory_bytes.load(Ordering::Relaxed) as u64,
+        outbox_messages: shared.store.outbox_len(),
+        outbox_bytes: shared.store.outbox_bytes(),
+    }
 }
 
 #[cfg(test)]

@@ -368,6 +368,12 @@ pub async fn serve<S>(
                         ..
                     }
             ),
+            client_cert_sha256: client_chain.first().and_then(|der| {
+                aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, der)
+                    .as_ref()
+                    .try_into()
+                    .ok()
+            }),
         },
     );
     if let Err(close) = conn.queue(ServerPacket::ConnAck {

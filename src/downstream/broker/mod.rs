@@ -615,3 +615,20 @@ async fn accept_loop(
         }
     }
 }
+
+impl BrokerConnections {
+    /// Closes `client_id`'s connection and discards its session; true if it had one.
+    pub fn disconnect(&self, client_id: &str) -> bool {
+        self.0.disconnect_client(client_id)
+    }
+
+    /// Client sessions held now.
+    pub fn sessions(&self) -> usize {
+        self.0.session_count()
+    }
+
+    /// What clients were refused since start.
+    pub fn refusals(&self) -> Refusals {
+        self.0.refusals()
+    }
+}

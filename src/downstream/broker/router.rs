@@ -744,3 +744,19 @@ fn remove_session(t: &mut Tables, session: &Arc<Session>) {
         t.sessions.remove(&session.client_id);
     }
 }
+
+impl Router {
+    /// Closes `client_id`'s connection, if any, and discards its session (kept or not): the
+    /// admin API's delete and block. True if there was a session.
+    pub fn disconnect_client(&self, client_id: &str) -> bool {
+        let mut t = self.tables();
+        let Some(session) = t.sessions.get(client_id).cloned() else {
+            return false;
+        };
+        // The connection holding it sees it is no longer attached and closes.
+        session.lock().attached = None;
+        session.wake.notify_one();
+        remove_session(&mut t, &session);
+        true
+    }
+}

@@ -84,8 +84,11 @@ pub struct ConnectionFacts {
     pub peer: std::net::SocketAddr,
     /// It arrived on the TLS listener.
     pub tls: bool,
-    /// It proved who it is (a password of `[[downstream.users]]`, the gateway's secret).
+    /// It proved who it is (a password of `[[downstream.users]]`, a device credential).
     pub authenticated: bool,
+    /// SHA-256 of the client certificate it presented on the TLS listener, if any (what an
+    /// operator compares before approving a device).
+    pub client_cert_sha256: Option<[u8; 32]>,
 }
 
 #[derive(Debug, Default)]
