@@ -9,7 +9,9 @@ mod demo;
 mod emulate;
 mod logging;
 mod passwd;
+mod reload;
 mod run;
+mod service;
 mod simulate;
 
 use std::path::PathBuf;

@@ -61,7 +61,8 @@ pub struct AccessRules {
     pub prefix: String,
     /// The gateway's own session: its client id and the secret it proves itself with.
     pub gateway: Option<GatewayCredential>,
-    /// Local applications, by user name.
+    /// Local applications, by user name, as the broker starts
+    /// ([`super::EmbeddedBroker::set_users`] replaces them later).
     pub users: Vec<LocalUser>,
     /// `[downstream] auth = "device"`: every device must prove its id at CONNECT. `None`
     /// (`auth = "none"`): a device is who its client id says.
@@ -168,12 +169,6 @@ impl AccessRules {
             users: Vec::new(),
             device_auth: None,
         }
-    }
-
-    /// The local application called `name`, if there is one. A CONNECT with that user name
-    /// must carry its password; any other user name is not a user's (devices may send one).
-    pub fn user(&self, name: &str) -> Option<&LocalUser> {
-        self.users.iter().find(|u| u.rights.name == name)
     }
 
     /// Decides who a CONNECT is. `user` is the `[[downstream.users]]` entry whose password
