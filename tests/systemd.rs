@@ -382,3 +382,64 @@ async fn a_watchdog_for_another_pid_is_not_fed() {
     daemon.signal(libc::SIGTERM);
     assert!(daemon.wait_exit(WAIT * 2).success(), "{}", daemon.log());
 }
+
+/// The startup figure: exec of `fleetgw run` to READY=1 with 100,000 devices in the store
+/// (delivered, as after a fleet rollout; the resume scan runs after READY). A measurement, not
+/// a check of this machine's speed: `cargo test --release --features test-hooks --test
+/// systemd -- --ignored --nocapture` prints it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a measurement: run it by name"]
+async fn exec_to_ready_with_100000_devices() {
+    use fleetgw::device_id::DeviceId;
+    use fleetgw::store::{Batch, DeviceRecord, DeviceState, Store, StoreOptions};
+    let devices: u32 = common::env_or("FLEETGW_BENCH_DEVICES", 100_000) as u32;
+    let dir = tempfile::tempdir().unwrap();
+    let emu = EmulatorProcess::start(
+        &dir.path().join("aws"),
+        dir.path().join("emulator.log"),
+        |l| l,
+    )
+    .await;
+    let state = dir.path().join("state");
+    {
+        let store = Store::open(&state, &StoreOptions::default()).unwrap();
+        let now = fleetgw::clock::unix_ms();
+        for chunk in (0..devices).collect::<Vec<_>>().chunks(5_000) {
+            let mut batch = Batch::new();
+            for n in chunk {
+                let id = DeviceId::parse(&format!("sensor-{n:06}")).unwrap();
+                let mut rec = DeviceRecord::new(id, "json", now);
+                rec.state = DeviceState::Delivered;
+                batch.put_device(rec);
+            }
+            store.apply(batch).await.unwrap();
+        }
+        store.flush_blocking().unwrap();
+        assert_eq!(store.device_count(), devices as usize);
+    }
+    let notify = NotifySocket::bind(dir.path());
+    let mut best = Duration::MAX;
+    for _ in 0..3 {
+        let started = Instant::now();
+        let mut daemon = Service::start(
+            &emu.gateway_config(),
+            &sets(&state, free_port()),
+            &[("NOTIFY_SOCKET", notify.path.display().to_string())],
+            &dir.path().join("daemon.log"),
+        );
+        notify.until("READY=1", WAIT * 4, |_| {}, |m| m == "READY=1\n");
+        let took = started.elapsed();
+        best = best.min(took);
+        let rss = std::fs::read_to_string(format!("/proc/{}/status", daemon.child.id()))
+            .unwrap()
+            .lines()
+            .find(|l| l.starts_with("VmRSS:"))
+            .unwrap()
+            .to_string();
+        println!("exec to READY=1 with {devices} devices: {took:?} ({rss} at READY)");
+        daemon.signal(libc::SIGTERM);
+        assert!(daemon.wait_exit(WAIT * 2).success(), "{}", daemon.log());
+        notify.drain();
+    }
+    println!("best of 3: {best:?}");
+}
