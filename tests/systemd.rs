@@ -24,6 +24,12 @@ use common::{free_port, WAIT};
 /// The watchdog timeout given to the daemon: it pings every 500 ms.
 const WATCHDOG_USEC: u64 = 1_000_000;
 
+/// The binary under test; `FLEETGW_BENCH_BIN` replaces it for the measurement (a release
+/// build, while the tests themselves build in the dev profile).
+fn binary() -> String {
+    std::env::var("FLEETGW_BENCH_BIN").unwrap_or_else(|_| FLEETGW.to_string())
+}
+
 /// The daemon as the test's service manager started it; killed when dropped.
 struct Service {
     child: Child,
@@ -38,7 +44,7 @@ impl Service {
         cmd.arg("-c")
             .arg("WATCHDOG_PID=${WATCHDOG_PID_OVERRIDE:-$$}; export WATCHDOG_PID; exec \"$@\"")
             .arg("sh")
-            .arg(FLEETGW)
+            .arg(binary())
             .arg("run")
             .arg("--config")
             .arg(config);
@@ -385,8 +391,9 @@ async fn a_watchdog_for_another_pid_is_not_fed() {
 
 /// The startup figure: exec of `fleetgw run` to READY=1 with 100,000 devices in the store
 /// (delivered, as after a fleet rollout; the resume scan runs after READY). A measurement, not
-/// a check of this machine's speed: `cargo test --release --features test-hooks --test
-/// systemd -- --ignored --nocapture` prints it.
+/// a check of this machine's speed: `FLEETGW_BENCH_BIN=target/release/fleetgw cargo test
+/// --features test-hooks --test systemd -- --ignored --nocapture` prints it for the release
+/// binary.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "a measurement: run it by name"]
 async fn exec_to_ready_with_100000_devices() {

@@ -210,7 +210,9 @@ impl Gateway {
                 min_commit_interval: Duration::from_micros(cfg.store.min_commit_interval_us),
             },
         )?;
-        tracing::info!(dir = %cfg.gateway.state_dir.display(), devices = store.device_count(), "store open");
+        // No device count here: sled counts by scanning every record (the STATUS= line counts
+        // them in the background after READY).
+        tracing::info!(dir = %cfg.gateway.state_dir.display(), "store open");
 
         let downstream_opts = downstream_options(cfg, &store, &admission)?;
         let max_request_bytes = cfg.downstream.max_request_bytes as usize;
