@@ -450,3 +450,90 @@ async fn exec_to_ready_with_100000_devices() {
     }
     println!("best of 3: {best:?}");
 }
+
+/// A local application removed from `[[downstream.users]]` by a reload loses its rights (its
+/// name is then no user's, and a client with it is held to a device's own topics), the one
+/// added gets them, a wrong password gets nothing: the reload replaces the users, it does not
+/// only log it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_user_removed_by_a_reload_loses_its_rights_and_an_added_one_gets_them() {
+    use common::mqtt_client::{options, TestClient};
+    use rumqttc::{QoS, SubscribeReasonCode};
+    let dir = tempfile::tempdir().unwrap();
+    let emu = EmulatorProcess::start(
+        &dir.path().join("aws"),
+        dir.path().join("emulator.log"),
+        |l| l,
+    )
+    .await;
+    let config = emu.gateway_config();
+    let drop_in = config.parent().unwrap().join("config.d");
+    std::fs::create_dir_all(&drop_in).unwrap();
+    let user_toml = |name: &str, password: &str| {
+        let hash = fleetgw::identity::hash_password(password.as_bytes()).unwrap();
+        format!("[[downstream.users]]\nname = \"{name}\"\npassword_hash = '{hash}'\nsubscribe = [\"fleetgw/+/status\"]\n")
+    };
+    std::fs::write(
+        drop_in.join("50-users.toml"),
+        user_toml("historian", "old-secret"),
+    )
+    .unwrap();
+    let notify = NotifySocket::bind(dir.path());
+    let port = free_port();
+    let daemon = Service::start(
+        &config,
+        &sets(&dir.path().join("state"), port),
+        &[("NOTIFY_SOCKET", notify.path.display().to_string())],
+        &dir.path().join("daemon.log"),
+    );
+    assert_eq!(
+        notify.recv(WAIT * 2).as_deref(),
+        Some("READY=1\n"),
+        "{}",
+        daemon.log()
+    );
+    let as_user = |name: &str, password: &str| {
+        let mut o = options(&format!("app-{name}"), port);
+        o.set_credentials(name, password);
+        o
+    };
+    // A user's rights, seen from the outside: may it read every device's status?
+    let may_read_statuses = |name: &'static str, password: &'static str| {
+        let opts = as_user(name, password);
+        async move {
+            let Ok(mut client) = TestClient::try_connect(opts).await else {
+                return false;
+            };
+            let granted = client.subscribe("fleetgw/+/status", QoS::AtLeastOnce).await;
+            !granted.contains(&SubscribeReasonCode::Failure)
+        }
+    };
+    assert!(
+        may_read_statuses("historian", "old-secret").await,
+        "{}",
+        daemon.log()
+    );
+    assert!(!may_read_statuses("dashboard", "new-secret").await);
+
+    std::fs::write(
+        drop_in.join("50-users.toml"),
+        user_toml("dashboard", "new-secret"),
+    )
+    .unwrap();
+    reload_and_expect_ready(&daemon, &notify);
+    // The removed user's name is now just a name (a device may send any); its old rights are gone.
+    assert!(
+        !may_read_statuses("historian", "old-secret").await,
+        "a removed user keeps its rights:\n{}",
+        daemon.log()
+    );
+    assert!(
+        may_read_statuses("dashboard", "new-secret").await,
+        "the added user lacks its rights:\n{}",
+        daemon.log()
+    );
+    assert!(
+        !may_read_statuses("dashboard", "old-secret").await,
+        "a wrong password is accepted"
+    );
+}
