@@ -402,7 +402,8 @@ impl Inner {
                 "resuming unfinished devices from the store"
             );
         }
-        let _ = self.resume_done.send(true);
+        // send_replace: the value must stick even while nobody is subscribed yet.
+        self.resume_done.send_replace(true);
     }
 
     /// Queues `device` unless it is already queued or being driven (then it gets another pass).
