@@ -17,11 +17,13 @@
 //! computation over the request and the options, so it is safe to call from any task.
 
 pub mod sas;
+mod shared;
 pub mod x509;
+
+pub use shared::SharedAdmission;
 
 use std::fmt;
 use std::str::FromStr;
-use std::sync::Arc;
 
 use base64::engine::general_purpose::STANDARD as BASE64;
 use base64::Engine as _;
@@ -261,30 +263,6 @@ pub fn decode_group_key(text: &Secret, source_name: &str) -> Result<Secret, Admi
         });
     }
     Ok(Secret::new(raw))
-}
-
-/// The admission rules in force, shared by the provisioning engine and the embedded broker's
-/// CONNECT check and replaced as a whole when a config reload changes the enrollment keys
-/// (group key, trusted CAs, x509 window). A decision uses the rules current when it starts.
-#[derive(Clone, Debug)]
-pub struct SharedAdmission(Arc<std::sync::RwLock<Arc<Admission>>>);
-
-impl SharedAdmission {
-    /// The rules in force now.
-    pub fn current(&self) -> Arc<Admission> {
-        self.0.read().unwrap_or_else(|p| p.into_inner()).clone()
-    }
-
-    /// Puts `admission` in force for every decision that starts from now on.
-    pub fn replace(&self, admission: Admission) {
-        *self.0.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(admission);
-    }
-}
-
-impl From<Admission> for SharedAdmission {
-    fn from(admission: Admission) -> Self {
-        SharedAdmission(Arc::new(std::sync::RwLock::new(Arc::new(admission))))
-    }
 }
 
 /// Decides, per request, whether a device may be provisioned. Cheap to share (`Send + Sync`).
