@@ -19,4 +19,5 @@ pub mod mqtt;
 pub mod provision;
 pub mod sim;
 pub mod store;
+pub mod systemd;
 pub mod telemetry;

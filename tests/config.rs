@@ -142,6 +142,66 @@ fn sample_documents_every_key_with_its_default() {
     );
 }
 
+/// The config the packages install as /etc/fleetgw/gateway.toml: production settings
+/// (approval, devices proving their id on the TLS listener), check-config passes, and apart
+/// from those it is the sample (same keys and values), so the two cannot drift apart.
+#[test]
+fn packaged_config_is_the_sample_with_production_settings() {
+    let packaged = Path::new(env!("CARGO_MANIFEST_DIR")).join("packaging/gateway.toml");
+    let eff = effective(&check_config(&packaged, &[]));
+    assert_eq!(get(&eff, "admission.mode").as_str(), Some("approve"));
+    assert_eq!(get(&eff, "downstream.auth").as_str(), Some("device"));
+    assert_eq!(
+        get(&eff, "downstream.tls_listen").as_str(),
+        Some("0.0.0.0:8883")
+    );
+    assert_eq!(
+        get(&eff, "downstream.listen").as_str(),
+        Some("127.0.0.1:1883")
+    );
+
+    // The production keys aside, the packaged file is the sample: every key the sample sets
+    // with the same value, and optional keys commented out as there.
+    let production = [
+        "admission.mode",
+        "downstream.auth",
+        "downstream.tls_listen",
+        "downstream.tls_cert",
+        "downstream.tls_key",
+    ];
+    let leaves = |text: &str| -> std::collections::BTreeMap<String, toml::Value> {
+        fn walk(
+            prefix: &str,
+            table: &toml::Table,
+            out: &mut std::collections::BTreeMap<String, toml::Value>,
+        ) {
+            for (k, v) in table {
+                let path = if prefix.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{prefix}.{k}")
+                };
+                match v {
+                    toml::Value::Table(t) => walk(&path, t, out),
+                    other => {
+                        out.insert(path, other.clone());
+                    }
+                }
+            }
+        }
+        let mut out = std::collections::BTreeMap::new();
+        walk("", &text.parse().unwrap(), &mut out);
+        out.retain(|k, _| !production.contains(&k.as_str()));
+        out
+    };
+    let ours = leaves(&std::fs::read_to_string(&packaged).unwrap());
+    let sample = leaves(&std::fs::read_to_string(sample_path()).unwrap());
+    assert_eq!(
+        ours, sample,
+        "packaging/gateway.toml differs from the sample beyond {production:?}"
+    );
+}
+
 #[test]
 fn wrong_type_exits_78_naming_the_file_and_key() {
     let tmp = tempfile::tempdir().unwrap();

@@ -698,7 +698,9 @@ async fn authenticating_gateway(
         .unwrap();
     use fleetgw::downstream::device_auth::{DeviceConnectCheck, Proof};
     let check = DeviceConnectCheck::new(
-        std::sync::Arc::new(fleetgw::admission::Admission::new(admission).unwrap()),
+        fleetgw::admission::Admission::new(admission)
+            .unwrap()
+            .into(),
         store.clone(),
     );
     let mut rules = AccessRules::new("fleetgw");

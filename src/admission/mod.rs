@@ -17,7 +17,10 @@
 //! computation over the request and the options, so it is safe to call from any task.
 
 pub mod sas;
+mod shared;
 pub mod x509;
+
+pub use shared::SharedAdmission;
 
 use std::fmt;
 use std::str::FromStr;

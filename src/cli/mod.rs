@@ -11,7 +11,9 @@ mod devices;
 mod emulate;
 mod logging;
 mod passwd;
+mod reload;
 mod run;
+mod service;
 mod simulate;
 
 use std::path::PathBuf;

@@ -1,9 +1,9 @@
 //! `fleetgw run`: the daemon. Loads the config, opens the store, starts downstream (the
 //! embedded broker by default), the cloud provider, the provisioning engine and the telemetry
-//! pipeline (the downstream messages are split between the two), reports readiness, and on
-//! SIGTERM/SIGINT shuts down cleanly: intake stops, steps in flight persist their result,
-//! upstream connections close (unsent telemetry stays in the outbox), the store is flushed,
-//! exit 0.
+//! pipeline (the downstream messages are split between the two), then hands over to the
+//! main loop ([`super::service`]: readiness, status, watchdog, reload), and on SIGTERM/SIGINT
+//! shuts down cleanly: intake stops, steps in flight persist their result, upstream
+//! connections close (unsent telemetry stays in the outbox), the store is flushed, exit 0.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::admin::{AdminOptions, AdminParts, AdminServer};
-use crate::admission::{self, Admission, AdmissionOptions, EnrollmentSet};
+use crate::admission::{self, Admission, AdmissionOptions, EnrollmentSet, SharedAdmission};
 use crate::cloud::aws::claim::ClaimOptions;
 use crate::cloud::aws::{AwsProvider, AwsProviderOptions, OWNERSHIP_TOKEN_TTL};
 use crate::config::{self, BrokerMode, CloudProvider, Config, DownstreamAuth, TelemetryIdentity};
@@ -31,7 +31,9 @@ use crate::telemetry::{
     self, GatewayCredentials, Telemetry, TelemetryOptions, TelemetryStats, UpstreamEndpoint,
 };
 
+use super::service::{self, Signals};
 use super::{logging, ConfigArgs, LogFormat, EX_CONFIG, EX_IOERR, EX_SOFTWARE};
+use crate::systemd::Notifier;
 
 /// Arguments of `fleetgw run`.
 #[derive(Debug, clap::Args)]
@@ -63,14 +65,14 @@ pub enum RunError {
     Store(#[from] crate::store::StoreError),
     #[error("downstream: {0}")]
     Downstream(#[from] crate::downstream::DownstreamError),
-    #[error("provisioning engine: {0}")]
-    Engine(#[from] crate::provision::ProvisionError),
     #[error("telemetry: {0}")]
     Telemetry(#[from] telemetry::TelemetryError),
     #[error("starting the async runtime: {0}")]
     Runtime(#[source] std::io::Error),
     #[error("admin API: {0}")]
     Admin(#[from] crate::admin::AdminError),
+    #[error("installing the signal handlers: {0}")]
+    Signals(#[source] std::io::Error),
 }
 
 impl RunError {
@@ -81,13 +83,15 @@ impl RunError {
             | RunError::Admission(_)
             | RunError::Telemetry(_) => EX_CONFIG,
             RunError::Read { .. } | RunError::Store(_) | RunError::Admin(_) => EX_IOERR,
-            RunError::Downstream(_) | RunError::Engine(_) | RunError::Runtime(_) => EX_SOFTWARE,
+            RunError::Downstream(_) | RunError::Runtime(_) | RunError::Signals(_) => EX_SOFTWARE,
         })
     }
 }
 
 /// Runs the daemon until SIGTERM/SIGINT.
 pub fn run(args: Args, log_format: Option<LogFormat>) -> ExitCode {
+    // Before any thread starts: it takes the systemd variables out of the environment.
+    let notifier = Notifier::from_env();
     let cfg = match config::load(&args.config.config, &args.config.overrides) {
         Ok(cfg) => cfg,
         Err(e) => {
@@ -109,7 +113,7 @@ pub fn run(args: Args, log_format: Option<LogFormat>) -> ExitCode {
         Ok(rt) => rt,
         Err(e) => return fail(&RunError::Runtime(e)),
     };
-    match runtime.block_on(daemon(cfg)) {
+    match runtime.block_on(daemon(cfg, &args.config, &notifier)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => fail(&e),
     }
@@ -117,7 +121,7 @@ pub fn run(args: Args, log_format: Option<LogFormat>) -> ExitCode {
 
 /// The configured filter, with the MQTT client library's per-connection chatter kept to
 /// warnings unless the filter names it itself.
-fn log_filter(level: &str) -> String {
+pub(super) fn log_filter(level: &str) -> String {
     let mut filter = level.to_string();
     if !level.contains("rumqttc") {
         filter.push_str(",rumqttc=warn");
@@ -131,7 +135,9 @@ fn fail(e: &RunError) -> ExitCode {
     e.exit_code()
 }
 
-async fn daemon(cfg: Config) -> Result<(), RunError> {
+async fn daemon(cfg: Config, args: &ConfigArgs, notifier: &Notifier) -> Result<(), RunError> {
+    // Installed first: from here on SIGHUP and SIGTERM no longer kill the process unflushed.
+    let mut signals = Signals::install().map_err(RunError::Signals)?;
     let gateway = Gateway::start(&cfg).await?;
     tracing::info!(
         gateway = %cfg.gateway.id,
@@ -139,14 +145,22 @@ async fn daemon(cfg: Config) -> Result<(), RunError> {
         sessions = cfg.cloud.aws.sessions,
         "fleetgw ready"
     );
-    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
-
-    let signal = wait_for_signal().await;
+    // READY=1 once the admin API answers (operators and ExecStartPost scripts use it at once);
+    // an external broker is never waited for (the gateway session reconnects on its own).
+    let ready_sockets: Vec<PathBuf> = vec![cfg.admin.socket.clone()];
+    let served = service::serve(&gateway, cfg, args, notifier, &mut signals, &ready_sockets).await;
+    let signal = match served {
+        Ok(signal) => signal,
+        Err(e) => {
+            notifier.stopping();
+            gateway.shutdown().await?;
+            return Err(e);
+        }
+    };
     tracing::info!(
         signal,
         "shutting down: no new requests; finishing steps in flight"
     );
-    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
     let telemetry = gateway.telemetry_stats();
     let stats = gateway.shutdown().await?;
     tracing::info!(
@@ -170,6 +184,11 @@ pub struct Gateway {
     engine: Arc<Engine>,
     telemetry: Telemetry,
     admin: AdminServer,
+    admission: SharedAdmission,
+    /// The enrollment groups every admission decision consults (config plus the admin API's
+    /// stored groups); a reload builds the new rules over the same set.
+    enrollments: EnrollmentSet,
+    claim_sessions: usize,
 }
 
 impl Gateway {
@@ -183,9 +202,10 @@ impl Gateway {
             });
         }
         // One set of enrollment-group credentials for every admission check, replaced by the
-        // admin API when groups change.
+        // admin API when groups change; the rules themselves are swapped whole on reload.
         let enrollments = EnrollmentSet::default();
-        let admission = Admission::new(admission_options(cfg, &enrollments)?)?;
+        let admission =
+            SharedAdmission::from(Admission::new(admission_options(cfg, &enrollments)?)?);
         // The engine owns its sealer; telemetry opens device keys with its own copy.
         let telemetry_sealer = sealer(cfg)?.map(Arc::new);
         let admin_sealer = telemetry_sealer.clone();
@@ -206,9 +226,11 @@ impl Gateway {
                 min_commit_interval: Duration::from_micros(cfg.store.min_commit_interval_us),
             },
         )?;
-        tracing::info!(dir = %cfg.gateway.state_dir.display(), devices = store.device_count(), "store open");
+        // No device count here: sled counts by scanning every record (the STATUS= line counts
+        // them in the background after READY).
+        tracing::info!(dir = %cfg.gateway.state_dir.display(), "store open");
 
-        let downstream_opts = downstream_options(cfg, &store, &enrollments)?;
+        let downstream_opts = downstream_options(cfg, &store, &admission)?;
         let max_request_bytes = cfg.downstream.max_request_bytes as usize;
         let (downstream, inbound) = Downstream::start_with(&downstream_opts, |s| {
             s.max_request_bytes = max_request_bytes;
@@ -232,7 +254,7 @@ impl Gateway {
                 store: store.clone(),
                 provider: provider.clone(),
                 downstream: downstream.session().clone(),
-                admission,
+                admission: admission.clone(),
                 sealer,
             },
             {
@@ -250,7 +272,7 @@ impl Gateway {
                 opts
             },
             requests,
-        )?;
+        );
         let engine = Arc::new(engine);
         let telemetry = Telemetry::start(
             telemetry_opts,
@@ -276,7 +298,7 @@ impl Gateway {
                 group_key,
                 sealer: admin_sealer,
                 close_upstream: Some(telemetry.link_closer()),
-                enrollments: Some(enrollments),
+                enrollments: Some(enrollments.clone()),
             },
         )
         .await?;
@@ -287,6 +309,9 @@ impl Gateway {
             engine,
             telemetry,
             admin,
+            admission,
+            enrollments,
+            claim_sessions: cfg.cloud.aws.sessions.max(1) as usize,
         })
     }
 
@@ -299,6 +324,79 @@ impl Gateway {
     /// Telemetry counters (messages accepted, forwarded, refused, in the outbox, ...).
     pub fn telemetry_stats(&self) -> TelemetryStats {
         self.telemetry.stats()
+    }
+
+    /// The state store.
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// The cloud provider (its rate can change on reload).
+    pub fn provider(&self) -> &AwsProvider {
+        &self.provider
+    }
+
+    /// The provisioning engine.
+    pub fn engine(&self) -> &Engine {
+        &self.engine
+    }
+
+    /// The enrollment groups every admission decision consults.
+    pub fn enrollments(&self) -> &EnrollmentSet {
+        &self.enrollments
+    }
+
+    /// The admission rules shared by the engine and the broker's CONNECT check (replaced by a
+    /// reload).
+    pub fn admission(&self) -> &SharedAdmission {
+        &self.admission
+    }
+
+    /// Puts `cfg`'s `[[downstream.users]]` in force in the embedded broker; false with an
+    /// external broker (whose users are its own business).
+    pub fn set_users(&self, cfg: &Config) -> bool {
+        match self.downstream.broker() {
+            Some(broker) => {
+                broker.set_users(local_users(cfg));
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// The one-line state for `systemctl status`, with the per-state device counts given.
+    pub fn status_line(
+        &self,
+        counts: &Option<std::collections::BTreeMap<&'static str, u64>>,
+    ) -> String {
+        let telemetry = self.telemetry.stats();
+        service::status_text(
+            counts,
+            telemetry.outbox_messages,
+            (self.provider.connected_sessions(), self.claim_sessions),
+            telemetry.open_connections,
+        )
+    }
+
+    /// The watchdog's health check: a write and read back through the store (flushed), and
+    /// the engine's and telemetry's loops alive.
+    pub async fn health_check(&self) -> Result<(), String> {
+        if !self.engine.is_alive() {
+            return Err("the provisioning engine's loops have stopped".into());
+        }
+        if !self.telemetry.is_alive() {
+            return Err("the telemetry pipeline's loops have stopped".into());
+        }
+        let stamp = crate::clock::unix_ms().to_be_bytes();
+        self.store
+            .put_meta(HEALTH_KEY, &stamp)
+            .await
+            .map_err(|e| format!("store write: {e}"))?;
+        match self.store.meta(HEALTH_KEY) {
+            Ok(Some(read)) if read == stamp => Ok(()),
+            Ok(_) => Err("store read back a different value than written".into()),
+            Err(e) => Err(format!("store read: {e}")),
+        }
     }
 
     /// Stops intake, lets steps in flight persist their result, closes the cloud, upstream
@@ -314,20 +412,8 @@ impl Gateway {
     }
 }
 
-async fn wait_for_signal() -> &'static str {
-    use tokio::signal::unix::{signal, SignalKind};
-    match signal(SignalKind::terminate()) {
-        Ok(mut term) => tokio::select! {
-            _ = term.recv() => "SIGTERM",
-            _ = tokio::signal::ctrl_c() => "SIGINT",
-        },
-        Err(e) => {
-            tracing::warn!("cannot watch SIGTERM ({e}); stopping on SIGINT only");
-            let _ = tokio::signal::ctrl_c().await;
-            "SIGINT"
-        }
-    }
-}
+/// `meta` key the watchdog's health check writes and reads back.
+const HEALTH_KEY: &str = "health_check";
 
 fn read_text(path: &Path) -> Result<String, RunError> {
     std::fs::read_to_string(path).map_err(|source| RunError::Read {
@@ -336,7 +422,7 @@ fn read_text(path: &Path) -> Result<String, RunError> {
     })
 }
 
-fn admission_options(
+pub(super) fn admission_options(
     cfg: &Config,
     enrollments: &EnrollmentSet,
 ) -> Result<AdmissionOptions, RunError> {
@@ -529,38 +615,39 @@ fn aws_options(cfg: &Config) -> Result<AwsProviderOptions, RunError> {
     })
 }
 
+fn local_users(cfg: &Config) -> Vec<LocalUser> {
+    cfg.downstream
+        .users
+        .iter()
+        .map(|u| LocalUser {
+            rights: Arc::new(UserRights {
+                name: u.name.clone(),
+                publish: u.publish.clone(),
+                subscribe: u.subscribe.clone(),
+            }),
+            password_hash: u.password_hash.clone(),
+        })
+        .collect()
+}
+
 fn downstream_options(
     cfg: &Config,
     store: &Store,
-    enrollments: &EnrollmentSet,
+    admission: &SharedAdmission,
 ) -> Result<DownstreamOptions, RunError> {
     let d = &cfg.downstream;
     let broker = match d.broker {
         BrokerMode::Embedded => {
             let mut rules = AccessRules::new(d.topic_prefix.as_str());
             if d.auth == DownstreamAuth::Device {
-                let check = DeviceConnectCheck::new(
-                    Arc::new(Admission::new(admission_options(cfg, enrollments)?)?),
-                    store.clone(),
-                );
+                let check = DeviceConnectCheck::new(admission.clone(), store.clone());
                 rules.device_auth = Some(Arc::new(move |id, username, password, chain| {
                     check
                         .check(id, username, password, chain, crate::clock::unix_secs())
                         .map(|proof| proof == Proof::Authenticated)
                 }));
             }
-            rules.users = d
-                .users
-                .iter()
-                .map(|u| LocalUser {
-                    rights: Arc::new(UserRights {
-                        name: u.name.clone(),
-                        publish: u.publish.clone(),
-                        subscribe: u.subscribe.clone(),
-                    }),
-                    password_hash: u.password_hash.clone(),
-                })
-                .collect();
+            rules.users = local_users(cfg);
             let mut e = EmbeddedBrokerOptions {
                 max_packet_bytes: d.max_packet_bytes as usize,
                 rules: Some(rules),

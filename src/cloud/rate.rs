@@ -84,7 +84,8 @@ const COOL_DOWN: Duration = Duration::from_millis(250);
 /// additively on success, never above the configured maximum.
 #[derive(Debug)]
 pub struct AdaptiveRateLimiter {
-    max_rate: f64,
+    /// The configured ceiling, as `f64` bits (changed on a config reload).
+    max_rate: std::sync::atomic::AtomicU64,
     bucket: Mutex<TokenBucket>,
     last_cut: Mutex<Option<Instant>>,
 }
@@ -94,7 +95,7 @@ impl AdaptiveRateLimiter {
     pub fn new(max_rate: f64) -> Self {
         let max_rate = max_rate.max(MIN_RATE);
         AdaptiveRateLimiter {
-            max_rate,
+            max_rate: std::sync::atomic::AtomicU64::new(max_rate.to_bits()),
             bucket: Mutex::new(TokenBucket::new(max_rate, max_rate, Instant::now())),
             last_cut: Mutex::new(None),
         }
@@ -135,10 +136,28 @@ impl AdaptiveRateLimiter {
     pub async fn on_success(&self) {
         let mut bucket = self.bucket.lock().await;
         let current = bucket.rate();
-        if current < self.max_rate {
-            let rate = (current + INCREASE_PER_SECOND / current).min(self.max_rate);
+        let max_rate = self.max_rate();
+        if current < max_rate {
+            let rate = (current + INCREASE_PER_SECOND / current).min(max_rate);
             bucket.set_rate(rate, rate, Instant::now());
         }
+    }
+
+    /// The configured ceiling in calls per second.
+    pub fn max_rate(&self) -> f64 {
+        f64::from_bits(self.max_rate.load(std::sync::atomic::Ordering::Relaxed))
+    }
+
+    /// Sets a new ceiling (`cloud.aws.tps` on reload): the rate becomes `max_rate` at once,
+    /// with one second's burst; throttling cuts it again as before.
+    pub async fn set_max_rate(&self, max_rate: f64) {
+        let max_rate = max_rate.max(MIN_RATE);
+        self.max_rate
+            .store(max_rate.to_bits(), std::sync::atomic::Ordering::Relaxed);
+        self.bucket
+            .lock()
+            .await
+            .set_rate(max_rate, max_rate, Instant::now());
     }
 
     /// The current rate in calls per second.

@@ -11,15 +11,13 @@
 //!    provisioned yet connects unauthenticated (so it can ask to be); once it has a
 //!    certificate it must present it.
 
-use std::sync::Arc;
-
-use crate::admission::{Admission, AdmissionMode};
+use crate::admission::{AdmissionMode, SharedAdmission};
 use crate::device_id::DeviceId;
 use crate::store::{DeviceState, Store};
 
 /// Checks devices' CONNECT credentials against admission and the store.
 pub struct DeviceConnectCheck {
-    admission: Arc<Admission>,
+    admission: SharedAdmission,
     store: Store,
 }
 
@@ -34,7 +32,7 @@ pub enum Proof {
 
 impl DeviceConnectCheck {
     /// A check with these admission rules and this store.
-    pub fn new(admission: Arc<Admission>, store: Store) -> Self {
+    pub fn new(admission: SharedAdmission, store: Store) -> Self {
         Self { admission, store }
     }
 
@@ -66,7 +64,8 @@ impl DeviceConnectCheck {
                 return Ok(Proof::Authenticated);
             }
         }
-        match self.admission.mode() {
+        let admission = self.admission.current();
+        match admission.mode() {
             AdmissionMode::Approve | AdmissionMode::Open => {
                 if issued.is_some() {
                     Err(
@@ -85,7 +84,7 @@ impl DeviceConnectCheck {
                         .map(|der| pem::encode(&pem::Pem::new("CERTIFICATE", der.clone())))
                         .collect::<String>()
                 });
-                self.admission
+                admission
                     .authenticate_connect(id, username, password, chain_pem.as_deref(), now_unix)
                     .map(|()| Proof::Authenticated)
             }

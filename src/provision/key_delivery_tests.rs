@@ -59,10 +59,11 @@ async fn gateway(tls: Option<EmbeddedTls>, trust_loopback: bool) -> Gateway {
             mode: AdmissionMode::Open,
             ..AdmissionOptions::default()
         })
-        .expect("open admission"),
+        .expect("open admission")
+        .into(),
         sealer: None,
     };
-    let engine = Engine::start(parts, opts, queues.provisioning).expect("the engine starts");
+    let engine = Engine::start(parts, opts, queues.provisioning);
     let port = downstream.broker().unwrap().listen_addr().port();
     Gateway {
         _dir: dir,

@@ -33,6 +33,17 @@ impl DeviceRateLimit {
         }
     }
 
+    /// Changes the rate to `per_minute` (burst as in [`DeviceRateLimit::new`]), for the
+    /// devices already tracked too.
+    pub fn set_per_minute(&mut self, per_minute: u32, now: Instant) {
+        let fresh = DeviceRateLimit::new(per_minute);
+        self.per_second = fresh.per_second;
+        self.burst = fresh.burst;
+        for bucket in self.buckets.values_mut() {
+            bucket.set_rate(fresh.per_second, fresh.burst, now);
+        }
+    }
+
     /// True when `device` may make one more request now (and counts it).
     pub fn allow(&mut self, device: &DeviceId, now: Instant) -> bool {
         if self.buckets.len() >= self.prune_at {

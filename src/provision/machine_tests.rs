@@ -86,10 +86,12 @@ impl Bench {
             store: self.store.clone(),
             provider: fake.clone(),
             downstream: session,
-            admission: Admission::new(AdmissionOptions::default()).expect("open admission"),
+            admission: Admission::new(AdmissionOptions::default())
+                .expect("open admission")
+                .into(),
             sealer: None,
         };
-        Engine::start(parts, opts, requests).expect("the engine starts")
+        Engine::start(parts, opts, requests)
     }
 
     fn engine(&self, fake: &Arc<FakeProvider>, opts: EngineOptions) -> Engine {
@@ -230,8 +232,7 @@ async fn a_requested_device_walks_every_state_to_delivered() {
     );
     assert_eq!((rec.attempts, rec.last_error), (0, None));
     wait_stats(&engine, "one provisioned", |s| s.provisioned == 1).await;
-    let stats = engine.stats();
-    assert_eq!((stats.failed, stats.resumed), (0, 1));
+    assert_eq!((engine.stats().failed, engine.resumed().await), (0, 1));
     engine.shutdown().await;
 }
 
@@ -513,7 +514,7 @@ async fn restart_after(
 
     let second = Arc::new(FakeProvider::new());
     let engine = bench.engine(&second, options());
-    assert_eq!(engine.stats().resumed, 1);
+    assert_eq!(engine.resumed().await, 1);
     let rec = bench.wait_delivered(id).await;
     engine.shutdown().await;
     (rec, second.calls())
@@ -529,7 +530,7 @@ async fn resumes_from_requested_and_approved() {
     bench.put(rec).await;
     let fake = Arc::new(FakeProvider::new());
     let engine = bench.engine(&fake, options());
-    assert_eq!(engine.stats().resumed, 2);
+    assert_eq!(engine.resumed().await, 2);
     for id in [&requested, &approved] {
         bench.wait_delivered(id).await;
         let made: Vec<Api> = fake
@@ -649,7 +650,7 @@ async fn final_and_waiting_states_are_left_alone() {
     }
     let fake = Arc::new(FakeProvider::new());
     let engine = bench.engine(&fake, options());
-    assert_eq!(engine.stats().resumed, 0);
+    assert_eq!(engine.resumed().await, 0);
     tokio::time::sleep(Duration::from_millis(100)).await;
     assert_eq!(fake.calls(), []);
     for (id, state) in &states {

@@ -7,7 +7,10 @@
 //! queued -> one of a bounded set of workers drives it ([`machine`]): key and CSR, certificate,
 //! registration, delivery on `/accepted`. Every transition is written (group commit) before
 //! the next network step, so a crash at any point resumes from the last durable state and
-//! never provisions a device twice. On start every unfinished device is queued again.
+//! never provisions a device twice. On start every unfinished device is queued again, by a
+//! background scan of the store: decoding every record (tens of milliseconds per 10,000
+//! devices) must not delay readiness, and a request arriving meanwhile only gives its device
+//! another pass ([`Inner::schedule`] deduplicates), so nothing is lost or driven twice.
 
 mod limit;
 mod machine;
@@ -22,7 +25,7 @@ use std::time::Duration;
 use tokio::sync::{mpsc, watch, Mutex, Semaphore};
 use tokio::task::JoinHandle;
 
-use crate::admission::Admission;
+use crate::admission::SharedAdmission;
 use crate::clock;
 use crate::cloud::Provider;
 use crate::device_id::DeviceId;
@@ -129,14 +132,6 @@ impl EngineOptions {
     }
 }
 
-/// Why the engine could not start.
-#[derive(Debug, thiserror::Error)]
-pub enum ProvisionError {
-    /// Reading the devices to resume failed.
-    #[error("resuming unfinished devices: {0}")]
-    Resume(#[source] StoreError),
-}
-
 /// Counters of the engine, for logs, the admin API and the demo.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct EngineStats {
@@ -148,7 +143,7 @@ pub struct EngineStats {
     pub rejected_requests: u64,
     /// Repeated requests answered from the store.
     pub answered_from_store: u64,
-    /// Devices resumed from the store at start.
+    /// Devices resumed from the store at start (so far, while the resume scan runs).
     pub resumed: u64,
     /// Devices currently queued, in progress or waiting for a retry.
     pub active: u64,
@@ -172,7 +167,7 @@ pub struct EngineParts {
     /// Where responses to devices go.
     pub downstream: Arc<DownstreamSession>,
     /// Who may provision.
-    pub admission: Admission,
+    pub admission: SharedAdmission,
     /// Seals generated private keys at rest, when configured.
     pub sealer: Option<Sealer>,
 }
@@ -181,7 +176,7 @@ pub(crate) struct Inner {
     store: Store,
     provider: Arc<dyn Provider>,
     downstream: Arc<DownstreamSession>,
-    admission: Admission,
+    admission: SharedAdmission,
     sealer: Option<Sealer>,
     opts: EngineOptions,
     /// Devices queued or being driven; the flag asks for another pass when the current one ends.
@@ -189,6 +184,8 @@ pub(crate) struct Inner {
     jobs: mpsc::UnboundedSender<DeviceId>,
     limit: std::sync::Mutex<DeviceRateLimit>,
     stopping: watch::Sender<bool>,
+    /// Becomes true when the resume scan has queued every unfinished device.
+    resume_done: watch::Sender<bool>,
     counters: Counters,
     metrics: metrics::ProvisionMetrics,
     /// The state named by [`CRASH_AFTER_ENV`], if set.
@@ -201,6 +198,7 @@ pub(crate) struct Inner {
 /// The running engine.
 pub struct Engine {
     inner: Arc<Inner>,
+    resume: std::sync::Mutex<Option<JoinHandle<()>>>,
     intake: std::sync::Mutex<Option<JoinHandle<()>>>,
     workers: std::sync::Mutex<Vec<JoinHandle<()>>>,
 }
@@ -222,15 +220,16 @@ enum FollowUp {
 }
 
 impl Engine {
-    /// Starts the workers, queues every unfinished device from the store, and starts taking
-    /// requests from `requests`.
+    /// Starts the workers and the intake of `requests`, and queues every unfinished device
+    /// from the store in the background (see [`Engine::resumed`]).
     pub fn start(
         parts: EngineParts,
         opts: EngineOptions,
         requests: mpsc::Receiver<DownstreamMessage>,
-    ) -> Result<Self, ProvisionError> {
+    ) -> Self {
         let (jobs, jobs_rx) = mpsc::unbounded_channel();
         let (stopping, _) = watch::channel(false);
+        let (resume_done, _) = watch::channel(false);
         let inner = Arc::new(Inner {
             store: parts.store,
             provider: parts.provider,
@@ -243,6 +242,7 @@ impl Engine {
             active: std::sync::Mutex::new(HashMap::new()),
             jobs,
             stopping,
+            resume_done,
             counters: Counters::default(),
             metrics: metrics::ProvisionMetrics::default(),
             #[cfg(feature = "test-hooks")]
@@ -251,37 +251,51 @@ impl Engine {
                 .filter(|s| !s.is_empty()),
         });
 
-        let mut resumed = 0u64;
-        for rec in inner.store.devices() {
-            let rec = rec.map_err(ProvisionError::Resume)?;
-            if machine::is_drivable(&rec.state) {
-                inner.schedule(&rec.id);
-                resumed += 1;
-            }
-        }
-        inner.counters.resumed.store(resumed, Ordering::Relaxed);
-        if resumed > 0 {
-            tracing::info!(
-                devices = resumed,
-                "resuming unfinished devices from the store"
-            );
-        }
+        let resume = {
+            let inner = inner.clone();
+            tokio::task::spawn_blocking(move || inner.resume_from_store())
+        };
 
         let jobs_rx = Arc::new(Mutex::new(jobs_rx));
         let workers = (0..inner.opts.workers.max(1))
             .map(|_| tokio::spawn(machine::worker(inner.clone(), jobs_rx.clone())))
             .collect();
         let intake = tokio::spawn(intake(inner.clone(), requests));
-        Ok(Engine {
+        Engine {
             inner,
+            resume: std::sync::Mutex::new(Some(resume)),
             intake: std::sync::Mutex::new(Some(intake)),
             workers: std::sync::Mutex::new(workers),
-        })
+        }
     }
 
     /// Queues `device` to be driven (e.g. after an operator approved it).
     pub fn schedule(&self, device: &DeviceId) {
         self.inner.schedule(device);
+    }
+
+    /// Waits until the resume scan has queued every unfinished device from the store, and
+    /// returns how many it queued.
+    pub async fn resumed(&self) -> u64 {
+        let mut done = self.inner.resume_done.subscribe();
+        let _ = done.wait_for(|d| *d).await;
+        self.inner.counters.resumed.load(Ordering::Relaxed)
+    }
+
+    /// Changes the requests one device may send per minute
+    /// (`downstream.device_rate_per_minute`, on reload).
+    pub fn set_device_rate_per_minute(&self, per_minute: u32) {
+        lock(&self.inner.limit).set_per_minute(per_minute, tokio::time::Instant::now());
+    }
+
+    /// Whether the intake and at least one worker are still running (the watchdog's health
+    /// check): a panicked or ended loop means requests are no longer handled.
+    pub fn is_alive(&self) -> bool {
+        let intake_alive = lock(&self.intake)
+            .as_ref()
+            .is_some_and(|h| !h.is_finished());
+        let worker_alive = lock(&self.workers).iter().any(|h| !h.is_finished());
+        intake_alive && worker_alive
     }
 
     /// Current counters.
@@ -306,10 +320,16 @@ impl Engine {
     /// shutdown grace), then returns. The caller flushes the store afterwards.
     pub async fn shutdown(&self) {
         let _ = self.inner.stopping.send(true);
+        let resume = lock(&self.resume).take();
         let intake = lock(&self.intake).take();
         let workers = std::mem::take(&mut *lock(&self.workers));
         let grace = self.inner.opts.shutdown_grace;
         let all = async {
+            // The scan stops at the next record once stopping is set; what it did not reach
+            // is still unfinished in the store and resumes on the next start.
+            if let Some(resume) = resume {
+                let _ = resume.await;
+            }
             if let Some(intake) = intake {
                 let _ = intake.await;
             }
@@ -359,6 +379,42 @@ async fn intake(inner: Arc<Inner>, mut requests: mpsc::Receiver<DownstreamMessag
 }
 
 impl Inner {
+    /// Queues every drivable device of the store (run once, on a blocking thread, at start).
+    /// A record that cannot be decoded is logged and left in the store as it is.
+    fn resume_from_store(&self) {
+        let started = std::time::Instant::now();
+        let mut unreadable = 0u64;
+        for rec in self.store.devices() {
+            if self.is_stopping() {
+                break;
+            }
+            match rec {
+                Ok(rec) if machine::is_drivable(&rec.state) => {
+                    self.schedule(&rec.id);
+                    self.counters.resumed.fetch_add(1, Ordering::Relaxed);
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    unreadable += 1;
+                    tracing::error!(
+                        "resuming unfinished devices: {e}; the record is left as it is"
+                    );
+                }
+            }
+        }
+        let resumed = self.counters.resumed.load(Ordering::Relaxed);
+        if resumed > 0 || unreadable > 0 {
+            tracing::info!(
+                devices = resumed,
+                unreadable,
+                scan_ms = started.elapsed().as_millis() as u64,
+                "resuming unfinished devices from the store"
+            );
+        }
+        // send_replace: the value must stick even while nobody is subscribed yet.
+        self.resume_done.send_replace(true);
+    }
+
     /// Queues `device` unless it is already queued or being driven (then it gets another pass).
     pub(crate) fn schedule(&self, device: &DeviceId) {
         let mut active = lock(&self.active);
@@ -462,7 +518,7 @@ impl Inner {
         let now_unix = (clock::unix_ms() / 1000) as i64;
         let admitted = match request::check_request(
             &self.opts.policy,
-            &self.admission,
+            &self.admission.current(),
             device,
             format,
             payload,

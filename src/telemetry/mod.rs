@@ -499,6 +499,12 @@ impl Telemetry {
         Arc::new(move || snapshot(&shared))
     }
 
+    /// Whether the intake, dispatcher and remover loops all still run (the watchdog's health
+    /// check): one that ended or panicked means telemetry no longer flows.
+    pub fn is_alive(&self) -> bool {
+        !self.intake.is_finished() && !self.dispatcher.is_finished() && !self.remover.is_finished()
+    }
+
     /// Stops taking messages (those not yet acknowledged stay with the broker), closes the
     /// upstream connections and finishes pending outbox removals, waiting at most `within`.
     /// Unsent messages stay in the outbox for the next start.

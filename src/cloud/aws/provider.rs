@@ -64,6 +64,12 @@ impl AwsProvider {
         self.pool.connected_sessions()
     }
 
+    /// Changes the calls per second allowed per provisioning API (`cloud.aws.tps`).
+    pub async fn set_tps(&self, tps: f64) {
+        self.create_rate.set_max_rate(tps).await;
+        self.register_rate.set_max_rate(tps).await;
+    }
+
     /// Finishes the requests in flight and closes the claim connections.
     pub async fn shutdown(&self) {
         self.pool.shutdown().await;

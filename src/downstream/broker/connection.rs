@@ -20,7 +20,7 @@ use tokio::time::{timeout, timeout_at, Instant};
 
 use super::rate::InboundRate;
 use super::router::{AckWait, ConnectionFacts, Delivery, Message, Refused, Router, Session};
-use super::rules::{truncated, AccessRules, Principal, Refusal};
+use super::rules::{truncated, AccessRules, LocalUser, Principal, Refusal};
 use crate::identity;
 use crate::mqtt::props::{self, MessageProperties};
 use crate::mqtt::stream::{PacketStream, StreamError};
@@ -47,6 +47,10 @@ pub struct ConnectionConfig {
     pub connect_timeout: Duration,
     /// The trust boundary; `None` for a plain broker.
     pub rules: Option<AccessRules>,
+    /// The local applications that may connect: `rules.users` at start, replaced on a
+    /// config reload ([`super::EmbeddedBroker::set_users`]). Connections already admitted
+    /// keep the rights they were admitted with.
+    pub users: std::sync::RwLock<Arc<Vec<LocalUser>>>,
     /// Longest topic name or filter, in bytes.
     pub max_topic_bytes: usize,
     /// Most levels in a topic name or filter.
@@ -56,6 +60,13 @@ pub struct ConnectionConfig {
 }
 
 impl ConnectionConfig {
+    /// The local application called `name`, if there is one. A CONNECT with that user name
+    /// must carry its password; any other user name is not a user's (devices may send one).
+    fn user(&self, name: &str) -> Option<LocalUser> {
+        let users = self.users.read().unwrap_or_else(|p| p.into_inner());
+        users.iter().find(|u| u.rights.name == name).cloned()
+    }
+
     /// Whether `topic` (a name or a filter) is within the length and depth limits.
     fn topic_within_limits(&self, topic: &str) -> bool {
         topic.len() <= self.max_topic_bytes
@@ -73,7 +84,7 @@ impl ConnectionConfig {
         let Some(rules) = &self.rules else {
             return Ok(Principal::Unrestricted);
         };
-        let user = match connect.username.as_deref().and_then(|n| rules.user(n)) {
+        let user = match connect.username.as_deref().and_then(|n| self.user(n)) {
             Some(user) => {
                 let phc = user.password_hash.clone();
                 let password = connect.password.clone();

@@ -188,6 +188,7 @@ pub struct EmbeddedBroker {
     tls_addr: Option<SocketAddr>,
     tls: bool,
     router: Arc<Router>,
+    config: Arc<ConnectionConfig>,
     shutdown: watch::Sender<bool>,
     listeners: Vec<JoinHandle<()>>,
 }
@@ -255,6 +256,12 @@ impl EmbeddedBroker {
             max_packet: opts.max_packet_bytes,
             connect_timeout: opts.connect_timeout,
             rules: opts.rules.clone(),
+            users: std::sync::RwLock::new(Arc::new(
+                opts.rules
+                    .as_ref()
+                    .map(|r| r.users.clone())
+                    .unwrap_or_default(),
+            )),
             max_topic_bytes: opts.max_topic_bytes,
             max_topic_levels: opts.max_topic_levels,
             max_inbound_per_second: opts.max_inbound_per_second,
@@ -316,9 +323,17 @@ impl EmbeddedBroker {
             tls_addr,
             tls: plain_addr.is_none(),
             router,
+            config,
             shutdown,
             listeners,
         })
+    }
+
+    /// Replaces the local applications (`[[downstream.users]]`, on a config reload): new
+    /// CONNECTs are checked against `users`; connections already admitted keep their rights
+    /// until they reconnect.
+    pub fn set_users(&self, users: Vec<LocalUser>) {
+        *self.config.users.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(users);
     }
 
     /// With [`EmbeddedBrokerOptions::ack_after_client`], lets every other client connect: call

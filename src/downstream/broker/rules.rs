@@ -57,7 +57,8 @@ pub type DeviceAuthenticator = Arc<
 pub struct AccessRules {
     /// The device topic prefix (`[downstream] topic_prefix`), e.g. `fleetgw`.
     pub prefix: String,
-    /// Local applications, by user name.
+    /// Local applications, by user name, as the broker starts
+    /// ([`super::EmbeddedBroker::set_users`] replaces them later).
     pub users: Vec<LocalUser>,
     /// `[downstream] auth = "device"`: every device must prove its id at CONNECT. `None`
     /// (`auth = "none"`): a device is who its client id says.
@@ -130,12 +131,6 @@ impl AccessRules {
             users: Vec::new(),
             device_auth: None,
         }
-    }
-
-    /// The local application called `name`, if there is one. A CONNECT with that user name
-    /// must carry its password; any other user name is not a user's (devices may send one).
-    pub fn user(&self, name: &str) -> Option<&LocalUser> {
-        self.users.iter().find(|u| u.rights.name == name)
     }
 
     /// Decides who a CONNECT is. `user` is the `[[downstream.users]]` entry whose password
