@@ -430,6 +430,11 @@ async fn devices_provision_end_to_end_and_repeats_get_the_stored_result() {
     // Generated keys are sealed at rest.
     let sealing_key = f.dir.path().join("sealing.key");
     std::fs::write(&sealing_key, "ab".repeat(32)).unwrap();
+    std::fs::set_permissions(
+        &sealing_key,
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )
+    .unwrap();
     let sealing = format!("provision.sealing_key_file=\"{}\"", sealing_key.display());
     let gw = f.gateway(&[&sealing]).await;
 

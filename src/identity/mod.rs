@@ -17,6 +17,7 @@ mod key_type;
 mod password;
 mod seal;
 mod secret;
+mod secret_file;
 pub mod tls;
 
 pub use atomic_file::write_file_atomic;
@@ -29,6 +30,7 @@ pub use key_type::{KeyType, UnknownKeyType};
 pub use password::{check_password_hash, hash_password, verify_password};
 pub use seal::Sealer;
 pub use secret::Secret;
+pub use secret_file::{check_secret_file, read_secret_file};
 
 #[cfg(test)]
 mod tests {

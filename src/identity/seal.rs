@@ -15,7 +15,7 @@ use rand::RngCore as _;
 use zeroize::Zeroizing;
 
 use super::key::credential_path;
-use super::{IdentityError, Secret};
+use super::{read_secret_file, IdentityError, Secret};
 
 /// Blob format version written by [`Sealer::seal`].
 const VERSION: u8 = 1;
@@ -37,18 +37,17 @@ impl Sealer {
     /// Reads the key from `path`: 32 raw bytes, or 64 hex characters, or base64 of 32 bytes
     /// (a trailing newline is fine).
     pub fn from_key_file(path: &Path) -> Result<Self, IdentityError> {
-        let bytes = Zeroizing::new(std::fs::read(path).map_err(|e| IdentityError::io(path, e))?);
+        let bytes = read_secret_file(path)?;
         Self::from_encoded_key(&bytes, &path.display().to_string())
     }
 
     /// Reads the key from the systemd credential `name` (`$CREDENTIALS_DIRECTORY/name`).
     pub fn from_credential(name: &str) -> Result<Self, IdentityError> {
         let path = credential_path(name)?;
-        let bytes =
-            Zeroizing::new(std::fs::read(&path).map_err(|e| IdentityError::Credential {
-                name: name.to_string(),
-                reason: format!("{}: {e}", path.display()),
-            })?);
+        let bytes = read_secret_file(&path).map_err(|e| IdentityError::Credential {
+            name: name.to_string(),
+            reason: e.to_string(),
+        })?;
         Self::from_encoded_key(&bytes, &format!("credential {name:?}"))
     }
 
@@ -153,6 +152,12 @@ fn decode_key(bytes: &[u8]) -> Option<Zeroizing<Vec<u8>>> {
 mod tests {
     use super::*;
 
+    fn write_private(path: &Path, content: impl AsRef<[u8]>) {
+        use std::os::unix::fs::PermissionsExt as _;
+        std::fs::write(path, content).unwrap();
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).unwrap();
+    }
+
     fn sealer(byte: u8) -> Sealer {
         Sealer::from_key_bytes(&[byte; KEY_LEN]).unwrap()
     }
@@ -222,7 +227,7 @@ mod tests {
         ];
         for (name, content) in forms {
             let path = dir.path().join(name);
-            std::fs::write(&path, content).unwrap();
+            write_private(&path, content);
             let s = Sealer::from_key_file(&path).unwrap();
             assert_eq!(
                 reference.open(&s.seal(b"x")).unwrap().expose(),
@@ -232,7 +237,7 @@ mod tests {
         }
 
         let short = dir.path().join("short");
-        std::fs::write(&short, "abcd\n").unwrap();
+        write_private(&short, "abcd\n");
         let err = Sealer::from_key_file(&short).unwrap_err().to_string();
         assert_eq!(
             err,
