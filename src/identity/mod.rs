@@ -28,7 +28,7 @@ pub use error::IdentityError;
 pub use key::{read_passphrase, PrivateKey};
 pub use key_type::{KeyType, UnknownKeyType};
 pub use password::{check_password_hash, hash_password, verify_password};
-pub use seal::Sealer;
+pub use seal::{SealedRecord, Sealer};
 pub use secret::Secret;
 pub use secret_file::{check_secret_file, read_secret_file};
 

@@ -86,7 +86,9 @@ mod tests {
         write_private(&dir.path().join("seal"), [7u8; 32]);
         let sealer = crate::identity::Sealer::from_credential("seal").unwrap();
         let direct = crate::identity::Sealer::from_key_bytes(&[7u8; 32]).unwrap();
-        assert_eq!(direct.open(&sealer.seal(b"x")).unwrap().expose(), b"x");
+        let kind = crate::identity::SealedRecord::DeviceKey;
+        let blob = sealer.seal(kind, "d", b"x");
+        assert_eq!(direct.open(kind, "d", &blob).unwrap().expose(), b"x");
 
         std::env::remove_var("CREDENTIALS_DIRECTORY");
         let err = read_passphrase(None, Some("claim-pass"))
