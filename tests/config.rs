@@ -39,6 +39,15 @@ fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
     path
 }
 
+/// Like [`write`], for a key or credential file: private (0600), as the daemon requires.
+fn write_secret(dir: &Path, name: &str, text: impl AsRef<[u8]>) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt as _;
+    let path = dir.join(name);
+    std::fs::write(&path, text).unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+    path
+}
+
 /// The effective config printed by a successful check-config, parsed back.
 fn effective(out: &Output) -> toml::Table {
     assert_eq!(out.status.code(), Some(0), "stderr: {}", stderr(out));
@@ -554,7 +563,7 @@ fn gateway_identity_config(dir: &Path) -> PathBuf {
     let (claim, claim_key) = ca.issue_client("claim", KeyType::EcdsaP256, 30).unwrap();
     write(dir, "ca.pem", ca.cert_pem());
     write(dir, "claim.pem", &claim);
-    write(
+    write_secret(
         dir,
         "claim.key",
         claim_key.to_pkcs8_pem().expose_str().unwrap(),
@@ -566,10 +575,10 @@ fn gateway_identity_config(dir: &Path) -> PathBuf {
     let encrypted = pkey
         .private_key_to_pem_pkcs8_passphrase(openssl::symm::Cipher::aes_256_cbc(), b"gw-secret")
         .unwrap();
-    std::fs::write(dir.join("gateway.key"), encrypted).unwrap();
-    write(dir, "gateway.pass", "gw-secret\n");
+    write_secret(dir, "gateway.key", encrypted);
+    write_secret(dir, "gateway.pass", "gw-secret\n");
     let (_, other_key) = ca.issue_client("other", KeyType::EcdsaP256, 30).unwrap();
-    write(
+    write_secret(
         dir,
         "other.key",
         other_key.to_pkcs8_pem().expose_str().unwrap(),
@@ -593,7 +602,7 @@ fn gateway_key_must_decrypt_and_match_its_certificate() {
     let tmp = tempfile::tempdir().unwrap();
     let config = gateway_identity_config(tmp.path());
 
-    write(tmp.path(), "wrong.pass", "not-it\n");
+    write_secret(tmp.path(), "wrong.pass", "not-it\n");
     let wrong = format!(
         "telemetry.gateway_key_passphrase_file={}",
         tmp.path().join("wrong.pass").display()
@@ -750,4 +759,66 @@ fn downstream_users_are_checked_and_passwd_makes_their_hash() {
         .unwrap();
     assert_eq!(out.status.code(), Some(64));
     assert!(stderr(&out).contains("no password"), "{}", stderr(&out));
+}
+
+/// Key and credential files that other users can read are refused by `check-config` and
+/// `run` alike, with exit 78 naming the key, the file that set it and the key file; the
+/// daemon's own group may read them (root:fleetgw 0640). Nothing is opened on refusal.
+#[test]
+fn group_or_world_readable_key_files_are_refused_with_exit_78() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let tmp = tempfile::tempdir().unwrap();
+    let config = gateway_identity_config(tmp.path());
+    let sealing = write_secret(tmp.path(), "sealing.key", "ab".repeat(32));
+    let sealing_set = format!("provision.sealing_key_file={}", sealing.display());
+    let chmod = |path: &Path, mode: u32| {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap()
+    };
+    // Private files (0600, and 0640 of our own group) pass check-config.
+    chmod(&sealing, 0o640);
+    let out = check_config(&config, &[&sealing_set]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+
+    let cases: [(&str, PathBuf, Option<&str>); 4] = [
+        (
+            "provision.sealing_key_file",
+            sealing.clone(),
+            Some(&sealing_set),
+        ),
+        ("cloud.aws.claim_key", tmp.path().join("claim.key"), None),
+        (
+            "telemetry.gateway_key",
+            tmp.path().join("gateway.key"),
+            None,
+        ),
+        (
+            "telemetry.gateway_key_passphrase_file",
+            tmp.path().join("gateway.pass"),
+            None,
+        ),
+    ];
+    for (key, file, set) in &cases {
+        let sets: Vec<&str> = set.iter().copied().collect();
+        for mode in [0o644, 0o604] {
+            chmod(file, mode);
+            for out in [check_config(&config, &sets), run_daemon(&config, &sets)] {
+                assert_eq!(out.status.code(), Some(EX_CONFIG), "{key} {mode:o}");
+                let origin = match set {
+                    Some(_) => format!("--set {key}"),
+                    None => format!("{}: {key}", config.display()),
+                };
+                let expected = format!(
+                    "{origin}: {}: is accessible by other users (mode {mode:04o}); a key \
+                     or credential file must be private: chmod 600 it, or chmod 640 with the \
+                     daemon's group\n",
+                    file.display()
+                );
+                assert!(stderr(&out).ends_with(&expected), "{}", stderr(&out));
+            }
+        }
+        chmod(file, 0o600);
+    }
+    let out = check_config(&config, &[&sealing_set]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(!tmp.path().join("state").exists());
 }

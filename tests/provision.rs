@@ -430,6 +430,11 @@ async fn devices_provision_end_to_end_and_repeats_get_the_stored_result() {
     // Generated keys are sealed at rest.
     let sealing_key = f.dir.path().join("sealing.key");
     std::fs::write(&sealing_key, "ab".repeat(32)).unwrap();
+    std::fs::set_permissions(
+        &sealing_key,
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )
+    .unwrap();
     let sealing = format!("provision.sealing_key_file=\"{}\"", sealing_key.display());
     let gw = f.gateway(&[&sealing]).await;
 
@@ -488,7 +493,10 @@ async fn devices_provision_end_to_end_and_repeats_get_the_stored_result() {
                 "{}: key stored in the clear",
                 d.id
             );
-            let plain = sealer.open(&sealed).unwrap();
+            let kind = fleetgw::identity::SealedRecord::DeviceKey;
+            let plain = sealer.open(kind, rec.id.as_str(), &sealed).unwrap();
+            // Bound to its device: the same blob under another id does not open.
+            assert!(sealer.open(kind, "another-device", &sealed).is_err());
             let returned = &results[devices.iter().position(|x| x.id == d.id).unwrap()];
             assert_eq!(plain.expose_str(), returned.private_key.as_deref());
         }

@@ -107,7 +107,11 @@ pub async fn get_credentials(
         })?;
         let plain = match &state.sealer {
             Some(s) => s
-                .open(&stored)
+                .open(
+                    crate::identity::SealedRecord::DeviceKey,
+                    id.as_str(),
+                    &stored,
+                )
                 .map_err(|e| ApiError::internal("unsealing the device key", &e))?,
             None => Secret::new(stored),
         };

@@ -62,6 +62,14 @@ pub fn load(path: &Path, overrides: &[String]) -> Result<Config, ConfigError> {
     config.base_dir = std::path::absolute(dir).unwrap_or_else(|_| dir.to_path_buf());
     config.sources = sources;
     config.resolve_paths_in_place();
+    config.check_secret_files().map_err(|(key, message)| {
+        let segments: Vec<String> = key.split('.').map(str::to_string).collect();
+        ConfigError::Invalid {
+            origin: origins.lookup(&segments).unwrap_or(&main_origin).clone(),
+            key,
+            message,
+        }
+    })?;
     Ok(config)
 }
 

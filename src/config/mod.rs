@@ -8,7 +8,8 @@
 //! an interface (users and tests address them with `--set`); the commented sample
 //! `gateway.toml` at the top of the repository lists every one of them with its default.
 //!
-//! This module sits at the bottom of the layering: it uses only `identity::{Secret, KeyType}`,
+//! This module sits at the bottom of the layering: it uses only `identity::{Secret, KeyType}`
+//! (and `identity::check_secret_file` for the permissions of key files, see `secret_files`),
 //! `device_id` and two plain data enums (`cloud::codec::PayloadFormat`,
 //! `admission::AdmissionMode`). Modules above it receive a validated `Config` whose relative paths have
 //! already been resolved against the main config file's directory.
@@ -22,6 +23,7 @@
 mod keys;
 mod load;
 mod schema;
+mod secret_files;
 #[cfg(test)]
 mod tests;
 mod validate;

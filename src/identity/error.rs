@@ -89,6 +89,15 @@ pub enum IdentityError {
         path: PathBuf,
     },
 
+    /// A key or credential file that other users (or a foreign group) can access.
+    #[error("{path}: {reason}")]
+    InsecurePermissions {
+        /// The file.
+        path: PathBuf,
+        /// Which bits are wrong and how to fix them.
+        reason: String,
+    },
+
     /// A systemd credential could not be located.
     #[error("systemd credential {name:?}: {reason}")]
     Credential {

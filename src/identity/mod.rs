@@ -17,6 +17,7 @@ mod key_type;
 mod password;
 mod seal;
 mod secret;
+mod secret_file;
 pub mod tls;
 
 pub use atomic_file::write_file_atomic;
@@ -27,8 +28,9 @@ pub use error::IdentityError;
 pub use key::{read_passphrase, PrivateKey};
 pub use key_type::{KeyType, UnknownKeyType};
 pub use password::{check_password_hash, hash_password, verify_password};
-pub use seal::Sealer;
+pub use seal::{SealedRecord, Sealer};
 pub use secret::Secret;
+pub use secret_file::{check_secret_file, read_secret_file};
 
 #[cfg(test)]
 mod tests {

@@ -1,10 +1,14 @@
 //! [`Sealer`]: optional encryption of secrets at rest (private keys in the store).
 //!
 //! AES-256-GCM via aws-lc-rs with a random 96-bit nonce per message. The sealed blob is
-//! `version (1 byte) || nonce (12 bytes) || ciphertext || tag (16 bytes)`; the version byte is
-//! also the associated data, so it cannot be changed without the tag failing. The key comes
-//! from a file or a systemd credential (`LoadCredentialEncrypted=` keeps it off the disk in
-//! clear).
+//! `version (1 byte) || nonce (12 bytes) || ciphertext || tag (16 bytes)`. Version 2 binds the
+//! blob to what it is and whose it is: the associated data is the version byte, the record kind
+//! ([`SealedRecord`]) and the device id, so a blob copied under another device's key or into
+//! another kind of record fails to open instead of handing one device another's key. Version 1
+//! (written before that, associated data = the version byte alone) is still opened, so stores
+//! sealed by earlier releases keep working; it is rewritten as version 2 whenever the record is
+//! sealed again. The key comes from a file or a systemd credential (`LoadCredentialEncrypted=`
+//! keeps it off the disk in clear).
 
 use std::fmt;
 use std::path::Path;
@@ -15,10 +19,42 @@ use rand::RngCore as _;
 use zeroize::Zeroizing;
 
 use super::key::credential_path;
-use super::{IdentityError, Secret};
+use super::{read_secret_file, IdentityError, Secret};
 
-/// Blob format version written by [`Sealer::seal`].
-const VERSION: u8 = 1;
+/// Blob format version written by [`Sealer::seal`]: bound to record kind and device id.
+const VERSION: u8 = 2;
+/// The first format: associated data is the version byte only (read, never written).
+const VERSION_UNBOUND: u8 = 1;
+
+/// What a sealed blob holds; part of the associated data of every version 2 blob.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SealedRecord {
+    /// A device's private key (store tree `secrets`).
+    DeviceKey,
+    /// A device's ownership token (store tree `tokens`).
+    OwnershipToken,
+}
+
+impl SealedRecord {
+    fn as_str(self) -> &'static str {
+        match self {
+            SealedRecord::DeviceKey => "device-key",
+            SealedRecord::OwnershipToken => "ownership-token",
+        }
+    }
+}
+
+/// `version || len(kind) || kind || device id`: lengths are fixed or prefixed, so no two
+/// (kind, id) pairs give the same bytes.
+fn bound_aad(kind: SealedRecord, device_id: &str) -> Vec<u8> {
+    let kind = kind.as_str();
+    let mut aad = Vec::with_capacity(2 + kind.len() + device_id.len());
+    aad.push(VERSION);
+    aad.push(kind.len() as u8);
+    aad.extend_from_slice(kind.as_bytes());
+    aad.extend_from_slice(device_id.as_bytes());
+    aad
+}
 const KEY_LEN: usize = 32;
 const TAG_LEN: usize = 16;
 
@@ -37,18 +73,17 @@ impl Sealer {
     /// Reads the key from `path`: 32 raw bytes, or 64 hex characters, or base64 of 32 bytes
     /// (a trailing newline is fine).
     pub fn from_key_file(path: &Path) -> Result<Self, IdentityError> {
-        let bytes = Zeroizing::new(std::fs::read(path).map_err(|e| IdentityError::io(path, e))?);
+        let bytes = read_secret_file(path)?;
         Self::from_encoded_key(&bytes, &path.display().to_string())
     }
 
     /// Reads the key from the systemd credential `name` (`$CREDENTIALS_DIRECTORY/name`).
     pub fn from_credential(name: &str) -> Result<Self, IdentityError> {
         let path = credential_path(name)?;
-        let bytes =
-            Zeroizing::new(std::fs::read(&path).map_err(|e| IdentityError::Credential {
-                name: name.to_string(),
-                reason: format!("{}: {e}", path.display()),
-            })?);
+        let bytes = read_secret_file(&path).map_err(|e| IdentityError::Credential {
+            name: name.to_string(),
+            reason: e.to_string(),
+        })?;
         Self::from_encoded_key(&bytes, &format!("credential {name:?}"))
     }
 
@@ -76,8 +111,9 @@ impl Sealer {
         Self::from_key_bytes(&key)
     }
 
-    /// Encrypts `plain` into a versioned blob with a fresh random nonce.
-    pub fn seal(&self, plain: &[u8]) -> Vec<u8> {
+    /// Encrypts `plain`, the `kind` record of device `device_id`, into a version 2 blob with a
+    /// fresh random nonce; only [`Sealer::open`] with the same kind and id opens it.
+    pub fn seal(&self, kind: SealedRecord, device_id: &str, plain: &[u8]) -> Vec<u8> {
         let mut nonce = [0u8; NONCE_LEN];
         rand::rng().fill_bytes(&mut nonce);
         let mut out = Vec::with_capacity(1 + NONCE_LEN + plain.len() + TAG_LEN);
@@ -88,7 +124,7 @@ impl Sealer {
         self.key
             .seal_in_place_append_tag(
                 Nonce::assume_unique_for_key(nonce),
-                Aad::from([VERSION]),
+                Aad::from(bound_aad(kind, device_id)),
                 &mut body,
             )
             .expect("AES-256-GCM seal of a secret-sized message");
@@ -96,16 +132,38 @@ impl Sealer {
         out
     }
 
-    /// Decrypts a blob made by [`Sealer::seal`]; a wrong key or any altered byte is an error.
-    pub fn open(&self, sealed: &[u8]) -> Result<Secret, IdentityError> {
+    /// Decrypts a blob made by [`Sealer::seal`] for the same `kind` and `device_id` (or an
+    /// unbound version 1 blob); a wrong key, any altered byte, or a blob of another device or
+    /// record kind is an error.
+    pub fn open(
+        &self,
+        kind: SealedRecord,
+        device_id: &str,
+        sealed: &[u8],
+    ) -> Result<Secret, IdentityError> {
         let Some((&version, rest)) = sealed.split_first() else {
             return Err(unseal_error("empty"));
         };
-        if version != VERSION {
-            return Err(unseal_error(format!(
-                "unknown format version {version} (this build reads version {VERSION})"
-            )));
-        }
+        let (aad, failure) = match version {
+            VERSION => (
+                bound_aad(kind, device_id),
+                format!(
+                    "authentication failed: wrong sealing key, tampered data, or a blob sealed \
+                     for another device or record (expected the {} of {device_id:?})",
+                    kind.as_str()
+                ),
+            ),
+            VERSION_UNBOUND => (
+                vec![VERSION_UNBOUND],
+                "authentication failed: wrong sealing key or tampered data".to_string(),
+            ),
+            _ => {
+                return Err(unseal_error(format!(
+                    "unknown format version {version} (this build reads versions \
+                     {VERSION_UNBOUND} and {VERSION})"
+                )))
+            }
+        };
         if rest.len() < NONCE_LEN + TAG_LEN {
             return Err(unseal_error(format!("truncated ({} bytes)", sealed.len())));
         }
@@ -115,10 +173,8 @@ impl Sealer {
         let mut body = Zeroizing::new(body.to_vec());
         let plain = self
             .key
-            .open_in_place(nonce, Aad::from([version]), &mut body)
-            .map_err(|_| {
-                unseal_error("authentication failed: wrong sealing key or tampered data")
-            })?;
+            .open_in_place(nonce, Aad::from(aad), &mut body)
+            .map_err(|_| unseal_error(failure))?;
         Ok(Secret::new(plain.to_vec()))
     }
 }
@@ -153,6 +209,15 @@ fn decode_key(bytes: &[u8]) -> Option<Zeroizing<Vec<u8>>> {
 mod tests {
     use super::*;
 
+    fn write_private(path: &Path, content: impl AsRef<[u8]>) {
+        use std::os::unix::fs::PermissionsExt as _;
+        std::fs::write(path, content).unwrap();
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).unwrap();
+    }
+
+    const K: SealedRecord = SealedRecord::DeviceKey;
+    const ID: &str = "sensor-1";
+
     fn sealer(byte: u8) -> Sealer {
         Sealer::from_key_bytes(&[byte; KEY_LEN]).unwrap()
     }
@@ -161,46 +226,47 @@ mod tests {
     fn seals_and_opens() {
         let s = sealer(1);
         let plain = b"-----BEGIN PRIVATE KEY-----\nsecret\n";
-        let blob = s.seal(plain);
+        let blob = s.seal(K, ID, plain);
         assert_eq!(blob[0], VERSION);
         assert_eq!(blob.len(), 1 + NONCE_LEN + plain.len() + TAG_LEN);
         assert!(
             !blob.windows(6).any(|w| w == b"secret"),
             "plaintext visible in the blob"
         );
-        assert_eq!(s.open(&blob).unwrap().expose(), plain);
+        assert_eq!(s.open(K, ID, &blob).unwrap().expose(), plain);
         // A fresh nonce every time: the same plaintext never seals to the same blob.
-        assert_ne!(s.seal(plain), blob);
-        assert_eq!(s.open(&s.seal(b"")).unwrap().expose(), b"");
+        assert_ne!(s.seal(K, ID, plain), blob);
+        assert_eq!(s.open(K, ID, &s.seal(K, ID, b"")).unwrap().expose(), b"");
     }
 
     #[test]
     fn a_wrong_key_or_any_altered_byte_is_refused() {
         let s = sealer(1);
-        let blob = s.seal(b"device key");
-        let err = sealer(2).open(&blob).unwrap_err().to_string();
+        let blob = s.seal(K, ID, b"device key");
+        let err = sealer(2).open(K, ID, &blob).unwrap_err().to_string();
         assert_eq!(
             err,
-            "sealed secret: authentication failed: wrong sealing key or tampered data"
+            "sealed secret: authentication failed: wrong sealing key, tampered data, or a blob \
+             sealed for another device or record (expected the device-key of \"sensor-1\")"
         );
         for i in 1..blob.len() {
             let mut bad = blob.clone();
             bad[i] ^= 0x80;
-            assert!(s.open(&bad).is_err(), "byte {i} altered but opened");
+            assert!(s.open(K, ID, &bad).is_err(), "byte {i} altered but opened");
         }
         let mut bad = blob.clone();
         bad[0] = 9;
         assert!(s
-            .open(&bad)
+            .open(K, ID, &bad)
             .unwrap_err()
             .to_string()
-            .contains("unknown format version 9"));
+            .contains("unknown format version 9 (this build reads versions 1 and 2)"));
         assert!(s
-            .open(&blob[..10])
+            .open(K, ID, &blob[..10])
             .unwrap_err()
             .to_string()
             .contains("truncated"));
-        assert!(s.open(&[]).is_err());
+        assert!(s.open(K, ID, &[]).is_err());
     }
 
     #[test]
@@ -222,17 +288,20 @@ mod tests {
         ];
         for (name, content) in forms {
             let path = dir.path().join(name);
-            std::fs::write(&path, content).unwrap();
+            write_private(&path, content);
             let s = Sealer::from_key_file(&path).unwrap();
             assert_eq!(
-                reference.open(&s.seal(b"x")).unwrap().expose(),
+                reference
+                    .open(K, ID, &s.seal(K, ID, b"x"))
+                    .unwrap()
+                    .expose(),
                 b"x",
                 "{name}"
             );
         }
 
         let short = dir.path().join("short");
-        std::fs::write(&short, "abcd\n").unwrap();
+        write_private(&short, "abcd\n");
         let err = Sealer::from_key_file(&short).unwrap_err().to_string();
         assert_eq!(
             err,
@@ -247,5 +316,42 @@ mod tests {
             .to_string()
             .starts_with(&missing.display().to_string()));
         assert_eq!(format!("{reference:?}"), "Sealer([redacted])");
+    }
+
+    #[test]
+    fn a_blob_moved_to_another_device_or_record_kind_does_not_open() {
+        let s = sealer(1);
+        let blob = s.seal(K, ID, b"sensor-1's key");
+        let err = s.open(K, "sensor-2", &blob).unwrap_err().to_string();
+        assert!(
+            err.ends_with("(expected the device-key of \"sensor-2\")"),
+            "{err}"
+        );
+        assert!(s.open(SealedRecord::OwnershipToken, ID, &blob).is_err());
+        // A prefix or suffix of the id is another id.
+        assert!(s.open(K, "sensor-", &blob).is_err());
+        assert!(s.open(K, "sensor-10", &blob).is_err());
+        assert_eq!(s.open(K, ID, &blob).unwrap().expose(), b"sensor-1's key");
+    }
+
+    /// A version 1 blob as the previous release wrote it (AES-256-GCM, key = 32 bytes of 1,
+    /// nonce 00..0b, associated data = the version byte only): stores sealed before the
+    /// binding still open, for any device id and kind (the old format carries neither).
+    #[test]
+    fn opens_unbound_version_1_blobs_written_by_the_previous_release() {
+        let blob = hex::decode(
+            "01000102030405060708090a0bd7c3f2474387261d9b1c8ea74549a3c6d7c91f6968c15abd9fbaadfcb8e3d43478",
+        )
+        .unwrap();
+        let s = sealer(1);
+        assert_eq!(s.open(K, ID, &blob).unwrap().expose(), b"legacy device key");
+        let mut bad = blob.clone();
+        bad[20] ^= 1;
+        assert_eq!(
+            s.open(K, ID, &bad).unwrap_err().to_string(),
+            "sealed secret: authentication failed: wrong sealing key or tampered data"
+        );
+        // Sealing again writes version 2.
+        assert_eq!(s.seal(K, ID, b"legacy device key")[0], 2);
     }
 }

@@ -196,7 +196,11 @@ async fn prepare_key(inner: &Inner, rec: DeviceRecord) -> Step {
                 }
             };
             let stored = match &inner.sealer {
-                Some(sealer) => sealer.seal(key_pem.expose()),
+                Some(sealer) => sealer.seal(
+                    identity::SealedRecord::DeviceKey,
+                    rec.id.as_str(),
+                    key_pem.expose(),
+                ),
                 None => key_pem.expose().to_vec(),
             };
             batch.put_secret(&rec.id, &stored);
@@ -462,7 +466,7 @@ pub(super) fn accepted_payload(
         };
         let plain = match &inner.sealer {
             Some(sealer) => sealer
-                .open(&stored)
+                .open(identity::SealedRecord::DeviceKey, rec.id.as_str(), &stored)
                 .map_err(|e| internal(&format!("unsealing the key: {e}")))?,
             None => Secret::new(stored),
         };

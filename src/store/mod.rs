@@ -791,4 +791,6 @@ fn decode_token(key: &str, bytes: &[u8]) -> Result<OwnershipTokenRecord, StoreEr
 }
 
 #[cfg(test)]
+mod corrupt_tests;
+#[cfg(test)]
 mod tests;

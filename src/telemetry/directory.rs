@@ -15,7 +15,7 @@ use super::{TelemetryError, UpstreamEndpoint};
 use crate::config::TelemetryIdentity;
 use crate::device_id::DeviceId;
 use crate::downstream::{DeviceStatus, RejectedResponse};
-use crate::identity::{tls, PrivateKey, Sealer};
+use crate::identity::{tls, PrivateKey, SealedRecord, Sealer};
 use crate::store::{DeviceRecord, DeviceState, Store};
 
 /// Why a device's telemetry is not forwarded.
@@ -210,7 +210,7 @@ pub(crate) fn device_tls(
         .ok_or_else(|| cred("its private key is not in the store".into()))?;
     let plain = match sealer {
         Some(s) => s
-            .open(&stored)
+            .open(SealedRecord::DeviceKey, id.as_str(), &stored)
             .map_err(|e| cred(format!("unsealing its key: {e}")))?,
         None => crate::identity::Secret::new(stored),
     };

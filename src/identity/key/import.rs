@@ -13,7 +13,7 @@ impl PrivateKey {
     /// PKCS#8, SEC1 or PKCS#1 PEM, encrypted PEM (`openssl genrsa -aes256`, `openssl pkcs8 -v2`,
     /// `openssl genpkey -aes256`), unencrypted DER, or a PKCS#12 bundle (`.p12`/`.pfx`, key part).
     pub fn import_file(path: &Path, passphrase: Option<&Secret>) -> Result<Self, IdentityError> {
-        let bytes = std::fs::read(path).map_err(|e| IdentityError::io(path, e))?;
+        let bytes = crate::identity::read_secret_file(path)?;
         let input = path.display().to_string();
         let pkey = if looks_like_pem(&bytes) {
             openssl_pem_key(path, &bytes, passphrase)?
@@ -181,7 +181,10 @@ mod tests {
         openssl(dir, &args).unwrap()
     }
 
+    /// Imports `dir/file`, made private first (as an operator must) when it exists.
     fn import(dir: &Path, file: &str, pass: Option<&str>) -> Result<PrivateKey, IdentityError> {
+        use std::os::unix::fs::PermissionsExt as _;
+        let _ = std::fs::set_permissions(dir.join(file), std::fs::Permissions::from_mode(0o600));
         let secret = pass.map(Secret::from);
         PrivateKey::import_file(&dir.join(file), secret.as_ref())
     }

@@ -17,7 +17,7 @@ pub fn read_passphrase(
         (None, Some(name)) => credential_path(name)?,
         (None, None) => return Ok(None),
     };
-    let mut bytes = std::fs::read(&path).map_err(|e| IdentityError::io(&path, e))?;
+    let mut bytes = std::mem::take(&mut *crate::identity::read_secret_file(&path)?);
     if bytes.last() == Some(&b'\n') {
         bytes.pop();
         if bytes.last() == Some(&b'\r') {
@@ -44,16 +44,23 @@ pub(crate) fn credential_path(name: &str) -> Result<PathBuf, IdentityError> {
 
 #[cfg(test)]
 mod tests {
+    use std::os::unix::fs::PermissionsExt as _;
+
     use super::*;
+
+    fn write_private(path: &Path, content: impl AsRef<[u8]>) {
+        std::fs::write(path, content).unwrap();
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).unwrap();
+    }
 
     #[test]
     fn reads_passphrases_from_a_file_or_a_systemd_credential() {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("pass");
-        std::fs::write(&file, "s3cret \n").unwrap();
+        write_private(&file, "s3cret \n");
         let pass = read_passphrase(Some(&file), None).unwrap().unwrap();
         assert_eq!(pass.expose(), b"s3cret ");
-        std::fs::write(&file, "crlf\r\n").unwrap();
+        write_private(&file, "crlf\r\n");
         assert_eq!(
             read_passphrase(Some(&file), None)
                 .unwrap()
@@ -64,7 +71,7 @@ mod tests {
         assert!(read_passphrase(None, None).unwrap().is_none());
 
         // The only test in this crate that touches CREDENTIALS_DIRECTORY.
-        std::fs::write(dir.path().join("claim-pass"), "from-systemd\n").unwrap();
+        write_private(&dir.path().join("claim-pass"), "from-systemd\n");
         std::env::set_var("CREDENTIALS_DIRECTORY", dir.path());
         let pass = read_passphrase(None, Some("claim-pass")).unwrap().unwrap();
         assert_eq!(pass.expose(), b"from-systemd");
@@ -76,10 +83,12 @@ mod tests {
             "{err}"
         );
 
-        std::fs::write(dir.path().join("seal"), [7u8; 32]).unwrap();
+        write_private(&dir.path().join("seal"), [7u8; 32]);
         let sealer = crate::identity::Sealer::from_credential("seal").unwrap();
         let direct = crate::identity::Sealer::from_key_bytes(&[7u8; 32]).unwrap();
-        assert_eq!(direct.open(&sealer.seal(b"x")).unwrap().expose(), b"x");
+        let kind = crate::identity::SealedRecord::DeviceKey;
+        let blob = sealer.seal(kind, "d", b"x");
+        assert_eq!(direct.open(kind, "d", &blob).unwrap().expose(), b"x");
 
         std::env::remove_var("CREDENTIALS_DIRECTORY");
         let err = read_passphrase(None, Some("claim-pass"))
