@@ -313,9 +313,11 @@ async fn reprovision_gives_a_new_certificate_and_the_old_one_is_refused() {
         .issue_server("127.0.0.1", &[], &["127.0.0.1".parse().unwrap()], 1)
         .unwrap();
     std::fs::write(dir.path().join("tls.crt"), &server_cert).unwrap();
-    std::fs::write(
-        dir.path().join("tls.key"),
+    // Key files must be private (the daemon refuses others with exit 78).
+    fleetgw::identity::write_file_atomic(
+        &dir.path().join("tls.key"),
         server_key.to_pkcs8_pem().expose(),
+        0o600,
     )
     .unwrap();
     let (port, tls_port) = (free_port(), free_port());
