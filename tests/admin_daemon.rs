@@ -159,6 +159,12 @@ async fn operator_approves_a_waiting_device_with_the_cli() {
     let out = cli_async(&socket, &["status", "--json"]).await;
     let v: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["devices"]["provisioned"], 1, "{v}");
+    // The device was just provisioned through a claim session, so at least one is up.
+    let configured = v["cloudSessions"].as_u64().expect("cloudSessions");
+    let connected = v["cloudSessionsConnected"]
+        .as_u64()
+        .expect("cloudSessionsConnected");
+    assert!(connected >= 1 && connected <= configured, "{v}");
     // Metrics of the live daemon parse as Prometheus text and count what happened.
     // The engine records the latency just after it stored `delivered`: poll briefly.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);

@@ -86,6 +86,8 @@ pub struct AdminParts {
     pub close_upstream: Option<LinkCloser>,
     /// Admission's enrollment-group credentials, rebuilt when groups change.
     pub enrollments: Option<EnrollmentSet>,
+    /// Cloud sessions connected and configured (AWS: the claim sessions).
+    pub cloud_sessions: Option<StatsSource<(usize, usize)>>,
 }
 
 impl AdminParts {
@@ -101,6 +103,7 @@ impl AdminParts {
             sealer: None,
             close_upstream: None,
             enrollments: None,
+            cloud_sessions: None,
         }
     }
 }

@@ -35,6 +35,12 @@ pub struct StatusView {
     pub provisioning_active: u64,
     /// Upstream telemetry connections open.
     pub upstream_links: u64,
+    /// Cloud sessions connected now (AWS: claim sessions), when the daemon knows them.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cloud_sessions_connected: Option<u64>,
+    /// Cloud sessions configured (`cloud.aws.sessions`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cloud_sessions: Option<u64>,
     /// Devices connected to the embedded broker (absent with an external broker).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub broker_sessions: Option<u64>,
@@ -59,6 +65,7 @@ pub async fn get_status(State(state): State<AdminState>) -> Result<Json<StatusVi
         .await
         .map_err(|e| ApiError::internal("counting devices", &e))??;
     let telemetry = state.telemetry.as_ref().map(|t| t()).unwrap_or_default();
+    let cloud = state.cloud_sessions.as_ref().map(|c| c());
     Ok(Json(StatusView {
         version: env!("CARGO_PKG_VERSION"),
         uptime_secs: state.uptime().as_secs(),
@@ -68,6 +75,8 @@ pub async fn get_status(State(state): State<AdminState>) -> Result<Json<StatusVi
         outbox_bytes: state.store.outbox_bytes(),
         provisioning_active: state.engine_stats().active,
         upstream_links: telemetry.open_connections,
+        cloud_sessions_connected: cloud.map(|(connected, _)| connected as u64),
+        cloud_sessions: cloud.map(|(_, configured)| configured as u64),
         broker_sessions: state.broker.as_ref().map(|b| b.sessions() as u64),
     }))
 }

@@ -299,6 +299,11 @@ impl Gateway {
                 sealer: admin_sealer,
                 close_upstream: Some(telemetry.link_closer()),
                 enrollments: Some(enrollments.clone()),
+                cloud_sessions: Some({
+                    let provider = provider.clone();
+                    let configured = cfg.cloud.aws.sessions.max(1) as usize;
+                    Arc::new(move || (provider.connected_sessions(), configured))
+                }),
             },
         )
         .await?;

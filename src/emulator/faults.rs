@@ -140,6 +140,26 @@ impl Faults {
         }
     }
 
+    /// `POST /faults` of both emulators: `body` is a JSON [`FaultRequest`], checked, then
+    /// applied; `set_tps` applies its rate limit to the emulator's provisioning buckets. `Err`
+    /// says what is wrong with the request (nothing is applied then).
+    pub fn post(&self, body: &[u8], set_tps: impl FnOnce(f64)) -> Result<(), String> {
+        let req: FaultRequest =
+            serde_json::from_slice(body).map_err(|e| format!("fault request: {e}"))?;
+        Self::validate(&req).map_err(|e| format!("fault request: {e}"))?;
+        if let Some(tps) = req.tps {
+            set_tps(tps);
+        }
+        self.apply(&req);
+        tracing::info!(?req, "emulator fault injected");
+        Ok(())
+    }
+
+    /// The faults in force, with the provisioning rate limit `tps` (`GET /faults`).
+    pub fn view_with(&self, tps: Option<f64>) -> FaultView {
+        FaultView { tps, ..self.view() }
+    }
+
     /// Clears every fault.
     pub fn clear(&self) {
         *self.lock() = Inner::default();

@@ -28,7 +28,7 @@ use serde_json::json;
 use super::counters::Counters;
 use super::server::{CloudPublish, ServerContext, MAX_PAYLOAD_BYTES};
 use super::state::CertificateStatus;
-use crate::emulator::faults::{FaultRequest, FaultView, Faults};
+use crate::emulator::faults::FaultView;
 
 /// What the API handlers share.
 #[derive(Clone)]
@@ -159,9 +159,7 @@ async fn stats(State(s): State<ApiState>) -> Response {
 }
 
 fn fault_view(s: &ApiState) -> FaultView {
-    let mut view = s.ctx.faults.view();
-    view.tps = s.ctx.provisioning.tps();
-    view
+    s.ctx.faults.view_with(s.ctx.provisioning.tps())
 }
 
 async fn get_faults(State(s): State<ApiState>) -> Response {
@@ -173,19 +171,14 @@ fn bad_request(message: String) -> Response {
 }
 
 async fn post_faults(State(s): State<ApiState>, body: axum::body::Bytes) -> Response {
-    let req: FaultRequest = match serde_json::from_slice(&body) {
-        Ok(r) => r,
-        Err(e) => return bad_request(format!("fault request: {e}")),
-    };
-    if let Err(e) = Faults::validate(&req) {
-        return bad_request(format!("fault request: {e}"));
+    match s
+        .ctx
+        .faults
+        .post(&body, |tps| s.ctx.provisioning.set_tps(Some(tps)))
+    {
+        Ok(()) => Json(fault_view(&s)).into_response(),
+        Err(message) => bad_request(message),
     }
-    if let Some(tps) = req.tps {
-        s.ctx.provisioning.set_tps(Some(tps));
-    }
-    s.ctx.faults.apply(&req);
-    tracing::info!(?req, "emulator fault injected");
-    Json(fault_view(&s)).into_response()
 }
 
 async fn delete_faults(State(s): State<ApiState>) -> Response {

@@ -24,7 +24,7 @@ use serde_json::json;
 
 use super::hub::{self, CloudToDevice, Context, Counters, Transport};
 use super::registry::Attestation;
-use crate::emulator::faults::{FaultRequest, FaultView, Faults};
+use crate::emulator::faults::FaultView;
 
 /// What the handlers share.
 #[derive(Clone)]
@@ -141,9 +141,7 @@ async fn stats(State(s): State<ApiState>) -> Response {
 }
 
 fn fault_view(s: &ApiState) -> FaultView {
-    let mut view = s.ctx.faults.view();
-    view.tps = s.ctx.dps.tps();
-    view
+    s.ctx.faults.view_with(s.ctx.dps.tps())
 }
 
 async fn get_faults(State(s): State<ApiState>) -> Response {
@@ -155,19 +153,10 @@ fn bad_request(message: String) -> Response {
 }
 
 async fn post_faults(State(s): State<ApiState>, body: axum::body::Bytes) -> Response {
-    let req: FaultRequest = match serde_json::from_slice(&body) {
-        Ok(r) => r,
-        Err(e) => return bad_request(format!("fault request: {e}")),
-    };
-    if let Err(e) = Faults::validate(&req) {
-        return bad_request(format!("fault request: {e}"));
+    match s.ctx.faults.post(&body, |tps| s.ctx.dps.set_tps(Some(tps))) {
+        Ok(()) => Json(fault_view(&s)).into_response(),
+        Err(message) => bad_request(message),
     }
-    if let Some(tps) = req.tps {
-        s.ctx.dps.set_tps(Some(tps));
-    }
-    s.ctx.faults.apply(&req);
-    tracing::info!(?req, "Azure emulator fault injected");
-    Json(fault_view(&s)).into_response()
 }
 
 async fn delete_faults(State(s): State<ApiState>) -> Response {
