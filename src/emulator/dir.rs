@@ -1,5 +1,6 @@
-//! Files in an emulator's DIR: the directory itself (0700), optional reads, and atomic writes
-//! of public (0644) and secret (0600) files. Shared by the emulators.
+//! Files in an emulator's DIR: the directory itself (0700), optional reads, atomic writes of
+//! public (0644) and secret (0600) files, and the discovery files a started emulator leaves
+//! (`gateway.toml`, then `emulator.json`). Shared by the emulators.
 
 use std::path::Path;
 
@@ -44,4 +45,39 @@ pub fn write(path: &Path, bytes: &[u8], mode: u32) -> Result<(), EmulatorError> 
 /// Writes a secret atomically with mode 0600.
 pub fn write_secret(path: &Path, secret: &identity::Secret) -> Result<(), EmulatorError> {
     write(path, secret.expose(), 0o600)
+}
+
+/// Writes an emulator's discovery files in `dir`: `gateway.toml` (0644) from `gateway_config`,
+/// then `emulator.json` from `discovery` with `discovery_mode`, last, since scripts treat its
+/// appearance as "ready, everything written".
+pub fn write_discovery(
+    dir: &Path,
+    gateway_config: Result<String, toml::ser::Error>,
+    discovery: &serde_json::Value,
+    discovery_mode: u32,
+) -> Result<(), EmulatorError> {
+    let discovery_path = dir.join("emulator.json");
+    let mut json_bytes =
+        serde_json::to_vec_pretty(discovery).map_err(|e| EmulatorError::Corrupt {
+            path: discovery_path.clone(),
+            reason: format!("cannot encode: {e}"),
+        })?;
+    json_bytes.push(b'\n');
+    let config_path = dir.join("gateway.toml");
+    let config = gateway_config.map_err(|e| EmulatorError::Corrupt {
+        path: config_path.clone(),
+        reason: format!("cannot encode: {e}"),
+    })?;
+    write(&config_path, config.as_bytes(), 0o644)?;
+    write(&discovery_path, &json_bytes, discovery_mode)
+}
+
+/// A TOML table of `pairs`, for the `gateway.toml` the emulators write.
+pub fn toml_section(pairs: Vec<(&str, toml::Value)>) -> toml::Value {
+    toml::Value::Table(
+        pairs
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v))
+            .collect::<toml::Table>(),
+    )
 }

@@ -47,7 +47,7 @@ pub use crate::emulator::faults::{FaultRequest, FaultView};
 pub use templates::DEFAULT_TEMPLATE;
 
 use crate::clock;
-use crate::emulator::dir::{create_dir, read_opt, write, write_secret};
+use crate::emulator::dir::{self, create_dir, read_opt, write, write_secret};
 use crate::emulator::EmulatorError;
 use crate::identity::{self, CertificateAuthority, KeyType, PrivateKey};
 
@@ -505,34 +505,14 @@ fn write_discovery_files(handle: &AwsEmulatorHandle) -> Result<(), EmulatorError
         "gatewayThing": GATEWAY_THING,
         "templates": handle.templates,
     });
-    let mut json_bytes =
-        serde_json::to_vec_pretty(&discovery).map_err(|e| EmulatorError::Corrupt {
-            path: handle.dir.join("emulator.json"),
-            reason: format!("cannot encode: {e}"),
-        })?;
-    json_bytes.push(b'\n');
-    let config = gateway_toml(handle).map_err(|e| EmulatorError::Corrupt {
-        path: handle.gateway_config_path(),
-        reason: format!("cannot encode: {e}"),
-    })?;
-    write(&handle.gateway_config_path(), config.as_bytes(), 0o644)?;
-    // emulator.json last: scripts treat its appearance as "ready, everything written".
-    write(&handle.dir.join("emulator.json"), &json_bytes, 0o644)?;
-    Ok(())
+    dir::write_discovery(&handle.dir, gateway_toml(handle), &discovery, 0o644)
 }
 
 /// A complete fleetgw config for a gateway provisioning against this emulator.
 fn gateway_toml(handle: &AwsEmulatorHandle) -> Result<String, toml::ser::Error> {
     use toml::{Table, Value};
     let s = |v: String| Value::String(v);
-    let section = |pairs: Vec<(&str, Value)>| {
-        Value::Table(
-            pairs
-                .into_iter()
-                .map(|(k, v)| (k.to_string(), v))
-                .collect::<Table>(),
-        )
-    };
+    let section = dir::toml_section;
     let template = handle
         .templates
         .iter()

@@ -13,7 +13,7 @@ use serde_json::json;
 use super::auth::{Groups, SymmetricGroup, X509Group};
 use super::AzureEmulatorHandle;
 use crate::clock;
-use crate::emulator::dir::{create_dir, read_opt, write, write_secret};
+use crate::emulator::dir::{self, create_dir, read_opt, write, write_secret};
 use crate::emulator::EmulatorError;
 use crate::identity::{self, CertificateAuthority, PrivateKey};
 
@@ -272,22 +272,8 @@ pub fn write_discovery_files(handle: &AzureEmulatorHandle) -> Result<(), Emulato
             },
         },
     });
-    let discovery_path = handle.dir().join("emulator.json");
-    let mut json_bytes =
-        serde_json::to_vec_pretty(&discovery).map_err(|e| EmulatorError::Corrupt {
-            path: discovery_path.clone(),
-            reason: format!("cannot encode: {e}"),
-        })?;
-    json_bytes.push(b'\n');
-    let config = gateway_toml(handle).map_err(|e| EmulatorError::Corrupt {
-        path: handle.gateway_config_path(),
-        reason: format!("cannot encode: {e}"),
-    })?;
-    write(&handle.gateway_config_path(), config.as_bytes(), 0o644)?;
-    // emulator.json last: scripts treat its appearance as "ready, everything written". It holds
-    // the group keys, hence 0600 like azure.json.
-    write(&discovery_path, &json_bytes, 0o600)?;
-    Ok(())
+    // emulator.json holds the group keys, hence 0600 like azure.json.
+    dir::write_discovery(handle.dir(), gateway_toml(handle), &discovery, 0o600)
 }
 
 /// A fleetgw config naming this emulator's DPS, with the `[cloud.azure]` keys fleetgw has
@@ -295,14 +281,7 @@ pub fn write_discovery_files(handle: &AzureEmulatorHandle) -> Result<(), Emulato
 fn gateway_toml(handle: &AzureEmulatorHandle) -> Result<String, toml::ser::Error> {
     use toml::{Table, Value};
     let s = |v: String| Value::String(v);
-    let section = |pairs: Vec<(&str, Value)>| {
-        Value::Table(
-            pairs
-                .into_iter()
-                .map(|(k, v)| (k.to_string(), v))
-                .collect::<Table>(),
-        )
-    };
+    let section = dir::toml_section;
     let dir = handle.dir();
     let mut cloud = Table::new();
     cloud.insert("provider".into(), s("azure".into()));

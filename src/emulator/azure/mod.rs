@@ -35,7 +35,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_rustls::TlsAcceptor;
@@ -375,4 +375,37 @@ pub async fn start(opts: AzureEmulatorOptions) -> Result<AzureEmulatorHandle, Em
         "Azure emulator listening"
     );
     Ok(handle)
+}
+
+/// The accept loop of the four service listeners: until `shutdown` turns true, counts each
+/// connection, refuses it during an outage fault, and hands the rest to `serve` (which
+/// spawns the connection's task). `label` names the listener in the log.
+async fn accept_until_shutdown(
+    listener: TcpListener,
+    ctx: &hub::Context,
+    label: &str,
+    shutdown: watch::Receiver<bool>,
+    mut serve: impl FnMut(TcpStream, SocketAddr),
+) {
+    let mut stop = shutdown;
+    loop {
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            _ = stop.changed() => break,
+        };
+        let (tcp, peer) = match accepted {
+            Ok(a) => a,
+            Err(e) => {
+                tracing::warn!(error = %e, "Azure emulator {label} accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        hub::Counters::bump(&ctx.counters.connections_total);
+        if ctx.faults.in_outage() {
+            hub::Counters::bump(&ctx.counters.connections_refused);
+            continue;
+        }
+        serve(tcp, peer);
+    }
 }

@@ -104,29 +104,13 @@ pub async fn run_listener(
     service: Service,
     shutdown: watch::Receiver<bool>,
 ) {
-    let mut stop = shutdown.clone();
-    loop {
-        let accepted = tokio::select! {
-            a = listener.accept() => a,
-            _ = stop.changed() => break,
-        };
-        let (tcp, peer) = match accepted {
-            Ok(a) => a,
-            Err(e) => {
-                tracing::warn!(error = %e, "Azure emulator MQTT accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
-        };
-        Counters::bump(&ctx.counters.connections_total);
-        if ctx.faults.in_outage() {
-            Counters::bump(&ctx.counters.connections_refused);
-            continue;
-        }
+    let stopping = shutdown.clone();
+    super::accept_until_shutdown(listener, &ctx, "MQTT", stopping, |tcp, peer| {
         let _ = tcp.set_nodelay(true);
         let (ctx, acceptor, shutdown) = (ctx.clone(), acceptor.clone(), shutdown.clone());
         tokio::spawn(async move { serve(tcp, peer, acceptor, ctx, service, shutdown).await });
-    }
+    })
+    .await;
 }
 
 /// Why a connection ended.
