@@ -631,7 +631,8 @@ async fn flow_control_holds_under_load() {
     }
 }
 
-// §3.1.3.2.2: a will with a delay is published once the delay has passed.
+// §3.1.3.2.2: a will with a delay is published once the delay has passed, and at once when
+// the session ends at disconnect.
 #[tokio::test]
 async fn a_delayed_will_is_published_after_its_delay() {
     use rumqttc::v5::mqttbytes::v5::{LastWill, LastWillProperties};
@@ -640,6 +641,9 @@ async fn a_delayed_will_is_published_after_its_delay() {
     let mut watcher = Client::connect(options("will-watcher", port)).await;
     watcher.subscribe("wills/#", QoS::AtLeastOnce, None).await;
     let mut o = options("mortal", port);
+    // The delay applies while the session lives: a session that ends at disconnect (expiry 0)
+    // sends its will at once (§3.1.2.5).
+    o.set_session_expiry_interval(Some(60));
     let props = LastWillProperties {
         delay_interval: Some(1),
         payload_format_indicator: None,
@@ -669,4 +673,26 @@ async fn a_delayed_will_is_published_after_its_delay() {
         will.properties.unwrap().user_properties,
         vec![("why".to_string(), "gone".to_string())]
     );
+
+    // No kept session: an hour's delay does not hold the will back (nor a timer for an hour).
+    let mut o = options("brief", port);
+    let props = LastWillProperties {
+        delay_interval: Some(3600),
+        payload_format_indicator: None,
+        message_expiry_interval: None,
+        content_type: None,
+        response_topic: None,
+        correlation_data: None,
+        user_properties: Vec::new(),
+    };
+    o.set_last_will(LastWill::new(
+        "wills/brief",
+        "bye",
+        QoS::AtLeastOnce,
+        false,
+        Some(props),
+    ));
+    drop(Client::connect(o).await);
+    let will = watcher.next_publish().await;
+    assert_eq!(will.topic, "wills/brief".as_bytes());
 }

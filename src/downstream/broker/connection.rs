@@ -21,6 +21,7 @@ use tokio::time::{timeout, timeout_at, Instant};
 use super::rate::InboundRate;
 use super::router::{AckWait, ConnectionFacts, Delivery, Message, Refused, Router, Session};
 use super::rules::{truncated, AccessRules, LocalUser, Principal, Refusal};
+use super::session::PendingWill;
 use crate::identity;
 use crate::mqtt::props::{self, MessageProperties};
 use crate::mqtt::stream::{PacketStream, StreamError};
@@ -398,6 +399,7 @@ pub async fn serve<S>(
         tracing::debug!(%peer, client_id, %close, "embedded broker: cannot answer CONNECT");
         return;
     }
+    let shutdown_for_will = shutdown.clone();
     let close = conn
         .run(
             &connect, &principal, &cfg, &router, &session, number, shutdown,
@@ -426,18 +428,26 @@ pub async fn serve<S>(
         None
     };
     match will {
-        // MQTT 5 will delay: published later, unless the client is back in its session by
-        // then (MQTT-3.1.3-9). A session that ends sooner is not tracked: the delay runs out.
-        Some(w) if w.delay_secs > 0 => {
+        // MQTT 5 will delay: published when the delay or the kept session ends, whichever is
+        // first, unless the client is back in its session by then (MQTT-3.1.3-9). A session
+        // that is not kept ends now, and so the will goes now. One timer per session at most
+        // (a new one replaces it, a resuming connection cancels it), and it ends with the
+        // broker, so disconnecting in a loop cannot pile timers up.
+        Some(w) if w.delay_secs > 0 && keep.is_some() => {
             router.disconnect(&session, number, None);
-            let router = router.clone();
-            let session = session.clone();
-            tokio::spawn(async move {
-                tokio::time::sleep(Duration::from_secs(u64::from(w.delay_secs))).await;
-                if !router.is_attached(&session) {
-                    router.publish_will(session.client_id(), w);
+            let delay = Duration::from_secs(u64::from(w.delay_secs)).min(keep.unwrap_or_default());
+            let (timer_router, timer_session) = (router.clone(), session.clone());
+            let mut stopping = shutdown_for_will;
+            let timer = tokio::spawn(async move {
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = stopping.wait_for(|s| *s) => return,
+                }
+                if !timer_router.is_attached(&timer_session) {
+                    timer_router.publish_will(timer_session.client_id(), w);
                 }
             });
+            session.set_pending_will(PendingWill(timer.abort_handle()));
         }
         will => router.disconnect(&session, number, will),
     }

@@ -330,6 +330,8 @@ impl Router {
                 let mut st = existing.lock();
                 st.keep = keep;
                 st.expires_at = None;
+                // Back in time: its delayed will is not sent (MQTT-3.1.3-9).
+                st.pending_will = None;
                 if std::mem::take(&mut st.counted_kept) {
                     t.kept -= 1;
                 }

@@ -109,9 +109,27 @@ pub(super) struct SessionState {
     pub(super) queued_bytes: usize,
     pub(super) next_pkid: u16,
     pub(super) dropped: u64,
+    /// The timer of a delayed will (MQTT 5 will delay), at most one per session: replaced by
+    /// the next one, cancelled when a connection resumes the session.
+    pub(super) pending_will: Option<PendingWill>,
+}
+
+/// A delayed will's timer task; dropping it cancels the will.
+#[derive(Debug)]
+pub struct PendingWill(pub tokio::task::AbortHandle);
+
+impl Drop for PendingWill {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 impl Session {
+    /// Keeps the timer of this session's delayed will, cancelling an earlier one.
+    pub(super) fn set_pending_will(&self, will: PendingWill) {
+        self.lock().pending_will = Some(will);
+    }
+
     pub(super) fn lock(&self) -> MutexGuard<'_, SessionState> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
