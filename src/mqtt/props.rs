@@ -31,6 +31,11 @@ impl MessageProperties {
         self == &Self::default()
     }
 
+    /// `None` when there is nothing to carry, so a plain message carries no allocation.
+    fn non_empty(self) -> Option<Self> {
+        (!self.is_empty()).then_some(self)
+    }
+
     /// What a PUBLISH's properties carry, and its expiry interval and topic alias.
     pub fn from_publish(p: v5::PublishProperties) -> (Option<Self>, Option<u32>, Option<u16>) {
         let props = Self {
@@ -40,11 +45,7 @@ impl MessageProperties {
             correlation_data: p.correlation_data,
             user_properties: p.user_properties,
         };
-        (
-            (!props.is_empty()).then_some(props),
-            p.message_expiry_interval,
-            p.topic_alias,
-        )
+        (props.non_empty(), p.message_expiry_interval, p.topic_alias)
     }
 
     /// What a will's properties carry, and its expiry and delay intervals.
@@ -57,7 +58,7 @@ impl MessageProperties {
             user_properties: p.user_properties,
         };
         (
-            (!props.is_empty()).then_some(props),
+            props.non_empty(),
             p.message_expiry_interval,
             p.delay_interval.unwrap_or(0),
         )

@@ -493,18 +493,11 @@ impl Driver {
                 // only happens when inbound_capacity is below the broker's in-flight window.
                 tracing::warn!("downstream consumer channel full; event loop waits for it");
                 if let Err(mpsc::error::SendError(message)) = self.tx.send(message).await {
-                    return self.consumer_gone(message);
+                    return message.consumer_gone();
                 }
             }
-            Err(mpsc::error::TrySendError::Closed(message)) => return self.consumer_gone(message),
+            Err(mpsc::error::TrySendError::Closed(message)) => return message.consumer_gone(),
         }
         true
-    }
-
-    fn consumer_gone(&self, message: DownstreamMessage) -> bool {
-        // Left unacknowledged so the broker keeps it for the next session.
-        message.ack.forget();
-        tracing::info!("downstream consumer gone; stopping the session");
-        false
     }
 }

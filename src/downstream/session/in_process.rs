@@ -113,18 +113,11 @@ impl Reader {
             Err(mpsc::error::TrySendError::Full(message)) => tokio::select! {
                 sent = self.tx.send(message) => match sent {
                     Ok(()) => true,
-                    Err(mpsc::error::SendError(message)) => consumer_gone(message),
+                    Err(mpsc::error::SendError(message)) => message.consumer_gone(),
                 },
                 _ = self.link.shutdown.notified() => false,
             },
-            Err(mpsc::error::TrySendError::Closed(message)) => consumer_gone(message),
+            Err(mpsc::error::TrySendError::Closed(message)) => message.consumer_gone(),
         }
     }
-}
-
-fn consumer_gone(message: DownstreamMessage) -> bool {
-    // Left unacknowledged so the broker keeps it for the next session.
-    message.ack.forget();
-    tracing::info!("downstream consumer gone; stopping the session");
-    false
 }

@@ -249,6 +249,14 @@ pub struct DownstreamMessage {
 }
 
 impl DownstreamMessage {
+    /// The consumer's channel closed with this message undelivered: it is left
+    /// unacknowledged, so the broker keeps it for the next session. Returns false (stop).
+    pub(super) fn consumer_gone(self) -> bool {
+        self.ack.forget();
+        tracing::info!("downstream consumer gone; stopping the session");
+        false
+    }
+
     /// The message of `publish`, whose topic parsed as `topic`, acknowledged through `ack`.
     pub(super) fn new(topic: DeviceTopic, publish: rumqttc::Publish, ack: AckHandle) -> Self {
         Self {
