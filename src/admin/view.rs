@@ -105,7 +105,8 @@ pub fn is_approved(state: &DeviceState) -> bool {
         DeviceState::Approved
             | DeviceState::KeyReady { .. }
             | DeviceState::CertificateIssued { .. }
-            | DeviceState::ThingRegistered { .. }
+            | DeviceState::Registering { .. }
+            | DeviceState::Registered { .. }
             | DeviceState::Delivered
             | DeviceState::Failed { .. }
     )

@@ -91,24 +91,45 @@ pub enum DeviceState {
         /// The CSR that is sent to the cloud.
         csr: String,
     },
-    /// The cloud issued a certificate; RegisterThing still has to be called with the token.
+    /// A certificate was issued (by the cloud for AWS, by the gateway's enrollment-group CA
+    /// for Azure X.509); the registration still has to be made.
     CertificateIssued {
-        /// Cloud certificate id.
+        /// Certificate id (the cloud's, or the issued certificate's SHA-256 fingerprint).
         certificate_id: String,
         /// Issued certificate (PEM).
         certificate_pem: String,
-        /// Ownership token for RegisterThing (AWS).
-        ownership_token: OwnershipToken,
-        /// When the token expires (unix milliseconds); past it the device goes back to KeyReady.
-        token_expires_at_ms: u64,
+        /// Ownership token for RegisterThing (AWS); `None` where the cloud uses none.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        ownership_token: Option<OwnershipToken>,
+        /// When the token expires (unix milliseconds); past it the device goes back to
+        /// KeyReady.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        token_expires_at_ms: Option<u64>,
     },
-    /// The thing exists in the cloud; the response is not yet delivered to the device.
-    ThingRegistered {
-        /// Thing name chosen by the provisioning template.
-        thing_name: String,
-        /// `deviceConfiguration` returned by RegisterThing.
+    /// The cloud took the registration and is still working on it (Azure DPS `assigning`):
+    /// persisted before the first poll, so a restart polls this operation instead of
+    /// registering again.
+    Registering {
+        /// The operation to poll.
+        operation_id: String,
+        /// The wait the cloud asked for before the next poll (milliseconds).
         #[serde(default)]
-        device_configuration: BTreeMap<String, String>,
+        retry_after_ms: u64,
+    },
+    /// The device exists in the cloud; the answer is not yet delivered to the device. Records
+    /// written before Azure support say `thingRegistered` with `thing_name` and
+    /// `device_configuration`; they read as this state.
+    #[serde(alias = "thingRegistered")]
+    Registered {
+        /// The cloud's name for the device: the AWS thing name, the IoT Hub device id.
+        #[serde(alias = "thing_name")]
+        cloud_id: String,
+        /// Where the device's telemetry goes when the cloud chose it (Azure `assignedHub`).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        endpoint: Option<String>,
+        /// What the registration returned besides (AWS `deviceConfiguration`).
+        #[serde(default, alias = "device_configuration")]
+        extras: BTreeMap<String, String>,
     },
     /// The result was published to the device and acknowledged: provisioned.
     Delivered,
@@ -133,7 +154,8 @@ impl DeviceState {
             DeviceState::Approved => "approved",
             DeviceState::KeyReady { .. } => "keyReady",
             DeviceState::CertificateIssued { .. } => "certificateIssued",
-            DeviceState::ThingRegistered { .. } => "thingRegistered",
+            DeviceState::Registering { .. } => "registering",
+            DeviceState::Registered { .. } => "registered",
             DeviceState::Delivered => "delivered",
             DeviceState::Failed { .. } => "failed",
             DeviceState::Blocked => "blocked",
@@ -202,9 +224,13 @@ pub struct ProvisionData {
     /// The issued certificate (PEM).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub certificate_pem: Option<String>,
-    /// Thing name, once registered.
+    /// The cloud's name for the device once registered: the AWS thing name, the IoT Hub
+    /// device id.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub thing_name: Option<String>,
+    /// Where the device's telemetry goes when the cloud chose it (Azure `assignedHub`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoint: Option<String>,
     /// `deviceConfiguration` returned by the registration.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub device_configuration: BTreeMap<String, String>,
@@ -370,8 +396,8 @@ mod tests {
         rec.state = DeviceState::CertificateIssued {
             certificate_id: "c1".into(),
             certificate_pem: "PEM".into(),
-            ownership_token: "tok".into(),
-            token_expires_at_ms: 9,
+            ownership_token: Some("tok".into()),
+            token_expires_at_ms: Some(9),
         };
         let v: serde_json::Value = serde_json::to_value(&rec).unwrap();
         assert_eq!(v["state"], "certificateIssued");
@@ -383,6 +409,40 @@ mod tests {
             !format!("{rec:?}").contains("tok\""),
             "token must be redacted in Debug"
         );
+    }
+
+    /// Records written before the provider-neutral states (AWS-only releases) keep reading:
+    /// `thingRegistered` with `thing_name`/`device_configuration`, and `certificateIssued`
+    /// with a plain token and expiry.
+    #[test]
+    fn records_written_by_the_aws_only_releases_still_read() {
+        let registered = br#"{"v":1,"id":"sensor-1","state":"thingRegistered","thing_name":"thing-9","device_configuration":{"fw":"2"},"etag":4,"created_at_ms":1,"updated_at_ms":2,"format":"json","enabled":true,"attempts":0,"provision":{"gatewayKey":true,"csr":"CSR","certificateId":"c1","certificatePem":"PEM","thingName":"thing-9"}}"#;
+        let rec: DeviceRecord = serde_json::from_slice(registered).unwrap();
+        assert_eq!(
+            rec.state,
+            DeviceState::Registered {
+                cloud_id: "thing-9".into(),
+                endpoint: None,
+                extras: BTreeMap::from([("fw".to_string(), "2".to_string())]),
+            }
+        );
+        assert_eq!(rec.state.name(), "registered");
+        assert_eq!(rec.provision.thing_name.as_deref(), Some("thing-9"));
+        assert_eq!(rec.provision.endpoint, None);
+
+        let issued = br#"{"v":1,"id":"sensor-2","state":"certificateIssued","certificate_id":"c2","certificate_pem":"PEM","ownership_token":"tok","token_expires_at_ms":99,"etag":1,"created_at_ms":1,"updated_at_ms":2,"format":"cbor","enabled":true,"attempts":0,"provision":{}}"#;
+        let rec: DeviceRecord = serde_json::from_slice(issued).unwrap();
+        match rec.state {
+            DeviceState::CertificateIssued {
+                ownership_token,
+                token_expires_at_ms,
+                ..
+            } => {
+                assert_eq!(ownership_token.as_ref().map(|t| t.expose()), Some("tok"));
+                assert_eq!(token_expires_at_ms, Some(99));
+            }
+            other => panic!("expected certificateIssued, got {other:?}"),
+        }
     }
 
     #[test]

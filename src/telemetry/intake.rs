@@ -111,7 +111,12 @@ impl Intake {
         shutdown: watch::Receiver<bool>,
     ) -> Self {
         let opts = &shared.opts;
-        let directory = Directory::new(shared.store.clone(), opts.identity, opts.device_cache_ttl);
+        let directory = Directory::new(
+            shared.store.clone(),
+            opts.identity,
+            opts.device_certificates,
+            opts.device_cache_ttl,
+        );
         // A batch never needs more than a quarter of the outbox, so drop-oldest always finds
         // room for it and backpressure always ends once the cloud takes messages again.
         let batch_bytes_max =

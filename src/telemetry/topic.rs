@@ -5,7 +5,16 @@
 //! Templates are parsed once at start so that rendering a topic per message is one allocation
 //! and no parsing.
 
+use percent_encoding::{AsciiSet, NON_ALPHANUMERIC};
+
 use super::TelemetryError;
+
+/// What stays unencoded in IoT Hub property keys and values (RFC 3986 unreserved).
+const PROPERTY_SET: &AsciiSet = &NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'.')
+    .remove(b'_')
+    .remove(b'~');
 
 /// One piece of a parsed topic template.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -17,6 +26,9 @@ enum Part {
     SlashSubtopic,
     /// `{subtopic}`: the subtopic, or nothing.
     Subtopic,
+    /// IoT Hub's property bag: `subtopic=` + the percent-encoded subtopic, or nothing (not
+    /// available in configured templates).
+    SubtopicProperty,
 }
 
 /// A parsed telemetry topic template.
@@ -88,6 +100,23 @@ impl TopicTemplate {
         })
     }
 
+    /// IoT Hub's device-to-cloud topic, `devices/{deviceId}/messages/events/`, with the
+    /// device's subtopic carried as the message property `subtopic` (URL-encoded, as IoT Hub
+    /// reads the property bag).
+    pub fn azure_events() -> Self {
+        let parts = vec![
+            Part::Literal("devices/".into()),
+            Part::ThingName,
+            Part::Literal("/messages/events/".into()),
+            Part::SubtopicProperty,
+        ];
+        Self {
+            source: "devices/{thingName}/messages/events/{subtopicProperty}".into(),
+            fixed_len: "devices/".len() + "/messages/events/".len(),
+            parts,
+        }
+    }
+
     /// The template as configured.
     pub fn as_str(&self) -> &str {
         &self.source
@@ -109,6 +138,14 @@ impl TopicTemplate {
                 }
                 Part::SlashSubtopic => {}
                 Part::Subtopic => out.push_str(subtopic),
+                Part::SubtopicProperty if !subtopic.is_empty() => {
+                    out.push_str("subtopic=");
+                    out.extend(percent_encoding::utf8_percent_encode(
+                        subtopic,
+                        PROPERTY_SET,
+                    ));
+                }
+                Part::SubtopicProperty => {}
             }
         }
         out
@@ -212,6 +249,19 @@ impl CommandFilter {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn iot_hub_topic_carries_the_subtopic_as_an_encoded_property() {
+        let t = TopicTemplate::azure_events();
+        assert_eq!(
+            t.render("dev-1", "dev-1", ""),
+            "devices/dev-1/messages/events/"
+        );
+        assert_eq!(
+            t.render("dev-1", "dev-1", "room 1/temp"),
+            "devices/dev-1/messages/events/subtopic=room%201%2Ftemp"
+        );
+    }
 
     #[test]
     fn default_template_renders_with_and_without_subtopic() {
