@@ -152,7 +152,7 @@ pub fn run(args: Args) -> ExitCode {
 /// The emulator the demo runs against.
 enum Cloud {
     Aws(AwsEmulatorHandle),
-    Azure(AzureEmulatorHandle),
+    Azure(Box<AzureEmulatorHandle>),
 }
 
 impl Cloud {
@@ -166,7 +166,7 @@ impl Cloud {
                 let mut opts = AzureEmulatorOptions::ephemeral(dir);
                 // A short assigning phase: every registration is polled at least once.
                 opts.assigning = Duration::from_millis(200);
-                Cloud::Azure(azure_emulator::start(opts).await?)
+                Cloud::Azure(Box::new(azure_emulator::start(opts).await?))
             }
         })
     }
