@@ -16,6 +16,7 @@ mod common;
 use std::path::Path;
 use std::time::Duration;
 
+use rumqttc::QoS;
 use serde_json::Value;
 
 use fleetgw::emulator::azure::{self, AzureEmulatorHandle, AzureEmulatorOptions};
@@ -23,6 +24,7 @@ use fleetgw::sim::{self, FleetOptions, FleetReport, SimCloud, TelemetryPlan};
 
 use common::free_port;
 use common::http::http;
+use common::mqtt_client::{self, TestClient};
 use common::process::Fleetgw;
 use common::wait::eventually_async;
 
@@ -257,6 +259,55 @@ async fn a_wrong_group_key_fails_the_devices_with_dps_error_and_the_daemon_stays
     assert!(f.registrations().await.is_empty());
     gw.assert_running();
     check_admin_alive(f.dir.path()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn cloud_to_device_messages_reach_the_device_with_their_properties() {
+    let f = Fixture::start(Duration::from_millis(100)).await;
+    let port = free_port();
+    let gw = f.gateway(port, &[], &[], 1).await;
+    let opts = fleet(port, "c2d", 1, 0);
+    let id = opts.device_id(1).unwrap().to_string();
+    let report = run(opts).await;
+    assert_all_provisioned(&report, &gw);
+
+    let mut device = TestClient::connect_ok(mqtt_client::options(&id, port)).await;
+    device
+        .subscribe(&format!("fleetgw/{id}/commands/#"), QoS::AtLeastOnce)
+        .await;
+    // The first message opens the device's hub link, which subscribes to its C2D topic.
+    device
+        .publish(
+            &format!("fleetgw/{id}/telemetry"),
+            QoS::AtLeastOnce,
+            false,
+            b"{\"seq\":0}",
+        )
+        .await;
+    let api = f.api();
+    eventually_async("the telemetry at the hub", FLEET_LIMIT, || async {
+        let (_, m) = http(api, "GET", "/messages", None).await;
+        (m.as_array().map_or(0, Vec::len) == 1).then_some(())
+    })
+    .await;
+    let path = format!("/devices/{id}/messages?valve=close");
+    let c2d = eventually_async("the C2D message to reach a subscribed link", FLEET_LIMIT, || {
+        let path = path.clone();
+        async move {
+            let (status, body) = http(api, "POST", &path, Some("reboot")).await;
+            (status == 200 && body["connected"] == true).then_some(body)
+        }
+    })
+    .await;
+    let cmd = device
+        .next_publish()
+        .await
+        .unwrap_or_else(|| panic!("no command at the device after {c2d}"));
+    let prefix = format!("fleetgw/{id}/commands/");
+    assert!(cmd.topic.starts_with(&prefix), "{}", cmd.topic);
+    assert!(cmd.topic.contains("valve=close"), "{}", cmd.topic);
+    assert_eq!(&cmd.payload[..], b"reboot");
+    gw.assert_running();
 }
 
 /// The admin socket still answers (the daemon serves the other devices).
