@@ -291,13 +291,17 @@ async fn cloud_to_device_messages_reach_the_device_with_their_properties() {
     })
     .await;
     let path = format!("/devices/{id}/messages?valve=close");
-    let c2d = eventually_async("the C2D message to reach a subscribed link", FLEET_LIMIT, || {
-        let path = path.clone();
-        async move {
-            let (status, body) = http(api, "POST", &path, Some("reboot")).await;
-            (status == 200 && body["connected"] == true).then_some(body)
-        }
-    })
+    let c2d = eventually_async(
+        "the C2D message to reach a subscribed link",
+        FLEET_LIMIT,
+        || {
+            let path = path.clone();
+            async move {
+                let (status, body) = http(api, "POST", &path, Some("reboot")).await;
+                (status == 200 && body["connected"] == true).then_some(body)
+            }
+        },
+    )
     .await;
     let cmd = device
         .next_publish()
