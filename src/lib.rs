@@ -9,6 +9,7 @@ pub mod admission;
 pub mod backoff;
 pub mod cli;
 pub mod clock;
+pub mod codes;
 pub mod cloud;
 pub mod config;
 pub mod device_id;

@@ -1,19 +1,19 @@
-//! The README's Azure emulator session (the seed 000 curl commands against the emulator's
-//! HTTPS endpoints) runs as written: the block after the "tested by tests/readme_azure.rs"
-//! marker is executed by bash with the built `fleetgw` first on PATH and `DIR` a temp dir, and
+//! The user guide's Azure emulator session (docs/src/emulators.md, "The Azure emulator": the
+//! seed 000 curl commands against the emulator's HTTPS endpoints) runs as written: the block
+//! after the `doc-test: azure-session` marker is executed by bash with the built `fleetgw` first on PATH and `DIR` a temp dir, and
 //! must register device-01 over X.509 and land its telemetry in the inspection API.
 
 use std::path::Path;
 use std::process::Command;
 
 #[test]
-fn the_readme_azure_session_runs() {
-    let readme = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md"))
-        .expect("README.md");
-    let marker = readme
-        .find("<!-- tested by tests/readme_azure.rs")
-        .expect("the README marks its Azure session");
-    let block = &readme[marker..];
+fn the_guide_azure_session_runs() {
+    let chapter = Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/src/emulators.md");
+    let guide = std::fs::read_to_string(&chapter).expect("docs/src/emulators.md");
+    let marker = guide
+        .find("<!-- doc-test: azure-session")
+        .expect("the guide marks its Azure session");
+    let block = &guide[marker..];
     let start = block.find("```sh\n").expect("a sh block after the marker") + "```sh\n".len();
     let end = block[start..].find("\n```").expect("the block ends") + start;
     // A step that fails stops the script before its `kill`: the trap stops the emulator then.
