@@ -161,5 +161,5 @@ pub const EXIT_CODES: &[ExitCodeDoc] = &[
     ExitCodeDoc { code: 74, name: "EX_IOERR", meaning: "A file or the state directory cannot be read or written (`run`: the store does not open)." },
     ExitCodeDoc { code: 77, name: "EX_NOPERM", meaning: "Admin CLI: permission denied (socket mode or the API's 403)." },
     ExitCodeDoc { code: 78, name: "EX_CONFIG", meaning: "The configuration does not load or a key or credential file is refused; the line names the file and the key. systemd does not restart the service on it." },
-    ExitCodeDoc { code: 130, name: "", meaning: "`demo`: interrupted with Ctrl-C." },
+    ExitCodeDoc { code: 130, name: "", meaning: "`demo`, `simulate`: interrupted with Ctrl-C." },
 ];

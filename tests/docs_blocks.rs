@@ -145,7 +145,9 @@ fn run_blocks_run() {
         }
         std::fs::copy(root().join("gateway.toml"), scratch.path().join("gateway.toml")).unwrap();
         let script = script_of(b, scratch.path());
+        let started = std::time::Instant::now();
         let out = run_bash(&script, scratch.path(), 240);
+        eprintln!("{}: {} in {:.1} s", b.at(), out.status, started.elapsed().as_secs_f64());
         if !out.status.success() {
             failures.push(format!(
                 "{} ({}):\n--- script\n{script}--- stdout\n{}--- stderr\n{}",
