@@ -48,17 +48,29 @@ impl Policy {
         let list = |v: &Value| -> Vec<String> {
             match v {
                 Value::String(s) => vec![s.clone()],
-                Value::Array(a) => a.iter().filter_map(|s| s.as_str().map(String::from)).collect(),
+                Value::Array(a) => a
+                    .iter()
+                    .filter_map(|s| s.as_str().map(String::from))
+                    .collect(),
                 _ => vec![],
             }
         };
-        self.0["Statement"].as_array().expect("Statement").iter().any(|st| {
-            st["Effect"] == "Allow"
-                && list(&st["Action"]).iter().any(|a| a == action || a == "iot:*")
-                && list(&st["Resource"]).iter().any(|r| {
-                    glob(&r.replace("${iot:Connection.Thing.ThingName}", thing), &resource)
-                })
-        })
+        self.0["Statement"]
+            .as_array()
+            .expect("Statement")
+            .iter()
+            .any(|st| {
+                st["Effect"] == "Allow"
+                    && list(&st["Action"])
+                        .iter()
+                        .any(|a| a == action || a == "iot:*")
+                    && list(&st["Resource"]).iter().any(|r| {
+                        glob(
+                            &r.replace("${iot:Connection.Thing.ThingName}", thing),
+                            &resource,
+                        )
+                    })
+            })
     }
 }
 
@@ -93,7 +105,10 @@ fn site_config() -> (String, String) {
         .expect("the chapter's gateway config");
     let config: toml::Value = toml::from_str(&block.text).unwrap();
     (
-        config["cloud"]["aws"]["template"].as_str().unwrap().to_string(),
+        config["cloud"]["aws"]["template"]
+            .as_str()
+            .unwrap()
+            .to_string(),
         config["gateway"]["id"].as_str().unwrap().to_string(),
     )
 }
@@ -108,11 +123,23 @@ fn the_claim_policy_allows_the_claim_sessions_and_nothing_else() {
         assert!(policy.allows("iot:Connect", &client, ""), "{client}");
     }
     for fmt in [PayloadFormat::Json, PayloadFormat::Cbor] {
-        for request in [topics::create_from_csr(fmt), topics::register_thing(&template, fmt)] {
-            assert!(policy.allows("iot:Publish", &format!("topic/{request}"), ""), "publish {request}");
+        for request in [
+            topics::create_from_csr(fmt),
+            topics::register_thing(&template, fmt),
+        ] {
+            assert!(
+                policy.allows("iot:Publish", &format!("topic/{request}"), ""),
+                "publish {request}"
+            );
             for answer in [topics::accepted(&request), topics::rejected(&request)] {
-                assert!(policy.allows("iot:Subscribe", &format!("topicfilter/{answer}"), ""), "{answer}");
-                assert!(policy.allows("iot:Receive", &format!("topic/{answer}"), ""), "{answer}");
+                assert!(
+                    policy.allows("iot:Subscribe", &format!("topicfilter/{answer}"), ""),
+                    "{answer}"
+                );
+                assert!(
+                    policy.allows("iot:Receive", &format!("topic/{answer}"), ""),
+                    "{answer}"
+                );
             }
         }
     }
@@ -141,12 +168,26 @@ fn the_device_policy_gives_each_device_its_own_topics_only() {
     assert!(!policy.allows("iot:Connect", "client/sensor-2", me));
     for sub in ["", "/line/a"] {
         let topic = telemetry(me, sub);
-        assert!(policy.allows("iot:Publish", &format!("topic/{topic}"), me), "{topic}");
+        assert!(
+            policy.allows("iot:Publish", &format!("topic/{topic}"), me),
+            "{topic}"
+        );
         let theirs = telemetry("sensor-2", sub);
-        assert!(!policy.allows("iot:Publish", &format!("topic/{theirs}"), me), "{theirs}");
+        assert!(
+            !policy.allows("iot:Publish", &format!("topic/{theirs}"), me),
+            "{theirs}"
+        );
     }
-    assert!(policy.allows("iot:Subscribe", &format!("topicfilter/{}", commands(me)), me));
-    assert!(!policy.allows("iot:Subscribe", &format!("topicfilter/{}", commands("sensor-2")), me));
+    assert!(policy.allows(
+        "iot:Subscribe",
+        &format!("topicfilter/{}", commands(me)),
+        me
+    ));
+    assert!(!policy.allows(
+        "iot:Subscribe",
+        &format!("topicfilter/{}", commands("sensor-2")),
+        me
+    ));
     assert!(policy.allows("iot:Receive", "topic/cmd/sensor-1/valve/close", me));
     assert!(!policy.allows("iot:Receive", "topic/cmd/sensor-2/valve/close", me));
 }
@@ -174,9 +215,16 @@ fn the_names_of_the_cli_steps_match_the_template_and_the_config() {
         .expect("the template attaches a policy");
     let (template_name, _) = site_config();
     let chapter = std::fs::read_to_string(docs_support::root().join(CHAPTER)).unwrap();
-    assert!(chapter.contains(&format!("--policy-name {policy_name} ")), "{policy_name} is created");
-    assert!(chapter.contains(&format!("--template-name {template_name} ")), "{template_name} is created");
-    assert!(file(CHAPTER, "claim-policy.json").contains(&format!("provisioning-templates/{template_name}/")));
+    assert!(
+        chapter.contains(&format!("--policy-name {policy_name} ")),
+        "{policy_name} is created"
+    );
+    assert!(
+        chapter.contains(&format!("--template-name {template_name} ")),
+        "{template_name} is created"
+    );
+    assert!(file(CHAPTER, "claim-policy.json")
+        .contains(&format!("provisioning-templates/{template_name}/")));
     // fleetgw's default RegisterThing parameters fill the template's parameters
     let params = Config::default().provision.parameters;
     for (name, spec) in template["Parameters"].as_object().unwrap() {

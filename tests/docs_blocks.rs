@@ -15,12 +15,12 @@ use docs_support::{all_blocks, blocks, named_files, root, run_bash, Block};
 const KINDS: &[&str] = &[
     "run",              // this file
     "check-config",     // this file (`check-config pending: WHY` expects a refusal)
-    "file",             // this file (parsed; used by the chapter's run blocks) and tests/docs_aws.rs
-    "needs",            // a real cloud account: never run
-    "not",              // `not run: REASON`
-    "azure-session",    // tests/readme_azure.rs
-    "python-device",    // tests/interop/test_docs_devices.py
-    "c-device",         // tests/docs_devices.rs
+    "file",  // this file (parsed; used by the chapter's run blocks) and tests/docs_aws.rs
+    "needs", // a real cloud account: never run
+    "not",   // `not run: REASON`
+    "azure-session", // tests/readme_azure.rs
+    "python-device", // tests/interop/test_docs_devices.py
+    "c-device", // tests/docs_devices.rs
     "mosquitto-recipe", // tests/common/mosquitto.rs
 ];
 
@@ -44,7 +44,10 @@ fn every_block_is_tested_or_marked() {
             Some("needs") => {
                 let m = b.marker.as_deref().unwrap();
                 if !(m.contains("real AWS account") || m.contains("real Azure subscription")) {
-                    problems.push(format!("{}: `needs` names a real AWS account or Azure subscription: {m}", b.at()));
+                    problems.push(format!(
+                        "{}: `needs` names a real AWS account or Azure subscription: {m}",
+                        b.at()
+                    ));
                 }
             }
             Some("not") => {
@@ -93,7 +96,11 @@ fn config_snippets_pass_check_config() {
         .into_iter()
         .filter(|b| b.kind() == Some("check-config"))
     {
-        let pending = b.marker.as_deref().unwrap().starts_with("check-config pending");
+        let pending = b
+            .marker
+            .as_deref()
+            .unwrap()
+            .starts_with("check-config pending");
         let out = check_config(&b);
         let stderr = String::from_utf8_lossy(&out.stderr);
         match (pending, out.status.success()) {
@@ -143,11 +150,20 @@ fn run_blocks_run() {
         for (name, text) in named_files(&b.file) {
             std::fs::write(scratch.path().join(name), text).unwrap();
         }
-        std::fs::copy(root().join("gateway.toml"), scratch.path().join("gateway.toml")).unwrap();
+        std::fs::copy(
+            root().join("gateway.toml"),
+            scratch.path().join("gateway.toml"),
+        )
+        .unwrap();
         let script = script_of(b, scratch.path());
         let started = std::time::Instant::now();
         let out = run_bash(&script, scratch.path(), 240);
-        eprintln!("{}: {} in {:.1} s", b.at(), out.status, started.elapsed().as_secs_f64());
+        eprintln!(
+            "{}: {} in {:.1} s",
+            b.at(),
+            out.status,
+            started.elapsed().as_secs_f64()
+        );
         if !out.status.success() {
             failures.push(format!(
                 "{} ({}):\n--- script\n{script}--- stdout\n{}--- stderr\n{}",
@@ -170,7 +186,10 @@ fn the_aws_chapter_declares_its_files() {
         .map(|(n, _)| n)
         .collect();
     for needed in ["template.json", "claim-policy.json", "device-policy.json"] {
-        assert!(names.iter().any(|n| n == needed), "{needed} missing: {names:?}");
+        assert!(
+            names.iter().any(|n| n == needed),
+            "{needed} missing: {names:?}"
+        );
     }
     assert!(blocks(Path::new("docs/src/aws-setup.md"))
         .iter()

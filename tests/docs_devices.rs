@@ -66,10 +66,19 @@ fn the_node_red_flow_uses_the_device_contract() {
             .find(|n| n["type"] == kind)
             .unwrap_or_else(|| panic!("no {kind} node"))
     };
-    let id = find("mqtt-broker")["clientid"].as_str().unwrap().to_string();
+    let id = find("mqtt-broker")["clientid"]
+        .as_str()
+        .unwrap()
+        .to_string();
     assert!(fleetgw::device_id::DeviceId::parse(&id).is_ok(), "{id}");
-    assert_eq!(find("mqtt out")["topic"], format!("fleetgw/{id}/provision/json"));
-    assert_eq!(find("mqtt in")["topic"], format!("fleetgw/{id}/provision/json/+"));
+    assert_eq!(
+        find("mqtt out")["topic"],
+        format!("fleetgw/{id}/provision/json")
+    );
+    assert_eq!(
+        find("mqtt in")["topic"],
+        format!("fleetgw/{id}/provision/json/+")
+    );
     let request: serde_json::Value =
         serde_json::from_str(find("inject")["payload"].as_str().unwrap()).unwrap();
     assert_eq!(request["attestation"]["type"], "none");

@@ -120,7 +120,10 @@ fn relative_links_and_anchors_resolve() {
             std::fs::read_to_string(root().join(&file)).unwrap()
         };
         for link in links(&text) {
-            if link.starts_with("http://") || link.starts_with("https://") || link.starts_with("mailto:") {
+            if link.starts_with("http://")
+                || link.starts_with("https://")
+                || link.starts_with("mailto:")
+            {
                 continue;
             }
             let (path, frag) = match link.split_once('#') {
@@ -133,7 +136,11 @@ fn relative_links_and_anchors_resolve() {
                 normalize(&file.parent().unwrap().join(path))
             };
             if !root().join(&target).exists() {
-                broken.push(format!("{}: {link}: {} does not exist", file.display(), target.display()));
+                broken.push(format!(
+                    "{}: {link}: {} does not exist",
+                    file.display(),
+                    target.display()
+                ));
                 continue;
             }
             if let Some(frag) = frag {
@@ -143,7 +150,11 @@ fn relative_links_and_anchors_resolve() {
                     std::fs::read_to_string(root().join(&target)).unwrap_or_default()
                 };
                 if !anchors(&target_text).contains(frag) {
-                    broken.push(format!("{}: {link}: no heading #{frag} in {}", file.display(), target.display()));
+                    broken.push(format!(
+                        "{}: {link}: no heading #{frag} in {}",
+                        file.display(),
+                        target.display()
+                    ));
                 }
             }
         }
@@ -164,20 +175,36 @@ fn summary_lists_every_chapter() {
         .collect();
     let unlisted: Vec<_> = files.difference(&listed).collect();
     let missing: Vec<_> = listed.difference(&files).collect();
-    assert!(unlisted.is_empty(), "chapters not in SUMMARY.md: {unlisted:?}");
-    assert!(missing.is_empty(), "SUMMARY.md lists missing files: {missing:?}");
+    assert!(
+        unlisted.is_empty(),
+        "chapters not in SUMMARY.md: {unlisted:?}"
+    );
+    assert!(
+        missing.is_empty(),
+        "SUMMARY.md lists missing files: {missing:?}"
+    );
     for needed in ["broker.md", "reliability.md", "benchmarks.md"] {
-        assert!(listed.contains(&PathBuf::from("docs/src").join(needed)), "{needed} not listed");
+        assert!(
+            listed.contains(&PathBuf::from("docs/src").join(needed)),
+            "{needed} not listed"
+        );
     }
 }
 
 #[test]
 fn the_readme_is_the_front_door() {
     let readme = std::fs::read_to_string(root().join("README.md")).unwrap();
-    assert!(readme.lines().count() < 150, "README.md has {} lines", readme.lines().count());
+    assert!(
+        readme.lines().count() < 150,
+        "README.md has {} lines",
+        readme.lines().count()
+    );
     // It starts with the two commands.
     let first_block = docs_support::blocks(Path::new("README.md")).remove(0);
     let commands: Vec<&str> = first_block.text.lines().collect();
-    assert!(commands[0].starts_with("cargo run --release -- demo"), "{commands:?}");
+    assert!(
+        commands[0].starts_with("cargo run --release -- demo"),
+        "{commands:?}"
+    );
     assert!(commands[1].starts_with("scripts/test"), "{commands:?}");
 }

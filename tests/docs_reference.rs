@@ -39,7 +39,10 @@ fn every_config_key_has_an_explanation_in_the_reference() {
             .lines()
             .find(|l| l.starts_with(&format!("| `{leaf}` |")))
             .unwrap_or_else(|| panic!("{key} has no row"));
-        assert!(!row.ends_with("|  |"), "{key}: no explanation (comment it in gateway.toml)");
+        assert!(
+            !row.ends_with("|  |"),
+            "{key}: no explanation (comment it in gateway.toml)"
+        );
     }
 }
 
@@ -73,7 +76,10 @@ fn code_literals(files: &[(String, String)]) -> BTreeMap<String, String> {
     let mut out = BTreeMap::new();
     for (path, text) in files {
         for (n, line) in text.lines().enumerate() {
-            if line.contains("debug_struct") || line.contains("write_str") || line.trim_start().starts_with("//") {
+            if line.contains("debug_struct")
+                || line.contains("write_str")
+                || line.trim_start().starts_with("//")
+            {
                 continue;
             }
             for (i, lit) in line.split('"').enumerate() {
@@ -86,7 +92,8 @@ fn code_literals(files: &[(String, String)]) -> BTreeMap<String, String> {
                     && lit.chars().filter(char::is_ascii_uppercase).count() >= 2
                     && lit.chars().any(|c| c.is_ascii_lowercase());
                 if camel || one_word.contains(lit) {
-                    out.entry(lit.to_string()).or_insert(format!("{path}:{}", n + 1));
+                    out.entry(lit.to_string())
+                        .or_insert(format!("{path}:{}", n + 1));
                 }
             }
         }
@@ -135,7 +142,10 @@ fn the_error_code_table_matches_the_source() {
         "error codes sent by the source but not documented in src/codes.rs ERROR_CODES: {missing:?}"
     );
     let gone: Vec<&&str> = table.iter().filter(|c| !used.contains_key(**c)).collect();
-    assert!(gone.is_empty(), "src/codes.rs documents codes the source no longer sends: {gone:?}");
+    assert!(
+        gone.is_empty(),
+        "src/codes.rs documents codes the source no longer sends: {gone:?}"
+    );
 }
 
 /// Exit statuses the commands use: `const EX_...: u8 = N`, `ExitCode::from(N)` and `=> N,`
@@ -173,9 +183,18 @@ fn the_exit_code_table_matches_the_source() {
         .filter(|(c, _)| !table.contains(c))
         .map(|(c, at)| format!("{c} ({at})"))
         .collect();
-    assert!(missing.is_empty(), "exit codes not in src/codes.rs EXIT_CODES: {missing:?}");
+    assert!(
+        missing.is_empty(),
+        "exit codes not in src/codes.rs EXIT_CODES: {missing:?}"
+    );
     // 0 is ExitCode::SUCCESS, never a literal
-    let gone: Vec<&u8> = table.iter().filter(|c| **c != 0 && !used.contains_key(c)).collect();
-    assert!(gone.is_empty(), "src/codes.rs lists exit codes the commands no longer use: {gone:?}");
+    let gone: Vec<&u8> = table
+        .iter()
+        .filter(|c| **c != 0 && !used.contains_key(c))
+        .collect();
+    assert!(
+        gone.is_empty(),
+        "src/codes.rs lists exit codes the commands no longer use: {gone:?}"
+    );
     assert!(Path::new(&root().join("docs/src/reference/exit-codes.md")).exists());
 }

@@ -63,7 +63,8 @@ fn completions(dir: &Path) -> std::io::Result<()> {
 
 /// The user guide's reference pages (`docs/src/reference/*.md`).
 fn reference_pages(dir: &Path) -> std::io::Result<()> {
-    let sample = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("gateway.toml"))?;
+    let sample =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("gateway.toml"))?;
     for (name, text) in reference::pages(&sample) {
         std::fs::write(dir.join(name), text)?;
     }

@@ -26,9 +26,12 @@ pub fn pages(sample: &str) -> Vec<(&'static str, String)> {
     ]
 }
 
-/// A Markdown table cell: one line, `|` escaped.
+/// A Markdown table cell: one line, `|` escaped, `<` and `>` as entities (not HTML tags).
 fn cell(text: &str) -> String {
-    text.replace('\n', " ").replace('|', "\\|")
+    text.replace('\n', " ")
+        .replace('|', "\\|")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
 }
 
 // ---- configuration keys -------------------------------------------------------------------
@@ -162,7 +165,12 @@ same definitions).\n",
 fn render_command(cmd: &mut clap::Command, name: &str, out: &mut String) {
     let help = cmd.render_long_help().to_string();
     let help: Vec<&str> = help.lines().map(str::trim_end).collect();
-    writeln!(out, "\n## `{name}`\n\n```text\n{}\n```", help.join("\n").trim_end()).unwrap();
+    writeln!(
+        out,
+        "\n## `{name}`\n\n```text\n{}\n```",
+        help.join("\n").trim_end()
+    )
+    .unwrap();
     for sub in cmd.get_subcommands_mut() {
         if sub.get_name() == "help" {
             continue;
@@ -229,7 +237,11 @@ conventions every call follows (filters, paging, entity tags, errors) are in \
                         "| `{}` | {} | {} | {} |",
                         p["name"].as_str().unwrap_or(""),
                         p["in"].as_str().unwrap_or(""),
-                        if p["required"].as_bool().unwrap_or(false) { "yes" } else { "no" },
+                        if p["required"].as_bool().unwrap_or(false) {
+                            "yes"
+                        } else {
+                            "no"
+                        },
                         cell(p["description"].as_str().unwrap_or(""))
                     )
                     .unwrap();
@@ -238,7 +250,12 @@ conventions every call follows (filters, paging, entity tags, errors) are in \
             }
             if let Some(content) = op["requestBody"]["content"].as_object() {
                 for (media, body) in content {
-                    writeln!(out, "Request body: `{media}`{}\n", schema_name(&body["schema"])).unwrap();
+                    writeln!(
+                        out,
+                        "Request body: `{media}`{}\n",
+                        schema_name(&body["schema"])
+                    )
+                    .unwrap();
                 }
             }
             if let Some(responses) = op["responses"].as_object() {
@@ -278,7 +295,11 @@ conventions every call follows (filters, paging, entity tags, errors) are in \
                         out,
                         "| `{field}` | {} | {} | {} |",
                         cell(&type_of(p)),
-                        if required.contains(&field.as_str()) { "yes" } else { "no" },
+                        if required.contains(&field.as_str()) {
+                            "yes"
+                        } else {
+                            "no"
+                        },
                         cell(p["description"].as_str().unwrap_or(""))
                     )
                     .unwrap();

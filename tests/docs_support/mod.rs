@@ -59,7 +59,9 @@ impl Block {
 
     /// The marker's first word (`run`, `check-config`, `file`, `needs`, `not`, ...).
     pub fn kind(&self) -> Option<&str> {
-        self.marker.as_deref().and_then(|m| m.split_whitespace().next())
+        self.marker
+            .as_deref()
+            .and_then(|m| m.split_whitespace().next())
     }
 }
 
@@ -139,7 +141,12 @@ pub fn named_files(file: &Path) -> Vec<(String, String)> {
     blocks(file)
         .into_iter()
         .filter_map(|b| {
-            let name = b.marker.as_deref()?.strip_prefix("file ")?.trim().to_string();
+            let name = b
+                .marker
+                .as_deref()?
+                .strip_prefix("file ")?
+                .trim()
+                .to_string();
             Some((name, b.text))
         })
         .collect()
@@ -151,6 +158,10 @@ pub fn block_marked(file: &str, marker: &str) -> Block {
         .into_iter()
         .filter(|b| b.marker.as_deref().is_some_and(|m| m.starts_with(marker)))
         .collect();
-    assert_eq!(found.len(), 1, "{file}: expected one block marked {marker:?}");
+    assert_eq!(
+        found.len(),
+        1,
+        "{file}: expected one block marked {marker:?}"
+    );
     found.remove(0)
 }
