@@ -119,9 +119,33 @@ fn config_snippets_pass_check_config() {
     assert!(problems.is_empty(), "{}", problems.join("\n"));
 }
 
+/// Free loopback ports for one run block: the gateway's broker, the emulator's API and its
+/// MQTT listener.
+struct Ports {
+    broker: u16,
+    api: u16,
+    mqtt: u16,
+}
+
+impl Ports {
+    fn free() -> Self {
+        let bound: Vec<std::net::TcpListener> = (0..3)
+            .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
+            .collect();
+        let port = |i: usize| bound[i].local_addr().unwrap().port();
+        Ports {
+            broker: port(0),
+            api: port(1),
+            mqtt: port(2),
+        }
+    }
+}
+
 /// A `run` block as the test runs it: `/tmp/` is the scratch directory, `cargo run --release --`
-/// the built binary, and `lines=N` in the marker runs the first N lines only.
-fn script_of(b: &Block, scratch: &Path) -> String {
+/// the built binary, `lines=N` in the marker runs the first N lines only, and the default
+/// ports the guide uses (broker 1883, emulator API 8480 and MQTT 8883) are free ports, so that
+/// a broker already running on the machine (Debian's mosquitto service) does not matter.
+fn script_of(b: &Block, scratch: &Path, ports: &Ports) -> String {
     let marker = b.marker.as_deref().unwrap_or_default();
     let lines: Option<usize> = marker
         .split_whitespace()
@@ -131,8 +155,21 @@ fn script_of(b: &Block, scratch: &Path) -> String {
         Some(n) => b.text.lines().take(n).map(|l| format!("{l}\n")).collect(),
         None => b.text.clone(),
     };
+    let Ports { broker, api, mqtt } = ports;
     text.replace("/tmp/", &format!("{}/", scratch.display()))
         .replace("cargo run --release -- ", "fleetgw ")
+        .replace(
+            "fleetgw emulate aws ",
+            &format!("fleetgw emulate aws --mqtt 127.0.0.1:{mqtt} --api 127.0.0.1:{api} "),
+        )
+        .replace(
+            "fleetgw run --config ",
+            &format!("fleetgw run --set downstream.listen=127.0.0.1:{broker} --config "),
+        )
+        .replace("127.0.0.1:1883", &format!("127.0.0.1:{broker}"))
+        .replace("-p 1883", &format!("-p {broker}"))
+        .replace("127.0.0.1:8480", &format!("127.0.0.1:{api}"))
+        .replace("-p 8883", &format!("-p {mqtt}"))
 }
 
 #[test]
@@ -142,7 +179,7 @@ fn run_blocks_run() {
         .filter(|b| b.kind() == Some("run"))
         .collect();
     assert!(runs.len() >= 8, "only {} run blocks found", runs.len());
-    // One after the other: the tours use the emulator's and the broker's default ports.
+    // One after the other, to keep the machine's load (and the time) of each bounded.
     let mut failures = Vec::new();
     for b in &runs {
         let scratch = tempfile::tempdir().unwrap();
@@ -155,7 +192,7 @@ fn run_blocks_run() {
             scratch.path().join("gateway.toml"),
         )
         .unwrap();
-        let script = script_of(b, scratch.path());
+        let script = script_of(b, scratch.path(), &Ports::free());
         let started = std::time::Instant::now();
         let out = run_bash(&script, scratch.path(), 240);
         eprintln!(
