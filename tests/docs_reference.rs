@@ -33,12 +33,22 @@ fn reference_pages_are_up_to_date() {
 #[test]
 fn every_config_key_has_an_explanation_in_the_reference() {
     let page = std::fs::read_to_string(root().join("docs/src/reference/config.md")).unwrap();
+    // (section, key) -> its row
+    let mut rows = BTreeMap::new();
+    let mut section = String::new();
+    for line in page.lines() {
+        if let Some(name) = line
+            .strip_prefix("## `[")
+            .and_then(|l| l.strip_suffix("]`"))
+        {
+            section = name.to_string();
+        } else if let Some(rest) = line.strip_prefix("| `") {
+            let key = rest.split('`').next().unwrap();
+            rows.insert(format!("{section}.{key}"), line.to_string());
+        }
+    }
     for key in fleetgw::config::known_keys() {
-        let leaf = key.rsplit('.').next().unwrap();
-        let row = page
-            .lines()
-            .find(|l| l.starts_with(&format!("| `{leaf}` |")))
-            .unwrap_or_else(|| panic!("{key} has no row"));
+        let row = rows.get(&key).unwrap_or_else(|| panic!("{key} has no row"));
         assert!(
             !row.ends_with("|  |"),
             "{key}: no explanation (comment it in gateway.toml)"
