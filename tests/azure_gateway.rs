@@ -314,6 +314,68 @@ async fn cloud_to_device_messages_reach_the_device_with_their_properties() {
     gw.assert_running();
 }
 
+/// MQTT 5 properties travel from the device to IoT Hub: user properties, content type,
+/// correlation data and the UTF-8 payload marker arrive as the message's properties.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn mqtt5_properties_of_device_telemetry_reach_the_hub() {
+    use rumqttc::v5::mqttbytes::v5::{Packet, PublishProperties};
+    use rumqttc::v5::{AsyncClient, Event, MqttOptions};
+
+    let f = Fixture::start(Duration::from_millis(100)).await;
+    let port = free_port();
+    let gw = f.gateway(port, &[], &[], 1).await;
+    let opts = fleet(port, "props", 1, 0);
+    let id = opts.device_id(1).unwrap().to_string();
+    let report = run(opts).await;
+    assert_all_provisioned(&report, &gw);
+
+    let (client, mut events) = AsyncClient::new(MqttOptions::new(&id, "127.0.0.1", port), 8);
+    let props = PublishProperties {
+        payload_format_indicator: Some(1),
+        content_type: Some("application/json".into()),
+        correlation_data: Some(bytes::Bytes::from_static(b"req-42")),
+        user_properties: vec![
+            ("site".into(), "north hall".into()),
+            ("line".into(), "2/b".into()),
+        ],
+        ..PublishProperties::default()
+    };
+    client
+        .publish_with_properties(
+            format!("fleetgw/{id}/telemetry/temp"),
+            rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
+            false,
+            b"{\"seq\":0}".to_vec(),
+            props,
+        )
+        .await
+        .unwrap();
+    tokio::time::timeout(FLEET_LIMIT, async {
+        loop {
+            if let Ok(Event::Incoming(Packet::PubAck(_))) = events.poll().await {
+                break;
+            }
+        }
+    })
+    .await
+    .expect("the gateway acknowledges the message");
+
+    let api = f.api();
+    let message = eventually_async("the message at the hub", FLEET_LIMIT, || async {
+        let (_, m) = http(api, "GET", "/messages", None).await;
+        m.as_array().and_then(|a| a.first().cloned())
+    })
+    .await;
+    let p = &message["properties"];
+    assert_eq!(p["site"], "north hall", "{message}");
+    assert_eq!(p["line"], "2/b", "{message}");
+    assert_eq!(p["subtopic"], "temp", "{message}");
+    assert_eq!(p["$.ct"], "application/json", "{message}");
+    assert_eq!(p["$.cid"], "req-42", "{message}");
+    assert_eq!(p["$.ce"], "utf-8", "{message}");
+    gw.assert_running();
+}
+
 /// The admin socket still answers (the daemon serves the other devices).
 async fn check_admin_alive(dir: &Path) {
     let socket = dir.join("admin.sock");

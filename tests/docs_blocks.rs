@@ -13,8 +13,8 @@ use docs_support::{all_blocks, blocks, named_files, root, run_bash, Block};
 
 /// Marker kinds and the test that handles each.
 const KINDS: &[&str] = &[
-    "run",              // this file
-    "check-config",     // this file (`check-config pending: WHY` expects a refusal)
+    "run",                   // this file
+    "check-config",          // this file (`check-config pending: WHY` expects a refusal)
     "file",  // this file (parsed; used by the chapter's run blocks) and tests/docs_aws.rs
     "needs", // a real cloud account: never run
     "not",   // `not run: REASON`

@@ -37,8 +37,14 @@ fn the_guide_azure_gateway_session_runs() {
         "docs/src/azure-setup.md",
         "<!-- doc-test: azure-gateway-session",
     );
-    for expected in ["\"attestation\":\"symmetricKey\"", "\"status\":\"assigned\""] {
-        assert!(stdout.contains(expected), "{expected} missing from:\n{stdout}");
+    for expected in [
+        "\"attestation\":\"symmetricKey\"",
+        "\"status\":\"assigned\"",
+    ] {
+        assert!(
+            stdout.contains(expected),
+            "{expected} missing from:\n{stdout}"
+        );
     }
     assert_eq!(
         stdout.matches("\"registrationId\"").count(),

@@ -21,8 +21,9 @@ use crate::device_id::DeviceId;
 pub const DEVICE_RECORD_VERSION: u32 = 1;
 /// Current version of [`OwnershipTokenRecord`].
 pub const TOKEN_RECORD_VERSION: u32 = 1;
-/// Current version of the outbox message layout.
-pub const OUTBOX_MESSAGE_VERSION: u8 = 1;
+/// Current version of the outbox message layout (2: with properties; a message without any is
+/// still written as 1, which every release reads).
+pub const OUTBOX_MESSAGE_VERSION: u8 = 2;
 
 /// A cloud or gateway error kept with a device (shown by the admin API).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -290,6 +291,10 @@ pub struct OutboxMessage {
     pub qos: u8,
     /// When the gateway accepted it, unix milliseconds (for `max_age`).
     pub enqueued_at_ms: u64,
+    /// Name-value pairs that travel with the message where the cloud keeps them: the device's
+    /// MQTT 5 user properties, and `$.ct` (content type), `$.cid` (correlation data, when
+    /// UTF-8) and `$.ce` (`utf-8` for a payload marked UTF-8).
+    pub properties: Vec<(String, String)>,
 }
 
 /// Why an outbox value could not be decoded.
@@ -304,6 +309,9 @@ pub enum OutboxDecodeError {
     /// The topic is not UTF-8.
     #[error("topic is not UTF-8")]
     Topic,
+    /// A property name or value is not UTF-8.
+    #[error("a property is not UTF-8")]
+    Property,
     /// The device id does not validate.
     #[error("device id: {0}")]
     Device(String),
@@ -311,14 +319,24 @@ pub enum OutboxDecodeError {
 
 impl OutboxMessage {
     /// Layout: version u8, enqueued_at_ms u64 BE, qos u8, id length u16 BE, id, topic length
-    /// u32 BE, topic, payload (the rest). Fixed-width fields keep encoding free of allocation
-    /// beyond the output buffer and avoid JSON's number-array blow-up of binary payloads.
+    /// u32 BE, topic, [version 2: property count u16 BE, then per property name length u16 BE,
+    /// name, value length u32 BE, value], payload (the rest). Fixed-width fields keep encoding
+    /// free of allocation beyond the output buffer and avoid JSON's number-array blow-up of
+    /// binary payloads.
     pub fn encode(&self) -> Vec<u8> {
         let id = self.device.as_str().as_bytes();
         let topic = self.topic.as_bytes();
-        let mut out =
-            Vec::with_capacity(1 + 8 + 1 + 2 + id.len() + 4 + topic.len() + self.payload.len());
-        out.push(OUTBOX_MESSAGE_VERSION);
+        let props: usize = self
+            .properties
+            .iter()
+            .map(|(k, v)| 6 + k.len() + v.len())
+            .sum();
+        let mut out = Vec::with_capacity(
+            1 + 8 + 1 + 2 + id.len() + 4 + topic.len() + 2 + props + self.payload.len(),
+        );
+        // Properties are bounded by the MQTT packet (at most 65535 pairs, names under 64 KiB).
+        let with_properties = !self.properties.is_empty();
+        out.push(if with_properties { 2 } else { 1 });
         out.extend_from_slice(&self.enqueued_at_ms.to_be_bytes());
         out.push(self.qos);
         // Device ids are at most 128 bytes (DeviceId invariant), topics are bounded by MQTT.
@@ -326,6 +344,17 @@ impl OutboxMessage {
         out.extend_from_slice(id);
         out.extend_from_slice(&(topic.len() as u32).to_be_bytes());
         out.extend_from_slice(topic);
+        if with_properties {
+            let n = self.properties.len().min(usize::from(u16::MAX));
+            out.extend_from_slice(&(n as u16).to_be_bytes());
+            for (k, v) in self.properties.iter().take(n) {
+                let k = &k.as_bytes()[..k.len().min(usize::from(u16::MAX))];
+                out.extend_from_slice(&(k.len() as u16).to_be_bytes());
+                out.extend_from_slice(k);
+                out.extend_from_slice(&(v.len() as u32).to_be_bytes());
+                out.extend_from_slice(v.as_bytes());
+            }
+        }
         out.extend_from_slice(&self.payload);
         out
     }
@@ -347,6 +376,19 @@ impl OutboxMessage {
         let topic = std::str::from_utf8(r.take(topic_len)?)
             .map_err(|_| OutboxDecodeError::Topic)?
             .to_owned();
+        let mut properties = Vec::new();
+        if version >= 2 {
+            let n = u16::from_be_bytes(fixed(r.take(2)?));
+            for _ in 0..n {
+                let k_len = u16::from_be_bytes(fixed(r.take(2)?)) as usize;
+                let k =
+                    std::str::from_utf8(r.take(k_len)?).map_err(|_| OutboxDecodeError::Property)?;
+                let v_len = u32::from_be_bytes(fixed(r.take(4)?)) as usize;
+                let v =
+                    std::str::from_utf8(r.take(v_len)?).map_err(|_| OutboxDecodeError::Property)?;
+                properties.push((k.to_owned(), v.to_owned()));
+            }
+        }
         let payload = bytes[r.pos..].to_vec();
         Ok(OutboxMessage {
             device,
@@ -354,6 +396,7 @@ impl OutboxMessage {
             payload,
             qos,
             enqueued_at_ms,
+            properties,
         })
     }
 }
@@ -453,9 +496,30 @@ mod tests {
             payload: vec![0, 1, 2, 255],
             qos: 1,
             enqueued_at_ms: 77,
+            properties: Vec::new(),
         };
         let bytes = m.encode();
+        assert_eq!(
+            bytes[0], 1,
+            "a message without properties keeps the first layout"
+        );
         assert_eq!(OutboxMessage::decode(&bytes).unwrap(), m);
+        let with = OutboxMessage {
+            properties: vec![
+                ("$.ct".into(), "application/json".into()),
+                ("site".into(), "north β".into()),
+            ],
+            ..m.clone()
+        };
+        let encoded = with.encode();
+        assert_eq!(encoded[0], 2);
+        assert_eq!(OutboxMessage::decode(&encoded).unwrap(), with);
+        for cut in 1..encoded.len() - with.payload.len() {
+            assert!(
+                OutboxMessage::decode(&encoded[..cut]).is_err(),
+                "truncated at {cut} must not decode"
+            );
+        }
         assert_eq!(
             OutboxMessage::decode(&bytes[..5]),
             Err(OutboxDecodeError::Truncated(1))
@@ -464,7 +528,7 @@ mod tests {
         newer[0] = OUTBOX_MESSAGE_VERSION + 1;
         assert_eq!(
             OutboxMessage::decode(&newer),
-            Err(OutboxDecodeError::NewerVersion(2))
+            Err(OutboxDecodeError::NewerVersion(3))
         );
     }
 }

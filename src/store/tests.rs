@@ -25,6 +25,7 @@ fn msg(device: &str, payload: &[u8]) -> OutboxMessage {
         payload: payload.to_vec(),
         qos: 1,
         enqueued_at_ms: 1,
+        properties: Vec::new(),
     }
 }
 

@@ -503,11 +503,12 @@ impl<U: Upstream> Dispatcher<U> {
             self.expire(seq);
             return;
         }
-        let topic = self
-            .shared
-            .opts
-            .topic
-            .render(thing, msg.device.as_str(), &msg.topic);
+        let topic = self.shared.opts.topic.render_with(
+            thing,
+            msg.device.as_str(),
+            &msg.topic,
+            &msg.properties,
+        );
         let item = Item::new(
             seq,
             msg.device,

@@ -254,12 +254,27 @@ impl Sender {
     }
 }
 
-/// The property bag of an IoT Hub telemetry topic (`devices/{id}/messages/events/{bag}`).
+/// The property bag of an IoT Hub telemetry topic (`devices/{id}/messages/events/{bag}`),
+/// without what HTTP headers cannot carry (a name that is not a header token, a value with
+/// control characters): those are dropped with a log line rather than holding the device's
+/// messages back for good.
 fn topic_properties(topic: &str) -> Vec<(String, String)> {
-    match topic.split_once("/messages/events/") {
-        Some((_, bag)) if !bag.is_empty() => hub::decode_properties(bag).into_iter().collect(),
-        _ => Vec::new(),
-    }
+    let bag = match topic.split_once("/messages/events/") {
+        Some((_, bag)) if !bag.is_empty() => hub::decode_properties(bag),
+        _ => return Vec::new(),
+    };
+    bag.into_iter()
+        .filter(|(k, v)| {
+            let name_ok = k.starts_with("$.")
+                || hyper::header::HeaderName::from_bytes(format!("iothub-app-{k}").as_bytes())
+                    .is_ok();
+            let ok = name_ok && hyper::header::HeaderValue::from_str(v).is_ok();
+            if !ok {
+                tracing::debug!(property = %k, "property cannot travel as an HTTP header; not sent");
+            }
+            ok
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -273,5 +288,10 @@ mod tests {
             vec![("subtopic".to_string(), "room 1/temp".to_string())]
         );
         assert!(topic_properties("devices/d/messages/events/").is_empty());
+        // A name HTTP cannot carry is left out; the rest goes.
+        assert_eq!(
+            topic_properties("devices/d/messages/events/a%20b=1&ok=2"),
+            vec![("ok".to_string(), "2".to_string())]
+        );
     }
 }

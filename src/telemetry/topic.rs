@@ -124,6 +124,19 @@ impl TopicTemplate {
 
     /// The upstream topic for one message.
     pub fn render(&self, thing_name: &str, device_id: &str, subtopic: &str) -> String {
+        self.render_with(thing_name, device_id, subtopic, &[])
+    }
+
+    /// The upstream topic for one message with its properties: where the template has IoT
+    /// Hub's property bag they follow the subtopic, URL-encoded; other templates (MQTT 3.1.1
+    /// topics) cannot carry them.
+    pub fn render_with(
+        &self,
+        thing_name: &str,
+        device_id: &str,
+        subtopic: &str,
+        properties: &[(String, String)],
+    ) -> String {
         let mut out = String::with_capacity(
             self.fixed_len + thing_name.len().max(device_id.len()) + subtopic.len() + 1,
         );
@@ -138,14 +151,18 @@ impl TopicTemplate {
                 }
                 Part::SlashSubtopic => {}
                 Part::Subtopic => out.push_str(subtopic),
-                Part::SubtopicProperty if !subtopic.is_empty() => {
-                    out.push_str("subtopic=");
-                    out.extend(percent_encoding::utf8_percent_encode(
-                        subtopic,
-                        PROPERTY_SET,
-                    ));
+                Part::SubtopicProperty => {
+                    let sub = (!subtopic.is_empty()).then_some(("subtopic", subtopic));
+                    let props = properties.iter().map(|(k, v)| (k.as_str(), v.as_str()));
+                    for (i, (k, v)) in sub.into_iter().chain(props).enumerate() {
+                        if i > 0 {
+                            out.push('&');
+                        }
+                        out.extend(percent_encoding::utf8_percent_encode(k, PROPERTY_SET));
+                        out.push('=');
+                        out.extend(percent_encoding::utf8_percent_encode(v, PROPERTY_SET));
+                    }
                 }
-                Part::SubtopicProperty => {}
             }
         }
         out
@@ -261,6 +278,21 @@ mod tests {
             t.render("dev-1", "dev-1", "room 1/temp"),
             "devices/dev-1/messages/events/subtopic=room%201%2Ftemp"
         );
+        let props = [
+            ("$.ct".to_string(), "application/json".to_string()),
+            ("site".to_string(), "a&b=c".to_string()),
+        ];
+        assert_eq!(
+            t.render_with("dev-1", "dev-1", "", &props),
+            "devices/dev-1/messages/events/%24.ct=application%2Fjson&site=a%26b%3Dc"
+        );
+        assert_eq!(
+            t.render_with("dev-1", "dev-1", "x", &props[..1]),
+            "devices/dev-1/messages/events/subtopic=x&%24.ct=application%2Fjson"
+        );
+        // AWS templates have no place for them.
+        let aws = TopicTemplate::parse("dt/{thingName}/telemetry{/subtopic}").unwrap();
+        assert_eq!(aws.render_with("t", "d", "", &props), "dt/t/telemetry");
     }
 
     #[test]
