@@ -314,6 +314,36 @@ async fn cloud_to_device_messages_reach_the_device_with_their_properties() {
     gw.assert_running();
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_wrong_id_scope_fails_the_devices_with_dps_error_and_the_daemon_stays_up() {
+    let f = Fixture::start(Duration::from_millis(100)).await;
+    let port = free_port();
+    for (n, transport, endpoint) in [
+        (1, "mqtt", f.emu.endpoints().dps_mqtt),
+        (2, "https", f.emu.endpoints().dps_https),
+    ] {
+        let sets = vec![
+            "cloud.azure.id_scope=\"0ne00B0GU5\"".to_string(),
+            format!("cloud.azure.transport=\"{transport}\""),
+            format!("cloud.azure.dps_endpoint=\"{endpoint}\""),
+        ];
+        let gw = f.gateway(port, &sets, &[], n).await;
+        let mut opts = fleet(port, &format!("scope{n}"), 1, 0);
+        opts.timeout = Duration::from_secs(30);
+        let report = run(opts).await;
+        assert_eq!(report.provisioned, 0, "{transport}: {report:?}");
+        let text = report.failures[0].reason.to_string();
+        assert!(
+            text.contains("404001") || text.contains("401002"),
+            "{transport}: {text}\n{}",
+            gw.log_tail()
+        );
+        gw.assert_running();
+        gw.kill9();
+    }
+    assert!(f.registrations().await.is_empty());
+}
+
 /// MQTT 5 properties travel from the device to IoT Hub: user properties, content type,
 /// correlation data and the UTF-8 payload marker arrive as the message's properties.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
