@@ -70,6 +70,18 @@ impl Fixture {
         gw
     }
 
+    /// A gateway with one device (`{prefix}-…-1`) provisioned through it: the gateway, its
+    /// device broker port and the device id.
+    async fn provisioned_device(&self, prefix: &str) -> (Fleetgw, u16, String) {
+        let port = free_port();
+        let gw = self.gateway(port, &[], &[], 1).await;
+        let opts = fleet(port, prefix, 1, 0);
+        let id = opts.device_id(1).unwrap().to_string();
+        let report = run(opts).await;
+        assert_all_provisioned(&report, &gw);
+        (gw, port, id)
+    }
+
     async fn registrations(&self) -> Vec<Value> {
         let (status, body) = http(self.api(), "GET", "/registrations", None).await;
         assert_eq!(status, 200, "{body}");
@@ -264,12 +276,7 @@ async fn a_wrong_group_key_fails_the_devices_with_dps_error_and_the_daemon_stays
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn cloud_to_device_messages_reach_the_device_with_their_properties() {
     let f = Fixture::start(Duration::from_millis(100)).await;
-    let port = free_port();
-    let gw = f.gateway(port, &[], &[], 1).await;
-    let opts = fleet(port, "c2d", 1, 0);
-    let id = opts.device_id(1).unwrap().to_string();
-    let report = run(opts).await;
-    assert_all_provisioned(&report, &gw);
+    let (gw, port, id) = f.provisioned_device("c2d").await;
 
     let mut device = TestClient::connect_ok(mqtt_client::options(&id, port)).await;
     device
@@ -352,12 +359,7 @@ async fn mqtt5_properties_of_device_telemetry_reach_the_hub() {
     use rumqttc::v5::{AsyncClient, Event, MqttOptions};
 
     let f = Fixture::start(Duration::from_millis(100)).await;
-    let port = free_port();
-    let gw = f.gateway(port, &[], &[], 1).await;
-    let opts = fleet(port, "props", 1, 0);
-    let id = opts.device_id(1).unwrap().to_string();
-    let report = run(opts).await;
-    assert_all_provisioned(&report, &gw);
+    let (gw, port, id) = f.provisioned_device("props").await;
 
     let (client, mut events) = AsyncClient::new(MqttOptions::new(&id, "127.0.0.1", port), 8);
     let props = PublishProperties {

@@ -13,8 +13,8 @@ use std::time::Duration;
 
 use super::{
     BoxFuture, CertificateSource, CloudError, IssuedCertificate, Provider, RegisterInput,
-    RegisterOutcome, Registration, TelemetryProfile, UpstreamAuth, UpstreamSpec, UpstreamTransport,
-    Upstreams, INVALID_OWNERSHIP_TOKEN,
+    RegisterOutcome, Registration, TelemetryProfile, UpstreamSpec, Upstreams,
+    INVALID_OWNERSHIP_TOKEN,
 };
 use crate::clock;
 use crate::device_id::DeviceId;
@@ -209,20 +209,17 @@ impl FakeProvider {
 impl Upstreams for FakeProvider {
     fn upstream(
         &self,
-        _device: &DeviceId,
+        device: &DeviceId,
         cloud_id: &str,
-        _endpoint: Option<&str>,
+        endpoint: Option<&str>,
     ) -> Result<UpstreamSpec, CloudError> {
-        Ok(UpstreamSpec {
-            transport: UpstreamTransport::Mqtt,
+        // AWS's convention at a placeholder endpoint: the fake has no data plane.
+        let aws = crate::telemetry::UpstreamEndpoint {
             host: "localhost".into(),
             port: 8883,
-            connect: None,
-            ca_pem: "".into(),
-            client_id: cloud_id.to_string(),
-            username: None,
-            auth: UpstreamAuth::DeviceCertificate,
-        })
+            ca_pem: String::new(),
+        };
+        aws.upstream(device, cloud_id, endpoint)
     }
 }
 

@@ -250,7 +250,8 @@ fn semantic_errors_name_key_and_source() {
 /// `[cloud.azure]`: what Azure needs, and the AWS-only telemetry keys refused with it.
 #[test]
 fn azure_errors_name_key_and_source() {
-    let azure = "[cloud]\nprovider = \"azure\"\n[cloud.azure]\nid_scope = \"0ne0\"\nca = \"ca.pem\"\n";
+    let azure =
+        "[cloud]\nprovider = \"azure\"\n[cloud.azure]\nid_scope = \"0ne0\"\nca = \"ca.pem\"\n";
     let cases = [
         ("", "cloud.azure.attestation", "needs cloud.azure.group_key"),
         (
@@ -297,7 +298,8 @@ fn azure_errors_name_key_and_source() {
     }
     let ok = load_text(&format!("{azure}group_key = \"a2V5\"\n"), &[]).unwrap();
     assert_eq!(ok.cloud.provider, CloudProvider::Azure);
-    let without_ca = "[cloud]\nprovider = \"azure\"\n[cloud.azure]\nid_scope = \"0ne0\"\ngroup_key = \"a2V5\"\n";
+    let without_ca =
+        "[cloud]\nprovider = \"azure\"\n[cloud.azure]\nid_scope = \"0ne0\"\ngroup_key = \"a2V5\"\n";
     let e = load_text(without_ca, &[]).unwrap_err();
     assert!(e.to_string().contains("cloud.azure.ca"), "{e}");
 }

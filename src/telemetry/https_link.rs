@@ -18,7 +18,7 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use super::directory::{LinkTarget, PasswordSource};
-use super::link::{Item, Settle, Settled};
+use super::link::{take_matching, Item, Settle, Settled};
 use super::Counters;
 use crate::backoff::Backoff;
 use crate::cloud::azure::hub;
@@ -69,11 +69,8 @@ impl HttpsShared {
     }
 
     /// Drops queued (not yet sent) messages for which `drop` says yes; returns them.
-    pub fn remove_queued(&self, mut drop: impl FnMut(&Item) -> bool) -> Vec<Item> {
-        let mut st = self.lock();
-        let (removed, kept): (Vec<Item>, Vec<Item>) = st.queued.drain(..).partition(|i| drop(i));
-        st.queued = kept.into();
-        removed
+    pub fn remove_queued(&self, drop: impl FnMut(&Item) -> bool) -> Vec<Item> {
+        take_matching(&mut self.lock().queued, drop)
     }
 }
 

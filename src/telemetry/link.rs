@@ -81,6 +81,24 @@ impl Item {
     }
 }
 
+/// Takes the items `drop` says yes to out of `queue`, keeping the others in order.
+pub(crate) fn take_matching(
+    queue: &mut VecDeque<Item>,
+    mut drop: impl FnMut(&Item) -> bool,
+) -> Vec<Item> {
+    let mut removed = Vec::new();
+    let mut kept = VecDeque::with_capacity(queue.len());
+    for item in queue.drain(..) {
+        if drop(&item) {
+            removed.push(item);
+        } else {
+            kept.push_back(item);
+        }
+    }
+    *queue = kept;
+    removed
+}
+
 /// A message acknowledged by the cloud, for the remover.
 pub(crate) struct Settled {
     pub seq: u64,
@@ -212,19 +230,8 @@ impl LinkShared {
     }
 
     /// Drops queued (not yet sent) messages for which `drop` says yes; returns them.
-    pub fn remove_queued(&self, mut drop: impl FnMut(&Item) -> bool) -> Vec<Item> {
-        let mut st = self.lock();
-        let mut removed = Vec::new();
-        let mut kept = VecDeque::with_capacity(st.queued.len());
-        for item in st.queued.drain(..) {
-            if drop(&item) {
-                removed.push(item);
-            } else {
-                kept.push_back(item);
-            }
-        }
-        st.queued = kept;
-        removed
+    pub fn remove_queued(&self, drop: impl FnMut(&Item) -> bool) -> Vec<Item> {
+        take_matching(&mut self.lock().queued, drop)
     }
 
     /// Asks the task to disconnect and stop; queued messages stay in the outbox.
