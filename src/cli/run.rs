@@ -73,6 +73,9 @@ pub enum RunError {
     Admin(#[from] crate::admin::AdminError),
     #[error("installing the signal handlers: {0}")]
     Signals(#[source] std::io::Error),
+    /// A store flush failed: the daemon stops at once (exit 74) so that systemd restarts it.
+    #[error("store: state directory {dir}: flush to disk failed, exiting so that recovery replays the log: {message}")]
+    StoreFailed { dir: PathBuf, message: String },
 }
 
 impl RunError {
@@ -82,7 +85,10 @@ impl RunError {
             | RunError::Identity { .. }
             | RunError::Admission(_)
             | RunError::Telemetry(_) => EX_CONFIG,
-            RunError::Read { .. } | RunError::Store(_) | RunError::Admin(_) => EX_IOERR,
+            RunError::Read { .. }
+            | RunError::Store(_)
+            | RunError::StoreFailed { .. }
+            | RunError::Admin(_) => EX_IOERR,
             RunError::Downstream(_) | RunError::Runtime(_) | RunError::Signals(_) => EX_SOFTWARE,
         })
     }
@@ -115,6 +121,12 @@ pub fn run(args: Args, log_format: Option<LogFormat>) -> ExitCode {
     };
     match runtime.block_on(daemon(cfg, &args.config, &notifier)) {
         Ok(()) => ExitCode::SUCCESS,
+        Err(e @ RunError::StoreFailed { .. }) => {
+            let code = fail(&e);
+            // Tasks still waiting on the failed store are not waited for.
+            runtime.shutdown_background();
+            code
+        }
         Err(e) => fail(&e),
     }
 }
@@ -151,6 +163,10 @@ async fn daemon(cfg: Config, args: &ConfigArgs, notifier: &Notifier) -> Result<(
     let served = service::serve(&gateway, cfg, args, notifier, &mut signals, &ready_sockets).await;
     let signal = match served {
         Ok(signal) => signal,
+        Err(e @ RunError::StoreFailed { .. }) => {
+            notifier.stopping();
+            return Err(e);
+        }
         Err(e) => {
             notifier.stopping();
             gateway.shutdown().await?;
@@ -386,6 +402,9 @@ impl Gateway {
     /// The watchdog's health check: a write and read back through the store (flushed), and
     /// the engine's and telemetry's loops alive.
     pub async fn health_check(&self) -> Result<(), String> {
+        if let Some(e) = self.store.fatal_error() {
+            return Err(format!("the store failed to flush: {e}"));
+        }
         if !self.engine.is_alive() {
             return Err("the provisioning engine's loops have stopped".into());
         }

@@ -32,11 +32,14 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use crate::device_id::DeviceId;
-use flusher::GroupCommit;
+use flusher::{FlushFaults, GroupCommit};
 
 pub use batch::Batch;
 use batch::BatchTrees;
 pub use error::StoreError;
+pub use flusher::BLOB_THRESHOLD;
+#[cfg(feature = "test-hooks")]
+pub use flusher::FAIL_FLUSH_FILE_ENV;
 pub use records::{
     DeviceRecord, DeviceState, ErrorInfo, OutboxDecodeError, OutboxMessage, OwnershipToken,
     OwnershipTokenRecord, ProvisionData, DEVICE_RECORD_VERSION, OUTBOX_MESSAGE_VERSION,
@@ -153,6 +156,20 @@ impl Store {
     /// Opens (creating if needed, mode 0700) the store in `dir`. Refuses a database whose schema
     /// version is newer than [`SCHEMA_VERSION`].
     pub fn open(dir: &Path, opts: &StoreOptions) -> Result<Self, StoreError> {
+        Self::open_with(dir, opts, FlushFaults::from_env())
+    }
+
+    /// [`Store::open`] whose flushes fail while `fault_file` exists (the crate's own tests).
+    #[cfg(test)]
+    pub(crate) fn open_failing_while(
+        dir: &Path,
+        opts: &StoreOptions,
+        fault_file: &Path,
+    ) -> Result<Self, StoreError> {
+        Self::open_with(dir, opts, FlushFaults::while_exists(fault_file))
+    }
+
+    fn open_with(dir: &Path, opts: &StoreOptions, faults: FlushFaults) -> Result<Self, StoreError> {
         prepare_dir(dir)?;
         let db = sled::Config::new()
             .path(dir)
@@ -202,11 +219,17 @@ impl Store {
             operations: trees.operations.clone(),
             enrollment_groups: trees.enrollment_groups.clone(),
             device_groups: trees.device_groups.clone(),
-            commit: GroupCommit::start(db.clone(), trees, dir.to_owned(), opts.min_commit_interval)
-                .map_err(|source| StoreError::FlusherThread {
-                    dir: dir.to_owned(),
-                    source,
-                })?,
+            commit: GroupCommit::start(
+                db.clone(),
+                trees,
+                dir.to_owned(),
+                opts.min_commit_interval,
+                faults,
+            )
+            .map_err(|source| StoreError::FlusherThread {
+                dir: dir.to_owned(),
+                source,
+            })?,
             outbox,
             meta,
             db,
@@ -243,8 +266,8 @@ impl Store {
         WriteTicket(self.inner.commit.ticket())
     }
 
-    /// Resolves once the writes `ticket` covers are on disk. After an error, a new ticket
-    /// asks for another flush: a later successful flush makes every earlier write durable.
+    /// Resolves once the writes `ticket` covers are on disk. An error is final: after a
+    /// failed flush the store reports nothing durable any more ([`Store::fatal_error`]).
     pub async fn wait_durable(&self, ticket: WriteTicket) -> Result<(), StoreError> {
         self.inner
             .commit
@@ -271,6 +294,23 @@ impl Store {
     /// Flushes (fsyncs) done by the group-commit thread since open, for metrics.
     pub fn flush_count(&self) -> u64 {
         self.inner.commit.flushes()
+    }
+
+    /// Blob files (`blobs/`, sled's out-of-log pages) fsynced since open.
+    pub fn blobs_synced(&self) -> u64 {
+        self.inner.commit.blobs_synced()
+    }
+
+    /// The flush failure that stopped the store, if one happened: from then on no write is
+    /// reported durable (see `flusher`), and the daemon must exit so that recovery replays.
+    pub fn fatal_error(&self) -> Option<String> {
+        self.inner.commit.fatal()
+    }
+
+    /// Resolves with the message of the flush failure that stopped the store; pending while
+    /// the store is healthy.
+    pub async fn failed(&self) -> String {
+        self.inner.commit.failed().await
     }
 
     // ---- devices ----
@@ -792,5 +832,7 @@ fn decode_token(key: &str, bytes: &[u8]) -> Result<OwnershipTokenRecord, StoreEr
 
 #[cfg(test)]
 mod corrupt_tests;
+#[cfg(test)]
+mod integrity_tests;
 #[cfg(test)]
 mod tests;
