@@ -1,0 +1,112 @@
+//! Store faults against the real daemon (`fleetgw run` built with `test-hooks`, the AWS IoT
+//! emulator as the cloud, devices on the embedded broker).
+//!
+//! A failed fsync must never be followed by acknowledgements of the data it covered
+//! ("fsyncgate"): the daemon withholds the PUBACK of the message whose flush failed, exits 74
+//! (so systemd restarts it), and after the restart the device's republished message is
+//! accepted and everything acknowledged before the fault reaches the cloud. The fault comes
+//! from the `FLEETGW_TEST_FAIL_FLUSH_FILE` hook: every flush fails while the named file exists.
+
+mod common;
+
+use std::path::Path;
+use std::time::Duration;
+
+use rumqttc::QoS;
+use serde_json::Value;
+
+use common::device::{connect_retrying, provision};
+use common::free_port;
+use common::http::http_within;
+use common::messages;
+use common::process::{EmulatorProcess, Fleetgw};
+use common::wait::eventually_async;
+
+const FAIL_FLUSH_FILE_ENV: &str = "FLEETGW_TEST_FAIL_FLUSH_FILE";
+const LIMIT: Duration = Duration::from_secs(60);
+
+fn start_daemon(emu: &EmulatorProcess, state: &Path, port: u16, fault: &Path) -> Fleetgw {
+    Fleetgw::run(&emu.gateway_config(), state.with_extension("log"))
+        .env(FAIL_FLUSH_FILE_ENV, fault)
+        .sets([
+            "admission.mode=\"open\"".to_string(),
+            format!("gateway.state_dir=\"{}\"", state.display()),
+            "downstream.broker=\"embedded\"".to_string(),
+            format!("downstream.listen=\"127.0.0.1:{port}\""),
+            "log.level=\"info\"".to_string(),
+        ])
+        .spawn()
+}
+
+/// Payloads the emulator recorded for `thing`.
+async fn recorded(emu: &EmulatorProcess, thing: &str) -> Vec<String> {
+    let (status, list) = http_within(
+        emu.api,
+        "GET",
+        &format!("/messages?clientId={thing}"),
+        None,
+        LIMIT,
+    )
+    .await;
+    assert_eq!(status, 200, "{list}");
+    list.as_array()
+        .unwrap()
+        .iter()
+        .map(|m: &Value| String::from_utf8(messages::payload(m)).unwrap())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_fsync_withholds_the_ack_exits_74_and_the_restart_loses_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let emu_dir = tmp.path().join("emu");
+    std::fs::create_dir(&emu_dir).unwrap();
+    let emu = EmulatorProcess::start(&emu_dir, tmp.path().join("emu.log"), |l| l).await;
+    let state = tmp.path().join("state");
+    let fault = tmp.path().join("fail-flush");
+    let port = free_port();
+    let daemon = start_daemon(&emu, &state, port, &fault);
+
+    let id = "sensor-fsync";
+    let thing = provision(port, id, LIMIT).await;
+    let topic = format!("fleetgw/{id}/telemetry");
+    let mut dev = connect_retrying(id, port, LIMIT).await;
+    dev.publish(&topic, QoS::AtLeastOnce, false, br#"{"n":1}"#)
+        .await;
+
+    // The disk starts failing: the next message's flush fails.
+    std::fs::write(&fault, b"").unwrap();
+    dev.publish_unacked(&topic, QoS::AtLeastOnce, false, br#"{"n":2}"#)
+        .await;
+    let status = daemon.wait_exit(LIMIT).await;
+    assert_eq!(
+        status.code(),
+        Some(74),
+        "exit status; log:\n{}",
+        daemon.log_tail()
+    );
+    assert!(
+        !dev.puback_within(Duration::from_millis(200)).await,
+        "a message whose flush failed was acknowledged"
+    );
+    let log = daemon.log();
+    assert!(log.contains("store flush failed"), "{log}");
+    assert!(log.contains("injected flush failure"), "{log}");
+
+    // The disk is back; systemd would restart the daemon now.
+    std::fs::remove_file(&fault).unwrap();
+    daemon.restart();
+    let mut dev = connect_retrying(id, port, LIMIT).await;
+    // The device republishes what was not acknowledged; the daemon still knows it as
+    // provisioned (it refuses telemetry otherwise) and acknowledges it now.
+    dev.publish(&topic, QoS::AtLeastOnce, false, br#"{"n":2}"#)
+        .await;
+    let got = eventually_async("both messages at the emulator", LIMIT, || async {
+        let got = recorded(&emu, &thing).await;
+        let has = |p: &str| got.iter().any(|g| g == p);
+        (has(r#"{"n":1}"#) && has(r#"{"n":2}"#)).then_some(got)
+    })
+    .await;
+    assert!(got.len() <= 3, "at most one duplicate: {got:?}");
+    daemon.assert_running();
+}
