@@ -6,6 +6,9 @@
 //! (so systemd restarts it), and after the restart the device's republished message is
 //! accepted and everything acknowledged before the fault reaches the cloud. The fault comes
 //! from the `FLEETGW_TEST_FAIL_FLUSH_FILE` hook: every flush fails while the named file exists.
+//!
+//! Needs the daemon's flush fault hook, which only `--features test-hooks` builds have.
+#![cfg(feature = "test-hooks")]
 
 mod common;
 
