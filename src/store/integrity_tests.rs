@@ -168,3 +168,97 @@ async fn sled_writes_blobs_per_node_not_per_value() {
          and each was fsynced"
     );
 }
+
+/// One garbage device record and one garbage outbox entry (as a bit flip or a buggy release
+/// would leave them) are moved to quarantine, bytes unchanged, and never hide the good records
+/// and messages around them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn undecodable_values_are_quarantined_and_the_rest_proceeds() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("state");
+    let store = Store::open(&dir, &opts()).unwrap();
+    for d in ["a-good", "c-good"] {
+        store
+            .put_device(&DeviceRecord::new(id(d), "json", 1))
+            .await
+            .unwrap();
+    }
+    store
+        .inner
+        .devices
+        .insert("b-bad", &b"{not json"[..])
+        .unwrap();
+    // A truncated entry between two good ones, and one with a key of the wrong length.
+    store
+        .outbox_append(&[msg("a-good", b"1".to_vec())])
+        .await
+        .unwrap();
+    let between = store.inner.db.generate_id().unwrap();
+    store
+        .inner
+        .outbox
+        .insert(between.to_be_bytes(), &[1u8, 0, 0][..])
+        .unwrap();
+    store
+        .outbox_append(&[msg("c-good", b"2".to_vec())])
+        .await
+        .unwrap();
+    store.inner.outbox.insert(b"short", &b"x"[..]).unwrap();
+    store.durable().await.unwrap();
+    // Reopened, as the daemon finds such a store: the counters include the garbage.
+    drop(store);
+    let store = Store::open(&dir, &opts()).unwrap();
+    assert_eq!(store.outbox_len(), 4);
+
+    let listed: Vec<String> = store
+        .devices()
+        .map(|r| r.unwrap().id.as_str().to_string())
+        .collect();
+    assert_eq!(listed, ["a-good", "c-good"]);
+    assert_eq!(store.device(&id("b-bad")).unwrap(), None);
+
+    let page = store.outbox_scan(0, 2).unwrap();
+    let payloads: Vec<&[u8]> = page.iter().map(|(_, m)| m.payload.as_slice()).collect();
+    assert_eq!(
+        payloads,
+        [b"1".as_slice(), b"2".as_slice()],
+        "a full page past the garbage"
+    );
+    assert_eq!(store.outbox_scan(0, 10).unwrap().len(), 2);
+    assert_eq!(store.outbox_len(), 2, "the counters follow the move");
+
+    assert_eq!(store.quarantined(), 3);
+    let entries = store.quarantine_entries().unwrap();
+    let keys: Vec<&str> = entries.iter().map(|(k, _)| k.as_str()).collect();
+    assert!(keys.contains(&"devices/b-bad"), "{keys:?}");
+    assert!(keys.contains(&"outbox/short"), "{keys:?}");
+    assert!(entries.iter().any(|(_, v)| v.as_slice() == b"{not json"));
+    assert!(entries.iter().any(|(_, v)| v.as_slice() == [1u8, 0, 0]));
+
+    // The move is durable: after a reopen the garbage is still in quarantine, not back.
+    store.durable().await.unwrap();
+    drop(store);
+    let store = Store::open(&dir, &opts()).unwrap();
+    assert_eq!(store.devices().count(), 2);
+    assert_eq!(store.quarantine_entries().unwrap().len(), 3);
+    assert_eq!(store.quarantined(), 0, "the metric counts moves since open");
+}
+
+/// A record written by a newer fleetgw is not garbage: it stays where it is, with its error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn newer_records_are_never_quarantined() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = Store::open(&tmp.path().join("state"), &opts()).unwrap();
+    let newer = format!(r#"{{"v":{},"etag":1}}"#, DEVICE_RECORD_VERSION + 1);
+    store
+        .inner
+        .devices
+        .insert("future", newer.as_bytes())
+        .unwrap();
+    assert!(matches!(
+        store.device(&id("future")),
+        Err(StoreError::NewerRecord { .. })
+    ));
+    assert_eq!(store.quarantined(), 0);
+    assert!(store.inner.devices.get("future").unwrap().is_some());
+}

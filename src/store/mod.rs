@@ -16,9 +16,11 @@
 //! rest of the gateway if the kill -9 tests ever show corruption.
 
 mod batch;
+mod codec;
 mod error;
 mod flusher;
 mod outbox;
+mod quarantine;
 mod records;
 
 use std::fs;
@@ -36,6 +38,7 @@ use flusher::{FlushFaults, GroupCommit};
 
 pub use batch::Batch;
 use batch::BatchTrees;
+use codec::{decode, decode_device, decode_token, encode, get, insert, remove, stored_etag};
 pub use error::StoreError;
 pub use flusher::BLOB_THRESHOLD;
 #[cfg(feature = "test-hooks")]
@@ -131,6 +134,9 @@ struct Inner {
     device_groups: sled::Tree,
     outbox: sled::Tree,
     meta: sled::Tree,
+    quarantine: sled::Tree,
+    /// Values moved to `quarantine` since open (metric).
+    quarantined: AtomicU64,
     /// Serialises read-modify-write of device records (etag bumps, CAS, batches): the update
     /// closures are `FnOnce`, so a lost optimistic race could not be retried.
     device_writes: Arc<Mutex<()>>,
@@ -232,6 +238,8 @@ impl Store {
             })?,
             outbox,
             meta,
+            quarantine: tree(quarantine::QUARANTINE)?,
+            quarantined: AtomicU64::new(0),
             db,
             device_writes,
             outbox_len: AtomicU64::new(len),
@@ -316,21 +324,35 @@ impl Store {
     // ---- devices ----
 
     /// The device's record, if any.
+    /// An undecodable record is moved to quarantine and reads as absent.
     pub fn device(&self, id: &DeviceId) -> Result<Option<DeviceRecord>, StoreError> {
-        let raw = get(&self.inner.devices, DEVICES, id.as_str())?;
-        raw.map(|v| decode_device(id.as_str(), &v)).transpose()
+        match get(&self.inner.devices, DEVICES, id.as_str())? {
+            Some(v) => self.device_or_quarantine(id.as_str().as_bytes(), &v),
+            None => Ok(None),
+        }
     }
 
-    /// All device records in id order.
+    /// All device records in id order; undecodable ones are moved to quarantine and skipped.
     pub fn devices(&self) -> impl Iterator<Item = Result<DeviceRecord, StoreError>> {
-        self.inner.devices.iter().map(|entry| {
-            let (k, v) = entry.map_err(|source| StoreError::Sled {
+        let store = self.clone();
+        self.inner
+            .devices
+            .iter()
+            .filter_map(move |entry| store.scanned_device(entry))
+    }
+
+    fn scanned_device(
+        &self,
+        entry: sled::Result<(sled::IVec, sled::IVec)>,
+    ) -> Option<Result<DeviceRecord, StoreError>> {
+        match entry {
+            Ok((k, v)) => self.device_or_quarantine(&k, &v).transpose(),
+            Err(source) => Some(Err(StoreError::Sled {
                 tree: DEVICES,
                 op: "scan",
                 source,
-            })?;
-            decode_device(&String::from_utf8_lossy(&k), &v)
-        })
+            })),
+        }
     }
 
     /// Device records in id order, starting after `after` (from the first when `None`): the
@@ -344,17 +366,11 @@ impl Store {
             Some(a) => Bound::Excluded(a.as_bytes().to_vec()),
             None => Bound::Unbounded,
         };
+        let store = self.clone();
         self.inner
             .devices
             .range::<Vec<u8>, _>((start, Bound::Unbounded))
-            .map(|entry| {
-                let (k, v) = entry.map_err(|source| StoreError::Sled {
-                    tree: DEVICES,
-                    op: "scan",
-                    source,
-                })?;
-                decode_device(&String::from_utf8_lossy(&k), &v)
-            })
+            .filter_map(move |entry| store.scanned_device(entry))
     }
 
     /// Number of device records.
@@ -372,9 +388,17 @@ impl Store {
         let key = rec.id.as_str();
         let _guard = self.device_lock();
         // Only the stored etag matters here: skip decoding the whole previous record.
-        let found = get(&self.inner.devices, DEVICES, key)?
-            .map(|v| stored_etag(key, &v))
-            .transpose()?;
+        let found = match get(&self.inner.devices, DEVICES, key)? {
+            Some(v) => match stored_etag(key, &v) {
+                Ok(etag) => Some(etag),
+                Err(e) if quarantine::is_damage(&e) => {
+                    self.quarantine(DEVICES, &self.inner.devices, key.as_bytes(), &v, &e)?;
+                    None
+                }
+                Err(e) => return Err(e),
+            },
+            None => None,
+        };
         let mut next = rec.clone();
         next.etag = found.unwrap_or(0) + 1;
         insert(
@@ -719,115 +743,6 @@ fn check_meta_key(key: &str) -> Result<(), StoreError> {
         });
     }
     Ok(())
-}
-
-fn get(tree: &sled::Tree, name: &'static str, key: &str) -> Result<Option<sled::IVec>, StoreError> {
-    tree.get(key).map_err(|source| StoreError::Sled {
-        tree: name,
-        op: "get",
-        source,
-    })
-}
-
-fn insert(
-    tree: &sled::Tree,
-    name: &'static str,
-    key: &str,
-    value: Vec<u8>,
-) -> Result<(), StoreError> {
-    tree.insert(key, value).map_err(|source| StoreError::Sled {
-        tree: name,
-        op: "insert",
-        source,
-    })?;
-    Ok(())
-}
-
-fn remove(tree: &sled::Tree, name: &'static str, key: &str) -> Result<bool, StoreError> {
-    tree.remove(key)
-        .map(|old| old.is_some())
-        .map_err(|source| StoreError::Sled {
-            tree: name,
-            op: "remove",
-            source,
-        })
-}
-
-fn encode<T: Serialize>(tree: &'static str, key: &str, value: &T) -> Result<Vec<u8>, StoreError> {
-    serde_json::to_vec(value).map_err(|source| StoreError::Encode {
-        tree,
-        key: key.to_owned(),
-        source,
-    })
-}
-
-fn decode<T: DeserializeOwned>(
-    tree: &'static str,
-    key: &str,
-    bytes: &[u8],
-) -> Result<T, StoreError> {
-    serde_json::from_slice(bytes).map_err(|source| StoreError::Decode {
-        tree,
-        key: key.to_owned(),
-        source,
-    })
-}
-
-/// Decodes a record whose version (`version_of`) must not exceed what this build writes. The
-/// version is only probed separately when decoding fails, so the common path decodes once.
-fn decode_versioned<T: DeserializeOwned>(
-    tree: &'static str,
-    key: &str,
-    bytes: &[u8],
-    supported: u32,
-    version_of: fn(&T) -> u32,
-) -> Result<T, StoreError> {
-    #[derive(serde::Deserialize)]
-    struct Version {
-        #[serde(default)]
-        v: u32,
-    }
-    let newer = |found: u32| StoreError::NewerRecord {
-        tree,
-        key: key.to_owned(),
-        found,
-        supported,
-    };
-    match decode::<T>(tree, key, bytes) {
-        Ok(rec) if version_of(&rec) > supported => Err(newer(version_of(&rec))),
-        Ok(rec) => Ok(rec),
-        Err(e) => match serde_json::from_slice::<Version>(bytes) {
-            Ok(probe) if probe.v > supported => Err(newer(probe.v)),
-            _ => Err(e),
-        },
-    }
-}
-
-fn decode_device(key: &str, bytes: &[u8]) -> Result<DeviceRecord, StoreError> {
-    decode_versioned(DEVICES, key, bytes, DEVICE_RECORD_VERSION, |r| r.v)
-}
-
-/// The etag of a stored device record, decoding only the record's head (version and etag).
-fn stored_etag(key: &str, bytes: &[u8]) -> Result<u64, StoreError> {
-    #[derive(serde::Deserialize)]
-    struct Head {
-        v: u32,
-        etag: u64,
-    }
-    let head: Head = decode(DEVICES, key, bytes)?;
-    if head.v > DEVICE_RECORD_VERSION {
-        return Err(StoreError::NewerRecord {
-            tree: DEVICES,
-            key: key.to_owned(),
-            found: head.v,
-            supported: DEVICE_RECORD_VERSION,
-        });
-    }
-    Ok(head.etag)
-}
-
-fn decode_token(key: &str, bytes: &[u8]) -> Result<OwnershipTokenRecord, StoreError> {
-    decode_versioned(TOKENS, key, bytes, TOKEN_RECORD_VERSION, |r| r.v)
 }
 
 #[cfg(test)]
