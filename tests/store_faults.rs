@@ -7,9 +7,15 @@
 //! accepted and everything acknowledged before the fault reaches the cloud. The fault comes
 //! from the `FLEETGW_TEST_FAIL_FLUSH_FILE` hook: every flush fails while the named file exists.
 //!
+//! Undecodable values: a garbage device record and a garbage outbox entry written into the
+//! state directory of a stopped daemon are moved to quarantine when the restarted daemon
+//! meets them, and neither the other devices' telemetry nor the device listing stalls.
+//!
 //! Needs the daemon's flush fault hook, which only `--features test-hooks` builds have.
 #![cfg(feature = "test-hooks")]
 
+#[path = "common/admin.rs"]
+mod admin_common;
 mod common;
 
 use std::path::Path;
@@ -32,6 +38,10 @@ fn start_daemon(emu: &EmulatorProcess, state: &Path, port: u16, fault: &Path) ->
     Fleetgw::run(&emu.gateway_config(), state.with_extension("log"))
         .env(FAIL_FLUSH_FILE_ENV, fault)
         .sets([
+            format!(
+                "admin.socket=\"{}\"",
+                state.with_extension("sock").display()
+            ),
             "admission.mode=\"open\"".to_string(),
             format!("gateway.state_dir=\"{}\"", state.display()),
             "downstream.broker=\"embedded\"".to_string(),
@@ -110,6 +120,85 @@ async fn a_failed_fsync_withholds_the_ack_exits_74_and_the_restart_loses_nothing
         (has(r#"{"n":1}"#) && has(r#"{"n":2}"#)).then_some(got)
     })
     .await;
-    assert!(got.len() <= 3, "at most one duplicate: {got:?}");
+    // At least once: n=1's deletion from the outbox may have been covered by the failed flush
+    // (sent again after the restart), and n=2 may be in the outbox as well as republished.
+    assert!(got.len() <= 4, "at most one duplicate each: {got:?}");
+    daemon.assert_running();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_in_the_store_is_quarantined_and_never_stalls_the_other_devices() {
+    let tmp = tempfile::tempdir().unwrap();
+    let emu_dir = tmp.path().join("emu");
+    std::fs::create_dir(&emu_dir).unwrap();
+    let emu = EmulatorProcess::start(&emu_dir, tmp.path().join("emu.log"), |l| l).await;
+    let state = tmp.path().join("state");
+    let socket = state.with_extension("sock");
+    let unused = tmp.path().join("no-fault");
+    let port = free_port();
+    let daemon = start_daemon(&emu, &state, port, &unused);
+    let id = "sensor-good";
+    let thing = provision(port, id, LIMIT).await;
+    daemon.signal(libc::SIGTERM);
+    assert!(
+        daemon.wait_exit(LIMIT).await.success(),
+        "{}",
+        daemon.log_tail()
+    );
+
+    // What a bit flip or a buggy release could leave behind.
+    {
+        let db = sled::open(&state).unwrap();
+        db.open_tree("devices")
+            .unwrap()
+            .insert("sensor-bad", &b"{\"v\":1,garbage"[..])
+            .unwrap();
+        let seq = db.generate_id().unwrap();
+        db.open_tree("outbox")
+            .unwrap()
+            .insert(seq.to_be_bytes(), &[1u8, 0, 0, 0][..])
+            .unwrap();
+        db.flush().unwrap();
+    }
+
+    daemon.restart();
+    let topic = format!("fleetgw/{id}/telemetry");
+    let mut dev = connect_retrying(id, port, LIMIT).await;
+    dev.publish(&topic, QoS::AtLeastOnce, false, br#"{"n":1}"#)
+        .await;
+    eventually_async(
+        "the good device's telemetry at the emulator",
+        LIMIT,
+        || async {
+            recorded(&emu, &thing)
+                .await
+                .iter()
+                .any(|p| p == r#"{"n":1}"#)
+                .then_some(())
+        },
+    )
+    .await;
+    let r = admin_common::unix_request(&socket, "GET", "/devices", &[], None).await;
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let ids: Vec<String> = r.json()["value"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["id"].as_str().unwrap_or_default().to_string())
+        .collect();
+    assert_eq!(ids, [id], "{}", r.json());
+    let r = admin_common::unix_request(&socket, "GET", "/metrics", &[], None).await;
+    let text = String::from_utf8(r.body.to_vec()).unwrap();
+    assert!(
+        text.contains("fleetgw_store_quarantined_total 2"),
+        "both values quarantined:\n{text}"
+    );
+    let log = daemon.log();
+    assert_eq!(
+        log.matches("undecodable store value moved to the quarantine tree")
+            .count(),
+        2,
+        "{log}"
+    );
     daemon.assert_running();
 }
