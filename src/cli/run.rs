@@ -242,6 +242,10 @@ impl Gateway {
                 min_commit_interval: Duration::from_micros(cfg.store.min_commit_interval_us),
             },
         )?;
+        // Ownership tokens are sealed with the same key as device keys.
+        if let Some(sealer) = &telemetry_sealer {
+            store.seal_tokens_with(Arc::clone(sealer));
+        }
         // No device count here: sled counts by scanning every record (the STATUS= line counts
         // them in the background after READY).
         tracing::info!(dir = %cfg.gateway.state_dir.display(), "store open");

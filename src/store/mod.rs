@@ -22,6 +22,7 @@ mod flusher;
 mod outbox;
 mod quarantine;
 mod records;
+mod token_seal;
 
 use std::fs;
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
@@ -135,6 +136,8 @@ struct Inner {
     outbox: sled::Tree,
     meta: sled::Tree,
     quarantine: sled::Tree,
+    /// Seals ownership tokens at rest once set ([`Store::seal_tokens_with`]).
+    sealer: std::sync::OnceLock<Arc<crate::identity::Sealer>>,
     /// Values moved to `quarantine` since open (metric).
     quarantined: AtomicU64,
     /// Serialises read-modify-write of device records (etag bumps, CAS, batches): the update
@@ -240,6 +243,7 @@ impl Store {
             meta,
             quarantine: tree(quarantine::QUARANTINE)?,
             quarantined: AtomicU64::new(0),
+            sealer: std::sync::OnceLock::new(),
             db,
             device_writes,
             outbox_len: AtomicU64::new(len),
@@ -401,6 +405,7 @@ impl Store {
         };
         let mut next = rec.clone();
         next.etag = found.unwrap_or(0) + 1;
+        self.seal_device(&mut next);
         insert(
             &self.inner.devices,
             DEVICES,
@@ -451,7 +456,9 @@ impl Store {
             Some(mut next) => {
                 next.id = id.clone();
                 next.etag = found.unwrap_or(0) + 1;
-                let bytes = encode(DEVICES, id.as_str(), &next)?;
+                let mut stored = next.clone();
+                self.seal_device(&mut stored);
+                let bytes = encode(DEVICES, id.as_str(), &stored)?;
                 self.inner
                     .devices
                     .insert(id.as_str(), bytes)
@@ -504,26 +511,34 @@ impl Store {
     /// Stores an ownership token (key = `rec.device`); durable on return.
     pub async fn put_token(&self, rec: &OwnershipTokenRecord) -> Result<(), StoreError> {
         let key = rec.device.as_str();
-        insert(&self.inner.tokens, TOKENS, key, encode(TOKENS, key, rec)?)?;
+        let mut stored = rec.clone();
+        self.seal_token_record(&mut stored);
+        insert(
+            &self.inner.tokens,
+            TOKENS,
+            key,
+            encode(TOKENS, key, &stored)?,
+        )?;
         self.durable().await
     }
 
     /// A device's ownership token, if stored.
     pub fn token(&self, id: &DeviceId) -> Result<Option<OwnershipTokenRecord>, StoreError> {
         get(&self.inner.tokens, TOKENS, id.as_str())?
-            .map(|v| decode_token(id.as_str(), &v))
+            .map(|v| self.open_token_record(decode_token(id.as_str(), &v)?))
             .transpose()
     }
 
     /// All stored ownership tokens in device id order.
     pub fn tokens(&self) -> impl Iterator<Item = Result<OwnershipTokenRecord, StoreError>> {
-        self.inner.tokens.iter().map(|entry| {
+        let store = self.clone();
+        self.inner.tokens.iter().map(move |entry| {
             let (k, v) = entry.map_err(|source| StoreError::Sled {
                 tree: TOKENS,
                 op: "scan",
                 source,
             })?;
-            decode_token(&String::from_utf8_lossy(&k), &v)
+            store.open_token_record(decode_token(&String::from_utf8_lossy(&k), &v)?)
         })
     }
 
@@ -751,3 +766,5 @@ mod corrupt_tests;
 mod integrity_tests;
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod token_seal_tests;

@@ -88,7 +88,7 @@ impl Store {
         value: &[u8],
     ) -> Result<Option<DeviceRecord>, StoreError> {
         match decode_device(&String::from_utf8_lossy(key), value) {
-            Ok(rec) => Ok(Some(rec)),
+            Ok(rec) => self.open_device(rec).map(Some),
             Err(e) if is_damage(&e) => {
                 self.quarantine(DEVICES, &self.inner.devices, key, value, &e)?;
                 Ok(None)
