@@ -40,11 +40,13 @@ pub async fn provision(port: u16, id: &str, within: Duration) -> String {
             "{id}: not provisioned in {within:?}"
         );
         let mut dev = connect_retrying(id, port, deadline - Instant::now()).await;
-        dev.subscribe(&format!("fleetgw/{id}/provision/json/+"), QoS::AtLeastOnce)
-            .await;
-        dev.subscribe(&status_topic, QoS::AtLeastOnce).await;
-        if thing.is_none() {
-            dev.client
+        let answers = format!("fleetgw/{id}/provision/json/+");
+        if !subscribed(&mut dev, &answers).await || !subscribed(&mut dev, &status_topic).await {
+            continue;
+        }
+        if thing.is_none()
+            && dev
+                .client
                 .publish(
                     format!("fleetgw/{id}/provision/json"),
                     QoS::AtLeastOnce,
@@ -52,7 +54,9 @@ pub async fn provision(port: u16, id: &str, within: Duration) -> String {
                     br#"{"attestation":{"type":"none"}}"#.to_vec(),
                 )
                 .await
-                .expect("publish");
+                .is_err()
+        {
+            continue;
         }
         loop {
             let ev = dev
@@ -78,4 +82,23 @@ pub async fn provision(port: u16, id: &str, within: Duration) -> String {
             }
         }
     }
+}
+
+/// Subscribes `filter`; false when the connection broke first (a killed daemon).
+async fn subscribed(dev: &mut TestClient, filter: &str) -> bool {
+    if dev
+        .client
+        .subscribe(filter, QoS::AtLeastOnce)
+        .await
+        .is_err()
+    {
+        return false;
+    }
+    matches!(
+        dev.next_matching_within(Duration::from_secs(10), |e| {
+            matches!(e, ClientEvent::SubAck(_) | ClientEvent::Closed(_))
+        })
+        .await,
+        Some(ClientEvent::SubAck(_))
+    )
 }
