@@ -6,8 +6,6 @@
 //! the daemon must still run, and at the end a good device still provisions. Prints
 //! `CORPUS tried=N passed=N` per part. Add a case by adding a table or a file.
 
-#[path = "common/admin.rs"]
-mod admin_common;
 mod common;
 
 use std::path::{Path, PathBuf};
@@ -119,6 +117,65 @@ async fn rejected(port: u16, id: &str, format: &str, payload: Vec<u8>) -> Value 
     fleetgw::cloud::codec::decode(fmt, &p.payload).unwrap()
 }
 
+/// One HTTP/1.1 request on the admin socket, written by hand: the server may answer (413) and
+/// close before a hostile body is fully written, which an HTTP client library reports as a
+/// broken pipe instead of the answer. Returns the status and the JSON body.
+async fn raw_request(
+    socket: &Path,
+    method: &str,
+    path: &str,
+    content_type: &str,
+    body: Option<Vec<u8>>,
+) -> (u16, Value) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::UnixStream::connect(socket).await.unwrap();
+    let body = body.unwrap_or_default();
+    let mut req = format!("{method} {path} HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\n");
+    if !body.is_empty() {
+        req.push_str(&format!(
+            "content-type: {content_type}\r\ncontent-length: {}\r\n",
+            body.len()
+        ));
+    }
+    req.push_str("\r\n");
+    let mut bytes = req.into_bytes();
+    bytes.extend_from_slice(&body);
+    // A write cut short by the server's answer is fine: the answer is what is checked.
+    let _ = stream.write_all(&bytes).await;
+    let mut answer = Vec::new();
+    tokio::time::timeout(LIMIT, stream.read_to_end(&mut answer))
+        .await
+        .expect("the admin API answers")
+        .ok();
+    let text = String::from_utf8_lossy(&answer);
+    let status = text
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("{method} {path}: no status line in {text:?}"));
+    let (head, rest) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let json = if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        // size line, data, ..., 0
+        let mut out = String::new();
+        let mut rest = rest;
+        while let Some((size, tail)) = rest.split_once("\r\n") {
+            let n = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
+            if n == 0 || tail.len() < n {
+                break;
+            }
+            out.push_str(&tail[..n]);
+            rest = tail[n..].trim_start_matches("\r\n");
+        }
+        out
+    } else {
+        rest.to_string()
+    };
+    (status, serde_json::from_str(&json).unwrap_or(Value::Null))
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_corpus_case_gets_its_documented_error_and_the_daemon_stays_up() {
     let tmp = tempfile::tempdir().unwrap();
@@ -179,14 +236,8 @@ async fn every_corpus_case_gets_its_documented_error_and_the_daemon_stays_up() {
             }
         }
         let ct = case.content_type.as_deref().unwrap_or("application/json");
-        let headers: Vec<(&str, &str)> = if body.is_some() {
-            vec![("content-type", ct)]
-        } else {
-            vec![]
-        };
-        let r = admin_common::unix_request(&socket, &case.method, &path, &headers, body).await;
-        let v: Value = serde_json::from_slice(&r.body).unwrap_or(Value::Null);
-        let ok_status = r.status.as_u16() == case.status;
+        let (status, v) = raw_request(&socket, &case.method, &path, ct, body).await;
+        let ok_status = status == case.status;
         let ok_code = match &case.code {
             Some(code) => v["error"]["code"].as_str() == Some(code.as_str()),
             None => v["error"]["code"].as_str().is_some_and(|c| !c.is_empty()),
@@ -196,7 +247,7 @@ async fn every_corpus_case_gets_its_documented_error_and_the_daemon_stays_up() {
         } else {
             failures.push(format!(
                 "admin {}: expected {} {:?}, got {} {v}",
-                case.name, case.status, case.code, r.status
+                case.name, case.status, case.code, status
             ));
         }
         daemon.assert_running();
