@@ -308,6 +308,20 @@ pub fn render_metrics(state: &AdminState) -> Result<String, ApiError> {
         "Group-commit flushes since start.",
         &[("", state.store.flush_count())],
     );
+    family(
+        &mut out,
+        "fleetgw_store_quarantined_total",
+        "counter",
+        "Undecodable store values (outbox entries, device records) moved to the quarantine tree since start.",
+        &[("", state.store.quarantined())],
+    );
+    family(
+        &mut out,
+        "fleetgw_store_blobs_synced_total",
+        "counter",
+        "Files sled wrote outside its log (blobs/) fsynced by the group commit since start.",
+        &[("", state.store.blobs_synced())],
+    );
     if let Some(b) = &state.broker {
         let r = b.refusals();
         family(

@@ -71,6 +71,9 @@ pub enum RunError {
     Admin(#[from] crate::admin::AdminError),
     #[error("installing the signal handlers: {0}")]
     Signals(#[source] std::io::Error),
+    /// A store flush failed: the daemon stops at once (exit 74) so that systemd restarts it.
+    #[error("store: state directory {dir}: flush to disk failed, exiting so that recovery replays the log: {message}")]
+    StoreFailed { dir: PathBuf, message: String },
 }
 
 impl RunError {
@@ -80,7 +83,10 @@ impl RunError {
             | RunError::Identity { .. }
             | RunError::Admission(_)
             | RunError::Telemetry(_) => EX_CONFIG,
-            RunError::Read { .. } | RunError::Store(_) | RunError::Admin(_) => EX_IOERR,
+            RunError::Read { .. }
+            | RunError::Store(_)
+            | RunError::StoreFailed { .. }
+            | RunError::Admin(_) => EX_IOERR,
             RunError::Downstream(_) | RunError::Runtime(_) | RunError::Signals(_) => EX_SOFTWARE,
         })
     }
@@ -113,6 +119,12 @@ pub fn run(args: Args, log_format: Option<LogFormat>) -> ExitCode {
     };
     match runtime.block_on(daemon(cfg, &args.config, &notifier)) {
         Ok(()) => ExitCode::SUCCESS,
+        Err(e @ RunError::StoreFailed { .. }) => {
+            let code = fail(&e);
+            // Tasks still waiting on the failed store are not waited for.
+            runtime.shutdown_background();
+            code
+        }
         Err(e) => fail(&e),
     }
 }
@@ -149,6 +161,10 @@ async fn daemon(cfg: Config, args: &ConfigArgs, notifier: &Notifier) -> Result<(
     let served = service::serve(&gateway, cfg, args, notifier, &mut signals, &ready_sockets).await;
     let signal = match served {
         Ok(signal) => signal,
+        Err(e @ RunError::StoreFailed { .. }) => {
+            notifier.stopping();
+            return Err(e);
+        }
         Err(e) => {
             notifier.stopping();
             gateway.shutdown().await?;
@@ -217,6 +233,10 @@ impl Gateway {
                 min_commit_interval: Duration::from_micros(cfg.store.min_commit_interval_us),
             },
         )?;
+        // Ownership tokens are sealed with the same key as device keys.
+        if let Some(sealer) = &telemetry_sealer {
+            store.seal_tokens_with(Arc::clone(sealer));
+        }
         // No device count here: sled counts by scanning every record (the STATUS= line counts
         // them in the background after READY).
         tracing::info!(dir = %cfg.gateway.state_dir.display(), "store open");
@@ -377,6 +397,9 @@ impl Gateway {
     /// The watchdog's health check: a write and read back through the store (flushed), and
     /// the engine's and telemetry's loops alive.
     pub async fn health_check(&self) -> Result<(), String> {
+        if let Some(e) = self.store.fatal_error() {
+            return Err(format!("the store failed to flush: {e}"));
+        }
         if !self.engine.is_alive() {
             return Err("the provisioning engine's loops have stopped".into());
         }

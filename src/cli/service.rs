@@ -138,6 +138,17 @@ pub(super) async fn serve(
                 #[cfg(feature = "test-hooks")]
                 Request::Hang => hang(),
             },
+            message = gateway.store().failed() => {
+                // fsyncgate: nothing after a failed flush may be acknowledged, and only a
+                // restart (sled's recovery from what is really on disk) makes the store
+                // trustworthy again. No orderly shutdown: it would try to flush once more.
+                notifier.status(&format!("store failed: {message}"));
+                counts.stop();
+                return Err(RunError::StoreFailed {
+                    dir: gateway.store().dir().to_owned(),
+                    message,
+                });
+            }
             _ = status_tick.tick() => notifier.status(&gateway.status_line(&counts.get())),
             _ = watchdog_tick.tick(), if watchdog_every.is_some() => {
                 match tokio::time::timeout(health_limit, gateway.health_check()).await {

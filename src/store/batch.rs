@@ -143,6 +143,14 @@ impl Store {
         if batch.is_empty() {
             return Ok(());
         }
+        let mut batch = batch;
+        for op in &mut batch.ops {
+            match op {
+                Op::PutDevice { rec, .. } => self.seal_device(rec),
+                Op::PutToken(rec) => self.seal_token_record(rec),
+                _ => {}
+            }
+        }
         self.inner.commit.apply(batch).await
     }
 }

@@ -107,6 +107,17 @@ pub enum StoreError {
         /// Cause.
         source: serde_json::Error,
     },
+    /// A sealed ownership token cannot be opened (no sealing key, a different key, or a blob
+    /// of another device).
+    #[error("store tree {tree}, key {key}: cannot open the sealed ownership token: {reason}")]
+    Unseal {
+        /// Tree name.
+        tree: &'static str,
+        /// Key (the device id).
+        key: String,
+        /// Why.
+        reason: String,
+    },
     /// A stored record was written by a newer fleetgw.
     #[error("store tree {tree}, key {key}: record version {found} is newer than this build supports ({supported})")]
     NewerRecord {

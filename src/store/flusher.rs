@@ -20,6 +20,18 @@
 //! not for a power cut. So every flush ends with an `fdatasync` of sled's log file (`db` in
 //! the store directory); only then are its tickets reported durable.
 //!
+//! Values sled writes outside its log (`blobs/`, one file per page too large for a quarter
+//! of a log segment, see [`BLOB_THRESHOLD`]) are written with plain `write` and never synced
+//! by sled 0.34 (`pagecache/blob_io.rs`). Every flush therefore also fsyncs the blob files
+//! created since the last one, and the `blobs/` directory, before the log's `fdatasync`.
+//!
+//! A failed flush is fatal for the store ("fsyncgate": after a failed fsync the kernel may
+//! have dropped the dirty pages and a later fsync can succeed without them). The failure
+//! sticks: no later ticket is ever reported durable, no batch is applied any more, and
+//! [`GroupCommit::failed`] resolves so that the daemon exits non-zero; systemd restarts it and
+//! sled's recovery replays what really is on disk. With the `test-hooks` feature,
+//! [`FAIL_FLUSH_FILE_ENV`] names a file whose existence makes every flush fail.
+//!
 //! A writer that can afford to wait a little ([`GroupCommit::durable_within`], the outbox's
 //! deletions) does not start a flush of its own: its ticket rides on the next flush another
 //! writer asks for, or is flushed once its delay is up. Under load the telemetry intake's
@@ -27,7 +39,7 @@
 //! longer alternates flushes with the remover (each append waited for two flushes).
 
 use std::fs::File;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -37,20 +49,42 @@ use tokio::sync::{oneshot, watch};
 use super::batch::{Batch, BatchTrees};
 use super::StoreError;
 
+/// Environment variable of the `test-hooks` build naming a file: while it exists, every
+/// store flush fails (fault injection for the fsync-failure tests). Release builds ignore it.
+#[cfg(feature = "test-hooks")]
+pub const FAIL_FLUSH_FILE_ENV: &str = "FLEETGW_TEST_FAIL_FLUSH_FILE";
+
+/// Size above which sled 0.34 writes a page to its own file under `blobs/` instead of the
+/// log: `segment_size / MINIMUM_ITEMS_PER_SEGMENT - SEG_HEADER_LEN` with sled's defaults
+/// (512 KiB segments, 4 items, 20 bytes), compared against the serialised page plus a 32-byte
+/// message header. A page is a whole tree node (up to 17 entries before a split), not one
+/// value, so values far below this can end up in a blob when their node is consolidated.
+pub const BLOB_THRESHOLD: usize = 512 * 1024 / 4 - 20;
+
 /// What the flusher has finished, published to async waiters.
 #[derive(Clone, Debug, Default)]
 struct Progress {
     /// Highest ticket covered by a finished flush (successful or not).
     done: u64,
-    /// Highest ticket covered by a successful flush. sled flushes everything written so far,
-    /// so a later success also makes the writes of an earlier failed flush durable.
+    /// Highest ticket covered by a successful flush. It stops advancing at the first failure
+    /// ([`Progress::fatal`]): a later fsync could succeed without the pages the failed one
+    /// lost.
     ok_through: u64,
     /// Message of the last failed flush.
     last_error: Option<String>,
+    /// Set by the first failed flush and never cleared: the store acknowledges nothing more.
+    fatal: Option<String>,
 }
 
 impl Progress {
     fn outcome(&self, ticket: u64) -> Option<Result<(), String>> {
+        if let Some(fatal) = &self.fatal {
+            if self.ok_through < ticket {
+                return Some(Err(format!(
+                    "the store failed to flush earlier and accepts no more writes: {fatal}"
+                )));
+            }
+        }
         if self.ok_through >= ticket {
             Some(Ok(()))
         } else if self.done >= ticket {
@@ -77,6 +111,8 @@ struct State {
     progress: Progress,
     /// Flushes finished, for metrics and the group-commit benchmark.
     flushes: u64,
+    /// Blob files fsynced, for the blob test and metrics.
+    blobs_synced: u64,
     shutdown: bool,
     /// The flusher is waiting for work it may start at once (an eager ticket, a batch).
     flusher_idle: bool,
@@ -150,6 +186,7 @@ impl GroupCommit {
         trees: BatchTrees,
         dir: PathBuf,
         min_interval: Duration,
+        faults: FlushFaults,
     ) -> std::io::Result<Self> {
         let path = dir.join("db");
         let log = File::open(&path).map_err(|e| {
@@ -167,7 +204,7 @@ impl GroupCommit {
         let worker = Arc::clone(&shared);
         let thread = std::thread::Builder::new()
             .name("fleetgw-store-flush".into())
-            .spawn(move || run(worker, db, log, trees, dir, min_interval))?;
+            .spawn(move || run(worker, db, log, trees, dir, min_interval, faults))?;
         Ok(GroupCommit {
             shared,
             thread: Mutex::new(Some(thread)),
@@ -255,6 +292,32 @@ impl GroupCommit {
         self.shared.lock().flushes
     }
 
+    /// Blob files (`blobs/`) fsynced so far.
+    pub(crate) fn blobs_synced(&self) -> u64 {
+        self.shared.lock().blobs_synced
+    }
+
+    /// The message of the flush failure that stopped the store, if one happened.
+    pub(crate) fn fatal(&self) -> Option<String> {
+        self.shared.progress_tx.borrow().fatal.clone()
+    }
+
+    /// Resolves with the failure's message once a flush has failed (see the module docs);
+    /// never resolves while the store is healthy.
+    pub(crate) async fn failed(&self) -> String {
+        let mut rx = self.shared.progress_tx.subscribe();
+        let fatal = rx
+            .wait_for(|p| p.fatal.is_some())
+            .await
+            .ok()
+            .and_then(|p| p.fatal.clone());
+        match fatal {
+            Some(message) => message,
+            // The flusher is gone (the store is closing): nothing will fail any more.
+            None => std::future::pending().await,
+        }
+    }
+
     /// Tickets issued and the highest ticket covered by a finished flush.
     #[cfg(test)]
     pub(crate) fn counters(&self) -> (u64, u64) {
@@ -285,7 +348,9 @@ fn run(
     trees: BatchTrees,
     dir: PathBuf,
     min_interval: Duration,
+    faults: FlushFaults,
 ) {
+    let mut blobs = BlobSync::new(&dir);
     let mut last_start: Option<Instant> = None;
     loop {
         let (target, batches) = {
@@ -343,24 +408,48 @@ fn run(
             (st.issued, std::mem::take(&mut st.batches))
         };
         last_start = Some(Instant::now());
-        let outcomes = if batches.is_empty() {
-            Vec::new()
-        } else {
-            let refs: Vec<&Batch> = batches.iter().map(|(b, _)| b).collect();
-            trees.apply_group(&refs)
+        let fatal = shared.lock().progress.fatal.clone();
+        let (outcomes, result) = match fatal {
+            // After a failed flush nothing is applied or flushed any more (module docs).
+            Some(fatal) => {
+                let refused = batches
+                    .iter()
+                    .map(|_| {
+                        Err(StoreError::Flush {
+                            dir: dir.clone(),
+                            message: format!("the store failed to flush earlier: {fatal}"),
+                        })
+                    })
+                    .collect();
+                (refused, Err(fatal))
+            }
+            None => {
+                let outcomes = if batches.is_empty() {
+                    Vec::new()
+                } else {
+                    let refs: Vec<&Batch> = batches.iter().map(|(b, _)| b).collect();
+                    trees.apply_group(&refs)
+                };
+                let result = flush(&db, &log, &mut blobs, &faults);
+                (outcomes, result)
+            }
         };
-        let result = db
-            .flush()
-            .map_err(|e| e.to_string())
-            .and_then(|_| log.sync_data().map_err(|e| format!("fdatasync of db: {e}")));
         let progress = {
             let mut st = shared.lock();
             st.progress.done = target;
             st.flushes += 1;
+            st.blobs_synced = blobs.synced;
             match &result {
                 Ok(_) => st.progress.ok_through = target,
                 Err(e) => {
-                    tracing::error!(error = %e, "store flush failed");
+                    if st.progress.fatal.is_none() {
+                        tracing::error!(
+                            error = %e,
+                            dir = %dir.display(),
+                            "store flush failed: the store stops acknowledging writes"
+                        );
+                        st.progress.fatal = Some(e.clone());
+                    }
                     st.progress.last_error = Some(e.clone());
                 }
             }
@@ -382,6 +471,127 @@ fn run(
     }
 }
 
+/// One flush: sled's own, then the new blob files and the log made stable.
+fn flush(
+    db: &sled::Db,
+    log: &File,
+    blobs: &mut BlobSync,
+    faults: &FlushFaults,
+) -> Result<(), String> {
+    faults.check()?;
+    db.flush().map_err(|e| e.to_string())?;
+    blobs.sync_new()?;
+    log.sync_data().map_err(|e| format!("fdatasync of db: {e}"))
+}
+
+/// Fsyncs the files sled created under `blobs/` (named by their LSN, increasing) that no
+/// earlier flush synced, then the directory itself so that their names are stable too.
+struct BlobSync {
+    dir: PathBuf,
+    /// Highest blob LSN already synced.
+    through: Option<u64>,
+    /// Blob files synced since open.
+    synced: u64,
+}
+
+impl BlobSync {
+    fn new(store_dir: &Path) -> Self {
+        BlobSync {
+            dir: store_dir.join("blobs"),
+            through: None,
+            synced: 0,
+        }
+    }
+
+    fn sync_new(&mut self) -> Result<(), String> {
+        let entries = match std::fs::read_dir(&self.dir) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(format!("reading {}: {e}", self.dir.display())),
+        };
+        let mut newest = self.through;
+        let mut any = false;
+        for entry in entries {
+            let entry = entry.map_err(|e| format!("reading {}: {e}", self.dir.display()))?;
+            let Some(lsn) = entry
+                .file_name()
+                .to_str()
+                .and_then(|n| n.parse::<u64>().ok())
+            else {
+                continue;
+            };
+            if self.through.is_some_and(|t| lsn <= t) {
+                continue;
+            }
+            let path = entry.path();
+            match File::open(&path) {
+                Ok(f) => f
+                    .sync_all()
+                    .map_err(|e| format!("fsync of {}: {e}", path.display()))?,
+                // sled removed it meanwhile (a newer page replaced it).
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(format!("opening {}: {e}", path.display())),
+            }
+            self.synced += 1;
+            any = true;
+            newest = Some(newest.map_or(lsn, |n| n.max(lsn)));
+        }
+        if any {
+            File::open(&self.dir)
+                .and_then(|d| d.sync_all())
+                .map_err(|e| format!("fsync of {}: {e}", self.dir.display()))?;
+        }
+        self.through = newest;
+        Ok(())
+    }
+}
+
+/// Fault injection: the `test-hooks` build's [`FAIL_FLUSH_FILE_ENV`], or a file the crate's
+/// own tests name; empty (and never failing) in release builds.
+#[derive(Debug, Default)]
+pub(crate) struct FlushFaults {
+    #[cfg(any(test, feature = "test-hooks"))]
+    file: Option<PathBuf>,
+}
+
+impl FlushFaults {
+    /// From [`FAIL_FLUSH_FILE_ENV`] in `test-hooks` builds; none otherwise.
+    pub(crate) fn from_env() -> Self {
+        FlushFaults {
+            #[cfg(feature = "test-hooks")]
+            file: std::env::var_os(FAIL_FLUSH_FILE_ENV)
+                .filter(|v| !v.is_empty())
+                .map(PathBuf::from),
+            #[cfg(all(test, not(feature = "test-hooks")))]
+            file: None,
+        }
+    }
+
+    /// Every flush fails while `file` exists.
+    #[cfg(test)]
+    pub(crate) fn while_exists(file: &Path) -> Self {
+        FlushFaults {
+            file: Some(file.to_owned()),
+        }
+    }
+
+    #[cfg(any(test, feature = "test-hooks"))]
+    fn check(&self) -> Result<(), String> {
+        match &self.file {
+            Some(file) if file.exists() => Err(format!(
+                "injected flush failure (test hook: {} exists)",
+                file.display()
+            )),
+            _ => Ok(()),
+        }
+    }
+
+    #[cfg(not(any(test, feature = "test-hooks")))]
+    fn check(&self) -> Result<(), String> {
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -398,7 +608,14 @@ mod tests {
             meta: tree("meta"),
             device_writes: Arc::new(Mutex::new(())),
         };
-        GroupCommit::start(db.clone(), trees, dir.to_owned(), Duration::from_millis(1)).unwrap()
+        GroupCommit::start(
+            db.clone(),
+            trees,
+            dir.to_owned(),
+            Duration::from_millis(1),
+            FlushFaults::default(),
+        )
+        .unwrap()
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -16,10 +16,13 @@
 //! rest of the gateway if the kill -9 tests ever show corruption.
 
 mod batch;
+mod codec;
 mod error;
 mod flusher;
 mod outbox;
+mod quarantine;
 mod records;
+mod token_seal;
 
 use std::fs;
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
@@ -32,11 +35,15 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use crate::device_id::DeviceId;
-use flusher::GroupCommit;
+use flusher::{FlushFaults, GroupCommit};
 
 pub use batch::Batch;
 use batch::BatchTrees;
+use codec::{decode, decode_device, decode_token, encode, get, insert, remove, stored_etag};
 pub use error::StoreError;
+pub use flusher::BLOB_THRESHOLD;
+#[cfg(feature = "test-hooks")]
+pub use flusher::FAIL_FLUSH_FILE_ENV;
 pub use records::{
     DeviceRecord, DeviceState, ErrorInfo, OutboxDecodeError, OutboxMessage, OwnershipToken,
     OwnershipTokenRecord, ProvisionData, DEVICE_RECORD_VERSION, OUTBOX_MESSAGE_VERSION,
@@ -128,6 +135,11 @@ struct Inner {
     device_groups: sled::Tree,
     outbox: sled::Tree,
     meta: sled::Tree,
+    quarantine: sled::Tree,
+    /// Seals ownership tokens at rest once set ([`Store::seal_tokens_with`]).
+    sealer: std::sync::OnceLock<Arc<crate::identity::Sealer>>,
+    /// Values moved to `quarantine` since open (metric).
+    quarantined: AtomicU64,
     /// Serialises read-modify-write of device records (etag bumps, CAS, batches): the update
     /// closures are `FnOnce`, so a lost optimistic race could not be retried.
     device_writes: Arc<Mutex<()>>,
@@ -153,6 +165,20 @@ impl Store {
     /// Opens (creating if needed, mode 0700) the store in `dir`. Refuses a database whose schema
     /// version is newer than [`SCHEMA_VERSION`].
     pub fn open(dir: &Path, opts: &StoreOptions) -> Result<Self, StoreError> {
+        Self::open_with(dir, opts, FlushFaults::from_env())
+    }
+
+    /// [`Store::open`] whose flushes fail while `fault_file` exists (the crate's own tests).
+    #[cfg(test)]
+    pub(crate) fn open_failing_while(
+        dir: &Path,
+        opts: &StoreOptions,
+        fault_file: &Path,
+    ) -> Result<Self, StoreError> {
+        Self::open_with(dir, opts, FlushFaults::while_exists(fault_file))
+    }
+
+    fn open_with(dir: &Path, opts: &StoreOptions, faults: FlushFaults) -> Result<Self, StoreError> {
         prepare_dir(dir)?;
         let db = sled::Config::new()
             .path(dir)
@@ -202,13 +228,22 @@ impl Store {
             operations: trees.operations.clone(),
             enrollment_groups: trees.enrollment_groups.clone(),
             device_groups: trees.device_groups.clone(),
-            commit: GroupCommit::start(db.clone(), trees, dir.to_owned(), opts.min_commit_interval)
-                .map_err(|source| StoreError::FlusherThread {
-                    dir: dir.to_owned(),
-                    source,
-                })?,
+            commit: GroupCommit::start(
+                db.clone(),
+                trees,
+                dir.to_owned(),
+                opts.min_commit_interval,
+                faults,
+            )
+            .map_err(|source| StoreError::FlusherThread {
+                dir: dir.to_owned(),
+                source,
+            })?,
             outbox,
             meta,
+            quarantine: tree(quarantine::QUARANTINE)?,
+            quarantined: AtomicU64::new(0),
+            sealer: std::sync::OnceLock::new(),
             db,
             device_writes,
             outbox_len: AtomicU64::new(len),
@@ -243,8 +278,8 @@ impl Store {
         WriteTicket(self.inner.commit.ticket())
     }
 
-    /// Resolves once the writes `ticket` covers are on disk. After an error, a new ticket
-    /// asks for another flush: a later successful flush makes every earlier write durable.
+    /// Resolves once the writes `ticket` covers are on disk. An error is final: after a
+    /// failed flush the store reports nothing durable any more ([`Store::fatal_error`]).
     pub async fn wait_durable(&self, ticket: WriteTicket) -> Result<(), StoreError> {
         self.inner
             .commit
@@ -273,24 +308,55 @@ impl Store {
         self.inner.commit.flushes()
     }
 
+    /// Blob files (`blobs/`, sled's out-of-log pages) fsynced since open.
+    pub fn blobs_synced(&self) -> u64 {
+        self.inner.commit.blobs_synced()
+    }
+
+    /// The flush failure that stopped the store, if one happened: from then on no write is
+    /// reported durable (see `flusher`), and the daemon must exit so that recovery replays.
+    pub fn fatal_error(&self) -> Option<String> {
+        self.inner.commit.fatal()
+    }
+
+    /// Resolves with the message of the flush failure that stopped the store; pending while
+    /// the store is healthy.
+    pub async fn failed(&self) -> String {
+        self.inner.commit.failed().await
+    }
+
     // ---- devices ----
 
     /// The device's record, if any.
+    /// An undecodable record is moved to quarantine and reads as absent.
     pub fn device(&self, id: &DeviceId) -> Result<Option<DeviceRecord>, StoreError> {
-        let raw = get(&self.inner.devices, DEVICES, id.as_str())?;
-        raw.map(|v| decode_device(id.as_str(), &v)).transpose()
+        match get(&self.inner.devices, DEVICES, id.as_str())? {
+            Some(v) => self.device_or_quarantine(id.as_str().as_bytes(), &v),
+            None => Ok(None),
+        }
     }
 
-    /// All device records in id order.
+    /// All device records in id order; undecodable ones are moved to quarantine and skipped.
     pub fn devices(&self) -> impl Iterator<Item = Result<DeviceRecord, StoreError>> {
-        self.inner.devices.iter().map(|entry| {
-            let (k, v) = entry.map_err(|source| StoreError::Sled {
+        let store = self.clone();
+        self.inner
+            .devices
+            .iter()
+            .filter_map(move |entry| store.scanned_device(entry))
+    }
+
+    fn scanned_device(
+        &self,
+        entry: sled::Result<(sled::IVec, sled::IVec)>,
+    ) -> Option<Result<DeviceRecord, StoreError>> {
+        match entry {
+            Ok((k, v)) => self.device_or_quarantine(&k, &v).transpose(),
+            Err(source) => Some(Err(StoreError::Sled {
                 tree: DEVICES,
                 op: "scan",
                 source,
-            })?;
-            decode_device(&String::from_utf8_lossy(&k), &v)
-        })
+            })),
+        }
     }
 
     /// Device records in id order, starting after `after` (from the first when `None`): the
@@ -304,17 +370,11 @@ impl Store {
             Some(a) => Bound::Excluded(a.as_bytes().to_vec()),
             None => Bound::Unbounded,
         };
+        let store = self.clone();
         self.inner
             .devices
             .range::<Vec<u8>, _>((start, Bound::Unbounded))
-            .map(|entry| {
-                let (k, v) = entry.map_err(|source| StoreError::Sled {
-                    tree: DEVICES,
-                    op: "scan",
-                    source,
-                })?;
-                decode_device(&String::from_utf8_lossy(&k), &v)
-            })
+            .filter_map(move |entry| store.scanned_device(entry))
     }
 
     /// Number of device records.
@@ -332,11 +392,20 @@ impl Store {
         let key = rec.id.as_str();
         let _guard = self.device_lock();
         // Only the stored etag matters here: skip decoding the whole previous record.
-        let found = get(&self.inner.devices, DEVICES, key)?
-            .map(|v| stored_etag(key, &v))
-            .transpose()?;
+        let found = match get(&self.inner.devices, DEVICES, key)? {
+            Some(v) => match stored_etag(key, &v) {
+                Ok(etag) => Some(etag),
+                Err(e) if quarantine::is_damage(&e) => {
+                    self.quarantine(DEVICES, &self.inner.devices, key.as_bytes(), &v, &e)?;
+                    None
+                }
+                Err(e) => return Err(e),
+            },
+            None => None,
+        };
         let mut next = rec.clone();
         next.etag = found.unwrap_or(0) + 1;
+        self.seal_device(&mut next);
         insert(
             &self.inner.devices,
             DEVICES,
@@ -387,7 +456,9 @@ impl Store {
             Some(mut next) => {
                 next.id = id.clone();
                 next.etag = found.unwrap_or(0) + 1;
-                let bytes = encode(DEVICES, id.as_str(), &next)?;
+                let mut stored = next.clone();
+                self.seal_device(&mut stored);
+                let bytes = encode(DEVICES, id.as_str(), &stored)?;
                 self.inner
                     .devices
                     .insert(id.as_str(), bytes)
@@ -440,26 +511,34 @@ impl Store {
     /// Stores an ownership token (key = `rec.device`); durable on return.
     pub async fn put_token(&self, rec: &OwnershipTokenRecord) -> Result<(), StoreError> {
         let key = rec.device.as_str();
-        insert(&self.inner.tokens, TOKENS, key, encode(TOKENS, key, rec)?)?;
+        let mut stored = rec.clone();
+        self.seal_token_record(&mut stored);
+        insert(
+            &self.inner.tokens,
+            TOKENS,
+            key,
+            encode(TOKENS, key, &stored)?,
+        )?;
         self.durable().await
     }
 
     /// A device's ownership token, if stored.
     pub fn token(&self, id: &DeviceId) -> Result<Option<OwnershipTokenRecord>, StoreError> {
         get(&self.inner.tokens, TOKENS, id.as_str())?
-            .map(|v| decode_token(id.as_str(), &v))
+            .map(|v| self.open_token_record(decode_token(id.as_str(), &v)?))
             .transpose()
     }
 
     /// All stored ownership tokens in device id order.
     pub fn tokens(&self) -> impl Iterator<Item = Result<OwnershipTokenRecord, StoreError>> {
-        self.inner.tokens.iter().map(|entry| {
+        let store = self.clone();
+        self.inner.tokens.iter().map(move |entry| {
             let (k, v) = entry.map_err(|source| StoreError::Sled {
                 tree: TOKENS,
                 op: "scan",
                 source,
             })?;
-            decode_token(&String::from_utf8_lossy(&k), &v)
+            store.open_token_record(decode_token(&String::from_utf8_lossy(&k), &v)?)
         })
     }
 
@@ -681,116 +760,11 @@ fn check_meta_key(key: &str) -> Result<(), StoreError> {
     Ok(())
 }
 
-fn get(tree: &sled::Tree, name: &'static str, key: &str) -> Result<Option<sled::IVec>, StoreError> {
-    tree.get(key).map_err(|source| StoreError::Sled {
-        tree: name,
-        op: "get",
-        source,
-    })
-}
-
-fn insert(
-    tree: &sled::Tree,
-    name: &'static str,
-    key: &str,
-    value: Vec<u8>,
-) -> Result<(), StoreError> {
-    tree.insert(key, value).map_err(|source| StoreError::Sled {
-        tree: name,
-        op: "insert",
-        source,
-    })?;
-    Ok(())
-}
-
-fn remove(tree: &sled::Tree, name: &'static str, key: &str) -> Result<bool, StoreError> {
-    tree.remove(key)
-        .map(|old| old.is_some())
-        .map_err(|source| StoreError::Sled {
-            tree: name,
-            op: "remove",
-            source,
-        })
-}
-
-fn encode<T: Serialize>(tree: &'static str, key: &str, value: &T) -> Result<Vec<u8>, StoreError> {
-    serde_json::to_vec(value).map_err(|source| StoreError::Encode {
-        tree,
-        key: key.to_owned(),
-        source,
-    })
-}
-
-fn decode<T: DeserializeOwned>(
-    tree: &'static str,
-    key: &str,
-    bytes: &[u8],
-) -> Result<T, StoreError> {
-    serde_json::from_slice(bytes).map_err(|source| StoreError::Decode {
-        tree,
-        key: key.to_owned(),
-        source,
-    })
-}
-
-/// Decodes a record whose version (`version_of`) must not exceed what this build writes. The
-/// version is only probed separately when decoding fails, so the common path decodes once.
-fn decode_versioned<T: DeserializeOwned>(
-    tree: &'static str,
-    key: &str,
-    bytes: &[u8],
-    supported: u32,
-    version_of: fn(&T) -> u32,
-) -> Result<T, StoreError> {
-    #[derive(serde::Deserialize)]
-    struct Version {
-        #[serde(default)]
-        v: u32,
-    }
-    let newer = |found: u32| StoreError::NewerRecord {
-        tree,
-        key: key.to_owned(),
-        found,
-        supported,
-    };
-    match decode::<T>(tree, key, bytes) {
-        Ok(rec) if version_of(&rec) > supported => Err(newer(version_of(&rec))),
-        Ok(rec) => Ok(rec),
-        Err(e) => match serde_json::from_slice::<Version>(bytes) {
-            Ok(probe) if probe.v > supported => Err(newer(probe.v)),
-            _ => Err(e),
-        },
-    }
-}
-
-fn decode_device(key: &str, bytes: &[u8]) -> Result<DeviceRecord, StoreError> {
-    decode_versioned(DEVICES, key, bytes, DEVICE_RECORD_VERSION, |r| r.v)
-}
-
-/// The etag of a stored device record, decoding only the record's head (version and etag).
-fn stored_etag(key: &str, bytes: &[u8]) -> Result<u64, StoreError> {
-    #[derive(serde::Deserialize)]
-    struct Head {
-        v: u32,
-        etag: u64,
-    }
-    let head: Head = decode(DEVICES, key, bytes)?;
-    if head.v > DEVICE_RECORD_VERSION {
-        return Err(StoreError::NewerRecord {
-            tree: DEVICES,
-            key: key.to_owned(),
-            found: head.v,
-            supported: DEVICE_RECORD_VERSION,
-        });
-    }
-    Ok(head.etag)
-}
-
-fn decode_token(key: &str, bytes: &[u8]) -> Result<OwnershipTokenRecord, StoreError> {
-    decode_versioned(TOKENS, key, bytes, TOKEN_RECORD_VERSION, |r| r.v)
-}
-
 #[cfg(test)]
 mod corrupt_tests;
 #[cfg(test)]
+mod integrity_tests;
+#[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod token_seal_tests;

@@ -5,6 +5,7 @@
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
+use super::quarantine::is_damage;
 use super::{OutboxMessage, Store, StoreError, WriteTicket, OUTBOX};
 
 /// How long a deletion may wait for a flush another writer asks for before it starts one.
@@ -87,34 +88,42 @@ impl Store {
         Ok(())
     }
 
-    /// Up to `limit` messages with sequence >= `from_seq`, in sequence order.
+    /// Up to `limit` messages with sequence >= `from_seq`, in sequence order. An entry that
+    /// does not decode is moved to quarantine and skipped (it would stop every device's
+    /// telemetry behind it otherwise); the page is still filled up to `limit`.
     pub fn outbox_scan(
         &self,
         from_seq: u64,
         limit: usize,
     ) -> Result<Vec<(u64, OutboxMessage)>, StoreError> {
         let mut out = Vec::new();
-        for entry in self
-            .inner
-            .outbox
-            .range(from_seq.to_be_bytes()..)
-            .take(limit)
-        {
+        if limit == 0 {
+            return Ok(out);
+        }
+        for entry in self.inner.outbox.range(from_seq.to_be_bytes()..) {
             let (k, v) = entry.map_err(|source| StoreError::Sled {
                 tree: OUTBOX,
                 op: "scan",
                 source,
             })?;
-            let seq = <[u8; 8]>::try_from(k.as_ref())
-                .map(u64::from_be_bytes)
-                .map_err(|_| StoreError::BadKey {
-                    tree: OUTBOX,
-                    key: String::from_utf8_lossy(&k).into_owned(),
-                    reason: format!("sequence keys are 8 bytes, this one has {}", k.len()),
-                })?;
-            let msg = OutboxMessage::decode(&v)
-                .map_err(|source| StoreError::OutboxDecode { seq, source })?;
-            out.push((seq, msg));
+            match decode_entry(&k, &v) {
+                Ok(found) => out.push(found),
+                Err(e) if is_damage(&e) => {
+                    if self
+                        .quarantine(OUTBOX, &self.inner.outbox, &k, &v, &e)?
+                        .is_some()
+                    {
+                        self.inner.outbox_len.fetch_sub(1, Ordering::Relaxed);
+                        self.inner
+                            .outbox_bytes
+                            .fetch_sub(v.len() as u64, Ordering::Relaxed);
+                    }
+                }
+                Err(e) => return Err(e),
+            }
+            if out.len() == limit {
+                break;
+            }
         }
         Ok(out)
     }
@@ -177,4 +186,18 @@ impl Store {
     pub fn outbox_bytes(&self) -> u64 {
         self.inner.outbox_bytes.load(Ordering::Relaxed)
     }
+}
+
+/// One outbox entry: its 8-byte big-endian sequence key and its message.
+fn decode_entry(k: &[u8], v: &[u8]) -> Result<(u64, OutboxMessage), StoreError> {
+    let seq = <[u8; 8]>::try_from(k)
+        .map(u64::from_be_bytes)
+        .map_err(|_| StoreError::BadKey {
+            tree: OUTBOX,
+            key: String::from_utf8_lossy(k).into_owned(),
+            reason: format!("sequence keys are 8 bytes, this one has {}", k.len()),
+        })?;
+    let msg =
+        OutboxMessage::decode(v).map_err(|source| StoreError::OutboxDecode { seq, source })?;
+    Ok((seq, msg))
 }

@@ -147,6 +147,16 @@ pub enum DeviceState {
 }
 
 impl DeviceState {
+    /// The ownership token this state carries, if any: the store seals it at rest.
+    pub(crate) fn ownership_token_mut(&mut self) -> Option<&mut OwnershipToken> {
+        match self {
+            DeviceState::CertificateIssued {
+                ownership_token, ..
+            } => ownership_token.as_mut(),
+            _ => None,
+        }
+    }
+
     /// The state's name as stored and shown (`"keyReady"`, `"delivered"`, ...).
     pub fn name(&self) -> &'static str {
         match self {

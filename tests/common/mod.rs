@@ -4,6 +4,7 @@
 //! test binary uses a subset, hence `dead_code` is allowed here.
 #![allow(dead_code)]
 
+pub mod device;
 pub mod http;
 pub mod messages;
 pub mod mosquitto;

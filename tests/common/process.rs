@@ -16,6 +16,16 @@ use super::wait::{eventually, Lazy};
 /// The binary under test.
 pub const FLEETGW: &str = env!("CARGO_BIN_EXE_fleetgw");
 
+/// Environment variable naming another `fleetgw` binary to test (`scripts/chaos` points it
+/// at the release build); the one cargo built for the tests otherwise.
+pub const BINARY_ENV: &str = "FLEETGW_TEST_BINARY";
+
+fn binary() -> OsString {
+    std::env::var_os(BINARY_ENV)
+        .filter(|b| !b.is_empty())
+        .unwrap_or_else(|| FLEETGW.into())
+}
+
 /// What to start: arguments, environment and the log file that takes stdout and stderr.
 #[derive(Clone, Debug)]
 pub struct Launch {
@@ -73,7 +83,7 @@ impl Launch {
             .truncate(!append)
             .open(&self.log)
             .unwrap_or_else(|e| panic!("{}: {e}", self.log.display()));
-        let mut cmd = Command::new(FLEETGW);
+        let mut cmd = Command::new(binary());
         cmd.args(&self.args)
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log file handle"))

@@ -1,0 +1,338 @@
+//! Store faults against the real daemon (`fleetgw run` built with `test-hooks`, the AWS IoT
+//! emulator as the cloud, devices on the embedded broker).
+//!
+//! A failed fsync must never be followed by acknowledgements of the data it covered
+//! ("fsyncgate"): the daemon withholds the PUBACK of the message whose flush failed, exits 74
+//! (so systemd restarts it), and after the restart the device's republished message is
+//! accepted and everything acknowledged before the fault reaches the cloud. The fault comes
+//! from the `FLEETGW_TEST_FAIL_FLUSH_FILE` hook: every flush fails while the named file exists.
+//!
+//! Undecodable values: a garbage device record and a garbage outbox entry written into the
+//! state directory of a stopped daemon are moved to quarantine when the restarted daemon
+//! meets them, and neither the other devices' telemetry nor the device listing stalls.
+//!
+//! Needs the daemon's flush fault hook, which only `--features test-hooks` builds have.
+#![cfg(feature = "test-hooks")]
+
+#[path = "common/admin.rs"]
+mod admin_common;
+mod common;
+
+use std::path::Path;
+use std::time::Duration;
+
+use rumqttc::QoS;
+use serde_json::Value;
+
+use common::device::{connect_retrying, provision};
+use common::free_port;
+use common::http::http_within;
+use common::messages;
+use common::process::{EmulatorProcess, Fleetgw};
+use common::wait::eventually_async;
+
+const FAIL_FLUSH_FILE_ENV: &str = "FLEETGW_TEST_FAIL_FLUSH_FILE";
+const LIMIT: Duration = Duration::from_secs(60);
+
+fn start_daemon(emu: &EmulatorProcess, state: &Path, port: u16, fault: &Path) -> Fleetgw {
+    Fleetgw::run(&emu.gateway_config(), state.with_extension("log"))
+        .env(FAIL_FLUSH_FILE_ENV, fault)
+        .sets([
+            format!(
+                "admin.socket=\"{}\"",
+                state.with_extension("sock").display()
+            ),
+            "admission.mode=\"open\"".to_string(),
+            format!("gateway.state_dir=\"{}\"", state.display()),
+            "downstream.broker=\"embedded\"".to_string(),
+            format!("downstream.listen=\"127.0.0.1:{port}\""),
+            "log.level=\"info\"".to_string(),
+        ])
+        .spawn()
+}
+
+/// Payloads the emulator recorded for `thing`.
+async fn recorded(emu: &EmulatorProcess, thing: &str) -> Vec<String> {
+    let (status, list) = http_within(
+        emu.api,
+        "GET",
+        &format!("/messages?clientId={thing}"),
+        None,
+        LIMIT,
+    )
+    .await;
+    assert_eq!(status, 200, "{list}");
+    list.as_array()
+        .unwrap()
+        .iter()
+        .map(|m: &Value| String::from_utf8(messages::payload(m)).unwrap())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_fsync_withholds_the_ack_exits_74_and_the_restart_loses_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let emu_dir = tmp.path().join("emu");
+    std::fs::create_dir(&emu_dir).unwrap();
+    let emu = EmulatorProcess::start(&emu_dir, tmp.path().join("emu.log"), |l| l).await;
+    let state = tmp.path().join("state");
+    let fault = tmp.path().join("fail-flush");
+    let port = free_port();
+    let daemon = start_daemon(&emu, &state, port, &fault);
+
+    let id = "sensor-fsync";
+    let thing = provision(port, id, LIMIT).await;
+    let topic = format!("fleetgw/{id}/telemetry");
+    let mut dev = connect_retrying(id, port, LIMIT).await;
+    dev.publish(&topic, QoS::AtLeastOnce, false, br#"{"n":1}"#)
+        .await;
+
+    // The disk starts failing: the next message's flush fails.
+    std::fs::write(&fault, b"").unwrap();
+    dev.publish_unacked(&topic, QoS::AtLeastOnce, false, br#"{"n":2}"#)
+        .await;
+    let status = daemon.wait_exit(LIMIT).await;
+    assert_eq!(
+        status.code(),
+        Some(74),
+        "exit status; log:\n{}",
+        daemon.log_tail()
+    );
+    assert!(
+        !dev.puback_within(Duration::from_millis(200)).await,
+        "a message whose flush failed was acknowledged"
+    );
+    let log = daemon.log();
+    assert!(log.contains("store flush failed"), "{log}");
+    assert!(log.contains("injected flush failure"), "{log}");
+
+    // The disk is back; systemd would restart the daemon now.
+    std::fs::remove_file(&fault).unwrap();
+    daemon.restart();
+    let mut dev = connect_retrying(id, port, LIMIT).await;
+    // The device republishes what was not acknowledged; the daemon still knows it as
+    // provisioned (it refuses telemetry otherwise) and acknowledges it now.
+    dev.publish(&topic, QoS::AtLeastOnce, false, br#"{"n":2}"#)
+        .await;
+    let got = eventually_async("both messages at the emulator", LIMIT, || async {
+        let got = recorded(&emu, &thing).await;
+        let has = |p: &str| got.iter().any(|g| g == p);
+        (has(r#"{"n":1}"#) && has(r#"{"n":2}"#)).then_some(got)
+    })
+    .await;
+    // At least once: n=1's deletion from the outbox may have been covered by the failed flush
+    // (sent again after the restart), and n=2 may be in the outbox as well as republished.
+    assert!(got.len() <= 4, "at most one duplicate each: {got:?}");
+    daemon.assert_running();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_in_the_store_is_quarantined_and_never_stalls_the_other_devices() {
+    let tmp = tempfile::tempdir().unwrap();
+    let emu_dir = tmp.path().join("emu");
+    std::fs::create_dir(&emu_dir).unwrap();
+    let emu = EmulatorProcess::start(&emu_dir, tmp.path().join("emu.log"), |l| l).await;
+    let state = tmp.path().join("state");
+    let socket = state.with_extension("sock");
+    let unused = tmp.path().join("no-fault");
+    let port = free_port();
+    let daemon = start_daemon(&emu, &state, port, &unused);
+    let id = "sensor-good";
+    let thing = provision(port, id, LIMIT).await;
+    daemon.signal(libc::SIGTERM);
+    assert!(
+        daemon.wait_exit(LIMIT).await.success(),
+        "{}",
+        daemon.log_tail()
+    );
+
+    // What a bit flip or a buggy release could leave behind.
+    {
+        let db = sled::open(&state).unwrap();
+        db.open_tree("devices")
+            .unwrap()
+            .insert("sensor-bad", &b"{\"v\":1,garbage"[..])
+            .unwrap();
+        let seq = db.generate_id().unwrap();
+        db.open_tree("outbox")
+            .unwrap()
+            .insert(seq.to_be_bytes(), &[1u8, 0, 0, 0][..])
+            .unwrap();
+        db.flush().unwrap();
+    }
+
+    daemon.restart();
+    let topic = format!("fleetgw/{id}/telemetry");
+    let mut dev = connect_retrying(id, port, LIMIT).await;
+    dev.publish(&topic, QoS::AtLeastOnce, false, br#"{"n":1}"#)
+        .await;
+    eventually_async(
+        "the good device's telemetry at the emulator",
+        LIMIT,
+        || async {
+            recorded(&emu, &thing)
+                .await
+                .iter()
+                .any(|p| p == r#"{"n":1}"#)
+                .then_some(())
+        },
+    )
+    .await;
+    let r = admin_common::unix_request(&socket, "GET", "/devices", &[], None).await;
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let ids: Vec<String> = r.json()["value"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["id"].as_str().unwrap_or_default().to_string())
+        .collect();
+    assert_eq!(ids, [id], "{}", r.json());
+    let r = admin_common::unix_request(&socket, "GET", "/metrics", &[], None).await;
+    let text = String::from_utf8(r.body.to_vec()).unwrap();
+    assert!(
+        text.contains("fleetgw_store_quarantined_total 2"),
+        "both values quarantined:\n{text}"
+    );
+    let log = daemon.log();
+    assert_eq!(
+        log.matches("undecodable store value moved to the quarantine tree")
+            .count(),
+        2,
+        "{log}"
+    );
+    daemon.assert_running();
+}
+
+/// A small tmpfs mounted for the disk-full test; unmounted on drop.
+struct SmallFs(std::path::PathBuf);
+
+impl SmallFs {
+    /// Mounts a tmpfs of `size` at `dir`; `None` when this process may not mount (not root,
+    /// or no mount permission in this container).
+    fn mount(dir: &Path, size: &str) -> Option<Self> {
+        std::fs::create_dir_all(dir).unwrap();
+        let ok = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir)
+            .status()
+            .is_ok_and(|s| s.success());
+        ok.then(|| SmallFs(dir.to_owned()))
+    }
+}
+
+impl Drop for SmallFs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg(&self.0).status();
+    }
+}
+
+/// Writes `path` until the file system is full; returns the bytes written.
+fn fill(path: &Path) -> u64 {
+    use std::io::Write;
+    let mut f = std::fs::File::create(path).unwrap();
+    let chunk = vec![0u8; 64 * 1024];
+    let mut written = 0u64;
+    loop {
+        match f.write(&chunk) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => written += n as u64,
+        }
+    }
+    let _ = f.sync_all();
+    written
+}
+
+/// Disk full, on a 4 MiB tmpfs (root only; skipped otherwise): the write that finds no space
+/// fails its flush, the daemon withholds the PUBACK and exits 74 naming the state directory;
+/// once space is back, the restarted daemon accepts the republished message and delivers
+/// everything. (The daemon does not ride out a full disk in-process: see
+/// docs/src/reliability.md.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_stops_the_daemon_without_acknowledging_and_it_resumes_after_space_returns() {
+    let tmp = tempfile::tempdir().unwrap();
+    let Some(small) = SmallFs::mount(&tmp.path().join("small"), "4m") else {
+        eprintln!("SKIPPED: cannot mount a tmpfs here (needs root)");
+        return;
+    };
+    let emu_dir = tmp.path().join("emu");
+    std::fs::create_dir(&emu_dir).unwrap();
+    let emu = EmulatorProcess::start(&emu_dir, tmp.path().join("emu.log"), |l| l).await;
+    let state = small.0.join("state");
+    let port = free_port();
+    let daemon = Fleetgw::run(&emu.gateway_config(), tmp.path().join("gw.log"))
+        .sets([
+            format!(
+                "admin.socket=\"{}\"",
+                tmp.path().join("admin.sock").display()
+            ),
+            "admission.mode=\"open\"".to_string(),
+            format!("gateway.state_dir=\"{}\"", state.display()),
+            "downstream.broker=\"embedded\"".to_string(),
+            format!("downstream.listen=\"127.0.0.1:{port}\""),
+        ])
+        .spawn();
+    let id = "sensor-full";
+    let thing = provision(port, id, LIMIT).await;
+    let topic = format!("fleetgw/{id}/telemetry");
+    let mut dev = connect_retrying(id, port, LIMIT).await;
+    dev.publish(&topic, QoS::AtLeastOnce, false, br#"{"n":1}"#)
+        .await;
+
+    let filler = small.0.join("filler");
+    fill(&filler);
+    // Messages until one finds the disk full (sled's log has some room left in its segment).
+    let mut sent = 1u64;
+    let status = loop {
+        sent += 1;
+        assert!(
+            sent < 10_000,
+            "the disk never filled up:\n{}",
+            daemon.log_tail()
+        );
+        let payload = format!(r#"{{"n":{sent},"pad":"{}"}}"#, "x".repeat(4000));
+        if dev
+            .client
+            .publish(&topic, QoS::AtLeastOnce, false, payload.into_bytes())
+            .await
+            .is_err()
+        {
+            break daemon.wait_exit(LIMIT).await;
+        }
+        if !dev.puback_within(Duration::from_secs(10)).await {
+            break daemon.wait_exit(LIMIT).await;
+        }
+    };
+    assert_eq!(status.code(), Some(74), "{}", daemon.log_tail());
+    let log = daemon.log();
+    let reason = log
+        .lines()
+        .find(|l| l.contains("store flush failed"))
+        .unwrap_or_else(|| panic!("no flush failure logged:\n{log}"));
+    eprintln!("DISKFULL after {sent} messages: {reason}");
+    assert!(reason.contains("No space left on device"), "{reason}");
+    let unacked = sent;
+
+    // Space returns; systemd restarts the daemon.
+    std::fs::remove_file(&filler).unwrap();
+    daemon.restart();
+    let mut dev = connect_retrying(id, port, LIMIT).await;
+    let payload = format!(r#"{{"n":{unacked},"pad":"{}"}}"#, "x".repeat(4000));
+    dev.publish(&topic, QoS::AtLeastOnce, false, payload.as_bytes())
+        .await;
+    eventually_async(
+        "every acknowledged message at the emulator",
+        LIMIT,
+        || async {
+            let got = recorded(&emu, &thing).await;
+            let seen: std::collections::HashSet<u64> = got
+                .iter()
+                .filter_map(|p| serde_json::from_str::<Value>(p).ok()?["n"].as_u64())
+                .collect();
+            (1..=unacked).all(|n| seen.contains(&n)).then_some(())
+        },
+    )
+    .await;
+    daemon.assert_running();
+    drop(daemon);
+    drop(emu);
+}
