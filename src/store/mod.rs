@@ -3,7 +3,7 @@
 //! Trees (docs/architecture.md, "Store"): `devices` (id -> [`DeviceRecord`]), `secrets` (id -> opaque, possibly
 //! sealed key bytes), `tokens` (id -> [`OwnershipTokenRecord`]), `operations`,
 //! `enrollment_groups`, `device_groups` (string key -> a record type owned by the admin layer,
-//! see [`RecordTree`]), `outbox` (big-endian u64 sequence -> [`OutboxMessage`]) and `meta`
+//! see [`RecordTree`]), `broker_retained` and `broker_sessions` ([`broker_state`]), `outbox` (big-endian u64 sequence -> [`OutboxMessage`]) and `meta`
 //! (schema version and small settings).
 //!
 //! Every mutating call returns only once the change is on disk. Durability uses group commit
@@ -16,6 +16,7 @@
 //! rest of the gateway if the kill -9 tests ever show corruption.
 
 mod batch;
+pub mod broker_state;
 mod error;
 mod flusher;
 mod outbox;
@@ -126,6 +127,8 @@ struct Inner {
     operations: sled::Tree,
     enrollment_groups: sled::Tree,
     device_groups: sled::Tree,
+    broker_retained: sled::Tree,
+    broker_sessions: sled::Tree,
     outbox: sled::Tree,
     meta: sled::Tree,
     /// Serialises read-modify-write of device records (etag bumps, CAS, batches): the update
@@ -202,6 +205,8 @@ impl Store {
             operations: trees.operations.clone(),
             enrollment_groups: trees.enrollment_groups.clone(),
             device_groups: trees.device_groups.clone(),
+            broker_retained: tree(broker_state::BROKER_RETAINED)?,
+            broker_sessions: tree(broker_state::BROKER_SESSIONS)?,
             commit: GroupCommit::start(db.clone(), trees, dir.to_owned(), opts.min_commit_interval)
                 .map_err(|source| StoreError::FlusherThread {
                     dir: dir.to_owned(),

@@ -69,7 +69,7 @@ impl ConnectionConfig {
     }
 
     /// Whether `topic` (a name or a filter) is within the length and depth limits.
-    fn topic_within_limits(&self, topic: &str) -> bool {
+    pub(super) fn topic_within_limits(&self, topic: &str) -> bool {
         topic.len() <= self.max_topic_bytes
             && topic.bytes().filter(|b| *b == b'/').count() < self.max_topic_levels
     }

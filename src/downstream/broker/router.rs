@@ -38,6 +38,7 @@ use tokio::sync::{watch, Notify};
 
 use super::ack::AckGuard;
 pub use super::ack::AckWait;
+use super::persist::Persistence;
 use super::rules::Owner;
 use super::session::SessionState;
 pub use super::session::{ConnectionFacts, Delivery, Limits, Session, SubOptions};
@@ -100,15 +101,15 @@ pub struct Attached {
 type Subscriber = (Arc<Session>, SubOptions, Option<Arc<str>>);
 
 #[derive(Default)]
-struct Tables {
-    sessions: HashMap<Arc<str>, Arc<Session>>,
+pub(super) struct Tables {
+    pub(super) sessions: HashMap<Arc<str>, Arc<Session>>,
     /// Sessions kept for absent clients.
-    kept: usize,
+    pub(super) kept: usize,
     /// Subscriptions by filter; a shared one is keyed `{client}\0{group}` under its inner
     /// filter and carries its share name (`{group}/{filter}`).
-    filters: FilterTrie<Arc<str>, Subscriber>,
-    retained: RetainedTrie<Message>,
-    retained_bytes: usize,
+    pub(super) filters: FilterTrie<Arc<str>, Subscriber>,
+    pub(super) retained: RetainedTrie<Message>,
+    pub(super) retained_bytes: usize,
 }
 
 /// What the broker refused clients since it started (the trust boundary at work).
@@ -145,7 +146,9 @@ pub enum Refused {
 pub struct Router {
     refusals: RefusalCounters,
     tables: Mutex<Tables>,
-    limits: Limits,
+    pub(super) limits: Limits,
+    /// Where retained messages and kept sessions are persisted (`persist.rs`), if anywhere.
+    pub(super) persist: Option<Arc<Persistence>>,
     next_connection: AtomicU64,
     /// Messages dropped from full session queues, all sessions.
     dropped: AtomicU64,
@@ -174,6 +177,7 @@ impl Router {
             refusals: RefusalCounters::default(),
             tables: Mutex::new(Tables::default()),
             limits,
+            persist: None,
             next_connection: AtomicU64::new(1),
             dropped: AtomicU64::new(0),
             retained_refused: AtomicU64::new(0),
@@ -211,7 +215,13 @@ impl Router {
         let _ = rx.wait_for(|open| *open).await;
     }
 
-    fn tables(&self) -> MutexGuard<'_, Tables> {
+    /// Persists retained messages and kept sessions through `persist` (see `persist.rs`).
+    pub(super) fn persisting(mut self, persist: Arc<Persistence>) -> Self {
+        self.persist = Some(persist);
+        self
+    }
+
+    pub(super) fn tables(&self) -> MutexGuard<'_, Tables> {
         self.tables.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -346,6 +356,7 @@ impl Router {
                     st.queued_bytes += d.message.cost();
                     st.queue.push_front(d);
                 }
+                existing.changed(&mut st);
                 drop(st);
                 existing.wake.notify_one();
                 return Attached {
@@ -364,9 +375,14 @@ impl Router {
                 ..SessionState::default()
             }),
             wake: Notify::new(),
+            persist: self
+                .persist
+                .clone()
+                .filter(|_| !self.is_reserved(client_id)),
         });
         t.sessions
             .insert(session.client_id.clone(), session.clone());
+        session.changed(&mut session.lock());
         Attached {
             session,
             resumed: false,
@@ -396,6 +412,7 @@ impl Router {
                         if !std::mem::replace(&mut st.counted_kept, true) {
                             t.kept += 1;
                         }
+                        session.changed(&mut st);
                     }
                     _ => {
                         if keep.is_some() {
@@ -468,7 +485,7 @@ impl Router {
         {
             let mut t = self.tables();
             if message.retain {
-                self.retain(&mut t, &message);
+                let _ = self.retain(&mut t, &message);
             }
             t.filters
                 .for_each_match(&message.topic, |_, (session, opts, share)| {
@@ -523,6 +540,7 @@ impl Router {
             }
             let before = st.dropped;
             st.push(delivery, &self.limits);
+            session.changed(&mut st);
             let dropped = st.dropped - before;
             drop(st);
             if dropped > 0 {
@@ -570,12 +588,15 @@ impl Router {
 
     /// Stores (or with an empty payload clears) the retained message of its topic, within
     /// the broker's count and byte limits: past them a new one is refused and counted.
-    fn retain(&self, t: &mut Tables, message: &Message) {
+    pub(super) fn retain(&self, t: &mut Tables, message: &Message) -> bool {
         if message.payload.is_empty() {
             if let Some(old) = t.retained.clear(&message.topic) {
                 t.retained_bytes = t.retained_bytes.saturating_sub(old.cost());
+                if let Some(p) = &self.persist {
+                    p.retained_changed(&message.topic);
+                }
             }
-            return;
+            return true;
         }
         let replaced = t.retained.get(&message.topic).map_or(0, Message::cost);
         let count_after = t.retained.len() + usize::from(replaced == 0);
@@ -590,10 +611,14 @@ impl Router {
                     "embedded broker: retained message limit reached, message delivered but not retained"
                 );
             }
-            return;
+            return false;
         }
         t.retained.set(&message.topic, message.clone());
         t.retained_bytes = bytes_after;
+        if let Some(p) = &self.persist {
+            p.retained_changed(&message.topic);
+        }
+        true
     }
 
     fn note_dropped(&self, session: &Session, n: u64) {
@@ -658,7 +683,11 @@ impl Router {
                 let is_new = t
                     .filters
                     .insert(trie_filter, key, (session.clone(), opts, share));
-                session.lock().subscriptions.insert(r.filter.clone(), opts);
+                {
+                    let mut st = session.lock();
+                    st.subscriptions.insert(r.filter.clone(), opts);
+                    session.changed(&mut st);
+                }
                 granted.push(Some(opts.qos));
                 // Shared subscriptions get no retained messages (mosquitto does the same).
                 let send_retained = !is_shared
@@ -694,6 +723,7 @@ impl Router {
                     &self.limits,
                 );
             }
+            session.changed(&mut st);
             drop(st);
             session.wake.notify_one();
         }
@@ -710,6 +740,7 @@ impl Router {
                 t.filters.remove(trie_filter, &key);
             }
         }
+        session.changed(&mut st);
     }
 
     /// Retained messages held.
@@ -720,14 +751,17 @@ impl Router {
 
 /// Where a subscription lives in the filter trie: under its filter and its client's id, or a
 /// shared one under its inner filter and `{client}\0{group}`, apart from the client's own.
-fn trie_slot<'f>(filter: &'f str, client_id: &Arc<str>) -> (&'f str, Arc<str>) {
+pub(super) fn trie_slot<'f>(filter: &'f str, client_id: &Arc<str>) -> (&'f str, Arc<str>) {
     match crate::mqtt::wire::shared_subscription(filter) {
         Some(Ok((group, inner))) => (inner, Arc::from(format!("{client_id}\0{group}"))),
         _ => (filter, client_id.clone()),
     }
 }
 
-fn remove_session(t: &mut Tables, session: &Arc<Session>) {
+pub(super) fn remove_session(t: &mut Tables, session: &Arc<Session>) {
+    if let Some(p) = &session.persist {
+        p.session_changed(&session.client_id);
+    }
     let filters: Vec<String> = {
         let mut st = session.lock();
         if std::mem::take(&mut st.counted_kept) {
