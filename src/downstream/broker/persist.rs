@@ -60,6 +60,14 @@ impl std::fmt::Debug for Persistence {
     }
 }
 
+/// What one save wrote: retained topics (set or cleared), kept sessions and their messages.
+#[derive(Clone, Copy, Debug, Default)]
+struct Saved {
+    retained: usize,
+    sessions: usize,
+    queued: usize,
+}
+
 #[derive(Default)]
 struct Dirty {
     retained: HashSet<Arc<str>>,
@@ -110,9 +118,10 @@ impl Persistence {
         }
     }
 
-    /// Saves what is marked now (blocking: sled and serde). Errors are logged: the broker
-    /// goes on in memory, and the next change of the same item tries again.
-    fn save(&self, router: &Router) {
+    /// Saves what is marked now (blocking: sled and serde); returns what it wrote. Errors are
+    /// logged: the broker goes on in memory, and the next change of the same item tries again.
+    fn save(&self, router: &Router) -> Saved {
+        let mut saved = Saved::default();
         let dirty = std::mem::take(&mut *self.dirty());
         let mut failed = 0usize;
         let mut first_error = None;
@@ -122,6 +131,7 @@ impl Persistence {
                 first_error.get_or_insert(e);
             }
         };
+        saved.retained = dirty.retained.len();
         for topic in &dirty.retained {
             note(match router.retained_message(topic) {
                 Some(m) => self.store.put_broker_retained(
@@ -136,13 +146,18 @@ impl Persistence {
         }
         for id in &dirty.sessions {
             note(match router.session_record(id) {
-                Some(rec) => self.store.put_broker_session(&rec),
+                Some(rec) => {
+                    saved.sessions += 1;
+                    saved.queued += rec.queue.len() + rec.inflight.len();
+                    self.store.put_broker_session(&rec)
+                }
                 None => self.store.remove_broker_session(id).map(|_| ()),
             });
         }
         if let Some(e) = first_error {
             tracing::warn!(failed, error = %e, "embedded broker: saving retained messages or kept sessions failed");
         }
+        saved
     }
 }
 
@@ -171,11 +186,17 @@ pub(super) async fn write_behind(
 async fn save_now(router: &Arc<Router>, persist: &Arc<Persistence>) -> Result<(), ()> {
     let (r, p) = (router.clone(), persist.clone());
     // A long queue of an absent client costs real CPU to encode: keep it off the workers.
-    tokio::task::spawn_blocking(move || p.save(&r))
+    let saved = tokio::task::spawn_blocking(move || p.save(&r))
         .await
         .map_err(|_| ())?;
     match persist.store.durable().await {
-        Ok(()) => tracing::debug!("embedded broker: retained messages and kept sessions saved"),
+        // Tests of the daemon wait for this line before they kill it.
+        Ok(()) => tracing::debug!(
+            retained = saved.retained,
+            sessions = saved.sessions,
+            queued = saved.queued,
+            "embedded broker: retained messages and kept sessions saved"
+        ),
         Err(e) => tracing::warn!(error = %e, "embedded broker: flushing broker state failed"),
     }
     Ok(())

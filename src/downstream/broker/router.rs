@@ -760,7 +760,11 @@ pub(super) fn trie_slot<'f>(filter: &'f str, client_id: &Arc<str>) -> (&'f str, 
 
 pub(super) fn remove_session(t: &mut Tables, session: &Arc<Session>) {
     if let Some(p) = &session.persist {
-        p.session_changed(&session.client_id);
+        // Only a session the store may hold: a clean session leaving costs no write.
+        let st = session.lock();
+        if st.saved || st.keep.is_some() {
+            p.session_changed(&session.client_id);
+        }
     }
     let filters: Vec<String> = {
         let mut st = session.lock();
