@@ -7,6 +7,7 @@
 pub mod http;
 pub mod messages;
 pub mod mosquitto;
+pub mod mqtt5;
 pub mod mqtt_client;
 pub mod process;
 pub mod publisher;

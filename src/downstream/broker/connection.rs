@@ -27,7 +27,7 @@ use crate::mqtt::props::{self, MessageProperties};
 use crate::mqtt::stream::{PacketStream, StreamError};
 use crate::mqtt::wire::{
     self, ClientPacket, ConnectInfo, ConnectOutcome, DisconnectReason, Protocol, ServerFeatures,
-    ServerPacket, WireError,
+    ServerPacket, SubRefusal, WireError,
 };
 
 /// Writing one round of packets must complete within this time.
@@ -756,7 +756,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                     self.queue(ServerPacket::PubComp(pkid))?;
                 }
                 ClientPacket::Subscribe { pkid, filters } => {
-                    let allowed: Vec<bool> = filters
+                    let allowed: Vec<Result<(), SubRefusal>> = filters
                         .iter()
                         .map(|f| {
                             // A shared subscription is judged by the filter inside it.
@@ -764,11 +764,20 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                                 Some(Ok((_, inner))) => inner,
                                 _ => f.filter.as_str(),
                             };
-                            cfg.topic_within_limits(&f.filter) && principal.may_subscribe(inner)
+                            if !cfg.topic_within_limits(&f.filter) {
+                                Err(SubRefusal::InvalidFilter)
+                            } else if !principal.may_subscribe(inner) {
+                                Err(SubRefusal::NotAuthorized)
+                            } else {
+                                Ok(())
+                            }
                         })
                         .collect();
-                    let (permitted, refused): (Vec<_>, Vec<_>) =
-                        filters.into_iter().zip(&allowed).partition(|(_, ok)| **ok);
+                    let names: Vec<String> = filters.iter().map(|f| f.filter.clone()).collect();
+                    let (permitted, refused): (Vec<_>, Vec<_>) = filters
+                        .into_iter()
+                        .zip(&allowed)
+                        .partition(|(_, ok)| ok.is_ok());
                     for (f, _) in &refused {
                         if router.note_refused(Refused::Subscription) {
                             tracing::info!(
@@ -781,13 +790,18 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                     }
                     let permitted: Vec<_> = permitted.into_iter().map(|(f, _)| f).collect();
                     let mut answers = router.subscribe(session, &permitted).into_iter();
-                    let granted: Vec<Option<u8>> = allowed
+                    let granted: Vec<Result<u8, SubRefusal>> = allowed
                         .iter()
-                        .map(|ok| if *ok { answers.next().flatten() } else { None })
+                        .map(|ok| match ok {
+                            Ok(()) => answers.next().unwrap_or(Err(SubRefusal::InvalidFilter)),
+                            Err(why) => Err(*why),
+                        })
                         .collect();
+                    let reason = wire::subscribe_refusal_reason(&names, &granted);
                     self.queue(ServerPacket::SubAck {
                         pkid,
                         granted: &granted,
+                        reason: reason.as_deref(),
                     })?;
                 }
                 ClientPacket::Unsubscribe { pkid, filters } => {

@@ -44,7 +44,7 @@ use super::session::SessionState;
 pub use super::session::{ConnectionFacts, Delivery, Limits, Session, SubOptions};
 use super::trie::{FilterTrie, RetainedTrie};
 use crate::mqtt::props::{self, MessageProperties};
-use crate::mqtt::wire::{SubscriptionRequest, Will};
+use crate::mqtt::wire::{SubRefusal, SubscriptionRequest, Will};
 
 /// A message on its way to subscribers.
 #[derive(Clone, Debug)]
@@ -327,7 +327,13 @@ impl Router {
         let keep = keep.map(|d| d.min(self.limits.kept_session_expiry));
         let mut t = self.tables();
         if let Some(existing) = t.sessions.get(client_id).cloned() {
-            let clean = clean || existing.owner != owner;
+            // A kept session whose expiry passed is gone even if the sweep has not removed
+            // it yet (MQTT-3.1.2-23: CONNACK must not say session present).
+            let expired = {
+                let st = existing.lock();
+                st.attached.is_none() && st.expires_at.is_some_and(|at| at <= Instant::now())
+            };
+            let clean = clean || expired || existing.owner != owner;
             let previous = {
                 let mut st = existing.lock();
                 st.attached.replace(number)
@@ -633,13 +639,13 @@ impl Router {
         }
     }
 
-    /// Adds `session`'s subscriptions; returns the granted QoS per filter (`None` = invalid
+    /// Adds `session`'s subscriptions; returns the granted QoS per filter (or why not)
     /// filter) and queues the retained messages they match.
     pub fn subscribe(
         &self,
         session: &Arc<Session>,
         requests: &[SubscriptionRequest],
-    ) -> Vec<Option<u8>> {
+    ) -> Vec<Result<u8, SubRefusal>> {
         let mut granted = Vec::with_capacity(requests.len());
         let mut retained = Vec::new();
         {
@@ -652,7 +658,7 @@ impl Router {
                         Some(Arc::<str>::from(&r.filter["$share/".len()..]))
                     }
                     _ => {
-                        granted.push(None);
+                        granted.push(Err(SubRefusal::InvalidFilter));
                         continue;
                     }
                 };
@@ -669,7 +675,7 @@ impl Router {
                         held,
                         "embedded broker: subscription limit reached, filter refused"
                     );
-                    granted.push(None);
+                    granted.push(Err(SubRefusal::QuotaExceeded));
                     continue;
                 }
                 let opts = SubOptions {
@@ -688,7 +694,7 @@ impl Router {
                     st.subscriptions.insert(r.filter.clone(), opts);
                     session.changed(&mut st);
                 }
-                granted.push(Some(opts.qos));
+                granted.push(Ok(opts.qos));
                 // Shared subscriptions get no retained messages (mosquitto does the same).
                 let send_retained = !is_shared
                     && match r.retain_handling {

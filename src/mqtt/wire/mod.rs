@@ -429,6 +429,53 @@ fn read_v5(buf: &mut BytesMut, max_packet: usize) -> Result<Option<ClientPacket>
     }))
 }
 
+/// Why a subscription filter was refused: its MQTT 5 SUBACK reason code (MQTT 3.1.1 has
+/// only 0x80 failure for all of them).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SubRefusal {
+    /// 0x87: outside the client's rights.
+    NotAuthorized,
+    /// 0x8F: not a valid filter, over the topic size or depth limit, or No Local on a shared
+    /// subscription.
+    InvalidFilter,
+    /// 0x97: the client holds its maximum of subscriptions.
+    QuotaExceeded,
+}
+
+impl SubRefusal {
+    /// The words for a reason string.
+    pub fn describe(self) -> &'static str {
+        match self {
+            SubRefusal::NotAuthorized => "not authorized (outside the client's rights)",
+            SubRefusal::InvalidFilter => "invalid topic filter (or over the size or depth limit)",
+            SubRefusal::QuotaExceeded => "subscription limit reached",
+        }
+    }
+}
+
+/// The MQTT 5 reason string of a SUBACK that refuses filters: the first refused filter and
+/// why, and how many more (kept short: it must not push the SUBACK past the client's maximum
+/// packet size). `None` when nothing was refused.
+pub fn subscribe_refusal_reason(
+    filters: &[String],
+    granted: &[Result<u8, SubRefusal>],
+) -> Option<String> {
+    let mut refused = filters
+        .iter()
+        .zip(granted)
+        .filter_map(|(f, g)| g.err().map(|why| (f, why)));
+    let (first, why) = refused.next()?;
+    let shown: String = first.chars().take(64).collect();
+    let more = refused.count();
+    Some(match more {
+        0 => format!("{shown}: {}", why.describe()),
+        n => format!("{shown}: {}; {n} more refused", why.describe()),
+    })
+}
+
+/// What a refused PUBLISH is told (MQTT 5 reason string of PUBACK or PUBREC 0x87).
+pub const PUBLISH_REFUSED_REASON: &str = "not authorized: the topic is outside the client's rights";
+
 /// How a CONNECT is answered.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ConnectOutcome {
@@ -519,12 +566,14 @@ pub enum ServerPacket<'a> {
         /// Why it was refused (MQTT 5 reason string; 3.1.1 has no field).
         reason: Option<&'a str>,
     },
-    /// SUBACK: granted QoS per filter, `None` = refused.
+    /// SUBACK: granted QoS per filter, or why it was refused.
     SubAck {
         /// Packet id.
         pkid: u16,
         /// Granted QoS per filter.
-        granted: &'a [Option<u8>],
+        granted: &'a [Result<u8, SubRefusal>],
+        /// MQTT 5 reason string saying why filters were refused.
+        reason: Option<&'a str>,
     },
     /// UNSUBACK for `count` filters.
     UnsubAck {
