@@ -1,5 +1,6 @@
 //! More MQTT 5 scenarios run side by side against mosquitto (see `tests/broker_mqtt5.rs`):
-//! session and message expiry while a client is away, and the reason codes of refusals under
+//! session and message expiry while a client is away, a QoS 2 PUBLISH repeated after a
+//! reconnect, and the reason codes of refusals under
 //! an access policy (mosquitto with the ACL of docs/mosquitto.md, the embedded broker with its
 //! trust boundary). Grouped by section of the MQTT 5 specification; where the specification
 //! leaves a choice, the test says which one the embedded broker made.
@@ -13,6 +14,7 @@ use std::time::Duration;
 
 use common::mosquitto::{Mosquitto, MosquittoConfig};
 use common::mqtt5::{brokers, options, Client};
+use common::raw_mqtt::{self, Raw};
 use fleetgw::downstream::{AccessRules, EmbeddedBroker, EmbeddedBrokerOptions};
 use rumqttc::v5::mqttbytes::v5::{Packet, PubAckReason, PublishProperties, SubscribeReasonCode};
 use rumqttc::v5::mqttbytes::QoS;
@@ -190,4 +192,40 @@ async fn refusals_carry_not_authorized_and_a_reason() {
     );
     assert_eq!(ours.1, PubAckReason::NotAuthorized);
     assert!(ours.2, "the embedded broker says why");
+}
+
+// §4.3.3, MQTT-4.3.3-9 (3.1.1 §4.3.3 the same): the receiver of a QoS 2 PUBLISH keeps its
+// packet id until PUBREL as session state, so a PUBLISH repeated (DUP) after a reconnect to
+// the kept session is the same message and reaches subscribers once. Raw MQTT 3.1.1 packets
+// (rumqttc would complete the exchange itself).
+async fn qos2_repeat_scenario(port: u16) -> Vec<String> {
+    let addr: std::net::SocketAddr = ([127, 0, 0, 1], port).into();
+    let mut sub = Client::connect(options("q2-sub", port)).await;
+    sub.subscribe("q2/#", QoS::ExactlyOnce, None).await;
+    let mut raw = Raw::connect(addr, "q2-pub", false).await;
+    raw.send(&raw_mqtt::publish(7, "q2/x", b"once", 2, false))
+        .await;
+    assert_eq!(raw.read().await.0, 0x50, "PUBREC");
+    drop(raw);
+    let mut raw = Raw::connect(addr, "q2-pub", false).await;
+    raw.send(&raw_mqtt::publish(7, "q2/x", b"once", 2, true))
+        .await;
+    assert_eq!(raw.read().await.0, 0x50, "PUBREC again");
+    raw.send(&[0x62, 2, 0, 7]).await; // PUBREL
+    assert_eq!(raw.read().await.0, 0x70, "PUBCOMP");
+    raw.send(&raw_mqtt::publish(0, "q2/end", b"end", 0, false))
+        .await;
+    sub.publishes_until("q2/end")
+        .await
+        .iter()
+        .map(|p| String::from_utf8_lossy(&p.payload).into_owned())
+        .collect()
+}
+
+#[tokio::test]
+async fn a_qos2_publish_repeated_after_a_reconnect_is_delivered_once() {
+    let b = brokers().await;
+    let ours = qos2_repeat_scenario(b.embedded_port).await;
+    assert_eq!(ours, qos2_repeat_scenario(b.mosquitto_port).await);
+    assert_eq!(ours, ["once", "end"]);
 }

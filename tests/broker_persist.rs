@@ -11,6 +11,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use common::mqtt_client::{ClientEvent, TestClient};
+use common::raw_mqtt::{packet_id_of, packet_id_of_ack, payload_of, subscribe, Raw};
 use common::wait::eventually;
 use common::WAIT;
 use fleetgw::downstream::{EmbeddedBroker, EmbeddedBrokerOptions};
@@ -20,8 +21,6 @@ use fleetgw::store::broker_state::{
 };
 use fleetgw::store::{Store, StoreOptions};
 use rumqttc::{ConnectReturnCode, MqttOptions, QoS};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 
 fn open_store(dir: &Path) -> Store {
     Store::open(dir, &StoreOptions::default()).expect("store opens")
@@ -178,7 +177,7 @@ async fn qos2_and_unacknowledged_qos1_state_survive_a_restart() {
     let dir = tempfile::tempdir().unwrap();
     let store = open_store(dir.path());
     let broker = start(&store, |_| {}).await;
-    let mut raw = Raw::connect(&broker, "raw-keeper").await;
+    let mut raw = Raw::connect(broker.listen_addr(), "raw-keeper", false).await;
     raw.send(&subscribe(1, "q/#", 2)).await;
     assert_eq!(raw.read().await.0 >> 4, 9, "SUBACK");
     publish_all(&broker, "q/one", false, &["one"]).await;
@@ -202,7 +201,7 @@ async fn qos2_and_unacknowledged_qos1_state_survive_a_restart() {
     broker.shutdown().await;
 
     let broker = start(&store, |_| {}).await;
-    let mut raw = Raw::connect(&broker, "raw-keeper").await;
+    let mut raw = Raw::connect(broker.listen_addr(), "raw-keeper", false).await;
     let mut seen = Vec::new();
     for _ in 0..2 {
         seen.push(raw.read().await);
@@ -271,6 +270,7 @@ async fn expired_sessions_and_messages_are_not_restored() {
         inflight: Vec::new(),
         queue,
         last_packet_id: 0,
+        awaiting_release: Vec::new(),
     };
     store
         .put_broker_session(&session(
@@ -403,6 +403,7 @@ async fn a_hostile_client_cannot_grow_the_persisted_state_past_the_limits() {
                 inflight: Vec::new(),
                 queue: vec![big; 40],
                 last_packet_id: 0,
+                awaiting_release: Vec::new(),
             })
             .unwrap();
     }
@@ -446,110 +447,4 @@ async fn a_hostile_client_cannot_grow_the_persisted_state_past_the_limits() {
     for rec in store.broker_sessions() {
         assert!(rec.unwrap().subscriptions.len() <= 2);
     }
-}
-
-// ---- a raw MQTT 3.1.1 client, for the QoS 2 exchange rumqttc completes on its own ----
-
-struct Raw {
-    stream: TcpStream,
-    buf: Vec<u8>,
-}
-
-impl Raw {
-    /// Connects with clean session 0 and reads the CONNACK.
-    async fn connect(broker: &EmbeddedBroker, id: &str) -> Self {
-        let stream = TcpStream::connect(broker.listen_addr()).await.unwrap();
-        let mut raw = Self {
-            stream,
-            buf: Vec::new(),
-        };
-        let mut body = vec![0, 4, b'M', b'Q', b'T', b'T', 4, 0x00, 0, 30];
-        body.extend_from_slice(&(id.len() as u16).to_be_bytes());
-        body.extend_from_slice(id.as_bytes());
-        raw.send(&packet(0x10, &body)).await;
-        let (h, b) = raw.read().await;
-        assert_eq!((h, b[1]), (0x20, 0), "CONNACK accepted");
-        raw
-    }
-
-    async fn send(&mut self, bytes: &[u8]) {
-        self.stream.write_all(bytes).await.unwrap();
-    }
-
-    /// The next packet: (first byte, body).
-    async fn read(&mut self) -> (u8, Vec<u8>) {
-        tokio::time::timeout(WAIT, async {
-            loop {
-                if let Some((h, len, at)) = frame(&self.buf) {
-                    let body = self.buf[at..at + len].to_vec();
-                    self.buf.drain(..at + len);
-                    return (h, body);
-                }
-                let mut chunk = [0u8; 4096];
-                let n = self.stream.read(&mut chunk).await.unwrap();
-                assert!(n > 0, "connection closed");
-                self.buf.extend_from_slice(&chunk[..n]);
-            }
-        })
-        .await
-        .expect("a packet in time")
-    }
-}
-
-/// (first byte, body length, body offset) of a complete packet at the start of `buf`.
-fn frame(buf: &[u8]) -> Option<(u8, usize, usize)> {
-    let mut len = 0usize;
-    for i in 0..4 {
-        let b = *buf.get(1 + i)?;
-        len |= usize::from(b & 0x7f) << (7 * i);
-        if b & 0x80 == 0 {
-            let at = 2 + i;
-            return (buf.len() >= at + len).then_some((buf[0], len, at));
-        }
-    }
-    None
-}
-
-fn packet(first: u8, body: &[u8]) -> Vec<u8> {
-    let mut out = vec![first];
-    let mut len = body.len();
-    loop {
-        let mut b = (len % 128) as u8;
-        len /= 128;
-        if len > 0 {
-            b |= 0x80;
-        }
-        out.push(b);
-        if len == 0 {
-            break;
-        }
-    }
-    out.extend_from_slice(body);
-    out
-}
-
-fn subscribe(pkid: u16, filter: &str, qos: u8) -> Vec<u8> {
-    let mut body = pkid.to_be_bytes().to_vec();
-    body.extend_from_slice(&(filter.len() as u16).to_be_bytes());
-    body.extend_from_slice(filter.as_bytes());
-    body.push(qos);
-    packet(0x82, &body)
-}
-
-/// The packet id of a QoS > 0 PUBLISH body.
-fn packet_id_of(body: &[u8]) -> u16 {
-    let topic_len = usize::from(u16::from_be_bytes([body[0], body[1]]));
-    u16::from_be_bytes([body[2 + topic_len], body[3 + topic_len]])
-}
-
-/// The packet id of an acknowledgement body.
-fn packet_id_of_ack(body: &[u8]) -> u16 {
-    u16::from_be_bytes([body[0], body[1]])
-}
-
-/// The payload of a PUBLISH body at `qos`.
-fn payload_of(body: &[u8], qos: u8) -> &[u8] {
-    let topic_len = usize::from(u16::from_be_bytes([body[0], body[1]]));
-    let at = 2 + topic_len + if qos > 0 { 2 } else { 0 };
-    &body[at..]
 }

@@ -157,6 +157,9 @@ pub struct KeptSessionRecord {
     /// The last packet id used.
     #[serde(default)]
     pub last_packet_id: u16,
+    /// Packet ids of QoS 2 PUBLISHes from the client received and not yet released.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub awaiting_release: Vec<u16>,
 }
 
 impl Store {
@@ -341,6 +344,7 @@ mod tests {
                 released: false,
             }],
             last_packet_id: 9,
+            awaiting_release: vec![3],
         };
         let retained = RetainedRecord {
             v: BROKER_RECORD_VERSION,

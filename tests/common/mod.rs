@@ -11,6 +11,7 @@ pub mod mqtt5;
 pub mod mqtt_client;
 pub mod process;
 pub mod publisher;
+pub mod raw_mqtt;
 pub mod relay;
 pub mod wait;
 

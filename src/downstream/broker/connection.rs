@@ -9,7 +9,7 @@
 //! MQTT 5 topic aliases from the client are resolved per connection; a delivery larger than
 //! the client's Maximum Packet Size is not sent to it (MQTT-3.1.2-25).
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -502,7 +502,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             k => Duration::from_millis(u64::from(k) * 1500),
         };
         let mut deadline = Instant::now() + idle_limit;
-        let mut awaiting_release: HashSet<u16> = HashSet::new();
         let mut sendable: Vec<(u16, Delivery)> = Vec::new();
         // The client's Receive Maximum bounds the window too (MQTT-3.3.4-9).
         let window = router
@@ -515,9 +514,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             }
         }
         loop {
-            if let Err(close) =
-                self.process_buffer(principal, cfg, router, session, &mut awaiting_release)
-            {
+            if let Err(close) = self.process_buffer(principal, cfg, router, session) {
                 let _ = self.flush().await;
                 return close;
             }
@@ -668,7 +665,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         cfg: &ConnectionConfig,
         router: &Router,
         session: &Arc<Session>,
-        awaiting_release: &mut HashSet<u16>,
     ) -> Result<(), Close> {
         loop {
             let Some(packet) = self.io.next_packet()? else {
@@ -736,7 +732,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                         }
                         _ => {
                             // A repeated QoS 2 PUBLISH before PUBREL is the same message.
-                            if awaiting_release.insert(pkid) {
+                            // Session state: also after a reconnect (MQTT-4.3.3-9).
+                            if session.awaiting_release(pkid) {
                                 router.publish(session.client_id(), message);
                             }
                             self.queue(ServerPacket::PubRec(pkid))?;
@@ -752,7 +749,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                     }
                 }
                 ClientPacket::PubRel(pkid) => {
-                    awaiting_release.remove(&pkid);
+                    session.released_by_client(pkid);
                     self.queue(ServerPacket::PubComp(pkid))?;
                 }
                 ClientPacket::Subscribe { pkid, filters } => {

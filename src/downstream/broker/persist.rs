@@ -284,6 +284,7 @@ impl Router {
                 .collect(),
             queue: st.queue.iter().map(|d| stored_delivery(0, d)).collect(),
             last_packet_id: st.next_pkid,
+            awaiting_release: st.incoming_qos2.iter().copied().collect(),
         };
         Some(rec)
     }
@@ -382,6 +383,7 @@ impl Router {
                 counted_kept: true,
                 next_pkid: rec.last_packet_id,
                 saved: true,
+                incoming_qos2: rec.awaiting_release.into_iter().collect(),
                 ..SessionState::default()
             }),
             wake: Notify::new(),

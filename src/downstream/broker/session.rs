@@ -4,7 +4,7 @@
 //! sessions; the connection task drains them (`take_sendable`) and settles what the client
 //! acknowledges.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -120,6 +120,10 @@ pub(super) struct SessionState {
     pub(super) unsaved: bool,
     /// The store holds a record of it (so a session no longer kept must be reported too).
     pub(super) saved: bool,
+    /// QoS 2 PUBLISHes from the client answered with PUBREC and not yet released (PUBREL):
+    /// a repeat of one of them is the same message, not a new one. At most 65,535 (packet
+    /// ids).
+    pub(super) incoming_qos2: HashSet<u16>,
 }
 
 /// A delayed will's timer task; dropping it cancels the will.
@@ -210,6 +214,25 @@ impl Session {
             self.changed(&mut st);
         }
         true
+    }
+
+    /// A QoS 2 PUBLISH `pkid` from the client: true if it is new (to be routed), false if it
+    /// repeats one received before its PUBREL.
+    pub fn awaiting_release(&self, pkid: u16) -> bool {
+        let mut st = self.lock();
+        let new = st.incoming_qos2.insert(pkid);
+        if new {
+            self.changed(&mut st);
+        }
+        new
+    }
+
+    /// The client's PUBREL for its QoS 2 PUBLISH `pkid`.
+    pub fn released_by_client(&self, pkid: u16) {
+        let mut st = self.lock();
+        if st.incoming_qos2.remove(&pkid) {
+            self.changed(&mut st);
+        }
     }
 
     /// A PUBREC for QoS 2 message `pkid`: it now waits for PUBCOMP. True when the PUBREL
