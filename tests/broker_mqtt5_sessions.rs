@@ -119,7 +119,9 @@ async fn a_queued_message_expires_while_its_client_is_away() {
 // filters what it delivers by its ACL (the subscriber reads nothing), the embedded broker
 // refuses it with 0x87 so the client knows. The embedded broker also says why in a reason
 // string (MQTT 5 §3.9.2.1.2, §3.4.2.2.2: optional; mosquitto sends none).
-async fn refusals_scenario(opts: MqttOptions) -> (Vec<SubscribeReasonCode>, PubAckReason, bool) {
+async fn refusals_scenario(
+    opts: MqttOptions,
+) -> (Vec<SubscribeReasonCode>, PubAckReason, (bool, bool)) {
     let mut d = Client::connect(opts).await;
     d.client
         .subscribe_many(vec![
@@ -145,14 +147,16 @@ async fn refusals_scenario(opts: MqttOptions) -> (Vec<SubscribeReasonCode>, PubA
     let Packet::PubAck(puback) = d.next_matching(|p| matches!(p, Packet::PubAck(_))).await else {
         unreachable!()
     };
-    let reason_strings = suback
-        .properties
-        .as_ref()
-        .is_some_and(|p| p.reason_string.is_some())
-        && puback
+    let reason_strings = (
+        suback
             .properties
             .as_ref()
-            .is_some_and(|p| p.reason_string.is_some());
+            .is_some_and(|p| p.reason_string.is_some()),
+        puback
+            .properties
+            .as_ref()
+            .is_some_and(|p| p.reason_string.is_some()),
+    );
     (suback.return_codes, puback.reason, reason_strings)
 }
 
@@ -191,7 +195,21 @@ async fn refusals_carry_not_authorized_and_a_reason() {
         ]
     );
     assert_eq!(ours.1, PubAckReason::NotAuthorized);
-    assert!(ours.2, "the embedded broker says why");
+    assert_eq!(ours.2, (true, true), "the embedded broker says why");
+    // MQTT-3.1.2-29: a client that turned Request Problem Information off gets no reason
+    // strings on SUBACK or PUBACK, the same codes.
+    let mut quiet = options("sensor-1", embedded.listen_addr().port());
+    quiet.set_connect_properties(rumqttc::v5::mqttbytes::v5::ConnectProperties {
+        request_problem_info: Some(0),
+        ..rumqttc::v5::mqttbytes::v5::ConnectProperties::new()
+    });
+    let told = refusals_scenario(quiet).await;
+    assert_eq!((&told.0, &told.1), (&ours.0, &ours.1));
+    assert_eq!(
+        told.2,
+        (false, false),
+        "reason strings despite Request Problem Information 0"
+    );
 }
 
 // §4.3.3, MQTT-4.3.3-9 (3.1.1 §4.3.3 the same): the receiver of a QoS 2 PUBLISH keeps its

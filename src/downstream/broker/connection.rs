@@ -270,6 +270,7 @@ pub async fn serve<S>(
         pending_acks: VecDeque::new(),
         aliases: HashMap::new(),
         client_max_packet: usize::MAX,
+        problem_information: true,
     };
     let mut connect = match timeout(cfg.connect_timeout, conn.io.read_connect()).await {
         Ok(Ok(c)) => c,
@@ -294,6 +295,7 @@ pub async fn serve<S>(
     if let Some(max) = connect.max_packet_size {
         conn.client_max_packet = usize::try_from(max).unwrap_or(usize::MAX);
     }
+    conn.problem_information = connect.problem_information;
     let assigned = connect.client_id.is_empty();
     if assigned && connect.keep_session && connect.protocol == Protocol::V4 {
         // MQTT 3.1.1 §3.1.3.1: an empty client id needs a clean session.
@@ -465,6 +467,8 @@ struct Connection<S> {
     aliases: HashMap<u16, Arc<str>>,
     /// The largest packet the client accepts (MQTT 5 Maximum Packet Size).
     client_max_packet: usize,
+    /// MQTT 5 Request Problem Information: reason strings on SUBACK, PUBACK and PUBREC.
+    problem_information: bool,
 }
 
 /// A QoS 1 PUBLISH waiting for its PUBACK.
@@ -618,7 +622,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
     ) -> Result<(), Close> {
         if wait.is_none() && self.pending_acks.is_empty() {
             return self.queue(if refused {
-                ServerPacket::PubAckRefused(pkid)
+                ServerPacket::PubAckRefused {
+                    pkid,
+                    say_why: self.problem_information,
+                }
             } else {
                 ServerPacket::PubAck(pkid)
             });
@@ -650,7 +657,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             let (pkid, refused) = (front.pkid, front.refused);
             self.pending_acks.pop_front();
             self.queue(if refused {
-                ServerPacket::PubAckRefused(pkid)
+                ServerPacket::PubAckRefused {
+                    pkid,
+                    say_why: self.problem_information,
+                }
             } else {
                 ServerPacket::PubAck(pkid)
             })?;
@@ -709,7 +719,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                         match qos {
                             0 => {}
                             1 => self.ack_in_order(pkid, None, true)?,
-                            _ => self.queue(ServerPacket::PubRecRefused(pkid))?,
+                            _ => self.queue(ServerPacket::PubRecRefused {
+                                pkid,
+                                say_why: self.problem_information,
+                            })?,
                         }
                         continue;
                     }
@@ -798,7 +811,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                     self.queue(ServerPacket::SubAck {
                         pkid,
                         granted: &granted,
-                        reason: reason.as_deref(),
+                        // MQTT-3.1.2-29: no reason string if the client asked for none.
+                        reason: reason.as_deref().filter(|_| self.problem_information),
                     })?;
                 }
                 ClientPacket::Unsubscribe { pkid, filters } => {

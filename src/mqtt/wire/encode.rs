@@ -76,10 +76,10 @@ fn v4_packet(packet: ServerPacket<'_>) -> v4::Packet {
                 .collect(),
         )),
         ServerPacket::UnsubAck { pkid, .. } => v4::Packet::UnsubAck(v4::UnsubAck::new(pkid)),
-        ServerPacket::PubAck(pkid) | ServerPacket::PubAckRefused(pkid) => {
+        ServerPacket::PubAck(pkid) | ServerPacket::PubAckRefused { pkid, .. } => {
             v4::Packet::PubAck(v4::PubAck::new(pkid))
         }
-        ServerPacket::PubRec(pkid) | ServerPacket::PubRecRefused(pkid) => {
+        ServerPacket::PubRec(pkid) | ServerPacket::PubRecRefused { pkid, .. } => {
             v4::Packet::PubRec(v4::PubRec::new(pkid))
         }
         ServerPacket::PubComp(pkid) => v4::Packet::PubComp(v4::PubComp::new(pkid)),
@@ -157,10 +157,10 @@ fn v5_packet(packet: ServerPacket<'_>) -> v5::Packet {
             properties: None,
         }),
         ServerPacket::PubAck(pkid) => v5::Packet::PubAck(v5::PubAck::new(pkid, None)),
-        ServerPacket::PubAckRefused(pkid) => {
+        ServerPacket::PubAckRefused { pkid, say_why } => {
             let mut ack = v5::PubAck::new(
                 pkid,
-                Some(v5::PubAckProperties {
+                say_why.then(|| v5::PubAckProperties {
                     reason_string: Some(PUBLISH_REFUSED_REASON.to_string()),
                     user_properties: Vec::new(),
                 }),
@@ -169,10 +169,10 @@ fn v5_packet(packet: ServerPacket<'_>) -> v5::Packet {
             v5::Packet::PubAck(ack)
         }
         ServerPacket::PubRec(pkid) => v5::Packet::PubRec(v5::PubRec::new(pkid, None)),
-        ServerPacket::PubRecRefused(pkid) => {
+        ServerPacket::PubRecRefused { pkid, say_why } => {
             let mut rec = v5::PubRec::new(
                 pkid,
-                Some(v5::PubRecProperties {
+                say_why.then(|| v5::PubRecProperties {
                     reason_string: Some(PUBLISH_REFUSED_REASON.to_string()),
                     user_properties: Vec::new(),
                 }),

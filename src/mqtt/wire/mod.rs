@@ -586,11 +586,21 @@ pub enum ServerPacket<'a> {
     PubAck(u16),
     /// PUBACK for a PUBLISH the client was not authorized to make: MQTT 5 says so (reason
     /// 0x87); MQTT 3.1.1 has no way to, so it is a plain PUBACK (the message is dropped).
-    PubAckRefused(u16),
+    PubAckRefused {
+        /// Packet id.
+        pkid: u16,
+        /// Add the reason string (the client did not turn Request Problem Information off).
+        say_why: bool,
+    },
     /// PUBREC (first answer to a QoS 2 publish).
     PubRec(u16),
     /// PUBREC for a refused QoS 2 PUBLISH (reason 0x87 in MQTT 5).
-    PubRecRefused(u16),
+    PubRecRefused {
+        /// Packet id.
+        pkid: u16,
+        /// Add the reason string.
+        say_why: bool,
+    },
     /// PUBCOMP (answer to PUBREL).
     PubComp(u16),
     /// PUBREL (answer to the client's PUBREC for our QoS 2 PUBLISH).
