@@ -1,6 +1,6 @@
 //! More MQTT 5 scenarios run side by side against mosquitto (see `tests/broker_mqtt5.rs`):
 //! session and message expiry while a client is away, a QoS 2 PUBLISH repeated after a
-//! reconnect, and the reason codes of refusals under
+//! reconnect, a CONNECT asking for enhanced authentication, and the reason codes of refusals under
 //! an access policy (mosquitto with the ACL of docs/mosquitto.md, the embedded broker with its
 //! trust boundary). Grouped by section of the MQTT 5 specification; where the specification
 //! leaves a choice, the test says which one the embedded broker made.
@@ -246,4 +246,35 @@ async fn a_qos2_publish_repeated_after_a_reconnect_is_delivered_once() {
     let ours = qos2_repeat_scenario(b.embedded_port).await;
     assert_eq!(ours, qos2_repeat_scenario(b.mosquitto_port).await);
     assert_eq!(ours, ["once", "end"]);
+}
+
+// §4.12, MQTT-4.12.0-1: a server that does not support the client's authentication method
+// refuses the CONNECT (0x8C bad authentication method) and closes. Neither broker supports
+// enhanced authentication (mosquitto only with an auth plugin).
+async fn auth_method_scenario(port: u16) -> Option<rumqttc::v5::mqttbytes::v5::ConnectReturnCode> {
+    let mut o = options("scram", port);
+    o.set_connect_properties(rumqttc::v5::mqttbytes::v5::ConnectProperties {
+        authentication_method: Some("SCRAM-SHA-256".into()),
+        authentication_data: Some(bytes::Bytes::from_static(b"n,,n=user,r=nonce")),
+        ..rumqttc::v5::mqttbytes::v5::ConnectProperties::new()
+    });
+    let (_client, mut eventloop) = rumqttc::v5::AsyncClient::new(o, 8);
+    let outcome = tokio::time::timeout(common::WAIT, eventloop.poll())
+        .await
+        .expect("an answer to CONNECT");
+    match outcome {
+        Err(rumqttc::v5::ConnectionError::ConnectionRefused(code)) => Some(code),
+        _ => None,
+    }
+}
+
+#[tokio::test]
+async fn enhanced_authentication_is_refused_with_bad_authentication_method() {
+    let b = brokers().await;
+    let ours = auth_method_scenario(b.embedded_port).await;
+    assert_eq!(ours, auth_method_scenario(b.mosquitto_port).await);
+    assert_eq!(
+        ours,
+        Some(rumqttc::v5::mqttbytes::v5::ConnectReturnCode::BadAuthenticationMethod)
+    );
 }

@@ -309,6 +309,22 @@ pub async fn serve<S>(
         let _ = conn.flush().await;
         return;
     }
+    if connect.authentication_method.is_some() {
+        // MQTT 5 §4.12: a server without the client's authentication method refuses and
+        // closes (MQTT-4.12.0-1); enhanced authentication is not supported at all.
+        let _ = conn.queue(ServerPacket::ConnAck {
+            outcome: ConnectOutcome::BadAuthenticationMethod,
+            session_present: false,
+            features,
+            assigned_client_id: None,
+            reason: Some(
+                "enhanced authentication (AUTH) is not supported: connect with a user name and \
+                 password, a SAS token or a client certificate",
+            ),
+        });
+        let _ = conn.flush().await;
+        return;
+    }
     let client_id = if assigned {
         format!("fleetgw-auto-{number}")
     } else {

@@ -62,6 +62,7 @@ fn v4_packet(packet: ServerPacket<'_>) -> v4::Packet {
                 }
                 ConnectOutcome::BadClientId => v4::ConnectReturnCode::BadClientId,
                 ConnectOutcome::ServerUnavailable => v4::ConnectReturnCode::ServiceUnavailable,
+                ConnectOutcome::BadAuthenticationMethod => v4::ConnectReturnCode::NotAuthorized,
             },
             session_present && outcome == ConnectOutcome::Accepted,
         )),
@@ -121,6 +122,9 @@ fn v5_packet(packet: ServerPacket<'_>) -> v5::Packet {
                 ConnectOutcome::BadCredentials => v5::ConnectReturnCode::BadUserNamePassword,
                 ConnectOutcome::BadClientId => v5::ConnectReturnCode::ClientIdentifierNotValid,
                 ConnectOutcome::ServerUnavailable => v5::ConnectReturnCode::ServerUnavailable,
+                ConnectOutcome::BadAuthenticationMethod => {
+                    v5::ConnectReturnCode::BadAuthenticationMethod
+                }
             },
             properties: if outcome == ConnectOutcome::Accepted {
                 Some(v5_connack_properties(features, assigned_client_id))

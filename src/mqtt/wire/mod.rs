@@ -75,6 +75,8 @@ pub struct ConnectInfo {
     pub max_packet_size: Option<u32>,
     /// MQTT 5 Request Problem Information (default 1): reason strings may be sent.
     pub problem_information: bool,
+    /// MQTT 5 Authentication Method: the client asks for enhanced authentication (AUTH).
+    pub authentication_method: Option<String>,
 }
 
 /// One filter of a SUBSCRIBE, with the MQTT 5 options (3.1.1 uses the defaults).
@@ -221,6 +223,7 @@ pub fn read_connect(
                 receive_maximum: None,
                 max_packet_size: None,
                 problem_information: true,
+                authentication_method: None,
             }));
         }
         Ok(v4::Packet::Connect(_)) => {}
@@ -275,6 +278,7 @@ pub fn read_connect(
                 receive_maximum: props.and_then(|p| p.receive_maximum),
                 max_packet_size: props.and_then(|p| p.max_packet_size),
                 problem_information: props.and_then(|p| p.request_problem_info) != Some(0),
+                authentication_method: props.and_then(|p| p.authentication_method.clone()),
             }))
         }
         Ok(_) => Err(WireError::NotConnect),
@@ -490,6 +494,9 @@ pub enum ConnectOutcome {
     BadCredentials,
     /// Refused: the server is at its connection limit.
     ServerUnavailable,
+    /// Refused: the client asked for enhanced authentication, which is not supported
+    /// (MQTT 5 0x8C; 3.1.1 has no such request).
+    BadAuthenticationMethod,
 }
 
 /// What the server tells MQTT 5 clients in its CONNACK.
