@@ -3,7 +3,8 @@
 //! Trees (docs/architecture.md, "Store"): `devices` (id -> [`DeviceRecord`]), `secrets` (id -> opaque, possibly
 //! sealed key bytes), `tokens` (id -> [`OwnershipTokenRecord`]), `operations`,
 //! `enrollment_groups`, `device_groups` (string key -> a record type owned by the admin layer,
-//! see [`RecordTree`]), `broker_retained` and `broker_sessions` ([`broker_state`]), `outbox` (big-endian u64 sequence -> [`OutboxMessage`]) and `meta`
+//! see [`RecordTree`]), `broker_retained` and `broker_sessions` (the embedded broker's state,
+//! [`broker_state`]), `outbox` (big-endian u64 sequence -> [`OutboxMessage`]) and `meta`
 //! (schema version and small settings).
 //!
 //! Every mutating call returns only once the change is on disk. Durability uses group commit

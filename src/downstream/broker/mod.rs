@@ -27,10 +27,15 @@
 //!   subscriptions, topic aliases from clients, the client's Receive Maximum and Maximum
 //!   Packet Size, will delay, reason codes and strings (see the README for the whole list).
 //!
-//! Not provided: enhanced authentication, topic aliases towards clients, sessions that survive
-//! a daemon restart. Dropping the [`EmbeddedBroker`] closes its listeners and every connection.
+//! - With a store ([`EmbeddedBrokerOptions::store`]), retained messages and kept sessions
+//!   survive a restart ([`persist`]).
+//!
+//! Not provided: enhanced authentication (a CONNECT asking for it is refused with 0x8C), topic
+//! aliases towards clients (docs/src/broker.md says why). Dropping the [`EmbeddedBroker`]
+//! closes its listeners and every connection; [`EmbeddedBroker::shutdown`] saves first.
 
 mod ack;
+mod admit;
 mod connection;
 pub mod local;
 pub mod persist;
@@ -53,7 +58,7 @@ use tokio_rustls::TlsAcceptor;
 
 use crate::identity::{self, IdentityError, PrivateKey, Secret};
 use crate::store::Store;
-use connection::ConnectionConfig;
+use admit::ConnectionConfig;
 pub use local::{LocalClient, LocalDelivery};
 use persist::Persistence;
 pub use router::{ConnectionFacts, Refusals};

@@ -12,9 +12,10 @@
 //! for the client to come back (`queue`, at most `max_queued_bytes`; beyond it the oldest are
 //! dropped and counted). A session of a client that asked to keep it (3.1.1 clean session 0,
 //! MQTT 5 session expiry > 0) outlives its connection: queued QoS 1 messages wait for the
-//! client, unacknowledged ones are sent again with DUP set. Sessions live in memory: a
-//! restart of the daemon ends them (the gateway's own session then re-subscribes, and devices
-//! re-send unacknowledged messages, as MQTT clients do).
+//! client, unacknowledged ones are sent again with DUP set. Sessions live in memory; with a
+//! store, kept sessions and retained messages are also saved and restored across a restart
+//! (`persist.rs`; the gateway's own session is not: it re-subscribes, and devices re-send
+//! what it had not acknowledged, as MQTT clients do).
 //!
 //! End-to-end acknowledgement: with an acknowledging client configured (the gateway's own
 //! session), a QoS 1 PUBLISH that client receives at QoS 1 is acknowledged to its publisher
