@@ -52,6 +52,9 @@ pub struct Persistence {
     store: Store,
     dirty: Mutex<Dirty>,
     wake: Notify,
+    /// One save at a time: the final save at shutdown may start while the write-behind's last
+    /// one is still writing, and an older snapshot must never land after a newer one.
+    saving: Mutex<()>,
 }
 
 impl std::fmt::Debug for Persistence {
@@ -92,6 +95,7 @@ impl Persistence {
             store,
             dirty: Mutex::new(Dirty::default()),
             wake: Notify::new(),
+            saving: Mutex::new(()),
         })
     }
 
@@ -121,6 +125,7 @@ impl Persistence {
     /// Saves what is marked now (blocking: sled and serde); returns what it wrote. Errors are
     /// logged: the broker goes on in memory, and the next change of the same item tries again.
     fn save(&self, router: &Router) -> Saved {
+        let _one_at_a_time = self.saving.lock().unwrap_or_else(|p| p.into_inner());
         let mut saved = Saved::default();
         let dirty = std::mem::take(&mut *self.dirty());
         let mut failed = 0usize;
