@@ -14,7 +14,9 @@ use common::mqtt_client::{ClientEvent, TestClient};
 use common::raw_mqtt::{packet_id_of, packet_id_of_ack, payload_of, subscribe, Raw};
 use common::wait::eventually;
 use common::WAIT;
-use fleetgw::downstream::{EmbeddedBroker, EmbeddedBrokerOptions};
+use fleetgw::downstream::{
+    AccessRules, EmbeddedBroker, EmbeddedBrokerOptions, LocalUser, UserRights,
+};
 use fleetgw::store::broker_state::{
     KeptSessionRecord, RetainedRecord, StoredDelivery, StoredMessage, StoredOwner,
     StoredSubscription, BROKER_RECORD_VERSION,
@@ -447,4 +449,67 @@ async fn a_hostile_client_cannot_grow_the_persisted_state_past_the_limits() {
     for rec in store.broker_sessions() {
         assert!(rec.unwrap().subscriptions.len() <= 2);
     }
+}
+
+fn app_user(name: &str, password: &str) -> LocalUser {
+    LocalUser {
+        rights: std::sync::Arc::new(UserRights {
+            name: name.into(),
+            publish: vec!["plant/#".into()],
+            subscribe: vec!["plant/#".into()],
+        }),
+        password_hash: fleetgw::identity::hash_password(password.as_bytes()).unwrap(),
+    }
+}
+
+/// Restored sessions keep their owner and their rights: a device reusing the client id of a
+/// local application's restored session gets a session of its own (none of the application's
+/// queued messages), and a user removed from the config before the restart loses its session.
+#[tokio::test]
+async fn a_restored_session_cannot_be_taken_over_and_follows_todays_users() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open_store(dir.path());
+    let rules = |users: Vec<LocalUser>| {
+        move |o: &mut EmbeddedBrokerOptions| {
+            let mut r = AccessRules::new("fleetgw");
+            r.users = users;
+            o.rules = Some(r);
+        }
+    };
+    let broker = start(
+        &store,
+        rules(vec![app_user("app", "s1"), app_user("old", "s2")]),
+    )
+    .await;
+    for (id, name, password) in [("sensor-z", "app", "s1"), ("old-app", "old", "s2")] {
+        let mut o = opts(id, &broker, false);
+        o.set_credentials(name, password);
+        let mut c = TestClient::connect_ok(o).await;
+        c.subscribe("plant/#", QoS::AtLeastOnce).await;
+        c.client.disconnect().await.unwrap();
+    }
+    kept(&broker, 2).await;
+    let mut p = opts("publisher", &broker, true);
+    p.set_credentials("app", "s1");
+    let mut p = TestClient::connect_ok(p).await;
+    p.publish("plant/secret", QoS::AtLeastOnce, false, b"for the app only")
+        .await;
+    broker.shutdown().await;
+
+    // "old" is no longer a user: its session is not restored and leaves the store.
+    let broker = start(&store, rules(vec![app_user("app", "s1")])).await;
+    assert_eq!(broker.kept_sessions(), 1);
+    let (_, _, sessions, _) = store.broker_state_size().unwrap();
+    assert_eq!(sessions, 1);
+    // A device with the application's client id: a new session, nothing of the app's.
+    let mut device = TestClient::connect_ok(opts("sensor-z", &broker, false)).await;
+    let got = device
+        .next_matching_within(Duration::from_millis(300), |e| {
+            matches!(e, ClientEvent::Publish(_))
+        })
+        .await;
+    assert!(
+        got.is_none(),
+        "the device got the application's message: {got:?}"
+    );
 }
