@@ -10,6 +10,7 @@ pub mod backoff;
 pub mod cli;
 pub mod clock;
 pub mod cloud;
+pub mod codes;
 pub mod config;
 pub mod device_id;
 pub mod downstream;

@@ -139,6 +139,7 @@ async fn provision_round_trip(
         private_key: Some("-----BEGIN PRIVATE KEY-----".into()),
         thing_name: "sensor-1".into(),
         device_configuration: Default::default(),
+        assigned_hub: None,
     };
     let status = StatusReport::new(DeviceStatus::Provisioned, 1_763_887_000_000);
     let session = gw.session();
@@ -735,6 +736,7 @@ async fn mosquitto_acl_isolates_devices() {
         private_key: Some("PRIVATE-KEY-OF-A".into()),
         thing_name: "a".into(),
         device_configuration: Default::default(),
+        assigned_hub: None,
     };
     let encoded_for_a = contract::encode(PayloadFormat::Json, &for_a);
     session

@@ -282,6 +282,7 @@ fn answer(
         private_key,
         thing_name: format!("thing-{id}"),
         device_configuration: BTreeMap::new(),
+        assigned_hub: None,
     })
 }
 

@@ -132,6 +132,7 @@ fn accepted_for(device: &str) -> Vec<u8> {
         private_key: Some(format!("-----BEGIN PRIVATE KEY-----\nsecret of {device}")),
         thing_name: device.into(),
         device_configuration: Default::default(),
+        assigned_hub: None,
     };
     contract::encode(PayloadFormat::Json, &answer)
 }

@@ -204,6 +204,43 @@ fn demo_provisions_every_device_and_writes_the_summary() {
     assert_eq!(left, vec![std::ffi::OsString::from("demo.json")]);
 }
 
+/// `fleetgw demo --provider azure`: DPS with the symmetric-key group, telemetry to IoT Hub.
+/// Every device (own CSR or not) is registered once and sends telemetry under SAS tokens.
+#[test]
+fn demo_with_azure_registers_every_device_in_dps_and_delivers_all_telemetry() {
+    let tmp = tempfile::tempdir().unwrap();
+    let summary = tmp.path().join("demo.json");
+    let out = fleetgw()
+        .args([
+            "demo",
+            "--provider",
+            "azure",
+            "--devices",
+            "30",
+            "--messages",
+            "10",
+            "--json",
+            summary.to_str().unwrap(),
+        ])
+        .env("TMPDIR", tmp.path())
+        .output()
+        .unwrap();
+    assert_success(&out, "fleetgw demo --provider azure");
+    let json = read_json(&summary);
+    assert_eq!(json["provisioned"], 30, "{json}");
+    assert_eq!(json["failed"], 0, "{json}");
+    assert_eq!(
+        json["things"], 30,
+        "one DPS registration per device: {json}"
+    );
+    assert_eq!(json["telemetryDevices"], 30, "{json}");
+    assert_eq!(json["messages"], 30 * 10, "{json}");
+    assert_eq!(json["lost"], 0, "{json}");
+    assert_eq!(json["duplicates"], 0, "{json}");
+    let table = String::from_utf8(out.stdout).unwrap();
+    assert!(table.contains("DPS registrations"), "{table}");
+}
+
 /// The telemetry phase end to end: every device whose key the gateway made publishes 40
 /// numbered messages after provisioning; `--emulator-api` makes simulate check the cloud side
 /// itself, and the test checks it again from the emulator's message log.

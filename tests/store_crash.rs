@@ -105,6 +105,7 @@ fn crash_child() {
                                 payload: payload_of(w, i),
                                 qos: 1,
                                 enqueued_at_ms: u64::from(i),
+                                properties: Vec::new(),
                             };
                             store.outbox_append(&[msg]).await.unwrap();
                             "outbox"

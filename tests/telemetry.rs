@@ -29,9 +29,9 @@ use common::wait::{eventually, eventually_async, Lazy};
 use common::{env_or, now_ms};
 
 use fleetgw::cloud::aws::claim::ClaimOptions;
-use fleetgw::cloud::aws::{AwsProvider, AwsProviderOptions};
+use fleetgw::cloud::aws::{telemetry_profile, AwsProvider, AwsProviderOptions};
 use fleetgw::cloud::codec::PayloadFormat;
-use fleetgw::cloud::Provider;
+use fleetgw::cloud::{Provider, RegisterInput, RegisterOutcome};
 use fleetgw::config::{TelemetryIdentity, WhenFull};
 use fleetgw::device_id::DeviceId;
 use fleetgw::downstream::{
@@ -101,6 +101,12 @@ fn claim_provider(emu: &AwsEmulatorHandle) -> AwsProvider {
         },
         tps: 1000.0,
         token_ttl: Duration::from_secs(3000),
+        upstream: UpstreamEndpoint {
+            host: "127.0.0.1".into(),
+            port: emu.mqtt_addr().port(),
+            ca_pem: emu.ca_pem().to_string(),
+        },
+        telemetry: telemetry_profile(&Default::default()).unwrap(),
     })
 }
 
@@ -113,19 +119,30 @@ async fn provision(store: &Store, provider: &AwsProvider, id: &str) -> String {
     let csr = identity::create_csr(id, &key).unwrap();
     let issued = provider.create_certificate(&device, &csr).await.unwrap();
     let params = BTreeMap::from([("SerialNumber".to_string(), id.to_string())]);
-    let reg = provider.register(&device, &issued, &params).await.unwrap();
+    let outcome = provider
+        .register(RegisterInput {
+            device: &device,
+            certificate: Some(&issued),
+            key_pem: None,
+            parameters: &params,
+        })
+        .await
+        .unwrap();
+    let RegisterOutcome::Done(reg) = outcome else {
+        panic!("AWS registers at once, got {outcome:?}")
+    };
     let mut rec = DeviceRecord::new(device.clone(), "json", now_ms());
     rec.state = DeviceState::Delivered;
     rec.provision.gateway_key = true;
     rec.provision.certificate_id = Some(issued.certificate_id.clone());
     rec.provision.certificate_pem = Some(issued.certificate_pem.clone());
-    rec.provision.thing_name = Some(reg.thing_name.clone());
+    rec.provision.thing_name = Some(reg.cloud_id.clone());
     store.put_device(&rec).await.unwrap();
     store
         .put_secret(&device, key.to_pkcs8_pem().expose())
         .await
         .unwrap();
-    reg.thing_name
+    reg.cloud_id
 }
 
 const WATCHER: &str = "watcher";

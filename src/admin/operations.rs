@@ -105,7 +105,7 @@ pub async fn reprovision(
         .ok_or_else(|| ApiError::not_found("device", id.as_str()))?;
     if !matches!(
         current.state,
-        DeviceState::Delivered | DeviceState::ThingRegistered { .. } | DeviceState::Failed { .. }
+        DeviceState::Delivered | DeviceState::Registered { .. } | DeviceState::Failed { .. }
     ) {
         return Err(ApiError::conflict(
             "NotProvisioned",
@@ -225,7 +225,7 @@ fn outcome(state: &AdminState, op: &Operation) -> Option<Result<Option<String>, 
         }
     };
     match &rec.state {
-        DeviceState::ThingRegistered { .. } | DeviceState::Delivered
+        DeviceState::Registered { .. } | DeviceState::Delivered
             if rec.provision.certificate_id.is_some()
                 && rec.provision.certificate_id != op.previous_certificate_id =>
         {

@@ -30,9 +30,12 @@ pub struct DeviceView {
     pub approved: bool,
     /// Provisioned (the result was delivered).
     pub provisioned: bool,
-    /// Thing name once registered.
+    /// The cloud's name for the device once registered (AWS thing name, IoT Hub device id).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub thing_name: Option<String>,
+    /// The IoT Hub DPS assigned the device to (Azure).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub assigned_hub: Option<String>,
     /// Cloud certificate id once issued.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub certificate_id: Option<String>,
@@ -105,7 +108,8 @@ pub fn is_approved(state: &DeviceState) -> bool {
         DeviceState::Approved
             | DeviceState::KeyReady { .. }
             | DeviceState::CertificateIssued { .. }
-            | DeviceState::ThingRegistered { .. }
+            | DeviceState::Registering { .. }
+            | DeviceState::Registered { .. }
             | DeviceState::Delivered
             | DeviceState::Failed { .. }
     )
@@ -124,6 +128,7 @@ impl DeviceView {
             approved: is_approved(&rec.state),
             provisioned: status == DeviceStatus::Provisioned,
             thing_name: rec.provision.thing_name.clone(),
+            assigned_hub: rec.provision.endpoint.clone(),
             certificate_id: rec.provision.certificate_id.clone(),
             last_error: rec.last_error.as_ref().map(|e| LastError {
                 status_code: e.status_code,

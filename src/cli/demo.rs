@@ -1,9 +1,11 @@
 //! `fleetgw demo`: the whole product in one command, with nothing installed and no cloud
-//! account. In one process and a fresh temporary directory it starts the AWS IoT emulator
-//! (`emulator::aws`), the gateway daemon configured against it (embedded broker, provisioning
-//! engine, store), and the simulated device fleet (`sim`); shows a progress bar
+//! account. In one process and a fresh temporary directory it starts a cloud emulator (AWS IoT,
+//! `emulator::aws`, by default; Azure DPS and IoT Hub, `emulator::azure`, with
+//! `--provider azure`), the gateway daemon configured against it (embedded broker,
+//! provisioning engine, store), and the simulated device fleet (`sim`); shows a progress bar
 //! while the devices provision, then a summary table: devices, provisioned, failed, wall time,
-//! devices/s, p50/p99 per-device latency and the things the emulator registered.
+//! devices/s, p50/p99 per-device latency and the devices the emulator registered (things, or
+//! DPS registrations).
 //!
 //! Then the telemetry phase (on by default, `--messages 0` turns it off): every provisioned
 //! device whose key the gateway made publishes `--messages` sequence-numbered QoS 1 messages
@@ -28,8 +30,9 @@ use comfy_table::Table;
 
 use crate::config;
 use crate::emulator::aws::{self as aws_emulator, AwsEmulatorHandle, AwsEmulatorOptions};
+use crate::emulator::azure::{self as azure_emulator, AzureEmulatorHandle, AzureEmulatorOptions};
 use crate::sim::arrival::{self, TelemetryCheck};
-use crate::sim::{self, FleetOptions, FleetReport, SimError};
+use crate::sim::{self, FleetOptions, FleetReport, SimCloud, SimError};
 
 use super::run::Gateway;
 use super::simulate::{
@@ -58,6 +61,11 @@ pub struct Args {
     /// Number of simulated devices.
     #[arg(long, value_name = "N", default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..))]
     pub devices: u32,
+
+    /// The cloud to provision into: the AWS IoT emulator (fleet provisioning by claim) or the
+    /// Azure one (DPS with a symmetric-key enrollment group, telemetry to IoT Hub).
+    #[arg(long, value_enum, value_name = "CLOUD", default_value = "aws")]
+    pub provider: SimCloud,
 
     /// Write the summary as JSON to FILE.
     #[arg(long, value_name = "FILE")]
@@ -88,7 +96,7 @@ enum DemoError {
         #[source]
         source: std::io::Error,
     },
-    #[error("AWS IoT emulator: {0}")]
+    #[error("cloud emulator: {0}")]
     Emulator(#[from] crate::emulator::EmulatorError),
     #[error("gateway config: {0}")]
     Config(#[from] config::ConfigError),
@@ -141,14 +149,87 @@ pub fn run(args: Args) -> ExitCode {
     }
 }
 
-/// The whole demo; `Ok(true)` when every device was provisioned and the emulator has one thing
-/// per device.
+/// The emulator the demo runs against.
+enum Cloud {
+    Aws(AwsEmulatorHandle),
+    Azure(Box<AzureEmulatorHandle>),
+}
+
+impl Cloud {
+    async fn start(provider: SimCloud, dir: &Path) -> Result<Self, DemoError> {
+        let dir = dir.join("cloud");
+        Ok(match provider {
+            SimCloud::Aws => {
+                Cloud::Aws(aws_emulator::start(AwsEmulatorOptions::ephemeral(dir)).await?)
+            }
+            SimCloud::Azure => {
+                let mut opts = AzureEmulatorOptions::ephemeral(dir);
+                // A short assigning phase: every registration is polled at least once.
+                opts.assigning = Duration::from_millis(200);
+                Cloud::Azure(Box::new(azure_emulator::start(opts).await?))
+            }
+        })
+    }
+
+    fn config_path(&self) -> PathBuf {
+        match self {
+            Cloud::Aws(e) => e.gateway_config_path(),
+            Cloud::Azure(e) => e.gateway_config_path(),
+        }
+    }
+
+    fn api_url(&self) -> String {
+        match self {
+            Cloud::Aws(e) => e.api_url(),
+            Cloud::Azure(e) => e.api_url(),
+        }
+    }
+
+    /// What registered devices are called in the table, and where the emulator lists them.
+    fn registered(&self) -> (&'static str, &'static str) {
+        match self {
+            Cloud::Aws(_) => ("things in the emulator", "/things"),
+            Cloud::Azure(_) => ("DPS registrations", "/registrations"),
+        }
+    }
+
+    /// The config the demo adds to the emulator's `gateway.toml`.
+    fn dropin(&self) -> &'static str {
+        match self {
+            Cloud::Aws(_) => {
+                "# Written by `fleetgw demo`: the device broker on a free port, and cloud limits\n\
+                # that let a local run go as fast as the machine allows: no TPS cap, and 16\n\
+                # claim sessions, since each carries one request at a time and the emulator's\n\
+                # round trip, not a quota, would otherwise set the pace.\n\n\
+                [downstream]\nlisten = \"127.0.0.1:0\"\n\n\
+                [cloud.aws]\ntps = 100000\nsessions = 16\n\n\
+                # Each device's telemetry goes upstream under its own certificate.\n\
+                [telemetry]\nidentity = \"device\"\n"
+            }
+            Cloud::Azure(_) => {
+                "# Written by `fleetgw demo --provider azure`: the device broker on a free\n\
+                # port, and DPS limits that let a local run go as fast as the machine allows.\n\n\
+                [downstream]\nlisten = \"127.0.0.1:0\"\n\n\
+                [cloud.azure]\ntps = 100000\nregistrations = 64\n"
+            }
+        }
+    }
+
+    async fn shutdown(self) {
+        match self {
+            Cloud::Aws(e) => e.shutdown().await,
+            Cloud::Azure(e) => e.shutdown().await,
+        }
+    }
+}
+
+/// The whole demo; `Ok(true)` when every device was provisioned and the emulator has one
+/// registration per device.
 async fn demo(args: &Args) -> Result<bool, DemoError> {
     let workdir = WorkDir::create(args.keep)?;
-    let emulator =
-        aws_emulator::start(AwsEmulatorOptions::ephemeral(workdir.path().join("cloud"))).await?;
-    let config_path = emulator.gateway_config_path();
-    write_demo_dropin(&config_path)?;
+    let emulator = Cloud::start(args.provider, workdir.path()).await?;
+    let config_path = emulator.config_path();
+    write_demo_dropin(&config_path, emulator.dropin())?;
     let config = config::load(&config_path, &[])?;
     let gateway = Gateway::start(&config).await?;
     let broker = gateway.broker_addr().ok_or(DemoError::NoEmbeddedBroker)?;
@@ -157,9 +238,17 @@ async fn demo(args: &Args) -> Result<bool, DemoError> {
     opts.run = "demo".to_string();
     opts.cbor_share = CBOR_SHARE;
     opts.own_csr_share = OWN_CSR_SHARE;
-    opts.cloud_ca_pem = Some(emulator.ca_pem().to_string());
+    opts.cloud = args.provider;
+    if let Cloud::Aws(aws) = &emulator {
+        opts.cloud_ca_pem = Some(aws.ca_pem().to_string());
+    }
     opts.timeout = DEVICE_TIMEOUT;
     opts.telemetry = args.telemetry.plan(DEFAULT_MESSAGES);
+    if let (Cloud::Azure(_), Some(t)) = (&emulator, &mut opts.telemetry) {
+        // Symmetric-key devices connect upstream with SAS tokens: the gateway needs no key of
+        // theirs, so the devices that brought a CSR send telemetry too.
+        t.own_csr_devices = true;
+    }
     let progress = FleetProgress::new(&opts);
     let report = tokio::select! {
         report = sim::run_fleet(opts, |event| progress.on_event(&event)) => report?,
@@ -170,7 +259,8 @@ async fn demo(args: &Args) -> Result<bool, DemoError> {
     };
     progress.finish();
 
-    let things = thing_count(&emulator.api_url()).await?;
+    let (label, path) = emulator.registered();
+    let things = registered_count(&emulator.api_url(), path).await?;
     let check = match &report.telemetry {
         Some(t) => {
             let within = Duration::from_secs(args.telemetry.drain_secs);
@@ -178,7 +268,7 @@ async fn demo(args: &Args) -> Result<bool, DemoError> {
         }
         None => None,
     };
-    println!("{}", demo_table(&report, things, check.as_ref()));
+    println!("{}", demo_table(&report, label, things, check.as_ref()));
     print_failures(&report);
     let telemetry_ok = report
         .telemetry
@@ -190,7 +280,7 @@ async fn demo(args: &Args) -> Result<bool, DemoError> {
     let ok = report.all_provisioned() && things == u64::from(report.devices) && telemetry_ok;
     if report.all_provisioned() && things != u64::from(report.devices) {
         eprintln!(
-            "fleetgw demo: the emulator has {things} things for {} devices",
+            "fleetgw demo: the emulator has {things} {label} for {} devices",
             report.devices
         );
     }
@@ -210,10 +300,9 @@ async fn demo(args: &Args) -> Result<bool, DemoError> {
     Ok(ok)
 }
 
-/// The config drop-in that turns the emulator-written `gateway.toml` into the demo's gateway:
-/// a free port for the device broker, cloud limits that do not cap a local run (no TPS cap, 16
-/// claim sessions), and telemetry forwarded under each device's own identity.
-fn write_demo_dropin(config_path: &Path) -> Result<(), DemoError> {
+/// The config drop-in (`text`) that turns the emulator-written `gateway.toml` into the demo's
+/// gateway.
+fn write_demo_dropin(config_path: &Path, text: &str) -> Result<(), DemoError> {
     let dir = config_path
         .parent()
         .unwrap_or_else(|| Path::new("."))
@@ -223,19 +312,16 @@ fn write_demo_dropin(config_path: &Path) -> Result<(), DemoError> {
         source,
     })?;
     let path = dir.join("50-demo.toml");
-    let text = "# Written by `fleetgw demo`: the device broker on a free port, and cloud limits\n\
-                # that let a local run go as fast as the machine allows: no TPS cap, and 16\n\
-                # claim sessions, since each carries one request at a time and the emulator's\n\
-                # round trip, not a quota, would otherwise set the pace.\n\n\
-                [downstream]\nlisten = \"127.0.0.1:0\"\n\n\
-                [cloud.aws]\ntps = 100000\nsessions = 16\n\n\
-                # Each device's telemetry goes upstream under its own certificate.\n\
-                [telemetry]\nidentity = \"device\"\n";
     std::fs::write(&path, text).map_err(|source| DemoError::Write { path, source })
 }
 
-fn demo_table(report: &FleetReport, things: u64, check: Option<&TelemetryCheck>) -> Table {
-    let mut rows = vec![("things in the emulator", things.to_string())];
+fn demo_table(
+    report: &FleetReport,
+    label: &'static str,
+    things: u64,
+    check: Option<&TelemetryCheck>,
+) -> Table {
+    let mut rows = vec![(label, things.to_string())];
     if let Some(t) = &report.telemetry {
         rows.extend(telemetry_rows(t, check));
     }
@@ -269,30 +355,44 @@ fn demo_json(
 
 fn print_keep_instructions(
     workdir: &WorkDir,
-    emulator: &AwsEmulatorHandle,
+    emulator: &Cloud,
     config_path: &Path,
     broker: std::net::SocketAddr,
 ) {
     let api = emulator.api_url();
     println!();
     println!("Everything keeps running until Ctrl-C. Try:");
-    println!("  curl {api}/things            # things the emulator registered");
-    println!("  curl {api}/certificates      # certificates and their status");
-    println!("  curl {api}/stats             # request, connection and message counters");
-    println!("  curl '{api}/messages?limit=5' # telemetry the devices sent (base64 payloads)");
-    println!(
-        "  fleetgw simulate --broker {broker} --devices 10 --ca {}",
-        emulator.ca_path().display()
-    );
+    match emulator {
+        Cloud::Aws(aws) => {
+            println!("  curl {api}/things            # things the emulator registered");
+            println!("  curl {api}/certificates      # certificates and their status");
+            println!("  curl {api}/stats             # request, connection and message counters");
+            println!(
+                "  curl '{api}/messages?limit=5' # telemetry the devices sent (base64 payloads)"
+            );
+            println!(
+                "  fleetgw simulate --broker {broker} --devices 10 --ca {}",
+                aws.ca_path().display()
+            );
+        }
+        Cloud::Azure(_) => {
+            println!("  curl {api}/registrations     # DPS registrations and their hubs");
+            println!("  curl {api}/stats             # request, connection and message counters");
+            println!(
+                "  curl '{api}/messages?limit=5' # telemetry the devices sent (base64 payloads)"
+            );
+            println!("  fleetgw simulate --broker {broker} --devices 10 --cloud azure");
+        }
+    }
     println!("gateway config: {} (+ config.d/)", config_path.display());
     println!("device broker:  mqtt://{broker}");
     println!("emulator API:   {api}");
     println!("files:          {} (kept)", workdir.path().display());
 }
 
-/// Number of things in the emulator: the length of `GET /things`.
-async fn thing_count(api_url: &str) -> Result<u64, DemoError> {
-    let url = format!("{api_url}/things");
+/// Number of devices the emulator registered: the length of `GET {path}`.
+async fn registered_count(api_url: &str, path: &str) -> Result<u64, DemoError> {
+    let url = format!("{api_url}{path}");
     let body = tokio::time::timeout(API_TIMEOUT, arrival::http_get(&url))
         .await
         .map_err(|_| DemoError::Api {
@@ -303,12 +403,12 @@ async fn thing_count(api_url: &str) -> Result<u64, DemoError> {
             url: url.clone(),
             reason,
         })?;
-    let things: Vec<serde_json::Value> =
+    let listed: Vec<serde_json::Value> =
         serde_json::from_slice(&body).map_err(|e| DemoError::Api {
             url,
             reason: format!("not a JSON array: {e}"),
         })?;
-    Ok(things.len() as u64)
+    Ok(listed.len() as u64)
 }
 
 /// The demo's private directory under the system temp dir (mode 0700), removed when dropped

@@ -5,6 +5,7 @@
 
 mod admin_client;
 mod check_config;
+mod cloud;
 mod csr;
 mod demo;
 mod devices;

@@ -50,7 +50,7 @@ impl Running {
         for key in &changed {
             match key.as_str() {
                 "log.level" => self.apply_log_level(&new),
-                "cloud.aws.tps" => {
+                "cloud.aws.tps" if new.cloud.provider == config::CloudProvider::Aws => {
                     gateway
                         .provider()
                         .set_tps(f64::from(new.cloud.aws.tps.max(1)))
@@ -61,6 +61,18 @@ impl Running {
                         "reload: cloud.aws.tps applied"
                     );
                     self.cfg.cloud.aws.tps = new.cloud.aws.tps;
+                }
+                "cloud.azure.tps" if new.cloud.provider == config::CloudProvider::Azure => {
+                    gateway
+                        .provider()
+                        .set_tps(f64::from(new.cloud.azure.tps.max(1)))
+                        .await;
+                    tracing::info!(
+                        from = self.cfg.cloud.azure.tps,
+                        to = new.cloud.azure.tps,
+                        "reload: cloud.azure.tps applied"
+                    );
+                    self.cfg.cloud.azure.tps = new.cloud.azure.tps;
                 }
                 "downstream.device_rate_per_minute" => {
                     let rate = new.downstream.device_rate_per_minute;

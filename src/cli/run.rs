@@ -13,9 +13,8 @@ use std::time::Duration;
 
 use crate::admin::{AdminOptions, AdminParts, AdminServer};
 use crate::admission::{self, Admission, AdmissionOptions, EnrollmentSet, SharedAdmission};
-use crate::cloud::aws::claim::ClaimOptions;
-use crate::cloud::aws::{AwsProvider, AwsProviderOptions, OWNERSHIP_TOKEN_TTL};
-use crate::config::{self, BrokerMode, CloudProvider, Config, DownstreamAuth, TelemetryIdentity};
+use crate::cloud::Provider;
+use crate::config::{self, BrokerMode, Config, DownstreamAuth};
 use crate::downstream::device_auth::{DeviceConnectCheck, Proof};
 use crate::downstream::{
     dispatch_inbound, gateway_client_id, AccessRules, BrokerOptions, Downstream, DownstreamOptions,
@@ -27,10 +26,9 @@ use crate::provision::{
     Engine, EngineOptions, EngineParts, EngineStats, KeyDelivery, RequestPolicy,
 };
 use crate::store::{Store, StoreOptions};
-use crate::telemetry::{
-    self, GatewayCredentials, Telemetry, TelemetryOptions, TelemetryStats, UpstreamEndpoint,
-};
+use crate::telemetry::{self, GatewayCredentials, Telemetry, TelemetryStats};
 
+use super::cloud::{telemetry_options, ProviderPlan};
 use super::service::{self, Signals};
 use super::{logging, ConfigArgs, LogFormat, EX_CONFIG, EX_IOERR, EX_SOFTWARE};
 use crate::systemd::Notifier;
@@ -180,7 +178,7 @@ async fn daemon(cfg: Config, args: &ConfigArgs, notifier: &Notifier) -> Result<(
 pub struct Gateway {
     store: Store,
     downstream: Downstream,
-    provider: Arc<AwsProvider>,
+    provider: Arc<dyn Provider>,
     engine: Arc<Engine>,
     telemetry: Telemetry,
     admin: AdminServer,
@@ -188,19 +186,12 @@ pub struct Gateway {
     /// The enrollment groups every admission decision consults (config plus the admin API's
     /// stored groups); a reload builds the new rules over the same set.
     enrollments: EnrollmentSet,
-    claim_sessions: usize,
 }
 
 impl Gateway {
     /// Opens the store, starts downstream (the embedded broker listens and the session is
     /// subscribed when this returns), the cloud provider, the engine and telemetry.
     pub async fn start(cfg: &Config) -> Result<Self, RunError> {
-        if cfg.cloud.provider != CloudProvider::Aws {
-            return Err(RunError::Config {
-                key: "cloud.provider",
-                reason: "only \"aws\" is supported by this build".into(),
-            });
-        }
         // One set of enrollment-group credentials for every admission check, replaced by the
         // admin API when groups change; the rules themselves are swapped whole on reload.
         let enrollments = EnrollmentSet::default();
@@ -214,8 +205,8 @@ impl Gateway {
             _ => None,
         };
         let sealer = sealer(cfg)?;
-        let aws = aws_options(cfg)?;
-        let telemetry_opts = telemetry_options(cfg)?;
+        let plan = ProviderPlan::from_config(cfg)?;
+        let telemetry_opts = telemetry_options(cfg, plan.profile())?;
 
         let store = Store::open(
             &cfg.gateway.state_dir,
@@ -248,7 +239,7 @@ impl Gateway {
             telemetry: telemetry_rx,
         } = dispatch_inbound(downstream.session().clone(), inbound, 1024);
 
-        let provider = Arc::new(AwsProvider::start(aws));
+        let provider = plan.start();
         let engine = Engine::start(
             EngineParts {
                 store: store.clone(),
@@ -274,6 +265,8 @@ impl Gateway {
             requests,
         );
         let engine = Arc::new(engine);
+        let mut telemetry_opts = telemetry_opts;
+        telemetry_opts.upstreams = provider.clone();
         let telemetry = Telemetry::start(
             telemetry_opts,
             store.clone(),
@@ -301,8 +294,7 @@ impl Gateway {
                 enrollments: Some(enrollments.clone()),
                 cloud_sessions: Some({
                     let provider = provider.clone();
-                    let configured = cfg.cloud.aws.sessions.max(1) as usize;
-                    Arc::new(move || (provider.connected_sessions(), configured))
+                    Arc::new(move || provider.sessions())
                 }),
             },
         )
@@ -316,7 +308,6 @@ impl Gateway {
             admin,
             admission,
             enrollments,
-            claim_sessions: cfg.cloud.aws.sessions.max(1) as usize,
         })
     }
 
@@ -337,8 +328,8 @@ impl Gateway {
     }
 
     /// The cloud provider (its rate can change on reload).
-    pub fn provider(&self) -> &AwsProvider {
-        &self.provider
+    pub fn provider(&self) -> &dyn Provider {
+        self.provider.as_ref()
     }
 
     /// The provisioning engine.
@@ -378,7 +369,7 @@ impl Gateway {
         service::status_text(
             counts,
             telemetry.outbox_messages,
-            (self.provider.connected_sessions(), self.claim_sessions),
+            self.provider.sessions(),
             telemetry.open_connections,
         )
     }
@@ -420,7 +411,7 @@ impl Gateway {
 /// `meta` key the watchdog's health check writes and reads back.
 const HEALTH_KEY: &str = "health_check";
 
-fn read_text(path: &Path) -> Result<String, RunError> {
+pub(super) fn read_text(path: &Path) -> Result<String, RunError> {
     std::fs::read_to_string(path).map_err(|source| RunError::Read {
         path: path.to_path_buf(),
         source,
@@ -478,50 +469,10 @@ fn sealer(cfg: &Config) -> Result<Option<Sealer>, RunError> {
     Ok(sealer)
 }
 
-/// `host:port` (port 8883 when absent; IPv6 in brackets).
-fn split_endpoint(endpoint: &str) -> Result<(String, u16), RunError> {
-    let bad = |reason: &str| RunError::Config {
-        key: "cloud.aws.endpoint",
-        reason: format!("{endpoint:?}: {reason}"),
-    };
-    if let Ok(addr) = endpoint.parse::<SocketAddr>() {
-        return Ok((addr.ip().to_string(), addr.port()));
-    }
-    let (host, port) = match endpoint.rsplit_once(':') {
-        Some((h, p)) if !h.contains(':') => (
-            h,
-            p.parse::<u16>()
-                .map_err(|_| bad("the port is not a number from 1 to 65535"))?,
-        ),
-        _ => (endpoint, 8883),
-    };
-    let host = host.trim_start_matches('[').trim_end_matches(']');
-    if host.is_empty() || port == 0 {
-        return Err(bad("expected host:port"));
-    }
-    Ok((host.to_string(), port))
-}
-
-fn telemetry_options(cfg: &Config) -> Result<TelemetryOptions, RunError> {
-    let aws = &cfg.cloud.aws;
-    let (host, port) = split_endpoint(&aws.endpoint)?;
-    let endpoint = UpstreamEndpoint {
-        host,
-        port,
-        ca_pem: read_text(&aws.ca)?,
-    };
-    let mut opts = TelemetryOptions::from_config(&cfg.telemetry, endpoint)?;
-    if opts.identity == TelemetryIdentity::Gateway {
-        opts.gateway = Some(gateway_credentials(cfg)?);
-    }
-    opts.keep_alive = Duration::from_secs(aws.keep_alive_secs.max(1));
-    Ok(opts)
-}
-
 /// The gateway's own upstream identity (`identity = "gateway"`): certificate chain, key
 /// (decrypted with its passphrase if any) and client id, with the key checked against the
 /// certificate so a mismatch is a config error at start rather than a TLS failure later.
-fn gateway_credentials(cfg: &Config) -> Result<GatewayCredentials, RunError> {
+pub(super) fn gateway_credentials(cfg: &Config) -> Result<GatewayCredentials, RunError> {
     let t = &cfg.telemetry;
     // config::load refuses identity = "gateway" without both paths; this is defence in depth.
     let (Some(cert_path), Some(key_path)) = (&t.gateway_cert, &t.gateway_key) else {
@@ -568,55 +519,6 @@ fn gateway_credentials(cfg: &Config) -> Result<GatewayCredentials, RunError> {
         client_id: cfg.gateway_upstream_client_id().to_string(),
         cert_pem,
         key: Arc::new(key),
-    })
-}
-
-fn aws_options(cfg: &Config) -> Result<AwsProviderOptions, RunError> {
-    let aws = &cfg.cloud.aws;
-    let (host, port) = split_endpoint(&aws.endpoint)?;
-    let ca_pem = read_text(&aws.ca)?;
-    let cert_pem = read_text(&aws.claim_cert)?;
-    let passphrase = identity::read_passphrase(
-        aws.claim_key_passphrase_file.as_deref(),
-        aws.claim_key_passphrase_credential.as_deref(),
-    )
-    .map_err(|source| RunError::Identity {
-        key: "cloud.aws.claim_key_passphrase_file",
-        source,
-    })?;
-    let key = PrivateKey::import_file(&aws.claim_key, passphrase.as_ref()).map_err(|source| {
-        RunError::Identity {
-            key: "cloud.aws.claim_key",
-            source,
-        }
-    })?;
-    let tls = identity::tls::client_config(&ca_pem, Some((&cert_pem, &key))).map_err(|source| {
-        RunError::Identity {
-            key: "cloud.aws.claim_cert",
-            source,
-        }
-    })?;
-    let request_timeout = Duration::from_millis(cfg.provision.request_timeout_ms.max(100));
-    Ok(AwsProviderOptions {
-        claim: ClaimOptions {
-            host,
-            port,
-            tls,
-            client_id_prefix: format!("fleetgw-{}-claim", cfg.gateway.id),
-            sessions: aws.sessions.max(1) as usize,
-            template: aws.template.clone(),
-            format: aws.format,
-            keep_alive: Duration::from_secs(aws.keep_alive_secs),
-            request_timeout,
-            connect_timeout: Duration::from_secs(10),
-            reconnect_min: Duration::from_millis(250),
-            reconnect_max: Duration::from_secs(30),
-            queue_timeout: request_timeout.max(Duration::from_secs(10)),
-            // AWS IoT allows 128 KiB; certificates are a few KiB.
-            max_packet_bytes: 256 * 1024,
-        },
-        tps: f64::from(aws.tps.max(1)),
-        token_ttl: OWNERSHIP_TOKEN_TTL,
     })
 }
 
@@ -742,6 +644,7 @@ fn engine_options(cfg: &Config) -> EngineOptions {
 
 #[cfg(test)]
 mod tests {
+    use super::super::cloud::split_endpoint;
     use super::*;
 
     #[test]

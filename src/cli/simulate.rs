@@ -26,7 +26,8 @@ use crate::downstream::{parse_broker_url, BrokerUrl};
 use crate::identity::{CertificateAuthority, KeyType, Secret};
 use crate::sim::arrival::TelemetryCheck;
 use crate::sim::{
-    self, FleetEvent, FleetOptions, FleetReport, SimAttestation, TelemetryPlan, TelemetryReport,
+    self, FleetEvent, FleetOptions, FleetReport, SimAttestation, SimCloud, TelemetryPlan,
+    TelemetryReport,
 };
 
 use super::{EX_IOERR, EX_SOFTWARE, EX_USAGE};
@@ -156,9 +157,16 @@ pub struct Args {
     #[arg(long, value_name = "LABEL")]
     pub run: Option<String>,
 
-    /// The cloud's CA certificate (PEM): every issued certificate must chain to it.
+    /// The cloud's CA certificate (PEM): every issued certificate must chain to it (with
+    /// `--cloud azure` and X.509, the enrollment group's CA).
     #[arg(long, value_name = "FILE")]
     pub ca: Option<PathBuf>,
+
+    /// The cloud behind the gateway: `aws` answers carry a certificate and a thing name;
+    /// `azure` answers name the assigned hub with status `assigned`, and a certificate only
+    /// with X.509 attestation.
+    #[arg(long, value_enum, value_name = "CLOUD", default_value = "aws")]
+    pub cloud: SimCloud,
 
     /// CA certificate of the broker's TLS certificate (implies TLS).
     #[arg(long, value_name = "FILE")]
@@ -469,6 +477,7 @@ fn fleet_options(args: &Args) -> Result<FleetOptions, ArgsError> {
     opts.own_csr_share = args.own_csr_share;
     opts.csr_key_type = args.csr_key_type;
     opts.cloud_ca_pem = args.ca.as_deref().map(read_text).transpose()?;
+    opts.cloud = args.cloud;
     opts.timeout = Duration::from_secs(args.timeout);
     opts.resend_after = (args.resend_secs > 0).then(|| Duration::from_secs(args.resend_secs));
     opts.watch_status = args.watch_status;

@@ -12,30 +12,15 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use super::{
-    BoxFuture, CloudError, IssuedCertificate, Provider, Registration, INVALID_OWNERSHIP_TOKEN,
+    BoxFuture, CertificateSource, CloudError, IssuedCertificate, Provider, RegisterInput,
+    RegisterOutcome, Registration, TelemetryProfile, UpstreamSpec, Upstreams,
+    INVALID_OWNERSHIP_TOKEN,
 };
 use crate::clock;
 use crate::device_id::DeviceId;
 use crate::identity::Secret;
 
-/// The two provisioning calls.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum Api {
-    /// [`Provider::create_certificate`] (AWS `CreateCertificateFromCsr`).
-    CreateCertificate,
-    /// [`Provider::register`] (AWS `RegisterThing`).
-    Register,
-}
-
-impl Api {
-    /// The AWS name of the call, as [`CloudError`]s carry it.
-    pub fn name(self) -> &'static str {
-        match self {
-            Api::CreateCertificate => "CreateCertificateFromCsr",
-            Api::Register => "RegisterThing",
-        }
-    }
-}
+pub use super::Api;
 
 /// What one call answers.
 #[derive(Clone, Debug)]
@@ -45,6 +30,9 @@ pub enum Outcome {
     /// [`Api::CreateCertificate`] only: issue a certificate whose ownership token expires
     /// `ttl` after issue (zero: already expired when the engine looks at it).
     IssueWithTokenTtl(Duration),
+    /// [`Api::Register`] and [`Api::Poll`]: answer that the registration is still running
+    /// (operation `op-{device}`), to be polled after `retry_after`.
+    Pending(Duration),
     /// Fail with this error.
     Fail(CloudError),
 }
@@ -79,6 +67,13 @@ pub enum Call {
         /// The template parameters.
         parameters: BTreeMap<String, String>,
     },
+    /// A poll of a pending registration.
+    Poll {
+        /// The device.
+        device: DeviceId,
+        /// The operation polled.
+        operation: String,
+    },
 }
 
 impl Call {
@@ -87,13 +82,16 @@ impl Call {
         match self {
             Call::CreateCertificate { .. } => Api::CreateCertificate,
             Call::Register { .. } => Api::Register,
+            Call::Poll { .. } => Api::Poll,
         }
     }
 
     /// The device the call was for.
     pub fn device(&self) -> &DeviceId {
         match self {
-            Call::CreateCertificate { device, .. } | Call::Register { device, .. } => device,
+            Call::CreateCertificate { device, .. }
+            | Call::Register { device, .. }
+            | Call::Poll { device, .. } => device,
         }
     }
 }
@@ -102,6 +100,7 @@ impl Call {
 struct State {
     create: VecDeque<Reply>,
     register: VecDeque<Reply>,
+    poll: VecDeque<Reply>,
     calls: Vec<Call>,
     issued: u64,
 }
@@ -161,6 +160,7 @@ impl FakeProvider {
         match api {
             Api::CreateCertificate => st.create.push_back(reply),
             Api::Register => st.register.push_back(reply),
+            Api::Poll => st.poll.push_back(reply),
         }
         self
     }
@@ -197,6 +197,7 @@ impl FakeProvider {
         let queue = match api {
             Api::CreateCertificate => &mut st.create,
             Api::Register => &mut st.register,
+            Api::Poll => &mut st.poll,
         };
         queue.pop_front().unwrap_or(Reply {
             outcome: Outcome::Succeed,
@@ -205,9 +206,34 @@ impl FakeProvider {
     }
 }
 
+impl Upstreams for FakeProvider {
+    fn upstream(
+        &self,
+        device: &DeviceId,
+        cloud_id: &str,
+        endpoint: Option<&str>,
+    ) -> Result<UpstreamSpec, CloudError> {
+        // AWS's convention at a placeholder endpoint: the fake has no data plane.
+        let aws = crate::telemetry::UpstreamEndpoint {
+            host: "localhost".into(),
+            port: 8883,
+            ca_pem: String::new(),
+        };
+        aws.upstream(device, cloud_id, endpoint)
+    }
+}
+
 impl Provider for FakeProvider {
     fn name(&self) -> &'static str {
         "fake"
+    }
+
+    fn certificate_source(&self) -> CertificateSource {
+        CertificateSource::Cloud
+    }
+
+    fn api_name(&self, api: Api) -> &'static str {
+        api.name()
     }
 
     fn create_certificate<'a>(
@@ -223,7 +249,7 @@ impl Provider for FakeProvider {
             tokio::time::sleep(reply.delay).await;
             let ttl = match reply.outcome {
                 Outcome::Fail(e) => return Err(e),
-                Outcome::Succeed => self.token_ttl,
+                Outcome::Succeed | Outcome::Pending(_) => self.token_ttl,
                 Outcome::IssueWithTokenTtl(ttl) => ttl,
             };
             let n = {
@@ -236,38 +262,76 @@ impl Provider for FakeProvider {
                 certificate_pem: format!(
                     "-----BEGIN CERTIFICATE-----\nfake certificate {n} for {device}\n-----END CERTIFICATE-----\n"
                 ),
-                ownership_token: Secret::from(format!("token-{n}")),
-                expires_at_ms: clock::unix_ms() + ttl.as_millis() as u64,
+                ownership_token: Some(Secret::from(format!("token-{n}"))),
+                expires_at_ms: Some(clock::unix_ms() + ttl.as_millis() as u64),
             })
         })
     }
 
     fn register<'a>(
         &'a self,
-        device: &'a DeviceId,
-        issued: &'a IssuedCertificate,
-        parameters: &'a BTreeMap<String, String>,
-    ) -> BoxFuture<'a, Result<Registration, CloudError>> {
+        input: RegisterInput<'a>,
+    ) -> BoxFuture<'a, Result<RegisterOutcome, CloudError>> {
+        let issued = input.certificate;
         let reply = self.take(Call::Register {
-            device: device.clone(),
-            certificate_id: issued.certificate_id.clone(),
+            device: input.device.clone(),
+            certificate_id: issued.map(|i| i.certificate_id.clone()).unwrap_or_default(),
             ownership_token: issued
-                .ownership_token
-                .expose_str()
+                .and_then(|i| i.ownership_token.as_ref())
+                .and_then(|t| t.expose_str())
                 .unwrap_or_default()
                 .to_string(),
-            parameters: parameters.clone(),
+            parameters: input.parameters.clone(),
         });
-        Box::pin(async move {
-            tokio::time::sleep(reply.delay).await;
-            match reply.outcome {
-                Outcome::Fail(e) => Err(e),
-                Outcome::Succeed | Outcome::IssueWithTokenTtl(_) => Ok(Registration {
-                    thing_name: thing_name(device),
-                    device_configuration: parameters.clone(),
-                }),
-            }
-        })
+        Box::pin(async move { answer(reply, input).await })
+    }
+
+    fn poll<'a>(
+        &'a self,
+        input: RegisterInput<'a>,
+        operation: &'a str,
+    ) -> BoxFuture<'a, Result<RegisterOutcome, CloudError>> {
+        let reply = self.take(Call::Poll {
+            device: input.device.clone(),
+            operation: operation.to_string(),
+        });
+        Box::pin(async move { answer(reply, input).await })
+    }
+
+    fn telemetry_profile(&self) -> TelemetryProfile {
+        crate::cloud::aws::telemetry_profile(&crate::config::TelemetrySection::default())
+            .unwrap_or_else(|_| unreachable!("the default telemetry topics parse"))
+    }
+
+    fn sessions(&self) -> (usize, usize) {
+        (1, 1)
+    }
+
+    fn set_tps(&self, _tps: f64) -> BoxFuture<'_, ()> {
+        Box::pin(async {})
+    }
+
+    fn shutdown(&self) -> BoxFuture<'_, ()> {
+        Box::pin(async {})
+    }
+}
+
+/// The registration's answer: the scripted one after its delay.
+async fn answer(reply: Reply, input: RegisterInput<'_>) -> Result<RegisterOutcome, CloudError> {
+    tokio::time::sleep(reply.delay).await;
+    match reply.outcome {
+        Outcome::Fail(e) => Err(e),
+        Outcome::Pending(retry_after) => Ok(RegisterOutcome::Pending {
+            operation: format!("op-{}", input.device),
+            retry_after,
+        }),
+        Outcome::Succeed | Outcome::IssueWithTokenTtl(_) => {
+            Ok(RegisterOutcome::Done(Registration {
+                cloud_id: thing_name(input.device),
+                endpoint: None,
+                extras: input.parameters.clone(),
+            }))
+        }
     }
 }
 
@@ -334,11 +398,22 @@ mod tests {
         assert!(matches!(second, CloudError::Timeout { .. }));
         let issued = fake.create_certificate(&d, "csr").await.unwrap();
         assert_eq!(issued.certificate_id, "cert-1");
-        assert!(issued.expires_at_ms > clock::unix_ms());
+        assert!(issued.expires_at_ms > Some(clock::unix_ms()));
 
         let params = BTreeMap::from([("k".to_string(), "v".to_string())]);
-        let reg = fake.register(&d, &issued, &params).await.unwrap();
-        assert_eq!(reg.thing_name, thing_name(&d));
+        let reg = fake
+            .register(RegisterInput {
+                device: &d,
+                certificate: Some(&issued),
+                key_pem: None,
+                parameters: &params,
+            })
+            .await
+            .unwrap();
+        let RegisterOutcome::Done(reg) = reg else {
+            panic!("expected a registration, got {reg:?}")
+        };
+        assert_eq!(reg.cloud_id, thing_name(&d));
         assert_eq!(fake.count(Api::CreateCertificate), 3);
         assert_eq!(
             fake.calls().last(),

@@ -45,6 +45,16 @@ pub fn known_keys() -> Vec<String> {
     out
 }
 
+/// The spellings the value at `key` (a leaf path such as `admission.mode`) accepts when it is
+/// an enum, else nothing: what the generated configuration reference lists as its values.
+pub fn key_spellings(key: &str) -> &'static [&'static str] {
+    let path: Vec<String> = key.split('.').map(str::to_string).collect();
+    match shape(&path) {
+        Some(Shape::Value { variants }) => variants,
+        _ => &[],
+    }
+}
+
 fn collect_keys(prefix: &mut Vec<String>, out: &mut Vec<String>) {
     match shape(prefix) {
         Some(Shape::Section(fields)) => {

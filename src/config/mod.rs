@@ -32,7 +32,7 @@ use std::fmt;
 use std::io;
 use std::path::PathBuf;
 
-pub use keys::known_keys;
+pub use keys::{key_spellings, known_keys};
 pub use load::load;
 pub use schema::{
     AdminSection, AdmissionSection, AwsSection, AzureAttestation, AzureSection, AzureTransport,

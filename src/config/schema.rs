@@ -411,19 +411,56 @@ pub enum AzureAttestation {
     X509,
 }
 
-/// `[cloud.azure]` (parsed and validated; the Azure provider comes with a later issue).
+/// `[cloud.azure]`: Azure IoT Hub Device Provisioning Service and the IoT Hub it assigns.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct AzureSection {
     /// DPS ID scope (required when `cloud.provider = "azure"`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub id_scope: Option<String>,
-    /// DPS global endpoint host.
+    /// DPS endpoint: a host name (`global.azure-devices-provisioning.net`, port 8883 for
+    /// MQTT and 443 for HTTPS), `host:port`, or an `IP:PORT` to connect to.
     pub dps_endpoint: String,
-    /// MQTT or HTTPS.
+    /// MQTT or HTTPS to DPS.
     pub transport: AzureTransport,
     /// Symmetric key or X.509.
     pub attestation: AzureAttestation,
+    /// CA certificates (PEM) trusted for DPS and IoT Hub (e.g. the system bundle
+    /// `/etc/ssl/certs/ca-certificates.crt`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ca: Option<PathBuf>,
+    /// The symmetric-key enrollment group's primary key (base64); each device's key is
+    /// derived from it. Not `admission.group_key`, which admits devices to the gateway.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub group_key: Option<Secret>,
+    /// A file holding `group_key` (base64), mode 0600.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub group_key_file: Option<PathBuf>,
+    /// The X.509 enrollment group's CA certificate (PEM): the gateway issues each device a
+    /// certificate under it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub group_ca_cert: Option<PathBuf>,
+    /// That CA's private key (PEM), mode 0600.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub group_ca_key: Option<PathBuf>,
+    /// File holding the passphrase of an encrypted `group_ca_key`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub group_ca_key_passphrase_file: Option<PathBuf>,
+    /// systemd credential holding that passphrase.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub group_ca_key_passphrase_credential: Option<String>,
+    /// MQTT or HTTPS to IoT Hub for telemetry.
+    pub hub_transport: AzureTransport,
+    /// Where to reach the assigned hub (`IP:PORT`) instead of its host name; the name stays
+    /// in SAS tokens and usernames.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub hub_connect: Option<SocketAddr>,
+    /// DPS registrations in flight at most (each uses its own connection).
+    pub registrations: u32,
+    /// DPS calls per second at most (registrations and status polls).
+    pub tps: u32,
+    /// Lifetime of each SAS token the gateway makes (seconds).
+    pub sas_ttl_secs: u64,
 }
 
 impl Default for AzureSection {
@@ -433,6 +470,18 @@ impl Default for AzureSection {
             dps_endpoint: "global.azure-devices-provisioning.net".into(),
             transport: AzureTransport::Mqtt,
             attestation: AzureAttestation::SymmetricKey,
+            ca: None,
+            group_key: None,
+            group_key_file: None,
+            group_ca_cert: None,
+            group_ca_key: None,
+            group_ca_key_passphrase_file: None,
+            group_ca_key_passphrase_credential: None,
+            hub_transport: AzureTransport::Mqtt,
+            hub_connect: None,
+            registrations: 16,
+            tps: 10,
+            sas_ttl_secs: 3600,
         }
     }
 }

@@ -41,6 +41,18 @@ impl Config {
                 self.telemetry.gateway_key.as_deref(),
             ),
             (
+                "cloud.azure.group_key_file",
+                self.cloud.azure.group_key_file.as_deref(),
+            ),
+            (
+                "cloud.azure.group_ca_key",
+                self.cloud.azure.group_ca_key.as_deref(),
+            ),
+            (
+                "cloud.azure.group_ca_key_passphrase_file",
+                self.cloud.azure.group_ca_key_passphrase_file.as_deref(),
+            ),
+            (
                 "telemetry.gateway_key_passphrase_file",
                 self.telemetry.gateway_key_passphrase_file.as_deref(),
             ),

@@ -247,6 +247,63 @@ fn semantic_errors_name_key_and_source() {
     }
 }
 
+/// `[cloud.azure]`: what Azure needs, and the AWS-only telemetry keys refused with it.
+#[test]
+fn azure_errors_name_key_and_source() {
+    let azure =
+        "[cloud]\nprovider = \"azure\"\n[cloud.azure]\nid_scope = \"0ne0\"\nca = \"ca.pem\"\n";
+    let cases = [
+        ("", "cloud.azure.attestation", "needs cloud.azure.group_key"),
+        (
+            "attestation = \"x509\"\n",
+            "cloud.azure.attestation",
+            "needs cloud.azure.group_ca_cert",
+        ),
+        (
+            "group_key = \"a2V5\"\nsas_ttl_secs = 5\n",
+            "cloud.azure.sas_ttl_secs",
+            "between 60",
+        ),
+        (
+            "group_key = \"not base64!\"\n",
+            "cloud.azure.group_key",
+            "not a non-empty base64",
+        ),
+        (
+            "group_key = \"a2V5\"\nregistrations = 0\n",
+            "cloud.azure.registrations",
+            "at least 1",
+        ),
+        (
+            "group_key = \"a2V5\"\n[telemetry]\nidentity = \"gateway\"\ngateway_cert = \"c\"\ngateway_key = \"k\"\n",
+            "telemetry.identity",
+            "IoT Hub",
+        ),
+        (
+            "group_key = \"a2V5\"\n[telemetry]\ntopic = \"x/{deviceId}\"\n",
+            "telemetry.topic",
+            "AWS-only",
+        ),
+        (
+            "group_key = \"a2V5\"\n[telemetry]\ncommands_topic = \"c/{thingName}/#\"\n",
+            "telemetry.commands_topic",
+            "AWS-only",
+        ),
+    ];
+    for (rest, key, what) in cases {
+        let text = format!("{azure}{rest}");
+        let e = load_text(&text, &[]).unwrap_err();
+        assert_eq!(e.key(), Some(key), "{text}: {e}");
+        assert!(e.to_string().contains(what), "{text}: {e}");
+    }
+    let ok = load_text(&format!("{azure}group_key = \"a2V5\"\n"), &[]).unwrap();
+    assert_eq!(ok.cloud.provider, CloudProvider::Azure);
+    let without_ca =
+        "[cloud]\nprovider = \"azure\"\n[cloud.azure]\nid_scope = \"0ne0\"\ngroup_key = \"a2V5\"\n";
+    let e = load_text(without_ca, &[]).unwrap_err();
+    assert!(e.to_string().contains("cloud.azure.ca"), "{e}");
+}
+
 #[test]
 fn syntax_errors_give_line_and_column() {
     let e = load_text("[gateway]\nid = \"gw\n", &[]).unwrap_err();

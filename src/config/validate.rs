@@ -3,7 +3,10 @@
 
 use std::fmt;
 
-use super::{AdmissionMode, BrokerMode, CloudProvider, Config, DownstreamAuth, TelemetryIdentity};
+use super::{
+    AdmissionMode, AzureAttestation, BrokerMode, CloudProvider, Config, DownstreamAuth,
+    TelemetryIdentity,
+};
 use crate::device_id::DeviceId;
 
 /// Largest MQTT packet the protocol can describe (remaining length of 268,435,455 bytes).
@@ -376,10 +379,81 @@ impl Config {
                 "must not be empty".into()
             })?;
         }
+        not_both(
+            &azure.group_key,
+            &azure.group_key_file,
+            "cloud.azure.group_key",
+            "cloud.azure.group_key_file",
+        )?;
+        if let Some(key) = &azure.group_key {
+            use base64::Engine as _;
+            let decoded = base64::engine::general_purpose::STANDARD.decode(key.expose());
+            check(
+                decoded.is_ok_and(|k| !k.is_empty()),
+                "cloud.azure.group_key",
+                || "is not a non-empty base64 string (value not shown: it is a secret)".into(),
+            )?;
+        }
+        not_both(
+            &azure.group_ca_key_passphrase_file,
+            &azure.group_ca_key_passphrase_credential,
+            "cloud.azure.group_ca_key_passphrase_file",
+            "cloud.azure.group_ca_key_passphrase_credential",
+        )?;
+        at_least(azure.registrations, 1, "cloud.azure.registrations")?;
+        at_least(azure.tps, 1, "cloud.azure.tps")?;
+        check(
+            (60..=365 * 24 * 3600).contains(&azure.sas_ttl_secs),
+            "cloud.azure.sas_ttl_secs",
+            || {
+                format!(
+                    "must be between 60 and 31536000 seconds, got {}",
+                    azure.sas_ttl_secs
+                )
+            },
+        )?;
         if self.cloud.provider == CloudProvider::Azure {
             check(azure.id_scope.is_some(), "cloud.provider", || {
                 "\"azure\" needs cloud.azure.id_scope".into()
             })?;
+            check(azure.ca.is_some(), "cloud.provider", || {
+                "\"azure\" needs cloud.azure.ca (the CAs DPS and IoT Hub chain to, e.g. /etc/ssl/certs/ca-certificates.crt)".into()
+            })?;
+            match azure.attestation {
+                AzureAttestation::SymmetricKey => check(
+                    azure.group_key.is_some() || azure.group_key_file.is_some(),
+                    "cloud.azure.attestation",
+                    || {
+                        "\"symmetric-key\" needs cloud.azure.group_key or cloud.azure.group_key_file (the enrollment group's primary key)".into()
+                    },
+                )?,
+                AzureAttestation::X509 => check(
+                    azure.group_ca_cert.is_some() && azure.group_ca_key.is_some(),
+                    "cloud.azure.attestation",
+                    || {
+                        "\"x509\" needs cloud.azure.group_ca_cert and cloud.azure.group_ca_key (the enrollment group's CA)".into()
+                    },
+                )?,
+            }
+            let t = &self.telemetry;
+            let defaults = super::TelemetrySection::default();
+            check(t.topic == defaults.topic, "telemetry.topic", || {
+                "is an AWS-only key: with cloud.provider = \"azure\" telemetry goes to devices/{deviceId}/messages/events/".into()
+            })?;
+            check(
+                t.commands_topic == defaults.commands_topic,
+                "telemetry.commands_topic",
+                || {
+                    "is an AWS-only key: with cloud.provider = \"azure\" commands come from devices/{deviceId}/messages/devicebound/#".into()
+                },
+            )?;
+            check(
+                t.identity == TelemetryIdentity::Device,
+                "telemetry.identity",
+                || {
+                    "\"gateway\" is not available with cloud.provider = \"azure\": IoT Hub cannot carry many devices over one MQTT connection; use \"device\"".into()
+                },
+            )?;
         }
         Ok(())
     }

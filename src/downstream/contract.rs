@@ -82,18 +82,26 @@ impl ProvisionRequest {
 pub struct AcceptedResponse {
     /// The provisioned device.
     pub device_id: DeviceId,
-    /// The cloud's certificate id.
+    /// The certificate's id (empty, and left out, for Azure symmetric-key devices, which have
+    /// no certificate).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub certificate_id: String,
-    /// The device certificate (PEM).
+    /// The device certificate (PEM; with Azure X.509, the chain up to the group CA).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub certificate_pem: String,
     /// PKCS#8 PEM private key, only when the gateway generated the key.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub private_key: Option<String>,
-    /// The thing RegisterThing created.
+    /// The cloud's name for the device: the thing RegisterThing created (AWS), the IoT Hub
+    /// device id (Azure).
     pub thing_name: String,
-    /// The template's deviceConfiguration.
+    /// The template's deviceConfiguration (AWS); the registration's `status` and
+    /// `substatus` (Azure).
     #[serde(default)]
     pub device_configuration: BTreeMap<String, String>,
+    /// The IoT Hub DPS assigned the device to (Azure only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub assigned_hub: Option<String>,
 }
 
 impl fmt::Debug for AcceptedResponse {
@@ -107,6 +115,7 @@ impl fmt::Debug for AcceptedResponse {
             )
             .field("thing_name", &self.thing_name)
             .field("device_configuration", &self.device_configuration)
+            .field("assigned_hub", &self.assigned_hub)
             .finish_non_exhaustive()
     }
 }
@@ -167,7 +176,8 @@ impl DeviceStatus {
             | DeviceState::Approved
             | DeviceState::KeyReady { .. }
             | DeviceState::CertificateIssued { .. }
-            | DeviceState::ThingRegistered { .. } => DeviceStatus::Provisioning,
+            | DeviceState::Registering { .. }
+            | DeviceState::Registered { .. } => DeviceStatus::Provisioning,
         }
     }
 
@@ -441,6 +451,7 @@ mod tests {
             private_key: Some("-----BEGIN PRIVATE KEY-----secret".into()),
             thing_name: "sensor-1".into(),
             device_configuration: BTreeMap::from([("Fallback".into(), "no".into())]),
+            assigned_hub: None,
         };
         assert_eq!(
             serde_json::to_value(&accepted).unwrap(),

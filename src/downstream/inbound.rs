@@ -113,6 +113,7 @@ mod tests {
             qos: QoS::AtMostOnce,
             dup: false,
             ack: AckHandle::not_required(),
+            properties: None,
         }
     }
 

@@ -1,9 +1,15 @@
 //! Drives one device through the state machine, one persisted step at a time:
 //!
 //! ```text
-//! Requested/Approved -> KeyReady(csr) -> CertificateIssued(cert, token) -> ThingRegistered
-//!   -> Delivered;  any -> Failed (permanent error or max_attempts)
+//! Requested/Approved -> KeyReady(csr) -> CertificateIssued(cert, token?) -> [Registering(op)]
+//!   -> Registered -> Delivered;  any -> Failed (permanent error or max_attempts)
 //! ```
+//!
+//! Which steps a device takes depends on the provider: AWS issues the certificate from the
+//! CSR (with an ownership token) and registers at once; Azure DPS X.509 has the gateway's
+//! enrollment-group CA issue it (no token) and may answer `assigning`, persisted as
+//! `Registering` before the first poll; Azure DPS symmetric key needs no key pair at all and
+//! goes from `Approved` straight to the registration.
 //!
 //! Each step reads the device's durable record, does at most one network call, and writes the
 //! next state (compare-and-swap on the etag) before the next step starts. A conflict (an
@@ -20,7 +26,10 @@ use tokio::sync::{mpsc, Mutex};
 
 use crate::backoff::Backoff;
 use crate::clock;
-use crate::cloud::{CloudError, IssuedCertificate};
+use crate::cloud::{
+    Api, CertificateSource, CloudError, IssuedCertificate, RegisterInput, RegisterOutcome,
+    Registration,
+};
 use crate::device_id::DeviceId;
 use crate::downstream::contract::{
     self, AcceptedResponse, DeviceStatus, RejectedResponse, StatusReport,
@@ -52,7 +61,8 @@ pub(super) fn is_drivable(state: &DeviceState) -> bool {
             | DeviceState::Approved
             | DeviceState::KeyReady { .. }
             | DeviceState::CertificateIssued { .. }
-            | DeviceState::ThingRegistered { .. }
+            | DeviceState::Registering { .. }
+            | DeviceState::Registered { .. }
     )
 }
 
@@ -106,7 +116,14 @@ async fn drive(inner: &Inner, device: &DeviceId) -> Option<Duration> {
             }
         };
         let step = match rec.state.clone() {
-            DeviceState::Requested | DeviceState::Approved => prepare_key(inner, rec).await,
+            DeviceState::Requested | DeviceState::Approved => {
+                match inner.provider.certificate_source() {
+                    CertificateSource::None => register(inner, rec, None).await,
+                    CertificateSource::Cloud | CertificateSource::Gateway => {
+                        prepare_key(inner, rec).await
+                    }
+                }
+            }
             DeviceState::KeyReady { csr, .. } => create_certificate(inner, rec, &csr).await,
             DeviceState::CertificateIssued {
                 certificate_id,
@@ -117,12 +134,13 @@ async fn drive(inner: &Inner, device: &DeviceId) -> Option<Duration> {
                 let issued = IssuedCertificate {
                     certificate_id,
                     certificate_pem,
-                    ownership_token: Secret::from(ownership_token.expose()),
+                    ownership_token: ownership_token.map(|t| Secret::from(t.expose())),
                     expires_at_ms: token_expires_at_ms,
                 };
-                register(inner, rec, issued).await
+                register(inner, rec, Some(issued)).await
             }
-            DeviceState::ThingRegistered { .. } => deliver(inner, rec).await,
+            DeviceState::Registering { operation_id, .. } => poll(inner, rec, &operation_id).await,
+            DeviceState::Registered { .. } => deliver(inner, rec).await,
             _ => Step::Done,
         };
         match step {
@@ -227,18 +245,21 @@ async fn create_certificate(inner: &Inner, rec: DeviceRecord, csr: &str) -> Step
     let result = inner.provider.create_certificate(&rec.id, csr).await;
     inner
         .metrics
-        .cloud_call("CreateCertificateFromCsr", &result);
+        .cloud_call(inner.provider.api_name(Api::CreateCertificate), &result);
     match result {
         Ok(issued) => {
-            let token = match issued.ownership_token.expose_str() {
-                Some(t) => OwnershipToken::new(t),
-                None => {
-                    let e = CloudError::Protocol {
-                        api: "CreateCertificateFromCsr",
-                        reason: "the ownership token is not text".into(),
-                    };
-                    return cloud_error(inner, rec, e).await;
-                }
+            let token = match &issued.ownership_token {
+                None => None,
+                Some(t) => match t.expose_str() {
+                    Some(t) => Some(OwnershipToken::new(t)),
+                    None => {
+                        let e = CloudError::Protocol {
+                            api: inner.provider.api_name(Api::CreateCertificate),
+                            reason: "the ownership token is not text".into(),
+                        };
+                        return cloud_error(inner, rec, e).await;
+                    }
+                },
             };
             let mut next = rec.clone();
             next.provision.certificate_id = Some(issued.certificate_id.clone());
@@ -250,13 +271,15 @@ async fn create_certificate(inner: &Inner, rec: DeviceRecord, csr: &str) -> Step
                 token_expires_at_ms: issued.expires_at_ms,
             };
             let mut batch = Batch::new();
-            batch.put_token(OwnershipTokenRecord {
-                v: TOKEN_RECORD_VERSION,
-                device: rec.id.clone(),
-                certificate_id: issued.certificate_id,
-                token,
-                expires_at_ms: issued.expires_at_ms,
-            });
+            if let Some(token) = token {
+                batch.put_token(OwnershipTokenRecord {
+                    v: TOKEN_RECORD_VERSION,
+                    device: rec.id.clone(),
+                    certificate_id: issued.certificate_id,
+                    token,
+                    expires_at_ms: issued.expires_at_ms.unwrap_or(0),
+                });
+            }
             tracing::debug!(device = %rec.id, "certificate issued");
             commit(inner, &rec, next, batch).await
         }
@@ -264,33 +287,55 @@ async fn create_certificate(inner: &Inner, rec: DeviceRecord, csr: &str) -> Step
     }
 }
 
-async fn register(inner: &Inner, rec: DeviceRecord, issued: IssuedCertificate) -> Step {
-    if clock::unix_ms() >= issued.expires_at_ms {
-        return new_certificate(
-            inner,
-            rec,
-            "the ownership token expired before RegisterThing",
-        )
-        .await;
+/// Registers the device (with its certificate, where the provider issued one).
+async fn register(inner: &Inner, rec: DeviceRecord, issued: Option<IssuedCertificate>) -> Step {
+    if let Some(expires_at_ms) = issued
+        .as_ref()
+        .filter(|i| i.ownership_token.is_some())
+        .and_then(|i| i.expires_at_ms)
+    {
+        if clock::unix_ms() >= expires_at_ms {
+            return new_certificate(
+                inner,
+                rec,
+                "the ownership token expired before RegisterThing",
+            )
+            .await;
+        }
     }
+    let key = match registration_key(inner, &rec) {
+        Ok(key) => key,
+        Err(error) => return fail(inner, rec, error).await,
+    };
+    let api = inner.provider.api_name(Api::Register);
     let result = inner
         .provider
-        .register(&rec.id, &issued, &rec.provision.parameters)
+        .register(RegisterInput {
+            device: &rec.id,
+            certificate: issued.as_ref(),
+            key_pem: key.as_ref(),
+            parameters: &rec.provision.parameters,
+        })
         .await;
-    inner.metrics.cloud_call("RegisterThing", &result);
+    inner.metrics.cloud_call(api, &result);
     match result {
-        Ok(reg) => {
+        Ok(RegisterOutcome::Done(reg)) => registered(inner, rec, reg).await,
+        Ok(RegisterOutcome::Pending {
+            operation,
+            retry_after,
+        }) => {
+            // Durable before the first poll: after a crash the device polls this operation
+            // instead of registering again.
             let mut next = rec.clone();
-            next.provision.thing_name = Some(reg.thing_name.clone());
-            next.provision.device_configuration = reg.device_configuration.clone();
-            next.state = DeviceState::ThingRegistered {
-                thing_name: reg.thing_name,
-                device_configuration: reg.device_configuration,
+            next.state = DeviceState::Registering {
+                operation_id: operation,
+                retry_after_ms: retry_after.as_millis() as u64,
             };
-            let mut batch = Batch::new();
-            batch.remove_token(&rec.id);
-            tracing::debug!(device = %rec.id, "thing registered");
-            commit(inner, &rec, next, batch).await
+            tracing::debug!(device = %rec.id, ?retry_after, "registration pending");
+            match commit(inner, &rec, next, Batch::new()).await {
+                Step::Next => Step::RetryAfter(retry_after),
+                other => other,
+            }
         }
         Err(e) if e.is_token_invalid() => {
             let reason = e.to_string();
@@ -298,6 +343,115 @@ async fn register(inner: &Inner, rec: DeviceRecord, issued: IssuedCertificate) -
         }
         Err(e) => cloud_error(inner, rec, e).await,
     }
+}
+
+/// Asks the cloud where the stored registration `operation` stands.
+async fn poll(inner: &Inner, rec: DeviceRecord, operation: &str) -> Step {
+    let key = match registration_key(inner, &rec) {
+        Ok(key) => key,
+        Err(error) => return fail(inner, rec, error).await,
+    };
+    let issued = match (
+        &rec.provision.certificate_id,
+        &rec.provision.certificate_pem,
+    ) {
+        (Some(id), Some(pem)) => Some(IssuedCertificate {
+            certificate_id: id.clone(),
+            certificate_pem: pem.clone(),
+            ownership_token: None,
+            expires_at_ms: None,
+        }),
+        _ => None,
+    };
+    let api = inner.provider.api_name(Api::Poll);
+    let result = inner
+        .provider
+        .poll(
+            RegisterInput {
+                device: &rec.id,
+                certificate: issued.as_ref(),
+                key_pem: key.as_ref(),
+                parameters: &rec.provision.parameters,
+            },
+            operation,
+        )
+        .await;
+    inner.metrics.cloud_call(api, &result);
+    match result {
+        Ok(RegisterOutcome::Done(reg)) => registered(inner, rec, reg).await,
+        Ok(RegisterOutcome::Pending { retry_after, .. }) => Step::RetryAfter(retry_after),
+        // The cloud no longer knows the operation (DPS forgets finished ones): register again,
+        // which DPS answers for the same registration id.
+        Err(CloudError::Rejected {
+            status_code: 404, ..
+        }) => {
+            tracing::info!(device = %rec.id, operation, "the cloud no longer knows the registration operation; registering again");
+            let mut next = rec.clone();
+            next.state = match issued {
+                Some(i) => DeviceState::CertificateIssued {
+                    certificate_id: i.certificate_id,
+                    certificate_pem: i.certificate_pem,
+                    ownership_token: None,
+                    token_expires_at_ms: None,
+                },
+                None => DeviceState::Approved,
+            };
+            commit(inner, &rec, next, Batch::new()).await
+        }
+        Err(e) => cloud_error(inner, rec, e).await,
+    }
+}
+
+/// The device's key for the registration call, when the provider authenticates as the device.
+fn registration_key(inner: &Inner, rec: &DeviceRecord) -> Result<Option<Secret>, ErrorInfo> {
+    if !inner.provider.needs_device_key() {
+        return Ok(None);
+    }
+    if !rec.provision.gateway_key {
+        return Err(ErrorInfo {
+            status_code: 400,
+            error_code: "DeviceKeyRequired".into(),
+            error_message: format!(
+                "{} authenticates device {} with its own key, which the gateway does not hold: the device brought its own CSR; let the gateway generate the key",
+                inner.provider.name(),
+                rec.id
+            ),
+        });
+    }
+    let internal = |what: String| ErrorInfo {
+        status_code: 500,
+        error_code: "GatewayError".into(),
+        error_message: format!("device {}: {what}", rec.id),
+    };
+    let stored = inner
+        .store
+        .secret(&rec.id)
+        .map_err(|e| internal(format!("reading its key: {e}")))?
+        .ok_or_else(|| internal("its generated key is missing from the store".into()))?;
+    match &inner.sealer {
+        Some(sealer) => sealer
+            .open(identity::SealedRecord::DeviceKey, rec.id.as_str(), &stored)
+            .map(Some)
+            .map_err(|e| internal(format!("unsealing its key: {e}"))),
+        None => Ok(Some(Secret::new(stored))),
+    }
+}
+
+/// Records the registration: the answer can now be delivered.
+async fn registered(inner: &Inner, rec: DeviceRecord, reg: Registration) -> Step {
+    let mut next = rec.clone();
+    next.provision.thing_name = Some(reg.cloud_id.clone());
+    next.provision.endpoint = reg.endpoint.clone();
+    next.provision.device_configuration = reg.extras.clone();
+    next.state = DeviceState::Registered {
+        cloud_id: reg.cloud_id,
+        endpoint: reg.endpoint,
+        extras: reg.extras,
+    };
+    let mut batch = Batch::new();
+    batch.remove_token(&rec.id);
+    tracing::debug!(device = %rec.id, "registered");
+    commit(inner, &rec, next, batch).await
 }
 
 /// Back to `KeyReady` with the same CSR: the certificate of a refused token is useless.
@@ -382,6 +536,14 @@ async fn cloud_error(inner: &Inner, rec: DeviceRecord, e: CloudError) -> Step {
     }
     let backoff = Backoff::new(inner.opts.retry_base, inner.opts.retry_max);
     // Throttling and an unreachable cloud say nothing about this device: not counted.
+    if let CloudError::Throttled {
+        retry_after: Some(wait),
+        ..
+    } = &e
+    {
+        tracing::debug!(device = %rec.id, ?wait, "cloud busy, retrying when it said: {e}");
+        return Step::RetryAfter(*wait);
+    }
     if e.is_throttling() || matches!(e, CloudError::Disconnected { .. }) {
         tracing::debug!(device = %rec.id, "cloud busy or unreachable, retrying: {e}");
         return Step::RetryAfter(backoff.delay_for(1));
@@ -453,11 +615,14 @@ pub(super) fn accepted_payload(
         )
     };
     let p = &rec.provision;
-    let (Some(certificate_id), Some(certificate_pem), Some(thing_name)) =
-        (&p.certificate_id, &p.certificate_pem, &p.thing_name)
-    else {
-        return Err(internal("the stored record has no certificate or thing"));
+    let Some(thing_name) = &p.thing_name else {
+        return Err(internal("the stored record has no cloud registration"));
     };
+    // Symmetric-key registrations have no certificate; every other one has.
+    let needs_certificate = inner.provider.certificate_source() != CertificateSource::None;
+    if needs_certificate && (p.certificate_id.is_none() || p.certificate_pem.is_none()) {
+        return Err(internal("the stored record has no certificate"));
+    }
     let private_key = if p.gateway_key {
         let stored = match inner.store.secret(&rec.id) {
             Ok(Some(bytes)) => bytes,
@@ -480,11 +645,12 @@ pub(super) fn accepted_payload(
     };
     let response = AcceptedResponse {
         device_id: rec.id.clone(),
-        certificate_id: certificate_id.clone(),
-        certificate_pem: certificate_pem.clone(),
+        certificate_id: p.certificate_id.clone().unwrap_or_default(),
+        certificate_pem: p.certificate_pem.clone().unwrap_or_default(),
         private_key,
         thing_name: thing_name.clone(),
         device_configuration: p.device_configuration.clone(),
+        assigned_hub: p.endpoint.clone(),
     };
     Ok(contract::encode(format, &response))
 }

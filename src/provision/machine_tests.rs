@@ -293,7 +293,10 @@ async fn each_state_is_durable_before_the_next_cloud_call() {
             ..
         } => {
             assert_eq!(certificate_id, "cert-1");
-            assert_eq!(ownership_token.expose(), "token-1");
+            assert_eq!(
+                ownership_token.as_ref().map(|t| t.expose()),
+                Some("token-1")
+            );
         }
         other => panic!("expected CertificateIssued, got {other:?}"),
     }
@@ -607,17 +610,90 @@ async fn resumes_from_certificate_issued_without_a_new_certificate() {
 }
 
 #[tokio::test]
+async fn a_pending_registration_is_persisted_then_polled_until_done() {
+    let bench = Bench::new().await;
+    let id = bench.put_requested("pending-poll").await;
+    let fake = Arc::new(FakeProvider::new());
+    fake.script(Api::Register, Outcome::Pending(Duration::from_millis(5)))
+        .script(Api::Poll, Outcome::Pending(Duration::from_millis(5)));
+    let engine = bench.engine(&fake, options());
+    let rec = bench.wait_delivered(&id).await;
+    engine.shutdown().await;
+    // One registration, then polls of its operation until the cloud answered.
+    assert_eq!(
+        apis(&fake.calls()),
+        [Api::CreateCertificate, Api::Register, Api::Poll, Api::Poll]
+    );
+    assert_eq!(
+        fake.calls()[2],
+        Call::Poll {
+            device: id.clone(),
+            operation: format!("op-{id}"),
+        }
+    );
+    assert_eq!(rec.provision.thing_name, Some(fake::thing_name(&id)));
+}
+
+#[tokio::test]
+async fn resumes_a_stored_operation_by_polling_never_registering_again() {
+    let bench = Bench::new().await;
+    let id = bench.put_requested("resume-registering").await;
+    let first = Arc::new(FakeProvider::new());
+    first
+        .script(Api::Register, Outcome::Pending(FOREVER))
+        .script_delayed(Api::Poll, FOREVER, Outcome::Succeed);
+    let session = bench.downstream.session().clone();
+    let (rec, calls) = restart_after(&bench, &id, first, session, |r| {
+        matches!(r.state, DeviceState::Registering { .. })
+    })
+    .await;
+    assert_eq!(
+        calls,
+        [Call::Poll {
+            device: id.clone(),
+            operation: format!("op-{id}"),
+        }],
+        "the restarted engine polls the stored operation and registers nothing"
+    );
+    assert_eq!(rec.provision.thing_name, Some(fake::thing_name(&id)));
+}
+
+#[tokio::test]
+async fn a_forgotten_operation_is_registered_again() {
+    let bench = Bench::new().await;
+    let id = bench.put_requested("forgotten-op").await;
+    let fake = Arc::new(FakeProvider::new());
+    fake.script(Api::Register, Outcome::Pending(Duration::from_millis(1)))
+        .script(
+            Api::Poll,
+            Outcome::Fail(fake::rejected(Api::Poll, 404, "404202")),
+        );
+    let engine = bench.engine(&fake, options());
+    bench.wait_delivered(&id).await;
+    engine.shutdown().await;
+    assert_eq!(
+        apis(&fake.calls()),
+        [
+            Api::CreateCertificate,
+            Api::Register,
+            Api::Poll,
+            Api::Register
+        ]
+    );
+}
+
+#[tokio::test]
 async fn resumes_from_thing_registered_without_calling_the_cloud() {
     let bench = Bench::new().await;
     let id = bench.put_requested("resume-thing").await;
-    // The first engine cannot answer the device, so it stays ThingRegistered.
+    // The first engine cannot answer the device, so it stays Registered.
     let first = Arc::new(FakeProvider::new());
     let (rec, calls) = restart_after(
         &bench,
         &id,
         first,
         DownstreamSession::closed_for_tests().await,
-        |r| matches!(r.state, DeviceState::ThingRegistered { .. }),
+        |r| matches!(r.state, DeviceState::Registered { .. }),
     )
     .await;
     assert_eq!(calls, []);

@@ -40,7 +40,7 @@ pub use limit::DeviceRateLimit;
 pub use metrics::ProvisionMeasurements;
 pub use request::{AdmittedRequest, RequestPolicy};
 
-/// Environment variable naming a device state (`certificateIssued`, `thingRegistered`, ...):
+/// Environment variable naming a device state (`certificateIssued`, `registering`, `registered`, ...):
 /// the process exits right after persisting a device in that state. Crash-safety tests use it
 /// to stop the daemon at an exact point between two cloud calls. Only builds with the
 /// `test-hooks` feature read it: a release binary cannot be told to exit this way.

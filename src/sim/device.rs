@@ -32,7 +32,8 @@ use crate::identity::{self, IdentityError, PrivateKey, Secret};
 
 use super::arrival;
 use super::plan::{
-    prepare_request, DevicePlan, FleetOptions, PreparedRequest, TelemetryPlan, MAX_OUTGOING_PACKET,
+    prepare_request, DevicePlan, FleetOptions, PreparedRequest, SimCloud, TelemetryPlan,
+    MAX_OUTGOING_PACKET,
 };
 use super::report::{
     DeviceReport, DeviceTelemetry, FailureReason, Outcome, Provisioned, Stage, TelemetryDone,
@@ -690,6 +691,26 @@ fn verify_answer(
     }
     if answer.thing_name.is_empty() {
         return Err(FailureReason::MissingThingName);
+    }
+    if fleet.opts.cloud == SimCloud::Azure {
+        if answer.assigned_hub.as_deref().is_none_or(str::is_empty) {
+            return Err(FailureReason::AzureAnswer("no assignedHub".into()));
+        }
+        let status = answer.device_configuration.get("status");
+        if status.map(String::as_str) != Some("assigned") {
+            return Err(FailureReason::AzureAnswer(format!(
+                "registration status {status:?}, expected \"assigned\""
+            )));
+        }
+        // Symmetric-key devices get no certificate and no key; X.509 ones are checked below.
+        if answer.certificate_pem.is_empty() {
+            if answer.private_key.is_some() {
+                return Err(FailureReason::AzureAnswer(
+                    "a privateKey without a certificate".into(),
+                ));
+            }
+            return Ok(answer.thing_name);
+        }
     }
     let certificate = |e: IdentityError| FailureReason::Certificate(e.to_string());
     identity::parse_certificates(&answer.certificate_pem).map_err(certificate)?;

@@ -67,7 +67,7 @@ use crate::identity;
 
 pub use latency::LatencySummary;
 pub use plan::{
-    default_run_label, DevicePlan, FleetOptions, SimAttestation, SimError, TelemetryPlan,
+    default_run_label, DevicePlan, FleetOptions, SimAttestation, SimCloud, SimError, TelemetryPlan,
 };
 pub use report::{
     DeviceFailure, DeviceTelemetry, FailureReason, FleetEvent, FleetReport, Stage, TelemetryReport,

@@ -99,6 +99,8 @@ pub struct FleetOptions {
     pub parameters: BTreeMap<String, String>,
     /// The cloud's CA certificate(s); when given, every issued certificate must chain to it.
     pub cloud_ca_pem: Option<String>,
+    /// Which cloud the gateway provisions into: decides what a valid answer holds.
+    pub cloud: SimCloud,
     /// Per device, from its first connect attempt to the verified answer.
     pub timeout: Duration,
     /// Also subscribe to the retained `{p}/{id}/status`, so a device that times out reports
@@ -155,6 +157,17 @@ impl Default for TelemetryPlan {
     }
 }
 
+/// The cloud behind the gateway, as `fleetgw simulate --cloud` names it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum SimCloud {
+    /// AWS IoT: every answer carries a certificate (and a thing name).
+    #[default]
+    Aws,
+    /// Azure DPS: every answer names the assigned hub with status `assigned`; a certificate
+    /// only with X.509 attestation (symmetric-key devices get none).
+    Azure,
+}
+
 impl TelemetryPlan {
     /// Whether the device of `plan` publishes telemetry under this plan.
     pub fn publishes(&self, plan: &DevicePlan) -> bool {
@@ -184,6 +197,7 @@ impl FleetOptions {
             attestation: SimAttestation::None,
             parameters: BTreeMap::new(),
             cloud_ca_pem: None,
+            cloud: SimCloud::Aws,
             timeout: Duration::from_secs(60),
             resend_after: Some(Duration::from_secs(15)),
             watch_status: false,

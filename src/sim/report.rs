@@ -98,6 +98,9 @@ pub enum FailureReason {
     /// The answer has an empty thingName.
     #[error("the answer has no thingName")]
     MissingThingName,
+    /// An Azure answer without the assigned hub or with a status other than `assigned`.
+    #[error("the Azure answer is incomplete: {0}")]
+    AzureAnswer(String),
     /// The device sent no CSR but got no private key.
     #[error("the device sent no CSR but the answer has no privateKey")]
     MissingPrivateKey,

@@ -25,9 +25,10 @@ async fn populated(dir: &Path) {
     for i in 0..50 {
         let d = id(&format!("sensor-{i}"));
         let mut rec = DeviceRecord::new(d.clone(), "cbor", 10);
-        rec.state = DeviceState::ThingRegistered {
-            thing_name: format!("thing-{i}"),
-            device_configuration: BTreeMap::new(),
+        rec.state = DeviceState::Registered {
+            cloud_id: format!("thing-{i}"),
+            endpoint: None,
+            extras: BTreeMap::new(),
         };
         store.put_device(&rec).await.unwrap();
         store.put_secret(&d, &[i as u8; 300]).await.unwrap();

@@ -21,8 +21,9 @@ use crate::device_id::DeviceId;
 pub const DEVICE_RECORD_VERSION: u32 = 1;
 /// Current version of [`OwnershipTokenRecord`].
 pub const TOKEN_RECORD_VERSION: u32 = 1;
-/// Current version of the outbox message layout.
-pub const OUTBOX_MESSAGE_VERSION: u8 = 1;
+/// Current version of the outbox message layout (2: with properties; a message without any is
+/// still written as 1, which every release reads).
+pub const OUTBOX_MESSAGE_VERSION: u8 = 2;
 
 /// A cloud or gateway error kept with a device (shown by the admin API).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -91,24 +92,45 @@ pub enum DeviceState {
         /// The CSR that is sent to the cloud.
         csr: String,
     },
-    /// The cloud issued a certificate; RegisterThing still has to be called with the token.
+    /// A certificate was issued (by the cloud for AWS, by the gateway's enrollment-group CA
+    /// for Azure X.509); the registration still has to be made.
     CertificateIssued {
-        /// Cloud certificate id.
+        /// Certificate id (the cloud's, or the issued certificate's SHA-256 fingerprint).
         certificate_id: String,
         /// Issued certificate (PEM).
         certificate_pem: String,
-        /// Ownership token for RegisterThing (AWS).
-        ownership_token: OwnershipToken,
-        /// When the token expires (unix milliseconds); past it the device goes back to KeyReady.
-        token_expires_at_ms: u64,
+        /// Ownership token for RegisterThing (AWS); `None` where the cloud uses none.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        ownership_token: Option<OwnershipToken>,
+        /// When the token expires (unix milliseconds); past it the device goes back to
+        /// KeyReady.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        token_expires_at_ms: Option<u64>,
     },
-    /// The thing exists in the cloud; the response is not yet delivered to the device.
-    ThingRegistered {
-        /// Thing name chosen by the provisioning template.
-        thing_name: String,
-        /// `deviceConfiguration` returned by RegisterThing.
+    /// The cloud took the registration and is still working on it (Azure DPS `assigning`):
+    /// persisted before the first poll, so a restart polls this operation instead of
+    /// registering again.
+    Registering {
+        /// The operation to poll.
+        operation_id: String,
+        /// The wait the cloud asked for before the next poll (milliseconds).
         #[serde(default)]
-        device_configuration: BTreeMap<String, String>,
+        retry_after_ms: u64,
+    },
+    /// The device exists in the cloud; the answer is not yet delivered to the device. Records
+    /// written before Azure support say `thingRegistered` with `thing_name` and
+    /// `device_configuration`; they read as this state.
+    #[serde(alias = "thingRegistered")]
+    Registered {
+        /// The cloud's name for the device: the AWS thing name, the IoT Hub device id.
+        #[serde(alias = "thing_name")]
+        cloud_id: String,
+        /// Where the device's telemetry goes when the cloud chose it (Azure `assignedHub`).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        endpoint: Option<String>,
+        /// What the registration returned besides (AWS `deviceConfiguration`).
+        #[serde(default, alias = "device_configuration")]
+        extras: BTreeMap<String, String>,
     },
     /// The result was published to the device and acknowledged: provisioned.
     Delivered,
@@ -133,7 +155,8 @@ impl DeviceState {
             DeviceState::Approved => "approved",
             DeviceState::KeyReady { .. } => "keyReady",
             DeviceState::CertificateIssued { .. } => "certificateIssued",
-            DeviceState::ThingRegistered { .. } => "thingRegistered",
+            DeviceState::Registering { .. } => "registering",
+            DeviceState::Registered { .. } => "registered",
             DeviceState::Delivered => "delivered",
             DeviceState::Failed { .. } => "failed",
             DeviceState::Blocked => "blocked",
@@ -202,9 +225,13 @@ pub struct ProvisionData {
     /// The issued certificate (PEM).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub certificate_pem: Option<String>,
-    /// Thing name, once registered.
+    /// The cloud's name for the device once registered: the AWS thing name, the IoT Hub
+    /// device id.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub thing_name: Option<String>,
+    /// Where the device's telemetry goes when the cloud chose it (Azure `assignedHub`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoint: Option<String>,
     /// `deviceConfiguration` returned by the registration.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub device_configuration: BTreeMap<String, String>,
@@ -264,6 +291,10 @@ pub struct OutboxMessage {
     pub qos: u8,
     /// When the gateway accepted it, unix milliseconds (for `max_age`).
     pub enqueued_at_ms: u64,
+    /// Name-value pairs that travel with the message where the cloud keeps them: the device's
+    /// MQTT 5 user properties, and `$.ct` (content type), `$.cid` (correlation data, when
+    /// UTF-8) and `$.ce` (`utf-8` for a payload marked UTF-8).
+    pub properties: Vec<(String, String)>,
 }
 
 /// Why an outbox value could not be decoded.
@@ -278,6 +309,9 @@ pub enum OutboxDecodeError {
     /// The topic is not UTF-8.
     #[error("topic is not UTF-8")]
     Topic,
+    /// A property name or value is not UTF-8.
+    #[error("a property is not UTF-8")]
+    Property,
     /// The device id does not validate.
     #[error("device id: {0}")]
     Device(String),
@@ -285,14 +319,24 @@ pub enum OutboxDecodeError {
 
 impl OutboxMessage {
     /// Layout: version u8, enqueued_at_ms u64 BE, qos u8, id length u16 BE, id, topic length
-    /// u32 BE, topic, payload (the rest). Fixed-width fields keep encoding free of allocation
-    /// beyond the output buffer and avoid JSON's number-array blow-up of binary payloads.
+    /// u32 BE, topic, [version 2: property count u16 BE, then per property name length u16 BE,
+    /// name, value length u32 BE, value], payload (the rest). Fixed-width fields keep encoding
+    /// free of allocation beyond the output buffer and avoid JSON's number-array blow-up of
+    /// binary payloads.
     pub fn encode(&self) -> Vec<u8> {
         let id = self.device.as_str().as_bytes();
         let topic = self.topic.as_bytes();
-        let mut out =
-            Vec::with_capacity(1 + 8 + 1 + 2 + id.len() + 4 + topic.len() + self.payload.len());
-        out.push(OUTBOX_MESSAGE_VERSION);
+        let props: usize = self
+            .properties
+            .iter()
+            .map(|(k, v)| 6 + k.len() + v.len())
+            .sum();
+        let mut out = Vec::with_capacity(
+            1 + 8 + 1 + 2 + id.len() + 4 + topic.len() + 2 + props + self.payload.len(),
+        );
+        // Properties are bounded by the MQTT packet (at most 65535 pairs, names under 64 KiB).
+        let with_properties = !self.properties.is_empty();
+        out.push(if with_properties { 2 } else { 1 });
         out.extend_from_slice(&self.enqueued_at_ms.to_be_bytes());
         out.push(self.qos);
         // Device ids are at most 128 bytes (DeviceId invariant), topics are bounded by MQTT.
@@ -300,6 +344,17 @@ impl OutboxMessage {
         out.extend_from_slice(id);
         out.extend_from_slice(&(topic.len() as u32).to_be_bytes());
         out.extend_from_slice(topic);
+        if with_properties {
+            let n = self.properties.len().min(usize::from(u16::MAX));
+            out.extend_from_slice(&(n as u16).to_be_bytes());
+            for (k, v) in self.properties.iter().take(n) {
+                let k = &k.as_bytes()[..k.len().min(usize::from(u16::MAX))];
+                out.extend_from_slice(&(k.len() as u16).to_be_bytes());
+                out.extend_from_slice(k);
+                out.extend_from_slice(&(v.len() as u32).to_be_bytes());
+                out.extend_from_slice(v.as_bytes());
+            }
+        }
         out.extend_from_slice(&self.payload);
         out
     }
@@ -321,6 +376,19 @@ impl OutboxMessage {
         let topic = std::str::from_utf8(r.take(topic_len)?)
             .map_err(|_| OutboxDecodeError::Topic)?
             .to_owned();
+        let mut properties = Vec::new();
+        if version >= 2 {
+            let n = u16::from_be_bytes(fixed(r.take(2)?));
+            for _ in 0..n {
+                let k_len = u16::from_be_bytes(fixed(r.take(2)?)) as usize;
+                let k =
+                    std::str::from_utf8(r.take(k_len)?).map_err(|_| OutboxDecodeError::Property)?;
+                let v_len = u32::from_be_bytes(fixed(r.take(4)?)) as usize;
+                let v =
+                    std::str::from_utf8(r.take(v_len)?).map_err(|_| OutboxDecodeError::Property)?;
+                properties.push((k.to_owned(), v.to_owned()));
+            }
+        }
         let payload = bytes[r.pos..].to_vec();
         Ok(OutboxMessage {
             device,
@@ -328,6 +396,7 @@ impl OutboxMessage {
             payload,
             qos,
             enqueued_at_ms,
+            properties,
         })
     }
 }
@@ -370,8 +439,8 @@ mod tests {
         rec.state = DeviceState::CertificateIssued {
             certificate_id: "c1".into(),
             certificate_pem: "PEM".into(),
-            ownership_token: "tok".into(),
-            token_expires_at_ms: 9,
+            ownership_token: Some("tok".into()),
+            token_expires_at_ms: Some(9),
         };
         let v: serde_json::Value = serde_json::to_value(&rec).unwrap();
         assert_eq!(v["state"], "certificateIssued");
@@ -385,6 +454,40 @@ mod tests {
         );
     }
 
+    /// Records written before the provider-neutral states (AWS-only releases) keep reading:
+    /// `thingRegistered` with `thing_name`/`device_configuration`, and `certificateIssued`
+    /// with a plain token and expiry.
+    #[test]
+    fn records_written_by_the_aws_only_releases_still_read() {
+        let registered = br#"{"v":1,"id":"sensor-1","state":"thingRegistered","thing_name":"thing-9","device_configuration":{"fw":"2"},"etag":4,"created_at_ms":1,"updated_at_ms":2,"format":"json","enabled":true,"attempts":0,"provision":{"gatewayKey":true,"csr":"CSR","certificateId":"c1","certificatePem":"PEM","thingName":"thing-9"}}"#;
+        let rec: DeviceRecord = serde_json::from_slice(registered).unwrap();
+        assert_eq!(
+            rec.state,
+            DeviceState::Registered {
+                cloud_id: "thing-9".into(),
+                endpoint: None,
+                extras: BTreeMap::from([("fw".to_string(), "2".to_string())]),
+            }
+        );
+        assert_eq!(rec.state.name(), "registered");
+        assert_eq!(rec.provision.thing_name.as_deref(), Some("thing-9"));
+        assert_eq!(rec.provision.endpoint, None);
+
+        let issued = br#"{"v":1,"id":"sensor-2","state":"certificateIssued","certificate_id":"c2","certificate_pem":"PEM","ownership_token":"tok","token_expires_at_ms":99,"etag":1,"created_at_ms":1,"updated_at_ms":2,"format":"cbor","enabled":true,"attempts":0,"provision":{}}"#;
+        let rec: DeviceRecord = serde_json::from_slice(issued).unwrap();
+        match rec.state {
+            DeviceState::CertificateIssued {
+                ownership_token,
+                token_expires_at_ms,
+                ..
+            } => {
+                assert_eq!(ownership_token.as_ref().map(|t| t.expose()), Some("tok"));
+                assert_eq!(token_expires_at_ms, Some(99));
+            }
+            other => panic!("expected certificateIssued, got {other:?}"),
+        }
+    }
+
     #[test]
     fn outbox_message_round_trips_and_rejects_truncation() {
         let m = OutboxMessage {
@@ -393,9 +496,30 @@ mod tests {
             payload: vec![0, 1, 2, 255],
             qos: 1,
             enqueued_at_ms: 77,
+            properties: Vec::new(),
         };
         let bytes = m.encode();
+        assert_eq!(
+            bytes[0], 1,
+            "a message without properties keeps the first layout"
+        );
         assert_eq!(OutboxMessage::decode(&bytes).unwrap(), m);
+        let with = OutboxMessage {
+            properties: vec![
+                ("$.ct".into(), "application/json".into()),
+                ("site".into(), "north β".into()),
+            ],
+            ..m.clone()
+        };
+        let encoded = with.encode();
+        assert_eq!(encoded[0], 2);
+        assert_eq!(OutboxMessage::decode(&encoded).unwrap(), with);
+        for cut in 1..encoded.len() - with.payload.len() {
+            assert!(
+                OutboxMessage::decode(&encoded[..cut]).is_err(),
+                "truncated at {cut} must not decode"
+            );
+        }
         assert_eq!(
             OutboxMessage::decode(&bytes[..5]),
             Err(OutboxDecodeError::Truncated(1))
@@ -404,7 +528,7 @@ mod tests {
         newer[0] = OUTBOX_MESSAGE_VERSION + 1;
         assert_eq!(
             OutboxMessage::decode(&newer),
-            Err(OutboxDecodeError::NewerVersion(2))
+            Err(OutboxDecodeError::NewerVersion(3))
         );
     }
 }

@@ -25,6 +25,7 @@ fn msg(device: &str, payload: &[u8]) -> OutboxMessage {
         payload: payload.to_vec(),
         qos: 1,
         enqueued_at_ms: 1,
+        properties: Vec::new(),
     }
 }
 
@@ -36,9 +37,10 @@ async fn reopen_after_drop_keeps_every_tree() {
     {
         let store = Store::open(&dir, &opts()).unwrap();
         let mut rec = DeviceRecord::new(d.clone(), "cbor", 10);
-        rec.state = DeviceState::ThingRegistered {
-            thing_name: "thing-1".into(),
-            device_configuration: BTreeMap::from([("k".into(), "v".into())]),
+        rec.state = DeviceState::Registered {
+            cloud_id: "thing-1".into(),
+            endpoint: None,
+            extras: BTreeMap::from([("k".into(), "v".into())]),
         };
         store.put_device(&rec).await.unwrap();
         store.put_secret(&d, b"sealed-key").await.unwrap();
@@ -70,7 +72,7 @@ async fn reopen_after_drop_keeps_every_tree() {
     let rec = store.device(&d).unwrap().unwrap();
     assert_eq!(rec.etag, 1);
     assert_eq!(rec.format, "cbor");
-    assert_eq!(rec.state.name(), "thingRegistered");
+    assert_eq!(rec.state.name(), "registered");
     assert_eq!(
         store.secret(&d).unwrap().as_deref(),
         Some(&b"sealed-key"[..])

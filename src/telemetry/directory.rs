@@ -11,7 +11,9 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use super::{TelemetryError, UpstreamEndpoint};
+use super::TelemetryError;
+use crate::admission::sas;
+use crate::cloud::{UpstreamAuth, UpstreamSpec, UpstreamTransport, Upstreams};
 use crate::config::TelemetryIdentity;
 use crate::device_id::DeviceId;
 use crate::downstream::{DeviceStatus, RejectedResponse};
@@ -54,6 +56,8 @@ pub(crate) enum Gate {
 pub(crate) struct Directory {
     store: Store,
     mode: TelemetryIdentity,
+    /// Devices connect with their certificate: the gateway must hold their key.
+    certificates: bool,
     ttl: Duration,
     cache: HashMap<DeviceId, (Instant, Gate)>,
 }
@@ -62,10 +66,11 @@ pub(crate) struct Directory {
 const MAX_CACHED: usize = 100_000;
 
 impl Directory {
-    pub fn new(store: Store, mode: TelemetryIdentity, ttl: Duration) -> Self {
+    pub fn new(store: Store, mode: TelemetryIdentity, certificates: bool, ttl: Duration) -> Self {
         Self {
             store,
             mode,
+            certificates,
             ttl,
             cache: HashMap::new(),
         }
@@ -92,7 +97,7 @@ impl Directory {
 
     fn lookup(&self, id: &DeviceId) -> Gate {
         match self.store.device(id) {
-            Ok(Some(rec)) => verdict(&rec, self.mode),
+            Ok(Some(rec)) => verdict(&rec, self.mode, self.certificates),
             Ok(None) => refuse(
                 RefusalKind::Unknown,
                 None,
@@ -121,15 +126,15 @@ fn refuse(
     }))
 }
 
-fn verdict(rec: &DeviceRecord, mode: TelemetryIdentity) -> Gate {
+fn verdict(rec: &DeviceRecord, mode: TelemetryIdentity, certificates: bool) -> Gate {
     let id = &rec.id;
     let status = DeviceStatus::of(&rec.state);
-    // The engine publishes `/accepted` only after `ThingRegistered` is durable and records
+    // The engine publishes `/accepted` only after `Registered` is durable and records
     // `Delivered` after that publish; a device that starts sending as soon as it has its answer
     // must not be refused in between.
     if !matches!(
         rec.state,
-        DeviceState::ThingRegistered { .. } | DeviceState::Delivered
+        DeviceState::Registered { .. } | DeviceState::Delivered
     ) {
         return refuse(
             RefusalKind::NotProvisioned,
@@ -161,6 +166,7 @@ fn verdict(rec: &DeviceRecord, mode: TelemetryIdentity) -> Gate {
         );
     };
     if mode == TelemetryIdentity::Device
+        && certificates
         && (!rec.provision.gateway_key || rec.provision.certificate_pem.is_none())
     {
         return refuse(
@@ -178,14 +184,38 @@ fn verdict(rec: &DeviceRecord, mode: TelemetryIdentity) -> Gate {
     }
 }
 
-/// Builds the TLS client config a device connects upstream with: its certificate from the
-/// device record and its key from the `secrets` tree (unsealed when a sealing key is set).
-pub(crate) fn device_tls(
+/// Where and as whom a device's link connects.
+pub(crate) struct LinkTarget {
+    /// The cloud's name for the device (for commands and logs).
+    pub cloud_id: String,
+    /// MQTT or HTTPS.
+    pub transport: UpstreamTransport,
+    /// MQTT client id.
+    pub client_id: String,
+    /// Host name (TLS server name; SAS host).
+    pub host: String,
+    /// Where to connect.
+    pub address: (String, u16),
+    /// TLS client configuration (with the device's certificate where it has one).
+    pub tls: Arc<rustls::ClientConfig>,
+    /// MQTT username.
+    pub username: Option<String>,
+    /// Makes a fresh password (SAS token) for each connection or request.
+    pub password: Option<PasswordSource>,
+}
+
+/// Makes a fresh SAS token (MQTT password, HTTPS `Authorization`).
+pub(crate) type PasswordSource = Arc<dyn Fn() -> String + Send + Sync>;
+
+/// How `id` connects upstream: the provider's [`UpstreamSpec`] for its registration, with its
+/// certificate from the device record and its key from the `secrets` tree (unsealed when a
+/// sealing key is set), or SAS tokens from the key the provider derives.
+pub(crate) fn device_target(
     store: &Store,
     sealer: Option<&Sealer>,
-    endpoint: &UpstreamEndpoint,
+    provider: &dyn Upstreams,
     id: &DeviceId,
-) -> Result<(String, Arc<rustls::ClientConfig>), TelemetryError> {
+) -> Result<LinkTarget, TelemetryError> {
     let cred = |reason: String| TelemetryError::DeviceCredentials {
         device: id.clone(),
         reason,
@@ -194,33 +224,71 @@ pub(crate) fn device_tls(
         .device(id)
         .map_err(|e| cred(format!("reading its record: {e}")))?
         .ok_or_else(|| cred("it has no record (deleted?)".into()))?;
-    let thing = rec
+    let cloud_id = rec
         .provision
         .thing_name
         .clone()
-        .ok_or_else(|| cred("no thing name recorded".into()))?;
-    let cert = rec
-        .provision
-        .certificate_pem
-        .as_deref()
-        .ok_or_else(|| cred("no certificate recorded".into()))?;
-    let stored = store
-        .secret(id)
-        .map_err(|e| cred(format!("reading its key: {e}")))?
-        .ok_or_else(|| cred("its private key is not in the store".into()))?;
-    let plain = match sealer {
-        Some(s) => s
-            .open(SealedRecord::DeviceKey, id.as_str(), &stored)
-            .map_err(|e| cred(format!("unsealing its key: {e}")))?,
-        None => crate::identity::Secret::new(stored),
+        .ok_or_else(|| cred("no cloud registration recorded".into()))?;
+    let spec: UpstreamSpec = provider
+        .upstream(id, &cloud_id, rec.provision.endpoint.as_deref())
+        .map_err(|e| cred(e.to_string()))?;
+    let (tls, password) = match spec.auth {
+        UpstreamAuth::DeviceCertificate => {
+            let cert = rec
+                .provision
+                .certificate_pem
+                .as_deref()
+                .ok_or_else(|| cred("no certificate recorded".into()))?;
+            let stored = store
+                .secret(id)
+                .map_err(|e| cred(format!("reading its key: {e}")))?
+                .ok_or_else(|| cred("its private key is not in the store".into()))?;
+            let plain = match sealer {
+                Some(s) => s
+                    .open(SealedRecord::DeviceKey, id.as_str(), &stored)
+                    .map_err(|e| cred(format!("unsealing its key: {e}")))?,
+                None => crate::identity::Secret::new(stored),
+            };
+            let pem = plain.expose_str().ok_or_else(|| {
+                cred(
+                    "the stored key is not PEM text (sealed, but no sealing key configured?)"
+                        .into(),
+                )
+            })?;
+            let key = PrivateKey::from_pem(pem).map_err(|e| cred(format!("its key: {e}")))?;
+            let tls = tls::client_config(&spec.ca_pem, Some((cert, &key)))
+                .map_err(|e| cred(format!("TLS configuration: {e}")))?;
+            (tls, None)
+        }
+        UpstreamAuth::Sas {
+            device_key,
+            resource,
+            ttl,
+        } => {
+            let tls = tls::client_config(&spec.ca_pem, None)
+                .map_err(|e| cred(format!("TLS configuration: {e}")))?;
+            let ttl_secs = i64::try_from(ttl.as_secs()).unwrap_or(i64::MAX / 4).max(60);
+            let password: PasswordSource = Arc::new(move || {
+                let expiry = crate::clock::unix_secs().saturating_add(ttl_secs);
+                sas::generate_sas(&resource, device_key.expose(), expiry, None)
+            });
+            (tls, Some(password))
+        }
     };
-    let pem = plain.expose_str().ok_or_else(|| {
-        cred("the stored key is not PEM text (sealed, but no sealing key configured?)".into())
-    })?;
-    let key = PrivateKey::from_pem(pem).map_err(|e| cred(format!("its key: {e}")))?;
-    let config = tls::client_config(&endpoint.ca_pem, Some((cert, &key)))
-        .map_err(|e| cred(format!("TLS configuration: {e}")))?;
-    Ok((thing, config))
+    let address = match spec.connect {
+        Some(addr) => (addr.ip().to_string(), addr.port()),
+        None => (spec.host.clone(), spec.port),
+    };
+    Ok(LinkTarget {
+        cloud_id,
+        transport: spec.transport,
+        client_id: spec.client_id,
+        host: spec.host,
+        address,
+        tls,
+        username: spec.username,
+        password,
+    })
 }
 
 #[cfg(test)]
@@ -238,22 +306,28 @@ mod tests {
 
     #[test]
     fn only_registered_enabled_devices_are_forwarded() {
-        match verdict(&rec(DeviceState::Delivered), TelemetryIdentity::Device) {
+        match verdict(
+            &rec(DeviceState::Delivered),
+            TelemetryIdentity::Device,
+            true,
+        ) {
             Gate::Forward { thing_name } => assert_eq!(&*thing_name, "thing-1"),
             other => panic!("{other:?}"),
         }
         // Answered on `/accepted` but `Delivered` not yet recorded: already forwarded.
-        let registered = DeviceState::ThingRegistered {
-            thing_name: "thing-1".into(),
-            device_configuration: Default::default(),
+        let registered = DeviceState::Registered {
+            cloud_id: "thing-1".into(),
+            endpoint: None,
+            extras: Default::default(),
         };
         assert!(matches!(
-            verdict(&rec(registered), TelemetryIdentity::Device),
+            verdict(&rec(registered), TelemetryIdentity::Device, true),
             Gate::Forward { .. }
         ));
         let Gate::Refuse(r) = verdict(
             &rec(DeviceState::WaitingApproval),
             TelemetryIdentity::Device,
+            true,
         ) else {
             panic!("waiting device forwarded")
         };
@@ -262,7 +336,7 @@ mod tests {
         assert!(r.error.error_message.contains("dev-1"));
         let mut disabled = rec(DeviceState::Delivered);
         disabled.enabled = false;
-        let Gate::Refuse(r) = verdict(&disabled, TelemetryIdentity::Gateway) else {
+        let Gate::Refuse(r) = verdict(&disabled, TelemetryIdentity::Gateway, true) else {
             panic!("disabled device forwarded")
         };
         assert_eq!(r.kind, RefusalKind::Disabled);
@@ -273,12 +347,18 @@ mod tests {
     fn own_key_devices_need_gateway_identity() {
         let mut own = rec(DeviceState::Delivered);
         own.provision.gateway_key = false;
-        let Gate::Refuse(r) = verdict(&own, TelemetryIdentity::Device) else {
+        let Gate::Refuse(r) = verdict(&own, TelemetryIdentity::Device, true) else {
             panic!("forwarded without a key")
         };
         assert_eq!(r.kind, RefusalKind::NoKey);
         assert!(matches!(
-            verdict(&own, TelemetryIdentity::Gateway),
+            verdict(&own, TelemetryIdentity::Gateway, true),
+            Gate::Forward { .. }
+        ));
+        // SAS devices (Azure symmetric key) hold no certificate and need no key at the gateway.
+        own.provision.certificate_pem = None;
+        assert!(matches!(
+            verdict(&own, TelemetryIdentity::Device, false),
             Gate::Forward { .. }
         ));
     }

@@ -28,11 +28,13 @@ use bytes::Bytes;
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
-use super::directory::device_tls;
-use super::link::{Item, Link, LinkConfig, Settled};
+use super::directory::device_target;
+use super::https_link::{HttpsLink, HttpsSettings};
+use super::link::{Item, Link, LinkConfig, MqttTarget, Settle, Settled};
 use super::topic::CommandFilter;
 use super::{Shared, TelemetryError};
 use crate::clock;
+use crate::cloud::UpstreamTransport;
 use crate::device_id::DeviceId;
 use crate::identity::Sealer;
 use crate::store::OutboxMessage;
@@ -89,33 +91,61 @@ pub(crate) trait Upstream: Send + 'static {
     ) -> Result<(String, Self::Link), TelemetryError>;
 }
 
-impl UpstreamLink for Link {
+/// An open link: MQTT, or HTTPS to IoT Hub.
+pub(crate) enum AnyLink {
+    Mqtt(Link),
+    Https(HttpsLink),
+}
+
+impl UpstreamLink for AnyLink {
     fn client_id(&self) -> &str {
-        &self.shared.client_id
+        match self {
+            AnyLink::Mqtt(l) => &l.shared.client_id,
+            AnyLink::Https(l) => &l.shared.client_id,
+        }
     }
 
     fn enqueue(&self, items: impl IntoIterator<Item = Item>) {
-        self.shared.enqueue(items);
+        match self {
+            AnyLink::Mqtt(l) => l.shared.enqueue(items),
+            AnyLink::Https(l) => l.shared.enqueue(items),
+        }
     }
 
     fn add_command_thing(&self, thing: &str, device: &DeviceId, filter: &CommandFilter) {
-        self.shared.add_command_thing(thing, device, filter);
+        match self {
+            AnyLink::Mqtt(l) => l.shared.add_command_thing(thing, device, filter),
+            // Cloud-to-device messages come over MQTT only (see the README's Azure section).
+            AnyLink::Https(_) => {}
+        }
     }
 
     fn is_empty(&self) -> bool {
-        self.shared.is_empty()
+        match self {
+            AnyLink::Mqtt(l) => l.shared.is_empty(),
+            AnyLink::Https(l) => l.shared.is_empty(),
+        }
     }
 
     fn last_activity(&self) -> Option<Instant> {
-        self.shared.last_activity()
+        match self {
+            AnyLink::Mqtt(l) => l.shared.last_activity(),
+            AnyLink::Https(l) => l.shared.last_activity(),
+        }
     }
 
     fn remove_queued(&self, drop: impl FnMut(&Item) -> bool) -> Vec<Item> {
-        self.shared.remove_queued(drop)
+        match self {
+            AnyLink::Mqtt(l) => l.shared.remove_queued(drop),
+            AnyLink::Https(l) => l.shared.remove_queued(drop),
+        }
     }
 
-    fn stop(self, within: Duration) -> impl Future<Output = Vec<Item>> + Send + 'static {
-        Link::stop(self, within)
+    async fn stop(self, within: Duration) -> Vec<Item> {
+        match self {
+            AnyLink::Mqtt(l) => l.stop(within).await,
+            AnyLink::Https(l) => l.stop(within).await,
+        }
     }
 }
 
@@ -130,10 +160,9 @@ pub(crate) struct MqttUpstream {
 }
 
 impl MqttUpstream {
-    fn start(&self, client_id: String, tls: Arc<rustls::ClientConfig>, cfg: &LinkConfig) -> Link {
+    fn start(&self, target: MqttTarget, cfg: &LinkConfig) -> Link {
         Link::start(
-            client_id,
-            tls,
+            target,
             cfg,
             self.shared.counters.clone(),
             self.settled.clone(),
@@ -144,26 +173,60 @@ impl MqttUpstream {
 }
 
 impl Upstream for MqttUpstream {
-    type Link = Link;
+    type Link = AnyLink;
 
-    fn open_gateway(&mut self, cfg: &LinkConfig) -> Option<Link> {
+    fn open_gateway(&mut self, cfg: &LinkConfig) -> Option<AnyLink> {
         let (client_id, tls) = self.gateway_tls.take()?;
-        Some(self.start(client_id, tls, cfg))
+        let endpoint = &self.shared.opts.endpoint;
+        let target = MqttTarget {
+            client_id,
+            address: (endpoint.host.clone(), endpoint.port),
+            tls,
+            username: None,
+            password: None,
+        };
+        Some(AnyLink::Mqtt(self.start(target, cfg)))
     }
 
     fn open_device(
         &mut self,
         device: &DeviceId,
         cfg: &LinkConfig,
-    ) -> Result<(String, Link), TelemetryError> {
-        let (thing, tls) = device_tls(
+    ) -> Result<(String, AnyLink), TelemetryError> {
+        let target = device_target(
             &self.shared.store,
             self.sealer.as_deref(),
-            &cfg.endpoint,
+            self.shared.opts.upstreams.as_ref(),
             device,
         )?;
-        let link = self.start(thing.clone(), tls, cfg);
-        Ok((thing, link))
+        let cloud_id = target.cloud_id.clone();
+        if target.transport == UpstreamTransport::Https {
+            let o = &self.shared.opts;
+            let link = HttpsLink::start(
+                target,
+                &HttpsSettings {
+                    window: cfg.window,
+                    request_timeout: o.connect_timeout,
+                    reconnect_min: o.reconnect_min,
+                    reconnect_max: o.reconnect_max,
+                },
+                self.shared.counters.clone(),
+                self.settled.clone(),
+                self.shutdown.clone(),
+            );
+            return Ok((cloud_id, AnyLink::Https(link)));
+        }
+        let link = self.start(
+            MqttTarget {
+                client_id: target.client_id,
+                address: target.address,
+                tls: target.tls,
+                username: target.username,
+                password: target.password,
+            },
+            cfg,
+        );
+        Ok((cloud_id, AnyLink::Mqtt(link)))
     }
 }
 
@@ -223,7 +286,6 @@ impl<U: Upstream> Dispatcher<U> {
     ) -> Self {
         let o = &shared.opts;
         let link_cfg = LinkConfig {
-            endpoint: o.endpoint.clone(),
             window: o.inflight,
             keep_alive: o.keep_alive,
             connect_timeout: o.connect_timeout,
@@ -441,11 +503,12 @@ impl<U: Upstream> Dispatcher<U> {
             self.expire(seq);
             return;
         }
-        let topic = self
-            .shared
-            .opts
-            .topic
-            .render(thing, msg.device.as_str(), &msg.topic);
+        let topic = self.shared.opts.topic.render_with(
+            thing,
+            msg.device.as_str(),
+            &msg.topic,
+            &msg.properties,
+        );
         let item = Item::new(
             seq,
             msg.device,
@@ -698,13 +761,13 @@ pub(crate) async fn remover(shared: Arc<Shared>, mut settled: mpsc::UnboundedRec
         let mut forwarded = 0u64;
         let mut mem = 0usize;
         // Consecutive messages of one link are settled with one lock.
-        let mut run: Option<(Arc<super::link::LinkShared>, usize)> = None;
+        let mut run: Option<(Arc<dyn Settle>, usize)> = None;
         for s in batch.drain(..) {
             mem += s.mem;
             let Some(link) = s.link else { continue };
             forwarded += 1;
             match &mut run {
-                Some((l, n)) if Arc::ptr_eq(l, &link) => *n += 1,
+                Some((l, n)) if std::ptr::addr_eq(Arc::as_ptr(l), Arc::as_ptr(&link)) => *n += 1,
                 _ => {
                     if let Some((l, n)) = run.replace((link, 1)) {
                         l.settle(n);

@@ -276,6 +276,7 @@ fn message(device_id: &str) -> OutboxMessage {
         payload: vec![0u8; 100],
         qos: 1,
         enqueued_at_ms: crate::clock::unix_ms(),
+        properties: Vec::new(),
     }
 }
 

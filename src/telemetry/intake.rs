@@ -37,6 +37,7 @@ use crate::device_id::DeviceId;
 use crate::downstream::{
     AckHandle, DeviceStatus, DeviceTopic, DownstreamMessage, QoS, RejectedResponse, StatusReport,
 };
+use crate::mqtt::props::MessageProperties;
 use crate::store::{OutboxMessage, Store, WriteTicket};
 
 /// Status notices being published at once at most; more are skipped (and only logged).
@@ -111,7 +112,12 @@ impl Intake {
         shutdown: watch::Receiver<bool>,
     ) -> Self {
         let opts = &shared.opts;
-        let directory = Directory::new(shared.store.clone(), opts.identity, opts.device_cache_ttl);
+        let directory = Directory::new(
+            shared.store.clone(),
+            opts.identity,
+            opts.device_certificates,
+            opts.device_cache_ttl,
+        );
         // A batch never needs more than a quarter of the outbox, so drop-oldest always finds
         // room for it and backpressure always ends once the cloud takes messages again.
         let batch_bytes_max =
@@ -191,6 +197,7 @@ impl Intake {
                 payload,
                 qos,
                 ack,
+                properties,
                 ..
             } = m;
             let DeviceTopic::Telemetry { device, subtopic } = topic else {
@@ -244,6 +251,7 @@ impl Intake {
                 payload: payload.to_vec(),
                 qos: u8::from(qos != QoS::AtMostOnce),
                 enqueued_at_ms: now,
+                properties: properties.as_deref().map(carried).unwrap_or_default(),
             };
             bytes += encoded_len(&msg);
             msgs.push(msg);
@@ -432,4 +440,27 @@ impl Intake {
             drop(permit);
         });
     }
+}
+
+/// The MQTT 5 properties of a device's message that travel upstream with it (see
+/// [`OutboxMessage::properties`]): user properties in order, content type as `$.ct`,
+/// correlation data as `$.cid` when it is UTF-8 text, and `$.ce = utf-8` for a payload the
+/// device marked UTF-8. Response topics stay local (a cloud cannot answer on the device's
+/// broker).
+fn carried(p: &MessageProperties) -> Vec<(String, String)> {
+    let mut out = p.user_properties.clone();
+    if let Some(ct) = &p.content_type {
+        out.push(("$.ct".into(), ct.clone()));
+    }
+    if let Some(cid) = p
+        .correlation_data
+        .as_ref()
+        .and_then(|d| std::str::from_utf8(d).ok())
+    {
+        out.push(("$.cid".into(), cid.to_string()));
+    }
+    if p.payload_format_indicator == Some(1) {
+        out.push(("$.ce".into(), "utf-8".into()));
+    }
+    out
 }

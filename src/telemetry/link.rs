@@ -31,8 +31,9 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
+use super::directory::PasswordSource;
 use super::topic::CommandFilter;
-use super::{Counters, UpstreamEndpoint};
+use super::Counters;
 use crate::backoff::Backoff;
 use crate::device_id::DeviceId;
 use crate::downstream::DownstreamSession;
@@ -80,17 +81,46 @@ impl Item {
     }
 }
 
+/// Takes the items `drop` says yes to out of `queue`, keeping the others in order.
+pub(crate) fn take_matching(
+    queue: &mut VecDeque<Item>,
+    mut drop: impl FnMut(&Item) -> bool,
+) -> Vec<Item> {
+    let mut removed = Vec::new();
+    let mut kept = VecDeque::with_capacity(queue.len());
+    for item in queue.drain(..) {
+        if drop(&item) {
+            removed.push(item);
+        } else {
+            kept.push_back(item);
+        }
+    }
+    *queue = kept;
+    removed
+}
+
 /// A message acknowledged by the cloud, for the remover.
 pub(crate) struct Settled {
     pub seq: u64,
     pub mem: usize,
-    pub link: Option<Arc<LinkShared>>,
+    pub link: Option<Arc<dyn Settle>>,
+}
+
+/// A link whose window slots the remover frees once acknowledged messages are durably gone.
+pub(crate) trait Settle: Send + Sync {
+    /// `n` of its acknowledged messages left the outbox.
+    fn settle(&self, n: usize);
+}
+
+impl Settle for LinkShared {
+    fn settle(&self, n: usize) {
+        LinkShared::settle(self, n);
+    }
 }
 
 /// Connection settings shared by every link.
 #[derive(Clone)]
 pub(crate) struct LinkConfig {
-    pub endpoint: UpstreamEndpoint,
     pub window: u16,
     pub keep_alive: Duration,
     pub connect_timeout: Duration,
@@ -200,19 +230,8 @@ impl LinkShared {
     }
 
     /// Drops queued (not yet sent) messages for which `drop` says yes; returns them.
-    pub fn remove_queued(&self, mut drop: impl FnMut(&Item) -> bool) -> Vec<Item> {
-        let mut st = self.lock();
-        let mut removed = Vec::new();
-        let mut kept = VecDeque::with_capacity(st.queued.len());
-        for item in st.queued.drain(..) {
-            if drop(&item) {
-                removed.push(item);
-            } else {
-                kept.push_back(item);
-            }
-        }
-        st.queued = kept;
-        removed
+    pub fn remove_queued(&self, drop: impl FnMut(&Item) -> bool) -> Vec<Item> {
+        take_matching(&mut self.lock().queued, drop)
     }
 
     /// Asks the task to disconnect and stop; queued messages stay in the outbox.
@@ -260,21 +279,27 @@ pub(crate) struct Link {
 }
 
 impl Link {
-    /// Starts a link connecting as `client_id` with `tls`.
+    /// Starts a link connecting as `target` says.
     pub fn start(
-        client_id: String,
-        tls: Arc<rustls::ClientConfig>,
+        target: MqttTarget,
         cfg: &LinkConfig,
         counters: Arc<Counters>,
         settled: mpsc::UnboundedSender<Settled>,
         downstream: Arc<DownstreamSession>,
         shutdown: watch::Receiver<bool>,
     ) -> Self {
-        let mut mqtt = MqttOptions::new(
-            client_id.clone(),
-            cfg.endpoint.host.clone(),
-            cfg.endpoint.port,
-        );
+        let MqttTarget {
+            client_id,
+            address: (host, port),
+            tls,
+            username,
+            password,
+        } = target;
+        let mut mqtt = MqttOptions::new(client_id.clone(), host, port);
+        if let Some(username) = &username {
+            let first = password.as_ref().map(|p| p()).unwrap_or_default();
+            mqtt.set_credentials(username.clone(), first);
+        }
         let window = cfg.window.max(1);
         mqtt.set_clean_session(true)
             .set_manual_acks(true)
@@ -300,6 +325,7 @@ impl Link {
             commands: cfg.commands.clone(),
             command_timeout: cfg.command_timeout,
             backoff: Backoff::new(cfg.reconnect_min, cfg.reconnect_max),
+            credentials: username.zip(password),
             shutdown,
         };
         let task = tokio::spawn(driver.run());
@@ -325,7 +351,24 @@ struct Driver {
     commands: Option<CommandFilter>,
     command_timeout: Duration,
     backoff: Backoff,
+    /// Username and a maker of fresh passwords (SAS tokens expire: each connection gets a new
+    /// one).
+    credentials: Option<(String, PasswordSource)>,
     shutdown: watch::Receiver<bool>,
+}
+
+/// Where and as whom an MQTT link connects.
+pub(crate) struct MqttTarget {
+    /// MQTT client id.
+    pub client_id: String,
+    /// Host (also the TLS server name) and port.
+    pub address: (String, u16),
+    /// TLS client configuration.
+    pub tls: Arc<rustls::ClientConfig>,
+    /// MQTT username.
+    pub username: Option<String>,
+    /// Fresh password per connection.
+    pub password: Option<PasswordSource>,
 }
 
 impl Driver {
@@ -356,6 +399,11 @@ impl Driver {
                     }
                     if self.shared.lock().closing {
                         break;
+                    }
+                    if let Some((username, password)) = &self.credentials {
+                        self.eventloop
+                            .mqtt_options
+                            .set_credentials(username.clone(), password());
                     }
                 }
             }

@@ -29,6 +29,7 @@
 
 mod directory;
 mod dispatch;
+mod https_link;
 mod intake;
 mod link;
 pub mod topic;
@@ -41,6 +42,9 @@ use serde::Serialize;
 use tokio::sync::{mpsc, watch, Notify};
 use tokio::task::JoinHandle;
 
+use crate::cloud::{
+    CloudError, TelemetryProfile, UpstreamAuth, UpstreamSpec, UpstreamTransport, Upstreams,
+};
 use crate::config::{TelemetryIdentity, WhenFull};
 use crate::device_id::DeviceId;
 use crate::downstream::{DownstreamMessage, DownstreamSession};
@@ -103,6 +107,28 @@ impl UpstreamEndpoint {
     }
 }
 
+/// AWS IoT's convention: every device connects to this endpoint with its own certificate,
+/// client id = thing name.
+impl Upstreams for UpstreamEndpoint {
+    fn upstream(
+        &self,
+        _device: &DeviceId,
+        cloud_id: &str,
+        _endpoint: Option<&str>,
+    ) -> Result<UpstreamSpec, CloudError> {
+        Ok(UpstreamSpec {
+            transport: UpstreamTransport::Mqtt,
+            host: self.host.clone(),
+            port: self.port,
+            connect: None,
+            ca_pem: Arc::from(self.ca_pem.as_str()),
+            client_id: cloud_id.to_string(),
+            username: None,
+            auth: UpstreamAuth::DeviceCertificate,
+        })
+    }
+}
+
 /// The gateway's own upstream identity, for `identity = "gateway"`.
 #[derive(Clone, Debug)]
 pub struct GatewayCredentials {
@@ -121,8 +147,11 @@ pub struct TelemetryOptions {
     pub identity: TelemetryIdentity,
     /// Required when `identity` is [`TelemetryIdentity::Gateway`].
     pub gateway: Option<GatewayCredentials>,
-    /// The cloud endpoint.
+    /// The cloud endpoint of the gateway identity's link (AWS).
     pub endpoint: UpstreamEndpoint,
+    /// How each device connects upstream (the provider's answer; by default AWS's convention
+    /// at `endpoint`).
+    pub upstreams: Arc<dyn Upstreams>,
     /// Upstream topic template.
     pub topic: TopicTemplate,
     /// Commands filter template; `None` disables cloud-to-device forwarding.
@@ -145,6 +174,9 @@ pub struct TelemetryOptions {
     pub gateway_inflight: u16,
     /// Largest payload accepted (the cloud's limit).
     pub max_payload_bytes: usize,
+    /// Devices connect upstream with their own certificate, so in `device` identity the
+    /// gateway must hold their key (false with SAS tokens).
+    pub device_certificates: bool,
     /// Bytes of messages kept in memory for sending; the rest waits in the outbox.
     pub max_memory_bytes: usize,
     /// Messages per outbox append (one group commit).
@@ -171,6 +203,7 @@ impl TelemetryOptions {
         Self {
             identity: TelemetryIdentity::Device,
             gateway: None,
+            upstreams: Arc::new(endpoint.clone()),
             endpoint,
             topic: TopicTemplate::parse("dt/{thingName}/telemetry{/subtopic}")
                 .unwrap_or_else(|_| unreachable!("the default topic template parses")),
@@ -186,6 +219,7 @@ impl TelemetryOptions {
             inflight: 10,
             gateway_inflight: 300,
             max_payload_bytes: AWS_MAX_PAYLOAD_BYTES,
+            device_certificates: true,
             max_memory_bytes: 32 * 1024 * 1024,
             batch_max: 2048,
             device_cache_ttl: Duration::from_secs(5),
@@ -198,20 +232,26 @@ impl TelemetryOptions {
         }
     }
 
-    /// Options from the config's `[telemetry]` section for `endpoint`; the rest keep their
-    /// defaults. `identity = "gateway"` also needs [`TelemetryOptions::gateway`] set.
+    /// Options from the config's `[telemetry]` section for `endpoint`, with the provider's
+    /// topics and payload limit (`profile`); the rest keep their defaults.
+    /// `identity = "gateway"` also needs [`TelemetryOptions::gateway`] set.
     pub fn from_config(
         section: &crate::config::TelemetrySection,
         endpoint: UpstreamEndpoint,
+        profile: TelemetryProfile,
     ) -> Result<Self, TelemetryError> {
         let mut o = Self::new(endpoint);
         o.identity = section.identity;
-        o.topic = TopicTemplate::parse(&section.topic)?;
-        o.commands = if section.commands_topic.is_empty() {
-            None
-        } else {
-            Some(CommandFilter::parse(&section.commands_topic)?)
-        };
+        if o.identity == TelemetryIdentity::Gateway && !profile.gateway_identity {
+            return Err(TelemetryError::Option {
+                key: "telemetry.identity",
+                reason: "\"gateway\" is not available with this cloud provider: IoT Hub has no way to carry many devices over one MQTT connection; use \"device\"".into(),
+            });
+        }
+        o.topic = profile.topic;
+        o.commands = profile.commands;
+        o.max_payload_bytes = profile.max_payload_bytes;
+        o.device_certificates = profile.device_certificates;
         o.max_bytes = section.max_bytes;
         o.max_age = Duration::from_secs(section.max_age_secs);
         o.when_full = section.when_full;
@@ -596,7 +636,8 @@ mod tests {
             ..Default::default()
         };
         let endpoint = UpstreamEndpoint::parse("localhost", String::new()).unwrap();
-        let o = TelemetryOptions::from_config(&section, endpoint.clone()).unwrap();
+        let profile = crate::cloud::aws::telemetry_profile(&section).unwrap();
+        let o = TelemetryOptions::from_config(&section, endpoint.clone(), profile.clone()).unwrap();
         assert_eq!(o.topic.render("t", "d", "x"), "site/d/x");
         assert_eq!(o.when_full, WhenFull::DropOldest);
         assert_eq!(o.inflight, 25);
@@ -604,7 +645,7 @@ mod tests {
         assert_eq!(o.idle, Duration::from_secs(7));
         assert_eq!(o.identity, TelemetryIdentity::Device);
         section.max_bytes = 1000;
-        let msg = TelemetryOptions::from_config(&section, endpoint)
+        let msg = TelemetryOptions::from_config(&section, endpoint, profile)
             .unwrap_err()
             .to_string();
         assert!(msg.contains("telemetry.max_bytes"), "{msg}");

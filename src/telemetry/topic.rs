@@ -5,7 +5,16 @@
 //! Templates are parsed once at start so that rendering a topic per message is one allocation
 //! and no parsing.
 
+use percent_encoding::{AsciiSet, NON_ALPHANUMERIC};
+
 use super::TelemetryError;
+
+/// What stays unencoded in IoT Hub property keys and values (RFC 3986 unreserved).
+const PROPERTY_SET: &AsciiSet = &NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'.')
+    .remove(b'_')
+    .remove(b'~');
 
 /// One piece of a parsed topic template.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -17,6 +26,9 @@ enum Part {
     SlashSubtopic,
     /// `{subtopic}`: the subtopic, or nothing.
     Subtopic,
+    /// IoT Hub's property bag: `subtopic=` + the percent-encoded subtopic, or nothing (not
+    /// available in configured templates).
+    SubtopicProperty,
 }
 
 /// A parsed telemetry topic template.
@@ -88,6 +100,23 @@ impl TopicTemplate {
         })
     }
 
+    /// IoT Hub's device-to-cloud topic, `devices/{deviceId}/messages/events/`, with the
+    /// device's subtopic carried as the message property `subtopic` (URL-encoded, as IoT Hub
+    /// reads the property bag).
+    pub fn azure_events() -> Self {
+        let parts = vec![
+            Part::Literal("devices/".into()),
+            Part::ThingName,
+            Part::Literal("/messages/events/".into()),
+            Part::SubtopicProperty,
+        ];
+        Self {
+            source: "devices/{thingName}/messages/events/{subtopicProperty}".into(),
+            fixed_len: "devices/".len() + "/messages/events/".len(),
+            parts,
+        }
+    }
+
     /// The template as configured.
     pub fn as_str(&self) -> &str {
         &self.source
@@ -95,6 +124,19 @@ impl TopicTemplate {
 
     /// The upstream topic for one message.
     pub fn render(&self, thing_name: &str, device_id: &str, subtopic: &str) -> String {
+        self.render_with(thing_name, device_id, subtopic, &[])
+    }
+
+    /// The upstream topic for one message with its properties: where the template has IoT
+    /// Hub's property bag they follow the subtopic, URL-encoded; other templates (MQTT 3.1.1
+    /// topics) cannot carry them.
+    pub fn render_with(
+        &self,
+        thing_name: &str,
+        device_id: &str,
+        subtopic: &str,
+        properties: &[(String, String)],
+    ) -> String {
         let mut out = String::with_capacity(
             self.fixed_len + thing_name.len().max(device_id.len()) + subtopic.len() + 1,
         );
@@ -109,6 +151,18 @@ impl TopicTemplate {
                 }
                 Part::SlashSubtopic => {}
                 Part::Subtopic => out.push_str(subtopic),
+                Part::SubtopicProperty => {
+                    let sub = (!subtopic.is_empty()).then_some(("subtopic", subtopic));
+                    let props = properties.iter().map(|(k, v)| (k.as_str(), v.as_str()));
+                    for (i, (k, v)) in sub.into_iter().chain(props).enumerate() {
+                        if i > 0 {
+                            out.push('&');
+                        }
+                        out.extend(percent_encoding::utf8_percent_encode(k, PROPERTY_SET));
+                        out.push('=');
+                        out.extend(percent_encoding::utf8_percent_encode(v, PROPERTY_SET));
+                    }
+                }
             }
         }
         out
@@ -212,6 +266,34 @@ impl CommandFilter {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn iot_hub_topic_carries_the_subtopic_as_an_encoded_property() {
+        let t = TopicTemplate::azure_events();
+        assert_eq!(
+            t.render("dev-1", "dev-1", ""),
+            "devices/dev-1/messages/events/"
+        );
+        assert_eq!(
+            t.render("dev-1", "dev-1", "room 1/temp"),
+            "devices/dev-1/messages/events/subtopic=room%201%2Ftemp"
+        );
+        let props = [
+            ("$.ct".to_string(), "application/json".to_string()),
+            ("site".to_string(), "a&b=c".to_string()),
+        ];
+        assert_eq!(
+            t.render_with("dev-1", "dev-1", "", &props),
+            "devices/dev-1/messages/events/%24.ct=application%2Fjson&site=a%26b%3Dc"
+        );
+        assert_eq!(
+            t.render_with("dev-1", "dev-1", "x", &props[..1]),
+            "devices/dev-1/messages/events/subtopic=x&%24.ct=application%2Fjson"
+        );
+        // AWS templates have no place for them.
+        let aws = TopicTemplate::parse("dt/{thingName}/telemetry{/subtopic}").unwrap();
+        assert_eq!(aws.render_with("t", "d", "", &props), "dt/t/telemetry");
+    }
 
     #[test]
     fn default_template_renders_with_and_without_subtopic() {

@@ -7,4 +7,4 @@ pub mod claim;
 mod provider;
 pub mod topics;
 
-pub use provider::{AwsProvider, AwsProviderOptions, OWNERSHIP_TOKEN_TTL};
+pub use provider::{telemetry_profile, AwsProvider, AwsProviderOptions, OWNERSHIP_TOKEN_TTL};

@@ -15,9 +15,16 @@ use crate::cloud::codec::{
     PayloadFormat, RegisterThingRequest, RegisterThingResponse,
 };
 use crate::cloud::rate::AdaptiveRateLimiter;
-use crate::cloud::{BoxFuture, CloudError, IssuedCertificate, Provider, Registration};
+use crate::cloud::{
+    Api, BoxFuture, CertificateSource, CloudError, IssuedCertificate, Provider, RegisterInput,
+    RegisterOutcome, Registration, TelemetryProfile, UpstreamSpec, Upstreams,
+};
+use crate::config::TelemetrySection;
 use crate::device_id::DeviceId;
 use crate::identity::{self, Secret};
+use crate::telemetry::{
+    CommandFilter, TelemetryError, TopicTemplate, UpstreamEndpoint, AWS_MAX_PAYLOAD_BYTES,
+};
 
 use super::claim::{ClaimApi, ClaimOptions, ClaimPool, ClaimResponse, ResponseCheck};
 
@@ -34,6 +41,27 @@ pub struct AwsProviderOptions {
     pub tps: f64,
     /// How long an ownership token is trusted to stay valid.
     pub token_ttl: Duration,
+    /// Where registered devices send telemetry.
+    pub upstream: UpstreamEndpoint,
+    /// The `[telemetry]` topics.
+    pub telemetry: TelemetryProfile,
+}
+
+/// The `[telemetry]` topic and commands templates with AWS IoT Core's 128 KiB payload limit.
+pub fn telemetry_profile(section: &TelemetrySection) -> Result<TelemetryProfile, TelemetryError> {
+    let topic = TopicTemplate::parse(&section.topic)?;
+    let commands = if section.commands_topic.is_empty() {
+        None
+    } else {
+        Some(CommandFilter::parse(&section.commands_topic)?)
+    };
+    Ok(TelemetryProfile {
+        topic,
+        commands,
+        max_payload_bytes: AWS_MAX_PAYLOAD_BYTES,
+        gateway_identity: true,
+        device_certificates: true,
+    })
 }
 
 /// AWS IoT fleet provisioning through a pool of claim sessions.
@@ -44,18 +72,25 @@ pub struct AwsProvider {
     register_rate: AdaptiveRateLimiter,
     format: PayloadFormat,
     token_ttl: Duration,
+    upstream: UpstreamEndpoint,
+    telemetry: TelemetryProfile,
+    sessions: usize,
 }
 
 impl AwsProvider {
     /// Starts the claim sessions (they connect in the background).
     pub fn start(opts: AwsProviderOptions) -> Self {
         let format = opts.claim.format;
+        let sessions = opts.claim.sessions.max(1);
         AwsProvider {
             pool: ClaimPool::start(opts.claim),
             create_rate: AdaptiveRateLimiter::new(opts.tps),
             register_rate: AdaptiveRateLimiter::new(opts.tps),
             format,
             token_ttl: opts.token_ttl,
+            upstream: opts.upstream,
+            telemetry: opts.telemetry,
+            sessions,
         }
     }
 
@@ -133,23 +168,23 @@ impl AwsProvider {
         Ok(IssuedCertificate {
             certificate_id: resp.certificate_id,
             certificate_pem: resp.certificate_pem,
-            ownership_token: Secret::from(resp.certificate_ownership_token),
-            expires_at_ms: clock::unix_ms().saturating_add(self.token_ttl.as_millis() as u64),
+            ownership_token: Some(Secret::from(resp.certificate_ownership_token)),
+            expires_at_ms: Some(clock::unix_ms().saturating_add(self.token_ttl.as_millis() as u64)),
         })
     }
 
     async fn register_thing(
         &self,
-        issued: &IssuedCertificate,
+        issued: Option<&IssuedCertificate>,
         parameters: &BTreeMap<String, String>,
-    ) -> Result<Registration, CloudError> {
+    ) -> Result<RegisterOutcome, CloudError> {
         let api = ClaimApi::RegisterThing;
         let token = issued
-            .ownership_token
-            .expose_str()
+            .and_then(|i| i.ownership_token.as_ref())
+            .and_then(|t| t.expose_str())
             .ok_or_else(|| CloudError::Protocol {
                 api: api.name(),
-                reason: "the stored ownership token is not text".into(),
+                reason: "no ownership token (text) stored for RegisterThing".into(),
             })?;
         let payload = codec::encode(
             self.format,
@@ -164,16 +199,36 @@ impl AwsProvider {
                 api: api.name(),
                 reason: format!("accepted response: {e}"),
             })?;
-        Ok(Registration {
-            thing_name: resp.thing_name,
-            device_configuration: resp.device_configuration,
-        })
+        Ok(RegisterOutcome::Done(Registration {
+            cloud_id: resp.thing_name,
+            endpoint: None,
+            extras: resp.device_configuration,
+        }))
+    }
+}
+
+impl Upstreams for AwsProvider {
+    fn upstream(
+        &self,
+        device: &DeviceId,
+        cloud_id: &str,
+        endpoint: Option<&str>,
+    ) -> Result<UpstreamSpec, CloudError> {
+        self.upstream.upstream(device, cloud_id, endpoint)
     }
 }
 
 impl Provider for AwsProvider {
     fn name(&self) -> &'static str {
         "aws"
+    }
+
+    fn certificate_source(&self) -> CertificateSource {
+        CertificateSource::Cloud
+    }
+
+    fn api_name(&self, api: Api) -> &'static str {
+        api.name()
     }
 
     fn create_certificate<'a>(
@@ -186,11 +241,41 @@ impl Provider for AwsProvider {
 
     fn register<'a>(
         &'a self,
-        _device: &'a DeviceId,
-        issued: &'a IssuedCertificate,
-        parameters: &'a BTreeMap<String, String>,
-    ) -> BoxFuture<'a, Result<Registration, CloudError>> {
-        Box::pin(self.register_thing(issued, parameters))
+        input: RegisterInput<'a>,
+    ) -> BoxFuture<'a, Result<RegisterOutcome, CloudError>> {
+        Box::pin(self.register_thing(input.certificate, input.parameters))
+    }
+
+    fn poll<'a>(
+        &'a self,
+        _input: RegisterInput<'a>,
+        operation: &'a str,
+    ) -> BoxFuture<'a, Result<RegisterOutcome, CloudError>> {
+        // RegisterThing answers at once; a stored operation cannot come from AWS.
+        Box::pin(async move {
+            Err(CloudError::Rejected {
+                api: "RegisterThing",
+                status_code: 404,
+                error_code: "ResourceNotFound".into(),
+                error_message: format!("AWS has no pending registrations (operation {operation})"),
+            })
+        })
+    }
+
+    fn telemetry_profile(&self) -> TelemetryProfile {
+        self.telemetry.clone()
+    }
+
+    fn sessions(&self) -> (usize, usize) {
+        (self.pool.connected_sessions(), self.sessions)
+    }
+
+    fn set_tps(&self, tps: f64) -> BoxFuture<'_, ()> {
+        Box::pin(AwsProvider::set_tps(self, tps))
+    }
+
+    fn shutdown(&self) -> BoxFuture<'_, ()> {
+        Box::pin(AwsProvider::shutdown(self))
     }
 }
 

@@ -192,7 +192,8 @@ pub fn encode_properties(properties: &[(&str, &str)]) -> String {
         .join("&")
 }
 
-fn decode_properties(encoded: &str) -> BTreeMap<String, String> {
+/// Decodes a `k=v&k2=v2` property bag (percent-encoded keys and values).
+pub fn decode_properties(encoded: &str) -> BTreeMap<String, String> {
     encoded
         .split('&')
         .filter(|p| !p.is_empty())
@@ -213,12 +214,35 @@ pub async fn send_https(
     payload: &[u8],
     properties: &[(&str, &str)],
 ) -> Result<(), AzureError> {
+    let hub = &config.endpoint.host;
+    post_event(
+        &config.endpoint,
+        credential.tls(&config.ca_pem)?,
+        credential.sas(&format!("{hub}/devices/{device_id}")),
+        device_id,
+        payload,
+        properties,
+        config.request_timeout,
+    )
+    .await
+}
+
+/// `POST /devices/{id}/messages/events` with `authorization` (a SAS token; `None` with a
+/// client certificate in `tls`), on a connection of its own.
+pub async fn post_event(
+    endpoint: &Endpoint,
+    tls: Arc<rustls::ClientConfig>,
+    authorization: Option<String>,
+    device_id: &str,
+    payload: &[u8],
+    properties: &[(&str, &str)],
+    within: Duration,
+) -> Result<(), AzureError> {
     if payload.len() > MAX_MESSAGE_BYTES {
         return Err(too_large(payload.len()));
     }
-    let hub = &config.endpoint.host;
     let mut headers = Vec::new();
-    if let Some(sas) = credential.sas(&format!("{hub}/devices/{device_id}")) {
+    if let Some(sas) = authorization {
         headers.push(("authorization".to_string(), sas));
     }
     for (k, v) in properties {
@@ -241,14 +265,14 @@ pub async fn send_https(
     }
     let answer = https_request(
         SERVICE,
-        &config.endpoint,
+        endpoint,
         443,
-        credential.tls(&config.ca_pem)?,
+        tls,
         "POST",
         &format!("/devices/{device_id}/messages/events?api-version={HTTPS_API_VERSION}"),
         &headers,
         payload.to_vec(),
-        config.request_timeout,
+        within,
     )
     .await?;
     if answer.status == 204 || answer.status == 200 {

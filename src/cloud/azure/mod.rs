@@ -1,7 +1,7 @@
-//! Azure client side, as library code (not yet wired into the engine): DPS registration over
-//! MQTT and HTTPS ([`dps`]) and IoT Hub telemetry over MQTT and HTTPS ([`hub`]), with symmetric
-//! key (SAS tokens from a key derived from the enrollment group key) or X.509 attestation
-//! ([`DeviceCredential`]).
+//! Azure client side: DPS registration over MQTT and HTTPS ([`dps`]) and IoT Hub telemetry over
+//! MQTT and HTTPS ([`hub`]), with symmetric key (SAS tokens from a key derived from the
+//! enrollment group key) or X.509 attestation ([`DeviceCredential`]); [`AzureProvider`] puts
+//! them behind the engine's [`crate::cloud::Provider`].
 //!
 //! Endpoints are named by host (what goes into SAS tokens, usernames and TLS server names) and
 //! optionally reached at another socket address (`connect`), so the same code talks to
@@ -10,6 +10,9 @@
 pub mod dps;
 pub mod hub;
 mod link;
+mod provider;
+
+pub use provider::{hub_profile, AzureAttestation, AzureProvider, AzureProviderOptions};
 
 use std::net::SocketAddr;
 use std::sync::Arc;

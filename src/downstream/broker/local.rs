@@ -23,6 +23,7 @@ use bytes::Bytes;
 
 use super::router::{Delivery, Message, Router, Session};
 use super::rules::Owner;
+use crate::mqtt::props::MessageProperties;
 use crate::mqtt::wire::SubscriptionRequest;
 
 /// A message delivered to the in-process session.
@@ -40,6 +41,8 @@ pub struct LocalDelivery {
     pub retain: bool,
     /// Delivered before and not acknowledged.
     pub dup: bool,
+    /// MQTT 5 properties the publisher sent.
+    pub properties: Option<Arc<MessageProperties>>,
 }
 
 impl LocalDelivery {
@@ -51,6 +54,7 @@ impl LocalDelivery {
             qos: d.qos,
             retain: d.retain,
             dup: d.dup,
+            properties: d.message.properties.clone(),
         }
     }
 }

@@ -98,6 +98,7 @@ impl Reader {
             qos,
             dup: d.dup,
             ack,
+            properties: d.properties,
         };
         match self.tx.try_send(message) {
             Ok(()) => true,

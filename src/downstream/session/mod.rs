@@ -58,6 +58,7 @@ use crate::device_id::DeviceId;
 use crate::downstream::broker::LocalClient;
 use crate::identity::Secret;
 use crate::mqtt::client_ext;
+use crate::mqtt::props::MessageProperties;
 use ack::AckQueue;
 use driver::Driver;
 use in_process::{InProcess, Reader};
@@ -246,6 +247,9 @@ pub struct DownstreamMessage {
     pub dup: bool,
     /// Acknowledges the message to the broker.
     pub ack: AckHandle,
+    /// MQTT 5 properties the device sent (embedded broker only: the session with an external
+    /// broker speaks MQTT 3.1.1).
+    pub properties: Option<Arc<MessageProperties>>,
 }
 
 impl DownstreamMessage {
@@ -265,6 +269,7 @@ impl DownstreamMessage {
             qos: publish.qos,
             dup: publish.dup,
             ack,
+            properties: None,
         }
     }
 }

@@ -276,8 +276,8 @@ pub fn write_discovery_files(handle: &AzureEmulatorHandle) -> Result<(), Emulato
     dir::write_discovery(handle.dir(), gateway_toml(handle), &discovery, 0o600)
 }
 
-/// A fleetgw config naming this emulator's DPS, with the `[cloud.azure]` keys fleetgw has
-/// today.
+/// A fleetgw config for this emulator: DPS over MQTT with the symmetric-key group, telemetry
+/// to the emulated hub over MQTT. The header says how to switch to X.509 or HTTPS.
 fn gateway_toml(handle: &AzureEmulatorHandle) -> Result<String, toml::ser::Error> {
     use toml::{Table, Value};
     let s = |v: String| Value::String(v);
@@ -292,6 +292,10 @@ fn gateway_toml(handle: &AzureEmulatorHandle) -> Result<String, toml::ser::Error
             ("dps_endpoint", s(handle.endpoints().dps_mqtt.to_string())),
             ("transport", s("mqtt".into())),
             ("attestation", s("symmetric-key".into())),
+            ("ca", s(handle.ca_path().display().to_string())),
+            ("group_key", s(handle.primary_key().to_string())),
+            ("hub_transport", s("mqtt".into())),
+            ("hub_connect", s(handle.endpoints().hub_mqtt.to_string())),
         ]),
     );
     let mut root = Table::new();
@@ -318,10 +322,19 @@ fn gateway_toml(handle: &AzureEmulatorHandle) -> Result<String, toml::ser::Error
         section(vec![("mode", s("open".into()))]),
     );
     root.insert("cloud".into(), Value::Table(cloud));
+    let e = handle.endpoints();
     Ok(format!(
-        "# Written by `fleetgw emulate azure`: a gateway config naming the emulated DPS in\n\
-         # {}.\n# The ID scope, DPS address and group keys are also in emulator.json.\n\n{}",
+        "# Written by `fleetgw emulate azure`: a gateway config naming the emulated DPS and IoT Hub\n\
+         # in {}.\n# The ID scope, addresses and group keys are also in emulator.json.\n\
+         # X.509 instead of the symmetric-key group: attestation = \"x509\",\n\
+         #   group_ca_cert = \"{}\", group_ca_key = \"{}\".\n\
+         # DPS over HTTPS: transport = \"https\", dps_endpoint = \"{}\".\n\
+         # Telemetry over HTTPS: hub_transport = \"https\", hub_connect = \"{}\".\n\n{}",
         dir.display(),
+        handle.group_ca_cert_path().display(),
+        handle.group_ca_key_path().display(),
+        e.dps_https,
+        e.hub_https,
         toml::to_string(&root)?
     ))
 }
