@@ -592,6 +592,8 @@ fn downstream_options(
                 kept_session_expiry: Duration::from_secs(d.kept_session_expiry_secs),
                 max_inbound_per_second: d.max_inbound_per_second,
                 connect_timeout: Duration::from_secs(u64::from(d.connect_timeout_secs)),
+                // Retained messages and kept sessions survive a restart (broker/persist.rs).
+                store: Some(store.clone()),
                 ..EmbeddedBrokerOptions::default()
             };
             match d.listen {

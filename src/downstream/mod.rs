@@ -271,7 +271,9 @@ impl Downstream {
     /// Disconnects the session (waiting at most `within`), then stops the embedded broker.
     pub async fn shutdown(self, within: Duration) {
         self.session.shutdown(within).await;
-        drop(self.broker);
+        if let Some(broker) = self.broker {
+            broker.shutdown().await;
+        }
     }
 }
 

@@ -3,7 +3,8 @@
 //! Trees (docs/architecture.md, "Store"): `devices` (id -> [`DeviceRecord`]), `secrets` (id -> opaque, possibly
 //! sealed key bytes), `tokens` (id -> [`OwnershipTokenRecord`]), `operations`,
 //! `enrollment_groups`, `device_groups` (string key -> a record type owned by the admin layer,
-//! see [`RecordTree`]), `outbox` (big-endian u64 sequence -> [`OutboxMessage`]) and `meta`
+//! see [`RecordTree`]), `broker_retained` and `broker_sessions` (the embedded broker's state,
+//! [`broker_state`]), `outbox` (big-endian u64 sequence -> [`OutboxMessage`]) and `meta`
 //! (schema version and small settings).
 //!
 //! Every mutating call returns only once the change is on disk. Durability uses group commit
@@ -16,6 +17,7 @@
 //! rest of the gateway if the kill -9 tests ever show corruption.
 
 mod batch;
+pub mod broker_state;
 mod codec;
 mod error;
 mod flusher;
@@ -133,6 +135,8 @@ struct Inner {
     operations: sled::Tree,
     enrollment_groups: sled::Tree,
     device_groups: sled::Tree,
+    broker_retained: sled::Tree,
+    broker_sessions: sled::Tree,
     outbox: sled::Tree,
     meta: sled::Tree,
     quarantine: sled::Tree,
@@ -228,6 +232,8 @@ impl Store {
             operations: trees.operations.clone(),
             enrollment_groups: trees.enrollment_groups.clone(),
             device_groups: trees.device_groups.clone(),
+            broker_retained: tree(broker_state::BROKER_RETAINED)?,
+            broker_sessions: tree(broker_state::BROKER_SESSIONS)?,
             commit: GroupCommit::start(
                 db.clone(),
                 trees,

@@ -8,9 +8,11 @@ pub mod device;
 pub mod http;
 pub mod messages;
 pub mod mosquitto;
+pub mod mqtt5;
 pub mod mqtt_client;
 pub mod process;
 pub mod publisher;
+pub mod raw_mqtt;
 pub mod relay;
 pub mod wait;
 

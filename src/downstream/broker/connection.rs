@@ -9,7 +9,7 @@
 //! MQTT 5 topic aliases from the client are resolved per connection; a delivery larger than
 //! the client's Maximum Packet Size is not sent to it (MQTT-3.1.2-25).
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -18,16 +18,16 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::watch;
 use tokio::time::{timeout, timeout_at, Instant};
 
+use super::admit::ConnectionConfig;
 use super::rate::InboundRate;
 use super::router::{AckWait, ConnectionFacts, Delivery, Message, Refused, Router, Session};
-use super::rules::{truncated, AccessRules, LocalUser, Principal, Refusal};
+use super::rules::{truncated, Principal};
 use super::session::PendingWill;
-use crate::identity;
 use crate::mqtt::props::{self, MessageProperties};
 use crate::mqtt::stream::{PacketStream, StreamError};
 use crate::mqtt::wire::{
     self, ClientPacket, ConnectInfo, ConnectOutcome, DisconnectReason, Protocol, ServerFeatures,
-    ServerPacket, WireError,
+    ServerPacket, SubRefusal, WireError,
 };
 
 /// Writing one round of packets must complete within this time.
@@ -38,106 +38,6 @@ const READ_CHUNK: usize = 4 * 1024;
 const NO_KEEP_ALIVE_LIMIT: Duration = Duration::from_secs(24 * 3600);
 /// Topic aliases an MQTT 5 client may set up on one connection (announced in CONNACK).
 pub const TOPIC_ALIAS_MAX: u16 = 64;
-
-/// Settings every connection shares.
-#[derive(Debug)]
-pub struct ConnectionConfig {
-    /// Largest packet a client may send.
-    pub max_packet: usize,
-    /// Time from TCP accept to a complete CONNECT.
-    pub connect_timeout: Duration,
-    /// The trust boundary; `None` for a plain broker.
-    pub rules: Option<AccessRules>,
-    /// The local applications that may connect: `rules.users` at start, replaced on a
-    /// config reload ([`super::EmbeddedBroker::set_users`]). Connections already admitted
-    /// keep the rights they were admitted with.
-    pub users: std::sync::RwLock<Arc<Vec<LocalUser>>>,
-    /// Longest topic name or filter, in bytes.
-    pub max_topic_bytes: usize,
-    /// Most levels in a topic name or filter.
-    pub max_topic_levels: usize,
-    /// PUBLISH packets per second one connection may send.
-    pub max_inbound_per_second: u32,
-}
-
-impl ConnectionConfig {
-    /// The local application called `name`, if there is one. A CONNECT with that user name
-    /// must carry its password; any other user name is not a user's (devices may send one).
-    fn user(&self, name: &str) -> Option<LocalUser> {
-        let users = self.users.read().unwrap_or_else(|p| p.into_inner());
-        users.iter().find(|u| u.rights.name == name).cloned()
-    }
-
-    /// Whether `topic` (a name or a filter) is within the length and depth limits.
-    fn topic_within_limits(&self, topic: &str) -> bool {
-        topic.len() <= self.max_topic_bytes
-            && topic.bytes().filter(|b| *b == b'/').count() < self.max_topic_levels
-    }
-
-    /// Who this CONNECT is, or why it is refused.
-    async fn admit(
-        &self,
-        connect: &ConnectInfo,
-        client_id: &str,
-        assigned: bool,
-        client_chain: &[Vec<u8>],
-    ) -> Result<Principal, (ConnectOutcome, String)> {
-        let Some(rules) = &self.rules else {
-            return Ok(Principal::Unrestricted);
-        };
-        let user = match connect.username.as_deref().and_then(|n| self.user(n)) {
-            Some(user) => {
-                let phc = user.password_hash.clone();
-                let password = connect.password.clone();
-                // Argon2 costs tens of milliseconds on purpose: keep it off the workers.
-                let proved = tokio::task::spawn_blocking(move || {
-                    password.is_some_and(|p| identity::verify_password(&phc, p.expose()))
-                })
-                .await
-                .unwrap_or(false);
-                if !proved {
-                    return Err((
-                        ConnectOutcome::BadCredentials,
-                        format!("wrong password for user {:?}", user.rights.name),
-                    ));
-                }
-                Some(user.rights.clone())
-            }
-            None => None,
-        };
-        if assigned && user.is_none() {
-            return Err((
-                ConnectOutcome::BadClientId,
-                "an empty client id: a device connects with its device id".to_string(),
-            ));
-        }
-        let password = connect.password.as_ref().map(|p| p.expose());
-        let principal = rules
-            .admit(
-                client_id,
-                connect.username.as_deref(),
-                password,
-                client_chain,
-                user,
-            )
-            .map_err(|refusal| match refusal {
-                Refusal::BadClientId(why) => (ConnectOutcome::BadClientId, why),
-                Refusal::NotAuthorized(why) => (ConnectOutcome::BadCredentials, why),
-            })?;
-        if let Some(will) = &connect.will {
-            if !self.topic_within_limits(&will.topic) || !principal.may_publish(&will.topic) {
-                return Err((
-                    ConnectOutcome::NotAuthorized,
-                    format!(
-                        "will topic {:?} is outside the client's rights",
-                        truncated(&will.topic)
-                    ),
-                ));
-            }
-        }
-        Ok(principal)
-    }
-}
 
 /// Why a connection ended.
 enum Close {
@@ -270,6 +170,7 @@ pub async fn serve<S>(
         pending_acks: VecDeque::new(),
         aliases: HashMap::new(),
         client_max_packet: usize::MAX,
+        problem_information: true,
     };
     let mut connect = match timeout(cfg.connect_timeout, conn.io.read_connect()).await {
         Ok(Ok(c)) => c,
@@ -294,6 +195,7 @@ pub async fn serve<S>(
     if let Some(max) = connect.max_packet_size {
         conn.client_max_packet = usize::try_from(max).unwrap_or(usize::MAX);
     }
+    conn.problem_information = connect.problem_information;
     let assigned = connect.client_id.is_empty();
     if assigned && connect.keep_session && connect.protocol == Protocol::V4 {
         // MQTT 3.1.1 §3.1.3.1: an empty client id needs a clean session.
@@ -303,6 +205,22 @@ pub async fn serve<S>(
             features,
             assigned_client_id: None,
             reason: Some("MQTT 3.1.1: an empty client id needs a clean session"),
+        });
+        let _ = conn.flush().await;
+        return;
+    }
+    if connect.authentication_method.is_some() {
+        // MQTT 5 §4.12: a server without the client's authentication method refuses and
+        // closes (MQTT-4.12.0-1); enhanced authentication is not supported at all.
+        let _ = conn.queue(ServerPacket::ConnAck {
+            outcome: ConnectOutcome::BadAuthenticationMethod,
+            session_present: false,
+            features,
+            assigned_client_id: None,
+            reason: Some(
+                "enhanced authentication (AUTH) is not supported: connect with a user name and \
+                 password, a SAS token or a client certificate",
+            ),
         });
         let _ = conn.flush().await;
         return;
@@ -465,6 +383,8 @@ struct Connection<S> {
     aliases: HashMap<u16, Arc<str>>,
     /// The largest packet the client accepts (MQTT 5 Maximum Packet Size).
     client_max_packet: usize,
+    /// MQTT 5 Request Problem Information: reason strings on SUBACK, PUBACK and PUBREC.
+    problem_information: bool,
 }
 
 /// A QoS 1 PUBLISH waiting for its PUBACK.
@@ -502,7 +422,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             k => Duration::from_millis(u64::from(k) * 1500),
         };
         let mut deadline = Instant::now() + idle_limit;
-        let mut awaiting_release: HashSet<u16> = HashSet::new();
         let mut sendable: Vec<(u16, Delivery)> = Vec::new();
         // The client's Receive Maximum bounds the window too (MQTT-3.3.4-9).
         let window = router
@@ -515,9 +434,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             }
         }
         loop {
-            if let Err(close) =
-                self.process_buffer(principal, cfg, router, session, &mut awaiting_release)
-            {
+            if let Err(close) = self.process_buffer(principal, cfg, router, session) {
                 let _ = self.flush().await;
                 return close;
             }
@@ -621,7 +538,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
     ) -> Result<(), Close> {
         if wait.is_none() && self.pending_acks.is_empty() {
             return self.queue(if refused {
-                ServerPacket::PubAckRefused(pkid)
+                ServerPacket::PubAckRefused {
+                    pkid,
+                    say_why: self.problem_information,
+                }
             } else {
                 ServerPacket::PubAck(pkid)
             });
@@ -653,7 +573,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             let (pkid, refused) = (front.pkid, front.refused);
             self.pending_acks.pop_front();
             self.queue(if refused {
-                ServerPacket::PubAckRefused(pkid)
+                ServerPacket::PubAckRefused {
+                    pkid,
+                    say_why: self.problem_information,
+                }
             } else {
                 ServerPacket::PubAck(pkid)
             })?;
@@ -668,7 +591,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         cfg: &ConnectionConfig,
         router: &Router,
         session: &Arc<Session>,
-        awaiting_release: &mut HashSet<u16>,
     ) -> Result<(), Close> {
         loop {
             let Some(packet) = self.io.next_packet()? else {
@@ -713,7 +635,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                         match qos {
                             0 => {}
                             1 => self.ack_in_order(pkid, None, true)?,
-                            _ => self.queue(ServerPacket::PubRecRefused(pkid))?,
+                            _ => self.queue(ServerPacket::PubRecRefused {
+                                pkid,
+                                say_why: self.problem_information,
+                            })?,
                         }
                         continue;
                     }
@@ -736,7 +661,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                         }
                         _ => {
                             // A repeated QoS 2 PUBLISH before PUBREL is the same message.
-                            if awaiting_release.insert(pkid) {
+                            // Session state: also after a reconnect (MQTT-4.3.3-9).
+                            if session.awaiting_release(pkid) {
                                 router.publish(session.client_id(), message);
                             }
                             self.queue(ServerPacket::PubRec(pkid))?;
@@ -752,11 +678,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                     }
                 }
                 ClientPacket::PubRel(pkid) => {
-                    awaiting_release.remove(&pkid);
+                    session.released_by_client(pkid);
                     self.queue(ServerPacket::PubComp(pkid))?;
                 }
                 ClientPacket::Subscribe { pkid, filters } => {
-                    let allowed: Vec<bool> = filters
+                    let allowed: Vec<Result<(), SubRefusal>> = filters
                         .iter()
                         .map(|f| {
                             // A shared subscription is judged by the filter inside it.
@@ -764,11 +690,20 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                                 Some(Ok((_, inner))) => inner,
                                 _ => f.filter.as_str(),
                             };
-                            cfg.topic_within_limits(&f.filter) && principal.may_subscribe(inner)
+                            if !cfg.topic_within_limits(&f.filter) {
+                                Err(SubRefusal::InvalidFilter)
+                            } else if !principal.may_subscribe(inner) {
+                                Err(SubRefusal::NotAuthorized)
+                            } else {
+                                Ok(())
+                            }
                         })
                         .collect();
-                    let (permitted, refused): (Vec<_>, Vec<_>) =
-                        filters.into_iter().zip(&allowed).partition(|(_, ok)| **ok);
+                    let names: Vec<String> = filters.iter().map(|f| f.filter.clone()).collect();
+                    let (permitted, refused): (Vec<_>, Vec<_>) = filters
+                        .into_iter()
+                        .zip(&allowed)
+                        .partition(|(_, ok)| ok.is_ok());
                     for (f, _) in &refused {
                         if router.note_refused(Refused::Subscription) {
                             tracing::info!(
@@ -781,13 +716,19 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                     }
                     let permitted: Vec<_> = permitted.into_iter().map(|(f, _)| f).collect();
                     let mut answers = router.subscribe(session, &permitted).into_iter();
-                    let granted: Vec<Option<u8>> = allowed
+                    let granted: Vec<Result<u8, SubRefusal>> = allowed
                         .iter()
-                        .map(|ok| if *ok { answers.next().flatten() } else { None })
+                        .map(|ok| match ok {
+                            Ok(()) => answers.next().unwrap_or(Err(SubRefusal::InvalidFilter)),
+                            Err(why) => Err(*why),
+                        })
                         .collect();
+                    let reason = wire::subscribe_refusal_reason(&names, &granted);
                     self.queue(ServerPacket::SubAck {
                         pkid,
                         granted: &granted,
+                        // MQTT-3.1.2-29: no reason string if the client asked for none.
+                        reason: reason.as_deref().filter(|_| self.problem_information),
                     })?;
                 }
                 ClientPacket::Unsubscribe { pkid, filters } => {

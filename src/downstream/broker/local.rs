@@ -114,7 +114,7 @@ impl LocalClient {
         filters
             .iter()
             .zip(granted)
-            .filter(|(_, g)| g.is_none())
+            .filter(|(_, g)| g.is_err())
             .map(|(f, _)| f.clone())
             .collect()
     }

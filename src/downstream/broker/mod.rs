@@ -27,12 +27,18 @@
 //!   subscriptions, topic aliases from clients, the client's Receive Maximum and Maximum
 //!   Packet Size, will delay, reason codes and strings (see the README for the whole list).
 //!
-//! Not provided: enhanced authentication, topic aliases towards clients, sessions that survive
-//! a daemon restart. Dropping the [`EmbeddedBroker`] closes its listeners and every connection.
+//! - With a store ([`EmbeddedBrokerOptions::store`]), retained messages and kept sessions
+//!   survive a restart ([`persist`]).
+//!
+//! Not provided: enhanced authentication (a CONNECT asking for it is refused with 0x8C), topic
+//! aliases towards clients (docs/src/broker.md says why). Dropping the [`EmbeddedBroker`]
+//! closes its listeners and every connection; [`EmbeddedBroker::shutdown`] saves first.
 
 mod ack;
+mod admit;
 mod connection;
 pub mod local;
+pub mod persist;
 mod rate;
 mod router;
 pub mod rules;
@@ -51,8 +57,10 @@ use tokio::time::timeout;
 use tokio_rustls::TlsAcceptor;
 
 use crate::identity::{self, IdentityError, PrivateKey, Secret};
-use connection::ConnectionConfig;
+use crate::store::Store;
+use admit::ConnectionConfig;
 pub use local::{LocalClient, LocalDelivery};
+use persist::Persistence;
 pub use router::{ConnectionFacts, Refusals};
 use router::{Limits, Router};
 pub use rules::{AccessRules, LocalUser, UserRights};
@@ -133,6 +141,9 @@ pub struct EmbeddedBrokerOptions {
     /// beyond it the broker stops reading from that connection until the rate allows, so
     /// TCP flow control slows the client down.
     pub max_inbound_per_second: u32,
+    /// Keep retained messages and kept sessions in this store across restarts ([`persist`]);
+    /// `None` (the default) keeps them in memory only.
+    pub store: Option<Store>,
 }
 
 impl Default for EmbeddedBrokerOptions {
@@ -160,6 +171,7 @@ impl Default for EmbeddedBrokerOptions {
             max_kept_sessions: 50_000,
             kept_session_expiry: Duration::from_secs(24 * 3600),
             max_inbound_per_second: 10_000,
+            store: None,
         }
     }
 }
@@ -191,6 +203,7 @@ pub struct EmbeddedBroker {
     config: Arc<ConnectionConfig>,
     shutdown: watch::Sender<bool>,
     listeners: Vec<JoinHandle<()>>,
+    persist: Option<Arc<Persistence>>,
 }
 
 impl std::fmt::Debug for EmbeddedBroker {
@@ -238,7 +251,8 @@ impl EmbeddedBroker {
             }
             None => None,
         };
-        let router = Arc::new(Router::new(
+        let persist = opts.store.clone().map(Persistence::new);
+        let router = Router::new(
             Limits {
                 max_inflight: opts.max_inflight,
                 ack_after_inflight: opts.ack_after_inflight,
@@ -251,7 +265,11 @@ impl EmbeddedBroker {
             },
             opts.ack_after_client.as_deref(),
             opts.in_process_client.as_deref(),
-        ));
+        );
+        let router = Arc::new(match &persist {
+            Some(p) => router.persisting(p.clone()),
+            None => router,
+        });
         let config = Arc::new(ConnectionConfig {
             max_packet: opts.max_packet_bytes,
             connect_timeout: opts.connect_timeout,
@@ -267,6 +285,9 @@ impl EmbeddedBroker {
             max_inbound_per_second: opts.max_inbound_per_second,
         });
         let (shutdown, _) = watch::channel(false);
+        if let (Some(p), Some(store)) = (&persist, &opts.store) {
+            restore(&router, p, store, opts, &config);
+        }
         let slots = Arc::new(Slots {
             total: Semaphore::new(opts.max_connections),
             per_address: Mutex::new(HashMap::new()),
@@ -302,6 +323,13 @@ impl EmbeddedBroker {
                 shutdown.subscribe(),
             )));
         }
+        if let Some(p) = &persist {
+            listeners.push(tokio::spawn(persist::write_behind(
+                router.clone(),
+                p.clone(),
+                shutdown.subscribe(),
+            )));
+        }
         listeners.push(tokio::spawn(expire_kept_sessions(
             router.clone(),
             opts.kept_session_expiry,
@@ -326,7 +354,17 @@ impl EmbeddedBroker {
             config,
             shutdown,
             listeners,
+            persist,
         })
+    }
+
+    /// Stops the broker; with a store, saves every kept session and the retained messages
+    /// first (durably), so a clean restart loses nothing a client was promised.
+    pub async fn shutdown(self) {
+        let _ = self.shutdown.send(true);
+        if let Some(p) = &self.persist {
+            persist::save_all(&self.router, p).await;
+        }
     }
 
     /// Replaces the local applications (`[[downstream.users]]`, on a config reload): new
@@ -467,6 +505,35 @@ impl BrokerConnections {
     pub fn facts(&self, client_id: &str) -> Option<ConnectionFacts> {
         self.0.connection_facts(client_id)
     }
+}
+
+/// Brings back the retained messages and kept sessions `store` holds, within today's limits
+/// and rights.
+fn restore(
+    router: &Router,
+    persist: &Persistence,
+    store: &Store,
+    opts: &EmbeddedBrokerOptions,
+    config: &ConnectionConfig,
+) {
+    let users = opts
+        .rules
+        .as_ref()
+        .map(|r| r.users.clone())
+        .unwrap_or_default();
+    let restored = router.restore(
+        store,
+        |owner, client_id| persist::principal_for(opts.rules.as_ref(), &users, owner, client_id),
+        |filter| config.topic_within_limits(filter),
+    );
+    // What was just read needs no saving; what was dropped is already gone from the store.
+    persist.forget_marks();
+    tracing::info!(
+        retained = restored.retained,
+        sessions = restored.sessions,
+        dropped = restored.dropped,
+        "embedded broker: retained messages and kept sessions restored"
+    );
 }
 
 /// Discards expired kept sessions, checking a few times per expiry period (at least every

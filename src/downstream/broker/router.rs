@@ -12,9 +12,10 @@
 //! for the client to come back (`queue`, at most `max_queued_bytes`; beyond it the oldest are
 //! dropped and counted). A session of a client that asked to keep it (3.1.1 clean session 0,
 //! MQTT 5 session expiry > 0) outlives its connection: queued QoS 1 messages wait for the
-//! client, unacknowledged ones are sent again with DUP set. Sessions live in memory: a
-//! restart of the daemon ends them (the gateway's own session then re-subscribes, and devices
-//! re-send unacknowledged messages, as MQTT clients do).
+//! client, unacknowledged ones are sent again with DUP set. Sessions live in memory; with a
+//! store, kept sessions and retained messages are also saved and restored across a restart
+//! (`persist.rs`; the gateway's own session is not: it re-subscribes, and devices re-send
+//! what it had not acknowledged, as MQTT clients do).
 //!
 //! End-to-end acknowledgement: with an acknowledging client configured (the gateway's own
 //! session), a QoS 1 PUBLISH that client receives at QoS 1 is acknowledged to its publisher
@@ -38,12 +39,13 @@ use tokio::sync::{watch, Notify};
 
 use super::ack::AckGuard;
 pub use super::ack::AckWait;
+use super::persist::Persistence;
 use super::rules::Owner;
 use super::session::SessionState;
 pub use super::session::{ConnectionFacts, Delivery, Limits, Session, SubOptions};
 use super::trie::{FilterTrie, RetainedTrie};
 use crate::mqtt::props::{self, MessageProperties};
-use crate::mqtt::wire::{SubscriptionRequest, Will};
+use crate::mqtt::wire::{SubRefusal, SubscriptionRequest, Will};
 
 /// A message on its way to subscribers.
 #[derive(Clone, Debug)]
@@ -100,15 +102,15 @@ pub struct Attached {
 type Subscriber = (Arc<Session>, SubOptions, Option<Arc<str>>);
 
 #[derive(Default)]
-struct Tables {
-    sessions: HashMap<Arc<str>, Arc<Session>>,
+pub(super) struct Tables {
+    pub(super) sessions: HashMap<Arc<str>, Arc<Session>>,
     /// Sessions kept for absent clients.
-    kept: usize,
+    pub(super) kept: usize,
     /// Subscriptions by filter; a shared one is keyed `{client}\0{group}` under its inner
     /// filter and carries its share name (`{group}/{filter}`).
-    filters: FilterTrie<Arc<str>, Subscriber>,
-    retained: RetainedTrie<Message>,
-    retained_bytes: usize,
+    pub(super) filters: FilterTrie<Arc<str>, Subscriber>,
+    pub(super) retained: RetainedTrie<Message>,
+    pub(super) retained_bytes: usize,
 }
 
 /// What the broker refused clients since it started (the trust boundary at work).
@@ -145,7 +147,9 @@ pub enum Refused {
 pub struct Router {
     refusals: RefusalCounters,
     tables: Mutex<Tables>,
-    limits: Limits,
+    pub(super) limits: Limits,
+    /// Where retained messages and kept sessions are persisted (`persist.rs`), if anywhere.
+    pub(super) persist: Option<Arc<Persistence>>,
     next_connection: AtomicU64,
     /// Messages dropped from full session queues, all sessions.
     dropped: AtomicU64,
@@ -174,6 +178,7 @@ impl Router {
             refusals: RefusalCounters::default(),
             tables: Mutex::new(Tables::default()),
             limits,
+            persist: None,
             next_connection: AtomicU64::new(1),
             dropped: AtomicU64::new(0),
             retained_refused: AtomicU64::new(0),
@@ -211,7 +216,13 @@ impl Router {
         let _ = rx.wait_for(|open| *open).await;
     }
 
-    fn tables(&self) -> MutexGuard<'_, Tables> {
+    /// Persists retained messages and kept sessions through `persist` (see `persist.rs`).
+    pub(super) fn persisting(mut self, persist: Arc<Persistence>) -> Self {
+        self.persist = Some(persist);
+        self
+    }
+
+    pub(super) fn tables(&self) -> MutexGuard<'_, Tables> {
         self.tables.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -317,7 +328,13 @@ impl Router {
         let keep = keep.map(|d| d.min(self.limits.kept_session_expiry));
         let mut t = self.tables();
         if let Some(existing) = t.sessions.get(client_id).cloned() {
-            let clean = clean || existing.owner != owner;
+            // A kept session whose expiry passed is gone even if the sweep has not removed
+            // it yet (MQTT-3.1.2-23: CONNACK must not say session present).
+            let expired = {
+                let st = existing.lock();
+                st.attached.is_none() && st.expires_at.is_some_and(|at| at <= Instant::now())
+            };
+            let clean = clean || expired || existing.owner != owner;
             let previous = {
                 let mut st = existing.lock();
                 st.attached.replace(number)
@@ -346,6 +363,7 @@ impl Router {
                     st.queued_bytes += d.message.cost();
                     st.queue.push_front(d);
                 }
+                existing.changed(&mut st);
                 drop(st);
                 existing.wake.notify_one();
                 return Attached {
@@ -364,9 +382,14 @@ impl Router {
                 ..SessionState::default()
             }),
             wake: Notify::new(),
+            persist: self
+                .persist
+                .clone()
+                .filter(|_| !self.is_reserved(client_id)),
         });
         t.sessions
             .insert(session.client_id.clone(), session.clone());
+        session.changed(&mut session.lock());
         Attached {
             session,
             resumed: false,
@@ -396,6 +419,7 @@ impl Router {
                         if !std::mem::replace(&mut st.counted_kept, true) {
                             t.kept += 1;
                         }
+                        session.changed(&mut st);
                     }
                     _ => {
                         if keep.is_some() {
@@ -468,7 +492,7 @@ impl Router {
         {
             let mut t = self.tables();
             if message.retain {
-                self.retain(&mut t, &message);
+                let _ = self.retain(&mut t, &message);
             }
             t.filters
                 .for_each_match(&message.topic, |_, (session, opts, share)| {
@@ -523,6 +547,7 @@ impl Router {
             }
             let before = st.dropped;
             st.push(delivery, &self.limits);
+            session.changed(&mut st);
             let dropped = st.dropped - before;
             drop(st);
             if dropped > 0 {
@@ -570,12 +595,15 @@ impl Router {
 
     /// Stores (or with an empty payload clears) the retained message of its topic, within
     /// the broker's count and byte limits: past them a new one is refused and counted.
-    fn retain(&self, t: &mut Tables, message: &Message) {
+    pub(super) fn retain(&self, t: &mut Tables, message: &Message) -> bool {
         if message.payload.is_empty() {
             if let Some(old) = t.retained.clear(&message.topic) {
                 t.retained_bytes = t.retained_bytes.saturating_sub(old.cost());
+                if let Some(p) = &self.persist {
+                    p.retained_changed(&message.topic);
+                }
             }
-            return;
+            return true;
         }
         let replaced = t.retained.get(&message.topic).map_or(0, Message::cost);
         let count_after = t.retained.len() + usize::from(replaced == 0);
@@ -590,10 +618,14 @@ impl Router {
                     "embedded broker: retained message limit reached, message delivered but not retained"
                 );
             }
-            return;
+            return false;
         }
         t.retained.set(&message.topic, message.clone());
         t.retained_bytes = bytes_after;
+        if let Some(p) = &self.persist {
+            p.retained_changed(&message.topic);
+        }
+        true
     }
 
     fn note_dropped(&self, session: &Session, n: u64) {
@@ -608,13 +640,13 @@ impl Router {
         }
     }
 
-    /// Adds `session`'s subscriptions; returns the granted QoS per filter (`None` = invalid
+    /// Adds `session`'s subscriptions; returns the granted QoS per filter (or why not)
     /// filter) and queues the retained messages they match.
     pub fn subscribe(
         &self,
         session: &Arc<Session>,
         requests: &[SubscriptionRequest],
-    ) -> Vec<Option<u8>> {
+    ) -> Vec<Result<u8, SubRefusal>> {
         let mut granted = Vec::with_capacity(requests.len());
         let mut retained = Vec::new();
         {
@@ -627,7 +659,7 @@ impl Router {
                         Some(Arc::<str>::from(&r.filter["$share/".len()..]))
                     }
                     _ => {
-                        granted.push(None);
+                        granted.push(Err(SubRefusal::InvalidFilter));
                         continue;
                     }
                 };
@@ -644,7 +676,7 @@ impl Router {
                         held,
                         "embedded broker: subscription limit reached, filter refused"
                     );
-                    granted.push(None);
+                    granted.push(Err(SubRefusal::QuotaExceeded));
                     continue;
                 }
                 let opts = SubOptions {
@@ -658,8 +690,12 @@ impl Router {
                 let is_new = t
                     .filters
                     .insert(trie_filter, key, (session.clone(), opts, share));
-                session.lock().subscriptions.insert(r.filter.clone(), opts);
-                granted.push(Some(opts.qos));
+                {
+                    let mut st = session.lock();
+                    st.subscriptions.insert(r.filter.clone(), opts);
+                    session.changed(&mut st);
+                }
+                granted.push(Ok(opts.qos));
                 // Shared subscriptions get no retained messages (mosquitto does the same).
                 let send_retained = !is_shared
                     && match r.retain_handling {
@@ -694,6 +730,7 @@ impl Router {
                     &self.limits,
                 );
             }
+            session.changed(&mut st);
             drop(st);
             session.wake.notify_one();
         }
@@ -710,6 +747,7 @@ impl Router {
                 t.filters.remove(trie_filter, &key);
             }
         }
+        session.changed(&mut st);
     }
 
     /// Retained messages held.
@@ -720,14 +758,21 @@ impl Router {
 
 /// Where a subscription lives in the filter trie: under its filter and its client's id, or a
 /// shared one under its inner filter and `{client}\0{group}`, apart from the client's own.
-fn trie_slot<'f>(filter: &'f str, client_id: &Arc<str>) -> (&'f str, Arc<str>) {
+pub(super) fn trie_slot<'f>(filter: &'f str, client_id: &Arc<str>) -> (&'f str, Arc<str>) {
     match crate::mqtt::wire::shared_subscription(filter) {
         Some(Ok((group, inner))) => (inner, Arc::from(format!("{client_id}\0{group}"))),
         _ => (filter, client_id.clone()),
     }
 }
 
-fn remove_session(t: &mut Tables, session: &Arc<Session>) {
+pub(super) fn remove_session(t: &mut Tables, session: &Arc<Session>) {
+    if let Some(p) = &session.persist {
+        // Only a session the store may hold: a clean session leaving costs no write.
+        let st = session.lock();
+        if st.saved || st.keep.is_some() {
+            p.session_changed(&session.client_id);
+        }
+    }
     let filters: Vec<String> = {
         let mut st = session.lock();
         if std::mem::take(&mut st.counted_kept) {

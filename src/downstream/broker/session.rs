@@ -4,13 +4,14 @@
 //! sessions; the connection task drains them (`take_sendable`) and settles what the client
 //! acknowledges.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use tokio::sync::Notify;
 
 use super::ack::AckGuard;
+use super::persist::Persistence;
 use super::router::Message;
 use super::rules::Owner;
 
@@ -75,6 +76,9 @@ pub struct Session {
     pub(super) state: Mutex<SessionState>,
     /// Wakes the connection task: messages queued, or taken over.
     pub(super) wake: Notify,
+    /// Where changes of this session are reported to be persisted (`persist.rs`); `None`
+    /// without persistence and for the gateway's own session.
+    pub(super) persist: Option<Arc<Persistence>>,
 }
 
 /// What the broker knows about a client's current connection.
@@ -112,6 +116,14 @@ pub(super) struct SessionState {
     /// The timer of a delayed will (MQTT 5 will delay), at most one per session: replaced by
     /// the next one, cancelled when a connection resumes the session.
     pub(super) pending_will: Option<PendingWill>,
+    /// Changed since the persistence writer last saved it (reported to it once per save).
+    pub(super) unsaved: bool,
+    /// The store holds a record of it (so a session no longer kept must be reported too).
+    pub(super) saved: bool,
+    /// QoS 2 PUBLISHes from the client answered with PUBREC and not yet released (PUBREL):
+    /// a repeat of one of them is the same message, not a new one. At most 65,535 (packet
+    /// ids).
+    pub(super) incoming_qos2: HashSet<u16>,
 }
 
 /// A delayed will's timer task; dropping it cancels the will.
@@ -128,6 +140,17 @@ impl Session {
     /// Keeps the timer of this session's delayed will, cancelling an earlier one.
     pub(super) fn set_pending_will(&self, will: PendingWill) {
         self.lock().pending_will = Some(will);
+    }
+
+    /// Reports a change of a kept session to the persistence writer, once until it is saved:
+    /// one flag check on the hot path, one lock of the writer's set per save round.
+    pub(super) fn changed(&self, st: &mut SessionState) {
+        if (st.keep.is_some() || st.saved) && !st.unsaved {
+            if let Some(p) = &self.persist {
+                st.unsaved = true;
+                p.session_changed(&self.client_id);
+            }
+        }
     }
 
     pub(super) fn lock(&self) -> MutexGuard<'_, SessionState> {
@@ -162,6 +185,7 @@ impl Session {
             return false;
         }
         let now = Instant::now();
+        let before = out.len();
         while let Some(front) = st.queue.front() {
             if front.qos > 0 && st.inflight.len() >= window && !front.message.expired(now) {
                 break;
@@ -186,7 +210,29 @@ impl Session {
             st.inflight.push_back((pkid, d.clone()));
             out.push((pkid, d));
         }
+        if out.len() > before {
+            self.changed(&mut st);
+        }
         true
+    }
+
+    /// A QoS 2 PUBLISH `pkid` from the client: true if it is new (to be routed), false if it
+    /// repeats one received before its PUBREL.
+    pub fn awaiting_release(&self, pkid: u16) -> bool {
+        let mut st = self.lock();
+        let new = st.incoming_qos2.insert(pkid);
+        if new {
+            self.changed(&mut st);
+        }
+        new
+    }
+
+    /// The client's PUBREL for its QoS 2 PUBLISH `pkid`.
+    pub fn released_by_client(&self, pkid: u16) {
+        let mut st = self.lock();
+        if st.incoming_qos2.remove(&pkid) {
+            self.changed(&mut st);
+        }
     }
 
     /// A PUBREC for QoS 2 message `pkid`: it now waits for PUBCOMP. True when the PUBREL
@@ -196,6 +242,7 @@ impl Session {
         match st.inflight.iter_mut().find(|(p, _)| *p == pkid) {
             Some((_, d)) if d.qos == 2 => {
                 d.released = true;
+                self.changed(&mut st);
                 true
             }
             _ => false,
@@ -227,6 +274,7 @@ impl Session {
                         guard.mark_acknowledged();
                     }
                 }
+                self.changed(&mut st);
                 true
             }
             None => false,
@@ -249,6 +297,7 @@ impl Session {
         d.dup = true;
         st.queued_bytes += d.message.cost();
         st.queue.push_front(d);
+        self.changed(&mut st);
         true
     }
 }

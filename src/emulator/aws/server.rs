@@ -641,7 +641,8 @@ impl Connection {
                 )));
             }
             if !wire::valid_filter(&filter) {
-                granted.push(None);
+                // Encoded as before: 0x80 (3.1.1), 0x87 (5).
+                granted.push(Err(wire::SubRefusal::NotAuthorized));
                 continue;
             }
             // QoS 2 is granted as QoS 1, as IoT Core does.
@@ -650,11 +651,12 @@ impl Connection {
                 Some(existing) => existing.1 = qos,
                 None => self.subscriptions.push((filter, qos)),
             }
-            granted.push(Some(qos));
+            granted.push(Ok(qos));
         }
         self.queue(ServerPacket::SubAck {
             pkid,
             granted: &granted,
+            reason: None,
         })
     }
 }

@@ -447,7 +447,8 @@ impl Connection {
                         super::dps::short(&filter)
                     )));
                 }
-                granted.push(None);
+                // Encoded as before: 0x80 (3.1.1), 0x87 (5).
+                granted.push(Err(wire::SubRefusal::NotAuthorized));
                 continue;
             }
             let qos = qos.min(1);
@@ -455,11 +456,12 @@ impl Connection {
                 Some(existing) => existing.1 = qos,
                 None => self.subscriptions.push((filter, qos)),
             }
-            granted.push(Some(qos));
+            granted.push(Ok(qos));
         }
         self.io.queue(ServerPacket::SubAck {
             pkid,
             granted: &granted,
+            reason: None,
         })?;
         Ok(())
     }

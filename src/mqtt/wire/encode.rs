@@ -6,7 +6,10 @@ use rumqttc::mqttbytes::QoS as V4QoS;
 use rumqttc::v5::mqttbytes::v5;
 use rumqttc::v5::mqttbytes::QoS as V5QoS;
 
-use super::{ConnectOutcome, DisconnectReason, Protocol, ServerFeatures, ServerPacket, WireError};
+use super::{
+    ConnectOutcome, DisconnectReason, Protocol, ServerFeatures, ServerPacket, SubRefusal,
+    WireError, PUBLISH_REFUSED_REASON,
+};
 
 fn v4_qos(q: u8) -> V4QoS {
     match q {
@@ -59,24 +62,25 @@ fn v4_packet(packet: ServerPacket<'_>) -> v4::Packet {
                 }
                 ConnectOutcome::BadClientId => v4::ConnectReturnCode::BadClientId,
                 ConnectOutcome::ServerUnavailable => v4::ConnectReturnCode::ServiceUnavailable,
+                ConnectOutcome::BadAuthenticationMethod => v4::ConnectReturnCode::NotAuthorized,
             },
             session_present && outcome == ConnectOutcome::Accepted,
         )),
-        ServerPacket::SubAck { pkid, granted } => v4::Packet::SubAck(v4::SubAck::new(
+        ServerPacket::SubAck { pkid, granted, .. } => v4::Packet::SubAck(v4::SubAck::new(
             pkid,
             granted
                 .iter()
                 .map(|g| match g {
-                    Some(q) => v4::SubscribeReasonCode::Success(v4_qos(*q)),
-                    None => v4::SubscribeReasonCode::Failure,
+                    Ok(q) => v4::SubscribeReasonCode::Success(v4_qos(*q)),
+                    Err(_) => v4::SubscribeReasonCode::Failure,
                 })
                 .collect(),
         )),
         ServerPacket::UnsubAck { pkid, .. } => v4::Packet::UnsubAck(v4::UnsubAck::new(pkid)),
-        ServerPacket::PubAck(pkid) | ServerPacket::PubAckRefused(pkid) => {
+        ServerPacket::PubAck(pkid) | ServerPacket::PubAckRefused { pkid, .. } => {
             v4::Packet::PubAck(v4::PubAck::new(pkid))
         }
-        ServerPacket::PubRec(pkid) | ServerPacket::PubRecRefused(pkid) => {
+        ServerPacket::PubRec(pkid) | ServerPacket::PubRecRefused { pkid, .. } => {
             v4::Packet::PubRec(v4::PubRec::new(pkid))
         }
         ServerPacket::PubComp(pkid) => v4::Packet::PubComp(v4::PubComp::new(pkid)),
@@ -118,6 +122,9 @@ fn v5_packet(packet: ServerPacket<'_>) -> v5::Packet {
                 ConnectOutcome::BadCredentials => v5::ConnectReturnCode::BadUserNamePassword,
                 ConnectOutcome::BadClientId => v5::ConnectReturnCode::ClientIdentifierNotValid,
                 ConnectOutcome::ServerUnavailable => v5::ConnectReturnCode::ServerUnavailable,
+                ConnectOutcome::BadAuthenticationMethod => {
+                    v5::ConnectReturnCode::BadAuthenticationMethod
+                }
             },
             properties: if outcome == ConnectOutcome::Accepted {
                 Some(v5_connack_properties(features, assigned_client_id))
@@ -128,16 +135,25 @@ fn v5_packet(packet: ServerPacket<'_>) -> v5::Packet {
                 })
             },
         }),
-        ServerPacket::SubAck { pkid, granted } => v5::Packet::SubAck(v5::SubAck {
+        ServerPacket::SubAck {
+            pkid,
+            granted,
+            reason,
+        } => v5::Packet::SubAck(v5::SubAck {
             pkid,
             return_codes: granted
                 .iter()
                 .map(|g| match g {
-                    Some(q) => v5::SubscribeReasonCode::Success(v5_qos(*q)),
-                    None => v5::SubscribeReasonCode::NotAuthorized,
+                    Ok(q) => v5::SubscribeReasonCode::Success(v5_qos(*q)),
+                    Err(SubRefusal::NotAuthorized) => v5::SubscribeReasonCode::NotAuthorized,
+                    Err(SubRefusal::InvalidFilter) => v5::SubscribeReasonCode::TopicFilterInvalid,
+                    Err(SubRefusal::QuotaExceeded) => v5::SubscribeReasonCode::QuotaExceeded,
                 })
                 .collect(),
-            properties: None,
+            properties: reason.map(|r| v5::SubAckProperties {
+                reason_string: Some(r.to_string()),
+                user_properties: Vec::new(),
+            }),
         }),
         ServerPacket::UnsubAck { pkid, count } => v5::Packet::UnsubAck(v5::UnsubAck {
             pkid,
@@ -145,14 +161,26 @@ fn v5_packet(packet: ServerPacket<'_>) -> v5::Packet {
             properties: None,
         }),
         ServerPacket::PubAck(pkid) => v5::Packet::PubAck(v5::PubAck::new(pkid, None)),
-        ServerPacket::PubAckRefused(pkid) => {
-            let mut ack = v5::PubAck::new(pkid, None);
+        ServerPacket::PubAckRefused { pkid, say_why } => {
+            let mut ack = v5::PubAck::new(
+                pkid,
+                say_why.then(|| v5::PubAckProperties {
+                    reason_string: Some(PUBLISH_REFUSED_REASON.to_string()),
+                    user_properties: Vec::new(),
+                }),
+            );
             ack.reason = v5::PubAckReason::NotAuthorized;
             v5::Packet::PubAck(ack)
         }
         ServerPacket::PubRec(pkid) => v5::Packet::PubRec(v5::PubRec::new(pkid, None)),
-        ServerPacket::PubRecRefused(pkid) => {
-            let mut rec = v5::PubRec::new(pkid, None);
+        ServerPacket::PubRecRefused { pkid, say_why } => {
+            let mut rec = v5::PubRec::new(
+                pkid,
+                say_why.then(|| v5::PubRecProperties {
+                    reason_string: Some(PUBLISH_REFUSED_REASON.to_string()),
+                    user_properties: Vec::new(),
+                }),
+            );
             rec.reason = v5::PubRecReason::NotAuthorized;
             v5::Packet::PubRec(rec)
         }

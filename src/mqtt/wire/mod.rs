@@ -75,6 +75,8 @@ pub struct ConnectInfo {
     pub max_packet_size: Option<u32>,
     /// MQTT 5 Request Problem Information (default 1): reason strings may be sent.
     pub problem_information: bool,
+    /// MQTT 5 Authentication Method: the client asks for enhanced authentication (AUTH).
+    pub authentication_method: Option<String>,
 }
 
 /// One filter of a SUBSCRIBE, with the MQTT 5 options (3.1.1 uses the defaults).
@@ -221,6 +223,7 @@ pub fn read_connect(
                 receive_maximum: None,
                 max_packet_size: None,
                 problem_information: true,
+                authentication_method: None,
             }));
         }
         Ok(v4::Packet::Connect(_)) => {}
@@ -275,6 +278,7 @@ pub fn read_connect(
                 receive_maximum: props.and_then(|p| p.receive_maximum),
                 max_packet_size: props.and_then(|p| p.max_packet_size),
                 problem_information: props.and_then(|p| p.request_problem_info) != Some(0),
+                authentication_method: props.and_then(|p| p.authentication_method.clone()),
             }))
         }
         Ok(_) => Err(WireError::NotConnect),
@@ -429,6 +433,53 @@ fn read_v5(buf: &mut BytesMut, max_packet: usize) -> Result<Option<ClientPacket>
     }))
 }
 
+/// Why a subscription filter was refused: its MQTT 5 SUBACK reason code (MQTT 3.1.1 has
+/// only 0x80 failure for all of them).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SubRefusal {
+    /// 0x87: outside the client's rights.
+    NotAuthorized,
+    /// 0x8F: not a valid filter, over the topic size or depth limit, or No Local on a shared
+    /// subscription.
+    InvalidFilter,
+    /// 0x97: the client holds its maximum of subscriptions.
+    QuotaExceeded,
+}
+
+impl SubRefusal {
+    /// The words for a reason string.
+    pub fn describe(self) -> &'static str {
+        match self {
+            SubRefusal::NotAuthorized => "not authorized (outside the client's rights)",
+            SubRefusal::InvalidFilter => "invalid topic filter (or over the size or depth limit)",
+            SubRefusal::QuotaExceeded => "subscription limit reached",
+        }
+    }
+}
+
+/// The MQTT 5 reason string of a SUBACK that refuses filters: the first refused filter and
+/// why, and how many more (kept short: it must not push the SUBACK past the client's maximum
+/// packet size). `None` when nothing was refused.
+pub fn subscribe_refusal_reason(
+    filters: &[String],
+    granted: &[Result<u8, SubRefusal>],
+) -> Option<String> {
+    let mut refused = filters
+        .iter()
+        .zip(granted)
+        .filter_map(|(f, g)| g.err().map(|why| (f, why)));
+    let (first, why) = refused.next()?;
+    let shown: String = first.chars().take(64).collect();
+    let more = refused.count();
+    Some(match more {
+        0 => format!("{shown}: {}", why.describe()),
+        n => format!("{shown}: {}; {n} more refused", why.describe()),
+    })
+}
+
+/// What a refused PUBLISH is told (MQTT 5 reason string of PUBACK or PUBREC 0x87).
+pub const PUBLISH_REFUSED_REASON: &str = "not authorized: the topic is outside the client's rights";
+
 /// How a CONNECT is answered.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ConnectOutcome {
@@ -443,6 +494,9 @@ pub enum ConnectOutcome {
     BadCredentials,
     /// Refused: the server is at its connection limit.
     ServerUnavailable,
+    /// Refused: the client asked for enhanced authentication, which is not supported
+    /// (MQTT 5 0x8C; 3.1.1 has no such request).
+    BadAuthenticationMethod,
 }
 
 /// What the server tells MQTT 5 clients in its CONNACK.
@@ -519,12 +573,14 @@ pub enum ServerPacket<'a> {
         /// Why it was refused (MQTT 5 reason string; 3.1.1 has no field).
         reason: Option<&'a str>,
     },
-    /// SUBACK: granted QoS per filter, `None` = refused.
+    /// SUBACK: granted QoS per filter, or why it was refused.
     SubAck {
         /// Packet id.
         pkid: u16,
         /// Granted QoS per filter.
-        granted: &'a [Option<u8>],
+        granted: &'a [Result<u8, SubRefusal>],
+        /// MQTT 5 reason string saying why filters were refused.
+        reason: Option<&'a str>,
     },
     /// UNSUBACK for `count` filters.
     UnsubAck {
@@ -537,11 +593,21 @@ pub enum ServerPacket<'a> {
     PubAck(u16),
     /// PUBACK for a PUBLISH the client was not authorized to make: MQTT 5 says so (reason
     /// 0x87); MQTT 3.1.1 has no way to, so it is a plain PUBACK (the message is dropped).
-    PubAckRefused(u16),
+    PubAckRefused {
+        /// Packet id.
+        pkid: u16,
+        /// Add the reason string (the client did not turn Request Problem Information off).
+        say_why: bool,
+    },
     /// PUBREC (first answer to a QoS 2 publish).
     PubRec(u16),
     /// PUBREC for a refused QoS 2 PUBLISH (reason 0x87 in MQTT 5).
-    PubRecRefused(u16),
+    PubRecRefused {
+        /// Packet id.
+        pkid: u16,
+        /// Add the reason string.
+        say_why: bool,
+    },
     /// PUBCOMP (answer to PUBREL).
     PubComp(u16),
     /// PUBREL (answer to the client's PUBREC for our QoS 2 PUBLISH).
