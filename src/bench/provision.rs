@@ -271,10 +271,12 @@ async fn sdk_baseline(
 }
 
 impl ProvisionResult {
-    /// Share of the quota used: devices/s over the per-API quota (each device needs one call
-    /// of each API).
+    /// Share of the quota used: devices provisioned over the most the quota admits in the
+    /// run's wall time. Each device needs one call of each API, and the emulator's bucket
+    /// starts full (one second of quota), so T seconds admit at most `tps x (T + 1)` devices.
     pub fn quota_share(&self) -> Option<f64> {
-        self.tps.map(|t| self.devices_per_second / t)
+        self.tps
+            .map(|t| f64::from(self.provisioned) / (t * (self.seconds + 1.0)))
     }
 
     /// The `--json` document (field names as issue 22 gives them).
