@@ -17,6 +17,8 @@ use tokio::time::Instant;
 
 use super::BenchError;
 
+/// Environment variable with a command line to run the daemon under (a profiler).
+pub const DAEMON_PREFIX_ENV: &str = "FLEETGW_BENCH_DAEMON_PREFIX";
 /// How long a process may take to come up.
 const START_TIMEOUT: Duration = Duration::from_secs(60);
 /// Pause between two looks while waiting for a process.
@@ -244,10 +246,25 @@ impl Daemon {
             args.push(s);
         }
         let envs = [("NOTIFY_SOCKET", notify_path.display().to_string())];
+        // A profiler to run the daemon under (`heaptrack`, `perf record -g --`, `valgrind
+        // --tool=callgrind`): its /proc figures are then the profiler's, the profile is the point.
+        let mut program = fleetgw_exe()?;
+        if let Some(prefix) = std::env::var(DAEMON_PREFIX_ENV)
+            .ok()
+            .filter(|p| !p.trim().is_empty())
+        {
+            let mut words = prefix.split_whitespace().map(String::from);
+            let first = words.next().unwrap_or_default();
+            let mut wrapped: Vec<String> = words.collect();
+            wrapped.push(program.display().to_string());
+            wrapped.extend(args);
+            args = wrapped;
+            program = PathBuf::from(first);
+        }
         let started = Instant::now();
         let mut process = Process::spawn(
             "fleetgw run",
-            &fleetgw_exe()?,
+            &program,
             &args,
             &envs,
             dir.join("daemon.log"),
