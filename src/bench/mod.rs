@@ -289,6 +289,19 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_work_directory_is_private_and_removed() {
+        use std::os::unix::fs::PermissionsExt as _;
+        // The daemon's notify socket, admin socket and keys live here: other users must not
+        // reach them (a forged READY=1, a stolen key).
+        let dir = WorkDir::create(false).unwrap();
+        let path = dir.path().to_path_buf();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o700, "{path:?}");
+        drop(dir);
+        assert!(!path.exists());
+    }
+
+    #[test]
     fn samples_are_bucketed_per_second_with_their_p99() {
         let s = Series::from_samples(
             "x",
