@@ -1,5 +1,6 @@
 //! `fleetgw bench scale`: N provisioned devices connected at once, each publishing R msg/s for
-//! T seconds with the default device identity (one upstream connection per active device).
+//! T seconds with the default device identity (one upstream connection per active device, so
+//! `telemetry.max_upstream_connections` is raised to N when N is above its default 1,000).
 //! While they publish, the daemon's RSS (/proc) and the emulator's open connections are
 //! sampled; the figures are the peaks, the daemon's CPU share over the phase (cores), the p99
 //! device-to-cloud latency and the messages lost.
@@ -68,7 +69,15 @@ pub async fn run(opts: &ScaleOptions, observer: &dyn Observer) -> Result<ScaleRe
         &["--max-messages".into(), EMULATOR_MAX_MESSAGES.to_string()],
     )
     .await?;
-    let sets = vec!["telemetry.identity=\"device\"".to_string()];
+    // One upstream connection per active device: the default cap (1,000) would park the
+    // rest of a larger fleet behind it.
+    let sets = vec![
+        "telemetry.identity=\"device\"".to_string(),
+        format!(
+            "telemetry.max_upstream_connections={}",
+            opts.devices.max(1000)
+        ),
+    ];
     let daemon = Daemon::start(&emu, &work.path().join("daemon"), &sets).await?;
     let ca = read(&emu.dir.join("ca.pem"))?;
     let (_, publishers) = provision_publishers(&daemon, &ca, opts.devices, "s", observer).await?;
