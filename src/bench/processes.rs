@@ -9,6 +9,7 @@
 
 use std::fmt::Write as _;
 use std::net::SocketAddr;
+use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
@@ -43,6 +44,9 @@ impl Process {
         let file = std::fs::File::create(&log).map_err(|e| BenchError::io(&log, e))?;
         let err = file.try_clone().map_err(|e| BenchError::io(&log, e))?;
         let mut cmd = Command::new(program);
+        // Its own process group, signalled as a whole: a profiler in front of the daemon
+        // (FLEETGW_BENCH_DAEMON_PREFIX) runs it as its child, which must not outlive the run.
+        cmd.process_group(0);
         cmd.args(args).stdin(Stdio::null()).stdout(file).stderr(err);
         for (k, v) in envs {
             cmd.env(k, v);
@@ -87,10 +91,7 @@ impl Process {
 
     /// SIGTERM, then SIGKILL if it has not exited within `within`.
     pub async fn stop(mut self, within: Duration) {
-        // SAFETY: kill(2) on our own, not yet reaped child.
-        unsafe {
-            libc::kill(self.child.id() as i32, libc::SIGTERM);
-        }
+        self.signal_group(libc::SIGTERM);
         let deadline = Instant::now() + within;
         while Instant::now() < deadline {
             if !matches!(self.child.try_wait(), Ok(None)) {
@@ -101,8 +102,20 @@ impl Process {
     }
 }
 
+impl Process {
+    /// Sends `sig` to the process group the child leads (while it is not reaped, the group
+    /// id is still ours to signal).
+    fn signal_group(&self, sig: i32) {
+        // SAFETY: kill(2) on the group of our own, not yet reaped child.
+        unsafe {
+            libc::kill(-(self.child.id() as i32), sig);
+        }
+    }
+}
+
 impl Drop for Process {
     fn drop(&mut self) {
+        self.signal_group(libc::SIGKILL);
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
