@@ -7,6 +7,7 @@
 pub mod admin;
 pub mod admission;
 pub mod backoff;
+pub mod bench;
 pub mod cli;
 pub mod clock;
 pub mod cloud;

@@ -1026,8 +1026,10 @@ async fn the_gateway_connection_keeps_gateway_inflight_unacknowledged() {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Benchmarks (`benches/telemetry.sh`): ignored tests, one result line each. They print figures
-// and assert only loss and order where the design promises them, never timings.
+// In-process telemetry runs with an outage (ignored; `benches/telemetry.sh` names them): one
+// result line each, asserting only loss and order where the design promises them, never
+// timings. The published figures beside the mosquitto bridge are `fleetgw bench telemetry`'s,
+// measured with the daemon in its own process (src/bench/telemetry.rs).
 
 /// The load of one benchmark run, from the environment: `FLEETGW_BENCH_DEVICES` (50)
 /// publishers `sensor-NN`, `FLEETGW_BENCH_PER_DEVICE` (400) QoS 1 messages of 200 bytes each, at
@@ -1134,24 +1136,6 @@ async fn publish_timed(
     .await
 }
 
-/// Waits until the emulator holds `total` messages, or its count has not moved for 2 s (a
-/// bridge that dropped some never gets there); returns the count.
-async fn settle_count(emu: &AwsEmulatorHandle, total: u64) -> u64 {
-    let mut last = (u64::MAX, Instant::now());
-    loop {
-        let n = emulator_messages(emu).await;
-        if n >= total {
-            return n;
-        }
-        if n != last.0 {
-            last = (n, Instant::now());
-        } else if last.1.elapsed() > Duration::from_secs(2) {
-            return n;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 /// fleetgw, in-process: [`Load`] through the embedded broker, the durable (fsynced) outbox and
 /// device-identity upstream links to the emulator. With `FLEETGW_BENCH_OUTAGE_SECS` > 0 the
 /// emulator is in outage from a third of the run on. Prints one `FLEETGW` line: the rate
@@ -1160,7 +1144,7 @@ async fn settle_count(emu: &AwsEmulatorHandle, total: u64) -> u64 {
 /// and duplicates counted by sequence numbers at the emulator; asserts nothing lost and
 /// per-device order.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "benchmark: run with --ignored (see benches/telemetry.sh)"]
+#[ignore = "outage run: run with --ignored (see benches/telemetry.sh)"]
 async fn bench_devices_through_an_outage() {
     let load = Load::from_env();
     let outage_secs = env_or("FLEETGW_BENCH_OUTAGE_SECS", 0);
@@ -1273,115 +1257,5 @@ async fn bench_devices_through_an_outage() {
     );
     assert_eq!(stats.dropped_full + stats.expired + stats.undeliverable, 0);
     gw.stop().await;
-    emu.shutdown().await;
-}
-
-/// The baseline users run today: mosquitto as the local broker, bridged (MQTT 3.1.1, queue in
-/// memory) to the emulator with a gateway certificate, under the same [`Load`].
-/// `FLEETGW_BENCH_BRIDGE` picks the bridge settings:
-/// - `default`: mosquitto's defaults (`max_queued_messages 1000`, `max_inflight_messages 20`);
-/// - `unlimited`: `max_queued_messages 0` (no queue limit, nothing dropped);
-/// - `inflight100`: no queue limit and `max_inflight_messages 100`.
-///
-/// Prints one `BRIDGE` line: the rate acknowledged to the publishers, the rate delivered (first
-/// send to last arrival at the emulator), loss by sequence numbers at the emulator and latency.
-/// Nothing is asserted about loss: measuring it is the point.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "benchmark: run with --ignored (see benches/telemetry.sh)"]
-async fn bench_mosquitto_bridge_baseline() {
-    let load = Load::from_env();
-    let total = load.total();
-    let queue = std::env::var("FLEETGW_BENCH_BRIDGE").unwrap_or_else(|_| "default".into());
-    let limits: &[&str] = match queue.as_str() {
-        "default" => &[],
-        "unlimited" => &["max_queued_messages 0", "max_queued_bytes 0"],
-        "inflight100" => &[
-            "max_queued_messages 0",
-            "max_queued_bytes 0",
-            "max_inflight_messages 100",
-        ],
-        other => panic!("FLEETGW_BENCH_BRIDGE={other}: use default, unlimited or inflight100"),
-    };
-    // The bridge's identity: a thing provisioned like any device.
-    let Fixture(dir, emu, store, devices) =
-        Fixture::start_with(1, (total as usize) * 2 + 1000).await;
-    let gw_thing = devices[0].1.clone();
-    let gw_id = DeviceId::parse("sensor-00").unwrap();
-    let rec = store.device(&gw_id).unwrap().unwrap();
-    let files = dir.path();
-    std::fs::write(files.join("ca.pem"), emu.ca_pem()).unwrap();
-    std::fs::write(
-        files.join("gw.pem"),
-        rec.provision.certificate_pem.as_deref().unwrap(),
-    )
-    .unwrap();
-    std::fs::write(files.join("gw.key"), store.secret(&gw_id).unwrap().unwrap()).unwrap();
-    // Global limits first: after `connection`, lines belong to the bridge.
-    let mut extra: Vec<String> = limits.iter().map(|l| l.to_string()).collect();
-    extra.extend([
-        "connection cloud".into(),
-        format!("address 127.0.0.1:{}", emu.mqtt_addr().port()),
-        format!("remote_clientid {gw_thing}"),
-        "bridge_protocol_version mqttv311".into(),
-        "try_private false".into(),
-        "notifications false".into(),
-        "cleansession true".into(),
-        format!("bridge_cafile {}", files.join("ca.pem").display()),
-        format!("bridge_certfile {}", files.join("gw.pem").display()),
-        format!("bridge_keyfile {}", files.join("gw.key").display()),
-        "topic fleetgw/+/telemetry out 1".into(),
-    ]);
-    let mosquitto = Mosquitto::start(&MosquittoConfig {
-        extra,
-        ..MosquittoConfig::anonymous()
-    });
-    // The bridge connects on its own schedule; wait until it is up.
-    let deadline = Instant::now() + LIMIT;
-    loop {
-        let (_, stats) = http(emu.api_addr(), "GET", "/stats", None).await;
-        if stats["connections"]["open"].as_u64().unwrap_or(0) > 0 {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "bridge not connected: {}",
-            mosquitto.log()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let load_before = load_average();
-    let (acked_in, late) = load.publish_all(mosquitto.port()).await;
-    settle_count(&emu, total).await;
-    let load_after = load_average();
-    // One bridge connection carries every device: the topic tells them apart.
-    let mut by_topic: BTreeMap<String, Vec<Arrival>> = BTreeMap::new();
-    for (topic, arrival) in received_with_times(&emu, &gw_thing).await {
-        by_topic.entry(topic).or_default().push(arrival);
-    }
-    let mut check = TelemetryCheck::new();
-    for i in 0..load.devices {
-        let topic = format!("fleetgw/sensor-{i:02}/telemetry");
-        let arrivals = by_topic.get(&topic).map(Vec::as_slice).unwrap_or_default();
-        check.add_device(&topic, arrivals, 0..load.per_device);
-    }
-    let latency = check.latency();
-    eprintln!(
-        "BRIDGE queue={queue} devices={} messages={total} offered_per_s={} acked_per_s={:.0} \
-         delivered_per_s={:.0} lost={} lost_pct={:.1} p50_ms={} p99_ms={} max_ms={} \
-         publisher_late_ms={} duplicates={} out_of_order={} load_before={load_before} \
-         load_after={load_after}",
-        load.devices,
-        load.offered(),
-        total as f64 / acked_in.as_secs_f64(),
-        check.messages_per_second(),
-        check.lost,
-        check.lost as f64 * 100.0 / total as f64,
-        latency.p50_ms,
-        latency.p99_ms,
-        latency.max_ms,
-        late.as_millis(),
-        check.duplicates,
-        check.out_of_order,
-    );
     emu.shutdown().await;
 }

@@ -4,6 +4,7 @@
 //! returns the process exit code. Logging is set up here, once, before any command runs.
 
 mod admin_client;
+mod bench;
 mod check_config;
 mod cloud;
 mod csr;
@@ -79,6 +80,9 @@ pub enum Command {
     /// Run the AWS emulator, the gateway and a simulated fleet in one process and show the
     /// provisioning figures (nothing to install, no cloud account).
     Demo(demo::Args),
+    /// Measure provisioning, telemetry, scale and footprint beside the baselines users would
+    /// pick instead (the AWS SDK's per-device flow, the mosquitto bridge), in one run.
+    Bench(bench::Args),
     /// Show the running daemon's status (over the admin socket).
     Status(devices::StatusArgs),
     /// List, show, approve, block, unblock, delete, reprovision or export devices (over the
@@ -111,7 +115,7 @@ pub fn main() -> ExitCode {
     // The demo draws a progress bar: only warnings unless RUST_LOG says otherwise.
     match cli.command {
         Command::Run(_) => {}
-        Command::Demo(_) => logging::init(cli.log_format, Some("warn")),
+        Command::Demo(_) | Command::Bench(_) => logging::init(cli.log_format, Some("warn")),
         _ => logging::init(cli.log_format, None),
     }
     match cli.command {
@@ -121,6 +125,7 @@ pub fn main() -> ExitCode {
         Command::Emulate(args) => emulate::run(args),
         Command::Simulate(args) => simulate::run(*args),
         Command::Demo(args) => demo::run(args),
+        Command::Bench(args) => bench::run(args),
         Command::Passwd(args) => passwd::run(args),
         Command::Status(args) => devices::status(args),
         Command::Devices(args) => devices::run(args),

@@ -241,6 +241,7 @@ impl TelemetryCheck {
 struct MessageView {
     seq: u64,
     client_id: String,
+    topic: String,
     payload_base64: String,
     received_at_ms: u64,
 }
@@ -274,9 +275,30 @@ pub async fn fetch_arrivals(
     api_url: &str,
     timeout: Duration,
 ) -> Result<BTreeMap<String, Vec<Arrival>>, FetchError> {
+    fetch_arrivals_by(api_url, timeout, 0, GroupBy::ClientId).await
+}
+
+/// How [`fetch_arrivals_by`] groups the arrivals.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GroupBy {
+    /// By MQTT client id (the thing name in device identity).
+    ClientId,
+    /// By topic: the one way to tell devices apart behind a single upstream connection (the
+    /// gateway's own identity, a mosquitto bridge).
+    Topic,
+}
+
+/// The messages the emulator logged after its arrival number `after` (0: all it holds), as
+/// arrivals per key, in arrival order; otherwise as [`fetch_arrivals`].
+pub async fn fetch_arrivals_by(
+    api_url: &str,
+    timeout: Duration,
+    after: u64,
+    group: GroupBy,
+) -> Result<BTreeMap<String, Vec<Arrival>>, FetchError> {
     let base = api_url.trim_end_matches('/');
     let mut by_client: BTreeMap<String, Vec<Arrival>> = BTreeMap::new();
-    let mut after = 0;
+    let mut after = after;
     loop {
         let url = format!("{base}/messages?after={after}&limit={PAGE}");
         let body = tokio::time::timeout(timeout, http_get(&url))
@@ -302,7 +324,11 @@ pub async fn fetch_arrivals(
                 continue;
             };
             if let Some((seq, sent_ms)) = parse_payload(&raw) {
-                by_client.entry(m.client_id).or_default().push(Arrival {
+                let key = match group {
+                    GroupBy::ClientId => m.client_id,
+                    GroupBy::Topic => m.topic,
+                };
+                by_client.entry(key).or_default().push(Arrival {
                     seq,
                     sent_ms,
                     received_ms: m.received_at_ms,

@@ -204,6 +204,9 @@ pub(crate) struct LinkTarget {
     pub password: Option<PasswordSource>,
 }
 
+/// TLS sessions kept for resuming a device's upstream connection.
+const DEVICE_TLS_SESSIONS: usize = 2;
+
 /// Makes a fresh SAS token (MQTT password, HTTPS `Authorization`).
 pub(crate) type PasswordSource = Arc<dyn Fn() -> String + Send + Sync>;
 
@@ -275,6 +278,12 @@ pub(crate) fn device_target(
             (tls, Some(password))
         }
     };
+    // One connection uses this config: a resumption cache sized for a few reconnects, not
+    // rustls's default of 256 sessions (about 14 KB per device link; heaptrack, issue 22).
+    let mut tls = tls;
+    if let Some(c) = Arc::get_mut(&mut tls) {
+        c.resumption = rustls::client::Resumption::in_memory_sessions(DEVICE_TLS_SESSIONS);
+    }
     let address = match spec.connect {
         Some(addr) => (addr.ip().to_string(), addr.port()),
         None => (spec.host.clone(), spec.port),

@@ -58,6 +58,10 @@ pub(crate) struct Intake {
     batch_bytes_max: usize,
 }
 
+/// How many times the intake yields to the tasks feeding it, finding its channel empty, before
+/// it closes a batch (see `run`). Each costs a trip through the scheduler, not a timer.
+const COALESCE_YIELDS: u32 = 2;
+
 /// Batches in the outbox waiting for their flush before their devices are acknowledged; the
 /// intake waits when this many are. (The broker's window to the gateway bounds them first.)
 const PENDING_BATCHES: usize = 64;
@@ -155,11 +159,21 @@ impl Intake {
             };
             let mut bytes = first.payload.len();
             batch.push(first);
+            // Gather what is already on its way: the downstream session and the router hand
+            // messages over one at a time, so the channel looks empty between two of them
+            // while the broker still holds a whole window for us. Yielding lets those tasks
+            // run before the batch is closed; only a channel still empty after that ends it.
+            let mut empty_looks = 0;
             while batch.len() < batch_max && bytes < self.batch_bytes_max {
                 match self.inbound.try_recv() {
                     Ok(m) => {
                         bytes += m.payload.len();
                         batch.push(m);
+                        empty_looks = 0;
+                    }
+                    Err(mpsc::error::TryRecvError::Empty) if empty_looks < COALESCE_YIELDS => {
+                        empty_looks += 1;
+                        tokio::task::yield_now().await;
                     }
                     Err(_) => break,
                 }

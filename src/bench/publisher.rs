@@ -1,0 +1,194 @@
+//! A device publishing a numbered sequence of QoS 1 messages and waiting for every PUBACK: the
+//! load of the telemetry benchmarks (fleetgw and the mosquitto bridge alike) and of the
+//! telemetry and downstream tests (`tests/common/publisher.rs` wraps it).
+//!
+//! A publisher keeps at most `window` messages unacknowledged; paced, message n is not sent
+//! before its due time; with `until`, it stops starting new messages at that instant (a
+//! benchmark of T seconds), then waits for the PUBACKs of what it sent.
+
+use std::ops::Range;
+use std::time::Duration;
+
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use tokio::sync::mpsc;
+use tokio::time::{timeout_at, Instant};
+
+/// What one device publishes and how.
+pub struct Sequence {
+    /// MQTT client id.
+    pub client_id: String,
+    /// Topic of every message.
+    pub topic: String,
+    /// The sequence numbers, published in order; the payload function makes each payload.
+    pub seqs: Range<u64>,
+    /// Most unacknowledged publishes.
+    pub window: u16,
+    /// MQTT keep-alive.
+    pub keep_alive: Duration,
+    /// MQTT clean session.
+    pub clean_session: bool,
+    /// (first due, interval): message n of the range is due at first + n x interval and is not
+    /// published earlier.
+    pub pace: Option<(Instant, Duration)>,
+    /// No message is started at or after this instant (the rest of `seqs` is not sent).
+    pub until: Option<Instant>,
+    /// Every PUBACK must have come within this.
+    pub within: Duration,
+    /// Whether to read the connection's end after DISCONNECT (up to 1 s).
+    pub linger: bool,
+}
+
+impl Sequence {
+    /// `seqs` from `client_id` on `topic`: window 10, keep-alive 10 s, clean session, unpaced,
+    /// no end time, acknowledged within `within`.
+    pub fn new(client_id: String, topic: String, seqs: Range<u64>, within: Duration) -> Self {
+        Self {
+            client_id,
+            topic,
+            seqs,
+            window: 10,
+            keep_alive: Duration::from_secs(10),
+            clean_session: true,
+            pace: None,
+            until: None,
+            within,
+            linger: true,
+        }
+    }
+}
+
+/// What a publisher did.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Published {
+    /// Messages sent (the first `sent` numbers of the range).
+    pub sent: u64,
+    /// How late the latest paced message went out after its due time (zero when unpaced).
+    pub late: Duration,
+    /// When the last PUBACK came.
+    pub last_ack: Option<Instant>,
+}
+
+/// Why a publisher stopped before every PUBACK came.
+#[derive(Debug, thiserror::Error)]
+pub enum PublishError {
+    /// The connection failed.
+    #[error("device {client_id}: {reason}")]
+    Connection {
+        /// The publisher.
+        client_id: String,
+        /// The client's error.
+        reason: String,
+    },
+    /// Not every PUBACK came in time.
+    #[error("device {client_id}: {acked} of {sent} PUBACKs within {within:?}")]
+    Timeout {
+        /// The publisher.
+        client_id: String,
+        /// PUBACKs received.
+        acked: u64,
+        /// Messages sent.
+        sent: u64,
+        /// The time allowed.
+        within: Duration,
+    },
+}
+
+/// Publishes the sequence to the broker at 127.0.0.1:`port` (payload of message n:
+/// `payload(n)`) and returns once every PUBACK of what it sent came.
+pub async fn publish_sequence(
+    port: u16,
+    seq: Sequence,
+    payload: impl Fn(u64) -> Vec<u8> + Send + 'static,
+) -> Result<Published, PublishError> {
+    let Sequence {
+        client_id,
+        topic,
+        seqs,
+        window,
+        keep_alive,
+        clean_session,
+        pace,
+        until,
+        within,
+        linger,
+    } = seq;
+    let mut o = MqttOptions::new(client_id.as_str(), "127.0.0.1", port);
+    o.set_keep_alive(keep_alive)
+        .set_clean_session(clean_session)
+        .set_max_packet_size(1 << 20, 1 << 20)
+        .set_inflight(window);
+    let (client, mut eventloop) = AsyncClient::new(o, usize::from(window));
+    let first = seqs.start;
+    // The publisher reports how many it sent once it stops; PUBACKs are counted here.
+    let (done_tx, mut done_rx) = mpsc::channel::<(u64, Duration)>(1);
+    let publisher = tokio::spawn(async move {
+        let mut late = Duration::ZERO;
+        let mut sent = 0;
+        for n in seqs {
+            if let Some((start, every)) = pace {
+                let due = start + every.mul_f64((n - first) as f64);
+                if until.is_some_and(|u| due >= u) {
+                    break;
+                }
+                tokio::time::sleep_until(due).await;
+                late = late.max(Instant::now().saturating_duration_since(due));
+            }
+            if until.is_some_and(|u| Instant::now() >= u) {
+                break;
+            }
+            if client
+                .publish(&topic, QoS::AtLeastOnce, false, payload(n))
+                .await
+                .is_err()
+            {
+                break;
+            }
+            sent += 1;
+        }
+        let _ = done_tx.send((sent, late)).await;
+        client
+    });
+    let deadline = until.unwrap_or_else(Instant::now) + within;
+    let mut acked = 0;
+    let mut total: Option<(u64, Duration)> = None;
+    let mut last_ack = None;
+    while total.is_none_or(|(sent, _)| acked < sent) {
+        tokio::select! {
+            done = done_rx.recv(), if total.is_none() => {
+                total = Some(done.unwrap_or((acked, Duration::ZERO)));
+            }
+            event = timeout_at(deadline, eventloop.poll()) => match event {
+                Ok(Ok(Event::Incoming(Packet::PubAck(_)))) => {
+                    acked += 1;
+                    last_ack = Some(Instant::now());
+                }
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => {
+                    publisher.abort();
+                    return Err(PublishError::Connection { client_id, reason: e.to_string() });
+                }
+                Err(_) => {
+                    publisher.abort();
+                    return Err(PublishError::Timeout {
+                        client_id,
+                        acked,
+                        sent: total.map_or(acked, |t| t.0),
+                        within,
+                    });
+                }
+            },
+        }
+    }
+    let (sent, late) = total.unwrap_or_default();
+    if let Ok(client) = publisher.await {
+        let _ = client.disconnect().await;
+        if linger {
+            let _ = tokio::time::timeout(Duration::from_secs(1), eventloop.poll()).await;
+        }
+    }
+    Ok(Published {
+        sent,
+        late,
+        last_ack,
+    })
+}
