@@ -241,6 +241,9 @@ impl TelemetryCheck {
 struct MessageView {
     seq: u64,
     client_id: String,
+    /// Absent from the Azure emulator's log, which names the device instead (and is only
+    /// grouped by client id).
+    #[serde(default)]
     topic: String,
     payload_base64: String,
     received_at_ms: u64,
