@@ -161,6 +161,9 @@ fn demo_provisions_every_device_and_writes_the_summary() {
         .output()
         .unwrap();
     assert_success(&out, "fleetgw demo");
+    // The first command a user runs prints its table, not a warning about a missing group.
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("admin.group"), "{stderr}");
     let json = read_json(&summary);
     assert_eq!(json["devices"], 50, "{json}");
     assert_eq!(json["provisioned"], 50, "{json}");

@@ -143,6 +143,25 @@ fn group_id(name: &str) -> Option<u32> {
     (rc == 0 && !out.is_null()).then_some(grp.gr_gid)
 }
 
+/// The name of the calling process's primary group, if the system knows it (the demo makes it
+/// the admin group of its private, in-process gateway).
+pub fn own_group_name() -> Option<String> {
+    // SAFETY: getgid cannot fail.
+    let gid = unsafe { libc::getgid() };
+    let mut grp: libc::group = unsafe { std::mem::zeroed() };
+    let mut buf = vec![0u8; 16 * 1024];
+    let mut out: *mut libc::group = std::ptr::null_mut();
+    // SAFETY: valid pointers; gr_name points into buf, copied before buf is dropped.
+    let rc =
+        unsafe { libc::getgrgid_r(gid, &mut grp, buf.as_mut_ptr().cast(), buf.len(), &mut out) };
+    if rc != 0 || out.is_null() || grp.gr_name.is_null() {
+        return None;
+    }
+    // SAFETY: gr_name is a NUL-terminated string inside buf, which is still alive.
+    let name = unsafe { std::ffi::CStr::from_ptr(grp.gr_name) };
+    name.to_str().ok().map(str::to_string)
+}
+
 /// The user name of `uid`, if the system knows it.
 fn user_name(uid: u32) -> Option<CString> {
     let mut pwd: libc::passwd = unsafe { std::mem::zeroed() };

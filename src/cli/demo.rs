@@ -229,7 +229,13 @@ async fn demo(args: &Args) -> Result<bool, DemoError> {
     let workdir = WorkDir::create(args.keep)?;
     let emulator = Cloud::start(args.provider, workdir.path()).await?;
     let config_path = emulator.config_path();
-    write_demo_dropin(&config_path, emulator.dropin())?;
+    let mut dropin = emulator.dropin().to_string();
+    // The gateway runs in this process, its admin socket in the demo's private directory: the
+    // caller's own group is its admin group (the packaged default, "fleetgw", may not exist).
+    if let Some(group) = crate::admin::auth::own_group_name() {
+        dropin.push_str(&format!("\n[admin]\ngroup = {:?}\n", group));
+    }
+    write_demo_dropin(&config_path, &dropin)?;
     let config = config::load(&config_path, &[])?;
     let gateway = Gateway::start(&config).await?;
     let broker = gateway.broker_addr().ok_or(DemoError::NoEmbeddedBroker)?;
