@@ -217,6 +217,17 @@ async fn x509_over_https_issues_group_certificates_and_posts_telemetry() {
         assert_eq!(r["attestation"], "x509", "{r}");
         assert_eq!(r["status"], "assigned", "{r}");
     }
+
+    // A device that brings its own CSR is refused before any certificate is issued: DPS and
+    // the hub would authenticate it with a key the gateway does not hold.
+    let mut own = fleet(port, "x509own", 1, 0);
+    own.own_csr_share = 1.0;
+    own.timeout = Duration::from_secs(30);
+    let refused = run(own).await;
+    assert_eq!(refused.provisioned, 0, "{refused:?}");
+    let text = refused.failures[0].reason.to_string();
+    assert!(text.contains("DeviceKeyRequired"), "{text}");
+    assert_eq!(f.registrations().await.len(), 6);
     let (_, messages) = http(f.api(), "GET", "/messages?limit=5", None).await;
     for m in messages.as_array().unwrap() {
         assert_eq!(m["transport"], "https", "{m}");

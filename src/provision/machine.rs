@@ -181,6 +181,11 @@ async fn commit(
 }
 
 async fn prepare_key(inner: &Inner, rec: DeviceRecord) -> Step {
+    // Refused before anything is issued: the registration would need the device's key.
+    if rec.provision.own_csr.is_some() && inner.provider.needs_device_key() {
+        let error = device_key_required(inner, &rec);
+        return fail(inner, rec, error).await;
+    }
     let mut next = rec.clone();
     let mut batch = Batch::new();
     let csr = match rec.provision.own_csr.clone() {
@@ -408,15 +413,7 @@ fn registration_key(inner: &Inner, rec: &DeviceRecord) -> Result<Option<Secret>,
         return Ok(None);
     }
     if !rec.provision.gateway_key {
-        return Err(ErrorInfo {
-            status_code: 400,
-            error_code: "DeviceKeyRequired".into(),
-            error_message: format!(
-                "{} authenticates device {} with its own key, which the gateway does not hold: the device brought its own CSR; let the gateway generate the key",
-                inner.provider.name(),
-                rec.id
-            ),
-        });
+        return Err(device_key_required(inner, rec));
     }
     let internal = |what: String| ErrorInfo {
         status_code: 500,
@@ -434,6 +431,20 @@ fn registration_key(inner: &Inner, rec: &DeviceRecord) -> Result<Option<Secret>,
             .map(Some)
             .map_err(|e| internal(format!("unsealing its key: {e}"))),
         None => Ok(Some(Secret::new(stored))),
+    }
+}
+
+/// The refusal of a device that brought its own CSR to a provider that authenticates the
+/// device with its key (which the gateway then does not hold).
+fn device_key_required(inner: &Inner, rec: &DeviceRecord) -> ErrorInfo {
+    ErrorInfo {
+        status_code: 400,
+        error_code: "DeviceKeyRequired".into(),
+        error_message: format!(
+            "{} authenticates device {} with its own key, which the gateway does not hold: the device brought its own CSR; let the gateway generate the key",
+            inner.provider.name(),
+            rec.id
+        ),
     }
 }
 
