@@ -68,7 +68,14 @@ async fn discovery_file_has_exactly_the_documented_keys() {
     assert_eq!(json["dpsMqtt"], f.emu.endpoints().dps_mqtt.to_string());
     assert_eq!(json["api"], f.emu.api_url());
     assert_eq!(json["idScope"], f.emu.id_scope());
-    // gateway.toml is a valid fleetgw config naming this DPS.
+    // gateway.toml is a valid fleetgw config naming this DPS; it holds the group key, so only
+    // its owner may read it.
+    use std::os::unix::fs::PermissionsExt as _;
+    let mode = std::fs::metadata(f.emu.gateway_config_path())
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600, "gateway.toml mode {mode:o}");
     let config = fleetgw::config::load(&f.emu.gateway_config_path(), &[])
         .unwrap_or_else(|e| panic!("gateway.toml: {e}"));
     assert_eq!(

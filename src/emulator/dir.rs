@@ -47,14 +47,15 @@ pub fn write_secret(path: &Path, secret: &identity::Secret) -> Result<(), Emulat
     write(path, secret.expose(), 0o600)
 }
 
-/// Writes an emulator's discovery files in `dir`: `gateway.toml` (0644) from `gateway_config`,
-/// then `emulator.json` from `discovery` with `discovery_mode`, last, since scripts treat its
-/// appearance as "ready, everything written".
+/// Writes an emulator's discovery files in `dir`, both with `mode` (0600 when they hold keys, as
+/// the Azure ones hold the enrollment group's): `gateway.toml` from `gateway_config`, then
+/// `emulator.json` from `discovery`, last, since scripts treat its appearance as "ready,
+/// everything written".
 pub fn write_discovery(
     dir: &Path,
     gateway_config: Result<String, toml::ser::Error>,
     discovery: &serde_json::Value,
-    discovery_mode: u32,
+    mode: u32,
 ) -> Result<(), EmulatorError> {
     let discovery_path = dir.join("emulator.json");
     let mut json_bytes =
@@ -68,8 +69,8 @@ pub fn write_discovery(
         path: config_path.clone(),
         reason: format!("cannot encode: {e}"),
     })?;
-    write(&config_path, config.as_bytes(), 0o644)?;
-    write(&discovery_path, &json_bytes, discovery_mode)
+    write(&config_path, config.as_bytes(), mode)?;
+    write(&discovery_path, &json_bytes, mode)
 }
 
 /// A TOML table of `pairs`, for the `gateway.toml` the emulators write.
