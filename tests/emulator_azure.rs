@@ -70,7 +70,6 @@ async fn discovery_file_has_exactly_the_documented_keys() {
     assert_eq!(json["idScope"], f.emu.id_scope());
     // gateway.toml is a valid fleetgw config naming this DPS; it holds the group key, so only
     // its owner may read it.
-    use std::os::unix::fs::PermissionsExt as _;
     let mode = std::fs::metadata(f.emu.gateway_config_path())
         .unwrap()
         .permissions()
