@@ -7,15 +7,14 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::run::{gateway_credentials, read_text, RunError};
-use crate::admission;
+use super::run::{gateway_credentials, read_group_key, read_text, RunError};
 use crate::cloud::aws::claim::ClaimOptions;
 use crate::cloud::aws::{self, AwsProvider, AwsProviderOptions, OWNERSHIP_TOKEN_TTL};
 use crate::cloud::azure::dps::{DpsConfig, DpsTransport};
-use crate::cloud::azure::{self, AzureAttestation, AzureProvider, AzureProviderOptions, Endpoint};
+use crate::cloud::azure::{AzureAttestation, AzureProvider, AzureProviderOptions, Endpoint};
 use crate::cloud::{Provider, TelemetryProfile, UpstreamTransport};
 use crate::config::{self, CloudProvider, Config, TelemetryIdentity};
-use crate::identity::{self, CertificateAuthority, PrivateKey, Secret};
+use crate::identity::{self, CertificateAuthority, PrivateKey};
 use crate::telemetry::{TelemetryOptions, UpstreamEndpoint};
 
 /// The provider to start, with its options checked.
@@ -39,9 +38,7 @@ impl ProviderPlan {
     pub(super) fn profile(&self) -> TelemetryProfile {
         match self {
             ProviderPlan::Aws(o) => o.telemetry.clone(),
-            ProviderPlan::Azure(o) => {
-                azure::hub_profile(matches!(o.attestation, AzureAttestation::X509 { .. }))
-            }
+            ProviderPlan::Azure(o) => o.attestation.telemetry_profile(),
         }
     }
 
@@ -186,22 +183,17 @@ fn azure_options(cfg: &Config) -> Result<AzureProviderOptions, RunError> {
     let endpoint = dps_endpoint(&az.dps_endpoint)?;
     let attestation = match az.attestation {
         config::AzureAttestation::SymmetricKey => {
-            let group_key = match (&az.group_key, &az.group_key_file) {
-                (Some(text), _) => admission::decode_group_key(text, "cloud.azure.group_key")?,
-                (None, Some(path)) => {
-                    let text = Secret::from(read_text(path)?);
-                    admission::decode_group_key(
-                        &text,
-                        &format!("cloud.azure.group_key_file {}", path.display()),
-                    )?
-                }
-                (None, None) => {
-                    return Err(RunError::Config {
-                        key: "cloud.azure.attestation",
-                        reason: "\"symmetric-key\" needs cloud.azure.group_key or cloud.azure.group_key_file".into(),
-                    })
-                }
-            };
+            let group_key = read_group_key(
+                az.group_key.as_ref(),
+                az.group_key_file.as_deref(),
+                "cloud.azure.group_key",
+            )?
+            .ok_or_else(|| RunError::Config {
+                key: "cloud.azure.attestation",
+                reason:
+                    "\"symmetric-key\" needs cloud.azure.group_key or cloud.azure.group_key_file"
+                        .into(),
+            })?;
             AzureAttestation::SymmetricKey { group_key }
         }
         config::AzureAttestation::X509 => {

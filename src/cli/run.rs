@@ -441,22 +441,36 @@ pub(super) fn read_text(path: &Path) -> Result<String, RunError> {
     })
 }
 
+/// A base64 group key given inline (config key `key`) or in a file (`{key}_file`), decoded;
+/// `None` when neither is set.
+pub(super) fn read_group_key(
+    inline: Option<&Secret>,
+    file: Option<&Path>,
+    key: &str,
+) -> Result<Option<Secret>, RunError> {
+    Ok(match (inline, file) {
+        (Some(text), _) => Some(admission::decode_group_key(text, key)?),
+        (None, Some(path)) => {
+            let text = Secret::from(read_text(path)?);
+            Some(admission::decode_group_key(
+                &text,
+                &format!("{key}_file {}", path.display()),
+            )?)
+        }
+        (None, None) => None,
+    })
+}
+
 pub(super) fn admission_options(
     cfg: &Config,
     enrollments: &EnrollmentSet,
 ) -> Result<AdmissionOptions, RunError> {
     let a = &cfg.admission;
-    let group_key = match (&a.group_key, &a.group_key_file) {
-        (Some(text), _) => Some(admission::decode_group_key(text, "admission.group_key")?),
-        (None, Some(path)) => {
-            let text = Secret::from(read_text(path)?);
-            Some(admission::decode_group_key(
-                &text,
-                &format!("admission.group_key_file {}", path.display()),
-            )?)
-        }
-        (None, None) => None,
-    };
+    let group_key = read_group_key(
+        a.group_key.as_ref(),
+        a.group_key_file.as_deref(),
+        "admission.group_key",
+    )?;
     let trusted_ca_pem = a.trusted_ca.as_deref().map(read_text).transpose()?;
     Ok(AdmissionOptions {
         mode: a.mode,

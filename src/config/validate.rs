@@ -35,6 +35,16 @@ fn at_least<T: PartialOrd + fmt::Display + Copy>(
     })
 }
 
+/// A secret key given as base64 must decode to at least one byte; the message never echoes it.
+fn base64_key(key: Option<&crate::identity::Secret>, name: &str) -> Result<(), Violation> {
+    use base64::Engine as _;
+    let Some(key) = key else { return Ok(()) };
+    let decoded = base64::engine::general_purpose::STANDARD.decode(key.expose());
+    check(decoded.is_ok_and(|k| !k.is_empty()), name, || {
+        "is not a non-empty base64 string (value not shown: it is a secret)".into()
+    })
+}
+
 fn not_both<A, B>(a: &Option<A>, b: &Option<B>, key_a: &str, key_b: &str) -> Result<(), Violation> {
     check(a.is_none() || b.is_none(), key_a, || {
         format!("set either {key_a} or {key_b}, not both")
@@ -259,7 +269,6 @@ impl Config {
     }
 
     fn validate_admission(&self) -> Result<(), Violation> {
-        use base64::Engine as _;
         let a = &self.admission;
         not_both(
             &a.group_key,
@@ -267,15 +276,7 @@ impl Config {
             "admission.group_key",
             "admission.group_key_file",
         )?;
-        if let Some(key) = &a.group_key {
-            let decoded = base64::engine::general_purpose::STANDARD.decode(key.expose());
-            // Never echo the key: the message only says what is wrong with it.
-            check(
-                decoded.is_ok_and(|k| !k.is_empty()),
-                "admission.group_key",
-                || "is not a non-empty base64 string (value not shown: it is a secret)".into(),
-            )?;
-        }
+        base64_key(a.group_key.as_ref(), "admission.group_key")?;
         match a.mode {
             AdmissionMode::SymmetricKey => check(
                 a.group_key.is_some() || a.group_key_file.is_some(),
@@ -385,15 +386,7 @@ impl Config {
             "cloud.azure.group_key",
             "cloud.azure.group_key_file",
         )?;
-        if let Some(key) = &azure.group_key {
-            use base64::Engine as _;
-            let decoded = base64::engine::general_purpose::STANDARD.decode(key.expose());
-            check(
-                decoded.is_ok_and(|k| !k.is_empty()),
-                "cloud.azure.group_key",
-                || "is not a non-empty base64 string (value not shown: it is a secret)".into(),
-            )?;
-        }
+        base64_key(azure.group_key.as_ref(), "cloud.azure.group_key")?;
         not_both(
             &azure.group_ca_key_passphrase_file,
             &azure.group_ca_key_passphrase_credential,

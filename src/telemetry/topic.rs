@@ -5,16 +5,10 @@
 //! Templates are parsed once at start so that rendering a topic per message is one allocation
 //! and no parsing.
 
-use percent_encoding::{AsciiSet, NON_ALPHANUMERIC};
+use percent_encoding::utf8_percent_encode;
 
 use super::TelemetryError;
-
-/// What stays unencoded in IoT Hub property keys and values (RFC 3986 unreserved).
-const PROPERTY_SET: &AsciiSet = &NON_ALPHANUMERIC
-    .remove(b'-')
-    .remove(b'.')
-    .remove(b'_')
-    .remove(b'~');
+use crate::cloud::azure::hub::PROPERTY_SET;
 
 /// One piece of a parsed topic template.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -158,9 +152,9 @@ impl TopicTemplate {
                         if i > 0 {
                             out.push('&');
                         }
-                        out.extend(percent_encoding::utf8_percent_encode(k, PROPERTY_SET));
+                        out.extend(utf8_percent_encode(k, PROPERTY_SET));
                         out.push('=');
-                        out.extend(percent_encoding::utf8_percent_encode(v, PROPERTY_SET));
+                        out.extend(utf8_percent_encode(v, PROPERTY_SET));
                     }
                 }
             }

@@ -27,7 +27,7 @@ pub const MQTT_API_VERSION: &str = "2021-04-12";
 pub const HTTPS_API_VERSION: &str = "2020-03-13";
 const SERVICE: &str = "IoT Hub";
 /// What stays unencoded in property keys and values (RFC 3986 unreserved), as the SDKs do.
-const PROPERTY_SET: &AsciiSet = &NON_ALPHANUMERIC
+pub(crate) const PROPERTY_SET: &AsciiSet = &NON_ALPHANUMERIC
     .remove(b'-')
     .remove(b'.')
     .remove(b'_')

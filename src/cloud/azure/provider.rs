@@ -52,6 +52,14 @@ pub enum AzureAttestation {
     },
 }
 
+impl AzureAttestation {
+    /// IoT Hub's telemetry conventions for devices attesting this way (X.509 devices connect
+    /// with their certificate, symmetric-key ones with SAS tokens).
+    pub fn telemetry_profile(&self) -> TelemetryProfile {
+        hub_profile(matches!(self, AzureAttestation::X509 { .. }))
+    }
+}
+
 impl std::fmt::Debug for AzureAttestation {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
@@ -431,7 +439,7 @@ impl Provider for AzureProvider {
     }
 
     fn telemetry_profile(&self) -> TelemetryProfile {
-        hub_profile(matches!(self.attestation, AzureAttestation::X509 { .. }))
+        self.attestation.telemetry_profile()
     }
 
     fn sessions(&self) -> (usize, usize) {
