@@ -308,21 +308,10 @@ async fn register(inner: &Inner, rec: DeviceRecord, issued: Option<IssuedCertifi
             .await;
         }
     }
-    let key = match registration_key(inner, &rec) {
-        Ok(key) => key,
+    let result = match registration_call(inner, &rec, issued.as_ref(), None).await {
+        Ok(result) => result,
         Err(error) => return fail(inner, rec, error).await,
     };
-    let api = inner.provider.api_name(Api::Register);
-    let result = inner
-        .provider
-        .register(RegisterInput {
-            device: &rec.id,
-            certificate: issued.as_ref(),
-            key_pem: key.as_ref(),
-            parameters: &rec.provision.parameters,
-        })
-        .await;
-    inner.metrics.cloud_call(api, &result);
     match result {
         Ok(RegisterOutcome::Done(reg)) => registered(inner, rec, reg).await,
         Ok(RegisterOutcome::Pending {
@@ -352,10 +341,6 @@ async fn register(inner: &Inner, rec: DeviceRecord, issued: Option<IssuedCertifi
 
 /// Asks the cloud where the stored registration `operation` stands.
 async fn poll(inner: &Inner, rec: DeviceRecord, operation: &str) -> Step {
-    let key = match registration_key(inner, &rec) {
-        Ok(key) => key,
-        Err(error) => return fail(inner, rec, error).await,
-    };
     let issued = match (
         &rec.provision.certificate_id,
         &rec.provision.certificate_pem,
@@ -368,20 +353,10 @@ async fn poll(inner: &Inner, rec: DeviceRecord, operation: &str) -> Step {
         }),
         _ => None,
     };
-    let api = inner.provider.api_name(Api::Poll);
-    let result = inner
-        .provider
-        .poll(
-            RegisterInput {
-                device: &rec.id,
-                certificate: issued.as_ref(),
-                key_pem: key.as_ref(),
-                parameters: &rec.provision.parameters,
-            },
-            operation,
-        )
-        .await;
-    inner.metrics.cloud_call(api, &result);
+    let result = match registration_call(inner, &rec, issued.as_ref(), Some(operation)).await {
+        Ok(result) => result,
+        Err(error) => return fail(inner, rec, error).await,
+    };
     match result {
         Ok(RegisterOutcome::Done(reg)) => registered(inner, rec, reg).await,
         Ok(RegisterOutcome::Pending { retry_after, .. }) => Step::RetryAfter(retry_after),
@@ -405,6 +380,36 @@ async fn poll(inner: &Inner, rec: DeviceRecord, operation: &str) -> Step {
         }
         Err(e) => cloud_error(inner, rec, e).await,
     }
+}
+
+/// One registration call (`operation` set: a poll of it), with the device's key where the
+/// provider needs it, counted in the metrics. `Err` when the key cannot be had: the device
+/// fails.
+async fn registration_call(
+    inner: &Inner,
+    rec: &DeviceRecord,
+    certificate: Option<&IssuedCertificate>,
+    operation: Option<&str>,
+) -> Result<Result<RegisterOutcome, CloudError>, ErrorInfo> {
+    let key = registration_key(inner, rec)?;
+    let input = RegisterInput {
+        device: &rec.id,
+        certificate,
+        key_pem: key.as_ref(),
+        parameters: &rec.provision.parameters,
+    };
+    let (api, result) = match operation {
+        None => (
+            inner.provider.api_name(Api::Register),
+            inner.provider.register(input).await,
+        ),
+        Some(op) => (
+            inner.provider.api_name(Api::Poll),
+            inner.provider.poll(input, op).await,
+        ),
+    };
+    inner.metrics.cloud_call(api, &result);
+    Ok(result)
 }
 
 /// The device's key for the registration call, when the provider authenticates as the device.
