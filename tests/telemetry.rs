@@ -67,6 +67,7 @@ impl Fixture {
     }
 
     async fn start_with(devices: usize, max_messages: usize) -> Self {
+        common::capture_logs();
         let dir = tempfile::tempdir().unwrap();
         let mut opts = AwsEmulatorOptions::ephemeral(dir.path().join("emu"));
         opts.max_messages = max_messages;

@@ -21,6 +21,22 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 /// Upper bound for anything a test waits for on loopback.
 pub const WAIT: Duration = Duration::from_secs(15);
 
+/// Sends the library's log lines (the embedded broker's reasons for closing a connection, the
+/// gateway's warnings) to the test's captured output, so a failing test shows them; `RUST_LOG`
+/// overrides the default (info, and debug for the embedded broker). Once per test binary.
+pub fn capture_logs() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+            tracing_subscriber::EnvFilter::new("fleetgw=info,fleetgw::downstream::broker=debug")
+        });
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_test_writer()
+            .try_init();
+    });
+}
+
 /// A free TCP port on 127.0.0.1 (bound, read, released; callers retry if it gets taken).
 pub fn free_port() -> u16 {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
