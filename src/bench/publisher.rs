@@ -152,31 +152,46 @@ pub async fn publish_sequence(
     let mut acked = 0;
     let mut total: Option<(u64, Duration)> = None;
     let mut last_ack = None;
-    while total.is_none_or(|(sent, _)| acked < sent) {
-        tokio::select! {
-            done = done_rx.recv(), if total.is_none() => {
-                total = Some(done.unwrap_or((acked, Duration::ZERO)));
+    'polling: while total.is_none_or(|(sent, _)| acked < sent) {
+        // One poll at a time, never dropped half-way: rumqttc's poll is not cancel-safe. A
+        // connection attempt dropped after its CONNECT was written leaves that CONNECT to the
+        // broker, which may read it after the next attempt's and so take the live connection
+        // over; a write dropped half-way is sent again whole.
+        let poll = timeout_at(deadline, eventloop.poll());
+        tokio::pin!(poll);
+        let event = loop {
+            tokio::select! {
+                done = done_rx.recv(), if total.is_none() => {
+                    total = Some(done.unwrap_or((acked, Duration::ZERO)));
+                    if total.is_some_and(|(sent, _)| acked >= sent) {
+                        break 'polling;
+                    }
+                }
+                event = &mut poll => break event,
             }
-            event = timeout_at(deadline, eventloop.poll()) => match event {
-                Ok(Ok(Event::Incoming(Packet::PubAck(_)))) => {
-                    acked += 1;
-                    last_ack = Some(Instant::now());
-                }
-                Ok(Ok(_)) => {}
-                Ok(Err(e)) => {
-                    publisher.abort();
-                    return Err(PublishError::Connection { client_id, reason: e.to_string() });
-                }
-                Err(_) => {
-                    publisher.abort();
-                    return Err(PublishError::Timeout {
-                        client_id,
-                        acked,
-                        sent: total.map_or(acked, |t| t.0),
-                        within,
-                    });
-                }
-            },
+        };
+        match event {
+            Ok(Ok(Event::Incoming(Packet::PubAck(_)))) => {
+                acked += 1;
+                last_ack = Some(Instant::now());
+            }
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => {
+                publisher.abort();
+                return Err(PublishError::Connection {
+                    client_id,
+                    reason: e.to_string(),
+                });
+            }
+            Err(_) => {
+                publisher.abort();
+                return Err(PublishError::Timeout {
+                    client_id,
+                    acked,
+                    sent: total.map_or(acked, |t| t.0),
+                    within,
+                });
+            }
         }
     }
     let (sent, late) = total.unwrap_or_default();
