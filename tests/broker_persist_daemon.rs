@@ -39,12 +39,10 @@ async fn connect(id: &str, port: u16, clean: bool) -> TestClient {
 
 /// Publishes QoS 1 messages (PUBACKed: routed into the kept session's queue).
 async fn publish(port: u16, topic: &str, retain: bool, payloads: &[&str]) {
-    let mut p = connect("app-publisher", port, true).await;
-    for body in payloads {
-        p.publish(topic, QoS::AtLeastOnce, retain, body.as_bytes())
-            .await;
-    }
-    p.client.disconnect().await.unwrap();
+    connect("app-publisher", port, true)
+        .await
+        .publish_each_and_leave(topic, retain, payloads)
+        .await;
 }
 
 /// Sends DISCONNECT and waits until the broker closed the connection: the broker ends the
@@ -58,17 +56,6 @@ async fn leave(mut client: TestClient) {
         closed.is_some(),
         "the broker did not close after DISCONNECT"
     );
-}
-
-async fn payloads(client: &mut TestClient, n: usize) -> Vec<String> {
-    let mut out = Vec::new();
-    for _ in 0..n {
-        match client.next_publish().await {
-            Some(p) => out.push(String::from_utf8_lossy(&p.payload).into_owned()),
-            None => break,
-        }
-    }
-    out
 }
 
 /// A new subscriber to `plant/#` gets the retained status.
@@ -133,7 +120,7 @@ async fn retained_messages_and_kept_sessions_survive_a_clean_stop_and_a_kill_9()
     daemon.restart();
     let mut keeper = connect("app-keeper", port, false).await;
     assert_eq!(
-        payloads(&mut keeper, 2).await,
+        keeper.next_payloads(2).await,
         ["c1", "c2"],
         "{}",
         daemon.log_tail()
@@ -150,17 +137,13 @@ async fn retained_messages_and_kept_sessions_survive_a_clean_stop_and_a_kill_9()
     daemon.restart();
     let mut keeper = connect("app-keeper", port, false).await;
     assert_eq!(
-        payloads(&mut keeper, 3).await,
+        keeper.next_payloads(3).await,
         ["c3", "c4", "c5"],
         "{}",
         daemon.log_tail()
     );
     assert_eq!(retained_status(port).await, ("up".to_string(), true));
     // Nothing more was kept: the messages delivered before the kill do not come again.
-    let again = keeper
-        .next_matching_within(Duration::from_millis(300), |e| {
-            matches!(e, ClientEvent::Publish(_))
-        })
-        .await;
+    let again = keeper.next_publish_within(Duration::from_millis(300)).await;
     assert!(again.is_none(), "delivered again: {again:?}");
 }
