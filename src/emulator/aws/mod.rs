@@ -47,7 +47,7 @@ pub use crate::emulator::faults::{FaultRequest, FaultView};
 pub use templates::DEFAULT_TEMPLATE;
 
 use crate::clock;
-use crate::emulator::dir::{self, create_dir, read_opt, write, write_secret};
+use crate::emulator::dir::{self, read_opt, write, write_secret};
 use crate::emulator::EmulatorError;
 use crate::identity::{self, CertificateAuthority, KeyType, PrivateKey};
 
@@ -218,24 +218,7 @@ impl Drop for AwsEmulatorHandle {
 /// Starts the emulator: loads or creates its credentials and state in `opts.dir`, binds both
 /// listeners, then writes `emulator.json` and `gateway.toml`.
 pub async fn start(opts: AwsEmulatorOptions) -> Result<AwsEmulatorHandle, EmulatorError> {
-    create_dir(&opts.dir)?;
-    let dir = std::fs::canonicalize(&opts.dir).map_err(|source| EmulatorError::Io {
-        path: opts.dir.clone(),
-        source,
-    })?;
-    // A previous run's emulator.json names dead ports: remove it so that its appearance
-    // always means "this run is listening".
-    let discovery = dir.join("emulator.json");
-    match std::fs::remove_file(&discovery) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(source) => {
-            return Err(EmulatorError::Io {
-                path: discovery,
-                source,
-            })
-        }
-    }
+    let dir = dir::prepare_dir(&opts.dir)?;
     let pki = {
         let pki_dir = dir.clone();
         tokio::task::spawn_blocking(move || Pki::load_or_create(&pki_dir))

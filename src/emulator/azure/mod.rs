@@ -45,7 +45,7 @@ pub use dps::{
 };
 pub use hub::MAX_MESSAGE_BYTES;
 
-use crate::emulator::EmulatorError;
+use crate::emulator::{dir, EmulatorError};
 use crate::identity;
 
 /// Default DPS MQTT listen address.
@@ -254,7 +254,7 @@ fn reachable(addr: SocketAddr) -> SocketAddr {
 /// Starts the emulator: loads or creates its credentials and state in `opts.dir`, binds every
 /// listener, then writes `gateway.toml` and `emulator.json`.
 pub async fn start(opts: AzureEmulatorOptions) -> Result<AzureEmulatorHandle, EmulatorError> {
-    let dir = files::prepare_dir(&opts.dir)?;
+    let dir = dir::prepare_dir(&opts.dir)?;
     let hub_host = opts
         .hub_host
         .clone()
