@@ -45,6 +45,7 @@ pub use dps::{
 };
 pub use hub::MAX_MESSAGE_BYTES;
 
+use crate::emulator::listeners::{self, bind, local, reachable, spawn_api};
 use crate::emulator::{dir, EmulatorError};
 use crate::identity;
 
@@ -66,8 +67,6 @@ pub const DEFAULT_API: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHO
 pub const DEFAULT_MAX_MESSAGES: usize = 1_000_000;
 /// Default time a registration stays `assigning`.
 pub const DEFAULT_ASSIGNING: Duration = Duration::from_millis(1500);
-/// How long `shutdown` waits for the tasks.
-const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// How to run the emulator (the `fleetgw emulate azure` flags).
 #[derive(Clone, Debug)]
@@ -213,41 +212,13 @@ impl AzureEmulatorHandle {
     /// Stops accepting, closes every connection and waits for the tasks.
     pub async fn shutdown(mut self) {
         let _ = self.shutdown.send(true);
-        for task in std::mem::take(&mut self.tasks) {
-            let abort = task.abort_handle();
-            if tokio::time::timeout(SHUTDOWN_TIMEOUT, task).await.is_err() {
-                abort.abort();
-            }
-        }
+        listeners::stop(std::mem::take(&mut self.tasks)).await;
     }
 }
 
 impl Drop for AzureEmulatorHandle {
     fn drop(&mut self) {
         let _ = self.shutdown.send(true);
-    }
-}
-
-async fn bind(addr: SocketAddr, what: &'static str) -> Result<TcpListener, EmulatorError> {
-    TcpListener::bind(addr)
-        .await
-        .map_err(|source| EmulatorError::Bind { what, addr, source })
-}
-
-fn local(listener: &TcpListener, dir: &Path) -> Result<SocketAddr, EmulatorError> {
-    let addr = listener.local_addr().map_err(|source| EmulatorError::Io {
-        path: dir.to_path_buf(),
-        source,
-    })?;
-    Ok(reachable(addr))
-}
-
-/// A wildcard bind address is reported as 127.0.0.1 so clients can use it as is.
-fn reachable(addr: SocketAddr) -> SocketAddr {
-    if addr.ip().is_unspecified() {
-        SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), addr.port())
-    } else {
-        addr
     }
 }
 
@@ -344,17 +315,12 @@ pub async fn start(opts: AzureEmulatorOptions) -> Result<AzureEmulatorHandle, Em
         ctx: ctx.clone(),
         default_tps: opts.tps,
     });
-    let mut api_stop = shutdown_rx.clone();
-    tasks.push(tokio::spawn(async move {
-        let served = axum::serve(api_listener, router)
-            .with_graceful_shutdown(async move {
-                let _ = api_stop.changed().await;
-            })
-            .await;
-        if let Err(e) = served {
-            tracing::error!(error = %e, "Azure emulator API stopped");
-        }
-    }));
+    tasks.push(spawn_api(
+        api_listener,
+        router,
+        shutdown_rx.clone(),
+        "Azure emulator",
+    ));
 
     let handle = AzureEmulatorHandle {
         endpoints,
