@@ -96,6 +96,37 @@ pub fn write_discovery(
     write(&discovery_path, &json_bytes, mode)
 }
 
+/// What the `gateway.toml` of either emulator holds besides `[cloud]` (and the AWS one's
+/// `[telemetry]`), in this order: the gateway's state directory and admin socket under the
+/// emulator's `dir`, the device broker on 127.0.0.1:1883 and open admission.
+pub fn gateway_toml_base(dir: &Path) -> toml::Table {
+    let s = |v: String| toml::Value::String(v);
+    let mut root = toml::Table::new();
+    root.insert(
+        "gateway".into(),
+        toml_section(vec![(
+            "state_dir",
+            s(dir.join("gateway").display().to_string()),
+        )]),
+    );
+    root.insert(
+        "admin".into(),
+        toml_section(vec![(
+            "socket",
+            s(dir.join("admin.sock").display().to_string()),
+        )]),
+    );
+    root.insert(
+        "downstream".into(),
+        toml_section(vec![("listen", s("127.0.0.1:1883".into()))]),
+    );
+    root.insert(
+        "admission".into(),
+        toml_section(vec![("mode", s("open".into()))]),
+    );
+    root
+}
+
 /// A TOML table of `pairs`, for the `gateway.toml` the emulators write.
 pub fn toml_section(pairs: Vec<(&str, toml::Value)>) -> toml::Value {
     toml::Value::Table(

@@ -476,29 +476,7 @@ fn gateway_toml(handle: &AwsEmulatorHandle) -> Result<String, toml::ser::Error> 
             ("template", s(template)),
         ]),
     );
-    let mut root = Table::new();
-    root.insert(
-        "gateway".into(),
-        section(vec![(
-            "state_dir",
-            s(handle.dir.join("gateway").display().to_string()),
-        )]),
-    );
-    root.insert(
-        "admin".into(),
-        section(vec![(
-            "socket",
-            s(handle.dir.join("admin.sock").display().to_string()),
-        )]),
-    );
-    root.insert(
-        "downstream".into(),
-        section(vec![("listen", s("127.0.0.1:1883".into()))]),
-    );
-    root.insert(
-        "admission".into(),
-        section(vec![("mode", s("open".into()))]),
-    );
+    let mut root = dir::gateway_toml_base(&handle.dir);
     root.insert("cloud".into(), Value::Table(cloud));
     // Ready for `--set telemetry.identity=gateway`; the default identity stays "device".
     root.insert(

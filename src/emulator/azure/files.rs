@@ -276,29 +276,7 @@ fn gateway_toml(handle: &AzureEmulatorHandle) -> Result<String, toml::ser::Error
             ("hub_connect", s(handle.endpoints().hub_mqtt.to_string())),
         ]),
     );
-    let mut root = Table::new();
-    root.insert(
-        "gateway".into(),
-        section(vec![(
-            "state_dir",
-            s(dir.join("gateway").display().to_string()),
-        )]),
-    );
-    root.insert(
-        "admin".into(),
-        section(vec![(
-            "socket",
-            s(dir.join("admin.sock").display().to_string()),
-        )]),
-    );
-    root.insert(
-        "downstream".into(),
-        section(vec![("listen", s("127.0.0.1:1883".into()))]),
-    );
-    root.insert(
-        "admission".into(),
-        section(vec![("mode", s("open".into()))]),
-    );
+    let mut root = dir::gateway_toml_base(dir);
     root.insert("cloud".into(), Value::Table(cloud));
     let e = handle.endpoints();
     Ok(format!(
