@@ -1,12 +1,12 @@
 //! The emulators' listeners and the tasks serving them: binding (the error names what the
-//! listener is for), the address reported to clients, the inspection API's task and stopping
-//! the tasks at shutdown. Shared by the emulators; what they serve on the listeners differs.
+//! listener is for), the address reported to clients, the accept loop, the inspection API's
+//! task and stopping the tasks at shutdown. Shared by the emulators; what they serve on the listeners differs.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::Path;
 use std::time::Duration;
 
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
@@ -37,6 +37,30 @@ pub fn reachable(addr: SocketAddr) -> SocketAddr {
         SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), addr.port())
     } else {
         addr
+    }
+}
+
+/// Accepts connections on `listener` until `shutdown` changes, handing each to `serve`. A
+/// failed accept (EMFILE and friends) is logged as "`label` accept failed" and retried after a
+/// short pause instead of spinning.
+pub async fn accept_until_shutdown(
+    listener: TcpListener,
+    mut shutdown: watch::Receiver<bool>,
+    label: &str,
+    mut serve: impl FnMut(TcpStream, SocketAddr),
+) {
+    loop {
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            _ = shutdown.changed() => break,
+        };
+        match accepted {
+            Ok((tcp, peer)) => serve(tcp, peer),
+            Err(e) => {
+                tracing::warn!(error = %e, "{label} accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
     }
 }
 

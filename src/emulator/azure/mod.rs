@@ -353,25 +353,14 @@ async fn accept_until_shutdown(
     shutdown: watch::Receiver<bool>,
     mut serve: impl FnMut(TcpStream, SocketAddr),
 ) {
-    let mut stop = shutdown;
-    loop {
-        let accepted = tokio::select! {
-            a = listener.accept() => a,
-            _ = stop.changed() => break,
-        };
-        let (tcp, peer) = match accepted {
-            Ok(a) => a,
-            Err(e) => {
-                tracing::warn!(error = %e, "Azure emulator {label} accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
-        };
+    let label = format!("Azure emulator {label}");
+    listeners::accept_until_shutdown(listener, shutdown, &label, |tcp, peer| {
         hub::Counters::bump(&ctx.counters.connections_total);
         if ctx.faults.in_outage() {
             hub::Counters::bump(&ctx.counters.connections_refused);
-            continue;
+            return;
         }
         serve(tcp, peer);
-    }
+    })
+    .await;
 }
