@@ -74,15 +74,21 @@ async fn leave_a_kept_session(broker: &EmbeddedBroker, id: &str, filter: &str) {
     c.client.disconnect().await.unwrap();
 }
 
+/// What the restart tests start from: a retained "up" on `plant/status` and the kept session
+/// "keeper" (on `plant/cmd/#`), away while `commands` were queued for it.
+async fn retained_status_and_queued_commands(broker: &EmbeddedBroker, commands: &[&str]) {
+    publish_all(broker, "plant/status", true, &["up"]).await;
+    leave_a_kept_session(broker, "keeper", "plant/cmd/#").await;
+    kept(broker, 1).await;
+    publish_all(broker, "plant/cmd/valve", false, commands).await;
+}
+
 #[tokio::test]
 async fn retained_messages_and_kept_sessions_survive_a_clean_restart() {
     let dir = tempfile::tempdir().unwrap();
     let store = open_store(dir.path());
     let broker = start(&store, |_| {}).await;
-    publish_all(&broker, "plant/status", true, &["up"]).await;
-    leave_a_kept_session(&broker, "keeper", "plant/cmd/#").await;
-    kept(&broker, 1).await;
-    publish_all(&broker, "plant/cmd/valve", false, &["c1", "c2", "c3"]).await;
+    retained_status_and_queued_commands(&broker, &["c1", "c2", "c3"]).await;
     broker.shutdown().await;
 
     let broker = start(&store, |_| {}).await;
@@ -134,10 +140,7 @@ async fn what_the_write_behind_saved_survives_a_broker_that_never_shut_down() {
     let dir = tempfile::tempdir().unwrap();
     let store = open_store(dir.path());
     let broker = start(&store, |_| {}).await;
-    publish_all(&broker, "plant/status", true, &["up"]).await;
-    leave_a_kept_session(&broker, "keeper", "plant/cmd/#").await;
-    kept(&broker, 1).await;
-    publish_all(&broker, "plant/cmd/valve", false, &["c1", "c2"]).await;
+    retained_status_and_queued_commands(&broker, &["c1", "c2"]).await;
     // What is in the store (and flushed) without any shutdown: the batch after the changes.
     eventually(
         "the kept session with 2 queued messages saved",
