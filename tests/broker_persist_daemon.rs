@@ -11,6 +11,7 @@ mod common;
 use std::path::Path;
 use std::time::Duration;
 
+use common::config::{drop_in_dir, user_toml};
 use common::free_port;
 use common::mqtt_client::{options, ClientEvent, TestClient};
 use common::process::{EmulatorProcess, Fleetgw};
@@ -68,15 +69,10 @@ async fn retained_status(port: u16) -> (String, bool) {
 }
 
 fn write_users(config: &Path) {
-    let drop_in = config.parent().unwrap().join("config.d");
-    std::fs::create_dir_all(&drop_in).unwrap();
-    let hash = fleetgw::identity::hash_password(PASSWORD.as_bytes()).unwrap();
+    let rights = "publish = [\"plant/#\"]\nsubscribe = [\"plant/#\"]\n";
     std::fs::write(
-        drop_in.join("50-users.toml"),
-        format!(
-            "[[downstream.users]]\nname = \"{USER}\"\npassword_hash = '{hash}'\n\
-             publish = [\"plant/#\"]\nsubscribe = [\"plant/#\"]\n"
-        ),
+        drop_in_dir(config).join("50-users.toml"),
+        user_toml(USER, PASSWORD, rights),
     )
     .unwrap();
 }
