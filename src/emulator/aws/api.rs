@@ -13,7 +13,6 @@
 //!
 //! Errors are `{"error": "..."}` with status 400.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use axum::extract::{Path, Query, State};
@@ -128,8 +127,7 @@ async fn messages(State(s): State<ApiState>, Query(q): Query<MessagesQuery>) -> 
 async fn stats(State(s): State<ApiState>) -> Response {
     let c = &s.ctx.counters;
     let (certificates, things) = s.ctx.registry.counts();
-    let (messages_total, per_client) = s.ctx.messages.stats();
-    let clients: BTreeMap<_, _> = per_client.into_iter().collect();
+    let (messages_total, clients) = s.ctx.messages.stats();
     Json(json!({
         "connections": {
             "open": Counters::get(&c.connections_open),

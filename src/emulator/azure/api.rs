@@ -114,8 +114,7 @@ async fn messages(State(s): State<ApiState>, Query(q): Query<MessagesQuery>) -> 
 
 async fn stats(State(s): State<ApiState>) -> Response {
     let c = &s.ctx.counters;
-    let (messages_total, per_client) = s.ctx.messages.stats();
-    let clients: BTreeMap<_, _> = per_client.into_iter().collect();
+    let (messages_total, clients) = s.ctx.messages.stats();
     Json(json!({
         "connections": {
             "total": Counters::get(&c.connections_total),
