@@ -10,7 +10,7 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
-use common::mqtt_client::{ClientEvent, TestClient};
+use common::mqtt_client::TestClient;
 use common::raw_mqtt::{packet_id_of, packet_id_of_ack, payload_of, subscribe, Raw};
 use common::wait::eventually;
 use common::WAIT;
@@ -61,24 +61,10 @@ async fn kept(broker: &EmbeddedBroker, n: usize) {
 
 /// Publishes `payloads` on `topic` at QoS 1 from a throwaway client.
 async fn publish_all(broker: &EmbeddedBroker, topic: &str, retain: bool, payloads: &[&str]) {
-    let mut p = TestClient::connect_ok(opts("publisher", broker, true)).await;
-    for body in payloads {
-        p.publish(topic, QoS::AtLeastOnce, retain, body.as_bytes())
-            .await;
-    }
-    p.client.disconnect().await.unwrap();
-}
-
-/// The payloads of the next `n` publishes `client` receives.
-async fn receive(client: &mut TestClient, n: usize) -> Vec<String> {
-    let mut out = Vec::new();
-    for _ in 0..n {
-        match client.next_publish().await {
-            Some(p) => out.push(String::from_utf8_lossy(&p.payload).into_owned()),
-            None => break,
-        }
-    }
-    out
+    TestClient::connect_ok(opts("publisher", broker, true))
+        .await
+        .publish_each_and_leave(topic, retain, payloads)
+        .await;
 }
 
 /// A client that subscribed with a kept session and left.
@@ -88,24 +74,30 @@ async fn leave_a_kept_session(broker: &EmbeddedBroker, id: &str, filter: &str) {
     c.client.disconnect().await.unwrap();
 }
 
+/// What the restart tests start from: a retained "up" on `plant/status` and the kept session
+/// "keeper" (on `plant/cmd/#`), away while `commands` were queued for it.
+async fn retained_status_and_queued_commands(broker: &EmbeddedBroker, commands: &[&str]) {
+    publish_all(broker, "plant/status", true, &["up"]).await;
+    leave_a_kept_session(broker, "keeper", "plant/cmd/#").await;
+    kept(broker, 1).await;
+    publish_all(broker, "plant/cmd/valve", false, commands).await;
+}
+
 #[tokio::test]
 async fn retained_messages_and_kept_sessions_survive_a_clean_restart() {
     let dir = tempfile::tempdir().unwrap();
     let store = open_store(dir.path());
     let broker = start(&store, |_| {}).await;
-    publish_all(&broker, "plant/status", true, &["up"]).await;
-    leave_a_kept_session(&broker, "keeper", "plant/cmd/#").await;
-    kept(&broker, 1).await;
-    publish_all(&broker, "plant/cmd/valve", false, &["c1", "c2", "c3"]).await;
+    retained_status_and_queued_commands(&broker, &["c1", "c2", "c3"]).await;
     broker.shutdown().await;
 
     let broker = start(&store, |_| {}).await;
     assert_eq!((broker.retained(), broker.kept_sessions()), (1, 1));
     let mut keeper = connect("keeper", &broker, false).await;
-    assert_eq!(receive(&mut keeper, 3).await, ["c1", "c2", "c3"]);
+    assert_eq!(keeper.next_payloads(3).await, ["c1", "c2", "c3"]);
     // The subscription came back too: a new message reaches it.
     publish_all(&broker, "plant/cmd/valve", false, &["c4"]).await;
-    assert_eq!(receive(&mut keeper, 1).await, ["c4"]);
+    assert_eq!(keeper.next_payloads(1).await, ["c4"]);
     let mut late = TestClient::connect_ok(opts("late", &broker, true)).await;
     late.subscribe("plant/#", QoS::AtLeastOnce).await;
     let p = late.next_publish().await.expect("the retained message");
@@ -148,10 +140,7 @@ async fn what_the_write_behind_saved_survives_a_broker_that_never_shut_down() {
     let dir = tempfile::tempdir().unwrap();
     let store = open_store(dir.path());
     let broker = start(&store, |_| {}).await;
-    publish_all(&broker, "plant/status", true, &["up"]).await;
-    leave_a_kept_session(&broker, "keeper", "plant/cmd/#").await;
-    kept(&broker, 1).await;
-    publish_all(&broker, "plant/cmd/valve", false, &["c1", "c2"]).await;
+    retained_status_and_queued_commands(&broker, &["c1", "c2"]).await;
     // What is in the store (and flushed) without any shutdown: the batch after the changes.
     eventually(
         "the kept session with 2 queued messages saved",
@@ -168,7 +157,7 @@ async fn what_the_write_behind_saved_survives_a_broker_that_never_shut_down() {
 
     let broker = start(&store, |_| {}).await;
     let mut keeper = connect("keeper", &broker, false).await;
-    assert_eq!(receive(&mut keeper, 2).await, ["c1", "c2"]);
+    assert_eq!(keeper.next_payloads(2).await, ["c1", "c2"]);
     assert_eq!(broker.retained(), 1);
 }
 
@@ -298,13 +287,9 @@ async fn expired_sessions_and_messages_are_not_restored() {
     let (r, _, s, _) = store.broker_state_size().unwrap();
     assert_eq!((r, s), (1, 1), "what was not restored left the store");
     let mut alive = TestClient::connect_ok(opts("alive", &broker, false)).await;
-    assert_eq!(receive(&mut alive, 1).await, ["fresh"]);
+    assert_eq!(alive.next_payloads(1).await, ["fresh"]);
     let mut gone = TestClient::connect_ok(opts("gone", &broker, false)).await;
-    let nothing = gone
-        .next_matching_within(Duration::from_millis(300), |e| {
-            matches!(e, ClientEvent::Publish(_))
-        })
-        .await;
+    let nothing = gone.next_publish_within(Duration::from_millis(300)).await;
     assert!(
         nothing.is_none(),
         "an expired session delivered {nothing:?}"
@@ -503,11 +488,7 @@ async fn a_restored_session_cannot_be_taken_over_and_follows_todays_users() {
     assert_eq!(sessions, 1);
     // A device with the application's client id: a new session, nothing of the app's.
     let mut device = TestClient::connect_ok(opts("sensor-z", &broker, false)).await;
-    let got = device
-        .next_matching_within(Duration::from_millis(300), |e| {
-            matches!(e, ClientEvent::Publish(_))
-        })
-        .await;
+    let got = device.next_publish_within(Duration::from_millis(300)).await;
     assert!(
         got.is_none(),
         "the device got the application's message: {got:?}"

@@ -11,6 +11,7 @@ mod common;
 use std::path::Path;
 use std::time::Duration;
 
+use common::config::{drop_in_dir, user_toml};
 use common::free_port;
 use common::mqtt_client::{options, ClientEvent, TestClient};
 use common::process::{EmulatorProcess, Fleetgw};
@@ -39,12 +40,10 @@ async fn connect(id: &str, port: u16, clean: bool) -> TestClient {
 
 /// Publishes QoS 1 messages (PUBACKed: routed into the kept session's queue).
 async fn publish(port: u16, topic: &str, retain: bool, payloads: &[&str]) {
-    let mut p = connect("app-publisher", port, true).await;
-    for body in payloads {
-        p.publish(topic, QoS::AtLeastOnce, retain, body.as_bytes())
-            .await;
-    }
-    p.client.disconnect().await.unwrap();
+    connect("app-publisher", port, true)
+        .await
+        .publish_each_and_leave(topic, retain, payloads)
+        .await;
 }
 
 /// Sends DISCONNECT and waits until the broker closed the connection: the broker ends the
@@ -60,17 +59,6 @@ async fn leave(mut client: TestClient) {
     );
 }
 
-async fn payloads(client: &mut TestClient, n: usize) -> Vec<String> {
-    let mut out = Vec::new();
-    for _ in 0..n {
-        match client.next_publish().await {
-            Some(p) => out.push(String::from_utf8_lossy(&p.payload).into_owned()),
-            None => break,
-        }
-    }
-    out
-}
-
 /// A new subscriber to `plant/#` gets the retained status.
 async fn retained_status(port: u16) -> (String, bool) {
     let mut c = connect("app-late", port, true).await;
@@ -81,15 +69,10 @@ async fn retained_status(port: u16) -> (String, bool) {
 }
 
 fn write_users(config: &Path) {
-    let drop_in = config.parent().unwrap().join("config.d");
-    std::fs::create_dir_all(&drop_in).unwrap();
-    let hash = fleetgw::identity::hash_password(PASSWORD.as_bytes()).unwrap();
+    let rights = "publish = [\"plant/#\"]\nsubscribe = [\"plant/#\"]\n";
     std::fs::write(
-        drop_in.join("50-users.toml"),
-        format!(
-            "[[downstream.users]]\nname = \"{USER}\"\npassword_hash = '{hash}'\n\
-             publish = [\"plant/#\"]\nsubscribe = [\"plant/#\"]\n"
-        ),
+        drop_in_dir(config).join("50-users.toml"),
+        user_toml(USER, PASSWORD, rights),
     )
     .unwrap();
 }
@@ -133,7 +116,7 @@ async fn retained_messages_and_kept_sessions_survive_a_clean_stop_and_a_kill_9()
     daemon.restart();
     let mut keeper = connect("app-keeper", port, false).await;
     assert_eq!(
-        payloads(&mut keeper, 2).await,
+        keeper.next_payloads(2).await,
         ["c1", "c2"],
         "{}",
         daemon.log_tail()
@@ -150,17 +133,13 @@ async fn retained_messages_and_kept_sessions_survive_a_clean_stop_and_a_kill_9()
     daemon.restart();
     let mut keeper = connect("app-keeper", port, false).await;
     assert_eq!(
-        payloads(&mut keeper, 3).await,
+        keeper.next_payloads(3).await,
         ["c3", "c4", "c5"],
         "{}",
         daemon.log_tail()
     );
     assert_eq!(retained_status(port).await, ("up".to_string(), true));
     // Nothing more was kept: the messages delivered before the kill do not come again.
-    let again = keeper
-        .next_matching_within(Duration::from_millis(300), |e| {
-            matches!(e, ClientEvent::Publish(_))
-        })
-        .await;
+    let again = keeper.next_publish_within(Duration::from_millis(300)).await;
     assert!(again.is_none(), "delivered again: {again:?}");
 }

@@ -111,23 +111,12 @@ async fn sigkill_at_random_points_loses_and_duplicates_no_device_and_no_telemetr
     let devices = env_or("FLEETGW_CHAOS_DEVICES", 6) as usize;
     let per_device = env_or("FLEETGW_CHAOS_MESSAGES", 30);
     let tmp = tempfile::tempdir().unwrap();
-    let emu_dir = tmp.path().join("emu");
-    std::fs::create_dir(&emu_dir).unwrap();
-    let emu = EmulatorProcess::start(&emu_dir, tmp.path().join("emu.log"), |l| l).await;
+    let emu = EmulatorProcess::start_in(tmp.path()).await;
     let state = tmp.path().join("state");
     let port = free_port();
     let daemon = Fleetgw::run(&emu.gateway_config(), tmp.path().join("gw.log"))
-        .sets([
-            "admission.mode=\"open\"".to_string(),
-            format!("gateway.state_dir=\"{}\"", state.display()),
-            format!(
-                "admin.socket=\"{}\"",
-                tmp.path().join("admin.sock").display()
-            ),
-            "downstream.broker=\"embedded\"".to_string(),
-            format!("downstream.listen=\"127.0.0.1:{port}\""),
-            "log.level=\"info\"".to_string(),
-        ])
+        .embedded_open(&state, &tmp.path().join("admin.sock"), port)
+        .sets(["log.level=\"info\""])
         .spawn();
 
     let acked = Arc::new(AtomicU64::new(0));

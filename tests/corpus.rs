@@ -179,23 +179,12 @@ async fn raw_request(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_corpus_case_gets_its_documented_error_and_the_daemon_stays_up() {
     let tmp = tempfile::tempdir().unwrap();
-    let emu_dir = tmp.path().join("emu");
-    std::fs::create_dir(&emu_dir).unwrap();
-    let emu = EmulatorProcess::start(&emu_dir, tmp.path().join("emu.log"), |l| l).await;
+    let emu = EmulatorProcess::start_in(tmp.path()).await;
     let socket = tmp.path().join("admin.sock");
     let port = free_port();
     let daemon = Fleetgw::run(&emu.gateway_config(), tmp.path().join("gw.log"))
-        .sets([
-            "admission.mode=\"open\"".to_string(),
-            format!(
-                "gateway.state_dir=\"{}\"",
-                tmp.path().join("state").display()
-            ),
-            format!("admin.socket=\"{}\"", socket.display()),
-            "downstream.broker=\"embedded\"".to_string(),
-            format!("downstream.listen=\"127.0.0.1:{port}\""),
-            "provision.allowed_csr_key_types=[\"ecdsa-p256\"]".to_string(),
-        ])
+        .embedded_open(&tmp.path().join("state"), &socket, port)
+        .sets(["provision.allowed_csr_key_types=[\"ecdsa-p256\"]"])
         .spawn();
     // Up and provisioning before the corpus starts.
     provision(port, "corpus-before", LIMIT).await;

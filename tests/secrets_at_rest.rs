@@ -21,27 +21,18 @@ const LIMIT: Duration = Duration::from_secs(90);
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ownership_tokens_are_sealed_on_disk_and_opened_after_a_restart() {
     let tmp = tempfile::tempdir().unwrap();
-    let emu_dir = tmp.path().join("emu");
-    std::fs::create_dir(&emu_dir).unwrap();
-    let emu = EmulatorProcess::start(&emu_dir, tmp.path().join("emu.log"), |l| l).await;
+    let emu = EmulatorProcess::start_in(tmp.path()).await;
     let key = tmp.path().join("sealing.key");
     std::fs::write(&key, "cd".repeat(32)).unwrap();
     std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
     let state = tmp.path().join("state");
     let port = free_port();
+    let socket = tmp.path().join("admin.sock");
+    let sealing = format!("provision.sealing_key_file=\"{}\"", key.display());
     let daemon = Fleetgw::run(&emu.gateway_config(), tmp.path().join("gw.log"))
         .env("FLEETGW_TEST_CRASH_AFTER", "certificateIssued")
-        .sets([
-            "admission.mode=\"open\"".to_string(),
-            format!("gateway.state_dir=\"{}\"", state.display()),
-            format!(
-                "admin.socket=\"{}\"",
-                tmp.path().join("admin.sock").display()
-            ),
-            "downstream.broker=\"embedded\"".to_string(),
-            format!("downstream.listen=\"127.0.0.1:{port}\""),
-            format!("provision.sealing_key_file=\"{}\"", key.display()),
-        ])
+        .embedded_open(&state, &socket, port)
+        .sets([sealing.as_str()])
         .spawn();
     let id = "sensor-sealed";
     let device = tokio::spawn(provision(port, id, LIMIT));
@@ -70,17 +61,8 @@ async fn ownership_tokens_are_sealed_on_disk_and_opened_after_a_restart() {
 
     // Restarted without the crash point: the token opens and RegisterThing completes.
     let daemon = Fleetgw::run(&emu.gateway_config(), tmp.path().join("gw2.log"))
-        .sets([
-            "admission.mode=\"open\"".to_string(),
-            format!("gateway.state_dir=\"{}\"", state.display()),
-            format!(
-                "admin.socket=\"{}\"",
-                tmp.path().join("admin.sock").display()
-            ),
-            "downstream.broker=\"embedded\"".to_string(),
-            format!("downstream.listen=\"127.0.0.1:{port}\""),
-            format!("provision.sealing_key_file=\"{}\"", key.display()),
-        ])
+        .embedded_open(&state, &socket, port)
+        .sets([sealing.as_str()])
         .spawn();
     let thing = tokio::time::timeout(LIMIT, device)
         .await

@@ -37,17 +37,8 @@ const LIMIT: Duration = Duration::from_secs(60);
 fn start_daemon(emu: &EmulatorProcess, state: &Path, port: u16, fault: &Path) -> Fleetgw {
     Fleetgw::run(&emu.gateway_config(), state.with_extension("log"))
         .env(FAIL_FLUSH_FILE_ENV, fault)
-        .sets([
-            format!(
-                "admin.socket=\"{}\"",
-                state.with_extension("sock").display()
-            ),
-            "admission.mode=\"open\"".to_string(),
-            format!("gateway.state_dir=\"{}\"", state.display()),
-            "downstream.broker=\"embedded\"".to_string(),
-            format!("downstream.listen=\"127.0.0.1:{port}\""),
-            "log.level=\"info\"".to_string(),
-        ])
+        .embedded_open(state, &state.with_extension("sock"), port)
+        .sets(["log.level=\"info\""])
         .spawn()
 }
 
@@ -72,9 +63,7 @@ async fn recorded(emu: &EmulatorProcess, thing: &str) -> Vec<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_fsync_withholds_the_ack_exits_74_and_the_restart_loses_nothing() {
     let tmp = tempfile::tempdir().unwrap();
-    let emu_dir = tmp.path().join("emu");
-    std::fs::create_dir(&emu_dir).unwrap();
-    let emu = EmulatorProcess::start(&emu_dir, tmp.path().join("emu.log"), |l| l).await;
+    let emu = EmulatorProcess::start_in(tmp.path()).await;
     let state = tmp.path().join("state");
     let fault = tmp.path().join("fail-flush");
     let port = free_port();
@@ -129,9 +118,7 @@ async fn a_failed_fsync_withholds_the_ack_exits_74_and_the_restart_loses_nothing
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn garbage_in_the_store_is_quarantined_and_never_stalls_the_other_devices() {
     let tmp = tempfile::tempdir().unwrap();
-    let emu_dir = tmp.path().join("emu");
-    std::fs::create_dir(&emu_dir).unwrap();
-    let emu = EmulatorProcess::start(&emu_dir, tmp.path().join("emu.log"), |l| l).await;
+    let emu = EmulatorProcess::start_in(tmp.path()).await;
     let state = tmp.path().join("state");
     let socket = state.with_extension("sock");
     let unused = tmp.path().join("no-fault");
@@ -254,22 +241,11 @@ async fn a_full_disk_stops_the_daemon_without_acknowledging_and_it_resumes_after
         eprintln!("SKIPPED: cannot mount a tmpfs here (needs root)");
         return;
     };
-    let emu_dir = tmp.path().join("emu");
-    std::fs::create_dir(&emu_dir).unwrap();
-    let emu = EmulatorProcess::start(&emu_dir, tmp.path().join("emu.log"), |l| l).await;
+    let emu = EmulatorProcess::start_in(tmp.path()).await;
     let state = small.0.join("state");
     let port = free_port();
     let daemon = Fleetgw::run(&emu.gateway_config(), tmp.path().join("gw.log"))
-        .sets([
-            format!(
-                "admin.socket=\"{}\"",
-                tmp.path().join("admin.sock").display()
-            ),
-            "admission.mode=\"open\"".to_string(),
-            format!("gateway.state_dir=\"{}\"", state.display()),
-            "downstream.broker=\"embedded\"".to_string(),
-            format!("downstream.listen=\"127.0.0.1:{port}\""),
-        ])
+        .embedded_open(&state, &tmp.path().join("admin.sock"), port)
         .spawn();
     let id = "sensor-full";
     let thing = provision(port, id, LIMIT).await;

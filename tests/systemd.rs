@@ -18,6 +18,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
+use common::config::{drop_in_dir, user_toml};
 use common::process::{EmulatorProcess, FLEETGW};
 use common::{free_port, WAIT};
 
@@ -279,8 +280,7 @@ async fn the_daemon_speaks_sd_notify_through_start_watchdog_reload_and_stop() {
     );
 
     // SIGHUP with a new log level: RELOADING=1 (with MONOTONIC_USEC), then READY=1.
-    let drop_in = config.parent().unwrap().join("config.d");
-    std::fs::create_dir_all(&drop_in).unwrap();
+    let drop_in = drop_in_dir(&config);
     std::fs::write(drop_in.join("90-test.toml"), "[log]\nlevel = \"debug\"\n").unwrap();
     reload_and_expect_ready(&daemon, &notify);
     daemon.wait_log("reload: log.level applied", WAIT);
@@ -470,11 +470,9 @@ async fn a_user_removed_by_a_reload_loses_its_rights_and_an_added_one_gets_them(
     )
     .await;
     let config = emu.gateway_config();
-    let drop_in = config.parent().unwrap().join("config.d");
-    std::fs::create_dir_all(&drop_in).unwrap();
+    let drop_in = drop_in_dir(&config);
     let user_toml = |name: &str, password: &str| {
-        let hash = fleetgw::identity::hash_password(password.as_bytes()).unwrap();
-        format!("[[downstream.users]]\nname = \"{name}\"\npassword_hash = '{hash}'\nsubscribe = [\"fleetgw/+/status\"]\n")
+        user_toml(name, password, "subscribe = [\"fleetgw/+/status\"]\n")
     };
     std::fs::write(
         drop_in.join("50-users.toml"),

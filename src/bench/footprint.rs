@@ -6,10 +6,10 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use super::processes::{fleetgw_exe, Daemon, Emulator};
+use super::processes::{fleetgw_exe, Daemon};
 use super::procfs;
 use super::telemetry::{read, require_all};
-use super::{BenchError, Machine, Observer, WorkDir};
+use super::{BenchError, Machine, Observer, Rig};
 use crate::sim::{self, FleetOptions};
 
 /// How long idle RSS may take to settle.
@@ -56,10 +56,11 @@ pub async fn run(
             reason: "need at least 1 device".into(),
         });
     }
-    super::raise_fd_limit();
-    let mut machine = Machine::now();
-    let work = WorkDir::create(opts.keep)?;
-    let emu = Emulator::start(&work.path().join("cloud"), &[]).await?;
+    let Rig {
+        mut machine,
+        work,
+        emu,
+    } = Rig::start(opts.keep, &[]).await?;
     observer.phase("starting the daemon", 1);
     let daemon = Daemon::start(
         &emu,

@@ -263,6 +263,26 @@ impl Drop for WorkDir {
     }
 }
 
+/// What every bench subcommand starts from, in this order: the open-file limit raised, the
+/// machine noted, a fresh work directory and the AWS emulator in its `cloud/` (started with
+/// `emulator_args`). Taken apart by the caller, which starts its daemon next to it.
+pub(crate) struct Rig {
+    pub(crate) machine: Machine,
+    pub(crate) work: WorkDir,
+    pub(crate) emu: processes::Emulator,
+}
+
+impl Rig {
+    /// Sets the rig up (see [`Rig`]).
+    pub(crate) async fn start(keep: bool, emulator_args: &[String]) -> Result<Self, BenchError> {
+        raise_fd_limit();
+        let machine = Machine::now();
+        let work = WorkDir::create(keep)?;
+        let emu = processes::Emulator::start(&work.path().join("cloud"), emulator_args).await?;
+        Ok(Self { machine, work, emu })
+    }
+}
+
 /// A finite number above zero (an option that must be positive).
 pub(crate) fn positive(x: f64) -> bool {
     x.is_finite() && x > 0.0

@@ -18,7 +18,7 @@ use tokio::time::Instant;
 use super::processes::{fleetgw_exe, Daemon, Emulator};
 use super::procfs;
 use super::telemetry::read;
-use super::{BenchError, Machine, Observer, Series, WorkDir};
+use super::{BenchError, Machine, Observer, Rig, Series};
 use crate::sim::{self, FleetEvent, FleetOptions};
 
 /// Worker threads of the pooled SDK baseline.
@@ -107,14 +107,15 @@ pub async fn run(
             reason: "need at least 1 device and 1 session, and --tps > 0".into(),
         });
     }
-    super::raise_fd_limit();
-    let mut machine = Machine::now();
-    let work = WorkDir::create(opts.keep)?;
     let emu_args = match opts.tps {
         Some(t) => vec!["--tps".to_string(), t.to_string()],
         None => vec![],
     };
-    let emu = Emulator::start(&work.path().join("cloud"), &emu_args).await?;
+    let Rig {
+        mut machine,
+        work,
+        emu,
+    } = Rig::start(opts.keep, &emu_args).await?;
     let sets = vec![
         format!("cloud.aws.sessions={}", opts.sessions),
         format!("cloud.aws.tps={}", opts.tps.unwrap_or(100_000.0)),

@@ -11,12 +11,12 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use super::processes::{Daemon, Emulator};
+use super::processes::Daemon;
 use super::procfs;
 use super::telemetry::{
-    provision_publishers, read, run_load, Load, PhaseFigures, EMULATOR_MAX_MESSAGES,
+    provision_publishers, run_load, telemetry_emulator_args, Load, PhaseFigures,
 };
-use super::{BenchError, Machine, Observer, Series, WorkDir};
+use super::{BenchError, Machine, Observer, Rig, Series};
 
 /// How often RSS and connections are sampled.
 const SAMPLE: Duration = Duration::from_millis(500);
@@ -61,14 +61,11 @@ pub async fn run(opts: &ScaleOptions, observer: &dyn Observer) -> Result<ScaleRe
             reason: "need at least 1 device, rate > 0 and seconds > 0".into(),
         });
     }
-    super::raise_fd_limit();
-    let mut machine = Machine::now();
-    let work = WorkDir::create(opts.keep)?;
-    let emu = Emulator::start(
-        &work.path().join("cloud"),
-        &["--max-messages".into(), EMULATOR_MAX_MESSAGES.to_string()],
-    )
-    .await?;
+    let Rig {
+        mut machine,
+        work,
+        emu,
+    } = Rig::start(opts.keep, &telemetry_emulator_args()).await?;
     // One upstream connection per active device: the default cap (1,000) would park the
     // rest of a larger fleet behind it.
     let sets = vec![
@@ -79,8 +76,7 @@ pub async fn run(opts: &ScaleOptions, observer: &dyn Observer) -> Result<ScaleRe
         ),
     ];
     let daemon = Daemon::start(&emu, &work.path().join("daemon"), &sets).await?;
-    let ca = read(&emu.dir.join("ca.pem"))?;
-    let (_, publishers) = provision_publishers(&daemon, &ca, opts.devices, "s", observer).await?;
+    let (_, publishers) = provision_publishers(&daemon, &emu, opts.devices, "s", observer).await?;
 
     let pid = daemon.pid();
     let stop = Arc::new(AtomicBool::new(false));

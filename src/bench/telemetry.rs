@@ -23,7 +23,7 @@ use tokio::time::Instant;
 
 use super::processes::{mosquitto_binary, Bridge, Daemon, Emulator};
 use super::publisher::{publish_sequence, Sequence};
-use super::{BenchError, Machine, Observer, Series, WorkDir};
+use super::{BenchError, Machine, Observer, Rig, Series};
 use crate::sim::arrival::{self, fetch_arrivals_by, GroupBy, TelemetryCheck};
 use crate::sim::{self, FleetEvent, FleetOptions, FleetReport, TelemetryPlan};
 
@@ -39,6 +39,12 @@ const DRAIN: Duration = Duration::from_secs(120);
 pub const PREFIX: &str = "fleetgw";
 /// Messages the emulator keeps for `GET /messages`.
 pub const EMULATOR_MAX_MESSAGES: usize = 2_000_000;
+
+/// The emulator's arguments for the telemetry runs (`telemetry`, `scale`): it keeps
+/// [`EMULATOR_MAX_MESSAGES`].
+pub fn telemetry_emulator_args() -> Vec<String> {
+    vec!["--max-messages".into(), EMULATOR_MAX_MESSAGES.to_string()]
+}
 
 /// Whose identity carries telemetry upstream.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, clap::ValueEnum)]
@@ -224,12 +230,13 @@ fn unix_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
-/// Provisions `devices` devices through the daemon at `broker` (gateway-made keys, so the
-/// daemon can forward as each device) and has each send one warm-up message; returns the
-/// fleet report and the devices as publishers (their upstream topic carries the thing name).
+/// Provisions `devices` devices through `daemon` (gateway-made keys, so the daemon can forward
+/// as each device; the devices trust `emu`'s CA) and has each send one warm-up message; returns
+/// the fleet report and the devices as publishers (their upstream topic carries the thing
+/// name).
 pub async fn provision_publishers(
     daemon: &Daemon,
-    emu_ca_pem: &str,
+    emu: &Emulator,
     devices: u32,
     run: &str,
     observer: &dyn Observer,
@@ -237,7 +244,7 @@ pub async fn provision_publishers(
     let mut opts = FleetOptions::new("127.0.0.1", daemon.broker.port(), devices);
     opts.run = run.to_string();
     opts.id_prefix = "bench".into();
-    opts.cloud_ca_pem = Some(emu_ca_pem.to_string());
+    opts.cloud_ca_pem = Some(read(&emu.dir.join("ca.pem"))?);
     opts.timeout = Duration::from_secs(600);
     opts.telemetry = Some(TelemetryPlan {
         messages_per_device: 1,
@@ -387,14 +394,11 @@ pub async fn run(
             reason: "need at least 1 device, seconds > 0 and rate >= 0".into(),
         });
     }
-    super::raise_fd_limit();
-    let mut machine = Machine::now();
-    let work = WorkDir::create(opts.keep)?;
-    let emu = Emulator::start(
-        &work.path().join("cloud"),
-        &["--max-messages".into(), EMULATOR_MAX_MESSAGES.to_string()],
-    )
-    .await?;
+    let Rig {
+        mut machine,
+        work,
+        emu,
+    } = Rig::start(opts.keep, &telemetry_emulator_args()).await?;
     let bridge = if !opts.baselines {
         Err("baselines off (--no-baselines)".to_string())
     } else if let Some(binary) = mosquitto_binary() {
@@ -404,8 +408,7 @@ pub async fn run(
     };
     let sets = vec![format!("telemetry.identity=\"{}\"", opts.identity.as_str())];
     let daemon = Daemon::start(&emu, &work.path().join("daemon"), &sets).await?;
-    let ca = read(&emu.dir.join("ca.pem"))?;
-    let (_, publishers) = provision_publishers(&daemon, &ca, opts.devices, "t", observer).await?;
+    let (_, publishers) = provision_publishers(&daemon, &emu, opts.devices, "t", observer).await?;
     let port = daemon.broker.port();
     let top_load = Load {
         rate: opts.rate,

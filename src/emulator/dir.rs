@@ -1,8 +1,9 @@
-//! Files in an emulator's DIR: the directory itself (0700), optional reads, atomic writes of
-//! public (0644) and secret (0600) files, and the discovery files a started emulator leaves
-//! (`gateway.toml`, then `emulator.json`). Shared by the emulators.
+//! Files in an emulator's DIR: the directory itself (0700, rid of a previous run's discovery
+//! file at start), optional reads, atomic writes of public (0644) and secret (0600) files, and
+//! the discovery files a started emulator leaves (`gateway.toml`, then `emulator.json`). Shared
+//! by the emulators.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use crate::emulator::EmulatorError;
 use crate::identity;
@@ -20,6 +21,28 @@ pub fn create_dir(dir: &Path) -> Result<(), EmulatorError> {
         path: dir.to_path_buf(),
         source,
     })
+}
+
+/// Creates DIR, canonicalises it and removes a previous run's `emulator.json` (its ports are
+/// dead; its appearance must always mean "this run is listening").
+pub fn prepare_dir(dir: &Path) -> Result<PathBuf, EmulatorError> {
+    create_dir(dir)?;
+    let dir = std::fs::canonicalize(dir).map_err(|source| EmulatorError::Io {
+        path: dir.to_path_buf(),
+        source,
+    })?;
+    let discovery = dir.join("emulator.json");
+    match std::fs::remove_file(&discovery) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(source) => {
+            return Err(EmulatorError::Io {
+                path: discovery,
+                source,
+            })
+        }
+    }
+    Ok(dir)
 }
 
 /// Reads `path`, `None` if it does not exist.
@@ -71,6 +94,37 @@ pub fn write_discovery(
     })?;
     write(&config_path, config.as_bytes(), mode)?;
     write(&discovery_path, &json_bytes, mode)
+}
+
+/// What the `gateway.toml` of either emulator holds besides `[cloud]` (and the AWS one's
+/// `[telemetry]`), in this order: the gateway's state directory and admin socket under the
+/// emulator's `dir`, the device broker on 127.0.0.1:1883 and open admission.
+pub fn gateway_toml_base(dir: &Path) -> toml::Table {
+    let s = |v: String| toml::Value::String(v);
+    let mut root = toml::Table::new();
+    root.insert(
+        "gateway".into(),
+        toml_section(vec![(
+            "state_dir",
+            s(dir.join("gateway").display().to_string()),
+        )]),
+    );
+    root.insert(
+        "admin".into(),
+        toml_section(vec![(
+            "socket",
+            s(dir.join("admin.sock").display().to_string()),
+        )]),
+    );
+    root.insert(
+        "downstream".into(),
+        toml_section(vec![("listen", s("127.0.0.1:1883".into()))]),
+    );
+    root.insert(
+        "admission".into(),
+        toml_section(vec![("mode", s("open".into()))]),
+    );
+    root
 }
 
 /// A TOML table of `pairs`, for the `gateway.toml` the emulators write.

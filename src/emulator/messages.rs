@@ -7,7 +7,7 @@
 //! Connection tasks record the messages of one network read under a single lock, so that
 //! tens of thousands of QoS 1 messages per second cost a few thousand lock acquisitions.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::{Mutex, MutexGuard};
 
 use serde::Serialize;
@@ -130,10 +130,16 @@ impl<M: LoggedMessage> MessageLog<M> {
     }
 
     /// Total messages received (including those no longer in the log) and the per-client
-    /// counters.
-    pub fn stats(&self) -> (u64, HashMap<String, ClientStats>) {
+    /// counters by client id, in order: the `messages` and `clients` of both emulators'
+    /// `GET /stats`.
+    pub fn stats(&self) -> (u64, BTreeMap<String, ClientStats>) {
         let inner = self.lock();
-        (inner.next_seq, inner.per_client.clone())
+        let per_client = inner
+            .per_client
+            .iter()
+            .map(|(id, c)| (id.clone(), c.clone()))
+            .collect();
+        (inner.next_seq, per_client)
     }
 }
 

@@ -5,13 +5,16 @@
 //!
 //! Each emulator is a library first (`start(options) -> handle`, used in-process by tests and
 //! the demo) and a CLI command second (`fleetgw emulate aws|azure`, see `cli::emulate`). What
-//! both need lives here: the device message log (`messages`), injected faults (`faults`) and
-//! their DIR's files (`dir`).
+//! both need lives here: the device message log (`messages`), injected faults (`faults`),
+//! their DIR's files (`dir`), their listeners and tasks (`listeners`) and the error answer and
+//! `/faults` routes of their inspection APIs (`api`).
 
+pub mod api;
 pub mod aws;
 pub mod azure;
 pub mod dir;
 pub mod faults;
+pub mod listeners;
 pub mod messages;
 
 use std::path::PathBuf;

@@ -1,9 +1,10 @@
-//! Helpers shared by the integration tests: `fleetgw` child processes, a real mosquitto on a
-//! free loopback port, a TCP relay that can cut connections, a small MQTT test client, a
+//! Helpers shared by the integration tests: `fleetgw` child processes and the config they add
+//! (drop-ins, local users), a real mosquitto on a free loopback port, a TCP relay that can cut connections, a small MQTT test client, a
 //! sequence publisher, an HTTP client for the emulators' API and polling with a deadline. Each
 //! test binary uses a subset, hence `dead_code` is allowed here.
 #![allow(dead_code)]
 
+pub mod config;
 pub mod device;
 pub mod http;
 pub mod messages;

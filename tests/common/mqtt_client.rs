@@ -190,6 +190,34 @@ impl TestClient {
         }
     }
 
+    /// The payloads (as text) of the next `n` publishes received; fewer if the connection
+    /// closes or [`WAIT`] passes first.
+    pub async fn next_payloads(&mut self, n: usize) -> Vec<String> {
+        let mut out = Vec::new();
+        for _ in 0..n {
+            match self.next_publish().await {
+                Some(p) => out.push(String::from_utf8_lossy(&p.payload).into_owned()),
+                None => break,
+            }
+        }
+        out
+    }
+
+    /// A publish received within `within`, if any (for asserting that none comes).
+    pub async fn next_publish_within(&mut self, within: Duration) -> Option<ClientEvent> {
+        self.next_matching_within(within, |e| matches!(e, ClientEvent::Publish(_)))
+            .await
+    }
+
+    /// Publishes each of `payloads` on `topic` at QoS 1, each PUBACKed, and disconnects.
+    pub async fn publish_each_and_leave(mut self, topic: &str, retain: bool, payloads: &[&str]) {
+        for body in payloads {
+            self.publish(topic, QoS::AtLeastOnce, retain, body.as_bytes())
+                .await;
+        }
+        self.client.disconnect().await.unwrap();
+    }
+
     /// True if the connection was closed by the broker (an event already received says so).
     pub fn saw_close(&self) -> bool {
         self.buffered

@@ -55,6 +55,18 @@ impl Launch {
         self
     }
 
+    /// The overrides the daemon tests share: open admission, the store in `state`, the admin
+    /// socket at `socket` and the embedded broker on `127.0.0.1:port`.
+    pub fn embedded_open(self, state: &Path, socket: &Path, port: u16) -> Self {
+        self.sets([
+            "admission.mode=\"open\"".to_string(),
+            format!("gateway.state_dir=\"{}\"", state.display()),
+            format!("admin.socket=\"{}\"", socket.display()),
+            "downstream.broker=\"embedded\"".to_string(),
+            format!("downstream.listen=\"127.0.0.1:{port}\""),
+        ])
+    }
+
     pub fn env(mut self, key: impl AsRef<OsStr>, value: impl AsRef<OsStr>) -> Self {
         let value = Some(value.as_ref().to_os_string());
         self.envs.push((key.as_ref().to_os_string(), value));
@@ -264,6 +276,14 @@ impl EmulatorProcess {
             dir: dir.to_path_buf(),
             process,
         }
+    }
+
+    /// Starts the emulator with its files in `tmp/emu` (created here) and its output in
+    /// `tmp/emu.log`, with the default arguments.
+    pub async fn start_in(tmp: &Path) -> Self {
+        let dir = tmp.join("emu");
+        std::fs::create_dir(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
+        Self::start(&dir, tmp.join("emu.log"), |l| l).await
     }
 
     /// The gateway configuration the emulator wrote for `fleetgw run`.

@@ -13,11 +13,9 @@
 //!
 //! Errors are `{"error": "..."}` with status 400.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use axum::extract::{Path, Query, State};
-use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -28,7 +26,8 @@ use serde_json::json;
 use super::counters::Counters;
 use super::server::{CloudPublish, ServerContext, MAX_PAYLOAD_BYTES};
 use super::state::CertificateStatus;
-use crate::emulator::faults::FaultView;
+use crate::emulator::api::{bad_request, fault_routes, FaultTarget};
+use crate::emulator::faults::Faults;
 
 /// What the API handlers share.
 #[derive(Clone)]
@@ -46,10 +45,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/certificates", get(certificates))
         .route("/messages", get(messages))
         .route("/stats", get(stats))
-        .route(
-            "/faults",
-            get(get_faults).post(post_faults).delete(delete_faults),
-        )
+        .route("/faults", fault_routes())
         .route("/topics/{*topic}", post(publish))
         .with_state(state)
 }
@@ -131,8 +127,7 @@ async fn messages(State(s): State<ApiState>, Query(q): Query<MessagesQuery>) -> 
 async fn stats(State(s): State<ApiState>) -> Response {
     let c = &s.ctx.counters;
     let (certificates, things) = s.ctx.registry.counts();
-    let (messages_total, per_client) = s.ctx.messages.stats();
-    let clients: BTreeMap<_, _> = per_client.into_iter().collect();
+    let (messages_total, clients) = s.ctx.messages.stats();
     Json(json!({
         "connections": {
             "open": Counters::get(&c.connections_open),
@@ -158,33 +153,23 @@ async fn stats(State(s): State<ApiState>) -> Response {
     .into_response()
 }
 
-fn fault_view(s: &ApiState) -> FaultView {
-    s.ctx.faults.view_with(s.ctx.provisioning.tps())
-}
-
-async fn get_faults(State(s): State<ApiState>) -> Response {
-    Json(fault_view(&s)).into_response()
-}
-
-fn bad_request(message: String) -> Response {
-    (StatusCode::BAD_REQUEST, Json(json!({ "error": message }))).into_response()
-}
-
-async fn post_faults(State(s): State<ApiState>, body: axum::body::Bytes) -> Response {
-    match s
-        .ctx
-        .faults
-        .post(&body, |tps| s.ctx.provisioning.set_tps(Some(tps)))
-    {
-        Ok(()) => Json(fault_view(&s)).into_response(),
-        Err(message) => bad_request(message),
+/// `/faults` acts on the provisioning APIs' rate limit.
+impl FaultTarget for ApiState {
+    fn faults(&self) -> &Faults {
+        &self.ctx.faults
     }
-}
 
-async fn delete_faults(State(s): State<ApiState>) -> Response {
-    s.ctx.faults.clear();
-    s.ctx.provisioning.set_tps(s.default_tps);
-    Json(fault_view(&s)).into_response()
+    fn tps(&self) -> Option<f64> {
+        self.ctx.provisioning.tps()
+    }
+
+    fn set_tps(&self, tps: Option<f64>) {
+        self.ctx.provisioning.set_tps(tps);
+    }
+
+    fn default_tps(&self) -> Option<f64> {
+        self.default_tps
+    }
 }
 
 #[derive(Deserialize)]

@@ -38,7 +38,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::json;
-use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_rustls::TlsAcceptor;
@@ -47,7 +46,8 @@ pub use crate::emulator::faults::{FaultRequest, FaultView};
 pub use templates::DEFAULT_TEMPLATE;
 
 use crate::clock;
-use crate::emulator::dir::{self, create_dir, read_opt, write, write_secret};
+use crate::emulator::dir::{self, read_opt, write, write_secret};
+use crate::emulator::listeners::{self, bind, local, spawn_api, SHUTDOWN_TIMEOUT};
 use crate::emulator::EmulatorError;
 use crate::identity::{self, CertificateAuthority, KeyType, PrivateKey};
 
@@ -67,8 +67,6 @@ const CLAIM_CN: &str = "fleetgw emulator claim";
 /// connects as: the default `gateway.id`, so the default `telemetry.gateway_client_id` matches.
 pub const GATEWAY_THING: &str = "gw-01";
 const CREDENTIAL_VALIDITY_DAYS: u32 = 3650;
-/// How long `shutdown` waits for the listener and API tasks.
-const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// How to run the emulator (the `fleetgw emulate aws` flags).
 #[derive(Clone, Debug)]
@@ -197,12 +195,7 @@ impl AwsEmulatorHandle {
     /// Stops accepting, closes every connection, waits for the tasks and writes the state.
     pub async fn shutdown(mut self) {
         let _ = self.shutdown.send(true);
-        for task in std::mem::take(&mut self.tasks) {
-            let abort = task.abort_handle();
-            if tokio::time::timeout(SHUTDOWN_TIMEOUT, task).await.is_err() {
-                abort.abort();
-            }
-        }
+        listeners::stop(std::mem::take(&mut self.tasks)).await;
         if let Some(persister) = self.persister.take() {
             let _ = tokio::time::timeout(SHUTDOWN_TIMEOUT, persister).await;
         }
@@ -218,24 +211,7 @@ impl Drop for AwsEmulatorHandle {
 /// Starts the emulator: loads or creates its credentials and state in `opts.dir`, binds both
 /// listeners, then writes `emulator.json` and `gateway.toml`.
 pub async fn start(opts: AwsEmulatorOptions) -> Result<AwsEmulatorHandle, EmulatorError> {
-    create_dir(&opts.dir)?;
-    let dir = std::fs::canonicalize(&opts.dir).map_err(|source| EmulatorError::Io {
-        path: opts.dir.clone(),
-        source,
-    })?;
-    // A previous run's emulator.json names dead ports: remove it so that its appearance
-    // always means "this run is listening".
-    let discovery = dir.join("emulator.json");
-    match std::fs::remove_file(&discovery) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(source) => {
-            return Err(EmulatorError::Io {
-                path: discovery,
-                source,
-            })
-        }
-    }
+    let dir = dir::prepare_dir(&opts.dir)?;
     let pki = {
         let pki_dir = dir.clone();
         tokio::task::spawn_blocking(move || Pki::load_or_create(&pki_dir))
@@ -274,37 +250,10 @@ pub async fn start(opts: AwsEmulatorOptions) -> Result<AwsEmulatorHandle, Emulat
                 what: "MQTT server TLS configuration".into(),
                 source,
             })?;
-    let mqtt_listener =
-        TcpListener::bind(opts.mqtt)
-            .await
-            .map_err(|source| EmulatorError::Bind {
-                what: "MQTT",
-                addr: opts.mqtt,
-                source,
-            })?;
-    let api_listener = TcpListener::bind(opts.api)
-        .await
-        .map_err(|source| EmulatorError::Bind {
-            what: "API",
-            addr: opts.api,
-            source,
-        })?;
-    let mqtt_addr = reachable(
-        mqtt_listener
-            .local_addr()
-            .map_err(|source| EmulatorError::Io {
-                path: dir.clone(),
-                source,
-            })?,
-    );
-    let api_addr = reachable(
-        api_listener
-            .local_addr()
-            .map_err(|source| EmulatorError::Io {
-                path: dir.clone(),
-                source,
-            })?,
-    );
+    let mqtt_listener = bind(opts.mqtt, "MQTT").await?;
+    let api_listener = bind(opts.api, "API").await?;
+    let mqtt_addr = local(&mqtt_listener, &dir)?;
+    let api_addr = local(&api_listener, &dir)?;
 
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let mut tasks = Vec::new();
@@ -318,17 +267,12 @@ pub async fn start(opts: AwsEmulatorOptions) -> Result<AwsEmulatorHandle, Emulat
         ctx: ctx.clone(),
         default_tps: opts.tps.filter(|t| *t > 0.0),
     });
-    let mut api_stop = shutdown_rx.clone();
-    tasks.push(tokio::spawn(async move {
-        let served = axum::serve(api_listener, router)
-            .with_graceful_shutdown(async move {
-                let _ = api_stop.changed().await;
-            })
-            .await;
-        if let Err(e) = served {
-            tracing::error!(error = %e, "emulator API stopped");
-        }
-    }));
+    tasks.push(spawn_api(
+        api_listener,
+        router,
+        shutdown_rx.clone(),
+        "emulator",
+    ));
     tasks.push(tokio::spawn(run_sweeper(
         registry.clone(),
         opts.token_ttl,
@@ -370,15 +314,6 @@ async fn run_sweeper(
             }
             _ = shutdown.changed() => break,
         }
-    }
-}
-
-/// A wildcard bind address is reported as 127.0.0.1 so clients can use it as is.
-fn reachable(addr: SocketAddr) -> SocketAddr {
-    if addr.ip().is_unspecified() {
-        SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), addr.port())
-    } else {
-        addr
     }
 }
 
@@ -541,29 +476,7 @@ fn gateway_toml(handle: &AwsEmulatorHandle) -> Result<String, toml::ser::Error> 
             ("template", s(template)),
         ]),
     );
-    let mut root = Table::new();
-    root.insert(
-        "gateway".into(),
-        section(vec![(
-            "state_dir",
-            s(handle.dir.join("gateway").display().to_string()),
-        )]),
-    );
-    root.insert(
-        "admin".into(),
-        section(vec![(
-            "socket",
-            s(handle.dir.join("admin.sock").display().to_string()),
-        )]),
-    );
-    root.insert(
-        "downstream".into(),
-        section(vec![("listen", s("127.0.0.1:1883".into()))]),
-    );
-    root.insert(
-        "admission".into(),
-        section(vec![("mode", s("open".into()))]),
-    );
+    let mut root = dir::gateway_toml_base(&handle.dir);
     root.insert("cloud".into(), Value::Table(cloud));
     // Ready for `--set telemetry.identity=gateway`; the default identity stays "device".
     root.insert(

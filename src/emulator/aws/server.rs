@@ -39,6 +39,7 @@ use super::state::{DeviceAccess, Registry};
 use crate::clock;
 use crate::cloud::aws::topics;
 use crate::emulator::faults::Faults;
+use crate::emulator::listeners::accept_until_shutdown;
 use crate::emulator::messages::{LoggedMessage, MessageLog};
 use crate::identity::tls::peer_leaf_der;
 use crate::mqtt::stream::{PacketStream, StreamError};
@@ -185,25 +186,12 @@ pub async fn run_listener(
     ctx: Arc<ServerContext>,
     shutdown: watch::Receiver<bool>,
 ) {
-    let mut stop = shutdown.clone();
-    loop {
-        let accepted = tokio::select! {
-            a = listener.accept() => a,
-            _ = stop.changed() => break,
-        };
-        let (tcp, peer) = match accepted {
-            Ok(a) => a,
-            Err(e) => {
-                // EMFILE and friends: back off briefly instead of spinning.
-                tracing::warn!(error = %e, "emulator MQTT accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
-        };
+    let stopping = shutdown.clone();
+    accept_until_shutdown(listener, stopping, "emulator MQTT", |tcp, peer| {
         if ctx.faults.in_outage() {
             Counters::bump(&ctx.counters.connections_refused);
             drop(tcp);
-            continue;
+            return;
         }
         let _ = tcp.set_nodelay(true);
         let ctx = ctx.clone();
@@ -212,7 +200,8 @@ pub async fn run_listener(
         tokio::spawn(async move {
             serve_connection(tcp, peer, acceptor, ctx, shutdown).await;
         });
-    }
+    })
+    .await;
 }
 
 /// Who is on the other end, from the TLS client certificate.

@@ -24,7 +24,8 @@ use serde_json::json;
 
 use super::hub::{self, CloudToDevice, Context, Counters, Transport};
 use super::registry::Attestation;
-use crate::emulator::faults::FaultView;
+use crate::emulator::api::{bad_request, fault_routes, FaultTarget};
+use crate::emulator::faults::Faults;
 
 /// What the handlers share.
 #[derive(Clone)]
@@ -41,10 +42,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/registrations", get(registrations))
         .route("/messages", get(messages))
         .route("/stats", get(stats))
-        .route(
-            "/faults",
-            get(get_faults).post(post_faults).delete(delete_faults),
-        )
+        .route("/faults", fault_routes())
         .route("/devices/{id}/messages", post(cloud_to_device))
         .with_state(state)
 }
@@ -116,8 +114,7 @@ async fn messages(State(s): State<ApiState>, Query(q): Query<MessagesQuery>) -> 
 
 async fn stats(State(s): State<ApiState>) -> Response {
     let c = &s.ctx.counters;
-    let (messages_total, per_client) = s.ctx.messages.stats();
-    let clients: BTreeMap<_, _> = per_client.into_iter().collect();
+    let (messages_total, clients) = s.ctx.messages.stats();
     Json(json!({
         "connections": {
             "total": Counters::get(&c.connections_total),
@@ -140,29 +137,23 @@ async fn stats(State(s): State<ApiState>) -> Response {
     .into_response()
 }
 
-fn fault_view(s: &ApiState) -> FaultView {
-    s.ctx.faults.view_with(s.ctx.dps.tps())
-}
-
-async fn get_faults(State(s): State<ApiState>) -> Response {
-    Json(fault_view(&s)).into_response()
-}
-
-fn bad_request(message: String) -> Response {
-    (StatusCode::BAD_REQUEST, Json(json!({ "error": message }))).into_response()
-}
-
-async fn post_faults(State(s): State<ApiState>, body: axum::body::Bytes) -> Response {
-    match s.ctx.faults.post(&body, |tps| s.ctx.dps.set_tps(Some(tps))) {
-        Ok(()) => Json(fault_view(&s)).into_response(),
-        Err(message) => bad_request(message),
+/// `/faults` acts on DPS's rate limit.
+impl FaultTarget for ApiState {
+    fn faults(&self) -> &Faults {
+        &self.ctx.faults
     }
-}
 
-async fn delete_faults(State(s): State<ApiState>) -> Response {
-    s.ctx.faults.clear();
-    s.ctx.dps.set_tps(s.default_tps);
-    Json(fault_view(&s)).into_response()
+    fn tps(&self) -> Option<f64> {
+        self.ctx.dps.tps()
+    }
+
+    fn set_tps(&self, tps: Option<f64>) {
+        self.ctx.dps.set_tps(tps);
+    }
+
+    fn default_tps(&self) -> Option<f64> {
+        self.default_tps
+    }
 }
 
 /// Queues a cloud-to-device message: query parameters become its properties.

@@ -13,7 +13,7 @@ use serde_json::json;
 use super::auth::{Groups, SymmetricGroup, X509Group};
 use super::AzureEmulatorHandle;
 use crate::clock;
-use crate::emulator::dir::{self, create_dir, read_opt, write, write_secret};
+use crate::emulator::dir::{self, read_opt, write, write_secret};
 use crate::emulator::EmulatorError;
 use crate::identity::{self, CertificateAuthority, PrivateKey};
 
@@ -28,28 +28,6 @@ const VALIDITY_DAYS: u32 = 3650;
 /// Enrollment group names.
 const SYMMETRIC_GROUP: &str = "fleetgw-symmetric";
 const X509_GROUP: &str = "fleetgw-x509";
-
-/// Creates DIR, canonicalises it and removes a previous run's `emulator.json` (its ports are
-/// dead; its appearance must always mean "this run is listening").
-pub fn prepare_dir(dir: &Path) -> Result<PathBuf, EmulatorError> {
-    create_dir(dir)?;
-    let dir = std::fs::canonicalize(dir).map_err(|source| EmulatorError::Io {
-        path: dir.to_path_buf(),
-        source,
-    })?;
-    let discovery = dir.join("emulator.json");
-    match std::fs::remove_file(&discovery) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(source) => {
-            return Err(EmulatorError::Io {
-                path: discovery,
-                source,
-            })
-        }
-    }
-    Ok(dir)
-}
 
 /// The emulator's TLS and group credentials.
 pub struct Pki {
@@ -298,29 +276,7 @@ fn gateway_toml(handle: &AzureEmulatorHandle) -> Result<String, toml::ser::Error
             ("hub_connect", s(handle.endpoints().hub_mqtt.to_string())),
         ]),
     );
-    let mut root = Table::new();
-    root.insert(
-        "gateway".into(),
-        section(vec![(
-            "state_dir",
-            s(dir.join("gateway").display().to_string()),
-        )]),
-    );
-    root.insert(
-        "admin".into(),
-        section(vec![(
-            "socket",
-            s(dir.join("admin.sock").display().to_string()),
-        )]),
-    );
-    root.insert(
-        "downstream".into(),
-        section(vec![("listen", s("127.0.0.1:1883".into()))]),
-    );
-    root.insert(
-        "admission".into(),
-        section(vec![("mode", s("open".into()))]),
-    );
+    let mut root = dir::gateway_toml_base(dir);
     root.insert("cloud".into(), Value::Table(cloud));
     let e = handle.endpoints();
     Ok(format!(

@@ -45,7 +45,8 @@ pub use dps::{
 };
 pub use hub::MAX_MESSAGE_BYTES;
 
-use crate::emulator::EmulatorError;
+use crate::emulator::listeners::{self, bind, local, reachable, spawn_api};
+use crate::emulator::{dir, EmulatorError};
 use crate::identity;
 
 /// Default DPS MQTT listen address.
@@ -66,8 +67,6 @@ pub const DEFAULT_API: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHO
 pub const DEFAULT_MAX_MESSAGES: usize = 1_000_000;
 /// Default time a registration stays `assigning`.
 pub const DEFAULT_ASSIGNING: Duration = Duration::from_millis(1500);
-/// How long `shutdown` waits for the tasks.
-const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// How to run the emulator (the `fleetgw emulate azure` flags).
 #[derive(Clone, Debug)]
@@ -213,12 +212,7 @@ impl AzureEmulatorHandle {
     /// Stops accepting, closes every connection and waits for the tasks.
     pub async fn shutdown(mut self) {
         let _ = self.shutdown.send(true);
-        for task in std::mem::take(&mut self.tasks) {
-            let abort = task.abort_handle();
-            if tokio::time::timeout(SHUTDOWN_TIMEOUT, task).await.is_err() {
-                abort.abort();
-            }
-        }
+        listeners::stop(std::mem::take(&mut self.tasks)).await;
     }
 }
 
@@ -228,33 +222,10 @@ impl Drop for AzureEmulatorHandle {
     }
 }
 
-async fn bind(addr: SocketAddr, what: &'static str) -> Result<TcpListener, EmulatorError> {
-    TcpListener::bind(addr)
-        .await
-        .map_err(|source| EmulatorError::Bind { what, addr, source })
-}
-
-fn local(listener: &TcpListener, dir: &Path) -> Result<SocketAddr, EmulatorError> {
-    let addr = listener.local_addr().map_err(|source| EmulatorError::Io {
-        path: dir.to_path_buf(),
-        source,
-    })?;
-    Ok(reachable(addr))
-}
-
-/// A wildcard bind address is reported as 127.0.0.1 so clients can use it as is.
-fn reachable(addr: SocketAddr) -> SocketAddr {
-    if addr.ip().is_unspecified() {
-        SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), addr.port())
-    } else {
-        addr
-    }
-}
-
 /// Starts the emulator: loads or creates its credentials and state in `opts.dir`, binds every
 /// listener, then writes `gateway.toml` and `emulator.json`.
 pub async fn start(opts: AzureEmulatorOptions) -> Result<AzureEmulatorHandle, EmulatorError> {
-    let dir = files::prepare_dir(&opts.dir)?;
+    let dir = dir::prepare_dir(&opts.dir)?;
     let hub_host = opts
         .hub_host
         .clone()
@@ -344,17 +315,12 @@ pub async fn start(opts: AzureEmulatorOptions) -> Result<AzureEmulatorHandle, Em
         ctx: ctx.clone(),
         default_tps: opts.tps,
     });
-    let mut api_stop = shutdown_rx.clone();
-    tasks.push(tokio::spawn(async move {
-        let served = axum::serve(api_listener, router)
-            .with_graceful_shutdown(async move {
-                let _ = api_stop.changed().await;
-            })
-            .await;
-        if let Err(e) = served {
-            tracing::error!(error = %e, "Azure emulator API stopped");
-        }
-    }));
+    tasks.push(spawn_api(
+        api_listener,
+        router,
+        shutdown_rx.clone(),
+        "Azure emulator",
+    ));
 
     let handle = AzureEmulatorHandle {
         endpoints,
@@ -387,25 +353,14 @@ async fn accept_until_shutdown(
     shutdown: watch::Receiver<bool>,
     mut serve: impl FnMut(TcpStream, SocketAddr),
 ) {
-    let mut stop = shutdown;
-    loop {
-        let accepted = tokio::select! {
-            a = listener.accept() => a,
-            _ = stop.changed() => break,
-        };
-        let (tcp, peer) = match accepted {
-            Ok(a) => a,
-            Err(e) => {
-                tracing::warn!(error = %e, "Azure emulator {label} accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
-        };
+    let label = format!("Azure emulator {label}");
+    listeners::accept_until_shutdown(listener, shutdown, &label, |tcp, peer| {
         hub::Counters::bump(&ctx.counters.connections_total);
         if ctx.faults.in_outage() {
             hub::Counters::bump(&ctx.counters.connections_refused);
-            continue;
+            return;
         }
         serve(tcp, peer);
-    }
+    })
+    .await;
 }
