@@ -560,8 +560,15 @@ async fn cloud_error(inner: &Inner, rec: DeviceRecord, e: CloudError) -> Step {
         tracing::debug!(device = %rec.id, ?wait, "cloud busy, retrying when it said: {e}");
         return Step::RetryAfter(*wait);
     }
-    if e.is_throttling() || matches!(e, CloudError::Disconnected { .. }) {
-        tracing::debug!(device = %rec.id, "cloud busy or unreachable, retrying: {e}");
+    // The provider's token bucket already paces the retry of a throttled call (and cut its
+    // rate if the cloud keeps throttling), so it waits the first back-off step only: a device
+    // throttled near the end of a burst would otherwise hold the whole batch up by a second.
+    if e.is_throttling() {
+        tracing::debug!(device = %rec.id, "cloud busy, retrying: {e}");
+        return Step::RetryAfter(backoff.delay_for(0));
+    }
+    if matches!(e, CloudError::Disconnected { .. }) {
+        tracing::debug!(device = %rec.id, "cloud unreachable, retrying: {e}");
         return Step::RetryAfter(backoff.delay_for(1));
     }
     let attempts = rec.attempts.saturating_add(1);
