@@ -47,6 +47,9 @@ use super::Inner;
 enum Step {
     /// The record changed; take the next step.
     Next,
+    /// This step wrote the record as given (its etag the stored one); take the next step from
+    /// it, unless the store holds a newer version by then.
+    Committed(Box<DeviceRecord>),
     /// Nothing more to do now (final state, waiting for an operator, or shutting down).
     Done,
     /// Try again after this delay.
@@ -103,11 +106,18 @@ pub(super) async fn worker(inner: Arc<Inner>, jobs: Arc<Mutex<mpsc::UnboundedRec
 
 /// Takes steps until the device is done (`None`) or must retry after a delay.
 async fn drive(inner: &Inner, device: &DeviceId) -> Option<Duration> {
+    // The record the last step wrote: read back only when the stored etag moved on, which
+    // spares each step decoding the record it has just encoded.
+    let mut known: Option<DeviceRecord> = None;
     loop {
         if inner.is_stopping() {
             return None;
         }
-        let rec = match inner.store.device(device) {
+        let read = match known.take() {
+            Some(known) => inner.store.device_since(known),
+            None => inner.store.device(device),
+        };
+        let rec = match read {
             Ok(Some(rec)) => rec,
             Ok(None) => return None,
             Err(e) => {
@@ -145,6 +155,10 @@ async fn drive(inner: &Inner, device: &DeviceId) -> Option<Duration> {
         };
         match step {
             Step::Next => continue,
+            Step::Committed(rec) => {
+                known = Some(*rec);
+                continue;
+            }
             Step::Done => return None,
             Step::RetryAfter(d) => return Some(d),
         }
@@ -161,6 +175,9 @@ async fn commit(
     next.updated_at_ms = clock::unix_ms();
     #[cfg(feature = "test-hooks")]
     let state = next.state.name();
+    // The record as a read would return it once the batch is in: unsealed, etag bumped.
+    let mut committed = next.clone();
+    committed.etag = prev.etag + 1;
     batch.put_device_if(next, prev.etag);
     match inner.store.apply(batch).await {
         Ok(()) => {
@@ -169,7 +186,7 @@ async fn commit(
                 tracing::warn!(device = %prev.id, state, "{}: exiting as asked", super::CRASH_AFTER_ENV);
                 std::process::exit(super::CRASH_EXIT_CODE);
             }
-            Step::Next
+            Step::Committed(Box::new(committed))
         }
         // Changed meanwhile (e.g. blocked by an operator): look again.
         Err(StoreError::Conflict { .. }) => Step::Next,
@@ -327,7 +344,7 @@ async fn register(inner: &Inner, rec: DeviceRecord, issued: Option<IssuedCertifi
             };
             tracing::debug!(device = %rec.id, ?retry_after, "registration pending");
             match commit(inner, &rec, next, Batch::new()).await {
-                Step::Next => Step::RetryAfter(retry_after),
+                Step::Next | Step::Committed(_) => Step::RetryAfter(retry_after),
                 other => other,
             }
         }
@@ -522,7 +539,7 @@ async fn deliver(inner: &Inner, rec: DeviceRecord) -> Step {
     let mut next = rec.clone();
     next.state = DeviceState::Delivered;
     let step = commit(inner, &rec, next, Batch::new()).await;
-    if matches!(step, Step::Next) {
+    if matches!(step, Step::Next | Step::Committed(_)) {
         inner.counters.provisioned.fetch_add(1, Ordering::Relaxed);
         inner
             .metrics
@@ -560,8 +577,15 @@ async fn cloud_error(inner: &Inner, rec: DeviceRecord, e: CloudError) -> Step {
         tracing::debug!(device = %rec.id, ?wait, "cloud busy, retrying when it said: {e}");
         return Step::RetryAfter(*wait);
     }
-    if e.is_throttling() || matches!(e, CloudError::Disconnected { .. }) {
-        tracing::debug!(device = %rec.id, "cloud busy or unreachable, retrying: {e}");
+    // The provider's token bucket already paces the retry of a throttled call (and cut its
+    // rate if the cloud keeps throttling), so it waits the first back-off step only: a device
+    // throttled near the end of a burst would otherwise hold the whole batch up by a second.
+    if e.is_throttling() {
+        tracing::debug!(device = %rec.id, "cloud busy, retrying: {e}");
+        return Step::RetryAfter(backoff.delay_for(0));
+    }
+    if matches!(e, CloudError::Disconnected { .. }) {
+        tracing::debug!(device = %rec.id, "cloud unreachable, retrying: {e}");
         return Step::RetryAfter(backoff.delay_for(1));
     }
     let attempts = rec.attempts.saturating_add(1);
@@ -575,7 +599,7 @@ async fn cloud_error(inner: &Inner, rec: DeviceRecord, e: CloudError) -> Step {
     next.attempts = attempts;
     next.last_error = Some(error);
     match commit(inner, &rec, next, Batch::new()).await {
-        Step::Next => Step::RetryAfter(backoff.delay_for(attempts - 1)),
+        Step::Next | Step::Committed(_) => Step::RetryAfter(backoff.delay_for(attempts - 1)),
         other => other,
     }
 }
@@ -592,7 +616,7 @@ async fn fail(inner: &Inner, rec: DeviceRecord, error: ErrorInfo) -> Step {
     let mut batch = Batch::new();
     batch.remove_token(&rec.id);
     let step = commit(inner, &rec, next, batch).await;
-    if matches!(step, Step::Next) {
+    if matches!(step, Step::Next | Step::Committed(_)) {
         inner.counters.failed.fetch_add(1, Ordering::Relaxed);
         let rejected =
             RejectedResponse::new(error.status_code, error.error_code, error.error_message);

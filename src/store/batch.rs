@@ -13,8 +13,8 @@ use sled::transaction::{
 use sled::Transactional;
 
 use super::{
-    check_meta_key, encode, lock_device_writes, stored_etag, DeviceRecord, OwnershipTokenRecord,
-    RecordTree, Store, StoreError, DEVICES, TOKENS,
+    check_meta_key, encode, get, lock_device_writes, stored_etag, DeviceRecord,
+    OwnershipTokenRecord, RecordTree, Store, StoreError, DEVICES, TOKENS,
 };
 use crate::device_id::DeviceId;
 
@@ -152,6 +152,21 @@ impl Store {
             }
         }
         self.inner.commit.apply(batch).await
+    }
+
+    /// The device's record as [`Store::device`] returns it, given `known`, the version a
+    /// successful [`Store::apply`] of the caller wrote (unsealed, with the etag it got): while
+    /// the stored etag is still `known.etag`, `known` itself, without decoding and unsealing
+    /// the stored value again. Every write bumps the etag, so any other change is read back.
+    pub fn device_since(&self, known: DeviceRecord) -> Result<Option<DeviceRecord>, StoreError> {
+        let key = known.id.as_str();
+        match get(&self.inner.devices, DEVICES, key)? {
+            Some(v) => match stored_etag(key, &v) {
+                Ok(etag) if etag == known.etag => Ok(Some(known)),
+                _ => self.device_or_quarantine(key.as_bytes(), &v),
+            },
+            None => Ok(None),
+        }
     }
 }
 
@@ -344,4 +359,44 @@ fn prepare(
         writes.push(write);
     }
     Ok(Ok(writes))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::StoreOptions;
+
+    #[tokio::test]
+    async fn device_since_reuses_the_committed_record_until_the_stored_etag_moves() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = Store::open(&tmp.path().join("state"), &StoreOptions::default()).unwrap();
+        let d = DeviceId::parse("sensor-1").unwrap();
+        store
+            .put_device(&DeviceRecord::new(d.clone(), "json", 1))
+            .await
+            .unwrap();
+        let mut batch = Batch::new();
+        batch.put_device_if(DeviceRecord::new(d.clone(), "cbor", 2), 1);
+        store.apply(batch).await.unwrap();
+
+        // The caller's copy of what it wrote, with the etag the write got.
+        let mut known = DeviceRecord::new(d.clone(), "cbor", 2);
+        known.etag = 2;
+        let mut marked = known.clone();
+        marked.created_at_ms = 777; // never stored: shows the copy came back, not a read
+        let got = store.device_since(marked).unwrap().unwrap();
+        assert_eq!(got.created_at_ms, 777);
+        assert_eq!(got.etag, 2);
+
+        // Anyone else's write bumps the etag: the stored record comes back.
+        let mut other = store.device(&d).unwrap().unwrap();
+        other.created_at_ms = 5;
+        store.put_device(&other).await.unwrap();
+        let got = store.device_since(known.clone()).unwrap().unwrap();
+        assert_eq!((got.created_at_ms, got.etag), (5, 3));
+
+        // Removed meanwhile: gone.
+        store.remove_device(&d).await.unwrap();
+        assert!(store.device_since(known).unwrap().is_none());
+    }
 }

@@ -1,7 +1,7 @@
 //! [`AwsProvider`]: the [`Provider`] for AWS IoT fleet provisioning by claim.
 //!
 //! CreateCertificateFromCsr and RegisterThing go through the [`ClaimPool`], each API paced by
-//! its own [`AdaptiveRateLimiter`] (config `cloud.aws.tps`, halved on throttling). Payloads are
+//! its own [`AdaptiveRateLimiter`] (config `cloud.aws.tps`, cut on repeated throttling). Payloads are
 //! encoded with [`crate::cloud::codec`] in the configured format. An issued certificate is
 //! checked against the CSR it answers before it is handed to the engine: a response that does
 //! not fit its request is a protocol error, never a certificate for the wrong device.
