@@ -376,7 +376,7 @@ mod tests {
         // Acknowledged out of order: the rest keep their order.
         let id = st.inflight.next_free().unwrap();
         st.inflight.insert(id, item(8));
-        assert_eq!(st.inflight.ack(id).map(|i| i.seq), Some(8));
+        assert_eq!(st.inflight.ack(id).map(|i| i.seq).ok(), Some(8));
         st.settling = 1;
         assert_eq!(st.used(), 5);
         assert_eq!(st.requeue_unacknowledged(), 4);

@@ -7,6 +7,8 @@
 
 use std::collections::HashMap;
 
+use super::UpstreamError;
+
 /// Messages in flight on one connection, keyed by packet id, with their send order.
 #[derive(Debug)]
 pub struct Inflight<T> {
@@ -64,9 +66,17 @@ impl<T> Inflight<T> {
         self.entries.contains_key(&pkid)
     }
 
-    /// The message `pkid` was acknowledged; `None` when that id is not in flight.
-    pub fn ack(&mut self, pkid: u16) -> Option<T> {
-        self.entries.remove(&pkid).map(|(_, item)| item)
+    /// The message `pkid` was acknowledged. A PUBACK for an id not in flight (never sent, or
+    /// acknowledged already) is the server breaking the protocol: the connection must end.
+    pub fn ack(&mut self, pkid: u16) -> Result<T, UpstreamError> {
+        self.entries
+            .remove(&pkid)
+            .map(|(_, item)| item)
+            .ok_or_else(|| {
+                UpstreamError::Protocol(format!(
+                    "PUBACK for packet id {pkid}, which is not in flight"
+                ))
+            })
     }
 
     /// A packet id for a SUBSCRIBE, held until [`Inflight::suback`].
@@ -76,11 +86,16 @@ impl<T> Inflight<T> {
         Some(id)
     }
 
-    /// The SUBACK of `pkid` arrived; false when no SUBSCRIBE has that id.
-    pub fn suback(&mut self, pkid: u16) -> bool {
+    /// The SUBACK of `pkid` arrived; an error when no SUBSCRIBE of ours has that id.
+    pub fn suback(&mut self, pkid: u16) -> Result<(), UpstreamError> {
         let before = self.subscribes.len();
         self.subscribes.retain(|id| *id != pkid);
-        self.subscribes.len() != before
+        if self.subscribes.len() == before {
+            return Err(UpstreamError::Protocol(format!(
+                "SUBACK for packet id {pkid}, which no SUBSCRIBE of ours used"
+            )));
+        }
+        Ok(())
     }
 
     /// Everything in flight, in the order it was sent; ids start over (a new connection).
@@ -116,10 +131,10 @@ mod tests {
         assert_eq!(c, 3, "ids in use are skipped");
         w.insert(c, "c");
         assert!(w.contains(a));
-        assert_eq!(w.ack(a), Some("a"));
-        assert_eq!(w.ack(a), None, "a second PUBACK finds nothing");
-        assert!(w.suback(s));
-        assert!(!w.suback(s));
+        assert_eq!(w.ack(a).unwrap(), "a");
+        assert!(w.ack(a).is_err(), "a second PUBACK is a protocol error");
+        w.suback(s).unwrap();
+        assert!(w.suback(s).is_err());
         assert_eq!(w.drain_in_order(), vec!["b", "c"]);
         assert!(w.is_empty());
     }

@@ -300,6 +300,65 @@ async fn puback_failure_reason_codes_reach_the_link() {
 }
 
 #[tokio::test]
+async fn acknowledgements_for_ids_never_used_fail_the_connection() {
+    for (version, protocol) in [
+        (MqttVersion::V4, Protocol::V4),
+        (MqttVersion::V5, Protocol::V5),
+    ] {
+        let connack = encoded(protocol, accepted(1 << 20));
+        let (mut client, mut peer, _) = pair(version, &connack).await;
+        let mut window: Inflight<&str> = Inflight::default();
+        let pkid = window.next_free().unwrap();
+        client
+            .queue_publish(pkid, "t", &Bytes::from_static(b"m"), None)
+            .unwrap();
+        window.insert(pkid, "m");
+        client.flush().await.unwrap();
+        assert!(matches!(
+            next_packet(&mut peer).await,
+            ClientPacket::Publish { .. }
+        ));
+        // The server acknowledges an id we never sent, then ours twice, then a SUBACK.
+        send(
+            &mut peer,
+            &[
+                ServerPacket::PubAck(pkid + 40),
+                ServerPacket::PubAck(pkid),
+                ServerPacket::PubAck(pkid),
+                ServerPacket::SubAck {
+                    pkid: 9,
+                    granted: &[Ok(1)],
+                    reason: None,
+                },
+            ],
+        )
+        .await;
+        let mut verdicts = Vec::new();
+        for _ in 0..4 {
+            verdicts.push(match next_event(&mut client).await.unwrap() {
+                ServerEvent::PubAck { pkid, .. } => window.ack(pkid).map(|_| ()),
+                ServerEvent::SubAck { pkid, .. } => window.suback(pkid),
+                other => panic!("{other:?}"),
+            });
+        }
+        assert!(
+            matches!(verdicts[0], Err(UpstreamError::Protocol(_))),
+            "never sent"
+        );
+        assert!(verdicts[1].is_ok(), "ours");
+        assert!(
+            matches!(verdicts[2], Err(UpstreamError::Protocol(_))),
+            "acknowledged twice"
+        );
+        assert!(
+            matches!(verdicts[3], Err(UpstreamError::Protocol(_))),
+            "no such SUBSCRIBE"
+        );
+        assert!(window.is_empty());
+    }
+}
+
+#[tokio::test]
 async fn keep_alive_pings_and_a_missing_pingresp_declares_the_connection_lost() {
     let peer = Peer::bind().await;
     let port = peer.port();

@@ -234,11 +234,7 @@ impl Driver {
         match event {
             ServerEvent::PubAck { pkid, reason } => self.on_puback(pkid, reason),
             ServerEvent::SubAck { pkid, refused } => {
-                if !self.shared.lock().inflight.suback(pkid) {
-                    return Err(UpstreamError::Protocol(format!(
-                        "SUBACK for packet id {pkid}, which no SUBSCRIBE of ours used"
-                    )));
-                }
+                self.shared.lock().inflight.suback(pkid)?;
                 if refused > 0 {
                     tracing::warn!(client_id = %self.shared.client_id, refused, "the cloud refused a command subscription; check the thing's policy for the commands topic");
                 }
@@ -270,18 +266,11 @@ impl Driver {
 
     fn on_puback(&mut self, pkid: u16, reason: u8) -> Result<(), UpstreamError> {
         let mut st = self.shared.lock();
-        if !st.inflight.contains(pkid) {
-            return Err(UpstreamError::Protocol(format!(
-                "PUBACK for packet id {pkid}, which is not in flight"
-            )));
-        }
-        if reason >= FAILURE && is_transient_refusal(reason) {
+        if reason >= FAILURE && is_transient_refusal(reason) && st.inflight.contains(pkid) {
             // Left in flight: requeued in order with the rest when the connection ends.
             return Err(UpstreamError::RetryLater(reason));
         }
-        let Some(item) = st.inflight.ack(pkid) else {
-            return Ok(());
-        };
+        let item = st.inflight.ack(pkid)?;
         st.last_activity = Some(Instant::now());
         if reason >= FAILURE {
             drop(st);
