@@ -282,3 +282,67 @@ async fn publish(
     });
     Json(json!({ "topic": topic, "qos": q.qos, "bytes": bytes })).into_response()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn query(content_type: Option<&str>) -> PublishQuery {
+        PublishQuery {
+            qos: 1,
+            content_type: content_type.map(str::to_string),
+            response_topic: None,
+        }
+    }
+
+    fn headers(pairs: &[(&'static str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (name, value) in pairs {
+            h.insert(*name, value.parse().unwrap());
+        }
+        h
+    }
+
+    #[test]
+    fn publish_api_properties_are_read_as_iot_core_takes_them() {
+        let b64 = base64::engine::general_purpose::STANDARD;
+        let users = b64.encode(r#"[{"a":"1"},{"b":"2"},{"a":"3"}]"#);
+        let p = publish_properties(
+            &query(Some("text/plain")),
+            &headers(&[
+                ("x-amz-mqtt5-user-properties", &users),
+                ("x-amz-mqtt5-correlation-data", &b64.encode("c-1")),
+                ("x-amz-mqtt5-payload-format-indicator", "UTF8_DATA"),
+            ]),
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(
+            p.user_properties,
+            vec![
+                ("a".to_string(), "1".to_string()),
+                ("b".to_string(), "2".to_string()),
+                ("a".to_string(), "3".to_string())
+            ]
+        );
+        assert_eq!(p.content_type.as_deref(), Some("text/plain"));
+        assert_eq!(p.correlation_data.as_deref(), Some(&b"c-1"[..]));
+        assert_eq!(p.payload_format_indicator, Some(1));
+        assert!(publish_properties(&query(None), &HeaderMap::new())
+            .unwrap()
+            .is_none());
+    }
+
+    #[test]
+    fn bad_publish_api_properties_are_refused_naming_the_header() {
+        for (name, value) in [
+            ("x-amz-mqtt5-user-properties", "not base64!"),
+            ("x-amz-mqtt5-user-properties", "eyJhIjoxfQ=="), // {"a":1}: not an array
+            ("x-amz-mqtt5-correlation-data", "%%%"),
+            ("x-amz-mqtt5-payload-format-indicator", "TEXT"),
+        ] {
+            let e = publish_properties(&query(None), &headers(&[(name, value)])).unwrap_err();
+            assert!(e.contains(name), "{e}");
+        }
+    }
+}
