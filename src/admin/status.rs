@@ -213,7 +213,7 @@ pub fn render_metrics(state: &AdminState) -> Result<String, ApiError> {
         ("reason=\"no_key\"", t.refused_no_key),
         ("reason=\"oversize\"", t.oversize),
     ];
-    let tele: [(&str, &str, u64); 11] = [
+    let tele: [(&str, &str, u64); 12] = [
         (
             "fleetgw_telemetry_received_total",
             "Telemetry messages taken from downstream.",
@@ -243,6 +243,11 @@ pub fn render_metrics(state: &AdminState) -> Result<String, ApiError> {
             "fleetgw_telemetry_undeliverable_total",
             "Messages whose device record is gone.",
             t.undeliverable,
+        ),
+        (
+            "fleetgw_telemetry_refused_upstream_total",
+            "Messages the cloud refused for good (PUBACK failure reason code, or over its maximum packet size).",
+            t.refused_upstream,
         ),
         (
             "fleetgw_telemetry_backpressure_episodes_total",

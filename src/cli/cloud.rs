@@ -15,7 +15,7 @@ use crate::cloud::azure::{AzureAttestation, AzureProvider, AzureProviderOptions,
 use crate::cloud::{Provider, TelemetryProfile, UpstreamTransport};
 use crate::config::{self, CloudProvider, Config, TelemetryIdentity};
 use crate::identity::{self, CertificateAuthority, PrivateKey};
-use crate::telemetry::{TelemetryOptions, UpstreamEndpoint};
+use crate::telemetry::{MqttVersion, TelemetryOptions, UpstreamEndpoint};
 
 /// The provider to start, with its options checked.
 pub(super) enum ProviderPlan {
@@ -102,7 +102,17 @@ pub(super) fn telemetry_options(
     if opts.identity == TelemetryIdentity::Gateway {
         opts.gateway = Some(gateway_credentials(cfg)?);
     }
-    opts.keep_alive = Duration::from_secs(cfg.cloud.aws.keep_alive_secs.max(1));
+    match cfg.cloud.provider {
+        CloudProvider::Aws => {
+            opts.keep_alive = Duration::from_secs(cfg.cloud.aws.keep_alive_secs.max(1));
+            if cfg.cloud.aws.mqtt_version == 3 {
+                opts.mqtt_version = MqttVersion::V4;
+            }
+        }
+        CloudProvider::Azure => {
+            opts.keep_alive = Duration::from_secs(cfg.cloud.azure.keep_alive_secs.max(1));
+        }
+    }
     Ok(opts)
 }
 

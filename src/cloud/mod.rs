@@ -178,6 +178,9 @@ pub struct TelemetryProfile {
     /// Whether devices connect with their certificate, so the gateway must hold their key
     /// (false for SAS tokens made from a derived key).
     pub device_certificates: bool,
+    /// The protocol of the cloud's MQTT telemetry connections: MQTT 5 (AWS IoT Core, message
+    /// properties travel with the publish) or 3.1.1 (IoT Hub, properties ride in the topic).
+    pub mqtt_version: crate::mqtt::upstream::MqttVersion,
 }
 
 /// The provider calls the engine makes, for logs and metrics labels.

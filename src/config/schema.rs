@@ -367,8 +367,11 @@ pub struct AwsSection {
     pub sessions: u32,
     /// Requests per second per API (token bucket).
     pub tps: u32,
-    /// MQTT keep-alive of the claim sessions, in seconds.
+    /// MQTT keep-alive of the claim sessions and the telemetry links, in seconds.
     pub keep_alive_secs: u64,
+    /// MQTT version of the telemetry links to IoT Core: 5 (message properties travel with
+    /// each publish) or 3 (MQTT 3.1.1, for endpoints and proxies that only speak it).
+    pub mqtt_version: u8,
 }
 
 impl Default for AwsSection {
@@ -385,6 +388,7 @@ impl Default for AwsSection {
             sessions: 4,
             tps: 50,
             keep_alive_secs: 60,
+            mqtt_version: 5,
         }
     }
 }
@@ -461,6 +465,8 @@ pub struct AzureSection {
     pub tps: u32,
     /// Lifetime of each SAS token the gateway makes (seconds).
     pub sas_ttl_secs: u64,
+    /// MQTT keep-alive of the IoT Hub telemetry links, in seconds.
+    pub keep_alive_secs: u64,
 }
 
 impl Default for AzureSection {
@@ -482,6 +488,7 @@ impl Default for AzureSection {
             registrations: 16,
             tps: 10,
             sas_ttl_secs: 3600,
+            keep_alive_secs: 60,
         }
     }
 }

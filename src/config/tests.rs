@@ -153,7 +153,12 @@ fn secrets_are_not_echoed_in_errors_or_output() {
 
 #[test]
 fn semantic_errors_name_key_and_source() {
-    let cases: [(&str, &str, &str); 17] = [
+    let cases: [(&str, &str, &str); 18] = [
+        (
+            "[cloud.aws]\nmqtt_version = 4\n",
+            "cloud.aws.mqtt_version",
+            "must be 5 (MQTT 5) or 3 (MQTT 3.1.1), got 4",
+        ),
         (
             "[cloud.aws]\nsessions = 0\n",
             "cloud.aws.sessions",
@@ -258,6 +263,11 @@ fn azure_errors_name_key_and_source() {
             "attestation = \"x509\"\n",
             "cloud.azure.attestation",
             "needs cloud.azure.group_ca_cert",
+        ),
+        (
+            "group_key = \"a2V5\"\nkeep_alive_secs = 0\n",
+            "cloud.azure.keep_alive_secs",
+            "between 1 and 65535",
         ),
         (
             "group_key = \"a2V5\"\nsas_ttl_secs = 5\n",

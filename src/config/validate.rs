@@ -363,6 +363,16 @@ impl Config {
                 )
             },
         )?;
+        check(
+            matches!(aws.mqtt_version, 3 | 5),
+            "cloud.aws.mqtt_version",
+            || {
+                format!(
+                    "must be 5 (MQTT 5) or 3 (MQTT 3.1.1), got {}",
+                    aws.mqtt_version
+                )
+            },
+        )?;
         not_both(
             &aws.claim_key_passphrase_file,
             &aws.claim_key_passphrase_credential,
@@ -394,6 +404,16 @@ impl Config {
             "cloud.azure.group_ca_key_passphrase_credential",
         )?;
         at_least(azure.registrations, 1, "cloud.azure.registrations")?;
+        check(
+            (1..=u64::from(u16::MAX)).contains(&azure.keep_alive_secs),
+            "cloud.azure.keep_alive_secs",
+            || {
+                format!(
+                    "must be between 1 and 65535 (MQTT keep-alive), got {}",
+                    azure.keep_alive_secs
+                )
+            },
+        )?;
         at_least(azure.tps, 1, "cloud.azure.tps")?;
         check(
             (60..=365 * 24 * 3600).contains(&azure.sas_ttl_secs),

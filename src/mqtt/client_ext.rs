@@ -1,10 +1,11 @@
 //! The places where fleetgw reaches into rumqttc's `EventLoop` past its documented use (poll
 //! it, send requests through the `AsyncClient`), fenced in one module.
 //!
-//! Both rumqttc clients of the gateway lean on the event loop's public fields: the downstream
-//! session (`downstream::session`) writes its PUBACKs straight into the connection and settles
-//! the packets a lost connection leaves buffered; the upstream telemetry links
-//! (`telemetry::link`) republish what rumqttc would otherwise drop or hold back. Those fields
+//! The downstream session (`downstream::session`), the gateway's rumqttc client of an
+//! external broker, leans on the event loop's public fields: it writes its PUBACKs straight
+//! into the connection and settles the packets a lost connection leaves buffered. (The
+//! upstream telemetry links, which needed more of this, now run on the gateway's own client,
+//! `mqtt::upstream`.) Those fields
 //! are public but their meaning is rumqttc's implementation, not its API, so every use goes
 //! through a function here, each naming the assumption it rests on, and each assumption has a
 //! test below that runs a real event loop against a peer on 127.0.0.1 speaking our own
@@ -13,7 +14,7 @@
 
 use std::time::Duration;
 
-use rumqttc::{Event, EventLoop, Packet, Publish, Request, StateError};
+use rumqttc::{Event, EventLoop, Packet, Request, StateError};
 use tokio::time::timeout;
 
 /// Why a direct write into the connection failed. Either way the connection is unusable: the
@@ -68,16 +69,6 @@ pub fn take_buffered_events(eventloop: &mut EventLoop) -> Vec<Event> {
     eventloop.state.events.drain(..).collect()
 }
 
-/// Releases the publish rumqttc holds back because its packet id collided with one still in
-/// flight, and returns it.
-///
-/// Assumption: a collided publish waits in `MqttState::collision`, which neither a connection
-/// loss nor `EventLoop::clean` clears, and while it is set the event loop takes no new request
-/// from the channel.
-pub fn release_collision(eventloop: &mut EventLoop) -> Option<Publish> {
-    eventloop.state.collision.take()
-}
-
 /// After a connection loss: moves the requests still in the client's channel into the event
 /// loop's pending list (behind the unacknowledged publishes of the lost connection).
 ///
@@ -87,11 +78,6 @@ pub fn release_collision(eventloop: &mut EventLoop) -> Option<Publish> {
 /// clears `pending`; one with a session sends it first.
 pub fn move_requests_to_pending(eventloop: &mut EventLoop) {
     eventloop.clean();
-}
-
-/// Drops the pending requests for which `drop` says yes (see [`move_requests_to_pending`]).
-pub fn drop_pending(eventloop: &mut EventLoop, mut drop: impl FnMut(&Request) -> bool) {
-    eventloop.pending.retain(|r| !drop(r));
 }
 
 /// Writes packets straight into the current connection, bypassing the request channel.

@@ -86,6 +86,52 @@ impl MessageProperties {
         })
     }
 
+    /// The properties of a telemetry message as the outbox stores them (name-value pairs:
+    /// user properties in order, and IoT Hub's system property names for the others: `$.ct`
+    /// content type, `$.cid` correlation data, `$.ce = utf-8` payload format indicator 1),
+    /// back as MQTT 5 properties for an MQTT 5 upstream (AWS IoT Core). `None` when there are
+    /// none.
+    pub fn from_stored(stored: &[(String, String)]) -> Option<Self> {
+        if stored.is_empty() {
+            return None;
+        }
+        let mut p = Self::default();
+        for (name, value) in stored {
+            match name.as_str() {
+                STORED_CONTENT_TYPE => p.content_type = Some(value.clone()),
+                STORED_CORRELATION_DATA => {
+                    p.correlation_data = Some(Bytes::copy_from_slice(value.as_bytes()))
+                }
+                STORED_CONTENT_ENCODING if value.eq_ignore_ascii_case("utf-8") => {
+                    p.payload_format_indicator = Some(1)
+                }
+                _ => p.user_properties.push((name.clone(), value.clone())),
+            }
+        }
+        p.non_empty()
+    }
+
+    /// These properties under the stored names [`MessageProperties::from_stored`] reads
+    /// (correlation data that is not UTF-8 is left out, as the outbox does); the response
+    /// topic has no stored name.
+    pub fn to_stored(&self) -> Vec<(String, String)> {
+        let mut out = self.user_properties.clone();
+        if let Some(ct) = &self.content_type {
+            out.push((STORED_CONTENT_TYPE.into(), ct.clone()));
+        }
+        if let Some(cid) = self
+            .correlation_data
+            .as_ref()
+            .and_then(|d| std::str::from_utf8(d).ok())
+        {
+            out.push((STORED_CORRELATION_DATA.into(), cid.to_string()));
+        }
+        if self.payload_format_indicator == Some(1) {
+            out.push((STORED_CONTENT_ENCODING.into(), "utf-8".into()));
+        }
+        out
+    }
+
     /// Bytes these properties add to a message, for queue accounting.
     pub fn cost(&self) -> usize {
         self.content_type.as_ref().map_or(0, String::len)
@@ -98,6 +144,13 @@ impl MessageProperties {
                 .sum::<usize>()
     }
 }
+
+/// Stored name of the content type (IoT Hub's `$.ct`).
+pub const STORED_CONTENT_TYPE: &str = "$.ct";
+/// Stored name of UTF-8 correlation data (IoT Hub's `$.cid`).
+pub const STORED_CORRELATION_DATA: &str = "$.cid";
+/// Stored name of the content encoding (IoT Hub's `$.ce`; `utf-8` for payload format 1).
+pub const STORED_CONTENT_ENCODING: &str = "$.ce";
 
 /// When a message published now with `interval` seconds to live expires.
 pub fn expiry_deadline(interval: Option<u32>) -> Option<Instant> {
@@ -164,6 +217,39 @@ mod tests {
         assert_eq!(out.subscription_identifiers, vec![4, 7]);
         assert_eq!(out.message_expiry_interval, Some(59));
         assert!(MessageProperties::to_publish(None, None, &[]).is_none());
+    }
+
+    #[test]
+    fn stored_properties_come_back_as_mqtt5_properties() {
+        let stored = vec![
+            ("site".to_string(), "north".to_string()),
+            ("$.ct".to_string(), "application/json".to_string()),
+            ("site".to_string(), "south".to_string()),
+            ("$.cid".to_string(), "req-7".to_string()),
+            ("$.ce".to_string(), "utf-8".to_string()),
+        ];
+        let p = MessageProperties::from_stored(&stored).unwrap();
+        assert_eq!(
+            p.user_properties,
+            vec![
+                ("site".into(), "north".into()),
+                ("site".into(), "south".into())
+            ],
+            "order and repeats kept"
+        );
+        assert_eq!(p.content_type.as_deref(), Some("application/json"));
+        assert_eq!(p.correlation_data.as_deref(), Some(&b"req-7"[..]));
+        assert_eq!(p.payload_format_indicator, Some(1));
+        assert_eq!(
+            p.to_stored(),
+            stored
+                .iter()
+                .filter(|(k, _)| k == "site")
+                .chain(stored.iter().filter(|(k, _)| k != "site"))
+                .cloned()
+                .collect::<Vec<_>>()
+        );
+        assert!(MessageProperties::from_stored(&[]).is_none());
     }
 
     #[test]

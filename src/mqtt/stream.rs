@@ -125,6 +125,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> PacketStream<S> {
         }
     }
 
+    /// Writes bytes as they are, bypassing the codec (tests playing a hostile peer).
+    #[cfg(test)]
+    pub async fn write_raw(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        self.stream.write_all(bytes).await?;
+        self.stream.flush().await
+    }
+
     /// Closes the write side, waiting at most a second for the peer.
     pub async fn shutdown(&mut self) {
         let _ = timeout(Duration::from_secs(1), self.stream.shutdown()).await;

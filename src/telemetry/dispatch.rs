@@ -32,11 +32,12 @@ use super::directory::device_target;
 use super::https_link::{HttpsLink, HttpsSettings};
 use super::link::{Item, Link, LinkConfig, MqttTarget, Settle, Settled};
 use super::topic::CommandFilter;
-use super::{Shared, TelemetryError};
+use super::{MqttVersion, Shared, TelemetryError};
 use crate::clock;
 use crate::cloud::UpstreamTransport;
 use crate::device_id::DeviceId;
 use crate::identity::Sealer;
+use crate::mqtt::props::MessageProperties;
 use crate::store::OutboxMessage;
 
 /// What the intake hands over, in outbox order.
@@ -295,6 +296,7 @@ impl<U: Upstream> Dispatcher<U> {
             max_packet_bytes: o.max_payload_bytes + 64 * 1024,
             commands: o.commands.clone(),
             command_timeout: o.command_timeout,
+            version: o.mqtt_version,
         };
         let gateway = upstream.open_gateway(&LinkConfig {
             window: o.gateway_inflight,
@@ -509,13 +511,20 @@ impl<U: Upstream> Dispatcher<U> {
             &msg.topic,
             &msg.properties,
         );
+        // MQTT 5 links carry the properties in the PUBLISH; 3.1.1 links have them in the
+        // topic (IoT Hub) or cannot carry them.
+        let properties = match self.shared.opts.mqtt_version {
+            MqttVersion::V5 => MessageProperties::from_stored(&msg.properties),
+            MqttVersion::V4 => None,
+        };
         let item = Item::new(
             seq,
             msg.device,
             topic,
             Bytes::from(msg.payload),
             msg.enqueued_at_ms,
-        );
+        )
+        .with_properties(properties);
         self.shared
             .counters
             .memory_bytes

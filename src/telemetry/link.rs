@@ -1,33 +1,37 @@
 //! One upstream MQTT connection (a "link"): a device's own connection in `identity = "device"`
-//! mode, or the gateway's single connection in `identity = "gateway"` mode.
+//! mode, or the gateway's single connection in `identity = "gateway"` mode, over our own client
+//! ([`mqtt::upstream`](crate::mqtt::upstream)) in MQTT 5 (AWS IoT Core, message properties
+//! travel) or MQTT 3.1.1 (IoT Hub, or AWS with `cloud.aws.mqtt_version = 3`).
 //!
-//! The link keeps the messages routed to it in order: `queued` (not yet given to rumqttc),
-//! `submitted` (given to rumqttc, packet id not yet known), `inflight` (sent, keyed by packet
-//! id) and `settling` (PUBACK received, outbox removal not yet durable). The in-flight window
-//! counts all but `queued`, so after a crash at most `window` messages of a link are sent again.
+//! The link keeps the messages routed to it in order: `queued` (not yet sent), `inflight` (sent,
+//! keyed by the packet id the link allocated) and `settling` (PUBACK received, outbox removal
+//! not yet durable). The in-flight window counts `inflight` and `settling`, so after a crash at
+//! most `window` messages of a link are sent again; it never exceeds the server's Receive
+//! Maximum either.
 //!
-//! rumqttc drops its pending publishes when the broker starts a new session (every reconnect to
-//! AWS IoT) and retries a connection at once. So the link owns retransmission: when the
-//! connection drops, every unacknowledged message goes back to the front of `queued` in its
-//! original order and is published again after the next CONNACK; reconnects wait a jittered,
-//! doubling delay. Packet ids are matched to messages by following the `Outgoing::Publish` events
-//! rumqttc reports in the order it takes requests from its channel.
+//! Every connection starts a clean session (AWS IoT keeps none for us), so the link owns
+//! retransmission: when the connection drops, every unacknowledged message goes back to the
+//! front of `queued` in its original order and is published again after the next CONNACK;
+//! reconnects wait a jittered, doubling delay.
+//!
+//! What the cloud refuses: a PUBACK with a failure reason code that may pass later (0x80
+//! unspecified, 0x83 implementation specific, 0x91 packet id in use, 0x97 quota exceeded) ends
+//! the connection, so the message and those after it are sent again, in order, after the
+//! backoff; any other failure (not authorized, topic name invalid, payload format invalid)
+//! would come back every time, so the message is dropped from the outbox, counted
+//! (`refused_upstream`) and logged. So is a message larger than the server's Maximum Packet
+//! Size, which is never sent.
 //!
 //! Cloud-to-device messages arriving on the link's command subscription are handed to the
-//! downstream session (`fleetgw/{id}/commands/...`) and acknowledged upstream once the local
-//! broker has them.
+//! downstream session (`fleetgw/{id}/commands/...`) with their MQTT 5 properties and
+//! acknowledged upstream once the local broker has them.
 
-use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::Ordering;
+use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use bytes::Bytes;
-use rumqttc::{
-    AsyncClient, ConnectionError, Event, EventLoop, Incoming, MqttOptions, Outgoing, Publish, QoS,
-    Request, Subscribe, SubscribeFilter, SubscribeReasonCode, TlsConfiguration, Transport,
-};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, watch, Notify};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
@@ -37,7 +41,11 @@ use super::Counters;
 use crate::backoff::Backoff;
 use crate::device_id::DeviceId;
 use crate::downstream::DownstreamSession;
-use crate::mqtt::client_ext;
+use crate::mqtt::props::MessageProperties;
+use crate::mqtt::upstream::{ConnectOptions, Inflight, MqttVersion, Transport};
+
+mod driver;
+use driver::Driver;
 
 /// A message on its way upstream.
 #[derive(Debug)]
@@ -52,12 +60,12 @@ pub(crate) struct Item {
     pub payload: Bytes,
     /// When the gateway accepted it (unix ms), for `max_age`.
     pub enqueued_at_ms: u64,
-    /// Order of submission to rumqttc, to restore the order after a reconnect.
-    order: u64,
+    /// MQTT 5 properties sent with it (MQTT 5 links only; IoT Hub carries them in the topic).
+    pub properties: Option<Box<MessageProperties>>,
 }
 
 impl Item {
-    /// A message not yet submitted.
+    /// A message not yet sent.
     pub fn new(
         seq: u64,
         device: DeviceId,
@@ -71,13 +79,22 @@ impl Item {
             topic,
             payload,
             enqueued_at_ms,
-            order: 0,
+            properties: None,
         }
+    }
+
+    /// The same message with MQTT 5 properties.
+    pub fn with_properties(mut self, properties: Option<MessageProperties>) -> Self {
+        self.properties = properties.map(Box::new);
+        self
     }
 
     /// Bytes of memory this message is accounted for while loaded.
     pub fn mem_size(&self) -> usize {
-        self.payload.len() + self.topic.len() + 64
+        self.payload.len()
+            + self.topic.len()
+            + 64
+            + self.properties.as_ref().map_or(0, |p| p.cost() + 128)
     }
 }
 
@@ -129,44 +146,41 @@ pub(crate) struct LinkConfig {
     pub max_packet_bytes: usize,
     pub commands: Option<CommandFilter>,
     pub command_timeout: Duration,
+    /// MQTT 5 or 3.1.1.
+    pub version: MqttVersion,
 }
+
+/// Commands from the cloud a link takes unacknowledged at once (MQTT 5 Receive Maximum);
+/// each one is a downstream publish in flight.
+const COMMANDS_IN_FLIGHT: u16 = 100;
 
 #[derive(Default)]
 struct LinkState {
     queued: VecDeque<Item>,
-    submitted: VecDeque<Item>,
-    inflight: HashMap<u16, Item>,
-    collided: Option<(u16, Item)>,
+    inflight: Inflight<Item>,
     settling: usize,
-    next_order: u64,
     connected: bool,
     closing: bool,
     /// Thing names whose commands this link subscribes to (one in device mode).
     command_things: Vec<(String, DeviceId)>,
+    /// How many of `command_things` were subscribed on the current connection.
+    subscribed: usize,
     last_activity: Option<Instant>,
 }
 
 impl LinkState {
     fn used(&self) -> usize {
-        self.submitted.len()
-            + self.inflight.len()
-            + usize::from(self.collided.is_some())
-            + self.settling
+        self.inflight.len() + self.settling
     }
 
-    /// Puts every message rumqttc had back in front of `queued`, oldest first.
+    /// Puts every message in flight back in front of `queued`, oldest first.
     fn requeue_unacknowledged(&mut self) -> usize {
-        let mut back: Vec<Item> = self
-            .submitted
-            .drain(..)
-            .chain(self.inflight.drain().map(|(_, i)| i))
-            .chain(self.collided.take().map(|(_, i)| i))
-            .collect();
+        let back = self.inflight.drain_in_order();
         let n = back.len();
-        back.sort_by_key(|i| i.order);
         for item in back.into_iter().rev() {
             self.queued.push_front(item);
         }
+        self.subscribed = 0;
         n
     }
 }
@@ -175,10 +189,13 @@ impl LinkState {
 pub(crate) struct LinkShared {
     /// Client id (thing name) for logs.
     pub client_id: String,
-    client: AsyncClient,
     window: usize,
     state: Mutex<LinkState>,
     counters: Arc<Counters>,
+    /// Something for the task to do: messages queued, slots settled, a thing added.
+    wake: Notify,
+    /// `close` was called.
+    stop: Notify,
 }
 
 impl LinkShared {
@@ -188,26 +205,25 @@ impl LinkShared {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Queues messages (in order) and publishes as many as the window allows.
+    /// Queues messages (in order); the task publishes as many as the window allows.
     pub fn enqueue(&self, items: impl IntoIterator<Item = Item>) {
         let mut st = self.lock();
         st.queued.extend(items);
         st.last_activity = Some(Instant::now());
-        self.pump(&mut st);
+        drop(st);
+        self.wake.notify_one();
     }
 
-    /// Adds a thing whose commands this link should receive; subscribes at once when connected.
-    pub fn add_command_thing(&self, thing: &str, device: &DeviceId, filter: &CommandFilter) {
+    /// Adds a thing whose commands this link should receive; subscribed at once when
+    /// connected.
+    pub fn add_command_thing(&self, thing: &str, device: &DeviceId, _filter: &CommandFilter) {
         let mut st = self.lock();
         if st.command_things.iter().any(|(t, _)| t == thing) {
             return;
         }
         st.command_things.push((thing.to_string(), device.clone()));
-        if st.connected {
-            let _ = self
-                .client
-                .try_subscribe(filter.filter(thing), QoS::AtLeastOnce);
-        }
+        drop(st);
+        self.wake.notify_one();
     }
 
     /// The cloud acknowledged a message and its outbox entry is gone: frees its window slot.
@@ -215,7 +231,8 @@ impl LinkShared {
         let mut st = self.lock();
         st.settling = st.settling.saturating_sub(n);
         st.last_activity = Some(Instant::now());
-        self.pump(&mut st);
+        drop(st);
+        self.wake.notify_one();
     }
 
     /// Nothing queued, in flight or settling.
@@ -238,37 +255,12 @@ impl LinkShared {
     pub fn close(&self) -> Vec<Item> {
         let mut st = self.lock();
         st.closing = true;
-        let _ = self.client.try_disconnect();
         let mut left: Vec<Item> = st.queued.drain(..).collect();
         st.requeue_unacknowledged();
         left.extend(st.queued.drain(..));
+        drop(st);
+        self.stop.notify_one();
         left
-    }
-
-    fn pump(&self, st: &mut LinkState) {
-        while st.connected && !st.closing && st.used() < self.window {
-            let Some(mut item) = st.queued.pop_front() else {
-                break;
-            };
-            // Payload copied once into rumqttc's request; the channel has room for the whole
-            // window, so try_publish fails only if the task has stopped.
-            match self.client.try_publish(
-                item.topic.clone(),
-                QoS::AtLeastOnce,
-                false,
-                item.payload.to_vec(),
-            ) {
-                Ok(()) => {
-                    item.order = st.next_order;
-                    st.next_order += 1;
-                    st.submitted.push_back(item);
-                }
-                Err(_) => {
-                    st.queued.push_front(item);
-                    break;
-                }
-            }
-        }
     }
 }
 
@@ -290,43 +282,45 @@ impl Link {
     ) -> Self {
         let MqttTarget {
             client_id,
-            address: (host, port),
+            address,
             tls,
             username,
             password,
         } = target;
-        let mut mqtt = MqttOptions::new(client_id.clone(), host, port);
-        if let Some(username) = &username {
-            let first = password.as_ref().map(|p| p()).unwrap_or_default();
-            mqtt.set_credentials(username.clone(), first);
-        }
-        let window = cfg.window.max(1);
-        mqtt.set_clean_session(true)
-            .set_manual_acks(true)
-            .set_keep_alive(cfg.keep_alive)
-            .set_max_packet_size(cfg.max_packet_bytes, cfg.max_packet_bytes)
-            .set_inflight(window)
-            .set_request_channel_capacity(usize::from(window) * 2 + 16)
-            .set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(tls)));
-        let (client, mut eventloop) = AsyncClient::new(mqtt, usize::from(window) * 2 + 16);
-        client_ext::set_connect_timeout(&mut eventloop, cfg.connect_timeout);
+        let window = usize::from(cfg.window.max(1));
         let shared = Arc::new(LinkShared {
-            client_id,
-            client,
-            window: usize::from(window),
+            client_id: client_id.clone(),
+            window,
             state: Mutex::new(LinkState::default()),
             counters,
+            wake: Notify::new(),
+            stop: Notify::new(),
         });
+        let (acks_tx, acks) = mpsc::unbounded_channel();
         let driver = Driver {
             shared: shared.clone(),
-            eventloop,
+            address,
+            transport: Transport::Tls(tls),
+            options: ConnectOptions {
+                version: cfg.version,
+                client_id,
+                login: None,
+                keep_alive: cfg.keep_alive,
+                connect_timeout: cfg.connect_timeout,
+                write_timeout: cfg.connect_timeout,
+                max_packet_in: cfg.max_packet_bytes,
+                receive_maximum: COMMANDS_IN_FLIGHT,
+            },
             settled,
             downstream,
             commands: cfg.commands.clone(),
             command_timeout: cfg.command_timeout,
             backoff: Backoff::new(cfg.reconnect_min, cfg.reconnect_max),
-            credentials: username.zip(password),
+            credentials: username.map(|u| (u, password)),
             shutdown,
+            acks_tx,
+            acks,
+            generation: 0,
         };
         let task = tokio::spawn(driver.run());
         Self { shared, task }
@@ -343,20 +337,6 @@ impl Link {
     }
 }
 
-struct Driver {
-    shared: Arc<LinkShared>,
-    eventloop: EventLoop,
-    settled: mpsc::UnboundedSender<Settled>,
-    downstream: Arc<DownstreamSession>,
-    commands: Option<CommandFilter>,
-    command_timeout: Duration,
-    backoff: Backoff,
-    /// Username and a maker of fresh passwords (SAS tokens expire: each connection gets a new
-    /// one).
-    credentials: Option<(String, PasswordSource)>,
-    shutdown: watch::Receiver<bool>,
-}
-
 /// Where and as whom an MQTT link connects.
 pub(crate) struct MqttTarget {
     /// MQTT client id.
@@ -371,275 +351,32 @@ pub(crate) struct MqttTarget {
     pub password: Option<PasswordSource>,
 }
 
-impl Driver {
-    async fn run(mut self) {
-        loop {
-            match self.eventloop.poll().await {
-                Ok(Event::Incoming(incoming)) => self.on_incoming(incoming),
-                Ok(Event::Outgoing(outgoing)) => {
-                    if self.on_outgoing(outgoing) {
-                        break;
-                    }
-                }
-                Err(e) => {
-                    if self.shared.lock().closing {
-                        break;
-                    }
-                    let was_connected = self.shared.lock().connected;
-                    let resent = self.on_connection_lost();
-                    let delay = self.backoff.next_delay();
-                    self.shared
-                        .counters
-                        .upstream_disconnects
-                        .fetch_add(1, Ordering::Relaxed);
-                    log_connection_error(&self.shared.client_id, &e, was_connected, resent, delay);
-                    tokio::select! {
-                        _ = tokio::time::sleep(delay) => {}
-                        _ = super::stopped(&mut self.shutdown) => break,
-                    }
-                    if self.shared.lock().closing {
-                        break;
-                    }
-                    if let Some((username, password)) = &self.credentials {
-                        self.eventloop
-                            .mqtt_options
-                            .set_credentials(username.clone(), password());
-                    }
-                }
-            }
-        }
-        let mut st = self.shared.lock();
-        st.connected = false;
-        st.requeue_unacknowledged();
-    }
-
-    fn on_incoming(&mut self, incoming: Incoming) {
-        match incoming {
-            Incoming::ConnAck(_) => {
-                self.backoff.reset();
-                self.shared
-                    .counters
-                    .upstream_connects
-                    .fetch_add(1, Ordering::Relaxed);
-                let mut st = self.shared.lock();
-                if let Some(filter) = &self.commands {
-                    let filters: Vec<SubscribeFilter> = st
-                        .command_things
-                        .iter()
-                        .map(|(thing, _)| {
-                            SubscribeFilter::new(filter.filter(thing), QoS::AtLeastOnce)
-                        })
-                        .collect();
-                    if !filters.is_empty() {
-                        // Ahead of the publishes that follow: commands sent during an outage
-                        // are not held by a clean session, so subscribe first.
-                        client_ext::send_first(
-                            &mut self.eventloop,
-                            Request::Subscribe(Subscribe::new_many(filters)),
-                        );
-                    }
-                }
-                st.connected = true;
-                st.last_activity = Some(Instant::now());
-                tracing::debug!(client_id = %self.shared.client_id, queued = st.queued.len(), "upstream connected");
-                self.shared.pump(&mut st);
-            }
-            Incoming::PubAck(ack) => {
-                let mut st = self.shared.lock();
-                if let Some(item) = st.inflight.remove(&ack.pkid) {
-                    st.settling += 1;
-                    st.last_activity = Some(Instant::now());
-                    // The remover holds the slot until the outbox entry is durably gone.
-                    let _ = self.settled.send(Settled {
-                        seq: item.seq,
-                        mem: item.mem_size(),
-                        link: Some(self.shared.clone()),
-                    });
-                }
-            }
-            Incoming::SubAck(ack)
-                if ack
-                    .return_codes
-                    .iter()
-                    .any(|c| matches!(c, SubscribeReasonCode::Failure)) =>
-            {
-                tracing::warn!(client_id = %self.shared.client_id, "the cloud refused a command subscription; check the thing's policy for the commands topic");
-            }
-            Incoming::Publish(publish) => self.on_command(publish),
-            _ => {}
-        }
-    }
-
-    /// Returns true when the task should stop (DISCONNECT sent by `close`).
-    fn on_outgoing(&mut self, outgoing: Outgoing) -> bool {
-        let mut st = self.shared.lock();
-        match outgoing {
-            Outgoing::Publish(pkid) if pkid != 0 => {
-                let item = match st.collided.take() {
-                    Some((id, item)) if id == pkid => Some(item),
-                    other => {
-                        st.collided = other;
-                        st.submitted.pop_front()
-                    }
-                };
-                match item {
-                    Some(item) => {
-                        st.inflight.insert(pkid, item);
-                    }
-                    None => {
-                        tracing::debug!(client_id = %self.shared.client_id, pkid, "upstream publish without a queued message")
-                    }
-                }
-            }
-            Outgoing::AwaitAck(pkid) => {
-                if let Some(item) = st.submitted.pop_front() {
-                    st.collided = Some((pkid, item));
-                }
-            }
-            Outgoing::Disconnect => return st.closing,
-            _ => {}
-        }
-        false
-    }
-
-    /// Puts unacknowledged messages back in order; returns how many will be sent again.
-    fn on_connection_lost(&mut self) -> usize {
-        // rumqttc may return the error with events of the lost connection still buffered (a
-        // read that ended in an error, a publish whose write failed), and would hand them out
-        // after the next CONNACK, where a stale `Outgoing::Publish` would pair a new message
-        // with an old packet id. Settle them now: PUBACKs that did arrive count, packet ids
-        // are paired as before; everything unacknowledged is requeued below anyway.
-        let stale: Vec<Event> = client_ext::take_buffered_events(&mut self.eventloop);
-        for event in stale {
-            match event {
-                Event::Outgoing(outgoing) => {
-                    self.on_outgoing(outgoing);
-                }
-                Event::Incoming(Incoming::PubAck(ack)) => self.on_incoming(Incoming::PubAck(ack)),
-                // A command's ack would carry an old packet id on the new connection.
-                Event::Incoming(_) => {}
-            }
-        }
-        // A publish held back by a packet id collision is ours (in `collided`, requeued
-        // below); left in place, it would keep rumqttc from taking new requests for good.
-        let _ = client_ext::release_collision(&mut self.eventloop);
-        let mut st = self.shared.lock();
-        st.connected = false;
-        // poll() moved rumqttc's unacknowledged publishes and its request channel into
-        // `pending`; anything submitted after that is moved too, under the lock. The link
-        // republishes them itself, in order, after the next CONNACK.
-        client_ext::move_requests_to_pending(&mut self.eventloop);
-        client_ext::drop_pending(&mut self.eventloop, |r| {
-            matches!(
-                r,
-                Request::Publish(_) | Request::PubAck(_) | Request::Subscribe(_)
-            )
-        });
-        st.requeue_unacknowledged()
-    }
-
-    fn on_command(&self, publish: Publish) {
-        let Some(filter) = &self.commands else {
-            let _ = self.shared.client.try_ack(&publish);
-            return;
-        };
-        let target = filter.match_topic(&publish.topic).and_then(|(thing, sub)| {
-            let st = self.shared.lock();
-            st.command_things
-                .iter()
-                .find(|(t, _)| t == thing)
-                .map(|(_, device)| (device.clone(), sub.map(str::to_string)))
-        });
-        let Some((device, subtopic)) = target else {
-            tracing::debug!(client_id = %self.shared.client_id, topic = %publish.topic, "upstream message on an unexpected topic; ignored");
-            let _ = self.shared.client.try_ack(&publish);
-            return;
-        };
-        let downstream = self.downstream.clone();
-        let shared = self.shared.clone();
-        let within = self.command_timeout;
-        tokio::spawn(async move {
-            let sent = tokio::time::timeout(
-                within,
-                downstream.publish_command(&device, subtopic.as_deref(), publish.payload.clone()),
-            )
-            .await;
-            match sent {
-                Ok(Ok(())) => {
-                    shared
-                        .counters
-                        .commands_forwarded
-                        .fetch_add(1, Ordering::Relaxed);
-                }
-                Ok(Err(e)) => {
-                    shared
-                        .counters
-                        .commands_failed
-                        .fetch_add(1, Ordering::Relaxed);
-                    tracing::warn!(%device, "cloud-to-device message not delivered downstream: {e}");
-                }
-                Err(_) => {
-                    shared
-                        .counters
-                        .commands_failed
-                        .fetch_add(1, Ordering::Relaxed);
-                    tracing::warn!(%device, "cloud-to-device message not delivered downstream within {within:?}");
-                }
-            }
-            // Acknowledged either way: a message the local broker cannot take now would only
-            // come back on the next connection, and a clean session would not keep it.
-            let _ = shared.client.try_ack(&publish);
-        });
-    }
-}
-
-fn log_connection_error(
-    client_id: &str,
-    e: &ConnectionError,
-    was_connected: bool,
-    resent: usize,
-    delay: Duration,
-) {
-    match e {
-        ConnectionError::ConnectionRefused(code) => tracing::warn!(
-            client_id, ?code, retry_in = ?delay,
-            "the cloud refused the upstream connection (check the certificate is active and the policy allows this client id)"
-        ),
-        _ if was_connected => {
-            tracing::info!(client_id, error = %e, unacknowledged = resent, retry_in = ?delay, "upstream connection lost; unacknowledged messages will be sent again")
-        }
-        // Failed reconnect attempts during an outage: one line per link and attempt would
-        // flood the journal with thousands of devices.
-        _ => {
-            tracing::debug!(client_id, error = %e, retry_in = ?delay, "upstream connection attempt failed")
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn item(seq: u64, order: u64) -> Item {
-        let mut i = Item::new(
+    fn item(seq: u64) -> Item {
+        Item::new(
             seq,
             DeviceId::parse("d").unwrap(),
             "t".into(),
             Bytes::new(),
             0,
-        );
-        i.order = order;
-        i
+        )
     }
 
     #[test]
-    fn requeue_restores_submission_order_in_front_of_queued() {
+    fn requeue_restores_send_order_in_front_of_queued() {
         let mut st = LinkState::default();
-        st.queued.push_back(item(9, 0));
-        st.inflight.insert(3, item(5, 2));
-        st.inflight.insert(1, item(4, 1));
-        st.collided = Some((2, item(6, 3)));
-        st.submitted.push_back(item(7, 4));
+        st.queued.push_back(item(9));
+        for seq in [4, 5, 6, 7] {
+            let id = st.inflight.next_free().unwrap();
+            st.inflight.insert(id, item(seq));
+        }
+        // Acknowledged out of order: the rest keep their order.
+        let id = st.inflight.next_free().unwrap();
+        st.inflight.insert(id, item(8));
+        assert_eq!(st.inflight.ack(id).map(|i| i.seq).ok(), Some(8));
         st.settling = 1;
         assert_eq!(st.used(), 5);
         assert_eq!(st.requeue_unacknowledged(), 4);

@@ -49,6 +49,7 @@ use crate::config::{TelemetryIdentity, WhenFull};
 use crate::device_id::DeviceId;
 use crate::downstream::{DownstreamMessage, DownstreamSession};
 use crate::identity::{tls, IdentityError, PrivateKey, Sealer};
+pub use crate::mqtt::upstream::MqttVersion;
 use crate::store::Store;
 
 pub use topic::{CommandFilter, TopicTemplate};
@@ -187,6 +188,8 @@ pub struct TelemetryOptions {
     pub notice_interval: Duration,
     /// MQTT keep-alive upstream.
     pub keep_alive: Duration,
+    /// MQTT 5 (properties travel upstream) or 3.1.1, for every MQTT link.
+    pub mqtt_version: MqttVersion,
     /// TCP + TLS + CONNACK limit of one connection attempt.
     pub connect_timeout: Duration,
     /// First reconnect delay (jittered, doubling).
@@ -225,6 +228,7 @@ impl TelemetryOptions {
             device_cache_ttl: Duration::from_secs(5),
             notice_interval: Duration::from_secs(60),
             keep_alive: Duration::from_secs(60),
+            mqtt_version: MqttVersion::V5,
             connect_timeout: Duration::from_secs(10),
             reconnect_min: Duration::from_millis(250),
             reconnect_max: Duration::from_secs(30),
@@ -252,6 +256,7 @@ impl TelemetryOptions {
         o.commands = profile.commands;
         o.max_payload_bytes = profile.max_payload_bytes;
         o.device_certificates = profile.device_certificates;
+        o.mqtt_version = profile.mqtt_version;
         o.max_bytes = section.max_bytes;
         o.max_age = Duration::from_secs(section.max_age_secs);
         o.when_full = section.when_full;
@@ -365,6 +370,7 @@ pub(crate) struct Counters {
     pub dropped_full: AtomicU64,
     pub expired: AtomicU64,
     pub undeliverable: AtomicU64,
+    pub refused_upstream: AtomicU64,
     pub backpressure_episodes: AtomicU64,
     pub commands_forwarded: AtomicU64,
     pub commands_failed: AtomicU64,
@@ -403,6 +409,9 @@ pub struct TelemetryStats {
     pub expired: u64,
     /// Not sent because the device's record is gone.
     pub undeliverable: u64,
+    /// Dropped because the cloud refused them for good: a PUBACK failure reason code that
+    /// would come back every time, or larger than its Maximum Packet Size (MQTT 5).
+    pub refused_upstream: u64,
     /// Times the outbox was full under `backpressure`.
     pub backpressure_episodes: u64,
     /// Cloud-to-device messages delivered downstream.
@@ -586,6 +595,7 @@ fn snapshot(shared: &Shared) -> TelemetryStats {
         dropped_full: get(&c.dropped_full),
         expired: get(&c.expired),
         undeliverable: get(&c.undeliverable),
+        refused_upstream: get(&c.refused_upstream),
         backpressure_episodes: get(&c.backpressure_episodes),
         commands_forwarded: get(&c.commands_forwarded),
         commands_failed: get(&c.commands_failed),

@@ -62,3 +62,50 @@ pub async fn http_within(
     };
     (status, value)
 }
+
+/// [`http`] with extra request headers (e.g. the Publish API's `x-amz-mqtt5-*`) and a raw
+/// body.
+pub async fn http_with_headers(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, String)],
+    body: &[u8],
+) -> (u16, Value) {
+    let exchange = async {
+        let stream = TcpStream::connect(addr).await.expect("connect to the API");
+        let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .expect("HTTP handshake");
+        tokio::spawn(connection);
+        let mut request = hyper::Request::builder()
+            .method(method)
+            .uri(path)
+            .header(hyper::header::HOST, addr.to_string());
+        for (name, value) in headers {
+            request = request.header(*name, value.as_str());
+        }
+        let request = request
+            .body(Full::new(Bytes::from(body.to_vec())))
+            .expect("a valid request");
+        let response = sender.send_request(request).await.expect("HTTP response");
+        let status = response.status().as_u16();
+        let bytes = response
+            .into_body()
+            .collect()
+            .await
+            .expect("response body")
+            .to_bytes();
+        (status, bytes)
+    };
+    let (status, bytes) = timeout(WAIT, exchange)
+        .await
+        .unwrap_or_else(|_| panic!("{method} {path}: no answer within {WAIT:?}"));
+    let value = if bytes.is_empty() {
+        Value::Null
+    } else {
+        serde_json::from_slice(&bytes)
+            .unwrap_or_else(|e| panic!("{method} {path}: {e}: {}", String::from_utf8_lossy(&bytes)))
+    };
+    (status, value)
+}

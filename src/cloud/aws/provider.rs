@@ -61,6 +61,8 @@ pub fn telemetry_profile(section: &TelemetrySection) -> Result<TelemetryProfile,
         max_payload_bytes: AWS_MAX_PAYLOAD_BYTES,
         gateway_identity: true,
         device_certificates: true,
+        // `cloud.aws.mqtt_version = 3` turns it down to 3.1.1 (see `cli::cloud`).
+        mqtt_version: crate::mqtt::upstream::MqttVersion::V5,
     })
 }
 

@@ -336,6 +336,8 @@ pub fn hub_profile(device_certificates: bool) -> TelemetryProfile {
         max_payload_bytes: MAX_MESSAGE_BYTES,
         gateway_identity: false,
         device_certificates,
+        // IoT Hub's MQTT is 3.1.1.
+        mqtt_version: crate::mqtt::upstream::MqttVersion::V4,
     }
 }
 

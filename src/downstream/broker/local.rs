@@ -167,6 +167,20 @@ impl LocalClient {
         );
     }
 
+    /// [`LocalClient::publish`] with MQTT 5 properties (a cloud command's), for MQTT 5
+    /// subscribers.
+    pub fn publish_with(
+        &self,
+        topic: &str,
+        payload: Bytes,
+        retain: bool,
+        properties: MessageProperties,
+    ) {
+        let mut message = Message::plain(Arc::from(topic), payload, 1, retain);
+        message.properties = (!properties.is_empty()).then(|| Arc::new(properties));
+        self.router.publish(self.client_id(), message);
+    }
+
     /// Ends this attachment; the session and what waits in it stay for the next one.
     pub fn detach(&self) {
         self.router.disconnect(&self.session, self.number, None);

@@ -15,6 +15,7 @@ use super::{DownstreamSession, Link, QoS, SessionError};
 use crate::device_id::DeviceId;
 use crate::downstream::contract::{self, RejectedResponse, StatusReport};
 use crate::downstream::topics::PayloadFormat;
+use crate::mqtt::props::MessageProperties;
 
 /// Told the outcome of one publish: `Ok` on its PUBACK, `Err` when it was lost.
 pub(super) type Waiter = oneshot::Sender<Result<(), ()>>;
@@ -109,8 +110,38 @@ impl DownstreamSession {
         subtopic: Option<&str>,
         payload: impl Into<Bytes>,
     ) -> Result<(), SessionError> {
+        self.publish_command_with(id, subtopic, payload, None).await
+    }
+
+    /// Forwards a cloud-to-device message with the MQTT 5 properties it came with. The
+    /// embedded broker hands them to MQTT 5 subscribers; an external broker is reached over
+    /// MQTT 3.1.1 (rumqttc), which cannot carry them.
+    pub async fn publish_command_with(
+        &self,
+        id: &DeviceId,
+        subtopic: Option<&str>,
+        payload: impl Into<Bytes>,
+        properties: Option<MessageProperties>,
+    ) -> Result<(), SessionError> {
         let topic = self.prefix.commands(id, subtopic)?;
-        self.publish(topic, payload.into(), false).await
+        let payload = payload.into();
+        match (&self.link, properties) {
+            (Link::InProcess(link), Some(properties)) => {
+                if payload.len() + topic.len() + properties.cost() + 8 > self.max_packet_bytes {
+                    return Err(SessionError::PayloadTooLarge {
+                        size: payload.len(),
+                        max: self.max_packet_bytes,
+                        topic,
+                    });
+                }
+                if link.is_closed() {
+                    return Err(SessionError::Closed);
+                }
+                link.client.publish_with(&topic, payload, false, properties);
+                Ok(())
+            }
+            _ => self.publish(topic, payload, false).await,
+        }
     }
 
     /// QoS 1 publish that returns once the broker acknowledged it (in-process: once it is in

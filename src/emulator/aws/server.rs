@@ -20,7 +20,7 @@
 //! device messages in one batch and writes all answers with one flush: that is what keeps
 //! QoS 1 ingestion and certificate issuing cheap per message.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -42,6 +42,7 @@ use crate::emulator::faults::Faults;
 use crate::emulator::listeners::accept_until_shutdown;
 use crate::emulator::messages::{LoggedMessage, MessageLog};
 use crate::identity::tls::peer_leaf_der;
+use crate::mqtt::props::MessageProperties;
 use crate::mqtt::stream::{PacketStream, StreamError};
 use crate::mqtt::wire::{
     self, ClientPacket, ConnectOutcome, ServerFeatures, ServerPacket, SubscriptionRequest,
@@ -86,6 +87,9 @@ pub struct CloudPublish {
     pub qos: u8,
     /// Payload.
     pub payload: Bytes,
+    /// MQTT 5 properties (the Publish API's `x-amz-mqtt5-*` headers and `contentType`),
+    /// delivered to MQTT 5 connections.
+    pub properties: Option<MessageProperties>,
 }
 
 /// What the emulator keeps of a device publish.
@@ -97,6 +101,10 @@ pub struct Incoming {
     pub payload: Bytes,
     /// QoS 0 or 1.
     pub qos: u8,
+    /// MQTT 5 properties, by the names the Azure emulator logs: user properties by their
+    /// names, `$.ct` content type, `$.cid` correlation data (UTF-8), `$.ce = utf-8` for payload
+    /// format indicator 1.
+    pub properties: BTreeMap<String, String>,
 }
 
 impl LoggedMessage for Incoming {
@@ -452,8 +460,12 @@ impl Connection {
                     qos,
                     pkid,
                     payload,
+                    properties,
                     ..
-                } => self.on_publish(topic, qos, pkid, payload).await?,
+                } => {
+                    self.on_publish(topic, qos, pkid, payload, properties)
+                        .await?
+                }
                 ClientPacket::Subscribe { pkid, filters } => self.on_subscribe(pkid, filters)?,
                 ClientPacket::Unsubscribe { pkid, filters } => {
                     self.subscriptions
@@ -503,6 +515,7 @@ impl Connection {
         qos: u8,
         pkid: u16,
         payload: Bytes,
+        properties: Option<Box<MessageProperties>>,
     ) -> Result<(), Close> {
         if qos > 1 {
             return Err(Close::Violation(format!(
@@ -545,6 +558,9 @@ impl Connection {
                     topic,
                     payload,
                     qos,
+                    properties: properties
+                        .map(|p| p.to_stored().into_iter().collect())
+                        .unwrap_or_default(),
                 });
                 if qos == 1 {
                     self.queue(ServerPacket::PubAck(pkid))?;
@@ -609,7 +625,7 @@ impl Connection {
             retain: false,
             dup: false,
             payload: message.payload.clone(),
-            properties: None,
+            properties: MessageProperties::to_publish(message.properties.as_ref(), None, &[]),
         })
     }
 

@@ -236,51 +236,8 @@ async fn a_lost_connection_moves_publishes_to_pending_but_not_acks() {
     drop(conn);
     assert!(poll(&mut eventloop).await.is_err());
     assert_eq!(pending_topics(&eventloop), ["a", "b"]);
-    drop_pending(
-        &mut eventloop,
-        |r| matches!(r, Request::Publish(p) if p.topic == "b"),
-    );
-    assert_eq!(pending_topics(&eventloop), ["a"]);
     let _conn = connect(&peer, &mut eventloop, false).await;
     assert!(eventloop.pending.is_empty());
-}
-
-#[tokio::test]
-async fn a_collided_publish_outlives_the_connection_until_released() {
-    let peer = Peer::bind().await;
-    let (client, mut eventloop) = client(peer.port(), 2);
-    let mut conn = connect(&peer, &mut eventloop, false).await;
-    for topic in ["a", "b", "c"] {
-        client
-            .try_publish(topic, QoS::AtLeastOnce, false, b"x".to_vec())
-            .expect("queue a publish");
-    }
-    for pkid in [1, 2] {
-        assert_eq!(
-            poll(&mut eventloop).await.ok(),
-            Some(Event::Outgoing(Outgoing::Publish(pkid)))
-        );
-    }
-    // The broker acks out of order: "c" gets packet id 1, still in flight.
-    send(&mut conn, &[ServerPacket::PubAck(2)]).await;
-    assert!(matches!(
-        poll(&mut eventloop).await,
-        Ok(Event::Incoming(Incoming::PubAck(_)))
-    ));
-    assert_eq!(
-        poll(&mut eventloop).await.ok(),
-        Some(Event::Outgoing(Outgoing::AwaitAck(1)))
-    );
-    drop(conn);
-    assert!(poll(&mut eventloop).await.is_err());
-    move_requests_to_pending(&mut eventloop);
-    assert!(
-        eventloop.state.collision.is_some(),
-        "neither the loss nor clean() releases it"
-    );
-    let released = release_collision(&mut eventloop).expect("the collided publish");
-    assert_eq!(released.topic, "c");
-    assert!(eventloop.state.collision.is_none());
 }
 
 #[tokio::test]

@@ -356,6 +356,22 @@ fn read_v4(buf: &mut BytesMut, max_packet: usize) -> Result<Option<ClientPacket>
 
 fn read_v5(buf: &mut BytesMut, max_packet: usize) -> Result<Option<ClientPacket>, WireError> {
     use rumqttc::v5::mqttbytes::Error as V5Error;
+    // A DISCONNECT may leave out its reason code (0x00 then) and its property length
+    // (MQTT-3.14.2.1, 3.14.2.2.1); rumqttc's decoder wants both, and would wait for them.
+    match buf.get(..2) {
+        Some([0xE0, 0x00]) => {
+            let _ = buf.split_to(2);
+            return Ok(Some(ClientPacket::Disconnect { with_will: false }));
+        }
+        Some([0xE0, 0x01]) if buf.len() >= 3 => {
+            let reason = buf[2];
+            let _ = buf.split_to(3);
+            return Ok(Some(ClientPacket::Disconnect {
+                with_will: reason == 0x04,
+            }));
+        }
+        _ => {}
+    }
     let packet = match v5::Packet::read(buf, Some(max_packet as u32)) {
         Ok(p) => p,
         Err(V5Error::InsufficientBytes(_)) => return Ok(None),
@@ -694,6 +710,25 @@ mod tests {
     use super::*;
 
     const LIMIT: usize = 128 * 1024;
+
+    #[test]
+    fn an_mqtt5_disconnect_may_leave_out_reason_code_and_properties() {
+        let mut buf = BytesMut::from(&[0xE0, 0x00, 0xE0, 0x01, 0x04, 0xC0, 0x00][..]);
+        assert_eq!(
+            read_packet(Protocol::V5, &mut buf, LIMIT).unwrap(),
+            Some(ClientPacket::Disconnect { with_will: false })
+        );
+        assert_eq!(
+            read_packet(Protocol::V5, &mut buf, LIMIT).unwrap(),
+            Some(ClientPacket::Disconnect { with_will: true }),
+            "a reason code without property length"
+        );
+        assert_eq!(
+            read_packet(Protocol::V5, &mut buf, LIMIT).unwrap(),
+            Some(ClientPacket::PingReq),
+            "the next packet is read as usual"
+        );
+    }
 
     #[test]
     fn dollar_topics_match_only_explicit_filters() {
