@@ -151,7 +151,12 @@ impl Store {
                 _ => {}
             }
         }
-        self.inner.commit.apply(batch).await
+        // Refused at once while full; queued before, the group's flush answers it.
+        let eng = {
+            let (_gate, eng) = self.write_gate()?;
+            eng
+        };
+        eng.commit.apply(batch).await
     }
 }
 
