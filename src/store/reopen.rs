@@ -1,7 +1,9 @@
 //! The store's recovery from a full disk (see `space.rs` for why): a thread that, once the
-//! store is full, reopens sled at once (dropping the writes that never reached the disk and
-//! sled's sticky error), then probes for space every 1 s backing off to 5 s, and once there
-//! is room flushes; the first successful flush makes the store writable again.
+//! store is full, probes for space every 1 s backing off to 5 s; once there is room it
+//! reopens sled (dropping the writes that never reached the disk and sled's sticky error) and
+//! flushes; the first successful flush makes the store writable again. Until then reads are
+//! served by the old database: reopening at once would leave nothing to read from when sled's
+//! own recovery needs to write (it does, at the end of its log) and cannot.
 //!
 //! The reopen is the seam: [`Engine`] (the sled database, its trees and its flusher) sits
 //! behind `Inner::engine` and is swapped whole, so nothing outside the store holds a sled
@@ -201,20 +203,12 @@ fn recover(weak: Weak<Inner>, health: Arc<Health>) {
     while health.wait_full() {
         let mut wait = PROBE_MIN;
         loop {
-            // The store's handle is taken only for a step, so that dropping the store is
-            // never held up by this thread.
-            let Some(inner) = weak.upgrade() else { return };
-            let store = Store { inner };
-            if health.reopen_wanted() || store.engine().is_err() {
-                if let Err(e) = store.reopen(&mut carried) {
-                    tracing::warn!(dir = %store.dir().display(), "store reopen failed, retrying: {e}");
-                }
-            }
-            drop(store);
             if !health.sleep(wait) {
                 return;
             }
             wait = (wait * 2).min(PROBE_MAX);
+            // The store's handle is taken only for a step, so that dropping the store is
+            // never held up by this thread.
             let Some(inner) = weak.upgrade() else { return };
             let store = Store { inner };
             if let Err(why) = space::probe(store.dir()) {

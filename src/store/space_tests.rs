@@ -95,9 +95,7 @@ async fn a_full_store_refuses_writes_serves_reads_and_recovers_by_itself() {
         .is_full());
     assert!(store.durable().await.unwrap_err().is_full());
 
-    // The store reopens at once (dropping what never reached the disk), reads go on, and the
-    // outbox is the one the gateway knew, sent entry and all.
-    until("the reopen", || store.health().reopens >= 1).await;
+    // Reads go on, and the outbox is the one the gateway knew, unflushed entry and all.
     assert!(store.device(&id("before")).unwrap().is_some());
     assert_eq!(store.devices().count(), store.device_count());
     assert_eq!(payloads(&store), [b"1".to_vec(), b"2".to_vec()]);
