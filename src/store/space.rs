@@ -258,7 +258,7 @@ pub(super) fn probe(dir: &Path) -> Result<(), String> {
     // SAFETY: getrlimit only writes the struct it is given.
     if unsafe { libc::getrlimit(libc::RLIMIT_FSIZE, &mut limit) } == 0
         && limit.rlim_cur != libc::RLIM_INFINITY
-        && (limit.rlim_cur as u64) < log_len + PROBE_BYTES as u64
+        && limit.rlim_cur < log_len + PROBE_BYTES as u64
     {
         return Err(format!(
             "the file size limit (RLIMIT_FSIZE, {} bytes) leaves no room after {} ({log_len} bytes)",
