@@ -145,6 +145,27 @@ async fn a_full_disk_is_ridden_out_without_an_ack_that_is_not_durable_and_resume
     assert_eq!(status, 200, "{list}");
     assert_eq!(list["value"][0]["id"], id, "{list}");
     assert!(metrics(&socket).await.contains("\nfleetgw_store_full 1\n"));
+    let socket_arg = socket.clone();
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new(env!("CARGO_BIN_EXE_fleetgw"))
+            .arg("status")
+            .arg("--socket")
+            .arg(&socket_arg)
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        table.contains("store full episodes") && table.contains("File too large"),
+        "fleetgw status:\n{table}"
+    );
 
     // A new device asking to be provisioned is told to come back later, not accepted.
     let newcomer = "sensor-late";
