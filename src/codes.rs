@@ -127,6 +127,7 @@ pub const ERROR_CODES: &[ErrorCode] = &[
     e("Unauthorized", 401, Admin, "On `admin.listen`: no or a wrong bearer token.", "Send `Authorization: Bearer` with the token of `admin.token_file`."),
     e("RequestTimeout", 408, Admin, "The request did not arrive within the time limit.", "Send the whole request at once."),
     e("InternalError", 500, Admin, "The gateway failed to serve the request (e.g. a store failure).", "See the gateway's journal."),
+    e("StoreFull", 503, Admin, "A write (approve, PATCH, DELETE, groups, reprovision) while the state directory's disk is full; reads are still served.", "Free space on the state directory's file system; the gateway resumes by itself within 5 s (`GET /health` shows `store.state`)."),
     e("Error", 500, Admin, "Any other failure of the HTTP layer.", "See the gateway's journal."),
     e("CannotUnapprove", 409, Admin, "A PATCH tried to set `approved` to false.", "Block the device instead."),
     e("NotWaitingApproval", 409, Admin, "Approve on a device that is not waiting for approval.", "Check its status; only `waitingApproval` devices are approved."),

@@ -761,6 +761,28 @@ fn downstream_users_are_checked_and_passwd_makes_their_hash() {
     assert!(stderr(&out).contains("no password"), "{}", stderr(&out));
 }
 
+/// A sealing key file that does not exist: `run` never creates one (it would seal secrets with
+/// a key nobody has a copy of) and refuses to start, so `check-config` refuses it too, both
+/// with exit 78 naming the key, where it was set and the file. Nothing is created.
+#[test]
+fn a_missing_sealing_key_file_is_refused_by_check_config_and_run_alike() {
+    let tmp = tempfile::tempdir().unwrap();
+    let config = gateway_identity_config(tmp.path());
+    let missing = tmp.path().join("no-such.key");
+    let set = format!("provision.sealing_key_file={}", missing.display());
+    for out in [check_config(&config, &[&set]), run_daemon(&config, &[&set])] {
+        assert_eq!(out.status.code(), Some(EX_CONFIG), "{}", stderr(&out));
+        let expected = format!(
+            "--set provision.sealing_key_file: {} does not exist; fleetgw run refuses to start \
+             without its sealing key",
+            missing.display()
+        );
+        assert!(stderr(&out).contains(&expected), "{}", stderr(&out));
+    }
+    assert!(!missing.exists(), "no key is made up");
+    assert!(!tmp.path().join("state").exists());
+}
+
 /// Key and credential files that other users can read are refused by `check-config` and
 /// `run` alike, with exit 78 naming the key, the file that set it and the key file; the
 /// daemon's own group may read them (root:fleetgw 0640). Nothing is opened on refusal.

@@ -11,26 +11,19 @@
 //! `FLEETGW_FUZZ_ITERATIONS` (default 5000 per target; the config loader, which writes a file
 //! per case, a tenth of it) and `FLEETGW_FUZZ_SEED` (default: from the clock, printed so a
 //! failure can be rerun). A failing input is printed in hex; add it to `REGRESSIONS` below.
-//! This is not coverage-guided: `cargo fuzz` (libFuzzer) needs a nightly toolchain, and only
-//! stable is installed where this was written.
+//! The targets themselves are in `fuzz_targets/` and shared with the coverage-guided AFL++
+//! harness (`fuzz/afl`, `scripts/fuzz`), which is not part of the test suite.
 
 mod common;
+#[path = "fuzz_targets/mod.rs"]
+mod targets;
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
-use bytes::BytesMut;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 use common::env_or;
-use fleetgw::admin::filter;
-use fleetgw::cloud::codec::PayloadFormat;
-use fleetgw::device_id::DeviceId;
-use fleetgw::downstream::contract::ProvisionRequest;
-use fleetgw::downstream::topics::{DeviceTopic, TopicPrefix};
-use fleetgw::identity::{create_csr, parse_certificates, parse_csr, KeyType, PrivateKey};
-use fleetgw::mqtt::wire::{read_connect, read_packet, Protocol};
-use fleetgw::store::OutboxMessage;
 
 /// Inputs that once broke a parser (none found so far): (target, hex).
 const REGRESSIONS: &[(&str, &str)] = &[];
@@ -138,179 +131,62 @@ fn iterations() -> u64 {
     env_or("FLEETGW_FUZZ_ITERATIONS", 5000)
 }
 
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
+/// Runs the shared target `name` (`fuzz_targets`) on its seeds, regressions and `iterations`
+/// mutations.
+fn fuzz_target(name: &str, iterations: u64) {
+    let repo = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let dir = tempfile::tempdir().unwrap();
+    let scratch = dir.path().join("gateway.toml");
+    fuzz(name, &targets::seeds(name, repo), iterations, |b| {
+        targets::run(name, b, &scratch)
+    });
+}
+
+#[test]
+fn every_target_has_seeds() {
+    let repo = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    for name in targets::TARGETS {
+        assert!(!targets::seeds(name, repo).is_empty(), "{name}");
+    }
 }
 
 #[test]
 fn fuzz_outbox_entries() {
-    let msg = OutboxMessage {
-        device: DeviceId::parse("sensor-1").unwrap(),
-        topic: "fleetgw/sensor-1/telemetry".into(),
-        payload: b"{\"t\":21.5}".to_vec(),
-        qos: 1,
-        enqueued_at_ms: 1_700_000_000_000,
-        properties: Vec::new(),
-    };
-    // Both layouts: without properties (1) and with them (2).
-    let with_properties = OutboxMessage {
-        properties: vec![
-            ("$.ct".into(), "application/json".into()),
-            ("site".into(), "north".into()),
-        ],
-        ..msg.clone()
-    };
-    let seeds = [msg.encode(), with_properties.encode()];
-    fuzz("outbox", &seeds, iterations(), |b| {
-        if let Ok(m) = OutboxMessage::decode(b) {
-            assert_eq!(OutboxMessage::decode(&m.encode()).unwrap(), m);
-        }
-    });
+    fuzz_target("outbox", iterations());
 }
 
 #[test]
 fn fuzz_provision_requests_json_and_cbor() {
-    let json = br#"{"attestation":{"type":"none"},"parameters":{"SerialNumber":"1"},"csr":"-----BEGIN CERTIFICATE REQUEST-----\nMIIB\n-----END CERTIFICATE REQUEST-----"}"#.to_vec();
-    let value: serde_json::Value = serde_json::from_slice(&json).unwrap();
-    let mut cbor = Vec::new();
-    ciborium::into_writer(&value, &mut cbor).unwrap();
-    fuzz("provision-json", &[json], iterations(), |b| {
-        let _ = ProvisionRequest::decode(PayloadFormat::Json, b);
-    });
-    fuzz("provision-cbor", &[cbor], iterations(), |b| {
-        let _ = ProvisionRequest::decode(PayloadFormat::Cbor, b);
-    });
+    fuzz_target("provision-json", iterations());
+    fuzz_target("provision-cbor", iterations());
 }
 
 #[test]
 fn fuzz_device_topics_and_ids() {
-    let prefix = TopicPrefix::default();
-    let seeds: Vec<Vec<u8>> = [
-        "fleetgw/sensor-1/provision/json",
-        "fleetgw/sensor-1/provision/cbor",
-        "fleetgw/sensor-1/telemetry",
-        "fleetgw/sensor-1/telemetry/a/b",
-        "fleetgw/+/telemetry/#",
-    ]
-    .iter()
-    .map(|s| s.as_bytes().to_vec())
-    .collect();
-    fuzz("device-topic", &seeds, iterations(), |b| {
-        let _ = DeviceTopic::parse(&prefix, &text(b));
-    });
-    fuzz("device-id", &seeds, iterations(), |b| {
-        if let Ok(id) = DeviceId::parse(&text(b)) {
-            assert_eq!(DeviceId::parse(id.as_str()).unwrap(), id);
-        }
-    });
-}
-
-/// MQTT 3.1.1 CONNECT (client id `abc`, clean session, keep-alive 60).
-fn connect_v4() -> Vec<u8> {
-    let mut v = vec![0x10, 15, 0, 4];
-    v.extend_from_slice(b"MQTT");
-    v.extend_from_slice(&[4, 0x02, 0, 60, 0, 3]);
-    v.extend_from_slice(b"abc");
-    v
-}
-
-/// MQTT 5 CONNECT (no properties).
-fn connect_v5() -> Vec<u8> {
-    let mut v = vec![0x10, 16, 0, 4];
-    v.extend_from_slice(b"MQTT");
-    v.extend_from_slice(&[5, 0x02, 0, 60, 0, 0, 3]);
-    v.extend_from_slice(b"abc");
-    v
-}
-
-/// QoS 1 PUBLISH to `a/b` with packet id 1 (v4), then a PINGREQ, SUBSCRIBE and DISCONNECT.
-fn packets_v4() -> Vec<u8> {
-    let mut v = vec![0x32, 10, 0, 3];
-    v.extend_from_slice(b"a/b");
-    v.extend_from_slice(&[0, 1]);
-    v.extend_from_slice(b"hi!");
-    v.extend_from_slice(&[0xc0, 0]);
-    v.extend_from_slice(&[0x82, 8, 0, 2, 0, 3]);
-    v.extend_from_slice(b"a/#");
-    v.push(1);
-    v.extend_from_slice(&[0xe0, 0]);
-    v
+    fuzz_target("device-topic", iterations());
+    fuzz_target("device-id", iterations());
 }
 
 #[test]
 fn fuzz_broker_packet_decoder() {
-    fuzz(
-        "mqtt-connect",
-        &[connect_v4(), connect_v5()],
-        iterations(),
-        |b| {
-            let mut buf = BytesMut::from(b);
-            let _ = read_connect(&mut buf, 4096);
-        },
-    );
-    for (name, protocol) in [("mqtt-v4", Protocol::V4), ("mqtt-v5", Protocol::V5)] {
-        fuzz(name, &[packets_v4()], iterations(), |b| {
-            let mut buf = BytesMut::from(b);
-            // Decode packet after packet, as a connection does, until it needs more bytes.
-            for _ in 0..64 {
-                match read_packet(protocol, &mut buf, 4096) {
-                    Ok(Some(_)) => {}
-                    Ok(None) | Err(_) => break,
-                }
-            }
-        });
+    for name in ["mqtt-connect", "mqtt-v4", "mqtt-v5"] {
+        fuzz_target(name, iterations());
     }
 }
 
 #[test]
 fn fuzz_admin_filter_and_orderby() {
-    let seeds: Vec<Vec<u8>> = [
-        "status eq 'provisioned' and (enabled eq true or attempts gt 3)",
-        "startswith(id,'sensor-') and not (state eq 'failed')",
-        "contains(displayName,'hall')",
-        "updatedAt ge '2026-01-01T00:00:00Z'",
-        "id desc",
-        "createdAt asc",
-    ]
-    .iter()
-    .map(|s| s.as_bytes().to_vec())
-    .collect();
-    fuzz("filter", &seeds, iterations(), |b| {
-        let _ = filter::parse(&text(b));
-    });
-    fuzz("orderby", &seeds, iterations(), |b| {
-        let _ = filter::parse_orderby(&text(b));
-    });
+    fuzz_target("filter", iterations());
+    fuzz_target("orderby", iterations());
 }
 
 #[test]
 fn fuzz_config_loader() {
-    let sample = std::fs::read(concat!(env!("CARGO_MANIFEST_DIR"), "/gateway.toml")).unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("gateway.toml");
-    fuzz("config", &[sample], iterations() / 10, |b| {
-        std::fs::write(&path, b).unwrap();
-        let _ = fleetgw::config::load(&path, &[]);
-    });
+    fuzz_target("config", iterations() / 10);
 }
 
 #[test]
 fn fuzz_csr_and_certificate_parsing() {
-    let key = PrivateKey::generate(KeyType::EcdsaP256).unwrap();
-    let csr = create_csr("sensor-1", &key).unwrap();
-    let cert = rcgen::generate_simple_self_signed(vec!["sensor-1".to_string()])
-        .unwrap()
-        .cert
-        .pem();
-    fuzz("csr", &[csr.clone().into_bytes()], iterations(), |b| {
-        let _ = parse_csr(&text(b));
-    });
-    fuzz(
-        "certificate",
-        &[cert.into_bytes(), csr.into_bytes()],
-        iterations(),
-        |b| {
-            let _ = parse_certificates(&text(b));
-        },
-    );
+    fuzz_target("csr", iterations());
+    fuzz_target("certificate", iterations());
 }

@@ -88,6 +88,14 @@ impl ApiError {
 
 impl From<crate::store::StoreError> for ApiError {
     fn from(e: crate::store::StoreError) -> Self {
+        if e.is_full() {
+            tracing::warn!("admin API: write refused: {e}");
+            return ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "StoreFull",
+                "the gateway's disk is full: writes are refused until space returns (the gateway resumes by itself; see GET /health); retry later",
+            );
+        }
         ApiError::internal("the state store", &e)
     }
 }

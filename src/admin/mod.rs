@@ -21,6 +21,7 @@ pub mod devices_list;
 pub mod enrollment_groups;
 pub mod error;
 pub mod filter;
+pub mod health;
 pub mod openapi;
 pub mod operations;
 pub mod status;
@@ -233,6 +234,7 @@ pub fn router(state: AdminState) -> Router {
             "/enrollmentGroups/{id}/certificates/{entry}/verify",
             post(enrollment_groups::verify),
         )
+        .route("/health", get(health::get_health))
         .route("/status", get(status::get_status))
         .route("/metrics", get(status::get_metrics))
         .route("/openapi.json", get(openapi::openapi_json))

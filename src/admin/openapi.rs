@@ -6,7 +6,8 @@ use axum::Json;
 use utoipa::OpenApi;
 
 use super::{
-    credentials, device_groups, devices, devices_list, enrollment_groups, operations, status,
+    credentials, device_groups, devices, devices_list, enrollment_groups, health, operations,
+    status,
 };
 
 /// The API description.
@@ -44,6 +45,7 @@ use super::{
         enrollment_groups::delete_certificate,
         enrollment_groups::generate_verification_code,
         enrollment_groups::verify,
+        health::get_health,
         status::get_status,
         status::get_metrics,
         openapi_json,

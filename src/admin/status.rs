@@ -12,6 +12,7 @@ use axum::Json;
 use serde::Serialize;
 
 use super::error::ApiError;
+use super::health::StoreView;
 use super::AdminState;
 use crate::downstream::contract::DeviceStatus;
 
@@ -44,6 +45,8 @@ pub struct StatusView {
     /// Devices connected to the embedded broker (absent with an external broker).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub broker_sessions: Option<u64>,
+    /// The store's state (`ok` / `full`), as `GET /health` shows it.
+    pub store: StoreView,
 }
 
 fn count_by_status(state: &AdminState) -> Result<BTreeMap<&'static str, u64>, ApiError> {
@@ -78,6 +81,7 @@ pub async fn get_status(State(state): State<AdminState>) -> Result<Json<StatusVi
         cloud_sessions_connected: cloud.map(|(connected, _)| connected as u64),
         cloud_sessions: cloud.map(|(_, configured)| configured as u64),
         broker_sessions: state.broker.as_ref().map(|b| b.sessions() as u64),
+        store: StoreView::of(&state),
     }))
 }
 
@@ -319,6 +323,28 @@ pub fn render_metrics(state: &AdminState) -> Result<String, ApiError> {
         "counter",
         "Undecodable store values (outbox entries, device records) moved to the quarantine tree since start.",
         &[("", state.store.quarantined())],
+    );
+    let health = state.store.health();
+    family(
+        &mut out,
+        "fleetgw_store_full",
+        "gauge",
+        "1 while the state directory's disk has no room for the store (writes refused), else 0.",
+        &[("", u64::from(health.full.is_some()))],
+    );
+    family(
+        &mut out,
+        "fleetgw_store_full_episodes_total",
+        "counter",
+        "Disk-full episodes of the store since start.",
+        &[("", health.full_episodes)],
+    );
+    family(
+        &mut out,
+        "fleetgw_store_reopens_total",
+        "counter",
+        "Reopens of the store to recover from a full disk since start.",
+        &[("", health.reopens)],
     );
     family(
         &mut out,

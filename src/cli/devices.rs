@@ -545,6 +545,25 @@ pub fn status(args: StatusArgs) -> ExitCode {
             if !v["brokerSessions"].is_null() {
                 t.add_row(["broker sessions".to_string(), text(&v["brokerSessions"])]);
             }
+            let store = &v["store"];
+            let mut state = text(&store["state"]);
+            if !store["error"].is_null() {
+                state = format!(
+                    "{state} since {} ms: {}",
+                    text(&store["fullSinceMs"]),
+                    text(&store["error"])
+                );
+            }
+            t.add_row(["store".to_string(), state]);
+            t.add_row(["store path".to_string(), text(&store["path"])]);
+            t.add_row([
+                "store full episodes".to_string(),
+                format!(
+                    "{} (reopens {})",
+                    text(&store["fullEpisodes"]),
+                    text(&store["reopens"])
+                ),
+            ]);
             println!("{t}");
             Ok(())
         })

@@ -93,6 +93,20 @@ impl RunError {
 }
 
 /// Runs the daemon until SIGTERM/SIGINT.
+/// A write past the process's file size limit (`RLIMIT_FSIZE`, `LimitFSIZE=` in a unit) sends
+/// SIGXFSZ, whose default action kills the process; ignored, the write fails with EFBIG
+/// instead, which the store treats like a full disk (docs/src/reliability.md, "Disk full").
+fn ignore_sigxfsz() {
+    // SAFETY: setting a signal's disposition to SIG_IGN, before any other thread exists; no
+    // handler runs.
+    let previous = unsafe { libc::signal(libc::SIGXFSZ, libc::SIG_IGN) };
+    if previous == libc::SIG_ERR {
+        tracing::warn!(
+            "could not ignore SIGXFSZ: a write past the file size limit would kill the daemon"
+        );
+    }
+}
+
 pub fn run(args: Args, log_format: Option<LogFormat>) -> ExitCode {
     // Before any thread starts: it takes the systemd variables out of the environment.
     let notifier = Notifier::from_env();
@@ -109,6 +123,7 @@ pub fn run(args: Args, log_format: Option<LogFormat>) -> ExitCode {
         config::LogFormat::Json => Some(LogFormat::Json),
     });
     logging::init(format, Some(&log_filter(&cfg.log.level)));
+    ignore_sigxfsz();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("fleetgw")
@@ -405,6 +420,11 @@ impl Gateway {
         }
         if !self.telemetry.is_alive() {
             return Err("the telemetry pipeline's loops have stopped".into());
+        }
+        // A full disk is ridden out in-process (the store reopens by itself once space is
+        // back); a restart by the watchdog would not make room.
+        if self.store.health().full.is_some() {
+            return Ok(());
         }
         let stamp = crate::clock::unix_ms().to_be_bytes();
         self.store

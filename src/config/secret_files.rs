@@ -4,7 +4,8 @@
 //!
 //! The rule itself lives in `identity::check_secret_file` (no "other" bits; group bits only
 //! for the daemon's own group); the readers in `identity` apply it again on the opened file.
-//! A file that does not exist yet is left to the step that reads it, which says so.
+//! A file that does not exist yet is left to the step that reads it, which says so, except the
+//! sealing key: `run` refuses to start without it, so `check-config` refuses it here already.
 //!
 //! [`load`]: super::load
 
@@ -14,6 +15,10 @@ use std::path::Path;
 use super::validate::Violation;
 use super::{CloudProvider, Config};
 use crate::identity::{check_secret_file, IdentityError};
+
+/// The key of the sealing key file: the one secret file that must exist (see
+/// [`Config::check_secret_files`]).
+const SEALING_KEY_FILE: &str = "provision.sealing_key_file";
 
 impl Config {
     /// Every configured secret file with the key that names it.
@@ -28,10 +33,7 @@ impl Config {
                 "admission.group_key_file",
                 self.admission.group_key_file.as_deref(),
             ),
-            (
-                "provision.sealing_key_file",
-                self.provision.sealing_key_file.as_deref(),
-            ),
+            (SEALING_KEY_FILE, self.provision.sealing_key_file.as_deref()),
             (
                 "cloud.aws.claim_key_passphrase_file",
                 self.cloud.aws.claim_key_passphrase_file.as_deref(),
@@ -67,12 +69,25 @@ impl Config {
             .collect()
     }
 
-    /// Refuses the first configured secret file that is group- or world-accessible.
+    /// Refuses the first configured secret file that is group- or world-accessible, and a
+    /// sealing key file that does not exist: `run` never creates one (a key it made up would
+    /// seal secrets nobody holds a copy of) and refuses to start without it, so
+    /// `check-config` must refuse it too.
     pub(super) fn check_secret_files(&self) -> Result<(), Violation> {
         for (key, path) in self.secret_files() {
             match check_secret_file(path) {
                 Ok(()) => {}
-                Err(IdentityError::Io { source, .. }) if source.kind() == ErrorKind::NotFound => {}
+                Err(IdentityError::Io { source, .. }) if source.kind() == ErrorKind::NotFound => {
+                    if key == SEALING_KEY_FILE {
+                        return Err((
+                            key.to_string(),
+                            format!(
+                                "{} does not exist; fleetgw run refuses to start without its sealing key (create 32 random bytes, mode 0600: head -c 32 /dev/urandom > {0}; chmod 600 {0}), and keep a copy: sealed keys and tokens cannot be opened without it",
+                                path.display()
+                            ),
+                        ));
+                    }
+                }
                 Err(e) => return Err((key.to_string(), e.to_string())),
             }
         }

@@ -151,7 +151,12 @@ impl Store {
                 _ => {}
             }
         }
-        self.inner.commit.apply(batch).await
+        // Refused at once while full; queued before, the group's flush answers it.
+        let eng = {
+            let (_gate, eng) = self.write_gate()?;
+            eng
+        };
+        eng.commit.apply(batch).await
     }
 
     /// The device's record as [`Store::device`] returns it, given `known`, the version a
@@ -160,7 +165,7 @@ impl Store {
     /// the stored value again. Every write bumps the etag, so any other change is read back.
     pub fn device_since(&self, known: DeviceRecord) -> Result<Option<DeviceRecord>, StoreError> {
         let key = known.id.as_str();
-        match get(&self.inner.devices, DEVICES, key)? {
+        match get(&self.engine()?.devices, DEVICES, key)? {
             Some(v) => match stored_etag(key, &v) {
                 Ok(etag) if etag == known.etag => Ok(Some(known)),
                 _ => self.device_or_quarantine(key.as_bytes(), &v),

@@ -168,18 +168,20 @@ impl Store {
     /// [`Store::durable`].
     pub fn put_broker_retained(&self, topic: &str, rec: &RetainedRecord) -> Result<(), StoreError> {
         let value = encode(BROKER_RETAINED, topic, rec)?;
-        insert(&self.inner.broker_retained, BROKER_RETAINED, topic, value)
+        let (_gate, eng) = self.write_gate()?;
+        insert(&eng.broker_retained, BROKER_RETAINED, topic, value)
     }
 
     /// Removes the retained message of `topic`; true if there was one.
     pub fn remove_broker_retained(&self, topic: &str) -> Result<bool, StoreError> {
-        remove(&self.inner.broker_retained, BROKER_RETAINED, topic)
+        let (_gate, eng) = self.write_gate()?;
+        remove(&eng.broker_retained, BROKER_RETAINED, topic)
     }
 
     /// Every stored retained message, in topic order.
     pub fn broker_retained(&self) -> impl Iterator<Item = Result<RetainedRecord, StoreError>> {
         scan(
-            &self.inner.broker_retained,
+            self.engine().map(|e| e.broker_retained.clone()),
             BROKER_RETAINED,
             |r: &RetainedRecord| r.v,
         )
@@ -189,23 +191,20 @@ impl Store {
     /// [`Store::durable`].
     pub fn put_broker_session(&self, rec: &KeptSessionRecord) -> Result<(), StoreError> {
         let value = encode(BROKER_SESSIONS, &rec.client_id, rec)?;
-        insert(
-            &self.inner.broker_sessions,
-            BROKER_SESSIONS,
-            &rec.client_id,
-            value,
-        )
+        let (_gate, eng) = self.write_gate()?;
+        insert(&eng.broker_sessions, BROKER_SESSIONS, &rec.client_id, value)
     }
 
     /// Removes the kept session of `client_id`; true if there was one.
     pub fn remove_broker_session(&self, client_id: &str) -> Result<bool, StoreError> {
-        remove(&self.inner.broker_sessions, BROKER_SESSIONS, client_id)
+        let (_gate, eng) = self.write_gate()?;
+        remove(&eng.broker_sessions, BROKER_SESSIONS, client_id)
     }
 
     /// Every stored kept session, in client id order.
     pub fn broker_sessions(&self) -> impl Iterator<Item = Result<KeptSessionRecord, StoreError>> {
         scan(
-            &self.inner.broker_sessions,
+            self.engine().map(|e| e.broker_sessions.clone()),
             BROKER_SESSIONS,
             |r: &KeptSessionRecord| r.v,
         )
@@ -228,31 +227,40 @@ impl Store {
             }
             Ok((n, bytes))
         };
-        let (r, rb) = size(&self.inner.broker_retained, BROKER_RETAINED)?;
-        let (s, sb) = size(&self.inner.broker_sessions, BROKER_SESSIONS)?;
+        let eng = self.engine()?;
+        let (r, rb) = size(&eng.broker_retained, BROKER_RETAINED)?;
+        let (s, sb) = size(&eng.broker_sessions, BROKER_SESSIONS)?;
         Ok((r, rb, s, sb))
     }
 }
 
+/// The records of `tree`; the error once when there is no open database (a reopen).
 fn scan<T: serde::de::DeserializeOwned>(
-    tree: &sled::Tree,
+    tree: Result<sled::Tree, StoreError>,
     name: &'static str,
     version_of: fn(&T) -> u32,
 ) -> impl Iterator<Item = Result<T, StoreError>> {
-    tree.iter().map(move |entry| {
-        let (k, v) = entry.map_err(|source| StoreError::Sled {
-            tree: name,
-            op: "scan",
-            source,
-        })?;
-        decode_versioned(
-            name,
-            &String::from_utf8_lossy(&k),
-            &v,
-            BROKER_RECORD_VERSION,
-            version_of,
-        )
-    })
+    let (iter, failed) = match tree {
+        Ok(tree) => (Some(tree.iter()), None),
+        Err(e) => (None, Some(Err(e))),
+    };
+    iter.into_iter()
+        .flatten()
+        .map(move |entry| {
+            let (k, v) = entry.map_err(|source| StoreError::Sled {
+                tree: name,
+                op: "scan",
+                source,
+            })?;
+            decode_versioned(
+                name,
+                &String::from_utf8_lossy(&k),
+                &v,
+                BROKER_RECORD_VERSION,
+                version_of,
+            )
+        })
+        .chain(failed)
 }
 
 mod base64_bytes {

@@ -87,6 +87,18 @@ pub enum StoreError {
         /// sled's message.
         message: String,
     },
+    /// The disk (or the quota, or the process's file size limit) has no room: the store
+    /// refuses writes and acknowledges nothing new until space returns, then reopens by itself
+    /// (`space.rs`). Not fatal, unlike [`StoreError::Flush`]: retry later.
+    #[error(
+        "state directory {dir}: store full, writes are refused until space returns: {message}"
+    )]
+    Full {
+        /// The state directory.
+        dir: PathBuf,
+        /// The error that began the episode (or why this write is not durable).
+        message: String,
+    },
     /// A stored record does not decode.
     #[error("store tree {tree}, key {key}: cannot decode the record: {source}")]
     Decode {
@@ -170,4 +182,12 @@ pub enum StoreError {
         /// The key.
         key: String,
     },
+}
+
+impl StoreError {
+    /// Whether this is [`StoreError::Full`]: the write was refused or not made durable because
+    /// the disk is full; it may be retried once the store is writable again.
+    pub fn is_full(&self) -> bool {
+        matches!(self, StoreError::Full { .. })
+    }
 }

@@ -32,6 +32,11 @@
 //! sled's recovery replays what really is on disk. With the `test-hooks` feature,
 //! [`FAIL_FLUSH_FILE_ENV`] names a file whose existence makes every flush fail.
 //!
+//! A flush that fails because the disk is full (ENOSPC, EDQUOT, EFBIG from sled's `pwrite`,
+//! and the `fdatasync` of the log right after succeeds) is not fatal: the tickets it covered
+//! fail with [`FlushError::Full`], this database accepts nothing more (sled's error is sticky
+//! too), and the store reopens sled once space is back (`space.rs`).
+//!
 //! A writer that can afford to wait a little ([`GroupCommit::durable_within`], the outbox's
 //! deletions) does not start a flush of its own: its ticket rides on the next flush another
 //! writer asks for, or is flushed once its delay is up. Under load the telemetry intake's
@@ -47,6 +52,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::{oneshot, watch};
 
 use super::batch::{Batch, BatchTrees};
+use super::space::{sled_no_space, Health};
 use super::StoreError;
 
 /// Environment variable of the `test-hooks` build naming a file: while it exists, every
@@ -61,6 +67,15 @@ pub const FAIL_FLUSH_FILE_ENV: &str = "FLEETGW_TEST_FAIL_FLUSH_FILE";
 /// value, so values far below this can end up in a blob when their node is consolidated.
 pub const BLOB_THRESHOLD: usize = 512 * 1024 / 4 - 20;
 
+/// Why a ticket is not durable.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum FlushError {
+    /// No space to write: this database takes nothing more; the store reopens it.
+    Full(String),
+    /// Any other failure, fatal for the store.
+    Failed(String),
+}
+
 /// What the flusher has finished, published to async waiters.
 #[derive(Clone, Debug, Default)]
 struct Progress {
@@ -74,24 +89,33 @@ struct Progress {
     last_error: Option<String>,
     /// Set by the first failed flush and never cleared: the store acknowledges nothing more.
     fatal: Option<String>,
+    /// Set by the first flush that found no space and never cleared: this database takes
+    /// nothing more (the store replaces it).
+    full: Option<String>,
 }
 
 impl Progress {
-    fn outcome(&self, ticket: u64) -> Option<Result<(), String>> {
+    fn outcome(&self, ticket: u64) -> Option<Result<(), FlushError>> {
         if let Some(fatal) = &self.fatal {
             if self.ok_through < ticket {
-                return Some(Err(format!(
+                return Some(Err(FlushError::Failed(format!(
                     "the store failed to flush earlier and accepts no more writes: {fatal}"
-                )));
+                ))));
+            }
+        }
+        if let Some(full) = &self.full {
+            if self.ok_through < ticket {
+                return Some(Err(FlushError::Full(full.clone())));
             }
         }
         if self.ok_through >= ticket {
             Some(Ok(()))
         } else if self.done >= ticket {
-            Some(Err(self
-                .last_error
-                .clone()
-                .unwrap_or_else(|| "flush failed".into())))
+            Some(Err(FlushError::Failed(
+                self.last_error
+                    .clone()
+                    .unwrap_or_else(|| "flush failed".into()),
+            )))
         } else {
             None
         }
@@ -187,6 +211,7 @@ impl GroupCommit {
         dir: PathBuf,
         min_interval: Duration,
         faults: FlushFaults,
+        health: Arc<Health>,
     ) -> std::io::Result<Self> {
         let path = dir.join("db");
         let log = File::open(&path).map_err(|e| {
@@ -204,7 +229,20 @@ impl GroupCommit {
         let worker = Arc::clone(&shared);
         let thread = std::thread::Builder::new()
             .name("fleetgw-store-flush".into())
-            .spawn(move || run(worker, db, log, trees, dir, min_interval, faults))?;
+            .spawn(move || {
+                run(
+                    worker,
+                    Flusher {
+                        db,
+                        log,
+                        trees,
+                        dir,
+                        min_interval,
+                        faults,
+                        health,
+                    },
+                )
+            })?;
         Ok(GroupCommit {
             shared,
             thread: Mutex::new(Some(thread)),
@@ -213,17 +251,17 @@ impl GroupCommit {
 
     /// Resolves when a flush that began after this call has finished; the error is sled's
     /// message when that flush (and none after it) failed.
-    pub(crate) async fn durable(&self) -> Result<(), String> {
+    pub(crate) async fn durable(&self) -> Result<(), FlushError> {
         self.wait_for_ticket(None).await
     }
 
     /// Like [`GroupCommit::durable`], but starts no flush of its own for up to `within`: it is
     /// covered by the next flush another writer asks for, or by one started when `within` is up.
-    pub(crate) async fn durable_within(&self, within: Duration) -> Result<(), String> {
+    pub(crate) async fn durable_within(&self, within: Duration) -> Result<(), FlushError> {
         self.wait_for_ticket(Some(within)).await
     }
 
-    async fn wait_for_ticket(&self, within: Option<Duration>) -> Result<(), String> {
+    async fn wait_for_ticket(&self, within: Option<Duration>) -> Result<(), FlushError> {
         let ticket = self.shared.take_ticket(within);
         self.wait(ticket).await
     }
@@ -236,14 +274,14 @@ impl GroupCommit {
 
     /// Resolves when a flush covering `ticket` has finished; the error is sled's message when
     /// that flush (and none after it) failed.
-    pub(crate) async fn wait(&self, ticket: u64) -> Result<(), String> {
+    pub(crate) async fn wait(&self, ticket: u64) -> Result<(), FlushError> {
         // `wait_for` checks the current value first, so a flush that finished before this
         // subscription is not missed.
         let mut rx = self.shared.progress_tx.subscribe();
         let progress = rx
             .wait_for(|p| p.outcome(ticket).is_some())
             .await
-            .map_err(|_| "the store flusher thread has stopped".to_string())?;
+            .map_err(|_| FlushError::Failed("the store flusher thread has stopped".into()))?;
         progress.outcome(ticket).unwrap_or(Ok(()))
     }
 
@@ -269,7 +307,7 @@ impl GroupCommit {
     }
 
     /// Blocking form of [`GroupCommit::durable`], for threads outside the async runtime.
-    pub(crate) fn durable_blocking(&self) -> Result<(), String> {
+    pub(crate) fn durable_blocking(&self) -> Result<(), FlushError> {
         let ticket = self.shared.take_ticket(None);
         let mut st = self.shared.lock();
         loop {
@@ -277,7 +315,9 @@ impl GroupCommit {
                 return outcome;
             }
             if st.shutdown && st.started < ticket {
-                return Err("the store flusher thread has stopped".into());
+                return Err(FlushError::Failed(
+                    "the store flusher thread has stopped".into(),
+                ));
             }
             st = self
                 .shared
@@ -297,25 +337,9 @@ impl GroupCommit {
         self.shared.lock().blobs_synced
     }
 
-    /// The message of the flush failure that stopped the store, if one happened.
-    pub(crate) fn fatal(&self) -> Option<String> {
-        self.shared.progress_tx.borrow().fatal.clone()
-    }
-
-    /// Resolves with the failure's message once a flush has failed (see the module docs);
-    /// never resolves while the store is healthy.
-    pub(crate) async fn failed(&self) -> String {
-        let mut rx = self.shared.progress_tx.subscribe();
-        let fatal = rx
-            .wait_for(|p| p.fatal.is_some())
-            .await
-            .ok()
-            .and_then(|p| p.fatal.clone());
-        match fatal {
-            Some(message) => message,
-            // The flusher is gone (the store is closing): nothing will fail any more.
-            None => std::future::pending().await,
-        }
+    /// The outcome for `ticket` if its flush has finished (or the database has stopped).
+    pub(crate) fn outcome(&self, ticket: u64) -> Option<Result<(), FlushError>> {
+        self.shared.progress_tx.borrow().outcome(ticket)
     }
 
     /// Tickets issued and the highest ticket covered by a finished flush.
@@ -341,15 +365,27 @@ impl Drop for GroupCommit {
     }
 }
 
-fn run(
-    shared: Arc<Shared>,
+/// What the flusher thread owns.
+struct Flusher {
     db: sled::Db,
     log: File,
     trees: BatchTrees,
     dir: PathBuf,
     min_interval: Duration,
     faults: FlushFaults,
-) {
+    health: Arc<Health>,
+}
+
+fn run(shared: Arc<Shared>, f: Flusher) {
+    let Flusher {
+        db,
+        log,
+        trees,
+        dir,
+        min_interval,
+        faults,
+        health,
+    } = f;
     let mut blobs = BlobSync::new(&dir);
     let mut last_start: Option<Instant> = None;
     loop {
@@ -408,20 +444,23 @@ fn run(
             (st.issued, std::mem::take(&mut st.batches))
         };
         last_start = Some(Instant::now());
-        let fatal = shared.lock().progress.fatal.clone();
-        let (outcomes, result) = match fatal {
-            // After a failed flush nothing is applied or flushed any more (module docs).
-            Some(fatal) => {
+        let stopped = {
+            let st = shared.lock();
+            match (&st.progress.fatal, &st.progress.full) {
+                (Some(fatal), _) => Some(FlushError::Failed(fatal.clone())),
+                (None, Some(full)) => Some(FlushError::Full(full.clone())),
+                (None, None) => None,
+            }
+        };
+        let (outcomes, result) = match stopped {
+            // After a failed flush nothing is applied or flushed any more (module docs); after
+            // one that found no space, nothing more on this database.
+            Some(stop) => {
                 let refused = batches
                     .iter()
-                    .map(|_| {
-                        Err(StoreError::Flush {
-                            dir: dir.clone(),
-                            message: format!("the store failed to flush earlier: {fatal}"),
-                        })
-                    })
+                    .map(|_| Err(batch_error(&dir, &stop, true)))
                     .collect();
-                (refused, Err(fatal))
+                (refused, Err(stop))
             }
             None => {
                 let outcomes = if batches.is_empty() {
@@ -441,7 +480,14 @@ fn run(
             st.blobs_synced = blobs.synced;
             match &result {
                 Ok(_) => st.progress.ok_through = target,
-                Err(e) => {
+                Err(FlushError::Full(e)) => {
+                    if st.progress.full.is_none() && st.progress.fatal.is_none() {
+                        st.progress.full = Some(e.clone());
+                        health.no_space(e);
+                    }
+                    st.progress.last_error = Some(e.clone());
+                }
+                Err(FlushError::Failed(e)) => {
                     if st.progress.fatal.is_none() {
                         tracing::error!(
                             error = %e,
@@ -449,6 +495,7 @@ fn run(
                             "store flush failed: the store stops acknowledging writes"
                         );
                         st.progress.fatal = Some(e.clone());
+                        health.fatal(e);
                     }
                     st.progress.last_error = Some(e.clone());
                 }
@@ -459,10 +506,9 @@ fn run(
         shared.progress_tx.send_replace(progress);
         for ((_, reply), outcome) in batches.into_iter().zip(outcomes) {
             let outcome = match (&result, outcome) {
-                (Err(e), Ok(())) => Err(StoreError::Flush {
-                    dir: dir.clone(),
-                    message: e.clone(),
-                }),
+                (Err(e), Ok(())) => Err(batch_error(&dir, e, false)),
+                // sled's own error for the group transaction, when the disk is full.
+                (Err(e @ FlushError::Full(_)), Err(_)) => Err(batch_error(&dir, e, false)),
                 (_, outcome) => outcome,
             };
             // The waiter may have gone away (its task was cancelled); the batch stands anyway.
@@ -471,17 +517,55 @@ fn run(
     }
 }
 
+/// The error a batch gets when its group's flush failed (`earlier`: the database had stopped
+/// before the batch was even applied).
+fn batch_error(dir: &Path, e: &FlushError, earlier: bool) -> StoreError {
+    match e {
+        FlushError::Full(message) => StoreError::Full {
+            dir: dir.to_owned(),
+            message: message.clone(),
+        },
+        FlushError::Failed(message) if earlier => StoreError::Flush {
+            dir: dir.to_owned(),
+            message: format!("the store failed to flush earlier: {message}"),
+        },
+        FlushError::Failed(message) => StoreError::Flush {
+            dir: dir.to_owned(),
+            message: message.clone(),
+        },
+    }
+}
+
 /// One flush: sled's own, then the new blob files and the log made stable.
+///
+/// "No space" from sled's flush (its `pwrite` of the log buffer) is [`FlushError::Full`] only
+/// if an `fdatasync` of the log on this thread's own descriptor then succeeds: a writeback
+/// error (fsyncgate) would be reported to it, and stays fatal. Any error of our own fsyncs is
+/// fatal, whatever its errno.
 fn flush(
     db: &sled::Db,
     log: &File,
     blobs: &mut BlobSync,
     faults: &FlushFaults,
-) -> Result<(), String> {
-    faults.check()?;
-    db.flush().map_err(|e| e.to_string())?;
-    blobs.sync_new()?;
-    log.sync_data().map_err(|e| format!("fdatasync of db: {e}"))
+) -> Result<(), FlushError> {
+    if let Some(full) = faults.no_space() {
+        return Err(FlushError::Full(full));
+    }
+    faults.check().map_err(FlushError::Failed)?;
+    if let Err(e) = db.flush() {
+        if !sled_no_space(&e) {
+            return Err(FlushError::Failed(e.to_string()));
+        }
+        return match log.sync_data() {
+            Ok(()) => Err(FlushError::Full(e.to_string())),
+            Err(sync) => Err(FlushError::Failed(format!(
+                "{e}, and the fdatasync of db that followed failed too: {sync}"
+            ))),
+        };
+    }
+    blobs.sync_new().map_err(FlushError::Failed)?;
+    log.sync_data()
+        .map_err(|e| FlushError::Failed(format!("fdatasync of db: {e}")))
 }
 
 /// Fsyncs the files sled created under `blobs/` (named by their LSN, increasing) that no
@@ -548,10 +632,13 @@ impl BlobSync {
 
 /// Fault injection: the `test-hooks` build's [`FAIL_FLUSH_FILE_ENV`], or a file the crate's
 /// own tests name; empty (and never failing) in release builds.
-#[derive(Debug, Default)]
+#[derive(Clone, Debug, Default)]
 pub(crate) struct FlushFaults {
     #[cfg(any(test, feature = "test-hooks"))]
     file: Option<PathBuf>,
+    /// The crate's own tests: every flush finds "no space" while this file exists.
+    #[cfg(test)]
+    no_space_file: Option<PathBuf>,
 }
 
 impl FlushFaults {
@@ -564,7 +651,34 @@ impl FlushFaults {
                 .map(PathBuf::from),
             #[cfg(all(test, not(feature = "test-hooks")))]
             file: None,
+            #[cfg(test)]
+            no_space_file: None,
         }
+    }
+
+    /// Every flush finds no space (as if sled's `pwrite` had failed with ENOSPC) while `file`
+    /// exists.
+    #[cfg(test)]
+    pub(crate) fn no_space_while_exists(file: &Path) -> Self {
+        FlushFaults {
+            no_space_file: Some(file.to_owned()),
+            ..FlushFaults::default()
+        }
+    }
+
+    #[cfg(test)]
+    fn no_space(&self) -> Option<String> {
+        self.no_space_file.as_ref().filter(|f| f.exists()).map(|f| {
+            format!(
+                "No space left on device (os error 28) (test hook: {} exists)",
+                f.display()
+            )
+        })
+    }
+
+    #[cfg(not(test))]
+    fn no_space(&self) -> Option<String> {
+        None
     }
 
     /// Every flush fails while `file` exists.
@@ -572,6 +686,7 @@ impl FlushFaults {
     pub(crate) fn while_exists(file: &Path) -> Self {
         FlushFaults {
             file: Some(file.to_owned()),
+            ..FlushFaults::default()
         }
     }
 
@@ -614,6 +729,7 @@ mod tests {
             dir.to_owned(),
             Duration::from_millis(1),
             FlushFaults::default(),
+            Arc::new(Health::new(dir)),
         )
         .unwrap()
     }

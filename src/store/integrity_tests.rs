@@ -185,7 +185,8 @@ async fn undecodable_values_are_quarantined_and_the_rest_proceeds() {
             .unwrap();
     }
     store
-        .inner
+        .engine()
+        .unwrap()
         .devices
         .insert("b-bad", &b"{not json"[..])
         .unwrap();
@@ -194,9 +195,10 @@ async fn undecodable_values_are_quarantined_and_the_rest_proceeds() {
         .outbox_append(&[msg("a-good", b"1".to_vec())])
         .await
         .unwrap();
-    let between = store.inner.db.generate_id().unwrap();
+    let between = store.engine().unwrap().db.generate_id().unwrap();
     store
-        .inner
+        .engine()
+        .unwrap()
         .outbox
         .insert(between.to_be_bytes(), &[1u8, 0, 0][..])
         .unwrap();
@@ -204,7 +206,12 @@ async fn undecodable_values_are_quarantined_and_the_rest_proceeds() {
         .outbox_append(&[msg("c-good", b"2".to_vec())])
         .await
         .unwrap();
-    store.inner.outbox.insert(b"short", &b"x"[..]).unwrap();
+    store
+        .engine()
+        .unwrap()
+        .outbox
+        .insert(b"short", &b"x"[..])
+        .unwrap();
     store.durable().await.unwrap();
     // Reopened, as the daemon finds such a store: the counters include the garbage.
     drop(store);
@@ -252,7 +259,8 @@ async fn newer_records_are_never_quarantined() {
     let store = Store::open(&tmp.path().join("state"), &opts()).unwrap();
     let newer = format!(r#"{{"v":{},"etag":1}}"#, DEVICE_RECORD_VERSION + 1);
     store
-        .inner
+        .engine()
+        .unwrap()
         .devices
         .insert("future", newer.as_bytes())
         .unwrap();
@@ -261,5 +269,11 @@ async fn newer_records_are_never_quarantined() {
         Err(StoreError::NewerRecord { .. })
     ));
     assert_eq!(store.quarantined(), 0);
-    assert!(store.inner.devices.get("future").unwrap().is_some());
+    assert!(store
+        .engine()
+        .unwrap()
+        .devices
+        .get("future")
+        .unwrap()
+        .is_some());
 }

@@ -19,28 +19,33 @@
 mod batch;
 pub mod broker_state;
 mod codec;
+mod durability;
+mod engine;
 mod error;
 mod flusher;
 mod outbox;
 mod quarantine;
 mod records;
+mod reopen;
+mod space;
 mod token_seal;
 
 use std::fs;
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicU64;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::Duration;
 
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use crate::device_id::DeviceId;
-use flusher::{FlushFaults, GroupCommit};
+use engine::Engine;
+use flusher::FlushFaults;
+use space::Health;
 
 pub use batch::Batch;
-use batch::BatchTrees;
 use codec::{decode, decode_device, decode_token, encode, get, insert, remove, stored_etag};
 pub use error::StoreError;
 pub use flusher::BLOB_THRESHOLD;
@@ -51,6 +56,7 @@ pub use records::{
     OwnershipTokenRecord, ProvisionData, DEVICE_RECORD_VERSION, OUTBOX_MESSAGE_VERSION,
     TOKEN_RECORD_VERSION,
 };
+pub use space::{FullSince, StoreHealth};
 
 /// Schema version this build writes and the newest it can open.
 pub const SCHEMA_VERSION: u32 = 1;
@@ -64,7 +70,11 @@ pub const DEFAULT_MIN_COMMIT_INTERVAL_US: u64 = 1000;
 /// [`Store::wait_durable`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[must_use = "writes are durable only once `Store::wait_durable` resolves"]
-pub struct WriteTicket(u64);
+pub struct WriteTicket {
+    /// The open database ([`engine::Engine::generation`]) the writes went to.
+    generation: u64,
+    ticket: u64,
+}
 
 /// Tuning for [`Store::open`] (config section `[store]`).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -126,20 +136,18 @@ pub struct Store {
 
 struct Inner {
     dir: PathBuf,
-    // Declared first so that it drops (joining the flusher thread) before the trees and `db`.
-    commit: GroupCommit,
-    db: sled::Db,
-    devices: sled::Tree,
-    secrets: sled::Tree,
-    tokens: sled::Tree,
-    operations: sled::Tree,
-    enrollment_groups: sled::Tree,
-    device_groups: sled::Tree,
-    broker_retained: sled::Tree,
-    broker_sessions: sled::Tree,
-    outbox: sled::Tree,
-    meta: sled::Tree,
-    quarantine: sled::Tree,
+    opts: StoreOptions,
+    faults: FlushFaults,
+    /// The open sled database; `None` only while a reopen is under way (`reopen.rs`).
+    engine: RwLock<Option<Arc<Engine>>>,
+    /// Held shared by every write for its synchronous part, exclusively by a reopen while it
+    /// copies the outbox and swaps the database: no write can fall between the two.
+    write_gate: RwLock<()>,
+    health: Arc<Health>,
+    /// Outbox deletions made while the store was full, applied at the next reopen.
+    pending_removals: Mutex<Vec<u64>>,
+    /// The thread that reopens the store once space is back (`reopen.rs`).
+    recovery: Mutex<Option<std::thread::JoinHandle<()>>>,
     /// Seals ownership tokens at rest once set ([`Store::seal_tokens_with`]).
     sealer: std::sync::OnceLock<Arc<crate::identity::Sealer>>,
     /// Values moved to `quarantine` since open (metric).
@@ -149,6 +157,26 @@ struct Inner {
     device_writes: Arc<Mutex<()>>,
     outbox_len: AtomicU64,
     outbox_bytes: AtomicU64,
+    /// Flushes and synced blobs of the databases a reopen replaced (metrics).
+    flushes_before: AtomicU64,
+    blobs_before: AtomicU64,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        self.health.close();
+        let handle = self
+            .recovery
+            .get_mut()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        // The recovery thread itself may drop the last handle; it must not join itself.
+        if let Some(h) = handle.filter(|h| h.thread().id() != std::thread::current().id()) {
+            if h.join().is_err() {
+                tracing::error!("the store recovery thread panicked");
+            }
+        }
+    }
 }
 
 impl std::fmt::Debug for Store {
@@ -182,82 +210,54 @@ impl Store {
         Self::open_with(dir, opts, FlushFaults::while_exists(fault_file))
     }
 
+    /// [`Store::open`] whose flushes find no space while `file` exists (the crate's own
+    /// tests of the disk-full recovery).
+    #[cfg(test)]
+    pub(crate) fn open_no_space_while(
+        dir: &Path,
+        opts: &StoreOptions,
+        file: &Path,
+    ) -> Result<Self, StoreError> {
+        Self::open_with(dir, opts, FlushFaults::no_space_while_exists(file))
+    }
+
     fn open_with(dir: &Path, opts: &StoreOptions, faults: FlushFaults) -> Result<Self, StoreError> {
         prepare_dir(dir)?;
-        let db = sled::Config::new()
-            .path(dir)
-            .cache_capacity(opts.cache_capacity)
-            .flush_every_ms(opts.flush_interval_ms)
-            .open()
-            .map_err(|source| StoreError::Open {
-                dir: dir.to_owned(),
-                source,
-            })?;
-        let tree = |name: &'static str| {
-            db.open_tree(name).map_err(|source| StoreError::Sled {
-                tree: name,
-                op: "open_tree",
-                source,
-            })
-        };
-        let meta = tree(META)?;
-        check_schema(dir, &meta)?;
-        let outbox = tree(OUTBOX)?;
-        let (mut len, mut bytes) = (0u64, 0u64);
-        for entry in outbox.iter() {
-            let (_, v) = entry.map_err(|source| StoreError::Sled {
-                tree: OUTBOX,
-                op: "scan",
-                source,
-            })?;
-            len += 1;
-            bytes += v.len() as u64;
-        }
+        let health = Arc::new(Health::new(dir));
         let device_writes = Arc::new(Mutex::new(()));
-        let trees = BatchTrees {
-            devices: tree(DEVICES)?,
-            secrets: tree(SECRETS)?,
-            tokens: tree(TOKENS)?,
-            operations: tree(RecordTree::Operations.name())?,
-            enrollment_groups: tree(RecordTree::EnrollmentGroups.name())?,
-            device_groups: tree(RecordTree::DeviceGroups.name())?,
-            meta: meta.clone(),
-            device_writes: Arc::clone(&device_writes),
-        };
+        let engine = Engine::open(
+            dir,
+            engine::OpenWith {
+                opts,
+                faults: faults.clone(),
+                health: Arc::clone(&health),
+                device_writes: Arc::clone(&device_writes),
+                generation: 1,
+            },
+        )?;
+        let (len, bytes) = engine.outbox_size()?;
         let inner = Inner {
             dir: dir.to_owned(),
-            devices: trees.devices.clone(),
-            secrets: trees.secrets.clone(),
-            tokens: trees.tokens.clone(),
-            operations: trees.operations.clone(),
-            enrollment_groups: trees.enrollment_groups.clone(),
-            device_groups: trees.device_groups.clone(),
-            broker_retained: tree(broker_state::BROKER_RETAINED)?,
-            broker_sessions: tree(broker_state::BROKER_SESSIONS)?,
-            commit: GroupCommit::start(
-                db.clone(),
-                trees,
-                dir.to_owned(),
-                opts.min_commit_interval,
-                faults,
-            )
-            .map_err(|source| StoreError::FlusherThread {
-                dir: dir.to_owned(),
-                source,
-            })?,
-            outbox,
-            meta,
-            quarantine: tree(quarantine::QUARANTINE)?,
+            opts: opts.clone(),
+            faults,
+            engine: RwLock::new(Some(Arc::new(engine))),
+            write_gate: RwLock::new(()),
+            health,
+            pending_removals: Mutex::new(Vec::new()),
+            recovery: Mutex::new(None),
             quarantined: AtomicU64::new(0),
             sealer: std::sync::OnceLock::new(),
-            db,
             device_writes,
             outbox_len: AtomicU64::new(len),
             outbox_bytes: AtomicU64::new(bytes),
+            flushes_before: AtomicU64::new(0),
+            blobs_before: AtomicU64::new(0),
         };
-        Ok(Store {
+        let store = Store {
             inner: Arc::new(inner),
-        })
+        };
+        store.start_recovery()?;
+        Ok(store)
     }
 
     /// The state directory.
@@ -265,78 +265,12 @@ impl Store {
         &self.inner.dir
     }
 
-    /// Resolves after a flush that began after this call has finished (group commit): every
-    /// write made before the call is then on disk.
-    pub async fn durable(&self) -> Result<(), StoreError> {
-        self.inner
-            .commit
-            .durable()
-            .await
-            .map_err(|message| StoreError::Flush {
-                dir: self.inner.dir.clone(),
-                message,
-            })
-    }
-
-    /// A ticket for every write made so far, with their flush started; [`Store::wait_durable`]
-    /// resolves once they are on disk. Lets a writer go on while the flush runs.
-    pub fn write_ticket(&self) -> WriteTicket {
-        WriteTicket(self.inner.commit.ticket())
-    }
-
-    /// Resolves once the writes `ticket` covers are on disk. An error is final: after a
-    /// failed flush the store reports nothing durable any more ([`Store::fatal_error`]).
-    pub async fn wait_durable(&self, ticket: WriteTicket) -> Result<(), StoreError> {
-        self.inner
-            .commit
-            .wait(ticket.0)
-            .await
-            .map_err(|message| StoreError::Flush {
-                dir: self.inner.dir.clone(),
-                message,
-            })
-    }
-
-    /// Blocking [`Store::durable`] for non-async contexts (shutdown, CLI tools). Do not call it
-    /// on an async runtime thread.
-    pub fn flush_blocking(&self) -> Result<(), StoreError> {
-        self.inner
-            .commit
-            .durable_blocking()
-            .map_err(|message| StoreError::Flush {
-                dir: self.inner.dir.clone(),
-                message,
-            })
-    }
-
-    /// Flushes (fsyncs) done by the group-commit thread since open, for metrics.
-    pub fn flush_count(&self) -> u64 {
-        self.inner.commit.flushes()
-    }
-
-    /// Blob files (`blobs/`, sled's out-of-log pages) fsynced since open.
-    pub fn blobs_synced(&self) -> u64 {
-        self.inner.commit.blobs_synced()
-    }
-
-    /// The flush failure that stopped the store, if one happened: from then on no write is
-    /// reported durable (see `flusher`), and the daemon must exit so that recovery replays.
-    pub fn fatal_error(&self) -> Option<String> {
-        self.inner.commit.fatal()
-    }
-
-    /// Resolves with the message of the flush failure that stopped the store; pending while
-    /// the store is healthy.
-    pub async fn failed(&self) -> String {
-        self.inner.commit.failed().await
-    }
-
     // ---- devices ----
 
     /// The device's record, if any.
     /// An undecodable record is moved to quarantine and reads as absent.
     pub fn device(&self, id: &DeviceId) -> Result<Option<DeviceRecord>, StoreError> {
-        match get(&self.inner.devices, DEVICES, id.as_str())? {
+        match get(&self.engine()?.devices, DEVICES, id.as_str())? {
             Some(v) => self.device_or_quarantine(id.as_str().as_bytes(), &v),
             None => Ok(None),
         }
@@ -345,10 +279,11 @@ impl Store {
     /// All device records in id order; undecodable ones are moved to quarantine and skipped.
     pub fn devices(&self) -> impl Iterator<Item = Result<DeviceRecord, StoreError>> {
         let store = self.clone();
-        self.inner
-            .devices
-            .iter()
+        let (iter, failed) = split(self.engine().map(|e| e.devices.iter()));
+        iter.into_iter()
+            .flatten()
             .filter_map(move |entry| store.scanned_device(entry))
+            .chain(failed)
     }
 
     fn scanned_device(
@@ -377,32 +312,37 @@ impl Store {
             None => Bound::Unbounded,
         };
         let store = self.clone();
-        self.inner
-            .devices
-            .range::<Vec<u8>, _>((start, Bound::Unbounded))
+        let (iter, failed) = split(
+            self.engine()
+                .map(|e| e.devices.range::<Vec<u8>, _>((start, Bound::Unbounded))),
+        );
+        iter.into_iter()
+            .flatten()
             .filter_map(move |entry| store.scanned_device(entry))
+            .chain(failed)
     }
 
     /// Number of device records.
     pub fn device_count(&self) -> usize {
-        self.inner.devices.len()
+        self.engine().map_or(0, |e| e.devices.len())
     }
 
     /// Writes `rec` (under `rec.id`), its etag becoming the stored etag + 1; durable on return.
     pub async fn put_device(&self, rec: &DeviceRecord) -> Result<(), StoreError> {
-        self.put_device_now(rec)?;
+        self.put_device_now(rec).map_err(|e| self.noted(e))?;
         self.durable().await
     }
 
     fn put_device_now(&self, rec: &DeviceRecord) -> Result<(), StoreError> {
         let key = rec.id.as_str();
+        let (_gate, eng) = self.write_gate()?;
         let _guard = self.device_lock();
         // Only the stored etag matters here: skip decoding the whole previous record.
-        let found = match get(&self.inner.devices, DEVICES, key)? {
+        let found = match get(&eng.devices, DEVICES, key)? {
             Some(v) => match stored_etag(key, &v) {
                 Ok(etag) => Some(etag),
                 Err(e) if quarantine::is_damage(&e) => {
-                    self.quarantine(DEVICES, &self.inner.devices, key.as_bytes(), &v, &e)?;
+                    self.quarantine(DEVICES, &eng.devices, key.as_bytes(), &v, &e)?;
                     None
                 }
                 Err(e) => return Err(e),
@@ -412,12 +352,7 @@ impl Store {
         let mut next = rec.clone();
         next.etag = found.unwrap_or(0) + 1;
         self.seal_device(&mut next);
-        insert(
-            &self.inner.devices,
-            DEVICES,
-            key,
-            encode(DEVICES, key, &next)?,
-        )
+        insert(&eng.devices, DEVICES, key, encode(DEVICES, key, &next)?)
     }
 
     /// Compare-and-swap update: when `expected_etag` is given the stored etag must equal it
@@ -430,7 +365,9 @@ impl Store {
         expected_etag: Option<u64>,
         f: impl FnOnce(Option<DeviceRecord>) -> Option<DeviceRecord>,
     ) -> Result<DeviceRecord, StoreError> {
-        let (rec, changed) = self.update_device_now(id, expected_etag, f)?;
+        let (rec, changed) = self
+            .update_device_now(id, expected_etag, f)
+            .map_err(|e| self.noted(e))?;
         if changed {
             self.durable().await?;
         }
@@ -443,6 +380,7 @@ impl Store {
         expected_etag: Option<u64>,
         f: impl FnOnce(Option<DeviceRecord>) -> Option<DeviceRecord>,
     ) -> Result<(DeviceRecord, bool), StoreError> {
+        let (_gate, eng) = self.write_gate()?;
         let _guard = self.device_lock();
         let current = self.device(id)?;
         let found = current.as_ref().map(|r| r.etag);
@@ -465,8 +403,7 @@ impl Store {
                 let mut stored = next.clone();
                 self.seal_device(&mut stored);
                 let bytes = encode(DEVICES, id.as_str(), &stored)?;
-                self.inner
-                    .devices
+                eng.devices
                     .insert(id.as_str(), bytes)
                     .map_err(|source| StoreError::Sled {
                         tree: DEVICES,
@@ -496,18 +433,26 @@ impl Store {
 
     /// Stores a device's secret (opaque, sealed by the caller when configured); durable on return.
     pub async fn put_secret(&self, id: &DeviceId, sealed: &[u8]) -> Result<(), StoreError> {
-        insert(&self.inner.secrets, SECRETS, id.as_str(), sealed.to_vec())?;
+        {
+            let (_gate, eng) = self.write_gate()?;
+            insert(&eng.secrets, SECRETS, id.as_str(), sealed.to_vec())
+        }
+        .map_err(|e| self.noted(e))?;
         self.durable().await
     }
 
     /// A device's secret bytes, if stored.
     pub fn secret(&self, id: &DeviceId) -> Result<Option<Vec<u8>>, StoreError> {
-        Ok(get(&self.inner.secrets, SECRETS, id.as_str())?.map(|v| v.to_vec()))
+        Ok(get(&self.engine()?.secrets, SECRETS, id.as_str())?.map(|v| v.to_vec()))
     }
 
     /// Deletes a device's secret; true if one existed. Durable on return.
     pub async fn remove_secret(&self, id: &DeviceId) -> Result<bool, StoreError> {
-        let existed = remove(&self.inner.secrets, SECRETS, id.as_str())?;
+        let existed = {
+            let (_gate, eng) = self.write_gate()?;
+            remove(&eng.secrets, SECRETS, id.as_str())
+        }
+        .map_err(|e| self.noted(e))?;
         self.durable().await?;
         Ok(existed)
     }
@@ -519,18 +464,18 @@ impl Store {
         let key = rec.device.as_str();
         let mut stored = rec.clone();
         self.seal_token_record(&mut stored);
-        insert(
-            &self.inner.tokens,
-            TOKENS,
-            key,
-            encode(TOKENS, key, &stored)?,
-        )?;
+        let bytes = encode(TOKENS, key, &stored)?;
+        {
+            let (_gate, eng) = self.write_gate()?;
+            insert(&eng.tokens, TOKENS, key, bytes)
+        }
+        .map_err(|e| self.noted(e))?;
         self.durable().await
     }
 
     /// A device's ownership token, if stored.
     pub fn token(&self, id: &DeviceId) -> Result<Option<OwnershipTokenRecord>, StoreError> {
-        get(&self.inner.tokens, TOKENS, id.as_str())?
+        get(&self.engine()?.tokens, TOKENS, id.as_str())?
             .map(|v| self.open_token_record(decode_token(id.as_str(), &v)?))
             .transpose()
     }
@@ -538,32 +483,32 @@ impl Store {
     /// All stored ownership tokens in device id order.
     pub fn tokens(&self) -> impl Iterator<Item = Result<OwnershipTokenRecord, StoreError>> {
         let store = self.clone();
-        self.inner.tokens.iter().map(move |entry| {
-            let (k, v) = entry.map_err(|source| StoreError::Sled {
-                tree: TOKENS,
-                op: "scan",
-                source,
-            })?;
-            store.open_token_record(decode_token(&String::from_utf8_lossy(&k), &v)?)
-        })
+        let (iter, failed) = split(self.engine().map(|e| e.tokens.iter()));
+        iter.into_iter()
+            .flatten()
+            .map(move |entry| {
+                let (k, v) = entry.map_err(|source| StoreError::Sled {
+                    tree: TOKENS,
+                    op: "scan",
+                    source,
+                })?;
+                store.open_token_record(decode_token(&String::from_utf8_lossy(&k), &v)?)
+            })
+            .chain(failed)
     }
 
     /// Deletes a device's ownership token; true if one existed. Durable on return.
     pub async fn remove_token(&self, id: &DeviceId) -> Result<bool, StoreError> {
-        let existed = remove(&self.inner.tokens, TOKENS, id.as_str())?;
+        let existed = {
+            let (_gate, eng) = self.write_gate()?;
+            remove(&eng.tokens, TOKENS, id.as_str())
+        }
+        .map_err(|e| self.noted(e))?;
         self.durable().await?;
         Ok(existed)
     }
 
     // ---- operations, enrollment groups, device groups ----
-
-    fn record_tree(&self, tree: RecordTree) -> &sled::Tree {
-        match tree {
-            RecordTree::Operations => &self.inner.operations,
-            RecordTree::EnrollmentGroups => &self.inner.enrollment_groups,
-            RecordTree::DeviceGroups => &self.inner.device_groups,
-        }
-    }
 
     /// Stores a record under `key`; durable on return.
     pub async fn put_record<T: Serialize>(
@@ -573,7 +518,11 @@ impl Store {
         value: &T,
     ) -> Result<(), StoreError> {
         let bytes = encode(tree.name(), key, value)?;
-        insert(self.record_tree(tree), tree.name(), key, bytes)?;
+        {
+            let (_gate, eng) = self.write_gate()?;
+            insert(eng.record_tree(tree), tree.name(), key, bytes)
+        }
+        .map_err(|e| self.noted(e))?;
         self.durable().await
     }
 
@@ -583,7 +532,7 @@ impl Store {
         tree: RecordTree,
         key: &str,
     ) -> Result<Option<T>, StoreError> {
-        get(self.record_tree(tree), tree.name(), key)?
+        get(self.engine()?.record_tree(tree), tree.name(), key)?
             .map(|v| decode(tree.name(), key, &v))
             .transpose()
     }
@@ -594,21 +543,29 @@ impl Store {
         tree: RecordTree,
     ) -> impl Iterator<Item = Result<(String, T), StoreError>> {
         let name = tree.name();
-        self.record_tree(tree).iter().map(move |entry| {
-            let (k, v) = entry.map_err(|source| StoreError::Sled {
-                tree: name,
-                op: "scan",
-                source,
-            })?;
-            let key = String::from_utf8_lossy(&k).into_owned();
-            let value = decode(name, &key, &v)?;
-            Ok((key, value))
-        })
+        let (iter, failed) = split(self.engine().map(|e| e.record_tree(tree).iter()));
+        iter.into_iter()
+            .flatten()
+            .map(move |entry| {
+                let (k, v) = entry.map_err(|source| StoreError::Sled {
+                    tree: name,
+                    op: "scan",
+                    source,
+                })?;
+                let key = String::from_utf8_lossy(&k).into_owned();
+                let value = decode(name, &key, &v)?;
+                Ok((key, value))
+            })
+            .chain(failed)
     }
 
     /// Deletes the record under `key`; true if one existed. Durable on return.
     pub async fn remove_record(&self, tree: RecordTree, key: &str) -> Result<bool, StoreError> {
-        let existed = remove(self.record_tree(tree), tree.name(), key)?;
+        let existed = {
+            let (_gate, eng) = self.write_gate()?;
+            remove(eng.record_tree(tree), tree.name(), key)
+        }
+        .map_err(|e| self.noted(e))?;
         self.durable().await?;
         Ok(existed)
     }
@@ -617,19 +574,23 @@ impl Store {
 
     /// A `meta` value.
     pub fn meta(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
-        Ok(get(&self.inner.meta, META, key)?.map(|v| v.to_vec()))
+        Ok(get(&self.engine()?.meta, META, key)?.map(|v| v.to_vec()))
     }
 
     /// Stores a `meta` value (the schema key is reserved); durable on return.
     pub async fn put_meta(&self, key: &str, value: &[u8]) -> Result<(), StoreError> {
         check_meta_key(key)?;
-        insert(&self.inner.meta, META, key, value.to_vec())?;
+        {
+            let (_gate, eng) = self.write_gate()?;
+            insert(&eng.meta, META, key, value.to_vec())
+        }
+        .map_err(|e| self.noted(e))?;
         self.durable().await
     }
 
     /// The schema version stored in `meta`.
     pub fn schema_version(&self) -> Result<u32, StoreError> {
-        read_schema(&self.inner.dir, &self.inner.meta)?.ok_or_else(|| {
+        read_schema(&self.inner.dir, &self.engine()?.meta)?.ok_or_else(|| {
             StoreError::BadSchemaVersion {
                 dir: self.inner.dir.clone(),
                 len: 0,
@@ -686,6 +647,15 @@ pub async fn bench_group_commit(
         "group commit benchmark"
     );
     Ok(written / elapsed.max(f64::EPSILON))
+}
+
+/// An iterator over a tree of the open database, or the error that there is none (a reopen
+/// under way) to yield once instead.
+fn split<I, T>(r: Result<I, StoreError>) -> (Option<I>, Option<Result<T, StoreError>>) {
+    match r {
+        Ok(iter) => (Some(iter), None),
+        Err(e) => (None, Some(Err(e))),
+    }
 }
 
 fn prepare_dir(dir: &Path) -> Result<(), StoreError> {
@@ -770,6 +740,8 @@ fn check_meta_key(key: &str) -> Result<(), StoreError> {
 mod corrupt_tests;
 #[cfg(test)]
 mod integrity_tests;
+#[cfg(test)]
+mod space_tests;
 #[cfg(test)]
 mod tests;
 #[cfg(test)]

@@ -35,17 +35,17 @@ impl Store {
         if msgs.is_empty() {
             return Ok((Vec::new(), self.write_ticket()));
         }
+        let gated = self.write_gate();
+        let (_gate, eng) = gated?;
         let mut seqs = Vec::with_capacity(msgs.len());
         for _ in msgs {
-            let seq = self
-                .inner
-                .db
-                .generate_id()
-                .map_err(|source| StoreError::Sled {
+            let seq = eng.db.generate_id().map_err(|source| {
+                self.noted(StoreError::Sled {
                     tree: OUTBOX,
                     op: "generate_id",
                     source,
-                })?;
+                })
+            })?;
             seqs.push(seq);
         }
         // Plain inserts, not one `apply_batch`: a batch seals sled's log buffer, which wakes
@@ -59,26 +59,26 @@ impl Store {
             // below the true size.
             self.inner.outbox_len.fetch_add(1, Ordering::Relaxed);
             self.inner.outbox_bytes.fetch_add(len, Ordering::Relaxed);
-            if let Err(source) = self.inner.outbox.insert(seq.to_be_bytes(), value) {
+            if let Err(source) = eng.outbox.insert(seq.to_be_bytes(), value) {
                 self.inner.outbox_len.fetch_sub(1, Ordering::Relaxed);
                 self.inner.outbox_bytes.fetch_sub(len, Ordering::Relaxed);
                 // The caller retries the whole batch; take back what went in (if sled lets
                 // us: what stays is sent twice, never lost).
-                let _ = self.outbox_take_back(&seqs[..i]);
-                return Err(StoreError::Sled {
+                let _ = self.outbox_take_back(&eng.outbox, &seqs[..i]);
+                return Err(self.noted(StoreError::Sled {
                     tree: OUTBOX,
                     op: "insert",
                     source,
-                });
+                }));
             }
         }
         Ok((seqs, self.write_ticket()))
     }
 
     /// Removes entries of a failed insert again (no flush of its own), adjusting the counters.
-    fn outbox_take_back(&self, seqs: &[u64]) -> Result<(), sled::Error> {
+    fn outbox_take_back(&self, outbox: &sled::Tree, seqs: &[u64]) -> Result<(), sled::Error> {
         for seq in seqs {
-            if let Some(old) = self.inner.outbox.remove(seq.to_be_bytes())? {
+            if let Some(old) = outbox.remove(seq.to_be_bytes())? {
                 self.inner.outbox_len.fetch_sub(1, Ordering::Relaxed);
                 self.inner
                     .outbox_bytes
@@ -100,7 +100,8 @@ impl Store {
         if limit == 0 {
             return Ok(out);
         }
-        for entry in self.inner.outbox.range(from_seq.to_be_bytes()..) {
+        let eng = self.engine()?;
+        for entry in eng.outbox.range(from_seq.to_be_bytes()..) {
             let (k, v) = entry.map_err(|source| StoreError::Sled {
                 tree: OUTBOX,
                 op: "scan",
@@ -109,10 +110,7 @@ impl Store {
             match decode_entry(&k, &v) {
                 Ok(found) => out.push(found),
                 Err(e) if is_damage(&e) => {
-                    if self
-                        .quarantine(OUTBOX, &self.inner.outbox, &k, &v, &e)?
-                        .is_some()
-                    {
+                    if self.quarantine(OUTBOX, &eng.outbox, &k, &v, &e)?.is_some() {
                         self.inner.outbox_len.fetch_sub(1, Ordering::Relaxed);
                         self.inner
                             .outbox_bytes
@@ -132,12 +130,20 @@ impl Store {
     /// removed. Durable on return; the flush is shared with the next append's, or started
     /// after at most [`REMOVE_FLUSH_WITHIN`]. The counters drop only once the flush is done,
     /// so `outbox_len() == 0` means the outbox is durably empty.
+    ///
+    /// While the store is full (see `space.rs`) the deletions are kept in memory, applied at
+    /// the reopen, and durable with the first flush after it; a crash before that sends the
+    /// messages once more, a duplicate, never a loss.
     pub async fn outbox_remove(&self, seqs: &[u64]) -> Result<usize, StoreError> {
+        if self.inner.health.is_full() {
+            return Ok(self.outbox_remove_while_full(seqs));
+        }
+        let eng = self.engine()?;
         let mut removed = 0usize;
         let mut bytes = 0u64;
         let mut failed = None;
         for seq in seqs {
-            match self.inner.outbox.remove(seq.to_be_bytes()) {
+            match eng.outbox.remove(seq.to_be_bytes()) {
                 Ok(Some(old)) => {
                     removed += 1;
                     bytes += old.len() as u64;
@@ -154,14 +160,10 @@ impl Store {
             }
         }
         let flushed = if removed > 0 {
-            self.inner
-                .commit
+            eng.commit
                 .durable_within(REMOVE_FLUSH_WITHIN)
                 .await
-                .map_err(|message| StoreError::Flush {
-                    dir: self.inner.dir.clone(),
-                    message,
-                })
+                .map_err(|e| self.flush_error(e))
         } else {
             Ok(())
         };
@@ -172,9 +174,17 @@ impl Store {
             .fetch_sub(removed as u64, Ordering::Relaxed);
         self.inner.outbox_bytes.fetch_sub(bytes, Ordering::Relaxed);
         if let Some(e) = failed {
+            let e = self.noted(e);
+            if e.is_full() {
+                self.keep_removals(seqs);
+            }
             return Err(e);
         }
-        flushed.map(|()| removed)
+        flushed.map(|()| removed).inspect_err(|e| {
+            if e.is_full() {
+                self.keep_removals(seqs);
+            }
+        })
     }
 
     /// Messages in the outbox.

@@ -47,7 +47,8 @@ impl Store {
         qkey.extend_from_slice(name.as_bytes());
         qkey.push(b'/');
         qkey.extend_from_slice(key);
-        let moved = (tree, &self.inner.quarantine)
+        let eng = self.engine()?;
+        let moved = (tree, &eng.quarantine)
             .transaction(|(src, q)| {
                 let old = src.get(key)?;
                 match old {
@@ -90,7 +91,7 @@ impl Store {
         match decode_device(&String::from_utf8_lossy(key), value) {
             Ok(rec) => self.open_device(rec).map(Some),
             Err(e) if is_damage(&e) => {
-                self.quarantine(DEVICES, &self.inner.devices, key, value, &e)?;
+                self.quarantine(DEVICES, &self.engine()?.devices, key, value, &e)?;
                 Ok(None)
             }
             Err(e) => Err(e),
@@ -105,7 +106,7 @@ impl Store {
 
     /// Every quarantined value: (`<tree>/<key>` lossy UTF-8, bytes as found).
     pub fn quarantine_entries(&self) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
-        self.inner
+        self.engine()?
             .quarantine
             .iter()
             .map(|entry| {

@@ -171,7 +171,7 @@ fn newer_schema_is_refused_with_the_directory_named() {
         let store = Store::open(tmp.path(), &opts()).unwrap();
         // Simulate a future release having written the store.
         insert(
-            &store.inner.meta,
+            &store.engine().unwrap().meta,
             META,
             SCHEMA_VERSION_KEY,
             (SCHEMA_VERSION + 1).to_be_bytes().to_vec(),
@@ -450,7 +450,7 @@ async fn newer_device_record_is_reported_not_misread() {
     let store = Store::open(tmp.path(), &opts()).unwrap();
     let future = serde_json::json!({"v": 9, "id": "x", "state": "quantumEntangled"});
     insert(
-        &store.inner.devices,
+        &store.engine().unwrap().devices,
         DEVICES,
         "x",
         serde_json::to_vec(&future).unwrap(),
@@ -481,7 +481,7 @@ async fn concurrent_writers_share_fsyncs() {
     while let Some(r) = tasks.join_next().await {
         r.unwrap();
     }
-    assert_eq!(store.inner.secrets.len(), 320);
+    assert_eq!(store.engine().unwrap().secrets.len(), 320);
     assert!(
         store.flush_count() < 320,
         "320 writes from 32 writers took {} flushes",
@@ -493,7 +493,7 @@ async fn concurrent_writers_share_fsyncs() {
 fn flush_blocking_works_outside_a_runtime() {
     let tmp = tempfile::tempdir().unwrap();
     let store = Store::open(tmp.path(), &opts()).unwrap();
-    insert(&store.inner.meta, META, "k", b"v".to_vec()).unwrap();
+    insert(&store.engine().unwrap().meta, META, "k", b"v".to_vec()).unwrap();
     store.flush_blocking().unwrap();
     assert!(store.flush_count() >= 1);
 }

@@ -69,13 +69,14 @@ async fn tokens_are_sealed_in_both_trees_and_read_back_in_clear() {
         .unwrap();
 
     for d in ["dev-a", "dev-b"] {
-        let on_disk = raw(&store.inner.devices, d) + &raw(&store.inner.tokens, d);
+        let on_disk =
+            raw(&store.engine().unwrap().devices, d) + &raw(&store.engine().unwrap().tokens, d);
         assert!(!on_disk.contains(TOKEN), "{d}: token in clear: {on_disk}");
         assert!(on_disk.contains(token_seal::SEALED_PREFIX), "{on_disk}");
         assert_eq!(token_of(&store.device(&id(d)).unwrap().unwrap()), TOKEN);
         assert_eq!(store.token(&id(d)).unwrap().unwrap().token.expose(), TOKEN);
     }
-    assert!(!raw(&store.inner.devices, "dev-c").contains(TOKEN));
+    assert!(!raw(&store.engine().unwrap().devices, "dev-c").contains(TOKEN));
     let all: Vec<_> = store.tokens().collect::<Result<_, _>>().unwrap();
     assert!(all.iter().all(|t| t.token.expose() == TOKEN));
 }
@@ -89,10 +90,11 @@ async fn a_sealed_token_moved_to_another_device_or_read_without_the_key_is_refus
     store.put_token(&token_record("victim")).await.unwrap();
     store.put_token(&token_record("thief")).await.unwrap();
     // Swap the victim's sealed token into the thief's record (same JSON otherwise).
-    let victim = raw(&store.inner.tokens, "victim");
+    let victim = raw(&store.engine().unwrap().tokens, "victim");
     let swapped = victim.replace("\"victim\"", "\"thief\"");
     store
-        .inner
+        .engine()
+        .unwrap()
         .tokens
         .insert("thief", swapped.as_bytes())
         .unwrap();
@@ -113,7 +115,7 @@ async fn clear_tokens_from_before_the_key_still_read_and_are_sealed_when_rewritt
     let dir = tmp.path().join("s");
     let store = Store::open(&dir, &StoreOptions::default()).unwrap();
     store.put_device(&issued("old")).await.unwrap();
-    assert!(raw(&store.inner.devices, "old").contains(TOKEN));
+    assert!(raw(&store.engine().unwrap().devices, "old").contains(TOKEN));
     drop(store);
 
     let store = Store::open(&dir, &StoreOptions::default()).unwrap();
@@ -124,6 +126,6 @@ async fn clear_tokens_from_before_the_key_still_read_and_are_sealed_when_rewritt
         .update_device(&id("old"), Some(rec.etag), |r| r)
         .await
         .unwrap();
-    assert!(!raw(&store.inner.devices, "old").contains(TOKEN));
+    assert!(!raw(&store.engine().unwrap().devices, "old").contains(TOKEN));
     assert_eq!(token_of(&store.device(&id("old")).unwrap().unwrap()), TOKEN);
 }
