@@ -21,7 +21,6 @@ use serde_json::Value;
 
 use common::device::{connect_retrying, provision};
 use common::free_port;
-use common::http::http_within;
 use common::messages;
 use common::mqtt_client::ClientEvent;
 use common::process::{EmulatorProcess, Fleetgw};
@@ -74,28 +73,13 @@ async fn metrics(socket: &Path) -> String {
 
 /// Payloads the emulator recorded for `thing`.
 async fn recorded(emu: &EmulatorProcess, thing: &str) -> Vec<String> {
-    let (status, list) = http_within(
-        emu.api,
-        "GET",
-        &format!("/messages?clientId={thing}"),
-        None,
-        LIMIT,
-    )
-    .await;
-    assert_eq!(status, 200, "{list}");
-    list.as_array()
-        .unwrap()
-        .iter()
-        .map(|m: &Value| String::from_utf8(messages::payload(m)).unwrap())
-        .collect()
+    messages::recorded_payloads(emu.api, thing, LIMIT).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_disk_is_ridden_out_without_an_ack_that_is_not_durable_and_resumes_by_itself() {
     let tmp = tempfile::tempdir().unwrap();
-    let emu_dir = tmp.path().join("emu");
-    std::fs::create_dir(&emu_dir).unwrap();
-    let emu = EmulatorProcess::start(&emu_dir, tmp.path().join("emu.log"), |l| l).await;
+    let emu = EmulatorProcess::start_in(tmp.path()).await;
     let state = tmp.path().join("state");
     let socket = state.with_extension("sock");
     let port = free_port();

@@ -26,7 +26,6 @@ use serde_json::Value;
 
 use common::device::{connect_retrying, provision};
 use common::free_port;
-use common::http::http_within;
 use common::messages;
 use common::process::{EmulatorProcess, Fleetgw};
 use common::wait::eventually_async;
@@ -44,20 +43,7 @@ fn start_daemon(emu: &EmulatorProcess, state: &Path, port: u16, fault: &Path) ->
 
 /// Payloads the emulator recorded for `thing`.
 async fn recorded(emu: &EmulatorProcess, thing: &str) -> Vec<String> {
-    let (status, list) = http_within(
-        emu.api,
-        "GET",
-        &format!("/messages?clientId={thing}"),
-        None,
-        LIMIT,
-    )
-    .await;
-    assert_eq!(status, 200, "{list}");
-    list.as_array()
-        .unwrap()
-        .iter()
-        .map(|m: &Value| String::from_utf8(messages::payload(m)).unwrap())
-        .collect()
+    messages::recorded_payloads(emu.api, thing, LIMIT).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -28,39 +28,8 @@ pub async fn http_within(
     body: Option<&str>,
     within: Duration,
 ) -> (u16, Value) {
-    let exchange = async {
-        let stream = TcpStream::connect(addr).await.expect("connect to the API");
-        let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-            .await
-            .expect("HTTP handshake");
-        tokio::spawn(connection);
-        let request = hyper::Request::builder()
-            .method(method)
-            .uri(path)
-            .header(hyper::header::HOST, addr.to_string())
-            .header(hyper::header::CONTENT_TYPE, "application/json")
-            .body(Full::new(Bytes::from(body.unwrap_or("").to_string())))
-            .expect("a valid request");
-        let response = sender.send_request(request).await.expect("HTTP response");
-        let status = response.status().as_u16();
-        let bytes = response
-            .into_body()
-            .collect()
-            .await
-            .expect("response body")
-            .to_bytes();
-        (status, bytes)
-    };
-    let (status, bytes) = timeout(within, exchange)
-        .await
-        .unwrap_or_else(|_| panic!("{method} {path}: no answer within {within:?}"));
-    let value = if bytes.is_empty() {
-        Value::Null
-    } else {
-        serde_json::from_slice(&bytes)
-            .unwrap_or_else(|e| panic!("{method} {path}: {e}: {}", String::from_utf8_lossy(&bytes)))
-    };
-    (status, value)
+    let json = [("content-type", "application/json".to_string())];
+    exchange(addr, method, path, &json, body.unwrap_or("").as_bytes(), within).await
 }
 
 /// [`http`] with extra request headers (e.g. the Publish API's `x-amz-mqtt5-*`) and a raw
@@ -71,6 +40,18 @@ pub async fn http_with_headers(
     path: &str,
     headers: &[(&str, String)],
     body: &[u8],
+) -> (u16, Value) {
+    exchange(addr, method, path, headers, body, WAIT).await
+}
+
+/// One request with `headers` and `body` on a fresh connection, bounded by `within`.
+async fn exchange(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, String)],
+    body: &[u8],
+    within: Duration,
 ) -> (u16, Value) {
     let exchange = async {
         let stream = TcpStream::connect(addr).await.expect("connect to the API");
@@ -98,9 +79,9 @@ pub async fn http_with_headers(
             .to_bytes();
         (status, bytes)
     };
-    let (status, bytes) = timeout(WAIT, exchange)
+    let (status, bytes) = timeout(within, exchange)
         .await
-        .unwrap_or_else(|_| panic!("{method} {path}: no answer within {WAIT:?}"));
+        .unwrap_or_else(|_| panic!("{method} {path}: no answer within {within:?}"));
     let value = if bytes.is_empty() {
         Value::Null
     } else {

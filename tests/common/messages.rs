@@ -1,9 +1,14 @@
 //! Reading the messages an emulator recorded (`GET /messages`): the payload, and for
 //! sequence-numbered telemetry the arrival the checker counts.
 
+use std::net::SocketAddr;
+use std::time::Duration;
+
 use base64::Engine as _;
 use fleetgw::sim::arrival::{self, Arrival};
 use serde_json::Value;
+
+use super::http::http_within;
 
 /// The payload of one recorded message (`payloadBase64`).
 pub fn payload(message: &Value) -> Vec<u8> {
@@ -24,4 +29,23 @@ pub fn arrival(message: &Value) -> Arrival {
         sent_ms,
         received_ms: message["receivedAtMs"].as_u64().unwrap(),
     }
+}
+
+/// The payloads (UTF-8) the emulator whose API is at `api` recorded from `client_id`, in
+/// arrival order; the request is bounded by `within`.
+pub async fn recorded_payloads(api: SocketAddr, client_id: &str, within: Duration) -> Vec<String> {
+    let (status, list) = http_within(
+        api,
+        "GET",
+        &format!("/messages?clientId={client_id}"),
+        None,
+        within,
+    )
+    .await;
+    assert_eq!(status, 200, "{list}");
+    list.as_array()
+        .unwrap()
+        .iter()
+        .map(|m| String::from_utf8(payload(m)).unwrap())
+        .collect()
 }
