@@ -101,7 +101,12 @@ async fn recorded(emu: &AwsEmulatorHandle, daemon: &Fleetgw, topic: &str) -> Val
 
 /// One daemon run: provision `sensor-a`, publish with properties, check the emulator's log
 /// (`properties` expected there), then a command with properties back down.
-async fn run(sets: &[&str], client_id: Option<&str>, properties_expected: Value) {
+async fn run(
+    sets: &[&str],
+    client_id: Option<&str>,
+    telemetry: PublishProperties,
+    properties_expected: Value,
+) {
     let tmp = tempfile::tempdir().unwrap();
     let emu = aws::start(AwsEmulatorOptions::ephemeral(tmp.path().join("aws")))
         .await
@@ -136,7 +141,7 @@ async fn run(sets: &[&str], client_id: Option<&str>, properties_expected: Value)
             QoS::AtLeastOnce,
             false,
             br#"{"t":21.5}"#,
-            telemetry_properties(),
+            telemetry,
         )
         .await;
     let topic = format!("dt/{thing}/telemetry/env");
@@ -209,20 +214,37 @@ fn expected_properties() -> Value {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn properties_reach_aws_and_commands_keep_theirs_with_device_identity() {
-    run(&[], None, expected_properties()).await;
+    run(&[], None, telemetry_properties(), expected_properties()).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn properties_reach_aws_and_commands_keep_theirs_with_gateway_identity() {
+    // Correlation data that is not UTF-8 arrives as the same bytes (the emulator logs them
+    // as base64 under `$.cidb64`).
+    let binary = PublishProperties {
+        correlation_data: Some(Bytes::from_static(&[0x00, 0xff])),
+        ..telemetry_properties()
+    };
+    let mut expected = expected_properties();
+    let fields = expected.as_object_mut().unwrap();
+    fields.remove("$.cid");
+    fields.insert("$.cidb64".into(), json!("AP8="));
     run(
         &["telemetry.identity=gateway"],
         Some("gw-01"),
-        expected_properties(),
+        binary,
+        expected,
     )
     .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mqtt_version_3_links_speak_3_1_1_without_properties() {
-    run(&["cloud.aws.mqtt_version=3"], None, json!({})).await;
+    run(
+        &["cloud.aws.mqtt_version=3"],
+        None,
+        telemetry_properties(),
+        json!({}),
+    )
+    .await;
 }

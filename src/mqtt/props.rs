@@ -7,6 +7,8 @@
 
 use std::time::{Duration, Instant};
 
+use base64::engine::general_purpose::STANDARD as BASE64;
+use base64::Engine as _;
 use bytes::Bytes;
 use rumqttc::v5::mqttbytes::v5;
 
@@ -102,6 +104,11 @@ impl MessageProperties {
                 STORED_CORRELATION_DATA => {
                     p.correlation_data = Some(Bytes::copy_from_slice(value.as_bytes()))
                 }
+                STORED_BINARY_CORRELATION_DATA => {
+                    if let Ok(data) = BASE64.decode(value) {
+                        p.correlation_data = Some(Bytes::from(data));
+                    }
+                }
                 STORED_CONTENT_ENCODING if value.eq_ignore_ascii_case("utf-8") => {
                     p.payload_format_indicator = Some(1)
                 }
@@ -112,19 +119,18 @@ impl MessageProperties {
     }
 
     /// These properties under the stored names [`MessageProperties::from_stored`] reads
-    /// (correlation data that is not UTF-8 is left out, as the outbox does); the response
-    /// topic has no stored name.
+    /// (correlation data that is not UTF-8 as base64 under its own name); the response topic
+    /// has no stored name.
     pub fn to_stored(&self) -> Vec<(String, String)> {
         let mut out = self.user_properties.clone();
         if let Some(ct) = &self.content_type {
             out.push((STORED_CONTENT_TYPE.into(), ct.clone()));
         }
-        if let Some(cid) = self
-            .correlation_data
-            .as_ref()
-            .and_then(|d| std::str::from_utf8(d).ok())
-        {
-            out.push((STORED_CORRELATION_DATA.into(), cid.to_string()));
+        if let Some(data) = &self.correlation_data {
+            match std::str::from_utf8(data) {
+                Ok(text) => out.push((STORED_CORRELATION_DATA.into(), text.to_string())),
+                Err(_) => out.push((STORED_BINARY_CORRELATION_DATA.into(), BASE64.encode(data))),
+            }
         }
         if self.payload_format_indicator == Some(1) {
             out.push((STORED_CONTENT_ENCODING.into(), "utf-8".into()));
@@ -149,6 +155,10 @@ impl MessageProperties {
 pub const STORED_CONTENT_TYPE: &str = "$.ct";
 /// Stored name of UTF-8 correlation data (IoT Hub's `$.cid`).
 pub const STORED_CORRELATION_DATA: &str = "$.cid";
+/// Stored name of correlation data that is not UTF-8, base64-encoded. MQTT 5 upstreams get
+/// the bytes back; IoT Hub, whose correlation id is a string, does not get it (the property
+/// bag leaves it out).
+pub const STORED_BINARY_CORRELATION_DATA: &str = "$.cidb64";
 /// Stored name of the content encoding (IoT Hub's `$.ce`; `utf-8` for payload format 1).
 pub const STORED_CONTENT_ENCODING: &str = "$.ce";
 
@@ -217,6 +227,22 @@ mod tests {
         assert_eq!(out.subscription_identifiers, vec![4, 7]);
         assert_eq!(out.message_expiry_interval, Some(59));
         assert!(MessageProperties::to_publish(None, None, &[]).is_none());
+    }
+
+    #[test]
+    fn binary_correlation_data_is_stored_as_base64_and_comes_back_as_bytes() {
+        let bytes: &[u8] = &[0x00, 0xff, 0x80, 0x7f];
+        let p = MessageProperties {
+            correlation_data: Some(Bytes::copy_from_slice(bytes)),
+            ..MessageProperties::default()
+        };
+        let stored = p.to_stored();
+        assert_eq!(
+            stored,
+            vec![("$.cidb64".to_string(), "AP+Afw==".to_string())]
+        );
+        let back = MessageProperties::from_stored(&stored).unwrap();
+        assert_eq!(back.correlation_data.as_deref(), Some(bytes));
     }
 
     #[test]

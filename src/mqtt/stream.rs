@@ -7,6 +7,8 @@
 
 use std::time::Duration;
 
+#[cfg(test)]
+use bytes::Bytes;
 use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::time::timeout;
@@ -29,6 +31,9 @@ pub enum StreamError {
     #[error("client does not read (write timed out)")]
     WriteTimeout,
 }
+
+/// A buffer larger than this many read chunks is given back once empty.
+const KEEP_CHUNKS: usize = 4;
 
 /// An MQTT server connection over any byte stream (TCP or TLS).
 #[derive(Debug)]
@@ -62,6 +67,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> PacketStream<S> {
 
     /// Reads what the socket has into the read buffer.
     pub async fn fill(&mut self) -> Result<(), StreamError> {
+        // Sized for telemetry, not for the largest packet: once a large packet has passed, an
+        // empty buffer goes back to one chunk instead of keeping its size for the connection's
+        // life.
+        if self.rbuf.is_empty() && self.rbuf.capacity() > KEEP_CHUNKS * self.read_chunk {
+            self.rbuf = BytesMut::with_capacity(self.read_chunk);
+        }
         if self.rbuf.capacity() - self.rbuf.len() < self.read_chunk / 2 {
             self.rbuf.reserve(self.read_chunk);
         }
@@ -118,7 +129,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> PacketStream<S> {
             self.stream.flush().await
         })
         .await;
-        self.wbuf.clear();
+        if self.wbuf.capacity() > KEEP_CHUNKS * self.read_chunk {
+            self.wbuf = BytesMut::new();
+        } else {
+            self.wbuf.clear();
+        }
         match written {
             Ok(result) => Ok(result?),
             Err(_) => Err(StreamError::WriteTimeout),
@@ -135,5 +150,47 @@ impl<S: AsyncRead + AsyncWrite + Unpin> PacketStream<S> {
     /// Closes the write side, waiting at most a second for the peer.
     pub async fn shutdown(&mut self) {
         let _ = timeout(Duration::from_secs(1), self.stream.shutdown()).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::mqtt::wire::ServerPacket;
+
+    /// A large packet in either direction does not leave its buffer behind.
+    #[tokio::test]
+    async fn buffers_go_back_to_one_chunk_after_a_large_packet() {
+        const CHUNK: usize = 1024;
+        let (client, server) = tokio::io::duplex(1 << 20);
+        let mut server = PacketStream::new(server, 1 << 20, CHUNK);
+        let mut client = PacketStream::new(client, 1 << 20, CHUNK);
+        let big = Bytes::from(vec![b'x'; 200 * 1024]);
+        // The server writes a large PUBLISH: its write buffer grows, then is given back.
+        server
+            .queue(ServerPacket::Publish {
+                topic: "t",
+                qos: 0,
+                pkid: 0,
+                retain: false,
+                dup: false,
+                payload: big.clone(),
+                properties: None,
+            })
+            .unwrap();
+        assert!(server.wbuf.capacity() > big.len());
+        server.flush(Duration::from_secs(5)).await.unwrap();
+        assert!(server.wbuf.capacity() <= KEEP_CHUNKS * CHUNK);
+        // The other side reads it all: its read buffer grows while the packet passes ...
+        while client.rbuf.len() < big.len() {
+            client.fill().await.unwrap();
+        }
+        assert!(client.rbuf.capacity() > big.len());
+        client.rbuf.clear();
+        // ... and the next read starts from one chunk again.
+        server.write_raw(&[0xd0, 0x00]).await.unwrap();
+        client.fill().await.unwrap();
+        assert_eq!(&client.rbuf[..], &[0xd0, 0x00]);
+        assert!(client.rbuf.capacity() <= KEEP_CHUNKS * CHUNK);
     }
 }

@@ -303,7 +303,7 @@ pub struct OutboxMessage {
     pub enqueued_at_ms: u64,
     /// Name-value pairs that travel with the message where the cloud keeps them: the device's
     /// MQTT 5 user properties, and `$.ct` (content type), `$.cid` (correlation data, when
-    /// UTF-8) and `$.ce` (`utf-8` for a payload marked UTF-8).
+    /// UTF-8; other bytes base64 as `$.cidb64`) and `$.ce` (`utf-8` for a payload marked UTF-8).
     pub properties: Vec<(String, String)>,
 }
 

@@ -265,7 +265,10 @@ impl Intake {
                 payload: payload.to_vec(),
                 qos: u8::from(qos != QoS::AtMostOnce),
                 enqueued_at_ms: now,
-                properties: properties.as_deref().map(carried).unwrap_or_default(),
+                properties: properties
+                    .as_deref()
+                    .map(MessageProperties::to_stored)
+                    .unwrap_or_default(),
             };
             bytes += encoded_len(&msg);
             msgs.push(msg);
@@ -454,27 +457,4 @@ impl Intake {
             drop(permit);
         });
     }
-}
-
-/// The MQTT 5 properties of a device's message that travel upstream with it (see
-/// [`OutboxMessage::properties`]): user properties in order, content type as `$.ct`,
-/// correlation data as `$.cid` when it is UTF-8 text, and `$.ce = utf-8` for a payload the
-/// device marked UTF-8. Response topics stay local (a cloud cannot answer on the device's
-/// broker).
-fn carried(p: &MessageProperties) -> Vec<(String, String)> {
-    let mut out = p.user_properties.clone();
-    if let Some(ct) = &p.content_type {
-        out.push(("$.ct".into(), ct.clone()));
-    }
-    if let Some(cid) = p
-        .correlation_data
-        .as_ref()
-        .and_then(|d| std::str::from_utf8(d).ok())
-    {
-        out.push(("$.cid".into(), cid.to_string()));
-    }
-    if p.payload_format_indicator == Some(1) {
-        out.push(("$.ce".into(), "utf-8".into()));
-    }
-    out
 }

@@ -9,6 +9,7 @@ use percent_encoding::utf8_percent_encode;
 
 use super::TelemetryError;
 use crate::cloud::azure::hub::PROPERTY_SET;
+use crate::mqtt::props::STORED_BINARY_CORRELATION_DATA;
 
 /// One piece of a parsed topic template.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -147,7 +148,11 @@ impl TopicTemplate {
                 Part::Subtopic => out.push_str(subtopic),
                 Part::SubtopicProperty => {
                     let sub = (!subtopic.is_empty()).then_some(("subtopic", subtopic));
-                    let props = properties.iter().map(|(k, v)| (k.as_str(), v.as_str()));
+                    // Binary correlation data has no place in IoT Hub's string properties.
+                    let props = properties
+                        .iter()
+                        .filter(|(k, _)| k != STORED_BINARY_CORRELATION_DATA)
+                        .map(|(k, v)| (k.as_str(), v.as_str()));
                     for (i, (k, v)) in sub.into_iter().chain(props).enumerate() {
                         if i > 0 {
                             out.push('&');
@@ -283,6 +288,15 @@ mod tests {
         assert_eq!(
             t.render_with("dev-1", "dev-1", "x", &props[..1]),
             "devices/dev-1/messages/events/subtopic=x&%24.ct=application%2Fjson"
+        );
+        // Binary correlation data (stored as base64) is not an IoT Hub property.
+        let binary = [
+            ("$.cidb64".to_string(), "AP8=".to_string()),
+            ("site".to_string(), "n".to_string()),
+        ];
+        assert_eq!(
+            t.render_with("dev-1", "dev-1", "", &binary),
+            "devices/dev-1/messages/events/site=n"
         );
         // AWS templates have no place for them.
         let aws = TopicTemplate::parse("dt/{thingName}/telemetry{/subtopic}").unwrap();

@@ -102,8 +102,8 @@ pub struct Incoming {
     /// QoS 0 or 1.
     pub qos: u8,
     /// MQTT 5 properties, by the names the Azure emulator logs: user properties by their
-    /// names, `$.ct` content type, `$.cid` correlation data (UTF-8), `$.ce = utf-8` for payload
-    /// format indicator 1.
+    /// names, `$.ct` content type, `$.cid` correlation data (UTF-8; other bytes as `$.cidb64`,
+    /// base64), `$.ce = utf-8` for payload format indicator 1.
     pub properties: BTreeMap<String, String>,
 }
 
