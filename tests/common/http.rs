@@ -29,7 +29,15 @@ pub async fn http_within(
     within: Duration,
 ) -> (u16, Value) {
     let json = [("content-type", "application/json".to_string())];
-    exchange(addr, method, path, &json, body.unwrap_or("").as_bytes(), within).await
+    exchange(
+        addr,
+        method,
+        path,
+        &json,
+        body.unwrap_or("").as_bytes(),
+        within,
+    )
+    .await
 }
 
 /// [`http`] with extra request headers (e.g. the Publish API's `x-amz-mqtt5-*`) and a raw
