@@ -537,8 +537,9 @@ pub struct TelemetrySection {
     pub idle_secs: u64,
     /// Unacknowledged upstream publishes per device connection.
     pub inflight: u32,
-    /// Unacknowledged upstream publishes on the gateway's one connection
-    /// (`identity = "gateway"`), which carries every device.
+    /// Messages in flight on the gateway's one connection (`identity = "gateway"`), which
+    /// carries every device: sent and not yet acknowledged by the cloud, or acknowledged and
+    /// not yet removed from the outbox.
     pub gateway_inflight: u32,
     /// `identity = "gateway"`: the gateway's own upstream certificate chain (PEM).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -571,7 +572,7 @@ impl Default for TelemetrySection {
             max_upstream_connections: 1000,
             idle_secs: 300,
             inflight: 10,
-            gateway_inflight: 300,
+            gateway_inflight: 1000,
             gateway_cert: None,
             gateway_key: None,
             gateway_key_passphrase_file: None,

@@ -6,8 +6,9 @@
 //! The link keeps the messages routed to it in order: `queued` (not yet sent), `inflight` (sent,
 //! keyed by the packet id the link allocated) and `settling` (PUBACK received, outbox removal
 //! not yet durable). The in-flight window counts `inflight` and `settling`, so after a crash at
-//! most `window` messages of a link are sent again; it never exceeds the server's Receive
-//! Maximum either.
+//! most `window` messages of a link are sent again; within it, `inflight` alone never exceeds
+//! the server's Receive Maximum (messages the server acknowledged no longer count against it,
+//! while they wait for the outbox removal).
 //!
 //! Every connection starts a clean session (AWS IoT keeps none for us), so the link owns
 //! retransmission: when the connection drops, every unacknowledged message goes back to the
@@ -171,6 +172,12 @@ struct LinkState {
 impl LinkState {
     fn used(&self) -> usize {
         self.inflight.len() + self.settling
+    }
+
+    /// Whether one more message may go out: fewer than `window` sent and not yet settled, and
+    /// fewer than `unacknowledged` (the server's Receive Maximum) not yet acknowledged.
+    fn may_send(&self, window: usize, unacknowledged: usize) -> bool {
+        self.used() < window && self.inflight.len() < unacknowledged
     }
 
     /// Puts every message in flight back in front of `queued`, oldest first.
@@ -363,6 +370,32 @@ mod tests {
             Bytes::new(),
             0,
         )
+    }
+
+    /// Messages the server acknowledged wait for the outbox removal in the link's window, not
+    /// in the server's Receive Maximum.
+    #[test]
+    fn settling_messages_count_against_the_window_not_the_receive_maximum() {
+        let mut st = LinkState::default();
+        for seq in 0..3 {
+            let id = st.inflight.next_free().unwrap();
+            st.inflight.insert(id, item(seq));
+        }
+        assert!(
+            !st.may_send(1000, 3),
+            "three unacknowledged: the server's maximum"
+        );
+        st.settling = 500;
+        assert!(!st.may_send(503, 100), "the link's window is full");
+        assert!(st.may_send(1000, 100));
+        let id = st.inflight.next_free().unwrap();
+        st.inflight.insert(id, item(3));
+        st.inflight.ack(id).ok();
+        st.settling += 1;
+        assert!(
+            st.may_send(1000, 4),
+            "an acknowledged message frees a Receive Maximum slot"
+        );
     }
 
     #[test]

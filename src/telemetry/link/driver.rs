@@ -45,6 +45,16 @@ pub(super) struct Driver {
     pub(super) generation: u64,
 }
 
+/// How many messages a connection may have out.
+#[derive(Clone, Copy, Debug)]
+struct Window {
+    /// Sent and not yet settled (acknowledged and durably gone from the outbox): the bound on
+    /// what is resent after a crash.
+    link: usize,
+    /// Sent and not yet acknowledged: the server's Receive Maximum.
+    unacknowledged: usize,
+}
+
 /// What woke the connection's task.
 enum Wake {
     Event(Result<ServerEvent, UpstreamError>),
@@ -118,11 +128,12 @@ impl Driver {
             .counters
             .upstream_connects
             .fetch_add(1, Ordering::Relaxed);
-        // Never more in flight than the server's Receive Maximum.
-        let window = self
-            .shared
-            .window
-            .min(usize::from(conn.server().receive_maximum));
+        // The link's window bounds what is resent after a crash (sent or settling); the
+        // server's Receive Maximum bounds only what it has not acknowledged yet.
+        let window = Window {
+            link: self.shared.window,
+            unacknowledged: usize::from(conn.server().receive_maximum).max(1),
+        };
         {
             let mut st = self.shared.lock();
             st.connected = true;
@@ -146,7 +157,7 @@ impl Driver {
     async fn exchange(
         &mut self,
         conn: &mut Connection,
-        window: usize,
+        window: Window,
     ) -> Result<(), UpstreamError> {
         loop {
             if self.fill(conn, window)? {
@@ -180,7 +191,7 @@ impl Driver {
 
     /// Queues new command subscriptions, then publishes queued messages while the window has
     /// room. Returns true when the link is closing.
-    fn fill(&mut self, conn: &mut Connection, window: usize) -> Result<bool, UpstreamError> {
+    fn fill(&mut self, conn: &mut Connection, window: Window) -> Result<bool, UpstreamError> {
         let mut st = self.shared.lock();
         if st.closing {
             return Ok(true);
@@ -199,7 +210,7 @@ impl Driver {
                 }
             }
         }
-        while st.used() < window {
+        while st.may_send(window.link, window.unacknowledged) {
             let Some(pkid) = st.inflight.next_free() else {
                 break;
             };
