@@ -572,7 +572,7 @@ impl Default for TelemetrySection {
             max_upstream_connections: 1000,
             idle_secs: 300,
             inflight: 10,
-            gateway_inflight: 1000,
+            gateway_inflight: 500,
             gateway_cert: None,
             gateway_key: None,
             gateway_key_passphrase_file: None,
