@@ -257,6 +257,7 @@ pub async fn provision_publishers(
         timeout: Duration::from_secs(600),
     });
     observer.phase("provisioning + warm-up", u64::from(devices));
+    let before = emu.stats().await?["messages"].as_u64().unwrap_or(0);
     let done = std::cell::Cell::new(0u64);
     let report = sim::run_fleet(opts, |e| {
         if matches!(e, FleetEvent::Provisioned { .. } | FleetEvent::Failed(_)) {
@@ -285,6 +286,20 @@ pub async fn provision_publishers(
                 bad.id
             ),
         });
+    }
+    // The warm-up messages must be at the cloud before a phase counts its arrivals there: one
+    // still on its way would stand in for a phase message that has not arrived yet.
+    let deadline = Instant::now() + DRAIN;
+    while emu.stats().await?["messages"].as_u64().unwrap_or(0) < before + u64::from(devices) {
+        if Instant::now() >= deadline {
+            return Err(BenchError::Start {
+                what: "warm-up".into(),
+                reason: format!(
+                    "the warm-up messages did not all reach the cloud within {DRAIN:?}"
+                ),
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
     Ok((report, publishers))
 }
