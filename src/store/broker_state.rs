@@ -240,27 +240,15 @@ fn scan<T: serde::de::DeserializeOwned>(
     name: &'static str,
     version_of: fn(&T) -> u32,
 ) -> impl Iterator<Item = Result<T, StoreError>> {
-    let (iter, failed) = match tree {
-        Ok(tree) => (Some(tree.iter()), None),
-        Err(e) => (None, Some(Err(e))),
-    };
-    iter.into_iter()
-        .flatten()
-        .map(move |entry| {
-            let (k, v) = entry.map_err(|source| StoreError::Sled {
-                tree: name,
-                op: "scan",
-                source,
-            })?;
-            decode_versioned(
-                name,
-                &String::from_utf8_lossy(&k),
-                &v,
-                BROKER_RECORD_VERSION,
-                version_of,
-            )
-        })
-        .chain(failed)
+    super::scan_entries(tree, name, move |k, v| {
+        decode_versioned(
+            name,
+            &String::from_utf8_lossy(&k),
+            &v,
+            BROKER_RECORD_VERSION,
+            version_of,
+        )
+    })
 }
 
 mod base64_bytes {

@@ -483,18 +483,11 @@ impl Store {
     /// All stored ownership tokens in device id order.
     pub fn tokens(&self) -> impl Iterator<Item = Result<OwnershipTokenRecord, StoreError>> {
         let store = self.clone();
-        let (iter, failed) = split(self.engine().map(|e| e.tokens.iter()));
-        iter.into_iter()
-            .flatten()
-            .map(move |entry| {
-                let (k, v) = entry.map_err(|source| StoreError::Sled {
-                    tree: TOKENS,
-                    op: "scan",
-                    source,
-                })?;
-                store.open_token_record(decode_token(&String::from_utf8_lossy(&k), &v)?)
-            })
-            .chain(failed)
+        scan_entries(
+            self.engine().map(|e| e.tokens.clone()),
+            TOKENS,
+            move |k, v| store.open_token_record(decode_token(&String::from_utf8_lossy(&k), &v)?),
+        )
     }
 
     /// Deletes a device's ownership token; true if one existed. Durable on return.
@@ -543,20 +536,15 @@ impl Store {
         tree: RecordTree,
     ) -> impl Iterator<Item = Result<(String, T), StoreError>> {
         let name = tree.name();
-        let (iter, failed) = split(self.engine().map(|e| e.record_tree(tree).iter()));
-        iter.into_iter()
-            .flatten()
-            .map(move |entry| {
-                let (k, v) = entry.map_err(|source| StoreError::Sled {
-                    tree: name,
-                    op: "scan",
-                    source,
-                })?;
+        scan_entries(
+            self.engine().map(|e| e.record_tree(tree).clone()),
+            name,
+            move |k, v| {
                 let key = String::from_utf8_lossy(&k).into_owned();
                 let value = decode(name, &key, &v)?;
                 Ok((key, value))
-            })
-            .chain(failed)
+            },
+        )
     }
 
     /// Deletes the record under `key`; true if one existed. Durable on return.
@@ -656,6 +644,27 @@ fn split<I, T>(r: Result<I, StoreError>) -> (Option<I>, Option<Result<T, StoreEr
         Ok(iter) => (Some(iter), None),
         Err(e) => (None, Some(Err(e))),
     }
+}
+
+/// Every entry of `tree` in key order through `each`, a failed read as the store's error naming
+/// `name`; when there is no open database (a reopen under way), that error once instead.
+pub(super) fn scan_entries<T>(
+    tree: Result<sled::Tree, StoreError>,
+    name: &'static str,
+    mut each: impl FnMut(sled::IVec, sled::IVec) -> Result<T, StoreError>,
+) -> impl Iterator<Item = Result<T, StoreError>> {
+    let (iter, failed) = split(tree.map(|t| t.iter()));
+    iter.into_iter()
+        .flatten()
+        .map(move |entry| {
+            let (k, v) = entry.map_err(|source| StoreError::Sled {
+                tree: name,
+                op: "scan",
+                source,
+            })?;
+            each(k, v)
+        })
+        .chain(failed)
 }
 
 fn prepare_dir(dir: &Path) -> Result<(), StoreError> {

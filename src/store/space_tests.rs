@@ -7,24 +7,10 @@
 use std::time::{Duration, Instant};
 
 use super::space::{io_no_space, sled_no_space};
+use super::tests::{id, msg};
 use super::*;
 
 const LIMIT: Duration = Duration::from_secs(30);
-
-fn id(s: &str) -> DeviceId {
-    DeviceId::parse(s).unwrap()
-}
-
-fn msg(device: &str, payload: &[u8]) -> OutboxMessage {
-    OutboxMessage {
-        device: id(device),
-        topic: "t".into(),
-        payload: payload.to_vec(),
-        qos: 1,
-        enqueued_at_ms: 1,
-        properties: Vec::new(),
-    }
-}
 
 async fn until(what: &str, mut f: impl FnMut() -> bool) {
     let deadline = Instant::now() + LIMIT;

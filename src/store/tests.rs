@@ -6,7 +6,7 @@ use std::os::unix::fs::PermissionsExt;
 
 use super::*;
 
-fn id(s: &str) -> DeviceId {
+pub(super) fn id(s: &str) -> DeviceId {
     DeviceId::parse(s).unwrap()
 }
 
@@ -18,7 +18,7 @@ fn opts() -> StoreOptions {
     }
 }
 
-fn msg(device: &str, payload: &[u8]) -> OutboxMessage {
+pub(super) fn msg(device: &str, payload: &[u8]) -> OutboxMessage {
     OutboxMessage {
         device: id(device),
         topic: "t".into(),
