@@ -473,6 +473,10 @@ async fn tcp_listener_needs_the_bearer_token() {
             error_code(&r);
             assert!(r.json().get("value").is_none() && r.json().get("id").is_none());
         }
+        // The health view names the store's directory: not for a caller without the token.
+        let r = tcp_request(addr, "GET", "/health", headers).await;
+        assert_eq!(r.status, want, "GET /health {headers:?}");
+        assert_eq!(r.json().get("store").is_some(), want == StatusCode::OK);
         let r = tcp_request(addr, "POST", "/devices/dev-1/block", headers).await;
         assert_eq!(r.status, want, "POST {headers:?}");
         if want != StatusCode::OK {
