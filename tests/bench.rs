@@ -220,6 +220,10 @@ fn scale_reports_the_issue_fields() {
     // One upstream connection per device (claim sessions may still be open besides).
     assert!(num(&v, "upstreamConnections") >= 10.0, "{v}");
     assert_eq!(v["lost"], 0, "{v}");
+    // The devices connect before the phase, which then has each send rate x seconds at most.
+    num(&v, "connectSeconds");
+    let acked = num(&v, "messagesAcked");
+    assert!(acked > 0.0 && acked <= 50.0, "{v}");
 }
 
 #[test]

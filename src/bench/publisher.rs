@@ -10,7 +10,7 @@ use std::ops::Range;
 use std::time::Duration;
 
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio::time::{timeout_at, Instant};
 
 /// What one device publishes and how.
@@ -36,6 +36,20 @@ pub struct Sequence {
     pub within: Duration,
     /// Whether to read the connection's end after DISCONNECT (up to 1 s).
     pub linger: bool,
+    /// Publishers that start together once all are connected ([`StartGate`]).
+    pub gate: Option<StartGate>,
+}
+
+/// A start shared by many publishers: each reports its CONNACK and publishes nothing until the
+/// gate opens, so a phase measures connected devices, not a storm of CONNECTs. `pace` and
+/// `until` were computed from `base`; they move by as much as the opening is later than it.
+pub struct StartGate {
+    /// The instant `pace` and `until` were computed from.
+    pub base: Instant,
+    /// Told once, when the broker accepted the connection.
+    pub connected: mpsc::UnboundedSender<()>,
+    /// The start: `None` until the gate opens.
+    pub open: watch::Receiver<Option<Instant>>,
 }
 
 impl Sequence {
@@ -53,6 +67,7 @@ impl Sequence {
             until: None,
             within,
             linger: true,
+            gate: None,
         }
     }
 }
@@ -111,6 +126,7 @@ pub async fn publish_sequence(
         until,
         within,
         linger,
+        gate,
     } = seq;
     let mut o = MqttOptions::new(client_id.as_str(), "127.0.0.1", port);
     o.set_keep_alive(keep_alive)
@@ -119,9 +135,29 @@ pub async fn publish_sequence(
         .set_inflight(window);
     let (client, mut eventloop) = AsyncClient::new(o, usize::from(window));
     let first = seqs.start;
+    // A gated publisher may wait for the others' connections as long as for its PUBACKs.
+    let gated = gate.is_some();
+    let (mut connected, open) = match gate {
+        Some(g) => (Some(g.connected), Some((g.base, g.open))),
+        None => (None, None),
+    };
     // The publisher reports how many it sent once it stops; PUBACKs are counted here.
     let (done_tx, mut done_rx) = mpsc::channel::<(u64, Duration)>(1);
     let publisher = tokio::spawn(async move {
+        let (mut pace, mut until) = (pace, until);
+        if let Some((base, mut open)) = open {
+            let Ok(start) = open
+                .wait_for(Option::is_some)
+                .await
+                .map(|s| s.unwrap_or(base))
+            else {
+                let _ = done_tx.send((0, Duration::ZERO)).await;
+                return client;
+            };
+            let shift = start.saturating_duration_since(base);
+            pace = pace.map(|(due, every)| (due + shift, every));
+            until = until.map(|u| u + shift);
+        }
         let mut late = Duration::ZERO;
         let mut sent = 0;
         for n in seqs {
@@ -148,7 +184,7 @@ pub async fn publish_sequence(
         let _ = done_tx.send((sent, late)).await;
         client
     });
-    let deadline = until.unwrap_or_else(Instant::now) + within;
+    let deadline = until.unwrap_or_else(Instant::now) + if gated { within * 2 } else { within };
     let mut acked = 0;
     let mut total: Option<(u64, Duration)> = None;
     let mut last_ack = None;
@@ -171,6 +207,11 @@ pub async fn publish_sequence(
             }
         };
         match event {
+            Ok(Ok(Event::Incoming(Packet::ConnAck(_)))) => {
+                if let Some(tx) = connected.take() {
+                    let _ = tx.send(());
+                }
+            }
             Ok(Ok(Event::Incoming(Packet::PubAck(_)))) => {
                 acked += 1;
                 last_ack = Some(Instant::now());

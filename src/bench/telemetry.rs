@@ -2,7 +2,8 @@
 //! durable outbox, upstream links) and through the mosquitto bridge users run instead, in one
 //! run against one emulator.
 //!
-//! A run is made of timed phases ([`run_load`]): every device publishes sequence-numbered QoS 1
+//! A run is made of timed phases ([`run_load`]): every device connects, and once all are
+//! connected each publishes sequence-numbered QoS 1
 //! messages (at most `window` unacknowledged) for T seconds, unpaced or paced at a total rate
 //! split evenly over the devices; then the emulator's log is read and every device's messages
 //! are checked for loss, duplicates and order, with the device-to-cloud latency of each
@@ -22,7 +23,7 @@ use serde::Serialize;
 use tokio::time::Instant;
 
 use super::processes::{mosquitto_binary, Bridge, Daemon, Emulator};
-use super::publisher::{publish_sequence, Sequence};
+use super::publisher::{publish_sequence, Sequence, StartGate};
 use super::{BenchError, Machine, Observer, Rig, Series};
 use crate::sim::arrival::{self, fetch_arrivals_by, GroupBy, TelemetryCheck};
 use crate::sim::{self, FleetEvent, FleetOptions, FleetReport, TelemetryPlan};
@@ -112,6 +113,8 @@ pub struct PhaseFigures {
     pub out_of_order: u64,
     /// How late the slowest paced device fell behind its schedule, ms.
     pub publisher_late_ms: f64,
+    /// How long the devices took to connect before the phase started (not part of it).
+    pub connect_seconds: f64,
     /// Per second: messages arrived and their p99 latency.
     #[serde(skip)]
     pub series: Series,
@@ -130,9 +133,11 @@ pub async fn run_load(
     let before = emu.stats().await?["messages"].as_u64().unwrap_or(0);
     let n = publishers.len().max(1);
     let first = load.phase * PHASE_SEQ;
-    let started = Instant::now();
-    let start_ms = unix_ms();
-    let until = started + Duration::from_secs_f64(load.seconds);
+    // Every device connects first; the phase starts once all are connected.
+    let base = Instant::now();
+    let (connected_tx, mut connected_rx) = tokio::sync::mpsc::unbounded_channel();
+    let (open_tx, open_rx) = tokio::sync::watch::channel(None);
+    let until = base + Duration::from_secs_f64(load.seconds);
     let every = (load.rate > 0.0).then(|| Duration::from_secs_f64(n as f64 / load.rate));
     let mut tasks = Vec::with_capacity(publishers.len());
     for (i, p) in publishers.iter().enumerate() {
@@ -147,11 +152,37 @@ pub async fn run_load(
         seq.until = Some(until);
         seq.linger = false;
         // Paced devices start staggered over one interval: a smooth load, not bursts.
-        seq.pace = every.map(|e| (started + e.mul_f64(i as f64 / n as f64), e));
+        seq.pace = every.map(|e| (base + e.mul_f64(i as f64 / n as f64), e));
+        seq.gate = Some(StartGate {
+            base,
+            connected: connected_tx.clone(),
+            open: open_rx.clone(),
+        });
         tasks.push(tokio::spawn(publish_sequence(port, seq, move |s| {
             arrival::payload(s, unix_ms(), PAYLOAD_BYTES)
         })));
     }
+    drop(connected_tx);
+    observer.phase(&format!("{label}: connecting"), n as u64);
+    let mut up = 0u64;
+    let deadline = Instant::now() + DRAIN;
+    while up < n as u64 {
+        match tokio::time::timeout_at(deadline, connected_rx.recv()).await {
+            Ok(Some(())) => {
+                up += 1;
+                observer.position(up);
+            }
+            // A publisher that ended before its CONNACK says why below.
+            Ok(None) | Err(_) => break,
+        }
+        if up % 64 == 0 && tasks.iter().any(|t| t.is_finished()) {
+            break;
+        }
+    }
+    let connect_seconds = base.elapsed().as_secs_f64();
+    let started = Instant::now();
+    let start_ms = unix_ms();
+    let _ = open_tx.send(Some(started));
     observer.phase(label, load.seconds.ceil() as u64);
     let mut sent = Vec::with_capacity(tasks.len());
     let mut late = Duration::ZERO;
@@ -220,6 +251,7 @@ pub async fn run_load(
         duplicates: check.duplicates,
         out_of_order: check.out_of_order,
         publisher_late_ms: late.as_secs_f64() * 1000.0,
+        connect_seconds,
         series: Series::from_samples(label, samples),
     })
 }

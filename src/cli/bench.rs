@@ -280,6 +280,10 @@ async fn measure<'a>(what: &'a What, bar: &Bar) -> Result<(&'a Output, Report), 
                 ("p50 / p99", format!("{:.1} / {:.1} ms", p.p50_ms, p.p99_ms)),
                 ("upstream connections", r.upstream_connections.to_string()),
                 (
+                    "devices connected in (before the phase)",
+                    format!("{:.1} s", p.connect_seconds),
+                ),
+                (
                     "lost / dup / out of order",
                     format!("{} / {} / {}", p.lost, p.duplicates, p.out_of_order),
                 ),
