@@ -7,10 +7,11 @@
 //! (default, 1975-4096) validity, so the issuer builds the certificate parameters itself.
 
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, DnValue,
-    ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType, SerialNumber,
+    ExtendedKeyUsagePurpose, IsCa, Issuer, KeyUsagePurpose, SanType, SerialNumber,
 };
 use rustls_pki_types::CertificateDer;
 use x509_parser::certification_request::X509CertificationRequest;
@@ -37,6 +38,9 @@ pub struct CertificateAuthority {
     cert_der: Vec<u8>,
     not_after: i64,
     key: PrivateKey,
+    /// The CA as rcgen's issuer, made once: it parses the CA certificate, which cost a parse
+    /// per certificate signed (the emulator signs one per device provisioned).
+    issuer: Arc<Issuer<'static, PrivateKey>>,
 }
 
 impl std::fmt::Debug for CertificateAuthority {
@@ -60,7 +64,7 @@ impl CertificateAuthority {
             now + CA_VALIDITY_DAYS * DAY,
         )?;
         let cert = params
-            .self_signed(key.key_pair())
+            .self_signed(&key)
             .map_err(|e| IdentityError::signing(format!("CA certificate {common_name:?}"), e))?;
         Self::assemble(cert.der().to_vec(), key)
     }
@@ -89,11 +93,15 @@ impl CertificateAuthority {
             .validity()
             .not_after
             .timestamp();
+        let issuer =
+            Issuer::from_ca_cert_der(&CertificateDer::from(cert_der.as_slice()), key.clone())
+                .map_err(|e| IdentityError::malformed("CA certificate", e))?;
         Ok(Self {
             cert_pem: to_pem("CERTIFICATE", cert_der.clone()),
             cert_der,
             not_after,
             key,
+            issuer: Arc::new(issuer),
         })
     }
 
@@ -158,7 +166,7 @@ impl CertificateAuthority {
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
         let pem = self.sign(
             &params,
-            key.key_pair(),
+            &key,
             &format!("client certificate {common_name:?}"),
         )?;
         Ok((pem, key))
@@ -187,7 +195,7 @@ impl CertificateAuthority {
             .extend(ips.iter().map(|ip| SanType::IpAddress(*ip)));
         let pem = self.sign(
             &params,
-            key.key_pair(),
+            &key,
             &format!("server certificate {common_name:?}"),
         )?;
         Ok((pem, key))
@@ -207,11 +215,7 @@ impl CertificateAuthority {
         let mut params = ca_params(common_name, now - BACKDATE_SECS, not_after)?;
         params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
         params.use_authority_key_identifier_extension = true;
-        let pem = self.sign(
-            &params,
-            key.key_pair(),
-            &format!("intermediate CA {common_name:?}"),
-        )?;
+        let pem = self.sign(&params, &key, &format!("intermediate CA {common_name:?}"))?;
         let der = first_certificate_der(&pem, "intermediate CA")?;
         Self::assemble(der, key)
     }
@@ -262,19 +266,10 @@ impl CertificateAuthority {
         public_key: &impl rcgen::PublicKeyData,
         what: &str,
     ) -> Result<String, IdentityError> {
-        let issuer = self.issuer()?;
         let cert = params
-            .signed_by(public_key, &issuer)
+            .signed_by(public_key, &self.issuer)
             .map_err(|e| IdentityError::signing(what, e))?;
         Ok(cert.pem())
-    }
-
-    fn issuer(&self) -> Result<Issuer<'static, &KeyPair>, IdentityError> {
-        Issuer::from_ca_cert_der(
-            &CertificateDer::from(self.cert_der.as_slice()),
-            self.key.key_pair(),
-        )
-        .map_err(|e| IdentityError::malformed("CA certificate", e))
     }
 }
 
@@ -368,7 +363,7 @@ pub(crate) mod test_support {
         let key = PrivateKey::generate(KeyType::EcdsaP256).unwrap();
         let mut params = ca.leaf_params(cn_only(common_name), 1).unwrap();
         set_validity(&mut params, not_before, not_after).unwrap();
-        let pem = ca.sign(&params, key.key_pair(), "test").unwrap();
+        let pem = ca.sign(&params, &key, "test").unwrap();
         (pem, key)
     }
 
@@ -425,11 +420,7 @@ mod tests {
         wants.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
         wants.key_usages = vec![KeyUsagePurpose::KeyCertSign];
         wants.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
-        let csr = wants
-            .serialize_request(key.key_pair())
-            .unwrap()
-            .pem()
-            .unwrap();
+        let csr = wants.serialize_request(&key).unwrap().pem().unwrap();
 
         let cert_pem = ca.issue_from_csr(&csr, 30).unwrap();
         let (der, now) = parsed(&cert_pem);
@@ -480,7 +471,7 @@ mod tests {
         let key = PrivateKey::generate(KeyType::EcdsaP256).unwrap();
         let now = clock::unix_secs();
         let params = ca_params("Old Root", now - 20 * DAY, now - DAY).unwrap();
-        let cert = params.self_signed(key.key_pair()).unwrap();
+        let cert = params.self_signed(&key).unwrap();
         let old = CertificateAuthority::assemble(cert.der().to_vec(), key).unwrap();
         let err = old
             .issue_client("dev", KeyType::EcdsaP256, 1)

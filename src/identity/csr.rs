@@ -54,7 +54,7 @@ pub fn create_csr(common_name: &str, key: &PrivateKey) -> Result<String, Identit
         .push(DnType::CommonName, common_name);
     let what = || format!("CSR for {common_name:?}");
     let csr = params
-        .serialize_request(key.key_pair())
+        .serialize_request(key)
         .map_err(|e| IdentityError::signing(what(), e))?;
     csr.pem().map_err(|e| IdentityError::signing(what(), e))
 }
