@@ -14,12 +14,10 @@ use rcgen::{
     ExtendedKeyUsagePurpose, IsCa, Issuer, KeyUsagePurpose, SanType, SerialNumber,
 };
 use rustls_pki_types::CertificateDer;
-use x509_parser::certification_request::X509CertificationRequest;
-use x509_parser::prelude::FromDer;
 use x509_parser::time::ASN1Time;
 
 use super::cert::{first_certificate_der, parse_der, spki_equal, to_pem};
-use super::csr::{check_common_name, csr_der, parse_csr};
+use super::csr::{check_common_name, csr_der, verified_csr};
 use super::{IdentityError, KeyType, PrivateKey, Secret};
 use crate::clock;
 
@@ -134,21 +132,24 @@ impl CertificateAuthority {
         csr_pem: &str,
         validity_days: u32,
     ) -> Result<String, IdentityError> {
-        let info = parse_csr(csr_pem)?;
+        // Decoded and verified once; the certificate takes subject and key from it.
         let der = csr_der(csr_pem)?;
-        let (_, csr) = X509CertificationRequest::from_der(&der)
-            .map_err(|e| IdentityError::malformed("CSR", e))?;
-        let subject = copy_subject(&csr.certification_request_info.subject)?;
+        let csr = verified_csr(&der)?;
+        let info = &csr.certification_request_info;
+        let subject = copy_subject(&info.subject)?;
         let public_key =
-            rcgen::SubjectPublicKeyInfo::from_der(&info.public_key_der).map_err(|e| {
+            rcgen::SubjectPublicKeyInfo::from_der(info.subject_pki.raw).map_err(|e| {
                 IdentityError::malformed("CSR", format!("public key cannot be certified: {e}"))
             })?;
         let mut params = self.leaf_params(subject, validity_days)?;
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
-        let what = format!(
-            "certificate for CSR {:?}",
-            info.common_name.unwrap_or_default()
-        );
+        let common_name = info
+            .subject
+            .iter_common_name()
+            .next()
+            .and_then(|cn| cn.as_str().ok())
+            .unwrap_or_default();
+        let what = format!("certificate for CSR {common_name:?}");
         self.sign(&params, &public_key, &what)
     }
 
@@ -387,6 +388,7 @@ mod tests {
     use crate::identity::test_util::openssl_csr;
     use crate::identity::{cert_matches_csr, create_csr, parse_certificates, verify_chain};
     use x509_parser::certificate::X509Certificate;
+    use x509_parser::prelude::FromDer;
 
     fn parsed(pem: &str) -> (Vec<u8>, i64) {
         let der = first_certificate_der(pem, "t").unwrap();

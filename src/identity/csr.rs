@@ -79,7 +79,27 @@ pub(crate) fn csr_public_key_der(pem: &str) -> Result<Vec<u8>, IdentityError> {
 /// A CSR whose signature does not verify is refused with [`IdentityError::CsrSignature`].
 pub fn parse_csr(pem: &str) -> Result<CsrInfo, IdentityError> {
     let der = csr_der(pem)?;
-    let csr = decode_csr(&der)?;
+    let csr = verified_csr(&der)?;
+    let info = &csr.certification_request_info;
+    let spki = &info.subject_pki;
+    let common_name = info
+        .subject
+        .iter_common_name()
+        .next()
+        .and_then(|cn| cn.as_str().ok())
+        .map(str::to_string);
+    Ok(CsrInfo {
+        common_name,
+        key_type: key_type_of_spki(spki).ok(),
+        public_key_der: spki.raw.to_vec(),
+        pem: to_pem("CERTIFICATE REQUEST", der.clone()),
+    })
+}
+
+/// Decodes a PKCS#10 request in DER and verifies its self-signature (what [`parse_csr`] does,
+/// for a caller that needs the decoded request itself: the CA issuing from it).
+pub(crate) fn verified_csr(der: &[u8]) -> Result<X509CertificationRequest<'_>, IdentityError> {
+    let csr = decode_csr(der)?;
     let spki = &csr.certification_request_info.subject_pki;
     if let Some(bits) = rsa_bits_of_spki(spki).filter(|b| *b < MIN_RSA_BITS) {
         // aws-lc-rs cannot even verify these, and clouds refuse them (AWS IoT: RSA-2048+).
@@ -101,19 +121,7 @@ pub fn parse_csr(pem: &str) -> Result<CsrInfo, IdentityError> {
         }
         Err(_) => return Err(IdentityError::CsrSignature),
     }
-    let info = &csr.certification_request_info;
-    let common_name = info
-        .subject
-        .iter_common_name()
-        .next()
-        .and_then(|cn| cn.as_str().ok())
-        .map(str::to_string);
-    Ok(CsrInfo {
-        common_name,
-        key_type: key_type_of_spki(spki).ok(),
-        public_key_der: spki.raw.to_vec(),
-        pem: to_pem("CERTIFICATE REQUEST", der.clone()),
-    })
+    Ok(csr)
 }
 
 /// The DER of the first CSR block in `pem`.
