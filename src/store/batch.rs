@@ -13,8 +13,8 @@ use sled::transaction::{
 use sled::Transactional;
 
 use super::{
-    check_meta_key, encode, get, lock_device_writes, stored_etag, DeviceRecord,
-    OwnershipTokenRecord, RecordTree, Store, StoreError, DEVICES, TOKENS,
+    check_meta_key, encode, encode_device_with_etag, get, lock_device_writes, stored_etag,
+    DeviceRecord, OwnershipTokenRecord, RecordTree, Store, StoreError, DEVICES, TOKENS,
 };
 use crate::device_id::DeviceId;
 
@@ -299,10 +299,9 @@ fn prepare(
                         }));
                     }
                 }
-                let mut next = (**rec).clone();
-                next.etag = found.unwrap_or(0) + 1;
-                etags.insert(key, Some(next.etag));
-                match encode(DEVICES, key, &next) {
+                let etag = found.unwrap_or(0) + 1;
+                etags.insert(key, Some(etag));
+                match encode_device_with_etag(key, rec, etag) {
                     Ok(bytes) => Write {
                         tree: T_DEVICES,
                         key: key.as_bytes().to_vec(),

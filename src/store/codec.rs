@@ -128,6 +128,39 @@ pub(super) fn stored_etag(key: &str, bytes: &[u8]) -> Result<u64, StoreError> {
     Ok(head.etag)
 }
 
+/// `rec` encoded as stored with `etag` as its etag: the record as the caller has it, encoded
+/// once, with the etag's digits at the head replaced (no copy of the record made for the
+/// one field the store sets).
+pub(super) fn encode_device_with_etag(
+    key: &str,
+    rec: &DeviceRecord,
+    etag: u64,
+) -> Result<Vec<u8>, StoreError> {
+    let mut bytes = encode(DEVICES, key, rec)?;
+    let start = br#"{"v":"#.len() + decimal_len(u64::from(rec.v)) + br#","etag":"#.len();
+    match head_prefix(&bytes) {
+        Some((_, old)) if old == rec.etag => {
+            let digits = etag.to_string();
+            bytes.splice(start..start + decimal_len(old), digits.bytes());
+            Ok(bytes)
+        }
+        _ => {
+            let mut next = rec.clone();
+            next.etag = etag;
+            encode(DEVICES, key, &next)
+        }
+    }
+}
+
+fn decimal_len(mut n: u64) -> usize {
+    let mut len = 1;
+    while n >= 10 {
+        n /= 10;
+        len += 1;
+    }
+    len
+}
+
 /// `(v, etag)` from a record that starts `{"v":<u32>,"etag":<u64>` followed by `,` or `}`
 /// (serde_json's compact output of [`DeviceRecord`]); `None` for anything else. The JSON is
 /// still decoded whole wherever the record is read, so a record this accepts and serde would
@@ -197,6 +230,15 @@ mod tests {
         rec.etag = 7;
         let bytes = encode(DEVICES, "sensor-1", &rec).unwrap();
         assert_eq!(head_prefix(&bytes), Some((DEVICE_RECORD_VERSION, 7)));
+        // The etag the store sets is spliced into the encoded head, whatever its width.
+        for (old, new) in [(7, 8), (9, 10), (0, 1), (99, 100), (12345, 7)] {
+            rec.etag = old;
+            let spliced = encode_device_with_etag("sensor-1", &rec, new).unwrap();
+            let mut expected = rec.clone();
+            expected.etag = new;
+            assert_eq!(spliced, encode(DEVICES, "sensor-1", &expected).unwrap());
+            assert_eq!(decode_device("sensor-1", &spliced).unwrap(), expected);
+        }
         // A newer record is refused on either path.
         let newer = format!(r#"{{"v":{},"etag":1,"id":"d"}}"#, DEVICE_RECORD_VERSION + 1);
         assert!(matches!(
