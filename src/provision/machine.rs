@@ -175,10 +175,11 @@ async fn commit(
     next.updated_at_ms = clock::unix_ms();
     #[cfg(feature = "test-hooks")]
     let state = next.state.name();
-    // The record as a read would return it once the batch is in: unsealed, etag bumped.
-    let mut committed = next.clone();
-    committed.etag = prev.etag + 1;
-    batch.put_device_if(next, prev.etag);
+    // The record as a read would return it once the batch is in: unsealed, etag bumped. The
+    // batch shares it (the store copies it only to seal a token).
+    next.etag = prev.etag + 1;
+    let committed = std::sync::Arc::new(next);
+    batch.put_shared_device_if(std::sync::Arc::clone(&committed), prev.etag);
     match inner.store.apply(batch).await {
         Ok(()) => {
             #[cfg(feature = "test-hooks")]
@@ -186,7 +187,7 @@ async fn commit(
                 tracing::warn!(device = %prev.id, state, "{}: exiting as asked", super::CRASH_AFTER_ENV);
                 std::process::exit(super::CRASH_EXIT_CODE);
             }
-            Step::Committed(Box::new(committed))
+            Step::Committed(Box::new(std::sync::Arc::unwrap_or_clone(committed)))
         }
         // Changed meanwhile (e.g. blocked by an operator): look again.
         Err(StoreError::Conflict { .. }) => Step::Next,

@@ -157,6 +157,17 @@ impl DeviceState {
         }
     }
 
+    /// Whether the state carries an ownership token (that the store seals at rest).
+    pub(crate) fn has_ownership_token(&self) -> bool {
+        matches!(
+            self,
+            DeviceState::CertificateIssued {
+                ownership_token: Some(_),
+                ..
+            }
+        )
+    }
+
     /// The state's name as stored and shown (`"keyReady"`, `"delivered"`, ...).
     pub fn name(&self) -> &'static str {
         match self {
