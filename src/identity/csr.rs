@@ -126,11 +126,17 @@ pub(crate) fn verified_csr(der: &[u8]) -> Result<X509CertificationRequest<'_>, I
 
 /// The DER of the first CSR block in `pem`.
 pub(crate) fn csr_der(pem: &str) -> Result<Vec<u8>, IdentityError> {
+    let is_csr = |label: &str| matches!(label, "CERTIFICATE REQUEST" | "NEW CERTIFICATE REQUEST");
+    if let Some(blocks) = super::pem_plain::plain_blocks(pem) {
+        if let Some((_, der)) = blocks.into_iter().find(|(label, _)| is_csr(label)) {
+            return Ok(der);
+        }
+    }
     let blocks = pem::parse_many(pem)
         .map_err(|e| IdentityError::malformed("CSR", format!("bad PEM: {e}")))?;
     blocks
         .into_iter()
-        .find(|b| matches!(b.tag(), "CERTIFICATE REQUEST" | "NEW CERTIFICATE REQUEST"))
+        .find(|b| is_csr(b.tag()))
         .map(pem::Pem::into_contents)
         .ok_or_else(|| {
             IdentityError::malformed(
