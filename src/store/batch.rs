@@ -158,10 +158,10 @@ impl Store {
         for op in &mut batch.ops {
             match op {
                 // Copied only when its token is sealed: the caller's copy stays in clear.
-                Op::PutDevice { rec, .. } => {
-                    if self.sealer().is_some() && rec.state.has_ownership_token() {
-                        self.seal_device(Arc::make_mut(rec));
-                    }
+                Op::PutDevice { rec, .. }
+                    if self.sealer().is_some() && rec.state.has_ownership_token() =>
+                {
+                    self.seal_device(Arc::make_mut(rec));
                 }
                 Op::PutToken(rec) => self.seal_token_record(rec),
                 _ => {}
