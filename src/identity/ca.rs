@@ -7,18 +7,17 @@
 //! (default, 1975-4096) validity, so the issuer builds the certificate parameters itself.
 
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, DnValue,
-    ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType, SerialNumber,
+    ExtendedKeyUsagePurpose, IsCa, Issuer, KeyUsagePurpose, SanType, SerialNumber,
 };
 use rustls_pki_types::CertificateDer;
-use x509_parser::certification_request::X509CertificationRequest;
-use x509_parser::prelude::FromDer;
 use x509_parser::time::ASN1Time;
 
 use super::cert::{first_certificate_der, parse_der, spki_equal, to_pem};
-use super::csr::{check_common_name, csr_der, parse_csr};
+use super::csr::{check_common_name, csr_der, verified_csr};
 use super::{IdentityError, KeyType, PrivateKey, Secret};
 use crate::clock;
 
@@ -37,6 +36,9 @@ pub struct CertificateAuthority {
     cert_der: Vec<u8>,
     not_after: i64,
     key: PrivateKey,
+    /// The CA as rcgen's issuer, made once: it parses the CA certificate, which cost a parse
+    /// per certificate signed (the emulator signs one per device provisioned).
+    issuer: Arc<Issuer<'static, PrivateKey>>,
 }
 
 impl std::fmt::Debug for CertificateAuthority {
@@ -60,7 +62,7 @@ impl CertificateAuthority {
             now + CA_VALIDITY_DAYS * DAY,
         )?;
         let cert = params
-            .self_signed(key.key_pair())
+            .self_signed(&key)
             .map_err(|e| IdentityError::signing(format!("CA certificate {common_name:?}"), e))?;
         Self::assemble(cert.der().to_vec(), key)
     }
@@ -89,11 +91,15 @@ impl CertificateAuthority {
             .validity()
             .not_after
             .timestamp();
+        let issuer =
+            Issuer::from_ca_cert_der(&CertificateDer::from(cert_der.as_slice()), key.clone())
+                .map_err(|e| IdentityError::malformed("CA certificate", e))?;
         Ok(Self {
             cert_pem: to_pem("CERTIFICATE", cert_der.clone()),
             cert_der,
             not_after,
             key,
+            issuer: Arc::new(issuer),
         })
     }
 
@@ -126,21 +132,24 @@ impl CertificateAuthority {
         csr_pem: &str,
         validity_days: u32,
     ) -> Result<String, IdentityError> {
-        let info = parse_csr(csr_pem)?;
+        // Decoded and verified once; the certificate takes subject and key from it.
         let der = csr_der(csr_pem)?;
-        let (_, csr) = X509CertificationRequest::from_der(&der)
-            .map_err(|e| IdentityError::malformed("CSR", e))?;
-        let subject = copy_subject(&csr.certification_request_info.subject)?;
+        let csr = verified_csr(&der)?;
+        let info = &csr.certification_request_info;
+        let subject = copy_subject(&info.subject)?;
         let public_key =
-            rcgen::SubjectPublicKeyInfo::from_der(&info.public_key_der).map_err(|e| {
+            rcgen::SubjectPublicKeyInfo::from_der(info.subject_pki.raw).map_err(|e| {
                 IdentityError::malformed("CSR", format!("public key cannot be certified: {e}"))
             })?;
         let mut params = self.leaf_params(subject, validity_days)?;
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
-        let what = format!(
-            "certificate for CSR {:?}",
-            info.common_name.unwrap_or_default()
-        );
+        let common_name = info
+            .subject
+            .iter_common_name()
+            .next()
+            .and_then(|cn| cn.as_str().ok())
+            .unwrap_or_default();
+        let what = format!("certificate for CSR {common_name:?}");
         self.sign(&params, &public_key, &what)
     }
 
@@ -158,7 +167,7 @@ impl CertificateAuthority {
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
         let pem = self.sign(
             &params,
-            key.key_pair(),
+            &key,
             &format!("client certificate {common_name:?}"),
         )?;
         Ok((pem, key))
@@ -187,7 +196,7 @@ impl CertificateAuthority {
             .extend(ips.iter().map(|ip| SanType::IpAddress(*ip)));
         let pem = self.sign(
             &params,
-            key.key_pair(),
+            &key,
             &format!("server certificate {common_name:?}"),
         )?;
         Ok((pem, key))
@@ -207,11 +216,7 @@ impl CertificateAuthority {
         let mut params = ca_params(common_name, now - BACKDATE_SECS, not_after)?;
         params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
         params.use_authority_key_identifier_extension = true;
-        let pem = self.sign(
-            &params,
-            key.key_pair(),
-            &format!("intermediate CA {common_name:?}"),
-        )?;
+        let pem = self.sign(&params, &key, &format!("intermediate CA {common_name:?}"))?;
         let der = first_certificate_der(&pem, "intermediate CA")?;
         Self::assemble(der, key)
     }
@@ -262,19 +267,10 @@ impl CertificateAuthority {
         public_key: &impl rcgen::PublicKeyData,
         what: &str,
     ) -> Result<String, IdentityError> {
-        let issuer = self.issuer()?;
         let cert = params
-            .signed_by(public_key, &issuer)
+            .signed_by(public_key, &self.issuer)
             .map_err(|e| IdentityError::signing(what, e))?;
         Ok(cert.pem())
-    }
-
-    fn issuer(&self) -> Result<Issuer<'static, &KeyPair>, IdentityError> {
-        Issuer::from_ca_cert_der(
-            &CertificateDer::from(self.cert_der.as_slice()),
-            self.key.key_pair(),
-        )
-        .map_err(|e| IdentityError::malformed("CA certificate", e))
     }
 }
 
@@ -368,7 +364,7 @@ pub(crate) mod test_support {
         let key = PrivateKey::generate(KeyType::EcdsaP256).unwrap();
         let mut params = ca.leaf_params(cn_only(common_name), 1).unwrap();
         set_validity(&mut params, not_before, not_after).unwrap();
-        let pem = ca.sign(&params, key.key_pair(), "test").unwrap();
+        let pem = ca.sign(&params, &key, "test").unwrap();
         (pem, key)
     }
 
@@ -392,6 +388,7 @@ mod tests {
     use crate::identity::test_util::openssl_csr;
     use crate::identity::{cert_matches_csr, create_csr, parse_certificates, verify_chain};
     use x509_parser::certificate::X509Certificate;
+    use x509_parser::prelude::FromDer;
 
     fn parsed(pem: &str) -> (Vec<u8>, i64) {
         let der = first_certificate_der(pem, "t").unwrap();
@@ -425,11 +422,7 @@ mod tests {
         wants.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
         wants.key_usages = vec![KeyUsagePurpose::KeyCertSign];
         wants.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
-        let csr = wants
-            .serialize_request(key.key_pair())
-            .unwrap()
-            .pem()
-            .unwrap();
+        let csr = wants.serialize_request(&key).unwrap().pem().unwrap();
 
         let cert_pem = ca.issue_from_csr(&csr, 30).unwrap();
         let (der, now) = parsed(&cert_pem);
@@ -480,7 +473,7 @@ mod tests {
         let key = PrivateKey::generate(KeyType::EcdsaP256).unwrap();
         let now = clock::unix_secs();
         let params = ca_params("Old Root", now - 20 * DAY, now - DAY).unwrap();
-        let cert = params.self_signed(key.key_pair()).unwrap();
+        let cert = params.self_signed(&key).unwrap();
         let old = CertificateAuthority::assemble(cert.der().to_vec(), key).unwrap();
         let err = old
             .issue_client("dev", KeyType::EcdsaP256, 1)

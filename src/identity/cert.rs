@@ -272,6 +272,16 @@ pub(crate) fn parse_der<'a>(
 
 /// DER of every `CERTIFICATE` block in `pem`, in order; none is an error naming `input`.
 pub(crate) fn certificate_ders(pem: &str, input: &str) -> Result<Vec<Vec<u8>>, IdentityError> {
+    if let Some(blocks) = super::pem_plain::plain_blocks(pem) {
+        let ders: Vec<Vec<u8>> = blocks
+            .into_iter()
+            .filter(|(label, _)| *label == "CERTIFICATE")
+            .map(|(_, der)| der)
+            .collect();
+        if !ders.is_empty() {
+            return Ok(ders);
+        }
+    }
     let blocks = pem::parse_many(pem)
         .map_err(|e| IdentityError::malformed(input, format!("bad PEM: {e}")))?;
     let ders: Vec<Vec<u8>> = blocks

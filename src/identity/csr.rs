@@ -54,7 +54,7 @@ pub fn create_csr(common_name: &str, key: &PrivateKey) -> Result<String, Identit
         .push(DnType::CommonName, common_name);
     let what = || format!("CSR for {common_name:?}");
     let csr = params
-        .serialize_request(key.key_pair())
+        .serialize_request(key)
         .map_err(|e| IdentityError::signing(what(), e))?;
     csr.pem().map_err(|e| IdentityError::signing(what(), e))
 }
@@ -79,7 +79,27 @@ pub(crate) fn csr_public_key_der(pem: &str) -> Result<Vec<u8>, IdentityError> {
 /// A CSR whose signature does not verify is refused with [`IdentityError::CsrSignature`].
 pub fn parse_csr(pem: &str) -> Result<CsrInfo, IdentityError> {
     let der = csr_der(pem)?;
-    let csr = decode_csr(&der)?;
+    let csr = verified_csr(&der)?;
+    let info = &csr.certification_request_info;
+    let spki = &info.subject_pki;
+    let common_name = info
+        .subject
+        .iter_common_name()
+        .next()
+        .and_then(|cn| cn.as_str().ok())
+        .map(str::to_string);
+    Ok(CsrInfo {
+        common_name,
+        key_type: key_type_of_spki(spki).ok(),
+        public_key_der: spki.raw.to_vec(),
+        pem: to_pem("CERTIFICATE REQUEST", der.clone()),
+    })
+}
+
+/// Decodes a PKCS#10 request in DER and verifies its self-signature (what [`parse_csr`] does,
+/// for a caller that needs the decoded request itself: the CA issuing from it).
+pub(crate) fn verified_csr(der: &[u8]) -> Result<X509CertificationRequest<'_>, IdentityError> {
+    let csr = decode_csr(der)?;
     let spki = &csr.certification_request_info.subject_pki;
     if let Some(bits) = rsa_bits_of_spki(spki).filter(|b| *b < MIN_RSA_BITS) {
         // aws-lc-rs cannot even verify these, and clouds refuse them (AWS IoT: RSA-2048+).
@@ -101,28 +121,22 @@ pub fn parse_csr(pem: &str) -> Result<CsrInfo, IdentityError> {
         }
         Err(_) => return Err(IdentityError::CsrSignature),
     }
-    let info = &csr.certification_request_info;
-    let common_name = info
-        .subject
-        .iter_common_name()
-        .next()
-        .and_then(|cn| cn.as_str().ok())
-        .map(str::to_string);
-    Ok(CsrInfo {
-        common_name,
-        key_type: key_type_of_spki(spki).ok(),
-        public_key_der: spki.raw.to_vec(),
-        pem: to_pem("CERTIFICATE REQUEST", der.clone()),
-    })
+    Ok(csr)
 }
 
 /// The DER of the first CSR block in `pem`.
 pub(crate) fn csr_der(pem: &str) -> Result<Vec<u8>, IdentityError> {
+    let is_csr = |label: &str| matches!(label, "CERTIFICATE REQUEST" | "NEW CERTIFICATE REQUEST");
+    if let Some(blocks) = super::pem_plain::plain_blocks(pem) {
+        if let Some((_, der)) = blocks.into_iter().find(|(label, _)| is_csr(label)) {
+            return Ok(der);
+        }
+    }
     let blocks = pem::parse_many(pem)
         .map_err(|e| IdentityError::malformed("CSR", format!("bad PEM: {e}")))?;
     blocks
         .into_iter()
-        .find(|b| matches!(b.tag(), "CERTIFICATE REQUEST" | "NEW CERTIFICATE REQUEST"))
+        .find(|b| is_csr(b.tag()))
         .map(pem::Pem::into_contents)
         .ok_or_else(|| {
             IdentityError::malformed(

@@ -15,6 +15,7 @@ mod error;
 mod key;
 mod key_type;
 mod password;
+mod pem_plain;
 mod seal;
 mod secret;
 mod secret_file;

@@ -35,7 +35,7 @@ use crate::downstream::contract::{
     self, AcceptedResponse, DeviceStatus, RejectedResponse, StatusReport,
 };
 use crate::downstream::PayloadFormat;
-use crate::identity::{self, PrivateKey, Secret};
+use crate::identity::{self, KeyType, PrivateKey, Secret};
 use crate::store::{
     Batch, DeviceRecord, DeviceState, ErrorInfo, OwnershipToken, OwnershipTokenRecord, StoreError,
     TOKEN_RECORD_VERSION,
@@ -175,10 +175,11 @@ async fn commit(
     next.updated_at_ms = clock::unix_ms();
     #[cfg(feature = "test-hooks")]
     let state = next.state.name();
-    // The record as a read would return it once the batch is in: unsealed, etag bumped.
-    let mut committed = next.clone();
-    committed.etag = prev.etag + 1;
-    batch.put_device_if(next, prev.etag);
+    // The record as a read would return it once the batch is in: unsealed, etag bumped. The
+    // batch shares it (the store copies it only to seal a token).
+    next.etag = prev.etag + 1;
+    let committed = std::sync::Arc::new(next);
+    batch.put_shared_device_if(std::sync::Arc::clone(&committed), prev.etag);
     match inner.store.apply(batch).await {
         Ok(()) => {
             #[cfg(feature = "test-hooks")]
@@ -186,7 +187,7 @@ async fn commit(
                 tracing::warn!(device = %prev.id, state, "{}: exiting as asked", super::CRASH_AFTER_ENV);
                 std::process::exit(super::CRASH_EXIT_CODE);
             }
-            Step::Committed(Box::new(committed))
+            Step::Committed(Box::new(std::sync::Arc::unwrap_or_clone(committed)))
         }
         // Changed meanwhile (e.g. blocked by an operator): look again.
         Err(StoreError::Conflict { .. }) => Step::Next,
@@ -213,13 +214,18 @@ async fn prepare_key(inner: &Inner, rec: DeviceRecord) -> Step {
         None => {
             let kt = inner.opts.key_type;
             let cn = rec.id.as_str().to_string();
-            // RSA key generation takes long enough to stall a runtime thread.
-            let made = tokio::task::spawn_blocking(move || {
+            let make = move || {
                 let key = PrivateKey::generate(kt)?;
                 let csr = identity::create_csr(&cn, &key)?;
                 Ok::<_, identity::IdentityError>((key.to_pkcs8_pem(), csr))
-            })
-            .await;
+            };
+            // RSA key generation takes long enough to stall a runtime thread. An ECDSA key and
+            // its CSR take about 0.1 ms, less than handing them to the blocking pool and back
+            // costs (two thread wake-ups per device), so they are made in place.
+            let made = match kt {
+                KeyType::EcdsaP256 | KeyType::EcdsaP384 => Ok(make()),
+                KeyType::Rsa2048 | KeyType::Rsa3072 => tokio::task::spawn_blocking(make).await,
+            };
             let (key_pem, csr) = match made {
                 Ok(Ok(made)) => made,
                 Ok(Err(e)) => {

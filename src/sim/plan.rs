@@ -99,6 +99,14 @@ pub struct FleetOptions {
     pub parameters: BTreeMap<String, String>,
     /// The cloud's CA certificate(s); when given, every issued certificate must chain to it.
     pub cloud_ca_pem: Option<String>,
+    /// Check every this many devices' answers in full (1, the default, and 0: every device). A
+    /// device's answer is always decoded and checked for its id, thing name, a parseable
+    /// certificate and the key rules (a returned key exactly when the gateway made it, a
+    /// certificate for the device's own key); the full check adds what costs CPU: parsing the
+    /// returned private key and matching it to the certificate, and verifying the chain to
+    /// [`Self::cloud_ca_pem`]. Devices 1, 1 + n, 1 + 2n, ... get it. `fleetgw bench
+    /// provision` samples, so the fleet's verification does not take the CPU it measures.
+    pub full_check_every: u32,
     /// Which cloud the gateway provisions into: decides what a valid answer holds.
     pub cloud: SimCloud,
     /// Per device, from its first connect attempt to the verified answer.
@@ -197,6 +205,7 @@ impl FleetOptions {
             attestation: SimAttestation::None,
             parameters: BTreeMap::new(),
             cloud_ca_pem: None,
+            full_check_every: 1,
             cloud: SimCloud::Aws,
             timeout: Duration::from_secs(60),
             resend_after: Some(Duration::from_secs(15)),
@@ -237,6 +246,7 @@ impl FleetOptions {
         Ok(DevicePlan {
             n,
             id,
+            full_check: n.saturating_sub(1) % self.full_check_every.max(1) == 0,
             format: if evenly_picked(self.cbor_share, k) {
                 PayloadFormat::Cbor
             } else {
@@ -339,6 +349,8 @@ pub struct DevicePlan {
     pub format: PayloadFormat,
     /// The device sends its own CSR (else the gateway generates its key).
     pub own_csr: bool,
+    /// Its answer gets the full check ([`FleetOptions::full_check_every`]).
+    pub full_check: bool,
 }
 
 /// Why a run could not start.
@@ -498,6 +510,19 @@ mod tests {
             .filter(|p| p.format == PayloadFormat::Cbor && p.own_csr)
             .count();
         assert_eq!(both, 250);
+    }
+
+    #[test]
+    fn the_full_check_samples_devices_1_then_every_nth() {
+        let mut o = opts(25);
+        assert!((1..=25).all(|n| o.plan(n).unwrap().full_check));
+        o.full_check_every = 0;
+        assert!((1..=25).all(|n| o.plan(n).unwrap().full_check));
+        o.full_check_every = 10;
+        let sampled: Vec<u32> = (1..=25)
+            .filter(|&n| o.plan(n).unwrap().full_check)
+            .collect();
+        assert_eq!(sampled, [1, 11, 21]);
     }
 
     #[test]

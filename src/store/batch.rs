@@ -13,8 +13,8 @@ use sled::transaction::{
 use sled::Transactional;
 
 use super::{
-    check_meta_key, encode, get, lock_device_writes, stored_etag, DeviceRecord,
-    OwnershipTokenRecord, RecordTree, Store, StoreError, DEVICES, TOKENS,
+    check_meta_key, encode, encode_device_with_etag, get, lock_device_writes, stored_etag,
+    DeviceRecord, OwnershipTokenRecord, RecordTree, Store, StoreError, DEVICES, TOKENS,
 };
 use crate::device_id::DeviceId;
 
@@ -27,7 +27,7 @@ pub struct Batch {
 #[derive(Debug)]
 enum Op {
     PutDevice {
-        rec: Box<DeviceRecord>,
+        rec: Arc<DeviceRecord>,
         expected_etag: Option<u64>,
     },
     RemoveDevice(DeviceId),
@@ -59,7 +59,7 @@ impl Batch {
     /// Writes a device record; its etag becomes the stored etag + 1.
     pub fn put_device(&mut self, rec: DeviceRecord) -> &mut Self {
         self.ops.push(Op::PutDevice {
-            rec: Box::new(rec),
+            rec: Arc::new(rec),
             expected_etag: None,
         });
         self
@@ -68,8 +68,19 @@ impl Batch {
     /// Writes a device record only if the stored etag is `expected_etag` (else the whole batch
     /// fails with [`StoreError::Conflict`]).
     pub fn put_device_if(&mut self, rec: DeviceRecord, expected_etag: u64) -> &mut Self {
+        self.put_shared_device_if(Arc::new(rec), expected_etag)
+    }
+
+    /// [`Batch::put_device_if`] for a record the caller keeps too (the provisioning steps
+    /// carry the record they wrote to their next step): shared, not copied. The store sets
+    /// the etag it writes, whatever `rec.etag` says.
+    pub fn put_shared_device_if(
+        &mut self,
+        rec: Arc<DeviceRecord>,
+        expected_etag: u64,
+    ) -> &mut Self {
         self.ops.push(Op::PutDevice {
-            rec: Box::new(rec),
+            rec,
             expected_etag: Some(expected_etag),
         });
         self
@@ -146,7 +157,12 @@ impl Store {
         let mut batch = batch;
         for op in &mut batch.ops {
             match op {
-                Op::PutDevice { rec, .. } => self.seal_device(rec),
+                // Copied only when its token is sealed: the caller's copy stays in clear.
+                Op::PutDevice { rec, .. }
+                    if self.sealer().is_some() && rec.state.has_ownership_token() =>
+                {
+                    self.seal_device(Arc::make_mut(rec));
+                }
                 Op::PutToken(rec) => self.seal_token_record(rec),
                 _ => {}
             }
@@ -299,10 +315,9 @@ fn prepare(
                         }));
                     }
                 }
-                let mut next = (**rec).clone();
-                next.etag = found.unwrap_or(0) + 1;
-                etags.insert(key, Some(next.etag));
-                match encode(DEVICES, key, &next) {
+                let etag = found.unwrap_or(0) + 1;
+                etags.insert(key, Some(etag));
+                match encode_device_with_etag(key, rec, etag) {
                     Ok(bytes) => Write {
                         tree: T_DEVICES,
                         key: key.as_bytes().to_vec(),

@@ -504,7 +504,11 @@ fn run(shared: Arc<Shared>, f: Flusher) {
         };
         shared.changed.notify_all();
         shared.progress_tx.send_replace(progress);
-        for ((_, reply), outcome) in batches.into_iter().zip(outcomes) {
+        for ((batch, reply), outcome) in batches.into_iter().zip(outcomes) {
+            // Released before the answer: a caller that shares a record with its batch
+            // (`Batch::put_shared_device_if`) then holds the only reference and keeps it
+            // without a copy.
+            drop(batch);
             let outcome = match (&result, outcome) {
                 (Err(e), Ok(())) => Err(batch_error(&dir, e, false)),
                 // sled's own error for the group transaction, when the disk is full.

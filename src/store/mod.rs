@@ -46,7 +46,10 @@ use flusher::FlushFaults;
 use space::Health;
 
 pub use batch::Batch;
-use codec::{decode, decode_device, decode_token, encode, get, insert, remove, stored_etag};
+use codec::{
+    decode, decode_device, decode_token, encode, encode_device_with_etag, get, insert, remove,
+    stored_etag,
+};
 pub use error::StoreError;
 pub use flusher::BLOB_THRESHOLD;
 #[cfg(feature = "test-hooks")]

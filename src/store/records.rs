@@ -157,6 +157,17 @@ impl DeviceState {
         }
     }
 
+    /// Whether the state carries an ownership token (that the store seals at rest).
+    pub(crate) fn has_ownership_token(&self) -> bool {
+        matches!(
+            self,
+            DeviceState::CertificateIssued {
+                ownership_token: Some(_),
+                ..
+            }
+        )
+    }
+
     /// The state's name as stored and shown (`"keyReady"`, `"delivered"`, ...).
     pub fn name(&self) -> &'static str {
         match self {
@@ -179,14 +190,16 @@ impl DeviceState {
 pub struct DeviceRecord {
     /// Record layout version ([`DEVICE_RECORD_VERSION`] when written by this build).
     pub v: u32,
+    /// Entity tag, bumped by the store on every write (admin `ETag`, compare-and-swap).
+    /// Declared second so the JSON starts `{"v":1,"etag":7,`: the etag checks of every
+    /// provisioning step read it there without scanning the record (`codec::stored_etag`).
+    pub etag: u64,
     /// The device id (also the key).
     pub id: DeviceId,
     /// Provisioning state. Flattened, so the JSON reads `{"state":"keyReady","csr":..,"etag":..}`;
     /// variant fields must therefore not reuse a record field name.
     #[serde(flatten)]
     pub state: DeviceState,
-    /// Entity tag, bumped by the store on every write (admin `ETag`, compare-and-swap).
-    pub etag: u64,
     /// Creation time, unix milliseconds.
     pub created_at_ms: u64,
     /// Last update time, unix milliseconds.

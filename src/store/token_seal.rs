@@ -75,7 +75,7 @@ impl Store {
         let _ = self.inner.sealer.set(sealer);
     }
 
-    fn sealer(&self) -> Option<&Sealer> {
+    pub(super) fn sealer(&self) -> Option<&Sealer> {
         self.inner.sealer.get().map(|s| s.as_ref())
     }
 

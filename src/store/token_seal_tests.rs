@@ -129,3 +129,31 @@ async fn clear_tokens_from_before_the_key_still_read_and_are_sealed_when_rewritt
     assert!(!raw(&store.engine().unwrap().devices, "old").contains(TOKEN));
     assert_eq!(token_of(&store.device(&id("old")).unwrap().unwrap()), TOKEN);
 }
+
+#[tokio::test]
+async fn a_record_shared_with_its_batch_is_sealed_in_the_store_and_stays_clear_for_the_caller() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = Store::open(&tmp.path().join("s"), &StoreOptions::default()).unwrap();
+    store.seal_tokens_with(sealer());
+    store
+        .put_device(&DeviceRecord::new(id("dev-a"), "json", 1))
+        .await
+        .unwrap();
+    let mut next = issued("dev-a");
+    next.etag = 2;
+    let shared = Arc::new(next);
+    let mut batch = Batch::new();
+    batch.put_shared_device_if(Arc::clone(&shared), 1);
+    store.apply(batch).await.unwrap();
+    assert_eq!(token_of(&shared), TOKEN);
+    assert!(!raw(&store.engine().unwrap().devices, "dev-a").contains(TOKEN));
+    let read = store.device(&id("dev-a")).unwrap().unwrap();
+    assert_eq!(read, *shared);
+    // A stale etag changes nothing.
+    let mut batch = Batch::new();
+    batch.put_shared_device_if(Arc::clone(&shared), 1);
+    assert!(matches!(
+        store.apply(batch).await,
+        Err(StoreError::Conflict { .. })
+    ));
+}

@@ -83,7 +83,7 @@ impl PrivateKey {
             })?;
         Ok(Self {
             key_type,
-            pair: Arc::new(pair),
+            pair: Arc::new(super::Pair::Rcgen(pair)),
         })
     }
 }

@@ -1,7 +1,11 @@
 //! [`PrivateKey`]: generating device keys and loading keys that users bring.
 //!
-//! Keys live in memory as an rcgen [`KeyPair`] over aws-lc-rs, always built from PKCS#8 DER,
-//! so the same bytes serve rcgen (CSRs, certificates), rustls (TLS) and the store. Generation
+//! Keys live in memory as aws-lc-rs key pairs with their PKCS#8 DER beside them, so the same
+//! bytes serve rcgen (CSRs, certificates: [`PrivateKey`] is an rcgen [`SigningKey`]), rustls
+//! (TLS) and the store. Loaded keys are rcgen [`KeyPair`]s; generated ECDSA keys are aws-lc-rs
+//! [`EcdsaKeyPair`]s used as generated, serialised to PKCS#8 once and never parsed back
+//! (rcgen's `KeyPair::generate_for` serialises and re-parses, re-validating the key, which
+//! cost as much as generating it: the gateway makes one per device it provisions). Generation
 //! and the common unencrypted PEM forms go through aws-lc-rs only; openssl is used solely by
 //! [`PrivateKey::import_file`] for the legacy and passphrase-protected formats users have on disk
 //! (`openssl genrsa -aes256`, encrypted PKCS#8, PKCS#12).
@@ -18,7 +22,12 @@ mod spki;
 use std::fmt;
 use std::sync::Arc;
 
-use rcgen::{KeyPair, PublicKeyData, RsaKeySize};
+use aws_lc_rs::rand::SystemRandom;
+use aws_lc_rs::signature::{
+    EcdsaKeyPair, EcdsaSigningAlgorithm, KeyPair as _, ECDSA_P256_SHA256_ASN1_SIGNING,
+    ECDSA_P384_SHA384_ASN1_SIGNING,
+};
+use rcgen::{KeyPair, PublicKeyData, RsaKeySize, SignatureAlgorithm, SigningKey};
 
 use super::{IdentityError, KeyType, Secret};
 
@@ -32,7 +41,44 @@ pub(crate) use spki::{key_type_of_spki, rsa_bits_of_spki};
 #[derive(Clone)]
 pub struct PrivateKey {
     key_type: KeyType,
-    pair: Arc<KeyPair>,
+    pair: Arc<Pair>,
+}
+
+/// The key material behind a [`PrivateKey`].
+enum Pair {
+    /// Loaded or RSA: rcgen's key pair (which keeps its PKCS#8 DER).
+    Rcgen(KeyPair),
+    /// A generated ECDSA key: aws-lc-rs's key pair, its PKCS#8 DER (wiped on drop) and the
+    /// rcgen algorithm it signs CSRs and certificates with.
+    Ec {
+        pair: EcdsaKeyPair,
+        pkcs8: Secret,
+        alg: &'static SignatureAlgorithm,
+    },
+}
+
+impl Pair {
+    fn pkcs8_der(&self) -> &[u8] {
+        match self {
+            Pair::Rcgen(pair) => pair.serialized_der(),
+            Pair::Ec { pkcs8, .. } => pkcs8.expose(),
+        }
+    }
+}
+
+/// Generates an ECDSA key with aws-lc-rs and serialises it to PKCS#8 once (the same bytes
+/// `EcdsaKeyPair::generate_pkcs8`, and so rcgen, would have written).
+fn generate_ec(
+    signing: &'static EcdsaSigningAlgorithm,
+    alg: &'static SignatureAlgorithm,
+) -> Result<Pair, String> {
+    let pair = EcdsaKeyPair::generate(signing).map_err(|e| e.to_string())?;
+    let pkcs8 = pair.to_pkcs8v1().map_err(|e| e.to_string())?;
+    Ok(Pair::Ec {
+        pkcs8: Secret::new(pkcs8.as_ref().to_vec()),
+        pair,
+        alg,
+    })
 }
 
 impl fmt::Debug for PrivateKey {
@@ -46,19 +92,26 @@ impl fmt::Debug for PrivateKey {
 impl PrivateKey {
     /// Generates a fresh key of type `kt` with the aws-lc-rs backend.
     pub fn generate(kt: KeyType) -> Result<Self, IdentityError> {
-        let generated = match kt {
-            KeyType::EcdsaP256 => KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256),
-            KeyType::EcdsaP384 => KeyPair::generate_for(&rcgen::PKCS_ECDSA_P384_SHA384),
-            KeyType::Rsa2048 => {
-                KeyPair::generate_rsa_for(&rcgen::PKCS_RSA_SHA256, RsaKeySize::_2048)
-            }
-            KeyType::Rsa3072 => {
-                KeyPair::generate_rsa_for(&rcgen::PKCS_RSA_SHA256, RsaKeySize::_3072)
-            }
+        let rsa = |size| {
+            KeyPair::generate_rsa_for(&rcgen::PKCS_RSA_SHA256, size)
+                .map(Pair::Rcgen)
+                .map_err(|e| e.to_string())
         };
-        let pair = generated.map_err(|e| IdentityError::KeyGeneration {
+        let generated = match kt {
+            KeyType::EcdsaP256 => generate_ec(
+                &ECDSA_P256_SHA256_ASN1_SIGNING,
+                &rcgen::PKCS_ECDSA_P256_SHA256,
+            ),
+            KeyType::EcdsaP384 => generate_ec(
+                &ECDSA_P384_SHA384_ASN1_SIGNING,
+                &rcgen::PKCS_ECDSA_P384_SHA384,
+            ),
+            KeyType::Rsa2048 => rsa(RsaKeySize::_2048),
+            KeyType::Rsa3072 => rsa(RsaKeySize::_3072),
+        };
+        let pair = generated.map_err(|reason| IdentityError::KeyGeneration {
             key_type: kt,
-            reason: e.to_string(),
+            reason,
         })?;
         // Used as generated: parsing its PKCS#8 back would try every algorithm in turn and
         // derive the public key again, which cost as much as generating it.
@@ -75,32 +128,59 @@ impl PrivateKey {
 
     /// The key as PKCS#8 PEM (`-----BEGIN PRIVATE KEY-----`).
     pub fn to_pkcs8_pem(&self) -> Secret {
-        Secret::from(self.pair.serialize_pem())
+        // rcgen's `serialize_pem` encoding: 64-column base64, LF line ends.
+        let config = pem::EncodeConfig::new().set_line_ending(pem::LineEnding::LF);
+        let der = zeroize::Zeroizing::new(self.pair.pkcs8_der().to_vec());
+        let block = pem::Pem::new("PRIVATE KEY", der.as_slice());
+        Secret::from(pem::encode_config(&block, config))
     }
 
     /// The key as PKCS#8 DER.
     pub fn to_pkcs8_der(&self) -> Secret {
-        Secret::new(self.pair.serialize_der())
+        Secret::new(self.pair.pkcs8_der().to_vec())
     }
 
     /// The public half as SubjectPublicKeyInfo DER (what certificates and CSRs carry).
     pub fn public_key_der(&self) -> Vec<u8> {
-        self.pair.subject_public_key_info()
+        self.subject_public_key_info()
     }
 
     /// Signs `msg` with this key, the way the certificate's algorithm expects: ECDSA P-256 with
     /// SHA-256 and P-384 with SHA-384 (ASN.1 DER signatures), RSA PKCS#1 v1.5 with SHA-256.
     /// Used for proofs of possession such as X.509 admission attestations.
     pub fn sign(&self, msg: &[u8]) -> Result<Vec<u8>, IdentityError> {
-        use rcgen::SigningKey;
-        self.pair.sign(msg).map_err(|e| {
+        SigningKey::sign(self, msg).map_err(|e| {
             IdentityError::signing(format!("signature with a {} key", self.key_type), e)
         })
     }
+}
 
-    /// The rcgen key pair, for signing CSRs and certificates inside this module.
-    pub(crate) fn key_pair(&self) -> &KeyPair {
-        &self.pair
+/// CSRs and certificates are signed with the key as it is held (no rcgen `KeyPair` made).
+impl SigningKey for PrivateKey {
+    fn sign(&self, msg: &[u8]) -> Result<Vec<u8>, rcgen::Error> {
+        match &*self.pair {
+            Pair::Rcgen(pair) => pair.sign(msg),
+            Pair::Ec { pair, .. } => pair
+                .sign(&SystemRandom::new(), msg)
+                .map(|s| s.as_ref().to_vec())
+                .map_err(|_| rcgen::Error::RingUnspecified),
+        }
+    }
+}
+
+impl PublicKeyData for PrivateKey {
+    fn der_bytes(&self) -> &[u8] {
+        match &*self.pair {
+            Pair::Rcgen(pair) => pair.der_bytes(),
+            Pair::Ec { pair, .. } => pair.public_key().as_ref(),
+        }
+    }
+
+    fn algorithm(&self) -> &'static SignatureAlgorithm {
+        match &*self.pair {
+            Pair::Rcgen(pair) => pair.algorithm(),
+            Pair::Ec { alg, .. } => alg,
+        }
     }
 }
 
@@ -159,6 +239,35 @@ mod tests {
         let signature = loaded.sign(b"m").unwrap();
         assert!(
             UnparsedPublicKey::new(&ECDSA_P384_SHA384_ASN1, key.public_key_der())
+                .verify(b"m", &signature)
+                .is_ok()
+        );
+    }
+
+    #[test]
+    fn a_generated_ec_key_is_stored_and_signs_as_an_rcgen_key_pair_would() {
+        use aws_lc_rs::signature::{UnparsedPublicKey, ECDSA_P256_SHA256_ASN1};
+        let key = PrivateKey::generate(KeyType::EcdsaP256).unwrap();
+        let der = key.to_pkcs8_der();
+        // The same PKCS#8 and PEM bytes rcgen makes of that key (what devices and stores had).
+        let rcgen_pair = KeyPair::try_from(der.expose()).unwrap();
+        assert_eq!(rcgen_pair.serialized_der(), der.expose());
+        assert_eq!(
+            key.to_pkcs8_pem().expose_str().unwrap(),
+            rcgen_pair.serialize_pem()
+        );
+        assert_eq!(key.public_key_der(), rcgen_pair.subject_public_key_info());
+        assert_eq!(
+            PublicKeyData::algorithm(&key),
+            PublicKeyData::algorithm(&rcgen_pair)
+        );
+        // A CSR signed with the key held in memory verifies under the public key.
+        let csr = crate::identity::create_csr("sensor-1", &key).unwrap();
+        let info = crate::identity::parse_csr(&csr).unwrap();
+        assert_eq!(info.public_key_der, key.public_key_der());
+        let signature = key.sign(b"m").unwrap();
+        assert!(
+            UnparsedPublicKey::new(&ECDSA_P256_SHA256_ASN1, rcgen_pair.der_bytes())
                 .verify(b"m", &signature)
                 .is_ok()
         );
