@@ -32,7 +32,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use bytes::Bytes;
-use tokio::sync::{mpsc, watch, Notify};
+use tokio::sync::{mpsc, watch, Notify, Semaphore};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
@@ -149,7 +149,17 @@ pub(crate) struct LinkConfig {
     pub command_timeout: Duration,
     /// MQTT 5 or 3.1.1.
     pub version: MqttVersion,
+    /// Bounds the connection attempts of all links at once ([`CONNECTS_AT_ONCE`]).
+    pub connect_attempts: Arc<Semaphore>,
 }
+
+/// Upstream connection attempts (TCP, TLS handshake, CONNACK) in progress at once, over all
+/// links. When thousands of device links start together, each handshake holds its buffers
+/// and key exchange state until it completes; unbounded, that storm set the daemon's peak
+/// memory (issue 22). A few dozen keep the emulator or the cloud busy on a 2-core box; a cloud
+/// far away takes several round trips per connection, so they are not fewer: AWS IoT takes
+/// 500 CONNECTs per second per account by default.
+pub(crate) const CONNECTS_AT_ONCE: usize = 64;
 
 /// Commands from the cloud a link takes unacknowledged at once (MQTT 5 Receive Maximum);
 /// each one is a downstream publish in flight.
@@ -317,6 +327,7 @@ impl Link {
                 write_timeout: cfg.connect_timeout,
                 max_packet_in: cfg.max_packet_bytes,
                 receive_maximum: COMMANDS_IN_FLIGHT,
+                attempts: Some(cfg.connect_attempts.clone()),
             },
             settled,
             downstream,

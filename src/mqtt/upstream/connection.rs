@@ -16,6 +16,7 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tokio::sync::Semaphore;
 use tokio::time::{timeout, Instant};
 
 use super::codec::{self, ConnAckInfo, ConnectPacket, ServerEvent};
@@ -62,6 +63,10 @@ pub struct ConnectOptions {
     pub max_packet_in: usize,
     /// QoS 1 publishes we take unacknowledged (announced in MQTT 5).
     pub receive_maximum: u16,
+    /// Shared by the connections whose attempts (TCP, TLS handshake, CONNACK) are bounded
+    /// together: an attempt waits for a permit before it starts and holds it until it is
+    /// connected or failed. The wait does not count against `connect_timeout`.
+    pub attempts: Option<Arc<Semaphore>>,
 }
 
 /// Whether a publish was queued.
@@ -102,13 +107,18 @@ impl std::fmt::Debug for Connection {
 }
 
 /// Connects to `host:port`, sends CONNECT and waits for the CONNACK, all within
-/// `opts.connect_timeout`.
+/// `opts.connect_timeout`, once `opts.attempts` (if any) has a permit.
 pub async fn connect(
     host: &str,
     port: u16,
     transport: &Transport,
     opts: &ConnectOptions,
 ) -> Result<Connection, UpstreamError> {
+    // Never closed, so the permit is always granted in the end.
+    let _permit = match &opts.attempts {
+        Some(attempts) => attempts.acquire().await.ok(),
+        None => None,
+    };
     match timeout(
         opts.connect_timeout,
         connect_inner(host, port, transport, opts),

@@ -3,6 +3,7 @@
 //! protocol versions; and against hostile peers: refused CONNACK, garbage, an oversize packet,
 //! acknowledgements for ids never used. Every failure must be a clean error.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
@@ -60,6 +61,7 @@ fn options(version: MqttVersion) -> ConnectOptions {
         write_timeout: WAIT,
         max_packet_in: 64 * 1024,
         receive_maximum: 10,
+        attempts: None,
     }
 }
 
@@ -645,4 +647,44 @@ async fn idle_links_hold_no_buffers_and_large_packets_are_given_back() {
         next_packet(&mut peer).await,
         ClientPacket::PubAck(9)
     ));
+}
+
+/// A connection storm respects the bound: with 4 permits, 12 links dialling at once reach
+/// the server at most 4 at a time, and every one connects as earlier attempts end.
+#[tokio::test]
+async fn connection_attempts_wait_for_a_permit() {
+    const AT_ONCE: usize = 4;
+    const LINKS: usize = 12;
+    let peer = Peer::bind().await;
+    let port = peer.port();
+    let attempts = Arc::new(tokio::sync::Semaphore::new(AT_ONCE));
+    let mut opts = options(MqttVersion::V4);
+    opts.attempts = Some(attempts.clone());
+    let dialling: Vec<_> = (0..LINKS)
+        .map(|_| tokio::spawn(dial(port, opts.clone())))
+        .collect();
+    let connack = encoded(Protocol::V4, accepted(1 << 20));
+    let mut answered = Vec::new();
+    while answered.len() < LINKS {
+        let batch = AT_ONCE.min(LINKS - answered.len());
+        let mut waiting = Vec::new();
+        while waiting.len() < batch {
+            waiting.push(peer.accept().await.0);
+        }
+        assert_eq!(attempts.available_permits(), 0, "all permits held");
+        // Nothing more reaches the server while these attempts hold the permits.
+        let more = tokio::time::timeout(Duration::from_millis(200), peer.listener.accept()).await;
+        assert!(
+            more.is_err(),
+            "an attempt beyond the bound reached the server"
+        );
+        for mut conn in waiting {
+            send_raw(&mut conn, &connack).await;
+            answered.push(conn);
+        }
+    }
+    for d in dialling {
+        d.await.unwrap().expect("connected once a permit was free");
+    }
+    assert_eq!(attempts.available_permits(), AT_ONCE, "permits given back");
 }
