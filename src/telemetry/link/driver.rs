@@ -84,7 +84,9 @@ impl Driver {
             });
             let (host, port) = (self.address.0.clone(), self.address.1);
             let attempt = tokio::select! {
-                c = upstream::connect(&host, port, &self.transport, &self.options) => c,
+                // Boxed: the TLS handshake's state is large and lives only while connecting;
+                // inline, it would size the link's task for its whole life.
+                c = Box::pin(upstream::connect(&host, port, &self.transport, &self.options)) => c,
                 _ = crate::telemetry::stopped(&mut self.shutdown) => break,
                 _ = self.shared.stop.notified() => break,
             };
