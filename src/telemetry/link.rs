@@ -313,7 +313,6 @@ impl Link {
             wake: Notify::new(),
             stop: Notify::new(),
         });
-        let (acks_tx, acks) = mpsc::unbounded_channel();
         let driver = Driver {
             shared: shared.clone(),
             address,
@@ -336,8 +335,7 @@ impl Link {
             backoff: Backoff::new(cfg.reconnect_min, cfg.reconnect_max),
             credentials: username.map(|u| (u, password)),
             shutdown,
-            acks_tx,
-            acks,
+            acks: None,
             generation: 0,
         };
         let task = tokio::spawn(driver.run());
