@@ -156,9 +156,9 @@ pub(crate) struct LinkConfig {
 /// Upstream connection attempts (TCP, TLS handshake, CONNACK) in progress at once, over all
 /// links. When thousands of device links start together, each handshake holds its buffers
 /// and key exchange state until it completes. Measured with `fleetgw bench scale` at 4,000
-/// and 8,000 devices (docs/benchmarks.md, 2026-12-07 afternoon): unbounded, the storm added
-/// about 2 KB per device to the peak RSS; 64 slowed the ramp so much that messages queued
-/// behind it (p99 1.6 s, more RSS at 8,000); 256 kept both low. A cloud far away takes
+/// and 8,000 devices (docs/benchmarks.md, 2026-12-07 afternoon): unbounded, the storm set the
+/// peak RSS at 8,000 devices (286.1 MB against 251.1 MB with 256, p99 about the same); 64
+/// slowed the ramp so much that messages queued behind it (p99 1.6 s). A cloud far away takes
 /// several round trips per connection, another reason not to go lower (AWS IoT takes 500
 /// CONNECTs per second per account by default).
 pub(crate) const CONNECTS_AT_ONCE: usize = 256;
