@@ -3,9 +3,15 @@
 //! Every config is built with the aws-lc-rs provider passed explicitly (more than one rustls
 //! provider may be compiled into the binary through dependencies) and offers TLS 1.3 and 1.2:
 //! the Azure Python SDK and some device stacks speak only 1.2.
+//!
+//! The gateway builds one client config per device link (each presents its device's
+//! certificate), so what is not the device's own is shared: one provider for the process, and
+//! one server verifier (the parsed root store) per set of trusted CAs, instead of one of each
+//! per device (issue 22, per-device memory).
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, OnceLock};
 
+use rustls::client::WebPkiServerVerifier;
 use rustls::crypto::CryptoProvider;
 use rustls::server::WebPkiClientVerifier;
 use rustls::{ClientConfig, RootCertStore, ServerConfig, ServerConnection};
@@ -17,8 +23,35 @@ use super::{IdentityError, PrivateKey};
 static PROTOCOL_VERSIONS: &[&rustls::SupportedProtocolVersion] =
     &[&rustls::version::TLS13, &rustls::version::TLS12];
 
+/// Server verifiers kept for reuse, one per trusted CA set.
+const VERIFIERS_KEPT: usize = 8;
+
 fn provider() -> Arc<CryptoProvider> {
-    Arc::new(rustls::crypto::aws_lc_rs::default_provider())
+    static PROVIDER: OnceLock<Arc<CryptoProvider>> = OnceLock::new();
+    PROVIDER
+        .get_or_init(|| Arc::new(rustls::crypto::aws_lc_rs::default_provider()))
+        .clone()
+}
+
+/// The verifier of servers whose chain ends at a CA in `ca_pem`, shared by every client config
+/// trusting the same PEM text (the last [`VERIFIERS_KEPT`] sets are kept).
+fn server_verifier(ca_pem: &str) -> Result<Arc<WebPkiServerVerifier>, IdentityError> {
+    static KEPT: Mutex<Vec<(String, Arc<WebPkiServerVerifier>)>> = Mutex::new(Vec::new());
+    let mut kept = KEPT.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    if let Some((_, verifier)) = kept.iter().find(|(pem, _)| pem == ca_pem) {
+        return Ok(verifier.clone());
+    }
+    let verifier = WebPkiServerVerifier::builder_with_provider(
+        Arc::new(roots(ca_pem, "server CA")?),
+        provider(),
+    )
+    .build()
+    .map_err(|e| tls_error("server CA", e))?;
+    if kept.len() == VERIFIERS_KEPT {
+        kept.remove(0);
+    }
+    kept.push((ca_pem.to_string(), verifier.clone()));
+    Ok(verifier)
 }
 
 fn tls_error(input: &str, e: impl ToString) -> IdentityError {
@@ -60,7 +93,7 @@ pub fn client_config(
     let builder = ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(PROTOCOL_VERSIONS)
         .map_err(|e| tls_error("client", e))?
-        .with_root_certificates(roots(ca_pem, "server CA")?);
+        .with_webpki_verifier(server_verifier(ca_pem)?);
     let config = match client {
         None => builder.with_no_client_auth(),
         Some((chain_pem, key)) => builder
@@ -277,6 +310,27 @@ mod tests {
             assert_eq!(leaf, Some(expected), "{kt}");
             assert_eq!(version, Some(rustls::ProtocolVersion::TLSv1_3));
         }
+    }
+
+    /// Client configs trusting the same CAs share one verifier (and its parsed roots); a
+    /// different CA set gets its own, and still refuses a server of the other CA.
+    #[tokio::test]
+    async fn client_configs_share_the_verifier_of_the_same_cas() {
+        let pki = pki();
+        let a = server_verifier(pki.ca.cert_pem()).unwrap();
+        let b = server_verifier(pki.ca.cert_pem()).unwrap();
+        assert!(Arc::ptr_eq(&a, &b), "one verifier for one CA set");
+        let other = CertificateAuthority::generate("Other Root").unwrap();
+        let c = server_verifier(other.cert_pem()).unwrap();
+        assert!(!Arc::ptr_eq(&a, &c));
+        let (pem, key) = pki.ca.issue_client("gw-02", KeyType::EcdsaP256, 1).unwrap();
+        let trusting_other = client_config(other.cert_pem(), Some((&pem, &key))).unwrap();
+        let (_, read) = session(pki.server.clone(), trusting_other).await;
+        assert_eq!(read, None, "a server of another CA is not trusted");
+        let trusting = client_config(pki.ca.cert_pem(), Some((&pem, &key))).unwrap();
+        let (server, read) = session(pki.server.clone(), trusting).await;
+        assert!(server.is_ok());
+        assert_eq!(read.as_deref(), Some(&b"pong"[..]));
     }
 
     #[tokio::test]

@@ -204,9 +204,6 @@ pub(crate) struct LinkTarget {
     pub password: Option<PasswordSource>,
 }
 
-/// TLS sessions kept for resuming a device's upstream connection.
-const DEVICE_TLS_SESSIONS: usize = 2;
-
 /// Makes a fresh SAS token (MQTT password, HTTPS `Authorization`).
 pub(crate) type PasswordSource = Arc<dyn Fn() -> String + Send + Sync>;
 
@@ -278,11 +275,14 @@ pub(crate) fn device_target(
             (tls, Some(password))
         }
     };
-    // One connection uses this config: a resumption cache sized for a few reconnects, not
-    // rustls's default of 256 sessions (about 14 KB per device link; heaptrack, issue 22).
+    // One connection uses this config, and it reconnects rarely: no session resumption.
+    // rustls's default cache holds 256 sessions (about 14 KB per device link); even one sized
+    // for 2 held about 3.3 KB per link: its table, up to 8 tickets per server, and each
+    // ticket's copy of the server's certificate chain (heaptrack, issue 22). A reconnect does
+    // a full handshake instead, and `CONNECTS_AT_ONCE` paces a fleet reconnecting at once.
     let mut tls = tls;
     if let Some(c) = Arc::get_mut(&mut tls) {
-        c.resumption = rustls::client::Resumption::in_memory_sessions(DEVICE_TLS_SESSIONS);
+        c.resumption = rustls::client::Resumption::disabled();
     }
     let address = match spec.connect {
         Some(addr) => (addr.ip().to_string(), addr.port()),

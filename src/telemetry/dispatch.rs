@@ -30,7 +30,7 @@ use tokio::time::Instant;
 
 use super::directory::device_target;
 use super::https_link::{HttpsLink, HttpsSettings};
-use super::link::{Item, Link, LinkConfig, MqttTarget, Settle, Settled};
+use super::link::{Item, Link, LinkConfig, MqttTarget, Settle, Settled, CONNECTS_AT_ONCE};
 use super::topic::CommandFilter;
 use super::{MqttVersion, Shared, TelemetryError};
 use crate::clock;
@@ -297,6 +297,7 @@ impl<U: Upstream> Dispatcher<U> {
             commands: o.commands.clone(),
             command_timeout: o.command_timeout,
             version: o.mqtt_version,
+            connect_attempts: Arc::new(tokio::sync::Semaphore::new(CONNECTS_AT_ONCE)),
         };
         let gateway = upstream.open_gateway(&LinkConfig {
             window: o.gateway_inflight,

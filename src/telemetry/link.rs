@@ -32,7 +32,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use bytes::Bytes;
-use tokio::sync::{mpsc, watch, Notify};
+use tokio::sync::{mpsc, watch, Notify, Semaphore};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
@@ -149,7 +149,19 @@ pub(crate) struct LinkConfig {
     pub command_timeout: Duration,
     /// MQTT 5 or 3.1.1.
     pub version: MqttVersion,
+    /// Bounds the connection attempts of all links at once ([`CONNECTS_AT_ONCE`]).
+    pub connect_attempts: Arc<Semaphore>,
 }
+
+/// Upstream connection attempts (TCP, TLS handshake, CONNACK) in progress at once, over all
+/// links. When thousands of device links start together, each handshake holds its buffers
+/// and key exchange state until it completes. Measured with `fleetgw bench scale` at 4,000
+/// and 8,000 devices (docs/benchmarks.md, 2026-12-07 afternoon): unbounded, the storm set the
+/// peak RSS at 8,000 devices (286.1 MB against 251.1 MB with 256, p99 about the same); 64
+/// slowed the ramp so much that messages queued behind it (p99 1.6 s). A cloud far away takes
+/// several round trips per connection, another reason not to go lower (AWS IoT takes 500
+/// CONNECTs per second per account by default).
+pub(crate) const CONNECTS_AT_ONCE: usize = 256;
 
 /// Commands from the cloud a link takes unacknowledged at once (MQTT 5 Receive Maximum);
 /// each one is a downstream publish in flight.
@@ -303,7 +315,6 @@ impl Link {
             wake: Notify::new(),
             stop: Notify::new(),
         });
-        let (acks_tx, acks) = mpsc::unbounded_channel();
         let driver = Driver {
             shared: shared.clone(),
             address,
@@ -317,6 +328,7 @@ impl Link {
                 write_timeout: cfg.connect_timeout,
                 max_packet_in: cfg.max_packet_bytes,
                 receive_maximum: COMMANDS_IN_FLIGHT,
+                attempts: Some(cfg.connect_attempts.clone()),
             },
             settled,
             downstream,
@@ -325,8 +337,7 @@ impl Link {
             backoff: Backoff::new(cfg.reconnect_min, cfg.reconnect_max),
             credentials: username.map(|u| (u, password)),
             shutdown,
-            acks_tx,
-            acks,
+            acks: None,
             generation: 0,
         };
         let task = tokio::spawn(driver.run());

@@ -3,6 +3,7 @@
 //! protocol versions; and against hostile peers: refused CONNACK, garbage, an oversize packet,
 //! acknowledgements for ids never used. Every failure must be a clean error.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
@@ -60,6 +61,7 @@ fn options(version: MqttVersion) -> ConnectOptions {
         write_timeout: WAIT,
         max_packet_in: 64 * 1024,
         receive_maximum: 10,
+        attempts: None,
     }
 }
 
@@ -593,16 +595,21 @@ async fn hostile_servers_end_the_connection_cleanly() {
     );
 }
 
+/// An idle link holds no buffer: not after its CONNACK, not after a large packet passed
+/// (sent in parts, so the read buffer had to grow), not after a flush.
 #[tokio::test]
-async fn large_packets_grow_the_read_buffer_only_while_they_pass() {
+async fn idle_links_hold_no_buffers_and_large_packets_are_given_back() {
     let connack = encoded(Protocol::V5, accepted(1 << 20));
     let (mut client, mut peer, _) = pair(MqttVersion::V5, &connack).await;
-    let small = client.buffer_capacity();
-    assert!(small <= 2 * READ_CHUNK, "starts small: {small} bytes");
+    assert_eq!(
+        client.buffer_capacity(),
+        0,
+        "nothing held after the CONNACK"
+    );
     let big = Bytes::from(vec![b'c'; 48 * 1024]);
-    send(
-        &mut peer,
-        &[ServerPacket::Publish {
+    let publish = encoded(
+        Protocol::V5,
+        ServerPacket::Publish {
             topic: "cmd/thing-1",
             qos: 1,
             pkid: 9,
@@ -610,9 +617,14 @@ async fn large_packets_grow_the_read_buffer_only_while_they_pass() {
             dup: false,
             payload: big.clone(),
             properties: None,
-        }],
-    )
-    .await;
+        },
+    );
+    let writer = tokio::spawn(async move {
+        for part in publish.chunks(1000) {
+            peer.write_raw(part).await.expect("write to the client");
+        }
+        peer
+    });
     match next_event(&mut client).await.unwrap() {
         ServerEvent::Publish { payload, pkid, .. } => {
             assert_eq!(pkid, 9);
@@ -620,9 +632,59 @@ async fn large_packets_grow_the_read_buffer_only_while_they_pass() {
         }
         other => panic!("{other:?}"),
     }
-    assert!(
-        client.buffer_capacity() < 16 * 1024,
-        "shrunk back after the large packet: {} bytes",
-        client.buffer_capacity()
+    assert_eq!(
+        client.buffer_capacity(),
+        0,
+        "given back after the large packet"
     );
+    let mut peer = writer.await.unwrap();
+    // Our answer goes out and its buffer with it.
+    client.queue_puback(9);
+    assert!(client.buffer_capacity() > 0);
+    client.flush().await.unwrap();
+    assert_eq!(client.buffer_capacity(), 0, "given back after the flush");
+    assert!(matches!(
+        next_packet(&mut peer).await,
+        ClientPacket::PubAck(9)
+    ));
+}
+
+/// A connection storm respects the bound: with 4 permits, 12 links dialling at once reach
+/// the server at most 4 at a time, and every one connects as earlier attempts end.
+#[tokio::test]
+async fn connection_attempts_wait_for_a_permit() {
+    const AT_ONCE: usize = 4;
+    const LINKS: usize = 12;
+    let peer = Peer::bind().await;
+    let port = peer.port();
+    let attempts = Arc::new(tokio::sync::Semaphore::new(AT_ONCE));
+    let mut opts = options(MqttVersion::V4);
+    opts.attempts = Some(attempts.clone());
+    let dialling: Vec<_> = (0..LINKS)
+        .map(|_| tokio::spawn(dial(port, opts.clone())))
+        .collect();
+    let connack = encoded(Protocol::V4, accepted(1 << 20));
+    let mut answered = Vec::new();
+    while answered.len() < LINKS {
+        let batch = AT_ONCE.min(LINKS - answered.len());
+        let mut waiting = Vec::new();
+        while waiting.len() < batch {
+            waiting.push(peer.accept().await.0);
+        }
+        assert_eq!(attempts.available_permits(), 0, "all permits held");
+        // Nothing more reaches the server while these attempts hold the permits.
+        let more = tokio::time::timeout(Duration::from_millis(200), peer.listener.accept()).await;
+        assert!(
+            more.is_err(),
+            "an attempt beyond the bound reached the server"
+        );
+        for mut conn in waiting {
+            send_raw(&mut conn, &connack).await;
+            answered.push(conn);
+        }
+    }
+    for d in dialling {
+        d.await.unwrap().expect("connected once a permit was free");
+    }
+    assert_eq!(attempts.available_permits(), AT_ONCE, "permits given back");
 }

@@ -39,8 +39,10 @@ pub(super) struct Driver {
     /// one).
     pub(super) credentials: Option<(String, Option<PasswordSource>)>,
     pub(super) shutdown: watch::Receiver<bool>,
-    pub(super) acks_tx: mpsc::UnboundedSender<CommandAck>,
-    pub(super) acks: mpsc::UnboundedReceiver<CommandAck>,
+    /// PUBACKs of commands delivered downstream, made with the first command: most links
+    /// never carry one, and a channel allocates its first block up front (about 1 KB per
+    /// device link, issue 22).
+    pub(super) acks: Option<CommandAcks>,
     /// Counts connections, so a command's PUBACK never goes out on a later one.
     pub(super) generation: u64,
 }
@@ -53,6 +55,21 @@ struct Window {
     link: usize,
     /// Sent and not yet acknowledged: the server's Receive Maximum.
     unacknowledged: usize,
+}
+
+/// The sending and receiving side of a link's command acknowledgements.
+pub(super) type CommandAcks = (
+    mpsc::UnboundedSender<CommandAck>,
+    mpsc::UnboundedReceiver<CommandAck>,
+);
+
+/// The next command acknowledgement; never, while no command arrived.
+async fn next_ack(acks: &mut Option<CommandAcks>) -> Option<CommandAck> {
+    match acks {
+        // The driver holds a sender too, so this never ends with `None`.
+        Some((_, rx)) => rx.recv().await,
+        None => std::future::pending().await,
+    }
 }
 
 /// What woke the connection's task.
@@ -84,7 +101,9 @@ impl Driver {
             });
             let (host, port) = (self.address.0.clone(), self.address.1);
             let attempt = tokio::select! {
-                c = upstream::connect(&host, port, &self.transport, &self.options) => c,
+                // Boxed: the TLS handshake's state is large and lives only while connecting;
+                // inline, it would size the link's task for its whole life.
+                c = Box::pin(upstream::connect(&host, port, &self.transport, &self.options)) => c,
                 _ = crate::telemetry::stopped(&mut self.shutdown) => break,
                 _ = self.shared.stop.notified() => break,
             };
@@ -171,7 +190,7 @@ impl Driver {
                 event = conn.read_event() => Wake::Event(event),
                 _ = self.shared.wake.notified() => Wake::Work,
                 _ = tokio::time::sleep_until(timer) => Wake::Timer,
-                Some(ack) = self.acks.recv() => Wake::Ack(ack),
+                Some(ack) = next_ack(&mut self.acks) => Wake::Ack(ack),
                 _ = crate::telemetry::stopped(&mut self.shutdown) => Wake::Stop,
                 _ = self.shared.stop.notified() => Wake::Stop,
             };
@@ -309,7 +328,7 @@ impl Driver {
     }
 
     fn on_command(
-        &self,
+        &mut self,
         conn: &mut Connection,
         topic: String,
         qos: u8,
@@ -335,7 +354,11 @@ impl Driver {
         let downstream = self.downstream.clone();
         let shared = self.shared.clone();
         let within = self.command_timeout;
-        let acks = self.acks_tx.clone();
+        let acks = self
+            .acks
+            .get_or_insert_with(mpsc::unbounded_channel)
+            .0
+            .clone();
         let generation = self.generation;
         tokio::spawn(async move {
             let sent = tokio::time::timeout(
