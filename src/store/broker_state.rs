@@ -181,7 +181,7 @@ impl Store {
     /// Every stored retained message, in topic order.
     pub fn broker_retained(&self) -> impl Iterator<Item = Result<RetainedRecord, StoreError>> {
         scan(
-            self.engine().map(|e| e.broker_retained.clone()),
+            self.engine().map(|e| e.broker_retained.iter()),
             BROKER_RETAINED,
             |r: &RetainedRecord| r.v,
         )
@@ -204,7 +204,7 @@ impl Store {
     /// Every stored kept session, in client id order.
     pub fn broker_sessions(&self) -> impl Iterator<Item = Result<KeptSessionRecord, StoreError>> {
         scan(
-            self.engine().map(|e| e.broker_sessions.clone()),
+            self.engine().map(|e| e.broker_sessions.iter()),
             BROKER_SESSIONS,
             |r: &KeptSessionRecord| r.v,
         )
@@ -236,7 +236,7 @@ impl Store {
 
 /// The records of `tree`; the error once when there is no open database (a reopen).
 fn scan<T: serde::de::DeserializeOwned>(
-    tree: Result<sled::Tree, StoreError>,
+    tree: Result<sled::Iter, StoreError>,
     name: &'static str,
     version_of: fn(&T) -> u32,
 ) -> impl Iterator<Item = Result<T, StoreError>> {

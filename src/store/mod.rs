@@ -282,25 +282,12 @@ impl Store {
     /// All device records in id order; undecodable ones are moved to quarantine and skipped.
     pub fn devices(&self) -> impl Iterator<Item = Result<DeviceRecord, StoreError>> {
         let store = self.clone();
-        let (iter, failed) = split(self.engine().map(|e| e.devices.iter()));
-        iter.into_iter()
-            .flatten()
-            .filter_map(move |entry| store.scanned_device(entry))
-            .chain(failed)
-    }
-
-    fn scanned_device(
-        &self,
-        entry: sled::Result<(sled::IVec, sled::IVec)>,
-    ) -> Option<Result<DeviceRecord, StoreError>> {
-        match entry {
-            Ok((k, v)) => self.device_or_quarantine(&k, &v).transpose(),
-            Err(source) => Some(Err(StoreError::Sled {
-                tree: DEVICES,
-                op: "scan",
-                source,
-            })),
-        }
+        scan_entries(
+            self.engine().map(|e| e.devices.iter()),
+            DEVICES,
+            move |k, v| store.device_or_quarantine(&k, &v),
+        )
+        .filter_map(Result::transpose)
     }
 
     /// Device records in id order, starting after `after` (from the first when `None`): the
@@ -315,14 +302,13 @@ impl Store {
             None => Bound::Unbounded,
         };
         let store = self.clone();
-        let (iter, failed) = split(
+        scan_entries(
             self.engine()
                 .map(|e| e.devices.range::<Vec<u8>, _>((start, Bound::Unbounded))),
-        );
-        iter.into_iter()
-            .flatten()
-            .filter_map(move |entry| store.scanned_device(entry))
-            .chain(failed)
+            DEVICES,
+            move |k, v| store.device_or_quarantine(&k, &v),
+        )
+        .filter_map(Result::transpose)
     }
 
     /// Number of device records.
@@ -487,7 +473,7 @@ impl Store {
     pub fn tokens(&self) -> impl Iterator<Item = Result<OwnershipTokenRecord, StoreError>> {
         let store = self.clone();
         scan_entries(
-            self.engine().map(|e| e.tokens.clone()),
+            self.engine().map(|e| e.tokens.iter()),
             TOKENS,
             move |k, v| store.open_token_record(decode_token(&String::from_utf8_lossy(&k), &v)?),
         )
@@ -540,7 +526,7 @@ impl Store {
     ) -> impl Iterator<Item = Result<(String, T), StoreError>> {
         let name = tree.name();
         scan_entries(
-            self.engine().map(|e| e.record_tree(tree).clone()),
+            self.engine().map(|e| e.record_tree(tree).iter()),
             name,
             move |k, v| {
                 let key = String::from_utf8_lossy(&k).into_owned();
@@ -640,23 +626,18 @@ pub async fn bench_group_commit(
     Ok(written / elapsed.max(f64::EPSILON))
 }
 
-/// An iterator over a tree of the open database, or the error that there is none (a reopen
-/// under way) to yield once instead.
-fn split<I, T>(r: Result<I, StoreError>) -> (Option<I>, Option<Result<T, StoreError>>) {
-    match r {
-        Ok(iter) => (Some(iter), None),
-        Err(e) => (None, Some(Err(e))),
-    }
-}
-
-/// Every entry of `tree` in key order through `each`, a failed read as the store's error naming
-/// `name`; when there is no open database (a reopen under way), that error once instead.
+/// Every entry `scan` (a tree's or a range's iterator) yields, in key order, through `each`; a
+/// failed read as the store's error naming `name`; when there is no open database (a reopen
+/// under way), that error once instead.
 pub(super) fn scan_entries<T>(
-    tree: Result<sled::Tree, StoreError>,
+    scan: Result<sled::Iter, StoreError>,
     name: &'static str,
     mut each: impl FnMut(sled::IVec, sled::IVec) -> Result<T, StoreError>,
 ) -> impl Iterator<Item = Result<T, StoreError>> {
-    let (iter, failed) = split(tree.map(|t| t.iter()));
+    let (iter, failed) = match scan {
+        Ok(iter) => (Some(iter), None),
+        Err(e) => (None, Some(Err(e))),
+    };
     iter.into_iter()
         .flatten()
         .map(move |entry| {
