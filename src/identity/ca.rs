@@ -16,7 +16,7 @@ use rcgen::{
 use rustls_pki_types::CertificateDer;
 use x509_parser::time::ASN1Time;
 
-use super::cert::{first_certificate_der, parse_der, spki_equal, to_pem};
+use super::cert::{common_name, first_certificate_der, parse_der, spki_equal, to_pem};
 use super::csr::{check_common_name, csr_der, verified_csr};
 use super::{IdentityError, KeyType, PrivateKey, Secret};
 use crate::clock;
@@ -143,13 +143,10 @@ impl CertificateAuthority {
             })?;
         let mut params = self.leaf_params(subject, validity_days)?;
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
-        let common_name = info
-            .subject
-            .iter_common_name()
-            .next()
-            .and_then(|cn| cn.as_str().ok())
-            .unwrap_or_default();
-        let what = format!("certificate for CSR {common_name:?}");
+        let what = format!(
+            "certificate for CSR {:?}",
+            common_name(&info.subject).unwrap_or_default()
+        );
         self.sign(&params, &public_key, &what)
     }
 

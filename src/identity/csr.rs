@@ -6,7 +6,7 @@ use x509_parser::certification_request::X509CertificationRequest;
 use x509_parser::error::X509Error;
 use x509_parser::prelude::FromDer;
 
-use super::cert::to_pem;
+use super::cert::{common_name, to_pem};
 use super::key::{key_type_of_spki, rsa_bits_of_spki};
 use super::{IdentityError, KeyType, PrivateKey};
 
@@ -82,14 +82,8 @@ pub fn parse_csr(pem: &str) -> Result<CsrInfo, IdentityError> {
     let csr = verified_csr(&der)?;
     let info = &csr.certification_request_info;
     let spki = &info.subject_pki;
-    let common_name = info
-        .subject
-        .iter_common_name()
-        .next()
-        .and_then(|cn| cn.as_str().ok())
-        .map(str::to_string);
     Ok(CsrInfo {
-        common_name,
+        common_name: common_name(&info.subject),
         key_type: key_type_of_spki(spki).ok(),
         public_key_der: spki.raw.to_vec(),
         pem: to_pem("CERTIFICATE REQUEST", der.clone()),
