@@ -81,17 +81,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> PacketStream<S> {
     /// Reads what the socket has into the read buffer. Cancel-safe: bytes read are in the
     /// buffer, or were not taken from the socket.
     pub async fn fill(&mut self) -> Result<(), StreamError> {
-        let read = if self.rbuf.is_empty() {
-            // Idle: wait without a buffer, then keep exactly what arrived.
-            self.rbuf = BytesMut::new();
-            read_idle(&mut self.stream, &mut self.rbuf).await?
-        } else {
-            // Part of a packet is here: the rest goes after it.
-            if self.rbuf.capacity() - self.rbuf.len() < self.read_chunk / 2 {
-                self.rbuf.reserve(self.read_chunk);
-            }
-            self.stream.read_buf(&mut self.rbuf).await?
-        };
+        let read = read_more(
+            &mut self.stream,
+            &mut self.rbuf,
+            self.read_chunk / 2,
+            self.read_chunk,
+        )
+        .await?;
         match read {
             0 => Err(StreamError::Closed),
             _ => Ok(()),
@@ -178,10 +174,30 @@ impl<S: AsyncRead + AsyncWrite + Unpin> PacketStream<S> {
     }
 }
 
+/// One read from `stream` appended to `buf`; the bytes read (0: the stream ended). From idle
+/// (`buf` empty) the read waits without a buffer and `buf` then holds exactly what arrived
+/// ([`read_idle`]); after part of a packet, the rest goes into `buf` itself, which first
+/// reserves `grow` more bytes when less than `min_spare` are free.
+pub(crate) async fn read_more<S: AsyncRead + Unpin>(
+    stream: &mut S,
+    buf: &mut BytesMut,
+    min_spare: usize,
+    grow: usize,
+) -> std::io::Result<usize> {
+    if buf.is_empty() {
+        *buf = BytesMut::new();
+        return read_idle(stream, buf).await;
+    }
+    if buf.capacity() - buf.len() < min_spare {
+        buf.reserve(grow);
+    }
+    stream.read_buf(buf).await
+}
+
 /// One read from `stream` into a stack scratch, appended to `buf` (empty) at the size that
 /// arrived. The scratch lives only while the read is polled, not across a wait, so an idle
 /// connection's future does not hold it.
-pub(crate) async fn read_idle<S: AsyncRead + Unpin>(
+async fn read_idle<S: AsyncRead + Unpin>(
     stream: &mut S,
     buf: &mut BytesMut,
 ) -> std::io::Result<usize> {

@@ -6,7 +6,7 @@
 //! issue 22 wants 10,000 device links in 256 MB, each idle >99% of the time at 1 msg/s). The
 //! read buffer is given back once every complete packet in it was taken, and the next read
 //! lands in a stack scratch copied into a buffer of the size that arrived
-//! ([`read_idle`](crate::mqtt::stream::read_idle)); only a packet arriving in parts keeps a
+//! ([`read_more`](crate::mqtt::stream::read_more)); only a packet arriving in parts keeps a
 //! buffer between reads, grown by doubling from [`READ_CHUNK`] and bounded by the packet limit.
 //! The write buffer is given back after each flush.
 
@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::Semaphore;
 use tokio::time::{timeout, Instant};
@@ -22,7 +22,7 @@ use tokio::time::{timeout, Instant};
 use super::codec::{self, ConnAckInfo, ConnectPacket, ServerEvent};
 use super::{MqttVersion, UpstreamError};
 use crate::mqtt::props::MessageProperties;
-use crate::mqtt::stream::read_idle;
+use crate::mqtt::stream::read_more;
 
 /// What a read of a packet arriving in parts reserves at least.
 pub const READ_CHUNK: usize = 2 * 1024;
@@ -231,17 +231,9 @@ impl Connection {
                 }
                 return Ok(event);
             }
-            let read = if self.rbuf.is_empty() {
-                self.rbuf = BytesMut::new();
-                read_idle(&mut self.io, &mut self.rbuf).await?
-            } else {
-                if self.rbuf.capacity() - self.rbuf.len() < READ_CHUNK / 2 {
-                    // Doubling: a large packet costs a few reallocations, not one per read.
-                    self.rbuf.reserve(self.rbuf.len().max(READ_CHUNK));
-                }
-                self.io.read_buf(&mut self.rbuf).await?
-            };
-            if read == 0 {
+            // Doubling: a large packet costs a few reallocations, not one per read.
+            let grow = self.rbuf.len().max(READ_CHUNK);
+            if read_more(&mut self.io, &mut self.rbuf, READ_CHUNK / 2, grow).await? == 0 {
                 return Err(UpstreamError::Closed);
             }
         }
