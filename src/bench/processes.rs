@@ -220,6 +220,30 @@ impl Emulator {
     pub async fn stats(&self) -> Result<serde_json::Value, BenchError> {
         self.get("/stats").await
     }
+
+    /// Messages the emulator has received (its `/stats` count).
+    pub async fn messages(&self) -> Result<u64, BenchError> {
+        Ok(self.stats().await?["messages"].as_u64().unwrap_or(0))
+    }
+
+    /// Waits until the emulator has received at least `count` messages, for at most `within`;
+    /// whether it has.
+    pub async fn wait_for_messages(
+        &self,
+        count: u64,
+        within: Duration,
+    ) -> Result<bool, BenchError> {
+        let deadline = Instant::now() + within;
+        loop {
+            if self.messages().await? >= count {
+                return Ok(true);
+            }
+            if Instant::now() >= deadline {
+                return Ok(false);
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
 }
 
 /// `fleetgw run` against an emulator, its device broker on a free loopback port.

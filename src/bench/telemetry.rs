@@ -130,7 +130,7 @@ pub async fn run_load(
     label: &str,
     observer: &dyn Observer,
 ) -> Result<PhaseFigures, BenchError> {
-    let before = emu.stats().await?["messages"].as_u64().unwrap_or(0);
+    let before = emu.messages().await?;
     let n = publishers.len().max(1);
     let first = load.phase * PHASE_SEQ;
     // Every device connects first; the phase starts once all are connected.
@@ -203,15 +203,9 @@ pub async fn run_load(
         sent.push(published.sent);
     }
     let total: u64 = sent.iter().sum();
-    // The local broker acknowledged everything; now wait until the cloud has it all.
-    let deadline = Instant::now() + DRAIN;
-    loop {
-        let got = emu.stats().await?["messages"].as_u64().unwrap_or(0);
-        if got >= before + total || Instant::now() >= deadline {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    // The local broker acknowledged everything; now wait until the cloud has it all (what
+    // is still missing after DRAIN is counted lost below).
+    emu.wait_for_messages(before + total, DRAIN).await?;
     let arrivals =
         fetch_arrivals_by(&emu.api, Duration::from_secs(60), before, GroupBy::Topic).await?;
     let mut check = TelemetryCheck::new();
@@ -289,7 +283,7 @@ pub async fn provision_publishers(
         timeout: Duration::from_secs(600),
     });
     observer.phase("provisioning + warm-up", u64::from(devices));
-    let before = emu.stats().await?["messages"].as_u64().unwrap_or(0);
+    let before = emu.messages().await?;
     let done = std::cell::Cell::new(0u64);
     let report = sim::run_fleet(opts, |e| {
         if matches!(e, FleetEvent::Provisioned { .. } | FleetEvent::Failed(_)) {
@@ -321,17 +315,14 @@ pub async fn provision_publishers(
     }
     // The warm-up messages must be at the cloud before a phase counts its arrivals there: one
     // still on its way would stand in for a phase message that has not arrived yet.
-    let deadline = Instant::now() + DRAIN;
-    while emu.stats().await?["messages"].as_u64().unwrap_or(0) < before + u64::from(devices) {
-        if Instant::now() >= deadline {
-            return Err(BenchError::Start {
-                what: "warm-up".into(),
-                reason: format!(
-                    "the warm-up messages did not all reach the cloud within {DRAIN:?}"
-                ),
-            });
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
+    if !emu
+        .wait_for_messages(before + u64::from(devices), DRAIN)
+        .await?
+    {
+        return Err(BenchError::Start {
+            what: "warm-up".into(),
+            reason: format!("the warm-up messages did not all reach the cloud within {DRAIN:?}"),
+        });
     }
     Ok((report, publishers))
 }
