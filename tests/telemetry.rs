@@ -333,16 +333,8 @@ async fn received(emu: &AwsEmulatorHandle, client_id: &str) -> Vec<(String, u64)
 
 /// What the emulator received from one client: (topic, arrival) in arrival order.
 async fn received_with_times(emu: &AwsEmulatorHandle, client_id: &str) -> Vec<(String, Arrival)> {
-    let (status, list) = http(
-        emu.api_addr(),
-        "GET",
-        &format!("/messages?clientId={client_id}"),
-        None,
-    )
-    .await;
-    assert_eq!(status, 200, "{list}");
-    list.as_array()
-        .unwrap()
+    messages::recorded(emu.api_addr(), client_id, common::WAIT)
+        .await
         .iter()
         .map(|m| {
             (

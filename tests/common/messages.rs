@@ -31,9 +31,9 @@ pub fn arrival(message: &Value) -> Arrival {
     }
 }
 
-/// The payloads (UTF-8) the emulator whose API is at `api` recorded from `client_id`, in
-/// arrival order; the request is bounded by `within`.
-pub async fn recorded_payloads(api: SocketAddr, client_id: &str, within: Duration) -> Vec<String> {
+/// The messages (`GET /messages` entries) the emulator whose API is at `api` recorded from
+/// `client_id`, in arrival order; the request is bounded by `within`.
+pub async fn recorded(api: SocketAddr, client_id: &str, within: Duration) -> Vec<Value> {
     let (status, list) = http_within(
         api,
         "GET",
@@ -43,8 +43,17 @@ pub async fn recorded_payloads(api: SocketAddr, client_id: &str, within: Duratio
     )
     .await;
     assert_eq!(status, 200, "{list}");
-    list.as_array()
-        .unwrap()
+    match list {
+        Value::Array(messages) => messages,
+        other => panic!("GET /messages answered {other}"),
+    }
+}
+
+/// The payloads (UTF-8) the emulator whose API is at `api` recorded from `client_id`, in
+/// arrival order; the request is bounded by `within`.
+pub async fn recorded_payloads(api: SocketAddr, client_id: &str, within: Duration) -> Vec<String> {
+    recorded(api, client_id, within)
+        .await
         .iter()
         .map(|m| String::from_utf8(payload(m)).unwrap())
         .collect()
