@@ -160,6 +160,18 @@ fn telemetry_reports_fleetgw_and_the_bridge() {
     assert!(num(half, "offeredPerSecond") > 0.0);
     assert!(num(half, "p50Ms") <= num(half, "p99Ms"));
     assert_eq!(half["lost"], 0, "{v}");
+    // Where the latency went: the devices' wait for window slots and PUBACKs, and the time in
+    // the daemon from its forward-delay histogram (a bucket bound, counted per phase).
+    for phase in [&v, half] {
+        num(phase, "windowWaitP99Ms");
+        assert!(
+            num(phase, "pubackP50Ms") <= num(phase, "pubackP99Ms"),
+            "{v}"
+        );
+        assert!(num(phase, "pubackP50Ms") > 0.0, "{v}");
+        let (p50, p99) = (num(phase, "inGatewayP50Ms"), num(phase, "inGatewayP99Ms"));
+        assert!(p50 > 0.0 && p50 <= p99, "{v}");
+    }
     // scripts/test installs mosquitto: the bridge baseline runs in the same run.
     let bridge = &v["baselines"]["mosquittoBridge"];
     assert!(bridge.is_object(), "no bridge baseline: {v}");

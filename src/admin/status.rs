@@ -210,6 +210,11 @@ pub fn render_metrics(state: &AdminState) -> Result<String, ApiError> {
         "Devices queued, in progress or waiting for a retry.",
         &[("", e.active)],
     );
+    t.forward_delay.render(
+        &mut out,
+        crate::telemetry::delay::FORWARD_DELAY_METRIC,
+        "Time from the intake taking a telemetry message to its upstream write (messages handed over in memory).",
+    );
     let refused = [
         ("reason=\"unknown\"", t.refused_unknown),
         ("reason=\"not_provisioned\"", t.refused_not_provisioned),

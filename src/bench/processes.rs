@@ -17,6 +17,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use super::BenchError;
+use crate::telemetry::delay::{DelaySnapshot, FORWARD_DELAY_METRIC};
 
 /// Environment variable with a command line to run the daemon under (a profiler).
 pub const DAEMON_PREFIX_ENV: &str = "FLEETGW_BENCH_DAEMON_PREFIX";
@@ -254,6 +255,8 @@ pub struct Daemon {
     pub broker: SocketAddr,
     /// Its state directory (the store lives below it).
     pub state_dir: PathBuf,
+    /// Its admin socket.
+    pub admin_socket: PathBuf,
     /// From exec to the `READY=1` notification.
     pub ready_after: Duration,
 }
@@ -269,12 +272,13 @@ impl Daemon {
             .map_err(|e| BenchError::io(&notify_path, e))?;
         let port = free_port()?;
         let state_dir = dir.join("state");
+        let admin_socket = dir.join("admin.sock");
         let mut args: Vec<String> = vec!["run".into(), "--config".into()];
         args.push(emu.dir.join("gateway.toml").display().to_string());
         let mut all_sets = vec![
             format!("downstream.listen=\"127.0.0.1:{port}\""),
             format!("gateway.state_dir=\"{}\"", state_dir.display()),
-            format!("admin.socket=\"{}\"", dir.join("admin.sock").display()),
+            format!("admin.socket=\"{}\"", admin_socket.display()),
             "log.level=\"warn\"".to_string(),
         ];
         all_sets.extend_from_slice(sets);
@@ -336,12 +340,33 @@ impl Daemon {
             process,
             broker: SocketAddr::from(([127, 0, 0, 1], port)),
             state_dir,
+            admin_socket,
         })
     }
 
     /// The daemon's pid.
     pub fn pid(&self) -> u32 {
         self.process.pid()
+    }
+
+    /// Its `fleetgw_telemetry_forward_delay_seconds` histogram so far (admin `/metrics`).
+    pub async fn forward_delay(&self) -> Result<DelaySnapshot, BenchError> {
+        let failed = |reason: String| BenchError::Start {
+            what: "fleetgw run (GET /metrics)".into(),
+            reason,
+        };
+        let reply = crate::cli::admin_client::call(
+            &self.admin_socket,
+            hyper::Method::GET,
+            "/metrics",
+            None,
+        )
+        .await
+        .and_then(|r| r.ok())
+        .map_err(|e| failed(e.message))?;
+        let text = String::from_utf8_lossy(&reply.body);
+        DelaySnapshot::from_prometheus(&text, FORWARD_DELAY_METRIC)
+            .ok_or_else(|| failed(format!("no {FORWARD_DELAY_METRIC} histogram in the answer")))
     }
 
     /// Stops it (SIGTERM, 20 s, then SIGKILL).

@@ -9,7 +9,11 @@
 use std::ops::Range;
 use std::time::Duration;
 
-use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+
+use hdrhistogram::Histogram;
+use rumqttc::{AsyncClient, Event, MqttOptions, Outgoing, Packet, QoS};
 use tokio::sync::{mpsc, watch};
 use tokio::time::{timeout_at, Instant};
 
@@ -73,7 +77,7 @@ impl Sequence {
 }
 
 /// What a publisher did.
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Debug)]
 pub struct Published {
     /// Messages sent (the first `sent` numbers of the range).
     pub sent: u64,
@@ -81,6 +85,21 @@ pub struct Published {
     pub late: Duration,
     /// When the last PUBACK came.
     pub last_ack: Option<Instant>,
+    /// Per message, microseconds from its payload being made (the publish call) to its
+    /// PUBLISH being written: the wait for a free slot in the window.
+    pub queued_us: Histogram<u64>,
+    /// Per message, microseconds from its PUBLISH being written to its PUBACK.
+    pub puback_us: Histogram<u64>,
+}
+
+/// A histogram of microseconds up to an hour, 3 significant digits.
+pub fn micros_histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("valid histogram bounds")
+}
+
+fn record_since(h: &mut Histogram<u64>, since: Instant, now: Instant) {
+    let us = now.saturating_duration_since(since).as_micros();
+    h.saturating_record(u64::try_from(us).unwrap_or(u64::MAX).max(1));
 }
 
 /// Why a publisher stopped before every PUBACK came.
@@ -143,6 +162,9 @@ pub async fn publish_sequence(
     };
     // The publisher reports how many it sent once it stops; PUBACKs are counted here.
     let (done_tx, mut done_rx) = mpsc::channel::<(u64, Duration)>(1);
+    // When each requested publish was made, oldest first: rumqttc writes them in that order.
+    let requested: Arc<Mutex<VecDeque<Instant>>> = Arc::default();
+    let requests = requested.clone();
     let publisher = tokio::spawn(async move {
         let (mut pace, mut until) = (pace, until);
         if let Some((base, mut open)) = open {
@@ -172,8 +194,13 @@ pub async fn publish_sequence(
             if until.is_some_and(|u| Instant::now() >= u) {
                 break;
             }
+            let body = payload(n);
+            requests
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push_back(Instant::now());
             if client
-                .publish(&topic, QoS::AtLeastOnce, false, payload(n))
+                .publish(&topic, QoS::AtLeastOnce, false, body)
                 .await
                 .is_err()
             {
@@ -188,6 +215,8 @@ pub async fn publish_sequence(
     let mut acked = 0;
     let mut total: Option<(u64, Duration)> = None;
     let mut last_ack = None;
+    let (mut queued_us, mut puback_us) = (micros_histogram(), micros_histogram());
+    let mut written: Vec<Option<Instant>> = vec![None; usize::from(window) * 2 + 2];
     'polling: while total.is_none_or(|(sent, _)| acked < sent) {
         // One poll at a time, never dropped half-way: rumqttc's poll is not cancel-safe. A
         // connection attempt dropped after its CONNECT was written leaves that CONNECT to the
@@ -212,9 +241,26 @@ pub async fn publish_sequence(
                     let _ = tx.send(());
                 }
             }
-            Ok(Ok(Event::Incoming(Packet::PubAck(_)))) => {
+            Ok(Ok(Event::Incoming(Packet::PubAck(ack)))) => {
                 acked += 1;
-                last_ack = Some(Instant::now());
+                let now = Instant::now();
+                last_ack = Some(now);
+                let slot = usize::from(ack.pkid) % written.len();
+                if let Some(at) = written[slot].take() {
+                    record_since(&mut puback_us, at, now);
+                }
+            }
+            Ok(Ok(Event::Outgoing(Outgoing::Publish(pkid)))) => {
+                let now = Instant::now();
+                let made = requested
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .pop_front();
+                if let Some(made) = made {
+                    record_since(&mut queued_us, made, now);
+                }
+                let slot = usize::from(pkid) % written.len();
+                written[slot] = Some(now);
             }
             Ok(Ok(_)) => {}
             Ok(Err(e)) => {
@@ -246,5 +292,7 @@ pub async fn publish_sequence(
         sent,
         late,
         last_ack,
+        queued_us,
+        puback_us,
     })
 }

@@ -23,7 +23,9 @@ use serde::Serialize;
 use tokio::time::Instant;
 
 use super::processes::{mosquitto_binary, Bridge, Daemon, Emulator};
-use super::publisher::{publish_sequence, Sequence, StartGate};
+use crate::telemetry::delay::DelaySnapshot;
+
+use super::publisher::{micros_histogram, publish_sequence, Sequence, StartGate};
 use super::{BenchError, Machine, Observer, Rig, Series};
 use crate::sim::arrival::{self, fetch_arrivals_by, GroupBy, TelemetryCheck};
 use crate::sim::{self, FleetEvent, FleetOptions, FleetReport, TelemetryPlan};
@@ -113,6 +115,18 @@ pub struct PhaseFigures {
     pub out_of_order: u64,
     /// How late the slowest paced device fell behind its schedule, ms.
     pub publisher_late_ms: f64,
+    /// 99th percentile of a message's wait at its device for a free slot in the device's
+    /// window (from being made to being written), ms: the part of the latency spent waiting
+    /// for PUBACKs of earlier messages.
+    pub queued_p99_ms: f64,
+    /// Median time from a PUBLISH written to its PUBACK from the local broker, ms.
+    pub puback_p50_ms: f64,
+    /// ... 99th percentile.
+    pub puback_p99_ms: f64,
+    /// fleetgw only: how long the phase's messages spent in the daemon, intake to upstream
+    /// write (its `fleetgw_telemetry_forward_delay_seconds`, counted during the phase).
+    #[serde(skip)]
+    pub in_gateway: Option<DelaySnapshot>,
     /// How long the devices took to connect before the phase started (not part of it).
     pub connect_seconds: f64,
     /// Per second: messages arrived and their p99 latency.
@@ -186,6 +200,7 @@ pub async fn run_load(
     observer.phase(label, load.seconds.ceil() as u64);
     let mut sent = Vec::with_capacity(tasks.len());
     let mut late = Duration::ZERO;
+    let (mut queued, mut puback) = (micros_histogram(), micros_histogram());
     let mut ticker = tokio::time::interval(Duration::from_millis(250));
     for t in tasks {
         let mut t = t;
@@ -201,6 +216,9 @@ pub async fn run_load(
         })??;
         late = late.max(published.late);
         sent.push(published.sent);
+        // Same bounds on both sides, so adding cannot fail.
+        let _ = queued.add(&published.queued_us);
+        let _ = puback.add(&published.puback_us);
     }
     let total: u64 = sent.iter().sum();
     // The local broker acknowledged everything; now wait until the cloud has it all (what
@@ -245,9 +263,28 @@ pub async fn run_load(
         duplicates: check.duplicates,
         out_of_order: check.out_of_order,
         publisher_late_ms: late.as_secs_f64() * 1000.0,
+        queued_p99_ms: us_to_ms(queued.value_at_quantile(0.99)),
+        puback_p50_ms: us_to_ms(puback.value_at_quantile(0.50)),
+        puback_p99_ms: us_to_ms(puback.value_at_quantile(0.99)),
+        in_gateway: None,
         connect_seconds,
         series: Series::from_samples(label, samples),
     })
+}
+
+impl PhaseFigures {
+    /// Upper bound of the daemon's forward-delay bucket holding quantile `q`, ms (fleetgw
+    /// phases that forwarded something; `None` above the largest bucket too).
+    pub fn in_gateway_ms(&self, q: f64) -> Option<f64> {
+        self.in_gateway
+            .as_ref()?
+            .quantile_bound_us(q)
+            .map(|us| us as f64 / 1000.0)
+    }
+}
+
+fn us_to_ms(us: u64) -> f64 {
+    us as f64 / 1000.0
 }
 
 fn unix_ms() -> u64 {
@@ -447,13 +484,16 @@ pub async fn run(
     let sets = vec![format!("telemetry.identity=\"{}\"", opts.identity.as_str())];
     let daemon = Daemon::start(&emu, &work.path().join("daemon"), &sets).await?;
     let (_, publishers) = provision_publishers(&daemon, &emu, opts.devices, "t", observer).await?;
+    let before_top = daemon.forward_delay().await?;
     let port = daemon.broker.port();
     let top_load = Load {
         rate: opts.rate,
         seconds: opts.seconds,
         phase: 1,
     };
-    let top = run_load(&emu, port, &publishers, top_load, "fleetgw", observer).await?;
+    let mut top = run_load(&emu, port, &publishers, top_load, "fleetgw", observer).await?;
+    let after_top = daemon.forward_delay().await?;
+    top.in_gateway = Some(after_top.since(&before_top));
     let half = match &bridge {
         Ok(b) => b.unpaced.messages_per_second / 2.0,
         Err(_) => top.messages_per_second / 2.0,
@@ -464,7 +504,7 @@ pub async fn run(
         seconds: opts.seconds,
         phase: 2,
     };
-    let half_rate = run_load(
+    let mut half_rate = run_load(
         &emu,
         port,
         &publishers,
@@ -473,6 +513,7 @@ pub async fn run(
         observer,
     )
     .await?;
+    half_rate.in_gateway = Some(daemon.forward_delay().await?.since(&after_top));
     let daemon_peak_rss_mb =
         super::procfs::kib_to_mb(super::procfs::peak_rss_kib(daemon.pid()).unwrap_or(0));
     daemon.stop().await;
@@ -560,6 +601,11 @@ impl TelemetryResult {
                 "p50Ms": p.p50_ms,
                 "p99Ms": p.p99_ms,
                 "lost": p.lost,
+                "windowWaitP99Ms": p.queued_p99_ms,
+                "pubackP50Ms": p.puback_p50_ms,
+                "pubackP99Ms": p.puback_p99_ms,
+                "inGatewayP50Ms": p.in_gateway_ms(0.50),
+                "inGatewayP99Ms": p.in_gateway_ms(0.99),
             })
         };
         let bridge = match &self.bridge {
@@ -584,6 +630,11 @@ impl TelemetryResult {
             "lost": t.lost,
             "duplicates": t.duplicates,
             "outOfOrder": t.out_of_order,
+            "windowWaitP99Ms": t.queued_p99_ms,
+            "pubackP50Ms": t.puback_p50_ms,
+            "pubackP99Ms": t.puback_p99_ms,
+            "inGatewayP50Ms": t.in_gateway_ms(0.50),
+            "inGatewayP99Ms": t.in_gateway_ms(0.99),
             "halfRate": half(&self.half_rate),
             "baselines": { "mosquittoBridge": bridge },
             "baselineSkipped": self.bridge.as_ref().err(),

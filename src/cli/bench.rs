@@ -433,6 +433,23 @@ fn provision_report(r: &provision::ProvisionResult) -> Report {
     }
 }
 
+/// The daemon's forward delay of a phase as bucket bounds ("-" for the bridge).
+fn in_gateway_cell(p: &PhaseFigures) -> String {
+    let Some(h) = &p.in_gateway else {
+        return "-".into();
+    };
+    if h.count() == 0 {
+        return "none counted".into();
+    }
+    let bound = |q| {
+        h.quantile_bound_us(q).map_or_else(
+            || "> 30000".to_string(),
+            |us| format!("<= {}", us as f64 / 1000.0),
+        )
+    };
+    format!("{} / {}", bound(0.50), bound(0.99))
+}
+
 fn telemetry_report(r: &telemetry::TelemetryResult) -> Report {
     let mut table = new_table(&[
         "setup",
@@ -440,6 +457,9 @@ fn telemetry_report(r: &telemetry::TelemetryResult) -> Report {
         "delivered/s",
         "acked",
         "p50 / p99 ms",
+        "window wait p99 ms",
+        "PUBACK p50 / p99 ms",
+        "in gateway p50 / p99 ms",
         "lost",
         "dup",
         "out of order",
@@ -451,6 +471,9 @@ fn telemetry_report(r: &telemetry::TelemetryResult) -> Report {
             format!("{:.0}", p.messages_per_second),
             p.messages_acked.to_string(),
             format!("{:.1} / {:.1}", p.p50_ms, p.p99_ms),
+            format!("{:.1}", p.queued_p99_ms),
+            format!("{:.1} / {:.1}", p.puback_p50_ms, p.puback_p99_ms),
+            in_gateway_cell(p),
             p.lost.to_string(),
             p.duplicates.to_string(),
             p.out_of_order.to_string(),

@@ -3,7 +3,7 @@
 //! Each subcommand lives in its own file with its `Args` struct and a `run` function that
 //! returns the process exit code. Logging is set up here, once, before any command runs.
 
-mod admin_client;
+pub(crate) mod admin_client;
 mod bench;
 mod check_config;
 mod cloud;

@@ -43,8 +43,8 @@ use crate::store::OutboxMessage;
 /// What the intake hands over, in outbox order.
 pub(crate) enum Handoff {
     /// Messages just inserted into the outbox (their flush may still be running), with their
-    /// sequence numbers and thing names.
-    Appended(Vec<(u64, OutboxMessage, Arc<str>)>),
+    /// sequence numbers and thing names, and when the intake took them.
+    Appended(Vec<(u64, OutboxMessage, Arc<str>)>, Instant),
     /// Sequence numbers deleted by `drop-oldest`.
     Dropped(Vec<u64>),
     /// Close the device's link: its certificate was replaced (admin reprovision).
@@ -367,7 +367,7 @@ impl<U: Upstream> Dispatcher<U> {
 
     fn on_handoff(&mut self, h: Handoff) {
         match h {
-            Handoff::Appended(items) => {
+            Handoff::Appended(items, accepted) => {
                 if !self.live {
                     // On disk already; the scan from the cursor will load them.
                     return;
@@ -386,7 +386,7 @@ impl<U: Upstream> Dispatcher<U> {
                     }
                     self.cursor = seq + 1;
                     self.things.insert(msg.device.clone(), thing.clone());
-                    self.route(seq, msg, &thing);
+                    self.route(seq, msg, &thing, Some(accepted));
                 }
             }
             Handoff::Dropped(seqs) => self.forget(&seqs.into_iter().collect()),
@@ -453,7 +453,7 @@ impl<U: Upstream> Dispatcher<U> {
             for (seq, msg) in page {
                 self.cursor = seq + 1;
                 match self.thing_name(&msg.device) {
-                    Some(thing) => self.route(seq, msg, &thing),
+                    Some(thing) => self.route(seq, msg, &thing, None),
                     None => self.undeliverable(seq, &msg.device),
                 }
             }
@@ -501,7 +501,7 @@ impl<U: Upstream> Dispatcher<U> {
         });
     }
 
-    fn route(&mut self, seq: u64, msg: OutboxMessage, thing: &str) {
+    fn route(&mut self, seq: u64, msg: OutboxMessage, thing: &str, accepted: Option<Instant>) {
         if self.is_expired(msg.enqueued_at_ms, clock::unix_ms()) {
             self.expire(seq);
             return;
@@ -525,7 +525,8 @@ impl<U: Upstream> Dispatcher<U> {
             Bytes::from(msg.payload),
             msg.enqueued_at_ms,
         )
-        .with_properties(properties);
+        .with_properties(properties)
+        .accepted_at(accepted);
         self.shared
             .counters
             .memory_bytes

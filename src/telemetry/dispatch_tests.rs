@@ -237,7 +237,7 @@ impl Rig {
             .map(|((seq, msg), d)| (*seq, msg, Arc::from(thing(d).as_str())))
             .collect();
         self.handoff
-            .send(Handoff::Appended(handed))
+            .send(Handoff::Appended(handed, tokio::time::Instant::now()))
             .await
             .expect("the dispatcher takes hand-overs");
         seqs

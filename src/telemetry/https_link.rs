@@ -238,6 +238,9 @@ impl Sender {
                     if let Some(item) = st.queued.pop_front() {
                         let payload = item.payload.clone();
                         let properties = topic_properties(&item.topic);
+                        if let Some(at) = item.accepted {
+                            self.counters.forward_delay.record(at.elapsed());
+                        }
                         st.sending = Some(item);
                         return Some((payload, properties));
                     }

@@ -201,6 +201,7 @@ impl Intake {
             .received
             .fetch_add(batch.len() as u64, Ordering::Relaxed);
         let now = clock::unix_ms();
+        let accepted = Instant::now();
         let mut msgs = Vec::with_capacity(batch.len());
         let mut acks: Vec<AckHandle> = Vec::with_capacity(batch.len());
         let mut things = Vec::with_capacity(batch.len());
@@ -310,7 +311,7 @@ impl Intake {
         // Sent upstream while the flush runs: a crash before it ends loses the outbox entries,
         // but the devices were not acknowledged, so they publish again (a duplicate at worst).
         // The dispatcher only stops receiving when it stops; the outbox holds the messages.
-        let _ = self.handoff.send(Handoff::Appended(items)).await;
+        let _ = self.handoff.send(Handoff::Appended(items, accepted)).await;
         // The acker only stops when this intake does.
         let _ = pending.send(Pending { ticket, acks }).await;
         true

@@ -63,6 +63,8 @@ pub(crate) struct Item {
     pub enqueued_at_ms: u64,
     /// MQTT 5 properties sent with it (MQTT 5 links only; IoT Hub carries them in the topic).
     pub properties: Option<Box<MessageProperties>>,
+    /// When the intake took it, for `forward_delay` (handed over in memory only).
+    pub accepted: Option<tokio::time::Instant>,
 }
 
 impl Item {
@@ -81,7 +83,14 @@ impl Item {
             payload,
             enqueued_at_ms,
             properties: None,
+            accepted: None,
         }
+    }
+
+    /// The same message, taken by the intake at `at`.
+    pub fn accepted_at(mut self, at: Option<tokio::time::Instant>) -> Self {
+        self.accepted = at;
+        self
     }
 
     /// The same message with MQTT 5 properties.

@@ -27,6 +27,7 @@
 //! Per-device order holds because outbox keys are arrival order, a device's messages always
 //! take the same link, and a link never reorders.
 
+pub mod delay;
 mod directory;
 mod dispatch;
 mod https_link;
@@ -381,6 +382,8 @@ pub(crate) struct Counters {
     pub open_links: AtomicUsize,
     pub parked_devices: AtomicUsize,
     pub memory_bytes: AtomicUsize,
+    /// Intake to upstream write, per message handed over in memory.
+    pub forward_delay: delay::DelayHistogram,
 }
 
 /// A snapshot of the pipeline's counters (admin `/metrics`, `/status`, tests).
@@ -437,6 +440,9 @@ pub struct TelemetryStats {
     pub outbox_messages: u64,
     /// Encoded bytes in the outbox.
     pub outbox_bytes: u64,
+    /// Time from the intake to the upstream write (`/metrics` only).
+    #[serde(skip)]
+    pub forward_delay: delay::DelaySnapshot,
 }
 
 /// Everything a pipeline task needs to share.
@@ -608,6 +614,7 @@ fn snapshot(shared: &Shared) -> TelemetryStats {
         memory_bytes: c.memory_bytes.load(Ordering::Relaxed) as u64,
         outbox_messages: shared.store.outbox_len(),
         outbox_bytes: shared.store.outbox_bytes(),
+        forward_delay: c.forward_delay.snapshot(),
     }
 }
 

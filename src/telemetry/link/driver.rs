@@ -242,7 +242,12 @@ impl Driver {
                 &item.payload,
                 item.properties.as_deref(),
             )? {
-                Queued::Yes => st.inflight.insert(pkid, item),
+                Queued::Yes => {
+                    if let Some(at) = item.accepted {
+                        self.shared.counters.forward_delay.record(at.elapsed());
+                    }
+                    st.inflight.insert(pkid, item);
+                }
                 Queued::TooLarge { size, limit } => {
                     self.shared
                         .counters
