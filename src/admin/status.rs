@@ -213,7 +213,7 @@ pub fn render_metrics(state: &AdminState) -> Result<String, ApiError> {
     t.forward_delay.render(
         &mut out,
         crate::telemetry::delay::FORWARD_DELAY_METRIC,
-        "Time from the intake taking a telemetry message to its upstream write (messages handed over in memory).",
+        "Time a telemetry message spends in the gateway, from the broker reading the device's PUBLISH to its upstream write (messages handed over in memory).",
     );
     let refused = [
         ("reason=\"unknown\"", t.refused_unknown),

@@ -123,8 +123,9 @@ pub struct PhaseFigures {
     pub puback_p50_ms: f64,
     /// ... 99th percentile.
     pub puback_p99_ms: f64,
-    /// fleetgw only: how long the phase's messages spent in the daemon, intake to upstream
-    /// write (its `fleetgw_telemetry_forward_delay_seconds`, counted during the phase).
+    /// fleetgw only: how long the phase's messages spent in the daemon, from its broker's read
+    /// to the upstream write (its `fleetgw_telemetry_forward_delay_seconds`, counted during
+    /// the phase).
     #[serde(skip)]
     pub in_gateway: Option<DelaySnapshot>,
     /// How long the devices took to connect before the phase started (not part of it).

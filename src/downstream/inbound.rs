@@ -114,6 +114,7 @@ mod tests {
             dup: false,
             ack: AckHandle::not_required(),
             properties: None,
+            received_at: None,
         }
     }
 

@@ -1,6 +1,7 @@
-//! How long a message spends in the gateway: from the intake taking it from the local broker
-//! to the link writing its PUBLISH upstream (`fleetgw_telemetry_forward_delay_seconds` on
-//! `/metrics`). Device-to-cloud latency minus this is the time on the devices' side and on the
+//! How long a message spends in the gateway: from the embedded broker reading the device's
+//! PUBLISH (with an external broker: the gateway session reading it from that broker) to the
+//! link writing it upstream (`fleetgw_telemetry_forward_delay_seconds` on `/metrics`). The
+//! broker, the intake with its outbox insert, the dispatcher and the link are all inside. Device-to-cloud latency minus this is the time on the devices' side and on the
 //! cloud's; `fleetgw bench telemetry` reads it before and after each phase to say where a
 //! latency tail comes from.
 //!

@@ -43,8 +43,8 @@ use crate::store::OutboxMessage;
 /// What the intake hands over, in outbox order.
 pub(crate) enum Handoff {
     /// Messages just inserted into the outbox (their flush may still be running), with their
-    /// sequence numbers and thing names, and when the intake took them.
-    Appended(Vec<(u64, OutboxMessage, Arc<str>)>, Instant),
+    /// sequence numbers, thing names and when the gateway got them.
+    Appended(Vec<(u64, OutboxMessage, Arc<str>, Instant)>),
     /// Sequence numbers deleted by `drop-oldest`.
     Dropped(Vec<u64>),
     /// Close the device's link: its certificate was replaced (admin reprovision).
@@ -367,12 +367,12 @@ impl<U: Upstream> Dispatcher<U> {
 
     fn on_handoff(&mut self, h: Handoff) {
         match h {
-            Handoff::Appended(items, accepted) => {
+            Handoff::Appended(items) => {
                 if !self.live {
                     // On disk already; the scan from the cursor will load them.
                     return;
                 }
-                for (seq, msg, thing) in items {
+                for (seq, msg, thing, accepted) in items {
                     if seq < self.cursor {
                         continue;
                     }

@@ -234,10 +234,13 @@ impl Rig {
             .iter()
             .zip(msgs)
             .zip(devices)
-            .map(|((seq, msg), d)| (*seq, msg, Arc::from(thing(d).as_str())))
+            .map(|((seq, msg), d)| {
+                let at = tokio::time::Instant::now();
+                (*seq, msg, Arc::from(thing(d).as_str()), at)
+            })
             .collect();
         self.handoff
-            .send(Handoff::Appended(handed, tokio::time::Instant::now()))
+            .send(Handoff::Appended(handed))
             .await
             .expect("the dispatcher takes hand-overs");
         seqs

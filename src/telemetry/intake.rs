@@ -201,10 +201,11 @@ impl Intake {
             .received
             .fetch_add(batch.len() as u64, Ordering::Relaxed);
         let now = clock::unix_ms();
-        let accepted = Instant::now();
+        let taken = Instant::now();
         let mut msgs = Vec::with_capacity(batch.len());
         let mut acks: Vec<AckHandle> = Vec::with_capacity(batch.len());
         let mut things = Vec::with_capacity(batch.len());
+        let mut received = Vec::with_capacity(batch.len());
         let mut bytes = 0u64;
         for m in batch.drain(..) {
             let DownstreamMessage {
@@ -213,6 +214,7 @@ impl Intake {
                 qos,
                 ack,
                 properties,
+                received_at,
                 ..
             } = m;
             let DeviceTopic::Telemetry { device, subtopic } = topic else {
@@ -275,6 +277,7 @@ impl Intake {
             msgs.push(msg);
             acks.push(ack);
             things.push(thing);
+            received.push(received_at.map_or(taken, Instant::from_std));
         }
         if msgs.is_empty() {
             return true;
@@ -306,12 +309,13 @@ impl Intake {
             .into_iter()
             .zip(msgs)
             .zip(things)
-            .map(|((seq, msg), thing)| (seq, msg, thing))
+            .zip(received)
+            .map(|(((seq, msg), thing), at)| (seq, msg, thing, at))
             .collect();
         // Sent upstream while the flush runs: a crash before it ends loses the outbox entries,
         // but the devices were not acknowledged, so they publish again (a duplicate at worst).
         // The dispatcher only stops receiving when it stops; the outbox holds the messages.
-        let _ = self.handoff.send(Handoff::Appended(items, accepted)).await;
+        let _ = self.handoff.send(Handoff::Appended(items)).await;
         // The acker only stops when this intake does.
         let _ = pending.send(Pending { ticket, acks }).await;
         true

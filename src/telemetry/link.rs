@@ -63,7 +63,7 @@ pub(crate) struct Item {
     pub enqueued_at_ms: u64,
     /// MQTT 5 properties sent with it (MQTT 5 links only; IoT Hub carries them in the topic).
     pub properties: Option<Box<MessageProperties>>,
-    /// When the intake took it, for `forward_delay` (handed over in memory only).
+    /// When the gateway got it, for `forward_delay` (handed over in memory only).
     pub accepted: Option<tokio::time::Instant>,
 }
 
@@ -87,7 +87,7 @@ impl Item {
         }
     }
 
-    /// The same message, taken by the intake at `at`.
+    /// The same message, got by the gateway at `at`.
     pub fn accepted_at(mut self, at: Option<tokio::time::Instant>) -> Self {
         self.accepted = at;
         self

@@ -382,7 +382,7 @@ pub(crate) struct Counters {
     pub open_links: AtomicUsize,
     pub parked_devices: AtomicUsize,
     pub memory_bytes: AtomicUsize,
-    /// Intake to upstream write, per message handed over in memory.
+    /// Broker read to upstream write, per message handed over in memory.
     pub forward_delay: delay::DelayHistogram,
 }
 
@@ -440,7 +440,7 @@ pub struct TelemetryStats {
     pub outbox_messages: u64,
     /// Encoded bytes in the outbox.
     pub outbox_bytes: u64,
-    /// Time from the intake to the upstream write (`/metrics` only).
+    /// Time from the broker's read to the upstream write (`/metrics` only).
     #[serde(skip)]
     pub forward_delay: delay::DelaySnapshot,
 }

@@ -650,6 +650,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                         retain: retain && principal.may_retain(),
                         properties: properties.map(|p| Arc::new(*p)),
                         expires_at: props::expiry_deadline(expiry_secs),
+                        published_at: Some(std::time::Instant::now()),
                     };
                     match qos {
                         0 => {

@@ -43,6 +43,8 @@ pub struct LocalDelivery {
     pub dup: bool,
     /// MQTT 5 properties the publisher sent.
     pub properties: Option<Arc<MessageProperties>>,
+    /// When the broker read it from its publisher.
+    pub published_at: Option<std::time::Instant>,
 }
 
 impl LocalDelivery {
@@ -55,6 +57,7 @@ impl LocalDelivery {
             retain: d.retain,
             dup: d.dup,
             properties: d.message.properties.clone(),
+            published_at: d.message.published_at,
         }
     }
 }

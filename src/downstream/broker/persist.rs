@@ -512,6 +512,7 @@ fn message_from(m: StoredMessage, now_ms: u64, now: Instant) -> Message {
         expires_at: m
             .expires_at_ms
             .map(|at| now + Duration::from_millis(at.saturating_sub(now_ms))),
+        published_at: None,
     }
 }
 

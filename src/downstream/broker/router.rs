@@ -62,6 +62,9 @@ pub struct Message {
     pub properties: Option<Arc<MessageProperties>>,
     /// When the message expires (MQTT 5 message expiry interval), if it does.
     pub expires_at: Option<Instant>,
+    /// When the broker read it from its publisher (`None` for wills and messages restored
+    /// after a restart): the start of the gateway's forward delay.
+    pub published_at: Option<Instant>,
 }
 
 impl Message {
@@ -74,6 +77,7 @@ impl Message {
             retain,
             properties: None,
             expires_at: None,
+            published_at: None,
         }
     }
 
@@ -455,6 +459,7 @@ impl Router {
                 retain: w.retain,
                 properties: w.properties.map(Arc::new),
                 expires_at: props::expiry_deadline(w.expiry_secs),
+                published_at: None,
             },
         );
     }

@@ -99,6 +99,7 @@ impl Reader {
             dup: d.dup,
             ack,
             properties: d.properties,
+            received_at: d.published_at,
         };
         match self.tx.try_send(message) {
             Ok(()) => true,

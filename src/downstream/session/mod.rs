@@ -250,6 +250,9 @@ pub struct DownstreamMessage {
     /// MQTT 5 properties the device sent (embedded broker only: the session with an external
     /// broker speaks MQTT 3.1.1).
     pub properties: Option<Arc<MessageProperties>>,
+    /// When the gateway got it: the embedded broker's read of the device's PUBLISH, or the
+    /// session's read from an external broker (the start of the telemetry forward delay).
+    pub received_at: Option<std::time::Instant>,
 }
 
 impl DownstreamMessage {
@@ -270,6 +273,7 @@ impl DownstreamMessage {
             dup: publish.dup,
             ack,
             properties: None,
+            received_at: Some(std::time::Instant::now()),
         }
     }
 }
