@@ -14,7 +14,7 @@
 //! connected and idle. Connections are re-made with jittered exponential back-off; the
 //! subscriptions are made afresh on every connection.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -97,12 +97,30 @@ pub type ResponseCheck = Box<dyn FnOnce(&[u8]) -> Result<(), String> + Send>;
 /// Where a session sends a request's outcome.
 type Reply = oneshot::Sender<Result<ClaimResponse, CloudError>>;
 
+/// Where a request stands, decided once by whoever gets there first: the session taking it
+/// (`STARTED`) or the caller giving up at the queue timeout (`ABANDONED`). A flag rather than
+/// a second channel: the caller is woken once per request, by its answer.
+const WAITING: u8 = 0;
+const STARTED: u8 = 1;
+const ABANDONED: u8 = 2;
+
 struct ClaimRequest {
     api: ClaimApi,
     payload: Vec<u8>,
     check: Option<ResponseCheck>,
-    started: oneshot::Sender<()>,
+    state: Arc<AtomicU8>,
     reply: Reply,
+}
+
+impl ClaimRequest {
+    /// Claims the request for sending; false when its caller gave up on it (or left).
+    fn start(&self) -> bool {
+        !self.reply.is_closed()
+            && self
+                .state
+                .compare_exchange(WAITING, STARTED, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
+    }
 }
 
 #[derive(Debug, Default)]
@@ -175,13 +193,13 @@ impl ClaimPool {
         payload: Vec<u8>,
         check: Option<ResponseCheck>,
     ) -> Result<ClaimResponse, CloudError> {
-        let (started_tx, started_rx) = oneshot::channel();
-        let (reply_tx, reply_rx) = oneshot::channel();
+        let state = Arc::new(AtomicU8::new(WAITING));
+        let (reply_tx, mut reply_rx) = oneshot::channel();
         let request = ClaimRequest {
             api,
             payload,
             check,
-            started: started_tx,
+            state: state.clone(),
             reply: reply_tx,
         };
         let unavailable = |reason: String| CloudError::Disconnected {
@@ -199,22 +217,31 @@ impl ClaimPool {
                 )))
             }
         }
-        match timeout_at(deadline, started_rx).await {
-            Ok(Ok(())) => {}
-            Ok(Err(_)) => return Err(CloudError::ShuttingDown { api: api.name() }),
-            Err(_) => {
-                // Dropping `reply_rx` makes the session skip the request if it picks it up later.
-                return Err(unavailable(format!(
-                    "no claim session connected within {} ms",
-                    self.opts.queue_timeout.as_millis()
-                )));
-            }
+        let stopped = |state: &AtomicU8| match state.load(Ordering::Acquire) {
+            WAITING => CloudError::ShuttingDown { api: api.name() },
+            _ => unavailable("the claim session stopped".into()),
+        };
+        match timeout_at(deadline, &mut reply_rx).await {
+            Ok(Ok(result)) => return result,
+            Ok(Err(_)) => return Err(stopped(&state)),
+            Err(_) => {}
+        }
+        // The queue timeout passed without an answer: either no session took the request (it
+        // is given up, and a session picking it later skips it), or one is sending it.
+        if state
+            .compare_exchange(WAITING, ABANDONED, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+        {
+            return Err(unavailable(format!(
+                "no claim session connected within {} ms",
+                self.opts.queue_timeout.as_millis()
+            )));
         }
         // The session answers within the request timeout; the margin covers scheduling only.
         let limit = self.opts.request_timeout + Duration::from_secs(2);
         match timeout(limit, reply_rx).await {
             Ok(Ok(result)) => result,
-            Ok(Err(_)) => Err(unavailable("the claim session stopped".into())),
+            Ok(Err(_)) => Err(stopped(&state)),
             Err(_) => Err(CloudError::Timeout {
                 api: api.name(),
                 after_ms: limit.as_millis() as u64,

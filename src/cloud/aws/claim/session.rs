@@ -329,7 +329,7 @@ impl ClaimSession {
                     Idle::Shutdown => return Ended::Shutdown,
                 },
             };
-            if request.reply.is_closed() {
+            if !request.start() {
                 continue;
             }
             let api = match request.api {
@@ -376,10 +376,8 @@ impl ClaimSession {
             payload,
             check,
             reply,
-            started,
             ..
         } = request;
-        let _ = started.send(());
         let mut reply = Some(reply);
         let mut check = check;
         let deadline = Instant::now() + self.opts.request_timeout;

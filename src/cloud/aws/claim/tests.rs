@@ -550,3 +550,33 @@ async fn an_unanswered_request_times_out_and_its_late_answer_is_never_taken() {
     .await;
     assert_eq!(&accepted_body(outcome(request).await)[..], b"cert-3");
 }
+
+#[tokio::test]
+async fn a_request_no_session_took_in_time_fails_and_is_never_sent() {
+    let cloud = FakeCloud::start().await;
+    let mut options = cloud.options();
+    options.queue_timeout = Duration::from_millis(300);
+    let pool = Arc::new(ClaimPool::start(options));
+    // The cloud does not answer the handshake yet: the session is still connecting.
+    match outcome(call(&pool, ClaimApi::CreateCertificateFromCsr, b"too-late")).await {
+        Err(CloudError::Disconnected { reason, .. }) => {
+            assert!(reason.contains("no claim session"), "{reason}")
+        }
+        other => panic!("expected the call to give up, got {other:?}"),
+    }
+    // Once connected, the session skips the abandoned request and sends only the next one.
+    let mut peer = cloud.accept_subscribed().await;
+    let request = call(&pool, ClaimApi::CreateCertificateFromCsr, b"in-time");
+    let (_, req, payload) = expect_request(&mut peer).await;
+    assert_eq!(&payload[..], b"in-time");
+    let create_accepted = topics::accepted(&create_topic());
+    send(
+        &mut peer,
+        &[
+            ServerPacket::PubAck(req),
+            answer(&create_accepted, 1, b"cert"),
+        ],
+    )
+    .await;
+    assert_eq!(&accepted_body(outcome(request).await)[..], b"cert");
+}
