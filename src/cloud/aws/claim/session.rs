@@ -23,7 +23,8 @@
 //!   reconnects after a jittered, doubling delay.
 //!
 //! What the cloud sends at QoS 1 is acknowledged: the PUBACK is queued at once and goes out
-//! with the next write, at the latest before the session waits for anything.
+//! with the next write: with the next request when one comes within 20 ms ([`ACK_HOLD`]),
+//! else on its own; while a request is out, before the session waits for the server.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -47,6 +48,10 @@ use crate::mqtt::upstream::{
 const RECEIVE_MAXIMUM: u16 = 16;
 /// The keep-alive floor (AWS IoT takes 30 to 1,200 s; the emulator and tests use less).
 const MIN_KEEP_ALIVE: Duration = Duration::from_secs(5);
+/// How long an idle session holds the PUBACK of an answer for the next request to go with it.
+/// Far below any redelivery interval of the cloud, and above the gap between requests while
+/// devices queue for a session.
+const ACK_HOLD: Duration = Duration::from_millis(20);
 
 /// Why a connection ended.
 enum Ended {
@@ -296,6 +301,7 @@ impl ClaimSession {
         create: &ApiTopics,
         register: &ApiTopics,
     ) -> Ended {
+        let mut flush_by = None;
         loop {
             // Everything already read is handled before a request goes out or the session
             // waits; what was queued meanwhile (PUBACKs) leaves with the next request.
@@ -311,7 +317,7 @@ impl ClaimSession {
             }
             let request = match self.waiting_request() {
                 Some(request) => request,
-                None => match self.wait_idle(conn).await {
+                None => match self.wait_idle(conn, &mut flush_by).await {
                     Idle::Request(request) => request,
                     Idle::Event(Ok(event)) => {
                         if let Err(e) = self.on_unasked(conn, ids, event) {
@@ -342,15 +348,23 @@ impl ClaimSession {
         }
     }
 
-    /// Flushes what is queued, then waits for a request, the server, the keep-alive timer or
-    /// shutdown.
-    async fn wait_idle(&mut self, conn: &mut Connection) -> Idle {
-        if let Err(e) = conn.flush().await {
-            return Idle::Event(Err(e));
+    /// Waits for a request, the server, a timer or shutdown. Acknowledgements queued while
+    /// idle are held for at most [`ACK_HOLD`] (`flush_by`), so that under load they leave with
+    /// the next request in one TLS record and one write; then they are flushed.
+    async fn wait_idle(&mut self, conn: &mut Connection, flush_by: &mut Option<Instant>) -> Idle {
+        let now = Instant::now();
+        if !conn.has_queued() {
+            *flush_by = None;
+        } else if now >= *flush_by.get_or_insert(now + ACK_HOLD) {
+            *flush_by = None;
+            if let Err(e) = conn.flush().await {
+                return Idle::Event(Err(e));
+            }
         }
-        let timer = conn
+        let keep_alive = conn
             .next_timer()
-            .unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
+            .unwrap_or_else(|| now + Duration::from_secs(3600));
+        let timer = flush_by.map_or(keep_alive, |by| by.min(keep_alive));
         let queue = self.queue.clone();
         tokio::select! {
             r = async { queue.lock().await.recv().await } => match r {
