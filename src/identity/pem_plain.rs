@@ -34,7 +34,10 @@ pub(crate) fn plain_blocks(text: &str) -> Option<Vec<(&str, Vec<u8>)>> {
         if body.contains(':') {
             return None;
         }
-        let compact: Vec<u8> = body.bytes().filter(|b| !b.is_ascii_whitespace()).collect();
+        // Sized once: a filtered iterator's size hint is 0, and growing by pushes reallocated
+        // several times per block.
+        let mut compact = Vec::with_capacity(body.len());
+        compact.extend(body.bytes().filter(|b| !b.is_ascii_whitespace()));
         blocks.push((label, STANDARD.decode(compact).ok()?));
         rest = end;
     }

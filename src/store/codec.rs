@@ -51,12 +51,25 @@ pub(super) fn encode<T: Serialize>(
     key: &str,
     value: &T,
 ) -> Result<Vec<u8>, StoreError> {
-    serde_json::to_vec(value).map_err(|source| StoreError::Encode {
+    // A device record with its PEM texts is a few KiB: sized once instead of growing from
+    // serde_json's 128 bytes by doubling (five reallocations and copies per record). Other
+    // records are small; the buffer only lives until sled copies it.
+    let capacity = if tree == DEVICES {
+        DEVICE_ENCODE_CAPACITY
+    } else {
+        256
+    };
+    let mut out = Vec::with_capacity(capacity);
+    serde_json::to_writer(&mut out, value).map_err(|source| StoreError::Encode {
         tree,
         key: key.to_owned(),
         source,
-    })
+    })?;
+    Ok(out)
 }
+
+/// What [`encode`] reserves for a device record.
+const DEVICE_ENCODE_CAPACITY: usize = 4096;
 
 pub(super) fn decode<T: DeserializeOwned>(
     tree: &'static str,

@@ -1,5 +1,5 @@
-//! The client side of the codec: encodes what a publish-and-command link sends (CONNECT,
-//! PUBLISH, PUBACK, SUBSCRIBE, PINGREQ, DISCONNECT) and decodes what a server answers, in
+//! The client side of the codec: encodes what a publish-and-command link or a claim session
+//! sends (CONNECT, PUBLISH, PUBACK, SUBSCRIBE at QoS 0 or 1, PINGREQ, DISCONNECT) and decodes what a server answers, in
 //! MQTT 3.1.1 or MQTT 5, with rumqttc's `mqttbytes` packet types (the same ones
 //! [`wire`](crate::mqtt::wire) uses for the server side).
 //!
@@ -71,6 +71,9 @@ pub enum ServerEvent {
         pkid: u16,
         /// Filters refused.
         refused: usize,
+        /// Return codes in the SUBACK: one per filter of the SUBSCRIBE it answers
+        /// (MQTT-3.8.4-5), which the caller checks against what it asked for.
+        codes: usize,
     },
     /// A message from the cloud (a command).
     Publish {
@@ -183,19 +186,35 @@ pub fn write_puback(version: MqttVersion, pkid: u16, out: &mut BytesMut) {
     }
 }
 
-/// Appends a SUBSCRIBE of `filters` at QoS 1.
+/// Appends a SUBSCRIBE of `filters` at `qos` (0 or 1: the gateway takes no QoS 2 messages).
 pub fn write_subscribe(
     version: MqttVersion,
     pkid: u16,
     filters: &[String],
+    qos: u8,
     out: &mut BytesMut,
 ) -> Result<(), UpstreamError> {
+    let (v4_qos, v5_qos) = match qos {
+        0 => (V4QoS::AtMostOnce, V5QoS::AtMostOnce),
+        1 => (V4QoS::AtLeastOnce, V5QoS::AtLeastOnce),
+        other => {
+            return Err(UpstreamError::Protocol(format!(
+                "SUBSCRIBE at QoS {other}: only QoS 0 and 1 are supported"
+            )))
+        }
+    };
+    if filters.is_empty() {
+        // MQTT-3.8.3-3: a SUBSCRIBE carries at least one filter.
+        return Err(UpstreamError::Protocol(
+            "SUBSCRIBE with no topic filter".into(),
+        ));
+    }
     match version {
         MqttVersion::V4 => {
             let mut s = v4::Subscribe::new_many(
                 filters
                     .iter()
-                    .map(|f| v4::SubscribeFilter::new(f.clone(), V4QoS::AtLeastOnce)),
+                    .map(|f| v4::SubscribeFilter::new(f.clone(), v4_qos)),
             );
             s.pkid = pkid;
             v4::Packet::Subscribe(s)
@@ -204,9 +223,7 @@ pub fn write_subscribe(
         }
         MqttVersion::V5 => {
             let mut s = v5::Subscribe::new_many(
-                filters
-                    .iter()
-                    .map(|f| v5::Filter::new(f.clone(), V5QoS::AtLeastOnce)),
+                filters.iter().map(|f| v5::Filter::new(f.clone(), v5_qos)),
                 None,
             );
             s.pkid = pkid;
@@ -291,6 +308,7 @@ fn read_v4(buf: &mut BytesMut, max_packet: usize) -> Result<Option<ServerEvent>,
                 .iter()
                 .filter(|c| matches!(c, v4::SubscribeReasonCode::Failure))
                 .count(),
+            codes: s.return_codes.len(),
         },
         v4::Packet::Publish(p) => ServerEvent::Publish {
             topic: p.topic,
@@ -387,6 +405,7 @@ fn read_v5(buf: &mut BytesMut, max_packet: usize) -> Result<Option<ServerEvent>,
                 .iter()
                 .filter(|c| !matches!(c, v5::SubscribeReasonCode::Success(_)))
                 .count(),
+            codes: s.return_codes.len(),
         },
         v5::Packet::Publish(p) => {
             let topic = String::from_utf8(p.topic.to_vec())

@@ -219,16 +219,7 @@ impl Connection {
     /// The next packet from the server. Cancel-safe: bytes read stay in the buffer.
     pub async fn read_event(&mut self) -> Result<ServerEvent, UpstreamError> {
         loop {
-            if let Some(event) =
-                codec::read_event(self.version, &mut self.rbuf, self.max_packet_in)?
-            {
-                if self.rbuf.is_empty() {
-                    self.rbuf = BytesMut::new();
-                }
-                if event == ServerEvent::PingResp {
-                    self.ping_sent = None;
-                    continue;
-                }
+            if let Some(event) = self.buffered_event()? {
                 return Ok(event);
             }
             // Doubling: a large packet costs a few reallocations, not one per read.
@@ -237,6 +228,29 @@ impl Connection {
                 return Err(UpstreamError::Closed);
             }
         }
+    }
+
+    /// The next packet among the bytes already read, without reading more: what arrived in
+    /// one read is taken in one go before the caller flushes or waits. `Ok(None)` when the
+    /// buffer holds no complete packet.
+    pub fn buffered_event(&mut self) -> Result<Option<ServerEvent>, UpstreamError> {
+        while let Some(event) = codec::read_event(self.version, &mut self.rbuf, self.max_packet_in)?
+        {
+            if self.rbuf.is_empty() {
+                self.rbuf = BytesMut::new();
+            }
+            if event == ServerEvent::PingResp {
+                self.ping_sent = None;
+                continue;
+            }
+            return Ok(Some(event));
+        }
+        Ok(None)
+    }
+
+    /// Whether packets are queued for the next [`Connection::flush`].
+    pub fn has_queued(&self) -> bool {
+        !self.wbuf.is_empty()
     }
 
     /// Queues a QoS 1 PUBLISH unless it exceeds the server's Maximum Packet Size.
@@ -270,9 +284,16 @@ impl Connection {
         codec::write_puback(self.version, pkid, &mut self.wbuf);
     }
 
-    /// Queues a SUBSCRIBE at QoS 1.
-    pub fn queue_subscribe(&mut self, pkid: u16, filters: &[String]) -> Result<(), UpstreamError> {
-        codec::write_subscribe(self.version, pkid, filters, &mut self.wbuf)
+    /// Queues a SUBSCRIBE of `filters` at `qos` (0 or 1). The SUBACK comes back as
+    /// [`ServerEvent::SubAck`]; the caller checks its id ([`Inflight::suback`](super::Inflight::suback)),
+    /// that it has one code per filter and that none was refused.
+    pub fn queue_subscribe(
+        &mut self,
+        pkid: u16,
+        filters: &[String],
+        qos: u8,
+    ) -> Result<(), UpstreamError> {
+        codec::write_subscribe(self.version, pkid, filters, qos, &mut self.wbuf)
     }
 
     /// Sends what was queued, within the write timeout.

@@ -1,5 +1,6 @@
-//! The gateway's own MQTT client for the upstream telemetry links (`telemetry::link`): only
-//! what a publish-and-command link needs, in MQTT 3.1.1 or MQTT 5 chosen per link.
+//! The gateway's own MQTT client for the upstream telemetry links (`telemetry::link`) and the
+//! AWS claim sessions (`cloud::aws::claim`): only what a publish-and-command link or a
+//! request-and-answer session needs, in MQTT 3.1.1 or MQTT 5 chosen per connection.
 //!
 //! Why not rumqttc here: its `MqttState` keeps a 65,536-bit in-flight bitset and read/write
 //! buffers sized for the largest packet, about 81-94 KB per connection with rustls's buffers,
@@ -13,9 +14,12 @@
 //!   timeout. A refused CONNACK is [`UpstreamError::Refused`] with its reason code. The server's
 //!   Receive Maximum and Maximum Packet Size are kept in [`ConnAckInfo`]; we never send topic
 //!   aliases, so any Topic Alias Maximum is honoured.
-//! - [`Connection`]: encode PUBLISH (QoS 1, with MQTT 5 properties), PUBACK, SUBSCRIBE,
-//!   PINGREQ and DISCONNECT into a small write buffer flushed with a timeout; decode the
-//!   server's packets from a small read buffer into [`ServerEvent`]s. A publish whose encoding
+//! - [`Connection`]: encode PUBLISH (QoS 1, with MQTT 5 properties), PUBACK, SUBSCRIBE (QoS 0
+//!   or 1; the SUBACK's codes are counted so the caller checks one per filter), PINGREQ and
+//!   DISCONNECT into a small write buffer flushed with a timeout, only when the caller
+//!   flushes (a claim session sends the PUBACK of one answer with its next request); decode
+//!   the server's packets from a small read buffer into [`ServerEvent`]s, those already read
+//!   without waiting ([`Connection::buffered_event`]). A publish whose encoding
 //!   exceeds the server's Maximum Packet Size is not sent ([`Queued::TooLarge`]); the link
 //!   drops it from the outbox, since no retry can make it fit. Keep-alive: a PINGREQ when
 //!   nothing was sent for the keep-alive, and a PINGRESP missing for the keep-alive (at most
@@ -94,5 +98,7 @@ pub enum UpstreamError {
     RetryLater(u8),
 }
 
+#[cfg(test)]
+mod subscribe_tests;
 #[cfg(test)]
 mod tests;

@@ -17,13 +17,13 @@ use crate::mqtt::wire::{
     self, ClientPacket, ConnectInfo, ConnectOutcome, Protocol, ServerFeatures, ServerPacket,
 };
 
-const WAIT: Duration = Duration::from_secs(5);
+pub(super) const WAIT: Duration = Duration::from_secs(5);
 
 struct Peer {
     listener: TcpListener,
 }
 
-type PeerConn = PacketStream<TcpStream>;
+pub(super) type PeerConn = PacketStream<TcpStream>;
 
 impl Peer {
     async fn bind() -> Self {
@@ -69,7 +69,7 @@ async fn dial(port: u16, opts: ConnectOptions) -> Result<Connection, UpstreamErr
     connect("127.0.0.1", port, &Transport::Tcp, &opts).await
 }
 
-fn accepted(max_packet: u32) -> ServerPacket<'static> {
+pub(super) fn accepted(max_packet: u32) -> ServerPacket<'static> {
     ServerPacket::ConnAck {
         outcome: ConnectOutcome::Accepted,
         session_present: false,
@@ -79,7 +79,7 @@ fn accepted(max_packet: u32) -> ServerPacket<'static> {
     }
 }
 
-async fn send(conn: &mut PeerConn, packets: &[ServerPacket<'_>]) {
+pub(super) async fn send(conn: &mut PeerConn, packets: &[ServerPacket<'_>]) {
     for p in packets {
         conn.queue(p.clone()).expect("encode");
     }
@@ -87,11 +87,11 @@ async fn send(conn: &mut PeerConn, packets: &[ServerPacket<'_>]) {
 }
 
 /// Writes raw bytes (a packet our servers never send, or garbage).
-async fn send_raw(socket: &mut PeerConn, bytes: &[u8]) {
+pub(super) async fn send_raw(socket: &mut PeerConn, bytes: &[u8]) {
     socket.write_raw(bytes).await.expect("write to the client");
 }
 
-async fn next_packet(conn: &mut PeerConn) -> ClientPacket {
+pub(super) async fn next_packet(conn: &mut PeerConn) -> ClientPacket {
     tokio::time::timeout(WAIT, async {
         loop {
             if let Some(p) = conn.next_packet().expect("decode") {
@@ -104,14 +104,17 @@ async fn next_packet(conn: &mut PeerConn) -> ClientPacket {
     .expect("a packet in time")
 }
 
-async fn next_event(conn: &mut Connection) -> Result<ServerEvent, UpstreamError> {
+pub(super) async fn next_event(conn: &mut Connection) -> Result<ServerEvent, UpstreamError> {
     tokio::time::timeout(WAIT, conn.read_event())
         .await
         .expect("the client decides in time")
 }
 
 /// A connected pair: the peer accepted and answered with `connack`.
-async fn pair(version: MqttVersion, connack: &[u8]) -> (Connection, PeerConn, ConnectInfo) {
+pub(super) async fn pair(
+    version: MqttVersion,
+    connack: &[u8],
+) -> (Connection, PeerConn, ConnectInfo) {
     let peer = Peer::bind().await;
     let port = peer.port();
     let opts = options(version);
@@ -158,7 +161,7 @@ fn v5_limits(receive_max: Option<u16>, max_packet: Option<u32>) -> v5::ConnAckPr
     }
 }
 
-fn encoded(protocol: Protocol, packet: ServerPacket<'_>) -> Vec<u8> {
+pub(super) fn encoded(protocol: Protocol, packet: ServerPacket<'_>) -> Vec<u8> {
     let mut out = BytesMut::new();
     wire::write_packet(protocol, packet, &mut out).expect("encode");
     out.to_vec()

@@ -224,7 +224,7 @@ impl Driver {
                 // Ahead of the publishes that follow: commands sent during an outage are not
                 // held by a clean session, so subscribe first.
                 if let Some(pkid) = st.inflight.subscribe_id() {
-                    conn.queue_subscribe(pkid, &filters)?;
+                    conn.queue_subscribe(pkid, &filters, 1)?;
                     st.subscribed = st.command_things.len();
                 }
             }
@@ -268,7 +268,7 @@ impl Driver {
     fn on_event(&mut self, conn: &mut Connection, event: ServerEvent) -> Result<(), UpstreamError> {
         match event {
             ServerEvent::PubAck { pkid, reason } => self.on_puback(pkid, reason),
-            ServerEvent::SubAck { pkid, refused } => {
+            ServerEvent::SubAck { pkid, refused, .. } => {
                 self.shared.lock().inflight.suback(pkid)?;
                 if refused > 0 {
                     tracing::warn!(client_id = %self.shared.client_id, refused, "the cloud refused a command subscription; check the thing's policy for the commands topic");
