@@ -163,6 +163,7 @@ impl ClaimPool {
                     queue: rx.clone(),
                     shutdown: shutdown_rx.clone(),
                     counters: counters.clone(),
+                    last_answer: None,
                 };
                 tokio::spawn(session.run())
             })

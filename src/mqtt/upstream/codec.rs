@@ -83,6 +83,8 @@ pub enum ServerEvent {
         qos: u8,
         /// Packet id (0 for QoS 0).
         pkid: u16,
+        /// DUP: the server sent this message before (a redelivery).
+        dup: bool,
         /// Payload.
         payload: Bytes,
         /// MQTT 5 properties the message carries.
@@ -314,6 +316,7 @@ fn read_v4(buf: &mut BytesMut, max_packet: usize) -> Result<Option<ServerEvent>,
             topic: p.topic,
             qos: p.qos as u8,
             pkid: p.pkid,
+            dup: p.dup,
             payload: p.payload,
             properties: None,
         },
@@ -425,6 +428,7 @@ fn read_v5(buf: &mut BytesMut, max_packet: usize) -> Result<Option<ServerEvent>,
                 topic,
                 qos: p.qos as u8,
                 pkid: p.pkid,
+                dup: p.dup,
                 payload: p.payload,
                 properties,
             }

@@ -281,6 +281,7 @@ impl Driver {
                 pkid,
                 payload,
                 properties,
+                ..
             } => {
                 if qos > 1 {
                     return Err(UpstreamError::Protocol(format!(

@@ -25,6 +25,8 @@
 //! What the cloud sends at QoS 1 is acknowledged: the PUBACK is queued at once and goes out
 //! with the next write: with the next request when one comes within 20 ms ([`ACK_HOLD`]),
 //! else on its own; while a request is out, before the session waits for the server.
+//! An answer the cloud sends again before that PUBACK reached it (DUP set, the packet id of
+//! the answer just taken) is acknowledged and ignored, never taken for the next request's.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -91,6 +93,9 @@ pub(super) struct ClaimSession {
     pub(super) queue: Arc<Mutex<mpsc::Receiver<ClaimRequest>>>,
     pub(super) shutdown: watch::Receiver<bool>,
     pub(super) counters: Arc<PoolCounters>,
+    /// Packet id of the last answer taken on this connection: the same message sent again
+    /// (DUP set) while its PUBACK is on its way is not the next request's answer.
+    pub(super) last_answer: Option<u16>,
 }
 
 /// What the session waits for between requests.
@@ -154,6 +159,7 @@ impl ClaimSession {
     }
 
     async fn serve_connection(&mut self, create: &ApiTopics, register: &ApiTopics) -> Ended {
+        self.last_answer = None;
         // TCP, TLS and CONNACK within the connect timeout; the SUBACK within a second more.
         let subscribe_deadline =
             Instant::now() + self.opts.connect_timeout + Duration::from_secs(1);
@@ -453,17 +459,25 @@ impl ClaimSession {
                     topic,
                     qos,
                     pkid: message_id,
+                    dup,
                     payload,
                     ..
                 } => {
                     if let Err(e) = acknowledge(conn, &topic, qos, message_id) {
                         return give_up(&mut reply, disconnected(e.to_string()), e.to_string());
                     }
+                    if qos > 0 && dup && self.last_answer == Some(message_id) {
+                        tracing::debug!(session = %self.client_id, %topic, "ignoring a redelivered answer to an earlier request");
+                        continue;
+                    }
                     if answered || (topic != api.accepted && topic != api.rejected) {
                         tracing::debug!(session = %self.client_id, %topic, "ignoring a response for another call");
                         continue;
                     }
                     answered = true;
+                    if qos > 0 {
+                        self.last_answer = Some(message_id);
+                    }
                     if topic == api.rejected {
                         if let Some(reply) = reply.take() {
                             let _ = reply.send(Ok(ClaimResponse::Rejected(payload)));

@@ -350,6 +350,28 @@ async fn answers_go_to_their_request_and_every_message_is_acknowledged() {
     assert_eq!(&accepted_body(outcome(third).await)[..], b"cert-3");
     assert_eq!(next_packet(&mut peer).await, ClientPacket::PubAck(11));
 
+    // The cloud sends that answer again (DUP, same packet id) while the next request is out:
+    // a redelivery, not the next request's answer.
+    let fourth = call(&pool, ClaimApi::CreateCertificateFromCsr, b"csr-4");
+    let (_, req, payload) = expect_request(&mut peer).await;
+    assert_eq!(&payload[..], b"csr-4");
+    let mut again = answer(&create_accepted, 11, b"cert-3");
+    if let ServerPacket::Publish { dup, .. } = &mut again {
+        *dup = true;
+    }
+    send(
+        &mut peer,
+        &[
+            again,
+            ServerPacket::PubAck(req),
+            answer(&create_accepted, 12, b"cert-4"),
+        ],
+    )
+    .await;
+    assert_eq!(&accepted_body(outcome(fourth).await)[..], b"cert-4");
+    assert_eq!(next_packet(&mut peer).await, ClientPacket::PubAck(11));
+    assert_eq!(next_packet(&mut peer).await, ClientPacket::PubAck(12));
+
     // A flood of messages nobody asked for is acknowledged, one by one, and changes nothing.
     for id in 100..300u16 {
         peer.queue(answer("$aws/things/x/jobs/notify", id, b"x"))
