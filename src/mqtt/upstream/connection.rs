@@ -20,6 +20,7 @@ use tokio::sync::Semaphore;
 use tokio::time::{timeout, Instant};
 
 use super::codec::{self, ConnAckInfo, ConnectPacket, ServerEvent};
+use super::tls;
 use super::{MqttVersion, UpstreamError};
 use crate::mqtt::props::MessageProperties;
 use crate::mqtt::stream::read_more;
@@ -143,11 +144,7 @@ async fn connect_inner(
             let name = rustls_pki_types::ServerName::try_from(host.to_string()).map_err(|e| {
                 UpstreamError::Tls(format!("{host:?} is not a TLS server name: {e}"))
             })?;
-            let tls = tokio_rustls::TlsConnector::from(config.clone())
-                .connect(name, tcp)
-                .await
-                .map_err(|e| UpstreamError::Tls(e.to_string()))?;
-            Box::new(tls)
+            Box::new(tls::connect(config.clone(), name, tcp).await?)
         }
         #[cfg(test)]
         Transport::Tcp => Box::new(tcp),

@@ -29,6 +29,7 @@
 mod codec;
 mod connection;
 mod inflight;
+pub mod tls;
 
 pub use codec::{is_transient_refusal, ConnAckInfo, ServerEvent, FAILURE};
 pub use connection::{connect, ConnectOptions, Connection, Queued, Transport, READ_CHUNK};
@@ -96,3 +97,5 @@ pub enum UpstreamError {
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tls_tests;
