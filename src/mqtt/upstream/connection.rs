@@ -8,7 +8,8 @@
 //! lands in a stack scratch copied into a buffer of the size that arrived
 //! ([`read_more`](crate::mqtt::stream::read_more)); only a packet arriving in parts keeps a
 //! buffer between reads, grown by doubling from [`READ_CHUNK`] and bounded by the packet limit.
-//! The write buffer is given back after each flush.
+//! The write buffer is given back after each flush. The TLS stream under it
+//! ([`tls`](super::tls)) holds no buffer while idle either.
 
 use std::sync::Arc;
 use std::time::Duration;
