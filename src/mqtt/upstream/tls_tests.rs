@@ -495,3 +495,43 @@ fn the_stream_is_an_io() {
     fn write<T: AsyncWrite>() {}
     write::<TlsStream<TcpStream>>();
 }
+
+/// The server updates its keys (TLS 1.3 KeyUpdate, asking for ours too) between records:
+/// the client reads on, answers with its own update, and its later records decrypt under
+/// the server's new keys.
+#[tokio::test]
+async fn key_updates_after_the_handshake_are_followed() {
+    let pki = pki();
+    let (listener, port) = listen().await;
+    let config = pki.server.clone();
+    let server = tokio::spawn(async move {
+        let mut tls = accept_tls(&listener, &config).await;
+        for round in 0..3u8 {
+            tls.get_mut().1.refresh_traffic_keys().unwrap();
+            tls.write_all(&[round; 300]).await.unwrap();
+            tls.flush().await.unwrap();
+            assert_eq!(read_exact(&mut tls, 300).await, vec![round + 10; 300]);
+        }
+        tls.shutdown().await.unwrap();
+    });
+    let mut tls = dial(
+        port,
+        client(&pki.ca, Some(&rustls::version::TLS13), false),
+        "localhost",
+    )
+    .await
+    .unwrap();
+    for round in 0..3u8 {
+        assert_eq!(read_exact(&mut tls, 300).await, vec![round; 300]);
+        tls.write_all(&[round + 10; 300]).await.unwrap();
+        tls.flush().await.unwrap();
+    }
+    let mut rest = Vec::new();
+    timeout(WAIT, tls.read_to_end(&mut rest))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(rest.is_empty());
+    assert_eq!(tls.buffer_capacity(), 0);
+    timeout(WAIT, server).await.unwrap().unwrap();
+}
