@@ -8,7 +8,8 @@
 //! lands in a stack scratch copied into a buffer of the size that arrived
 //! ([`read_more`](crate::mqtt::stream::read_more)); only a packet arriving in parts keeps a
 //! buffer between reads, grown by doubling from [`READ_CHUNK`] and bounded by the packet limit.
-//! The write buffer is given back after each flush.
+//! The write buffer is given back after each flush. The TLS stream under it
+//! ([`tls`](super::tls)) holds no buffer while idle either.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -20,6 +21,7 @@ use tokio::sync::Semaphore;
 use tokio::time::{timeout, Instant};
 
 use super::codec::{self, ConnAckInfo, ConnectPacket, ServerEvent};
+use super::tls;
 use super::{MqttVersion, UpstreamError};
 use crate::mqtt::props::MessageProperties;
 use crate::mqtt::stream::read_more;
@@ -143,11 +145,7 @@ async fn connect_inner(
             let name = rustls_pki_types::ServerName::try_from(host.to_string()).map_err(|e| {
                 UpstreamError::Tls(format!("{host:?} is not a TLS server name: {e}"))
             })?;
-            let tls = tokio_rustls::TlsConnector::from(config.clone())
-                .connect(name, tcp)
-                .await
-                .map_err(|e| UpstreamError::Tls(e.to_string()))?;
-            Box::new(tls)
+            Box::new(tls::connect(config.clone(), name, tcp).await?)
         }
         #[cfg(test)]
         Transport::Tcp => Box::new(tcp),

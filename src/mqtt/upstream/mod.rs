@@ -9,7 +9,8 @@
 //! worked around through `client_ext`. This client is small because the link owns the
 //! semantics (window, order across reconnects, backoff):
 //!
-//! - [`connect`]: TCP, TLS (the link's `rustls::ClientConfig`, with its resumption cache),
+//! - [`connect`]: TCP, TLS ([`tls`]: the link's `rustls::ClientConfig` with its resumption
+//!   cache if it has one, on rustls's unbuffered API so an idle link holds no TLS buffer),
 //!   CONNECT (clean session, keep-alive, user name and password) and CONNACK within one
 //!   timeout. A refused CONNACK is [`UpstreamError::Refused`] with its reason code. The server's
 //!   Receive Maximum and Maximum Packet Size are kept in [`ConnAckInfo`]; we never send topic
@@ -33,6 +34,7 @@
 mod codec;
 mod connection;
 mod inflight;
+pub mod tls;
 
 pub use codec::{is_transient_refusal, ConnAckInfo, ServerEvent, FAILURE};
 pub use connection::{connect, ConnectOptions, Connection, Queued, Transport, READ_CHUNK};
@@ -102,3 +104,5 @@ pub enum UpstreamError {
 mod subscribe_tests;
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tls_tests;
