@@ -1,6 +1,6 @@
 //! The service manager's side of the daemon: the `sd_notify` protocol (READY, STATUS,
-//! WATCHDOG, RELOADING, STOPPING), the watchdog settings systemd hands over, and whether
-//! stderr is the journal.
+//! WATCHDOG, RELOADING, STOPPING), the watchdog settings systemd hands over, whether stderr is
+//! the journal, and the open-file limit ([`raise_fd_limit`]).
 //!
 //! The protocol is a datagram of `KEY=VALUE` lines sent to the Unix socket named by
 //! `$NOTIFY_SOCKET` (a path, or an abstract socket when it starts with `@`), as
@@ -229,6 +229,34 @@ pub async fn wait_for_sockets(sockets: &[PathBuf], within: Duration) -> Result<(
         }
     }
     Ok(())
+}
+
+/// Raises the soft limit on open files to the hard limit; returns (before, after).
+///
+/// systemd starts services with a soft limit of 1,024 (kept for programs that still use
+/// `select(2)`) and a hard limit far above it, and asks programs that need more to raise the
+/// soft limit themselves (systemd.exec(5), `LimitNOFILE=`). The daemon holds a descriptor
+/// per downstream connection and, with device identity, another per upstream link: at the
+/// soft limit of 1,024 it would stop accepting devices at about 500. A unit's
+/// `LimitNOFILE=` still bounds it, as the hard limit.
+pub fn raise_fd_limit() -> io::Result<(u64, u64)> {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit with a valid pointer to a local struct.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let before = lim.rlim_cur;
+    if lim.rlim_cur < lim.rlim_max {
+        lim.rlim_cur = lim.rlim_max;
+        // SAFETY: setrlimit with a valid pointer to a local struct.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok((before, lim.rlim_cur))
 }
 
 #[cfg(test)]

@@ -43,7 +43,10 @@ impl Service {
     fn start(config: &Path, sets: &[String], envs: &[(&str, String)], log: &Path) -> Self {
         let mut cmd = Command::new("sh");
         cmd.arg("-c")
-            .arg("WATCHDOG_PID=${WATCHDOG_PID_OVERRIDE:-$$}; export WATCHDOG_PID; exec \"$@\"")
+            .arg(
+                "if [ -n \"$SOFT_NOFILE\" ]; then ulimit -Sn \"$SOFT_NOFILE\" || exit 99; fi; \
+                 WATCHDOG_PID=${WATCHDOG_PID_OVERRIDE:-$$}; export WATCHDOG_PID; exec \"$@\"",
+            )
             .arg("sh")
             .arg(binary())
             .arg("run")
@@ -388,6 +391,56 @@ async fn a_watchdog_for_another_pid_is_not_fed() {
     );
     assert!(!seen.iter().any(|m| m == "WATCHDOG=1\n"), "{seen:?}");
     TcpStream::connect(("127.0.0.1", port)).expect("the daemon still runs");
+    daemon.signal(libc::SIGTERM);
+    assert!(daemon.wait_exit(WAIT * 2).success(), "{}", daemon.log());
+}
+
+/// systemd starts services with a soft open-file limit of 1,024: the daemon raises it to the
+/// hard limit, so devices beyond the soft limit still connect. Started with a soft limit of
+/// 200 here, it takes 300 devices at once (each holds a descriptor) and reports the raise.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_soft_open_file_limit_is_raised_to_the_hard_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    let emu = EmulatorProcess::start(
+        &dir.path().join("aws"),
+        dir.path().join("emulator.log"),
+        |l| l,
+    )
+    .await;
+    let notify = NotifySocket::bind(dir.path());
+    let port = free_port();
+    let mut with_info = sets(&dir.path().join("state"), port);
+    with_info.push("log.level=\"info\"".into());
+    let mut daemon = Service::start(
+        &emu.gateway_config(),
+        &with_info,
+        &[
+            ("NOTIFY_SOCKET", notify.path.display().to_string()),
+            ("SOFT_NOFILE", "200".to_string()),
+        ],
+        &dir.path().join("daemon.log"),
+    );
+    assert_eq!(
+        notify.recv(WAIT * 2).as_deref(),
+        Some("READY=1\n"),
+        "{}",
+        daemon.log()
+    );
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", daemon.child.id())).unwrap();
+    let line = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .expect("a Max open files line");
+    let fields: Vec<&str> = line.split_whitespace().collect();
+    assert_eq!(fields[3], fields[4], "soft = hard: {line}");
+    assert_ne!(fields[3], "200", "{line}");
+    daemon.wait_log("open-file limit raised to the hard limit", WAIT);
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    let mut devices = Vec::new();
+    for i in 0..300 {
+        devices.push(common::raw_mqtt::Raw::connect(addr, &format!("nofile-{i}"), true).await);
+    }
+    assert_eq!(devices.len(), 300);
     daemon.signal(libc::SIGTERM);
     assert!(daemon.wait_exit(WAIT * 2).success(), "{}", daemon.log());
 }

@@ -291,17 +291,8 @@ pub(crate) fn positive(x: f64) -> bool {
 /// Raises this process's open-file limit to its hard limit (children inherit it): a run with
 /// thousands of devices holds a socket per device here, and twice that in the daemon.
 pub fn raise_fd_limit() {
-    let mut lim = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit/setrlimit with a valid pointer to a local struct.
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
-            lim.rlim_cur = lim.rlim_max;
-            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
-        }
-    }
+    // Best effort: a run that needs more than the limit fails with its own error.
+    let _ = crate::systemd::raise_fd_limit();
 }
 
 #[cfg(test)]

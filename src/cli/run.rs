@@ -148,6 +148,15 @@ pub fn run(args: Args, log_format: Option<LogFormat>) -> ExitCode {
     logging::init(format, Some(&log_filter(&cfg.log.level)));
     ignore_sigxfsz();
     limit_malloc_arenas();
+    match crate::systemd::raise_fd_limit() {
+        Ok((before, after)) if after > before => {
+            tracing::info!(before, after, "open-file limit raised to the hard limit");
+        }
+        Ok((_, now)) => tracing::debug!(limit = now, "open-file limit"),
+        Err(e) => tracing::warn!(
+            "open-file limit not raised ({e}): the daemon takes as many devices as the soft limit allows, about half of it"
+        ),
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("fleetgw")
