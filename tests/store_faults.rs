@@ -95,9 +95,20 @@ async fn a_failed_fsync_withholds_the_ack_exits_74_and_the_restart_loses_nothing
         (has(r#"{"n":1}"#) && has(r#"{"n":2}"#)).then_some(got)
     })
     .await;
-    // At least once: n=1's deletion from the outbox may have been covered by the failed flush
-    // (sent again after the restart), and n=2 may be in the outbox as well as republished.
-    assert!(got.len() <= 4, "at most one duplicate each: {got:?}");
+    // At least once, with a bounded number of copies. n=1: its deletion from the outbox may
+    // have been covered by the failed flush, so it is sent again after the restart (2). n=2:
+    // the intake hands a message to its link while its flush runs, so it may have reached the
+    // cloud before the daemon exited; it may also be in the outbox after the restart (the
+    // failure is injected after sled wrote it), and the device republishes it because it was
+    // never acknowledged (3).
+    let count = |p: &str| got.iter().filter(|g| *g == p).count();
+    assert!(count(r#"{"n":1}"#) <= 2, "n=1 at most twice: {got:?}");
+    assert!(count(r#"{"n":2}"#) <= 3, "n=2 at most three times: {got:?}");
+    assert_eq!(
+        got.len(),
+        count(r#"{"n":1}"#) + count(r#"{"n":2}"#),
+        "{got:?}"
+    );
     daemon.assert_running();
 }
 
