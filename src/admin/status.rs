@@ -99,29 +99,48 @@ fn family(out: &mut String, name: &str, kind: &str, help: &str, samples: &[(&str
     }
 }
 
+/// One Prometheus histogram family: `buckets` are (upper bound in seconds, count at or below
+/// it), cumulative; the `+Inf` bucket and `_count` are `count`.
+fn histogram(
+    out: &mut String,
+    name: &str,
+    help: &str,
+    buckets: impl IntoIterator<Item = (f64, u64)>,
+    sum_secs: f64,
+    count: u64,
+) {
+    let _ = writeln!(out, "# HELP {name} {help}");
+    let _ = writeln!(out, "# TYPE {name} histogram");
+    for (le, n) in buckets {
+        let _ = writeln!(out, "{name}_bucket{{le=\"{le}\"}} {n}");
+    }
+    let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {count}");
+    let _ = writeln!(out, "{name}_sum {sum_secs}");
+    let _ = writeln!(out, "{name}_count {count}");
+}
+
 /// Request -> delivered latency as a Prometheus histogram (seconds), from the HDR histogram
 /// (milliseconds).
 fn latency_histogram(out: &mut String, h: &hdrhistogram::Histogram<u64>) {
     const BOUNDS_MS: [u64; 12] = [
         10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10_000, 30_000, 60_000,
     ];
-    let name = "fleetgw_provision_latency_seconds";
-    let _ = writeln!(
-        out,
-        "# HELP {name} Time from a device's provisioning request to the delivery of its result."
-    );
-    let _ = writeln!(out, "# TYPE {name} histogram");
-    for le in BOUNDS_MS {
+    let buckets = BOUNDS_MS.map(|le| {
         let n = if h.is_empty() {
             0
         } else {
             h.count_between(0, le)
         };
-        let _ = writeln!(out, "{name}_bucket{{le=\"{}\"}} {n}", le as f64 / 1000.0);
-    }
-    let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {}", h.len());
-    let _ = writeln!(out, "{name}_sum {}", h.mean() * h.len() as f64 / 1000.0);
-    let _ = writeln!(out, "{name}_count {}", h.len());
+        (le as f64 / 1000.0, n)
+    });
+    histogram(
+        out,
+        "fleetgw_provision_latency_seconds",
+        "Time from a device's provisioning request to the delivery of its result.",
+        buckets,
+        h.mean() * h.len() as f64 / 1000.0,
+        h.len(),
+    );
 }
 
 /// The metrics text.
@@ -210,10 +229,14 @@ pub fn render_metrics(state: &AdminState) -> Result<String, ApiError> {
         "Devices queued, in progress or waiting for a retry.",
         &[("", e.active)],
     );
-    t.forward_delay.render(
+    let delay = &t.forward_delay;
+    histogram(
         &mut out,
         crate::telemetry::delay::FORWARD_DELAY_METRIC,
         "Time a telemetry message spends in the gateway, from the broker reading the device's PUBLISH to its upstream write (messages handed over in memory).",
+        delay.cumulative_seconds(),
+        delay.sum_us as f64 / 1e6,
+        delay.count(),
     );
     let refused = [
         ("reason=\"unknown\"", t.refused_unknown),

@@ -130,35 +130,16 @@ impl DelaySnapshot {
         Some(DelaySnapshot { buckets, sum_us })
     }
 
-    /// Appends the Prometheus histogram `name` (seconds) to `out`.
-    pub fn render(&self, out: &mut String, name: &str, help: &str) {
-        use std::fmt::Write;
-        let _ = writeln!(out, "# HELP {name} {help}");
-        let _ = writeln!(out, "# TYPE {name} histogram");
-        let zeros = [0; BOUNDS_US.len() + 1];
-        let counts = if self.buckets.is_empty() {
-            &zeros[..]
-        } else {
-            &self.buckets[..]
-        };
-        let mut cumulative = 0;
-        for (i, n) in counts.iter().enumerate() {
-            cumulative += n;
-            match BOUNDS_US.get(i) {
-                Some(b) => {
-                    let _ = writeln!(
-                        out,
-                        "{name}_bucket{{le=\"{}\"}} {cumulative}",
-                        *b as f64 / 1e6
-                    );
-                }
-                None => {
-                    let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {cumulative}");
-                }
-            }
-        }
-        let _ = writeln!(out, "{name}_sum {}", self.sum_us as f64 / 1e6);
-        let _ = writeln!(out, "{name}_count {cumulative}");
+    /// The bounded buckets as Prometheus writes them: (upper bound in seconds, messages at or
+    /// below it); the `+Inf` bucket is [`count`](Self::count).
+    pub fn cumulative_seconds(&self) -> impl Iterator<Item = (f64, u64)> + '_ {
+        BOUNDS_US
+            .iter()
+            .enumerate()
+            .scan(0, move |seen, (i, bound)| {
+                *seen += self.buckets.get(i).copied().unwrap_or(0);
+                Some((*bound as f64 / 1e6, *seen))
+            })
     }
 }
 
@@ -194,7 +175,14 @@ mod tests {
         h.record(Duration::from_millis(40));
         let after = h.snapshot();
         let mut text = String::from("other_metric 1\n");
-        after.render(&mut text, "x_seconds", "test");
+        for (le, n) in after.cumulative_seconds() {
+            text.push_str(&format!("x_seconds_bucket{{le=\"{le}\"}} {n}\n"));
+        }
+        text.push_str(&format!(
+            "x_seconds_bucket{{le=\"+Inf\"}} {}\n",
+            after.count()
+        ));
+        text.push_str(&format!("x_seconds_sum {}\n", after.sum_us as f64 / 1e6));
         let read = DelaySnapshot::from_prometheus(&text, "x_seconds").expect("parses");
         assert_eq!(read, after);
         let phase = read.since(&before);
