@@ -74,6 +74,16 @@ impl Service {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// The first notification is READY=1.
+    fn expect_ready(&self, notify: &NotifySocket) {
+        assert_eq!(
+            notify.recv(WAIT * 2).as_deref(),
+            Some("READY=1\n"),
+            "{}",
+            self.log()
+        );
+    }
+
     fn signal(&self, sig: i32) {
         // SAFETY: kill(2) on our own child's pid.
         unsafe {
@@ -351,12 +361,7 @@ fn reload_and_expect_ready(daemon: &Service, notify: &NotifySocket) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_watchdog_for_another_pid_is_not_fed() {
     let dir = tempfile::tempdir().unwrap();
-    let emu = EmulatorProcess::start(
-        &dir.path().join("aws"),
-        dir.path().join("emulator.log"),
-        |l| l,
-    )
-    .await;
+    let emu = EmulatorProcess::start_in(dir.path()).await;
     let notify = NotifySocket::bind(dir.path());
     let port = free_port();
     let mut daemon = Service::start(
@@ -370,12 +375,7 @@ async fn a_watchdog_for_another_pid_is_not_fed() {
         ],
         &dir.path().join("daemon.log"),
     );
-    assert_eq!(
-        notify.recv(WAIT * 2).as_deref(),
-        Some("READY=1\n"),
-        "{}",
-        daemon.log()
-    );
+    daemon.expect_ready(&notify);
     let mut seen = Vec::new();
     notify.until(
         "two STATUS= lines",
@@ -401,12 +401,7 @@ async fn a_watchdog_for_another_pid_is_not_fed() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_soft_open_file_limit_is_raised_to_the_hard_limit() {
     let dir = tempfile::tempdir().unwrap();
-    let emu = EmulatorProcess::start(
-        &dir.path().join("aws"),
-        dir.path().join("emulator.log"),
-        |l| l,
-    )
-    .await;
+    let emu = EmulatorProcess::start_in(dir.path()).await;
     let notify = NotifySocket::bind(dir.path());
     let port = free_port();
     let mut with_info = sets(&dir.path().join("state"), port);
@@ -420,12 +415,7 @@ async fn the_soft_open_file_limit_is_raised_to_the_hard_limit() {
         ],
         &dir.path().join("daemon.log"),
     );
-    assert_eq!(
-        notify.recv(WAIT * 2).as_deref(),
-        Some("READY=1\n"),
-        "{}",
-        daemon.log()
-    );
+    daemon.expect_ready(&notify);
     let limits = std::fs::read_to_string(format!("/proc/{}/limits", daemon.child.id())).unwrap();
     let line = limits
         .lines()
@@ -457,12 +447,7 @@ async fn exec_to_ready_with_100000_devices() {
     use fleetgw::store::{Batch, DeviceRecord, DeviceState, Store, StoreOptions};
     let devices: u32 = common::env_or("FLEETGW_BENCH_DEVICES", 100_000) as u32;
     let dir = tempfile::tempdir().unwrap();
-    let emu = EmulatorProcess::start(
-        &dir.path().join("aws"),
-        dir.path().join("emulator.log"),
-        |l| l,
-    )
-    .await;
+    let emu = EmulatorProcess::start_in(dir.path()).await;
     let state = dir.path().join("state");
     {
         let store = Store::open(&state, &StoreOptions::default()).unwrap();
@@ -516,12 +501,7 @@ async fn a_user_removed_by_a_reload_loses_its_rights_and_an_added_one_gets_them(
     use common::mqtt_client::{options, TestClient};
     use rumqttc::{QoS, SubscribeReasonCode};
     let dir = tempfile::tempdir().unwrap();
-    let emu = EmulatorProcess::start(
-        &dir.path().join("aws"),
-        dir.path().join("emulator.log"),
-        |l| l,
-    )
-    .await;
+    let emu = EmulatorProcess::start_in(dir.path()).await;
     let config = emu.gateway_config();
     let drop_in = drop_in_dir(&config);
     let user_toml = |name: &str, password: &str| {
@@ -540,12 +520,7 @@ async fn a_user_removed_by_a_reload_loses_its_rights_and_an_added_one_gets_them(
         &[("NOTIFY_SOCKET", notify.path.display().to_string())],
         &dir.path().join("daemon.log"),
     );
-    assert_eq!(
-        notify.recv(WAIT * 2).as_deref(),
-        Some("READY=1\n"),
-        "{}",
-        daemon.log()
-    );
+    daemon.expect_ready(&notify);
     let as_user = |name: &str, password: &str| {
         let mut o = options(&format!("app-{name}"), port);
         o.set_credentials(name, password);

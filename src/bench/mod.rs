@@ -275,7 +275,10 @@ pub(crate) struct Rig {
 impl Rig {
     /// Sets the rig up (see [`Rig`]).
     pub(crate) async fn start(keep: bool, emulator_args: &[String]) -> Result<Self, BenchError> {
-        raise_fd_limit();
+        // A run with thousands of devices holds a socket per device here and twice that in
+        // the daemon (children inherit the limit). Best effort: a run that needs more than the
+        // limit fails with its own error.
+        let _ = crate::systemd::raise_fd_limit();
         let machine = Machine::now();
         let work = WorkDir::create(keep)?;
         let emu = processes::Emulator::start(&work.path().join("cloud"), emulator_args).await?;
@@ -286,13 +289,6 @@ impl Rig {
 /// A finite number above zero (an option that must be positive).
 pub(crate) fn positive(x: f64) -> bool {
     x.is_finite() && x > 0.0
-}
-
-/// Raises this process's open-file limit to its hard limit (children inherit it): a run with
-/// thousands of devices holds a socket per device here, and twice that in the daemon.
-pub fn raise_fd_limit() {
-    // Best effort: a run that needs more than the limit fails with its own error.
-    let _ = crate::systemd::raise_fd_limit();
 }
 
 #[cfg(test)]
