@@ -14,6 +14,15 @@ pub fn unix_ms() -> u64 {
         .unwrap_or(0)
 }
 
+/// Unix microseconds now (0 if the clock is before 1970): arrival and send times of benchmark
+/// telemetry, whose latencies are a few milliseconds.
+pub fn unix_us() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
 /// Unix seconds now (0 if the clock is before 1970).
 pub fn unix_secs() -> i64 {
     SystemTime::now()

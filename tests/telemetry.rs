@@ -1124,7 +1124,7 @@ async fn publish_timed(
     seq.keep_alive = Duration::from_secs(30);
     seq.pace = pace;
     publish_sequence(broker_port, seq, |n| {
-        arrival::payload(n, now_ms(), BENCH_PAYLOAD)
+        arrival::payload(n, fleetgw::clock::unix_us(), BENCH_PAYLOAD)
     })
     .await
 }

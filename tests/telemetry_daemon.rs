@@ -47,7 +47,7 @@ use common::http::http_within;
 use common::messages;
 use common::mosquitto::{Mosquitto, MosquittoConfig};
 use common::process::Fleetgw;
-use common::{env_or, free_port, now_ms};
+use common::{env_or, free_port};
 
 const WINDOW: usize = 10;
 /// mosquitto's `max_inflight_messages` for the gateway's session.
@@ -229,7 +229,7 @@ async fn publish(port: u16, id: String, count: u64, acked_total: Arc<AtomicU64>)
                     &topic,
                     QoS::AtLeastOnce,
                     false,
-                    arrival::payload(seq, now_ms(), 200),
+                    arrival::payload(seq, fleetgw::clock::unix_us(), 200),
                 )
                 .unwrap();
             queued.push_back(seq);

@@ -17,12 +17,13 @@
 //! phase and the phase paced at half the bridge's no-loss rate.
 
 use std::path::Path;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use serde::Serialize;
 use tokio::time::Instant;
 
 use super::processes::{mosquitto_binary, Bridge, Daemon, Emulator};
+use crate::clock;
 use crate::telemetry::delay::DelaySnapshot;
 
 use super::publisher::{micros_histogram, publish_sequence, Sequence, StartGate};
@@ -174,7 +175,7 @@ pub async fn run_load(
             open: open_rx.clone(),
         });
         tasks.push(tokio::spawn(publish_sequence(port, seq, move |s| {
-            arrival::payload(s, unix_ms(), PAYLOAD_BYTES)
+            arrival::payload(s, clock::unix_us(), PAYLOAD_BYTES)
         })));
     }
     drop(connected_tx);
@@ -196,7 +197,7 @@ pub async fn run_load(
     }
     let connect_seconds = base.elapsed().as_secs_f64();
     let started = Instant::now();
-    let start_ms = unix_ms();
+    let start_us = clock::unix_us();
     let _ = open_tx.send(Some(started));
     observer.phase(label, load.seconds.ceil() as u64);
     let mut sent = Vec::with_capacity(tasks.len());
@@ -240,9 +241,9 @@ pub async fn run_load(
             .copied()
             .collect();
         for a in &mine {
-            if let Some(sent_ms) = a.sent_ms {
-                let t = a.received_ms.saturating_sub(start_ms) as f64 / 1000.0;
-                samples.push((t, a.received_ms.saturating_sub(sent_ms) as f64));
+            if let Some(sent_us) = a.sent_us {
+                let t = a.received_us.saturating_sub(start_us) as f64 / 1e6;
+                samples.push((t, a.received_us.saturating_sub(sent_us) as f64 / 1000.0));
             }
         }
         check.add_device(&p.client_id, &mine, range);
@@ -286,12 +287,6 @@ impl PhaseFigures {
 
 fn us_to_ms(us: u64) -> f64 {
     us as f64 / 1000.0
-}
-
-fn unix_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
 }
 
 /// Provisions `devices` devices through `daemon` (gateway-made keys, so the daemon can forward

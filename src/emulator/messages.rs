@@ -25,8 +25,8 @@ pub struct ReceivedMessage<M> {
     pub seq: u64,
     /// Client id of the sender (the MQTT client id; the device id over HTTPS).
     pub client_id: String,
-    /// Arrival time, unix milliseconds.
-    pub received_at_ms: u64,
+    /// Arrival time, unix microseconds.
+    pub received_at_us: u64,
     /// What the emulator keeps of the message.
     pub message: M,
 }
@@ -71,8 +71,9 @@ impl<M: LoggedMessage> MessageLog<M> {
     }
 
     /// Records the messages one client sent in one read, in order; returns the sequence
-    /// number of the last one (0 for an empty batch).
-    pub fn record(&self, client_id: &str, batch: Vec<M>, now_ms: u64) -> u64 {
+    /// number of the last one (0 for an empty batch). `now_us`: the arrival time, unix
+    /// microseconds.
+    pub fn record(&self, client_id: &str, batch: Vec<M>, now_us: u64) -> u64 {
         let mut inner = self.lock();
         let Inner {
             log,
@@ -99,7 +100,7 @@ impl<M: LoggedMessage> MessageLog<M> {
             log.push_back(ReceivedMessage {
                 seq: *next_seq,
                 client_id: client_id.to_string(),
-                received_at_ms: now_ms,
+                received_at_us: now_us,
                 message,
             });
         }

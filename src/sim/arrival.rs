@@ -3,9 +3,10 @@
 //! --emulator-api`, the telemetry tests and the benchmarks.
 //!
 //! Every test publisher and simulated device sends JSON payloads
-//! `{"seq":n,"t":unixMs,"pad":"..."}`: `seq` counts from 0 per device, `t` is the send time
-//! (optional for the checker; without it a message gives no latency sample). The emulator
-//! logs each publish with its arrival time (`GET /messages`, see `emulator::aws::api`); for one
+//! `{"seq":n,"t":unixMs,"pad":"..."}`: `seq` counts from 0 per device, `t` is the send time in
+//! unix milliseconds with three decimals (optional for the checker; without it a message gives
+//! no latency sample). The emulator logs each publish with its arrival time in microseconds
+//! (`receivedAtUs` of `GET /messages`, see `emulator::aws::api`); for one
 //! device, the arrivals in arrival order against the sequence numbers the device sent give:
 //!
 //! - lost: sent sequence numbers that never arrived,
@@ -14,7 +15,9 @@
 //! - unexpected: sequence numbers the device never sent.
 //!
 //! Device-to-cloud latency is the emulator's arrival time minus `t` of the first arrival of
-//! each sequence number; it is meaningful when both clocks are the same (one machine).
+//! each sequence number, to the microsecond (a millisecond clock at both ends would be off by up
+//! to a millisecond either way, a fifth of a 5 ms latency target); it is meaningful when both
+//! clocks are the same (one machine).
 
 use std::collections::{BTreeMap, HashSet};
 use std::ops::Range;
@@ -34,10 +37,12 @@ const PAGE: usize = 20_000;
 /// How many lost sequence numbers a device's check lists.
 const LOST_LISTED: usize = 10;
 
-/// The telemetry payload of sequence number `seq` sent at `sent_ms` (unix milliseconds),
-/// padded with `x` to `size` bytes when `size` is larger than the bare JSON.
-pub fn payload(seq: u64, sent_ms: u64, size: usize) -> Vec<u8> {
-    let head = format!(r#"{{"seq":{seq},"t":{sent_ms},"pad":""#);
+/// The telemetry payload of sequence number `seq` sent at `sent_us` (unix microseconds, written
+/// as milliseconds with three decimals), padded with `x` to `size` bytes when `size` is larger
+/// than the bare JSON.
+pub fn payload(seq: u64, sent_us: u64, size: usize) -> Vec<u8> {
+    let (ms, us) = (sent_us / 1000, sent_us % 1000);
+    let head = format!(r#"{{"seq":{seq},"t":{ms}.{us:03},"pad":""#);
     let pad = size.saturating_sub(head.len() + 2);
     let mut out = Vec::with_capacity(head.len() + pad + 2);
     out.extend_from_slice(head.as_bytes());
@@ -46,16 +51,21 @@ pub fn payload(seq: u64, sent_ms: u64, size: usize) -> Vec<u8> {
     out
 }
 
-/// The sequence number and send time of a telemetry payload; `None` when it is not JSON with
-/// a numeric `seq`.
+/// The sequence number and send time (unix microseconds) of a telemetry payload; `None` when
+/// it is not JSON with a numeric `seq`. A `t` without decimals is whole milliseconds.
 pub fn parse_payload(payload: &[u8]) -> Option<(u64, Option<u64>)> {
     #[derive(Deserialize)]
     struct Fields {
         seq: u64,
-        t: Option<u64>,
+        t: Option<f64>,
     }
     let fields: Fields = serde_json::from_slice(payload).ok()?;
-    Some((fields.seq, fields.t))
+    // Unix milliseconds with three decimals need 16 significant digits: within an f64's.
+    let sent_us = fields
+        .t
+        .filter(|t| t.is_finite() && *t >= 0.0)
+        .map(|t| (t * 1000.0).round() as u64);
+    Some((fields.seq, sent_us))
 }
 
 /// One message as the emulator received it.
@@ -63,10 +73,10 @@ pub fn parse_payload(payload: &[u8]) -> Option<(u64, Option<u64>)> {
 pub struct Arrival {
     /// The payload's sequence number.
     pub seq: u64,
-    /// The payload's send time (unix ms), if it carries one.
-    pub sent_ms: Option<u64>,
-    /// The emulator's arrival time (unix ms).
-    pub received_ms: u64,
+    /// The payload's send time (unix microseconds), if it carries one.
+    pub sent_us: Option<u64>,
+    /// The emulator's arrival time (unix microseconds).
+    pub received_us: u64,
 }
 
 /// The verdict for one device's arrivals.
@@ -146,10 +156,10 @@ pub struct TelemetryCheck {
     pub out_of_order: u64,
     /// Arrivals of sequence numbers no device sent.
     pub unexpected: u64,
-    /// Earliest send time of an arrived message (unix ms).
-    pub first_sent_ms: Option<u64>,
-    /// Latest arrival time (unix ms).
-    pub last_received_ms: Option<u64>,
+    /// Earliest send time of an arrived message (unix microseconds).
+    pub first_sent_us: Option<u64>,
+    /// Latest arrival time (unix microseconds).
+    pub last_received_us: Option<u64>,
     /// Devices whose check is not [`SequenceCheck::complete_in_order`], by device.
     pub incomplete: BTreeMap<String, SequenceCheck>,
     latency: Histogram<u64>,
@@ -172,8 +182,8 @@ impl TelemetryCheck {
             duplicates: 0,
             out_of_order: 0,
             unexpected: 0,
-            first_sent_ms: None,
-            last_received_ms: None,
+            first_sent_us: None,
+            last_received_us: None,
             incomplete: BTreeMap::new(),
             latency: latency::histogram(),
         }
@@ -193,10 +203,10 @@ impl TelemetryCheck {
             if !sent.contains(&a.seq) || !firsts.insert(a.seq) {
                 continue;
             }
-            self.last_received_ms = self.last_received_ms.max(Some(a.received_ms));
-            if let Some(sent_ms) = a.sent_ms {
-                self.first_sent_ms = Some(self.first_sent_ms.map_or(sent_ms, |f| f.min(sent_ms)));
-                let us = a.received_ms.saturating_sub(sent_ms).saturating_mul(1000);
+            self.last_received_us = self.last_received_us.max(Some(a.received_us));
+            if let Some(sent_us) = a.sent_us {
+                self.first_sent_us = Some(self.first_sent_us.map_or(sent_us, |f| f.min(sent_us)));
+                let us = a.received_us.saturating_sub(sent_us);
                 self.latency.saturating_record(us.max(1));
             }
         }
@@ -214,7 +224,7 @@ impl TelemetryCheck {
     }
 
     /// Device-to-cloud latency of the first arrival of every message that carried a send
-    /// time (millisecond resolution).
+    /// time (microsecond resolution).
     pub fn latency(&self) -> LatencySummary {
         LatencySummary::from_histogram(&self.latency)
     }
@@ -222,9 +232,9 @@ impl TelemetryCheck {
     /// Distinct messages delivered per second, from the earliest send to the latest arrival.
     pub fn messages_per_second(&self) -> f64 {
         let delivered = self.expected - self.lost;
-        match (self.first_sent_ms, self.last_received_ms) {
+        match (self.first_sent_us, self.last_received_us) {
             (Some(first), Some(last)) if last > first => {
-                delivered as f64 * 1000.0 / (last - first) as f64
+                delivered as f64 * 1e6 / (last - first) as f64
             }
             _ => 0.0,
         }
@@ -247,6 +257,9 @@ struct MessageView {
     topic: String,
     payload_base64: String,
     received_at_ms: u64,
+    /// Absent from emulators older than the microsecond arrival times.
+    #[serde(default)]
+    received_at_us: Option<u64>,
 }
 
 /// Why the emulator's record could not be read.
@@ -326,15 +339,15 @@ pub async fn fetch_arrivals_by(
             else {
                 continue;
             };
-            if let Some((seq, sent_ms)) = parse_payload(&raw) {
+            if let Some((seq, sent_us)) = parse_payload(&raw) {
                 let key = match group {
                     GroupBy::ClientId => m.client_id,
                     GroupBy::Topic => m.topic,
                 };
                 by_client.entry(key).or_default().push(Arrival {
                     seq,
-                    sent_ms,
-                    received_ms: m.received_at_ms,
+                    sent_us,
+                    received_us: m.received_at_us.unwrap_or(m.received_at_ms * 1000),
                 });
             }
         }
@@ -437,8 +450,18 @@ mod tests {
         assert_eq!(p.len(), 200);
         assert_eq!(parse_payload(&p), Some((42, Some(1_700_000_000_123))));
         // Smaller than the bare JSON: no padding, still valid.
-        let p = payload(7, 1, 0);
-        assert_eq!(parse_payload(&p), Some((7, Some(1))));
+        let p = payload(7, 1_765_100_000_123_456, 0);
+        assert_eq!(
+            std::str::from_utf8(&p).unwrap(),
+            r#"{"seq":7,"t":1765100000123.456,"pad":""}"#
+        );
+        assert_eq!(parse_payload(&p), Some((7, Some(1_765_100_000_123_456))));
+        assert_eq!(parse_payload(&payload(8, 1_002, 0)), Some((8, Some(1_002))));
+        // Whole milliseconds, as devices that only know milliseconds write them.
+        assert_eq!(
+            parse_payload(br#"{"seq":3,"t":25}"#),
+            Some((3, Some(25_000)))
+        );
         assert_eq!(parse_payload(br#"{"seq":3}"#), Some((3, None)));
         assert_eq!(parse_payload(b"not json"), None);
     }
@@ -449,8 +472,8 @@ mod tests {
             seqs.iter()
                 .map(|&seq| Arrival {
                     seq,
-                    sent_ms: Some(sent + seq),
-                    received_ms: sent + seq + lag,
+                    sent_us: Some((sent + seq) * 1000),
+                    received_us: (sent + seq + lag) * 1000,
                 })
                 .collect()
         };
@@ -468,8 +491,8 @@ mod tests {
         assert!((latency.max_ms - 8.0).abs() < 0.01, "{latency:?}");
         // 7 delivered between the first send (1000) and the last arrival (1010).
         assert_eq!(
-            (all.first_sent_ms, all.last_received_ms),
-            (Some(1000), Some(1010))
+            (all.first_sent_us, all.last_received_us),
+            (Some(1_000_000), Some(1_010_000))
         );
         assert!((all.messages_per_second() - 7000.0 / 10.0).abs() < 1e-6);
     }

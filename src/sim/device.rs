@@ -334,7 +334,7 @@ impl<'a> Publisher<'a> {
                 None if self.next < self.total() && now >= self.next_due => self.next,
                 None => break,
             };
-            let payload = arrival::payload(seq, clock::unix_ms(), self.plan.payload_bytes);
+            let payload = arrival::payload(seq, clock::unix_us(), self.plan.payload_bytes);
             match client.try_publish(topic, QoS::AtLeastOnce, false, payload) {
                 Ok(()) => {}
                 // The channel holds a full window; the event loop drains it.

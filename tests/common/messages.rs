@@ -23,11 +23,11 @@ pub fn payload(message: &Value) -> Vec<u8> {
 /// One recorded `{"seq","t"}` telemetry message as an arrival: its sequence number, when it
 /// was sent and when the emulator received it.
 pub fn arrival(message: &Value) -> Arrival {
-    let (seq, sent_ms) = arrival::parse_payload(&payload(message)).expect("a {\"seq\"} payload");
+    let (seq, sent_us) = arrival::parse_payload(&payload(message)).expect("a {\"seq\"} payload");
     Arrival {
         seq,
-        sent_ms,
-        received_ms: message["receivedAtMs"].as_u64().unwrap(),
+        sent_us,
+        received_us: message["receivedAtUs"].as_u64().unwrap(),
     }
 }
 

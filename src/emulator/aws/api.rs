@@ -104,6 +104,8 @@ struct MessageView {
     qos: u8,
     properties: BTreeMap<String, String>,
     received_at_ms: u64,
+    /// The same arrival time in unix microseconds, for latencies of a few milliseconds.
+    received_at_us: u64,
 }
 
 async fn messages(State(s): State<ApiState>, Query(q): Query<MessagesQuery>) -> Response {
@@ -123,7 +125,8 @@ async fn messages(State(s): State<ApiState>, Query(q): Query<MessagesQuery>) -> 
             topic: m.message.topic,
             qos: m.message.qos,
             properties: m.message.properties,
-            received_at_ms: m.received_at_ms,
+            received_at_ms: m.received_at_us / 1000,
+            received_at_us: m.received_at_us,
         })
         .collect();
     Json(list).into_response()

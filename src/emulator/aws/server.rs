@@ -505,7 +505,7 @@ impl Connection {
             let batch = std::mem::take(&mut self.batch);
             self.ctx
                 .messages
-                .record(&self.client_id, batch, clock::unix_ms());
+                .record(&self.client_id, batch, clock::unix_us());
         }
     }
 

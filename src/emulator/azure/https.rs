@@ -246,7 +246,7 @@ async fn handle(
                     payload,
                     properties,
                 }],
-                clock::unix_ms(),
+                clock::unix_us(),
             );
             Response::builder()
                 .status(StatusCode::NO_CONTENT)

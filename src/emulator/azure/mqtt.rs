@@ -565,7 +565,7 @@ impl Connection {
                 payload,
                 properties,
             }],
-            clock::unix_ms(),
+            clock::unix_us(),
         );
         Ok(())
     }
