@@ -3,9 +3,10 @@
 //! --emulator-api`, the telemetry tests and the benchmarks.
 //!
 //! Every test publisher and simulated device sends JSON payloads
-//! `{"seq":n,"t":unixMs,"pad":"..."}`: `seq` counts from 0 per device, `t` is the send time in
-//! unix milliseconds with three decimals (optional for the checker; without it a message gives
-//! no latency sample). The emulator logs each publish with its arrival time in microseconds
+//! `{"seq":n,"t":unixMs,"tu":unixMicros,"pad":"..."}`: `seq` counts from 0 per device, `t` is
+//! the send time in unix milliseconds and `tu` the same in microseconds (both optional for the
+//! checker, which prefers `tu`; without either a message gives no latency sample). The emulator
+//! logs each publish with its arrival time in microseconds
 //! (`receivedAtUs` of `GET /messages`, see `emulator::aws::api`); for one
 //! device, the arrivals in arrival order against the sequence numbers the device sent give:
 //!
@@ -37,12 +38,12 @@ const PAGE: usize = 20_000;
 /// How many lost sequence numbers a device's check lists.
 const LOST_LISTED: usize = 10;
 
-/// The telemetry payload of sequence number `seq` sent at `sent_us` (unix microseconds, written
-/// as milliseconds with three decimals), padded with `x` to `size` bytes when `size` is larger
-/// than the bare JSON.
+/// The telemetry payload of sequence number `seq` sent at `sent_us` (unix microseconds; `t`
+/// carries it in whole milliseconds, `tu` as it is), padded with `x` to `size` bytes when `size`
+/// is larger than the bare JSON.
 pub fn payload(seq: u64, sent_us: u64, size: usize) -> Vec<u8> {
-    let (ms, us) = (sent_us / 1000, sent_us % 1000);
-    let head = format!(r#"{{"seq":{seq},"t":{ms}.{us:03},"pad":""#);
+    let ms = sent_us / 1000;
+    let head = format!(r#"{{"seq":{seq},"t":{ms},"tu":{sent_us},"pad":""#);
     let pad = size.saturating_sub(head.len() + 2);
     let mut out = Vec::with_capacity(head.len() + pad + 2);
     out.extend_from_slice(head.as_bytes());
@@ -52,19 +53,19 @@ pub fn payload(seq: u64, sent_us: u64, size: usize) -> Vec<u8> {
 }
 
 /// The sequence number and send time (unix microseconds) of a telemetry payload; `None` when
-/// it is not JSON with a numeric `seq`. A `t` without decimals is whole milliseconds.
+/// it is not JSON with a numeric `seq`. The time is `tu`, or else `t` (milliseconds, as devices
+/// that only know milliseconds write it).
 pub fn parse_payload(payload: &[u8]) -> Option<(u64, Option<u64>)> {
     #[derive(Deserialize)]
     struct Fields {
         seq: u64,
-        t: Option<f64>,
+        t: Option<u64>,
+        tu: Option<u64>,
     }
     let fields: Fields = serde_json::from_slice(payload).ok()?;
-    // Unix milliseconds with three decimals need 16 significant digits: within an f64's.
     let sent_us = fields
-        .t
-        .filter(|t| t.is_finite() && *t >= 0.0)
-        .map(|t| (t * 1000.0).round() as u64);
+        .tu
+        .or_else(|| fields.t.map(|t| t.saturating_mul(1000)));
     Some((fields.seq, sent_us))
 }
 
@@ -453,11 +454,10 @@ mod tests {
         let p = payload(7, 1_765_100_000_123_456, 0);
         assert_eq!(
             std::str::from_utf8(&p).unwrap(),
-            r#"{"seq":7,"t":1765100000123.456,"pad":""}"#
+            r#"{"seq":7,"t":1765100000123,"tu":1765100000123456,"pad":""}"#
         );
         assert_eq!(parse_payload(&p), Some((7, Some(1_765_100_000_123_456))));
-        assert_eq!(parse_payload(&payload(8, 1_002, 0)), Some((8, Some(1_002))));
-        // Whole milliseconds, as devices that only know milliseconds write them.
+        // Milliseconds only, as devices that only know milliseconds write them.
         assert_eq!(
             parse_payload(br#"{"seq":3,"t":25}"#),
             Some((3, Some(25_000)))
