@@ -23,13 +23,12 @@ use serde::Serialize;
 use tokio::time::Instant;
 
 use super::processes::{mosquitto_binary, Bridge, Daemon, Emulator};
-use crate::clock;
-use crate::telemetry::delay::DelaySnapshot;
-
 use super::publisher::{micros_histogram, publish_sequence, Sequence, StartGate};
 use super::{BenchError, Machine, Observer, Rig, Series};
+use crate::clock;
 use crate::sim::arrival::{self, fetch_arrivals_by, GroupBy, TelemetryCheck};
 use crate::sim::{self, FleetEvent, FleetOptions, FleetReport, TelemetryPlan};
+use crate::telemetry::delay::DelaySnapshot;
 
 /// Payload size of the benchmark messages.
 pub const PAYLOAD_BYTES: usize = 200;
@@ -243,7 +242,7 @@ pub async fn run_load(
         for a in &mine {
             if let Some(sent_us) = a.sent_us {
                 let t = a.received_us.saturating_sub(start_us) as f64 / 1e6;
-                samples.push((t, a.received_us.saturating_sub(sent_us) as f64 / 1000.0));
+                samples.push((t, us_to_ms(a.received_us.saturating_sub(sent_us))));
             }
         }
         check.add_device(&p.client_id, &mine, range);
@@ -278,10 +277,7 @@ impl PhaseFigures {
     /// Upper bound of the daemon's forward-delay bucket holding quantile `q`, ms (fleetgw
     /// phases that forwarded something; `None` above the largest bucket too).
     pub fn in_gateway_ms(&self, q: f64) -> Option<f64> {
-        self.in_gateway
-            .as_ref()?
-            .quantile_bound_us(q)
-            .map(|us| us as f64 / 1000.0)
+        self.in_gateway.as_ref()?.quantile_bound_us(q).map(us_to_ms)
     }
 }
 

@@ -19,6 +19,7 @@ use crate::bench::provision::{self, ProvisionOptions};
 use crate::bench::scale::{self, ScaleOptions};
 use crate::bench::telemetry::{self, Identity, PhaseFigures, TelemetryOptions};
 use crate::bench::{plot, BenchError, Machine, Observer, Series};
+use crate::telemetry::delay;
 
 use super::simulate::write_json;
 use super::{EX_IOERR, EX_SOFTWARE, EX_USAGE};
@@ -441,11 +442,11 @@ fn in_gateway_cell(p: &PhaseFigures) -> String {
     if h.count() == 0 {
         return "none counted".into();
     }
+    // Above the largest bucket the histogram only says "more than".
+    let largest_ms = delay::BOUNDS_US[delay::BOUNDS_US.len() - 1] as f64 / 1000.0;
     let bound = |q| {
-        h.quantile_bound_us(q).map_or_else(
-            || "> 30000".to_string(),
-            |us| format!("<= {}", us as f64 / 1000.0),
-        )
+        p.in_gateway_ms(q)
+            .map_or_else(|| format!("> {largest_ms}"), |ms| format!("<= {ms}"))
     };
     format!("{} / {}", bound(0.50), bound(0.99))
 }

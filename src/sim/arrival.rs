@@ -15,8 +15,8 @@
 //! - out of order: first arrivals of a sequence number lower than one that arrived before it,
 //! - unexpected: sequence numbers the device never sent.
 //!
-//! Device-to-cloud latency is the emulator's arrival time minus `t` of the first arrival of
-//! each sequence number, to the microsecond (a millisecond clock at both ends would be off by up
+//! Device-to-cloud latency is the emulator's arrival time minus the send time (`tu`, else `t`)
+//! of the first arrival of each sequence number, to the microsecond (a millisecond clock at both ends would be off by up
 //! to a millisecond either way, a fifth of a 5 ms latency target); it is meaningful when both
 //! clocks are the same (one machine).
 

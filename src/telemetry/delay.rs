@@ -1,9 +1,10 @@
 //! How long a message spends in the gateway: from the embedded broker reading the device's
 //! PUBLISH (with an external broker: the gateway session reading it from that broker) to the
 //! link writing it upstream (`fleetgw_telemetry_forward_delay_seconds` on `/metrics`). The
-//! broker, the intake with its outbox insert, the dispatcher and the link are all inside. Device-to-cloud latency minus this is the time on the devices' side and on the
-//! cloud's; `fleetgw bench telemetry` reads it before and after each phase to say where a
-//! latency tail comes from.
+//! broker, the intake with its outbox insert, the dispatcher and the link are all inside.
+//! Device-to-cloud latency minus this is the time on the devices' side and on the cloud's;
+//! `fleetgw bench telemetry` reads it before and after each phase to say where a latency tail
+//! comes from.
 //!
 //! Fixed buckets of atomic counters: recording costs one clock read and two atomic adds on the
 //! link's hot path, and never allocates. Messages loaded from the outbox after a restart (or
@@ -104,13 +105,14 @@ impl DelaySnapshot {
     /// with `le` in seconds, as `/metrics` renders it).
     pub fn from_prometheus(text: &str, name: &str) -> Option<DelaySnapshot> {
         let bucket = format!("{name}_bucket{{le=\"");
+        let sum = format!("{name}_sum ");
         let mut cumulative = Vec::with_capacity(BOUNDS_US.len() + 1);
         let mut sum_us = 0;
         for line in text.lines() {
             if let Some(rest) = line.strip_prefix(&bucket) {
                 let (_, value) = rest.split_once("} ")?;
                 cumulative.push(value.trim().parse::<u64>().ok()?);
-            } else if let Some(value) = line.strip_prefix(&format!("{name}_sum ")) {
+            } else if let Some(value) = line.strip_prefix(&sum) {
                 let secs: f64 = value.trim().parse().ok()?;
                 sum_us = (secs * 1e6).round() as u64;
             }
