@@ -6,6 +6,7 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use super::batch::BatchTrees;
+use super::chunk::{self, OutboxIndex};
 use super::flusher::{FlushFaults, GroupCommit};
 use super::space::Health;
 use super::{
@@ -102,19 +103,33 @@ impl Engine {
         })
     }
 
-    /// The outbox's message count and stored bytes.
-    pub(super) fn outbox_size(&self) -> Result<(u64, u64), StoreError> {
+    /// The outbox as found on disk: the index of its chunks (every message waiting), and the
+    /// count and bytes of the entries that are not chunks under a sequence key (a key of
+    /// the wrong length; each counts as one message until the first scan moves it to
+    /// quarantine). A chunk whose header does not read is indexed as one message, so that the
+    /// scan finds it and moves it.
+    pub(super) fn read_outbox(&self) -> Result<(OutboxIndex, (u64, u64)), StoreError> {
+        let mut index = OutboxIndex::default();
         let (mut len, mut bytes) = (0u64, 0u64);
         for entry in self.outbox.iter() {
-            let (_, v) = entry.map_err(|source| StoreError::Sled {
+            let (k, v) = entry.map_err(|source| StoreError::Sled {
                 tree: OUTBOX,
                 op: "scan",
                 source,
             })?;
-            len += 1;
-            bytes += v.len() as u64;
+            let Ok(key) = <[u8; 8]>::try_from(k.as_ref()).map(u64::from_be_bytes) else {
+                len += 1;
+                bytes += v.len() as u64;
+                continue;
+            };
+            match chunk::members(&v) {
+                Ok(members) => {
+                    index.add_found(key, members.into_iter().map(|(i, r)| (i, r.len() as u32)))
+                }
+                Err(_) => index.add_found(key, [(0, v.len() as u32)]),
+            }
         }
-        Ok((len, bytes))
+        Ok((index, (len, bytes)))
     }
 
     pub(super) fn record_tree(&self, tree: RecordTree) -> &sled::Tree {

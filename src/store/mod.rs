@@ -4,7 +4,7 @@
 //! sealed key bytes), `tokens` (id -> [`OwnershipTokenRecord`]), `operations`,
 //! `enrollment_groups`, `device_groups` (string key -> a record type owned by the admin layer,
 //! see [`RecordTree`]), `broker_retained` and `broker_sessions` (the embedded broker's state,
-//! [`broker_state`]), `outbox` (big-endian u64 sequence -> [`OutboxMessage`]) and `meta`
+//! [`broker_state`]), `outbox` (big-endian u64 sequence -> a chunk of [`OutboxMessage`]s, `chunk.rs`) and `meta`
 //! (schema version and small settings).
 //!
 //! Every mutating call returns only once the change is on disk. Durability uses group commit
@@ -18,6 +18,7 @@
 
 mod batch;
 pub mod broker_state;
+mod chunk;
 mod codec;
 mod durability;
 mod engine;
@@ -147,7 +148,8 @@ struct Inner {
     /// copies the outbox and swaps the database: no write can fall between the two.
     write_gate: RwLock<()>,
     health: Arc<Health>,
-    /// Outbox deletions made while the store was full, applied at the next reopen.
+    /// Outbox chunks deleted while the store was full (their keys), deleted again at the next
+    /// reopen.
     pending_removals: Mutex<Vec<u64>>,
     /// The thread that reopens the store once space is back (`reopen.rs`).
     recovery: Mutex<Option<std::thread::JoinHandle<()>>>,
@@ -158,6 +160,8 @@ struct Inner {
     /// Serialises read-modify-write of device records (etag bumps, CAS, batches): the update
     /// closures are `FnOnce`, so a lost optimistic race could not be retried.
     device_writes: Arc<Mutex<()>>,
+    /// Which outbox messages still wait for the cloud (`chunk.rs`); the counters below follow it.
+    outbox_index: Mutex<chunk::OutboxIndex>,
     outbox_len: AtomicU64,
     outbox_bytes: AtomicU64,
     /// Flushes and synced blobs of the databases a reopen replaced (metrics).
@@ -238,7 +242,9 @@ impl Store {
                 generation: 1,
             },
         )?;
-        let (len, bytes) = engine.outbox_size()?;
+        let (index, (other_len, other_bytes)) = engine.read_outbox()?;
+        let (len, bytes) = index.totals();
+        let (len, bytes) = (len + other_len, bytes + other_bytes);
         let inner = Inner {
             dir: dir.to_owned(),
             opts: opts.clone(),
@@ -251,6 +257,7 @@ impl Store {
             quarantined: AtomicU64::new(0),
             sealer: std::sync::OnceLock::new(),
             device_writes,
+            outbox_index: Mutex::new(index),
             outbox_len: AtomicU64::new(len),
             outbox_bytes: AtomicU64::new(bytes),
             flushes_before: AtomicU64::new(0),

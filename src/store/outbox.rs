@@ -1,10 +1,12 @@
-//! The telemetry outbox: messages keyed by a big-endian u64 sequence (so sled's key order is
-//! arrival order), with the message count and stored bytes kept in memory for the
-//! `telemetry.max_bytes` policy (rebuilt from disk when the store opens).
+//! The telemetry outbox: chunks of messages (see `chunk.rs`) keyed by a big-endian u64
+//! sequence (so sled's key order is arrival order), with the index of the messages still
+//! waiting, their count and their encoded bytes kept in memory for the `telemetry.max_bytes`
+//! policy (rebuilt from disk when the store opens).
 
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
+use super::chunk::{self, OutboxIndex};
 use super::quarantine::is_damage;
 use super::{OutboxMessage, Store, StoreError, WriteTicket, OUTBOX};
 
@@ -28,6 +30,9 @@ impl Store {
     /// with the ticket of their flush: they are visible to scans and removals now and durable
     /// once [`Store::wait_durable`] resolves. A crash before that loses them, so whoever
     /// sent them must not be acknowledged until then.
+    ///
+    /// The messages are stored in chunks (see `chunk.rs`): one sled insert for up to
+    /// [`chunk::CHUNK_MAX`] of them.
     pub fn outbox_insert(
         &self,
         msgs: &[OutboxMessage],
@@ -38,54 +43,82 @@ impl Store {
         let gated = self.write_gate();
         let (_gate, eng) = gated?;
         let mut seqs = Vec::with_capacity(msgs.len());
-        for _ in msgs {
-            let seq = eng.db.generate_id().map_err(|source| {
-                self.noted(StoreError::Sled {
+        let mut written = Vec::new();
+        let mut start = 0;
+        // Plain inserts, not one `apply_batch`: a batch seals sled's log buffer, which wakes
+        // all of sled's I/O threads, once per call. Nobody needs the chunks to be written
+        // atomically: their devices are acknowledged only once all of them are durable, so a
+        // crash that keeps a prefix costs duplicates, never a loss.
+        for end in chunk::split(msgs) {
+            let key = eng
+                .db
+                .generate_id()
+                .map_err(|source| StoreError::Sled {
                     tree: OUTBOX,
                     op: "generate_id",
                     source,
                 })
-            })?;
-            seqs.push(seq);
-        }
-        // Plain inserts, not one `apply_batch`: a batch seals sled's log buffer, which wakes
-        // all of sled's I/O threads, once per call (about 5% of the CPU at 18k msg/s). Nobody
-        // needs the batch to be atomic: its devices are acknowledged only once all of it is
-        // durable, so a crash that keeps a prefix costs duplicates, never a loss.
-        for (i, (seq, m)) in seqs.iter().zip(msgs).enumerate() {
-            let value = m.encode();
-            let len = value.len() as u64;
-            // Count first, so a concurrent remove of this entry can never drive the counters
-            // below the true size.
-            self.inner.outbox_len.fetch_add(1, Ordering::Relaxed);
-            self.inner.outbox_bytes.fetch_add(len, Ordering::Relaxed);
-            if let Err(source) = eng.outbox.insert(seq.to_be_bytes(), value) {
-                self.inner.outbox_len.fetch_sub(1, Ordering::Relaxed);
-                self.inner.outbox_bytes.fetch_sub(len, Ordering::Relaxed);
+                .and_then(|id| {
+                    chunk::chunk_key(id).ok_or_else(|| StoreError::BadKey {
+                        tree: OUTBOX,
+                        key: id.to_string(),
+                        reason: "sled's ids have run out of room for chunk indexes".into(),
+                    })
+                });
+            let key = match key {
+                Ok(key) => key,
+                Err(e) => {
+                    let _ = self.outbox_take_back(&eng.outbox, &written);
+                    return Err(self.noted(e));
+                }
+            };
+            let (value, lens) = chunk::encode(&msgs[start..end]);
+            // Indexed and counted first, so a concurrent removal finds the messages and can
+            // never drive the counters below the true size.
+            self.outbox_indexed(|ix| ix.add(key, &lens));
+            let bytes: u64 = lens.iter().map(|l| u64::from(*l)).sum();
+            self.inner
+                .outbox_len
+                .fetch_add(lens.len() as u64, Ordering::Relaxed);
+            self.inner.outbox_bytes.fetch_add(bytes, Ordering::Relaxed);
+            if let Err(source) = eng.outbox.insert(key.to_be_bytes(), value) {
+                written.push(key);
                 // The caller retries the whole batch; take back what went in (if sled lets
                 // us: what stays is sent twice, never lost).
-                let _ = self.outbox_take_back(&eng.outbox, &seqs[..i]);
+                let _ = self.outbox_take_back(&eng.outbox, &written);
                 return Err(self.noted(StoreError::Sled {
                     tree: OUTBOX,
                     op: "insert",
                     source,
                 }));
             }
+            written.push(key);
+            seqs.extend((0..(end - start) as u64).map(|i| key + i));
+            start = end;
         }
         Ok((seqs, self.write_ticket()))
     }
 
-    /// Removes entries of a failed insert again (no flush of its own), adjusting the counters.
-    fn outbox_take_back(&self, outbox: &sled::Tree, seqs: &[u64]) -> Result<(), sled::Error> {
-        for seq in seqs {
-            if let Some(old) = outbox.remove(seq.to_be_bytes())? {
-                self.inner.outbox_len.fetch_sub(1, Ordering::Relaxed);
-                self.inner
-                    .outbox_bytes
-                    .fetch_sub(old.len() as u64, Ordering::Relaxed);
+    /// Removes the chunks of a failed insert again (no flush of its own), adjusting the
+    /// counters.
+    fn outbox_take_back(&self, outbox: &sled::Tree, keys: &[u64]) -> Result<(), sled::Error> {
+        for key in keys {
+            if let Some((n, bytes)) = self.outbox_indexed(|ix| ix.forget(*key)) {
+                self.inner.outbox_len.fetch_sub(n, Ordering::Relaxed);
+                self.inner.outbox_bytes.fetch_sub(bytes, Ordering::Relaxed);
             }
+            outbox.remove(key.to_be_bytes())?;
         }
         Ok(())
+    }
+
+    /// Runs `f` on the outbox index (a short critical section, no I/O unless `f` does it).
+    pub(super) fn outbox_indexed<T>(&self, f: impl FnOnce(&mut OutboxIndex) -> T) -> T {
+        f(&mut self
+            .inner
+            .outbox_index
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()))
     }
 
     /// Up to `limit` messages with sequence >= `from_seq`, in sequence order. An entry that
@@ -101,35 +134,56 @@ impl Store {
             return Ok(out);
         }
         let eng = self.engine()?;
-        for entry in eng.outbox.range(from_seq.to_be_bytes()..) {
+        let start = self
+            .outbox_indexed(|ix| ix.chunk_of(from_seq))
+            .unwrap_or(from_seq);
+        for entry in eng.outbox.range(start.to_be_bytes()..) {
             let (k, v) = entry.map_err(|source| StoreError::Sled {
                 tree: OUTBOX,
                 op: "scan",
                 source,
             })?;
-            match decode_entry(&k, &v) {
-                Ok(found) => out.push(found),
+            let found = decode_entry(&k, &v, |key, index| {
+                key + u64::from(index) >= from_seq
+                    && self.outbox_indexed(|ix| ix.is_waiting(key, index))
+            });
+            match found {
+                Ok(found) => {
+                    for m in found {
+                        out.push(m);
+                        if out.len() == limit {
+                            return Ok(out);
+                        }
+                    }
+                }
                 Err(e) if is_damage(&e) => {
                     if self.quarantine(OUTBOX, &eng.outbox, &k, &v, &e)?.is_some() {
-                        self.inner.outbox_len.fetch_sub(1, Ordering::Relaxed);
-                        self.inner
-                            .outbox_bytes
-                            .fetch_sub(v.len() as u64, Ordering::Relaxed);
+                        // A chunk the index knows counts what it says; any other entry (a
+                        // key of the wrong length) was counted as one message when opened.
+                        let (n, bytes) = <[u8; 8]>::try_from(k.as_ref())
+                            .ok()
+                            .and_then(|key| {
+                                self.outbox_indexed(|ix| ix.forget(u64::from_be_bytes(key)))
+                            })
+                            .unwrap_or((1, v.len() as u64));
+                        self.inner.outbox_len.fetch_sub(n, Ordering::Relaxed);
+                        self.inner.outbox_bytes.fetch_sub(bytes, Ordering::Relaxed);
                     }
                 }
                 Err(e) => return Err(e),
-            }
-            if out.len() == limit {
-                break;
             }
         }
         Ok(out)
     }
 
     /// Removes the given sequence numbers (absent ones are ignored); returns how many were
-    /// removed. Durable on return; the flush is shared with the next append's, or started
-    /// after at most [`REMOVE_FLUSH_WITHIN`]. The counters drop only once the flush is done,
-    /// so `outbox_len() == 0` means the outbox is durably empty.
+    /// removed.
+    ///
+    /// A chunk is deleted from sled once none of its messages is left; that deletion is
+    /// durable on return (the flush is shared with the next append's, or started after at
+    /// most [`REMOVE_FLUSH_WITHIN`]). Messages of a chunk that still holds others are marked
+    /// sent in memory only: a crash sends them once more (see `chunk.rs`). The counters drop
+    /// only once the flush is done, so `outbox_len() == 0` means the outbox is durably empty.
     ///
     /// While the store is full (see `space.rs`) the deletions are kept in memory, applied at
     /// the reopen, and durable with the first flush after it; a crash before that sends the
@@ -139,27 +193,23 @@ impl Store {
             return Ok(self.outbox_remove_while_full(seqs));
         }
         let eng = self.engine()?;
-        let mut removed = 0usize;
-        let mut bytes = 0u64;
+        let removal = self.outbox_indexed(|ix| ix.remove(seqs));
         let mut failed = None;
-        for seq in seqs {
-            match eng.outbox.remove(seq.to_be_bytes()) {
-                Ok(Some(old)) => {
-                    removed += 1;
-                    bytes += old.len() as u64;
-                }
-                Ok(None) => {}
-                Err(source) => {
-                    failed = Some(StoreError::Sled {
-                        tree: OUTBOX,
-                        op: "remove",
-                        source,
-                    });
-                    break;
-                }
+        for key in &removal.emptied {
+            if let Err(source) = eng.outbox.remove(key.to_be_bytes()) {
+                failed = Some(StoreError::Sled {
+                    tree: OUTBOX,
+                    op: "remove",
+                    source,
+                });
+                break;
             }
         }
-        let flushed = if removed > 0 {
+        let compacted = match failed {
+            None => self.outbox_compact(&eng.outbox),
+            Some(_) => false,
+        };
+        let flushed = if !removal.emptied.is_empty() || compacted {
             eng.commit
                 .durable_within(REMOVE_FLUSH_WITHIN)
                 .await
@@ -167,24 +217,63 @@ impl Store {
         } else {
             Ok(())
         };
-        // Gone from the tree either way; a failed flush leaves them on disk at worst, to be
+        // Gone from the index either way; a failed flush leaves them on disk at worst, to be
         // sent once more after a restart.
         self.inner
             .outbox_len
-            .fetch_sub(removed as u64, Ordering::Relaxed);
-        self.inner.outbox_bytes.fetch_sub(bytes, Ordering::Relaxed);
+            .fetch_sub(removal.messages, Ordering::Relaxed);
+        self.inner
+            .outbox_bytes
+            .fetch_sub(removal.bytes, Ordering::Relaxed);
         if let Some(e) = failed {
             let e = self.noted(e);
             if e.is_full() {
-                self.keep_removals(seqs);
+                self.keep_removals(&removal.emptied);
             }
             return Err(e);
         }
-        flushed.map(|()| removed).inspect_err(|e| {
-            if e.is_full() {
-                self.keep_removals(seqs);
+        flushed
+            .map(|()| removal.messages as usize)
+            .inspect_err(|e| {
+                if e.is_full() {
+                    self.keep_removals(&removal.emptied);
+                }
+            })
+    }
+
+    /// Writes the chunks due for it again without their sent messages (see `chunk.rs`);
+    /// true if any was. Best effort: a chunk left as it is only means more duplicates after a
+    /// crash, so errors are logged, not returned.
+    fn outbox_compact(&self, outbox: &sled::Tree) -> bool {
+        let due = self.outbox_indexed(OutboxIndex::due_for_compaction);
+        let mut any = false;
+        for (key, keep) in due {
+            // Under the index lock: a concurrent removal that empties the chunk must not find
+            // it written back after its deletion.
+            let done = self.outbox_indexed(|ix| {
+                if !ix.knows(key) {
+                    return Ok(false);
+                }
+                let Some(value) = outbox.get(key.to_be_bytes())? else {
+                    return Ok(false);
+                };
+                let Ok(kept) = chunk::retain(&value, &keep) else {
+                    // Damaged: the next scan moves it to quarantine.
+                    return Ok(false);
+                };
+                outbox.insert(key.to_be_bytes(), kept)?;
+                ix.compacted(key, &keep);
+                Ok::<_, sled::Error>(true)
+            });
+            match done {
+                Ok(done) => any |= done,
+                Err(e) => {
+                    tracing::warn!(chunk = key, "rewriting a partly sent outbox chunk: {e}");
+                    break;
+                }
             }
-        })
+        }
+        any
     }
 
     /// Messages in the outbox.
@@ -198,16 +287,32 @@ impl Store {
     }
 }
 
-/// One outbox entry: its 8-byte big-endian sequence key and its message.
-fn decode_entry(k: &[u8], v: &[u8]) -> Result<(u64, OutboxMessage), StoreError> {
-    let seq = <[u8; 8]>::try_from(k)
+/// The messages of one outbox entry (its 8-byte big-endian key and its value, a chunk or a
+/// single message of an earlier release) for which `wanted(key, index)` holds, with their
+/// sequence numbers.
+fn decode_entry(
+    k: &[u8],
+    v: &[u8],
+    mut wanted: impl FnMut(u64, u8) -> bool,
+) -> Result<Vec<(u64, OutboxMessage)>, StoreError> {
+    let key = <[u8; 8]>::try_from(k)
         .map(u64::from_be_bytes)
         .map_err(|_| StoreError::BadKey {
             tree: OUTBOX,
             key: String::from_utf8_lossy(k).into_owned(),
             reason: format!("sequence keys are 8 bytes, this one has {}", k.len()),
         })?;
-    let msg =
-        OutboxMessage::decode(v).map_err(|source| StoreError::OutboxDecode { seq, source })?;
-    Ok((seq, msg))
+    let members =
+        chunk::members(v).map_err(|source| StoreError::OutboxDecode { seq: key, source })?;
+    let mut out = Vec::new();
+    for (index, range) in members {
+        if !wanted(key, index) {
+            continue;
+        }
+        let seq = key + u64::from(index);
+        let msg = OutboxMessage::decode(&v[range])
+            .map_err(|source| StoreError::OutboxDecode { seq, source })?;
+        out.push((seq, msg));
+    }
+    Ok(out)
 }

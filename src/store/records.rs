@@ -347,16 +347,38 @@ impl OutboxMessage {
     /// free of allocation beyond the output buffer and avoid JSON's number-array blow-up of
     /// binary payloads.
     pub fn encode(&self) -> Vec<u8> {
-        let id = self.device.as_str().as_bytes();
-        let topic = self.topic.as_bytes();
+        let mut out = Vec::with_capacity(self.encoded_len());
+        self.encode_into(&mut out);
+        out
+    }
+
+    /// Exact length of [`OutboxMessage::encode`]'s output.
+    pub fn encoded_len(&self) -> usize {
         let props: usize = self
             .properties
             .iter()
-            .map(|(k, v)| 6 + k.len() + v.len())
+            .take(usize::from(u16::MAX))
+            .map(|(k, v)| 6 + k.len().min(usize::from(u16::MAX)) + v.len())
             .sum();
-        let mut out = Vec::with_capacity(
-            1 + 8 + 1 + 2 + id.len() + 4 + topic.len() + 2 + props + self.payload.len(),
-        );
+        let props = if self.properties.is_empty() {
+            0
+        } else {
+            2 + props
+        };
+        1 + 8
+            + 1
+            + 2
+            + self.device.as_str().len()
+            + 4
+            + self.topic.len()
+            + props
+            + self.payload.len()
+    }
+
+    /// Appends [`OutboxMessage::encode`]'s output to `out`.
+    pub fn encode_into(&self, out: &mut Vec<u8>) {
+        let id = self.device.as_str().as_bytes();
+        let topic = self.topic.as_bytes();
         // Properties are bounded by the MQTT packet (at most 65535 pairs, names under 64 KiB).
         let with_properties = !self.properties.is_empty();
         out.push(if with_properties { 2 } else { 1 });
@@ -379,7 +401,6 @@ impl OutboxMessage {
             }
         }
         out.extend_from_slice(&self.payload);
-        out
     }
 
     /// Reverse of [`OutboxMessage::encode`].
@@ -527,6 +548,7 @@ mod tests {
             "a message without properties keeps the first layout"
         );
         assert_eq!(OutboxMessage::decode(&bytes).unwrap(), m);
+        assert_eq!(bytes.len(), m.encoded_len());
         let with = OutboxMessage {
             properties: vec![
                 ("$.ct".into(), "application/json".into()),
@@ -537,6 +559,7 @@ mod tests {
         let encoded = with.encode();
         assert_eq!(encoded[0], 2);
         assert_eq!(OutboxMessage::decode(&encoded).unwrap(), with);
+        assert_eq!(encoded.len(), with.encoded_len());
         for cut in 1..encoded.len() - with.payload.len() {
             assert!(
                 OutboxMessage::decode(&encoded[..cut]).is_err(),

@@ -55,27 +55,25 @@ impl Store {
     /// Outbox deletions while the store is full: made in memory where sled still takes them,
     /// and kept for the reopen either way. Returns how many entries were there.
     pub(super) fn outbox_remove_while_full(&self, seqs: &[u64]) -> usize {
-        let mut removed = 0;
+        let removal = self.outbox_indexed(|ix| ix.remove(seqs));
         if let Ok(eng) = self.engine() {
-            for seq in seqs {
-                if let Ok(Some(old)) = eng.outbox.remove(seq.to_be_bytes()) {
-                    removed += 1;
-                    self.inner.outbox_len.fetch_sub(1, Relaxed);
-                    self.inner.outbox_bytes.fetch_sub(old.len() as u64, Relaxed);
-                }
+            for key in &removal.emptied {
+                let _ = eng.outbox.remove(key.to_be_bytes());
             }
         }
-        self.keep_removals(seqs);
-        removed
+        self.inner.outbox_len.fetch_sub(removal.messages, Relaxed);
+        self.inner.outbox_bytes.fetch_sub(removal.bytes, Relaxed);
+        self.keep_removals(&removal.emptied);
+        removal.messages as usize
     }
 
-    /// Remembers outbox deletions that are not durable yet, for the next reopen.
-    pub(super) fn keep_removals(&self, seqs: &[u64]) {
+    /// Remembers outbox chunk deletions that are not durable yet, for the next reopen.
+    pub(super) fn keep_removals(&self, keys: &[u64]) {
         self.inner
             .pending_removals
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .extend_from_slice(seqs);
+            .extend_from_slice(keys);
     }
 
     /// Replaces the database with a fresh one opened from what is on disk, carrying the
@@ -149,7 +147,11 @@ impl Store {
             *inner.engine.write().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(engine));
             return Err(e);
         }
-        let (len, bytes) = engine.outbox_size()?;
+        // The index is the gateway's view and carries over with the outbox; entries that are
+        // no chunk under a sequence key are counted again from the new database.
+        let (_, (other_len, other_bytes)) = engine.read_outbox()?;
+        let (len, bytes) = self.outbox_indexed(|ix| ix.totals());
+        let (len, bytes) = (len + other_len, bytes + other_bytes);
         inner.outbox_len.store(len, Relaxed);
         inner.outbox_bytes.store(bytes, Relaxed);
         *inner.engine.write().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(engine));
@@ -164,7 +166,8 @@ impl Store {
     }
 }
 
-/// Makes the new database's outbox what the gateway knew (`carried`), less `removals`: the
+/// Makes the new database's outbox what the gateway knew (`carried`), less the chunks
+/// `removals`: the
 /// entries sled kept on disk but the gateway had deleted go, the ones it had inserted but
 /// that never reached the disk come back (same keys, so the dispatcher's deletions match).
 fn carry_outbox(
@@ -172,6 +175,7 @@ fn carry_outbox(
     carried: &[(sled::IVec, sled::IVec)],
     removals: &[u64],
 ) -> Result<(), StoreError> {
+    // `removals` are chunk keys.
     let err = |op: &'static str| {
         move |source| StoreError::Sled {
             tree: OUTBOX,
@@ -191,8 +195,8 @@ fn carry_outbox(
             outbox.insert(k, v.clone()).map_err(err("insert"))?;
         }
     }
-    for seq in removals {
-        outbox.remove(seq.to_be_bytes()).map_err(err("remove"))?;
+    for key in removals {
+        outbox.remove(key.to_be_bytes()).map_err(err("remove"))?;
     }
     Ok(())
 }

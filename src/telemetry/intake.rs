@@ -103,11 +103,6 @@ async fn acknowledge_when_durable(
     }
 }
 
-/// Encoded size of an outbox entry (store layout: 16 bytes of header + id + topic + payload).
-fn encoded_len(m: &OutboxMessage) -> u64 {
-    (16 + m.device.as_str().len() + m.topic.len() + m.payload.len()) as u64
-}
-
 impl Intake {
     pub fn new(
         shared: Arc<Shared>,
@@ -273,7 +268,7 @@ impl Intake {
                     .map(MessageProperties::to_stored)
                     .unwrap_or_default(),
             };
-            bytes += encoded_len(&msg);
+            bytes += msg.encoded_len() as u64;
             msgs.push(msg);
             acks.push(ack);
             things.push(thing);
@@ -377,7 +372,7 @@ impl Intake {
                 if freed >= excess {
                     break;
                 }
-                freed += encoded_len(msg);
+                freed += msg.encoded_len() as u64;
                 seqs.push(*seq);
                 from = seq + 1;
             }
