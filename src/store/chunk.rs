@@ -1,9 +1,10 @@
 //! Outbox chunks: the outbox stores several messages of one intake batch under one key, and
 //! keeps in memory which of them are still waiting for the cloud.
 //!
-//! One sled operation per message was half of the gateway's CPU at full telemetry rate (sled's
-//! page-cache work and log reservation for every insert and every delete, and its I/O threads
-//! woken for each). A chunk holds up to [`CHUNK_MAX`] messages and about [`CHUNK_BYTES`]; a
+//! One sled insert and one sled delete per message (page-cache work and a log reservation
+//! each) bounded the gateway's telemetry rate: 50 devices with their own cloud connections
+//! went from 59-65k to 78-97k msg/s on the same 2-core box when they became one per chunk,
+//! and a build without any outbox writes reached 116-136k. A chunk holds up to [`CHUNK_MAX`] messages and about [`CHUNK_BYTES`]; a
 //! message larger than that has a chunk of its own. The limit keeps a whole tree node of
 //! chunks (up to 17 entries) well below sled's blob threshold, so chunks stay in sled's log.
 //!

@@ -10,11 +10,11 @@ use super::chunk::{self, OutboxIndex};
 use super::quarantine::is_damage;
 use super::{OutboxMessage, Store, StoreError, WriteTicket, OUTBOX};
 
-/// How long a deletion may wait for a flush another writer asks for before it starts one.
-/// Under load the intake's appends flush continuously and deletions ride on them; idle, a
-/// deletion is durable after at most this long. An upstream link's window slot is freed only
-/// then, so this bounds a busy link's rate (one link with a window of 100 and 5 ms here
-/// delivered 10k msg/s, with 1 ms 18k msg/s).
+/// How long the deletion of a chunk may wait for a flush another writer asks for before it
+/// starts one. Under load the intake's appends flush continuously and deletions ride on them;
+/// idle, a deletion is durable after at most this long. An upstream link's window slots are
+/// freed only then when their removal empties a chunk, so this bounds a busy link's rate (one
+/// link with a window of 100 and 5 ms here delivered 10k msg/s, with 1 ms 18k msg/s).
 const REMOVE_FLUSH_WITHIN: Duration = Duration::from_millis(1);
 
 impl Store {
