@@ -61,8 +61,7 @@ impl Store {
                 let _ = eng.outbox.remove(key.to_be_bytes());
             }
         }
-        self.inner.outbox_len.fetch_sub(removal.messages, Relaxed);
-        self.inner.outbox_bytes.fetch_sub(removal.bytes, Relaxed);
+        self.outbox_uncount(removal.messages, removal.bytes);
         self.keep_removals(&removal.emptied);
         removal.messages as usize
     }

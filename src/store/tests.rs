@@ -18,6 +18,26 @@ fn opts() -> StoreOptions {
     }
 }
 
+/// The sequence numbers of every message waiting in the outbox, in order.
+fn waiting_seqs(store: &Store) -> Vec<u64> {
+    store
+        .outbox_scan(0, usize::MAX)
+        .unwrap()
+        .into_iter()
+        .map(|(s, _)| s)
+        .collect()
+}
+
+/// Every message waiting in the outbox as (sequence, payload), in order.
+fn waiting_payloads(store: &Store) -> Vec<(u64, Vec<u8>)> {
+    store
+        .outbox_scan(0, usize::MAX)
+        .unwrap()
+        .into_iter()
+        .map(|(s, m)| (s, m.payload))
+        .collect()
+}
+
 pub(super) fn msg(device: &str, payload: &[u8]) -> OutboxMessage {
     OutboxMessage {
         device: id(device),
@@ -375,12 +395,7 @@ async fn outbox_keeps_order_and_accounts_count_and_bytes() {
     let store = Store::open(tmp.path(), &opts()).unwrap();
     assert_eq!(store.outbox_len(), 5);
     assert_eq!(store.outbox_bytes(), expected_bytes);
-    let all: Vec<u64> = store
-        .outbox_scan(0, 100)
-        .unwrap()
-        .into_iter()
-        .map(|(s, _)| s)
-        .collect();
+    let all = waiting_seqs(&store);
     assert_eq!(all, seqs);
     // New sequence numbers continue after the old ones, so order survives restarts.
     let more = store.outbox_append(&[msg("d", b"x")]).await.unwrap();
@@ -391,12 +406,7 @@ async fn outbox_keeps_order_and_accounts_count_and_bytes() {
     drop(store);
     let store = Store::open(tmp.path(), &opts()).unwrap();
     assert_eq!(store.outbox_len(), 1);
-    let left: Vec<u64> = store
-        .outbox_scan(0, 100)
-        .unwrap()
-        .into_iter()
-        .map(|(s, _)| s)
-        .collect();
+    let left = waiting_seqs(&store);
     assert_eq!(left, more);
 }
 
@@ -446,12 +456,7 @@ async fn a_partly_sent_chunk_is_written_again_without_its_sent_messages() {
         seqs
     };
     let store = Store::open(tmp.path(), &opts()).unwrap();
-    let left: Vec<(u64, Vec<u8>)> = store
-        .outbox_scan(0, 10)
-        .unwrap()
-        .into_iter()
-        .map(|(s, m)| (s, m.payload))
-        .collect();
+    let left = waiting_payloads(&store);
     assert_eq!(left, vec![(seqs[2], vec![2]), (seqs[3], vec![3])]);
     assert_eq!(store.outbox_len(), 2);
     assert_eq!(store.outbox_remove(&seqs).await.unwrap(), 2);
@@ -482,12 +487,7 @@ async fn single_message_entries_of_an_earlier_release_are_read_and_removed() {
     assert_eq!(store.outbox_remove(&[old_seq]).await.unwrap(), 1);
     drop(store);
     let store = Store::open(tmp.path(), &opts()).unwrap();
-    let left: Vec<u64> = store
-        .outbox_scan(0, 10)
-        .unwrap()
-        .iter()
-        .map(|(s, _)| *s)
-        .collect();
+    let left = waiting_seqs(&store);
     assert_eq!(left, new);
 }
 
@@ -520,12 +520,7 @@ async fn outbox_insert_is_visible_at_once_and_durable_once_its_ticket_resolves()
         (seqs, later)
     };
     let store = Store::open(tmp.path(), &opts()).unwrap();
-    let left: Vec<(u64, Vec<u8>)> = store
-        .outbox_scan(0, 10)
-        .unwrap()
-        .into_iter()
-        .map(|(s, m)| (s, m.payload))
-        .collect();
+    let left = waiting_payloads(&store);
     assert_eq!(
         left,
         vec![
