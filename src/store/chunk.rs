@@ -52,12 +52,12 @@ pub(super) fn chunk_key(id: u64) -> Option<u64> {
     id.checked_mul(1 << INDEX_BITS)
 }
 
-/// How `msgs` split into chunks: the end of each chunk, in order.
-pub(super) fn split(msgs: &[OutboxMessage]) -> Vec<usize> {
+/// How a batch whose messages encode to `lens` bytes each splits into chunks: the end of
+/// each chunk, in order.
+pub(super) fn split(lens: &[usize]) -> Vec<usize> {
     let mut ends = Vec::new();
     let (mut n, mut bytes) = (0usize, 0usize);
-    for (i, m) in msgs.iter().enumerate() {
-        let len = m.encoded_len();
+    for (i, len) in lens.iter().enumerate() {
         if n > 0 && (n == CHUNK_MAX || bytes + len > CHUNK_BYTES) {
             ends.push(i);
             (n, bytes) = (0, 0);
@@ -66,46 +66,49 @@ pub(super) fn split(msgs: &[OutboxMessage]) -> Vec<usize> {
         bytes += len;
     }
     if n > 0 {
-        ends.push(msgs.len());
+        ends.push(lens.len());
     }
     ends
 }
 
-/// Encodes `msgs` as one chunk, at indexes 0, 1, ...; returns the value and each member's
-/// encoded length.
-pub(super) fn encode(msgs: &[OutboxMessage]) -> (Vec<u8>, Vec<u32>) {
-    debug_assert!(!msgs.is_empty() && msgs.len() <= CHUNK_MAX);
-    let lens: Vec<usize> = msgs.iter().map(OutboxMessage::encoded_len).collect();
-    let mut out = Vec::with_capacity(2 + 5 * msgs.len() + lens.iter().sum::<usize>());
+/// A chunk's header for its members (index, encoded length), with room for their encodings.
+fn header(members: &[(u8, usize)]) -> Vec<u8> {
+    let body: usize = members.iter().map(|(_, len)| len).sum();
+    let mut out = Vec::with_capacity(2 + 5 * members.len() + body);
     out.push(CHUNK_TAG);
-    out.push(msgs.len() as u8);
-    for (i, len) in lens.iter().enumerate() {
-        out.push(i as u8);
+    out.push(members.len() as u8);
+    for (index, len) in members {
+        out.push(*index);
         out.extend_from_slice(&(*len as u32).to_be_bytes());
     }
+    out
+}
+
+/// Encodes `msgs`, whose encodings are `lens` bytes long, as one chunk at indexes 0, 1, ...
+pub(super) fn encode(msgs: &[OutboxMessage], lens: &[usize]) -> Vec<u8> {
+    debug_assert!(!msgs.is_empty() && msgs.len() <= CHUNK_MAX && msgs.len() == lens.len());
+    let members: Vec<(u8, usize)> = lens
+        .iter()
+        .enumerate()
+        .map(|(i, len)| (i as u8, *len))
+        .collect();
+    let mut out = header(&members);
     for m in msgs {
         m.encode_into(&mut out);
     }
-    (out, lens.into_iter().map(|l| l as u32).collect())
+    out
 }
 
 /// The same chunk with only the members at `keep` (indexes, in order).
 pub(super) fn retain(value: &[u8], keep: &[u8]) -> Result<Vec<u8>, OutboxDecodeError> {
-    let members = members(value)?;
-    let kept: Vec<&(u8, Range<usize>)> = members
-        .iter()
+    let kept: Vec<(u8, Range<usize>)> = members(value)?
+        .into_iter()
         .filter(|(index, _)| keep.contains(index))
         .collect();
-    let body: usize = kept.iter().map(|(_, r)| r.len()).sum();
-    let mut out = Vec::with_capacity(2 + 5 * kept.len() + body);
-    out.push(CHUNK_TAG);
-    out.push(kept.len() as u8);
-    for (index, r) in &kept {
-        out.push(*index);
-        out.extend_from_slice(&(r.len() as u32).to_be_bytes());
-    }
-    for (_, r) in &kept {
-        out.extend_from_slice(&value[r.clone()]);
+    let heads: Vec<(u8, usize)> = kept.iter().map(|(index, r)| (*index, r.len())).collect();
+    let mut out = header(&heads);
+    for (_, r) in kept {
+        out.extend_from_slice(&value[r]);
     }
     Ok(out)
 }
@@ -150,12 +153,39 @@ struct Member {
 #[derive(Debug)]
 struct Chunk {
     written: Instant,
+    /// Sorted by index.
     members: Vec<Member>,
+    /// How many members wait (kept, not counted: deletions are the remover's hot path).
+    waiting: usize,
 }
 
 impl Chunk {
-    fn waiting(&self) -> usize {
-        self.members.iter().filter(|m| m.waiting).count()
+    fn new(mut members: Vec<Member>) -> Self {
+        members.sort_by_key(|m| m.index);
+        let waiting = members.iter().filter(|m| m.waiting).count();
+        Chunk {
+            written: Instant::now(),
+            members,
+            waiting,
+        }
+    }
+
+    fn member(&mut self, index: u8) -> Option<&mut Member> {
+        let at = self
+            .members
+            .binary_search_by_key(&index, |m| m.index)
+            .ok()?;
+        Some(&mut self.members[at])
+    }
+
+    fn waiting_members(&self) -> impl Iterator<Item = &Member> {
+        self.members.iter().filter(|m| m.waiting)
+    }
+
+    /// The waiting members' count and encoded bytes.
+    fn waiting_totals(&self) -> (u64, u64) {
+        self.waiting_members()
+            .fold((0, 0), |(n, b), m| (n + 1, b + u64::from(m.len)))
     }
 }
 
@@ -192,55 +222,29 @@ impl Default for OutboxIndex {
 }
 
 impl OutboxIndex {
-    /// Adds a stored chunk whose members (at indexes 0..) are all waiting.
-    pub fn add(&mut self, key: u64, lens: &[u32]) {
-        let members = lens
-            .iter()
-            .enumerate()
-            .map(|(i, len)| Member {
-                index: i as u8,
-                len: *len,
-                waiting: true,
-            })
-            .collect();
-        self.insert(key, members);
+    /// Adds a stored chunk whose members (at indexes 0.., encoded lengths `lens`) all wait.
+    pub fn add(&mut self, key: u64, lens: &[usize]) {
+        self.add_found(key, lens.iter().enumerate().map(|(i, len)| (i as u8, *len)));
     }
 
-    /// Adds a chunk found on disk: `members` are (index, encoded length), all waiting.
-    pub fn add_found(&mut self, key: u64, members: impl IntoIterator<Item = (u8, u32)>) {
+    /// Adds a chunk whose `members` (index, encoded length) all wait.
+    pub fn add_found(&mut self, key: u64, members: impl IntoIterator<Item = (u8, usize)>) {
         let members = members
             .into_iter()
             .map(|(index, len)| Member {
                 index,
-                len,
+                len: len as u32,
                 waiting: true,
             })
             .collect();
-        self.insert(key, members);
-    }
-
-    fn insert(&mut self, key: u64, members: Vec<Member>) {
-        self.chunks.insert(
-            key,
-            Chunk {
-                written: Instant::now(),
-                members,
-            },
-        );
+        self.chunks.insert(key, Chunk::new(members));
     }
 
     /// Forgets a chunk (its insert failed, or it went to quarantine); returns its waiting
     /// messages and their bytes.
     pub fn forget(&mut self, key: u64) -> Option<(u64, u64)> {
         self.partial.remove(&key);
-        let chunk = self.chunks.remove(&key)?;
-        Some(
-            chunk
-                .members
-                .iter()
-                .filter(|m| m.waiting)
-                .fold((0, 0), |(n, b), m| (n + 1, b + u64::from(m.len))),
-        )
+        Some(self.chunks.remove(&key)?.waiting_totals())
     }
 
     /// The key of the chunk that holds `seq`, if it is known: where a scan from `seq` starts.
@@ -248,11 +252,11 @@ impl OutboxIndex {
         self.chunks.range(..=seq).next_back().map(|(k, _)| *k)
     }
 
-    /// Whether message `index` of chunk `key` still waits for the cloud.
-    pub fn is_waiting(&self, key: u64, index: u8) -> bool {
-        self.chunks
-            .get(&key)
-            .is_some_and(|c| c.members.iter().any(|m| m.index == index && m.waiting))
+    /// The indexes of chunk `key`'s waiting messages, in order; `None` if the index does not
+    /// know the chunk (emptied, or never indexed).
+    pub fn waiting_indexes(&self, key: u64) -> Option<Vec<u8>> {
+        let c = self.chunks.get(&key)?;
+        Some(c.waiting_members().map(|m| m.index).collect())
     }
 
     /// Whether the index knows chunk `key`.
@@ -270,17 +274,14 @@ impl OutboxIndex {
             let Ok(index) = u8::try_from(seq - key) else {
                 continue;
             };
-            let Some(m) = chunk
-                .members
-                .iter_mut()
-                .find(|m| m.index == index && m.waiting)
-            else {
+            let Some(m) = chunk.member(index).filter(|m| m.waiting) else {
                 continue;
             };
             m.waiting = false;
             out.messages += 1;
             out.bytes += u64::from(m.len);
-            if chunk.waiting() == 0 {
+            chunk.waiting -= 1;
+            if chunk.waiting == 0 {
                 self.chunks.remove(&key);
                 self.partial.remove(&key);
                 out.emptied.push(key);
@@ -303,18 +304,9 @@ impl OutboxIndex {
             .iter()
             .filter_map(|key| {
                 let c = self.chunks.get(key)?;
-                let waiting = c.waiting();
                 let due = now.duration_since(c.written) >= self.compact_after
-                    && c.members.len() - waiting >= waiting;
-                due.then(|| {
-                    let keep = c
-                        .members
-                        .iter()
-                        .filter(|m| m.waiting)
-                        .map(|m| m.index)
-                        .collect();
-                    (*key, keep)
-                })
+                    && c.members.len() - c.waiting >= c.waiting;
+                due.then(|| (*key, c.waiting_members().map(|m| m.index).collect()))
             })
             .collect()
     }
@@ -323,7 +315,8 @@ impl OutboxIndex {
     pub fn compacted(&mut self, key: u64, kept: &[u8]) {
         if let Some(c) = self.chunks.get_mut(&key) {
             c.members.retain(|m| kept.contains(&m.index));
-            if c.members.iter().all(|m| m.waiting) {
+            // A kept message may have been sent since `kept` was taken.
+            if c.waiting == c.members.len() {
                 self.partial.remove(&key);
             }
         }
@@ -333,8 +326,8 @@ impl OutboxIndex {
     pub fn totals(&self) -> (u64, u64) {
         self.chunks
             .values()
-            .flat_map(|c| c.members.iter().filter(|m| m.waiting))
-            .fold((0, 0), |(n, b), m| (n + 1, b + u64::from(m.len)))
+            .map(Chunk::waiting_totals)
+            .fold((0, 0), |(n, b), (cn, cb)| (n + cn, b + cb))
     }
 
     #[cfg(test)]
@@ -360,14 +353,23 @@ mod tests {
         }
     }
 
+    fn lens(msgs: &[OutboxMessage]) -> Vec<usize> {
+        msgs.iter().map(OutboxMessage::encoded_len).collect()
+    }
+
+    fn encoded(msgs: &[OutboxMessage]) -> Vec<u8> {
+        encode(msgs, &lens(msgs))
+    }
+
     #[test]
     fn a_chunk_round_trips_and_keeps_members_by_index() {
         let msgs: Vec<_> = (0..5u8).map(|i| msg(&[i; 3])).collect();
-        let (value, lens) = encode(&msgs);
+        let lens = lens(&msgs);
+        let value = encode(&msgs, &lens);
         let found = members(&value).unwrap();
         assert_eq!(found.len(), 5);
         for ((index, r), (m, len)) in found.iter().zip(msgs.iter().zip(&lens)) {
-            assert_eq!(r.len() as u32, *len);
+            assert_eq!(r.len(), *len);
             assert_eq!(&OutboxMessage::decode(&value[r.clone()]).unwrap(), m);
             assert_eq!(u64::from(*index), u64::from(m.payload[0]));
         }
@@ -389,7 +391,7 @@ mod tests {
 
     #[test]
     fn truncated_chunks_are_refused() {
-        let (value, _) = encode(&[msg(b"a"), msg(b"b")]);
+        let value = encoded(&[msg(b"a"), msg(b"b")]);
         for cut in 1..value.len() {
             assert!(members(&value[..cut]).is_err(), "cut at {cut}");
         }
@@ -397,7 +399,7 @@ mod tests {
 
     #[test]
     fn damaged_chunks_never_read_out_of_bounds() {
-        let (value, _) = encode(&[msg(b"a"), msg(b"bb"), msg(b"ccc")]);
+        let value = encoded(&[msg(b"a"), msg(b"bb"), msg(b"ccc")]);
         for pos in 0..value.len() {
             for byte in [0u8, 1, 2, 0x7f, 0xC1, 0xff] {
                 let mut bad = value.clone();
@@ -416,14 +418,14 @@ mod tests {
     fn batches_split_by_count_and_bytes() {
         let small: Vec<_> = (0..600).map(|_| msg(b"x")).collect();
         let per_chunk = CHUNK_BYTES / small[0].encoded_len();
-        let ends = split(&small);
+        let ends = split(&lens(&small));
         assert_eq!(ends[0], per_chunk, "as many as fit in {CHUNK_BYTES} bytes");
         assert_eq!(ends.len(), 600usize.div_ceil(per_chunk));
         assert_eq!(ends.last(), Some(&600));
         let big = msg(&vec![0; CHUNK_BYTES]);
         let mixed = vec![msg(b"a"), big.clone(), msg(b"b"), msg(b"c"), big];
         assert_eq!(
-            split(&mixed),
+            split(&lens(&mixed)),
             [1, 2, 4, 5],
             "a large message is alone in its chunk"
         );
@@ -443,7 +445,7 @@ mod tests {
             "repeats and unknown seqs are ignored"
         );
         assert!(r.emptied.is_empty());
-        assert!(!ix.is_waiting(256, 1) && ix.is_waiting(256, 0));
+        assert_eq!(ix.waiting_indexes(256), Some(vec![0, 2]));
         let r = ix.remove(&[256, 258, 512]);
         assert_eq!((r.messages, r.bytes, r.emptied), (3, 45, vec![256, 512]));
         assert_eq!(ix.totals(), (0, 0));

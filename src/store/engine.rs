@@ -123,10 +123,8 @@ impl Engine {
                 continue;
             };
             match chunk::members(&v) {
-                Ok(members) => {
-                    index.add_found(key, members.into_iter().map(|(i, r)| (i, r.len() as u32)))
-                }
-                Err(_) => index.add_found(key, [(0, v.len() as u32)]),
+                Ok(members) => index.add_found(key, members.into_iter().map(|(i, r)| (i, r.len()))),
+                Err(_) => index.add_found(key, [(0, v.len())]),
             }
         }
         Ok((index, (len, bytes)))

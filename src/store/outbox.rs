@@ -49,7 +49,8 @@ impl Store {
         // all of sled's I/O threads, once per call. Nobody needs the chunks to be written
         // atomically: their devices are acknowledged only once all of them are durable, so a
         // crash that keeps a prefix costs duplicates, never a loss.
-        for end in chunk::split(msgs) {
+        let lens: Vec<usize> = msgs.iter().map(OutboxMessage::encoded_len).collect();
+        for end in chunk::split(&lens) {
             let key = eng
                 .db
                 .generate_id()
@@ -72,11 +73,12 @@ impl Store {
                     return Err(self.noted(e));
                 }
             };
-            let (value, lens) = chunk::encode(&msgs[start..end]);
+            let lens = &lens[start..end];
+            let value = chunk::encode(&msgs[start..end], lens);
             // Indexed and counted first, so a concurrent removal finds the messages and can
             // never drive the counters below the true size.
-            self.outbox_indexed(|ix| ix.add(key, &lens));
-            let bytes: u64 = lens.iter().map(|l| u64::from(*l)).sum();
+            self.outbox_indexed(|ix| ix.add(key, lens));
+            let bytes = lens.iter().sum::<usize>() as u64;
             self.inner
                 .outbox_len
                 .fetch_add(lens.len() as u64, Ordering::Relaxed);
@@ -158,16 +160,21 @@ impl Store {
                 op: "scan",
                 source,
             })?;
-            if let Ok(key) = <[u8; 8]>::try_from(k.as_ref()) {
-                if !self.outbox_indexed(|ix| ix.knows(u64::from_be_bytes(key))) {
-                    // Emptied, its deletion from sled still to come (or failed: then it is
-                    // read again after a restart, a duplicate at worst).
-                    continue;
+            // A key of the wrong length fails to decode below and goes to quarantine.
+            let waiting = match <[u8; 8]>::try_from(k.as_ref()) {
+                Ok(key) => {
+                    let key = u64::from_be_bytes(key);
+                    match self.outbox_indexed(|ix| ix.waiting_indexes(key)) {
+                        Some(waiting) => waiting,
+                        // Emptied, its deletion from sled still to come (or failed: then it
+                        // is read again after a restart, a duplicate at worst).
+                        None => continue,
+                    }
                 }
-            }
+                Err(_) => Vec::new(),
+            };
             let found = decode_entry(&k, &v, |key, index| {
-                key + u64::from(index) >= from_seq
-                    && self.outbox_indexed(|ix| ix.is_waiting(key, index))
+                key + u64::from(index) >= from_seq && waiting.binary_search(&index).is_ok()
             });
             match found {
                 Ok(found) => {

@@ -165,16 +165,15 @@ impl Store {
     }
 }
 
-/// Makes the new database's outbox what the gateway knew (`carried`), less the chunks
-/// `removals`: the
-/// entries sled kept on disk but the gateway had deleted go, the ones it had inserted but
-/// that never reached the disk come back (same keys, so the dispatcher's deletions match).
+/// Makes the new database's outbox what the gateway knew (`carried`), less the chunks whose
+/// keys are `removals`: the entries sled kept on disk but the gateway had deleted go, the ones
+/// it had inserted but that never reached the disk come back (same keys, so the dispatcher's
+/// deletions match).
 fn carry_outbox(
     outbox: &sled::Tree,
     carried: &[(sled::IVec, sled::IVec)],
     removals: &[u64],
 ) -> Result<(), StoreError> {
-    // `removals` are chunk keys.
     let err = |op: &'static str| {
         move |source| StoreError::Sled {
             tree: OUTBOX,
