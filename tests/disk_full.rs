@@ -3,8 +3,8 @@
 //! (soft) limit is lowered with `prlimit --pid` (util-linux) to the size its store has, so sled's
 //! next write fails with EFBIG (SIGXFSZ is ignored by the daemon), then raised again.
 //!
-//! While full the daemon acknowledges nothing it has not made durable (telemetry PUBACKs are
-//! withheld, a provisioning request gets `/rejected` 503), keeps answering the admin API and
+//! While full (and the cloud away) the daemon acknowledges nothing it has not made durable
+//! (telemetry PUBACKs are withheld, a provisioning request gets `/rejected` 503), keeps answering the admin API and
 //! reports `store.state = "full"`; once the limit is raised it resumes by itself, every
 //! message reaches the cloud exactly once, and a restart finds everything in the store.
 
@@ -21,6 +21,7 @@ use serde_json::Value;
 
 use common::device::{connect_retrying, provision};
 use common::free_port;
+use common::http::http;
 use common::messages;
 use common::mqtt_client::ClientEvent;
 use common::process::{EmulatorProcess, Fleetgw};
@@ -94,6 +95,16 @@ async fn a_full_disk_is_ridden_out_without_an_ack_that_is_not_durable_and_resume
     let (_, health) = admin(&socket, "/health").await;
     assert_eq!(health["status"], "ok", "{health}");
     assert_eq!(health["store"]["state"], "ok", "{health}");
+
+    // The cloud is away too: a message the cloud has acknowledged may be acknowledged to its
+    // device before it is durable, so only without the cloud does the disk alone decide.
+    let (thing_ref, emu_ref) = (&thing, &emu);
+    eventually_async("the first message at the emulator", LIMIT, || async move {
+        (recorded(emu_ref, thing_ref).await.len() == 1).then_some(())
+    })
+    .await;
+    let (status, view) = http(emu.api, "POST", "/faults", Some(r#"{"outageSeconds":600}"#)).await;
+    assert_eq!(status, 200, "{view}");
 
     // The disk fills: no file of the daemon may grow past what sled's log has now.
     let log_len = std::fs::metadata(state.join("db")).unwrap().len();
@@ -189,6 +200,9 @@ async fn a_full_disk_is_ridden_out_without_an_ack_that_is_not_durable_and_resume
     for p in &sent {
         dev.expect_puback(p).await;
     }
+    // Then the cloud comes back.
+    let (status, view) = http(emu.api, "DELETE", "/faults", None).await;
+    assert_eq!(status, 200, "{view}");
     let text = metrics(&socket).await;
     assert!(text.contains("\nfleetgw_store_full 0\n"), "{text}");
     assert!(
@@ -197,8 +211,6 @@ async fn a_full_disk_is_ridden_out_without_an_ack_that_is_not_durable_and_resume
     );
     let late_thing = provision(port, newcomer, LIMIT).await;
 
-    let thing_ref = &thing;
-    let emu_ref = &emu;
     let got = eventually_async("every message at the emulator", LIMIT, || async move {
         let got = recorded(emu_ref, thing_ref).await;
         (got.len() >= 6).then_some(got)

@@ -7,6 +7,9 @@
 //! accepted and everything acknowledged before the fault reaches the cloud. The fault comes
 //! from the `FLEETGW_TEST_FAIL_FLUSH_FILE` hook: every flush fails while the named file exists.
 //!
+//! A stalled disk (the `FLEETGW_TEST_STALL_FLUSH_FILE` hook holds every flush back while the
+//! named file exists) holds back only the PUBACKs of messages the cloud has not acknowledged.
+//!
 //! Undecodable values: a garbage device record and a garbage outbox entry written into the
 //! state directory of a stopped daemon are moved to quarantine when the restarted daemon
 //! meets them, and neither the other devices' telemetry nor the device listing stalls.
@@ -26,11 +29,13 @@ use serde_json::Value;
 
 use common::device::{connect_retrying, provision};
 use common::free_port;
+use common::http::http;
 use common::messages;
 use common::process::{EmulatorProcess, Fleetgw};
 use common::wait::eventually_async;
 
 const FAIL_FLUSH_FILE_ENV: &str = "FLEETGW_TEST_FAIL_FLUSH_FILE";
+const STALL_FLUSH_FILE_ENV: &str = "FLEETGW_TEST_STALL_FLUSH_FILE";
 const LIMIT: Duration = Duration::from_secs(60);
 
 fn start_daemon(emu: &EmulatorProcess, state: &Path, port: u16, fault: &Path) -> Fleetgw {
@@ -44,6 +49,12 @@ fn start_daemon(emu: &EmulatorProcess, state: &Path, port: u16, fault: &Path) ->
 /// Payloads the emulator recorded for `thing`.
 async fn recorded(emu: &EmulatorProcess, thing: &str) -> Vec<String> {
     messages::recorded_payloads(emu.api, thing, LIMIT).await
+}
+
+/// `POST /faults` (an outage) or `DELETE /faults` on the emulator.
+async fn faults(emu: &EmulatorProcess, method: &str, body: Option<&str>) {
+    let (status, view) = http(emu.api, method, "/faults", body).await;
+    assert_eq!(status, 200, "{method} /faults: {view}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -62,7 +73,9 @@ async fn a_failed_fsync_withholds_the_ack_exits_74_and_the_restart_loses_nothing
     dev.publish(&topic, QoS::AtLeastOnce, false, br#"{"n":1}"#)
         .await;
 
-    // The disk starts failing: the next message's flush fails.
+    // The cloud goes away (a message the cloud acknowledged may be acknowledged to its device
+    // before its flush ends), then the disk starts failing: the next message's flush fails.
+    faults(&emu, "POST", Some(r#"{"outageSeconds":600}"#)).await;
     std::fs::write(&fault, b"").unwrap();
     dev.publish_unacked(&topic, QoS::AtLeastOnce, false, br#"{"n":2}"#)
         .await;
@@ -81,8 +94,9 @@ async fn a_failed_fsync_withholds_the_ack_exits_74_and_the_restart_loses_nothing
     assert!(log.contains("store flush failed"), "{log}");
     assert!(log.contains("injected flush failure"), "{log}");
 
-    // The disk is back; systemd would restart the daemon now.
+    // The disk and the cloud are back; systemd would restart the daemon now.
     std::fs::remove_file(&fault).unwrap();
+    faults(&emu, "DELETE", None).await;
     daemon.restart();
     let mut dev = connect_retrying(id, port, LIMIT).await;
     // The device republishes what was not acknowledged; the daemon still knows it as
@@ -109,6 +123,70 @@ async fn a_failed_fsync_withholds_the_ack_exits_74_and_the_restart_loses_nothing
         count(r#"{"n":1}"#) + count(r#"{"n":2}"#),
         "{got:?}"
     );
+    daemon.assert_running();
+}
+
+/// A disk that stops answering for a while (every flush held back) does not hold a device
+/// back while the cloud takes its messages: the cloud's acknowledgement is as good as a flush.
+/// Without the cloud, a message that is not durable is not acknowledged until the disk answers.
+/// A kill -9 afterwards loses nothing and sends nothing twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_disk_holds_back_only_the_messages_the_cloud_has_not_acknowledged() {
+    let tmp = tempfile::tempdir().unwrap();
+    let emu = EmulatorProcess::start_in(tmp.path()).await;
+    let state = tmp.path().join("state");
+    let stall = tmp.path().join("stall-flush");
+    let port = free_port();
+    let daemon = Fleetgw::run(&emu.gateway_config(), state.with_extension("log"))
+        .env(STALL_FLUSH_FILE_ENV, &stall)
+        .embedded_open(&state, &state.with_extension("sock"), port)
+        .sets(["log.level=\"info\""])
+        .spawn();
+
+    let id = "sensor-stall";
+    let thing = provision(port, id, LIMIT).await;
+    let topic = format!("fleetgw/{id}/telemetry");
+    let mut dev = connect_retrying(id, port, LIMIT).await;
+    dev.publish(&topic, QoS::AtLeastOnce, false, br#"{"n":1}"#)
+        .await;
+
+    // The disk stalls. The cloud takes the next message, so the device gets its PUBACK
+    // though no flush can end.
+    std::fs::write(&stall, b"").unwrap();
+    dev.publish_unacked(&topic, QoS::AtLeastOnce, false, br#"{"n":2}"#)
+        .await;
+    assert!(
+        dev.puback_within(LIMIT).await,
+        "no PUBACK while the cloud has the message; log:\n{}",
+        daemon.log_tail()
+    );
+    let got = recorded(&emu, &thing).await;
+    assert!(got.iter().any(|g| g == r#"{"n":2}"#), "{got:?}");
+
+    // The cloud goes away: the next message is neither durable nor in the cloud.
+    faults(&emu, "POST", Some(r#"{"outageSeconds":600}"#)).await;
+    dev.publish_unacked(&topic, QoS::AtLeastOnce, false, br#"{"n":3}"#)
+        .await;
+    assert!(
+        !dev.puback_within(Duration::from_millis(300)).await,
+        "a message neither durable nor in the cloud was acknowledged"
+    );
+    // The disk answers again: it is durable now, and acknowledged.
+    std::fs::remove_file(&stall).unwrap();
+    dev.expect_puback("the message made durable once the disk answered")
+        .await;
+
+    // A crash, then the cloud is back: every message exactly once, in order.
+    daemon.kill9();
+    faults(&emu, "DELETE", None).await;
+    daemon.restart();
+    let want = [r#"{"n":1}"#, r#"{"n":2}"#, r#"{"n":3}"#];
+    let got = eventually_async("every message at the emulator", LIMIT, || async {
+        let got = recorded(&emu, &thing).await;
+        (got.len() >= want.len()).then_some(got)
+    })
+    .await;
+    assert_eq!(got, want, "exactly once, in order");
     daemon.assert_running();
 }
 

@@ -30,7 +30,8 @@
 //! sticks: no later ticket is ever reported durable, no batch is applied any more, and
 //! [`GroupCommit::failed`] resolves so that the daemon exits non-zero; systemd restarts it and
 //! sled's recovery replays what really is on disk. With the `test-hooks` feature,
-//! [`FAIL_FLUSH_FILE_ENV`] names a file whose existence makes every flush fail.
+//! [`FAIL_FLUSH_FILE_ENV`] names a file whose existence makes every flush fail, and
+//! [`STALL_FLUSH_FILE_ENV`] one whose existence holds every flush back.
 //!
 //! A flush that fails because the disk is full (ENOSPC, EDQUOT, EFBIG from sled's `pwrite`,
 //! and the `fdatasync` of the log right after succeeds) is not fatal: the tickets it covered
@@ -59,6 +60,12 @@ use super::StoreError;
 /// store flush fails (fault injection for the fsync-failure tests). Release builds ignore it.
 #[cfg(feature = "test-hooks")]
 pub const FAIL_FLUSH_FILE_ENV: &str = "FLEETGW_TEST_FAIL_FLUSH_FILE";
+
+/// Environment variable of the `test-hooks` build naming a file: while it exists, every store
+/// flush waits before it starts (a disk that stops answering for a while, for the tests of
+/// what a stalled flush may and may not hold back). Release builds ignore it.
+#[cfg(feature = "test-hooks")]
+pub const STALL_FLUSH_FILE_ENV: &str = "FLEETGW_TEST_STALL_FLUSH_FILE";
 
 /// Size above which sled 0.34 writes a page to its own file under `blobs/` instead of the
 /// log: `segment_size / MINIMUM_ITEMS_PER_SEGMENT - SEG_HEADER_LEN` with sled's defaults
@@ -552,6 +559,7 @@ fn flush(
     blobs: &mut BlobSync,
     faults: &FlushFaults,
 ) -> Result<(), FlushError> {
+    faults.stall();
     if let Some(full) = faults.no_space() {
         return Err(FlushError::Full(full));
     }
@@ -640,6 +648,9 @@ impl BlobSync {
 pub(crate) struct FlushFaults {
     #[cfg(any(test, feature = "test-hooks"))]
     file: Option<PathBuf>,
+    /// Every flush waits while this file exists.
+    #[cfg(any(test, feature = "test-hooks"))]
+    stall_file: Option<PathBuf>,
     /// The crate's own tests: every flush finds "no space" while this file exists.
     #[cfg(test)]
     no_space_file: Option<PathBuf>,
@@ -655,6 +666,12 @@ impl FlushFaults {
                 .map(PathBuf::from),
             #[cfg(all(test, not(feature = "test-hooks")))]
             file: None,
+            #[cfg(feature = "test-hooks")]
+            stall_file: std::env::var_os(STALL_FLUSH_FILE_ENV)
+                .filter(|v| !v.is_empty())
+                .map(PathBuf::from),
+            #[cfg(all(test, not(feature = "test-hooks")))]
+            stall_file: None,
             #[cfg(test)]
             no_space_file: None,
         }
@@ -693,6 +710,28 @@ impl FlushFaults {
             ..FlushFaults::default()
         }
     }
+
+    /// Every flush waits while `file` exists.
+    #[cfg(test)]
+    pub(crate) fn stalled_while_exists(file: &Path) -> Self {
+        FlushFaults {
+            stall_file: Some(file.to_owned()),
+            ..FlushFaults::default()
+        }
+    }
+
+    /// Waits while the stall file exists (polled: a test hook, not a hot path).
+    #[cfg(any(test, feature = "test-hooks"))]
+    fn stall(&self) {
+        if let Some(file) = &self.stall_file {
+            while file.exists() {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
+    }
+
+    #[cfg(not(any(test, feature = "test-hooks")))]
+    fn stall(&self) {}
 
     #[cfg(any(test, feature = "test-hooks"))]
     fn check(&self) -> Result<(), String> {

@@ -54,7 +54,7 @@ use codec::{
 pub use error::StoreError;
 pub use flusher::BLOB_THRESHOLD;
 #[cfg(feature = "test-hooks")]
-pub use flusher::FAIL_FLUSH_FILE_ENV;
+pub use flusher::{FAIL_FLUSH_FILE_ENV, STALL_FLUSH_FILE_ENV};
 pub use records::{
     DeviceRecord, DeviceState, ErrorInfo, OutboxDecodeError, OutboxMessage, OwnershipToken,
     OwnershipTokenRecord, ProvisionData, DEVICE_RECORD_VERSION, OUTBOX_MESSAGE_VERSION,
@@ -215,6 +215,17 @@ impl Store {
         fault_file: &Path,
     ) -> Result<Self, StoreError> {
         Self::open_with(dir, opts, FlushFaults::while_exists(fault_file))
+    }
+
+    /// [`Store::open`] whose flushes wait while `file` exists (the crate's own tests of a
+    /// stalled disk).
+    #[cfg(test)]
+    pub(crate) fn open_stalled_while(
+        dir: &Path,
+        opts: &StoreOptions,
+        file: &Path,
+    ) -> Result<Self, StoreError> {
+        Self::open_with(dir, opts, FlushFaults::stalled_while_exists(file))
     }
 
     /// [`Store::open`] whose flushes find no space while `file` exists (the crate's own

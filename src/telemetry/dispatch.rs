@@ -747,20 +747,53 @@ async fn recv(rx: &mut Option<mpsc::Receiver<Handoff>>) -> Option<Handoff> {
 
 /// Deletes acknowledged (or expired, or undeliverable) messages from the outbox in batches and
 /// then frees their links' window slots. Ends when every sender is gone.
-pub(crate) async fn remover(shared: Arc<Shared>, mut settled: mpsc::UnboundedReceiver<Settled>) {
+///
+/// Each message's sequence number goes to `finished` (the intake's acknowledgements) as soon
+/// as it arrives, also while the deletion of the batch before it waits for its flush: the
+/// device need not wait for the disk once the cloud has its message (see `ack.rs`).
+pub(crate) async fn remover(
+    shared: Arc<Shared>,
+    mut settled: mpsc::UnboundedReceiver<Settled>,
+    finished: mpsc::UnboundedSender<Vec<u64>>,
+) {
     const MAX_BATCH: usize = 8192;
+    // Arrived while the previous deletion was flushing, and reported already.
+    let mut next: Vec<Settled> = Vec::with_capacity(256);
     let mut batch: Vec<Settled> = Vec::with_capacity(256);
     let mut seqs: Vec<u64> = Vec::with_capacity(256);
-    while let Some(first) = settled.recv().await {
-        batch.push(first);
-        while batch.len() < MAX_BATCH {
-            match settled.try_recv() {
-                Ok(s) => batch.push(s),
-                Err(_) => break,
+    let mut open = true;
+    loop {
+        std::mem::swap(&mut batch, &mut next);
+        let reported = batch.len();
+        if batch.is_empty() {
+            match settled.recv().await {
+                Some(s) => batch.push(s),
+                None => break,
             }
         }
+        take_ready(&mut settled, &mut batch, MAX_BATCH);
+        report(&finished, &batch[reported..]);
         seqs.extend(batch.iter().map(|s| s.seq));
-        if let Err(e) = shared.store.outbox_remove(&seqs).await {
+        let removed = {
+            let removal = shared.store.outbox_remove(&seqs);
+            tokio::pin!(removal);
+            loop {
+                tokio::select! {
+                    biased;
+                    r = &mut removal => break r,
+                    s = settled.recv(), if open && next.len() < MAX_BATCH => match s {
+                        Some(s) => {
+                            let from = next.len();
+                            next.push(s);
+                            take_ready(&mut settled, &mut next, MAX_BATCH);
+                            report(&finished, &next[from..]);
+                        }
+                        None => open = false,
+                    },
+                }
+            }
+        };
+        if let Err(e) = removed {
             // They stay in the outbox and are sent once more after a restart: a duplicate,
             // never a loss.
             tracing::error!(
@@ -797,6 +830,28 @@ pub(crate) async fn remover(shared: Arc<Shared>, mut settled: mpsc::UnboundedRec
         shared.room.notify_waiters();
     }
     tracing::debug!("telemetry remover stopped");
+}
+
+/// Moves what is already in `settled` into `batch`, up to `max` in all.
+fn take_ready(
+    settled: &mut mpsc::UnboundedReceiver<Settled>,
+    batch: &mut Vec<Settled>,
+    max: usize,
+) {
+    while batch.len() < max {
+        match settled.try_recv() {
+            Ok(s) => batch.push(s),
+            Err(_) => break,
+        }
+    }
+}
+
+/// Tells the intake's acknowledgements that these messages are finished upstream.
+fn report(finished: &mpsc::UnboundedSender<Vec<u64>>, settled: &[Settled]) {
+    if !settled.is_empty() {
+        // The intake's acknowledgements stop only when the intake does.
+        let _ = finished.send(settled.iter().map(|s| s.seq).collect());
+    }
 }
 
 #[cfg(test)]

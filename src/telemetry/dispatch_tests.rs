@@ -55,7 +55,13 @@ impl LinkLog {
 
     /// The cloud acknowledges everything queued: handed to the remover as a real link does.
     fn ack_all(&self, settled: &mpsc::UnboundedSender<Settled>) {
-        let acked: Vec<Item> = lock(&self.queued).drain(..).collect();
+        let n = lock(&self.queued).len();
+        self.ack_first(n, settled);
+    }
+
+    /// The cloud acknowledges the `n` oldest messages.
+    fn ack_first(&self, n: usize, settled: &mpsc::UnboundedSender<Settled>) {
+        let acked: Vec<Item> = lock(&self.queued).drain(..n).collect();
         *lock(&self.last_activity) = Some(Instant::now());
         for item in acked {
             let _ = settled.send(Settled {
@@ -175,6 +181,9 @@ struct Rig {
     shutdown: watch::Sender<bool>,
     dispatcher: JoinHandle<()>,
     remover: JoinHandle<()>,
+    /// What the remover reported finished (for the intake's acknowledgements), and all it
+    /// reported so far.
+    finished: Mutex<(mpsc::UnboundedReceiver<Vec<u64>>, Vec<u64>)>,
 }
 
 impl Rig {
@@ -196,7 +205,8 @@ impl Rig {
         let (shutdown, shutdown_rx) = watch::channel(false);
         let (handoff, handoff_rx) = mpsc::channel(64);
         let (settled, settled_rx) = mpsc::unbounded_channel();
-        let remover = tokio::spawn(remover(shared.clone(), settled_rx));
+        let (finished, finished_rx) = mpsc::unbounded_channel();
+        let remover = tokio::spawn(remover(shared.clone(), settled_rx, finished));
         let dispatcher = Dispatcher::with_upstream(
             shared.clone(),
             upstream,
@@ -214,7 +224,17 @@ impl Rig {
             shutdown,
             dispatcher,
             remover,
+            finished: Mutex::new((finished_rx, Vec::new())),
         }
+    }
+
+    /// Every sequence number the remover reported finished so far, in report order.
+    fn finished(&self) -> Vec<u64> {
+        let mut f = lock(&self.finished);
+        while let Ok(seqs) = f.0.try_recv() {
+            f.1.extend(seqs);
+        }
+        f.1.clone()
     }
 
     /// Stops the dispatcher (closing its links) and the remover, as a shutdown does.
@@ -285,6 +305,10 @@ fn message(device_id: &str) -> OutboxMessage {
 
 async fn store_with(dir: &tempfile::TempDir, devices: &[&str]) -> Store {
     let store = Store::open(dir.path(), &StoreOptions::default()).expect("the store opens");
+    with_devices(store, devices).await
+}
+
+async fn with_devices(store: Store, devices: &[&str]) -> Store {
     for d in devices {
         let mut rec = DeviceRecord::new(device(d), "json", 0);
         rec.provision.thing_name = Some(thing(d));
@@ -322,13 +346,56 @@ async fn device_mode_gives_each_device_its_own_link_in_order() {
     let open = rig.shared.counters.open_links.load(Ordering::Relaxed);
     assert_eq!(open, 3);
 
-    // The cloud acknowledges: the remover empties the outbox and frees the memory.
+    // The cloud acknowledges: the remover empties the outbox and frees the memory, and
+    // reports each message finished, for the devices' acknowledgements.
     for link in rig.links() {
         link.ack_all(&rig.settled);
     }
     rig.until("the outbox emptied", |r| r.store.outbox_len() == 0)
         .await;
     rig.until("memory released", |r| r.memory() == 0).await;
+    let mut finished = rig.finished();
+    finished.sort_unstable();
+    assert_eq!(finished, seqs, "each message reported finished once");
+    rig.stop().await;
+}
+
+#[tokio::test]
+async fn the_remover_reports_finished_messages_while_a_deletion_waits_for_the_disk() {
+    let dir = tempfile::tempdir().unwrap();
+    let stall = dir.path().join("stall");
+    let store = Store::open_stalled_while(&dir.path().join("db"), &StoreOptions::default(), &stall)
+        .expect("the store opens");
+    let store = with_devices(store, &["a"]).await;
+    let rig = Rig::start(store, options(), None).await;
+    // Two outbox chunks: deleting either one waits for a flush.
+    let first = rig.send(&["a"]).await;
+    let second = rig.send(&["a"]).await;
+    rig.until("both routed", |r| {
+        r.links().len() == 1 && r.link("thing-a").received().len() == 2
+    })
+    .await;
+
+    // The disk stalls. The cloud acknowledges the first message: reported at once, and its
+    // deletion waits for the flush.
+    std::fs::write(&stall, b"").unwrap();
+    rig.link("thing-a").ack_first(1, &rig.settled);
+    rig.until("the first reported", |r| r.finished() == first)
+        .await;
+    // The second is reported while that deletion still waits (the outbox's counters drop
+    // only once the flush is done).
+    rig.link("thing-a").ack_first(1, &rig.settled);
+    rig.until("the second reported", |r| {
+        r.finished() == [first[0], second[0]]
+    })
+    .await;
+    assert_eq!(rig.store.outbox_len(), 2, "no deletion is durable yet");
+
+    // The disk answers again: both deletions go through.
+    std::fs::remove_file(&stall).unwrap();
+    rig.until("the outbox emptied", |r| r.store.outbox_len() == 0)
+        .await;
+    assert_eq!(rig.finished(), [first[0], second[0]], "reported once each");
     rig.stop().await;
 }
 

@@ -3,10 +3,11 @@
 //! Messages are taken in batches (everything already waiting, up to `batch_max`), so one fsync
 //! covers many messages. A batch is inserted into the outbox and handed to the dispatcher at
 //! once, and the intake goes on with the next batch while its flush runs; a separate task
-//! acknowledges the batch's downstream PUBLISHes once it is durable, in intake order. So the
-//! flush delays the device's PUBACK but not the message's way to the cloud, and a crash before
-//! the flush ends costs a duplicate (the device was not acknowledged and publishes again),
-//! never a loss. Refused messages are acknowledged (they will never be forwarded, redelivery
+//! (`ack.rs`) acknowledges each downstream PUBLISH once its batch is durable or the cloud has
+//! the message, whichever comes first. So the flush delays neither the message's way to the
+//! cloud nor, while the cloud answers sooner, the device's PUBACK, and a crash before the flush
+//! ends costs a duplicate (the device was not acknowledged and publishes again), never a loss.
+//! Refused messages are acknowledged (they will never be forwarded, redelivery
 //! would not change that) after a rate-limited log line and status notice.
 //!
 //! Duplicates. A message whose downstream connection dropped (or whose gateway was killed) before
@@ -28,6 +29,7 @@ use std::time::Duration;
 use tokio::sync::{mpsc, watch, Semaphore};
 use tokio::time::Instant;
 
+use super::ack::{self, Pending};
 use super::directory::{Directory, Gate, RefusalKind};
 use super::dispatch::Handoff;
 use super::Shared;
@@ -38,7 +40,7 @@ use crate::downstream::{
     AckHandle, DeviceStatus, DeviceTopic, DownstreamMessage, QoS, RejectedResponse, StatusReport,
 };
 use crate::mqtt::props::MessageProperties;
-use crate::store::{OutboxMessage, Store, WriteTicket};
+use crate::store::OutboxMessage;
 
 /// Status notices being published at once at most; more are skipped (and only logged).
 const MAX_NOTICES_IN_FLIGHT: usize = 16;
@@ -49,6 +51,8 @@ pub(crate) struct Intake {
     shared: Arc<Shared>,
     inbound: mpsc::Receiver<DownstreamMessage>,
     handoff: mpsc::Sender<Handoff>,
+    /// Sequence numbers the remover is done with upstream, for the acknowledgements.
+    finished: Option<mpsc::UnboundedReceiver<Vec<u64>>>,
     shutdown: watch::Receiver<bool>,
     directory: Directory,
     last_notice: HashMap<DeviceId, Instant>,
@@ -62,52 +66,16 @@ pub(crate) struct Intake {
 /// it closes a batch (see `run`). Each costs a trip through the scheduler, not a timer.
 const COALESCE_YIELDS: u32 = 2;
 
-/// Batches in the outbox waiting for their flush before their devices are acknowledged; the
-/// intake waits when this many are. (The broker's window to the gateway bounds them first.)
+/// Batches in the outbox with devices still to acknowledge; the intake waits when this many
+/// are. (The broker's window to the gateway bounds them first.)
 const PENDING_BATCHES: usize = 64;
-
-/// A batch in the outbox whose flush is under way.
-struct Pending {
-    ticket: WriteTicket,
-    acks: Vec<AckHandle>,
-}
-
-/// Acknowledges each batch's downstream PUBLISHes once the batch is durable, in intake order
-/// (a later ticket is never durable before an earlier one). A failed flush is retried with a
-/// new one; on shutdown the acknowledgements still waiting are dropped, so the broker delivers
-/// those messages again on the next run.
-async fn acknowledge_when_durable(
-    store: Store,
-    mut pending: mpsc::Receiver<Pending>,
-    mut shutdown: watch::Receiver<bool>,
-) {
-    while let Some(Pending { mut ticket, acks }) = pending.recv().await {
-        let mut delay = Duration::from_millis(100);
-        loop {
-            match store.wait_durable(ticket).await {
-                Ok(()) => break,
-                Err(e) => {
-                    tracing::error!(messages = acks.len(), retry_in = ?delay, "telemetry in the outbox but not flushed: {e}");
-                    tokio::select! {
-                        _ = tokio::time::sleep(delay) => {}
-                        _ = super::stopped(&mut shutdown) => return,
-                    }
-                    delay = (delay * 2).min(Duration::from_secs(5));
-                    ticket = store.write_ticket();
-                }
-            }
-        }
-        for ack in acks {
-            ack.ack();
-        }
-    }
-}
 
 impl Intake {
     pub fn new(
         shared: Arc<Shared>,
         inbound: mpsc::Receiver<DownstreamMessage>,
         handoff: mpsc::Sender<Handoff>,
+        finished: mpsc::UnboundedReceiver<Vec<u64>>,
         shutdown: watch::Receiver<bool>,
     ) -> Self {
         let opts = &shared.opts;
@@ -126,6 +94,7 @@ impl Intake {
             shared,
             inbound,
             handoff,
+            finished: Some(finished),
             shutdown,
             last_notice: HashMap::new(),
             notices: Arc::new(Semaphore::new(MAX_NOTICES_IN_FLIGHT)),
@@ -139,9 +108,11 @@ impl Intake {
         let batch_max = self.shared.opts.batch_max.max(1);
         let mut batch = Vec::with_capacity(batch_max);
         let (pending, pending_rx) = mpsc::channel(PENDING_BATCHES);
-        let acker = tokio::spawn(acknowledge_when_durable(
+        let finished = self.finished.take().expect("the intake runs once");
+        let acker = tokio::spawn(ack::acknowledge(
             self.shared.store.clone(),
             pending_rx,
+            finished,
             self.shutdown.clone(),
         ));
         loop {
@@ -189,7 +160,7 @@ impl Intake {
     async fn process(
         &mut self,
         batch: &mut Vec<DownstreamMessage>,
-        pending: &mpsc::Sender<Pending>,
+        pending: &mpsc::Sender<Pending<AckHandle>>,
     ) -> bool {
         let counters = self.shared.counters.clone();
         counters
@@ -300,6 +271,11 @@ impl Intake {
             .accepted
             .fetch_add(msgs.len() as u64, Ordering::Relaxed);
         counters.append_batches.fetch_add(1, Ordering::Relaxed);
+        // The acker takes the batch before any of its messages can reach a link (it only
+        // stops when this intake does).
+        let _ = pending
+            .send(Pending::new(ticket, seqs.iter().copied().zip(acks)))
+            .await;
         let items = seqs
             .into_iter()
             .zip(msgs)
@@ -308,11 +284,10 @@ impl Intake {
             .map(|(((seq, msg), thing), at)| (seq, msg, thing, at))
             .collect();
         // Sent upstream while the flush runs: a crash before it ends loses the outbox entries,
-        // but the devices were not acknowledged, so they publish again (a duplicate at worst).
-        // The dispatcher only stops receiving when it stops; the outbox holds the messages.
+        // but a device is only acknowledged once its message is durable or in the cloud, so
+        // the others publish again (a duplicate at worst). The dispatcher only stops receiving
+        // when it stops; the outbox holds the messages.
         let _ = self.handoff.send(Handoff::Appended(items)).await;
-        // The acker only stops when this intake does.
-        let _ = pending.send(Pending { ticket, acks }).await;
         true
     }
 

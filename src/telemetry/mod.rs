@@ -27,6 +27,7 @@
 //! Per-device order holds because outbox keys are arrival order, a device's messages always
 //! take the same link, and a link never reorders.
 
+mod ack;
 pub mod delay;
 mod directory;
 mod dispatch;
@@ -505,7 +506,8 @@ impl Telemetry {
         let (shutdown, shutdown_rx) = watch::channel(false);
         let (handoff_tx, handoff_rx) = mpsc::channel(64);
         let (settled_tx, settled_rx) = mpsc::unbounded_channel();
-        let remover = tokio::spawn(dispatch::remover(shared.clone(), settled_rx));
+        let (finished_tx, finished_rx) = mpsc::unbounded_channel();
+        let remover = tokio::spawn(dispatch::remover(shared.clone(), settled_rx, finished_tx));
         let dispatcher = dispatch::Dispatcher::new(
             shared.clone(),
             sealer,
@@ -516,7 +518,13 @@ impl Telemetry {
         );
         let dispatcher = tokio::spawn(dispatcher.run());
         let closer = handoff_tx.clone();
-        let intake = intake::Intake::new(shared.clone(), inbound, handoff_tx, shutdown_rx);
+        let intake = intake::Intake::new(
+            shared.clone(),
+            inbound,
+            handoff_tx,
+            finished_rx,
+            shutdown_rx,
+        );
         let intake = tokio::spawn(intake.run());
         Ok(Self {
             shared,
