@@ -38,9 +38,11 @@ const FAIL_FLUSH_FILE_ENV: &str = "FLEETGW_TEST_FAIL_FLUSH_FILE";
 const STALL_FLUSH_FILE_ENV: &str = "FLEETGW_TEST_STALL_FLUSH_FILE";
 const LIMIT: Duration = Duration::from_secs(60);
 
-fn start_daemon(emu: &EmulatorProcess, state: &Path, port: u16, fault: &Path) -> Fleetgw {
+/// The daemon with a flush fault hook: `hook` is its environment variable and the file it
+/// watches.
+fn start_daemon(emu: &EmulatorProcess, state: &Path, port: u16, hook: (&str, &Path)) -> Fleetgw {
     Fleetgw::run(&emu.gateway_config(), state.with_extension("log"))
-        .env(FAIL_FLUSH_FILE_ENV, fault)
+        .env(hook.0, hook.1)
         .embedded_open(state, &state.with_extension("sock"), port)
         .sets(["log.level=\"info\""])
         .spawn()
@@ -64,7 +66,7 @@ async fn a_failed_fsync_withholds_the_ack_exits_74_and_the_restart_loses_nothing
     let state = tmp.path().join("state");
     let fault = tmp.path().join("fail-flush");
     let port = free_port();
-    let daemon = start_daemon(&emu, &state, port, &fault);
+    let daemon = start_daemon(&emu, &state, port, (FAIL_FLUSH_FILE_ENV, &fault));
 
     let id = "sensor-fsync";
     let thing = provision(port, id, LIMIT).await;
@@ -137,11 +139,7 @@ async fn a_stalled_disk_holds_back_only_the_messages_the_cloud_has_not_acknowled
     let state = tmp.path().join("state");
     let stall = tmp.path().join("stall-flush");
     let port = free_port();
-    let daemon = Fleetgw::run(&emu.gateway_config(), state.with_extension("log"))
-        .env(STALL_FLUSH_FILE_ENV, &stall)
-        .embedded_open(&state, &state.with_extension("sock"), port)
-        .sets(["log.level=\"info\""])
-        .spawn();
+    let daemon = start_daemon(&emu, &state, port, (STALL_FLUSH_FILE_ENV, &stall));
 
     let id = "sensor-stall";
     let thing = provision(port, id, LIMIT).await;
@@ -198,7 +196,7 @@ async fn garbage_in_the_store_is_quarantined_and_never_stalls_the_other_devices(
     let socket = state.with_extension("sock");
     let unused = tmp.path().join("no-fault");
     let port = free_port();
-    let daemon = start_daemon(&emu, &state, port, &unused);
+    let daemon = start_daemon(&emu, &state, port, (FAIL_FLUSH_FILE_ENV, &unused));
     let id = "sensor-good";
     let thing = provision(port, id, LIMIT).await;
     daemon.signal(libc::SIGTERM);

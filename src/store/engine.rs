@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex};
 use super::batch::BatchTrees;
 use super::chunk::{self, OutboxIndex};
 use super::flusher::{FlushFaults, GroupCommit};
+use super::outbox::sequence_key;
 use super::space::Health;
 use super::{
     broker_state, check_schema, quarantine, RecordTree, StoreError, StoreOptions, DEVICES, META,
@@ -110,6 +111,19 @@ impl Engine {
     /// scan finds it and moves it.
     pub(super) fn read_outbox(&self) -> Result<(OutboxIndex, (u64, u64)), StoreError> {
         let mut index = OutboxIndex::default();
+        let other = self.outbox_entries(|key, v| match chunk::members(v) {
+            Ok(members) => index.add_found(key, members.into_iter().map(|(i, r)| (i, r.len()))),
+            Err(_) => index.add_found(key, [(0, v.len())]),
+        })?;
+        Ok((index, other))
+    }
+
+    /// Calls `chunk` with every outbox entry under a sequence key (key, value); returns the
+    /// count and bytes of the others (see [`Engine::read_outbox`]).
+    pub(super) fn outbox_entries(
+        &self,
+        mut chunk: impl FnMut(u64, &[u8]),
+    ) -> Result<(u64, u64), StoreError> {
         let (mut len, mut bytes) = (0u64, 0u64);
         for entry in self.outbox.iter() {
             let (k, v) = entry.map_err(|source| StoreError::Sled {
@@ -117,17 +131,15 @@ impl Engine {
                 op: "scan",
                 source,
             })?;
-            let Ok(key) = <[u8; 8]>::try_from(k.as_ref()).map(u64::from_be_bytes) else {
-                len += 1;
-                bytes += v.len() as u64;
-                continue;
-            };
-            match chunk::members(&v) {
-                Ok(members) => index.add_found(key, members.into_iter().map(|(i, r)| (i, r.len()))),
-                Err(_) => index.add_found(key, [(0, v.len())]),
+            match sequence_key(&k) {
+                Some(key) => chunk(key, &v),
+                None => {
+                    len += 1;
+                    bytes += v.len() as u64;
+                }
             }
         }
-        Ok((index, (len, bytes)))
+        Ok((len, bytes))
     }
 
     pub(super) fn record_tree(&self, tree: RecordTree) -> &sled::Tree {

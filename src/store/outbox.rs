@@ -161,17 +161,15 @@ impl Store {
                 source,
             })?;
             // A key of the wrong length fails to decode below and goes to quarantine.
-            let waiting = match <[u8; 8]>::try_from(k.as_ref()) {
-                Ok(key) => {
-                    let key = u64::from_be_bytes(key);
-                    match self.outbox_indexed(|ix| ix.waiting_indexes(key)) {
-                        Some(waiting) => waiting,
-                        // Emptied, its deletion from sled still to come (or failed: then it
-                        // is read again after a restart, a duplicate at worst).
-                        None => continue,
-                    }
-                }
-                Err(_) => Vec::new(),
+            let key = sequence_key(&k);
+            let waiting = match key {
+                Some(key) => match self.outbox_indexed(|ix| ix.waiting_indexes(key)) {
+                    Some(waiting) => waiting,
+                    // Emptied, its deletion from sled still to come (or failed: then it is
+                    // read again after a restart, a duplicate at worst).
+                    None => continue,
+                },
+                None => Vec::new(),
             };
             let found = decode_entry(&k, &v, |key, index| {
                 key + u64::from(index) >= from_seq && waiting.binary_search(&index).is_ok()
@@ -189,11 +187,8 @@ impl Store {
                     if self.quarantine(OUTBOX, &eng.outbox, &k, &v, &e)?.is_some() {
                         // A chunk the index knows counts what it says; any other entry (a
                         // key of the wrong length) was counted as one message when opened.
-                        let (n, bytes) = <[u8; 8]>::try_from(k.as_ref())
-                            .ok()
-                            .and_then(|key| {
-                                self.outbox_indexed(|ix| ix.forget(u64::from_be_bytes(key)))
-                            })
+                        let (n, bytes) = key
+                            .and_then(|key| self.outbox_indexed(|ix| ix.forget(key)))
                             .unwrap_or((1, v.len() as u64));
                         self.outbox_uncount(n, bytes);
                     }
@@ -310,6 +305,12 @@ impl Store {
     }
 }
 
+/// An outbox key as its sequence number (8 bytes, big-endian); `None` for a key of another
+/// length.
+pub(super) fn sequence_key(k: &[u8]) -> Option<u64> {
+    <[u8; 8]>::try_from(k).ok().map(u64::from_be_bytes)
+}
+
 /// The messages of one outbox entry (its 8-byte big-endian key and its value, a chunk or a
 /// single message of an earlier release) for which `wanted(key, index)` holds, with their
 /// sequence numbers.
@@ -318,13 +319,11 @@ fn decode_entry(
     v: &[u8],
     mut wanted: impl FnMut(u64, u8) -> bool,
 ) -> Result<Vec<(u64, OutboxMessage)>, StoreError> {
-    let key = <[u8; 8]>::try_from(k)
-        .map(u64::from_be_bytes)
-        .map_err(|_| StoreError::BadKey {
-            tree: OUTBOX,
-            key: String::from_utf8_lossy(k).into_owned(),
-            reason: format!("sequence keys are 8 bytes, this one has {}", k.len()),
-        })?;
+    let key = sequence_key(k).ok_or_else(|| StoreError::BadKey {
+        tree: OUTBOX,
+        key: String::from_utf8_lossy(k).into_owned(),
+        reason: format!("sequence keys are 8 bytes, this one has {}", k.len()),
+    })?;
     let members =
         chunk::members(v).map_err(|source| StoreError::OutboxDecode { seq: key, source })?;
     let mut out = Vec::new();

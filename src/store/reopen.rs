@@ -148,7 +148,7 @@ impl Store {
         }
         // The index is the gateway's view and carries over with the outbox; entries that are
         // no chunk under a sequence key are counted again from the new database.
-        let (_, (other_len, other_bytes)) = engine.read_outbox()?;
+        let (other_len, other_bytes) = engine.outbox_entries(|_, _| {})?;
         let (len, bytes) = self.outbox_indexed(|ix| ix.totals());
         let (len, bytes) = (len + other_len, bytes + other_bytes);
         inner.outbox_len.store(len, Relaxed);
