@@ -79,8 +79,12 @@ impl Settle for HttpsShared {
         let mut st = self.lock();
         st.settling = st.settling.saturating_sub(n);
         st.last_activity = Some(Instant::now());
+        // As on the MQTT link: only a queued message waits for the slot.
+        let waiting = !st.queued.is_empty();
         drop(st);
-        self.wake.notify_one();
+        if waiting {
+            self.wake.notify_one();
+        }
     }
 }
 

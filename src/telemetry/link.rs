@@ -255,12 +255,18 @@ impl LinkShared {
     }
 
     /// The cloud acknowledged a message and its outbox entry is gone: frees its window slot.
+    /// The link's task is woken only when a message waits for that slot; otherwise the next
+    /// [`enqueue`](Self::enqueue) wakes it (at half rate nearly every settlement finds the
+    /// queue empty, and a wake-up per message for nothing was a good part of the link's work).
     pub fn settle(&self, n: usize) {
         let mut st = self.lock();
         st.settling = st.settling.saturating_sub(n);
         st.last_activity = Some(Instant::now());
+        let waiting = !st.queued.is_empty();
         drop(st);
-        self.wake.notify_one();
+        if waiting {
+            self.wake.notify_one();
+        }
     }
 
     /// Nothing queued, in flight or settling.
@@ -381,6 +387,39 @@ pub(crate) struct MqttTarget {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Whether the link's task would wake: takes the permit a `notify_one` left.
+    async fn woken(shared: &LinkShared) -> bool {
+        tokio::time::timeout(Duration::ZERO, shared.wake.notified())
+            .await
+            .is_ok()
+    }
+
+    #[tokio::test]
+    async fn a_settlement_wakes_the_link_only_when_a_message_waits_for_the_slot() {
+        let shared = LinkShared {
+            client_id: "c".into(),
+            window: 1,
+            state: Mutex::new(LinkState::default()),
+            counters: Arc::default(),
+            wake: Notify::new(),
+            stop: Notify::new(),
+        };
+        shared.lock().settling = 2;
+        shared.settle(1);
+        assert!(!woken(&shared).await, "nothing queued: no wake-up");
+        assert_eq!(shared.lock().settling, 1);
+        // The window (1) is full and a message waits: freeing the slot must wake the task,
+        // or the message would wait for the next enqueue.
+        shared.lock().queued.push_back(item(7));
+        assert!(!shared.lock().may_send(1, 10));
+        shared.settle(1);
+        assert!(
+            woken(&shared).await,
+            "a queued message waits for the freed slot"
+        );
+        assert!(shared.lock().may_send(1, 10));
+    }
 
     fn item(seq: u64) -> Item {
         Item::new(
