@@ -68,7 +68,7 @@ pub const SCHEMA_VERSION: u32 = 1;
 pub const SCHEMA_VERSION_KEY: &str = "schema_version";
 
 /// Default for [`StoreOptions::min_commit_interval`], in microseconds.
-pub const DEFAULT_MIN_COMMIT_INTERVAL_US: u64 = 1000;
+pub const DEFAULT_MIN_COMMIT_INTERVAL_US: u64 = 2000;
 
 /// Writes made before [`Store::write_ticket`] was called, being flushed; see
 /// [`Store::wait_durable`].
