@@ -256,8 +256,8 @@ impl LinkShared {
 
     /// The cloud acknowledged a message and its outbox entry is gone: frees its window slot.
     /// The link's task is woken only when a message waits for that slot; otherwise the next
-    /// [`enqueue`](Self::enqueue) wakes it (at half rate nearly every settlement finds the
-    /// queue empty, and a wake-up per message for nothing was a good part of the link's work).
+    /// [`enqueue`](Self::enqueue) wakes it. At half rate nearly every settlement finds the queue
+    /// empty, so this saves the task a turn of its loop per settled message.
     pub fn settle(&self, n: usize) {
         let mut st = self.lock();
         st.settling = st.settling.saturating_sub(n);
