@@ -4,9 +4,10 @@
 //! next write fails with EFBIG (SIGXFSZ is ignored by the daemon), then raised again.
 //!
 //! While full (and the cloud away) the daemon acknowledges nothing it has not made durable
-//! (telemetry PUBACKs are withheld, a provisioning request gets `/rejected` 503), keeps answering the admin API and
-//! reports `store.state = "full"`; once the limit is raised it resumes by itself, every
-//! message reaches the cloud exactly once, and a restart finds everything in the store.
+//! (telemetry PUBACKs are withheld, a provisioning request gets `/rejected` 503), keeps
+//! answering the admin API and reports `store.state = "full"`; once the limit is raised it
+//! resumes by itself, every message reaches the cloud exactly once, and a restart finds
+//! everything in the store.
 
 #[path = "common/admin.rs"]
 mod admin_common;
@@ -21,7 +22,6 @@ use serde_json::Value;
 
 use common::device::{connect_retrying, provision};
 use common::free_port;
-use common::http::http;
 use common::messages;
 use common::mqtt_client::ClientEvent;
 use common::process::{EmulatorProcess, Fleetgw};
@@ -103,8 +103,7 @@ async fn a_full_disk_is_ridden_out_without_an_ack_that_is_not_durable_and_resume
         (recorded(emu_ref, thing_ref).await.len() == 1).then_some(())
     })
     .await;
-    let (status, view) = http(emu.api, "POST", "/faults", Some(r#"{"outageSeconds":600}"#)).await;
-    assert_eq!(status, 200, "{view}");
+    emu.faults(Some(r#"{"outageSeconds":600}"#)).await;
 
     // The disk fills: no file of the daemon may grow past what sled's log has now.
     let log_len = std::fs::metadata(state.join("db")).unwrap().len();
@@ -201,8 +200,7 @@ async fn a_full_disk_is_ridden_out_without_an_ack_that_is_not_durable_and_resume
         dev.expect_puback(p).await;
     }
     // Then the cloud comes back.
-    let (status, view) = http(emu.api, "DELETE", "/faults", None).await;
-    assert_eq!(status, 200, "{view}");
+    emu.faults(None).await;
     let text = metrics(&socket).await;
     assert!(text.contains("\nfleetgw_store_full 0\n"), "{text}");
     assert!(

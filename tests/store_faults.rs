@@ -29,7 +29,6 @@ use serde_json::Value;
 
 use common::device::{connect_retrying, provision};
 use common::free_port;
-use common::http::http;
 use common::messages;
 use common::process::{EmulatorProcess, Fleetgw};
 use common::wait::eventually_async;
@@ -53,12 +52,6 @@ async fn recorded(emu: &EmulatorProcess, thing: &str) -> Vec<String> {
     messages::recorded_payloads(emu.api, thing, LIMIT).await
 }
 
-/// `POST /faults` (an outage) or `DELETE /faults` on the emulator.
-async fn faults(emu: &EmulatorProcess, method: &str, body: Option<&str>) {
-    let (status, view) = http(emu.api, method, "/faults", body).await;
-    assert_eq!(status, 200, "{method} /faults: {view}");
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_fsync_withholds_the_ack_exits_74_and_the_restart_loses_nothing() {
     let tmp = tempfile::tempdir().unwrap();
@@ -77,7 +70,7 @@ async fn a_failed_fsync_withholds_the_ack_exits_74_and_the_restart_loses_nothing
 
     // The cloud goes away (a message the cloud acknowledged may be acknowledged to its device
     // before its flush ends), then the disk starts failing: the next message's flush fails.
-    faults(&emu, "POST", Some(r#"{"outageSeconds":600}"#)).await;
+    emu.faults(Some(r#"{"outageSeconds":600}"#)).await;
     std::fs::write(&fault, b"").unwrap();
     dev.publish_unacked(&topic, QoS::AtLeastOnce, false, br#"{"n":2}"#)
         .await;
@@ -98,7 +91,7 @@ async fn a_failed_fsync_withholds_the_ack_exits_74_and_the_restart_loses_nothing
 
     // The disk and the cloud are back; systemd would restart the daemon now.
     std::fs::remove_file(&fault).unwrap();
-    faults(&emu, "DELETE", None).await;
+    emu.faults(None).await;
     daemon.restart();
     let mut dev = connect_retrying(id, port, LIMIT).await;
     // The device republishes what was not acknowledged; the daemon still knows it as
@@ -162,7 +155,7 @@ async fn a_stalled_disk_holds_back_only_the_messages_the_cloud_has_not_acknowled
     assert!(got.iter().any(|g| g == r#"{"n":2}"#), "{got:?}");
 
     // The cloud goes away: the next message is neither durable nor in the cloud.
-    faults(&emu, "POST", Some(r#"{"outageSeconds":600}"#)).await;
+    emu.faults(Some(r#"{"outageSeconds":600}"#)).await;
     dev.publish_unacked(&topic, QoS::AtLeastOnce, false, br#"{"n":3}"#)
         .await;
     assert!(
@@ -176,7 +169,7 @@ async fn a_stalled_disk_holds_back_only_the_messages_the_cloud_has_not_acknowled
 
     // A crash, then the cloud is back: every message exactly once, in order.
     daemon.kill9();
-    faults(&emu, "DELETE", None).await;
+    emu.faults(None).await;
     daemon.restart();
     let want = [r#"{"n":1}"#, r#"{"n":2}"#, r#"{"n":3}"#];
     let got = eventually_async("every message at the emulator", LIMIT, || async {

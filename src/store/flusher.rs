@@ -642,8 +642,9 @@ impl BlobSync {
     }
 }
 
-/// Fault injection: the `test-hooks` build's [`FAIL_FLUSH_FILE_ENV`], or a file the crate's
-/// own tests name; empty (and never failing) in release builds.
+/// Fault injection: the `test-hooks` build's [`FAIL_FLUSH_FILE_ENV`] and
+/// [`STALL_FLUSH_FILE_ENV`], or files the crate's own tests name; empty (never failing or
+/// stalling) in release builds.
 #[derive(Clone, Debug, Default)]
 pub(crate) struct FlushFaults {
     #[cfg(any(test, feature = "test-hooks"))]
@@ -657,19 +658,23 @@ pub(crate) struct FlushFaults {
 }
 
 impl FlushFaults {
-    /// From [`FAIL_FLUSH_FILE_ENV`] in `test-hooks` builds; none otherwise.
+    /// From [`FAIL_FLUSH_FILE_ENV`] and [`STALL_FLUSH_FILE_ENV`] in `test-hooks` builds; none
+    /// otherwise.
     pub(crate) fn from_env() -> Self {
+        /// The file a hook's variable names, if set and not empty.
+        #[cfg(feature = "test-hooks")]
+        fn named_by(var: &str) -> Option<PathBuf> {
+            std::env::var_os(var)
+                .filter(|v| !v.is_empty())
+                .map(PathBuf::from)
+        }
         FlushFaults {
             #[cfg(feature = "test-hooks")]
-            file: std::env::var_os(FAIL_FLUSH_FILE_ENV)
-                .filter(|v| !v.is_empty())
-                .map(PathBuf::from),
+            file: named_by(FAIL_FLUSH_FILE_ENV),
             #[cfg(all(test, not(feature = "test-hooks")))]
             file: None,
             #[cfg(feature = "test-hooks")]
-            stall_file: std::env::var_os(STALL_FLUSH_FILE_ENV)
-                .filter(|v| !v.is_empty())
-                .map(PathBuf::from),
+            stall_file: named_by(STALL_FLUSH_FILE_ENV),
             #[cfg(all(test, not(feature = "test-hooks")))]
             stall_file: None,
             #[cfg(test)]

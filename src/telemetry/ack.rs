@@ -178,12 +178,11 @@ async fn flushed(wait: &mut Option<FlushWait>) -> Flush {
 pub(crate) async fn acknowledge<A: Ack>(
     store: Store,
     mut pending: mpsc::Receiver<Pending<A>>,
-    finished: mpsc::UnboundedReceiver<Vec<u64>>,
+    mut finished: mpsc::UnboundedReceiver<Vec<u64>>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let mut waiting = Waiting::new();
-    let mut finished = Some(finished);
-    let mut intake_open = true;
+    let (mut intake_open, mut remover_open) = (true, true);
     let mut retry: Option<Instant> = None;
     let mut delay = Duration::from_millis(100);
     // Kept across turns of the loop: starting a wait subscribes to the flusher's progress.
@@ -221,14 +220,14 @@ pub(crate) async fn acknowledge<A: Ack>(
                     }
                 }
             },
-            seqs = recv(&mut finished) => match seqs {
+            seqs = finished.recv(), if remover_open => match seqs {
                 Some(seqs) => {
                     // A batch is sent before its messages are handed to the links, so the
                     // batches of these messages are in the channel by now.
                     intake_open &= take_ready(&mut pending, &mut waiting);
                     waiting.finished(&seqs);
                 }
-                None => finished = None,
+                None => remover_open = false,
             },
             p = pending.recv(), if intake_open => match p {
                 Some(p) => {
@@ -250,13 +249,6 @@ fn take_ready<A: Ack>(pending: &mut mpsc::Receiver<Pending<A>>, waiting: &mut Wa
             Err(mpsc::error::TryRecvError::Empty) => return true,
             Err(mpsc::error::TryRecvError::Disconnected) => return false,
         }
-    }
-}
-
-async fn recv(rx: &mut Option<mpsc::UnboundedReceiver<Vec<u64>>>) -> Option<Vec<u64>> {
-    match rx {
-        Some(rx) => rx.recv().await,
-        None => std::future::pending().await,
     }
 }
 

@@ -51,8 +51,6 @@ pub(crate) struct Intake {
     shared: Arc<Shared>,
     inbound: mpsc::Receiver<DownstreamMessage>,
     handoff: mpsc::Sender<Handoff>,
-    /// Sequence numbers the remover is done with upstream, for the acknowledgements.
-    finished: Option<mpsc::UnboundedReceiver<Vec<u64>>>,
     shutdown: watch::Receiver<bool>,
     directory: Directory,
     last_notice: HashMap<DeviceId, Instant>,
@@ -75,7 +73,6 @@ impl Intake {
         shared: Arc<Shared>,
         inbound: mpsc::Receiver<DownstreamMessage>,
         handoff: mpsc::Sender<Handoff>,
-        finished: mpsc::UnboundedReceiver<Vec<u64>>,
         shutdown: watch::Receiver<bool>,
     ) -> Self {
         let opts = &shared.opts;
@@ -94,7 +91,6 @@ impl Intake {
             shared,
             inbound,
             handoff,
-            finished: Some(finished),
             shutdown,
             last_notice: HashMap::new(),
             notices: Arc::new(Semaphore::new(MAX_NOTICES_IN_FLIGHT)),
@@ -104,11 +100,12 @@ impl Intake {
         }
     }
 
-    pub async fn run(mut self) {
+    /// Runs until shutdown; `finished` carries the sequence numbers the remover is done with
+    /// upstream, for the acknowledgements.
+    pub async fn run(mut self, finished: mpsc::UnboundedReceiver<Vec<u64>>) {
         let batch_max = self.shared.opts.batch_max.max(1);
         let mut batch = Vec::with_capacity(batch_max);
         let (pending, pending_rx) = mpsc::channel(PENDING_BATCHES);
-        let finished = self.finished.take().expect("the intake runs once");
         let acker = tokio::spawn(ack::acknowledge(
             self.shared.store.clone(),
             pending_rx,

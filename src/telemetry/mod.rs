@@ -518,14 +518,8 @@ impl Telemetry {
         );
         let dispatcher = tokio::spawn(dispatcher.run());
         let closer = handoff_tx.clone();
-        let intake = intake::Intake::new(
-            shared.clone(),
-            inbound,
-            handoff_tx,
-            finished_rx,
-            shutdown_rx,
-        );
-        let intake = tokio::spawn(intake.run());
+        let intake = intake::Intake::new(shared.clone(), inbound, handoff_tx, shutdown_rx);
+        let intake = tokio::spawn(intake.run(finished_rx));
         Ok(Self {
             shared,
             closer,

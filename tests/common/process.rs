@@ -290,4 +290,12 @@ impl EmulatorProcess {
     pub fn gateway_config(&self) -> PathBuf {
         self.dir.join("gateway.toml")
     }
+
+    /// `POST /faults` with `body` (`Some`) or `DELETE /faults` (`None`) on the emulator's API;
+    /// panics unless it answers 200.
+    pub async fn faults(&self, body: Option<&str>) {
+        let method = if body.is_some() { "POST" } else { "DELETE" };
+        let (status, view) = super::http::http(self.api, method, "/faults", body).await;
+        assert_eq!(status, 200, "{method} /faults: {view}");
+    }
 }
