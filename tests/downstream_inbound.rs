@@ -1,17 +1,20 @@
-//! The inbound dispatch against the embedded broker, with a rumqttc client playing the device:
-//! a provisioning queue the engine does not read neither holds back telemetry nor leaves a
-//! device waiting: the request that overflows it gets a retryable `/rejected` answer.
+//! The inbound dispatch against the embedded broker and against mosquitto, with a rumqttc
+//! client playing the device: a provisioning queue the engine does not read neither holds back
+//! telemetry nor leaves a device waiting: the request that overflows it gets a retryable
+//! `/rejected` answer.
 
 mod common;
 
 use std::time::Duration;
 
+use common::mosquitto::{Mosquitto, MosquittoConfig};
 use common::mqtt_client::{options, TestClient};
 use common::WAIT;
 use fleetgw::downstream::{
-    contract, dispatch_inbound, BrokerOptions, DeviceTopic, Downstream, DownstreamMessage,
-    DownstreamOptions, EmbeddedBrokerOptions, PayloadFormat, RejectedResponse,
+    contract, BrokerOptions, DeviceTopic, Downstream, DownstreamMessage, DownstreamOptions,
+    EmbeddedBrokerOptions, ExternalBrokerOptions, InboundQueues, PayloadFormat, RejectedResponse,
 };
+use fleetgw::identity::Secret;
 use rumqttc::QoS;
 use tokio::sync::mpsc;
 
@@ -22,6 +25,23 @@ async fn next_message(rx: &mut mpsc::Receiver<DownstreamMessage>) -> DownstreamM
         .expect("queue closed")
 }
 
+/// Starts the gateway with queues of one message each: one request fills the provisioning
+/// queue, which the engine does not read.
+async fn gateway(opts: &DownstreamOptions) -> (Downstream, InboundQueues) {
+    let (gw, queues) = Downstream::start_routed(opts, |s| {
+        s.inbound_capacity = 1;
+        s.reconnect_min = Duration::from_millis(100);
+        s.reconnect_max = Duration::from_millis(800);
+    })
+    .await
+    .expect("start downstream");
+    gw.session()
+        .wait_subscribed(WAIT)
+        .await
+        .expect("gateway subscribed");
+    (gw, queues)
+}
+
 #[tokio::test]
 async fn a_full_provisioning_queue_refuses_requests_and_lets_telemetry_through() {
     let broker = EmbeddedBrokerOptions {
@@ -29,12 +49,37 @@ async fn a_full_provisioning_queue_refuses_requests_and_lets_telemetry_through()
         ..EmbeddedBrokerOptions::default()
     };
     let opts = DownstreamOptions::new("fleetgw-gw-test".into(), BrokerOptions::Embedded(broker));
-    let (gw, inbound) = Downstream::start(&opts).await.expect("start downstream");
+    let (gw, queues) = gateway(&opts).await;
     let port = gw.broker().expect("embedded").listen_addr().port();
-    // One request fills the provisioning queue; the engine does not read it.
-    let mut queues = dispatch_inbound(gw.session().clone(), inbound, 1);
+    let dev = TestClient::connect_ok(options("sensor-1", port)).await;
+    refuses_requests_and_lets_telemetry_through(gw, queues, dev).await;
+}
 
-    let mut dev = TestClient::connect_ok(options("sensor-1", port)).await;
+/// The same with mosquitto (the recipe of docs/mosquitto.md) and the gateway's MQTT session,
+/// whose event loop routes the messages.
+#[tokio::test]
+async fn a_full_provisioning_queue_refuses_requests_on_an_external_broker_too() {
+    let broker = Mosquitto::start(&MosquittoConfig::recipe(
+        "fleetgw",
+        &[("sensor-1", "pw-1")],
+        "gw-secret",
+    ));
+    let mut x = ExternalBrokerOptions::new(broker.url());
+    x.username = Some("fleetgw-gateway".into());
+    x.password = Some(Secret::from("gw-secret"));
+    let opts = DownstreamOptions::new("fleetgw-gw-test".into(), BrokerOptions::External(x));
+    let (gw, queues) = gateway(&opts).await;
+    let mut o = options("sensor-1", broker.port());
+    o.set_credentials("sensor-1", "pw-1");
+    let dev = TestClient::connect_ok(o).await;
+    refuses_requests_and_lets_telemetry_through(gw, queues, dev).await;
+}
+
+async fn refuses_requests_and_lets_telemetry_through(
+    gw: Downstream,
+    mut queues: InboundQueues,
+    mut dev: TestClient,
+) {
     dev.subscribe("fleetgw/sensor-1/provision/json/rejected", QoS::AtLeastOnce)
         .await;
     let request = br#"{"attestation":{"type":"none"}}"#;
@@ -53,7 +98,16 @@ async fn a_full_provisioning_queue_refuses_requests_and_lets_telemetry_through()
         .await;
     }
 
-    // The second request is answered at once, retryably.
+    // Telemetry reaches its consumer while the provisioning queue stays full.
+    let mut telemetry = Vec::new();
+    for n in 0..3 {
+        let m = next_message(&mut queues.telemetry).await;
+        assert!(matches!(m.topic, DeviceTopic::Telemetry { .. }));
+        assert_eq!(m.payload.as_ref(), format!("{{\"n\":{n}}}").as_bytes());
+        telemetry.push(m);
+    }
+    // The second request is answered, retryably. (Over MQTT the answer leaves once the
+    // session's event loop no longer waits for room in the telemetry queue of one.)
     let answer = dev.next_publish().await.expect("device got /rejected");
     assert_eq!(answer.topic, "fleetgw/sensor-1/provision/json/rejected");
     let rejected: RejectedResponse = contract::decode(PayloadFormat::Json, &answer.payload)
@@ -66,21 +120,13 @@ async fn a_full_provisioning_queue_refuses_requests_and_lets_telemetry_through()
         rejected.error_message
     );
 
-    // Telemetry reaches its consumer while the provisioning queue stays full.
-    let mut telemetry = Vec::new();
-    for n in 0..3 {
-        let m = next_message(&mut queues.telemetry).await;
-        assert!(matches!(m.topic, DeviceTopic::Telemetry { .. }));
-        assert_eq!(m.payload.as_ref(), format!("{{\"n\":{n}}}").as_bytes());
-        telemetry.push(m);
-    }
     assert_eq!(gw.session().busy_requests(), 1);
 
     // The engine catches up: the queued request, then every PUBACK goes out in order (the
-    // refused request was acknowledged by the dispatch).
+    // refused request was acknowledged by the session).
     let queued = next_message(&mut queues.provisioning).await;
     assert!(matches!(queued.topic, DeviceTopic::ProvisionRequest { .. }));
-    // The dispatch routed the refused request before the telemetry that came after it.
+    // The session routed the refused request before the telemetry that came after it.
     assert!(
         queues.provisioning.try_recv().is_err(),
         "the refused request must not reach the engine"

@@ -35,7 +35,7 @@ use fleetgw::cloud::{Provider, RegisterInput, RegisterOutcome};
 use fleetgw::config::{TelemetryIdentity, WhenFull};
 use fleetgw::device_id::DeviceId;
 use fleetgw::downstream::{
-    dispatch_inbound, AccessRules, BrokerOptions, Downstream, DownstreamOptions, DownstreamSession,
+    AccessRules, BrokerOptions, Downstream, DownstreamOptions, DownstreamSession,
     EmbeddedBrokerOptions, Inbound, LocalUser, UserRights,
 };
 use fleetgw::emulator::aws::{self, AwsEmulatorHandle, AwsEmulatorOptions};
@@ -245,9 +245,9 @@ fn start_pipeline(
     session: &Arc<DownstreamSession>,
     inbound: tokio::sync::mpsc::Receiver<fleetgw::downstream::DownstreamMessage>,
 ) -> Telemetry {
-    let queues = dispatch_inbound(session.clone(), inbound, 1024);
-    Telemetry::start(opts, store.clone(), session.clone(), None, queues.telemetry)
-        .expect("telemetry starts")
+    // Everything the session reads goes to the pipeline (the daemon routes provisioning
+    // requests to its engine; none come here).
+    Telemetry::start(opts, store.clone(), session.clone(), None, inbound).expect("telemetry starts")
 }
 
 fn options(emu: &AwsEmulatorHandle) -> TelemetryOptions {

@@ -17,7 +17,7 @@ use crate::cloud::Provider;
 use crate::config::{self, BrokerMode, Config, DownstreamAuth};
 use crate::downstream::device_auth::{DeviceConnectCheck, Proof};
 use crate::downstream::{
-    dispatch_inbound, gateway_client_id, AccessRules, BrokerOptions, Downstream, DownstreamOptions,
+    gateway_client_id, AccessRules, BrokerOptions, Downstream, DownstreamOptions,
     EmbeddedBrokerOptions, EmbeddedTls, ExternalBrokerOptions, Inbound, InboundQueues, LocalUser,
     TopicPrefix, UserRights,
 };
@@ -291,21 +291,22 @@ impl Gateway {
 
         let downstream_opts = downstream_options(cfg, &store, &admission)?;
         let max_request_bytes = cfg.downstream.max_request_bytes as usize;
-        let (downstream, inbound) = Downstream::start_with(&downstream_opts, |s| {
+        // Provisioning requests to the engine, telemetry to the pipeline, each queue with its
+        // own backpressure, routed by the session as it reads them. Acks still leave in arrival
+        // order (downstream session), so each consumer acks once it has persisted.
+        let (
+            downstream,
+            InboundQueues {
+                provisioning: requests,
+                telemetry: telemetry_rx,
+            },
+        ) = Downstream::start_routed(&downstream_opts, |s| {
             s.max_request_bytes = max_request_bytes;
         })
         .await?;
         if let Some(broker) = downstream.broker() {
             tracing::info!(listen = %broker.listen_addr(), tls = broker.is_tls(), "embedded broker listening");
         }
-
-        // Provisioning requests to the engine, telemetry to the pipeline, each queue with its
-        // own backpressure. Acks still leave in arrival order (downstream session), so each
-        // consumer acks once it has persisted.
-        let InboundQueues {
-            provisioning: requests,
-            telemetry: telemetry_rx,
-        } = dispatch_inbound(downstream.session().clone(), inbound, 1024);
 
         let provider = plan.start();
         let engine = Engine::start(

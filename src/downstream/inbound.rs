@@ -1,25 +1,31 @@
-//! The one dispatch point for device messages: routes each [`DownstreamMessage`] of the
-//! gateway session by its [`DeviceTopic`] to the provisioning queue (the provisioning engine)
-//! or the telemetry queue (the telemetry pipeline).
+//! The one dispatch point for device messages: where the gateway session hands each
+//! [`DownstreamMessage`], either one queue for one consumer or, routed by its [`DeviceTopic`],
+//! the provisioning queue (the provisioning engine) or the telemetry queue (the telemetry
+//! pipeline).
+//!
+//! The session's own task routes each message as it reads it (the in-process reader or the
+//! MQTT event loop); there is no routing task and no queue in between, so a message takes one
+//! hand-over from the session to its consumer.
 //!
 //! The two queues are bounded, each with its own backpressure, so neither consumer can stall
 //! the other:
-//! - telemetry keeps flow control: the dispatch waits for room in the telemetry queue, the
-//!   session's channel fills behind it and the broker holds the devices' messages (and, with
-//!   the embedded broker, their PUBACKs) until the pipeline catches up;
+//! - telemetry keeps flow control: the session waits for room in the telemetry queue and the
+//!   broker holds the devices' messages (and, with the embedded broker, their PUBACKs) until
+//!   the pipeline catches up;
 //! - a provisioning request that finds its queue full is not waited for (that would hold the
 //!   telemetry behind it): it is answered on its `/rejected` topic with 503 `GatewayBusy`,
 //!   which devices retry like any 429/5xx, acknowledged, and counted
-//!   ([`DownstreamSession::busy_requests`]).
+//!   ([`DownstreamSession::busy_requests`](super::DownstreamSession::busy_requests));
+//! - a consumer that stopped leaves its messages unacknowledged with the broker (they come
+//!   again on the next run) while the other queue goes on; the session stops once no consumer
+//!   is left.
 //!
 //! Acks still leave in arrival order (the session orders them), so each consumer acks once it
 //! has persisted a message, whichever queue it came through.
 
-use std::sync::Arc;
-
 use tokio::sync::mpsc::{self, error::TrySendError};
 
-use super::{DeviceTopic, DownstreamMessage, DownstreamSession};
+use super::{DeviceTopic, DownstreamMessage};
 
 /// The consumers' ends of the two queues.
 #[derive(Debug)]
@@ -30,55 +36,133 @@ pub struct InboundQueues {
     pub telemetry: mpsc::Receiver<DownstreamMessage>,
 }
 
-/// Starts routing the session's messages (`inbound`) into two queues of `capacity` messages
-/// each. The routing task ends when `inbound` does.
-pub fn dispatch_inbound(
-    session: Arc<DownstreamSession>,
-    inbound: mpsc::Receiver<DownstreamMessage>,
-    capacity: usize,
-) -> InboundQueues {
-    let (provisioning, provisioning_rx) = mpsc::channel(capacity.max(1));
-    let (telemetry, telemetry_rx) = mpsc::channel(capacity.max(1));
-    let router = Router {
-        session,
-        provisioning,
-        telemetry,
-        busy: false,
-    };
-    tokio::spawn(router.run(inbound));
-    InboundQueues {
-        provisioning: provisioning_rx,
-        telemetry: telemetry_rx,
-    }
+/// Where the gateway session hands device messages; owned by the session's task.
+///
+/// Like an mpsc sender's, its errors give the message back by value: a move, not an
+/// allocation, on the path every device message takes.
+#[derive(Debug)]
+pub(crate) enum Sink {
+    /// Every message to one consumer.
+    One(mpsc::Sender<DownstreamMessage>),
+    /// Provisioning requests and telemetry to their own queues.
+    Routed(Routes),
 }
 
-struct Router {
-    session: Arc<DownstreamSession>,
+#[derive(Debug)]
+pub(crate) struct Routes {
     provisioning: mpsc::Sender<DownstreamMessage>,
     telemetry: mpsc::Sender<DownstreamMessage>,
     /// The provisioning queue was full at the last request (one warning per episode).
     busy: bool,
 }
 
-impl Router {
-    async fn run(mut self, mut inbound: mpsc::Receiver<DownstreamMessage>) {
-        while let Some(message) = inbound.recv().await {
-            self.route(message).await;
+/// A message the sink did not take.
+#[derive(Debug)]
+pub(crate) enum NotTaken {
+    /// Its queue is full: QoS 1 waits for room ([`Sink::send`]), QoS 0 may be dropped.
+    Full(DownstreamMessage),
+    /// Not taken whatever the wait.
+    Refused(Refusal),
+}
+
+/// Why the sink refused a message.
+#[derive(Debug)]
+pub(crate) enum Refusal {
+    /// A provisioning request that found its queue full: the session answers it with 503
+    /// `GatewayBusy` and acknowledges it.
+    Busy(DownstreamMessage),
+    /// Its consumer stopped: the message stays unacknowledged with the broker. `last` when no
+    /// consumer is left, and the session stops.
+    Gone {
+        /// The message.
+        message: DownstreamMessage,
+        /// No consumer is left.
+        last: bool,
+    },
+}
+
+impl Sink {
+    /// One queue of `capacity` messages for every device message.
+    pub(crate) fn one(capacity: usize) -> (Self, mpsc::Receiver<DownstreamMessage>) {
+        let (tx, rx) = mpsc::channel(capacity.max(1));
+        (Self::One(tx), rx)
+    }
+
+    /// A provisioning queue and a telemetry queue of `capacity` messages each.
+    pub(crate) fn routed(capacity: usize) -> (Self, InboundQueues) {
+        let (provisioning, provisioning_rx) = mpsc::channel(capacity.max(1));
+        let (telemetry, telemetry_rx) = mpsc::channel(capacity.max(1));
+        let routes = Routes {
+            provisioning,
+            telemetry,
+            busy: false,
+        };
+        let queues = InboundQueues {
+            provisioning: provisioning_rx,
+            telemetry: telemetry_rx,
+        };
+        (Self::Routed(routes), queues)
+    }
+
+    /// Hands `message` to its queue if that has room.
+    #[allow(clippy::result_large_err)]
+    pub(crate) fn try_send(&mut self, message: DownstreamMessage) -> Result<(), NotTaken> {
+        match self {
+            Self::One(tx) => tx.try_send(message).map_err(|e| match e {
+                TrySendError::Full(message) => NotTaken::Full(message),
+                TrySendError::Closed(message) => NotTaken::Refused(Refusal::Gone {
+                    message,
+                    last: true,
+                }),
+            }),
+            Self::Routed(routes) => routes.try_send(message),
         }
     }
 
-    async fn route(&mut self, message: DownstreamMessage) {
-        // A consumer that has stopped drops the message unacknowledged: the broker keeps it
-        // for the next run.
-        let DeviceTopic::ProvisionRequest { device, format } = &message.topic else {
-            if let Err(mpsc::error::SendError(message)) = self.telemetry.send(message).await {
-                drop(message);
-            }
-            return;
+    /// Waits for room in `message`'s queue (for what [`try_send`](Self::try_send) found
+    /// full). Cancel-safe: dropped while waiting, the message is dropped with it.
+    #[allow(clippy::result_large_err)]
+    pub(crate) async fn send(&mut self, message: DownstreamMessage) -> Result<(), Refusal> {
+        let (tx, other) = match self {
+            Self::One(tx) => (&*tx, None),
+            Self::Routed(routes) => match message.topic {
+                // Never waited for: refused as busy when full.
+                DeviceTopic::ProvisionRequest { .. } => {
+                    return match routes.try_send(message) {
+                        Ok(()) => Ok(()),
+                        Err(NotTaken::Full(message)) => Err(Refusal::Busy(message)),
+                        Err(NotTaken::Refused(refusal)) => Err(refusal),
+                    }
+                }
+                _ => (&routes.telemetry, Some(&routes.provisioning)),
+            },
         };
-        let (device, format) = (device.clone(), *format);
+        tx.send(message)
+            .await
+            .map_err(|mpsc::error::SendError(message)| Refusal::Gone {
+                message,
+                last: other.is_none_or(|o| o.is_closed()),
+            })
+    }
+}
+
+impl Routes {
+    #[allow(clippy::result_large_err)]
+    fn try_send(&mut self, message: DownstreamMessage) -> Result<(), NotTaken> {
+        if !matches!(message.topic, DeviceTopic::ProvisionRequest { .. }) {
+            return self.telemetry.try_send(message).map_err(|e| match e {
+                TrySendError::Full(message) => NotTaken::Full(message),
+                TrySendError::Closed(message) => NotTaken::Refused(Refusal::Gone {
+                    message,
+                    last: self.provisioning.is_closed(),
+                }),
+            });
+        }
         match self.provisioning.try_send(message) {
-            Ok(()) => self.busy = false,
+            Ok(()) => {
+                self.busy = false;
+                Ok(())
+            }
             Err(TrySendError::Full(message)) => {
                 if !self.busy {
                     tracing::warn!(
@@ -87,19 +171,21 @@ impl Router {
                     );
                 }
                 self.busy = true;
-                tracing::debug!(%device, "provisioning request refused: queue full");
-                self.session.refuse_busy(&device, format);
-                message.ack.ack();
+                if let DeviceTopic::ProvisionRequest { device, .. } = &message.topic {
+                    tracing::debug!(%device, "provisioning request refused: queue full");
+                }
+                Err(NotTaken::Refused(Refusal::Busy(message)))
             }
-            Err(TrySendError::Closed(message)) => drop(message),
+            Err(TrySendError::Closed(message)) => Err(NotTaken::Refused(Refusal::Gone {
+                message,
+                last: self.telemetry.is_closed(),
+            })),
         }
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use std::time::Duration;
-
     use bytes::Bytes;
 
     use super::*;
@@ -110,7 +196,7 @@ mod tests {
         DownstreamMessage {
             topic,
             payload: Bytes::from_static(b"{}"),
-            qos: QoS::AtMostOnce,
+            qos: QoS::AtLeastOnce,
             dup: false,
             ack: AckHandle::not_required(),
             properties: None,
@@ -132,73 +218,98 @@ mod tests {
         })
     }
 
-    async fn recv(rx: &mut mpsc::Receiver<DownstreamMessage>) -> DownstreamMessage {
-        tokio::time::timeout(Duration::from_secs(5), rx.recv())
-            .await
-            .expect("a message in time")
-            .expect("queue open")
+    fn device(m: &DownstreamMessage) -> &str {
+        let (DeviceTopic::ProvisionRequest { device, .. } | DeviceTopic::Telemetry { device, .. }) =
+            &m.topic;
+        device.as_str()
     }
 
-    #[tokio::test]
-    async fn a_full_provisioning_queue_does_not_hold_back_telemetry() {
-        let session = DownstreamSession::unconnected_for_tests();
-        let (tx, inbound) = mpsc::channel(16);
-        let mut queues = dispatch_inbound(session.clone(), inbound, 1);
+    #[test]
+    fn a_full_provisioning_queue_refuses_requests_and_lets_telemetry_through() {
+        let (mut sink, mut queues) = Sink::routed(1);
         // The engine does not read: the first request fills its queue.
-        for m in [
-            request("a"),
-            request("b"),
-            telemetry("a"),
-            request("c"),
-            telemetry("b"),
-            telemetry("c"),
-        ] {
-            tx.send(m).await.expect("dispatch running");
+        assert!(sink.try_send(request("a")).is_ok());
+        for id in ["b", "c"] {
+            match sink.try_send(request(id)) {
+                Err(NotTaken::Refused(Refusal::Busy(m))) => assert_eq!(device(&m), id),
+                other => panic!("request {id}: {other:?}"),
+            }
+            let t = telemetry(id);
+            assert!(sink.try_send(t).is_ok(), "telemetry of {id} is taken");
+            let got = queues.telemetry.try_recv().expect("telemetry queued");
+            assert_eq!(device(&got), id);
         }
-        for id in ["a", "b", "c"] {
-            let m = recv(&mut queues.telemetry).await;
-            assert!(
-                matches!(&m.topic, DeviceTopic::Telemetry { device, .. } if device.as_str() == id),
-                "{:?}",
-                m.topic
-            );
-        }
-        assert_eq!(session.busy_requests(), 2, "requests b and c were refused");
-        let queued = recv(&mut queues.provisioning).await;
-        assert!(
-            matches!(&queued.topic, DeviceTopic::ProvisionRequest { device, .. } if device.as_str() == "a")
-        );
+        let queued = queues.provisioning.try_recv().expect("request a queued");
+        assert_eq!(device(&queued), "a");
         assert!(queues.provisioning.try_recv().is_err(), "only a was queued");
 
         // Room again: the next request is queued, not refused.
-        tx.send(request("d")).await.expect("dispatch running");
-        let queued = recv(&mut queues.provisioning).await;
-        assert!(
-            matches!(&queued.topic, DeviceTopic::ProvisionRequest { device, .. } if device.as_str() == "d")
-        );
-        assert_eq!(session.busy_requests(), 2);
-        session.shutdown(Duration::from_secs(1)).await;
+        assert!(sink.try_send(request("d")).is_ok());
+        let queued = queues.provisioning.try_recv().expect("request d queued");
+        assert_eq!(device(&queued), "d");
+    }
+
+    #[tokio::test]
+    async fn telemetry_waits_for_room_and_a_request_never_does() {
+        let (mut sink, mut queues) = Sink::routed(1);
+        assert!(sink.try_send(telemetry("a")).is_ok());
+        let Err(NotTaken::Full(b)) = sink.try_send(telemetry("b")) else {
+            panic!("the telemetry queue is full");
+        };
+        assert!(sink.try_send(request("r")).is_ok());
+        let Err(Refusal::Busy(_)) = sink.send(request("s")).await else {
+            panic!("a request finding its queue full is refused, not waited for");
+        };
+        // The consumer takes one: the waiting message gets its room.
+        let (sent, first) = tokio::join!(sink.send(b), queues.telemetry.recv());
+        assert!(sent.is_ok());
+        assert_eq!(device(&first.expect("a")), "a");
+        assert_eq!(device(&queues.telemetry.recv().await.expect("b")), "b");
     }
 
     #[tokio::test]
     async fn a_stopped_consumer_leaves_the_other_queue_running() {
-        let session = DownstreamSession::unconnected_for_tests();
-        let (tx, inbound) = mpsc::channel(16);
-        let queues = dispatch_inbound(session.clone(), inbound, 4);
+        let (mut sink, queues) = Sink::routed(4);
         let InboundQueues {
             provisioning,
             telemetry: mut telemetry_rx,
         } = queues;
         drop(provisioning);
-        tx.send(request("a")).await.expect("dispatch running");
-        tx.send(telemetry("a")).await.expect("dispatch running");
-        let m = recv(&mut telemetry_rx).await;
-        assert!(matches!(m.topic, DeviceTopic::Telemetry { .. }));
-        assert_eq!(
-            session.busy_requests(),
-            0,
-            "a stopped engine is not a busy one"
-        );
-        session.shutdown(Duration::from_secs(1)).await;
+        match sink.try_send(request("a")) {
+            Err(NotTaken::Refused(Refusal::Gone { message, last })) => {
+                assert_eq!(device(&message), "a");
+                assert!(!last, "telemetry still runs");
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(sink.try_send(telemetry("a")).is_ok());
+        assert_eq!(device(&telemetry_rx.recv().await.expect("queued")), "a");
+
+        drop(telemetry_rx);
+        let Err(Refusal::Gone { last: true, .. }) = sink.send(telemetry("b")).await else {
+            panic!("no consumer is left");
+        };
+    }
+
+    #[test]
+    fn one_queue_takes_every_kind_in_order() {
+        let (mut sink, mut rx) = Sink::one(4);
+        for m in [request("a"), telemetry("a"), request("b")] {
+            assert!(sink.try_send(m).is_ok());
+        }
+        let order: Vec<(bool, String)> = std::iter::from_fn(|| rx.try_recv().ok())
+            .map(|m| {
+                let request = matches!(m.topic, DeviceTopic::ProvisionRequest { .. });
+                (request, device(&m).to_string())
+            })
+            .collect();
+        let expected = [(true, "a"), (false, "a"), (true, "b")].map(|(r, d)| (r, d.to_string()));
+        assert_eq!(order, expected);
+        drop(rx);
+        let Err(NotTaken::Refused(Refusal::Gone { last: true, .. })) =
+            sink.try_send(telemetry("c"))
+        else {
+            panic!("the consumer is gone");
+        };
     }
 }

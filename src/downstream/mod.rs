@@ -6,9 +6,9 @@
 //! the consumer persists it and acks it -> later the engine answers with `publish_accepted`,
 //! `publish_rejected`, `publish_status` or `publish_command`.
 //!
-//! [`dispatch_inbound`] is the one place that routes the session's messages to their consumer:
-//! provisioning requests to the engine's queue, telemetry to the pipeline's, each queue with its
-//! own backpressure (see [`inbound`]).
+//! [`Downstream::start_routed`] has the session route each message to its consumer as it reads
+//! it: provisioning requests to the engine's queue, telemetry to the pipeline's, each queue with
+//! its own backpressure (see [`inbound`]).
 //!
 //! What the payloads look like is [`contract`]: the consumer decodes a request with
 //! [`ProvisionRequest::decode`] and answers with [`AcceptedResponse`], [`RejectedResponse`] and
@@ -29,6 +29,8 @@ use std::time::Duration;
 
 use tokio::sync::mpsc;
 
+use inbound::Sink;
+
 pub use broker::{
     AccessRules, BrokerConnections, BrokerError, ConnectionFacts, EmbeddedBroker,
     EmbeddedBrokerOptions, EmbeddedTls, LocalClient, LocalUser, UserRights,
@@ -36,7 +38,7 @@ pub use broker::{
 pub use contract::{
     AcceptedResponse, Attestation, DeviceStatus, ProvisionRequest, RejectedResponse, StatusReport,
 };
-pub use inbound::{dispatch_inbound, InboundQueues};
+pub use inbound::InboundQueues;
 pub use session::{
     gateway_client_id, AckHandle, AckOutcome, BrokerEndpoint, DownstreamMessage, DownstreamSession,
     Inbound, QoS, SessionError, SessionOptions, SessionStatus,
@@ -195,6 +197,27 @@ impl Downstream {
         opts: &DownstreamOptions,
         tune: impl FnOnce(&mut SessionOptions),
     ) -> Result<(Self, mpsc::Receiver<DownstreamMessage>), DownstreamError> {
+        Self::launch(opts, tune, Sink::one).await
+    }
+
+    /// Like [`start_with`](Self::start_with), with the session routing each device message as
+    /// it reads it: provisioning requests to one queue, telemetry to another, each of
+    /// [`SessionOptions::inbound_capacity`] messages and with its own backpressure (see
+    /// [`inbound`]). The daemon's way to start.
+    pub async fn start_routed(
+        opts: &DownstreamOptions,
+        tune: impl FnOnce(&mut SessionOptions),
+    ) -> Result<(Self, InboundQueues), DownstreamError> {
+        Self::launch(opts, tune, Sink::routed).await
+    }
+
+    /// Starts the broker (embedded) and the session, handing device messages to the sink
+    /// `queues` makes for the session's inbound capacity.
+    async fn launch<Q>(
+        opts: &DownstreamOptions,
+        tune: impl FnOnce(&mut SessionOptions),
+        queues: impl FnOnce(usize) -> (Sink, Q),
+    ) -> Result<(Self, Q), DownstreamError> {
         match &opts.broker {
             BrokerOptions::Embedded(e) => {
                 // End to end: a device's QoS 1 PUBACK waits for the gateway session's ack, which
@@ -210,7 +233,8 @@ impl Downstream {
                 let broker = EmbeddedBroker::start(&e).await?;
                 let mut session_opts = opts.session_options(Some(broker.listen_addr()))?;
                 tune(&mut session_opts);
-                let (session, rx) = start_in_process(&broker, &session_opts)?;
+                let (sink, rx) = queues(session_opts.inbound_capacity);
+                let session = start_in_process(&broker, &session_opts, sink)?;
                 broker.open();
                 Ok((
                     Self {
@@ -224,7 +248,8 @@ impl Downstream {
             BrokerOptions::External(_) => {
                 let mut session_opts = opts.session_options(None)?;
                 tune(&mut session_opts);
-                let (session, rx) = DownstreamSession::start(session_opts.clone())?;
+                let (sink, rx) = queues(session_opts.inbound_capacity);
+                let session = DownstreamSession::start_into(session_opts.clone(), sink)?;
                 Ok((
                     Self {
                         broker: None,
@@ -250,9 +275,10 @@ impl Downstream {
         ),
         DownstreamError,
     > {
-        let (session, rx) = match &self.broker {
-            Some(broker) => start_in_process(broker, &self.session_opts)?,
-            None => DownstreamSession::start(self.session_opts.clone())?,
+        let (sink, rx) = Sink::one(self.session_opts.inbound_capacity);
+        let session = match &self.broker {
+            Some(broker) => start_in_process(broker, &self.session_opts, sink)?,
+            None => DownstreamSession::start_into(self.session_opts.clone(), sink)?,
         };
         self.session = std::sync::Arc::new(session);
         Ok((self.session.clone(), rx))
@@ -277,15 +303,18 @@ impl Downstream {
     }
 }
 
-/// The in-process session on `broker`.
+/// The in-process session on `broker`, handing device messages to `sink`.
 fn start_in_process(
     broker: &EmbeddedBroker,
     opts: &SessionOptions,
-) -> Result<(DownstreamSession, mpsc::Receiver<DownstreamMessage>), DownstreamError> {
+    sink: Sink,
+) -> Result<DownstreamSession, DownstreamError> {
     let client = broker
         .attach_local()
         .ok_or(DownstreamError::NoInProcessSession)?;
-    Ok(DownstreamSession::start_in_process(opts, client)?)
+    Ok(DownstreamSession::start_in_process_into(
+        opts, client, sink,
+    )?)
 }
 
 /// Host, port and TLS flag of a broker URL.

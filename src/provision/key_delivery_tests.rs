@@ -13,8 +13,7 @@ use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS, TlsConfiguration, Tr
 use crate::admission::{Admission, AdmissionMode, AdmissionOptions};
 use crate::cloud::fake::FakeProvider;
 use crate::downstream::{
-    dispatch_inbound, BrokerOptions, Downstream, DownstreamOptions, EmbeddedBrokerOptions,
-    EmbeddedTls,
+    BrokerOptions, Downstream, DownstreamOptions, EmbeddedBrokerOptions, EmbeddedTls,
 };
 use crate::identity::{self, CertificateAuthority, KeyType, PrivateKey, Secret};
 use crate::provision::{Engine, EngineOptions, EngineParts, KeyDelivery, RequestPolicy};
@@ -40,8 +39,9 @@ async fn gateway(tls: Option<EmbeddedTls>, trust_loopback: bool) -> Gateway {
         ..EmbeddedBrokerOptions::default()
     };
     let dopts = DownstreamOptions::new("fleetgw-test".into(), BrokerOptions::Embedded(broker));
-    let (downstream, inbound) = Downstream::start(&dopts).await.expect("downstream starts");
-    let queues = dispatch_inbound(downstream.session().clone(), inbound, 64);
+    let (downstream, queues) = Downstream::start_routed(&dopts, |s| s.inbound_capacity = 64)
+        .await
+        .expect("downstream starts");
     let mut opts = EngineOptions::new(RequestPolicy {
         max_request_bytes: 64 * 1024,
         allowed_csr_key_types: vec![KeyType::EcdsaP256],

@@ -122,10 +122,11 @@ impl Intake {
             };
             let mut bytes = first.payload.len();
             batch.push(first);
-            // Gather what is already on its way: the downstream session and the router hand
-            // messages over one at a time, so the channel looks empty between two of them
-            // while the broker still holds a whole window for us. Yielding lets those tasks
-            // run before the batch is closed; only a channel still empty after that ends it.
+            // Gather what is already on its way: the devices' connections route messages to
+            // the downstream session one at a time and it hands each over as it takes it, so
+            // the channel looks empty between two of them while the broker still holds a
+            // whole window for us. Yielding lets those tasks run before the batch is closed;
+            // only a channel still empty after that ends it.
             let mut empty_looks = 0;
             while batch.len() < batch_max && bytes < self.batch_bytes_max {
                 match self.inbound.try_recv() {

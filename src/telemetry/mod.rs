@@ -476,9 +476,9 @@ impl std::fmt::Debug for Telemetry {
 }
 
 impl Telemetry {
-    /// Starts the pipeline: `inbound` carries the downstream telemetry messages (see
-    /// [`crate::downstream::dispatch_inbound`]); whatever the outbox holds from before is sent
-    /// first.
+    /// Starts the pipeline: `inbound` carries the downstream telemetry messages (the telemetry
+    /// queue of [`crate::downstream::Downstream::start_routed`]); whatever the outbox holds
+    /// from before is sent first.
     pub fn start(
         opts: TelemetryOptions,
         store: Store,

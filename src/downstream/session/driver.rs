@@ -24,7 +24,6 @@ use rumqttc::{
     ConnectionError, Event, EventLoop, Incoming, Outgoing, Packet, PubAck, PubRec, Publish,
     Request, Subscribe, SubscribeFilter, SubscribeReasonCode,
 };
-use tokio::sync::mpsc;
 
 use super::ack::{AckEntry, AckHandle, AckQueue, AckSlot};
 use super::read_ahead::ReadAhead;
@@ -32,6 +31,7 @@ use super::screen::Screen;
 use super::shared::Shared;
 use super::{DownstreamMessage, QoS};
 use crate::backoff::Backoff;
+use crate::downstream::inbound::{NotTaken, Sink};
 use crate::downstream::topics::{DeviceTopic, TopicPrefix};
 use crate::mqtt::client_ext;
 
@@ -39,7 +39,7 @@ use crate::mqtt::client_ext;
 pub(super) struct Driver {
     pub(super) shared: Arc<Shared>,
     pub(super) eventloop: EventLoop,
-    pub(super) tx: mpsc::Sender<DownstreamMessage>,
+    pub(super) sink: Sink,
     pub(super) prefix: TopicPrefix,
     pub(super) screen: Screen,
     pub(super) filters: Vec<String>,
@@ -377,7 +377,7 @@ impl Driver {
                 continue;
             };
             if self
-                .tx
+                .sink
                 .try_send(DownstreamMessage::new(topic, publish, ack))
                 .is_err()
             {
@@ -476,28 +476,30 @@ impl Driver {
             ack.ack();
             return true;
         };
-        match self
-            .tx
+        let refusal = match self
+            .sink
             .try_send(DownstreamMessage::new(topic, publish, ack))
         {
-            Ok(()) => {}
-            Err(mpsc::error::TrySendError::Full(message)) if message.qos == QoS::AtMostOnce => {
+            Ok(()) => return true,
+            Err(NotTaken::Full(message)) if message.qos == QoS::AtMostOnce => {
                 self.shared
                     .common
                     .dropped_qos0
                     .fetch_add(1, Ordering::Relaxed);
                 tracing::debug!("downstream consumer busy: QoS 0 message dropped");
+                return true;
             }
-            Err(mpsc::error::TrySendError::Full(message)) => {
+            Err(NotTaken::Full(message)) => {
                 // QoS 1 must not be dropped; this blocks the event loop (and keep-alive), which
                 // only happens when inbound_capacity is below the broker's in-flight window.
-                tracing::warn!("downstream consumer channel full; event loop waits for it");
-                if let Err(mpsc::error::SendError(message)) = self.tx.send(message).await {
-                    return message.consumer_gone();
+                tracing::warn!("downstream consumer queue full; event loop waits for it");
+                match self.sink.send(message).await {
+                    Ok(()) => return true,
+                    Err(refusal) => refusal,
                 }
             }
-            Err(mpsc::error::TrySendError::Closed(message)) => return message.consumer_gone(),
-        }
-        true
+            Err(NotTaken::Refused(refusal)) => refusal,
+        };
+        self.screen.settle(refusal, reply)
     }
 }

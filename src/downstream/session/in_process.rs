@@ -11,12 +11,13 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use bytes::Bytes;
-use tokio::sync::{mpsc, Notify};
+use tokio::sync::Notify;
 
 use super::ack::AckHandle;
 use super::screen::Screen;
 use super::{DownstreamMessage, QoS};
 use crate::downstream::broker::{LocalClient, LocalDelivery};
+use crate::downstream::inbound::{NotTaken, Sink};
 
 /// The in-process link, shared by the session handle, its ack handles and the reader.
 #[derive(Debug)]
@@ -43,11 +44,11 @@ impl InProcess {
 pub(super) struct Reader {
     pub(super) link: Arc<InProcess>,
     pub(super) screen: Screen,
-    pub(super) tx: mpsc::Sender<DownstreamMessage>,
+    pub(super) sink: Sink,
 }
 
 impl Reader {
-    pub(super) async fn run(self) {
+    pub(super) async fn run(mut self) {
         let mut batch = Vec::new();
         'reading: loop {
             if self.link.is_closed() || !self.link.client.take(&mut batch) {
@@ -70,7 +71,7 @@ impl Reader {
     }
 
     /// Screens one delivery and hands it over. Returns false when the reader should stop.
-    async fn deliver(&self, d: LocalDelivery) -> bool {
+    async fn deliver(&mut self, d: LocalDelivery) -> bool {
         let client = &self.link.client;
         let ack = if d.qos == 0 {
             AckHandle::not_required()
@@ -101,25 +102,26 @@ impl Reader {
             properties: d.properties,
             received_at: d.published_at,
         };
-        match self.tx.try_send(message) {
-            Ok(()) => true,
-            Err(mpsc::error::TrySendError::Full(message)) if message.qos == QoS::AtMostOnce => {
+        let refusal = match self.sink.try_send(message) {
+            Ok(()) => return true,
+            Err(NotTaken::Full(message)) if message.qos == QoS::AtMostOnce => {
                 self.screen
                     .common
                     .dropped_qos0
                     .fetch_add(1, Ordering::Relaxed);
                 tracing::debug!("downstream consumer busy: QoS 0 message dropped");
-                true
+                return true;
             }
             // QoS 1 waits for room: the broker's window holds the rest back.
-            Err(mpsc::error::TrySendError::Full(message)) => tokio::select! {
-                sent = self.tx.send(message) => match sent {
-                    Ok(()) => true,
-                    Err(mpsc::error::SendError(message)) => message.consumer_gone(),
+            Err(NotTaken::Full(message)) => tokio::select! {
+                sent = self.sink.send(message) => match sent {
+                    Ok(()) => return true,
+                    Err(refusal) => refusal,
                 },
-                _ = self.link.shutdown.notified() => false,
+                _ = self.link.shutdown.notified() => return false,
             },
-            Err(mpsc::error::TrySendError::Closed(message)) => message.consumer_gone(),
-        }
+            Err(NotTaken::Refused(refusal)) => refusal,
+        };
+        self.screen.settle(refusal, reply)
     }
 }

@@ -51,11 +51,10 @@ pub use rumqttc::QoS;
 
 pub use ack::{AckHandle, AckOutcome};
 
-use super::contract::{self, error_code, RejectedResponse};
-use super::topics::{DeviceTopic, PayloadFormat, TopicError, TopicPrefix};
+use super::topics::{DeviceTopic, TopicError, TopicPrefix};
 use crate::backoff::Backoff;
-use crate::device_id::DeviceId;
 use crate::downstream::broker::LocalClient;
+use crate::downstream::inbound::Sink;
 use crate::identity::Secret;
 use crate::mqtt::client_ext;
 use crate::mqtt::props::MessageProperties;
@@ -143,8 +142,10 @@ pub struct SessionOptions {
     pub max_request_bytes: usize,
     /// MQTT keep-alive interval.
     pub keep_alive: Duration,
-    /// Capacity of the channel of inbound messages; keep it above the broker's in-flight
-    /// window for this client, or a slow consumer stalls the event loop.
+    /// Capacity of the queue of inbound messages (of each queue, when routed: see
+    /// [`Downstream::start_routed`](crate::downstream::Downstream::start_routed)); keep it
+    /// above the broker's in-flight window for this client, or a slow consumer stalls the
+    /// event loop.
     pub inbound_capacity: usize,
     /// QoS 1 messages handed to the consumer whose PUBACK the broker has not yet been seen to
     /// process, at most (see `session/read_ahead.rs`): the bound on the messages a crash of the
@@ -256,12 +257,15 @@ pub struct DownstreamMessage {
 }
 
 impl DownstreamMessage {
-    /// The consumer's channel closed with this message undelivered: it is left
-    /// unacknowledged, so the broker keeps it for the next session. Returns false (stop).
-    pub(super) fn consumer_gone(self) -> bool {
+    /// The consumer's queue closed with this message undelivered: it is left
+    /// unacknowledged, so the broker keeps it for the next session. Returns whether the
+    /// session goes on: false when `last`, no consumer being left.
+    pub(super) fn consumer_gone(self, last: bool) -> bool {
         self.ack.forget();
-        tracing::info!("downstream consumer gone; stopping the session");
-        false
+        if last {
+            tracing::info!("downstream consumer gone; stopping the session");
+        }
+        !last
     }
 
     /// The message of `publish`, whose topic parsed as `topic`, acknowledged through `ack`.
@@ -342,6 +346,16 @@ impl DownstreamSession {
         opts: &SessionOptions,
         client: LocalClient,
     ) -> Result<(Self, mpsc::Receiver<DownstreamMessage>), SessionError> {
+        let (sink, rx) = Sink::one(opts.inbound_capacity);
+        Ok((Self::start_in_process_into(opts, client, sink)?, rx))
+    }
+
+    /// [`start_in_process`](Self::start_in_process), handing device messages to `sink`.
+    pub(crate) fn start_in_process_into(
+        opts: &SessionOptions,
+        client: LocalClient,
+        sink: Sink,
+    ) -> Result<Self, SessionError> {
         validate(opts)?;
         let common = Common::new();
         let refused = client.subscribe(&filters(opts));
@@ -362,7 +376,6 @@ impl DownstreamSession {
             closed: AtomicBool::new(false),
             shutdown: Notify::new(),
         });
-        let (tx, rx) = mpsc::channel(opts.inbound_capacity);
         let reader = Reader {
             link: link.clone(),
             screen: Screen {
@@ -370,20 +383,17 @@ impl DownstreamSession {
                 max_request_bytes: opts.max_request_bytes,
                 common: common.clone(),
             },
-            tx,
+            sink,
         };
         let task = tokio::spawn(reader.run());
-        Ok((
-            Self {
-                link: Link::InProcess(link),
-                common,
-                prefix: opts.topic_prefix.clone(),
-                max_packet_bytes: opts.max_packet_bytes,
-                publish_timeout: opts.publish_timeout,
-                task: Mutex::new(Some(task)),
-            },
-            rx,
-        ))
+        Ok(Self {
+            link: Link::InProcess(link),
+            common,
+            prefix: opts.topic_prefix.clone(),
+            max_packet_bytes: opts.max_packet_bytes,
+            publish_timeout: opts.publish_timeout,
+            task: Mutex::new(Some(task)),
+        })
     }
 
     /// Starts the MQTT session task; it connects (and keeps reconnecting) in the background.
@@ -391,6 +401,12 @@ impl DownstreamSession {
     pub fn start(
         opts: SessionOptions,
     ) -> Result<(Self, mpsc::Receiver<DownstreamMessage>), SessionError> {
+        let (sink, rx) = Sink::one(opts.inbound_capacity);
+        Ok((Self::start_into(opts, sink)?, rx))
+    }
+
+    /// [`start`](Self::start), handing device messages to `sink`.
+    pub(crate) fn start_into(opts: SessionOptions, sink: Sink) -> Result<Self, SessionError> {
         let bad = |option, reason: &str| SessionError::InvalidOption {
             option,
             reason: reason.to_string(),
@@ -461,11 +477,10 @@ impl DownstreamSession {
             shutdown: Notify::new(),
             common: common.clone(),
         });
-        let (tx, rx) = mpsc::channel(opts.inbound_capacity);
         let driver = Driver {
             shared: shared.clone(),
             eventloop,
-            tx,
+            sink,
             prefix: opts.topic_prefix.clone(),
             screen: Screen {
                 prefix: opts.topic_prefix.clone(),
@@ -479,17 +494,14 @@ impl DownstreamSession {
             orphans: Vec::new(),
         };
         let task = tokio::spawn(driver.run());
-        Ok((
-            Self {
-                link: Link::Mqtt(shared),
-                common,
-                prefix: opts.topic_prefix,
-                max_packet_bytes: opts.max_packet_bytes,
-                publish_timeout: opts.publish_timeout,
-                task: Mutex::new(Some(task)),
-            },
-            rx,
-        ))
+        Ok(Self {
+            link: Link::Mqtt(shared),
+            common,
+            prefix: opts.topic_prefix,
+            max_packet_bytes: opts.max_packet_bytes,
+            publish_timeout: opts.publish_timeout,
+            task: Mutex::new(Some(task)),
+        })
     }
 
     /// The topic prefix this session uses.
@@ -548,29 +560,9 @@ impl DownstreamSession {
 
     /// Provisioning requests refused because the provisioning queue was full (acknowledged,
     /// answered on `/rejected` with 503 `GatewayBusy` and not delivered; see
-    /// [`dispatch_inbound`](crate::downstream::dispatch_inbound)).
+    /// [`Downstream::start_routed`](crate::downstream::Downstream::start_routed)).
     pub fn busy_requests(&self) -> u64 {
         self.common.busy_requests.load(Ordering::Relaxed)
-    }
-
-    /// Refuses a provisioning request that found the provisioning queue full: answers it on
-    /// its `/rejected` topic with a retryable 503 `GatewayBusy`, without waiting for the
-    /// broker (the caller routes telemetry too), and counts it. The caller acks the request.
-    pub(crate) fn refuse_busy(&self, device: &DeviceId, fmt: PayloadFormat) {
-        self.common.busy_requests.fetch_add(1, Ordering::Relaxed);
-        let body = RejectedResponse::new(
-            503,
-            error_code::GATEWAY_BUSY,
-            "the gateway has more provisioning requests queued than it takes at once; retry later",
-        );
-        let topic = self.prefix.rejected(device, fmt);
-        let payload = contract::encode(fmt, &body);
-        match &self.link {
-            Link::Mqtt(shared) => {
-                shared.queue_rejection(topic, payload, self.max_packet_bytes);
-            }
-            Link::InProcess(link) => link.client.publish(&topic, Bytes::from(payload), false),
-        }
     }
 
     /// Sends DISCONNECT (if connected) and stops the session task, waiting at most `within`.

@@ -2,7 +2,8 @@
 //! MQTT session and the in-process one: a topic of the device contract, not a retained
 //! replay, and a provisioning request within `max_request_bytes`. What fails is counted,
 //! logged, answered on the device's `/rejected` topic where it is a request, and acknowledged
-//! by the caller.
+//! by the caller. The same goes for a request its consumer's queue refused as busy
+//! ([`Screen::settle`]).
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -10,6 +11,7 @@ use std::sync::Arc;
 use super::shared::Common;
 use crate::device_id::DeviceId;
 use crate::downstream::contract::{self, error_code, RejectedResponse};
+use crate::downstream::inbound::Refusal;
 use crate::downstream::topics::{
     rejected_for_request_topic, DeviceTopic, PayloadFormat, TopicError, TopicPrefix,
 };
@@ -104,5 +106,32 @@ impl Screen {
             self.prefix.rejected(device, fmt),
             contract::encode(fmt, &body),
         );
+    }
+
+    /// Settles a message its consumer's queue refused ([`Refusal`]): a provisioning request
+    /// refused as busy is answered on its `/rejected` topic with a retryable 503
+    /// `GatewayBusy` (through `reply`, without waiting for the broker), counted and
+    /// acknowledged; a message whose consumer stopped stays unacknowledged with the broker.
+    /// Returns false when the session should stop (no consumer is left).
+    pub(super) fn settle(&self, refusal: Refusal, reply: impl Fn(String, Vec<u8>)) -> bool {
+        match refusal {
+            Refusal::Busy(message) => {
+                if let DeviceTopic::ProvisionRequest { device, format } = &message.topic {
+                    self.common.busy_requests.fetch_add(1, Ordering::Relaxed);
+                    let body = RejectedResponse::new(
+                        503,
+                        error_code::GATEWAY_BUSY,
+                        "the gateway has more provisioning requests queued than it takes at once; retry later",
+                    );
+                    reply(
+                        self.prefix.rejected(device, *format),
+                        contract::encode(*format, &body),
+                    );
+                }
+                message.ack.ack();
+                true
+            }
+            Refusal::Gone { message, last } => message.consumer_gone(last),
+        }
     }
 }

@@ -90,8 +90,8 @@ impl Shared {
     }
 
     /// Queues a `/rejected` answer without waiting for its PUBACK: the event loop cannot wait
-    /// (it receives that PUBACK), and neither can the inbound dispatch (telemetry waits behind
-    /// it). Returns false when it was not sent: too large, or rumqttc's request channel full.
+    /// (it receives that PUBACK), and it also routes the telemetry that waits behind it
+    /// (`inbound.rs`). Returns false when it was not sent: too large, or rumqttc's request channel full.
     pub(super) fn queue_rejection(
         &self,
         reply_topic: String,
