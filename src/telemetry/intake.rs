@@ -61,8 +61,11 @@ pub(crate) struct Intake {
 }
 
 /// How many times the intake yields to the tasks feeding it, finding its channel empty, before
-/// it closes a batch (see `run`). Each costs a trip through the scheduler, not a timer.
-const COALESCE_YIELDS: u32 = 2;
+/// it closes a batch (see `run`). Each costs a trip through the scheduler, not a timer. With
+/// none, batches are too small (fewer messages per second unpaced); one did as well as two or
+/// better once the session handed messages to the intake directly (docs/benchmarks.md,
+/// "one task hop fewer").
+const COALESCE_YIELDS: u32 = 1;
 
 /// Batches in the outbox with devices still to acknowledge; the intake waits when this many
 /// are. (The broker's window to the gateway bounds them first.)
