@@ -173,9 +173,6 @@ struct Gateway {
 }
 
 impl Gateway {
-    /// Devices get their PUBACK once the message is in the outbox (end-to-end
-    /// acknowledgement), unless `FLEETGW_BENCH_BROKER_ACK=routed` asks for the PUBACK as soon
-    /// as the broker has the message in memory (for benchmark comparisons only).
     /// Connects the local application that may read every device's status (devices may
     /// read only their own).
     async fn status_watcher(&self) -> TestClient {
@@ -184,6 +181,9 @@ impl Gateway {
         TestClient::connect_ok(o).await
     }
 
+    /// Devices get their PUBACK once the message is in the outbox (end-to-end
+    /// acknowledgement), unless `FLEETGW_BENCH_BROKER_ACK=routed` asks for the PUBACK as soon
+    /// as the broker has the message in memory (for benchmark comparisons only).
     async fn start(store: &Store, opts: TelemetryOptions) -> Self {
         const CLIENT_ID: &str = "fleetgw-test-gw";
         let routed = std::env::var("FLEETGW_BENCH_BROKER_ACK").is_ok_and(|v| v == "routed");
