@@ -124,7 +124,8 @@ async fn a_failed_fsync_withholds_the_ack_exits_74_and_the_restart_loses_nothing
 /// A disk that stops answering for a while (every flush held back) does not hold a device
 /// back while the cloud takes its messages: the cloud's acknowledgement is as good as a flush.
 /// Without the cloud, a message that is not durable is not acknowledged until the disk answers.
-/// A kill -9 afterwards loses nothing and sends nothing twice.
+/// A kill -9 afterwards loses nothing and sends again at most what the cloud had acknowledged
+/// while the disk stalled.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stalled_disk_holds_back_only_the_messages_the_cloud_has_not_acknowledged() {
     let tmp = tempfile::tempdir().unwrap();
@@ -167,17 +168,26 @@ async fn a_stalled_disk_holds_back_only_the_messages_the_cloud_has_not_acknowled
     dev.expect_puback("the message made durable once the disk answered")
         .await;
 
-    // A crash, then the cloud is back: every message exactly once, in order.
+    // A crash, then the cloud is back: every message, in order. n=2 may come twice: the
+    // remover deletes one batch at a time, so its deletion waited for n=1's, which waited for
+    // the disk; written only once the disk answered, it may not be durable by the kill (the
+    // documented bound: one in-flight window per connection). n=1's deletion and n=3 were.
     daemon.kill9();
     emu.faults(None).await;
     daemon.restart();
     let want = [r#"{"n":1}"#, r#"{"n":2}"#, r#"{"n":3}"#];
     let got = eventually_async("every message at the emulator", LIMIT, || async {
         let got = recorded(&emu, &thing).await;
-        (got.len() >= want.len()).then_some(got)
+        got.iter().any(|g| g == want[2]).then_some(got)
     })
     .await;
-    assert_eq!(got, want, "exactly once, in order");
+    let count = |p: &str| got.iter().filter(|g| *g == p).count();
+    assert_eq!(count(want[0]), 1, "n=1 once: {got:?}");
+    assert!(count(want[1]) <= 2, "n=2 at most twice: {got:?}");
+    assert_eq!(count(want[2]), 1, "n=3 once: {got:?}");
+    let mut firsts = got.clone();
+    firsts.dedup();
+    assert_eq!(firsts, want, "in order");
     daemon.assert_running();
 }
 
