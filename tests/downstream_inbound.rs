@@ -28,13 +28,9 @@ async fn next_message(rx: &mut mpsc::Receiver<DownstreamMessage>) -> DownstreamM
 /// Starts the gateway with queues of one message each: one request fills the provisioning
 /// queue, which the engine does not read.
 async fn gateway(opts: &DownstreamOptions) -> (Downstream, InboundQueues) {
-    let (gw, queues) = Downstream::start_routed(opts, |s| {
-        s.inbound_capacity = 1;
-        s.reconnect_min = Duration::from_millis(100);
-        s.reconnect_max = Duration::from_millis(800);
-    })
-    .await
-    .expect("start downstream");
+    let (gw, queues) = Downstream::start_routed(opts, |s| s.inbound_capacity = 1)
+        .await
+        .expect("start downstream");
     gw.session()
         .wait_subscribed(WAIT)
         .await
