@@ -312,9 +312,7 @@ fn start_in_process(
     let client = broker
         .attach_local()
         .ok_or(DownstreamError::NoInProcessSession)?;
-    Ok(DownstreamSession::start_in_process_into(
-        opts, client, sink,
-    )?)
+    Ok(DownstreamSession::start_in_process(opts, client, sink)?)
 }
 
 /// Host, port and TLS flag of a broker URL.

@@ -1,5 +1,5 @@
 //! The gateway's own session on the downstream broker: in-process with the embedded broker
-//! (`in_process`, [`DownstreamSession::start_in_process`]), an MQTT connection to an external
+//! (`in_process`, `DownstreamSession::start_in_process`), an MQTT connection to an external
 //! one ([`DownstreamSession::start`]). Consumers see the same handle, messages and acks either
 //! way.
 //!
@@ -121,9 +121,10 @@ impl Default for Inbound {
     }
 }
 
-/// Settings of the gateway session. The in-process session
-/// ([`DownstreamSession::start_in_process`]) uses the prefix, subscriptions, packet and request
-/// limits and the inbound capacity; the rest concerns the MQTT connection.
+/// Settings of the gateway session. The in-process session (on the embedded broker, started
+/// by [`Downstream::start`](crate::downstream::Downstream::start)) uses the prefix,
+/// subscriptions, packet and request limits and the inbound capacity; the rest concerns the
+/// MQTT connection.
 #[derive(Clone, Debug)]
 pub struct SessionOptions {
     /// MQTT client id; see [`gateway_client_id`].
@@ -340,18 +341,12 @@ fn filters(opts: &SessionOptions) -> Vec<String> {
 
 impl DownstreamSession {
     /// Starts the gateway's session in-process on the embedded broker, through `client`
-    /// (from [`EmbeddedBroker::attach_local`](crate::downstream::EmbeddedBroker::attach_local)):
-    /// subscribed when this returns. Returns the session and the receiver of device messages.
-    pub fn start_in_process(
-        opts: &SessionOptions,
-        client: LocalClient,
-    ) -> Result<(Self, mpsc::Receiver<DownstreamMessage>), SessionError> {
-        let (sink, rx) = Sink::one(opts.inbound_capacity);
-        Ok((Self::start_in_process_into(opts, client, sink)?, rx))
-    }
-
-    /// [`start_in_process`](Self::start_in_process), handing device messages to `sink`.
-    pub(crate) fn start_in_process_into(
+    /// (from [`EmbeddedBroker::attach_local`](crate::downstream::EmbeddedBroker::attach_local)),
+    /// handing device messages to `sink`: subscribed when this returns. [`Downstream`] starts
+    /// it.
+    ///
+    /// [`Downstream`]: crate::downstream::Downstream
+    pub(crate) fn start_in_process(
         opts: &SessionOptions,
         client: LocalClient,
         sink: Sink,
