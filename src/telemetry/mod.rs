@@ -222,7 +222,7 @@ impl TelemetryOptions {
             max_upstream_connections: 1000,
             idle: Duration::from_secs(300),
             inflight: 10,
-            gateway_inflight: 300,
+            gateway_inflight: 500,
             max_payload_bytes: AWS_MAX_PAYLOAD_BYTES,
             device_certificates: true,
             max_memory_bytes: 32 * 1024 * 1024,
@@ -668,5 +668,25 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(msg.contains("telemetry.max_bytes"), "{msg}");
+    }
+
+    /// The options' own defaults (what tests and the embedding code start from) are the
+    /// config's: an empty `[telemetry]` section changes none of them.
+    #[test]
+    fn an_empty_section_keeps_the_defaults() {
+        let section = crate::config::TelemetrySection::default();
+        let endpoint = UpstreamEndpoint::parse("localhost", String::new()).unwrap();
+        let profile = crate::cloud::aws::telemetry_profile(&section).unwrap();
+        let d = TelemetryOptions::new(endpoint.clone());
+        let o = TelemetryOptions::from_config(&section, endpoint, profile).unwrap();
+        assert_eq!(
+            (o.identity, o.inflight, o.gateway_inflight, o.when_full),
+            (d.identity, d.inflight, d.gateway_inflight, d.when_full)
+        );
+        assert_eq!(
+            (o.max_bytes, o.max_age, o.idle, o.max_upstream_connections),
+            (d.max_bytes, d.max_age, d.idle, d.max_upstream_connections)
+        );
+        assert_eq!(o.max_payload_bytes, d.max_payload_bytes);
     }
 }
