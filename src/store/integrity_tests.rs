@@ -277,3 +277,90 @@ async fn newer_records_are_never_quarantined() {
         .unwrap()
         .is_some());
 }
+
+/// Voluntary context switches of sled's I/O threads (`sled-io-N`) in this process so far.
+fn sled_io_switches() -> (usize, u64) {
+    let mut threads = 0;
+    let mut switches = 0;
+    for task in fs::read_dir("/proc/self/task").unwrap().flatten() {
+        let comm = fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+        if !comm.starts_with("sled-io-") {
+            continue;
+        }
+        let status = fs::read_to_string(task.path().join("status")).unwrap_or_default();
+        let n = status
+            .lines()
+            .find_map(|l| l.strip_prefix("voluntary_ctxt_switches:"))
+            .map(|v| v.trim().parse::<u64>().unwrap());
+        if let Some(n) = n {
+            threads += 1;
+            switches += n;
+        }
+    }
+    (threads, switches)
+}
+
+/// The vendored sled (vendor/README.md) wakes one of its idle I/O threads per log write;
+/// the published 0.34.7 woke all seven for each, one per flush. Each append below waits for
+/// its own flush, so every one of them is a log write: with all seven woken that came to eight
+/// switches per flush, with one it is about two (the woken thread's wait for the task, and
+/// its wait for the disk in the write). Counts, not times, so a loaded machine does not move
+/// them. sled's thread pool is shared by every store of the process, so the count runs in a
+/// process of its own: this test binary again, running only this test.
+#[test]
+fn one_log_write_wakes_one_sled_io_thread_not_all() {
+    const ALONE: &str = "FLEETGW_TEST_SLED_POOL_ALONE";
+    if std::env::var_os(ALONE).is_none() {
+        let name = "store::integrity_tests::one_log_write_wakes_one_sled_io_thread_not_all";
+        let out = std::process::Command::new(std::env::current_exe().unwrap())
+            .args([name, "--exact", "--nocapture", "--test-threads=1"])
+            .env(ALONE, "1")
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned()
+            + &String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{text}");
+        assert!(
+            text.contains("1 passed"),
+            "the test ran in its own process: {text}"
+        );
+        return;
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = Store::open(&tmp.path().join("state"), &opts()).unwrap();
+        store
+            .outbox_append(&[msg("warm", vec![1; 64])])
+            .await
+            .unwrap();
+        let (threads, before) = sled_io_switches();
+        assert!(
+            threads >= 7,
+            "sled's pool keeps seven idle threads, found {threads}"
+        );
+        let flushes_before = store.flush_count();
+        for i in 0..200u8 {
+            store
+                .outbox_append(&[msg("dev", vec![i; 64])])
+                .await
+                .unwrap();
+        }
+        let flushes = store.flush_count() - flushes_before;
+        let (_, after) = sled_io_switches();
+        let switches = after - before;
+        assert!(
+            flushes >= 200,
+            "each append waited for a flush of its own: {flushes}"
+        );
+        assert!(
+            switches < 4 * flushes,
+            "{switches} voluntary switches of sled's I/O threads over {flushes} flushes: the \
+             pool wakes every idle thread per task again"
+        );
+    });
+}
