@@ -318,3 +318,105 @@ fn telemetry_script_is_valid_shell_and_drives_the_command() {
         assert_eq!(v["lost"], 0, "{v}");
     }
 }
+
+/// Pids of the processes whose parent is `parent`, with their command lines.
+fn children_of(parent: u32) -> Vec<(u32, String)> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+            continue;
+        };
+        // pid (comm) state ppid ...: comm may hold spaces, so read after its last ')'.
+        let ppid = stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+            .and_then(|p| p.parse::<u32>().ok());
+        if ppid == Some(parent) {
+            let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+            found.push((pid, String::from_utf8_lossy(&cmdline).replace('\0', " ")));
+        }
+    }
+    found
+}
+
+/// Kills what it holds when dropped: a failing test leaves no emulator or daemon behind.
+struct KillOnDrop(Vec<u32>);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        for pid in &self.0 {
+            // SAFETY: kill(2) with a pid this test read from /proc.
+            unsafe { libc::kill(*pid as i32, libc::SIGKILL) };
+        }
+    }
+}
+
+/// `kill` (SIGTERM) of `fleetgw bench` stops the emulator and the daemon it started, as
+/// Ctrl-C does. They run in process groups of their own, so neither signal reaches them
+/// directly: bench must stop them before it exits, or they run on with no one to stop them.
+#[test]
+fn sigterm_stops_the_processes_bench_started() {
+    let dir = tempdir();
+    let log = dir.path().join("bench.log");
+    let file = std::fs::File::create(&log).unwrap();
+    let mut bench = Command::new(FLEETGW)
+        .args(["bench", "telemetry", "--devices", "2", "--seconds", "120"])
+        .args(["--no-baselines", "--rate", "10"])
+        .stdin(Stdio::null())
+        .stdout(file.try_clone().unwrap())
+        .stderr(file)
+        .spawn()
+        .unwrap();
+    let pid = bench.id();
+    let mut guard = KillOnDrop(vec![pid]);
+    let deadline = Instant::now() + RUN_LIMIT;
+    let children = loop {
+        let children = children_of(pid);
+        let emulator = children.iter().any(|(_, c)| c.contains(" emulate "));
+        let daemon = children.iter().any(|(_, c)| c.contains(" run "));
+        if emulator && daemon {
+            break children;
+        }
+        assert!(
+            bench.try_wait().unwrap().is_none(),
+            "bench ended before starting both processes:\n{}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
+        assert!(
+            Instant::now() < deadline,
+            "bench did not start the emulator and the daemon: {children:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    guard.0.extend(children.iter().map(|(p, _)| *p));
+
+    // SAFETY: kill(2) on the child this test spawned and has not reaped.
+    assert_eq!(unsafe { libc::kill(pid as i32, libc::SIGTERM) }, 0);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = bench.try_wait().unwrap() {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "bench did not end after SIGTERM");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let output = std::fs::read_to_string(&log).unwrap_or_default();
+    assert_eq!(status.code(), Some(130), "{output}");
+    assert!(output.contains("interrupted"), "{output}");
+    // bench reaps what it started before it exits, so nothing of it is left.
+    let alive: Vec<_> = children
+        .iter()
+        .filter(|(p, _)| Path::new(&format!("/proc/{p}")).exists())
+        .collect();
+    assert!(
+        alive.is_empty(),
+        "still running after bench ended: {alive:?}"
+    );
+}

@@ -174,7 +174,15 @@ pub fn run(args: Args) -> ExitCode {
     let outcome = runtime.block_on(async {
         tokio::select! {
             r = measure(&args.what, &bar) => Some(r),
-            _ = tokio::signal::ctrl_c() => None,
+            // SIGTERM as well as Ctrl-C: either way the emulator, the daemon and the
+            // baselines are stopped (dropped) before bench exits.
+            r = super::wait_for_signal() => match r {
+                Ok(()) => None,
+                Err(e) => Some(Err(BenchError::Start {
+                    what: "the signal handlers".into(),
+                    reason: e.to_string(),
+                })),
+            },
         }
     });
     bar.0.finish_and_clear();

@@ -182,7 +182,7 @@ fn run_azure(args: AzureArgs) -> ExitCode {
             handle.dir().join("emulator.json").display(),
             handle.gateway_config_path().display()
         );
-        if let Err(e) = wait_for_signal().await {
+        if let Err(e) = super::wait_for_signal().await {
             eprintln!("fleetgw emulate azure: cannot wait for signals: {e}");
             handle.shutdown().await;
             return ExitCode::from(EX_SOFTWARE);
@@ -237,7 +237,7 @@ fn run_aws(args: AwsArgs) -> ExitCode {
             handle.dir().join("emulator.json").display(),
             handle.gateway_config_path().display()
         );
-        if let Err(e) = wait_for_signal().await {
+        if let Err(e) = super::wait_for_signal().await {
             eprintln!("fleetgw emulate aws: cannot wait for signals: {e}");
             handle.shutdown().await;
             return ExitCode::from(EX_SOFTWARE);
@@ -245,17 +245,6 @@ fn run_aws(args: AwsArgs) -> ExitCode {
         handle.shutdown().await;
         ExitCode::SUCCESS
     })
-}
-
-async fn wait_for_signal() -> std::io::Result<()> {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
-    }
-    Ok(())
 }
 
 fn exit_code(e: &EmulatorError) -> u8 {

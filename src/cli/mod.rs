@@ -133,3 +133,17 @@ pub fn main() -> ExitCode {
         Command::Enrollment(args) => devices::enrollment(args),
     }
 }
+
+/// Resolves at the first SIGTERM or SIGINT: how `emulate` and `bench` end on request
+/// (`bench` must then stop the processes it started, which run in their own process groups
+/// and so do not get a terminal's Ctrl-C or a `kill` of `bench` itself).
+async fn wait_for_signal() -> std::io::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    Ok(())
+}
