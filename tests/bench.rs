@@ -12,7 +12,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use common::process::FLEETGW;
+use common::process::{Fleetgw, FLEETGW};
+use common::wait::{eventually, Lazy};
 
 /// Upper bound for one small benchmark run (debug build, shared machine).
 const RUN_LIMIT: Duration = Duration::from_secs(150);
@@ -346,7 +347,8 @@ fn children_of(parent: u32) -> Vec<(u32, String)> {
     found
 }
 
-/// Kills what it holds when dropped: a failing test leaves no emulator or daemon behind.
+/// Kills the processes it holds when dropped: a failing test leaves no emulator or daemon
+/// behind (bench itself is a [`Fleetgw`], killed on drop).
 struct KillOnDrop(Vec<u32>);
 
 impl Drop for KillOnDrop {
@@ -361,53 +363,33 @@ impl Drop for KillOnDrop {
 /// `kill` (SIGTERM) of `fleetgw bench` stops the emulator and the daemon it started, as
 /// Ctrl-C does. They run in process groups of their own, so neither signal reaches them
 /// directly: bench must stop them before it exits, or they run on with no one to stop them.
-#[test]
-fn sigterm_stops_the_processes_bench_started() {
+#[tokio::test]
+async fn sigterm_stops_the_processes_bench_started() {
     let dir = tempdir();
-    let log = dir.path().join("bench.log");
-    let file = std::fs::File::create(&log).unwrap();
-    let mut bench = Command::new(FLEETGW)
+    let bench = Fleetgw::command("fleetgw bench", dir.path().join("bench.log"))
         .args(["bench", "telemetry", "--devices", "2", "--seconds", "120"])
         .args(["--no-baselines", "--rate", "10"])
-        .stdin(Stdio::null())
-        .stdout(file.try_clone().unwrap())
-        .stderr(file)
-        .spawn()
-        .unwrap();
-    let pid = bench.id();
-    let mut guard = KillOnDrop(vec![pid]);
-    let deadline = Instant::now() + RUN_LIMIT;
-    let children = loop {
+        .spawn();
+    let pid = bench.pid();
+    let what = Lazy(|| {
+        format!(
+            "bench to start the emulator and the daemon: {:?}",
+            children_of(pid)
+        )
+    });
+    let children = eventually(what, RUN_LIMIT, || {
+        bench.assert_running();
         let children = children_of(pid);
         let emulator = children.iter().any(|(_, c)| c.contains(" emulate "));
         let daemon = children.iter().any(|(_, c)| c.contains(" run "));
-        if emulator && daemon {
-            break children;
-        }
-        assert!(
-            bench.try_wait().unwrap().is_none(),
-            "bench ended before starting both processes:\n{}",
-            std::fs::read_to_string(&log).unwrap_or_default()
-        );
-        assert!(
-            Instant::now() < deadline,
-            "bench did not start the emulator and the daemon: {children:?}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    guard.0.extend(children.iter().map(|(p, _)| *p));
+        (emulator && daemon).then_some(children)
+    })
+    .await;
+    let _guard = KillOnDrop(children.iter().map(|(p, _)| *p).collect());
 
-    // SAFETY: kill(2) on the child this test spawned and has not reaped.
-    assert_eq!(unsafe { libc::kill(pid as i32, libc::SIGTERM) }, 0);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let status = loop {
-        if let Some(status) = bench.try_wait().unwrap() {
-            break status;
-        }
-        assert!(Instant::now() < deadline, "bench did not end after SIGTERM");
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    let output = std::fs::read_to_string(&log).unwrap_or_default();
+    bench.signal(libc::SIGTERM);
+    let status = bench.wait_exit(Duration::from_secs(30)).await;
+    let output = bench.log();
     assert_eq!(status.code(), Some(130), "{output}");
     assert!(output.contains("interrupted"), "{output}");
     // bench reaps what it started before it exits, so nothing of it is left.
