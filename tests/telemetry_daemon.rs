@@ -298,14 +298,6 @@ async fn daemon_sigkill_with_the_embedded_broker_loses_nothing() {
 /// the kill: the outbox's chunk compaction age (250 ms) with as much again to spare.
 const RECENT_BEFORE_OUTAGE_US: u64 = 500_000;
 
-/// Microseconds since the Unix epoch, the emulator's `receivedAtUs` clock.
-fn unix_us() -> u64 {
-    let since = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .expect("the clock is after 1970");
-    u64::try_from(since.as_micros()).expect("microseconds fit in u64")
-}
-
 /// The whole run with `broker` downstream: provision, publish, outage, kill -9 and restart
 /// during the outage, then check every device's sequence on the emulator.
 async fn sigkill_during_an_outage(broker: BrokerChoice) {
@@ -381,7 +373,7 @@ async fn sigkill_during_an_outage(broker: BrokerChoice) {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let outage_from_us = unix_us();
+    let outage_from_us = fleetgw::clock::unix_us();
     http(
         &emu,
         "POST",
@@ -389,7 +381,7 @@ async fn sigkill_during_an_outage(broker: BrokerChoice) {
         Some(&format!(r#"{{"outageSeconds": {outage_secs}}}"#)),
     )
     .await;
-    let outage_us = outage_from_us..=unix_us();
+    let outage_us = outage_from_us..=fleetgw::clock::unix_us();
     // Let the outbox fill (devices publish another sixth of the run, which the broker hands to
     // the daemon), then kill -9 and restart during the outage.
     // Devices may already be done (mosquitto acknowledges them whatever the daemon does): then
