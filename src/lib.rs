@@ -6,6 +6,7 @@
 
 pub mod admin;
 pub mod admission;
+pub mod allocator;
 pub mod backoff;
 pub mod bench;
 pub mod cli;

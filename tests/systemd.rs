@@ -435,6 +435,47 @@ async fn the_soft_open_file_limit_is_raised_to_the_hard_limit() {
     assert!(daemon.wait_exit(WAIT * 2).success(), "{}", daemon.log());
 }
 
+/// The allocator's tuning (`fleetgw::allocator`) is in place before its first arena is
+/// reserved: the Rust runtime allocates before `main`, so tuning it there would leave the
+/// first arena at mimalloc's default of 1 GiB, committed at once. mimalloc's verbose output
+/// names each arena's size as it reserves it. A `MIMALLOC_` variable set in the environment
+/// still wins over the tuning.
+#[test]
+fn the_allocator_is_tuned_before_its_first_arena() {
+    let reserved = |env: &[(&str, &str)]| -> (String, Vec<String>) {
+        let out = Command::new(binary())
+            .arg("--version")
+            .env("MIMALLOC_VERBOSE", "1")
+            .envs(env.iter().copied())
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        let arenas = stderr
+            .lines()
+            .filter_map(|l| l.strip_prefix("mimalloc: reserved "))
+            .map(str::to_string)
+            .collect();
+        (stderr, arenas)
+    };
+
+    let (stderr, arenas) = reserved(&[]);
+    assert_eq!(arenas, ["65536 KiB memory"], "{stderr}");
+    for option in [
+        "option 'arena_eager_commit': 0 ",
+        "option 'purge_delay': 0 ",
+        "option 'arena_reserve': 65536 KiB",
+    ] {
+        assert!(
+            stderr.lines().any(|l| l == option),
+            "{option:?} in {stderr}"
+        );
+    }
+
+    let (stderr, arenas) = reserved(&[("MIMALLOC_ARENA_RESERVE", "128MiB")]);
+    assert_eq!(arenas, ["131072 KiB memory"], "{stderr}");
+}
+
 /// The startup figure: exec of `fleetgw run` to READY=1 with 100,000 devices in the store
 /// (delivered, as after a fleet rollout; the resume scan runs after READY). A measurement, not
 /// a check of this machine's speed: `FLEETGW_BENCH_BIN=target/release/fleetgw cargo test

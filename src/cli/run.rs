@@ -107,12 +107,14 @@ fn ignore_sigxfsz() {
     }
 }
 
-/// glibc gives every thread that allocates under contention an arena of its own, up to eight
-/// per core, and memory freed in one arena is never reused by another: with tens of thousands
-/// of connections whose buffers are made on one worker thread and freed on another, the heap
-/// fragments across arenas (about 6% of the daemon's RSS at 8,000 devices, docs/benchmarks.md).
-/// One arena per worker thread (tokio starts one per core) keeps allocation uncontended and
-/// that waste small. `MALLOC_ARENA_MAX` in the environment still decides when it is set.
+/// The daemon's own allocations go to mimalloc (`fleetgw::allocator`), but glibc's malloc
+/// still serves the C libraries: aws-lc during TLS handshakes and key generation, OpenSSL
+/// when a key is imported. glibc gives every thread that allocates under contention an arena
+/// of its own, up to eight per core, and memory freed in one arena is never reused by
+/// another, so memory made on one worker thread and freed on another fragments the heap
+/// across arenas. One arena per worker thread (tokio starts one per core) keeps allocation
+/// uncontended and that waste small. `MALLOC_ARENA_MAX` in the environment still decides
+/// when it is set.
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
 fn limit_malloc_arenas() {
     if std::env::var_os("MALLOC_ARENA_MAX").is_some() {
