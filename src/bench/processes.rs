@@ -247,6 +247,10 @@ impl Emulator {
     }
 }
 
+/// The gateway's `cloud.aws.tps` where a run measures something other than the quota's
+/// pacing: far above what the emulator or this box can do, so it never paces.
+pub const UNTHROTTLED_TPS: f64 = 100_000.0;
+
 /// `fleetgw run` against an emulator, its device broker on a free loopback port.
 pub struct Daemon {
     /// The process.

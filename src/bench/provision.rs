@@ -15,7 +15,7 @@ use std::time::Duration;
 use serde::Serialize;
 use tokio::time::Instant;
 
-use super::processes::{fleetgw_exe, Daemon, Emulator};
+use super::processes::{fleetgw_exe, Daemon, Emulator, UNTHROTTLED_TPS};
 use super::procfs;
 use super::telemetry::read;
 use super::{BenchError, Machine, Observer, Rig, Series};
@@ -124,7 +124,7 @@ pub async fn run(
     } = Rig::start(opts.keep, &emu_args).await?;
     let sets = vec![
         format!("cloud.aws.sessions={}", opts.sessions),
-        format!("cloud.aws.tps={}", opts.tps.unwrap_or(100_000.0)),
+        format!("cloud.aws.tps={}", opts.tps.unwrap_or(UNTHROTTLED_TPS)),
     ];
     let daemon = Daemon::start(&emu, &work.path().join("daemon"), &sets).await?;
     let mut fleet = FleetOptions::new("127.0.0.1", daemon.broker.port(), opts.devices);
