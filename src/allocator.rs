@@ -11,15 +11,16 @@
 //! - `purge_delay` 0: memory freed goes back to the OS at once rather than a second later.
 //!
 //! Figures with and without in docs/benchmarks.md (2026-12-08). A `MIMALLOC_<OPTION>`
-//! environment variable still decides when it is set: mimalloc reads those when the process
-//! starts, and [`tune`] only changes the options that were not set there.
+//! environment variable still wins: [`tune`] sets defaults only (`mi_option_set_default`),
+//! which mimalloc's reading of the environment at process start overrides, whichever of the
+//! two runs first.
 
 use std::ffi::c_long;
 
 use libmimalloc_sys as ffi;
 
 /// mimalloc's number for an option (`mi_option_t` in mimalloc.h, v3). libmimalloc-sys names
-/// only some of them; `the_numbers_name_the_options_meant` checks these against the defaults
+/// only some of them; `the_numbers_name_the_options_meant_and_tune_sets_them` checks these against the defaults
 /// mimalloc documents.
 const ARENA_EAGER_COMMIT: ffi::mi_option_t = 4;
 const PURGE_DELAY: ffi::mi_option_t = 15;
