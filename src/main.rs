@@ -6,7 +6,8 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 /// The allocator's tuning has to be in place before its first arena is reserved, and the Rust
 /// runtime allocates before `main` (the main thread's name). A constructor with a priority runs
 /// before the runtime's start and before the constructors without one, mimalloc's own among
-/// them. `tests/allocator.rs` checks that the first arena is already the tuned one.
+/// them. `tests/systemd.rs::the_allocator_is_tuned_before_its_first_arena` checks that the first
+/// arena is already the tuned one.
 #[cfg(target_os = "linux")]
 #[used]
 #[link_section = ".init_array.00101"]
