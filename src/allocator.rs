@@ -20,8 +20,8 @@ use std::ffi::c_long;
 use libmimalloc_sys as ffi;
 
 /// mimalloc's number for an option (`mi_option_t` in mimalloc.h, v3). libmimalloc-sys names
-/// only some of them; `the_numbers_name_the_options_meant_and_tune_sets_them` checks these against the defaults
-/// mimalloc documents.
+/// only some of them; `the_numbers_name_the_options_meant_and_tune_sets_them` checks these
+/// against the defaults mimalloc documents.
 const ARENA_EAGER_COMMIT: ffi::mi_option_t = 4;
 const PURGE_DELAY: ffi::mi_option_t = 15;
 const ARENA_RESERVE: ffi::mi_option_t = 23;
