@@ -65,10 +65,7 @@ pub async fn run(
     let daemon = Daemon::start(
         &emu,
         &work.path().join("daemon"),
-        &[
-            "cloud.aws.sessions=16".into(),
-            "cloud.aws.tps=100000".into(),
-        ],
+        &["cloud.aws.sessions=16".into()],
     )
     .await?;
     let pid = daemon.pid();

@@ -15,7 +15,7 @@ use std::time::Duration;
 use serde::Serialize;
 use tokio::time::Instant;
 
-use super::processes::{fleetgw_exe, Daemon, Emulator, UNTHROTTLED_TPS};
+use super::processes::{fleetgw_exe, Daemon, Emulator};
 use super::procfs;
 use super::telemetry::read;
 use super::{BenchError, Machine, Observer, Rig, Series};
@@ -122,10 +122,10 @@ pub async fn run(
         work,
         emu,
     } = Rig::start(opts.keep, &emu_args).await?;
-    let sets = vec![
-        format!("cloud.aws.sessions={}", opts.sessions),
-        format!("cloud.aws.tps={}", opts.tps.unwrap_or(UNTHROTTLED_TPS)),
-    ];
+    let mut sets = vec![format!("cloud.aws.sessions={}", opts.sessions)];
+    if let Some(tps) = opts.tps {
+        sets.push(format!("cloud.aws.tps={tps}"));
+    }
     let daemon = Daemon::start(&emu, &work.path().join("daemon"), &sets).await?;
     let mut fleet = FleetOptions::new("127.0.0.1", daemon.broker.port(), opts.devices);
     fleet.id_prefix = "bench".into();

@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use super::processes::{Daemon, UNTHROTTLED_TPS};
+use super::processes::Daemon;
 use super::procfs;
 use super::telemetry::{
     provision_publishers, run_load, telemetry_emulator_args, Load, PhaseFigures,
@@ -70,16 +70,13 @@ pub async fn run(opts: &ScaleOptions, observer: &dyn Observer) -> Result<ScaleRe
         emu,
     } = Rig::start(opts.keep, &telemetry_emulator_args()).await?;
     // One upstream connection per active device: the default cap (1,000) would park the
-    // rest of a larger fleet behind it. The emulator is unthrottled, and so is the gateway's
-    // pacing (its default is AWS's quota of 50 a second, which made provisioning 10,000
-    // devices take more than three minutes before the phase this measures).
+    // rest of a larger fleet behind it.
     let sets = vec![
         "telemetry.identity=\"device\"".to_string(),
         format!(
             "telemetry.max_upstream_connections={}",
             opts.devices.max(1000)
         ),
-        format!("cloud.aws.tps={UNTHROTTLED_TPS}"),
     ];
     let daemon = Daemon::start(&emu, &work.path().join("daemon"), &sets).await?;
     let (_, publishers) = provision_publishers(&daemon, &emu, opts.devices, "s", observer).await?;
